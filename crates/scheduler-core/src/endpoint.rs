@@ -1,0 +1,209 @@
+//! Endpoints of an inference pool and the metrics the scheduler reads about them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Stable, cheap-to-copy identity of an endpoint.
+///
+/// Derived from the endpoint's socket address by default, so the same replica keeps the same id
+/// across pool updates and every component (prefix index, in-flight counters, metrics collector)
+/// agrees on it without a shared allocator.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(pub u64);
+
+impl EndpointId {
+    /// The id of the endpoint serving at `address`.
+    pub fn from_address(address: SocketAddr) -> Self {
+        // FNV-1a over the textual form: stable across runs and platforms, no hashing dependency.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for byte in bytes {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        match address.ip() {
+            std::net::IpAddr::V4(ip) => feed(&ip.octets()),
+            std::net::IpAddr::V6(ip) => feed(&ip.octets()),
+        }
+        feed(&address.port().to_be_bytes());
+        Self(hash)
+    }
+}
+
+impl fmt::Debug for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EndpointId({:016x})", self.0)
+    }
+}
+
+/// What part of disaggregated serving an endpoint performs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EndpointRole {
+    /// Serves whole requests (the common, aggregated case).
+    #[default]
+    Both,
+    /// Runs prompt prefill only.
+    Prefill,
+    /// Runs token decode only.
+    Decode,
+}
+
+/// A model-server replica that can receive requests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    /// Stable identity.
+    pub id: EndpointId,
+    /// Human-readable name (for example the pod name), used in logs and metrics.
+    pub name: Arc<str>,
+    /// Where the proxy sends the request.
+    pub address: SocketAddr,
+    /// Labels, as on the Kubernetes pod; label filters read them.
+    pub labels: BTreeMap<String, String>,
+    /// Role in prefill/decode disaggregation.
+    pub role: EndpointRole,
+}
+
+impl Endpoint {
+    /// An endpoint at `address` with no labels, named after its address.
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            id: EndpointId::from_address(address),
+            name: Arc::from(address.to_string()),
+            address,
+            labels: BTreeMap::new(),
+            role: EndpointRole::Both,
+        }
+    }
+
+    /// Sets the name.
+    pub fn with_name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Adds a label.
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the role.
+    pub fn with_role(mut self, role: EndpointRole) -> Self {
+        self.role = role;
+        self
+    }
+}
+
+/// The latest metrics known for an endpoint, as scraped from its model server.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointMetrics {
+    /// Requests waiting in the server's queue.
+    pub waiting_queue: u32,
+    /// Requests currently running (in the batch).
+    pub running: u32,
+    /// KV-cache utilisation in `[0, 1]`.
+    pub kv_usage: f64,
+    /// LoRA adapters currently loaded and running.
+    pub active_lora_adapters: Vec<Arc<str>>,
+    /// LoRA adapters requested but waiting for a slot.
+    pub waiting_lora_adapters: Vec<Arc<str>>,
+    /// How many LoRA adapters the server can hold at once (0 when unknown or LoRA is off).
+    pub max_lora_adapters: u32,
+    /// KV-cache capacity in blocks, when the server reports it.
+    pub kv_capacity_blocks: Option<u64>,
+    /// When these metrics were observed; `None` means never scraped.
+    pub updated_at: Option<Instant>,
+}
+
+impl EndpointMetrics {
+    /// Whether these metrics are too old (or missing) to be trusted at `now`.
+    pub fn is_stale(&self, now: Instant, threshold: Duration) -> bool {
+        match self.updated_at {
+            None => true,
+            Some(at) => now.saturating_duration_since(at) > threshold,
+        }
+    }
+
+    /// Whether `adapter` is loaded and running on the endpoint.
+    pub fn has_active_adapter(&self, adapter: &str) -> bool {
+        self.active_lora_adapters.iter().any(|a| &**a == adapter)
+    }
+
+    /// Whether `adapter` is queued for loading on the endpoint.
+    pub fn has_waiting_adapter(&self, adapter: &str) -> bool {
+        self.waiting_lora_adapters.iter().any(|a| &**a == adapter)
+    }
+
+    /// Whether the endpoint can load one more adapter without evicting one.
+    pub fn has_free_adapter_slot(&self) -> bool {
+        (self.active_lora_adapters.len() as u64) < u64::from(self.max_lora_adapters)
+    }
+}
+
+/// An endpoint together with its latest metrics: what plugins read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointState {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// Its latest metrics.
+    pub metrics: EndpointMetrics,
+}
+
+impl EndpointState {
+    /// An endpoint with default (never scraped) metrics.
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint, metrics: EndpointMetrics::default() }
+    }
+
+    /// Replaces the metrics.
+    pub fn with_metrics(mut self, metrics: EndpointMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Shorthand for the endpoint id.
+    pub fn id(&self) -> EndpointId {
+        self.endpoint.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_ids_follow_the_address() {
+        let a: SocketAddr = "10.0.0.1:8000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.1:8001".parse().unwrap();
+        assert_eq!(EndpointId::from_address(a), Endpoint::new(a).id);
+        assert_ne!(EndpointId::from_address(a), EndpointId::from_address(b));
+    }
+
+    #[test]
+    fn staleness_counts_from_the_update_time() {
+        let now = Instant::now();
+        let threshold = Duration::from_millis(200);
+        let mut metrics = EndpointMetrics::default();
+        assert!(metrics.is_stale(now, threshold), "never scraped is stale");
+        metrics.updated_at = Some(now);
+        assert!(!metrics.is_stale(now + threshold, threshold));
+        assert!(metrics.is_stale(now + threshold + Duration::from_millis(1), threshold));
+    }
+
+    #[test]
+    fn adapter_slots() {
+        let metrics = EndpointMetrics {
+            active_lora_adapters: vec![Arc::from("a")],
+            waiting_lora_adapters: vec![Arc::from("b")],
+            max_lora_adapters: 1,
+            ..Default::default()
+        };
+        assert!(metrics.has_active_adapter("a"));
+        assert!(metrics.has_waiting_adapter("b"));
+        assert!(!metrics.has_free_adapter_slot());
+    }
+}

@@ -1,0 +1,177 @@
+//! The plugin traits. Each is small and does one thing; a plugin that plays several roles (a
+//! scorer that also counts in-flight requests) implements several traits on one value.
+//!
+//! Dispatch is dynamic once per plugin per request, never per endpoint: scorers receive the
+//! whole candidate slice and write one score per candidate into a caller-provided buffer, and
+//! filters narrow a reusable index buffer in place.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use crate::cycle::CycleState;
+use crate::endpoint::{EndpointId, EndpointState};
+use crate::pool::PoolSnapshot;
+use crate::request::InferenceRequest;
+use crate::scheduler::{ProfileRun, SchedulingResult};
+
+/// The endpoints still in the running for a request: a view into the pool snapshot.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidates<'a> {
+    pool: &'a PoolSnapshot,
+    indices: &'a [u32],
+}
+
+impl<'a> Candidates<'a> {
+    /// A view of the endpoints of `pool` at `indices`. Indices past the pool's end are skipped
+    /// by [`Self::iter`] and make [`Self::get`] return `None`.
+    pub fn new(pool: &'a PoolSnapshot, indices: &'a [u32]) -> Self {
+        Self { pool, indices }
+    }
+
+    /// How many candidates there are.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
+    /// The candidate at `position`.
+    pub fn get(&self, position: usize) -> Option<&'a EndpointState> {
+        self.indices.get(position).and_then(|&index| self.pool.get(index))
+    }
+
+    /// The candidates, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a EndpointState> + 'a {
+        let pool = self.pool;
+        let endpoints = pool.endpoints();
+        self.indices.iter().map(move |&index| &endpoints[index as usize])
+    }
+
+    /// Positions of the candidates in the pool snapshot.
+    pub fn indices(&self) -> &'a [u32] {
+        self.indices
+    }
+
+    /// The snapshot the candidates come from.
+    pub fn pool(&self) -> &'a PoolSnapshot {
+        self.pool
+    }
+}
+
+/// Narrows the candidate endpoints of a request.
+pub trait Filter: Send + Sync + Debug {
+    /// Removes from `candidates` (positions in `pool`) the endpoints that must not serve
+    /// `request`, keeping the order of the rest. Removing every candidate is allowed: the
+    /// scheduler reports this filter as the one that left none.
+    fn filter(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        candidates: &mut Vec<u32>,
+    );
+}
+
+/// Rates how well each candidate suits a request.
+pub trait Scorer: Send + Sync + Debug {
+    /// Writes into `scores[i]` a score in `[0, 1]` for `candidates.get(i)`; higher is better.
+    /// `scores` has exactly `candidates.len()` entries, zeroed. The scheduler clamps values
+    /// outside `[0, 1]` (and NaN to 0) so one faulty scorer cannot distort the others.
+    fn score(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        candidates: Candidates<'_>,
+        scores: &mut [f64],
+    );
+}
+
+/// Chooses the endpoint(s) from the scored candidates.
+pub trait Picker: Send + Sync + Debug {
+    /// Pushes onto `picked` the positions (into `candidates`/`scores`) of the chosen
+    /// candidates, best first, without repeats. `picked` is empty on entry; `candidates` is
+    /// never empty. Pushing nothing means "none acceptable".
+    fn pick(
+        &self,
+        state: &mut CycleState,
+        candidates: Candidates<'_>,
+        scores: &[f64],
+        picked: &mut Vec<u32>,
+    );
+}
+
+/// Decides which scheduling profiles run for a request, and which result is the primary one.
+pub trait ProfileHandler: Send + Sync + Debug {
+    /// Pushes onto `next` the indices of the profiles (into `profile_names`) to run next, given
+    /// the profiles already run (in order) and their picks. Pushing nothing ends scheduling;
+    /// a profile already run is not run again.
+    fn next_profiles(
+        &self,
+        request: &InferenceRequest,
+        profile_names: &[Arc<str>],
+        already_run: &[ProfileRun],
+        next: &mut Vec<usize>,
+    );
+
+    /// Which of the run profiles (by position in `already_run`) holds the primary endpoint.
+    fn primary_profile(&self, request: &InferenceRequest, already_run: &[ProfileRun]) -> usize;
+}
+
+/// Runs after a decision, before the request is forwarded: state that follows a pick
+/// (prefix blocks now cached on the endpoint, one more request in flight).
+pub trait PreRequest: Send + Sync + Debug {
+    /// Called once per scheduled request with its result.
+    fn pre_request(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+    );
+}
+
+/// How a scheduled request ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response was received in full.
+    Completed,
+    /// The upstream or the proxy failed the request.
+    Failed,
+    /// The request ended without completing: client gone, stream dropped, never forwarded.
+    #[default]
+    Cancelled,
+}
+
+/// What the completion hooks learn about a finished request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedRequest {
+    /// The request id.
+    pub request_id: String,
+    /// The model the request targeted.
+    pub target_model: String,
+    /// The endpoint chosen for it.
+    pub scheduled_endpoint: EndpointId,
+    /// The endpoint that actually served it, when the proxy says (it may have fallen back).
+    pub served_endpoint: Option<EndpointId>,
+    /// Prompt tokens, when the response reported usage.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens, when the response reported usage.
+    pub completion_tokens: Option<u64>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl CompletedRequest {
+    /// The endpoint that did the work: the served one when known, else the scheduled one.
+    pub fn endpoint(&self) -> EndpointId {
+        self.served_endpoint.unwrap_or(self.scheduled_endpoint)
+    }
+}
+
+/// Runs when a scheduled request ends, however it ends.
+pub trait ResponseComplete: Send + Sync + Debug {
+    /// Called exactly once per scheduled request.
+    fn response_complete(&self, completed: &CompletedRequest);
+}

@@ -1,0 +1,171 @@
+//! The pool snapshot: every endpoint with its latest metrics, published as one immutable value.
+//!
+//! Writers (metrics collector, discovery) build a new snapshot and swap it in; readers (the
+//! scheduler) load the current one without locking. Endpoints and their metrics live in one
+//! value so a reader never sees an endpoint list from one update and metrics from another.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::endpoint::{EndpointId, EndpointMetrics, EndpointState};
+
+/// An immutable view of the pool at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct PoolSnapshot {
+    endpoints: Vec<EndpointState>,
+    index_by_id: HashMap<EndpointId, u32>,
+    generation: u64,
+}
+
+impl PoolSnapshot {
+    /// A snapshot holding `endpoints`. A later duplicate id replaces an earlier one.
+    pub fn new(endpoints: impl IntoIterator<Item = EndpointState>) -> Self {
+        let mut snapshot = Self::default();
+        for state in endpoints {
+            snapshot.upsert(state);
+        }
+        snapshot
+    }
+
+    /// Inserts or replaces an endpoint (and its metrics).
+    pub fn upsert(&mut self, state: EndpointState) {
+        match self.index_by_id.get(&state.id()) {
+            Some(&index) => self.endpoints[index as usize] = state,
+            None => {
+                let index = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
+                self.index_by_id.insert(state.id(), index);
+                self.endpoints.push(state);
+            }
+        }
+    }
+
+    /// Removes an endpoint; returns whether it was present.
+    pub fn remove(&mut self, id: EndpointId) -> bool {
+        let Some(index) = self.index_by_id.remove(&id) else {
+            return false;
+        };
+        self.endpoints.swap_remove(index as usize);
+        if let Some(moved) = self.endpoints.get(index as usize) {
+            self.index_by_id.insert(moved.id(), index);
+        }
+        true
+    }
+
+    /// Replaces the metrics of an endpoint; returns whether it was present.
+    pub fn set_metrics(&mut self, id: EndpointId, metrics: EndpointMetrics) -> bool {
+        match self.index_by_id.get(&id) {
+            Some(&index) => {
+                self.endpoints[index as usize].metrics = metrics;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// All endpoints, in a stable order within this snapshot.
+    pub fn endpoints(&self) -> &[EndpointState] {
+        &self.endpoints
+    }
+
+    /// The endpoint at `index` in [`Self::endpoints`].
+    pub fn get(&self, index: u32) -> Option<&EndpointState> {
+        self.endpoints.get(index as usize)
+    }
+
+    /// The endpoint with `id`.
+    pub fn by_id(&self, id: EndpointId) -> Option<&EndpointState> {
+        self.index_of(id).and_then(|index| self.get(index))
+    }
+
+    /// The position of `id` in [`Self::endpoints`].
+    pub fn index_of(&self, id: EndpointId) -> Option<u32> {
+        self.index_by_id.get(&id).copied()
+    }
+
+    /// How many endpoints the pool has.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Whether the pool has no endpoints.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// A counter that [`SharedPool`] bumps on every publish, for logs and tests.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// The current [`PoolSnapshot`], shared between one or more writers and many readers.
+#[derive(Debug, Default)]
+pub struct SharedPool {
+    current: ArcSwap<PoolSnapshot>,
+}
+
+impl SharedPool {
+    /// A pool that starts with `snapshot`.
+    pub fn new(snapshot: PoolSnapshot) -> Self {
+        Self { current: ArcSwap::from_pointee(snapshot) }
+    }
+
+    /// The current snapshot; cheap, lock-free, and stable for as long as it is held.
+    pub fn load(&self) -> Arc<PoolSnapshot> {
+        self.current.load_full()
+    }
+
+    /// Publishes `snapshot` as the current one.
+    pub fn publish(&self, mut snapshot: PoolSnapshot) {
+        snapshot.generation = self.current.load().generation.wrapping_add(1);
+        self.current.store(Arc::new(snapshot));
+    }
+
+    /// Applies `change` to a copy of the current snapshot and publishes the result.
+    ///
+    /// Concurrent updaters retry on conflict, so no update is lost.
+    pub fn update(&self, mut change: impl FnMut(&mut PoolSnapshot)) {
+        self.current.rcu(|current| {
+            let mut next = PoolSnapshot::clone(current);
+            change(&mut next);
+            next.generation = current.generation.wrapping_add(1);
+            next
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Endpoint;
+
+    fn state(port: u16) -> EndpointState {
+        EndpointState::new(Endpoint::new(([10, 0, 0, 1], port).into()))
+    }
+
+    #[test]
+    fn upsert_remove_keep_the_index_consistent() {
+        let mut pool = PoolSnapshot::new([state(1), state(2), state(3)]);
+        let first = pool.endpoints()[0].id();
+        assert!(pool.remove(first));
+        assert!(!pool.remove(first));
+        assert_eq!(pool.len(), 2);
+        for (index, endpoint) in pool.endpoints().iter().enumerate() {
+            assert_eq!(pool.index_of(endpoint.id()), Some(index as u32));
+        }
+        pool.upsert(state(2));
+        assert_eq!(pool.len(), 2, "upsert of a known id replaces it");
+    }
+
+    #[test]
+    fn updates_publish_new_generations() {
+        let shared = SharedPool::new(PoolSnapshot::new([state(1)]));
+        let before = shared.load();
+        shared.update(|pool| pool.upsert(state(2)));
+        assert_eq!(before.len(), 1, "a held snapshot never changes");
+        assert_eq!(shared.load().len(), 2);
+        assert_eq!(shared.load().generation(), before.generation() + 1);
+    }
+}

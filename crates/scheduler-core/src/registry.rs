@@ -1,0 +1,221 @@
+//! The plugin registry: GIE plugin type names mapped to typed constructors.
+//!
+//! Each constructor parses its own parameters (serde into a config struct that denies unknown
+//! fields), so no string matching on parameters happens anywhere else. Other crates (and users)
+//! add their plugins with [`PluginRegistry::register`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::plugin::{Filter, Picker, PreRequest, ProfileHandler, ResponseComplete, Scorer};
+use crate::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
+
+/// A plugin declaration as the constructor sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PluginSpec<'a> {
+    /// The plugin's name in the config (its type name when no name was given).
+    pub name: &'a str,
+    /// The plugin's type name.
+    pub type_name: &'a str,
+    /// The `parameters` mapping, if any.
+    pub parameters: Option<&'a serde_json::Value>,
+}
+
+impl<'a> PluginSpec<'a> {
+    /// A spec for `type_name` named after its type, without parameters.
+    pub fn of_type(type_name: &'a str) -> Self {
+        Self { name: type_name, type_name, parameters: None }
+    }
+
+    /// Deserialises the parameters into `T`; absent or null parameters give `T::default()`.
+    pub fn parameters<T: DeserializeOwned + Default>(&self) -> Result<T, PluginError> {
+        match self.parameters {
+            None | Some(serde_json::Value::Null) => Ok(T::default()),
+            Some(value) => T::deserialize(value)
+                .map_err(|error| PluginError::InvalidParameters(error.to_string())),
+        }
+    }
+}
+
+/// Why a plugin could not be constructed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// A parameter is unknown, missing, of the wrong type or out of range.
+    #[error("invalid parameters: {0}")]
+    InvalidParameters(String),
+}
+
+/// The roles one constructed plugin plays. A plugin may play several (one value shared).
+#[derive(Clone, Default)]
+pub struct Plugin {
+    /// As a filter.
+    pub filter: Option<Arc<dyn Filter>>,
+    /// As a scorer.
+    pub scorer: Option<Arc<dyn Scorer>>,
+    /// As a picker.
+    pub picker: Option<Arc<dyn Picker>>,
+    /// As a profile handler.
+    pub profile_handler: Option<Arc<dyn ProfileHandler>>,
+    /// As a pre-request hook.
+    pub pre_request: Option<Arc<dyn PreRequest>>,
+    /// As a completion hook.
+    pub response_complete: Option<Arc<dyn ResponseComplete>>,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("filter", &self.filter.is_some())
+            .field("scorer", &self.scorer.is_some())
+            .field("picker", &self.picker.is_some())
+            .field("profile_handler", &self.profile_handler.is_some())
+            .field("pre_request", &self.pre_request.is_some())
+            .field("response_complete", &self.response_complete.is_some())
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// A filter.
+    pub fn filter(filter: impl Filter + 'static) -> Self {
+        Self { filter: Some(Arc::new(filter)), ..Self::default() }
+    }
+
+    /// A scorer.
+    pub fn scorer(scorer: impl Scorer + 'static) -> Self {
+        Self { scorer: Some(Arc::new(scorer)), ..Self::default() }
+    }
+
+    /// A picker.
+    pub fn picker(picker: impl Picker + 'static) -> Self {
+        Self { picker: Some(Arc::new(picker)), ..Self::default() }
+    }
+
+    /// A profile handler.
+    pub fn profile_handler(handler: impl ProfileHandler + 'static) -> Self {
+        Self { profile_handler: Some(Arc::new(handler)), ..Self::default() }
+    }
+
+    /// Whether the plugin can stand in a scheduling profile.
+    pub fn is_profile_plugin(&self) -> bool {
+        self.filter.is_some() || self.scorer.is_some() || self.picker.is_some()
+    }
+}
+
+/// Constructs a plugin from its declaration.
+pub type PluginFactory = Arc<dyn Fn(&PluginSpec<'_>) -> Result<Plugin, PluginError> + Send + Sync>;
+
+/// Why the registry could not construct a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// No constructor is registered for the type.
+    #[error("unknown plugin type '{type_name}' (known types: {})", known.join(", "))]
+    UnknownType {
+        /// The type asked for.
+        type_name: String,
+        /// Every registered type, sorted.
+        known: Vec<String>,
+    },
+    /// The constructor refused the declaration.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// Plugin constructors by GIE type name.
+#[derive(Clone)]
+pub struct PluginRegistry {
+    factories: BTreeMap<String, PluginFactory>,
+}
+
+impl fmt::Debug for PluginRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.factories.keys()).finish()
+    }
+}
+
+impl Default for PluginRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PluginRegistry {
+    /// A registry holding only the core's `single-profile-handler`.
+    pub fn new() -> Self {
+        let mut registry = Self { factories: BTreeMap::new() };
+        registry.register(SINGLE_PROFILE_HANDLER, |spec| {
+            spec.parameters::<NoParameters>()?;
+            Ok(Plugin::profile_handler(SingleProfileHandler))
+        });
+        registry
+    }
+
+    /// Registers (or replaces) the constructor of `type_name`.
+    pub fn register(
+        &mut self,
+        type_name: impl Into<String>,
+        factory: impl Fn(&PluginSpec<'_>) -> Result<Plugin, PluginError> + Send + Sync + 'static,
+    ) {
+        self.factories.insert(type_name.into(), Arc::new(factory));
+    }
+
+    /// Whether `type_name` is registered.
+    pub fn contains(&self, type_name: &str) -> bool {
+        self.factories.contains_key(type_name)
+    }
+
+    /// Every registered type name, sorted.
+    pub fn known_types(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+
+    /// Constructs the plugin `spec` declares.
+    pub fn create(&self, spec: &PluginSpec<'_>) -> Result<Plugin, RegistryError> {
+        let factory =
+            self.factories.get(spec.type_name).ok_or_else(|| RegistryError::UnknownType {
+                type_name: spec.type_name.to_owned(),
+                known: self.factories.keys().cloned().collect(),
+            })?;
+        Ok(factory(spec)?)
+    }
+}
+
+/// Parameters of a plugin that takes none: any key is an error.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParameters {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_types_list_the_known_ones() {
+        let registry = PluginRegistry::new();
+        let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unknown plugin type 'magic-scorer' (known types: single-profile-handler)"
+        );
+    }
+
+    #[test]
+    fn parameters_are_typed() {
+        #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+        #[serde(deny_unknown_fields, rename_all = "camelCase")]
+        struct Params {
+            max_num_of_endpoints: usize,
+        }
+        let value = serde_json::json!({"maxNumOfEndpoints": 3});
+        let spec = PluginSpec { parameters: Some(&value), ..PluginSpec::of_type("p") };
+        assert_eq!(spec.parameters::<Params>().unwrap(), Params { max_num_of_endpoints: 3 });
+        let value = serde_json::json!({"bogus": 1});
+        let spec = PluginSpec { parameters: Some(&value), ..PluginSpec::of_type("p") };
+        let error = spec.parameters::<Params>().unwrap_err().to_string();
+        assert!(error.contains("unknown field `bogus`"), "{error}");
+        assert!(PluginSpec::of_type("p").parameters::<Params>().is_ok());
+    }
+}

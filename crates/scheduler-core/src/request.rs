@@ -1,0 +1,148 @@
+//! The inference request as the scheduler sees it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::body::{ApiKind, BodyError, ParsedBody};
+
+/// Header naming the InferenceObjective (and so the priority) of a request.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// Header naming the flow (tenant) a request belongs to, for fair queuing.
+pub const FAIRNESS_ID_HEADER: &str = "x-gateway-inference-fairness-id";
+/// Header carrying the model name the gateway rewrote the request to.
+pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+/// Header through which a client or proxy passes a request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// One inference request, parsed once and read by every plugin.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InferenceRequest {
+    /// Request id (from `x-request-id` when present), for logs and hooks.
+    pub request_id: String,
+    /// The model the request targets: a base model or a LoRA adapter name.
+    pub target_model: String,
+    /// Prompt text as prefix hashing sees it: the completion prompt, or the chat messages
+    /// flattened in order.
+    pub prompt: String,
+    /// Which OpenAI API the body was written for.
+    pub api: ApiKind,
+    /// Whether the client asked for a streamed response.
+    pub stream: bool,
+    /// Request headers, names lower-cased.
+    pub headers: HashMap<String, String>,
+    /// The InferenceObjective named by the request, if any.
+    pub objective: Option<String>,
+    /// Priority: higher is more important; below zero is sheddable.
+    pub priority: i32,
+    /// Flow id for fairness between tenants.
+    pub fairness_id: Option<String>,
+    /// When the proxy restricts the request to some endpoints (Envoy's subset hint), their
+    /// addresses; `None` means the whole pool.
+    pub endpoint_subset: Option<Vec<SocketAddr>>,
+}
+
+impl InferenceRequest {
+    /// A request for `target_model` with `prompt` and no headers.
+    pub fn new(target_model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self { target_model: target_model.into(), prompt: prompt.into(), ..Self::default() }
+    }
+
+    /// Builds a request from an OpenAI-style JSON body and the request headers.
+    ///
+    /// `path` (for example `/v1/chat/completions`) disambiguates the API when given. Header names
+    /// are matched case-insensitively; the objective, fairness id, request id and model rewrite
+    /// headers are read from them.
+    pub fn from_openai<'h>(
+        path: Option<&str>,
+        headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+        body: &[u8],
+    ) -> Result<Self, BodyError> {
+        let parsed = ParsedBody::parse(path, body)?;
+        let headers: HashMap<String, String> = headers
+            .into_iter()
+            .map(|(name, value)| (name.to_ascii_lowercase(), value.to_owned()))
+            .collect();
+        let target_model = match headers.get(MODEL_REWRITE_HEADER) {
+            Some(rewrite) if !rewrite.is_empty() => rewrite.clone(),
+            _ => parsed.model,
+        };
+        Ok(Self {
+            request_id: headers.get(REQUEST_ID_HEADER).cloned().unwrap_or_default(),
+            target_model,
+            prompt: parsed.prompt,
+            api: parsed.api,
+            stream: parsed.stream,
+            objective: headers.get(OBJECTIVE_HEADER).cloned().filter(|v| !v.is_empty()),
+            fairness_id: headers.get(FAIRNESS_ID_HEADER).cloned().filter(|v| !v.is_empty()),
+            headers,
+            priority: 0,
+            endpoint_subset: None,
+        })
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the request id.
+    pub fn with_request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = id.into();
+        self
+    }
+
+    /// Adds a header (name lower-cased).
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.insert(name.to_ascii_lowercase(), value.into());
+        self
+    }
+
+    /// Whether the request may be shed when the pool is saturated.
+    pub fn is_sheddable(&self) -> bool {
+        self.priority < 0
+    }
+
+    /// A header value by (case-insensitive) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match self.headers.get(name) {
+            Some(value) => Some(value),
+            None => self.headers.get(&name.to_ascii_lowercase()).map(String::as_str),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_fill_the_request_fields() {
+        let body = br#"{"model":"llama","prompt":"hi"}"#;
+        let request = InferenceRequest::from_openai(
+            Some("/v1/completions"),
+            [
+                ("X-Gateway-Inference-Objective", "premium"),
+                ("x-gateway-inference-fairness-id", "tenant-a"),
+                ("X-Request-Id", "r1"),
+            ],
+            body,
+        )
+        .unwrap();
+        assert_eq!(request.target_model, "llama");
+        assert_eq!(request.objective.as_deref(), Some("premium"));
+        assert_eq!(request.fairness_id.as_deref(), Some("tenant-a"));
+        assert_eq!(request.request_id, "r1");
+        assert_eq!(request.header("X-REQUEST-ID"), Some("r1"));
+        assert!(!request.is_sheddable());
+    }
+
+    #[test]
+    fn model_rewrite_header_wins_over_the_body() {
+        let body = br#"{"model":"llama","prompt":"hi"}"#;
+        let request =
+            InferenceRequest::from_openai(None, [(MODEL_REWRITE_HEADER, "llama-v2")], body)
+                .unwrap();
+        assert_eq!(request.target_model, "llama-v2");
+    }
+}
