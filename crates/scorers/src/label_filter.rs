@@ -1,0 +1,65 @@
+//! `by-label`: keeps endpoints whose label has one of the allowed values.
+//!
+//! Parameters (llm-d): `label` (required), `validValues` (the allowed values) and
+//! `allowsNoLabel` (whether endpoints without the label pass; default false).
+
+use scheduler_core::{CycleState, Filter, InferenceRequest, PluginError, PoolSnapshot};
+use serde::Deserialize;
+
+/// llm-d type name.
+pub const TYPE_NAME: &str = "by-label";
+
+/// Parameters of [`ByLabelFilter`].
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ByLabelParameters {
+    /// The label key.
+    pub label: String,
+    /// Allowed values.
+    #[serde(default)]
+    pub valid_values: Vec<String>,
+    /// Whether endpoints without the label pass.
+    #[serde(default)]
+    pub allows_no_label: bool,
+}
+
+/// Keeps endpoints by label value.
+#[derive(Clone, Debug)]
+pub struct ByLabelFilter {
+    parameters: ByLabelParameters,
+}
+
+impl ByLabelFilter {
+    /// A filter with `parameters`; the label key must not be empty.
+    pub fn new(parameters: ByLabelParameters) -> Result<Self, PluginError> {
+        if parameters.label.trim().is_empty() {
+            return Err(PluginError::InvalidParameters("'label' must name a label key".into()));
+        }
+        if parameters.valid_values.is_empty() && !parameters.allows_no_label {
+            return Err(PluginError::InvalidParameters(
+                "'validValues' is empty and 'allowsNoLabel' is false: no endpoint could pass"
+                    .into(),
+            ));
+        }
+        Ok(Self { parameters })
+    }
+}
+
+impl Filter for ByLabelFilter {
+    fn filter(
+        &self,
+        _state: &mut CycleState,
+        _request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        candidates: &mut Vec<u32>,
+    ) {
+        let ByLabelParameters { label, valid_values, allows_no_label } = &self.parameters;
+        candidates.retain(|&index| {
+            let Some(state) = pool.get(index) else { return false };
+            match state.endpoint.labels.get(label) {
+                Some(value) => valid_values.iter().any(|valid| valid == value),
+                None => *allows_no_label,
+            }
+        });
+    }
+}

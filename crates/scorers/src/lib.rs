@@ -1,0 +1,112 @@
+//! The built-in filters, scorers and pickers of epp-rs, one small module each, registered
+//! under their Gateway API Inference Extension (GIE) and llm-d type names.
+//!
+//! | type | role | module |
+//! |---|---|---|
+//! | `queue-scorer` | scorer | [`queue`] |
+//! | `kv-cache-utilization-scorer` (alias `kv-cache-scorer`) | scorer | [`kv_cache`] |
+//! | `lora-affinity-scorer` | scorer | [`lora_affinity`] |
+//! | `active-request-scorer` | scorer + hooks | [`active_request`] |
+//! | `by-label` | filter | [`label_filter`] |
+//! | `lora-affinity-filter` | filter | [`lora_filter`] |
+//! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
+//! | `single-profile-handler` | profile handler | (scheduler core) |
+//!
+//! ```
+//! use std::sync::Arc;
+//! use scheduler_core::{
+//!     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest,
+//!     PoolSnapshot,
+//! };
+//!
+//! let config = EndpointPickerConfig::from_yaml(
+//!     "plugins:\n- type: queue-scorer\n- type: max-score-picker\n",
+//! )?;
+//! let scheduler = config.build(&scorers::builtin_registry())?;
+//! let endpoint = |port: u16, waiting_queue: u32| {
+//!     EndpointState::new(Endpoint::new(([10, 0, 0, 1], port).into()))
+//!         .with_metrics(EndpointMetrics { waiting_queue, ..Default::default() })
+//! };
+//! let pool = Arc::new(PoolSnapshot::new([endpoint(8000, 9), endpoint(8001, 0)]));
+//! let result = scheduler.schedule(&InferenceRequest::new("llama", "Hi"), &pool)?;
+//! assert_eq!(result.primary().endpoint.address.port(), 8001);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod active_request;
+pub mod kv_cache;
+pub mod label_filter;
+pub mod lora_affinity;
+pub mod lora_filter;
+mod normalize;
+pub mod pickers;
+pub mod queue;
+
+use std::sync::Arc;
+
+use scheduler_core::{
+    ConfigError, EndpointPickerConfig, NoParameters, Plugin, PluginRegistry, Scheduler,
+};
+
+pub use active_request::ActiveRequestScorer;
+pub use kv_cache::KvCacheUtilizationScorer;
+pub use label_filter::{ByLabelFilter, ByLabelParameters};
+pub use lora_affinity::LoraAffinityScorer;
+pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
+pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
+pub use queue::QueueScorer;
+
+/// Registers every built-in plugin in `registry` under its type name.
+pub fn register_builtins(registry: &mut PluginRegistry) {
+    registry.register(queue::TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(Plugin::scorer(QueueScorer))
+    });
+    for name in [kv_cache::TYPE_NAME, kv_cache::ALIAS_TYPE_NAME] {
+        registry.register(name, |spec| {
+            spec.parameters::<NoParameters>()?;
+            Ok(Plugin::scorer(KvCacheUtilizationScorer))
+        });
+    }
+    registry.register(lora_affinity::TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(Plugin::scorer(LoraAffinityScorer))
+    });
+    registry.register(active_request::TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        let scorer = Arc::new(ActiveRequestScorer::new());
+        Ok(Plugin {
+            scorer: Some(scorer.clone()),
+            pre_request: Some(scorer.clone()),
+            response_complete: Some(scorer),
+            ..Plugin::default()
+        })
+    });
+    registry.register(label_filter::TYPE_NAME, |spec| {
+        Ok(Plugin::filter(ByLabelFilter::new(spec.parameters()?)?))
+    });
+    registry.register(lora_filter::TYPE_NAME, |spec| {
+        Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))
+    });
+    registry.register(pickers::MAX_SCORE_TYPE_NAME, |spec| {
+        Ok(Plugin::picker(MaxScorePicker::new(PickerParameters::from_spec(spec)?)))
+    });
+    registry.register(pickers::RANDOM_TYPE_NAME, |spec| {
+        Ok(Plugin::picker(RandomPicker::new(PickerParameters::from_spec(spec)?)))
+    });
+    registry.register(pickers::WEIGHTED_RANDOM_TYPE_NAME, |spec| {
+        Ok(Plugin::picker(WeightedRandomPicker::new(PickerParameters::from_spec(spec)?)))
+    });
+}
+
+/// A registry with the core's and every built-in plugin.
+pub fn builtin_registry() -> PluginRegistry {
+    let mut registry = PluginRegistry::new();
+    register_builtins(&mut registry);
+    registry
+}
+
+/// The scheduler GIE runs when no config is given.
+pub fn default_scheduler() -> Result<Scheduler, ConfigError> {
+    EndpointPickerConfig::gie_default().build(&builtin_registry())
+}
