@@ -1,0 +1,183 @@
+//! The EndpointPickerConfig loader: real configs load; every error class names its offender.
+
+use scheduler_core::{ConfigError, EndpointPickerConfig};
+use scorers::builtin_registry;
+
+fn build(yaml: &str) -> Result<scheduler_core::Scheduler, ConfigError> {
+    EndpointPickerConfig::from_yaml(yaml)?.build(&builtin_registry())
+}
+
+fn error(yaml: &str) -> String {
+    match build(yaml) {
+        Ok(_) => panic!("config should have been rejected:\n{yaml}"),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[test]
+fn weights_as_integers_and_floats_and_named_plugins() {
+    let scheduler = build(
+        "apiVersion: llm-d.ai/v1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- name: kv
+  type: kv-cache-scorer
+- type: max-score-picker
+  parameters: {maxNumOfEndpoints: 2}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv
+    weight: 1.5
+  - pluginRef: max-score-picker
+",
+    )
+    .unwrap();
+    let profile = &scheduler.profiles()[0];
+    let weights: Vec<(&str, f64)> =
+        profile.scorers().iter().map(|s| (&*s.name, s.weight)).collect();
+    assert_eq!(weights, vec![("queue-scorer", 2.0), ("kv", 1.5)]);
+    assert_eq!(profile.picker_name(), "max-score-picker");
+}
+
+#[test]
+fn defaults_are_injected() {
+    // No profiles: one `default` profile with every plugin, weight 1, max-score picker added.
+    let scheduler =
+        build("plugins:\n- type: queue-scorer\n- type: lora-affinity-scorer\n").unwrap();
+    let profile = &scheduler.profiles()[0];
+    assert_eq!(&**profile.name(), "default");
+    assert_eq!(profile.scorers().len(), 2);
+    assert!(profile.scorers().iter().all(|s| s.weight == 1.0));
+    assert_eq!(profile.picker_name(), "max-score-picker");
+    // The GIE default config builds.
+    let default = scorers::default_scheduler().unwrap();
+    assert_eq!(default.profiles()[0].scorers().len(), 2);
+}
+
+#[test]
+fn every_gie_api_version_is_accepted() {
+    for version in scheduler_core::config::ACCEPTED_API_VERSIONS {
+        build(&format!(
+            "apiVersion: {version}\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
+        ))
+        .unwrap();
+    }
+    assert_eq!(
+        error("apiVersion: v9\nplugins:\n- type: queue-scorer\n"),
+        "unsupported apiVersion 'v9' (accepted: inference.networking.x-k8s.io/v1alpha1, \
+         config.apix.gateway-api-inference-extension.sigs.k8s.io/v1alpha1, llm-d.ai/v1alpha1, llm-d.ai/v1)"
+    );
+    assert_eq!(
+        error("kind: Deployment\nplugins: []\n"),
+        "unsupported kind 'Deployment' (expected EndpointPickerConfig)"
+    );
+}
+
+#[test]
+fn unknown_plugin_type_names_it_and_lists_known_types() {
+    let message = error("plugins:\n- type: queue-scorer\n- name: magic\n  type: magic-scorer\n");
+    assert!(
+        message.starts_with("plugins[1] (name 'magic', type 'magic-scorer'): unknown plugin type 'magic-scorer' (known types: "),
+        "{message}"
+    );
+    assert!(message.contains("queue-scorer") && message.contains("max-score-picker"), "{message}");
+}
+
+#[test]
+fn dangling_plugin_ref_is_named_with_its_place() {
+    let message = error(
+        "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n  - pluginRef: prefix\n",
+    );
+    assert_eq!(
+        message,
+        "schedulingProfiles[0] 'p' plugins[1]: pluginRef 'prefix' names no declared plugin"
+    );
+}
+
+#[test]
+fn bad_weights_are_rejected() {
+    let message = error(
+        "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n    weight: -1\n",
+    );
+    assert_eq!(
+        message,
+        "schedulingProfiles[0] 'p' plugins[0] ('queue-scorer'): weight -1 must be a finite number >= 0"
+    );
+    let message = error(
+        "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n    weight: heavy\n",
+    );
+    assert!(message.starts_with("config is not a valid EndpointPickerConfig: "), "{message}");
+    assert!(message.contains("weight") || message.contains("heavy"), "{message}");
+}
+
+#[test]
+fn unknown_parameters_are_rejected_with_the_plugin_named() {
+    let message = error("plugins:\n- type: max-score-picker\n  parameters: {maxEndpoints: 2}\n");
+    assert!(
+        message.starts_with(
+            "plugins[0] (name 'max-score-picker', type 'max-score-picker'): invalid parameters: unknown field `maxEndpoints`"
+        ),
+        "{message}"
+    );
+    let message =
+        error("plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 0}\n");
+    assert!(message.ends_with("'maxNumOfEndpoints' must be at least 1"), "{message}");
+    let message = error("plugins:\n- type: queue-scorer\n  parameters: {threshold: 3}\n");
+    assert!(message.contains("unknown field `threshold`"), "{message}");
+}
+
+#[test]
+fn unknown_top_level_keys_are_rejected() {
+    let message = error("plugins: []\nschedulingProfile: []\n");
+    assert!(message.contains("schedulingProfile"), "{message}");
+    let message = error("plugins:\n- type: queue-scorer\n  weight: 2\n");
+    assert!(message.contains("weight"), "{message}");
+}
+
+#[test]
+fn yaml_syntax_errors_say_where() {
+    let message = error("plugins:\n- type: queue-scorer\n  parameters: {a: [1, 2}\n");
+    assert!(message.starts_with("config is not a valid EndpointPickerConfig: "), "{message}");
+    assert!(message.contains('3'), "line number expected: {message}");
+}
+
+#[test]
+fn structural_errors() {
+    assert_eq!(
+        error("plugins:\n- type: queue-scorer\n- type: queue-scorer\n"),
+        "plugins[1]: name 'queue-scorer' is already used by plugins[0]"
+    );
+    assert_eq!(
+        error(
+            "plugins:\n- type: random-picker\n- type: max-score-picker\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: random-picker\n  - pluginRef: max-score-picker\n"
+        ),
+        "schedulingProfiles[0] 'p': pickers 'random-picker' and 'max-score-picker' both declared; a profile has one picker"
+    );
+    assert_eq!(
+        error(
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: queue-scorer}]\n- name: b\n  plugins: [{pluginRef: queue-scorer}]\n"
+        ),
+        "single-profile-handler runs one profile but 2 are declared; declare a multi-profile handler"
+    );
+    assert_eq!(
+        error(
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: []\n- name: a\n  plugins: []\n"
+        ),
+        "schedulingProfiles[1]: profile name 'a' is used twice"
+    );
+    assert_eq!(
+        error(
+            "plugins:\n- type: single-profile-handler\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: single-profile-handler}]\n"
+        ),
+        "schedulingProfiles[0] 'a' plugins[0]: 'single-profile-handler' is not a filter, scorer or picker"
+    );
+    assert_eq!(
+        error("plugins:\n- type: single-profile-handler\n"),
+        "the config declares no scheduling profile and no filter, scorer or picker to build one"
+    );
+}

@@ -1,0 +1,195 @@
+//! Invariants of scheduling with the built-in plugins, over generated pools and configs.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use proptest::prelude::*;
+use scheduler_core::{
+    Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
+    ScheduleOptions, Scheduler,
+};
+use scorers::builtin_registry;
+
+#[derive(Clone, Debug)]
+struct GeneratedEndpoint {
+    waiting_queue: u32,
+    kv_usage: f64,
+    active_adapters: Vec<u8>,
+    max_adapters: u32,
+    gold: bool,
+}
+
+fn generated_endpoint() -> impl Strategy<Value = GeneratedEndpoint> {
+    (
+        0u32..200,
+        prop_oneof![Just(0.0), Just(1.0), -0.5f64..1.5, Just(f64::NAN)],
+        proptest::collection::vec(0u8..4, 0..3),
+        0u32..4,
+        any::<bool>(),
+    )
+        .prop_map(|(waiting_queue, kv_usage, active_adapters, max_adapters, gold)| {
+            GeneratedEndpoint { waiting_queue, kv_usage, active_adapters, max_adapters, gold }
+        })
+}
+
+fn build_pool(endpoints: &[GeneratedEndpoint]) -> Arc<PoolSnapshot> {
+    let now = Instant::now();
+    Arc::new(PoolSnapshot::new(endpoints.iter().enumerate().map(|(i, g)| {
+        let mut endpoint = Endpoint::new(([10, 1, (i / 250) as u8, (i % 250) as u8], 8000).into());
+        if g.gold {
+            endpoint = endpoint.with_label("tier", "gold");
+        }
+        EndpointState::new(endpoint).with_metrics(EndpointMetrics {
+            waiting_queue: g.waiting_queue,
+            running: 0,
+            kv_usage: g.kv_usage,
+            active_lora_adapters: g
+                .active_adapters
+                .iter()
+                .map(|a| Arc::from(format!("lora-{a}")))
+                .collect(),
+            waiting_lora_adapters: Vec::new(),
+            max_lora_adapters: g.max_adapters,
+            kv_capacity_blocks: None,
+            updated_at: Some(now),
+        })
+    })))
+}
+
+fn config(weights: [u32; 4], picker: &str, fallbacks: usize, filter_gold: bool) -> String {
+    let filter = if filter_gold {
+        "- type: by-label\n  parameters: {label: tier, validValues: [gold]}\n"
+    } else {
+        ""
+    };
+    let filter_ref = if filter_gold { "  - pluginRef: by-label\n" } else { "" };
+    format!(
+        "plugins:
+{filter}- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: lora-affinity-scorer
+- type: active-request-scorer
+- type: {picker}
+  parameters: {{maxNumOfEndpoints: {fallbacks}}}
+schedulingProfiles:
+- name: default
+  plugins:
+{filter_ref}  - pluginRef: queue-scorer
+    weight: {}
+  - pluginRef: kv-cache-utilization-scorer
+    weight: {}
+  - pluginRef: lora-affinity-scorer
+    weight: {}
+  - pluginRef: active-request-scorer
+    weight: {}
+  - pluginRef: {picker}
+",
+        weights[0], weights[1], weights[2], weights[3]
+    )
+}
+
+fn scheduler(yaml: &str, seed: u64) -> Scheduler {
+    EndpointPickerConfig::from_yaml(yaml)
+        .unwrap()
+        .build(&builtin_registry())
+        .unwrap()
+        .with_seed(seed)
+}
+
+fn picker() -> impl Strategy<Value = &'static str> {
+    prop_oneof![Just("max-score-picker"), Just("random-picker"), Just("weighted-random-picker")]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn picks_are_distinct_filtered_candidates(
+        endpoints in proptest::collection::vec(generated_endpoint(), 1..40),
+        weights in proptest::array::uniform4(0u32..5),
+        picker in picker(),
+        fallbacks in 1usize..6,
+        filter_gold in any::<bool>(),
+        seed in any::<u64>(),
+        adapter in 0u8..5,
+    ) {
+        let pool = build_pool(&endpoints);
+        let scheduler = scheduler(&config(weights, picker, fallbacks, filter_gold), seed);
+        let request = InferenceRequest::new(format!("lora-{adapter}"), "p");
+        match scheduler.schedule(&request, &pool) {
+            Ok(result) => {
+                let ranked: Vec<_> = result.ranked().map(|e| e.id()).collect();
+                prop_assert!(!ranked.is_empty() && ranked.len() <= fallbacks.min(endpoints.len()));
+                let mut unique = ranked.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                prop_assert_eq!(unique.len(), ranked.len(), "fallbacks never repeat the primary or each other");
+                for id in &ranked {
+                    let endpoint = pool.by_id(*id).unwrap();
+                    prop_assert!(!filter_gold || endpoint.endpoint.labels.contains_key("tier"),
+                        "a pick must have passed the filters");
+                }
+            }
+            Err(error) => {
+                prop_assert!(filter_gold && !endpoints.iter().any(|e| e.gold), "unexpected {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn scores_stay_in_unit_range_and_weights_scale_totals(
+        endpoints in proptest::collection::vec(generated_endpoint(), 1..40),
+        weights in proptest::array::uniform4(0u32..5),
+        factor in 1u32..5,
+        seed in any::<u64>(),
+    ) {
+        let pool = build_pool(&endpoints);
+        let explain = ScheduleOptions { explain: true, seed: Some(seed), ..Default::default() };
+        let request = InferenceRequest::new("lora-1", "p");
+        let base = scheduler(&config(weights, "max-score-picker", 1, false), 1)
+            .schedule_with(&request, &pool, explain).unwrap();
+        let scaled = scheduler(&config(weights.map(|w| w * factor), "max-score-picker", 1, false), 1)
+            .schedule_with(&request, &pool, explain).unwrap();
+        let base = &base.explanation().unwrap()[0];
+        let scaled = &scaled.explanation().unwrap()[0];
+        for (_, _, scores) in &base.scorers {
+            prop_assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{scores:?}");
+        }
+        for (total, scaled_total) in base.totals.iter().zip(&scaled.totals) {
+            prop_assert!((total * f64::from(factor) - scaled_total).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_pick(
+        endpoints in proptest::collection::vec(generated_endpoint(), 1..40),
+        weights in proptest::array::uniform4(0u32..3),
+        picker in picker(),
+        seed in any::<u64>(),
+    ) {
+        let pool = build_pool(&endpoints);
+        let yaml = config(weights, picker, 3, false);
+        let request = InferenceRequest::new("lora-0", "p");
+        let picks = |scheduler: Scheduler| -> Vec<Vec<_>> {
+            (0..4).map(|_| scheduler.schedule(&request, &pool).unwrap().ranked().map(|e| e.id()).collect()).collect()
+        };
+        prop_assert_eq!(picks(scheduler(&yaml, seed)), picks(scheduler(&yaml, seed)));
+    }
+
+    #[test]
+    fn max_score_primary_has_the_highest_total(
+        endpoints in proptest::collection::vec(generated_endpoint(), 1..40),
+        weights in proptest::array::uniform4(0u32..5),
+        seed in any::<u64>(),
+    ) {
+        let pool = build_pool(&endpoints);
+        let explain = ScheduleOptions { explain: true, seed: Some(seed), ..Default::default() };
+        let result = scheduler(&config(weights, "max-score-picker", 1, false), seed)
+            .schedule_with(&InferenceRequest::new("lora-2", "p"), &pool, explain).unwrap();
+        let explanation = &result.explanation().unwrap()[0];
+        let best = explanation.totals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let primary = pool.index_of(result.primary().id()).unwrap();
+        let position = explanation.candidates.iter().position(|&c| c == primary).unwrap();
+        prop_assert_eq!(explanation.totals[position], best);
+    }
+}
