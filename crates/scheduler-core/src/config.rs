@@ -263,15 +263,15 @@ impl EndpointPickerConfig {
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         let config: Self =
             serde_saphyr::from_str(text).map_err(|error| ConfigError::Syntax(error.to_string()))?;
-        if let Some(found) = &config.api_version {
-            if !ACCEPTED_API_VERSIONS.contains(&found.as_str()) {
-                return Err(ConfigError::ApiVersion { found: found.clone() });
-            }
+        if let Some(found) = &config.api_version
+            && !ACCEPTED_API_VERSIONS.contains(&found.as_str())
+        {
+            return Err(ConfigError::ApiVersion { found: found.clone() });
         }
-        if let Some(found) = &config.kind {
-            if found != CONFIG_KIND {
-                return Err(ConfigError::Kind { found: found.clone() });
-            }
+        if let Some(found) = &config.kind
+            && found != CONFIG_KIND
+        {
+            return Err(ConfigError::Kind { found: found.clone() });
         }
         Ok(config)
     }

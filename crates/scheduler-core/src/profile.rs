@@ -35,6 +35,7 @@ pub(crate) struct ProfileBuffers {
     pub(crate) scores: Vec<f64>,
     pub(crate) totals: Vec<f64>,
     pub(crate) picked: Vec<u32>,
+    pub(crate) next_profiles: Vec<usize>,
 }
 
 /// Per-scorer scores of one profile run, for explaining a decision.
@@ -158,10 +159,10 @@ impl SchedulerProfile {
         self.picker.1.pick(state, Candidates::new(pool, candidates), totals, picked);
         let mut chosen = Vec::with_capacity(picked.len());
         for &position in picked.iter() {
-            if let Some(&index) = candidates.get(position as usize) {
-                if !chosen.contains(&index) {
-                    chosen.push(index);
-                }
+            if let Some(&index) = candidates.get(position as usize)
+                && !chosen.contains(&index)
+            {
+                chosen.push(index);
             }
         }
         if let (Some(explanation), Some(mut explained)) = (explanation, explained) {

@@ -193,7 +193,7 @@ impl Scheduler {
         pool: &PoolSnapshot,
         base: &mut Vec<u32>,
         buffers: &mut ProfileBuffers,
-        mut explanation: Option<&mut Vec<ProfileExplanation>>,
+        explanation: Option<&mut Vec<ProfileExplanation>>,
     ) -> Result<Vec<ProfileRun>, SchedulingError> {
         if pool.is_empty() {
             return Err(SchedulingError::EmptyPool);
@@ -210,15 +210,45 @@ impl Scheduler {
         }
 
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(1);
-        let mut next = Vec::new();
+        let mut next = std::mem::take(&mut buffers.next_profiles);
+        let runs_result = self.run_chosen_profiles(
+            state,
+            request,
+            pool,
+            base,
+            buffers,
+            &mut next,
+            &mut runs,
+            explanation,
+        );
+        buffers.next_profiles = next;
+        runs_result?;
+        if runs.is_empty() {
+            return Err(SchedulingError::NoProfileRun);
+        }
+        Ok(runs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_chosen_profiles(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        base: &[u32],
+        buffers: &mut ProfileBuffers,
+        next: &mut Vec<usize>,
+        runs: &mut Vec<ProfileRun>,
+        mut explanation: Option<&mut Vec<ProfileExplanation>>,
+    ) -> Result<(), SchedulingError> {
         // Each profile runs at most once, which bounds the loop whatever the handler does.
         for _ in 0..=self.profiles.len() {
             next.clear();
-            self.handler.next_profiles(request, &self.profile_names, &runs, &mut next);
+            self.handler.next_profiles(request, &self.profile_names, runs, next);
             if next.is_empty() {
                 break;
             }
-            for &index in &next {
+            for &index in next.iter() {
                 let Some(profile) = self.profiles.get(index) else { continue };
                 if runs.iter().any(|run| run.profile == *profile.name()) {
                     continue;
@@ -228,10 +258,7 @@ impl Scheduler {
                 runs.push(ProfileRun { profile: profile.name().clone(), picks });
             }
         }
-        if runs.is_empty() {
-            return Err(SchedulingError::NoProfileRun);
-        }
-        Ok(runs)
+        Ok(())
     }
 
     /// Runs the completion hooks for a request (what [`CompletionGuard`] does on finish or drop).
@@ -253,10 +280,10 @@ fn collect_subset(pool: &PoolSnapshot, subset: &[SocketAddr], out: &mut Vec<u32>
                 .position(|state| state.endpoint.address == *address)
                 .map(|position| position as u32)
         });
-        if let Some(index) = index {
-            if !out.contains(&index) {
-                out.push(index);
-            }
+        if let Some(index) = index
+            && !out.contains(&index)
+        {
+            out.push(index);
         }
     }
 }

@@ -9,7 +9,6 @@
 //! and no write lock; only the first request to a new endpoint takes the write lock.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
@@ -24,7 +23,7 @@ pub const TYPE_NAME: &str = "active-request-scorer";
 /// Counts in-flight requests per endpoint and scores by them.
 #[derive(Debug, Default)]
 pub struct ActiveRequestScorer {
-    in_flight: RwLock<HashMap<EndpointId, Arc<AtomicU64>>>,
+    in_flight: RwLock<HashMap<EndpointId, AtomicU64>>,
 }
 
 impl ActiveRequestScorer {
@@ -43,16 +42,17 @@ impl ActiveRequestScorer {
         self.in_flight.read().values().map(|count| count.load(Ordering::Relaxed)).sum()
     }
 
-    fn counter(&self, endpoint: EndpointId) -> Arc<AtomicU64> {
+    fn increment(&self, endpoint: EndpointId) {
         if let Some(counter) = self.in_flight.read().get(&endpoint) {
-            return Arc::clone(counter);
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
         }
         let mut map = self.in_flight.write();
         // Endpoints leave the pool; drop their idle counters so the map stays pool-sized.
         if map.len() >= 1024 && map.len().is_power_of_two() {
             map.retain(|_, count| count.load(Ordering::Relaxed) > 0);
         }
-        Arc::clone(map.entry(endpoint).or_default())
+        map.entry(endpoint).or_default().fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -79,7 +79,7 @@ impl PreRequest for ActiveRequestScorer {
         _request: &InferenceRequest,
         result: &SchedulingResult,
     ) {
-        self.counter(result.primary().id()).fetch_add(1, Ordering::Relaxed);
+        self.increment(result.primary().id());
     }
 }
 
