@@ -40,6 +40,33 @@ impl fmt::Debug for EndpointId {
     }
 }
 
+/// A hasher for [`EndpointId`] keys: the id already is a 64-bit hash, so one multiply-xorshift
+/// round spreads it instead of running SipHash per lookup (scorers look ids up per candidate).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EndpointIdHasher(u64);
+
+impl std::hash::Hasher for EndpointIdHasher {
+    fn finish(&self) -> u64 {
+        let mixed = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        mixed ^ (mixed >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for keys other than EndpointId; fold the bytes in (FNV-1a) to stay correct.
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 ^= value;
+    }
+}
+
+/// A map keyed by endpoint id, with the cheap [`EndpointIdHasher`].
+pub type EndpointMap<V> =
+    std::collections::HashMap<EndpointId, V, std::hash::BuildHasherDefault<EndpointIdHasher>>;
+
 /// What part of disaggregated serving an endpoint performs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EndpointRole {

@@ -44,7 +44,10 @@ pub mod scheduler;
 pub use body::{ApiKind, BodyError, ParsedBody};
 pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
 pub use cycle::CycleState;
-pub use endpoint::{Endpoint, EndpointId, EndpointMetrics, EndpointRole, EndpointState};
+pub use endpoint::{
+    Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
+    EndpointState,
+};
 pub use plugin::{
     Candidates, CompletedRequest, Filter, Outcome, Picker, PreRequest, ProfileHandler,
     ResponseComplete, Scorer,

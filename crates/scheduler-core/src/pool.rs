@@ -4,18 +4,17 @@
 //! scheduler) load the current one without locking. Endpoints and their metrics live in one
 //! value so a reader never sees an endpoint list from one update and metrics from another.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::endpoint::{EndpointId, EndpointMetrics, EndpointState};
+use crate::endpoint::{EndpointId, EndpointMap, EndpointMetrics, EndpointState};
 
 /// An immutable view of the pool at one moment.
 #[derive(Clone, Debug, Default)]
 pub struct PoolSnapshot {
     endpoints: Vec<EndpointState>,
-    index_by_id: HashMap<EndpointId, u32>,
+    index_by_id: EndpointMap<u32>,
     generation: u64,
 }
 

@@ -8,13 +8,12 @@
 //! Counters live in a read-mostly map of atomics: scoring takes one shared lock per request
 //! and no write lock; only the first request to a new endpoint takes the write lock.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use scheduler_core::{
-    Candidates, CompletedRequest, CycleState, EndpointId, InferenceRequest, PreRequest,
-    ResponseComplete, SchedulingResult, Scorer,
+    Candidates, CompletedRequest, CycleState, EndpointId, EndpointMap, InferenceRequest,
+    PreRequest, ResponseComplete, SchedulingResult, Scorer,
 };
 
 /// llm-d type name.
@@ -23,7 +22,7 @@ pub const TYPE_NAME: &str = "active-request-scorer";
 /// Counts in-flight requests per endpoint and scores by them.
 #[derive(Debug, Default)]
 pub struct ActiveRequestScorer {
-    in_flight: RwLock<HashMap<EndpointId, AtomicU64>>,
+    in_flight: RwLock<EndpointMap<AtomicU64>>,
 }
 
 impl ActiveRequestScorer {

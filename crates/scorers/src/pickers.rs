@@ -4,9 +4,9 @@
 //! ones after the first are the fallbacks an adapter may emit. Randomness comes from the
 //! decision's seeded [`CycleState::rng`], so a decision replays exactly from its seed.
 //!
-//! - max-score: highest total first; ties in random order. Positions are shuffled, then the
-//!   top k selected (O(n)) and sorted (O(k log k)): any comparison-only selection keeps the
-//!   uniformly random order among equal scores, without a random key per candidate.
+//! - max-score: highest total first; ties in random order. One random salt per decision
+//!   orders equal scores by a hash of (position, salt), so the top k are selected in O(n) and
+//!   sorted in O(k log k) with no per-candidate random draw or buffer.
 //! - random: k distinct candidates uniformly (partial Fisher-Yates).
 //! - weighted-random: k distinct candidates with probability proportional to score,
 //!   without replacement (Efraimidis-Spirakis: key = u^(1/w), keep the k largest keys);
@@ -67,8 +67,19 @@ impl Default for MaxScorePicker {
     }
 }
 
-fn by_score_descending(scores: &[f64]) -> impl Fn(&u32, &u32) -> Ordering + '_ {
-    |a, b| scores[*b as usize].total_cmp(&scores[*a as usize])
+/// Best first: higher score, then (among equal scores) a salted hash of the position.
+fn by_score_then_salt(scores: &[f64], salt: u64) -> impl Fn(&u32, &u32) -> Ordering + '_ {
+    move |a, b| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then_with(|| tie_key(*a, salt).cmp(&tie_key(*b, salt)))
+    }
+}
+
+/// A per-decision pseudo-random rank of a position (one multiply-xorshift round).
+fn tie_key(position: u32, salt: u64) -> u64 {
+    let mixed = (u64::from(position) ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    mixed ^ (mixed >> 29)
 }
 
 impl Picker for MaxScorePicker {
@@ -107,13 +118,13 @@ impl Picker for MaxScorePicker {
             return;
         }
         let keep = self.max_endpoints.get().min(count);
+        let order = by_score_then_salt(scores, state.rng().random());
         picked.extend(0..count as u32);
-        shuffle(state, picked);
         if keep < count {
-            picked.select_nth_unstable_by(keep - 1, by_score_descending(scores));
+            picked.select_nth_unstable_by(keep - 1, &order);
             picked.truncate(keep);
         }
-        picked.sort_unstable_by(by_score_descending(scores));
+        picked.sort_unstable_by(&order);
     }
 }
 
@@ -199,12 +210,5 @@ impl Picker for WeightedRandomPicker {
         }
         keyed.sort_unstable_by(descending);
         picked.extend(keyed.iter().map(|&(_, position)| position));
-    }
-}
-
-fn shuffle(state: &mut CycleState, positions: &mut [u32]) {
-    for slot in (1..positions.len()).rev() {
-        let other = state.rng().random_range(0..=slot);
-        positions.swap(slot, other);
     }
 }
