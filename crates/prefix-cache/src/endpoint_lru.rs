@@ -160,9 +160,7 @@ impl EndpointLru {
                 self.capacity
             ));
         }
-        if self.nodes.capacity() > Self::slab_bound(self.nodes.len(), self.capacity).max(0)
-            && !self.nodes.is_empty()
-        {
+        if self.nodes.capacity() > Self::slab_bound(self.nodes.len(), self.capacity) {
             return Err(format!(
                 "slab of {} nodes for {} blocks",
                 self.nodes.capacity(),
