@@ -11,7 +11,10 @@ use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BatchSize, BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main,
+};
 use prefix_cache::{BlockHasher, IndexConfig, PrefixIndex};
 
 const ENDPOINTS: u64 = 1_000;
@@ -155,19 +158,58 @@ fn fill(index: &mut impl Index, capacity: usize) -> Vec<u64> {
     query
 }
 
-fn query_set(query: &[u64]) -> Vec<(&'static str, Vec<u64>)> {
-    // A miss differs in the first block: the lookup ends after one probe.
-    let mut miss = query.to_vec();
-    miss[0] ^= 1;
-    vec![("deep_hit", query.to_vec()), ("miss", miss)]
-}
-
 fn bench_hash(c: &mut Criterion) {
     let hasher = BlockHasher::default();
     let text: Vec<u8> = (0..16 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
     let mut out = Vec::with_capacity(256);
     c.bench_function("hash/16k_chars_256_blocks", |b| {
         b.iter(|| hasher.hash_prompt(black_box("llama-3-8b"), black_box(&text), &mut out))
+    });
+}
+
+/// Lookups (deep hit, miss, then a prefix held by every endpoint) and records on `index`, under
+/// `label/...` in `group`.
+fn bench_index<I: Index>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    label: &str,
+    index: &mut I,
+    query: &[u64],
+) {
+    let mut out = Vec::with_capacity(ENDPOINTS as usize);
+    let mut miss = query.to_vec();
+    miss[0] ^= 1;
+    for (name, hashes) in [("deep_hit", query), ("miss", &miss[..])] {
+        group.bench_function(BenchmarkId::new(format!("{label}/lookup_256"), name), |b| {
+            b.iter(|| index.lookup(black_box(hashes), &mut out))
+        });
+    }
+    // Every endpoint now also holds the query's system prompt: the candidate set starts at
+    // 1,000 endpoints and shrinks to the query's three holders after the eighth block.
+    for endpoint in 0..ENDPOINTS {
+        index.record(endpoint, &query[..SYSTEM_BLOCKS]);
+    }
+    index.lookup(query, &mut out);
+    assert_eq!(out.len(), ENDPOINTS as usize);
+    assert_eq!(out.iter().filter(|e| e.1 == PROMPT_BLOCKS).count(), 3);
+    group.bench_function(
+        BenchmarkId::new(format!("{label}/lookup_256"), "popular_prefix"),
+        |b| b.iter(|| index.lookup(black_box(query), &mut out)),
+    );
+
+    // New prompts on random endpoints: 248 new blocks each, evicting as many.
+    let mut rng = Rng(99);
+    group.bench_function(format!("{label}/record_256/new_blocks_evicting"), |b| {
+        b.iter_batched(
+            || {
+                let endpoint = rng.next() % ENDPOINTS;
+                (endpoint, prompt(endpoint, &mut rng))
+            },
+            |(endpoint, hashes)| index.record(endpoint, black_box(&hashes)),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(format!("{label}/record_256/held_blocks"), |b| {
+        b.iter(|| index.record(420, black_box(query)))
     });
 }
 
@@ -184,78 +226,24 @@ fn bench_full_index(c: &mut Criterion) {
         started.elapsed(),
         bytes as f64 / blocks as f64
     );
-    // Everyone also holds the query's system prompt: the candidate set starts at 1,000.
-    for endpoint in 0..ENDPOINTS {
-        index.record(endpoint, &query[..SYSTEM_BLOCKS]);
-    }
-    let mut group = c.benchmark_group("full_index_1000x31250");
-    let mut out = Vec::with_capacity(ENDPOINTS as usize);
-    for (name, hashes) in query_set(&query) {
-        group.bench_function(BenchmarkId::new("lookup_256_blocks", name), |b| {
-            b.iter(|| index.longest_prefix_matches(black_box(&hashes), &mut out))
-        });
-    }
-    group.bench_function(
-        BenchmarkId::new("lookup_256_blocks", "popular_prefix"),
-        |b| b.iter(|| index.longest_prefix_matches(black_box(&query), &mut out)),
-    );
-    index.longest_prefix_matches(&query, &mut out);
-    out.sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
-    eprintln!(
-        "popular_prefix matches: {} endpoints, deepest {:?}",
-        out.len(),
-        &out[..3]
-    );
-
-    let mut rng = Rng(99);
-    let fresh: Vec<Vec<u64>> = (0..256).map(|i| prompt(i * 3, &mut rng)).collect();
-    let mut next = 0;
-    group.bench_function("record_256_new_blocks_with_eviction", |b| {
-        b.iter(|| {
-            next = (next + 1) % fresh.len();
-            index.record(next as u64 * 3, black_box(&fresh[next]));
-        })
-    });
-    group.bench_function("record_256_held_blocks", |b| {
-        b.iter(|| index.record(420, black_box(&query)))
-    });
+    let mut group = c.benchmark_group("full_1000x31250");
+    bench_index(&mut group, "prefix_index", &mut index, &query);
     group.finish();
 }
 
 fn bench_against_lru(c: &mut Criterion) {
+    let mut group = c.benchmark_group("vs_lru_1000x4096");
     let mut ours: PrefixIndex<u64> = PrefixIndex::new(IndexConfig {
         capacity_per_endpoint: COMPARISON_CAPACITY,
         ..IndexConfig::default()
     });
-    let mut baseline = LruBaseline::new(COMPARISON_CAPACITY);
     let query = fill(&mut ours, COMPARISON_CAPACITY);
+    bench_index(&mut group, "prefix_index", &mut ours, &query);
+    drop(ours);
+    let mut baseline = LruBaseline::new(COMPARISON_CAPACITY);
     let baseline_query = fill(&mut baseline, COMPARISON_CAPACITY);
     assert_eq!(query, baseline_query);
-    let mut group = c.benchmark_group("vs_lru_1000x4096");
-    let mut out = Vec::with_capacity(ENDPOINTS as usize);
-    for (name, hashes) in query_set(&query) {
-        group.bench_function(BenchmarkId::new("prefix_index/lookup", name), |b| {
-            b.iter(|| ours.lookup(black_box(&hashes), &mut out))
-        });
-        group.bench_function(BenchmarkId::new("lru_baseline/lookup", name), |b| {
-            b.iter(|| baseline.lookup(black_box(&hashes), &mut out))
-        });
-    }
-    let mut rng = Rng(7);
-    let fresh: Vec<Vec<u64>> = (0..256).map(|i| prompt(i * 3, &mut rng)).collect();
-    let mut next = 0;
-    group.bench_function("prefix_index/record_256_new_blocks", |b| {
-        b.iter(|| {
-            next = (next + 1) % fresh.len();
-            ours.record(next as u64 * 3, black_box(&fresh[next]));
-        })
-    });
-    group.bench_function("lru_baseline/record_256_new_blocks", |b| {
-        b.iter(|| {
-            next = (next + 1) % fresh.len();
-            baseline.record(next as u64 * 3, black_box(&fresh[next]));
-        })
-    });
+    bench_index(&mut group, "lru_baseline", &mut baseline, &query);
     group.finish();
 }
 
