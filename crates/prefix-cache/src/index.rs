@@ -5,9 +5,10 @@
 //!   endpoint's LRU (a doubly linked list threaded through a slab of 16-byte nodes with `u32`
 //!   links, reusing the least recent node once full) behind its own mutex.
 //! * The **reverse map** from block hash to holders is split into a power-of-two number of shards
-//!   by (mixed) block hash, each a linear-probing multimap of 16-byte `(hash, slot, node)` entries behind a `parking_lot` `RwLock`. An
-//!   entry names the endpoint slot and the block's node in that endpoint's LRU, so the reverse map
-//!   doubles as the per-endpoint "do I hold this block?" map and no third structure is needed.
+//!   by (mixed) block hash, each a linear-probing multimap of 16-byte `(hash, slot, node)` entries
+//!   behind a `parking_lot` `RwLock`. An entry names the endpoint slot and the block's node in that
+//!   endpoint's LRU, so the reverse map doubles as the per-endpoint "do I hold this block?" map and
+//!   no third structure is needed.
 //!
 //! # Operations
 //! * `record(k, hashes)` locks endpoint `k`'s LRU, then, block by block, looks the pair up in its
