@@ -52,20 +52,17 @@ impl ExternalProcessor for DoNothing {
         tokio::spawn(async move {
             let mut chunks: Vec<Vec<u8>> = Vec::new();
             while let Ok(Some(message)) = inbound.message().await {
-                match message.request {
-                    Some(processing_request::Request::RequestBody(body)) => {
-                        let end = body.end_of_stream;
-                        chunks.push(body.body);
-                        if end {
-                            let _ = sender.send(Ok(proto::route_to("10.0.0.1:8000", &[]))).await;
-                            let count = chunks.len();
-                            for (index, chunk) in chunks.drain(..).enumerate() {
-                                let answer = proto::body_chunk(true, chunk, index + 1 == count);
-                                let _ = sender.send(Ok(answer)).await;
-                            }
+                if let Some(processing_request::Request::RequestBody(body)) = message.request {
+                    let end = body.end_of_stream;
+                    chunks.push(body.body);
+                    if end {
+                        let _ = sender.send(Ok(proto::route_to("10.0.0.1:8000", &[]))).await;
+                        let count = chunks.len();
+                        for (index, chunk) in chunks.drain(..).enumerate() {
+                            let answer = proto::body_chunk(true, chunk, index + 1 == count);
+                            let _ = sender.send(Ok(answer)).await;
                         }
                     }
-                    Some(_) | None => {}
                 }
             }
         });
