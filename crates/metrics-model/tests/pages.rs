@@ -26,10 +26,10 @@ fn value_bits(value: f64) -> u64 {
 
 /// Bucket bounds and quantiles compare as numbers: `1.0` and `1` are the same bound.
 fn canonical_label(name: &str, value: &str) -> String {
-    if name == "le" || name == "quantile" {
-        if let Ok(number) = value.parse::<f64>() {
-            return format!("{number:?}");
-        }
+    if (name == "le" || name == "quantile")
+        && let Ok(number) = value.parse::<f64>()
+    {
+        return format!("{number:?}");
     }
     value.to_owned()
 }
