@@ -43,10 +43,14 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "collector")]
+pub mod collector;
 pub mod mapping;
 pub mod render;
 pub mod text;
 
+#[cfg(feature = "collector")]
+pub use collector::{CollectorConfig, CollectorError, MetricsCollector};
 pub use mapping::{
     Engine, ExtractError, FlagSpecError, FlagSpecs, MetricMapping, MetricSpec, SpecError,
     UnknownEngine,
