@@ -411,11 +411,19 @@ async fn fetch(
     if connection.as_ref().is_some_and(|open| open.sender.is_closed()) {
         *connection = None;
     }
+    let reused = connection.is_some();
     let open = match connection {
         Some(open) => open,
         None => connection.insert(connect(target.address).await?),
     };
-    open.sender.ready().await?;
+    if let Err(error) = open.sender.ready().await {
+        if !reused {
+            return Err(error.into());
+        }
+        // The server closed the kept-alive connection since the last scrape: one fresh try.
+        *open = connect(target.address).await?;
+        open.sender.ready().await?;
+    }
     let request = Request::get(context.path.clone())
         .header(HOST, target.address.to_string())
         .header(ACCEPT, "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5,*/*;q=0.1")
