@@ -15,11 +15,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::director::{Director, DirectorOptions};
 use crate::endpoints_file;
 use crate::metrics::EppMetrics;
 use crate::service::{EppExtProc, StreamLimits};
 use crate::tls::PemIdentity;
+use scheduler_core::director::{Director, DirectorOptions};
 
 /// Largest gRPC message accepted or sent (a body chunk is at most the proxy's buffer size).
 const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

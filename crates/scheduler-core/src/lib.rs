@@ -33,6 +33,7 @@
 pub mod body;
 pub mod config;
 pub mod cycle;
+pub mod director;
 pub mod endpoint;
 pub mod plugin;
 pub mod pool;
@@ -44,6 +45,7 @@ pub mod scheduler;
 pub use body::{ApiKind, BodyError, ParsedBody};
 pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
 pub use cycle::CycleState;
+pub use director::{Director, DirectorOptions, Rejection, Routed};
 pub use endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,
