@@ -70,7 +70,10 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
-use crate::block_table::{BUCKET_BYTES, BlockEntry, BlockTable, MIN_BUCKETS, mix};
+use crate::block_table::{
+    BUCKET_BYTES, BlockEntry, BlockTable, Holders, MAX_SLOTS, MIN_BUCKETS, MIN_SETS, SET_BYTES,
+    SetBits, bit_is_set, mix,
+};
 use crate::endpoint_lru::{EndpointLru, NODE_BYTES};
 
 /// Default capacity per endpoint, in blocks (GIE's `lruCapacityPerServer`).
@@ -93,10 +96,7 @@ pub struct IndexConfig {
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self {
-            capacity_per_endpoint: DEFAULT_CAPACITY_PER_ENDPOINT,
-            shards: DEFAULT_SHARDS,
-        }
+        Self { capacity_per_endpoint: DEFAULT_CAPACITY_PER_ENDPOINT, shards: DEFAULT_SHARDS }
     }
 }
 
@@ -128,13 +128,21 @@ struct Registry<K> {
 /// Per-thread lookup scratch, kept so a lookup allocates nothing once warm.
 #[derive(Debug, Default)]
 struct LookupScratch {
+    /// The candidates while few of them are left.
     candidates: Vec<u32>,
-    /// `marks[slot] == stamp` when the slot holds the block being visited.
+    /// The candidates while many are left: bit `s` set when slot `s` still matches.
+    bits: Vec<u64>,
+    marks: Marks,
+}
+
+/// `marks[slot] == stamp` when the slot holds the block being visited.
+#[derive(Debug, Default)]
+struct Marks {
     marks: Vec<u32>,
     stamp: u32,
 }
 
-impl LookupScratch {
+impl Marks {
     fn next_stamp(&mut self) -> u32 {
         if self.stamp == u32::MAX {
             self.marks.iter_mut().for_each(|m| *m = 0);
@@ -178,9 +186,7 @@ where
     pub fn new(config: IndexConfig) -> Self {
         let shard_count = config.shards.clamp(1, 1 << 16).next_power_of_two();
         Self {
-            capacity: config
-                .capacity_per_endpoint
-                .min(crate::endpoint_lru::MAX_CAPACITY),
+            capacity: config.capacity_per_endpoint.min(crate::endpoint_lru::MAX_CAPACITY),
             shard_mask: shard_count as u64 - 1,
             shards: (0..shard_count).map(|_| RwLock::default()).collect(),
             registry: RwLock::new(Registry {
@@ -193,10 +199,7 @@ where
 
     /// The effective configuration (capacity capped, shard count rounded).
     pub fn config(&self) -> IndexConfig {
-        IndexConfig {
-            capacity_per_endpoint: self.capacity,
-            shards: self.shards.len(),
-        }
+        IndexConfig { capacity_per_endpoint: self.capacity, shards: self.shards.len() }
     }
 
     fn shard(&self, hash: u64) -> &RwLock<BlockTable> {
@@ -267,17 +270,15 @@ where
             return Some(found);
         }
         let lru: SharedLru = Arc::new(Mutex::new(EndpointLru::new(self.capacity)));
-        let state = SlotState::Live {
-            key,
-            lru: Arc::clone(&lru),
-        };
+        let state = SlotState::Live { key, lru: Arc::clone(&lru) };
         let slot = match registry.free.pop() {
             Some(slot) => {
                 *registry.slots.get_mut(slot as usize)? = state;
                 slot
             }
             None => {
-                let slot = u32::try_from(registry.slots.len()).ok()?;
+                let slot =
+                    u32::try_from(registry.slots.len()).ok().filter(|&slot| slot < MAX_SLOTS)?;
                 registry.slots.push(state);
                 slot
             }
@@ -361,45 +362,115 @@ where
                 out.push((*key, depth));
             }
         };
-        scratch.candidates.clear();
-        self.shard(first)
-            .read()
-            .for_each_holder(first, |slot| scratch.candidates.push(slot));
-        if scratch.candidates.is_empty() {
-            return;
+        let emit_word = |out: &mut Vec<(K, usize)>, word: u64, w: usize, depth: usize| {
+            for slot in (SetBits { word, base: w * 64 }) {
+                emit(out, slot, depth);
+            }
+        };
+        let LookupScratch { candidates, bits, marks } = scratch;
+        let words = registry.slots.len().div_ceil(64);
+        // Many candidates live in `bits` (with `live` of them set), few in `candidates`.
+        let mut in_bits = false;
+        let mut live = 0usize;
+        candidates.clear();
+        match self.shard(first).read().holders(first) {
+            Holders::Set(holders) => {
+                bits.clear();
+                bits.extend((0..words).map(|w| holders.get(w).copied().unwrap_or(0)));
+                live = bits.iter().map(|w| w.count_ones() as usize).sum();
+                in_bits = true;
+            }
+            Holders::Pairs(slots) => candidates.extend(slots),
         }
-        if scratch.marks.len() < registry.slots.len() {
-            scratch.marks.resize(registry.slots.len(), 0);
+        if marks.marks.len() < registry.slots.len() {
+            marks.marks.resize(registry.slots.len(), 0);
         }
         for (depth, &hash) in hashes.iter().enumerate().skip(1) {
-            let stamp = scratch.next_stamp();
-            let LookupScratch {
-                candidates, marks, ..
-            } = &mut *scratch;
-            self.shard(hash).read().for_each_holder(hash, |slot| {
-                if let Some(mark) = marks.get_mut(slot as usize) {
-                    *mark = stamp;
+            if in_bits && live <= words {
+                // Once there are fewer candidates than words, a list is the cheaper to narrow.
+                candidates.clear();
+                for (w, &word) in bits.iter().enumerate() {
+                    candidates.extend(SetBits { word, base: w * 64 });
                 }
-            });
-            candidates.retain(|&slot| {
-                let still_matching = marks.get(slot as usize) == Some(&stamp);
-                if !still_matching {
-                    emit(out, slot, depth);
-                }
-                still_matching
-            });
-            if candidates.is_empty() {
+                in_bits = false;
+            }
+            if !in_bits && candidates.is_empty() {
                 return;
             }
+            let shard = self.shard(hash).read();
+            match (in_bits, shard.holders(hash)) {
+                (true, Holders::Set(holders)) => {
+                    for (w, word) in bits.iter_mut().enumerate() {
+                        let kept = *word & holders.get(w).copied().unwrap_or(0);
+                        let gone = *word & !kept;
+                        if gone != 0 {
+                            live -= gone.count_ones() as usize;
+                            emit_word(out, gone, w, depth);
+                        }
+                        *word = kept;
+                    }
+                }
+                (true, Holders::Pairs(slots)) => {
+                    // A block with few holders: they are the only survivors, so the candidates
+                    // become a list and every other candidate stops here.
+                    for slot in slots {
+                        if let Some(word) = bits.get_mut(slot as usize / 64) {
+                            let bit = 1u64 << (slot % 64);
+                            if *word & bit != 0 {
+                                *word &= !bit;
+                                candidates.push(slot);
+                            }
+                        }
+                    }
+                    for (w, &word) in bits.iter().enumerate() {
+                        emit_word(out, word, w, depth);
+                    }
+                    in_bits = false;
+                }
+                (false, Holders::Set(holders)) => candidates.retain(|&slot| {
+                    let held = bit_is_set(holders, slot);
+                    if !held {
+                        emit(out, slot, depth);
+                    }
+                    held
+                }),
+                (false, Holders::Pairs(slots)) => {
+                    let stamp = marks.next_stamp();
+                    for slot in slots {
+                        if let Some(mark) = marks.marks.get_mut(slot as usize) {
+                            *mark = stamp;
+                        }
+                    }
+                    candidates.retain(|&slot| {
+                        let held = marks.marks.get(slot as usize) == Some(&stamp);
+                        if !held {
+                            emit(out, slot, depth);
+                        }
+                        held
+                    });
+                }
+            }
         }
-        for &slot in &scratch.candidates {
-            emit(out, slot, hashes.len());
+        if in_bits {
+            for (w, &word) in bits.iter().enumerate() {
+                emit_word(out, word, w, hashes.len());
+            }
+        } else {
+            for &slot in candidates.iter() {
+                emit(out, slot, hashes.len());
+            }
         }
     }
 
     /// Number of indexed (endpoint, block) pairs.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Number of blocks whose holders are kept as a slot bitset because many endpoints hold them
+    /// (see the [module docs](self)).
+    pub fn bitset_blocks(&self) -> usize {
+        self.shards.iter().map(|s| s.read().set_count()).sum()
     }
 
     /// Whether no endpoint holds any block.
@@ -447,7 +518,7 @@ where
     }
 
     /// Heap and inline bytes held by the index, from allocated capacities (excluding each
-    /// thread's lookup scratch of `4 * (endpoints + slots)` bytes).
+    /// thread's lookup scratch of about `4 * endpoints + 4.125 * slots` bytes).
     pub fn memory_bytes(&self) -> usize {
         let registry = self.registry.read();
         let mut total = self.fixed_bytes()
@@ -460,12 +531,7 @@ where
             }
         }
         drop(registry);
-        total
-            + self
-                .shards
-                .iter()
-                .map(|s| s.read().heap_bytes())
-                .sum::<usize>()
+        total + self.shards.iter().map(|s| s.read().heap_bytes()).sum::<usize>()
     }
 
     /// The documented memory bound (see the [module docs](self)) evaluated for the current
@@ -489,7 +555,9 @@ where
                     + NODE_BYTES * EndpointLru::slab_bound(held, self.capacity);
             }
         }
-        total + self.shards.len() * MIN_BUCKETS * BUCKET_BYTES + 2 * BUCKET_BYTES * blocks
+        total
+            + self.shards.len() * (MIN_BUCKETS * BUCKET_BYTES + MIN_SETS * SET_BYTES)
+            + 2 * BUCKET_BYTES * blocks
     }
 
     /// Verifies that the reverse map and the per-endpoint LRUs describe the same pairs, that no
@@ -550,9 +618,7 @@ where
                 if (mix(entry.hash) & self.shard_mask) as usize != index {
                     return fail(format!("block {:#x} in the wrong shard", entry.hash));
                 }
-                let owner = held
-                    .get(&entry.slot)
-                    .and_then(|nodes| nodes.get(&entry.node));
+                let owner = held.get(&entry.slot).and_then(|nodes| nodes.get(&entry.node));
                 if owner != Some(&entry.hash) {
                     return fail(format!("reverse entry {entry:?} has no matching LRU node"));
                 }
