@@ -48,6 +48,11 @@ pub(crate) const MIN_SETS: usize = 8;
 pub(crate) const PROMOTE_AT: usize = 32;
 /// A set whose holder count falls below this goes back to pairs.
 pub(crate) const DEMOTE_BELOW: usize = 16;
+// The per-holder bound of the module docs, at the smallest set: marker, two set-vector entries,
+// bitset and node indices of `m` holders within 32 bytes each.
+const _: () = assert!(2 * BUCKET_BYTES + 2 * SET_BYTES + 16 * DEMOTE_BELOW <= 32 * DEMOTE_BELOW);
+const _: () = assert!(DEMOTE_BELOW * 2 <= PROMOTE_AT);
+
 /// First slot value that is not an endpoint: slots must stay below it.
 pub(crate) const MAX_SLOTS: u32 = SET_SLOT;
 
@@ -336,12 +341,22 @@ impl BlockTable {
 
     /// The LRU node of block `key` in endpoint `slot`, if that endpoint holds the block.
     pub(crate) fn find(&self, key: u64, slot: u32) -> Option<u32> {
-        match self.first_of(key) {
-            None => None,
-            Some((_, entry)) if entry.slot == SET_SLOT => {
-                self.sets.get(entry.node as usize)?.find(slot)
+        // One pass: a marker means the block's holders are all in its set, as no pair of a block
+        // with a set stays in the buckets.
+        let (mut node, mut set) = (None, None);
+        self.scan_run(key, |_, entry| {
+            if entry.slot == SET_SLOT {
+                set = Some(entry.node as usize);
+            } else if entry.slot == slot {
+                node = Some(entry.node);
+            } else {
+                return true;
             }
-            Some(_) => self.position(key, slot).map(|(_, node)| node),
+            false
+        });
+        match set {
+            Some(index) => self.sets.get(index)?.find(slot),
+            None => node,
         }
     }
 
@@ -414,6 +429,11 @@ impl BlockTable {
 
     /// Moves the pairs of `entry.key`, plus `entry`, into a new set.
     fn promote(&mut self, entry: BlockEntry) {
+        let Ok(index) = u32::try_from(self.sets.len()) else {
+            // Out of set indices (never in practice): the block simply stays as pairs.
+            self.insert_bucket(entry);
+            return;
+        };
         let mut members = vec![(entry.slot, entry.node)];
         self.scan_run(entry.key, |_, held| {
             members.push((held.slot, held.node));
@@ -434,9 +454,6 @@ impl BlockTable {
                 *word |= 1 << (slot % 64);
             }
         }
-        let Ok(index) = u32::try_from(self.sets.len()) else {
-            return;
-        };
         if self.sets.len() == self.sets.capacity() {
             self.sets.reserve_exact(self.sets.len().max(MIN_SETS / 2));
         }
