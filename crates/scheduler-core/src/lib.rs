@@ -34,6 +34,7 @@ pub mod body;
 pub mod config;
 pub mod cycle;
 pub mod endpoint;
+pub mod flow;
 pub mod plugin;
 pub mod pool;
 pub mod profile;

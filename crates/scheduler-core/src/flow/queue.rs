@@ -1,0 +1,524 @@
+//! The queue state of the flow controller: bands of flows of requests, with lazy removal.
+//!
+//! Layout: every queued request lives in one slab slot addressed by a [`SlotKey`] (index plus
+//! generation); flow queues, the round-robin ring, the global-strict heap and the deadline heap
+//! hold keys, not requests. Removing a request (dispatch, expiry, cancellation) frees its slot
+//! at once, so counts and caps are exact immediately; the stale keys left behind are skipped
+//! when met and compacted away once they outnumber the live ones, which keeps every container
+//! O(live requests + active flows) in memory. A flow is dropped as soon as it has no live
+//! request, so fairness ids seen once do not accumulate.
+//!
+//! Costs per request: enqueue is O(1) for FCFS round-robin plus O(log n) for the deadline heap
+//! when it has a TTL, and O(log flows) for global-strict or EDF; dispatch is amortised the same.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::flow::config::{BandConfig, FairnessPolicy, OrderingPolicy};
+use crate::flow::ticket::TicketCell;
+
+/// Address of a slab slot; stale once the slot's generation moves on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct SlotKey {
+    index: u32,
+    generation: u32,
+}
+
+/// Dispatch order inside a flow and across flows under global-strict: earlier compares less.
+/// FCFS keys differ only in `seq`; EDF keys put the deadline first and "no deadline" last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct OrderKey {
+    no_deadline: bool,
+    deadline: Option<Instant>,
+    seq: u64,
+}
+
+/// A queued request.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) band: usize,
+    flow: usize,
+    pub(crate) priority: i32,
+    pub(crate) bytes: u64,
+    pub(crate) enqueued_at: Instant,
+    pub(crate) cell: Arc<TicketCell>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+/// The slab of queued requests.
+#[derive(Debug, Default)]
+pub(crate) struct Slab {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn insert(&mut self, entry: Entry) -> Option<SlotKey> {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                let index = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(Slot::default());
+                index
+            }
+        };
+        let slot = self.slots.get_mut(index as usize)?;
+        slot.entry = Some(entry);
+        Some(SlotKey { index, generation: slot.generation })
+    }
+
+    fn is_live(&self, key: SlotKey) -> bool {
+        self.slots.get(key.index as usize).is_some_and(|slot| slot.generation == key.generation)
+    }
+
+    fn take(&mut self, key: SlotKey) -> Option<Entry> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        let entry = slot.entry.take()?;
+        // A new generation makes every key still pointing here stale.
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(key.index);
+        Some(entry)
+    }
+}
+
+#[derive(Debug)]
+enum FlowQueue {
+    Fifo(VecDeque<(OrderKey, SlotKey)>),
+    Deadline(BinaryHeap<Reverse<(OrderKey, SlotKey)>>),
+}
+
+impl FlowQueue {
+    fn new(ordering: OrderingPolicy) -> Self {
+        match ordering {
+            OrderingPolicy::Fcfs => Self::Fifo(VecDeque::new()),
+            OrderingPolicy::Edf => Self::Deadline(BinaryHeap::new()),
+        }
+    }
+
+    fn push(&mut self, key: OrderKey, slot: SlotKey) {
+        match self {
+            Self::Fifo(queue) => queue.push_back((key, slot)),
+            Self::Deadline(heap) => heap.push(Reverse((key, slot))),
+        }
+    }
+
+    fn peek(&self) -> Option<(OrderKey, SlotKey)> {
+        match self {
+            Self::Fifo(queue) => queue.front().copied(),
+            Self::Deadline(heap) => heap.peek().map(|Reverse(item)| *item),
+        }
+    }
+
+    fn pop(&mut self) -> Option<(OrderKey, SlotKey)> {
+        match self {
+            Self::Fifo(queue) => queue.pop_front(),
+            Self::Deadline(heap) => heap.pop().map(|Reverse(item)| item),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Fifo(queue) => queue.len(),
+            Self::Deadline(heap) => heap.len(),
+        }
+    }
+
+    fn retain_live(&mut self, slab: &Slab) {
+        match self {
+            Self::Fifo(queue) => queue.retain(|(_, slot)| slab.is_live(*slot)),
+            Self::Deadline(heap) => heap.retain(|Reverse((_, slot))| slab.is_live(*slot)),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Self::Fifo(queue) => queue.clear(),
+            Self::Deadline(heap) => heap.clear(),
+        }
+    }
+}
+
+/// One fairness flow of a band.
+#[derive(Debug)]
+struct Flow {
+    id: Arc<str>,
+    queue: FlowQueue,
+    live: usize,
+    /// Key of this flow's one valid entry in the global-strict heap.
+    strict_key: Option<OrderKey>,
+}
+
+impl Flow {
+    /// Drops stale keys at the head; returns the first live one.
+    fn clean_head(&mut self, slab: &Slab) -> Option<(OrderKey, SlotKey)> {
+        while let Some((key, slot)) = self.queue.peek() {
+            if slab.is_live(slot) {
+                return Some((key, slot));
+            }
+            self.queue.pop();
+        }
+        None
+    }
+}
+
+/// Queued requests and bytes, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BandStats {
+    /// The band's priority.
+    pub priority: i32,
+    /// Requests queued.
+    pub queued_requests: u64,
+    /// Bytes queued.
+    pub queued_bytes: u64,
+    /// Flows with at least one request queued.
+    pub active_flows: u64,
+}
+
+/// One priority band.
+#[derive(Debug)]
+pub(crate) struct Band {
+    pub(crate) config: BandConfig,
+    flows: Vec<Option<Flow>>,
+    free_flows: Vec<usize>,
+    flow_generations: Vec<u32>,
+    by_id: HashMap<Arc<str>, usize>,
+    /// Round-robin turn order: (flow index, flow generation); stale pairs are skipped.
+    ring: VecDeque<(usize, u32)>,
+    /// Global-strict choice: (head key, flow index); valid when it equals the flow's `strict_key`.
+    strict: BinaryHeap<Reverse<(OrderKey, usize)>>,
+    active_flows: usize,
+    pub(crate) queued: u64,
+    pub(crate) bytes: u64,
+}
+
+/// Stale keys tolerated in a container beyond twice its live items before compaction.
+const COMPACTION_SLACK: usize = 64;
+
+impl Band {
+    pub(crate) fn new(config: BandConfig) -> Self {
+        Self {
+            config,
+            flows: Vec::new(),
+            free_flows: Vec::new(),
+            flow_generations: Vec::new(),
+            by_id: HashMap::new(),
+            ring: VecDeque::new(),
+            strict: BinaryHeap::new(),
+            active_flows: 0,
+            queued: 0,
+            bytes: 0,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> BandStats {
+        BandStats {
+            priority: self.config.priority,
+            queued_requests: self.queued,
+            queued_bytes: self.bytes,
+            active_flows: self.active_flows as u64,
+        }
+    }
+
+    fn flow_index(&mut self, flow_id: &str) -> usize {
+        if let Some(&index) = self.by_id.get(flow_id) {
+            return index;
+        }
+        let id: Arc<str> = Arc::from(flow_id);
+        let index = match self.free_flows.pop() {
+            Some(index) => index,
+            None => {
+                self.flows.push(None);
+                self.flow_generations.push(0);
+                self.flows.len() - 1
+            }
+        };
+        if let Some(place) = self.flows.get_mut(index) {
+            *place = Some(Flow {
+                id: Arc::clone(&id),
+                queue: FlowQueue::new(self.config.ordering),
+                live: 0,
+                strict_key: None,
+            });
+        }
+        self.by_id.insert(id, index);
+        self.active_flows += 1;
+        index
+    }
+
+    fn remove_flow(&mut self, index: usize) {
+        let Some(flow) = self.flows.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        self.by_id.remove(&flow.id);
+        if let Some(generation) = self.flow_generations.get_mut(index) {
+            *generation = generation.wrapping_add(1);
+        }
+        self.free_flows.push(index);
+        self.active_flows = self.active_flows.saturating_sub(1);
+    }
+
+    fn compact_turn_order(&mut self) {
+        let limit = 2 * self.active_flows + COMPACTION_SLACK;
+        if self.ring.len() > limit {
+            let generations = &self.flow_generations;
+            let flows = &self.flows;
+            self.ring.retain(|(index, generation)| {
+                flows.get(*index).is_some_and(Option::is_some)
+                    && generations.get(*index) == Some(generation)
+            });
+        }
+        if self.strict.len() > limit {
+            let flows = &self.flows;
+            self.strict.retain(|Reverse((key, index))| {
+                flows
+                    .get(*index)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|flow| flow.strict_key == Some(*key))
+            });
+        }
+    }
+}
+
+/// Everything the controller guards with its one lock.
+#[derive(Debug, Default)]
+pub(crate) struct QueueState {
+    pub(crate) slab: Slab,
+    pub(crate) bands: Vec<Band>,
+    /// Band indices by priority, highest first.
+    pub(crate) order: Vec<usize>,
+    deadlines: BinaryHeap<Reverse<(Instant, SlotKey)>>,
+    pub(crate) queued: u64,
+    pub(crate) bytes: u64,
+    next_seq: u64,
+    pub(crate) dispatched: u64,
+}
+
+impl QueueState {
+    /// The index of the band for `priority`, creating it from `make` when new.
+    pub(crate) fn band_index(&mut self, priority: i32, make: impl FnOnce() -> BandConfig) -> usize {
+        let bands = &self.bands;
+        match self.order.binary_search_by(|&index| {
+            bands.get(index).map_or(0, |band| band.config.priority).cmp(&priority).reverse()
+        }) {
+            Ok(position) => self.order.get(position).copied().unwrap_or(0),
+            Err(position) => {
+                let mut config = make();
+                config.priority = priority;
+                self.bands.push(Band::new(config));
+                let index = self.bands.len() - 1;
+                self.order.insert(position, index);
+                index
+            }
+        }
+    }
+
+    /// Queues a request; `None` only if the slab cannot address another slot (2^32 queued).
+    pub(crate) fn push(
+        &mut self,
+        band_index: usize,
+        flow_id: &str,
+        bytes: u64,
+        ttl: Option<Duration>,
+        now: Instant,
+        cell: Arc<TicketCell>,
+    ) -> Option<SlotKey> {
+        let band = self.bands.get_mut(band_index)?;
+        let deadline = ttl.filter(|ttl| !ttl.is_zero()).and_then(|ttl| now.checked_add(ttl));
+        self.next_seq += 1;
+        let key = match band.config.ordering {
+            OrderingPolicy::Fcfs => {
+                OrderKey { no_deadline: false, deadline: None, seq: self.next_seq }
+            }
+            OrderingPolicy::Edf => {
+                OrderKey { no_deadline: deadline.is_none(), deadline, seq: self.next_seq }
+            }
+        };
+        let flow_index = band.flow_index(flow_id);
+        let entry = Entry {
+            band: band_index,
+            flow: flow_index,
+            priority: band.config.priority,
+            bytes,
+            enqueued_at: now,
+            cell,
+        };
+        let Some(slot) = self.slab.insert(entry) else {
+            // Out of slots: undo the flow creation so nothing leaks.
+            if band.flows.get(flow_index).and_then(Option::as_ref).is_some_and(|f| f.live == 0) {
+                band.remove_flow(flow_index);
+            }
+            return None;
+        };
+        let generation = band.flow_generations.get(flow_index).copied().unwrap_or(0);
+        let fairness = band.config.fairness;
+        let flow = band.flows.get_mut(flow_index).and_then(Option::as_mut)?;
+        flow.queue.push(key, slot);
+        flow.live += 1;
+        match fairness {
+            FairnessPolicy::RoundRobin => {
+                if flow.live == 1 {
+                    band.ring.push_back((flow_index, generation));
+                }
+            }
+            FairnessPolicy::GlobalStrict => {
+                if flow.strict_key.is_none_or(|current| key < current) {
+                    flow.strict_key = Some(key);
+                    band.strict.push(Reverse((key, flow_index)));
+                }
+            }
+        }
+        band.queued += 1;
+        band.bytes = band.bytes.saturating_add(bytes);
+        self.queued += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        band.compact_turn_order();
+        if let Some(deadline) = deadline {
+            self.deadlines.push(Reverse((deadline, slot)));
+        }
+        Some(slot)
+    }
+
+    /// Removes a queued request that is not at the head of a dispatch (expiry, cancellation).
+    pub(crate) fn remove(&mut self, slot: SlotKey) -> Option<Entry> {
+        let entry = self.slab.take(slot)?;
+        self.account_removal(&entry);
+        if let Some(band) = self.bands.get_mut(entry.band) {
+            let mut emptied = false;
+            if let Some(flow) = band.flows.get_mut(entry.flow).and_then(Option::as_mut) {
+                flow.live = flow.live.saturating_sub(1);
+                if flow.live == 0 {
+                    flow.queue.clear();
+                    emptied = true;
+                } else if flow.queue.len() > 2 * flow.live + COMPACTION_SLACK {
+                    flow.queue.retain_live(&self.slab);
+                }
+            }
+            if emptied {
+                band.remove_flow(entry.flow);
+                band.compact_turn_order();
+            }
+        }
+        Some(entry)
+    }
+
+    fn account_removal(&mut self, entry: &Entry) {
+        if let Some(band) = self.bands.get_mut(entry.band) {
+            band.queued = band.queued.saturating_sub(1);
+            band.bytes = band.bytes.saturating_sub(entry.bytes);
+        }
+        self.queued = self.queued.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(entry.bytes);
+    }
+
+    /// Removes and returns every request whose deadline is at or before `now`.
+    pub(crate) fn pop_expired(&mut self, now: Instant, expired: &mut Vec<Entry>) {
+        while let Some(Reverse((deadline, slot))) = self.deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(entry) = self.remove(slot) {
+                expired.push(entry);
+            }
+        }
+        if self.deadlines.len() > 2 * self.queued as usize + COMPACTION_SLACK {
+            let slab = &self.slab;
+            self.deadlines.retain(|Reverse((_, slot))| slab.is_live(*slot));
+        }
+    }
+
+    /// The highest band with a queued request.
+    pub(crate) fn top_band(&self) -> Option<usize> {
+        self.order
+            .iter()
+            .copied()
+            .find(|&index| self.bands.get(index).is_some_and(|b| b.queued > 0))
+    }
+
+    /// Takes the next request of `band_index` by its fairness and ordering policies.
+    pub(crate) fn pop_band(&mut self, band_index: usize) -> Option<Entry> {
+        let band = self.bands.get_mut(band_index)?;
+        let slot = match band.config.fairness {
+            FairnessPolicy::RoundRobin => Self::next_round_robin(band, &self.slab)?,
+            FairnessPolicy::GlobalStrict => Self::next_global_strict(band, &self.slab)?,
+        };
+        let entry = self.slab.take(slot)?;
+        self.account_removal(&entry);
+        Some(entry)
+    }
+
+    /// Pops the head of the next flow in turn; the flow goes to the back of the ring.
+    fn next_round_robin(band: &mut Band, slab: &Slab) -> Option<SlotKey> {
+        while let Some((index, generation)) = band.ring.pop_front() {
+            if band.flow_generations.get(index) != Some(&generation) {
+                continue;
+            }
+            let Some(flow) = band.flows.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            let Some((_, slot)) = flow.clean_head(slab) else {
+                continue;
+            };
+            flow.queue.pop();
+            flow.live = flow.live.saturating_sub(1);
+            if flow.live > 0 {
+                band.ring.push_back((index, generation));
+            } else {
+                band.remove_flow(index);
+            }
+            return Some(slot);
+        }
+        None
+    }
+
+    /// Pops the best head across flows, repairing heap entries made stale by removals.
+    fn next_global_strict(band: &mut Band, slab: &Slab) -> Option<SlotKey> {
+        while let Some(Reverse((key, index))) = band.strict.pop() {
+            let Some(flow) = band.flows.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            if flow.strict_key != Some(key) {
+                continue;
+            }
+            let Some((head_key, slot)) = flow.clean_head(slab) else {
+                flow.strict_key = None;
+                continue;
+            };
+            if head_key != key {
+                // The head this entry stood for was removed; requeue the flow at its real head.
+                flow.strict_key = Some(head_key);
+                band.strict.push(Reverse((head_key, index)));
+                continue;
+            }
+            flow.queue.pop();
+            flow.live = flow.live.saturating_sub(1);
+            if flow.live == 0 {
+                band.remove_flow(index);
+            } else {
+                let next = flow.clean_head(slab).map(|(next_key, _)| next_key);
+                flow.strict_key = next;
+                if let Some(next) = next {
+                    band.strict.push(Reverse((next, index)));
+                }
+            }
+            return Some(slot);
+        }
+        None
+    }
+
+    /// Takes a sequence number for the next dispatch.
+    pub(crate) fn next_dispatch_seq(&mut self) -> u64 {
+        self.dispatched += 1;
+        self.dispatched
+    }
+}
