@@ -78,6 +78,8 @@ struct Tracked {
     enqueued_op: usize,
     /// Dispatches that had happened when it was enqueued.
     enqueued_after_dispatches: u64,
+    /// When its TTL runs out, if it has one.
+    deadline: Option<Instant>,
     ticket: Option<Ticket>,
     outcome: Option<FlowOutcome>,
     resolved_op: usize,
@@ -116,7 +118,12 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     ttl: ttl_ms.map(Duration::from_millis),
                 };
                 let ticket = controller.enqueue(request, &pool, now);
+                let ttl = request
+                    .ttl
+                    .or(config.band_for(*priority).default_request_ttl)
+                    .unwrap_or(config.default_request_ttl);
                 tracked.push(Tracked {
+                    deadline: (!ttl.is_zero()).then(|| now + ttl),
                     priority: *priority,
                     flow: *flow,
                     enqueued_op: index,
@@ -287,6 +294,34 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             FairnessPolicy::GlobalStrict => {}
+        }
+        // Ordering: of two requests queued together (in one flow, or in the band under
+        // global-strict), the one dispatched first has the better key: arrival for FCFS,
+        // (deadline, no deadline last, arrival) for EDF.
+        let key = |arrival: usize, item: &Tracked| match band.ordering {
+            OrderingPolicy::Fcfs => (false, None, arrival),
+            OrderingPolicy::Edf => (item.deadline.is_none(), item.deadline, arrival),
+        };
+        let admitted: Vec<(usize, &Tracked)> = tracked
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| item.priority == priority && item.dispatch_seq().is_some())
+            .collect();
+        for (first_arrival, first) in &admitted {
+            let first_seq = first.dispatch_seq().unwrap_or(0);
+            for (later_arrival, later) in &admitted {
+                let comparable =
+                    band.fairness == FairnessPolicy::GlobalStrict || later.flow == first.flow;
+                let later_seq = later.dispatch_seq().unwrap_or(0);
+                let queued_together = later.enqueued_after_dispatches < first_seq;
+                if comparable && later_seq > first_seq && queued_together {
+                    prop_assert!(
+                        key(*first_arrival, first) < key(*later_arrival, later),
+                        "{:?} order broken",
+                        band.ordering
+                    );
+                }
+            }
         }
     }
     Ok(())

@@ -172,6 +172,21 @@ impl FlowController {
                 limit,
             }));
         }
+        // Fast path: nothing queued that would go first and room now, so queueing then
+        // dispatching would admit this very request; skip the queue structures.
+        if !state.has_queued_at_or_above(request.priority)
+            && !shared.detector.is_saturated(pool, now)
+        {
+            shared.detector.on_admit();
+            let dispatch_seq = state.next_dispatch_seq();
+            // Lower bands may be waiting for a pass that saturation allows.
+            self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+            drop(state);
+            wake_all(wakers);
+            shared.metrics.record_wait(Duration::ZERO);
+            shared.metrics.record_outcome(OutcomeReason::Admitted);
+            return Ticket::resolved(Ok(Admitted { waited: Duration::ZERO, dispatch_seq }));
+        }
         let ttl = request
             .ttl
             .or_else(|| {

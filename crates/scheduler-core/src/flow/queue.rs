@@ -445,6 +445,15 @@ impl QueueState {
             .find(|&index| self.bands.get(index).is_some_and(|b| b.queued > 0))
     }
 
+    /// Whether a request with `priority` or higher is queued.
+    pub(crate) fn has_queued_at_or_above(&self, priority: i32) -> bool {
+        self.order
+            .iter()
+            .filter_map(|&index| self.bands.get(index))
+            .take_while(|band| band.config.priority >= priority)
+            .any(|band| band.queued > 0)
+    }
+
     /// Takes the next request of `band_index` by its fairness and ordering policies.
     pub(crate) fn pop_band(&mut self, band_index: usize) -> Option<Entry> {
         let band = self.bands.get_mut(band_index)?;
