@@ -315,3 +315,39 @@ fn awaiting_a_ticket_from_another_thread() {
     assert!(releaser.join().is_ok());
     assert_eq!(outcome.map(|admitted| admitted.dispatch_seq), Ok(1));
 }
+
+#[test]
+fn tickets_and_controllers_cross_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Ticket>();
+    assert_send_sync::<FlowController>();
+}
+
+#[test]
+fn release_on_complete_dispatches_with_the_injected_clock() {
+    use scheduler_core::flow::ReleaseOnComplete;
+    use scheduler_core::{CompletedRequest, EndpointId, Outcome, ResponseComplete, SharedPool};
+
+    let harness = Harness::new(FlowControlConfig::default());
+    let ticket = harness.enqueue(0, "a", 0);
+    let clock_at = harness.at(42);
+    let hook = ReleaseOnComplete::new(
+        harness.controller.clone(),
+        Arc::new(SharedPool::default()),
+        Arc::new(move || clock_at),
+    );
+    harness.permits.adjust(1);
+    hook.response_complete(&CompletedRequest {
+        request_id: "r".into(),
+        target_model: "m".into(),
+        scheduled_endpoint: EndpointId(1),
+        served_endpoint: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        outcome: Outcome::Completed,
+    });
+    assert_eq!(
+        ticket.try_outcome().map(|outcome| outcome.map(|a| a.waited)),
+        Some(Ok(Duration::from_millis(42)))
+    );
+}
