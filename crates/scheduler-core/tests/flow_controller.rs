@@ -351,3 +351,50 @@ fn release_on_complete_dispatches_with_the_injected_clock() {
         Some(Ok(Duration::from_millis(42)))
     );
 }
+
+#[test]
+fn concurrent_submitters_cancellers_and_releasers_keep_one_outcome_each() {
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 400;
+    let config = FlowControlConfig {
+        max_requests: Some(64),
+        default_band: band(0, FairnessPolicy::RoundRobin),
+        ..FlowControlConfig::default()
+    };
+    let harness = Arc::new(Harness::new(config));
+    let submitters: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            let harness = Arc::clone(&harness);
+            std::thread::spawn(move || {
+                let flows = ["a", "b", "c"];
+                let mut kept = Vec::new();
+                for index in 0..PER_THREAD {
+                    let priority = (index % 3) as i32 - 1;
+                    let ticket = harness.enqueue(priority, flows[(index + thread) % 3], 1);
+                    if index % 4 == 0 {
+                        drop(ticket);
+                    } else {
+                        kept.push(ticket);
+                    }
+                    if index % 2 == 0 {
+                        harness.free(1, 2);
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for submitter in submitters {
+        kept.extend(submitter.join().unwrap_or_default());
+    }
+    harness.free(1_000_000, 3);
+    assert!(kept.iter().all(Ticket::is_resolved), "every kept ticket has an outcome");
+    let metrics = harness.controller.metrics().snapshot();
+    let total: u64 = metrics.outcomes.iter().sum();
+    assert_eq!(total, (THREADS * PER_THREAD) as u64, "one outcome per request, none twice");
+    let admitted = metrics.outcome(OutcomeReason::Admitted);
+    let granted = (THREADS * PER_THREAD / 2) as i64 + 1_000_000;
+    assert_eq!(granted - harness.permits.available(), admitted as i64);
+    assert_eq!(harness.controller.queued_requests(), 0);
+}

@@ -328,7 +328,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn controller_invariants(config in config(), ops in proptest::collection::vec(op(), 1..120)) {
