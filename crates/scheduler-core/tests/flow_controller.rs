@@ -398,3 +398,15 @@ fn concurrent_submitters_cancellers_and_releasers_keep_one_outcome_each() {
     assert_eq!(granted - harness.permits.available(), admitted as i64);
     assert_eq!(harness.controller.queued_requests(), 0);
 }
+
+#[test]
+fn a_request_admitted_on_arrival_ignores_full_queues() {
+    let config = FlowControlConfig { max_requests: Some(1), ..FlowControlConfig::default() };
+    let harness = Harness::new(config);
+    let _queued = harness.enqueue(0, "a", 0);
+    // Room appears but no pass has run yet: the higher-priority newcomer goes straight out.
+    harness.permits.adjust(1);
+    let urgent = harness.enqueue(1, "b", 1);
+    assert_eq!(seq(&urgent), 1);
+    assert_eq!(harness.controller.queued_requests(), 1);
+}

@@ -1,8 +1,9 @@
 //! The flow controller: bounded priority-band queues in front of the scheduler.
 //!
 //! Algorithm. A request is submitted with a priority, a flow (fairness) id, a size and an
-//! optional TTL. It is rejected at once if queueing it would exceed a cap (band or global,
-//! requests or bytes). Otherwise it is queued in its band and the controller dispatches: while
+//! optional TTL. If nothing of its priority or higher is queued and the detector reports room,
+//! it is admitted on arrival without touching the queues. Otherwise it is rejected at once if
+//! queueing it would exceed a cap (band or global, requests or bytes). Otherwise it is queued in its band and the controller dispatches: while
 //! some band holds requests and the saturation detector reports room, it takes the next request
 //! of the highest non-empty band (strict priority across bands), choosing the flow by the band's
 //! fairness policy (round-robin: flows take turns, so a flow with a queued request waits at most
@@ -155,7 +156,6 @@ impl FlowController {
     /// once, or rejected for capacity). Runs a dispatch pass at `now`.
     pub fn enqueue(&self, request: FlowRequest<'_>, pool: &PoolSnapshot, now: Instant) -> Ticket {
         let shared = &self.shared;
-        let cell = Arc::new(TicketCell::default());
         let mut wakers = Vec::new();
         let mut state = shared.state.lock();
         let band_index =
@@ -163,17 +163,9 @@ impl FlowController {
         // Expire first so requests past their TTL do not hold places a newcomer could take.
         let mut report = PassReport::default();
         self.expire(&mut state, now, &mut wakers, &mut report);
-        if let Some(limit) = self.exceeded_cap(&state, band_index, request.size_bytes) {
-            drop(state);
-            wake_all(wakers);
-            shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
-            return Ticket::resolved(Err(Rejection::QueueFull {
-                priority: request.priority,
-                limit,
-            }));
-        }
         // Fast path: nothing queued that would go first and room now, so queueing then
-        // dispatching would admit this very request; skip the queue structures.
+        // dispatching would admit this very request. It never occupies the queue, so it skips
+        // the caps as well as the queue structures.
         if !state.has_queued_at_or_above(request.priority)
             && !shared.detector.is_saturated(pool, now)
         {
@@ -187,12 +179,22 @@ impl FlowController {
             shared.metrics.record_outcome(OutcomeReason::Admitted);
             return Ticket::resolved(Ok(Admitted { waited: Duration::ZERO, dispatch_seq }));
         }
+        if let Some(limit) = self.exceeded_cap(&state, band_index, request.size_bytes) {
+            drop(state);
+            wake_all(wakers);
+            shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
+            return Ticket::resolved(Err(Rejection::QueueFull {
+                priority: request.priority,
+                limit,
+            }));
+        }
         let ttl = request
             .ttl
             .or_else(|| {
                 state.bands.get(band_index).and_then(|band| band.config.default_request_ttl)
             })
             .unwrap_or(shared.config.default_request_ttl);
+        let cell = Arc::new(TicketCell::default());
         let slot = state.push(
             band_index,
             request.flow_id,
