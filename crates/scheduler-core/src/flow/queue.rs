@@ -5,8 +5,10 @@
 //! hold keys, not requests. Removing a request (dispatch, expiry, cancellation) frees its slot
 //! at once, so counts and caps are exact immediately; the stale keys left behind are skipped
 //! when met and compacted away once they outnumber the live ones, which keeps every container
-//! O(live requests + active flows) in memory. A flow is dropped as soon as it has no live
-//! request, so fairness ids seen once do not accumulate.
+//! O(live requests + flows) in memory. A flow with no live request goes idle and is reused if
+//! its id returns (no allocation, no map insert); a band keeps at most
+//! max(1024, active flows) idle flows and evicts the oldest beyond that, so fairness ids seen
+//! once do not accumulate.
 //!
 //! Costs per request: enqueue is O(1) for FCFS round-robin plus O(log n) for the deadline heap
 //! when it has a TTL, and O(log flows) for global-strict or EDF; dispatch is amortised the same.
@@ -196,13 +198,23 @@ pub(crate) struct Band {
     ring: VecDeque<(usize, u32)>,
     /// Global-strict choice: (head key, flow index); valid when it equals the flow's `strict_key`.
     strict: BinaryHeap<Reverse<(OrderKey, usize)>>,
+    /// Flows that emptied, oldest first, as (flow index, generation when it emptied); an entry
+    /// is stale once the flow was reused or evicted.
+    idle: VecDeque<(usize, u32)>,
+    /// Flows with at least one live request.
     active_flows: usize,
+    /// Flows kept with no live request, so a returning flow id costs no allocation.
+    idle_flows: usize,
     pub(crate) queued: u64,
     pub(crate) bytes: u64,
 }
 
 /// Stale keys tolerated in a container beyond twice its live items before compaction.
 const COMPACTION_SLACK: usize = 64;
+
+/// Idle flows a band keeps for reuse, at least; it keeps as many as it has active flows when
+/// that is more. Bounds the memory of flow ids that do not come back.
+const IDLE_FLOWS_KEPT: usize = 1024;
 
 impl Band {
     pub(crate) fn new(config: BandConfig) -> Self {
@@ -214,7 +226,9 @@ impl Band {
             by_id: HashMap::new(),
             ring: VecDeque::new(),
             strict: BinaryHeap::new(),
+            idle: VecDeque::new(),
             active_flows: 0,
+            idle_flows: 0,
             queued: 0,
             bytes: 0,
         }
@@ -229,8 +243,13 @@ impl Band {
         }
     }
 
+    /// The flow for `flow_id`, reusing an idle one or creating it (with no request yet).
     fn flow_index(&mut self, flow_id: &str) -> usize {
         if let Some(&index) = self.by_id.get(flow_id) {
+            if self.flows.get(index).and_then(Option::as_ref).is_some_and(|flow| flow.live == 0) {
+                // Its entry in `idle` goes stale: the flow will not be idle when it is met.
+                self.idle_flows = self.idle_flows.saturating_sub(1);
+            }
             return index;
         }
         let id: Arc<str> = Arc::from(flow_id);
@@ -251,8 +270,48 @@ impl Band {
             });
         }
         self.by_id.insert(id, index);
-        self.active_flows += 1;
         index
+    }
+
+    /// A flow's last live request left: it goes idle, and old flows beyond the cap go.
+    fn flow_emptied(&mut self, index: usize) {
+        self.active_flows = self.active_flows.saturating_sub(1);
+        self.park_idle(index);
+    }
+
+    fn park_idle(&mut self, index: usize) {
+        if let Some(flow) = self.flows.get_mut(index).and_then(Option::as_mut) {
+            flow.queue.clear();
+            flow.strict_key = None;
+        }
+        // A new generation makes the flow's ring entries stale, so a returning flow queues
+        // for its turn afresh instead of holding two places.
+        let Some(generation) = self.flow_generations.get_mut(index) else {
+            return;
+        };
+        *generation = generation.wrapping_add(1);
+        self.idle.push_back((index, *generation));
+        self.idle_flows += 1;
+        let keep = IDLE_FLOWS_KEPT.max(self.active_flows);
+        while self.idle_flows > keep {
+            let Some((oldest, generation)) = self.idle.pop_front() else {
+                break;
+            };
+            let still_idle = self.flow_generations.get(oldest) == Some(&generation)
+                && self.flows.get(oldest).and_then(Option::as_ref).is_some_and(|f| f.live == 0);
+            if still_idle {
+                self.remove_flow(oldest);
+                self.idle_flows -= 1;
+            }
+        }
+        if self.idle.len() > 2 * self.idle_flows + COMPACTION_SLACK {
+            let generations = &self.flow_generations;
+            let flows = &self.flows;
+            self.idle.retain(|(index, generation)| {
+                generations.get(*index) == Some(generation)
+                    && flows.get(*index).and_then(Option::as_ref).is_some_and(|f| f.live == 0)
+            });
+        }
     }
 
     fn remove_flow(&mut self, index: usize) {
@@ -264,7 +323,6 @@ impl Band {
             *generation = generation.wrapping_add(1);
         }
         self.free_flows.push(index);
-        self.active_flows = self.active_flows.saturating_sub(1);
     }
 
     fn compact_turn_order(&mut self) {
@@ -353,9 +411,9 @@ impl QueueState {
             cell,
         };
         let Some(slot) = self.slab.insert(entry) else {
-            // Out of slots: undo the flow creation so nothing leaks.
+            // Out of slots: park the flow as idle so it is accounted for and can be evicted.
             if band.flows.get(flow_index).and_then(Option::as_ref).is_some_and(|f| f.live == 0) {
-                band.remove_flow(flow_index);
+                band.park_idle(flow_index);
             }
             return None;
         };
@@ -364,9 +422,10 @@ impl QueueState {
         let flow = band.flows.get_mut(flow_index).and_then(Option::as_mut)?;
         flow.queue.push(key, slot);
         flow.live += 1;
+        let activated = flow.live == 1;
         match fairness {
             FairnessPolicy::RoundRobin => {
-                if flow.live == 1 {
+                if activated {
                     band.ring.push_back((flow_index, generation));
                 }
             }
@@ -376,6 +435,9 @@ impl QueueState {
                     band.strict.push(Reverse((key, flow_index)));
                 }
             }
+        }
+        if activated {
+            band.active_flows += 1;
         }
         band.queued += 1;
         band.bytes = band.bytes.saturating_add(bytes);
@@ -404,7 +466,7 @@ impl QueueState {
                 }
             }
             if emptied {
-                band.remove_flow(entry.flow);
+                band.flow_emptied(entry.flow);
                 band.compact_turn_order();
             }
         }
@@ -483,7 +545,7 @@ impl QueueState {
             if flow.live > 0 {
                 band.ring.push_back((index, generation));
             } else {
-                band.remove_flow(index);
+                band.flow_emptied(index);
             }
             return Some(slot);
         }
@@ -512,7 +574,7 @@ impl QueueState {
             flow.queue.pop();
             flow.live = flow.live.saturating_sub(1);
             if flow.live == 0 {
-                band.remove_flow(index);
+                band.flow_emptied(index);
             } else {
                 let next = flow.clean_head(slab).map(|(next_key, _)| next_key);
                 flow.strict_key = next;
@@ -529,5 +591,61 @@ impl QueueState {
     pub(crate) fn next_dispatch_seq(&mut self) -> u64 {
         self.dispatched += 1;
         self.dispatched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell() -> Arc<TicketCell> {
+        Arc::new(TicketCell::default())
+    }
+
+    #[test]
+    fn idle_flows_are_reused_then_evicted_beyond_the_cap() {
+        let mut state = QueueState::default();
+        let band = state.band_index(0, || BandConfig {
+            fairness: FairnessPolicy::RoundRobin,
+            ..BandConfig::default()
+        });
+        let now = Instant::now();
+        let distinct = 3 * IDLE_FLOWS_KEPT;
+        for round in 0..2 {
+            for flow in 0..distinct {
+                let id = format!("flow-{flow}");
+                assert!(state.push(band, &id, 1, None, now, cell()).is_some());
+                let entry = state.pop_band(band).expect("the request just queued");
+                assert_eq!(entry.flow, state.bands[band].by_id[id.as_str()], "round {round}");
+            }
+        }
+        let band = &state.bands[band];
+        assert_eq!(band.active_flows, 0);
+        assert_eq!(band.idle_flows, IDLE_FLOWS_KEPT);
+        assert_eq!(band.by_id.len(), IDLE_FLOWS_KEPT, "old ids are evicted");
+        assert!(band.flows.len() <= IDLE_FLOWS_KEPT + 1, "slots are recycled");
+        assert!(band.idle.len() <= 2 * IDLE_FLOWS_KEPT + COMPACTION_SLACK);
+    }
+
+    #[test]
+    fn a_returning_flow_reuses_its_slot_without_a_second_turn() {
+        let mut state = QueueState::default();
+        let band = state.band_index(0, || BandConfig {
+            fairness: FairnessPolicy::RoundRobin,
+            ..BandConfig::default()
+        });
+        let now = Instant::now();
+        let first = state.push(band, "a", 1, None, now, cell()).expect("slot");
+        let _b = state.push(band, "b", 1, None, now, cell()).expect("slot");
+        // "a" empties by cancellation while its turn is still in the ring, then returns.
+        assert!(state.remove(first).is_some());
+        let _a1 = state.push(band, "a", 1, None, now, cell()).expect("slot");
+        let _a2 = state.push(band, "a", 1, None, now, cell()).expect("slot");
+        let _b2 = state.push(band, "b", 1, None, now, cell()).expect("slot");
+        let a = state.bands[band].by_id["a"];
+        let order: Vec<usize> =
+            (0..4).filter_map(|_| state.pop_band(band)).map(|entry| entry.flow).collect();
+        let b = state.bands[band].by_id["b"];
+        assert_eq!(order, [b, a, b, a], "one turn each, in ring order");
     }
 }
