@@ -14,6 +14,7 @@
 //! when it has a TTL, and O(log flows) for global-strict or EDF; dispatch is amortised the same.
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -552,39 +553,48 @@ impl QueueState {
         None
     }
 
-    /// Pops the best head across flows, repairing heap entries made stale by removals.
+    /// Pops the best head across flows, repairing heap entries made stale by removals. The
+    /// top entry is rewritten in place where it can be, so a dispatch costs one sift, not two.
     fn next_global_strict(band: &mut Band, slab: &Slab) -> Option<SlotKey> {
-        while let Some(Reverse((key, index))) = band.strict.pop() {
+        loop {
+            let mut top = band.strict.peek_mut()?;
+            let Reverse((key, index)) = *top;
             let Some(flow) = band.flows.get_mut(index).and_then(Option::as_mut) else {
+                PeekMut::pop(top);
                 continue;
             };
             if flow.strict_key != Some(key) {
+                PeekMut::pop(top);
                 continue;
             }
             let Some((head_key, slot)) = flow.clean_head(slab) else {
                 flow.strict_key = None;
+                PeekMut::pop(top);
                 continue;
             };
             if head_key != key {
                 // The head this entry stood for was removed; requeue the flow at its real head.
                 flow.strict_key = Some(head_key);
-                band.strict.push(Reverse((head_key, index)));
+                *top = Reverse((head_key, index));
                 continue;
             }
             flow.queue.pop();
             flow.live = flow.live.saturating_sub(1);
             if flow.live == 0 {
+                PeekMut::pop(top);
                 band.flow_emptied(index);
             } else {
                 let next = flow.clean_head(slab).map(|(next_key, _)| next_key);
                 flow.strict_key = next;
-                if let Some(next) = next {
-                    band.strict.push(Reverse((next, index)));
+                match next {
+                    Some(next) => *top = Reverse((next, index)),
+                    None => {
+                        PeekMut::pop(top);
+                    }
                 }
             }
             return Some(slot);
         }
-        None
     }
 
     /// Takes a sequence number for the next dispatch.
