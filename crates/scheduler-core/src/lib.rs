@@ -35,6 +35,7 @@ pub mod config;
 pub mod cycle;
 pub mod director;
 pub mod endpoint;
+pub mod flow;
 pub mod plugin;
 pub mod pool;
 pub mod profile;
