@@ -384,10 +384,6 @@ where
                 out.push((*key, depth));
             }
         };
-        scratch.candidates.clear();
-        self.shard(first).read().for_each_holder(first, |slot| scratch.candidates.push(slot));
-        if scratch.candidates.is_empty() {
-            return;
         let emit_word = |out: &mut Vec<(K, usize)>, word: u64, w: usize, depth: usize| {
             for slot in (SetBits { word, base: w * 64 }) {
                 emit(out, slot, depth);
@@ -413,11 +409,6 @@ where
             marks.marks.resize(registry.slots.len(), 0);
         }
         for (depth, &hash) in hashes.iter().enumerate().skip(1) {
-            let stamp = scratch.next_stamp();
-            let LookupScratch { candidates, marks, .. } = &mut *scratch;
-            self.shard(hash).read().for_each_holder(hash, |slot| {
-                if let Some(mark) = marks.get_mut(slot as usize) {
-                    *mark = stamp;
             if in_bits && live <= words {
                 // Once there are fewer candidates than words, a list is the cheaper to narrow.
                 candidates.clear();
@@ -654,7 +645,6 @@ where
                     return fail(format!("block {:#x} in the wrong shard", entry.key));
                 }
                 let owner = held.get(&entry.slot).and_then(|nodes| nodes.get(&entry.node));
-                if owner != Some(&entry.hash) {
                 if owner != Some(&entry.key) {
                     return fail(format!("reverse entry {entry:?} has no matching LRU node"));
                 }

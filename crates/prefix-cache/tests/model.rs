@@ -23,17 +23,6 @@ fn op() -> impl Strategy<Value = Op<u8>> {
     ]
 }
 
-fn check_agrees(index: &PrefixIndex<u8>, model: &Model) -> Result<(), TestCaseError> {
-    if let Err(violation) = index.check_invariants() {
-        return Err(TestCaseError::fail(violation.to_string()));
-    }
-    prop_assert!(index.memory_bytes() <= index.memory_bound_bytes());
-    prop_assert_eq!(index.endpoint_count(), model.blocks.len());
-    prop_assert_eq!(index.len(), model.blocks.values().map(Vec::len).sum::<usize>());
-    for key in 0u8..6 {
-        let expected = model.blocks.get(&key).cloned().unwrap_or_default();
-        prop_assert!(expected.len() <= model.capacity);
-        prop_assert_eq!(index.blocks_of(key), expected);
 /// Enough endpoints on few blocks that a block's holders pass the bitset threshold (32) and,
 /// through evictions and removals, fall back below the lower one (16).
 fn crowded_op() -> impl Strategy<Value = Op<u16>> {
