@@ -73,6 +73,10 @@ pub struct ServerFlags {
     /// reloaded when it changes.
     #[arg(long, global = true)]
     pub endpoints_file: Option<PathBuf>,
+    /// InferenceObjectives: YAML list of `{name, priority}`; the
+    /// `x-gateway-inference-objective` header names one (unknown names get priority 0).
+    #[arg(long, global = true)]
+    pub objectives_file: Option<PathBuf>,
     /// Name of the pool in metrics.
     #[arg(long, default_value = "default-pool", global = true)]
     pub pool_name: String,

@@ -12,6 +12,8 @@ use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::{Engine, FlagSpecs, MetricMapping};
+use scheduler_core::Director;
+use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
 use scheduler_core::{EndpointPickerConfig, SharedPool};
 
 fn main() -> ExitCode {
@@ -56,11 +58,23 @@ fn load_config(flags: &ServerFlags) -> Result<EndpointPickerConfig, String> {
     EndpointPickerConfig::from_yaml(&text).map_err(|error| format!("invalid config: {error}"))
 }
 
+fn load_objectives(flags: &ServerFlags) -> Result<ObjectiveResolver, String> {
+    let metrics = std::sync::Arc::new(FlowMetrics::new());
+    match &flags.objectives_file {
+        None => ObjectiveResolver::new(Vec::new(), metrics).map_err(|error| error.to_string()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                format!("cannot read --objectives-file {}: {error}", path.display())
+            })?;
+            ObjectiveResolver::from_yaml(&text, metrics)
+                .map_err(|error| format!("invalid --objectives-file {}: {error}", path.display()))
+        }
+    }
+}
+
 async fn serve(flags: ServerFlags) -> Result<(), String> {
     let config = load_config(&flags)?;
-    let scheduler = config
-        .build(&scorers::builtin_registry())
-        .map_err(|error| format!("invalid config: {error}"))?;
+    let objectives = load_objectives(&flags)?;
     let tls = if flags.secure_serving {
         Some(
             match &flags.cert_path {
@@ -97,7 +111,15 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         collector: Some(collector),
     };
     let pool = Arc::new(SharedPool::default());
-    let running = server::start(Arc::new(scheduler), pool, server_config)
+    let director = Director::from_config(
+        &config,
+        &scorers::builtin_registry(),
+        pool,
+        server_config.director.clone(),
+        objectives,
+    )
+    .map_err(|error| format!("invalid config: {error}"))?;
+    let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;
     shutdown_signal().await;

@@ -159,12 +159,27 @@ async fn bind(address: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(address).await.map_err(|source| ServerError::Bind { address, source })
 }
 
-/// Binds every listener and starts serving.
+/// Binds every listener and starts serving, admitting every request (no flow control).
 pub async fn start(
     scheduler: Arc<Scheduler>,
     pool: Arc<SharedPool>,
     config: ServerConfig,
 ) -> Result<RunningServer, ServerError> {
+    let director = Arc::new(Director::new(scheduler, pool, config.director.clone()));
+    start_with_director(director, config).await
+}
+
+/// How often queued requests are re-checked for dispatch and TTL expiry, besides on every
+/// completion.
+const FLOW_TICK: Duration = Duration::from_millis(5);
+
+/// Binds every listener and starts serving with `director` (its pool, scheduler and flow
+/// control).
+pub async fn start_with_director(
+    director: Arc<Director>,
+    config: ServerConfig,
+) -> Result<RunningServer, ServerError> {
+    let pool = Arc::clone(director.pool());
     let (pool_writer, staleness_threshold) = match &config.collector {
         Some(settings) => {
             let collector = MetricsCollector::start(Arc::clone(&pool), settings.config.clone())
@@ -189,7 +204,7 @@ pub async fn start(
     let metrics_address = local(&metrics_listener, config.metrics_address);
 
     let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), staleness_threshold));
-    let director = Arc::new(Director::new(scheduler, Arc::clone(&pool), config.director.clone()));
+    let flow = director.flow_control().filter(|flow| flow.controller().is_some()).cloned();
     let service = EppExtProc::new(director, Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);
     let (stop, stopped) = watch::channel(false);
@@ -237,6 +252,17 @@ pub async fn start(
     )));
     if let Some(path) = config.endpoints_file.clone() {
         tasks.push(tokio::spawn(watch_endpoints_file(path, pool_writer.clone())));
+    }
+    if let Some(flow) = flow {
+        let pool = Arc::clone(&pool);
+        tasks.push(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(FLOW_TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                interval.tick().await;
+                flow.tick(&pool.load(), std::time::Instant::now());
+            }
+        }));
     }
     tracing::info!(%grpc_address, %health_address, %metrics_address, tls = config.tls.is_some(), "epp serving");
     Ok(RunningServer {

@@ -46,7 +46,7 @@ pub mod scheduler;
 pub use body::{ApiKind, BodyError, ParsedBody};
 pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
 pub use cycle::CycleState;
-pub use director::{Director, DirectorOptions, Rejection, Routed};
+pub use director::{Director, DirectorBuildError, DirectorOptions, Rejection, Routed};
 pub use endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,
