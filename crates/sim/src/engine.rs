@@ -105,7 +105,7 @@ pub enum SimError {
         /// The policy.
         policy: String,
         /// What is wrong.
-        source: ConfigError,
+        source: Box<ConfigError>,
     },
 }
 
@@ -175,9 +175,9 @@ impl Router {
             },
             Policy::Oracle => Self::Oracle,
             Policy::Epp { name, config } => {
-                let scheduler = config
-                    .build(&scorers::builtin_registry())
-                    .map_err(|source| SimError::Config { policy: name.clone(), source })?;
+                let scheduler = config.build(&scorers::builtin_registry()).map_err(|source| {
+                    SimError::Config { policy: name.clone(), source: Box::new(source) }
+                })?;
                 Self::Epp { scheduler: Box::new(scheduler.with_seed(seed)), seed, decisions: 0 }
             }
         })

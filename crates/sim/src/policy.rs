@@ -52,7 +52,7 @@ pub enum Policy {
         /// Name in reports.
         name: String,
         /// The configuration.
-        config: EndpointPickerConfig,
+        config: Box<EndpointPickerConfig>,
     },
 }
 
@@ -78,7 +78,7 @@ pub enum PolicyError {
         /// The file or built-in configuration.
         origin: String,
         /// What is wrong.
-        source: ConfigError,
+        source: Box<ConfigError>,
     },
 }
 
@@ -96,15 +96,21 @@ impl Policy {
 
     /// GIE's default profile (queue and KV-cache utilisation scorers).
     pub fn gie_default() -> Self {
-        Self::Epp { name: "epp-default".to_owned(), config: EndpointPickerConfig::gie_default() }
+        Self::Epp {
+            name: "epp-default".to_owned(),
+            config: Box::new(EndpointPickerConfig::gie_default()),
+        }
     }
 
     /// An EPP policy from YAML text; checks that the built-in registry can build it.
     pub fn epp_from_yaml(name: &str, yaml: &str, origin: &str) -> Result<Self, PolicyError> {
         let config = EndpointPickerConfig::from_yaml(yaml)
             .and_then(|config| config.build(&scorers::builtin_registry()).map(|_| config))
-            .map_err(|source| PolicyError::Config { origin: origin.to_owned(), source })?;
-        Ok(Self::Epp { name: name.to_owned(), config })
+            .map_err(|source| PolicyError::Config {
+                origin: origin.to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok(Self::Epp { name: name.to_owned(), config: Box::new(config) })
     }
 
     /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp`, `epp-prefix`, or

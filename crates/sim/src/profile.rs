@@ -1,8 +1,12 @@
 //! Performance profiles of simulated model servers.
 //!
 //! A step of a vLLM-style engine costs
-//! `step_overhead + prefill_token·(prefill tokens) + decode_seq·(decode sequences)
-//! + context_token·(context tokens read by the decode sequences)`,
+//!
+//! ```text
+//! step_overhead + prefill_token × (prefill tokens) + decode_seq × (decode sequences)
+//!               + context_token × (context tokens read by the decode sequences)
+//! ```
+//!
 //! plus `lora_load` when the step loads an adapter. The linear model is the usual roofline
 //! approximation: decode is memory-bound (every step streams the weights once, and each decode
 //! sequence streams its own KV cache), prefill is compute-bound (about `2·parameters` FLOPs per

@@ -131,7 +131,7 @@ impl SyntheticWorkload {
     }
 
     /// Long shared system prompts and short questions, as in agent or RAG front-ends: 150
-    /// system prompts of 3,000 tokens (more than one server's cache holds, less than ten
+    /// system prompts of 6,000 tokens (twice what one server's cache holds, a fifth of ten
     /// servers' caches), every conversation starting with one, single turns of ~100-token
     /// questions and ~100-token answers.
     pub fn prefix_heavy() -> Self {
@@ -149,7 +149,7 @@ impl SyntheticWorkload {
                 max: 1024,
             },
             system_prompts: 150,
-            system_prompt_tokens: 3000,
+            system_prompt_tokens: 6000,
             system_prompt_share: 1.0,
             mean_turns: 1.0,
         }
