@@ -1,0 +1,149 @@
+//! Command-line flags, named like the Go reference EPP's where they mean the same.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The Gateway API Inference Extension endpoint picker.
+#[derive(Debug, Parser)]
+#[command(name = "epp", version, about)]
+pub struct Cli {
+    /// What to run; without a subcommand, the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server flags.
+    #[command(flatten)]
+    pub server: ServerFlags,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the ext-proc server (the default).
+    Serve,
+}
+
+/// Flags of the server.
+#[derive(Clone, Debug, Args)]
+pub struct ServerFlags {
+    /// EndpointPickerConfig YAML file.
+    #[arg(long, global = true)]
+    pub config_file: Option<PathBuf>,
+    /// EndpointPickerConfig YAML text (instead of a file).
+    #[arg(long, global = true, conflicts_with = "config_file")]
+    pub config_text: Option<String>,
+    /// Port of the ext-proc gRPC service.
+    #[arg(long, default_value_t = 9002, global = true)]
+    pub grpc_port: u16,
+    /// Port of the gRPC health service.
+    #[arg(long, default_value_t = 9003, global = true)]
+    pub grpc_health_port: u16,
+    /// Port of the Prometheus `/metrics` endpoint.
+    #[arg(long, default_value_t = 9090, global = true)]
+    pub metrics_port: u16,
+    /// Address the listeners bind to.
+    #[arg(long, default_value = "0.0.0.0", global = true)]
+    pub bind_address: std::net::IpAddr,
+    /// Serve ext-proc over TLS (self-signed unless --cert-path is given).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub secure_serving: bool,
+    /// Directory holding tls.crt and tls.key.
+    #[arg(long, global = true)]
+    pub cert_path: Option<PathBuf>,
+    /// How often model-server metrics are refreshed.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration, global = true)]
+    pub refresh_metrics_interval: Duration,
+    /// Metrics older than this mark their endpoint stale.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
+    pub metrics_staleness_threshold: Duration,
+    /// Prometheus metric (with optional {label="value"} selector) of the waiting queue.
+    #[arg(long, global = true)]
+    pub total_queued_requests_metric: Option<String>,
+    /// Prometheus metric of running requests.
+    #[arg(long, global = true)]
+    pub total_running_requests_metric: Option<String>,
+    /// Prometheus metric of KV-cache utilisation.
+    #[arg(long, global = true)]
+    pub kv_cache_usage_percentage_metric: Option<String>,
+    /// Prometheus metric carrying LoRA adapter state.
+    #[arg(long, global = true)]
+    pub lora_info_metric: Option<String>,
+    /// Static pool: YAML/JSON list of endpoints (address, port, name, engine, role, labels),
+    /// reloaded when it changes.
+    #[arg(long, global = true)]
+    pub endpoints_file: Option<PathBuf>,
+    /// Name of the pool in metrics.
+    #[arg(long, default_value = "default-pool", global = true)]
+    pub pool_name: String,
+    /// Fallback endpoints emitted after the primary (0: one endpoint; some proxies parse only one).
+    #[arg(long, default_value_t = 0, global = true)]
+    pub max_fallback_endpoints: usize,
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 32 * 1024 * 1024, global = true)]
+    pub max_request_body_bytes: usize,
+    /// Log verbosity: -v info, -vv debug, -vvv trace (default: warnings).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// Parses Go-style durations: `50ms`, `2s`, `1m`, `1.5s`, `250us`; a bare number is milliseconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 =
+        number.parse().map_err(|_| format!("'{text}' is not a duration like 50ms or 2s"))?;
+    let seconds = match unit {
+        "" | "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "us" | "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        _ => {
+            return Err(format!("'{text}' has an unknown unit '{unit}' (use ns, us, ms, s, m, h)"));
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("'{text}' is not a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_style_durations() {
+        assert_eq!(parse_duration("50ms"), Ok(Duration::from_millis(50)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("200"), Ok(Duration::from_millis(200)));
+        assert!(parse_duration("2 weeks").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn flags_default_like_the_go_epp() {
+        let cli = Cli::parse_from(["epp"]);
+        assert_eq!(
+            (cli.server.grpc_port, cli.server.grpc_health_port, cli.server.metrics_port),
+            (9002, 9003, 9090)
+        );
+        assert!(cli.server.secure_serving);
+        assert_eq!(cli.server.refresh_metrics_interval, Duration::from_millis(50));
+        assert_eq!(cli.server.metrics_staleness_threshold, Duration::from_secs(2));
+        let cli = Cli::parse_from([
+            "epp",
+            "--secure-serving=false",
+            "-vv",
+            "--max-fallback-endpoints",
+            "2",
+        ]);
+        assert!(!cli.server.secure_serving);
+        assert_eq!(cli.server.verbose, 2);
+        assert_eq!(cli.server.max_fallback_endpoints, 2);
+    }
+}

@@ -1,0 +1,166 @@
+//! A static pool from a file: a YAML or JSON list of endpoints, reloaded when it changes.
+//!
+//! ```yaml
+//! - address: 10.0.0.1
+//!   port: 8000
+//!   name: vllm-0            # optional, defaults to address:port
+//!   engine: vllm            # optional: vllm | sglang | trtllm
+//!   role: both              # optional: both | prefill | decode
+//!   labels: {tier: gold}    # optional
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use scheduler_core::{Endpoint, EndpointRole};
+use serde::Deserialize;
+
+/// One entry of the endpoints file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointEntry {
+    /// IP address.
+    pub address: IpAddr,
+    /// Port of the model server.
+    pub port: u16,
+    /// Name for logs and metrics.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Model-server engine, for metric names.
+    #[serde(default)]
+    pub engine: Option<String>,
+    /// Role in prefill/decode disaggregation.
+    #[serde(default)]
+    pub role: Option<RoleName>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Role names accepted in the file.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    /// Whole requests.
+    Both,
+    /// Prefill only.
+    Prefill,
+    /// Decode only.
+    Decode,
+}
+
+impl EndpointEntry {
+    /// The endpoint this entry describes.
+    pub fn to_endpoint(&self) -> Endpoint {
+        let address = SocketAddr::new(self.address, self.port);
+        let mut endpoint = Endpoint::new(address);
+        if let Some(name) = &self.name {
+            endpoint = endpoint.with_name(name.as_str());
+        }
+        endpoint.labels = self.labels.clone();
+        endpoint.role = match self.role {
+            None | Some(RoleName::Both) => EndpointRole::Both,
+            Some(RoleName::Prefill) => EndpointRole::Prefill,
+            Some(RoleName::Decode) => EndpointRole::Decode,
+        };
+        endpoint
+    }
+}
+
+/// Why the endpoints file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointsFileError {
+    /// The file could not be read.
+    #[error("cannot read endpoints file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The content is not a list of endpoints.
+    #[error("endpoints file {path} is not a list of endpoints: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// Two entries share an address.
+    #[error("endpoints file {path} lists {address} twice")]
+    Duplicate {
+        /// The file.
+        path: PathBuf,
+        /// The address.
+        address: SocketAddr,
+    },
+}
+
+/// Parses endpoints file content (YAML, of which JSON is a subset).
+pub fn parse(path: &Path, text: &str) -> Result<Vec<EndpointEntry>, EndpointsFileError> {
+    let entries: Vec<EndpointEntry> = serde_saphyr::from_str(text).map_err(|error| {
+        EndpointsFileError::Parse { path: path.to_owned(), message: error.to_string() }
+    })?;
+    let mut seen = std::collections::HashSet::new();
+    for entry in &entries {
+        let address = SocketAddr::new(entry.address, entry.port);
+        if !seen.insert(address) {
+            return Err(EndpointsFileError::Duplicate { path: path.to_owned(), address });
+        }
+    }
+    Ok(entries)
+}
+
+/// Reads and parses the file.
+pub fn load(path: &Path) -> Result<Vec<EndpointEntry>, EndpointsFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| EndpointsFileError::Read { path: path.to_owned(), source })?;
+    parse(path, &text)
+}
+
+/// The file's modification time, to notice changes by polling (no watcher dependency; a
+/// pool file changes rarely and a poll every second costs nothing).
+pub fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_and_json_lists_parse() {
+        let path = Path::new("pool.yaml");
+        let entries = parse(
+            path,
+            "- address: 10.0.0.1\n  port: 8000\n  engine: sglang\n  role: decode\n  labels: {tier: gold}\n",
+        )
+        .unwrap();
+        let endpoint = entries[0].to_endpoint();
+        assert_eq!(endpoint.address, "10.0.0.1:8000".parse().unwrap());
+        assert_eq!(endpoint.role, EndpointRole::Decode);
+        assert_eq!(endpoint.labels["tier"], "gold");
+        assert_eq!(entries[0].engine.as_deref(), Some("sglang"));
+        let json = parse(path, r#"[{"address":"::1","port":9,"name":"local"}]"#).unwrap();
+        assert_eq!(&*json[0].to_endpoint().name, "local");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem() {
+        let path = Path::new("pool.yaml");
+        let error = parse(path, "- address: nope\n  port: 1\n").unwrap_err().to_string();
+        assert!(
+            error.starts_with("endpoints file pool.yaml is not a list of endpoints:"),
+            "{error}"
+        );
+        let error =
+            parse(path, "- {address: 10.0.0.1, port: 1, weight: 3}\n").unwrap_err().to_string();
+        assert!(error.contains("weight"), "{error}");
+        let error = parse(path, "- {address: 10.0.0.1, port: 1}\n- {address: 10.0.0.1, port: 1}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, "endpoints file pool.yaml lists 10.0.0.1:1 twice");
+    }
+}

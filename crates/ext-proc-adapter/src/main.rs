@@ -1,0 +1,119 @@
+//! The `epp` binary: the endpoint picker server.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use ext_proc_adapter::cli::{Cli, Command, ServerFlags};
+use ext_proc_adapter::server::{self, ServerConfig};
+use ext_proc_adapter::tls::PemIdentity;
+use ext_proc_adapter::{DirectorOptions, StreamLimits};
+use scheduler_core::{EndpointPickerConfig, SharedPool};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.server.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("epp: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => runtime.block_on(serve(cli.server)),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("epp: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        2 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).init();
+}
+
+fn load_config(flags: &ServerFlags) -> Result<EndpointPickerConfig, String> {
+    let text = match (&flags.config_text, &flags.config_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read --config-file {}: {error}", path.display()))?,
+        (None, None) => return Ok(EndpointPickerConfig::gie_default()),
+    };
+    EndpointPickerConfig::from_yaml(&text).map_err(|error| format!("invalid config: {error}"))
+}
+
+async fn serve(flags: ServerFlags) -> Result<(), String> {
+    let config = load_config(&flags)?;
+    let scheduler = config
+        .build(&scorers::builtin_registry())
+        .map_err(|error| format!("invalid config: {error}"))?;
+    let tls = if flags.secure_serving {
+        Some(
+            match &flags.cert_path {
+                Some(directory) => PemIdentity::from_directory(directory),
+                None => PemIdentity::self_signed(),
+            }
+            .map_err(|error| error.to_string())?,
+        )
+    } else {
+        None
+    };
+    let address = |port| SocketAddr::new(flags.bind_address, port);
+    let server_config = ServerConfig {
+        grpc_address: address(flags.grpc_port),
+        health_address: address(flags.grpc_health_port),
+        metrics_address: address(flags.metrics_port),
+        tls,
+        director: DirectorOptions {
+            max_fallback_endpoints: flags.max_fallback_endpoints,
+            max_body_bytes: flags.max_request_body_bytes,
+        },
+        limits: StreamLimits::default(),
+        pool_name: flags.pool_name.clone(),
+        staleness_threshold: None,
+        endpoints_file: flags.endpoints_file.clone(),
+    };
+    let pool = Arc::new(SharedPool::default());
+    let running = server::start(Arc::new(scheduler), pool, server_config)
+        .await
+        .map_err(|error| error.to_string())?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

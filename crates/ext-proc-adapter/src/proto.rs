@@ -1,0 +1,235 @@
+//! Reading and building Envoy ext-proc messages: headers, the subset hint, the served
+//! endpoint, header mutations, dynamic metadata, streamed bodies and immediate responses.
+
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderMap, HeaderValue, HeaderValueOption, Metadata,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+/// Header (and metadata key) carrying the chosen endpoint(s) to the proxy.
+pub const DESTINATION_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint";
+/// Dynamic metadata namespace the proxy's load balancer reads.
+pub const LB_METADATA_NAMESPACE: &str = "envoy.lb";
+/// Metadata namespace of the proxy's subset hint.
+pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint: the endpoints the request may go to.
+pub const SUBSET_HINT_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Key of the endpoint that actually served the request, reported on the response.
+pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
+
+/// Header name/value pairs of an Envoy header map, names lower-cased. Envoy sends values in
+/// `raw_value` (bytes) in recent versions and in `value` in older ones; both are read.
+pub fn header_pairs(map: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(map) = map else { return Vec::new() };
+    map.headers
+        .iter()
+        .map(|header| {
+            let value = if header.raw_value.is_empty() {
+                header.value.clone()
+            } else {
+                String::from_utf8_lossy(&header.raw_value).into_owned()
+            };
+            (header.key.to_ascii_lowercase(), value)
+        })
+        .collect()
+}
+
+/// The subset hint, if the proxy sent one: `None` when absent, `Some(addresses)` otherwise
+/// (entries that are not `ip:port` are skipped; an empty list means no endpoint is allowed).
+pub fn subset_hint(metadata: Option<&Metadata>) -> Option<Vec<SocketAddr>> {
+    let value =
+        metadata?.filter_metadata.get(SUBSET_HINT_NAMESPACE)?.fields.get(SUBSET_HINT_KEY)?;
+    let mut addresses = Vec::new();
+    collect_addresses(value, &mut addresses);
+    Some(addresses)
+}
+
+fn collect_addresses(value: &Value, out: &mut Vec<SocketAddr>) {
+    match &value.kind {
+        Some(Kind::StringValue(text)) => {
+            out.extend(text.split(',').filter_map(|part| part.trim().parse::<SocketAddr>().ok()));
+        }
+        Some(Kind::ListValue(list)) => {
+            for item in &list.values {
+                collect_addresses(item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The endpoint the proxy reports having sent the request to.
+pub fn served_endpoint(metadata: Option<&Metadata>) -> Option<SocketAddr> {
+    let value =
+        metadata?.filter_metadata.get(LB_METADATA_NAMESPACE)?.fields.get(SERVED_ENDPOINT_KEY)?;
+    match &value.kind {
+        Some(Kind::StringValue(text)) => text.split(',').next()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn string_value(text: String) -> Value {
+    Value { kind: Some(Kind::StringValue(text)) }
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        }),
+        // OVERWRITE_IF_EXISTS_OR_ADD: a client-sent destination header must never survive.
+        append_action: 2,
+        ..HeaderValueOption::default()
+    }
+}
+
+/// The answer to the request headers once the destination is known: the destination header
+/// (plus `extra_headers`), a cleared route cache so the proxy re-routes on it, and the same
+/// destination in `envoy.lb` dynamic metadata.
+pub fn route_to(destination: &str, extra_headers: &[(&str, &str)]) -> ProcessingResponse {
+    let mut set_headers = vec![set_header(DESTINATION_ENDPOINT_KEY, destination)];
+    set_headers.extend(extra_headers.iter().map(|(key, value)| set_header(key, value)));
+    let mut lb = Struct::default();
+    lb.fields.insert(DESTINATION_ENDPOINT_KEY.to_owned(), string_value(destination.to_owned()));
+    let mut dynamic_metadata = Struct::default();
+    dynamic_metadata
+        .fields
+        .insert(LB_METADATA_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(lb)) });
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse {
+                header_mutation: Some(HeaderMutation { set_headers, remove_headers: Vec::new() }),
+                clear_route_cache: true,
+                ..CommonResponse::default()
+            }),
+        })),
+        dynamic_metadata: Some(dynamic_metadata),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// One chunk of a body streamed back to the proxy (full-duplex streamed mode).
+pub fn body_chunk(request_side: bool, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+    let response = BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..StreamedBodyResponse::default()
+                })),
+            }),
+            ..CommonResponse::default()
+        }),
+    };
+    ProcessingResponse {
+        response: Some(if request_side {
+            processing_response::Response::RequestBody(response)
+        } else {
+            processing_response::Response::ResponseBody(response)
+        }),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// An empty (pass-through) answer to the response headers.
+pub fn continue_response_headers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::ResponseHeaders(HeadersResponse {
+            response: Some(CommonResponse::default()),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// An empty (pass-through) answer to trailers.
+pub fn continue_trailers(request_side: bool) -> ProcessingResponse {
+    let trailers = TrailersResponse::default();
+    ProcessingResponse {
+        response: Some(if request_side {
+            processing_response::Response::RequestTrailers(trailers)
+        } else {
+            processing_response::Response::ResponseTrailers(trailers)
+        }),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// An immediate response ending the request with `status` and a JSON error body.
+pub fn immediate(status: u16, code: &str, message: &str) -> ProcessingResponse {
+    let body =
+        serde_json::json!({ "error": { "code": code, "message": message, "status": status } });
+    ProcessingResponse {
+        response: Some(processing_response::Response::ImmediateResponse(ImmediateResponse {
+            status: Some(HttpStatus { code: i32::from(status) }),
+            headers: Some(HeaderMutation {
+                set_headers: vec![set_header("content-type", "application/json")],
+                remove_headers: Vec::new(),
+            }),
+            body: body.to_string().into_bytes(),
+            details: format!("epp_{code}"),
+            ..ImmediateResponse::default()
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::ListValue;
+
+    fn metadata(namespace: &str, key: &str, value: Value) -> Metadata {
+        let mut inner = Struct::default();
+        inner.fields.insert(key.to_owned(), value);
+        let mut metadata = Metadata::default();
+        metadata.filter_metadata.insert(namespace.to_owned(), inner);
+        metadata
+    }
+
+    #[test]
+    fn subset_hint_accepts_lists_and_comma_strings() {
+        let list = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: vec![string_value("10.0.0.1:80".into()), string_value("bad".into())],
+            })),
+        };
+        let hint = subset_hint(Some(&metadata(SUBSET_HINT_NAMESPACE, SUBSET_HINT_KEY, list)));
+        assert_eq!(hint, Some(vec!["10.0.0.1:80".parse().unwrap()]));
+        let text = string_value("10.0.0.1:80, 10.0.0.2:80".into());
+        let hint = subset_hint(Some(&metadata(SUBSET_HINT_NAMESPACE, SUBSET_HINT_KEY, text)));
+        assert_eq!(hint.map(|h| h.len()), Some(2));
+        assert_eq!(subset_hint(None), None);
+        assert_eq!(subset_hint(Some(&Metadata::default())), None);
+    }
+
+    #[test]
+    fn served_endpoint_is_read_from_lb_metadata() {
+        let served = string_value("10.0.0.9:8000".into());
+        let metadata = metadata(LB_METADATA_NAMESPACE, SERVED_ENDPOINT_KEY, served);
+        assert_eq!(served_endpoint(Some(&metadata)), Some("10.0.0.9:8000".parse().unwrap()));
+    }
+
+    #[test]
+    fn raw_values_are_preferred() {
+        let map = HeaderMap {
+            headers: vec![
+                HeaderValue { key: "X-A".into(), value: String::new(), raw_value: b"raw".to_vec() },
+                HeaderValue { key: "b".into(), value: "plain".into(), raw_value: Vec::new() },
+            ],
+        };
+        assert_eq!(
+            header_pairs(Some(&map)),
+            vec![("x-a".to_owned(), "raw".to_owned()), ("b".to_owned(), "plain".to_owned())]
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Starting and stopping the picker's listeners: ext-proc gRPC (TLS or plaintext), gRPC
+//! health, and Prometheus metrics. Listeners bind before `start` returns, so callers (tests,
+//! the demo) can use port 0 and read the bound addresses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scheduler_core::{Endpoint, EndpointId, Scheduler, SharedPool};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::director::{Director, DirectorOptions};
+use crate::endpoints_file;
+use crate::metrics::EppMetrics;
+use crate::service::{EppExtProc, StreamLimits};
+use crate::tls::PemIdentity;
+
+/// Largest gRPC message accepted or sent (a body chunk is at most the proxy's buffer size).
+const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Where and how to serve.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// ext-proc gRPC address.
+    pub grpc_address: SocketAddr,
+    /// gRPC health address.
+    pub health_address: SocketAddr,
+    /// Prometheus metrics address.
+    pub metrics_address: SocketAddr,
+    /// TLS identity for ext-proc; `None` serves plaintext.
+    pub tls: Option<PemIdentity>,
+    /// Routing options.
+    pub director: DirectorOptions,
+    /// Stream limits.
+    pub limits: StreamLimits,
+    /// Pool name in metrics.
+    pub pool_name: String,
+    /// Metrics older than this mark an endpoint stale; `None` when no metrics source runs,
+    /// so readiness only needs a known endpoint.
+    pub staleness_threshold: Option<Duration>,
+    /// Static pool file, reloaded on change.
+    pub endpoints_file: Option<PathBuf>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not bind.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TLS could not be configured.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The endpoints file is unusable at start.
+    #[error(transparent)]
+    EndpointsFile(#[from] endpoints_file::EndpointsFileError),
+}
+
+/// A running server; dropping it does not stop it, [`RunningServer::shutdown`] does.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Bound ext-proc address.
+    pub grpc_address: SocketAddr,
+    /// Bound health address.
+    pub health_address: SocketAddr,
+    /// Bound metrics address.
+    pub metrics_address: SocketAddr,
+    /// The picker's metrics.
+    pub metrics: Arc<EppMetrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(address).await.map_err(|source| ServerError::Bind { address, source })
+}
+
+/// Binds every listener and starts serving.
+pub async fn start(
+    scheduler: Arc<Scheduler>,
+    pool: Arc<SharedPool>,
+    config: ServerConfig,
+) -> Result<RunningServer, ServerError> {
+    if let Some(path) = &config.endpoints_file {
+        apply_endpoints(&pool, endpoints_file::load(path)?);
+    }
+    let grpc = bind(config.grpc_address).await?;
+    let health = bind(config.health_address).await?;
+    let metrics_listener = bind(config.metrics_address).await?;
+    let local = |listener: &TcpListener, fallback| listener.local_addr().unwrap_or(fallback);
+    let grpc_address = local(&grpc, config.grpc_address);
+    let health_address = local(&health, config.health_address);
+    let metrics_address = local(&metrics_listener, config.metrics_address);
+
+    let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), config.staleness_threshold));
+    let director = Arc::new(Director::new(scheduler, Arc::clone(&pool), config.director.clone()));
+    let service = EppExtProc::new(director, Some(Arc::clone(&metrics)), config.limits)
+        .into_server(MAX_GRPC_MESSAGE_BYTES);
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = &config.tls {
+        builder = builder
+            .tls_config(identity.server_config())
+            .map_err(|error| ServerError::Tls(error.to_string()))?;
+    }
+    let grpc_task = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), until_stopped(stopped.clone()));
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(error) = grpc_task.await {
+            tracing::error!(%error, "ext-proc server failed");
+        }
+    })];
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    tasks.push(tokio::spawn(crate::health::report(
+        reporter,
+        Arc::clone(&pool),
+        config.staleness_threshold,
+        Duration::from_millis(500),
+    )));
+    let health_task = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(health),
+            until_stopped(stopped.clone()),
+        );
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = health_task.await {
+            tracing::error!(%error, "health server failed");
+        }
+    }));
+    tasks.push(tokio::spawn(crate::metrics_http::serve(
+        metrics_listener,
+        Arc::clone(&metrics),
+        Arc::clone(&pool),
+    )));
+    if let Some(path) = config.endpoints_file.clone() {
+        tasks.push(tokio::spawn(watch_endpoints_file(path, Arc::clone(&pool))));
+    }
+    tracing::info!(%grpc_address, %health_address, %metrics_address, tls = config.tls.is_some(), "epp serving");
+    Ok(RunningServer { grpc_address, health_address, metrics_address, metrics, stop, tasks })
+}
+
+impl RunningServer {
+    /// Stops accepting, lets open streams finish, and stops the background tasks.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let (grpc, rest) = self.tasks.split_at(1);
+        for task in rest {
+            task.abort();
+        }
+        if let Some(grpc) = grpc.first() {
+            let _ = tokio::time::timeout(grace, async {
+                while !grpc.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            grpc.abort();
+        }
+    }
+}
+
+/// Makes the pool hold exactly `entries`, keeping the metrics of endpoints that stay.
+pub fn apply_endpoints(pool: &SharedPool, entries: Vec<endpoints_file::EndpointEntry>) {
+    let endpoints: Vec<Endpoint> =
+        entries.iter().map(endpoints_file::EndpointEntry::to_endpoint).collect();
+    pool.update(|snapshot| {
+        let keep: std::collections::HashSet<EndpointId> = endpoints.iter().map(|e| e.id).collect();
+        let gone: Vec<EndpointId> =
+            snapshot.endpoints().iter().map(|s| s.id()).filter(|id| !keep.contains(id)).collect();
+        for id in gone {
+            snapshot.remove(id);
+        }
+        for endpoint in &endpoints {
+            let metrics =
+                snapshot.by_id(endpoint.id).map(|s| s.metrics.clone()).unwrap_or_default();
+            snapshot.upsert(scheduler_core::EndpointState { endpoint: endpoint.clone(), metrics });
+        }
+    });
+}
+
+async fn watch_endpoints_file(path: PathBuf, pool: Arc<SharedPool>) {
+    let mut seen = endpoints_file::modified(&path);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = endpoints_file::modified(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match endpoints_file::load(&path) {
+            Ok(entries) => {
+                tracing::info!(path = %path.display(), endpoints = entries.len(), "endpoints file reloaded");
+                apply_endpoints(&pool, entries);
+            }
+            // Keep serving the last good pool: a half-written file must not empty it.
+            Err(error) => tracing::warn!(%error, "endpoints file not reloaded"),
+        }
+    }
+}

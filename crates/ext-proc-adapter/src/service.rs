@@ -1,0 +1,124 @@
+//! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service: one task per stream driving
+//! an [`Exchange`], answers sent through a bounded channel.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::director::Director;
+use crate::exchange::Exchange;
+use crate::metrics::EppMetrics;
+
+/// Answers buffered per stream before the task waits for the proxy to read them.
+const STREAM_CHANNEL_CAPACITY: usize = 32;
+
+/// Stream-level limits.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    /// How long a stream may sit idle before its routing decision (headers or body never
+    /// completing) before it is closed and its state freed.
+    pub request_idle_timeout: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self { request_idle_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// The ext-proc service.
+#[derive(Clone, Debug)]
+pub struct EppExtProc {
+    director: Arc<Director>,
+    metrics: Option<Arc<EppMetrics>>,
+    limits: StreamLimits,
+}
+
+impl EppExtProc {
+    /// A service deciding with `director`, recording into `metrics`.
+    pub fn new(
+        director: Arc<Director>,
+        metrics: Option<Arc<EppMetrics>>,
+        limits: StreamLimits,
+    ) -> Self {
+        Self { director, metrics, limits }
+    }
+
+    /// The tonic server wrapper, with gRPC message size bounded by `max_message_bytes`.
+    pub fn into_server(self, max_message_bytes: usize) -> ExternalProcessorServer<Self> {
+        ExternalProcessorServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for EppExtProc {
+    type ProcessStream = ResponseStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let inbound = request.into_inner();
+        let (sender, receiver) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
+        let exchange = Exchange::new(Arc::clone(&self.director), self.metrics.clone());
+        tokio::spawn(drive(exchange, inbound, sender, self.limits));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// Runs one stream to its end. Returning drops the exchange, which runs the completion hooks
+/// of an unfinished request as cancelled: stream ended early, proxy reset, or idle timeout.
+async fn drive(
+    mut exchange: Exchange,
+    mut inbound: Streaming<ProcessingRequest>,
+    sender: mpsc::Sender<Result<ProcessingResponse, Status>>,
+    limits: StreamLimits,
+) {
+    let mut answers = Vec::with_capacity(4);
+    loop {
+        let next = if exchange.is_before_decision() {
+            match tokio::time::timeout(limits.request_idle_timeout, inbound.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    tracing::debug!("ext-proc stream idle before its routing decision; closing");
+                    let _ = sender
+                        .send(Err(Status::deadline_exceeded("request idle before routing")))
+                        .await;
+                    return;
+                }
+            }
+        } else {
+            inbound.message().await
+        };
+        let message = match next {
+            Ok(Some(message)) => message,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(%status, "ext-proc stream ended by the proxy");
+                return;
+            }
+        };
+        exchange.handle(message, &mut answers).await;
+        for answer in answers.drain(..) {
+            if sender.send(Ok(answer)).await.is_err() {
+                return;
+            }
+        }
+        if exchange.phase() == crate::exchange::Phase::Done {
+            return;
+        }
+    }
+}

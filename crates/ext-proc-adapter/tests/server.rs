@@ -1,0 +1,231 @@
+//! The whole server: TLS and plaintext ext-proc, health services, `/metrics`, endpoints file.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use ext_proc_adapter::envoy_client::{Decision, ProxyRequest, ProxyStream};
+use ext_proc_adapter::server::{self, RunningServer, ServerConfig};
+use ext_proc_adapter::tls::PemIdentity;
+use ext_proc_adapter::{DirectorOptions, StreamLimits};
+use scheduler_core::SharedPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn start(
+    tls: Option<PemIdentity>,
+    endpoints_file: Option<std::path::PathBuf>,
+) -> (RunningServer, Arc<SharedPool>) {
+    let pool = Arc::new(SharedPool::default());
+    let config = ServerConfig {
+        grpc_address: loopback(),
+        health_address: loopback(),
+        metrics_address: loopback(),
+        tls,
+        director: DirectorOptions::default(),
+        limits: StreamLimits::default(),
+        pool_name: "test-pool".into(),
+        staleness_threshold: None,
+        endpoints_file,
+    };
+    let scheduler = Arc::new(scorers::default_scheduler().unwrap());
+    let running = server::start(scheduler, Arc::clone(&pool), config).await.unwrap();
+    (running, pool)
+}
+
+fn write_endpoints(path: &std::path::Path, ports: &[u16]) {
+    let text: String =
+        ports.iter().map(|port| format!("- {{address: 127.0.0.1, port: {port}}}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+async fn route_once(client: &mut ExternalProcessorClient<Channel>) -> Decision {
+    let mut stream = ProxyStream::open(client).await.unwrap();
+    stream
+        .send_request(&ProxyRequest {
+            headers: vec![(":path", "/v1/completions")],
+            body: br#"{"model":"m","prompt":"hello"}"#,
+            chunk_bytes: 0,
+            subset: None,
+        })
+        .await
+        .unwrap();
+    stream.decision().await.unwrap()
+}
+
+async fn health(address: SocketAddr, service: &str) -> ServingStatus {
+    let channel =
+        Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest { service: service.to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+async fn eventually_healthy(address: SocketAddr, service: &str, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if health(address, service).await == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} never became {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_ext_proc_with_a_self_signed_certificate() {
+    let identity = PemIdentity::self_signed().unwrap();
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    write_endpoints(&file, &[8000]);
+    let (running, _) = start(Some(identity.clone()), Some(file)).await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&identity.certificate))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", running.grpc_address))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ExternalProcessorClient::new(channel);
+    let Decision::Routed { destination, .. } = route_once(&mut client).await else { panic!() };
+    assert_eq!(destination, "127.0.0.1:8000");
+
+    // Plaintext is refused on a TLS port.
+    let plain = ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await;
+    if let Ok(mut plain) = plain {
+        assert!(ProxyStream::open(&mut plain).await.is_err());
+    }
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "epp-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    write_endpoints(&file, &[]);
+    std::fs::write(&file, "[]\n").unwrap();
+    let (running, pool) = start(None, Some(file.clone())).await;
+    eventually_healthy(running.health_address, "liveness", ServingStatus::Serving).await;
+    eventually_healthy(running.health_address, "readiness", ServingStatus::NotServing).await;
+    eventually_healthy(
+        running.health_address,
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        ServingStatus::NotServing,
+    )
+    .await;
+    let mut client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    assert!(matches!(route_once(&mut client).await, Decision::Immediate { status: 503, .. }));
+
+    // Give the file a distinct modification time, then list two endpoints.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write_endpoints(&file, &[8000, 8001]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.load().len() != 2 {
+        assert!(Instant::now() < deadline, "endpoints file was not reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually_healthy(running.health_address, "readiness", ServingStatus::Serving).await;
+    eventually_healthy(
+        running.health_address,
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+        ServingStatus::Serving,
+    )
+    .await;
+    assert!(matches!(route_once(&mut client).await, Decision::Routed { .. }));
+
+    // A broken file keeps the last good pool.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&file, "- address: [").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pool.load().len(), 2);
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+async fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+#[tokio::test]
+async fn metrics_expose_the_gie_names() {
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    write_endpoints(&file, &[8000]);
+    let (running, _) = start(None, Some(file)).await;
+    let mut client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    let mut stream = ProxyStream::open(&mut client).await.unwrap();
+    stream
+        .send_request(&ProxyRequest {
+            headers: vec![(":path", "/v1/completions")],
+            body: br#"{"model":"m","prompt":"hello"}"#,
+            chunk_bytes: 0,
+            subset: None,
+        })
+        .await
+        .unwrap();
+    stream.decision().await.unwrap();
+    stream
+        .respond(None, &[br#"{"usage":{"prompt_tokens":3,"completion_tokens":5}}"#])
+        .await
+        .unwrap();
+    let mut bad = ProxyStream::open(&mut client).await.unwrap();
+    bad.send_request(&ProxyRequest {
+        headers: vec![],
+        body: b"nope",
+        chunk_bytes: 0,
+        subset: None,
+    })
+    .await
+    .unwrap();
+    bad.decision().await.unwrap();
+
+    let text = http_get(running.metrics_address, "/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for name in [
+        "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\"} 1",
+        "inference_objective_request_error_total{",
+        "error_code=\"bad_request\"",
+        "inference_objective_request_duration_seconds_count",
+        "inference_objective_input_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 3.0",
+        "inference_objective_output_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 5.0",
+        "inference_objective_normalized_time_per_output_token_seconds_count",
+        "inference_pool_average_kv_cache_utilization{name=\"test-pool\"}",
+        "inference_pool_average_queue_size{name=\"test-pool\"}",
+        "inference_pool_ready_pods{name=\"test-pool\"} 1",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    assert!(http_get(running.metrics_address, "/other").await.starts_with("HTTP/1.1 404"));
+    running.shutdown(Duration::from_secs(1)).await;
+}
