@@ -6,8 +6,12 @@
 //! of the model name, so a hash identifies the whole prefix up to its block for one model (as
 //! vLLM's block hashes do, and as the EPP's approximate prefix index does). A trailing partial
 //! block is never hashed.
+//!
+//! This is the scheme of [`prefix_cache::BlockHasher`] (the EPP's prefix index) without its cap
+//! on the number of blocks, since a server caches every block of a long prompt, and with
+//! incremental extension for conversations; a test pins the two to the same hashes.
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Characters (bytes) per hashed block.
 pub const BLOCK_CHARS: usize = 64;
@@ -18,7 +22,7 @@ pub const CHARS_PER_TOKEN: usize = 4;
 
 /// The hash chain's root for `model`.
 pub fn model_seed(model: &str) -> u64 {
-    xxh3_64(model.as_bytes())
+    prefix_cache::BlockHasher::model_seed(model)
 }
 
 /// Extends `hashes`, which holds the chained hashes of the first `hashes.len()` full blocks of
@@ -64,6 +68,18 @@ mod tests {
         let mut extended = a.clone();
         extend_block_hashes(model_seed("m"), &longer, &mut extended);
         assert_eq!(extended, b);
+    }
+
+    #[test]
+    fn hashes_match_the_epp_prefix_index() {
+        let text: String = (0..1000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let hasher = prefix_cache::BlockHasher::new(prefix_cache::BlockHasherConfig {
+            block_size: BLOCK_CHARS,
+            max_blocks: 1024,
+        });
+        let mut expected = Vec::new();
+        hasher.hash_prompt("llama", text.as_bytes(), &mut expected);
+        assert_eq!(block_hashes("llama", &text), expected);
     }
 
     #[test]

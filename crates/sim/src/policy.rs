@@ -105,7 +105,7 @@ impl Policy {
     /// An EPP policy from YAML text; checks that the built-in registry can build it.
     pub fn epp_from_yaml(name: &str, yaml: &str, origin: &str) -> Result<Self, PolicyError> {
         let config = EndpointPickerConfig::from_yaml(yaml)
-            .and_then(|config| config.build(&scorers::builtin_registry()).map(|_| config))
+            .and_then(|config| config.build(&crate::registry()).map(|_| config))
             .map_err(|source| PolicyError::Config {
                 origin: origin.to_owned(),
                 source: Box::new(source),
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn specs_parse_and_errors_name_the_offender() {
-        for spec in ["rr", "random", "least-request", "oracle", "epp"] {
+        for spec in ["rr", "random", "least-request", "oracle", "epp", "epp-prefix"] {
             assert!(Policy::parse(spec).is_ok(), "{spec}");
         }
         let error = Policy::parse("fastest").unwrap_err();
