@@ -110,11 +110,13 @@ impl KvBlocks {
         (matched, idle)
     }
 
-    /// Takes a reference on each of `hashes`, all of which must be cached.
-    pub(crate) fn acquire_prefix(&mut self, hashes: &[u64]) {
+    /// Takes a reference on each of `hashes`, all of which must be cached, appending their
+    /// slots to `slots` (what [`Self::release`] later takes back).
+    pub(crate) fn acquire_prefix(&mut self, hashes: &[u64], slots: &mut Vec<u32>) {
         for hash in hashes {
             if let Some(&slot) = self.index.get(hash) {
                 self.acquire(slot);
+                slots.push(slot);
             }
         }
     }
@@ -142,11 +144,12 @@ impl KvBlocks {
 
     /// Names one of the caller's private blocks `hash`: it becomes shared and cacheable. When
     /// the block is already cached, the caller's copy is freed and it shares the cached one.
-    pub(crate) fn name_private_block(&mut self, hash: u64) {
+    /// Returns the block's slot.
+    pub(crate) fn name_private_block(&mut self, hash: u64) -> u32 {
         self.private -= 1;
         if let Some(&slot) = self.index.get(&hash) {
             self.acquire(slot);
-            return;
+            return slot;
         }
         let block = NamedBlock { hash, refs: 1, older: NIL, newer: NIL };
         let slot = match self.vacant_slots.pop() {
@@ -160,14 +163,14 @@ impl KvBlocks {
             }
         };
         self.index.insert(hash, slot);
+        slot
     }
 
-    /// Drops a sequence's references on its named `hashes` (released last first) and frees its
-    /// `private` blocks.
-    pub(crate) fn release(&mut self, hashes: &[u64], private: u32) {
+    /// Drops a sequence's references on its named blocks' `slots` (released last first) and
+    /// frees its `private` blocks.
+    pub(crate) fn release(&mut self, slots: &[u32], private: u32) {
         self.private -= private;
-        for hash in hashes.iter().rev() {
-            let Some(&slot) = self.index.get(hash) else { continue };
+        for &slot in slots.iter().rev() {
             let block = &mut self.slots[slot as usize];
             block.refs -= 1;
             if block.refs == 0 {
@@ -244,16 +247,16 @@ mod tests {
     fn idle_blocks_are_reused_then_evicted_oldest_first() {
         let mut kv = KvBlocks::new(4);
         assert!(kv.allocate(3));
-        for hash in [1, 2, 3] {
-            kv.name_private_block(hash);
-        }
-        kv.release(&[1, 2, 3], 0);
+        let slots: Vec<u32> = [1, 2, 3].map(|hash| kv.name_private_block(hash)).to_vec();
+        kv.release(&slots, 0);
         assert_eq!((kv.in_use(), kv.allocatable()), (0, 4));
         assert_eq!(kv.match_prefix(&[1, 2, 9]), (2, 2));
         // Released last first: 3 is the oldest idle block, so it goes first.
         assert!(kv.allocate(2));
         assert_eq!(kv.match_prefix(&[1, 2, 3]), (2, 2));
-        kv.acquire_prefix(&[1, 2]);
+        let mut held = Vec::new();
+        kv.acquire_prefix(&[1, 2], &mut held);
+        assert_eq!(held.len(), 2);
         assert_eq!(kv.in_use(), 4);
         assert!(!kv.allocate(1), "everything is referenced");
         assert!(kv.is_consistent());

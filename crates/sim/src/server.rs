@@ -53,8 +53,8 @@ pub struct Sequence {
     /// Tokens with KV in the cache.
     computed: u32,
     generated: u32,
-    /// Leading blocks held as references on named blocks.
-    named_blocks: u32,
+    /// Slots of the leading blocks held as references on named blocks.
+    named_slots: Vec<u32>,
     private_blocks: u32,
     /// Tokens scheduled in the step in progress.
     scheduled: u32,
@@ -80,15 +80,19 @@ impl Sequence {
             prefill_target: prompt_tokens,
             computed: 0,
             generated: 0,
-            named_blocks: 0,
+            named_slots: Vec::new(),
             private_blocks: 0,
             scheduled: 0,
             admitted_before: false,
         }
     }
 
+    fn named_blocks(&self) -> u32 {
+        self.named_slots.len() as u32
+    }
+
     fn held_blocks(&self) -> u32 {
-        self.named_blocks + self.private_blocks
+        self.named_blocks() + self.private_blocks
     }
 
     fn remaining_prefill(&self) -> u32 {
@@ -355,11 +359,10 @@ impl ModelServer {
             }
             let Some(mut seq) = self.waiting.remove(position) else { break };
             self.waiting_prefill_tokens -= u64::from(seq.remaining_prefill());
-            self.kv.acquire_prefix(&seq.block_hashes[..matched as usize]);
+            self.kv.acquire_prefix(&seq.block_hashes[..matched as usize], &mut seq.named_slots);
             let allocated = self.kv.allocate(needed);
             debug_assert!(allocated, "allocation was checked above");
             seq.computed = computed;
-            seq.named_blocks = matched;
             seq.private_blocks = needed;
             seq.scheduled = tokens;
             if !seq.admitted_before {
@@ -435,8 +438,8 @@ impl ModelServer {
     }
 
     fn release(&mut self, seq: &mut Sequence) {
-        self.kv.release(&seq.block_hashes[..seq.named_blocks as usize], seq.private_blocks);
-        seq.named_blocks = 0;
+        self.kv.release(&seq.named_slots, seq.private_blocks);
+        seq.named_slots.clear();
         seq.private_blocks = 0;
         if let Some(adapter) = seq.adapter.filter(|_| self.profile.max_loras > 0) {
             self.touch_adapter(adapter, -1);
@@ -456,9 +459,9 @@ impl ModelServer {
             seq.computed += seq.scheduled;
             seq.scheduled = 0;
             let full_blocks = (seq.computed / BLOCK_TOKENS).min(seq.block_hashes.len() as u32);
-            while seq.named_blocks < full_blocks {
-                self.kv.name_private_block(seq.block_hashes[seq.named_blocks as usize]);
-                seq.named_blocks += 1;
+            while seq.named_blocks() < full_blocks {
+                let hash = seq.block_hashes[seq.named_slots.len()];
+                seq.named_slots.push(self.kv.name_private_block(hash));
                 seq.private_blocks -= 1;
             }
             if seq.computed >= seq.prefill_target {
@@ -474,16 +477,16 @@ impl ModelServer {
             }
         }
         if any_finished {
-            let mut position = 0;
-            while position < self.running.len() {
-                let seq = &self.running[position];
-                if seq.generated >= seq.output_tokens && seq.scheduled == 0 {
-                    let mut seq = self.running.remove(position);
-                    self.release(&mut seq);
-                } else {
-                    position += 1;
+            // One compaction pass keeps the admission order of the rest (it decides preemption).
+            let mut running = std::mem::take(&mut self.running);
+            running.retain_mut(|seq| {
+                let done = seq.generated >= seq.output_tokens;
+                if done {
+                    self.release(seq);
                 }
-            }
+                !done
+            });
+            self.running = running;
         }
     }
 
