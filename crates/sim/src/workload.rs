@@ -340,6 +340,9 @@ pub struct WorkloadGenerator {
     emitted: u64,
     slots: Vec<Option<Conversation>>,
     system_prompts: Vec<String>,
+    /// Block hashes of each system prompt for the base model, so conversations do not rehash
+    /// thousands of shared tokens each.
+    system_prompt_hashes: Vec<Vec<u64>>,
     adapter_names: Vec<Arc<str>>,
     base_model: Arc<str>,
     next_trace_conversation: usize,
@@ -355,7 +358,17 @@ impl WorkloadGenerator {
             WorkloadSource::Trace(_) => Vec::new(),
         };
         let slot_count = (spec.qps * spec.conversation_gap_s).ceil().clamp(1.0, 1e6) as usize;
+        let base_seed = model_seed(&spec.model);
+        let system_prompt_hashes = system_prompts
+            .iter()
+            .map(|prompt| {
+                let mut hashes = Vec::new();
+                extend_block_hashes(base_seed, prompt, &mut hashes);
+                hashes
+            })
+            .collect();
         Self {
+            system_prompt_hashes,
             adapter_names: spec.adapter_names(),
             base_model: Arc::from(spec.model.as_str()),
             spec,
@@ -395,6 +408,9 @@ impl WorkloadGenerator {
                 {
                     let index = self.rng.random_range(0..self.system_prompts.len());
                     conversation.history.push_str(&self.system_prompts[index]);
+                    if conversation.adapter.is_none() {
+                        conversation.hashes.clone_from(&self.system_prompt_hashes[index]);
+                    }
                 }
                 conversation.turns_left = geometric(&mut self.rng, synthetic.mean_turns);
             }
