@@ -225,7 +225,6 @@ struct Simulation<'a> {
     in_flight: Vec<Option<InFlight>>,
     vacant: Vec<u32>,
     step_output: StepOutput,
-    waiting_adapters: Vec<u16>,
     // Outcomes.
     arrivals: u64,
     completed: u64,
@@ -267,7 +266,6 @@ impl<'a> Simulation<'a> {
             in_flight: Vec::new(),
             vacant: Vec::new(),
             step_output: StepOutput::default(),
-            waiting_adapters: Vec::new(),
             arrivals: 0,
             completed: 0,
             rejected: 0,
@@ -350,7 +348,6 @@ impl<'a> Simulation<'a> {
         let max_lora_adapters = self.config.profile.max_loras;
         let mut pool = PoolSnapshot::default();
         for (server, endpoint) in self.servers.iter().zip(&self.endpoints) {
-            server.waiting_adapters(&mut self.waiting_adapters);
             let names = |ids: &mut dyn Iterator<Item = u16>| -> Vec<Arc<str>> {
                 ids.filter_map(|id| self.adapter_names.get(id as usize).cloned()).collect()
             };
@@ -359,7 +356,7 @@ impl<'a> Simulation<'a> {
                 running: server.running_len() as u32,
                 kv_usage: server.kv_usage(),
                 active_lora_adapters: names(&mut server.running_adapters()),
-                waiting_lora_adapters: names(&mut self.waiting_adapters.iter().copied()),
+                waiting_lora_adapters: names(&mut server.waiting_adapters()),
                 max_lora_adapters,
                 kv_capacity_blocks: Some(u64::from(self.config.profile.kv_blocks)),
                 updated_at,

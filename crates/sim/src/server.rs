@@ -154,6 +154,7 @@ pub struct ModelServer {
     kv: KvBlocks,
     resident: Vec<ResidentAdapter>,
     running_per_adapter: Vec<u32>,
+    waiting_per_adapter: Vec<u32>,
     in_step: bool,
     stats: ServerStats,
 }
@@ -170,6 +171,7 @@ impl ModelServer {
             kv,
             resident: Vec::new(),
             running_per_adapter: Vec::new(),
+            waiting_per_adapter: Vec::new(),
             in_step: false,
             stats: ServerStats::default(),
         }
@@ -187,7 +189,7 @@ impl ModelServer {
         if total > self.profile.max_model_len || blocks_for(total) > self.kv.capacity() {
             return Err(sequence);
         }
-        self.waiting_prefill_tokens += u64::from(sequence.remaining_prefill());
+        self.count_waiting(&sequence, 1);
         self.waiting.push_back(sequence);
         Ok(())
     }
@@ -242,14 +244,13 @@ impl ModelServer {
             .map(|(adapter, _)| adapter as u16)
     }
 
-    /// Adapters requested by waiting requests, each once, in queue order.
-    pub fn waiting_adapters(&self, out: &mut Vec<u16>) {
-        out.clear();
-        for adapter in self.waiting.iter().filter_map(|seq| seq.adapter) {
-            if !out.contains(&adapter) {
-                out.push(adapter);
-            }
-        }
+    /// Adapters requested by waiting requests.
+    pub fn waiting_adapters(&self) -> impl Iterator<Item = u16> + '_ {
+        self.waiting_per_adapter
+            .iter()
+            .enumerate()
+            .filter(|(_, count)| **count > 0)
+            .map(|(adapter, _)| adapter as u16)
     }
 
     /// Whether `adapter` is loaded.
@@ -358,7 +359,7 @@ impl ModelServer {
                 break;
             }
             let Some(mut seq) = self.waiting.remove(position) else { break };
-            self.waiting_prefill_tokens -= u64::from(seq.remaining_prefill());
+            self.count_waiting(&seq, -1);
             self.kv.acquire_prefix(&seq.block_hashes[..matched as usize], &mut seq.named_slots);
             let allocated = self.kv.allocate(needed);
             debug_assert!(allocated, "allocation was checked above");
@@ -428,12 +429,31 @@ impl ModelServer {
         }
     }
 
+    /// Keeps the waiting-queue totals (prompt work, adapters) that scrapes and the oracle read,
+    /// so neither walks a queue that may hold thousands of requests under overload.
+    fn count_waiting(&mut self, seq: &Sequence, delta: i32) {
+        let tokens = u64::from(seq.remaining_prefill());
+        if delta > 0 {
+            self.waiting_prefill_tokens += tokens;
+        } else {
+            self.waiting_prefill_tokens -= tokens;
+        }
+        if let Some(adapter) = seq.adapter {
+            let index = adapter as usize;
+            if self.waiting_per_adapter.len() <= index {
+                self.waiting_per_adapter.resize(index + 1, 0);
+            }
+            let count = &mut self.waiting_per_adapter[index];
+            *count = count.saturating_add_signed(delta);
+        }
+    }
+
     fn preempt(&mut self, mut seq: Sequence) {
         self.release(&mut seq);
         seq.computed = 0;
         seq.scheduled = 0;
         self.stats.preemptions += 1;
-        self.waiting_prefill_tokens += u64::from(seq.remaining_prefill());
+        self.count_waiting(&seq, 1);
         self.waiting.push_front(seq);
     }
 
@@ -635,9 +655,7 @@ mod tests {
         let mut adapters: Vec<u16> = server.running_adapters().collect();
         adapters.sort_unstable();
         assert_eq!(adapters, vec![0, 1]);
-        let mut waiting = Vec::new();
-        server.waiting_adapters(&mut waiting);
-        assert_eq!(waiting, vec![2]);
+        assert_eq!(server.waiting_adapters().collect::<Vec<_>>(), vec![2]);
         server.end_step(&mut StepOutput::default());
         let done = run_to_idle(&mut server);
         assert_eq!(done.len(), 3);
