@@ -142,3 +142,47 @@ pub fn p90_ttft_chart(title: &str, reports: &[RunReport]) -> String {
     svg.push_str("</svg>\n");
     svg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Percentiles;
+
+    fn report(policy: &str, qps: f64, p90: f64) -> RunReport {
+        RunReport {
+            policy: policy.to_owned(),
+            workload: "w".to_owned(),
+            qps,
+            servers: 1,
+            arrivals: 1,
+            completed: 1,
+            shed_by_priority: Default::default(),
+            rejected: 0,
+            duration_s: 1.0,
+            throughput_rps: 1.0,
+            output_tokens_per_s: 1.0,
+            ttft_s: Percentiles { p90, ..Percentiles::default() },
+            tpot_s: Percentiles::default(),
+            e2e_s: Percentiles::default(),
+            prefix_hit_rate: 0.0,
+            preemptions: 0,
+            adapter_loads: 0,
+        }
+    }
+
+    #[test]
+    fn one_line_and_legend_entry_per_policy() {
+        let reports = [
+            report("a<b", 10.0, 0.02),
+            report("oracle", 10.0, 0.01),
+            report("a<b", 20.0, 3.0),
+            report("oracle", 20.0, 0.05),
+        ];
+        let svg = p90_ttft_chart("title & more", &reports);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("a&lt;b") && svg.contains("title &amp; more"));
+        assert!(!p90_ttft_chart("empty", &[]).contains("NaN"));
+    }
+}
