@@ -1,6 +1,9 @@
-//! Decision latency: one `schedule` call over pools of 10, 100 and 1,000 endpoints with the
-//! default profile (queue and KV-cache scorers, max-score picker), plus the same with the
-//! active-request scorer and three fallbacks.
+//! Decision latency: one `schedule` call over pools of 10, 100 and 1,000 endpoints with
+//! - the default profile minus prefix (queue and KV-cache scorers, max-score picker),
+//! - the GIE default profile (plus the prefix-cache scorer) with a short prompt, and with a
+//!   16K-character prompt (256 blocks) whose system-prompt half is cached on a tenth of the
+//!   pool (hashing, lookup and the pick's record all included),
+//! - queue, KV-cache and active-request scorers with three fallbacks.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -25,6 +28,19 @@ fn pool(size: usize) -> Arc<PoolSnapshot> {
     })))
 }
 
+const NO_PREFIX: &str = "plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+";
+
 const FULL: &str = "plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
@@ -35,17 +51,50 @@ const FULL: &str = "plugins:
 
 fn decision(c: &mut Criterion) {
     let registry = epp_rs::scorers::builtin_registry();
-    let default = EndpointPickerConfig::gie_default().build(&registry).expect("default config");
-    let full = EndpointPickerConfig::from_yaml(FULL)
-        .and_then(|config| config.build(&registry))
-        .expect("bench config");
+    let build = |yaml: &str| {
+        EndpointPickerConfig::from_yaml(yaml)
+            .and_then(|c| c.build(&registry))
+            .expect("bench config")
+    };
+    let no_prefix = build(NO_PREFIX);
+    let full = build(FULL);
     let request = InferenceRequest::new("llama", "Hello").with_request_id("bench");
+    let system_prompt = "You are a careful assistant. ".repeat(8 * 1024 / 29 + 1);
+    let long_request = InferenceRequest::new(
+        "llama",
+        format!(
+            "{}{}",
+            &system_prompt[..8 * 1024],
+            "Question: what changed? ".repeat(8 * 1024 / 24 + 1)
+        )[..16 * 1024]
+            .to_owned(),
+    )
+    .with_request_id("bench");
     let mut group = c.benchmark_group("decision");
     for size in [10, 100, 1_000] {
         let pool = pool(size);
-        group.bench_with_input(BenchmarkId::new("default_profile", size), &pool, |b, pool| {
-            b.iter(|| black_box(default.schedule(black_box(&request), pool)))
+        group.bench_with_input(BenchmarkId::new("default_minus_prefix", size), &pool, |b, pool| {
+            b.iter(|| black_box(no_prefix.schedule(black_box(&request), pool)))
         });
+        let default = build(epp_rs::core::config::DEFAULT_CONFIG_YAML);
+        group.bench_with_input(
+            BenchmarkId::new("gie_default_short_prompt", size),
+            &pool,
+            |b, pool| b.iter(|| black_box(default.schedule(black_box(&request), pool))),
+        );
+        // Warm the index: a tenth of the pool holds the shared system prompt.
+        let default = build(epp_rs::core::config::DEFAULT_CONFIG_YAML);
+        for i in 0..size.div_ceil(10) {
+            let warm = InferenceRequest::new("llama", format!("{}{i}", &system_prompt[..8 * 1024]));
+            let mut hinted = warm.clone();
+            hinted.endpoint_subset = Some(vec![pool.endpoints()[i * 10 % size].endpoint.address]);
+            drop(default.schedule(&hinted, &pool));
+        }
+        group.bench_with_input(
+            BenchmarkId::new("gie_default_16k_prompt", size),
+            &pool,
+            |b, pool| b.iter(|| black_box(default.schedule(black_box(&long_request), pool))),
+        );
         group.bench_with_input(
             BenchmarkId::new("with_active_requests_and_fallbacks", size),
             &pool,

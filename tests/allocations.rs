@@ -21,13 +21,13 @@ fn pool(size: usize) -> Arc<PoolSnapshot> {
     })))
 }
 
-fn allocations_per_decision(config: &str, size: usize) -> u64 {
+fn allocations_per_decision(config: &str, size: usize, prompt: &str) -> u64 {
     let scheduler = EndpointPickerConfig::from_yaml(config)
         .and_then(|config| config.build(&epp_rs::scorers::builtin_registry()))
         .unwrap()
         .with_seed(11);
     let pool = pool(size);
-    let request = InferenceRequest::new("llama", "Hello").with_request_id("r");
+    let request = InferenceRequest::new("llama", prompt).with_request_id("r");
     // The first decision on a thread sizes its reusable buffers; the first request to an
     // endpoint creates its in-flight counter. Neither recurs, so take the least of a few.
     drop(scheduler.schedule(&request, &pool).unwrap());
@@ -48,12 +48,21 @@ fn decisions_allocate_nothing_per_endpoint() {
         scheduler_core_default(),
         "plugins:\n- type: queue-scorer\n- type: active-request-scorer\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 4}\n",
     ] {
-        let small = allocations_per_decision(config, 10);
-        let large = allocations_per_decision(config, 1_000);
-        assert_eq!(small, large, "allocations grew with the pool:\n{config}");
-        assert!(small <= 4, "{small} allocations per decision:\n{config}");
+        for prompt in ["Hello", LONG_PROMPT] {
+            let small = allocations_per_decision(config, 10, prompt);
+            let large = allocations_per_decision(config, 1_000, prompt);
+            assert_eq!(small, large, "allocations grew with the pool:\n{config}");
+            // The result's pick list and profile-run list, the completion record's two strings,
+            // and, with prefix scoring, the shared prompt-hash scratch (its slot, its box and
+            // its hash buffer).
+            assert!(small <= 7, "{small} allocations per decision:\n{config}");
+        }
     }
 }
+
+const LONG_PROMPT: &str = "You are a helpful assistant. Answer briefly and cite your sources. \
+    The user asks about the history of the printing press and its effect on literacy in Europe, \
+    and wants three bullet points with dates.";
 
 fn scheduler_core_default() -> &'static str {
     epp_rs::core::config::DEFAULT_CONFIG_YAML

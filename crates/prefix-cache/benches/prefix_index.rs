@@ -45,11 +45,7 @@ fn prompt(endpoint: u64, rng: &mut Rng) -> Vec<u64> {
     let mut parent = xxhash_rust::xxh3::xxh3_64(&system.to_le_bytes());
     (0..PROMPT_BLOCKS)
         .map(|i| {
-            let content = if i < SYSTEM_BLOCKS {
-                i as u64
-            } else {
-                rng.next()
-            };
+            let content = if i < SYSTEM_BLOCKS { i as u64 } else { rng.next() };
             parent = xxhash_rust::xxh3::xxh3_64_with_seed(&content.to_le_bytes(), parent);
             parent
         })
@@ -92,10 +88,7 @@ impl LruBaseline {
 impl Index for LruBaseline {
     fn record(&mut self, endpoint: u64, hashes: &[u64]) {
         let capacity = self.capacity;
-        let lru = self
-            .endpoints
-            .entry(endpoint)
-            .or_insert_with(|| lru::LruCache::new(capacity));
+        let lru = self.endpoints.entry(endpoint).or_insert_with(|| lru::LruCache::new(capacity));
         for &hash in hashes[..hashes.len().min(capacity.get())].iter().rev() {
             if lru.get(&hash).is_some() {
                 continue;
@@ -191,10 +184,9 @@ fn bench_index<I: Index>(
     index.lookup(query, &mut out);
     assert_eq!(out.len(), ENDPOINTS as usize);
     assert_eq!(out.iter().filter(|e| e.1 == PROMPT_BLOCKS).count(), 3);
-    group.bench_function(
-        BenchmarkId::new(format!("{label}/lookup_256"), "popular_prefix"),
-        |b| b.iter(|| index.lookup(black_box(query), &mut out)),
-    );
+    group.bench_function(BenchmarkId::new(format!("{label}/lookup_256"), "popular_prefix"), |b| {
+        b.iter(|| index.lookup(black_box(query), &mut out))
+    });
 
     // New prompts on random endpoints: 248 new blocks each, evicting as many.
     let mut rng = Rng(99);

@@ -29,11 +29,7 @@ pub(crate) struct BlockEntry {
     pub(crate) node: u32,
 }
 
-const EMPTY: BlockEntry = BlockEntry {
-    hash: 0,
-    slot: EMPTY_SLOT,
-    node: 0,
-};
+const EMPTY: BlockEntry = BlockEntry { hash: 0, slot: EMPTY_SLOT, node: 0 };
 
 /// Scrambles a block hash so that callers passing small or structured integers still spread
 /// over shards (low bits) and buckets (high bits).
@@ -67,11 +63,7 @@ impl BlockTable {
     }
 
     fn next(index: usize, bucket_count: usize) -> usize {
-        if index + 1 == bucket_count {
-            0
-        } else {
-            index + 1
-        }
+        if index + 1 == bucket_count { 0 } else { index + 1 }
     }
 
     /// Calls `f(bucket_index, entry)` for every entry of `hash`'s probe run that has that hash.
@@ -167,11 +159,7 @@ impl BlockTable {
                 break;
             }
             let home = Self::home(candidate.hash, n);
-            let stays = if hole <= j {
-                hole < home && home <= j
-            } else {
-                hole < home || home <= j
-            };
+            let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
             if !stays {
                 if let Some(bucket) = self.buckets.get_mut(hole) {
                     *bucket = candidate;
@@ -204,10 +192,7 @@ impl BlockTable {
 
     /// Every stored pair, in bucket order.
     pub(crate) fn entries(&self) -> impl Iterator<Item = BlockEntry> + '_ {
-        self.buckets
-            .iter()
-            .copied()
-            .filter(|e| e.slot != EMPTY_SLOT)
+        self.buckets.iter().copied().filter(|e| e.slot != EMPTY_SLOT)
     }
 
     /// Checks run contiguity (every entry reachable from its home) and the size bounds.
@@ -215,16 +200,10 @@ impl BlockTable {
         let n = self.buckets.len();
         let stored = self.entries().count();
         if stored != self.len {
-            return Err(format!(
-                "table len {} but {stored} stored entries",
-                self.len
-            ));
+            return Err(format!("table len {} but {stored} stored entries", self.len));
         }
         if self.len * 5 > n * 4 {
-            return Err(format!(
-                "load above 0.8: {} entries in {n} buckets",
-                self.len
-            ));
+            return Err(format!("load above 0.8: {} entries in {n} buckets", self.len));
         }
         if n > MIN_BUCKETS.max(2 * self.len) {
             return Err(format!("{n} buckets for {} entries", self.len));
@@ -247,11 +226,7 @@ mod tests {
         let mut table = BlockTable::default();
         for hash in 0..200u64 {
             for slot in 0..(hash % 4) as u32 {
-                table.insert(BlockEntry {
-                    hash,
-                    slot,
-                    node: slot + 7,
-                });
+                table.insert(BlockEntry { hash, slot, node: slot + 7 });
             }
         }
         assert_eq!(table.check(), Ok(()));

@@ -58,11 +58,7 @@ impl EndpointLru {
 
     /// Slab nodes the bound allows for `len` blocks under `capacity`.
     pub(crate) fn slab_bound(len: usize, capacity: usize) -> usize {
-        if len == 0 {
-            0
-        } else {
-            capacity.min(MAX_CAPACITY).min(MIN_SLAB.max(2 * len))
-        }
+        if len == 0 { 0 } else { capacity.min(MAX_CAPACITY).min(MIN_SLAB.max(2 * len)) }
     }
 
     fn unlink(&mut self, node: u32) {
@@ -112,11 +108,7 @@ impl EndpointLru {
                 self.nodes.reserve_exact(target - self.nodes.len());
             }
             let node = u32::try_from(self.nodes.len()).ok()?;
-            self.nodes.push(Node {
-                hash,
-                newer: NIL,
-                older: NIL,
-            });
+            self.nodes.push(Node { hash, newer: NIL, older: NIL });
             self.link_newest(node);
             return Some((node, None));
         }
@@ -154,11 +146,7 @@ impl EndpointLru {
     /// Checks the links form one list over the whole slab and the capacity holds.
     pub(crate) fn check(&self) -> Result<(), String> {
         if self.nodes.len() > self.capacity {
-            return Err(format!(
-                "{} blocks over capacity {}",
-                self.nodes.len(),
-                self.capacity
-            ));
+            return Err(format!("{} blocks over capacity {}", self.nodes.len(), self.capacity));
         }
         if self.nodes.capacity() > Self::slab_bound(self.nodes.len(), self.capacity) {
             return Err(format!(

@@ -33,10 +33,7 @@ pub struct BlockHasherConfig {
 
 impl Default for BlockHasherConfig {
     fn default() -> Self {
-        Self {
-            block_size: DEFAULT_BLOCK_SIZE,
-            max_blocks: DEFAULT_MAX_BLOCKS,
-        }
+        Self { block_size: DEFAULT_BLOCK_SIZE, max_blocks: DEFAULT_MAX_BLOCKS }
     }
 }
 
@@ -64,10 +61,7 @@ impl BlockHasher {
 
     /// Number of hashes [`hash_prompt`](Self::hash_prompt) yields for a prompt of `prompt_len` bytes.
     pub fn block_count(&self, prompt_len: usize) -> usize {
-        prompt_len
-            .checked_div(self.config.block_size)
-            .unwrap_or(0)
-            .min(self.config.max_blocks)
+        prompt_len.checked_div(self.config.block_size).unwrap_or(0).min(self.config.max_blocks)
     }
 
     /// Clears `out` and fills it with the chained hashes of the prompt's whole blocks.

@@ -93,10 +93,7 @@ pub struct IndexConfig {
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self {
-            capacity_per_endpoint: DEFAULT_CAPACITY_PER_ENDPOINT,
-            shards: DEFAULT_SHARDS,
-        }
+        Self { capacity_per_endpoint: DEFAULT_CAPACITY_PER_ENDPOINT, shards: DEFAULT_SHARDS }
     }
 }
 
@@ -178,9 +175,7 @@ where
     pub fn new(config: IndexConfig) -> Self {
         let shard_count = config.shards.clamp(1, 1 << 16).next_power_of_two();
         Self {
-            capacity: config
-                .capacity_per_endpoint
-                .min(crate::endpoint_lru::MAX_CAPACITY),
+            capacity: config.capacity_per_endpoint.min(crate::endpoint_lru::MAX_CAPACITY),
             shard_mask: shard_count as u64 - 1,
             shards: (0..shard_count).map(|_| RwLock::default()).collect(),
             registry: RwLock::new(Registry {
@@ -193,10 +188,7 @@ where
 
     /// The effective configuration (capacity capped, shard count rounded).
     pub fn config(&self) -> IndexConfig {
-        IndexConfig {
-            capacity_per_endpoint: self.capacity,
-            shards: self.shards.len(),
-        }
+        IndexConfig { capacity_per_endpoint: self.capacity, shards: self.shards.len() }
     }
 
     fn shard(&self, hash: u64) -> &RwLock<BlockTable> {
@@ -267,10 +259,7 @@ where
             return Some(found);
         }
         let lru: SharedLru = Arc::new(Mutex::new(EndpointLru::new(self.capacity)));
-        let state = SlotState::Live {
-            key,
-            lru: Arc::clone(&lru),
-        };
+        let state = SlotState::Live { key, lru: Arc::clone(&lru) };
         let slot = match registry.free.pop() {
             Some(slot) => {
                 *registry.slots.get_mut(slot as usize)? = state;
@@ -362,9 +351,7 @@ where
             }
         };
         scratch.candidates.clear();
-        self.shard(first)
-            .read()
-            .for_each_holder(first, |slot| scratch.candidates.push(slot));
+        self.shard(first).read().for_each_holder(first, |slot| scratch.candidates.push(slot));
         if scratch.candidates.is_empty() {
             return;
         }
@@ -373,9 +360,7 @@ where
         }
         for (depth, &hash) in hashes.iter().enumerate().skip(1) {
             let stamp = scratch.next_stamp();
-            let LookupScratch {
-                candidates, marks, ..
-            } = &mut *scratch;
+            let LookupScratch { candidates, marks, .. } = &mut *scratch;
             self.shard(hash).read().for_each_holder(hash, |slot| {
                 if let Some(mark) = marks.get_mut(slot as usize) {
                     *mark = stamp;
@@ -460,12 +445,7 @@ where
             }
         }
         drop(registry);
-        total
-            + self
-                .shards
-                .iter()
-                .map(|s| s.read().heap_bytes())
-                .sum::<usize>()
+        total + self.shards.iter().map(|s| s.read().heap_bytes()).sum::<usize>()
     }
 
     /// The documented memory bound (see the [module docs](self)) evaluated for the current
@@ -550,9 +530,7 @@ where
                 if (mix(entry.hash) & self.shard_mask) as usize != index {
                     return fail(format!("block {:#x} in the wrong shard", entry.hash));
                 }
-                let owner = held
-                    .get(&entry.slot)
-                    .and_then(|nodes| nodes.get(&entry.node));
+                let owner = held.get(&entry.slot).and_then(|nodes| nodes.get(&entry.node));
                 if owner != Some(&entry.hash) {
                     return fail(format!("reverse entry {entry:?} has no matching LRU node"));
                 }

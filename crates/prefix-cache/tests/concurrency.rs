@@ -26,15 +26,7 @@ fn prompt(rng: &mut Rng) -> Vec<u64> {
     let prefix = rng.below(6);
     let len = 1 + rng.below(40) as usize;
     let shared = len.min(1 + rng.below(12) as usize);
-    (0..len)
-        .map(|i| {
-            if i < shared {
-                prefix * 1000 + i as u64
-            } else {
-                rng.next()
-            }
-        })
-        .collect()
+    (0..len).map(|i| if i < shared { prefix * 1000 + i as u64 } else { rng.next() }).collect()
 }
 
 const ENDPOINTS: u64 = 24;
@@ -42,10 +34,8 @@ const CAPACITY: usize = 64;
 
 #[test]
 fn readers_and_writers_never_deadlock_and_leave_a_consistent_index() {
-    let index: PrefixIndex<u64> = PrefixIndex::new(IndexConfig {
-        capacity_per_endpoint: CAPACITY,
-        shards: 8,
-    });
+    let index: PrefixIndex<u64> =
+        PrefixIndex::new(IndexConfig { capacity_per_endpoint: CAPACITY, shards: 8 });
     let writers_done = AtomicUsize::new(0);
     let stop_readers = AtomicBool::new(false);
     let lookups = AtomicUsize::new(0);
@@ -94,9 +84,8 @@ fn readers_and_writers_never_deadlock_and_leave_a_consistent_index() {
     assert!(index.memory_bytes() <= index.memory_bound_bytes());
 
     // With the writers gone, lookups must agree with what each endpoint reports holding.
-    let held: Vec<(u64, HashSet<u64>)> = (0..ENDPOINTS)
-        .map(|k| (k, index.blocks_of(k).into_iter().collect()))
-        .collect();
+    let held: Vec<(u64, HashSet<u64>)> =
+        (0..ENDPOINTS).map(|k| (k, index.blocks_of(k).into_iter().collect())).collect();
     assert!(held.iter().all(|(_, blocks)| blocks.len() <= CAPACITY));
     let mut rng = Rng(42);
     let mut out = Vec::new();
@@ -116,10 +105,8 @@ fn readers_and_writers_never_deadlock_and_leave_a_consistent_index() {
 
 #[test]
 fn concurrent_records_to_one_endpoint_respect_its_capacity() {
-    let index: PrefixIndex<u32> = PrefixIndex::new(IndexConfig {
-        capacity_per_endpoint: 50,
-        shards: 4,
-    });
+    let index: PrefixIndex<u32> =
+        PrefixIndex::new(IndexConfig { capacity_per_endpoint: 50, shards: 4 });
     std::thread::scope(|scope| {
         for writer in 0..4u64 {
             let index = &index;

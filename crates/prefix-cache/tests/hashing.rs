@@ -30,16 +30,9 @@ fn one_changed_character_changes_its_block_and_later_ones_only() {
             let mut changed = text.clone();
             changed[block * 64 + offset] ^= 1;
             let other = hashes(&hasher, "m", &changed);
-            assert_eq!(
-                other[..block],
-                base[..block],
-                "block {block} offset {offset}"
-            );
+            assert_eq!(other[..block], base[..block], "block {block} offset {offset}");
             for k in block..10 {
-                assert_ne!(
-                    other[k], base[k],
-                    "block {k} after a change in block {block}"
-                );
+                assert_ne!(other[k], base[k], "block {k} after a change in block {block}");
             }
         }
     }
@@ -71,18 +64,12 @@ fn prompts_shorter_than_a_block_hash_to_nothing() {
 fn trailing_partial_block_does_not_change_whole_blocks() {
     let hasher = BlockHasher::default();
     let text = prompt(64 * 3 + 20);
-    assert_eq!(
-        hashes(&hasher, "m", &text),
-        hashes(&hasher, "m", &text[..64 * 3])
-    );
+    assert_eq!(hashes(&hasher, "m", &text), hashes(&hasher, "m", &text[..64 * 3]));
 }
 
 #[test]
 fn max_blocks_is_respected() {
-    let hasher = BlockHasher::new(BlockHasherConfig {
-        block_size: 16,
-        max_blocks: 5,
-    });
+    let hasher = BlockHasher::new(BlockHasherConfig { block_size: 16, max_blocks: 5 });
     let long = hashes(&hasher, "m", &prompt(16 * 100));
     assert_eq!(long.len(), 5);
     assert_eq!(long, hashes(&hasher, "m", &prompt(16 * 5)));
@@ -93,14 +80,8 @@ fn max_blocks_is_respected() {
 #[test]
 fn degenerate_configs_hash_nothing_without_panicking() {
     for config in [
-        BlockHasherConfig {
-            block_size: 0,
-            max_blocks: 256,
-        },
-        BlockHasherConfig {
-            block_size: 64,
-            max_blocks: 0,
-        },
+        BlockHasherConfig { block_size: 0, max_blocks: 256 },
+        BlockHasherConfig { block_size: 64, max_blocks: 0 },
     ] {
         assert!(hashes(&BlockHasher::new(config), "m", &prompt(1000)).is_empty());
     }

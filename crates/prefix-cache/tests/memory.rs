@@ -23,11 +23,7 @@ fn full_index_stays_within_48_bytes_per_block() {
         }
     }
     let blocks = index.len();
-    assert_eq!(
-        blocks,
-        ENDPOINTS as usize * capacity,
-        "every endpoint is full"
-    );
+    assert_eq!(blocks, ENDPOINTS as usize * capacity, "every endpoint is full");
     let bytes = index.memory_bytes();
     // Per-endpoint and per-shard constants are outside the per-block figure.
     let constants = 64 * 512 + ENDPOINTS as usize * 512 + 4096;

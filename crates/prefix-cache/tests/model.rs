@@ -62,10 +62,7 @@ fn check_agrees(index: &PrefixIndex<u8>, model: &Model) -> Result<(), TestCaseEr
     }
     prop_assert!(index.memory_bytes() <= index.memory_bound_bytes());
     prop_assert_eq!(index.endpoint_count(), model.blocks.len());
-    prop_assert_eq!(
-        index.len(),
-        model.blocks.values().map(Vec::len).sum::<usize>()
-    );
+    prop_assert_eq!(index.len(), model.blocks.values().map(Vec::len).sum::<usize>());
     for key in 0u8..6 {
         let expected = model.blocks.get(&key).cloned().unwrap_or_default();
         prop_assert!(expected.len() <= model.capacity);

@@ -34,13 +34,15 @@ pub const DEFAULT_PICKER_TYPE: &str = "max-score-picker";
 /// Name of the profile built when the config declares none.
 pub const DEFAULT_PROFILE_NAME: &str = "default";
 
-/// The configuration used when none is given: GIE's default profile.
+/// The configuration used when none is given: GIE's default profile (queue, KV-cache
+/// utilisation and prefix-cache scorers weighted 2, 2 and 3, max-score picker).
 pub const DEFAULT_CONFIG_YAML: &str = "\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
 - type: max-score-picker
 schedulingProfiles:
 - name: default
@@ -49,6 +51,8 @@ schedulingProfiles:
     weight: 2
   - pluginRef: kv-cache-utilization-scorer
     weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
   - pluginRef: max-score-picker
 ";
 
@@ -276,7 +280,7 @@ impl EndpointPickerConfig {
         Ok(config)
     }
 
-    /// GIE's default config: queue and KV-cache utilisation scorers, max-score picker.
+    /// GIE's default config ([`DEFAULT_CONFIG_YAML`]).
     pub fn gie_default() -> Self {
         match Self::from_yaml(DEFAULT_CONFIG_YAML) {
             Ok(config) => config,

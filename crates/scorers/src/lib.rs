@@ -7,6 +7,7 @@
 //! | `kv-cache-utilization-scorer` (alias `kv-cache-scorer`) | scorer | [`kv_cache`] |
 //! | `lora-affinity-scorer` | scorer | [`lora_affinity`] |
 //! | `active-request-scorer` | scorer + hooks | [`active_request`] |
+//! | `prefix-cache-scorer` | scorer + hook | [`prefix_cache`] |
 //! | `by-label` | filter | [`label_filter`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
@@ -40,6 +41,7 @@ pub mod lora_affinity;
 pub mod lora_filter;
 mod normalize;
 pub mod pickers;
+pub mod prefix_cache;
 pub mod queue;
 
 use std::sync::Arc;
@@ -54,6 +56,7 @@ pub use label_filter::{ByLabelFilter, ByLabelParameters};
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
+pub use prefix_cache::{PrefixCacheParameters, PrefixCacheScorer};
 pub use queue::QueueScorer;
 
 /// Registers every built-in plugin in `registry` under its type name.
@@ -81,6 +84,10 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             response_complete: Some(scorer),
             ..Plugin::default()
         })
+    });
+    registry.register(prefix_cache::TYPE_NAME, |spec| {
+        let scorer = Arc::new(PrefixCacheScorer::new(spec.parameters()?)?);
+        Ok(Plugin { scorer: Some(scorer.clone()), pre_request: Some(scorer), ..Plugin::default() })
     });
     registry.register(label_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(ByLabelFilter::new(spec.parameters()?)?))

@@ -56,7 +56,16 @@ fn defaults_are_injected() {
     assert_eq!(profile.picker_name(), "max-score-picker");
     // The GIE default config builds.
     let default = scorers::default_scheduler().unwrap();
-    assert_eq!(default.profiles()[0].scorers().len(), 2);
+    let weights: Vec<(&str, f64)> =
+        default.profiles()[0].scorers().iter().map(|s| (&*s.name, s.weight)).collect();
+    assert_eq!(
+        weights,
+        vec![
+            ("queue-scorer", 2.0),
+            ("kv-cache-utilization-scorer", 2.0),
+            ("prefix-cache-scorer", 3.0)
+        ]
+    );
 }
 
 #[test]
@@ -180,4 +189,65 @@ fn structural_errors() {
         error("plugins:\n- type: single-profile-handler\n"),
         "the config declares no scheduling profile and no filter, scorer or picker to build one"
     );
+}
+
+/// The example config of the protocol notes, verbatim.
+const PROTOCOL_EXAMPLE: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]          # optional
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- name: prefix                        # optional; defaults to type
+  type: prefix-cache-scorer
+  parameters: {blockSize: 16, maxPrefixBlocksToMatch: 256, lruCapacityPerServer: 31250}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+  - pluginRef: prefix
+    weight: 3
+  - pluginRef: max-score-picker
+saturationDetector: {}               # optional
+flowControl: {}                       # optional
+";
+
+#[test]
+fn the_protocol_example_loads() {
+    let config = EndpointPickerConfig::from_yaml(PROTOCOL_EXAMPLE).unwrap();
+    assert!(config.feature_enabled("flowControl"));
+    let scheduler = config.build(&builtin_registry()).unwrap();
+    let weights: Vec<(&str, f64)> =
+        scheduler.profiles()[0].scorers().iter().map(|s| (&*s.name, s.weight)).collect();
+    assert_eq!(
+        weights,
+        vec![("queue-scorer", 2.0), ("kv-cache-utilization-scorer", 1.0), ("prefix", 3.0)]
+    );
+}
+
+#[test]
+fn prefix_block_size_spellings() {
+    for parameters in [
+        "{hashBlockSize: 64}",
+        "{blockSize: 64}",
+        "{blockSizeTokens: 16}",
+        "{blockSize: 64, blockSizeTokens: 16}",
+    ] {
+        build(&format!("plugins:\n- type: prefix-cache-scorer\n  parameters: {parameters}\n"))
+            .unwrap();
+    }
+    let message = error(
+        "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 64, blockSizeTokens: 4}\n",
+    );
+    assert!(
+        message.ends_with("blockSize, hashBlockSize and blockSizeTokens disagree; give one"),
+        "{message}"
+    );
+    let message =
+        error("plugins:\n- type: prefix-cache-scorer\n  parameters: {lruCapacityPerServer: 0}\n");
+    assert!(message.ends_with("'lruCapacityPerServer' must be at least 1"), "{message}");
 }

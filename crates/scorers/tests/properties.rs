@@ -69,6 +69,8 @@ fn config(weights: [u32; 4], picker: &str, fallbacks: usize, filter_gold: bool) 
 - type: kv-cache-utilization-scorer
 - type: lora-affinity-scorer
 - type: active-request-scorer
+- type: prefix-cache-scorer
+  parameters: {{blockSize: 8}}
 - type: {picker}
   parameters: {{maxNumOfEndpoints: {fallbacks}}}
 schedulingProfiles:
@@ -82,9 +84,11 @@ schedulingProfiles:
     weight: {}
   - pluginRef: active-request-scorer
     weight: {}
+  - pluginRef: prefix-cache-scorer
+    weight: {}
   - pluginRef: {picker}
 ",
-        weights[0], weights[1], weights[2], weights[3]
+        weights[0], weights[1], weights[2], weights[3], weights[0]
     )
 }
 
@@ -115,7 +119,7 @@ proptest! {
     ) {
         let pool = build_pool(&endpoints);
         let scheduler = scheduler(&config(weights, picker, fallbacks, filter_gold), seed);
-        let request = InferenceRequest::new(format!("lora-{adapter}"), "p");
+        let request = InferenceRequest::new(format!("lora-{adapter}"), format!("a shared system prompt, then question {seed}"));
         match scheduler.schedule(&request, &pool) {
             Ok(result) => {
                 let ranked: Vec<_> = result.ranked().map(|e| e.id()).collect();
@@ -145,7 +149,7 @@ proptest! {
     ) {
         let pool = build_pool(&endpoints);
         let explain = ScheduleOptions { explain: true, seed: Some(seed), ..Default::default() };
-        let request = InferenceRequest::new("lora-1", "p");
+        let request = InferenceRequest::new("lora-1", "a shared system prompt with a question");
         let base = scheduler(&config(weights, "max-score-picker", 1, false), 1)
             .schedule_with(&request, &pool, explain).unwrap();
         let scaled = scheduler(&config(weights.map(|w| w * factor), "max-score-picker", 1, false), 1)

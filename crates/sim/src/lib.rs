@@ -32,7 +32,6 @@ pub mod engine;
 pub mod hashing;
 mod kv;
 pub mod policy;
-pub mod prefix_scorer;
 pub mod profile;
 pub mod report;
 pub mod server;
@@ -48,16 +47,6 @@ pub use workload::{
     LengthDistribution, SyntheticWorkload, TraceWorkload, WorkloadError, WorkloadRequest,
     WorkloadSource, WorkloadSpec,
 };
-
-/// The plugin registry EPP policies are built with: the built-in plugins, plus
-/// [`prefix_scorer`]'s `prefix-cache-scorer` when the built-ins do not provide one.
-pub fn registry() -> scheduler_core::PluginRegistry {
-    let mut registry = scorers::builtin_registry();
-    if !registry.contains(prefix_scorer::TYPE_NAME) {
-        registry.register(prefix_scorer::TYPE_NAME, prefix_scorer::create);
-    }
-    registry
-}
 
 /// Runs every policy at every rate in `qps` (same workload shape and seed), calling
 /// `progress(done, total, report)` after each run; reports are ordered by rate, then policy.

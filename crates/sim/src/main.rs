@@ -24,8 +24,9 @@ OPTIONS:
     --requests N          requests per run [default: 20000]
     --servers N           model servers [default: 10]
     --profile NAME        server profile: h100-llama3-8b | small-test [default: h100-llama3-8b]
-    --policies P,..       round-robin, random, least-request, oracle, epp (GIE default),
-                          epp-prefix, epp:NAME=CONFIG.yaml
+    --policies P,..       round-robin, random, least-request, oracle, epp (GIE default:
+                          queue, KV and prefix scorers), epp-queue-kv, epp-prefix-heavy,
+                          epp:NAME=CONFIG.yaml
                           [default: round-robin,random,least-request,epp,oracle]
     --seed N              seed of the workload and every decision [default: 1]
     --scrape-ms N         metrics scrape interval [default: 50]

@@ -15,10 +15,26 @@ use std::path::Path;
 
 use scheduler_core::{ConfigError, EndpointPickerConfig};
 
-/// A built-in EPP configuration that adds prefix-cache affinity to GIE's default profile.
-pub const PREFIX_CONFIG_YAML: &str = "\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
+/// GIE's load-only profile from before prefix-cache scoring: queue and KV-cache utilisation
+/// scorers, weighted 2 and 2.
+pub const QUEUE_KV_CONFIG_YAML: &str = "\
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
+/// A prefix-heavy variant of the default profile: prefix-cache affinity weighted 5 against
+/// queue 2 and KV-cache utilisation 1, for workloads dominated by long shared prefixes.
+pub const PREFIX_HEAVY_CONFIG_YAML: &str = "\
 plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
@@ -30,9 +46,9 @@ schedulingProfiles:
   - pluginRef: queue-scorer
     weight: 2
   - pluginRef: kv-cache-utilization-scorer
-    weight: 2
+    weight: 1
   - pluginRef: prefix-cache-scorer
-    weight: 3
+    weight: 5
   - pluginRef: max-score-picker
 ";
 
@@ -61,7 +77,7 @@ pub enum Policy {
 pub enum PolicyError {
     /// Not a known policy name.
     #[error(
-        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-prefix, or epp:NAME=CONFIG.yaml"
+        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, or epp:NAME=CONFIG.yaml"
     )]
     Unknown(String),
     /// The configuration file could not be read.
@@ -94,7 +110,7 @@ impl Policy {
         }
     }
 
-    /// GIE's default profile (queue and KV-cache utilisation scorers).
+    /// GIE's default profile (queue, KV-cache utilisation and prefix-cache scorers).
     pub fn gie_default() -> Self {
         Self::Epp {
             name: "epp-default".to_owned(),
@@ -105,7 +121,7 @@ impl Policy {
     /// An EPP policy from YAML text; checks that the built-in registry can build it.
     pub fn epp_from_yaml(name: &str, yaml: &str, origin: &str) -> Result<Self, PolicyError> {
         let config = EndpointPickerConfig::from_yaml(yaml)
-            .and_then(|config| config.build(&crate::registry()).map(|_| config))
+            .and_then(|config| config.build(&scorers::builtin_registry()).map(|_| config))
             .map_err(|source| PolicyError::Config {
                 origin: origin.to_owned(),
                 source: Box::new(source),
@@ -113,7 +129,9 @@ impl Policy {
         Ok(Self::Epp { name: name.to_owned(), config: Box::new(config) })
     }
 
-    /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp`, `epp-prefix`, or
+    /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp` (GIE's default profile),
+    /// `epp-queue-kv` ([`QUEUE_KV_CONFIG_YAML`]), `epp-prefix-heavy`
+    /// ([`PREFIX_HEAVY_CONFIG_YAML`]), or
     /// `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
         match spec {
@@ -122,7 +140,14 @@ impl Policy {
             "least-request" => Ok(Self::LeastRequest),
             "oracle" => Ok(Self::Oracle),
             "epp" | "epp-default" => Ok(Self::gie_default()),
-            "epp-prefix" => Self::epp_from_yaml("epp-prefix", PREFIX_CONFIG_YAML, "epp-prefix"),
+            "epp-queue-kv" => {
+                Self::epp_from_yaml("epp-queue-kv", QUEUE_KV_CONFIG_YAML, "epp-queue-kv")
+            }
+            "epp-prefix-heavy" => Self::epp_from_yaml(
+                "epp-prefix-heavy",
+                PREFIX_HEAVY_CONFIG_YAML,
+                "epp-prefix-heavy",
+            ),
             _ => {
                 let Some(rest) = spec.strip_prefix("epp:") else {
                     return Err(PolicyError::Unknown(spec.to_owned()));
@@ -148,7 +173,9 @@ mod tests {
 
     #[test]
     fn specs_parse_and_errors_name_the_offender() {
-        for spec in ["rr", "random", "least-request", "oracle", "epp", "epp-prefix"] {
+        for spec in
+            ["rr", "random", "least-request", "oracle", "epp", "epp-queue-kv", "epp-prefix-heavy"]
+        {
             assert!(Policy::parse(spec).is_ok(), "{spec}");
         }
         let error = Policy::parse("fastest").unwrap_err();

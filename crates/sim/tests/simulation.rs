@@ -129,13 +129,13 @@ fn bad_inputs_are_errors_not_panics() {
 fn prefix_affinity_halves_p90_ttft_on_the_prefix_heavy_load() {
     let config = SimConfig::new(4, ServerProfile::h100_llama3_8b());
     let workload = synthetic("prefix-heavy", SyntheticWorkload::prefix_heavy(), 25.0, 800);
-    let policies = [Policy::RoundRobin, Policy::parse("epp-prefix").unwrap()];
+    let policies = [Policy::RoundRobin, Policy::gie_default()];
     let reports = sim::compare(&config, &workload, &policies).unwrap();
     let (round_robin, prefix) =
-        (by_policy(&reports, "round-robin"), by_policy(&reports, "epp-prefix"));
+        (by_policy(&reports, "round-robin"), by_policy(&reports, "epp-default"));
     assert!(
         prefix.ttft_s.p90 <= 0.5 * round_robin.ttft_s.p90,
-        "epp-prefix p90 {:.3} s vs round-robin {:.3} s",
+        "epp-default p90 {:.3} s vs round-robin {:.3} s",
         prefix.ttft_s.p90,
         round_robin.ttft_s.p90
     );

@@ -1,0 +1,202 @@
+//! `prefix-cache-scorer`: prefers endpoints that already hold the longest leading run of the
+//! prompt's blocks in their KV cache, so the shared prefix is not prefilled again.
+//!
+//! Score = matched leading blocks / prompt blocks (GIE). The prompt is cut into blocks of
+//! `blockSize` characters (about 4 characters a token; GIE's default 64 characters = 16
+//! tokens), hashed as a chain seeded by the model name, at most `maxPrefixBlocksToMatch`
+//! blocks. Which endpoint holds which block is not observed but inferred: the pre-request
+//! hook records the chosen endpoint as holding every block of the prompt, in a per-endpoint
+//! LRU of `lruCapacityPerServer` blocks that approximates the server's cache.
+//!
+//! The prompt is hashed once per decision; the hashes live in the decision's [`CycleState`]
+//! so the hook reuses them.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
+use scheduler_core::{
+    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PreRequest,
+    SchedulingResult, Scorer,
+};
+use serde::Deserialize;
+
+/// GIE type name.
+pub const TYPE_NAME: &str = "prefix-cache-scorer";
+
+/// Characters per token assumed when a block size is given in tokens.
+const CHARACTERS_PER_TOKEN: usize = 4;
+
+/// Parameters, with every name GIE versions used for the block size.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PrefixCacheParameters {
+    /// Block size in characters (GIE v1.1-v1.3).
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// Block size in characters (GIE v0.5-v1.0).
+    #[serde(default)]
+    pub hash_block_size: Option<usize>,
+    /// Block size in tokens (GIE v1.4+).
+    #[serde(default)]
+    pub block_size_tokens: Option<usize>,
+    /// Most blocks of a prompt hashed and matched (default 256).
+    #[serde(default)]
+    pub max_prefix_blocks_to_match: Option<usize>,
+    /// Blocks remembered per endpoint (default 31,250).
+    #[serde(default)]
+    pub lru_capacity_per_server: Option<usize>,
+}
+
+impl PrefixCacheParameters {
+    fn block_size_characters(&self) -> Result<usize, PluginError> {
+        let given = [
+            self.block_size.map(|size| ("blockSize", size)),
+            self.hash_block_size.map(|size| ("hashBlockSize", size)),
+            self.block_size_tokens.map(|tokens| ("blockSizeTokens", tokens * CHARACTERS_PER_TOKEN)),
+        ];
+        let mut chosen = None;
+        for (name, size) in given.into_iter().flatten() {
+            if size == 0 {
+                return Err(PluginError::InvalidParameters(format!("'{name}' must be at least 1")));
+            }
+            if chosen.is_some_and(|(_, other)| other != size) {
+                return Err(PluginError::InvalidParameters(
+                    "blockSize, hashBlockSize and blockSizeTokens disagree; give one".into(),
+                ));
+            }
+            chosen = Some((name, size));
+        }
+        Ok(chosen.map_or(prefix_cache::hash::DEFAULT_BLOCK_SIZE, |(_, size)| size))
+    }
+}
+
+/// The prompt's block hashes, computed once per decision and shared through [`CycleState`].
+#[derive(Debug, Default)]
+struct PromptBlocks {
+    config: Option<BlockHasherConfig>,
+    hashes: Vec<u64>,
+}
+
+/// Reusable per-thread buffers of the lookup: matched lengths by endpoint, scores by pool position.
+#[derive(Default)]
+struct LookupScratch {
+    matches: Vec<(EndpointId, usize)>,
+    by_pool_index: Vec<f64>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<LookupScratch> = RefCell::default();
+}
+
+/// Scores by cached prefix length and records picks.
+#[derive(Debug)]
+pub struct PrefixCacheScorer {
+    hasher: BlockHasher,
+    index: Arc<PrefixIndex<EndpointId>>,
+}
+
+impl PrefixCacheScorer {
+    /// A scorer configured by GIE's parameters.
+    pub fn new(parameters: PrefixCacheParameters) -> Result<Self, PluginError> {
+        let block_size = parameters.block_size_characters()?;
+        let max_blocks =
+            parameters.max_prefix_blocks_to_match.unwrap_or(prefix_cache::hash::DEFAULT_MAX_BLOCKS);
+        if max_blocks == 0 {
+            return Err(PluginError::InvalidParameters(
+                "'maxPrefixBlocksToMatch' must be at least 1".into(),
+            ));
+        }
+        let capacity = parameters
+            .lru_capacity_per_server
+            .unwrap_or(prefix_cache::index::DEFAULT_CAPACITY_PER_ENDPOINT);
+        if capacity == 0 {
+            return Err(PluginError::InvalidParameters(
+                "'lruCapacityPerServer' must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            hasher: BlockHasher::new(BlockHasherConfig { block_size, max_blocks }),
+            index: Arc::new(PrefixIndex::new(IndexConfig {
+                capacity_per_endpoint: capacity,
+                ..IndexConfig::default()
+            })),
+        })
+    }
+
+    /// The block index (for inspection and for other components sharing it).
+    pub fn index(&self) -> &Arc<PrefixIndex<EndpointId>> {
+        &self.index
+    }
+
+    fn prompt_blocks<'s>(
+        &self,
+        state: &'s mut CycleState,
+        request: &InferenceRequest,
+    ) -> &'s [u64] {
+        let config = self.hasher.config();
+        let blocks = state.get_or_insert_with(PromptBlocks::default);
+        if blocks.config != Some(config) {
+            self.hasher.hash_prompt(
+                &request.target_model,
+                request.prompt.as_bytes(),
+                &mut blocks.hashes,
+            );
+            blocks.config = Some(config);
+        }
+        &blocks.hashes
+    }
+}
+
+impl Scorer for PrefixCacheScorer {
+    fn score(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        candidates: Candidates<'_>,
+        scores: &mut [f64],
+    ) {
+        let hashes = self.prompt_blocks(state, request);
+        if hashes.is_empty() {
+            return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
+        }
+        let total = hashes.len() as f64;
+        let pool = candidates.pool();
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            let LookupScratch { matches, by_pool_index } = &mut *scratch;
+            matches.clear();
+            self.index.longest_prefix_matches(hashes, matches);
+            if matches.is_empty() {
+                return;
+            }
+            // Scores by pool position first: matched endpoints are looked up once each, and
+            // candidates read theirs by position, without a map per request.
+            by_pool_index.clear();
+            by_pool_index.resize(pool.len(), 0.0);
+            for &(endpoint, blocks) in matches.iter() {
+                if let Some(index) = pool.index_of(endpoint) {
+                    by_pool_index[index as usize] = blocks as f64 / total;
+                }
+            }
+            for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
+                *score = by_pool_index.get(index as usize).copied().unwrap_or(0.0);
+            }
+        });
+    }
+}
+
+impl PreRequest for PrefixCacheScorer {
+    fn pre_request(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+    ) {
+        let endpoint = result.primary().id();
+        let hashes = self.prompt_blocks(state, request);
+        if !hashes.is_empty() {
+            self.index.record(endpoint, hashes);
+        }
+    }
+}

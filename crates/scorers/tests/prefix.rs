@@ -1,0 +1,82 @@
+//! The prefix-cache scorer: picks record their prompt's blocks; later prompts sharing a prefix
+//! score by how much of it an endpoint holds.
+
+mod common;
+
+use common::pool;
+use scheduler_core::{EndpointPickerConfig, InferenceRequest, ScheduleOptions, Scheduler};
+use scorers::builtin_registry;
+
+fn scheduler() -> Scheduler {
+    EndpointPickerConfig::from_yaml(
+        "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 4, maxPrefixBlocksToMatch: 8}\n",
+    )
+    .unwrap()
+    .build(&builtin_registry())
+    .unwrap()
+    .with_seed(5)
+}
+
+fn prefix_scores(
+    scheduler: &Scheduler,
+    pool: &std::sync::Arc<scheduler_core::PoolSnapshot>,
+    request: &InferenceRequest,
+) -> (u16, Vec<f64>) {
+    let result = scheduler
+        .schedule_with(request, pool, ScheduleOptions { explain: true, ..Default::default() })
+        .unwrap();
+    let scores = result.explanation().unwrap()[0].scorers[0].2.clone();
+    (result.primary().endpoint.address.port(), scores)
+}
+
+#[test]
+fn a_recorded_prompt_scores_by_its_matched_prefix() {
+    let scheduler = scheduler();
+    let pool = pool(&[(0, 0.0), (0, 0.0), (0, 0.0)]);
+    // 8 blocks of 4 characters.
+    let prompt = "aaaabbbbccccddddeeeeffffgggghhhh";
+    let (first_port, first_scores) =
+        prefix_scores(&scheduler, &pool, &InferenceRequest::new("m", prompt));
+    assert_eq!(first_scores, vec![0.0; 3], "nothing cached yet");
+    let first = (first_port - 8000) as usize;
+
+    let (port, scores) = prefix_scores(&scheduler, &pool, &InferenceRequest::new("m", prompt));
+    assert_eq!(port, first_port, "the endpoint holding the whole prompt wins");
+    assert_eq!(scores[first], 1.0);
+    assert_eq!(scores.iter().filter(|&&s| s == 0.0).count(), 2);
+
+    // Same first four blocks, different rest: half matched.
+    let (_, scores) = prefix_scores(
+        &scheduler,
+        &pool,
+        &InferenceRequest::new("m", "aaaabbbbccccddddXXXXYYYYZZZZWWWW"),
+    );
+    assert_eq!(scores[first], 0.5);
+
+    // Another model never shares blocks.
+    let (_, scores) = prefix_scores(&scheduler, &pool, &InferenceRequest::new("other", prompt));
+    assert_eq!(scores, vec![0.0; 3]);
+}
+
+#[test]
+fn prompts_shorter_than_a_block_score_zero() {
+    let scheduler = scheduler();
+    let pool = pool(&[(0, 0.0), (0, 0.0)]);
+    for _ in 0..2 {
+        let (_, scores) = prefix_scores(&scheduler, &pool, &InferenceRequest::new("m", "abc"));
+        assert_eq!(scores, vec![0.0, 0.0]);
+    }
+}
+
+#[test]
+fn only_the_first_blocks_up_to_the_limit_count() {
+    let scheduler = scheduler();
+    let pool = pool(&[(0, 0.0), (0, 0.0)]);
+    let long = "x".repeat(4 * 20);
+    let (port, _) = prefix_scores(&scheduler, &pool, &InferenceRequest::new("m", long.as_str()));
+    // A prompt agreeing on the first 8 blocks (the limit) and differing later matches fully.
+    let variant = format!("{}{}", "x".repeat(4 * 8), "y".repeat(4 * 12));
+    let (_, scores) =
+        prefix_scores(&scheduler, &pool, &InferenceRequest::new("m", variant.as_str()));
+    assert_eq!(scores[(port - 8000) as usize], 1.0);
+}
