@@ -2,8 +2,9 @@
 //!
 //! Time is an integer count of nanoseconds; events are kept in a binary heap ordered by time,
 //! then by the order they were scheduled, so a run is a pure function of its inputs and seed.
-//! Nothing reads the wall clock: the [`Instant`]s handed to the scheduler are one base instant
-//! plus simulated time, and only their differences matter.
+//! Nothing waits or reads the clock during a run: the [`Instant`]s handed to the scheduler are
+//! one base instant, taken when the run starts, plus simulated time, and plugins only use their
+//! differences.
 //!
 //! The gateway sees the servers only through scrapes: every `scrape_interval_s` each server's
 //! waiting and running counts, KV usage and adapters are copied into a fresh [`PoolSnapshot`],

@@ -5,11 +5,15 @@
 //! - `least-request`: Envoy's LEAST_REQUEST, power of two choices over the requests this
 //!   gateway has in flight on each server (exact and instantaneous, as a proxy knows them).
 //! - `epp`: the real [`scheduler_core::Scheduler`] built from an `EndpointPickerConfig`, fed the
-//!   scraped (so lagging) metrics; its completion hooks run when the simulated request ends.
+//!   scraped (so lagging) metrics; its pre-request hooks run at each pick and its completion
+//!   hooks when the simulated request ends. Built in: GIE's default profile (`epp`), its older
+//!   load-only profile (`epp-queue-kv`) and a prefix-heavy weighting (`epp-prefix-heavy`).
 //! - `oracle`: reads the servers' true state and cache contents and picks the server with the
 //!   lowest estimated time to first token: queued prompt work ahead plus the request's own
 //!   uncached prompt, in steps of the server's token budget, plus adapter-load and capacity
-//!   penalties. It is a greedy bound on what routing can achieve, not an optimum.
+//!   penalties. It is a greedy reference with perfect information, not an optimum or a bound:
+//!   placing each request where it starts soonest can scatter conversations and so lose cache
+//!   locality under heavy load, where a policy that keeps affinity does better.
 
 use std::path::Path;
 
