@@ -550,6 +550,10 @@ fn estimated_ttft(server: &ModelServer, request: &WorkloadRequest) -> f64 {
     let decode_seqs = server.running_len().min(profile.max_running as usize) as u32;
     let step_time = profile.step_time(0, decode_seqs, 0);
     let mut estimate = steps as f64 * step_time + prefill_tokens as f64 * profile.prefill_token_s;
+    // The uncached prompt also delays every request queued behind it on that server: counting
+    // it once more keeps a greedy choice from trading the pool's cache locality for one
+    // request's queue position, which collapses throughput under load.
+    estimate += own_tokens as f64 * profile.prefill_token_s;
 
     // Beyond the sequence limit a request waits for running ones to finish: about one decode
     // step's worth per request ahead of it over the limit.

@@ -147,22 +147,18 @@ impl KvBlocks {
     /// Returns the block's slot.
     pub(crate) fn name_private_block(&mut self, hash: u64) -> u32 {
         self.private -= 1;
-        if let Some(&slot) = self.index.get(&hash) {
+        let next_slot = self.vacant_slots.last().copied().unwrap_or(self.slots.len() as u32);
+        // One probe of the index whether the block is already cached or not.
+        let slot = *self.index.entry(hash).or_insert(next_slot);
+        if slot != next_slot {
             self.acquire(slot);
             return slot;
         }
         let block = NamedBlock { hash, refs: 1, older: NIL, newer: NIL };
-        let slot = match self.vacant_slots.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = block;
-                slot
-            }
-            None => {
-                self.slots.push(block);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.index.insert(hash, slot);
+        match self.vacant_slots.pop() {
+            Some(vacant) => self.slots[vacant as usize] = block,
+            None => self.slots.push(block),
+        }
         slot
     }
 

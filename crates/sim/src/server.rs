@@ -58,6 +58,8 @@ pub struct Sequence {
     private_blocks: u32,
     /// Tokens scheduled in the step in progress.
     scheduled: u32,
+    /// Uncached prompt tokens counted in the queue's work while waiting.
+    queued_prefill_tokens: u32,
     admitted_before: bool,
 }
 
@@ -83,6 +85,7 @@ impl Sequence {
             named_slots: Vec::new(),
             private_blocks: 0,
             scheduled: 0,
+            queued_prefill_tokens: 0,
             admitted_before: false,
         }
     }
@@ -184,12 +187,12 @@ impl ModelServer {
 
     /// Queues a request; gives it back when it can never fit (longer than `max_model_len` or
     /// than the whole KV cache).
-    pub fn enqueue(&mut self, sequence: Sequence) -> Result<(), Sequence> {
+    pub fn enqueue(&mut self, mut sequence: Sequence) -> Result<(), Sequence> {
         let total = sequence.prompt_tokens.saturating_add(sequence.output_tokens);
         if total > self.profile.max_model_len || blocks_for(total) > self.kv.capacity() {
             return Err(sequence);
         }
-        self.count_waiting(&sequence, 1);
+        self.count_waiting(&mut sequence, 1);
         self.waiting.push_back(sequence);
         Ok(())
     }
@@ -224,7 +227,8 @@ impl ModelServer {
         self.kv.match_prefix(hashes).0
     }
 
-    /// Prompt tokens still to compute, over waiting and running requests.
+    /// Prompt tokens still to compute, over waiting and running requests; a waiting request
+    /// counts the part of its prompt that was not cached when it was queued.
     pub fn pending_prefill_tokens(&self) -> u64 {
         let running: u64 = self
             .running
@@ -359,7 +363,7 @@ impl ModelServer {
                 break;
             }
             let Some(mut seq) = self.waiting.remove(position) else { break };
-            self.count_waiting(&seq, -1);
+            self.count_waiting(&mut seq, -1);
             self.kv.acquire_prefix(&seq.block_hashes[..matched as usize], &mut seq.named_slots);
             let allocated = self.kv.allocate(needed);
             debug_assert!(allocated, "allocation was checked above");
@@ -431,12 +435,17 @@ impl ModelServer {
 
     /// Keeps the waiting-queue totals (prompt work, adapters) that scrapes and the oracle read,
     /// so neither walks a queue that may hold thousands of requests under overload.
-    fn count_waiting(&mut self, seq: &Sequence, delta: i32) {
-        let tokens = u64::from(seq.remaining_prefill());
+    fn count_waiting(&mut self, seq: &mut Sequence, delta: i32) {
         if delta > 0 {
-            self.waiting_prefill_tokens += tokens;
+            // What the cache held when the request was queued is the best cheap guess of what
+            // it will skip; the guess is remembered so the total stays exact on removal.
+            let matchable = ((seq.prefill_target - 1) / BLOCK_TOKENS) as usize;
+            let hashes = &seq.block_hashes[..matchable.min(seq.block_hashes.len())];
+            let cached = self.kv.match_prefix(hashes).0 * BLOCK_TOKENS;
+            seq.queued_prefill_tokens = seq.remaining_prefill().saturating_sub(cached).max(1);
+            self.waiting_prefill_tokens += u64::from(seq.queued_prefill_tokens);
         } else {
-            self.waiting_prefill_tokens -= tokens;
+            self.waiting_prefill_tokens -= u64::from(seq.queued_prefill_tokens);
         }
         if let Some(adapter) = seq.adapter {
             let index = adapter as usize;
@@ -453,7 +462,7 @@ impl ModelServer {
         seq.computed = 0;
         seq.scheduled = 0;
         self.stats.preemptions += 1;
-        self.count_waiting(&seq, 1);
+        self.count_waiting(&mut seq, 1);
         self.waiting.push_front(seq);
     }
 
