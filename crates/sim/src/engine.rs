@@ -10,6 +10,10 @@
 //! waiting and running counts, KV usage and adapters are copied into a fresh [`PoolSnapshot`],
 //! which is what the EPP scheduler and the saturation detector read until the next scrape.
 //! Network and proxy delays are not modelled.
+//!
+//! Bounds: the heap holds one pending arrival (requests are generated lazily), one scrape and at
+//! most one step end per server; memory grows with the requests in flight plus one latency
+//! sample per completed request (for exact percentiles).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -100,6 +104,9 @@ pub enum SimError {
     /// The scrape interval is not a positive number of seconds.
     #[error("the scrape interval must be positive, got {0} s")]
     ScrapeInterval(f64),
+    /// The server profile could never run a request.
+    #[error("server profile '{0}' needs a positive token budget, sequence limit and KV-cache size")]
+    Profile(String),
     /// An EPP policy's configuration could not be built.
     #[error("policy '{policy}': {source}")]
     Config {
@@ -194,8 +201,12 @@ pub fn run(
     if config.servers == 0 {
         return Err(SimError::NoServers);
     }
-    if config.scrape_interval_s.is_nan() || config.scrape_interval_s <= 0.0 {
+    if !(config.scrape_interval_s > 0.0 && config.scrape_interval_s.is_finite()) {
         return Err(SimError::ScrapeInterval(config.scrape_interval_s));
+    }
+    let profile = &config.profile;
+    if profile.max_batched_tokens == 0 || profile.max_running == 0 || profile.kv_blocks == 0 {
+        return Err(SimError::Profile(profile.name.clone()));
     }
     let router = Router::new(policy, config.seed, config.servers)?;
     let mut simulation = Simulation::new(config, workload, router);

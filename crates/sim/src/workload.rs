@@ -308,9 +308,11 @@ impl WorkloadSpec {
         Self { qps, ..self.clone() }
     }
 
-    /// Names of the adapters, indexed by [`WorkloadRequest::adapter`].
+    /// Names of the adapters, indexed by [`WorkloadRequest::adapter`] (at most 65,535).
     pub fn adapter_names(&self) -> Vec<Arc<str>> {
-        (0..self.adapters).map(|index| Arc::from(format!("lora-{index}"))).collect()
+        (0..self.adapters.min(u32::from(u16::MAX)))
+            .map(|index| Arc::from(format!("lora-{index}")))
+            .collect()
     }
 
     /// The requests, generated lazily and deterministically from `seed`.
@@ -357,7 +359,8 @@ impl WorkloadGenerator {
                 .collect(),
             WorkloadSource::Trace(_) => Vec::new(),
         };
-        let slot_count = (spec.qps * spec.conversation_gap_s).ceil().clamp(1.0, 1e6) as usize;
+        let slots = spec.qps * spec.conversation_gap_s;
+        let slot_count = if slots.is_finite() { slots.ceil().clamp(1.0, 1e6) as usize } else { 1 };
         let base_seed = model_seed(&spec.model);
         let system_prompt_hashes = system_prompts
             .iter()
@@ -382,9 +385,9 @@ impl WorkloadGenerator {
     }
 
     fn start_conversation(&mut self) -> Option<Conversation> {
-        let adapter = (self.spec.adapters > 0
-            && self.rng.random_bool(clamp01(self.spec.adapter_share)))
-        .then(|| self.rng.random_range(0..self.spec.adapters) as u16);
+        let adapters = self.adapter_names.len() as u32;
+        let adapter = (adapters > 0 && self.rng.random_bool(clamp01(self.spec.adapter_share)))
+            .then(|| self.rng.random_range(0..adapters) as u16);
         let model = match adapter {
             Some(adapter) => Arc::clone(&self.adapter_names[adapter as usize]),
             None => Arc::clone(&self.base_model),
@@ -463,7 +466,8 @@ impl Iterator for WorkloadGenerator {
     type Item = WorkloadRequest;
 
     fn next(&mut self) -> Option<WorkloadRequest> {
-        if self.emitted >= self.spec.requests || self.spec.qps <= 0.0 {
+        let rate_is_usable = self.spec.qps > 0.0 && self.spec.qps.is_finite();
+        if self.emitted >= self.spec.requests || !rate_is_usable {
             return None;
         }
         // A bounded number of attempts: each either emits or ends a conversation that cannot

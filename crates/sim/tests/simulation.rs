@@ -119,6 +119,16 @@ fn bad_inputs_are_errors_not_panics() {
     let mut bad_scrape = SimConfig::new(1, ServerProfile::small_test());
     bad_scrape.scrape_interval_s = 0.0;
     assert!(sim::run(&bad_scrape, &workload, &Policy::Random).is_err());
+    let mut no_budget = SimConfig::new(1, ServerProfile::small_test());
+    no_budget.profile.max_batched_tokens = 0;
+    assert!(matches!(
+        sim::run(&no_budget, &workload, &Policy::Random),
+        Err(sim::SimError::Profile(_))
+    ));
+    for rate in [f64::NAN, f64::INFINITY, -1.0] {
+        let odd = WorkloadSpec { qps: rate, conversation_gap_s: f64::NAN, ..workload.clone() };
+        assert_eq!(odd.generate(1).count(), 0, "rate {rate}");
+    }
     let empty = WorkloadSpec { qps: 0.0, ..workload };
     let report =
         sim::run(&SimConfig::new(1, ServerProfile::small_test()), &empty, &Policy::Oracle).unwrap();
