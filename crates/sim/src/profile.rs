@@ -14,19 +14,21 @@
 //! for prompts of a few thousand tokens and batches up to a few hundred sequences.
 //!
 //! `h100-llama3-8b` (Llama-3-8B, bf16, one H100 SXM 80 GB, vLLM defaults):
+//! The numbers come from roofline reasoning and were checked for order of magnitude (not fitted)
+//! against public vLLM serving benchmarks of this model on this card, which report inter-token
+//! latencies of roughly 7-15 ms at small to moderate batch and prefill rates of tens of
+//! thousands of tokens per second:
 //! - step overhead 6 ms: the 16 GB of weights at ~3.35 TB/s HBM take ~4.8 ms per step, plus
-//!   ~1 ms of scheduling, sampling and launch overhead; vLLM's published Llama-3-8B H100 runs
-//!   show ~7-8 ms inter-token latency at batch 1-8.
+//!   ~1 ms of scheduling, sampling and launch overhead.
 //! - prefill 35 µs/token (~28k tokens/s): 16 GFLOP per token at ~45-50% of the 989 TFLOP/s
 //!   bf16 peak, in line with published single-H100 prefill figures of 20-30k tokens/s.
 //! - decode 25 µs/sequence: the per-token MLP/projection FLOPs stop hiding behind the weight
 //!   read as the batch grows (batch 64 adds ~1.6 ms), plus sampling.
 //! - context 20 ns/token: 128 KiB of KV per token (32 layers × 8 KV heads × 128 × 2 × bf16)
-//!   read at ~60% of HBM bandwidth is ~65 ns; paged attention overlaps part of it, so 20 ns.
+//!   read at ~60% of HBM bandwidth is ~65 ns; part of it overlaps the weight read, so 20 ns.
 //!   Batch 64 at 1,000 tokens of context: 6 + 1.6 + 1.3 ≈ 9 ms per decode step.
 //! - KV capacity 27,000 blocks of 16 tokens (~430k tokens): (80 GB × 0.9 − 16 GB weights −
-//!   activations) / 128 KiB per token, which matches the GPU-block counts vLLM logs for this
-//!   model on this card.
+//!   activations) / 128 KiB per token.
 //! - `max_num_batched_tokens` 8192, `max_num_seqs` 256, `max_loras` 4 with a 30 ms load (an
 //!   adapter of rank 16 is tens of MB copied from host memory), `max_model_len` 8192.
 
