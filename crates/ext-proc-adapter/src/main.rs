@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use ext_proc_adapter::cli::{Cli, Command, ServerFlags};
-use ext_proc_adapter::server::{self, ServerConfig};
+use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
+use metrics_model::collector::CollectorConfig;
+use metrics_model::mapping::{Engine, FlagSpecs, MetricMapping};
 use scheduler_core::{EndpointPickerConfig, SharedPool};
 
 fn main() -> ExitCode {
@@ -71,6 +73,14 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         None
     };
     let address = |port| SocketAddr::new(flags.bind_address, port);
+    let collector = CollectorSettings {
+        config: CollectorConfig {
+            interval: flags.refresh_metrics_interval,
+            staleness_threshold: flags.metrics_staleness_threshold,
+            ..CollectorConfig::default()
+        },
+        default_engine: default_engine(&flags)?,
+    };
     let server_config = ServerConfig {
         grpc_address: address(flags.grpc_port),
         health_address: address(flags.grpc_health_port),
@@ -82,8 +92,9 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         },
         limits: StreamLimits::default(),
         pool_name: flags.pool_name.clone(),
-        staleness_threshold: None,
+        staleness_threshold: Some(flags.metrics_staleness_threshold),
         endpoints_file: flags.endpoints_file.clone(),
+        collector: Some(collector),
     };
     let pool = Arc::new(SharedPool::default());
     let running = server::start(Arc::new(scheduler), pool, server_config)
@@ -93,6 +104,38 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
     tracing::info!("shutting down");
     running.shutdown(Duration::from_secs(10)).await;
     Ok(())
+}
+
+/// vLLM, unless metric-name flags ask for a custom mapping (unset flags keep vLLM's names).
+fn default_engine(flags: &ServerFlags) -> Result<Engine, String> {
+    let custom = [
+        &flags.total_queued_requests_metric,
+        &flags.total_running_requests_metric,
+        &flags.kv_cache_usage_percentage_metric,
+        &flags.lora_info_metric,
+    ];
+    if custom.iter().all(|flag| flag.is_none()) {
+        return Ok(Engine::Vllm);
+    }
+    let specs = FlagSpecs {
+        total_queued_requests: flags
+            .total_queued_requests_metric
+            .as_deref()
+            .unwrap_or("vllm:num_requests_waiting"),
+        total_running_requests: flags
+            .total_running_requests_metric
+            .as_deref()
+            .unwrap_or("vllm:num_requests_running"),
+        kv_cache_usage_percentage: flags
+            .kv_cache_usage_percentage_metric
+            .as_deref()
+            .unwrap_or("vllm:kv_cache_usage_perc"),
+        lora_info: flags.lora_info_metric.as_deref().unwrap_or("vllm:lora_requests_info"),
+        cache_info: "vllm:cache_config_info",
+    };
+    MetricMapping::from_flag_specs(&specs)
+        .map(|mapping| Engine::Custom(std::sync::Arc::new(mapping)))
+        .map_err(|error| format!("invalid metric flag: {error}"))
 }
 
 async fn shutdown_signal() {

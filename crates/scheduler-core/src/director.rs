@@ -1,13 +1,14 @@
 //! From request bytes to a routing decision: parse the body, resolve the request's priority,
-//! admit it (or shed it), schedule it, and say where it goes. Transport-free, so the ext-proc
-//! service and tests drive the same logic.
+//! admit it (or shed it), schedule it, and say where it goes. Transport-free and
+//! runtime-agnostic, so every adapter (ext-proc, tower, C ABI) drives the same logic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use scheduler_core::{
-    BodyError, CompletionGuard, InferenceRequest, Scheduler, SchedulingError, SharedPool,
-};
+use crate::body::BodyError;
+use crate::pool::SharedPool;
+use crate::request::InferenceRequest;
+use crate::scheduler::{CompletionGuard, Scheduler, SchedulingError};
 
 /// What the director needs to know beyond the scheduler and the pool.
 #[derive(Clone, Debug)]
