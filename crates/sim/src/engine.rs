@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use scheduler_core::flow::{self, UtilizationDetector, UtilizationThresholds};
 use scheduler_core::{
     CompletionGuard, ConfigError, Endpoint, EndpointMetrics, EndpointState, InferenceRequest,
     Outcome, PoolSnapshot, ScheduleOptions, Scheduler,
@@ -57,13 +58,14 @@ impl Default for SaturationDetector {
 
 impl SaturationDetector {
     fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
-        let threshold = Duration::from_secs_f64(self.staleness_s.max(0.0));
-        pool.endpoints().iter().filter(|state| !state.metrics.is_stale(now, threshold)).all(
-            |state| {
-                state.metrics.waiting_queue >= self.queue_threshold
-                    || state.metrics.kv_usage >= self.kv_threshold
-            },
-        )
+        // The core's detector, so the simulated gateway sheds exactly as the flow controller.
+        let detector = UtilizationDetector::new(UtilizationThresholds {
+            queue_depth: self.queue_threshold,
+            kv_cache_util: self.kv_threshold,
+            metrics_staleness: Duration::try_from_secs_f64(self.staleness_s.max(0.0))
+                .unwrap_or(Duration::MAX),
+        });
+        flow::SaturationDetector::is_saturated(&detector, pool, now)
     }
 }
 
