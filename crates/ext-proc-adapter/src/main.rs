@@ -119,6 +119,11 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
     let reports = demo::run(&options).await.map_err(|error| error.to_string())?;
     print!("{}", demo::render(&reports));
     println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    // A failed request means the pipeline is broken somewhere: make scripts and CI notice.
+    let failed: usize = reports.iter().map(|report| report.errors).sum();
+    if failed > 0 {
+        return Err(format!("{failed} demo requests failed"));
+    }
     Ok(())
 }
 
