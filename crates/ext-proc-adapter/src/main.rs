@@ -1,4 +1,4 @@
-//! The `epp` binary: the endpoint picker server.
+//! The `epp` binary: the endpoint picker server, and `epp demo`, the picker end to end.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ext_proc_adapter::cli::{Cli, Command, ServerFlags};
+use ext_proc_adapter::cli::{Cli, Command, DemoArgs, ServerFlags};
+use ext_proc_adapter::demo::{self, DemoOptions};
 use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     };
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(cli.server)),
+        Command::Demo(args) => runtime.block_on(run_demo(args, &cli.server)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,6 +160,36 @@ fn default_engine(flags: &ServerFlags) -> Result<Engine, String> {
     MetricMapping::from_flag_specs(&specs)
         .map(|mapping| Engine::Custom(std::sync::Arc::new(mapping)))
         .map_err(|error| format!("invalid metric flag: {error}"))
+}
+
+async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
+    let config = match (&flags.config_text, &flags.config_file) {
+        (None, None) => None,
+        _ => Some(load_config(flags)?),
+    };
+    let options = DemoOptions {
+        servers: args.servers,
+        requests: args.requests,
+        concurrency: args.concurrency,
+        seed: args.seed,
+        policy_compare: args.policy_compare,
+        config,
+        ..DemoOptions::default()
+    };
+    println!(
+        "epp demo: {} simulated vLLM servers on 127.0.0.1, {} requests (seed {}, at most {} in flight)",
+        options.servers, options.requests, options.seed, options.concurrency
+    );
+    let started = std::time::Instant::now();
+    let reports = demo::run(&options).await.map_err(|error| error.to_string())?;
+    print!("{}", demo::render(&reports));
+    println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    // A failed request means the pipeline is broken somewhere: make scripts and CI notice.
+    let failed: usize = reports.iter().map(|report| report.errors).sum();
+    if failed > 0 {
+        return Err(format!("{failed} demo requests failed"));
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
