@@ -7,8 +7,11 @@
 //!   connection, so a slow or hung server delays nobody else. A semaphore bounds how many
 //!   scrapes are in flight at once across the pool.
 //! - **One publisher task.** Scrape tasks send their results over a bounded channel; the
-//!   publisher applies everything that has arrived in one [`SharedPool::update`]. A pool of N
-//!   endpoints scraped every 50 ms thus costs a few snapshot copies per interval, not N.
+//!   publisher waits a short coalescing window (a fifth of the interval, at most 10 ms) after
+//!   the first result and applies everything that arrived in one [`SharedPool::update`]. Each
+//!   update copies the snapshot (about 150 µs at 1,000 endpoints), so a pool of N endpoints
+//!   scraped every 50 ms costs about five copies per interval, not N; freshness pays at most
+//!   the window.
 //! - **Failures keep the last good metrics.** A scrape that fails (connection refused or reset,
 //!   timeout, non-2xx status, oversized or malformed page, missing metrics) publishes nothing:
 //!   the endpoint keeps its previous metrics with their old `updated_at`, so they turn stale by
@@ -142,7 +145,7 @@ struct ScrapeContext {
 /// instead of growing memory.
 const RESULT_CHANNEL_CAPACITY: usize = 1024;
 /// Most results applied in one snapshot update.
-const PUBLISH_BATCH: usize = 256;
+const PUBLISH_BATCH: usize = RESULT_CHANNEL_CAPACITY;
 
 impl MetricsCollector {
     /// Starts a collector publishing into `pool`, with no endpoints yet.
@@ -160,7 +163,8 @@ impl MetricsCollector {
             .ok_or_else(|| CollectorError::InvalidPath { path: config.metrics_path.clone() })?;
         let permits = Semaphore::new(config.max_concurrent_scrapes);
         let (results, receiver) = mpsc::channel(RESULT_CHANNEL_CAPACITY);
-        let publisher = runtime.spawn(publish(Arc::clone(&pool), receiver));
+        let window = (config.interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(10));
+        let publisher = runtime.spawn(publish(Arc::clone(&pool), receiver, window));
         let context = Arc::new(ScrapeContext { config, path, permits });
         let inner = Arc::new(Inner {
             pool,
@@ -276,13 +280,22 @@ impl fmt::Debug for MetricsCollector {
     }
 }
 
-/// Applies scrape results to the pool, batching whatever has queued up.
+/// Applies scrape results to the pool: after the first result, waits `window` for more, then
+/// applies them all in one snapshot update.
 async fn publish(
     pool: Arc<SharedPool>,
     mut results: mpsc::Receiver<(EndpointId, EndpointMetrics)>,
+    window: Duration,
 ) {
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while results.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        tokio::time::sleep(window).await;
+        while batch.len() < PUBLISH_BATCH {
+            match results.try_recv() {
+                Ok(result) => batch.push(result),
+                Err(_) => break,
+            }
+        }
         pool.update(|snapshot| {
             for (id, metrics) in &batch {
                 // An endpoint removed after its scrape finished is simply not there any more.
