@@ -163,7 +163,8 @@ impl MetricsCollector {
             .ok_or_else(|| CollectorError::InvalidPath { path: config.metrics_path.clone() })?;
         let permits = Semaphore::new(config.max_concurrent_scrapes);
         let (results, receiver) = mpsc::channel(RESULT_CHANNEL_CAPACITY);
-        let window = (config.interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(10));
+        let window =
+            (config.interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(10));
         let publisher = runtime.spawn(publish(Arc::clone(&pool), receiver, window));
         let context = Arc::new(ScrapeContext { config, path, permits });
         let inner = Arc::new(Inner {
