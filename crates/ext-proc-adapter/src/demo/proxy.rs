@@ -157,7 +157,8 @@ impl Proxy {
     }
 }
 
-async fn send(
+/// Sends `request` to `address` over a fresh HTTP/1 connection.
+pub async fn send(
     address: SocketAddr,
     request: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, String> {
