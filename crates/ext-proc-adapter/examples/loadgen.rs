@@ -106,6 +106,7 @@ async fn start_epp(endpoints: usize) -> SocketAddr {
         pool_name: "loadgen".into(),
         staleness_threshold: None,
         endpoints_file: None,
+        collector: None,
     };
     let scheduler = Arc::new(scorers::default_scheduler().expect("default scheduler"));
     let running = server::start(scheduler, pool, config).await.expect("start epp");

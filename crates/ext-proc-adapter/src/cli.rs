@@ -22,6 +22,29 @@ pub struct Cli {
 pub enum Command {
     /// Run the ext-proc server (the default).
     Serve,
+    /// Run the picker end to end on loopback: simulated vLLM servers, the ext-proc server, an
+    /// Envoy-like proxy and a seeded workload, compared with round-robin.
+    Demo(DemoArgs),
+}
+
+/// Flags of `epp demo`.
+#[derive(Clone, Debug, Args)]
+pub struct DemoArgs {
+    /// Simulated model servers.
+    #[arg(long, default_value_t = 4)]
+    pub servers: usize,
+    /// Requests in the workload.
+    #[arg(long, default_value_t = 600)]
+    pub requests: usize,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seed of the workload (same seed, same requests).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also run the workload with round-robin routing and compare.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub policy_compare: bool,
 }
 
 /// Flags of the server.
@@ -73,6 +96,10 @@ pub struct ServerFlags {
     /// reloaded when it changes.
     #[arg(long, global = true)]
     pub endpoints_file: Option<PathBuf>,
+    /// InferenceObjectives: YAML list of `{name, priority}`; the
+    /// `x-gateway-inference-objective` header names one (unknown names get priority 0).
+    #[arg(long, global = true)]
+    pub objectives_file: Option<PathBuf>,
     /// Name of the pool in metrics.
     #[arg(long, default_value = "default-pool", global = true)]
     pub pool_name: String,
@@ -145,5 +172,18 @@ mod tests {
         assert!(!cli.server.secure_serving);
         assert_eq!(cli.server.verbose, 2);
         assert_eq!(cli.server.max_fallback_endpoints, 2);
+    }
+
+    #[test]
+    fn demo_flags() {
+        let Some(Command::Demo(args)) = Cli::parse_from(["epp", "demo"]).command else {
+            panic!("demo is a subcommand")
+        };
+        assert_eq!((args.servers, args.requests, args.seed), (4, 600, 42));
+        assert!(args.policy_compare);
+        let cli = Cli::parse_from(["epp", "demo", "--servers", "2", "--policy-compare=false"]);
+        let Some(Command::Demo(args)) = cli.command else { panic!("demo is a subcommand") };
+        assert_eq!(args.servers, 2);
+        assert!(!args.policy_compare);
     }
 }

@@ -20,10 +20,10 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use scheduler_core::{EndpointId, Outcome};
 
-use crate::director::{Director, Rejection, Routed};
 use crate::metrics::{EppMetrics, RequestLabels};
 use crate::proto;
 use crate::usage::ResponseTail;
+use scheduler_core::director::{Director, Rejection, Routed};
 
 /// Largest body chunk sent back in one message; larger ones are split (the proxy's gRPC
 /// message limit; the Go EPP uses the same bound).

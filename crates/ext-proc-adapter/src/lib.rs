@@ -28,7 +28,7 @@
 //! ```
 
 pub mod cli;
-pub mod director;
+pub mod demo;
 pub mod endpoints_file;
 pub mod envoy_client;
 pub mod exchange;
@@ -41,8 +41,8 @@ pub mod service;
 pub mod tls;
 pub mod usage;
 
-pub use director::{Director, DirectorOptions, Rejection, Routed};
 pub use exchange::{Exchange, Phase};
 pub use metrics::EppMetrics;
+pub use scheduler_core::director::{Director, DirectorOptions, Rejection, Routed};
 pub use server::{RunningServer, ServerConfig, ServerError, start};
 pub use service::{EppExtProc, StreamLimits};

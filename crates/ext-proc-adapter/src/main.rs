@@ -1,4 +1,4 @@
-//! The `epp` binary: the endpoint picker server.
+//! The `epp` binary: the endpoint picker server, and `epp demo`, the picker end to end.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -6,10 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ext_proc_adapter::cli::{Cli, Command, ServerFlags};
-use ext_proc_adapter::server::{self, ServerConfig};
+use ext_proc_adapter::cli::{Cli, Command, DemoArgs, ServerFlags};
+use ext_proc_adapter::demo::{self, DemoOptions};
+use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
+use metrics_model::collector::CollectorConfig;
+use metrics_model::mapping::{Engine, FlagSpecs, MetricMapping};
+use scheduler_core::Director;
+use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
 use scheduler_core::{EndpointPickerConfig, SharedPool};
 
 fn main() -> ExitCode {
@@ -24,6 +29,7 @@ fn main() -> ExitCode {
     };
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(cli.server)),
+        Command::Demo(args) => runtime.block_on(run_demo(args, &cli.server)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,11 +60,23 @@ fn load_config(flags: &ServerFlags) -> Result<EndpointPickerConfig, String> {
     EndpointPickerConfig::from_yaml(&text).map_err(|error| format!("invalid config: {error}"))
 }
 
+fn load_objectives(flags: &ServerFlags) -> Result<ObjectiveResolver, String> {
+    let metrics = std::sync::Arc::new(FlowMetrics::new());
+    match &flags.objectives_file {
+        None => ObjectiveResolver::new(Vec::new(), metrics).map_err(|error| error.to_string()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                format!("cannot read --objectives-file {}: {error}", path.display())
+            })?;
+            ObjectiveResolver::from_yaml(&text, metrics)
+                .map_err(|error| format!("invalid --objectives-file {}: {error}", path.display()))
+        }
+    }
+}
+
 async fn serve(flags: ServerFlags) -> Result<(), String> {
     let config = load_config(&flags)?;
-    let scheduler = config
-        .build(&scorers::builtin_registry())
-        .map_err(|error| format!("invalid config: {error}"))?;
+    let objectives = load_objectives(&flags)?;
     let tls = if flags.secure_serving {
         Some(
             match &flags.cert_path {
@@ -71,6 +89,14 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         None
     };
     let address = |port| SocketAddr::new(flags.bind_address, port);
+    let collector = CollectorSettings {
+        config: CollectorConfig {
+            interval: flags.refresh_metrics_interval,
+            staleness_threshold: flags.metrics_staleness_threshold,
+            ..CollectorConfig::default()
+        },
+        default_engine: default_engine(&flags)?,
+    };
     let server_config = ServerConfig {
         grpc_address: address(flags.grpc_port),
         health_address: address(flags.grpc_health_port),
@@ -82,16 +108,87 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         },
         limits: StreamLimits::default(),
         pool_name: flags.pool_name.clone(),
-        staleness_threshold: None,
+        staleness_threshold: Some(flags.metrics_staleness_threshold),
         endpoints_file: flags.endpoints_file.clone(),
+        collector: Some(collector),
     };
     let pool = Arc::new(SharedPool::default());
-    let running = server::start(Arc::new(scheduler), pool, server_config)
+    let director = Director::from_config(
+        &config,
+        &scorers::builtin_registry(),
+        pool,
+        server_config.director.clone(),
+        objectives,
+    )
+    .map_err(|error| format!("invalid config: {error}"))?;
+    let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// vLLM, unless metric-name flags ask for a custom mapping (unset flags keep vLLM's names).
+fn default_engine(flags: &ServerFlags) -> Result<Engine, String> {
+    let custom = [
+        &flags.total_queued_requests_metric,
+        &flags.total_running_requests_metric,
+        &flags.kv_cache_usage_percentage_metric,
+        &flags.lora_info_metric,
+    ];
+    if custom.iter().all(|flag| flag.is_none()) {
+        return Ok(Engine::Vllm);
+    }
+    let specs = FlagSpecs {
+        total_queued_requests: flags
+            .total_queued_requests_metric
+            .as_deref()
+            .unwrap_or("vllm:num_requests_waiting"),
+        total_running_requests: flags
+            .total_running_requests_metric
+            .as_deref()
+            .unwrap_or("vllm:num_requests_running"),
+        kv_cache_usage_percentage: flags
+            .kv_cache_usage_percentage_metric
+            .as_deref()
+            .unwrap_or("vllm:kv_cache_usage_perc"),
+        lora_info: flags.lora_info_metric.as_deref().unwrap_or("vllm:lora_requests_info"),
+        cache_info: "vllm:cache_config_info",
+    };
+    MetricMapping::from_flag_specs(&specs)
+        .map(|mapping| Engine::Custom(std::sync::Arc::new(mapping)))
+        .map_err(|error| format!("invalid metric flag: {error}"))
+}
+
+async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
+    let config = match (&flags.config_text, &flags.config_file) {
+        (None, None) => None,
+        _ => Some(load_config(flags)?),
+    };
+    let options = DemoOptions {
+        servers: args.servers,
+        requests: args.requests,
+        concurrency: args.concurrency,
+        seed: args.seed,
+        policy_compare: args.policy_compare,
+        config,
+        ..DemoOptions::default()
+    };
+    println!(
+        "epp demo: {} simulated vLLM servers on 127.0.0.1, {} requests (seed {}, at most {} in flight)",
+        options.servers, options.requests, options.seed, options.concurrency
+    );
+    let started = std::time::Instant::now();
+    let reports = demo::run(&options).await.map_err(|error| error.to_string())?;
+    print!("{}", demo::render(&reports));
+    println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    // A failed request means the pipeline is broken somewhere: make scripts and CI notice.
+    let failed: usize = reports.iter().map(|report| report.errors).sum();
+    if failed > 0 {
+        return Err(format!("{failed} demo requests failed"));
+    }
     Ok(())
 }
 

@@ -7,17 +7,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics_model::collector::{CollectorConfig, MetricsCollector};
+use metrics_model::mapping::Engine;
 use scheduler_core::{Endpoint, EndpointId, Scheduler, SharedPool};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::director::{Director, DirectorOptions};
 use crate::endpoints_file;
 use crate::metrics::EppMetrics;
 use crate::service::{EppExtProc, StreamLimits};
 use crate::tls::PemIdentity;
+use scheduler_core::director::{Director, DirectorOptions};
 
 /// Largest gRPC message accepted or sent (a body chunk is at most the proxy's buffer size).
 const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -44,6 +46,17 @@ pub struct ServerConfig {
     pub staleness_threshold: Option<Duration>,
     /// Static pool file, reloaded on change.
     pub endpoints_file: Option<PathBuf>,
+    /// Scrape the endpoints' Prometheus metrics; `None` leaves metrics to the embedder.
+    pub collector: Option<CollectorSettings>,
+}
+
+/// How endpoint metrics are scraped.
+#[derive(Clone, Debug)]
+pub struct CollectorSettings {
+    /// Interval, timeout, staleness and limits of the scrapes.
+    pub config: CollectorConfig,
+    /// Engine of endpoints whose entry names none.
+    pub default_engine: Engine,
 }
 
 /// Why the server could not start.
@@ -63,6 +76,66 @@ pub enum ServerError {
     /// The endpoints file is unusable at start.
     #[error(transparent)]
     EndpointsFile(#[from] endpoints_file::EndpointsFileError),
+    /// The metrics collector could not start.
+    #[error("metrics collector: {0}")]
+    Collector(String),
+    /// An endpoint names an engine that does not exist.
+    #[error("endpoint {endpoint}: unknown engine '{engine}' (known: vllm, sglang, trtllm)")]
+    UnknownEngine {
+        /// The endpoint.
+        endpoint: SocketAddr,
+        /// The engine named.
+        engine: String,
+    },
+}
+
+/// Where endpoint changes go: straight into the pool, or through the collector that scrapes
+/// them (which then owns their metrics).
+#[derive(Clone, Debug)]
+pub enum PoolWriter {
+    /// Metrics are left as they are (set by the embedder, or none).
+    Direct(Arc<SharedPool>),
+    /// The collector adds, scrapes and removes endpoints.
+    Collector(Arc<MetricsCollector>, Engine),
+}
+
+impl PoolWriter {
+    /// Makes the pool hold exactly `entries`, keeping the metrics of endpoints that stay.
+    pub fn apply(&self, entries: &[endpoints_file::EndpointEntry]) -> Result<(), ServerError> {
+        match self {
+            Self::Direct(pool) => {
+                apply_endpoints(pool, entries);
+                Ok(())
+            }
+            Self::Collector(collector, default_engine) => {
+                let mut wanted = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    let endpoint = entry.to_endpoint();
+                    let engine = match &entry.engine {
+                        None => default_engine.clone(),
+                        Some(name) => {
+                            name.parse::<Engine>().map_err(|_| ServerError::UnknownEngine {
+                                endpoint: endpoint.address,
+                                engine: name.clone(),
+                            })?
+                        }
+                    };
+                    wanted.push((endpoint, engine));
+                }
+                let keep: std::collections::HashSet<EndpointId> =
+                    wanted.iter().map(|(endpoint, _)| endpoint.id).collect();
+                for id in collector.endpoints() {
+                    if !keep.contains(&id) {
+                        collector.remove_endpoint(id);
+                    }
+                }
+                for (endpoint, engine) in wanted {
+                    collector.upsert_endpoint(endpoint, engine);
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A running server; dropping it does not stop it, [`RunningServer::shutdown`] does.
@@ -76,6 +149,8 @@ pub struct RunningServer {
     pub metrics_address: SocketAddr,
     /// The picker's metrics.
     pub metrics: Arc<EppMetrics>,
+    /// Where endpoint changes go (for embedders adding endpoints at runtime).
+    pub pool_writer: PoolWriter,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -84,14 +159,41 @@ async fn bind(address: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(address).await.map_err(|source| ServerError::Bind { address, source })
 }
 
-/// Binds every listener and starts serving.
+/// Binds every listener and starts serving, admitting every request (no flow control).
 pub async fn start(
     scheduler: Arc<Scheduler>,
     pool: Arc<SharedPool>,
     config: ServerConfig,
 ) -> Result<RunningServer, ServerError> {
+    let director = Arc::new(Director::new(scheduler, pool, config.director.clone()));
+    start_with_director(director, config).await
+}
+
+/// How often queued requests are re-checked for dispatch and TTL expiry, besides on every
+/// completion.
+const FLOW_TICK: Duration = Duration::from_millis(5);
+
+/// Binds every listener and starts serving with `director` (its pool, scheduler and flow
+/// control).
+pub async fn start_with_director(
+    director: Arc<Director>,
+    config: ServerConfig,
+) -> Result<RunningServer, ServerError> {
+    let pool = Arc::clone(director.pool());
+    let (pool_writer, staleness_threshold) = match &config.collector {
+        Some(settings) => {
+            let collector = MetricsCollector::start(Arc::clone(&pool), settings.config.clone())
+                .map_err(|error| ServerError::Collector(error.to_string()))?;
+            let staleness = collector.config().staleness_threshold;
+            (
+                PoolWriter::Collector(Arc::new(collector), settings.default_engine.clone()),
+                Some(staleness),
+            )
+        }
+        None => (PoolWriter::Direct(Arc::clone(&pool)), config.staleness_threshold),
+    };
     if let Some(path) = &config.endpoints_file {
-        apply_endpoints(&pool, endpoints_file::load(path)?);
+        pool_writer.apply(&endpoints_file::load(path)?)?;
     }
     let grpc = bind(config.grpc_address).await?;
     let health = bind(config.health_address).await?;
@@ -101,8 +203,8 @@ pub async fn start(
     let health_address = local(&health, config.health_address);
     let metrics_address = local(&metrics_listener, config.metrics_address);
 
-    let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), config.staleness_threshold));
-    let director = Arc::new(Director::new(scheduler, Arc::clone(&pool), config.director.clone()));
+    let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), staleness_threshold));
+    let flow = director.flow_control().filter(|flow| flow.controller().is_some()).cloned();
     let service = EppExtProc::new(director, Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);
     let (stop, stopped) = watch::channel(false);
@@ -129,7 +231,7 @@ pub async fn start(
     tasks.push(tokio::spawn(crate::health::report(
         reporter,
         Arc::clone(&pool),
-        config.staleness_threshold,
+        staleness_threshold,
         Duration::from_millis(500),
     )));
     let health_task = tonic::transport::Server::builder()
@@ -149,14 +251,34 @@ pub async fn start(
         Arc::clone(&pool),
     )));
     if let Some(path) = config.endpoints_file.clone() {
-        tasks.push(tokio::spawn(watch_endpoints_file(path, Arc::clone(&pool))));
+        tasks.push(tokio::spawn(watch_endpoints_file(path, pool_writer.clone())));
+    }
+    if let Some(flow) = flow {
+        let pool = Arc::clone(&pool);
+        tasks.push(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(FLOW_TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                interval.tick().await;
+                flow.tick(&pool.load(), std::time::Instant::now());
+            }
+        }));
     }
     tracing::info!(%grpc_address, %health_address, %metrics_address, tls = config.tls.is_some(), "epp serving");
-    Ok(RunningServer { grpc_address, health_address, metrics_address, metrics, stop, tasks })
+    Ok(RunningServer {
+        grpc_address,
+        health_address,
+        metrics_address,
+        metrics,
+        pool_writer,
+        stop,
+        tasks,
+    })
 }
 
 impl RunningServer {
-    /// Stops accepting, lets open streams finish, and stops the background tasks.
+    /// Stops accepting, lets open streams finish, and stops the background tasks (the
+    /// collector stops when its last handle is dropped).
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
         let (grpc, rest) = self.tasks.split_at(1);
@@ -176,7 +298,7 @@ impl RunningServer {
 }
 
 /// Makes the pool hold exactly `entries`, keeping the metrics of endpoints that stay.
-pub fn apply_endpoints(pool: &SharedPool, entries: Vec<endpoints_file::EndpointEntry>) {
+pub fn apply_endpoints(pool: &SharedPool, entries: &[endpoints_file::EndpointEntry]) {
     let endpoints: Vec<Endpoint> =
         entries.iter().map(endpoints_file::EndpointEntry::to_endpoint).collect();
     pool.update(|snapshot| {
@@ -194,7 +316,7 @@ pub fn apply_endpoints(pool: &SharedPool, entries: Vec<endpoints_file::EndpointE
     });
 }
 
-async fn watch_endpoints_file(path: PathBuf, pool: Arc<SharedPool>) {
+async fn watch_endpoints_file(path: PathBuf, writer: PoolWriter) {
     let mut seen = endpoints_file::modified(&path);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -203,12 +325,14 @@ async fn watch_endpoints_file(path: PathBuf, pool: Arc<SharedPool>) {
             continue;
         }
         seen = now;
-        match endpoints_file::load(&path) {
-            Ok(entries) => {
-                tracing::info!(path = %path.display(), endpoints = entries.len(), "endpoints file reloaded");
-                apply_endpoints(&pool, entries);
+        // Keep serving the last good pool: a half-written file must not empty it.
+        match endpoints_file::load(&path).map_err(ServerError::from).and_then(|entries| {
+            writer.apply(&entries)?;
+            Ok(entries.len())
+        }) {
+            Ok(count) => {
+                tracing::info!(path = %path.display(), endpoints = count, "endpoints file reloaded")
             }
-            // Keep serving the last good pool: a half-written file must not empty it.
             Err(error) => tracing::warn!(%error, "endpoints file not reloaded"),
         }
     }

@@ -14,9 +14,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::director::Director;
 use crate::exchange::Exchange;
 use crate::metrics::EppMetrics;
+use scheduler_core::director::Director;
 
 /// Answers buffered per stream before the task waits for the proxy to read them.
 const STREAM_CHANNEL_CAPACITY: usize = 32;

@@ -53,7 +53,7 @@ async fn start(options: DirectorOptions, limits: StreamLimits) -> Harness {
         .with_pre_request(in_flight.clone())
         .with_response_complete(in_flight.clone())
         .with_response_complete(completed.clone());
-    // Queues 3, 0, 5: 9001 is best, then 9000, then 9002.
+    // Queues 3, 0, 5: 9001 is best, then 9000, then 9002. Metrics stay fresh for the test.
     let pool = Arc::new(SharedPool::new(PoolSnapshot::new([
         endpoint(9000, 3),
         endpoint(9001, 0),
@@ -271,4 +271,112 @@ async fn hundreds_of_concurrent_streams_are_all_answered() {
     }
     assert_eq!(harness.in_flight.total_in_flight(), 0);
     assert_eq!(harness.completed.0.lock().len(), 300);
+}
+
+fn saturated_pool(waiting_queue: u32) -> Arc<SharedPool> {
+    Arc::new(SharedPool::new(PoolSnapshot::new([
+        endpoint(9100, waiting_queue),
+        endpoint(9101, waiting_queue),
+    ])))
+}
+
+async fn serve_director(director: Arc<Director>) -> ExternalProcessorClient<Channel> {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = ext_proc_adapter::ServerConfig {
+        grpc_address: loopback,
+        health_address: loopback,
+        metrics_address: loopback,
+        tls: None,
+        director: DirectorOptions::default(),
+        limits: StreamLimits::default(),
+        pool_name: "p".into(),
+        staleness_threshold: None,
+        endpoints_file: None,
+        collector: None,
+    };
+    let running = ext_proc_adapter::server::start_with_director(director, config).await.unwrap();
+    let address = running.grpc_address;
+    std::mem::forget(running);
+    ExternalProcessorClient::connect(format!("http://{address}")).await.unwrap()
+}
+
+const OBJECTIVES: &str = "- {name: critical, priority: 10}\n- {name: batch, priority: -1}\n";
+
+fn director_for(config: &str, pool: Arc<SharedPool>) -> Arc<Director> {
+    let config = scheduler_core::EndpointPickerConfig::from_yaml(config).unwrap();
+    let metrics = Arc::new(scheduler_core::flow::FlowMetrics::new());
+    let objectives =
+        scheduler_core::flow::ObjectiveResolver::from_yaml(OBJECTIVES, metrics).unwrap();
+    Arc::new(
+        Director::from_config(
+            &config,
+            &scorers::builtin_registry(),
+            pool,
+            DirectorOptions::default(),
+            objectives,
+        )
+        .unwrap(),
+    )
+}
+
+fn with_objective<'a>(objective: &'a str) -> ProxyRequest<'a> {
+    ProxyRequest {
+        headers: vec![
+            (":path", "/v1/chat/completions"),
+            ("x-gateway-inference-objective", objective),
+        ],
+        body: CHAT,
+        chunk_bytes: 0,
+        subset: None,
+    }
+}
+
+#[tokio::test]
+async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
+    let config = "plugins:\n- type: queue-scorer\nsaturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 10s}\n";
+    let pool = saturated_pool(7);
+    let mut client = serve_director(director_for(config, Arc::clone(&pool))).await;
+    let decide = |client: &mut ExternalProcessorClient<Channel>, objective: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = ProxyStream::open(&mut client).await.unwrap();
+            stream.send_request(&with_objective(objective)).await.unwrap();
+            stream.decision().await.unwrap()
+        }
+    };
+    let (status, body) = error_status(&decide(&mut client, "batch").await);
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "request_shed");
+    assert!(
+        matches!(decide(&mut client, "critical").await, Decision::Routed { .. }),
+        "never shed priority >= 0"
+    );
+    assert!(
+        matches!(decide(&mut client, "unknown-objective").await, Decision::Routed { .. }),
+        "unknown = 0"
+    );
+
+    // Saturation lifts: the sheddable request goes through.
+    pool.update(|snapshot| {
+        for port in [9100, 9101] {
+            snapshot.upsert(endpoint(port, 0));
+        }
+    });
+    assert!(matches!(decide(&mut client, "batch").await, Decision::Routed { .. }));
+}
+
+#[tokio::test]
+async fn with_the_flow_control_gate_requests_wait_until_saturation_lifts() {
+    let config = "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nsaturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 10s}\nflowControl: {defaultRequestTTL: 10s}\n";
+    let pool = saturated_pool(9);
+    let mut client = serve_director(director_for(config, Arc::clone(&pool))).await;
+    let mut waiting = ProxyStream::open(&mut client).await.unwrap();
+    waiting.send_request(&with_objective("batch")).await.unwrap();
+    let decision = tokio::spawn(async move { waiting.decision().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!decision.is_finished(), "queued while saturated");
+    pool.update(|snapshot| snapshot.upsert(endpoint(9101, 0)));
+    let decision = tokio::time::timeout(Duration::from_secs(10), decision).await.unwrap().unwrap();
+    let Decision::Routed { destination, .. } = decision else { panic!("{decision:?}") };
+    assert_eq!(destination, "127.0.0.1:9101");
 }

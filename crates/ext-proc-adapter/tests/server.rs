@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use ext_proc_adapter::envoy_client::{Decision, ProxyRequest, ProxyStream};
-use ext_proc_adapter::server::{self, RunningServer, ServerConfig};
+use ext_proc_adapter::server::{self, CollectorSettings, RunningServer, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
+use metrics_model::collector::CollectorConfig;
+use metrics_model::mapping::Engine;
 use scheduler_core::SharedPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -24,6 +26,14 @@ async fn start(
     tls: Option<PemIdentity>,
     endpoints_file: Option<std::path::PathBuf>,
 ) -> (RunningServer, Arc<SharedPool>) {
+    start_with(tls, endpoints_file, None).await
+}
+
+async fn start_with(
+    tls: Option<PemIdentity>,
+    endpoints_file: Option<std::path::PathBuf>,
+    collector: Option<CollectorSettings>,
+) -> (RunningServer, Arc<SharedPool>) {
     let pool = Arc::new(SharedPool::default());
     let config = ServerConfig {
         grpc_address: loopback(),
@@ -35,6 +45,7 @@ async fn start(
         pool_name: "test-pool".into(),
         staleness_threshold: None,
         endpoints_file,
+        collector,
     };
     let scheduler = Arc::new(scorers::default_scheduler().unwrap());
     let running = server::start(scheduler, Arc::clone(&pool), config).await.unwrap();
@@ -228,4 +239,112 @@ async fn metrics_expose_the_gie_names() {
     }
     assert!(http_get(running.metrics_address, "/other").await.starts_with("HTTP/1.1 404"));
     running.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A model server that only serves a vLLM metrics page, keeping connections alive.
+async fn fake_vllm(waiting: u32) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let page = format!(
+        "# TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{model_name=\"m\"}} {waiting}\n\
+         vllm:num_requests_running{{model_name=\"m\"}} 2\n\
+         vllm:kv_cache_usage_perc{{model_name=\"m\"}} 0.25\n"
+    );
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 4096];
+                loop {
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{page}",
+                        page.len()
+                    );
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn the_collector_keeps_endpoint_metrics_fresh_and_drives_readiness() {
+    let healthy = fake_vllm(4).await;
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    // One endpoint answers; nothing listens on the other (a closed loopback port).
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    std::fs::write(
+        &file,
+        format!("- {{address: 127.0.0.1, port: {}, engine: vllm}}\n- {{address: 127.0.0.1, port: {closed_port}}}\n", healthy.port()),
+    )
+    .unwrap();
+    let settings = CollectorSettings {
+        config: CollectorConfig {
+            interval: Duration::from_millis(20),
+            staleness_threshold: Duration::from_millis(500),
+            ..CollectorConfig::default()
+        },
+        default_engine: Engine::Vllm,
+    };
+    let (running, pool) = start_with(None, Some(file), Some(settings)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshot = pool.load();
+        let state = snapshot.by_id(scheduler_core::EndpointId::from_address(healthy));
+        if state.is_some_and(|s| s.metrics.waiting_queue == 4 && s.metrics.running == 2) {
+            assert_eq!(state.unwrap().metrics.kv_usage, 0.25);
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually_healthy(running.health_address, "readiness", ServingStatus::Serving).await;
+    let text = http_get(running.metrics_address, "/metrics").await;
+    assert!(text.contains("inference_pool_ready_pods{name=\"test-pool\"} 1"), "{text}");
+    assert!(text.contains("inference_pool_average_queue_size{name=\"test-pool\"} 4.0"), "{text}");
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_unknown_engine_in_the_endpoints_file_is_refused_by_name() {
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    std::fs::write(&file, "- {address: 127.0.0.1, port: 1, engine: tgi}\n").unwrap();
+    let settings =
+        CollectorSettings { config: CollectorConfig::default(), default_engine: Engine::Vllm };
+    let pool = Arc::new(SharedPool::default());
+    let config = ServerConfig {
+        grpc_address: loopback(),
+        health_address: loopback(),
+        metrics_address: loopback(),
+        tls: None,
+        director: DirectorOptions::default(),
+        limits: StreamLimits::default(),
+        pool_name: "p".into(),
+        staleness_threshold: None,
+        endpoints_file: Some(file),
+        collector: Some(settings),
+    };
+    let error = server::start(Arc::new(scorers::default_scheduler().unwrap()), pool, config)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "endpoint 127.0.0.1:1: unknown engine 'tgi' (known: vllm, sglang, trtllm)"
+    );
 }

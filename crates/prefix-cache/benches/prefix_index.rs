@@ -4,7 +4,8 @@
 //! Workload: 1,000 endpoints; each endpoint receives 256-block prompts that start with one of the
 //! 8-block system prompts of its group of 10 endpoints (100 groups x 10 system prompts), followed
 //! by a unique tail, until its LRU is full. So a system prompt is held by about 10 endpoints and a
-//! tail by one.
+//! tail by one. The lookup cases then make the query's system prompt, and finally its whole
+//! prompt, held by every endpoint: the common production case of one shared system prompt.
 
 use std::collections::{HashMap, HashSet};
 use std::hint::black_box;
@@ -203,6 +204,21 @@ fn bench_index<I: Index>(
     group.bench_function(format!("{label}/record_256/held_blocks"), |b| {
         b.iter(|| index.record(420, black_box(query)))
     });
+
+    // Every endpoint now holds the whole query: each of its 256 blocks is held by all 1,000
+    // endpoints, and all of them match to full length.
+    for endpoint in 0..ENDPOINTS {
+        index.record(endpoint, query);
+    }
+    index.lookup(query, &mut out);
+    assert_eq!(out.iter().filter(|e| e.1 == PROMPT_BLOCKS).count(), ENDPOINTS as usize);
+    group.bench_function(
+        BenchmarkId::new(format!("{label}/lookup_256"), "popular_whole_prompt"),
+        |b| b.iter(|| index.lookup(black_box(query), &mut out)),
+    );
+    group.bench_function(format!("{label}/record_256/popular_held_blocks"), |b| {
+        b.iter(|| index.record(420, black_box(query)))
+    });
 }
 
 fn bench_full_index(c: &mut Criterion) {
@@ -221,6 +237,13 @@ fn bench_full_index(c: &mut Criterion) {
     let mut group = c.benchmark_group("full_1000x31250");
     bench_index(&mut group, "prefix_index", &mut index, &query);
     group.finish();
+    let (blocks, bytes) = (index.len(), index.memory_bytes());
+    eprintln!(
+        "full index after the popular cases: {blocks} pairs, {} bitset blocks; memory_bytes \
+         {bytes} = {:.2} bytes/block",
+        index.bitset_blocks(),
+        bytes as f64 / blocks as f64
+    );
 }
 
 fn bench_against_lru(c: &mut Criterion) {

@@ -5,10 +5,13 @@
 //!   endpoint's LRU (a doubly linked list threaded through a slab of 16-byte nodes with `u32`
 //!   links, reusing the least recent node once full) behind its own mutex.
 //! * The **reverse map** from block hash to holders is split into a power-of-two number of shards
-//!   by (mixed) block hash, each a linear-probing multimap of 16-byte `(hash, slot, node)` entries
-//!   behind a `parking_lot` `RwLock`. An entry names the endpoint slot and the block's node in that
-//!   endpoint's LRU, so the reverse map doubles as the per-endpoint "do I hold this block?" map and
-//!   no third structure is needed.
+//!   by (mixed) block hash, each a linear-probing table of 16-byte buckets behind a `parking_lot`
+//!   `RwLock`. A block held by few endpoints has one `(hash, slot, node)` bucket per holder; a
+//!   block held by many (32 on the way up, down to 16 on the way back) has one marker bucket
+//!   naming a *holder set*: a bitset over endpoint slots plus the holders' LRU nodes in slot order
+//!   (see `block_table`). Either way the reverse map names the endpoint slot and the block's node
+//!   in that endpoint's LRU, so it doubles as the per-endpoint "do I hold this block?" map and no
+//!   third structure is needed.
 //!
 //! # Operations
 //! * `record(k, hashes)` locks endpoint `k`'s LRU, then, block by block, looks the pair up in its
@@ -17,18 +20,24 @@
 //!   enforced right there, on insert; nothing sweeps in the background.
 //! * `longest_prefix_matches(hashes)` seeds candidates with the holders of the first block and,
 //!   block by block, keeps those that also hold the next one; an endpoint leaves the candidate set
-//!   with the number of leading blocks it holds, and the walk stops when the set is empty. The cost
-//!   is `O(sum over visited blocks of the block's probe run)`, with one shard read lock at a time.
+//!   with the number of leading blocks it holds, and the walk stops when the set is empty. While
+//!   many candidates are left they are a bitset, narrowed by a word-wise AND with each block's
+//!   holder set, and the candidates that drop out are `current & !next`; once fewer candidates
+//!   than words remain (or a block with few holders is reached) they are a list checked against
+//!   each block's pairs. The cost is `O(Σ over visited blocks of min(W, candidates) + probe run)`
+//!   plus one step per reported endpoint, with `W = ⌈slots / 64⌉`, taking one shard read lock at a
+//!   time.
 //! * `remove_endpoint(k)` unpublishes the key, drains the endpoint's pairs from the shards, then
 //!   frees the slot for reuse.
 //!
 //! # Cost of popular blocks
-//! All pairs of one block hash share a probe run, so a block held by `m` endpoints is a run of
-//! about `m / (1 - load)` buckets: a lookup visiting it scans that run (a system prompt held by
-//! all of 1,000 endpoints costs about 10 µs per block), and other hashes whose home falls inside
-//! it probe further. Keeping a separate holder list for hashes with many holders would bound
-//! that; the single table was kept for its 16-byte entries.
-//!
+//! A system prompt held by all of 1,000 endpoints is one marker bucket and a 16-word bitset per
+//! block: a lookup narrows 1,000 candidates with 16 ANDs per block instead of scanning a probe run
+//! of about 3,000 buckets, and other hashes no longer probe past such runs. Pair buckets are kept
+//! for blocks with few holders (the common case for the tail of a prompt) because a bitset and
+//! its bookkeeping only pay for themselves once spread over many holders; a block whose holders
+//! are too sparse among the slots (a bitset of more than one word per holder) stays as pairs.
+
 //! # Lock order and why it cannot deadlock
 //! Locks are only ever taken in this order: **registry → endpoint LRU → one shard**. A thread holds
 //! at most one endpoint LRU and at most one shard at any time, and never waits for an earlier lock
@@ -40,6 +49,8 @@
 //! * lookups hold the registry read lock for the whole call (so a slot cannot be freed and reused
 //!   for another key while its pairs are being read) and take shard read locks one at a time; they
 //!   never lock an LRU.
+//! * a holder set lives inside its shard and is only touched under that shard's lock: switching a
+//!   block between pairs and a set happens within one insert or removal, so it adds no lock.
 //!
 //! Since every wait is for a lock later in a fixed total order than all locks held, no cycle of
 //! waiters can form. Lookups never block each other; they wait only for a shard writer inserting
@@ -50,17 +61,24 @@
 //! shards and `P` endpoint slots (peak number of endpoints alive at once):
 //!
 //! ```text
-//! memory_bytes() <= F + S * (SHARD + 16 * 16) + P * ENDPOINT + Σ_e 16 * min(C, max(8, 2 n_e)) + 32 * N
+//! memory_bytes() <= F + S * (SHARD + 16 * 16 + 8 * 56) + P * ENDPOINT
+//!                   + Σ_e 16 * min(C, max(8, 2 n_e)) + 32 * N
 //! ```
 //!
 //! * 16 bytes per LRU node (hash + two `u32` links); the slab is exactly `C` nodes once full;
-//! * 16 bytes per reverse-map bucket, with at most `2 * len` buckets per shard (at least 16),
-//!   0.64–0.8 load while the index grows;
+//! * a block with few holders: one 16-byte bucket per holder, with at most `2 * len` buckets per
+//!   shard (at least 16), 0.64–0.8 load while the index grows: at most 32 bytes per holder;
+//! * a block with `m >= 16` holders in a set: its marker bucket (at most 32 bytes), at most two
+//!   56-byte entries of the shard's set vector (at least 8 entries), a bitset of `W <= m` words and
+//!   at most `2 m` `u32` node indices: at most `144 + 16 m <= 32 m` bytes, i.e. at most 32 bytes
+//!   per holder (about `8 + 8 W / m` once `m` is large: 8–9 bytes per holder for a block held by
+//!   all of 1,000 endpoints);
 //! * `F`, `SHARD` and `ENDPOINT` are small constants (struct sizes, registry entry, `Arc<Mutex<_>>`).
 //!
 //! So at full capacity each indexed (endpoint, block) pair costs **at most 48 bytes** (16 + 32), and
-//! 36–41 bytes once the shards have grown to their steady size. [`PrefixIndex::memory_bytes`]
-//! measures allocated capacities; [`PrefixIndex::memory_bound_bytes`] evaluates the right-hand side.
+//! 36–41 bytes once the shards have grown to their steady size (less when blocks are shared by
+//! many endpoints). [`PrefixIndex::memory_bytes`] measures allocated capacities;
+//! [`PrefixIndex::memory_bound_bytes`] evaluates the right-hand side.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -70,7 +88,10 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
-use crate::block_table::{BUCKET_BYTES, BlockEntry, BlockTable, MIN_BUCKETS, mix};
+use crate::block_table::{
+    BUCKET_BYTES, BlockEntry, BlockTable, Holders, MAX_SLOTS, MIN_BUCKETS, MIN_SETS, SET_BYTES,
+    SetBits, bit_is_set, mix,
+};
 use crate::endpoint_lru::{EndpointLru, NODE_BYTES};
 
 /// Default capacity per endpoint, in blocks (GIE's `lruCapacityPerServer`).
@@ -125,13 +146,21 @@ struct Registry<K> {
 /// Per-thread lookup scratch, kept so a lookup allocates nothing once warm.
 #[derive(Debug, Default)]
 struct LookupScratch {
+    /// The candidates while few of them are left.
     candidates: Vec<u32>,
-    /// `marks[slot] == stamp` when the slot holds the block being visited.
+    /// The candidates while many are left: bit `s` set when slot `s` still matches.
+    bits: Vec<u64>,
+    marks: Marks,
+}
+
+/// `marks[slot] == stamp` when the slot holds the block being visited.
+#[derive(Debug, Default)]
+struct Marks {
     marks: Vec<u32>,
     stamp: u32,
 }
 
-impl LookupScratch {
+impl Marks {
     fn next_stamp(&mut self) -> u32 {
         if self.stamp == u32::MAX {
             self.marks.iter_mut().for_each(|m| *m = 0);
@@ -191,8 +220,9 @@ where
         IndexConfig { capacity_per_endpoint: self.capacity, shards: self.shards.len() }
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<BlockTable> {
-        let index = (mix(hash) & self.shard_mask) as usize;
+    /// The shard of a block, by its mixed hash (the key the shards store).
+    fn shard(&self, block: u64) -> &RwLock<BlockTable> {
+        let index = (block & self.shard_mask) as usize;
         // The mask keeps the index in range; the fallback only satisfies the no-panic rule.
         self.shards.get(index).unwrap_or(&self.shards[0])
     }
@@ -228,10 +258,11 @@ where
     }
 
     fn record_block(&self, slot: u32, lru: &mut EndpointLru, hash: u64) {
-        let shard = self.shard(hash);
+        let block = mix(hash);
+        let shard = self.shard(block);
         // Only this endpoint's writer, which holds `lru`, adds or removes pairs of `slot`, so the
         // answer cannot change between this read and the insert below.
-        let held = shard.read().find(hash, slot);
+        let held = shard.read().find(block, slot);
         if let Some(node) = held {
             lru.touch(node);
             return;
@@ -240,9 +271,10 @@ where
             return;
         };
         if let Some(old_hash) = evicted {
-            self.shard(old_hash).write().remove(old_hash, slot);
+            let old = mix(old_hash);
+            self.shard(old).write().remove(old, slot);
         }
-        shard.write().insert(BlockEntry { hash, slot, node });
+        shard.write().insert(BlockEntry { key: block, slot, node });
     }
 
     /// Resolves `key` to its slot and LRU, registering it if unknown. `None` only when all
@@ -266,7 +298,8 @@ where
                 slot
             }
             None => {
-                let slot = u32::try_from(registry.slots.len()).ok()?;
+                let slot =
+                    u32::try_from(registry.slots.len()).ok().filter(|&slot| slot < MAX_SLOTS)?;
                 registry.slots.push(state);
                 slot
             }
@@ -305,7 +338,8 @@ where
             let mut lru = lru.lock();
             lru.retired = true;
             for hash in lru.slab_hashes() {
-                self.shard(hash).write().remove(hash, slot);
+                let block = mix(hash);
+                self.shard(block).write().remove(block, slot);
             }
             lru.clear();
         }
@@ -350,41 +384,117 @@ where
                 out.push((*key, depth));
             }
         };
-        scratch.candidates.clear();
-        self.shard(first).read().for_each_holder(first, |slot| scratch.candidates.push(slot));
-        if scratch.candidates.is_empty() {
-            return;
+        let emit_word = |out: &mut Vec<(K, usize)>, word: u64, w: usize, depth: usize| {
+            for slot in (SetBits { word, base: w * 64 }) {
+                emit(out, slot, depth);
+            }
+        };
+        let LookupScratch { candidates, bits, marks } = scratch;
+        let words = registry.slots.len().div_ceil(64);
+        // Many candidates live in `bits` (with `live` of them set), few in `candidates`.
+        let mut in_bits = false;
+        let mut live = 0usize;
+        candidates.clear();
+        let first = mix(first);
+        match self.shard(first).read().holders(first) {
+            Holders::Set(holders) => {
+                bits.clear();
+                bits.extend((0..words).map(|w| holders.get(w).copied().unwrap_or(0)));
+                live = bits.iter().map(|w| w.count_ones() as usize).sum();
+                in_bits = true;
+            }
+            Holders::Pairs(slots) => candidates.extend(slots),
         }
-        if scratch.marks.len() < registry.slots.len() {
-            scratch.marks.resize(registry.slots.len(), 0);
+        if marks.marks.len() < registry.slots.len() {
+            marks.marks.resize(registry.slots.len(), 0);
         }
         for (depth, &hash) in hashes.iter().enumerate().skip(1) {
-            let stamp = scratch.next_stamp();
-            let LookupScratch { candidates, marks, .. } = &mut *scratch;
-            self.shard(hash).read().for_each_holder(hash, |slot| {
-                if let Some(mark) = marks.get_mut(slot as usize) {
-                    *mark = stamp;
+            if in_bits && live <= words {
+                // Once there are fewer candidates than words, a list is the cheaper to narrow.
+                candidates.clear();
+                for (w, &word) in bits.iter().enumerate() {
+                    candidates.extend(SetBits { word, base: w * 64 });
                 }
-            });
-            candidates.retain(|&slot| {
-                let still_matching = marks.get(slot as usize) == Some(&stamp);
-                if !still_matching {
-                    emit(out, slot, depth);
-                }
-                still_matching
-            });
-            if candidates.is_empty() {
+                in_bits = false;
+            }
+            if !in_bits && candidates.is_empty() {
                 return;
             }
+            let block = mix(hash);
+            let shard = self.shard(block).read();
+            match (in_bits, shard.holders(block)) {
+                (true, Holders::Set(holders)) => {
+                    for (w, word) in bits.iter_mut().enumerate() {
+                        let kept = *word & holders.get(w).copied().unwrap_or(0);
+                        let gone = *word & !kept;
+                        if gone != 0 {
+                            live -= gone.count_ones() as usize;
+                            emit_word(out, gone, w, depth);
+                        }
+                        *word = kept;
+                    }
+                }
+                (true, Holders::Pairs(slots)) => {
+                    // A block with few holders: they are the only survivors, so the candidates
+                    // become a list and every other candidate stops here.
+                    for slot in slots {
+                        if let Some(word) = bits.get_mut(slot as usize / 64) {
+                            let bit = 1u64 << (slot % 64);
+                            if *word & bit != 0 {
+                                *word &= !bit;
+                                candidates.push(slot);
+                            }
+                        }
+                    }
+                    for (w, &word) in bits.iter().enumerate() {
+                        emit_word(out, word, w, depth);
+                    }
+                    in_bits = false;
+                }
+                (false, Holders::Set(holders)) => candidates.retain(|&slot| {
+                    let held = bit_is_set(holders, slot);
+                    if !held {
+                        emit(out, slot, depth);
+                    }
+                    held
+                }),
+                (false, Holders::Pairs(slots)) => {
+                    let stamp = marks.next_stamp();
+                    for slot in slots {
+                        if let Some(mark) = marks.marks.get_mut(slot as usize) {
+                            *mark = stamp;
+                        }
+                    }
+                    candidates.retain(|&slot| {
+                        let held = marks.marks.get(slot as usize) == Some(&stamp);
+                        if !held {
+                            emit(out, slot, depth);
+                        }
+                        held
+                    });
+                }
+            }
         }
-        for &slot in &scratch.candidates {
-            emit(out, slot, hashes.len());
+        if in_bits {
+            for (w, &word) in bits.iter().enumerate() {
+                emit_word(out, word, w, hashes.len());
+            }
+        } else {
+            for &slot in candidates.iter() {
+                emit(out, slot, hashes.len());
+            }
         }
     }
 
     /// Number of indexed (endpoint, block) pairs.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Number of blocks whose holders are kept as a slot bitset because many endpoints hold them
+    /// (see the [module docs](self)).
+    pub fn bitset_blocks(&self) -> usize {
+        self.shards.iter().map(|s| s.read().set_count()).sum()
     }
 
     /// Whether no endpoint holds any block.
@@ -400,7 +510,8 @@ where
     /// Whether endpoint `key` holds block `hash`.
     pub fn contains(&self, key: K, hash: u64) -> bool {
         let slot = self.registry.read().slot_of.get(&key).copied();
-        slot.is_some_and(|slot| self.shard(hash).read().find(hash, slot).is_some())
+        let block = mix(hash);
+        slot.is_some_and(|slot| self.shard(block).read().find(block, slot).is_some())
     }
 
     /// The blocks endpoint `key` holds, most recent first (empty if unknown). Allocates: meant
@@ -432,7 +543,7 @@ where
     }
 
     /// Heap and inline bytes held by the index, from allocated capacities (excluding each
-    /// thread's lookup scratch of `4 * (endpoints + slots)` bytes).
+    /// thread's lookup scratch of about `4 * endpoints + 4.125 * slots` bytes).
     pub fn memory_bytes(&self) -> usize {
         let registry = self.registry.read();
         let mut total = self.fixed_bytes()
@@ -469,7 +580,9 @@ where
                     + NODE_BYTES * EndpointLru::slab_bound(held, self.capacity);
             }
         }
-        total + self.shards.len() * MIN_BUCKETS * BUCKET_BYTES + 2 * BUCKET_BYTES * blocks
+        total
+            + self.shards.len() * (MIN_BUCKETS * BUCKET_BYTES + MIN_SETS * SET_BYTES)
+            + 2 * BUCKET_BYTES * blocks
     }
 
     /// Verifies that the reverse map and the per-endpoint LRUs describe the same pairs, that no
@@ -480,7 +593,7 @@ where
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
         let fail = |message: String| Err(InvariantViolation(message));
         let registry = self.registry.read();
-        // slot -> (node -> hash) snapshot, taken under each LRU lock (registry -> LRU -> shard).
+        // slot -> (node -> mixed hash) snapshot, taken under each LRU lock (registry -> LRU -> shard).
         let mut held: HashMap<u32, HashMap<u32, u64>> = HashMap::new();
         let mut live = 0;
         for (slot, state) in registry.slots.iter().enumerate() {
@@ -507,10 +620,11 @@ where
                         if !hashes.insert(hash) {
                             return fail(format!("slot {slot} holds block {hash:#x} twice"));
                         }
-                        if self.shard(hash).read().find(hash, slot) != Some(node) {
+                        let block = mix(hash);
+                        if self.shard(block).read().find(block, slot) != Some(node) {
                             return fail(format!("slot {slot} block {hash:#x} not in reverse map"));
                         }
-                        nodes.insert(node, hash);
+                        nodes.insert(node, block);
                     }
                     held.insert(slot, nodes);
                 }
@@ -527,11 +641,11 @@ where
             }
             for entry in shard.entries() {
                 pairs += 1;
-                if (mix(entry.hash) & self.shard_mask) as usize != index {
-                    return fail(format!("block {:#x} in the wrong shard", entry.hash));
+                if (entry.key & self.shard_mask) as usize != index {
+                    return fail(format!("block {:#x} in the wrong shard", entry.key));
                 }
                 let owner = held.get(&entry.slot).and_then(|nodes| nodes.get(&entry.node));
-                if owner != Some(&entry.hash) {
+                if owner != Some(&entry.key) {
                     return fail(format!("reverse entry {entry:?} has no matching LRU node"));
                 }
             }

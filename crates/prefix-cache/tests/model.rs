@@ -1,52 +1,19 @@
-//! The index against a plain reference model: one `Vec` per endpoint in most-recent-first order.
+//! The index against a plain reference model (`common::Model`).
 
-use std::collections::HashMap;
+mod common;
 
+use common::Model;
 use prefix_cache::{IndexConfig, PrefixIndex};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
-enum Op {
-    Record(u8, Vec<u64>),
+enum Op<K> {
+    Record(K, Vec<u64>),
     Lookup(Vec<u64>),
-    Remove(u8),
+    Remove(K),
 }
 
-#[derive(Debug, Default)]
-struct Model {
-    capacity: usize,
-    /// Most recent first.
-    blocks: HashMap<u8, Vec<u64>>,
-}
-
-impl Model {
-    fn record(&mut self, key: u8, hashes: &[u64]) {
-        if self.capacity == 0 || hashes.is_empty() {
-            return;
-        }
-        let held = self.blocks.entry(key).or_default();
-        for &hash in hashes[..hashes.len().min(self.capacity)].iter().rev() {
-            if let Some(position) = held.iter().position(|&h| h == hash) {
-                held.remove(position);
-            }
-            held.insert(0, hash);
-            held.truncate(self.capacity);
-        }
-    }
-
-    fn lookup(&self, hashes: &[u64]) -> Vec<(u8, usize)> {
-        let mut out: Vec<(u8, usize)> = self
-            .blocks
-            .iter()
-            .map(|(&key, held)| (key, hashes.iter().take_while(|h| held.contains(h)).count()))
-            .filter(|&(_, depth)| depth > 0)
-            .collect();
-        out.sort_unstable();
-        out
-    }
-}
-
-fn op() -> impl Strategy<Value = Op> {
+fn op() -> impl Strategy<Value = Op<u8>> {
     // Small hash and key ranges so that endpoints overlap, blocks repeat and evictions happen.
     let hashes = prop::collection::vec(0u64..12, 0..8);
     prop_oneof![
@@ -56,17 +23,39 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check_agrees(index: &PrefixIndex<u8>, model: &Model) -> Result<(), TestCaseError> {
-    if let Err(violation) = index.check_invariants() {
-        return Err(TestCaseError::fail(violation.to_string()));
-    }
-    prop_assert!(index.memory_bytes() <= index.memory_bound_bytes());
-    prop_assert_eq!(index.endpoint_count(), model.blocks.len());
-    prop_assert_eq!(index.len(), model.blocks.values().map(Vec::len).sum::<usize>());
-    for key in 0u8..6 {
-        let expected = model.blocks.get(&key).cloned().unwrap_or_default();
-        prop_assert!(expected.len() <= model.capacity);
-        prop_assert_eq!(index.blocks_of(key), expected);
+/// Enough endpoints on few blocks that a block's holders pass the bitset threshold (32) and,
+/// through evictions and removals, fall back below the lower one (16).
+fn crowded_op() -> impl Strategy<Value = Op<u16>> {
+    let hashes = prop::collection::vec(0u64..8, 1..5);
+    prop_oneof![
+        8 => (0u16..96, hashes.clone()).prop_map(|(k, h)| Op::Record(k, h)),
+        2 => hashes.prop_map(Op::Lookup),
+        1 => (0u16..96).prop_map(Op::Remove),
+    ]
+}
+
+fn apply<K>(
+    index: &PrefixIndex<K>,
+    model: &mut Model<K>,
+    op: Op<K>,
+    out: &mut Vec<(K, usize)>,
+) -> Result<(), TestCaseError>
+where
+    K: Copy + Eq + std::hash::Hash + Ord + Send + Sync + std::fmt::Debug + 'static,
+{
+    match op {
+        Op::Record(key, hashes) => {
+            index.record(key, &hashes);
+            model.record(key, &hashes);
+        }
+        Op::Lookup(hashes) => {
+            if let Some(mismatch) = model.lookup_mismatch(index, &hashes, out) {
+                return Err(TestCaseError::fail(mismatch));
+            }
+        }
+        Op::Remove(key) => {
+            prop_assert_eq!(index.remove_endpoint(key), model.blocks.remove(&key).is_some());
+        }
     }
     Ok(())
 }
@@ -81,24 +70,14 @@ proptest! {
         ops in prop::collection::vec(op(), 1..60),
     ) {
         let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: capacity, shards });
-        let mut model = Model { capacity, ..Model::default() };
+        let mut model = Model::new(capacity);
         let mut out = Vec::new();
+        let keys: Vec<u8> = (0..6).collect();
         for op in ops {
-            match op {
-                Op::Record(key, hashes) => {
-                    index.record(key, &hashes);
-                    model.record(key, &hashes);
-                }
-                Op::Lookup(hashes) => {
-                    index.longest_prefix_matches(&hashes, &mut out);
-                    out.sort_unstable();
-                    prop_assert_eq!(&out, &model.lookup(&hashes));
-                }
-                Op::Remove(key) => {
-                    prop_assert_eq!(index.remove_endpoint(key), model.blocks.remove(&key).is_some());
-                }
+            apply(&index, &mut model, op, &mut out)?;
+            if let Some(problem) = model.disagreement(&index, &keys) {
+                return Err(TestCaseError::fail(problem));
             }
-            check_agrees(&index, &model)?;
         }
     }
 
@@ -108,7 +87,7 @@ proptest! {
     ) {
         // Many endpoints and wide hashes: exercises table growth, shrinking and backward shifts.
         let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: 25, shards: 2 });
-        let mut model = Model { capacity: 25, ..Model::default() };
+        let mut model = Model::new(25);
         for (i, (key, hashes)) in prompts.iter().enumerate() {
             index.record(*key, hashes);
             model.record(*key, hashes);
@@ -117,18 +96,103 @@ proptest! {
                 model.blocks.remove(&(key / 2));
             }
             let mut out = Vec::new();
-            index.longest_prefix_matches(hashes, &mut out);
-            out.sort_unstable();
-            prop_assert_eq!(out, model.lookup(hashes));
+            if let Some(mismatch) = model.lookup_mismatch(&index, hashes, &mut out) {
+                return Err(TestCaseError::fail(mismatch));
+            }
         }
-        let mut keys: Vec<u8> = model.blocks.keys().copied().collect();
-        keys.sort_unstable();
-        for key in keys {
-            prop_assert_eq!(index.blocks_of(key), model.blocks[&key].clone());
+        let keys: Vec<u8> = (0..40).collect();
+        if let Some(problem) = model.disagreement(&index, &keys) {
+            return Err(TestCaseError::fail(problem));
         }
-        if let Err(violation) = index.check_invariants() {
-            return Err(TestCaseError::fail(violation.to_string()));
-        }
-        prop_assert!(index.memory_bytes() <= index.memory_bound_bytes());
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn holder_sets_switch_back_and_forth(
+        capacity in 2usize..6,
+        shards in 1usize..3,
+        ops in prop::collection::vec(crowded_op(), 100..600),
+    ) {
+        let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: capacity, shards });
+        let mut model = Model::new(capacity);
+        let mut out = Vec::new();
+        let keys: Vec<u16> = (0..96).collect();
+        for (step, op) in ops.into_iter().enumerate() {
+            apply(&index, &mut model, op, &mut out)?;
+            // Invariants every step, the full comparison every few steps to keep cases quick.
+            if let Err(violation) = index.check_invariants() {
+                return Err(TestCaseError::fail(violation.to_string()));
+            }
+            if step % 16 == 0
+                && let Some(problem) = model.disagreement(&index, &keys)
+            {
+                return Err(TestCaseError::fail(problem));
+            }
+            for hashes in [&[0u64, 1, 2, 3][..], &[1, 0], &[2, 3, 4, 5, 6, 7]] {
+                if let Some(mismatch) = model.lookup_mismatch(&index, hashes, &mut out) {
+                    return Err(TestCaseError::fail(mismatch));
+                }
+            }
+        }
+        if let Some(problem) = model.disagreement(&index, &keys) {
+            return Err(TestCaseError::fail(problem));
+        }
+    }
+}
+
+/// 600 endpoints share an 8-block system prompt; groups of them share deeper blocks, a few hold
+/// the whole prompt, and endpoints that evicted part of the prefix or never saw it are mixed in.
+#[test]
+fn popular_prefix_lengths_match_the_model_for_every_endpoint() {
+    const ENDPOINTS: u32 = 600;
+    const CAPACITY: usize = 48;
+    let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: CAPACITY, shards: 4 });
+    let mut model = Model::new(CAPACITY);
+    let query: Vec<u64> = (0..40).map(|i| 1_000 + i).collect();
+    for endpoint in 0..ENDPOINTS {
+        // Endpoint e holds the first 8 + (e % 33) blocks of the query (all 40 when e % 33 == 32).
+        let depth = (8 + endpoint as usize % 33).min(query.len());
+        let mut prompt = query[..depth].to_vec();
+        prompt.push(1_000_000 + u64::from(endpoint));
+        if endpoint % 7 == 3 {
+            // A block inside the prefix evicted: record more unrelated blocks than fit.
+            let noise: Vec<u64> =
+                (0..CAPACITY as u64).map(|i| 2_000_000 + u64::from(endpoint) * 100 + i).collect();
+            index.record(endpoint, &prompt);
+            model.record(endpoint, &prompt);
+            index.record(endpoint, &noise[..CAPACITY - depth / 2]);
+            model.record(endpoint, &noise[..CAPACITY - depth / 2]);
+            continue;
+        }
+        if endpoint % 11 == 5 {
+            prompt = vec![3_000_000 + u64::from(endpoint)];
+        }
+        index.record(endpoint, &prompt);
+        model.record(endpoint, &prompt);
+    }
+    assert!(index.bitset_blocks() >= 8, "{}", index.bitset_blocks());
+    let keys: Vec<u32> = (0..ENDPOINTS).collect();
+    assert_eq!(model.disagreement(&index, &keys), None);
+    let mut out = Vec::new();
+    for len in [1, 8, 9, 20, 40] {
+        assert_eq!(model.lookup_mismatch(&index, &query[..len], &mut out), None);
+    }
+    let full = model.lookup(&query);
+    assert!(full.len() > 400, "{}", full.len());
+    assert!(full.iter().any(|&(_, depth)| depth == query.len()));
+
+    // Retiring most endpoints shrinks the sets back into pairs; lookups stay exact throughout.
+    for endpoint in (0..ENDPOINTS).filter(|e| e % 40 != 0) {
+        assert!(index.remove_endpoint(endpoint));
+        model.blocks.remove(&endpoint);
+        if endpoint % 50 == 0 {
+            assert_eq!(model.lookup_mismatch(&index, &query, &mut out), None);
+        }
+    }
+    assert_eq!(index.bitset_blocks(), 0);
+    assert_eq!(model.disagreement(&index, &keys), None);
+    assert_eq!(model.lookup_mismatch(&index, &query, &mut out), None);
 }

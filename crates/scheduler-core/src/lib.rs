@@ -33,7 +33,9 @@
 pub mod body;
 pub mod config;
 pub mod cycle;
+pub mod director;
 pub mod endpoint;
+pub mod flow;
 pub mod plugin;
 pub mod pool;
 pub mod profile;
@@ -44,6 +46,7 @@ pub mod scheduler;
 pub use body::{ApiKind, BodyError, ParsedBody};
 pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
 pub use cycle::CycleState;
+pub use director::{Director, DirectorBuildError, DirectorOptions, Rejection, Routed};
 pub use endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,

@@ -12,6 +12,7 @@
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
+//! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
 //!
 //! ```
 //! use std::sync::Arc;
@@ -104,6 +105,19 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register(pickers::WEIGHTED_RANDOM_TYPE_NAME, |spec| {
         Ok(Plugin::picker(WeightedRandomPicker::new(PickerParameters::from_spec(spec)?)))
     });
+    register_detectors(registry);
+}
+
+/// Saturation detectors are declared as plugins (GIE v1.5) and referenced from
+/// `saturationDetector.pluginRef`; the flow-control loader reads and validates their
+/// parameters there, so here they play no scheduling role.
+fn register_detectors(registry: &mut PluginRegistry) {
+    for name in [
+        scheduler_core::flow::UTILIZATION_DETECTOR_TYPE,
+        scheduler_core::flow::CONCURRENCY_DETECTOR_TYPE,
+    ] {
+        registry.register(name, |_| Ok(Plugin::default()));
+    }
 }
 
 /// A registry with the core's and every built-in plugin.

@@ -1,13 +1,18 @@
 //! From request bytes to a routing decision: parse the body, resolve the request's priority,
-//! admit it (or shed it), schedule it, and say where it goes. Transport-free, so the ext-proc
-//! service and tests drive the same logic.
+//! admit it (or shed it), schedule it, and say where it goes. Transport-free and
+//! runtime-agnostic, so every adapter (ext-proc, tower, C ABI) drives the same logic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use scheduler_core::{
-    BodyError, CompletionGuard, InferenceRequest, Scheduler, SchedulingError, SharedPool,
-};
+use crate::body::BodyError;
+use crate::config::{ConfigError, EndpointPickerConfig};
+use crate::flow::{self, FlowConfigError, FlowControl, ObjectiveResolver, ReleaseOnComplete};
+use crate::pool::SharedPool;
+use crate::registry::PluginRegistry;
+use crate::request::InferenceRequest;
+use crate::scheduler::{CompletionGuard, Scheduler, SchedulingError};
 
 /// What the director needs to know beyond the scheduler and the pool.
 #[derive(Clone, Debug)]
@@ -39,12 +44,9 @@ pub enum Rejection {
     /// No endpoint can take the request.
     #[error(transparent)]
     NoEndpoint(#[from] SchedulingError),
-    /// The pool is saturated and the request is sheddable.
-    #[error("pool is saturated and the request (priority {priority}) is sheddable")]
-    Shed {
-        /// The request's priority.
-        priority: i32,
-    },
+    /// Flow control did not admit the request (shed, queue full, expired, cancelled).
+    #[error(transparent)]
+    NotAdmitted(#[from] flow::Rejection),
 }
 
 impl Rejection {
@@ -54,7 +56,7 @@ impl Rejection {
             Self::BadRequest(_) => 400,
             Self::TooLarge { .. } => 413,
             Self::NoEndpoint(_) => 503,
-            Self::Shed { .. } => 429,
+            Self::NotAdmitted(rejection) => rejection.http_status(),
         }
     }
 
@@ -64,7 +66,10 @@ impl Rejection {
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge { .. } => "body_too_large",
             Self::NoEndpoint(_) => "no_ready_endpoint",
-            Self::Shed { .. } => "request_shed",
+            Self::NotAdmitted(flow::Rejection::Shed { .. }) => "request_shed",
+            Self::NotAdmitted(flow::Rejection::QueueFull { .. }) => "queue_full",
+            Self::NotAdmitted(flow::Rejection::Expired { .. }) => "queue_timeout",
+            Self::NotAdmitted(flow::Rejection::Cancelled { .. }) => "request_cancelled",
         }
     }
 }
@@ -82,18 +87,70 @@ pub struct Routed {
     pub completion: Option<CompletionGuard>,
 }
 
+/// Why a director could not be built from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectorBuildError {
+    /// The plugins or profiles are invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The saturation detector or flow control section is invalid.
+    #[error("invalid flow control config: {0}")]
+    FlowControl(#[from] FlowConfigError),
+}
+
 /// Turns requests into routing decisions.
 #[derive(Debug)]
 pub struct Director {
     scheduler: Arc<Scheduler>,
     pool: Arc<SharedPool>,
     options: DirectorOptions,
+    flow: Option<Arc<FlowControl>>,
 }
 
 impl Director {
-    /// A director scheduling with `scheduler` over `pool`.
+    /// A director scheduling with `scheduler` over `pool`, admitting every request.
     pub fn new(scheduler: Arc<Scheduler>, pool: Arc<SharedPool>, options: DirectorOptions) -> Self {
-        Self { scheduler, pool, options }
+        Self { scheduler, pool, options, flow: None }
+    }
+
+    /// A director for a whole `EndpointPickerConfig`: its scheduler, plus admission by its
+    /// saturation detector (shedding sheddable requests, or queueing them when the
+    /// `flowControl` gate is on) with priorities from `objectives`. The hooks that keep
+    /// admission informed (in-flight counts, queue release on completion) are registered on
+    /// the scheduler here.
+    pub fn from_config(
+        config: &EndpointPickerConfig,
+        registry: &PluginRegistry,
+        pool: Arc<SharedPool>,
+        options: DirectorOptions,
+        objectives: ObjectiveResolver,
+    ) -> Result<Self, DirectorBuildError> {
+        let flow = FlowControl::from_config(config, objectives)?;
+        let mut scheduler = config.build(registry)?;
+        if let Some(detector) = flow.concurrency_detector() {
+            scheduler = scheduler
+                .with_pre_request(Arc::clone(detector) as _)
+                .with_response_complete(Arc::clone(detector) as _);
+        }
+        if let Some(controller) = flow.controller() {
+            let clock: flow::Clock = Arc::new(Instant::now);
+            scheduler = scheduler.with_response_complete(Arc::new(ReleaseOnComplete::new(
+                controller.clone(),
+                Arc::clone(&pool),
+                clock,
+            )));
+        }
+        Ok(Self { scheduler: Arc::new(scheduler), pool, options, flow: Some(Arc::new(flow)) })
+    }
+
+    /// Flow control, when admission is on.
+    pub fn flow_control(&self) -> Option<&Arc<FlowControl>> {
+        self.flow.as_ref()
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
     }
 
     /// The options.
@@ -121,6 +178,14 @@ impl Director {
         let header_refs = headers.iter().map(|(name, value)| (name.as_str(), value.as_str()));
         let mut request = InferenceRequest::from_openai(path, header_refs, body)?;
         request.endpoint_subset = subset;
+
+        if let Some(flow) = &self.flow {
+            // Awaiting the ticket is where a queued request waits; if the caller gives up
+            // (stream reset), the ticket is dropped and the queue forgets the request.
+            let ticket =
+                flow.submit(&mut request, body.len() as u64, &self.pool.load(), Instant::now());
+            ticket.await?;
+        }
 
         let pool = self.pool.load();
         let mut result = self.scheduler.schedule(&request, &pool)?;

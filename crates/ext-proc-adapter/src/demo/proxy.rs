@@ -1,0 +1,204 @@
+//! A small Envoy-like proxy: asks the picker over ext-proc where each request goes (or rotates
+//! endpoints, for the round-robin baseline), forwards it over HTTP/1.1, streams the response
+//! back through the picker's response path so its completion hooks run, and times it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use scheduler_core::request::OBJECTIVE_HEADER;
+use tokio::net::TcpStream;
+use tonic::transport::Channel;
+
+use super::workload::PlannedRequest;
+use crate::envoy_client::{Decision, ProxyRequest, ProxyStream};
+
+/// Request body bytes per ext-proc message, as Envoy's default buffer sends them.
+pub const BODY_CHUNK_BYTES: usize = 16 * 1024;
+
+/// How the proxy chooses an endpoint.
+#[derive(Debug)]
+pub enum Routing {
+    /// Ask the picker over ext-proc.
+    Picker(ExternalProcessorClient<Channel>),
+    /// Rotate over the endpoints, ignoring load and caches.
+    RoundRobin(AtomicUsize),
+}
+
+/// What happened to one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// Position in the workload.
+    pub index: usize,
+    /// Its objective.
+    pub objective: &'static str,
+    /// HTTP status the client saw (0 when the proxy failed before any status).
+    pub status: u16,
+    /// The endpoint that served it.
+    pub endpoint: Option<SocketAddr>,
+    /// Time to the first response chunk, for streamed requests.
+    pub ttft: Option<Duration>,
+    /// Time to the end of the response.
+    pub total: Duration,
+    /// Time to the routing decision (the picker's overhead as the proxy sees it).
+    pub decision: Option<Duration>,
+    /// Why the proxy failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    routing: Routing,
+    endpoints: Vec<SocketAddr>,
+}
+
+impl Proxy {
+    /// A proxy over `endpoints` routing with `routing`.
+    pub fn new(routing: Routing, endpoints: Vec<SocketAddr>) -> Self {
+        Self { routing, endpoints }
+    }
+
+    /// Serves one request end to end; never fails, the outcome says what went wrong.
+    pub async fn serve(&self, request: &PlannedRequest) -> Outcome {
+        let started = Instant::now();
+        let mut outcome = Outcome {
+            index: request.index,
+            objective: request.objective,
+            status: 0,
+            endpoint: None,
+            ttft: None,
+            total: Duration::ZERO,
+            decision: None,
+            error: None,
+        };
+        if let Err(error) = self.serve_inner(request, started, &mut outcome).await {
+            outcome.error = Some(error);
+        }
+        outcome.total = started.elapsed();
+        outcome
+    }
+
+    async fn serve_inner(
+        &self,
+        request: &PlannedRequest,
+        started: Instant,
+        outcome: &mut Outcome,
+    ) -> Result<(), String> {
+        let (address, mut stream) = match &self.routing {
+            Routing::RoundRobin(next) => {
+                if self.endpoints.is_empty() {
+                    return Err("no endpoints".into());
+                }
+                let turn = next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+                (self.endpoints[turn], None)
+            }
+            Routing::Picker(client) => {
+                let mut client = client.clone();
+                let stream = ProxyStream::open(&mut client).await.map_err(|e| e.to_string())?;
+                stream
+                    .send_request(&ProxyRequest {
+                        headers: vec![
+                            (":method", "POST"),
+                            (":path", request.path),
+                            (":authority", "epp-demo"),
+                            ("content-type", "application/json"),
+                            (OBJECTIVE_HEADER, request.objective),
+                        ],
+                        body: &request.body,
+                        chunk_bytes: BODY_CHUNK_BYTES,
+                        subset: None,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut stream = stream;
+                let decision = stream.decision().await.map_err(|e| e.to_string())?;
+                outcome.decision = Some(started.elapsed());
+                match decision {
+                    Decision::Immediate { status, .. } => {
+                        outcome.status = status;
+                        return Ok(());
+                    }
+                    Decision::Routed { destination, .. } => {
+                        let primary = destination.split(',').next().unwrap_or_default();
+                        let address = primary
+                            .parse()
+                            .map_err(|_| format!("unusable destination '{destination}'"))?;
+                        (address, Some(stream))
+                    }
+                }
+            }
+        };
+        outcome.endpoint = Some(address);
+        let response = post(address, request.path, request.body.clone()).await?;
+        outcome.status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("response body failed: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                if request.stream && outcome.ttft.is_none() && !data.is_empty() {
+                    outcome.ttft = Some(started.elapsed());
+                }
+                chunks.push(data);
+            }
+        }
+        if let Some(stream) = stream.as_mut() {
+            let slices: Vec<&[u8]> = chunks.iter().map(|chunk| chunk.as_ref()).collect();
+            stream.respond(Some(address), &slices).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+async fn send(
+    address: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, String> {
+    let stream =
+        TcpStream::connect(address).await.map_err(|e| format!("connect to {address}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake with {address}: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    sender.send_request(request).await.map_err(|e| format!("request to {address}: {e}"))
+}
+
+/// POSTs a JSON body to `address` on a fresh connection.
+pub async fn post(
+    address: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Response<Incoming>, String> {
+    let request = Request::post(path)
+        .header(hyper::header::HOST, address.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    send(address, request).await
+}
+
+/// GETs `path` from `address` and returns the body as text.
+pub async fn http_get(address: SocketAddr, path: &str) -> Result<String, String> {
+    let request = Request::get(path)
+        .header(hyper::header::HOST, address.to_string())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = send(address, request).await?;
+    if !response.status().is_success() {
+        return Err(format!("{address}{path} answered {}", response.status()));
+    }
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| format!("{address}{path} is not UTF-8"))
+}

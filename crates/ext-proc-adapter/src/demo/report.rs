@@ -1,0 +1,226 @@
+//! Summaries of a policy run and the comparison table the demo prints.
+//!
+//! Latencies are compared as ratios against round-robin on the same workload in the same
+//! process: absolute times of a simulation on a shared machine mean little on their own.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::proxy::Outcome;
+use super::workload::OBJECTIVES;
+
+/// What one policy achieved on the workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyReport {
+    /// `epp` or `round-robin`.
+    pub policy: String,
+    /// Requests sent.
+    pub requests: usize,
+    /// Requests answered 200 by a model server.
+    pub completed: usize,
+    /// Requests served by each endpoint, in pool order.
+    pub per_endpoint: Vec<usize>,
+    /// Prefix-cache hits over lookups, summed over the servers' counters.
+    pub prefix_hit_rate: f64,
+    /// Median and 90th percentile time to first token of streamed requests.
+    pub ttft: (Duration, Duration),
+    /// Median and 90th percentile time to the end of the response.
+    pub total: (Duration, Duration),
+    /// Median and 90th percentile time to the routing decision (zero without a picker).
+    pub decision: (Duration, Duration),
+    /// Immediate 429s per objective, in [`OBJECTIVES`] order.
+    pub shed: [usize; 3],
+    /// Proxy failures and statuses other than 200 and 429.
+    pub errors: usize,
+    /// Wall time of the run.
+    pub wall: Duration,
+}
+
+impl PolicyReport {
+    /// Summarises `outcomes` of a run over `endpoints` given the servers' prefix counters.
+    pub fn new(
+        policy: &str,
+        endpoints: &[SocketAddr],
+        outcomes: &[Outcome],
+        prefix_hits: u64,
+        prefix_queries: u64,
+        wall: Duration,
+    ) -> Self {
+        let mut per_endpoint = vec![0; endpoints.len()];
+        let mut shed = [0; 3];
+        let mut errors = 0;
+        let mut completed = 0;
+        let mut ttfts = Vec::new();
+        let mut totals = Vec::new();
+        let mut decisions: Vec<Duration> = outcomes.iter().filter_map(|o| o.decision).collect();
+        for outcome in outcomes {
+            match (outcome.status, &outcome.error) {
+                (200, None) => {
+                    completed += 1;
+                    totals.push(outcome.total);
+                    ttfts.extend(outcome.ttft);
+                    let at = outcome.endpoint.and_then(|e| endpoints.iter().position(|x| *x == e));
+                    if let Some(at) = at {
+                        per_endpoint[at] += 1;
+                    }
+                }
+                (429, None) => {
+                    let at = OBJECTIVES.iter().position(|o| *o == outcome.objective);
+                    shed[at.unwrap_or(OBJECTIVES.len() - 1)] += 1;
+                }
+                _ => errors += 1,
+            }
+        }
+        Self {
+            policy: policy.to_owned(),
+            requests: outcomes.len(),
+            completed,
+            per_endpoint,
+            prefix_hit_rate: if prefix_queries == 0 {
+                0.0
+            } else {
+                prefix_hits as f64 / prefix_queries as f64
+            },
+            ttft: percentiles(&mut ttfts),
+            total: percentiles(&mut totals),
+            decision: percentiles(&mut decisions),
+            shed,
+            errors,
+            wall,
+        }
+    }
+}
+
+/// p50 and p90 (nearest rank); zero for no samples.
+fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let rank = |q: f64| {
+        if samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let at = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        samples[at - 1]
+    };
+    (rank(0.5), rank(0.9))
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.1} ms", duration.as_secs_f64() * 1e3)
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    if b.is_zero() { "-".into() } else { format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()) }
+}
+
+/// The comparison table: one row per policy, then the first policy over the last (epp over
+/// round-robin) when there are two.
+pub fn render(reports: &[PolicyReport]) -> String {
+    let header = [
+        "policy",
+        "requests/endpoint",
+        "prefix hits",
+        "TTFT p50",
+        "TTFT p90",
+        "total p50",
+        "total p90",
+        "pick p50/p90",
+        "shed crit/std/shed",
+        "errors",
+        "wall",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
+    for report in reports {
+        rows.push(vec![
+            report.policy.clone(),
+            report.per_endpoint.iter().map(usize::to_string).collect::<Vec<_>>().join("/"),
+            format!("{:.1}%", report.prefix_hit_rate * 100.0),
+            ms(report.ttft.0),
+            ms(report.ttft.1),
+            ms(report.total.0),
+            ms(report.total.1),
+            if report.decision.1.is_zero() {
+                "-".into()
+            } else {
+                format!("{}/{}", ms(report.decision.0), ms(report.decision.1))
+            },
+            format!("{}/{}/{}", report.shed[0], report.shed[1], report.shed[2]),
+            report.errors.to_string(),
+            format!("{:.2} s", report.wall.as_secs_f64()),
+        ]);
+    }
+    if let [first, .., last] = reports {
+        let hit_ratio = if last.prefix_hit_rate > 0.0 {
+            format!("{:.2}x", first.prefix_hit_rate / last.prefix_hit_rate)
+        } else {
+            "-".into()
+        };
+        rows.push(vec![
+            format!("{}/{}", first.policy, last.policy),
+            String::new(),
+            hit_ratio,
+            ratio(first.ttft.0, last.ttft.0),
+            ratio(first.ttft.1, last.ttft.1),
+            ratio(first.total.0, last.total.0),
+            ratio(first.total.1, last.total.1),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for (index, row) in rows.iter().enumerate() {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(&widths) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+        if index == 0 {
+            text.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1)));
+            text.push('\n');
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(index: usize, status: u16, port: u16, millis: u64) -> Outcome {
+        Outcome {
+            index,
+            objective: OBJECTIVES[index % 3],
+            status,
+            endpoint: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            ttft: Some(Duration::from_millis(millis / 2)),
+            total: Duration::from_millis(millis),
+            decision: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn counts_sheds_errors_and_percentiles() {
+        let endpoints =
+            [SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2))];
+        let outcomes: Vec<Outcome> = (0..10)
+            .map(|i| outcome(i, 200, 1 + (i % 2) as u16, 10 * (i as u64 + 1)))
+            .chain([outcome(11, 429, 1, 1), outcome(12, 503, 1, 1)])
+            .collect();
+        let report = PolicyReport::new("epp", &endpoints, &outcomes, 3, 4, Duration::ZERO);
+        assert_eq!(report.per_endpoint, vec![5, 5]);
+        assert_eq!((report.completed, report.errors, report.shed), (10, 1, [0, 0, 1]));
+        assert_eq!(report.total, (Duration::from_millis(50), Duration::from_millis(90)));
+        assert!((report.prefix_hit_rate - 0.75).abs() < 1e-9);
+        let table =
+            render(&[report.clone(), PolicyReport { policy: "round-robin".into(), ..report }]);
+        assert!(table.contains("epp/round-robin"), "{table}");
+        assert!(table.contains("1.00x"), "{table}");
+    }
+}

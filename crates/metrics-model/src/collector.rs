@@ -1,0 +1,544 @@
+//! The metrics collector: scrapes every endpoint's metrics page on an interval and publishes
+//! the results into the shared pool snapshot.
+//!
+//! Shape, and why:
+//!
+//! - **One task per endpoint**, each with its own ticker and its own keep-alive HTTP/1
+//!   connection, so a slow or hung server delays nobody else. A semaphore bounds how many
+//!   scrapes are in flight at once across the pool.
+//! - **One publisher task.** Scrape tasks send their results over a bounded channel; the
+//!   publisher applies everything that has arrived in one [`SharedPool::update`]. A pool of N
+//!   endpoints scraped every 50 ms thus costs a few snapshot copies per interval, not N.
+//! - **Failures keep the last good metrics.** A scrape that fails (connection refused or reset,
+//!   timeout, non-2xx status, oversized or malformed page, missing metrics) publishes nothing:
+//!   the endpoint keeps its previous metrics with their old `updated_at`, so they turn stale by
+//!   time alone ([`scheduler_core::EndpointMetrics::is_stale`]) and consumers decide what stale
+//!   means for them. The failure is logged at `warn` when it starts, when the metrics cross the
+//!   staleness threshold, and then at most once per [`CollectorConfig::failure_log_interval`];
+//!   recovery is logged at `info`.
+//! - **Endpoints come and go at runtime.** [`MetricsCollector::upsert_endpoint`] and
+//!   [`MetricsCollector::remove_endpoint`] change the snapshot and the set of scrape tasks
+//!   together, under a lock that is never held across an await.
+//! - **Time** is read from tokio's clock, so tests can pause or advance it.
+//!
+//! The HTTP client is hyper's connection-level HTTP/1 client over plain TCP: no connection
+//! pool, no TLS, no proxy support, which is all a scrape of `http://ip:port/metrics` needs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{ACCEPT, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use scheduler_core::{Endpoint, EndpointId, EndpointMetrics, EndpointState, SharedPool};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::mapping::{Engine, ExtractError};
+
+/// How the collector scrapes. [`Default`] matches the Go EPP.
+#[derive(Clone, Debug)]
+pub struct CollectorConfig {
+    /// Time between two scrapes of one endpoint. Default 50 ms.
+    pub interval: Duration,
+    /// Longest a scrape may take, connection included. Default 1 s. Clamped to half the
+    /// staleness threshold when not below it, so a hung server is noticed before its metrics
+    /// would be trusted past their age.
+    pub scrape_timeout: Duration,
+    /// Age after which metrics are stale. Default 2 s. The collector does not discard stale
+    /// metrics; it uses the threshold for its timeout bound and its logs.
+    pub staleness_threshold: Duration,
+    /// Path of the metrics page. Default `/metrics`.
+    pub metrics_path: String,
+    /// Most scrapes in flight at once. Default 64.
+    pub max_concurrent_scrapes: usize,
+    /// Largest page accepted, in bytes. Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Least time between two warnings about the same failing endpoint. Default 30 s.
+    pub failure_log_interval: Duration,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(50),
+            scrape_timeout: Duration::from_secs(1),
+            staleness_threshold: Duration::from_secs(2),
+            metrics_path: "/metrics".to_owned(),
+            max_concurrent_scrapes: 64,
+            max_body_bytes: 16 << 20,
+            failure_log_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CollectorConfig {
+    /// The settings actually used: the timeout bounded by the staleness threshold, and every
+    /// value that a timer or semaphore cannot take (zero) raised to its minimum.
+    fn effective(mut self) -> Self {
+        const MINIMUM_TICK: Duration = Duration::from_millis(1);
+        self.interval = self.interval.max(MINIMUM_TICK);
+        self.staleness_threshold = self.staleness_threshold.max(MINIMUM_TICK);
+        if self.scrape_timeout >= self.staleness_threshold {
+            self.scrape_timeout = self.staleness_threshold / 2;
+        }
+        self.scrape_timeout = self.scrape_timeout.max(MINIMUM_TICK);
+        self.max_concurrent_scrapes = self.max_concurrent_scrapes.clamp(1, Semaphore::MAX_PERMITS);
+        if !self.metrics_path.starts_with('/') {
+            self.metrics_path.insert(0, '/');
+        }
+        self
+    }
+}
+
+/// The collector could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectorError {
+    /// Started outside a tokio runtime.
+    #[error("the metrics collector must be started inside a tokio runtime")]
+    NoRuntime,
+    /// The metrics path is not a valid URI path.
+    #[error("invalid metrics path {path:?}")]
+    InvalidPath {
+        /// The configured path.
+        path: String,
+    },
+}
+
+/// Scrapes endpoints and keeps their metrics in a [`SharedPool`] fresh.
+///
+/// Dropping it (or calling [`Self::shutdown`]) stops every scrape.
+pub struct MetricsCollector {
+    inner: Arc<Inner>,
+    publisher: JoinHandle<()>,
+}
+
+struct Inner {
+    pool: Arc<SharedPool>,
+    context: Arc<ScrapeContext>,
+    runtime: tokio::runtime::Handle,
+    results: mpsc::Sender<(EndpointId, EndpointMetrics)>,
+    scrapers: Mutex<HashMap<EndpointId, JoinHandle<()>>>,
+}
+
+/// What every scrape task shares.
+struct ScrapeContext {
+    config: CollectorConfig,
+    path: hyper::Uri,
+    permits: Semaphore,
+}
+
+/// Results waiting for the publisher; bounded so a stalled publisher slows scrapers down
+/// instead of growing memory.
+const RESULT_CHANNEL_CAPACITY: usize = 1024;
+/// Most results applied in one snapshot update.
+const PUBLISH_BATCH: usize = 256;
+
+impl MetricsCollector {
+    /// Starts a collector publishing into `pool`, with no endpoints yet.
+    ///
+    /// Endpoints already in `pool` are left alone (not scraped) until they are upserted.
+    pub fn start(pool: Arc<SharedPool>, config: CollectorConfig) -> Result<Self, CollectorError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| CollectorError::NoRuntime)?;
+        let config = config.effective();
+        let path = config
+            .metrics_path
+            .parse::<hyper::Uri>()
+            .ok()
+            .filter(|uri| uri.scheme().is_none() && uri.authority().is_none())
+            .ok_or_else(|| CollectorError::InvalidPath { path: config.metrics_path.clone() })?;
+        let permits = Semaphore::new(config.max_concurrent_scrapes);
+        let (results, receiver) = mpsc::channel(RESULT_CHANNEL_CAPACITY);
+        let publisher = runtime.spawn(publish(Arc::clone(&pool), receiver));
+        let context = Arc::new(ScrapeContext { config, path, permits });
+        let inner = Arc::new(Inner {
+            pool,
+            context,
+            runtime,
+            results,
+            scrapers: Mutex::new(HashMap::new()),
+        });
+        Ok(Self { inner, publisher })
+    }
+
+    /// The pool this collector publishes into.
+    pub fn pool(&self) -> &Arc<SharedPool> {
+        &self.inner.pool
+    }
+
+    /// The settings in use, after bounding (see [`CollectorConfig::scrape_timeout`]).
+    pub fn config(&self) -> &CollectorConfig {
+        &self.inner.context.config
+    }
+
+    /// Adds `endpoint` to the pool, or replaces it, and scrapes it as `engine`.
+    ///
+    /// A replaced endpoint keeps its current metrics; its scraping restarts with the new engine.
+    pub fn upsert_endpoint(&self, endpoint: Endpoint, engine: Engine) {
+        self.upsert(endpoint, None, engine);
+    }
+
+    /// Like [`Self::upsert_endpoint`], but also sets the endpoint's metrics (for example ones
+    /// carried over from a previous discovery).
+    pub fn upsert_endpoint_state(&self, state: EndpointState, engine: Engine) {
+        self.upsert(state.endpoint, Some(state.metrics), engine);
+    }
+
+    fn upsert(&self, endpoint: Endpoint, metrics: Option<EndpointMetrics>, engine: Engine) {
+        let id = endpoint.id;
+        let target =
+            Target { id, address: endpoint.address, name: Arc::clone(&endpoint.name), engine };
+        // The lock makes the snapshot change and the task change one step for concurrent
+        // upserts and removals of the same endpoint; nothing inside awaits.
+        let mut scrapers = self.inner.scrapers.lock();
+        self.inner.pool.update(|snapshot| {
+            let metrics = metrics
+                .clone()
+                .or_else(|| snapshot.by_id(id).map(|state| state.metrics.clone()))
+                .unwrap_or_default();
+            snapshot.upsert(EndpointState { endpoint: endpoint.clone(), metrics });
+        });
+        let task = self.inner.runtime.spawn(scrape_endpoint(
+            target,
+            Arc::clone(&self.inner.context),
+            self.inner.results.clone(),
+        ));
+        if let Some(previous) = scrapers.insert(id, task) {
+            previous.abort();
+        }
+    }
+
+    /// Removes an endpoint from the pool and stops scraping it; returns whether it was known.
+    pub fn remove_endpoint(&self, id: EndpointId) -> bool {
+        let mut scrapers = self.inner.scrapers.lock();
+        let scraper = scrapers.remove(&id);
+        if let Some(task) = &scraper {
+            task.abort();
+        }
+        let mut was_in_pool = false;
+        self.inner.pool.update(|snapshot| was_in_pool = snapshot.remove(id));
+        scraper.is_some() || was_in_pool
+    }
+
+    /// The endpoints being scraped.
+    pub fn endpoints(&self) -> Vec<EndpointId> {
+        self.inner.scrapers.lock().keys().copied().collect()
+    }
+
+    /// Stops every scrape and waits until the tasks have ended.
+    pub async fn shutdown(mut self) {
+        let tasks = self.abort_all();
+        for task in tasks {
+            // A cancelled task reports a cancellation error, which is the expected outcome.
+            let _ = task.await;
+        }
+    }
+
+    fn abort_all(&mut self) -> Vec<JoinHandle<()>> {
+        let mut tasks: Vec<JoinHandle<()>> =
+            self.inner.scrapers.lock().drain().map(|(_, task)| task).collect();
+        // The publisher is replaced by a finished placeholder so it can be awaited once.
+        let publisher = std::mem::replace(&mut self.publisher, self.inner.runtime.spawn(async {}));
+        tasks.push(publisher);
+        for task in &tasks {
+            task.abort();
+        }
+        tasks
+    }
+}
+
+impl Drop for MetricsCollector {
+    fn drop(&mut self) {
+        for task in self.inner.scrapers.lock().drain().map(|(_, task)| task) {
+            task.abort();
+        }
+        self.publisher.abort();
+    }
+}
+
+impl fmt::Debug for MetricsCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetricsCollector")
+            .field("config", &self.inner.context.config)
+            .field("endpoints", &self.inner.scrapers.lock().len())
+            .finish()
+    }
+}
+
+/// Applies scrape results to the pool, batching whatever has queued up.
+async fn publish(
+    pool: Arc<SharedPool>,
+    mut results: mpsc::Receiver<(EndpointId, EndpointMetrics)>,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while results.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        pool.update(|snapshot| {
+            for (id, metrics) in &batch {
+                // An endpoint removed after its scrape finished is simply not there any more.
+                snapshot.set_metrics(*id, metrics.clone());
+            }
+        });
+        batch.clear();
+    }
+}
+
+/// The endpoint a scrape task serves.
+struct Target {
+    id: EndpointId,
+    address: SocketAddr,
+    name: Arc<str>,
+    engine: Engine,
+}
+
+/// Why a scrape failed.
+#[derive(Debug, thiserror::Error)]
+enum ScrapeError {
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("could not build the request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("status {0}")]
+    Status(StatusCode),
+    #[error("reading the body: {0}")]
+    Body(String),
+    #[error("page larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("page is not UTF-8 text")]
+    NotUtf8,
+    #[error(transparent)]
+    Extract(#[from] ExtractError),
+}
+
+impl ScrapeError {
+    /// A short, stable tag, so that a changing detail (a line number) does not count as a new
+    /// kind of failure in the logs.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Http(_) => "http",
+            Self::Request(_) => "request",
+            Self::Status(_) => "status",
+            Self::Body(_) => "body",
+            Self::TooLarge { .. } => "too-large",
+            Self::Timeout(_) => "timeout",
+            Self::NotUtf8 | Self::Extract(_) => "page",
+        }
+    }
+}
+
+/// A keep-alive connection to one endpoint. Dropping it closes the connection.
+struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// The scrape loop of one endpoint; runs until aborted.
+async fn scrape_endpoint(
+    target: Target,
+    context: Arc<ScrapeContext>,
+    results: mpsc::Sender<(EndpointId, EndpointMetrics)>,
+) {
+    let config = &context.config;
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut connection: Option<Connection> = None;
+    let mut health = Health::default();
+    loop {
+        ticker.tick().await;
+        let page = {
+            let Ok(_permit) = context.permits.acquire().await else { return };
+            match tokio::time::timeout(
+                config.scrape_timeout,
+                fetch(&target, &context, &mut connection),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(ScrapeError::Timeout(config.scrape_timeout)),
+            }
+        };
+        let scraped_at = Instant::now();
+        let metrics = page.and_then(|page| {
+            let text = std::str::from_utf8(&page).map_err(|_| ScrapeError::NotUtf8)?;
+            Ok(target.engine.mapping().extract(text, scraped_at.into_std())?)
+        });
+        match metrics {
+            Ok(metrics) => {
+                health.succeeded(&target);
+                if results.send((target.id, metrics)).await.is_err() {
+                    return; // the collector is shutting down
+                }
+            }
+            Err(error) => {
+                if !matches!(error, ScrapeError::Extract(_) | ScrapeError::NotUtf8) {
+                    // Only a fully read response leaves the connection reusable; after an error
+                    // status (body unread), a transport failure or a timeout, start afresh.
+                    connection = None;
+                }
+                health.failed(&target, &error, scraped_at, config);
+            }
+        }
+    }
+}
+
+/// Fetches the metrics page, reusing the endpoint's connection when it is still open.
+async fn fetch(
+    target: &Target,
+    context: &ScrapeContext,
+    connection: &mut Option<Connection>,
+) -> Result<Bytes, ScrapeError> {
+    if connection.as_ref().is_some_and(|open| open.sender.is_closed()) {
+        *connection = None;
+    }
+    let reused = connection.is_some();
+    let open = match connection {
+        Some(open) => open,
+        None => connection.insert(connect(target.address).await?),
+    };
+    if let Err(error) = open.sender.ready().await {
+        if !reused {
+            return Err(error.into());
+        }
+        // The server closed the kept-alive connection since the last scrape: one fresh try.
+        *open = connect(target.address).await?;
+        open.sender.ready().await?;
+    }
+    let request = Request::get(context.path.clone())
+        .header(HOST, target.address.to_string())
+        .header(ACCEPT, "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5,*/*;q=0.1")
+        .body(Empty::<Bytes>::new())?;
+    let response = open.sender.send_request(request).await?;
+    if !response.status().is_success() {
+        return Err(ScrapeError::Status(response.status()));
+    }
+    let limit = context.config.max_body_bytes;
+    let body = Limited::new(response.into_body(), limit).collect().await.map_err(|error| {
+        if error.is::<http_body_util::LengthLimitError>() {
+            ScrapeError::TooLarge { limit }
+        } else {
+            ScrapeError::Body(error.to_string())
+        }
+    })?;
+    Ok(body.to_bytes())
+}
+
+async fn connect(address: SocketAddr) -> Result<Connection, ScrapeError> {
+    let stream = TcpStream::connect(address).await.map_err(ScrapeError::Connect)?;
+    // Small request, latency-sensitive: do not wait to coalesce packets. Failure is harmless.
+    let _ = stream.set_nodelay(true);
+    let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(async move {
+        // The connection ends with an error when the server goes away; the next fetch notices
+        // through the closed sender and reconnects.
+        let _ = driver.await;
+    });
+    Ok(Connection { sender, driver })
+}
+
+/// Failure bookkeeping of one endpoint, for rate-limited logs.
+#[derive(Default)]
+struct Health {
+    failing_since: Option<Instant>,
+    failures: u64,
+    last_warning: Option<Instant>,
+    last_kind: &'static str,
+    reported_stale: bool,
+}
+
+impl Health {
+    fn failed(
+        &mut self,
+        target: &Target,
+        error: &ScrapeError,
+        now: Instant,
+        config: &CollectorConfig,
+    ) {
+        self.failures += 1;
+        let since = *self.failing_since.get_or_insert(now);
+        let kind_changed = self.last_kind != error.kind();
+        let failing_for = now.saturating_duration_since(since);
+        let newly_stale = !self.reported_stale && failing_for > config.staleness_threshold;
+        let log_due = self
+            .last_warning
+            .is_none_or(|last| now.saturating_duration_since(last) >= config.failure_log_interval);
+        if !(kind_changed || newly_stale || log_due) {
+            return;
+        }
+        self.reported_stale |= newly_stale;
+        self.last_kind = error.kind();
+        self.last_warning = Some(now);
+        tracing::warn!(
+            endpoint = %target.name,
+            address = %target.address,
+            engine = %target.engine,
+            failures = self.failures,
+            failing_for_ms = failing_for.as_millis() as u64,
+            stale = self.reported_stale,
+            %error,
+            "metrics scrape failed; keeping the last good metrics"
+        );
+    }
+
+    fn succeeded(&mut self, target: &Target) {
+        if self.failing_since.is_some() {
+            tracing::info!(
+                endpoint = %target.name,
+                address = %target.address,
+                failures = self.failures,
+                "metrics scrape recovered"
+            );
+            *self = Self::default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeout_stays_below_the_staleness_threshold() {
+        let config = CollectorConfig {
+            scrape_timeout: Duration::from_secs(5),
+            staleness_threshold: Duration::from_secs(2),
+            interval: Duration::ZERO,
+            max_concurrent_scrapes: 0,
+            metrics_path: "stats".into(),
+            ..CollectorConfig::default()
+        }
+        .effective();
+        assert_eq!(config.scrape_timeout, Duration::from_secs(1));
+        assert_eq!(config.interval, Duration::from_millis(1));
+        assert_eq!(config.max_concurrent_scrapes, 1);
+        assert_eq!(config.metrics_path, "/stats");
+        let defaults = CollectorConfig::default().effective();
+        assert_eq!(defaults.scrape_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn starting_outside_a_runtime_is_an_error() {
+        let result = MetricsCollector::start(Arc::default(), CollectorConfig::default());
+        assert!(matches!(result, Err(CollectorError::NoRuntime)));
+    }
+}

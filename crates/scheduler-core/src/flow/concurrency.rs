@@ -1,0 +1,139 @@
+//! GIE's `concurrency-detector`: saturation from requests in flight per endpoint.
+//!
+//! Each endpoint may hold up to `maxConcurrency` requests the picker sent it and that have
+//! not completed; the pool is saturated when every endpoint is at its limit (an empty pool is
+//! saturated). Counts move through [`ConcurrencyDetector::begin`] / [`ConcurrencyDetector::finish`],
+//! which the [`PreRequest`] and [`ResponseComplete`] hooks call, so registering the detector on
+//! the scheduler keeps it current. A check is O(endpoints) map lookups under a read lock.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use crate::cycle::CycleState;
+use crate::endpoint::EndpointId;
+use crate::flow::saturation::SaturationDetector;
+use crate::plugin::{CompletedRequest, PreRequest, ResponseComplete};
+use crate::pool::PoolSnapshot;
+use crate::request::InferenceRequest;
+use crate::scheduler::SchedulingResult;
+
+/// Saturated when every endpoint has `max_concurrency` requests in flight.
+#[derive(Debug)]
+pub struct ConcurrencyDetector {
+    max_concurrency: u32,
+    in_flight: RwLock<HashMap<EndpointId, u32>>,
+}
+
+impl ConcurrencyDetector {
+    /// A detector allowing `max_concurrency` requests in flight per endpoint.
+    pub fn new(max_concurrency: u32) -> Self {
+        Self { max_concurrency, in_flight: RwLock::new(HashMap::new()) }
+    }
+
+    /// The per-endpoint limit.
+    pub fn max_concurrency(&self) -> u32 {
+        self.max_concurrency
+    }
+
+    /// Records a request sent to `endpoint`.
+    pub fn begin(&self, endpoint: EndpointId) {
+        let mut in_flight = self.in_flight.write();
+        let count = in_flight.entry(endpoint).or_insert(0);
+        *count = count.saturating_add(1);
+    }
+
+    /// Records that a request sent to `endpoint` ended. Unmatched calls are ignored, so a
+    /// duplicate completion cannot drive a count below zero.
+    pub fn finish(&self, endpoint: EndpointId) {
+        let mut in_flight = self.in_flight.write();
+        if let Some(count) = in_flight.get_mut(&endpoint) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                // Removing idle entries bounds the map by the endpoints that have work.
+                in_flight.remove(&endpoint);
+            }
+        }
+    }
+
+    /// Requests in flight on `endpoint`.
+    pub fn in_flight(&self, endpoint: EndpointId) -> u32 {
+        self.in_flight.read().get(&endpoint).copied().unwrap_or(0)
+    }
+}
+
+impl SaturationDetector for ConcurrencyDetector {
+    fn is_saturated(&self, pool: &PoolSnapshot, _now: Instant) -> bool {
+        let in_flight = self.in_flight.read();
+        !pool
+            .endpoints()
+            .iter()
+            .any(|state| in_flight.get(&state.id()).copied().unwrap_or(0) < self.max_concurrency)
+    }
+}
+
+impl PreRequest for ConcurrencyDetector {
+    fn pre_request(
+        &self,
+        _state: &mut CycleState,
+        _request: &InferenceRequest,
+        result: &SchedulingResult,
+    ) {
+        self.begin(result.primary().id());
+    }
+}
+
+impl ResponseComplete for ConcurrencyDetector {
+    fn response_complete(&self, completed: &CompletedRequest) {
+        // The scheduled endpoint, not the served one: it is the one `pre_request` counted.
+        self.finish(completed.scheduled_endpoint);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::{Endpoint, EndpointState};
+    use crate::plugin::Outcome;
+
+    #[test]
+    fn saturated_only_when_every_endpoint_is_at_its_limit() {
+        let a = Endpoint::new(([10, 0, 0, 1], 1).into());
+        let b = Endpoint::new(([10, 0, 0, 1], 2).into());
+        let pool =
+            PoolSnapshot::new([EndpointState::new(a.clone()), EndpointState::new(b.clone())]);
+        let now = Instant::now();
+        let detector = ConcurrencyDetector::new(2);
+        detector.begin(a.id);
+        detector.begin(a.id);
+        assert!(!detector.is_saturated(&pool, now));
+        detector.begin(b.id);
+        assert!(!detector.is_saturated(&pool, now));
+        detector.begin(b.id);
+        assert!(detector.is_saturated(&pool, now));
+        detector.response_complete(&CompletedRequest {
+            request_id: String::new(),
+            target_model: String::new(),
+            scheduled_endpoint: b.id,
+            served_endpoint: Some(a.id),
+            prompt_tokens: None,
+            completion_tokens: None,
+            outcome: Outcome::Completed,
+        });
+        assert_eq!(detector.in_flight(b.id), 1);
+        assert!(!detector.is_saturated(&pool, now));
+    }
+
+    #[test]
+    fn unmatched_finish_and_empty_pool() {
+        let detector = ConcurrencyDetector::new(1);
+        detector.finish(EndpointId(7));
+        assert_eq!(detector.in_flight(EndpointId(7)), 0);
+        assert!(detector.is_saturated(&PoolSnapshot::default(), Instant::now()));
+        let zero = ConcurrencyDetector::new(0);
+        let pool =
+            PoolSnapshot::new([EndpointState::new(Endpoint::new(([10, 0, 0, 1], 1).into()))]);
+        assert!(zero.is_saturated(&pool, Instant::now()), "a zero limit admits nothing");
+    }
+}

@@ -1,0 +1,356 @@
+//! The flow controller: bounded priority-band queues in front of the scheduler.
+//!
+//! Algorithm. A request is submitted with a priority, a flow (fairness) id, a size and an
+//! optional TTL. If nothing of its priority or higher is queued and the detector reports room,
+//! it is admitted on arrival without touching the queues. Otherwise it is rejected at once if
+//! queueing it would exceed a cap (band or global, requests or bytes). Otherwise it is queued in its band and the controller dispatches: while
+//! some band holds requests and the saturation detector reports room, it takes the next request
+//! of the highest non-empty band (strict priority across bands), choosing the flow by the band's
+//! fairness policy (round-robin: flows take turns, so a flow with a queued request waits at most
+//! `flows - 1` dispatches of its band; global-strict: the best head across flows) and the
+//! request within the flow by its ordering policy (FCFS or EDF). Expired requests are removed
+//! before every dispatch pass. Passes run on submit, on [`FlowController::tick`] (saturation may
+//! have lifted) and on [`FlowController::release`] (a request finished).
+//!
+//! Guarantees. Every submitted request gets exactly one outcome, written once into its ticket
+//! under the controller lock: admitted, rejected (capacity), expired or cancelled (its ticket
+//! was dropped). Caps are checked before insertion, so queued counts never exceed them. All
+//! mutation happens under one parking_lot mutex; wakers run after it is released.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::flow::config::FlowControlConfig;
+use crate::flow::metrics::{FlowMetrics, OutcomeReason};
+use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, Rejection};
+use crate::flow::queue::{BandStats, Entry, QueueState, SlotKey};
+use crate::flow::saturation::SaturationDetector;
+use crate::flow::ticket::{Ticket, TicketCell};
+use crate::pool::PoolSnapshot;
+use crate::request::InferenceRequest;
+
+/// What the controller needs to know about a request to queue it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRequest<'a> {
+    /// Priority: higher is dispatched first.
+    pub priority: i32,
+    /// Fairness flow (tenant); requests without one share the flow `""`.
+    pub flow_id: &'a str,
+    /// Size counted against the byte caps (usually the request body length).
+    pub size_bytes: u64,
+    /// Queue TTL of this request; `None` uses the band's, then the global default. Zero means
+    /// no TTL.
+    pub ttl: Option<Duration>,
+}
+
+impl<'a> FlowRequest<'a> {
+    /// The flow-control view of `request` (its priority and fairness id) of `size_bytes`.
+    pub fn from_inference_request(request: &'a InferenceRequest, size_bytes: u64) -> Self {
+        Self {
+            priority: request.priority,
+            flow_id: request.fairness_id.as_deref().unwrap_or(""),
+            size_bytes,
+            ttl: None,
+        }
+    }
+
+    /// Sets a per-request TTL.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// What one dispatch pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Requests admitted.
+    pub admitted: u64,
+    /// Requests expired.
+    pub expired: u64,
+}
+
+struct Shared {
+    state: Mutex<QueueState>,
+    config: FlowControlConfig,
+    detector: Arc<dyn SaturationDetector>,
+    metrics: Arc<FlowMetrics>,
+}
+
+/// Priority-band queues with fair dispatch. Cheap to clone: clones share the queues.
+#[derive(Clone)]
+pub struct FlowController {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for FlowController {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowController")
+            .field("config", &self.shared.config)
+            .field("detector", &self.shared.detector)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a queued request when its ticket is dropped.
+pub(crate) struct Cancel {
+    shared: Arc<Shared>,
+    slot: SlotKey,
+}
+
+impl fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cancel").field("slot", &self.slot).finish()
+    }
+}
+
+impl Cancel {
+    pub(crate) fn run(self) {
+        let removed = self.shared.state.lock().remove(self.slot);
+        // A miss means the request already left (dispatched or expired) and has its outcome.
+        if let Some(entry) = removed {
+            let waker = entry.cell.resolve(Err(Rejection::Cancelled { priority: entry.priority }));
+            self.shared.metrics.record_outcome(OutcomeReason::Cancelled);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl FlowController {
+    /// A controller with `config`, asking `detector` for room and counting into `metrics`.
+    pub fn new(
+        config: FlowControlConfig,
+        detector: Arc<dyn SaturationDetector>,
+        metrics: Arc<FlowMetrics>,
+    ) -> Self {
+        let mut state = QueueState::default();
+        for band in &config.bands {
+            let band = band.clone();
+            state.band_index(band.priority, || band.clone());
+        }
+        Self { shared: Arc::new(Shared { state: Mutex::new(state), config, detector, metrics }) }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &FlowControlConfig {
+        &self.shared.config
+    }
+
+    /// The saturation detector in use.
+    pub fn detector(&self) -> &Arc<dyn SaturationDetector> {
+        &self.shared.detector
+    }
+
+    /// The metrics counters.
+    pub fn metrics(&self) -> &Arc<FlowMetrics> {
+        &self.shared.metrics
+    }
+
+    /// Submits a request; returns its ticket, which may already hold the outcome (admitted at
+    /// once, or rejected for capacity). Runs a dispatch pass at `now`.
+    pub fn enqueue(&self, request: FlowRequest<'_>, pool: &PoolSnapshot, now: Instant) -> Ticket {
+        let shared = &self.shared;
+        let mut wakers = Vec::new();
+        let mut state = shared.state.lock();
+        let band_index =
+            state.band_index(request.priority, || shared.config.band_for(request.priority));
+        // Expire first so requests past their TTL do not hold places a newcomer could take.
+        let mut report = PassReport::default();
+        self.expire(&mut state, now, &mut wakers, &mut report);
+        // Fast path: nothing queued that would go first and room now, so queueing then
+        // dispatching would admit this very request. It never occupies the queue, so it skips
+        // the caps as well as the queue structures.
+        if !state.has_queued_at_or_above(request.priority)
+            && !shared.detector.is_saturated(pool, now)
+        {
+            shared.detector.on_admit();
+            let dispatch_seq = state.next_dispatch_seq();
+            // Lower bands may be waiting for a pass that saturation allows.
+            self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+            drop(state);
+            wake_all(wakers);
+            shared.metrics.record_wait(Duration::ZERO);
+            shared.metrics.record_outcome(OutcomeReason::Admitted);
+            return Ticket::resolved(Ok(Admitted { waited: Duration::ZERO, dispatch_seq }));
+        }
+        if let Some(limit) = self.exceeded_cap(&state, band_index, request.size_bytes) {
+            drop(state);
+            wake_all(wakers);
+            shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
+            return Ticket::resolved(Err(Rejection::QueueFull {
+                priority: request.priority,
+                limit,
+            }));
+        }
+        let ttl = request
+            .ttl
+            .or_else(|| {
+                state.bands.get(band_index).and_then(|band| band.config.default_request_ttl)
+            })
+            .unwrap_or(shared.config.default_request_ttl);
+        let cell = Arc::new(TicketCell::default());
+        let slot = state.push(
+            band_index,
+            request.flow_id,
+            request.size_bytes,
+            ttl_option(ttl),
+            now,
+            Arc::clone(&cell),
+        );
+        let Some(slot) = slot else {
+            drop(state);
+            wake_all(wakers);
+            shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
+            let limit = CapacityLimit::TotalRequests(u64::from(u32::MAX));
+            return Ticket::resolved(Err(Rejection::QueueFull {
+                priority: request.priority,
+                limit,
+            }));
+        };
+        self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+        drop(state);
+        wake_all(wakers);
+        Ticket::queued(cell, Cancel { shared: Arc::clone(shared), slot })
+    }
+
+    /// Submits `request` (its priority and fairness id) of `size_bytes`.
+    pub fn enqueue_request(
+        &self,
+        request: &InferenceRequest,
+        size_bytes: u64,
+        pool: &PoolSnapshot,
+        now: Instant,
+    ) -> Ticket {
+        self.enqueue(FlowRequest::from_inference_request(request, size_bytes), pool, now)
+    }
+
+    /// Expires requests past their TTL and dispatches while the pool has room. Call it
+    /// periodically (saturation can lift without any request finishing, when metrics refresh).
+    pub fn tick(&self, pool: &PoolSnapshot, now: Instant) -> PassReport {
+        let mut wakers = Vec::new();
+        let mut report = PassReport::default();
+        let mut state = self.shared.state.lock();
+        self.expire(&mut state, now, &mut wakers, &mut report);
+        self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+        drop(state);
+        wake_all(wakers);
+        report
+    }
+
+    /// Call when an admitted request finishes: capacity may have freed, so this runs a pass.
+    pub fn release(&self, pool: &PoolSnapshot, now: Instant) -> PassReport {
+        self.tick(pool, now)
+    }
+
+    /// Queued requests and bytes per band, highest priority first.
+    pub fn band_stats(&self) -> Vec<BandStats> {
+        let state = self.shared.state.lock();
+        state
+            .order
+            .iter()
+            .filter_map(|&index| state.bands.get(index))
+            .map(|band| band.stats())
+            .collect()
+    }
+
+    /// Requests queued across bands.
+    pub fn queued_requests(&self) -> u64 {
+        self.shared.state.lock().queued
+    }
+
+    /// Bytes queued across bands.
+    pub fn queued_bytes(&self) -> u64 {
+        self.shared.state.lock().bytes
+    }
+
+    fn exceeded_cap(
+        &self,
+        state: &QueueState,
+        band_index: usize,
+        bytes: u64,
+    ) -> Option<CapacityLimit> {
+        let config = &self.shared.config;
+        let band = state.bands.get(band_index)?;
+        let over = |cap: Option<u64>, current: u64, adding: u64| {
+            cap.filter(|cap| current.saturating_add(adding) > *cap)
+        };
+        over(band.config.max_requests, band.queued, 1)
+            .map(CapacityLimit::BandRequests)
+            .or_else(|| {
+                over(band.config.max_bytes, band.bytes, bytes).map(CapacityLimit::BandBytes)
+            })
+            .or_else(|| {
+                over(config.max_requests, state.queued, 1).map(CapacityLimit::TotalRequests)
+            })
+            .or_else(|| over(config.max_bytes, state.bytes, bytes).map(CapacityLimit::TotalBytes))
+    }
+
+    fn expire(
+        &self,
+        state: &mut QueueState,
+        now: Instant,
+        wakers: &mut Vec<Waker>,
+        report: &mut PassReport,
+    ) {
+        let mut expired: Vec<Entry> = Vec::new();
+        state.pop_expired(now, &mut expired);
+        for entry in expired {
+            let waited = now.saturating_duration_since(entry.enqueued_at);
+            let outcome = Err(Rejection::Expired { priority: entry.priority, waited });
+            self.finish(entry, outcome, wakers);
+            report.expired += 1;
+        }
+    }
+
+    fn dispatch(
+        &self,
+        state: &mut QueueState,
+        pool: &PoolSnapshot,
+        now: Instant,
+        wakers: &mut Vec<Waker>,
+        report: &mut PassReport,
+    ) {
+        let detector = &self.shared.detector;
+        while let Some(band_index) = state.top_band() {
+            if detector.is_saturated(pool, now) {
+                break;
+            }
+            let Some(entry) = state.pop_band(band_index) else {
+                break;
+            };
+            detector.on_admit();
+            let waited = now.saturating_duration_since(entry.enqueued_at);
+            let dispatch_seq = state.next_dispatch_seq();
+            self.shared.metrics.record_wait(waited);
+            self.finish(entry, Ok(Admitted { waited, dispatch_seq }), wakers);
+            report.admitted += 1;
+        }
+    }
+
+    fn finish(&self, entry: Entry, outcome: FlowOutcome, wakers: &mut Vec<Waker>) {
+        let reason = match &outcome {
+            Ok(_) => OutcomeReason::Admitted,
+            Err(rejection) => rejection.reason(),
+        };
+        self.shared.metrics.record_outcome(reason);
+        if let Some(waker) = entry.cell.resolve(outcome) {
+            wakers.push(waker);
+        }
+    }
+}
+
+fn ttl_option(ttl: Duration) -> Option<Duration> {
+    (!ttl.is_zero()).then_some(ttl)
+}
+
+fn wake_all(wakers: Vec<Waker>) {
+    for waker in wakers {
+        waker.wake();
+    }
+}

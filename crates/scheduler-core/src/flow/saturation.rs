@@ -1,0 +1,217 @@
+//! Saturation detection: is there room in the pool for one more request right now?
+//!
+//! [`UtilizationDetector`] follows GIE's `utilization-detector`: the pool is saturated when
+//! every endpoint with fresh metrics has a waiting queue of at least `queueDepthThreshold`
+//! or a KV-cache usage of at least `kvCacheUtilThreshold`. Endpoints whose metrics are older
+//! than `metricsStalenessThreshold` (or were never scraped) offer no capacity, so an empty or
+//! all-stale pool is saturated. One check is O(endpoints) and allocation-free.
+//!
+//! Detectors are read through `&self` and take `now` as a parameter: they never read a clock.
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::endpoint::EndpointMetrics;
+use crate::pool::PoolSnapshot;
+
+/// Decides whether the pool can take one more request.
+pub trait SaturationDetector: Send + Sync + Debug {
+    /// Whether the pool is saturated at `now`. Must not block for long: it runs under the flow
+    /// controller's lock, once per dispatch.
+    fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool;
+
+    /// Told of every request admitted (directly or from a queue), before the next check.
+    ///
+    /// Detectors whose signal lags admissions (scraped metrics, in-flight counts recorded only
+    /// once the request is scheduled) ignore it and may let a burst through between two updates,
+    /// as GIE's do; a detector that counts admissions itself uses it to stay exact.
+    fn on_admit(&self) {}
+}
+
+/// Default of `queueDepthThreshold`: waiting requests at which an endpoint is full.
+pub const DEFAULT_QUEUE_DEPTH_THRESHOLD: u32 = 5;
+/// Default of `kvCacheUtilThreshold`: KV-cache usage at which an endpoint is full.
+pub const DEFAULT_KV_CACHE_UTIL_THRESHOLD: f64 = 0.8;
+/// Default of `metricsStalenessThreshold`: metrics older than this offer no capacity.
+pub const DEFAULT_METRICS_STALENESS_THRESHOLD: Duration = Duration::from_millis(200);
+
+/// The thresholds of the utilization detector (GIE `saturationDetector` keys).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UtilizationThresholds {
+    /// `queueDepthThreshold`: an endpoint with at least this many waiting requests is full.
+    pub queue_depth: u32,
+    /// `kvCacheUtilThreshold`: an endpoint at or above this KV-cache usage is full.
+    pub kv_cache_util: f64,
+    /// `metricsStalenessThreshold`: metrics older than this count as no capacity.
+    pub metrics_staleness: Duration,
+}
+
+impl Default for UtilizationThresholds {
+    fn default() -> Self {
+        Self {
+            queue_depth: DEFAULT_QUEUE_DEPTH_THRESHOLD,
+            kv_cache_util: DEFAULT_KV_CACHE_UTIL_THRESHOLD,
+            metrics_staleness: DEFAULT_METRICS_STALENESS_THRESHOLD,
+        }
+    }
+}
+
+/// GIE's `utilization-detector`: saturated when no endpoint with fresh metrics has headroom.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UtilizationDetector {
+    thresholds: UtilizationThresholds,
+}
+
+impl UtilizationDetector {
+    /// A detector with `thresholds`.
+    pub fn new(thresholds: UtilizationThresholds) -> Self {
+        Self { thresholds }
+    }
+
+    /// The thresholds in use.
+    pub fn thresholds(&self) -> &UtilizationThresholds {
+        &self.thresholds
+    }
+
+    /// Whether one endpoint can take more work at `now`.
+    pub fn has_headroom(&self, metrics: &EndpointMetrics, now: Instant) -> bool {
+        if metrics.is_stale(now, self.thresholds.metrics_staleness) {
+            return false;
+        }
+        // NaN usage compares false below, so a garbled gauge never reads as headroom.
+        metrics.waiting_queue < self.thresholds.queue_depth
+            && metrics.kv_usage < self.thresholds.kv_cache_util
+    }
+}
+
+impl SaturationDetector for UtilizationDetector {
+    fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
+        !pool.endpoints().iter().any(|state| self.has_headroom(&state.metrics, now))
+    }
+}
+
+/// A pool-wide permit count: saturated when no permit is left.
+///
+/// Each admission takes a permit ([`SaturationDetector::on_admit`]) and
+/// [`PermitDetector::return_permit`] gives it back, so admissions are exact with no lag. Useful
+/// as a simple global concurrency limit and as a deterministic detector in tests.
+#[derive(Debug, Default)]
+pub struct PermitDetector {
+    available: AtomicI64,
+}
+
+impl PermitDetector {
+    /// A detector with `permits` permits.
+    pub fn new(permits: u32) -> Self {
+        Self { available: AtomicI64::new(i64::from(permits)) }
+    }
+
+    /// Returns one permit (a request admitted earlier finished).
+    pub fn return_permit(&self) {
+        self.available.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Adds or removes permits (negative `delta`), for tests and live resizing.
+    pub fn adjust(&self, delta: i64) {
+        self.available.fetch_add(delta, Ordering::AcqRel);
+    }
+
+    /// Permits left; negative when more were taken than given.
+    pub fn available(&self) -> i64 {
+        self.available.load(Ordering::Acquire)
+    }
+}
+
+impl SaturationDetector for PermitDetector {
+    fn is_saturated(&self, _pool: &PoolSnapshot, _now: Instant) -> bool {
+        self.available() <= 0
+    }
+
+    fn on_admit(&self) {
+        self.available.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Never saturated: admits everything. For benchmarks and for running without a detector.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NeverSaturated;
+
+impl SaturationDetector for NeverSaturated {
+    fn is_saturated(&self, _pool: &PoolSnapshot, _now: Instant) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::{Endpoint, EndpointState};
+
+    fn endpoint(port: u16, waiting: u32, kv: f64, updated_at: Option<Instant>) -> EndpointState {
+        EndpointState::new(Endpoint::new(([10, 0, 0, 1], port).into())).with_metrics(
+            EndpointMetrics {
+                waiting_queue: waiting,
+                kv_usage: kv,
+                updated_at,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn thresholds_are_inclusive_at_the_edge() {
+        let now = Instant::now();
+        let detector = UtilizationDetector::default();
+        let below = PoolSnapshot::new([endpoint(1, 4, 0.79, Some(now))]);
+        assert!(!detector.is_saturated(&below, now));
+        let queue_at_edge = PoolSnapshot::new([endpoint(1, 5, 0.0, Some(now))]);
+        assert!(detector.is_saturated(&queue_at_edge, now));
+        let kv_at_edge = PoolSnapshot::new([endpoint(1, 0, 0.8, Some(now))]);
+        assert!(detector.is_saturated(&kv_at_edge, now));
+        let nan_kv = PoolSnapshot::new([endpoint(1, 0, f64::NAN, Some(now))]);
+        assert!(detector.is_saturated(&nan_kv, now));
+    }
+
+    #[test]
+    fn one_fresh_endpoint_with_headroom_is_enough() {
+        let now = Instant::now();
+        let detector = UtilizationDetector::default();
+        let pool = PoolSnapshot::new([
+            endpoint(1, 50, 0.9, Some(now)),
+            endpoint(2, 0, 0.1, Some(now)),
+            endpoint(3, 9, 0.1, Some(now)),
+        ]);
+        assert!(!detector.is_saturated(&pool, now));
+    }
+
+    #[test]
+    fn stale_endpoints_offer_no_capacity() {
+        let scraped = Instant::now();
+        let detector = UtilizationDetector::default();
+        let pool =
+            PoolSnapshot::new([endpoint(1, 0, 0.0, Some(scraped)), endpoint(2, 0, 0.0, None)]);
+        let at_threshold = scraped + DEFAULT_METRICS_STALENESS_THRESHOLD;
+        assert!(!detector.is_saturated(&pool, at_threshold), "exactly 200 ms old is still fresh");
+        let past = at_threshold + Duration::from_nanos(1);
+        assert!(detector.is_saturated(&pool, past), "all stale is saturated");
+    }
+
+    #[test]
+    fn empty_pool_is_saturated() {
+        let detector = UtilizationDetector::default();
+        assert!(detector.is_saturated(&PoolSnapshot::default(), Instant::now()));
+    }
+
+    #[test]
+    fn permits_are_taken_and_returned() {
+        let pool = PoolSnapshot::default();
+        let now = Instant::now();
+        let permits = PermitDetector::new(1);
+        assert!(!permits.is_saturated(&pool, now));
+        permits.on_admit();
+        assert!(permits.is_saturated(&pool, now));
+        permits.return_permit();
+        assert!(!permits.is_saturated(&pool, now));
+    }
+}

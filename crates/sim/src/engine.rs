@@ -1,0 +1,591 @@
+//! The discrete-event loop: arrivals, server steps and metric scrapes on simulated time.
+//!
+//! Time is an integer count of nanoseconds; events are kept in a binary heap ordered by time,
+//! then by the order they were scheduled, so a run is a pure function of its inputs and seed.
+//! Nothing waits or reads the clock during a run: the [`Instant`]s handed to the scheduler are
+//! one base instant, taken when the run starts, plus simulated time, and plugins only use their
+//! differences.
+//!
+//! The gateway sees the servers only through scrapes: every `scrape_interval_s` each server's
+//! waiting and running counts, KV usage and adapters are copied into a fresh [`PoolSnapshot`],
+//! which is what the EPP scheduler and the saturation detector read until the next scrape.
+//! Network and proxy delays are not modelled.
+//!
+//! Bounds: the heap holds one pending arrival (requests are generated lazily), one scrape and at
+//! most one step end per server; memory grows with the requests in flight plus one latency
+//! sample per completed request (for exact percentiles).
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use scheduler_core::flow::{self, UtilizationDetector, UtilizationThresholds};
+use scheduler_core::{
+    CompletionGuard, ConfigError, Endpoint, EndpointMetrics, EndpointState, InferenceRequest,
+    Outcome, PoolSnapshot, ScheduleOptions, Scheduler,
+};
+use serde::Serialize;
+
+use crate::hashing::BLOCK_TOKENS;
+use crate::policy::Policy;
+use crate::profile::ServerProfile;
+use crate::report::{Percentiles, RunReport};
+use crate::server::{ModelServer, Sequence, StepOutput};
+use crate::workload::{WorkloadRequest, WorkloadSpec};
+
+/// GIE's default saturation detector: the pool is saturated when every endpoint with fresh
+/// metrics has a queue of at least `queue_threshold` or KV usage of at least `kv_threshold`
+/// (or no endpoint has fresh metrics). Sheddable requests arriving then are shed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SaturationDetector {
+    /// Waiting requests at which an endpoint counts as saturated.
+    pub queue_threshold: u32,
+    /// KV usage at which an endpoint counts as saturated.
+    pub kv_threshold: f64,
+    /// Metrics older than this are ignored, seconds.
+    pub staleness_s: f64,
+}
+
+impl Default for SaturationDetector {
+    fn default() -> Self {
+        Self { queue_threshold: 5, kv_threshold: 0.8, staleness_s: 0.2 }
+    }
+}
+
+impl SaturationDetector {
+    fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
+        // The core's detector, so the simulated gateway sheds exactly as the flow controller.
+        let detector = UtilizationDetector::new(UtilizationThresholds {
+            queue_depth: self.queue_threshold,
+            kv_cache_util: self.kv_threshold,
+            metrics_staleness: Duration::try_from_secs_f64(self.staleness_s.max(0.0))
+                .unwrap_or(Duration::MAX),
+        });
+        flow::SaturationDetector::is_saturated(&detector, pool, now)
+    }
+}
+
+/// The pool and the gateway around it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SimConfig {
+    /// Model servers in the pool.
+    pub servers: usize,
+    /// Their (identical) profile.
+    pub profile: ServerProfile,
+    /// Time between metric scrapes, seconds (GIE's default refresh is 50 ms).
+    pub scrape_interval_s: f64,
+    /// Seed of the workload and of every random decision.
+    pub seed: u64,
+    /// Sheds sheddable requests when saturated, whatever the policy; `None` never sheds.
+    pub saturation: Option<SaturationDetector>,
+}
+
+impl SimConfig {
+    /// `servers` servers of `profile`, 50 ms scrapes, seed 1, GIE's saturation detector.
+    pub fn new(servers: usize, profile: ServerProfile) -> Self {
+        Self {
+            servers,
+            profile,
+            scrape_interval_s: 0.05,
+            seed: 1,
+            saturation: Some(SaturationDetector::default()),
+        }
+    }
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The pool has no servers.
+    #[error("the pool needs at least one server")]
+    NoServers,
+    /// The scrape interval is not a positive number of seconds.
+    #[error("the scrape interval must be positive, got {0} s")]
+    ScrapeInterval(f64),
+    /// The server profile could never run a request.
+    #[error("server profile '{0}' needs a positive token budget, sequence limit and KV-cache size")]
+    Profile(String),
+    /// An EPP policy's configuration could not be built.
+    #[error("policy '{policy}': {source}")]
+    Config {
+        /// The policy.
+        policy: String,
+        /// What is wrong.
+        source: Box<ConfigError>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    Scrape,
+    Arrival,
+    StepEnd(u32),
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at_ns: u64,
+    order: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_ns, self.order) == (other.at_ns, other.order)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Reversed: BinaryHeap is a max-heap and the earliest event must come first.
+        (other.at_ns, other.order).cmp(&(self.at_ns, self.order))
+    }
+}
+
+fn nanos(seconds: f64) -> u64 {
+    (seconds * 1e9).round().max(1.0) as u64
+}
+
+/// A request between arrival and completion.
+#[derive(Debug)]
+struct InFlight {
+    arrival_ns: u64,
+    first_token_ns: u64,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    server: u32,
+    guard: Option<CompletionGuard>,
+}
+
+enum Router {
+    RoundRobin { next: usize },
+    Random { rng: SmallRng },
+    LeastRequest { rng: SmallRng, in_flight: Vec<u32> },
+    Oracle,
+    Epp { scheduler: Box<Scheduler>, seed: u64, decisions: u64 },
+}
+
+impl Router {
+    fn new(policy: &Policy, seed: u64, servers: usize) -> Result<Self, SimError> {
+        Ok(match policy {
+            Policy::RoundRobin => Self::RoundRobin { next: 0 },
+            Policy::Random => Self::Random { rng: SmallRng::seed_from_u64(seed ^ 0x5eed) },
+            Policy::LeastRequest => Self::LeastRequest {
+                rng: SmallRng::seed_from_u64(seed ^ 0x1ea5),
+                in_flight: vec![0; servers],
+            },
+            Policy::Oracle => Self::Oracle,
+            Policy::Epp { name, config } => {
+                let scheduler = config.build(&scorers::builtin_registry()).map_err(|source| {
+                    SimError::Config { policy: name.clone(), source: Box::new(source) }
+                })?;
+                Self::Epp { scheduler: Box::new(scheduler.with_seed(seed)), seed, decisions: 0 }
+            }
+        })
+    }
+}
+
+/// Runs `workload` through `policy` and reports what happened.
+pub fn run(
+    config: &SimConfig,
+    workload: &WorkloadSpec,
+    policy: &Policy,
+) -> Result<RunReport, SimError> {
+    if config.servers == 0 {
+        return Err(SimError::NoServers);
+    }
+    if !(config.scrape_interval_s > 0.0 && config.scrape_interval_s.is_finite()) {
+        return Err(SimError::ScrapeInterval(config.scrape_interval_s));
+    }
+    let profile = &config.profile;
+    if profile.max_batched_tokens == 0 || profile.max_running == 0 || profile.kv_blocks == 0 {
+        return Err(SimError::Profile(profile.name.clone()));
+    }
+    let router = Router::new(policy, config.seed, config.servers)?;
+    let mut simulation = Simulation::new(config, workload, router);
+    simulation.run(workload);
+    Ok(simulation.report(config, workload, policy))
+}
+
+/// Runs every policy on the same workload and seed.
+pub fn compare(
+    config: &SimConfig,
+    workload: &WorkloadSpec,
+    policies: &[Policy],
+) -> Result<Vec<RunReport>, SimError> {
+    policies.iter().map(|policy| run(config, workload, policy)).collect()
+}
+
+struct Simulation<'a> {
+    config: &'a SimConfig,
+    servers: Vec<ModelServer>,
+    endpoints: Vec<Endpoint>,
+    adapter_names: Vec<Arc<str>>,
+    snapshot: Arc<PoolSnapshot>,
+    router: Router,
+    events: BinaryHeap<Scheduled>,
+    next_order: u64,
+    base: Instant,
+    now_ns: u64,
+    in_flight: Vec<Option<InFlight>>,
+    vacant: Vec<u32>,
+    step_output: StepOutput,
+    // Outcomes.
+    arrivals: u64,
+    completed: u64,
+    rejected: u64,
+    shed_by_priority: BTreeMap<i32, u64>,
+    output_tokens: u64,
+    first_arrival_ns: Option<u64>,
+    last_completion_ns: u64,
+    ttft_s: Vec<f64>,
+    tpot_s: Vec<f64>,
+    e2e_s: Vec<f64>,
+}
+
+impl<'a> Simulation<'a> {
+    fn new(config: &'a SimConfig, workload: &WorkloadSpec, router: Router) -> Self {
+        let endpoints: Vec<Endpoint> = (0..config.servers)
+            .map(|index| {
+                let ip = Ipv4Addr::new(10, 0, (index / 250) as u8, (index % 250 + 1) as u8);
+                Endpoint::new(SocketAddr::new(ip.into(), 8000))
+                    .with_name(format!("{}-{index}", config.profile.name))
+            })
+            .collect();
+        let snapshot =
+            Arc::new(PoolSnapshot::new(endpoints.iter().cloned().map(EndpointState::new)));
+        let expected = usize::try_from(workload.requests).unwrap_or(0).min(1 << 24);
+        Self {
+            config,
+            servers: (0..config.servers)
+                .map(|_| ModelServer::new(config.profile.clone()))
+                .collect(),
+            endpoints,
+            adapter_names: workload.adapter_names(),
+            snapshot,
+            router,
+            events: BinaryHeap::new(),
+            next_order: 0,
+            base: Instant::now(),
+            now_ns: 0,
+            in_flight: Vec::new(),
+            vacant: Vec::new(),
+            step_output: StepOutput::default(),
+            arrivals: 0,
+            completed: 0,
+            rejected: 0,
+            shed_by_priority: BTreeMap::new(),
+            output_tokens: 0,
+            first_arrival_ns: None,
+            last_completion_ns: 0,
+            ttft_s: Vec::with_capacity(expected),
+            tpot_s: Vec::with_capacity(expected),
+            e2e_s: Vec::with_capacity(expected),
+        }
+    }
+
+    fn schedule(&mut self, at_ns: u64, event: Event) {
+        self.events.push(Scheduled { at_ns, order: self.next_order, event });
+        self.next_order += 1;
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_nanos(self.now_ns)
+    }
+
+    fn run(&mut self, workload: &WorkloadSpec) {
+        let mut requests = workload.generate(self.config.seed);
+        let mut next_request = requests.next();
+        self.schedule(0, Event::Scrape);
+        if let Some(request) = &next_request {
+            self.schedule(nanos(request.arrival_s), Event::Arrival);
+        }
+        let scrape_ns = nanos(self.config.scrape_interval_s);
+        while let Some(Scheduled { at_ns, event, .. }) = self.events.pop() {
+            self.now_ns = at_ns;
+            match event {
+                Event::Scrape => {
+                    self.scrape();
+                    let in_flight = self.in_flight.len() > self.vacant.len();
+                    if in_flight || next_request.is_some() {
+                        self.schedule(at_ns + scrape_ns, Event::Scrape);
+                    }
+                }
+                Event::Arrival => {
+                    if let Some(request) = next_request.take() {
+                        self.arrive(request);
+                    }
+                    next_request = requests.next();
+                    if let Some(request) = &next_request {
+                        self.schedule(nanos(request.arrival_s).max(at_ns), Event::Arrival);
+                    }
+                }
+                Event::StepEnd(server) => {
+                    let mut output = std::mem::take(&mut self.step_output);
+                    output.clear();
+                    self.servers[server as usize].end_step(&mut output);
+                    for &request in &output.first_tokens {
+                        if let Some(Some(flight)) = self.in_flight.get_mut(request as usize) {
+                            flight.first_token_ns = at_ns;
+                        }
+                    }
+                    for &request in &output.finished {
+                        self.finish(request);
+                    }
+                    self.step_output = output;
+                    self.start_step(server as usize);
+                }
+            }
+        }
+    }
+
+    fn start_step(&mut self, server: usize) {
+        if self.servers[server].in_step() {
+            return;
+        }
+        if let Some(duration) = self.servers[server].begin_step() {
+            self.schedule(self.now_ns + nanos(duration), Event::StepEnd(server as u32));
+        }
+    }
+
+    fn scrape(&mut self) {
+        let updated_at = Some(self.instant());
+        let max_lora_adapters = self.config.profile.max_loras;
+        let mut pool = PoolSnapshot::default();
+        for (server, endpoint) in self.servers.iter().zip(&self.endpoints) {
+            let names = |ids: &mut dyn Iterator<Item = u16>| -> Vec<Arc<str>> {
+                ids.filter_map(|id| self.adapter_names.get(id as usize).cloned()).collect()
+            };
+            let metrics = EndpointMetrics {
+                waiting_queue: server.waiting_len() as u32,
+                running: server.running_len() as u32,
+                kv_usage: server.kv_usage(),
+                active_lora_adapters: names(&mut server.running_adapters()),
+                waiting_lora_adapters: names(&mut server.waiting_adapters()),
+                max_lora_adapters,
+                kv_capacity_blocks: Some(u64::from(self.config.profile.kv_blocks)),
+                updated_at,
+            };
+            pool.upsert(EndpointState { endpoint: endpoint.clone(), metrics });
+        }
+        self.snapshot = Arc::new(pool);
+    }
+
+    fn arrive(&mut self, mut request: WorkloadRequest) {
+        self.arrivals += 1;
+        self.first_arrival_ns.get_or_insert(self.now_ns);
+        if request.priority < 0
+            && let Some(detector) = &self.config.saturation
+            && detector.is_saturated(&self.snapshot, self.instant())
+        {
+            *self.shed_by_priority.entry(request.priority).or_default() += 1;
+            return;
+        }
+        let Some((server, guard)) = self.route(&mut request) else {
+            self.rejected += 1;
+            return;
+        };
+        let slot = match self.vacant.pop() {
+            Some(slot) => slot,
+            None => {
+                self.in_flight.push(None);
+                (self.in_flight.len() - 1) as u32
+            }
+        };
+        let sequence = Sequence::new(
+            slot,
+            request.prompt_tokens,
+            request.output_tokens,
+            request.block_hashes,
+            request.adapter,
+        );
+        if self.servers[server].enqueue(sequence).is_err() {
+            self.rejected += 1;
+            self.vacant.push(slot);
+            if let Some(guard) = guard {
+                guard.finish(Outcome::Failed);
+            }
+            if let Router::LeastRequest { in_flight, .. } = &mut self.router {
+                in_flight[server] -= 1;
+            }
+            return;
+        }
+        self.in_flight[slot as usize] = Some(InFlight {
+            arrival_ns: self.now_ns,
+            first_token_ns: 0,
+            prompt_tokens: request.prompt_tokens,
+            output_tokens: request.output_tokens.max(1),
+            server: server as u32,
+            guard,
+        });
+        self.start_step(server);
+    }
+
+    /// The server for `request` and, for the EPP, the guard that runs its completion hooks.
+    fn route(&mut self, request: &mut WorkloadRequest) -> Option<(usize, Option<CompletionGuard>)> {
+        let servers = self.servers.len();
+        match &mut self.router {
+            Router::RoundRobin { next } => {
+                let server = *next % servers;
+                *next = (server + 1) % servers;
+                Some((server, None))
+            }
+            Router::Random { rng } => Some((rng.random_range(0..servers), None)),
+            Router::LeastRequest { rng, in_flight } => {
+                let first = rng.random_range(0..servers);
+                let second = rng.random_range(0..servers);
+                let server = if in_flight[second] < in_flight[first] { second } else { first };
+                in_flight[server] += 1;
+                Some((server, None))
+            }
+            Router::Oracle => Some((oracle_pick(&self.servers, request), None)),
+            Router::Epp { scheduler, seed, decisions } => {
+                *decisions += 1;
+                let options = ScheduleOptions {
+                    now: Some(self.base + Duration::from_nanos(self.now_ns)),
+                    seed: Some(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ *decisions),
+                    explain: false,
+                };
+                let inference =
+                    InferenceRequest::new(&*request.model, std::mem::take(&mut request.prompt))
+                        .with_priority(request.priority);
+                let mut result =
+                    scheduler.schedule_with(&inference, &self.snapshot, options).ok()?;
+                let server = self.snapshot.index_of(result.primary().id())? as usize;
+                Some((server, result.take_completion()))
+            }
+        }
+    }
+
+    fn finish(&mut self, request: u32) {
+        let Some(flight) = self.in_flight.get_mut(request as usize).and_then(Option::take) else {
+            return;
+        };
+        self.vacant.push(request);
+        self.completed += 1;
+        self.output_tokens += u64::from(flight.output_tokens);
+        self.last_completion_ns = self.now_ns;
+        let ttft = (flight.first_token_ns - flight.arrival_ns) as f64 * 1e-9;
+        let e2e = (self.now_ns - flight.arrival_ns) as f64 * 1e-9;
+        self.ttft_s.push(ttft);
+        self.e2e_s.push(e2e);
+        if flight.output_tokens > 1 {
+            let decode = (self.now_ns - flight.first_token_ns) as f64 * 1e-9;
+            self.tpot_s.push(decode / f64::from(flight.output_tokens - 1));
+        }
+        if let Some(mut guard) = flight.guard {
+            guard.set_usage(u64::from(flight.prompt_tokens), u64::from(flight.output_tokens));
+            guard.finish(Outcome::Completed);
+        }
+        if let Router::LeastRequest { in_flight, .. } = &mut self.router {
+            in_flight[flight.server as usize] -= 1;
+        }
+    }
+
+    fn report(
+        &mut self,
+        config: &SimConfig,
+        workload: &WorkloadSpec,
+        policy: &Policy,
+    ) -> RunReport {
+        let duration_s = self
+            .first_arrival_ns
+            .map_or(0.0, |first| self.last_completion_ns.saturating_sub(first) as f64 * 1e-9);
+        let per_second =
+            |count: u64| if duration_s > 0.0 { count as f64 / duration_s } else { 0.0 };
+        let (mut prompt_tokens, mut cached_tokens, mut preemptions, mut adapter_loads) =
+            (0, 0, 0, 0);
+        for server in &self.servers {
+            let stats = server.stats();
+            prompt_tokens += stats.prompt_tokens;
+            cached_tokens += stats.cached_prompt_tokens;
+            preemptions += stats.preemptions;
+            adapter_loads += stats.adapter_loads;
+        }
+        RunReport {
+            policy: policy.name().to_owned(),
+            workload: workload.name.clone(),
+            qps: workload.qps,
+            servers: config.servers,
+            arrivals: self.arrivals,
+            completed: self.completed,
+            shed_by_priority: std::mem::take(&mut self.shed_by_priority),
+            rejected: self.rejected,
+            duration_s,
+            throughput_rps: per_second(self.completed),
+            output_tokens_per_s: per_second(self.output_tokens),
+            ttft_s: Percentiles::of(&mut self.ttft_s),
+            tpot_s: Percentiles::of(&mut self.tpot_s),
+            e2e_s: Percentiles::of(&mut self.e2e_s),
+            prefix_hit_rate: if prompt_tokens > 0 {
+                cached_tokens as f64 / prompt_tokens as f64
+            } else {
+                0.0
+            },
+            preemptions,
+            adapter_loads,
+        }
+    }
+}
+
+/// The server with the lowest estimated time to first token for `request`, from the servers'
+/// true state (see [`crate::policy`]). Ties go to the server with fewer running requests, then
+/// to the lower index.
+fn oracle_pick(servers: &[ModelServer], request: &WorkloadRequest) -> usize {
+    let mut best = (f64::INFINITY, usize::MAX, 0);
+    for (index, server) in servers.iter().enumerate() {
+        let estimate = estimated_ttft(server, request);
+        let key = (estimate, server.running_len(), index);
+        if key.0 < best.0 || (key.0 == best.0 && key.1 < best.1) {
+            best = key;
+        }
+    }
+    best.2
+}
+
+fn estimated_ttft(server: &ModelServer, request: &WorkloadRequest) -> f64 {
+    let profile = server.profile();
+    let matchable = ((request.prompt_tokens.max(1) - 1) / BLOCK_TOKENS) as usize;
+    let hashes = &request.block_hashes[..matchable.min(request.block_hashes.len())];
+    let cached_tokens = server.cached_prefix_blocks(hashes) * BLOCK_TOKENS;
+    let own_tokens = u64::from(request.prompt_tokens.saturating_sub(cached_tokens).max(1));
+    let prefill_tokens = server.pending_prefill_tokens() + own_tokens;
+    let steps = prefill_tokens.div_ceil(u64::from(profile.max_batched_tokens.max(1)));
+    let decode_seqs = server.running_len().min(profile.max_running as usize) as u32;
+    let step_time = profile.step_time(0, decode_seqs, 0);
+    let mut estimate = steps as f64 * step_time + prefill_tokens as f64 * profile.prefill_token_s;
+    // The uncached prompt also delays every request queued behind it on that server: counting
+    // it once more keeps a greedy choice from trading the pool's cache locality for one
+    // request's queue position, which collapses throughput under load.
+    estimate += own_tokens as f64 * profile.prefill_token_s;
+
+    // Beyond the sequence limit a request waits for running ones to finish: about one decode
+    // step's worth per request ahead of it over the limit.
+    let queued = server.running_len() + server.waiting_len() + 1;
+    if let Some(excess) = queued.checked_sub(profile.max_running as usize) {
+        estimate += excess as f64 * step_time;
+    }
+    // Not enough free KV for the uncached prompt: something will be preempted or wait.
+    let needed_blocks = (own_tokens + u64::from(request.output_tokens)).div_ceil(16);
+    if needed_blocks > u64::from(server.allocatable_blocks()) {
+        estimate += own_tokens as f64 * profile.prefill_token_s * 2.0 + step_time;
+    }
+    if let Some(adapter) = request.adapter.filter(|_| profile.max_loras > 0)
+        && !server.is_adapter_resident(adapter)
+    {
+        estimate += profile.lora_load_s;
+        if !server.has_adapter_slot_for(adapter) {
+            estimate += 1.0;
+        }
+    }
+    estimate
+}

@@ -1,0 +1,242 @@
+//! `epp-sim`: runs endpoint-picking policies through the simulated inference pool and prints
+//! a comparison table, optionally JSON and an SVG chart of p90 TTFT against offered load.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use sim::{
+    Policy, RunReport, ServerProfile, SimConfig, SyntheticWorkload, TraceWorkload, WorkloadSource,
+    WorkloadSpec,
+};
+
+const USAGE: &str = "\
+epp-sim: compare endpoint-picking policies on a simulated vLLM pool
+
+USAGE:
+    epp-sim run   [OPTIONS]     one rate (--qps), every policy
+    epp-sim sweep [OPTIONS]     every rate in --qps-list, every policy
+
+OPTIONS:
+    --workload W          sharegpt-like | prefix-heavy | trace:PATH (ShareGPT JSON)
+                          [default: sharegpt-like]
+    --qps N               arrival rate for `run` [default: 50]
+    --qps-list A,B,..     arrival rates for `sweep` [default: 10,20,30,40,50,60]
+    --requests N          requests per run [default: 20000]
+    --servers N           model servers [default: 10]
+    --profile NAME        server profile: h100-llama3-8b | small-test [default: h100-llama3-8b]
+    --policies P,..       round-robin, random, least-request, oracle, epp (GIE default:
+                          queue, KV and prefix scorers), epp-queue-kv, epp-prefix-heavy,
+                          epp:NAME=CONFIG.yaml
+                          [default: round-robin,random,least-request,epp,oracle]
+    --seed N              seed of the workload and every decision [default: 1]
+    --scrape-ms N         metrics scrape interval [default: 50]
+    --conversation-gap S  mean seconds between turns of a conversation [default: 10]
+    --adapters N          LoRA adapters conversations may target [default: 0]
+    --adapter-share F     share of conversations on an adapter [default: 0]
+    --sheddable-share F   share of sheddable (priority -1) conversations [default: 0]
+    --no-shedding         never shed, even when saturated
+    --json PATH           write the reports as JSON (`-` for stdout)
+    --svg PATH            write p90 TTFT against rate as an SVG chart (sweep)
+    --quiet               no progress on stderr
+";
+
+struct Options {
+    command: String,
+    workload: String,
+    qps: f64,
+    qps_list: Vec<f64>,
+    requests: u64,
+    servers: usize,
+    profile: String,
+    policies: Vec<String>,
+    seed: u64,
+    scrape_ms: f64,
+    conversation_gap_s: f64,
+    adapters: u32,
+    adapter_share: f64,
+    sheddable_share: f64,
+    shedding: bool,
+    json: Option<String>,
+    svg: Option<String>,
+    quiet: bool,
+}
+
+fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value.parse().map_err(|_| format!("{flag}: '{value}' is not a valid number"))
+}
+
+fn parse_options(args: &[String]) -> Result<Options, String> {
+    let mut options = Options {
+        command: String::new(),
+        workload: "sharegpt-like".to_owned(),
+        qps: 50.0,
+        qps_list: vec![10.0, 20.0, 30.0, 40.0, 50.0, 60.0],
+        requests: 20_000,
+        servers: 10,
+        profile: "h100-llama3-8b".to_owned(),
+        policies: ["round-robin", "random", "least-request", "epp", "oracle"]
+            .map(String::from)
+            .to_vec(),
+        seed: 1,
+        scrape_ms: 50.0,
+        conversation_gap_s: 10.0,
+        adapters: 0,
+        adapter_share: 0.0,
+        sheddable_share: 0.0,
+        shedding: true,
+        json: None,
+        svg: None,
+        quiet: false,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value =
+            |flag: &str| args.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
+        match arg.as_str() {
+            "run" | "sweep" if options.command.is_empty() => options.command = arg.clone(),
+            "-h" | "--help" => options.command = "help".to_owned(),
+            "--workload" => options.workload = value(arg)?,
+            "--qps" => options.qps = parse_number(arg, &value(arg)?)?,
+            "--qps-list" => {
+                options.qps_list = value(arg)?
+                    .split(',')
+                    .map(|rate| parse_number(arg, rate.trim()))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--requests" => options.requests = parse_number(arg, &value(arg)?)?,
+            "--servers" => options.servers = parse_number(arg, &value(arg)?)?,
+            "--profile" => options.profile = value(arg)?,
+            "--policies" => {
+                options.policies = value(arg)?.split(',').map(|p| p.trim().to_owned()).collect();
+            }
+            "--seed" => options.seed = parse_number(arg, &value(arg)?)?,
+            "--scrape-ms" => options.scrape_ms = parse_number(arg, &value(arg)?)?,
+            "--conversation-gap" => options.conversation_gap_s = parse_number(arg, &value(arg)?)?,
+            "--adapters" => options.adapters = parse_number(arg, &value(arg)?)?,
+            "--adapter-share" => options.adapter_share = parse_number(arg, &value(arg)?)?,
+            "--sheddable-share" => options.sheddable_share = parse_number(arg, &value(arg)?)?,
+            "--no-shedding" => options.shedding = false,
+            "--json" => options.json = Some(value(arg)?),
+            "--svg" => options.svg = Some(value(arg)?),
+            "--quiet" => options.quiet = true,
+            other => return Err(format!("unexpected argument '{other}'")),
+        }
+    }
+    if options.command.is_empty() {
+        options.command = "run".to_owned();
+    }
+    Ok(options)
+}
+
+fn workload(options: &Options) -> Result<WorkloadSpec, String> {
+    let source = match options.workload.as_str() {
+        "sharegpt-like" => WorkloadSource::Synthetic(SyntheticWorkload::sharegpt_like()),
+        "prefix-heavy" => WorkloadSource::Synthetic(SyntheticWorkload::prefix_heavy()),
+        other => match other.strip_prefix("trace:") {
+            Some(path) => {
+                WorkloadSource::Trace(TraceWorkload::load(path).map_err(|e| e.to_string())?)
+            }
+            None => {
+                return Err(format!(
+                    "unknown workload '{other}': expected sharegpt-like, prefix-heavy or trace:PATH"
+                ));
+            }
+        },
+    };
+    let mut spec = WorkloadSpec::new(&options.workload, source, options.qps, options.requests);
+    spec.conversation_gap_s = options.conversation_gap_s;
+    spec.adapters = options.adapters;
+    spec.adapter_share = options.adapter_share;
+    spec.sheddable_share = options.sheddable_share;
+    Ok(spec)
+}
+
+fn execute(options: &Options) -> Result<(), String> {
+    let profile = ServerProfile::named(&options.profile).ok_or_else(|| {
+        format!(
+            "unknown profile '{}': expected one of {}",
+            options.profile,
+            ServerProfile::NAMES.join(", ")
+        )
+    })?;
+    let mut config = SimConfig::new(options.servers, profile);
+    config.seed = options.seed;
+    config.scrape_interval_s = options.scrape_ms / 1e3;
+    if !options.shedding {
+        config.saturation = None;
+    }
+    let policies: Vec<Policy> = options
+        .policies
+        .iter()
+        .map(|spec| Policy::parse(spec).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let workload = workload(options)?;
+    let rates =
+        if options.command == "sweep" { options.qps_list.clone() } else { vec![options.qps] };
+
+    let started = Instant::now();
+    let mut run_started = Instant::now();
+    let mut simulated = 0u64;
+    let quiet = options.quiet;
+    let progress = |done: usize, total: usize, report: &RunReport| {
+        simulated += report.arrivals;
+        if !quiet {
+            let seconds = run_started.elapsed().as_secs_f64();
+            eprintln!(
+                "[{done}/{total}] {:<14} qps {:>6.1}: {} requests in {seconds:.2} s ({:.2} M simulated requests/min)",
+                report.policy,
+                report.qps,
+                report.arrivals,
+                report.arrivals as f64 / seconds.max(1e-9) * 60.0 / 1e6,
+            );
+        }
+        run_started = Instant::now();
+    };
+    let reports =
+        sim::sweep(&config, &workload, &rates, &policies, progress).map_err(|e| e.to_string())?;
+    if !quiet {
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "{simulated} simulated requests in {seconds:.1} s: {:.2} M/min",
+            simulated as f64 / seconds.max(1e-9) * 60.0 / 1e6
+        );
+    }
+
+    print!("{}", sim::render_table(&reports));
+    if let Some(path) = &options.json {
+        let json = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
+        if path == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json).map_err(|e| format!("cannot write {path}: {e}"))?;
+        }
+    }
+    if let Some(path) = &options.svg {
+        let title = format!("{} on {} servers", workload.name, options.servers);
+        std::fs::write(path, sim::p90_ttft_chart(&title, &reports))
+            .map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = match parse_options(&args) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("epp-sim: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if options.command == "help" {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    match execute(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("epp-sim: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Routing policies compared by the simulator.
+//!
+//! - `round-robin`: cycles through the servers (Envoy's ROUND_ROBIN).
+//! - `random`: uniform choice (a Kubernetes Service through kube-proxy in iptables mode).
+//! - `least-request`: Envoy's LEAST_REQUEST, power of two choices over the requests this
+//!   gateway has in flight on each server (exact and instantaneous, as a proxy knows them).
+//! - `epp`: the real [`scheduler_core::Scheduler`] built from an `EndpointPickerConfig`, fed the
+//!   scraped (so lagging) metrics; its pre-request hooks run at each pick and its completion
+//!   hooks when the simulated request ends. Built in: GIE's default profile (`epp`), its older
+//!   load-only profile (`epp-queue-kv`) and a prefix-heavy weighting (`epp-prefix-heavy`).
+//! - `oracle`: reads the servers' true state and cache contents and picks the server with the
+//!   lowest estimated time to first token: queued prompt work ahead plus the request's own
+//!   uncached prompt, in steps of the server's token budget, plus adapter-load and capacity
+//!   penalties. It is a greedy reference with perfect information, not an optimum or a bound:
+//!   placing each request where it starts soonest can scatter conversations and so lose cache
+//!   locality under heavy load, where a policy that keeps affinity does better.
+
+use std::path::Path;
+
+use scheduler_core::{ConfigError, EndpointPickerConfig};
+
+/// GIE's load-only profile from before prefix-cache scoring: queue and KV-cache utilisation
+/// scorers, weighted 2 and 2.
+pub const QUEUE_KV_CONFIG_YAML: &str = "\
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
+/// A prefix-heavy variant of the default profile: prefix-cache affinity weighted 5 against
+/// queue 2 and KV-cache utilisation 1, for workloads dominated by long shared prefixes.
+pub const PREFIX_HEAVY_CONFIG_YAML: &str = "\
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 1
+  - pluginRef: prefix-cache-scorer
+    weight: 5
+  - pluginRef: max-score-picker
+";
+
+/// How requests are assigned to servers.
+#[derive(Clone, Debug)]
+pub enum Policy {
+    /// Cycle through the servers.
+    RoundRobin,
+    /// Uniformly random server.
+    Random,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Lowest estimated time to first token from the servers' true state.
+    Oracle,
+    /// The real scheduler with a configuration.
+    Epp {
+        /// Name in reports.
+        name: String,
+        /// The configuration.
+        config: Box<EndpointPickerConfig>,
+    },
+}
+
+/// Why a policy specification was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Not a known policy name.
+    #[error(
+        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, or epp:NAME=CONFIG.yaml"
+    )]
+    Unknown(String),
+    /// The configuration file could not be read.
+    #[error("cannot read EndpointPickerConfig {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The configuration is invalid or names plugins the registry lacks.
+    #[error("EndpointPickerConfig {origin} is not usable: {source}")]
+    Config {
+        /// The file or built-in configuration.
+        origin: String,
+        /// What is wrong.
+        source: Box<ConfigError>,
+    },
+}
+
+impl Policy {
+    /// The name used in reports.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::Random => "random",
+            Self::LeastRequest => "least-request",
+            Self::Oracle => "oracle",
+            Self::Epp { name, .. } => name,
+        }
+    }
+
+    /// GIE's default profile (queue, KV-cache utilisation and prefix-cache scorers).
+    pub fn gie_default() -> Self {
+        Self::Epp {
+            name: "epp-default".to_owned(),
+            config: Box::new(EndpointPickerConfig::gie_default()),
+        }
+    }
+
+    /// An EPP policy from YAML text; checks that the built-in registry can build it.
+    pub fn epp_from_yaml(name: &str, yaml: &str, origin: &str) -> Result<Self, PolicyError> {
+        let config = EndpointPickerConfig::from_yaml(yaml)
+            .and_then(|config| config.build(&scorers::builtin_registry()).map(|_| config))
+            .map_err(|source| PolicyError::Config {
+                origin: origin.to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok(Self::Epp { name: name.to_owned(), config: Box::new(config) })
+    }
+
+    /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp` (GIE's default profile),
+    /// `epp-queue-kv` ([`QUEUE_KV_CONFIG_YAML`]), `epp-prefix-heavy`
+    /// ([`PREFIX_HEAVY_CONFIG_YAML`]), or
+    /// `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
+    pub fn parse(spec: &str) -> Result<Self, PolicyError> {
+        match spec {
+            "round-robin" | "rr" => Ok(Self::RoundRobin),
+            "random" => Ok(Self::Random),
+            "least-request" => Ok(Self::LeastRequest),
+            "oracle" => Ok(Self::Oracle),
+            "epp" | "epp-default" => Ok(Self::gie_default()),
+            "epp-queue-kv" => {
+                Self::epp_from_yaml("epp-queue-kv", QUEUE_KV_CONFIG_YAML, "epp-queue-kv")
+            }
+            "epp-prefix-heavy" => Self::epp_from_yaml(
+                "epp-prefix-heavy",
+                PREFIX_HEAVY_CONFIG_YAML,
+                "epp-prefix-heavy",
+            ),
+            _ => {
+                let Some(rest) = spec.strip_prefix("epp:") else {
+                    return Err(PolicyError::Unknown(spec.to_owned()));
+                };
+                let (name, path) = match rest.split_once('=') {
+                    Some((name, path)) => (name.to_owned(), path),
+                    None => {
+                        let stem = Path::new(rest).file_stem().and_then(|stem| stem.to_str());
+                        (format!("epp-{}", stem.unwrap_or(rest)), rest)
+                    }
+                };
+                let yaml = std::fs::read_to_string(path)
+                    .map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+                Self::epp_from_yaml(&name, &yaml, path)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_errors_name_the_offender() {
+        for spec in
+            ["rr", "random", "least-request", "oracle", "epp", "epp-queue-kv", "epp-prefix-heavy"]
+        {
+            assert!(Policy::parse(spec).is_ok(), "{spec}");
+        }
+        let error = Policy::parse("fastest").unwrap_err();
+        assert!(error.to_string().contains("'fastest'"), "{error}");
+        let error = Policy::parse("epp:/nonexistent/config.yaml").unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/config.yaml"), "{error}");
+        let error =
+            Policy::epp_from_yaml("x", "plugins:\n- type: no-such-scorer\n", "inline").unwrap_err();
+        assert!(error.to_string().contains("inline"), "{error}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Run results: latency percentiles, throughput, cache and shedding counters, rendered as a
+//! text table (with ratios against round-robin and the oracle) or serialised as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Summary of a latency sample, seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples` (sorted in place); zeros when empty.
+    pub fn of(samples: &mut [f64]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable_by(f64::total_cmp);
+        let rank = |quantile: f64| {
+            let index = (quantile * samples.len() as f64).ceil() as usize;
+            samples[index.clamp(1, samples.len()) - 1]
+        };
+        let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+        Self { p50: rank(0.50), p90: rank(0.90), p99: rank(0.99), mean }
+    }
+}
+
+/// What one policy did on one workload.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunReport {
+    /// Policy name.
+    pub policy: String,
+    /// Workload name.
+    pub workload: String,
+    /// Offered arrival rate, requests per second.
+    pub qps: f64,
+    /// Servers in the pool.
+    pub servers: usize,
+    /// Requests that arrived.
+    pub arrivals: u64,
+    /// Requests that finished.
+    pub completed: u64,
+    /// Requests shed (HTTP 429) by the saturation detector, by priority.
+    pub shed_by_priority: BTreeMap<i32, u64>,
+    /// Requests refused: no endpoint chosen (503) or too long for a server (400).
+    pub rejected: u64,
+    /// From the first arrival to the last completion, simulated seconds.
+    pub duration_s: f64,
+    /// Completed requests per simulated second.
+    pub throughput_rps: f64,
+    /// Output tokens per simulated second.
+    pub output_tokens_per_s: f64,
+    /// Time to first token.
+    pub ttft_s: Percentiles,
+    /// Time per output token after the first.
+    pub tpot_s: Percentiles,
+    /// Arrival to last token.
+    pub e2e_s: Percentiles,
+    /// Share of admitted prompt tokens served from the servers' prefix caches.
+    pub prefix_hit_rate: f64,
+    /// Sequences preempted (recomputed) because the KV cache was full.
+    pub preemptions: u64,
+    /// LoRA adapter loads.
+    pub adapter_loads: u64,
+}
+
+impl RunReport {
+    /// Total requests shed.
+    pub fn shed(&self) -> u64 {
+        self.shed_by_priority.values().sum()
+    }
+}
+
+fn milliseconds(seconds: f64) -> String {
+    format!("{:.0}", seconds * 1e3)
+}
+
+/// Renders `reports` as a fixed-width table, grouped by rate, with each policy's p90 TTFT as a
+/// ratio to round-robin's and the oracle's at the same rate (when those ran).
+pub fn render_table(reports: &[RunReport]) -> String {
+    let mut out = String::new();
+    let header = format!(
+        "{:>7} {:<16} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>6} {:>7} {:>7}",
+        "qps",
+        "policy",
+        "done",
+        "req/s",
+        "tok/s",
+        "TTFT50",
+        "TTFT90",
+        "TTFT99",
+        "TPOT50",
+        "TPOT90",
+        "hit%",
+        "preempt",
+        "shed",
+        "p90/RR",
+        "p90/orc",
+    );
+    let _ = writeln!(out, "{header}");
+    let _ = writeln!(
+        out,
+        "{:>7} {:<16} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>6} {:>6}",
+        "", "", "", "", "", "ms", "ms", "ms", "ms", "ms"
+    );
+    for report in reports {
+        let peer = |policy: &str| {
+            reports.iter().find(|other| {
+                other.policy == policy
+                    && other.qps == report.qps
+                    && other.workload == report.workload
+            })
+        };
+        let ratio = |policy: &str| match peer(policy) {
+            Some(other) if other.ttft_s.p90 > 0.0 => {
+                format!("{:.2}", report.ttft_s.p90 / other.ttft_s.p90)
+            }
+            _ => "-".to_owned(),
+        };
+        let shed = if report.shed_by_priority.is_empty() {
+            "0".to_owned()
+        } else {
+            report
+                .shed_by_priority
+                .iter()
+                .map(|(priority, count)| format!("{count}@{priority}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{:>7.1} {:<16} {:>7} {:>7.1} {:>7.0} {:>8} {:>8} {:>8} {:>6.1} {:>6.1} {:>6.1} {:>7} {:>6} {:>7} {:>7}",
+            report.qps,
+            report.policy,
+            report.completed,
+            report.throughput_rps,
+            report.output_tokens_per_s,
+            milliseconds(report.ttft_s.p50),
+            milliseconds(report.ttft_s.p90),
+            milliseconds(report.ttft_s.p99),
+            report.tpot_s.p50 * 1e3,
+            report.tpot_s.p90 * 1e3,
+            report.prefix_hit_rate * 100.0,
+            report.preemptions,
+            shed,
+            ratio("round-robin"),
+            ratio("oracle"),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut samples: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let summary = Percentiles::of(&mut samples);
+        assert_eq!((summary.p50, summary.p90, summary.p99), (50.0, 90.0, 99.0));
+        assert_eq!(summary.mean, 50.5);
+        assert_eq!(Percentiles::of(&mut []), Percentiles::default());
+    }
+}

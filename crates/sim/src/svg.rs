@@ -1,0 +1,188 @@
+//! A small SVG line chart: p90 time to first token against offered rate, one line per policy.
+//!
+//! Hand-written (no plotting dependency): linear rate axis, logarithmic latency axis (latency
+//! spans orders of magnitude near saturation), a legend, and a colour per policy.
+
+use std::fmt::Write as _;
+
+use crate::report::RunReport;
+
+const WIDTH: f64 = 760.0;
+const HEIGHT: f64 = 460.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 180.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 50.0;
+const COLOURS: &[&str] =
+    &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Renders p90 TTFT (seconds, log scale) against QPS for every policy in `reports`.
+pub fn p90_ttft_chart(title: &str, reports: &[RunReport]) -> String {
+    let mut policies: Vec<&str> = Vec::new();
+    for report in reports {
+        if !policies.contains(&report.policy.as_str()) {
+            policies.push(&report.policy);
+        }
+    }
+    let points = || reports.iter().filter(|r| r.ttft_s.p90 > 0.0 && r.qps.is_finite());
+    let (mut qps_min, mut qps_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut ttft_min, mut ttft_max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for report in points() {
+        qps_min = qps_min.min(report.qps);
+        qps_max = qps_max.max(report.qps);
+        ttft_min = ttft_min.min(report.ttft_s.p90);
+        ttft_max = ttft_max.max(report.ttft_s.p90);
+    }
+    if !qps_min.is_finite() {
+        (qps_min, qps_max, ttft_min, ttft_max) = (0.0, 1.0, 0.01, 1.0);
+    }
+    if qps_max <= qps_min {
+        qps_max = qps_min + 1.0;
+    }
+    let decade_low = ttft_min.log10().floor();
+    let decade_high = ttft_max.log10().ceil().max(decade_low + 1.0);
+    let plot_width = WIDTH - LEFT - RIGHT;
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    let x = |qps: f64| LEFT + (qps - qps_min) / (qps_max - qps_min) * plot_width;
+    let y = |seconds: f64| {
+        TOP + plot_height
+            - (seconds.log10() - decade_low) / (decade_high - decade_low) * plot_height
+    };
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        LEFT + plot_width / 2.0,
+        escape(title)
+    );
+    // Axes, decade grid lines and labels.
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{LEFT}" y="{TOP}" width="{plot_width}" height="{plot_height}" fill="none" stroke="black"/>"#
+    );
+    let mut decade = decade_low;
+    while decade <= decade_high {
+        let seconds = 10f64.powf(decade);
+        let position = y(seconds);
+        let label = if seconds >= 1.0 {
+            format!("{seconds:.0} s")
+        } else {
+            format!("{:.0} ms", seconds * 1e3)
+        };
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{position:.1}" x2="{:.1}" y2="{position:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
+            LEFT + plot_width,
+            LEFT - 6.0,
+            position + 4.0
+        );
+        decade += 1.0;
+    }
+    for tick in 0..=5 {
+        let qps = qps_min + (qps_max - qps_min) * f64::from(tick) / 5.0;
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{qps:.0}</text>"#,
+            x(qps),
+            TOP + plot_height + 18.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">offered load (requests/s)</text>"#,
+        LEFT + plot_width / 2.0,
+        HEIGHT - 10.0
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">p90 time to first token</text>"#,
+        TOP + plot_height / 2.0
+    );
+    for (index, policy) in policies.iter().enumerate() {
+        let colour = COLOURS[index % COLOURS.len()];
+        let mut line: Vec<(f64, f64)> =
+            points().filter(|r| r.policy == *policy).map(|r| (r.qps, r.ttft_s.p90)).collect();
+        line.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let path: Vec<String> =
+            line.iter().map(|&(qps, ttft)| format!("{:.1},{:.1}", x(qps), y(ttft))).collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        for &(qps, ttft) in &line {
+            let _ = writeln!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                x(qps),
+                y(ttft)
+            );
+        }
+        let legend_y = TOP + 10.0 + index as f64 * 20.0;
+        let legend_x = WIDTH - RIGHT + 15.0;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{legend_x}" y1="{legend_y}" x2="{:.1}" y2="{legend_y}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            legend_x + 20.0,
+            legend_x + 26.0,
+            legend_y + 4.0,
+            escape(policy)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Percentiles;
+
+    fn report(policy: &str, qps: f64, p90: f64) -> RunReport {
+        RunReport {
+            policy: policy.to_owned(),
+            workload: "w".to_owned(),
+            qps,
+            servers: 1,
+            arrivals: 1,
+            completed: 1,
+            shed_by_priority: Default::default(),
+            rejected: 0,
+            duration_s: 1.0,
+            throughput_rps: 1.0,
+            output_tokens_per_s: 1.0,
+            ttft_s: Percentiles { p90, ..Percentiles::default() },
+            tpot_s: Percentiles::default(),
+            e2e_s: Percentiles::default(),
+            prefix_hit_rate: 0.0,
+            preemptions: 0,
+            adapter_loads: 0,
+        }
+    }
+
+    #[test]
+    fn one_line_and_legend_entry_per_policy() {
+        let reports = [
+            report("a<b", 10.0, 0.02),
+            report("oracle", 10.0, 0.01),
+            report("a<b", 20.0, 3.0),
+            report("oracle", 20.0, 0.05),
+        ];
+        let svg = p90_ttft_chart("title & more", &reports);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("a&lt;b") && svg.contains("title &amp; more"));
+        assert!(!p90_ttft_chart("empty", &[]).contains("NaN"));
+    }
+}

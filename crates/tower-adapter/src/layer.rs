@@ -1,0 +1,144 @@
+//! The layer and the service it makes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use scheduler_core::{Director, Rejection};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::DESTINATION_ENDPOINT_HEADER;
+use crate::body::PickerBody;
+
+/// The pick, attached to the request the inner service receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PickedEndpoint {
+    /// Where to send the request.
+    pub primary: SocketAddr,
+    /// Where to retry, best first (as many as the director's `max_fallback_endpoints`).
+    pub fallbacks: Vec<SocketAddr>,
+}
+
+/// Wraps a service with the endpoint picker.
+#[derive(Clone, Debug)]
+pub struct EndpointPickerLayer {
+    director: Arc<Director>,
+}
+
+impl EndpointPickerLayer {
+    /// A layer deciding with `director`.
+    pub fn new(director: Arc<Director>) -> Self {
+        Self { director }
+    }
+}
+
+impl<S> Layer<S> for EndpointPickerLayer {
+    type Service = EndpointPicker<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EndpointPicker { inner, director: Arc::clone(&self.director) }
+    }
+}
+
+/// The service made by [`EndpointPickerLayer`].
+#[derive(Clone, Debug)]
+pub struct EndpointPicker<S> {
+    inner: S,
+    director: Arc<Director>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for EndpointPicker<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<PickerBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready serves this request; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let director = Arc::clone(&self.director);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let limit = director.options().max_body_bytes;
+            let bytes = match Limited::new(body, limit).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    let rejection = if error.is::<http_body_util::LengthLimitError>() {
+                        Rejection::TooLarge { limit }
+                    } else {
+                        return Ok(error_response(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            &format!("cannot read the request body: {error}"),
+                        ));
+                    };
+                    return Ok(rejected(&rejection));
+                }
+            };
+            let mut headers: Vec<(String, String)> = Vec::with_capacity(parts.headers.len() + 1);
+            headers.push((":path".to_owned(), parts.uri.path().to_owned()));
+            for (name, value) in &parts.headers {
+                if let Ok(value) = value.to_str() {
+                    headers.push((name.as_str().to_owned(), value.to_owned()));
+                }
+            }
+            let routed = match director.decide(&headers, &bytes, None).await {
+                Ok(routed) => routed,
+                Err(rejection) => return Ok(rejected(&rejection)),
+            };
+            let fallbacks = routed
+                .destination
+                .split(',')
+                .skip(1)
+                .filter_map(|address| address.parse().ok())
+                .collect();
+            let mut request = Request::from_parts(parts, Full::new(bytes));
+            if let Ok(value) = HeaderValue::from_str(&routed.destination) {
+                request.headers_mut().insert(DESTINATION_ENDPOINT_HEADER, value);
+            }
+            request.extensions_mut().insert(PickedEndpoint { primary: routed.primary, fallbacks });
+            let guard = routed.completion;
+            // An inner error drops the guard here: the request completes as cancelled.
+            let response = inner.call(request).await?;
+            Ok(response.map(|body| PickerBody::routed(body, guard)))
+        })
+    }
+}
+
+fn rejected<B>(rejection: &Rejection) -> Response<PickerBody<B>> {
+    let status =
+        StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    error_response(status, rejection.code(), &rejection.to_string())
+}
+
+fn error_response<B>(status: StatusCode, code: &str, message: &str) -> Response<PickerBody<B>> {
+    let json = serde_json::json!({
+        "error": { "code": code, "message": message, "status": status.as_u16() }
+    });
+    let mut response = Response::new(PickerBody::rejected(json.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,177 @@
+//! Requests through the layer: the pick reaches the inner service; rejections carry their
+//! status and JSON body; in-flight counts return to zero after success, error and drop.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use scheduler_core::{
+    Director, DirectorOptions, Endpoint, EndpointMetrics, EndpointState, PoolSnapshot, Scheduler,
+    SchedulerProfile, SharedPool, SingleProfileHandler,
+};
+use scorers::{ActiveRequestScorer, MaxScorePicker, QueueScorer};
+use tower_adapter::testing::ServiceFn;
+use tower_adapter::{EndpointPickerLayer, PickedEndpoint};
+use tower_layer::Layer;
+use tower_service::Service;
+
+fn setup(options: DirectorOptions, endpoints: usize) -> (Arc<Director>, Arc<ActiveRequestScorer>) {
+    let in_flight = Arc::new(ActiveRequestScorer::new());
+    let profile = SchedulerProfile::new(
+        "default",
+        "max-score-picker",
+        Arc::new(MaxScorePicker::new(2.try_into().unwrap())),
+    )
+    .with_scorer("queue-scorer", 1.0, Arc::new(QueueScorer));
+    let scheduler = Scheduler::new(vec![profile], Arc::new(SingleProfileHandler))
+        .with_pre_request(in_flight.clone())
+        .with_response_complete(in_flight.clone());
+    let now = Instant::now();
+    // Queues 5, 0, 9: 8001 first, then 8000.
+    let queues = [5, 0, 9];
+    let pool = SharedPool::new(PoolSnapshot::new((0..endpoints).map(|i| {
+        EndpointState::new(Endpoint::new(([127, 0, 0, 1], 8000 + i as u16).into())).with_metrics(
+            EndpointMetrics {
+                waiting_queue: queues[i % 3],
+                updated_at: Some(now),
+                ..Default::default()
+            },
+        )
+    })));
+    (Arc::new(Director::new(Arc::new(scheduler), Arc::new(pool), options)), in_flight)
+}
+
+const BODY: &[u8] = br#"{"model":"llama","prompt":"Hello"}"#;
+
+fn request(body: &'static [u8]) -> http::Request<Full<Bytes>> {
+    http::Request::post("/v1/completions").body(Full::new(Bytes::from_static(body))).unwrap()
+}
+
+/// What the inner service saw: the pick, the destination header and the body.
+type Seen = Arc<std::sync::OnceLock<(Option<PickedEndpoint>, Option<String>, Vec<u8>)>>;
+
+fn recording_inner(
+    seen: Seen,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    ServiceFn(move |request: http::Request<Full<Bytes>>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let picked = request.extensions().get::<PickedEndpoint>().cloned();
+            let header = request
+                .headers()
+                .get("x-gateway-destination-endpoint")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = request.into_body().collect().await.unwrap().to_bytes().to_vec();
+            let _ = seen.set((picked, header, body));
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_inner_service_gets_the_pick_and_the_body() {
+    let (director, in_flight) =
+        setup(DirectorOptions { max_fallback_endpoints: 1, ..DirectorOptions::default() }, 3);
+    let seen: Seen = Arc::default();
+    let mut service = EndpointPickerLayer::new(director).layer(recording_inner(Arc::clone(&seen)));
+    let response = service.call(request(BODY)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(in_flight.total_in_flight(), 1, "in flight until the body is read");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "ok");
+    assert_eq!(in_flight.total_in_flight(), 0);
+    let (picked, header, forwarded) = seen.get().unwrap().clone();
+    let picked = picked.unwrap();
+    assert_eq!(picked.primary, "127.0.0.1:8001".parse().unwrap());
+    assert_eq!(picked.fallbacks, vec!["127.0.0.1:8000".parse().unwrap()]);
+    assert_eq!(header.as_deref(), Some("127.0.0.1:8001,127.0.0.1:8000"));
+    assert_eq!(forwarded, BODY);
+}
+
+async fn rejection(
+    director: Arc<Director>,
+    request: http::Request<Full<Bytes>>,
+) -> (u16, serde_json::Value) {
+    let seen: Seen = Arc::default();
+    let mut service = EndpointPickerLayer::new(director).layer(recording_inner(Arc::clone(&seen)));
+    let response = service.call(request).await.unwrap();
+    let status = response.status().as_u16();
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(seen.get().is_none(), "a rejected request never reaches the inner service");
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test]
+async fn rejections_carry_status_and_json() {
+    let (director, _) = setup(DirectorOptions::default(), 3);
+    let (status, body) = rejection(Arc::clone(&director), request(b"{nope")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")));
+    let (empty, _) = setup(DirectorOptions::default(), 0);
+    let (status, body) = rejection(empty, request(BODY)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("no_ready_endpoint")));
+    let (small, _) = setup(DirectorOptions { max_body_bytes: 8, ..DirectorOptions::default() }, 3);
+    let (status, body) = rejection(small, request(BODY)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("body_too_large")));
+}
+
+#[tokio::test]
+async fn in_flight_counts_return_to_zero_after_error_and_drop() {
+    let (director, in_flight) = setup(DirectorOptions::default(), 3);
+    // The inner service fails: the request completes at once.
+    let failing = ServiceFn(|_: http::Request<Full<Bytes>>| async {
+        Err::<http::Response<Full<Bytes>>, _>("upstream down")
+    });
+    let mut service = EndpointPickerLayer::new(Arc::clone(&director)).layer(failing);
+    assert!(service.call(request(BODY)).await.is_err());
+    assert_eq!(in_flight.total_in_flight(), 0);
+
+    // The response body errors midway.
+    let erroring = ServiceFn(|_: http::Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(http::Response::new(FailsMidway { sent: false }))
+    });
+    let mut service = EndpointPickerLayer::new(Arc::clone(&director)).layer(erroring);
+    let response = service.call(request(BODY)).await.unwrap();
+    assert_eq!(in_flight.total_in_flight(), 1);
+    assert!(response.into_body().collect().await.is_err());
+    assert_eq!(in_flight.total_in_flight(), 0);
+
+    // The client goes away before reading the body.
+    let seen: Seen = Arc::default();
+    let mut service = EndpointPickerLayer::new(director).layer(recording_inner(seen));
+    let response = service.call(request(BODY)).await.unwrap();
+    assert_eq!(in_flight.total_in_flight(), 1);
+    drop(response);
+    assert_eq!(in_flight.total_in_flight(), 0);
+}
+
+/// A body that yields one chunk, then fails (an upstream reset).
+struct FailsMidway {
+    sent: bool,
+}
+
+impl http_body::Body for FailsMidway {
+    type Data = Bytes;
+    type Error = &'static str;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.sent {
+            return std::task::Poll::Ready(Some(Err("reset")));
+        }
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"partial")))))
+    }
+}
