@@ -1,26 +1,19 @@
-//! Replays the checked-in fuzz corpus (`fuzz/corpus/<target>/`) through the fuzz targets'
-//! bodies on stable Rust, so every CI run re-checks the seeds and every past finding without
-//! libFuzzer or nightly.
+//! Replays the checked-in fuzz corpora (`fuzz/corpus/<target>/`) through the bodies of the
+//! safe fuzz targets on stable Rust, so every CI run re-checks the seeds and every past finding
+//! without libFuzzer or nightly. (The C ABI target is replayed by the c-abi crate.)
 
 use std::path::Path;
 
-#[allow(unreachable_pub)] // The file is the fuzz crate's library, whose items are `pub`.
-#[path = "../../../fuzz/src/lib.rs"]
+// The fuzz crate's own modules, whose items are `pub` there.
+#[allow(unreachable_pub, dead_code)] // Some decoders serve only the C ABI target.
+#[path = "../../../fuzz/src/input.rs"]
+mod input;
+#[allow(unreachable_pub)]
+#[path = "../../../fuzz/src/targets.rs"]
 mod targets;
 
 fn replay(target: &str, body: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
-    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
-        .map(|entry| entry.expect("corpus entry").path())
-        .collect();
-    inputs.sort();
-    assert!(!inputs.is_empty(), "{} has no inputs", dir.display());
-    for input in inputs {
-        let data = std::fs::read(&input).expect("read corpus input");
-        eprintln!("{target}: {}", input.display());
-        body(&data);
-    }
+    input::replay(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz"), target, body);
 }
 
 #[test]
@@ -39,6 +32,6 @@ fn ext_proc_exchange_corpus() {
 }
 
 #[test]
-fn c_abi_corpus() {
-    replay("c_abi", targets::c_abi);
+fn prometheus_text_corpus() {
+    replay("prometheus_text", targets::prometheus_text);
 }
