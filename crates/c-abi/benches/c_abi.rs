@@ -1,0 +1,128 @@
+//! What the C boundary costs: one scheduling decision through `epp_schedule` (plus the
+//! `epp_request_complete` that every scheduled request needs) against the same decision made
+//! in Rust with `Scheduler::schedule`, on the same config, pool and request.
+//!
+//! Run with `cargo bench -p epp-c-abi --bench c_abi`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use epp_c_abi::{
+    EPP_OUTCOME_COMPLETED, EppEndpointMetrics, EppHeader, EppStatus, epp_endpoint_set_metrics,
+    epp_endpoint_upsert, epp_request_complete, epp_schedule, epp_scheduler_free, epp_scheduler_new,
+};
+use scheduler_core::{
+    Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, Outcome,
+    PoolSnapshot,
+};
+
+const ENDPOINTS: u8 = 16;
+const BODY: &[u8] = br#"{"model":"llama","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Summarise the plot of Hamlet in two sentences."}]}"#;
+const PATH: &str = "/v1/chat/completions";
+
+fn load(index: u8) -> (u32, f64) {
+    (u32::from(index % 5), f64::from(index % 7) / 7.0)
+}
+
+fn bench(c: &mut Criterion) {
+    let config = scheduler_core::config::DEFAULT_CONFIG_YAML;
+
+    // SAFETY: a valid pointer and length; the handle is freed at the end.
+    let handle = unsafe { epp_scheduler_new(config.as_ptr().cast(), config.len()) };
+    assert!(!handle.is_null());
+    let addresses: Vec<std::ffi::CString> = (0..ENDPOINTS)
+        .map(|i| std::ffi::CString::new(format!("10.0.0.{i}:8000")).unwrap())
+        .collect();
+    for (i, address) in addresses.iter().enumerate() {
+        let (queue, kv) = load(i as u8);
+        let metrics = EppEndpointMetrics {
+            waiting_queue: queue,
+            running: 2,
+            kv_usage: kv,
+            max_lora: 0,
+            kv_capacity_blocks: 0,
+            active_loras: std::ptr::null(),
+            waiting_loras: std::ptr::null(),
+        };
+        // SAFETY: live handle, NUL-terminated address, valid metrics.
+        unsafe {
+            assert_eq!(epp_endpoint_upsert(handle, address.as_ptr(), std::ptr::null()), 0);
+            assert_eq!(epp_endpoint_set_metrics(handle, address.as_ptr(), &metrics), 0);
+        }
+    }
+
+    let scheduler = EndpointPickerConfig::from_yaml(config)
+        .unwrap()
+        .build(&scorers::builtin_registry())
+        .unwrap();
+    let pool = Arc::new(PoolSnapshot::new((0..ENDPOINTS).map(|i| {
+        let (waiting_queue, kv_usage) = load(i);
+        EndpointState::new(Endpoint::new(([10, 0, 0, i], 8000).into())).with_metrics(
+            EndpointMetrics {
+                waiting_queue,
+                running: 2,
+                kv_usage,
+                updated_at: Some(Instant::now()),
+                ..EndpointMetrics::default()
+            },
+        )
+    })));
+
+    let headers = [EppHeader {
+        name: ":path".as_ptr().cast(),
+        name_len: 5,
+        value: PATH.as_ptr().cast(),
+        value_len: PATH.len(),
+    }];
+    let mut group = c.benchmark_group("decision_16_endpoints");
+    group.bench_function("c_abi_schedule_and_complete", |b| {
+        let mut out = [0 as std::ffi::c_char; 256];
+        b.iter(|| {
+            let (mut token, mut http) = (0u64, 0i32);
+            // SAFETY: live handle; every pointer covers its length.
+            let status = unsafe {
+                epp_schedule(
+                    handle,
+                    BODY.as_ptr(),
+                    BODY.len(),
+                    headers.as_ptr(),
+                    headers.len(),
+                    out.as_mut_ptr(),
+                    out.len(),
+                    1,
+                    &mut token,
+                    &mut http,
+                )
+            };
+            debug_assert_eq!(status, EppStatus::Ok as i32);
+            // SAFETY: live handle.
+            unsafe { epp_request_complete(handle, black_box(token), 0, 0, EPP_OUTCOME_COMPLETED) }
+        });
+    });
+    group.bench_function("rust_parse_schedule_and_complete", |b| {
+        b.iter(|| {
+            let request =
+                InferenceRequest::from_openai(Some(PATH), [(":path", PATH)], black_box(BODY))
+                    .unwrap();
+            let mut result = scheduler.schedule(&request, &pool).unwrap();
+            let destination = result.primary().endpoint.address.to_string();
+            if let Some(guard) = result.take_completion() {
+                guard.finish(Outcome::Completed);
+            }
+            destination
+        });
+    });
+    let request = InferenceRequest::from_openai(Some(PATH), [(":path", PATH)], BODY).unwrap();
+    group.bench_function("rust_schedule_only", |b| {
+        b.iter(|| scheduler.schedule(black_box(&request), &pool).unwrap().primary().id());
+    });
+    group.finish();
+
+    // SAFETY: the handle is not used again.
+    unsafe { epp_scheduler_free(handle) };
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,277 @@
+//! The targets that need no `unsafe`: request bodies, configs, ext-proc exchanges and
+//! Prometheus text.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse, processing_request,
+    processing_response,
+};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use ext_proc_adapter::{Director, DirectorOptions, Exchange, proto};
+use scheduler_core::{
+    Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
+    SharedPool,
+};
+use scorers::ActiveRequestScorer;
+
+use crate::input::{PATHS, Reader};
+
+/// Target `request_body`: the first byte picks the `:path`, the rest is the body.
+pub fn request_body(data: &[u8]) {
+    let mut input = Reader { data };
+    let path = PATHS[usize::from(input.byte()) % PATHS.len()];
+    if let Ok(request) = InferenceRequest::from_openai(path, [], input.data) {
+        assert!(!request.target_model.is_empty(), "a parsed request always names its model");
+    }
+}
+
+fn small_pool() -> PoolSnapshot {
+    PoolSnapshot::new((0..3u8).map(|i| {
+        EndpointState::new(Endpoint::new(([10, 0, 0, i + 1], 8000).into())).with_metrics(
+            EndpointMetrics {
+                waiting_queue: u32::from(i) * 3,
+                running: 1,
+                kv_usage: f64::from(i) / 4.0,
+                active_lora_adapters: vec!["sql-lora".into()],
+                max_lora_adapters: 2,
+                updated_at: Some(Instant::now()),
+                ..EndpointMetrics::default()
+            },
+        )
+    }))
+}
+
+/// Target `config`: the input is an EndpointPickerConfig YAML document; a config that loads
+/// and builds must then schedule a request over a small pool.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(config) = EndpointPickerConfig::from_yaml(text) else { return };
+    let Ok(scheduler) = config.build(&scorers::builtin_registry()) else { return };
+    let pool = Arc::new(small_pool());
+    let request = InferenceRequest::new("sql-lora", "Hello, world");
+    if let Ok(result) = scheduler.schedule(&request, &pool) {
+        let mut seen = HashSet::new();
+        for endpoint in result.ranked() {
+            assert!(pool.by_id(endpoint.id()).is_some(), "picks come from the pool");
+            assert!(seen.insert(endpoint.id()), "picks are not repeated");
+        }
+    }
+}
+
+/// Frame opcodes of the `ext_proc_exchange` input, in order: request headers, request body,
+/// request trailers, response headers, response body, response trailers, an empty message.
+const OPCODES: u8 = 7;
+
+struct ExchangeHarness {
+    runtime: tokio::runtime::Runtime,
+}
+
+fn harness() -> &'static ExchangeHarness {
+    static HARNESS: OnceLock<ExchangeHarness> = OnceLock::new();
+    HARNESS.get_or_init(|| ExchangeHarness {
+        runtime: match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(runtime) => runtime,
+            Err(error) => panic!("cannot build the fuzz runtime: {error}"),
+        },
+    })
+}
+
+fn header_map(lines: &[u8]) -> (HeaderMap, Vec<(String, String)>) {
+    let mut map = HeaderMap::default();
+    let mut metadata = Vec::new();
+    for line in lines.split(|&b| b == b'\n') {
+        let line = String::from_utf8_lossy(line);
+        let (name, value) = line.split_once(':').map_or((line.as_ref(), ""), |(n, v)| (n, v));
+        let (name, value) = (name.trim(), value.trim());
+        // `:path` keeps its leading colon: split at the second one.
+        let (name, value) = if name.is_empty() {
+            match value.split_once(':') {
+                Some((n, v)) => (format!(":{}", n.trim()), v.trim().to_owned()),
+                None => (format!(":{value}"), String::new()),
+            }
+        } else {
+            (name.to_owned(), value.to_owned())
+        };
+        if let Some(key) = name.strip_prefix('@') {
+            metadata.push((key.to_owned(), value));
+        } else if name.len() % 2 == 0 {
+            map.headers.push(HeaderValue { key: name, value, raw_value: Vec::new() });
+        } else {
+            // Both encodings Envoy uses: `value` (older) and `raw_value` (newer).
+            map.headers.push(HeaderValue {
+                key: name,
+                value: String::new(),
+                raw_value: value.into_bytes(),
+            });
+        }
+    }
+    (map, metadata)
+}
+
+/// `@subset: a,b` and `@served: a` lines become the proxy's dynamic metadata.
+fn metadata(entries: &[(String, String)]) -> Option<Metadata> {
+    if entries.is_empty() {
+        return None;
+    }
+    let mut metadata = Metadata::default();
+    for (key, value) in entries {
+        let (namespace, field) = match key.as_str() {
+            "subset" => (proto::SUBSET_HINT_NAMESPACE, proto::SUBSET_HINT_KEY),
+            "subset-list" => (proto::SUBSET_HINT_NAMESPACE, proto::SUBSET_HINT_KEY),
+            _ => (proto::LB_METADATA_NAMESPACE, proto::SERVED_ENDPOINT_KEY),
+        };
+        let value = if key == "subset-list" {
+            Value {
+                kind: Some(Kind::ListValue(envoy_types::pb::google::protobuf::ListValue {
+                    values: value
+                        .split(',')
+                        .map(|part| Value { kind: Some(Kind::StringValue(part.to_owned())) })
+                        .collect(),
+                })),
+            }
+        } else {
+            Value { kind: Some(Kind::StringValue(value.clone())) }
+        };
+        metadata
+            .filter_metadata
+            .entry(namespace.to_owned())
+            .or_insert_with(Struct::default)
+            .fields
+            .insert(field.to_owned(), value);
+    }
+    Some(metadata)
+}
+
+fn decode_frame(input: &mut Reader<'_>) -> ProcessingRequest {
+    use processing_request::Request;
+    let opcode = input.byte() % OPCODES;
+    let end_of_stream = input.byte() & 1 == 1;
+    let payload = input.chunk();
+    let (headers, entries) = header_map(payload);
+    let metadata_context = metadata(&entries);
+    let body = || HttpBody { body: payload.to_vec(), end_of_stream, ..HttpBody::default() };
+    let request = match opcode {
+        0 => Some(Request::RequestHeaders(HttpHeaders {
+            headers: Some(headers),
+            end_of_stream,
+            ..HttpHeaders::default()
+        })),
+        1 => Some(Request::RequestBody(body())),
+        2 => Some(Request::RequestTrailers(HttpTrailers::default())),
+        3 => Some(Request::ResponseHeaders(HttpHeaders {
+            headers: Some(headers),
+            end_of_stream,
+            ..HttpHeaders::default()
+        })),
+        4 => Some(Request::ResponseBody(body())),
+        5 => Some(Request::ResponseTrailers(HttpTrailers::default())),
+        _ => None,
+    };
+    ProcessingRequest { request, metadata_context, ..ProcessingRequest::default() }
+}
+
+fn check_response(response: &ProcessingResponse, pool: &PoolSnapshot) {
+    use processing_response::Response;
+    match &response.response {
+        Some(Response::ImmediateResponse(immediate)) => {
+            let status = immediate.status.as_ref().map_or(0, |status| status.code);
+            assert!(
+                [400, 413, 429, 503].contains(&status),
+                "immediate responses are client or capacity errors, got {status}"
+            );
+        }
+        Some(Response::RequestHeaders(headers)) => {
+            let mutations = headers.response.as_ref().and_then(|r| r.header_mutation.as_ref());
+            for option in mutations.map_or(&[][..], |m| &m.set_headers) {
+                let Some(header) = &option.header else { continue };
+                if header.key == proto::DESTINATION_ENDPOINT_KEY {
+                    let value = String::from_utf8_lossy(&header.raw_value);
+                    for part in value.split(',') {
+                        let address: SocketAddr = match part.parse() {
+                            Ok(address) => address,
+                            Err(_) => panic!("destination '{value}' is not ip:port"),
+                        };
+                        assert!(
+                            pool.endpoints().iter().any(|e| e.endpoint.address == address),
+                            "destination {address} is in the pool"
+                        );
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Target `ext_proc_exchange`: the input is a sequence of ext-proc messages, each framed as
+/// `opcode, flags, u16-LE length, payload` (headers payloads are `name: value` lines; a name
+/// starting with `@` becomes dynamic metadata), driven through one [`Exchange`] over a small
+/// pool. Whatever the sequence, answers must be well formed and no request may stay in flight
+/// once the exchange is dropped.
+pub fn ext_proc_exchange(data: &[u8]) {
+    let harness = harness();
+    let mut input = Reader { data };
+    let max_body_bytes = 64 + usize::from(input.byte()) * 64;
+    let in_flight = Arc::new(ActiveRequestScorer::new());
+    let scheduler = match scorers::default_scheduler() {
+        Ok(scheduler) => scheduler,
+        Err(error) => panic!("the default scheduler builds: {error}"),
+    }
+    .with_pre_request(in_flight.clone())
+    .with_response_complete(in_flight.clone());
+    let snapshot = small_pool();
+    let pool = Arc::new(SharedPool::new(snapshot.clone()));
+    let director = Arc::new(Director::new(
+        Arc::new(scheduler),
+        pool,
+        DirectorOptions { max_fallback_endpoints: usize::from(input.byte() % 3), max_body_bytes },
+    ));
+
+    harness.runtime.block_on(async {
+        let mut exchange = Exchange::new(director, None);
+        let mut out = Vec::new();
+        let mut frames = 0;
+        while !input.is_empty() && frames < 64 {
+            frames += 1;
+            let message = decode_frame(&mut input);
+            out.clear();
+            exchange.handle(message, &mut out).await;
+            for response in &out {
+                check_response(response, &snapshot);
+            }
+        }
+    });
+    assert_eq!(in_flight.total_in_flight(), 0, "a dropped exchange releases its request");
+}
+
+/// Target `prometheus_text`: the input is a metrics page. Every sample the parser yields must
+/// decode its labels; every engine's mapping (and a flag-spec mapping selecting by label) must
+/// extract without panicking, and what it extracts must be usable by the scorers.
+pub fn prometheus_text(data: &[u8]) {
+    use metrics_model::{Engine, FlagSpecs, MetricMapping};
+    let Ok(page) = std::str::from_utf8(data) else { return };
+    for sample in metrics_model::text::parse(page).samples().flatten() {
+        for label in sample.labels.iter() {
+            assert!(!label.name.is_empty(), "label names are never empty");
+        }
+    }
+    let custom = MetricMapping::from_flag_specs(&FlagSpecs {
+        total_queued_requests: "vllm:num_requests_waiting{model_name=\"llama\"}",
+        total_running_requests: "vllm:num_requests_running",
+        kv_cache_usage_percentage: "vllm:kv_cache_usage_perc",
+        ..FlagSpecs::default()
+    });
+    let now = Instant::now();
+    let engines = [Engine::Vllm, Engine::Sglang, Engine::TrtLlm];
+    for mapping in engines.iter().map(Engine::mapping).chain(custom.as_ref().ok()) {
+        if let Ok(metrics) = mapping.extract(page, now) {
+            assert!(metrics.kv_usage.is_finite(), "kv usage is a number: {}", metrics.kv_usage);
+            assert_eq!(metrics.updated_at, Some(now));
+        }
+    }
+}
