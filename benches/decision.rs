@@ -28,19 +28,6 @@ fn pool(size: usize) -> Arc<PoolSnapshot> {
     })))
 }
 
-const NO_PREFIX: &str = "plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-";
-
 const FULL: &str = "plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
@@ -56,7 +43,7 @@ fn decision(c: &mut Criterion) {
             .and_then(|c| c.build(&registry))
             .expect("bench config")
     };
-    let no_prefix = build(NO_PREFIX);
+    let no_prefix = build(epp_rs::core::config::QUEUE_KV_CONFIG_YAML);
     let full = build(FULL);
     let request = InferenceRequest::new("llama", "Hello").with_request_id("bench");
     let system_prompt = "You are a careful assistant. ".repeat(8 * 1024 / 29 + 1);

@@ -216,7 +216,7 @@ impl Exchange {
     fn on_response_body(&mut self, body: HttpBody, out: &mut Vec<ProcessingResponse>) {
         self.tail.push(&body.body);
         let end = body.end_of_stream;
-        push_body_chunks_response(body.body, end, out);
+        push_split(false, body.body, end, out);
         if end {
             self.finish(Outcome::Completed);
         }
@@ -252,10 +252,6 @@ fn push_body_chunks(chunks: Vec<Vec<u8>>, out: &mut Vec<ProcessingResponse>) {
     for (index, chunk) in chunks.into_iter().enumerate() {
         push_split(true, chunk, index + 1 == count, out);
     }
-}
-
-fn push_body_chunks_response(chunk: Vec<u8>, end: bool, out: &mut Vec<ProcessingResponse>) {
-    push_split(false, chunk, end, out);
 }
 
 fn push_split(request_side: bool, chunk: Vec<u8>, end: bool, out: &mut Vec<ProcessingResponse>) {

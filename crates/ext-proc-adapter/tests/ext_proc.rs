@@ -179,7 +179,7 @@ async fn oversized_bodies_are_413_before_the_body_ends() {
 }
 
 #[tokio::test]
-async fn headers_only_requests_are_routed_without_a_body() {
+async fn headers_only_requests_are_answered_without_waiting_for_a_body() {
     let mut harness = start(DirectorOptions::default(), StreamLimits::default()).await;
     let mut stream = ProxyStream::open(&mut harness.client).await.unwrap();
     stream.send_headers(&[(":path", "/v1/models")], true, None).await.unwrap();

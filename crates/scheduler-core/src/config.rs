@@ -56,6 +56,23 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
+/// GIE's load-only profile from before prefix-cache scoring (queue and KV-cache utilisation
+/// scorers, weighted 2 and 2): the default minus prefix, for benchmarks and comparisons.
+pub const QUEUE_KV_CONFIG_YAML: &str = "\
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
 /// The parsed document, before plugins are constructed.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

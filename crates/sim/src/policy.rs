@@ -19,22 +19,8 @@ use std::path::Path;
 
 use scheduler_core::{ConfigError, EndpointPickerConfig};
 
-/// GIE's load-only profile from before prefix-cache scoring: queue and KV-cache utilisation
-/// scorers, weighted 2 and 2.
-pub const QUEUE_KV_CONFIG_YAML: &str = "\
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: max-score-picker
-";
+/// GIE's load-only profile (queue and KV-cache utilisation scorers, weighted 2 and 2).
+pub use scheduler_core::config::QUEUE_KV_CONFIG_YAML;
 
 /// A prefix-heavy variant of the default profile: prefix-cache affinity weighted 5 against
 /// queue 2 and KV-cache utilisation 1, for workloads dominated by long shared prefixes.
