@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use crate::body::BodyError;
@@ -161,6 +162,13 @@ impl Director {
     /// The pool the director schedules over.
     pub fn pool(&self) -> &Arc<SharedPool> {
         &self.pool
+    }
+
+    /// Whether the director can take another request now: `Pending` while flow control's
+    /// queues are full (the task is woken when a place frees). Advisory, and reserves nothing:
+    /// see [`FlowController::poll_capacity`](crate::flow::FlowController::poll_capacity).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.flow.as_ref().map_or(Poll::Ready(()), |flow| flow.poll_ready(cx))
     }
 
     /// Decides where the request goes. `body` is the whole request body (empty for a request

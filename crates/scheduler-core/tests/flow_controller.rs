@@ -410,3 +410,52 @@ fn a_request_admitted_on_arrival_ignores_full_queues() {
     assert_eq!(seq(&urgent), 1);
     assert_eq!(harness.controller.queued_requests(), 1);
 }
+
+#[test]
+fn capacity_is_pending_while_the_queue_is_full_and_wakes_when_a_place_frees() {
+    let config = FlowControlConfig {
+        max_requests: Some(2),
+        default_request_ttl: Duration::from_millis(100),
+        ..FlowControlConfig::default()
+    };
+    let harness = Harness::new(config);
+    let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+    let waker = Waker::from(counter.clone());
+    let mut cx = Context::from_waker(&waker);
+    let woken = || counter.0.load(Ordering::SeqCst);
+
+    let first = harness.enqueue(0, "a", 0);
+    assert!(harness.controller.poll_capacity(&mut cx).is_ready(), "one place left");
+    let second = harness.enqueue(0, "a", 50);
+    assert!(harness.controller.poll_capacity(&mut cx).is_pending());
+    assert!(harness.controller.poll_capacity(&mut cx).is_pending(), "re-polling registers once");
+
+    // Leaving by cancellation wakes the waiter once.
+    drop(first);
+    assert_eq!(woken(), 1);
+    assert!(harness.controller.poll_capacity(&mut cx).is_ready());
+
+    // By dispatch.
+    let third = harness.enqueue(0, "a", 60);
+    assert!(harness.controller.poll_capacity(&mut cx).is_pending());
+    harness.free(1, 70);
+    assert!(matches!(second.try_outcome(), Some(Ok(_))));
+    assert_eq!(woken(), 2);
+
+    // By expiry, found on a tick.
+    let fourth = harness.enqueue(0, "a", 80);
+    assert!(harness.controller.poll_capacity(&mut cx).is_pending());
+    harness.controller.tick(&harness.pool, harness.at(160));
+    assert!(matches!(third.try_outcome(), Some(Err(Rejection::Expired { .. }))));
+    assert_eq!(woken(), 3);
+    assert!(harness.controller.poll_capacity(&mut cx).is_ready());
+    drop(fourth);
+}
+
+#[test]
+fn capacity_is_always_ready_without_a_global_request_cap() {
+    let harness = Harness::new(FlowControlConfig::default());
+    let _queued: Vec<Ticket> = (0..100).map(|i| harness.enqueue(0, "a", i)).collect();
+    let waker = Waker::noop();
+    assert!(harness.controller.poll_capacity(&mut Context::from_waker(waker)).is_ready());
+}

@@ -68,7 +68,13 @@ where
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
+    /// Pending while flow control's queues are full, then as the inner service. The director
+    /// is asked first so that an inner service reserving capacity on `Ready` (a concurrency
+    /// limit) does not hold it while the picker cannot take the request.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        if self.director.poll_ready(cx).is_pending() {
+            return Poll::Pending;
+        }
         self.inner.poll_ready(cx)
     }
 

@@ -8,8 +8,11 @@
 //! the request's completion guard: the completion hooks (in-flight counts, flow-control release)
 //! run when the body ends, fails, or is dropped.
 //!
-//! Backpressure: `poll_ready` is the inner service's; a request waiting for admission in the
-//! flow-control queue waits inside the response future, so it holds no inner capacity.
+//! Backpressure: `poll_ready` is pending while the flow-control queues are at their global
+//! request cap (`flowControl.maxRequests`; the task is woken when a place frees), then it is
+//! the inner service's. Put tower's `LoadShed` outside the layer to answer at once instead of
+//! waiting. A request admitted to the queue waits inside its response future, so it holds no
+//! inner capacity while it waits.
 //!
 //! ```
 //! use std::sync::Arc;

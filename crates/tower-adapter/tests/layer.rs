@@ -175,3 +175,80 @@ impl http_body::Body for FailsMidway {
         std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"partial")))))
     }
 }
+
+/// Counts wake-ups, to see that a task parked by `poll_ready` is woken.
+#[derive(Default)]
+struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn poll_ready_waits_while_the_flow_control_queue_is_full() {
+    // One endpoint taking one request at a time, and a queue of one place.
+    let yaml = "\
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+- type: queue-scorer
+- type: max-score-picker
+saturationDetector: {pluginRef: concurrency-detector}
+flowControl: {maxRequests: 1, defaultRequestTTL: 30s}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+";
+    let config = scheduler_core::EndpointPickerConfig::from_yaml(yaml).unwrap();
+    let pool = SharedPool::new(PoolSnapshot::new([EndpointState::new(Endpoint::new(
+        ([127, 0, 0, 1], 8000).into(),
+    ))
+    .with_metrics(EndpointMetrics { updated_at: Some(Instant::now()), ..Default::default() })]));
+    let director = Director::from_config(
+        &config,
+        &scorers::builtin_registry(),
+        Arc::new(pool),
+        DirectorOptions::default(),
+        scheduler_core::flow::ObjectiveResolver::new([], Arc::default()).unwrap(),
+    )
+    .unwrap();
+    let seen: Seen = Arc::default();
+    let mut service =
+        EndpointPickerLayer::new(Arc::new(director)).layer(recording_inner(Arc::clone(&seen)));
+    let counter = Arc::new(CountingWaker::default());
+    let waker = std::task::Waker::from(Arc::clone(&counter));
+    let mut cx = std::task::Context::from_waker(&waker);
+
+    assert!(
+        Service::<http::Request<Full<Bytes>>>::poll_ready(&mut service, &mut cx).is_ready(),
+        "an empty queue has room"
+    );
+    let first = service.call(request(BODY)).await.unwrap();
+    assert_eq!(first.status(), 200, "admitted at once: the endpoint was idle");
+
+    // The endpoint is busy, so the second request takes the queue's only place.
+    let second = tokio::spawn(service.call(request(BODY)));
+    // The spawned call runs on another worker thread: wait for it to queue, boundedly.
+    let mut became_pending = false;
+    for _ in 0..100_000 {
+        if Service::<http::Request<Full<Bytes>>>::poll_ready(&mut service, &mut cx).is_pending() {
+            became_pending = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(became_pending, "poll_ready stays pending while the queue is full");
+    assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // The first response ends: the queued request is dispatched and the waiter woken.
+    drop(first);
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.status(), 200);
+    assert!(counter.0.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the waiter was woken");
+    assert!(Service::<http::Request<Full<Bytes>>>::poll_ready(&mut service, &mut cx).is_ready());
+}

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use crate::config::EndpointPickerConfig;
@@ -125,6 +126,16 @@ impl FlowControl {
         match &self.mode {
             AdmissionMode::Shed(_) => PassReport::default(),
             AdmissionMode::Queue(controller) => controller.tick(pool, now),
+        }
+    }
+
+    /// Backpressure for callers that can wait before taking a request: `Pending` while the
+    /// flow controller's queues are at their global request cap (the task is woken when a
+    /// place frees), `Ready` otherwise and always when shedding (no queue to fill).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.mode {
+            AdmissionMode::Shed(_) => Poll::Ready(()),
+            AdmissionMode::Queue(controller) => controller.poll_capacity(cx),
         }
     }
 

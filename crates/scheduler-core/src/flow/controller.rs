@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -110,7 +110,14 @@ impl fmt::Debug for Cancel {
 
 impl Cancel {
     pub(crate) fn run(self) {
-        let removed = self.shared.state.lock().remove(self.slot);
+        let mut capacity_wakers = Vec::new();
+        let removed = {
+            let mut state = self.shared.state.lock();
+            let removed = state.remove(self.slot);
+            take_capacity_waiters(&self.shared.config, &mut state, &mut capacity_wakers);
+            removed
+        };
+        wake_all(capacity_wakers);
         // A miss means the request already left (dispatched or expired) and has its outcome.
         if let Some(entry) = removed {
             let waker = entry.cell.resolve(Err(Rejection::Cancelled { priority: entry.priority }));
@@ -173,6 +180,7 @@ impl FlowController {
             let dispatch_seq = state.next_dispatch_seq();
             // Lower bands may be waiting for a pass that saturation allows.
             self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+            take_capacity_waiters(&shared.config, &mut state, &mut wakers);
             drop(state);
             wake_all(wakers);
             shared.metrics.record_wait(Duration::ZERO);
@@ -180,6 +188,7 @@ impl FlowController {
             return Ticket::resolved(Ok(Admitted { waited: Duration::ZERO, dispatch_seq }));
         }
         if let Some(limit) = self.exceeded_cap(&state, band_index, request.size_bytes) {
+            take_capacity_waiters(&shared.config, &mut state, &mut wakers);
             drop(state);
             wake_all(wakers);
             shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
@@ -204,6 +213,7 @@ impl FlowController {
             Arc::clone(&cell),
         );
         let Some(slot) = slot else {
+            take_capacity_waiters(&shared.config, &mut state, &mut wakers);
             drop(state);
             wake_all(wakers);
             shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
@@ -214,6 +224,7 @@ impl FlowController {
             }));
         };
         self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+        take_capacity_waiters(&shared.config, &mut state, &mut wakers);
         drop(state);
         wake_all(wakers);
         Ticket::queued(cell, Cancel { shared: Arc::clone(shared), slot })
@@ -238,6 +249,7 @@ impl FlowController {
         let mut state = self.shared.state.lock();
         self.expire(&mut state, now, &mut wakers, &mut report);
         self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
+        take_capacity_waiters(&self.shared.config, &mut state, &mut wakers);
         drop(state);
         wake_all(wakers);
         report
@@ -246,6 +258,28 @@ impl FlowController {
     /// Call when an admitted request finishes: capacity may have freed, so this runs a pass.
     pub fn release(&self, pool: &PoolSnapshot, now: Instant) -> PassReport {
         self.tick(pool, now)
+    }
+
+    /// Ready while the queues can take one more request under the global request cap
+    /// (`maxRequests`; always ready without one). Otherwise registers the task, which is woken
+    /// when a queued request leaves (dispatched, expired or cancelled), and returns `Pending`.
+    ///
+    /// This is backpressure for callers that can wait before accepting work (tower's
+    /// `poll_ready`). It reserves nothing: a request submitted after `Ready` may still be
+    /// rejected by a band cap, a byte cap, or a concurrent submitter taking the last place.
+    pub fn poll_capacity(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(cap) = self.shared.config.max_requests else {
+            return Poll::Ready(());
+        };
+        let mut state = self.shared.state.lock();
+        if state.queued < cap {
+            return Poll::Ready(());
+        }
+        // One entry per task: a task polling again must not grow the list.
+        if !state.capacity_waiters.iter().any(|waiter| waiter.will_wake(cx.waker())) {
+            state.capacity_waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Queued requests and bytes per band, highest priority first.
@@ -347,6 +381,18 @@ impl FlowController {
 
 fn ttl_option(ttl: Duration) -> Option<Duration> {
     (!ttl.is_zero()).then_some(ttl)
+}
+
+/// Moves the tasks waiting for queue room into `wakers` when there is room.
+fn take_capacity_waiters(
+    config: &FlowControlConfig,
+    state: &mut QueueState,
+    wakers: &mut Vec<Waker>,
+) {
+    let has_room = config.max_requests.is_none_or(|cap| state.queued < cap);
+    if has_room && !state.capacity_waiters.is_empty() {
+        wakers.append(&mut state.capacity_waiters);
+    }
 }
 
 fn wake_all(wakers: Vec<Waker>) {

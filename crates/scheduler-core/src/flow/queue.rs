@@ -17,6 +17,7 @@ use std::cmp::Reverse;
 use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::flow::config::{BandConfig, FairnessPolicy, OrderingPolicy};
@@ -360,6 +361,8 @@ pub(crate) struct QueueState {
     pub(crate) bytes: u64,
     next_seq: u64,
     pub(crate) dispatched: u64,
+    /// Tasks told the queue was full (`FlowController::poll_capacity`), woken when it has room.
+    pub(crate) capacity_waiters: Vec<Waker>,
 }
 
 impl QueueState {
