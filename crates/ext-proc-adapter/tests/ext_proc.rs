@@ -48,7 +48,7 @@ async fn start(options: DirectorOptions, limits: StreamLimits) -> Harness {
         "max-score-picker",
         Arc::new(MaxScorePicker::new(3.try_into().unwrap())),
     )
-    .with_scorer("queue-scorer", 1.0, Arc::new(QueueScorer));
+    .with_scorer("queue-scorer", 1.0, Arc::new(QueueScorer::default()));
     let scheduler = Scheduler::new(vec![profile], Arc::new(SingleProfileHandler))
         .with_pre_request(in_flight.clone())
         .with_response_complete(in_flight.clone())

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::dispatch::DispatchLog;
+
 /// Stable, cheap-to-copy identity of an endpoint.
 ///
 /// Derived from the endpoint's socket address by default, so the same replica keeps the same id
@@ -92,6 +94,8 @@ pub struct Endpoint {
     pub labels: BTreeMap<String, String>,
     /// Role in prefill/decode disaggregation.
     pub role: EndpointRole,
+    /// Requests picked for this endpoint, for lag-compensated load scoring.
+    dispatches: DispatchLog,
 }
 
 impl Endpoint {
@@ -103,7 +107,14 @@ impl Endpoint {
             address,
             labels: BTreeMap::new(),
             role: EndpointRole::Both,
+            dispatches: DispatchLog::default(),
         }
+    }
+
+    /// The requests this picker sent here recently (shared by every clone of the endpoint,
+    /// so it survives metrics updates of the pool).
+    pub fn dispatches(&self) -> &DispatchLog {
+        &self.dispatches
     }
 
     /// Sets the name.

@@ -34,6 +34,7 @@ pub mod body;
 pub mod config;
 pub mod cycle;
 pub mod director;
+pub mod dispatch;
 pub mod endpoint;
 pub mod flow;
 pub mod plugin;
@@ -47,6 +48,7 @@ pub use body::{ApiKind, BodyError, ParsedBody};
 pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
 pub use cycle::CycleState;
 pub use director::{Director, DirectorBuildError, DirectorOptions, Rejection, Routed};
+pub use dispatch::{DispatchLog, PendingDispatches};
 pub use endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,

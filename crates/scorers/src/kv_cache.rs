@@ -2,8 +2,13 @@
 //!
 //! Score = 1 - kv_usage, with usage clamped to `[0, 1]` (servers report slightly above 1 while
 //! preempting). Absolute, not relative: a pool where every server is full scores all near 0.
+//!
+//! With lag compensation (the default) and a known KV capacity, usage also counts the prompt
+//! tokens (at 16 tokens per block) this picker sent after the metrics were scraped.
 
 use scheduler_core::{Candidates, CycleState, InferenceRequest, Scorer};
+
+use crate::lag::{LoadScorerParameters, TOKENS_PER_KV_BLOCK};
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "kv-cache-utilization-scorer";
@@ -12,7 +17,16 @@ pub const ALIAS_TYPE_NAME: &str = "kv-cache-scorer";
 
 /// Scores by free KV-cache fraction.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct KvCacheUtilizationScorer;
+pub struct KvCacheUtilizationScorer {
+    parameters: LoadScorerParameters,
+}
+
+impl KvCacheUtilizationScorer {
+    /// A scorer with `parameters`.
+    pub fn new(parameters: LoadScorerParameters) -> Self {
+        Self { parameters }
+    }
+}
 
 impl Scorer for KvCacheUtilizationScorer {
     fn score(
@@ -22,8 +36,15 @@ impl Scorer for KvCacheUtilizationScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
+        let compensate = self.parameters.lag_compensation;
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
-            let usage = state.metrics.kv_usage;
+            let mut usage = state.metrics.kv_usage;
+            if compensate
+                && let Some(capacity) = state.metrics.kv_capacity_blocks.filter(|c| *c > 0)
+            {
+                let pending = state.endpoint.dispatches().pending_since(state.metrics.updated_at);
+                usage += pending.tokens as f64 / (capacity * TOKENS_PER_KV_BLOCK) as f64;
+            }
             *score = if usage.is_nan() { 0.0 } else { 1.0 - usage.clamp(0.0, 1.0) };
         }
     }

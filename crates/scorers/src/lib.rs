@@ -38,6 +38,7 @@
 pub mod active_request;
 pub mod kv_cache;
 pub mod label_filter;
+pub mod lag;
 pub mod lora_affinity;
 pub mod lora_filter;
 mod normalize;
@@ -54,6 +55,7 @@ use scheduler_core::{
 pub use active_request::ActiveRequestScorer;
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters};
+pub use lag::LoadScorerParameters;
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
@@ -63,13 +65,11 @@ pub use queue::QueueScorer;
 /// Registers every built-in plugin in `registry` under its type name.
 pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register(queue::TYPE_NAME, |spec| {
-        spec.parameters::<NoParameters>()?;
-        Ok(Plugin::scorer(QueueScorer))
+        Ok(Plugin::scorer(QueueScorer::new(spec.parameters()?)))
     });
     for name in [kv_cache::TYPE_NAME, kv_cache::ALIAS_TYPE_NAME] {
         registry.register(name, |spec| {
-            spec.parameters::<NoParameters>()?;
-            Ok(Plugin::scorer(KvCacheUtilizationScorer))
+            Ok(Plugin::scorer(KvCacheUtilizationScorer::new(spec.parameters()?)))
         });
     }
     registry.register(lora_affinity::TYPE_NAME, |spec| {

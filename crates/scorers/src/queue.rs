@@ -3,15 +3,30 @@
 //! Score = (max_q - q) / (max_q - min_q) over the candidates, where q is the server's waiting
 //! queue; when every candidate has the same queue, all score 1. Min-max normalisation (GIE's
 //! formula) ranks relative load within the request's candidates, whatever the absolute depth.
+//!
+//! With lag compensation (the default), q also counts the requests this picker sent to the
+//! server after its metrics were scraped (see [`scheduler_core::dispatch`]), so consecutive
+//! decisions between two scrapes spread instead of all picking the same server.
 
 use scheduler_core::{Candidates, CycleState, InferenceRequest, Scorer};
+
+use crate::lag::LoadScorerParameters;
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "queue-scorer";
 
 /// Scores by waiting-queue depth, relative to the other candidates.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct QueueScorer;
+pub struct QueueScorer {
+    parameters: LoadScorerParameters,
+}
+
+impl QueueScorer {
+    /// A scorer with `parameters`.
+    pub fn new(parameters: LoadScorerParameters) -> Self {
+        Self { parameters }
+    }
+}
 
 impl Scorer for QueueScorer {
     fn score(
@@ -21,8 +36,14 @@ impl Scorer for QueueScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
+        let compensate = self.parameters.lag_compensation;
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
-            *score = f64::from(state.metrics.waiting_queue);
+            let pending = if compensate {
+                state.endpoint.dispatches().pending_since(state.metrics.updated_at).requests
+            } else {
+                0
+            };
+            *score = f64::from(state.metrics.waiting_queue) + f64::from(pending);
         }
         crate::normalize::min_max_inverted(scores);
     }

@@ -35,22 +35,22 @@ fn request() -> InferenceRequest {
 #[test]
 fn queue_scorer_is_min_max_inverted() {
     let pool = pool(&[(0, 0.0), (5, 0.0), (10, 0.0)]);
-    assert_eq!(scores_of(&QueueScorer, &pool, &request()), vec![1.0, 0.5, 0.0]);
+    assert_eq!(scores_of(&QueueScorer::default(), &pool, &request()), vec![1.0, 0.5, 0.0]);
 }
 
 #[test]
 fn queue_scorer_all_equal_scores_one() {
     let pool = pool(&[(7, 0.0), (7, 0.0)]);
-    assert_eq!(scores_of(&QueueScorer, &pool, &request()), vec![1.0, 1.0]);
+    assert_eq!(scores_of(&QueueScorer::default(), &pool, &request()), vec![1.0, 1.0]);
     let single = common::pool(&[(42, 0.0)]);
-    assert_eq!(scores_of(&QueueScorer, &single, &request()), vec![1.0]);
+    assert_eq!(scores_of(&QueueScorer::default(), &single, &request()), vec![1.0]);
 }
 
 #[test]
 fn kv_cache_scorer_edges() {
     let pool = pool(&[(0, 0.0), (0, 1.0), (0, 0.25), (0, 1.3), (0, -0.2), (0, f64::NAN)]);
     assert_eq!(
-        scores_of(&KvCacheUtilizationScorer, &pool, &request()),
+        scores_of(&KvCacheUtilizationScorer::default(), &pool, &request()),
         vec![1.0, 0.0, 0.75, 0.0, 1.0, 0.0]
     );
 }

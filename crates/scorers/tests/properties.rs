@@ -147,13 +147,14 @@ proptest! {
         factor in 1u32..5,
         seed in any::<u64>(),
     ) {
-        let pool = build_pool(&endpoints);
+        // A pool each: a decision is recorded on its pick, which the next decision's load
+        // scorers would count.
         let explain = ScheduleOptions { explain: true, seed: Some(seed), ..Default::default() };
         let request = InferenceRequest::new("lora-1", "a shared system prompt with a question");
         let base = scheduler(&config(weights, "max-score-picker", 1, false), 1)
-            .schedule_with(&request, &pool, explain).unwrap();
+            .schedule_with(&request, &build_pool(&endpoints), explain).unwrap();
         let scaled = scheduler(&config(weights.map(|w| w * factor), "max-score-picker", 1, false), 1)
-            .schedule_with(&request, &pool, explain).unwrap();
+            .schedule_with(&request, &build_pool(&endpoints), explain).unwrap();
         let base = &base.explanation().unwrap()[0];
         let scaled = &scaled.explanation().unwrap()[0];
         for (_, _, scores) in &base.scorers {
@@ -171,10 +172,11 @@ proptest! {
         picker in picker(),
         seed in any::<u64>(),
     ) {
-        let pool = build_pool(&endpoints);
         let yaml = config(weights, picker, 3, false);
         let request = InferenceRequest::new("lora-0", "p");
+        // The same pool state too: each run starts from a pool no decision has been sent to.
         let picks = |scheduler: Scheduler| -> Vec<Vec<_>> {
+            let pool = build_pool(&endpoints);
             (0..4).map(|_| scheduler.schedule(&request, &pool).unwrap().ranked().map(|e| e.id()).collect()).collect()
         };
         prop_assert_eq!(picks(scheduler(&yaml, seed)), picks(scheduler(&yaml, seed)));
