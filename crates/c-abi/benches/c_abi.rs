@@ -1,11 +1,14 @@
-//! What the C boundary costs: one scheduling decision through `epp_schedule` (plus the
+//! What the C boundary costs: one decision through `epp_schedule` (plus the
 //! `epp_request_complete` that every scheduled request needs) against the same decision made
-//! in Rust with `Scheduler::schedule`, on the same config, pool and request.
+//! in Rust with `Director::decide` (parse, admission, scheduling) on the same config, options,
+//! pool and request; and `Scheduler::schedule` alone on a parsed request, for scale.
 //!
 //! Run with `cargo bench -p epp-c-abi --bench c_abi`.
 
 use std::hint::black_box;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -13,9 +16,10 @@ use epp_c_abi::{
     EPP_OUTCOME_COMPLETED, EppEndpointMetrics, EppHeader, EppStatus, epp_endpoint_set_metrics,
     epp_endpoint_upsert, epp_request_complete, epp_schedule, epp_scheduler_free, epp_scheduler_new,
 };
+use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
 use scheduler_core::{
-    Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, Outcome,
-    PoolSnapshot,
+    Director, DirectorOptions, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
+    InferenceRequest, Outcome, SharedPool,
 };
 
 const ENDPOINTS: u8 = 16;
@@ -53,22 +57,36 @@ fn bench(c: &mut Criterion) {
         }
     }
 
-    let scheduler = EndpointPickerConfig::from_yaml(config)
-        .unwrap()
-        .build(&scorers::builtin_registry())
-        .unwrap();
-    let pool = Arc::new(PoolSnapshot::new((0..ENDPOINTS).map(|i| {
-        let (waiting_queue, kv_usage) = load(i);
-        EndpointState::new(Endpoint::new(([10, 0, 0, i], 8000).into())).with_metrics(
-            EndpointMetrics {
-                waiting_queue,
-                running: 2,
-                kv_usage,
-                updated_at: Some(Instant::now()),
-                ..EndpointMetrics::default()
-            },
-        )
-    })));
+    let pool = Arc::new(SharedPool::default());
+    pool.update(|pool| {
+        for i in 0..ENDPOINTS {
+            let (waiting_queue, kv_usage) = load(i);
+            pool.upsert(
+                EndpointState::new(Endpoint::new(([10, 0, 0, i], 8000).into())).with_metrics(
+                    EndpointMetrics {
+                        waiting_queue,
+                        running: 2,
+                        kv_usage,
+                        updated_at: Some(Instant::now()),
+                        ..EndpointMetrics::default()
+                    },
+                ),
+            );
+        }
+    });
+    // The options the C ABI builds its director with.
+    let options =
+        DirectorOptions { max_fallback_endpoints: usize::MAX, max_body_bytes: usize::MAX };
+    let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
+    let director = Director::from_config(
+        &EndpointPickerConfig::from_yaml(config).unwrap(),
+        &scorers::builtin_registry(),
+        pool,
+        options,
+        objectives,
+    )
+    .unwrap();
+    let rust_headers = [(":path".to_owned(), PATH.to_owned())];
 
     let headers = [EppHeader {
         name: ":path".as_ptr().cast(),
@@ -101,22 +119,26 @@ fn bench(c: &mut Criterion) {
             unsafe { epp_request_complete(handle, black_box(token), 0, 0, EPP_OUTCOME_COMPLETED) }
         });
     });
-    group.bench_function("rust_parse_schedule_and_complete", |b| {
+    group.bench_function("rust_director_decide_and_complete", |b| {
         b.iter(|| {
-            let request =
-                InferenceRequest::from_openai(Some(PATH), [(":path", PATH)], black_box(BODY))
-                    .unwrap();
-            let mut result = scheduler.schedule(&request, &pool).unwrap();
-            let destination = result.primary().endpoint.address.to_string();
-            if let Some(guard) = result.take_completion() {
+            // Without the flowControl gate the decision is ready on its first poll, as in C.
+            let decision = pin!(director.decide(&rust_headers, black_box(BODY), None));
+            let Poll::Ready(routed) = decision.poll(&mut Context::from_waker(Waker::noop())) else {
+                unreachable!("no queue without the flowControl gate");
+            };
+            let routed = routed.unwrap();
+            if let Some(guard) = routed.completion {
                 guard.finish(Outcome::Completed);
             }
-            destination
+            routed.destination
         });
     });
     let request = InferenceRequest::from_openai(Some(PATH), [(":path", PATH)], BODY).unwrap();
+    let snapshot = director.pool().load();
     group.bench_function("rust_schedule_only", |b| {
-        b.iter(|| scheduler.schedule(black_box(&request), &pool).unwrap().primary().id());
+        b.iter(|| {
+            director.scheduler().schedule(black_box(&request), &snapshot).unwrap().primary().id()
+        });
     });
     group.finish();
 

@@ -89,6 +89,11 @@ enum EppStatus
    The request body exceeds the configured limit (HTTP 413).
    */
   EPP_STATUS_BODY_TOO_LARGE = 12,
+  /*
+   Flow control did not admit the request: shed (sheddable while the pool is saturated),
+   its queue was full, or it waited past its TTL (HTTP 429).
+   */
+  EPP_STATUS_NOT_ADMITTED = 13,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -99,7 +104,8 @@ typedef int32_t EppStatus;
 #endif // __cplusplus
 
 /*
- An endpoint picker: a scheduler built from a config, its pool, and the requests in flight.
+ An endpoint picker: a director (admission and scheduler) built from a config, its pool,
+ and the requests in flight.
 
  Opaque to C; created by `epp_scheduler_new`, released by `epp_scheduler_free`.
  */
@@ -168,7 +174,9 @@ extern "C" {
 
 /*
  Creates an endpoint picker from an EndpointPickerConfig YAML document of `len` bytes
- (not NUL-terminated). NULL or an empty document selects the GIE default config.
+ (not NUL-terminated). NULL or an empty document selects the GIE default config. No
+ InferenceObjective is known, so every request has priority 0 and is never shed; see
+ `epp_scheduler_new_with_objectives`.
 
  Returns NULL on error; `epp_last_error_message` then says why.
 
@@ -176,6 +184,25 @@ extern "C" {
  A non-NULL `config_yaml` points to `len` readable bytes.
  */
 struct EppScheduler *epp_scheduler_new(const char *config_yaml, size_t len);
+
+/*
+ Creates an endpoint picker as `epp_scheduler_new` does, with the InferenceObjectives in
+ `objectives_yaml` (`objectives_len` bytes, not NUL-terminated): a YAML or JSON list of
+ `{name, priority}`. A request naming one in `x-gateway-inference-objective` gets its
+ priority (below zero: sheddable); unknown names and requests naming none get 0. NULL or
+ an empty document is an empty list.
+
+ Returns NULL on error (`EPP_STATUS_INVALID_CONFIG` for either document);
+ `epp_last_error_message` then says why.
+
+ # Safety
+ A non-NULL `config_yaml` points to `config_len` readable bytes; a non-NULL
+ `objectives_yaml` points to `objectives_len` readable bytes.
+ */
+struct EppScheduler *epp_scheduler_new_with_objectives(const char *config_yaml,
+                                                       size_t config_len,
+                                                       const char *objectives_yaml,
+                                                       size_t objectives_len);
 
 /*
  Releases an endpoint picker. Requests still in flight are completed as cancelled.
@@ -238,10 +265,10 @@ int32_t epp_endpoint_set_metrics(const struct EppScheduler *handle,
                                  const struct EppEndpointMetrics *metrics);
 
 /*
- Chooses the endpoints for one OpenAI-style request.
+ Admits one OpenAI-style request and chooses its endpoints.
 
- `body` is the whole JSON request body; `headers` are the request's headers (`:path`, when
- present, tells the chat API from the completions API; `x-request-id`,
+ `body` is the whole JSON request body; `headers` are the request's headers (names in any
+ case; `:path`, when present, tells the chat API from the completions API; `x-request-id`,
  `x-gateway-inference-objective` and the other GIE headers are honoured).
 
  On success (`EPP_STATUS_OK`) writes the primary endpoint, then up to
@@ -250,10 +277,21 @@ int32_t epp_endpoint_set_metrics(const struct EppScheduler *handle,
  for `epp_request_complete` in `out_request_token`, and 200 in `out_http_status`.
 
  On failure writes the HTTP status to answer the client with into `out_http_status`
- (400 bad body, 413 body too large, 503 no endpoint, 500 for the caller's own errors), an
- empty string into `out_endpoints` when it has room, and no token. If `out_cap` cannot hold
- the endpoints and the NUL, returns `EPP_STATUS_BUFFER_TOO_SMALL` (the message says how many
- bytes are needed) and the request is released as cancelled.
+ (400 bad body, 413 body too large, 429 not admitted by flow control, 503 no endpoint, 500
+ for the caller's own errors), an empty string into `out_endpoints` when it has room, and no
+ token. If `out_cap` cannot hold the endpoints and the NUL, returns
+ `EPP_STATUS_BUFFER_TOO_SMALL` (the message says how many bytes are needed) and the request
+ is released as cancelled.
+
+ Blocking: with the config's `flowControl` feature gate on, a request that flow control
+ queues (the pool is saturated, or requests of its priority or higher are waiting) blocks
+ the calling thread until it is admitted (then it is scheduled), rejected, or expires at its
+ TTL (then `EPP_STATUS_NOT_ADMITTED`, HTTP 429); the TTL bounds the wait, and a
+ `defaultRequestTTL` of 0 removes that bound. While blocked the call runs flow control's
+ dispatch and expiry every few milliseconds, so queued requests go out as soon as metrics
+ show room or other requests complete, even if no other thread calls in. Without the gate
+ the call never blocks: a sheddable request (priority < 0) on a saturated pool is refused at
+ once with `EPP_STATUS_NOT_ADMITTED`.
 
  # Safety
  `handle` is NULL or live; a non-NULL `body` points to `body_len` readable bytes; a non-NULL

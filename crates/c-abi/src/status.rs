@@ -38,15 +38,21 @@ pub enum EppStatus {
     UnknownEndpoint = 11,
     /// The request body exceeds the configured limit (HTTP 413).
     BodyTooLarge = 12,
+    /// Flow control did not admit the request: shed (sheddable while the pool is saturated),
+    /// its queue was full, or it waited past its TTL (HTTP 429).
+    NotAdmitted = 13,
 }
 
 impl EppStatus {
     /// The HTTP status a proxy should answer with when scheduling fails with this status.
+    /// `epp_schedule` writes the exact one to `out_http_status`, which for `NotAdmitted` is
+    /// the flow-control rejection's (429; 499 for a request cancelled while queued).
     pub fn http_status(self) -> i32 {
         match self {
             Self::Ok => 200,
             Self::BadRequest | Self::InvalidUtf8 => 400,
             Self::BodyTooLarge => 413,
+            Self::NotAdmitted => 429,
             Self::NoEndpoint => 503,
             // The remaining failures are the caller's or ours, not the client's.
             _ => 500,
@@ -54,16 +60,26 @@ impl EppStatus {
     }
 }
 
-/// A failed call: its status and the message for `epp_last_error_message`.
+/// A failed call: its status, the HTTP status a proxy answers with, and the message for
+/// `epp_last_error_message`.
 #[derive(Debug)]
 pub(crate) struct Error {
     pub(crate) status: EppStatus,
+    pub(crate) http_status: i32,
     pub(crate) message: String,
 }
 
 impl Error {
+    /// An error answered with the HTTP status `status` maps to.
     pub(crate) fn new(status: EppStatus, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, http_status: status.http_status(), message: message.into() }
+    }
+
+    /// The same error answered with `http_status`, when the cause knows better than the
+    /// status (a flow-control rejection says 429 or 499).
+    pub(crate) fn with_http_status(mut self, http_status: u16) -> Self {
+        self.http_status = i32::from(http_status);
+        self
     }
 }
 

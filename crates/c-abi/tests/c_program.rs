@@ -8,16 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The static library cargo built alongside this test (all of the crate's types are built in
-/// one go): uplifted into the profile directory, or still under `deps/`.
+/// one go): the newest of the one under `deps/` and the one uplifted into the profile
+/// directory. `cargo test` refreshes only the former, so a copy uplifted by an earlier
+/// `cargo build` may be stale.
 fn static_library() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let deps = exe.parent().expect("deps directory");
     let profile = deps.parent().expect("profile directory");
-    let uplifted = profile.join("libepp_c_abi.a");
-    if uplifted.exists() {
-        return uplifted;
-    }
-    let newest = std::fs::read_dir(deps)
+    let in_deps = std::fs::read_dir(deps)
         .expect("read deps")
         .filter_map(Result::ok)
         .map(|entry| entry.path())
@@ -25,9 +23,12 @@ fn static_library() -> PathBuf {
             path.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|name| name.starts_with("libepp_c_abi") && name.ends_with(".a"))
-        })
-        .max_by_key(|path| path.metadata().and_then(|m| m.modified()).ok());
-    newest.expect("libepp_c_abi.a next to the test executable (crate-type staticlib)")
+        });
+    let newest = in_deps
+        .chain(Some(profile.join("libepp_c_abi.a")))
+        .filter_map(|path| Some((path.metadata().and_then(|m| m.modified()).ok()?, path)))
+        .max_by_key(|(modified, _)| *modified);
+    newest.expect("libepp_c_abi.a next to the test executable (crate-type staticlib)").1
 }
 
 #[test]

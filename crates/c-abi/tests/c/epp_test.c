@@ -38,6 +38,40 @@ static const char CONFIG[] =
     "    weight: 2\n"
     "  - pluginRef: max-score-picker\n";
 
+/* Sheds on saturation: an endpoint is full at 5 waiting requests or 80% KV cache. The long
+ * staleness window keeps metrics set by the test fresh however slow the machine. */
+static const char SHED_CONFIG[] =
+    "plugins:\n"
+    "- type: queue-scorer\n"
+    "- type: max-score-picker\n"
+    "saturationDetector:\n"
+    "  queueDepthThreshold: 5\n"
+    "  kvCacheUtilThreshold: 0.8\n"
+    "  metricsStalenessThreshold: 1m\n";
+
+static const char OBJECTIVES[] =
+    "- name: batch\n"
+    "  priority: -1\n"
+    "- name: chat\n"
+    "  priority: 2\n";
+
+/* Queueing flow control over endpoints that take one request at a time; a queued request
+ * gives up after 30 ms. */
+static const char QUEUE_CONFIG[] =
+    "featureGates: [flowControl]\n"
+    "plugins:\n"
+    "- type: concurrency-detector\n"
+    "  parameters: {maxConcurrency: 1}\n"
+    "- type: queue-scorer\n"
+    "- type: max-score-picker\n"
+    "schedulingProfiles:\n"
+    "- name: default\n"
+    "  plugins:\n"
+    "  - pluginRef: queue-scorer\n"
+    "  - pluginRef: max-score-picker\n"
+    "saturationDetector: {pluginRef: concurrency-detector}\n"
+    "flowControl: {defaultRequestTTL: 30ms}\n";
+
 static const char CHAT[] =
     "{\"model\":\"llama\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}]}";
 
@@ -51,6 +85,14 @@ static int32_t schedule(const EppScheduler *epp, const char *body, char *out, si
   EppHeader headers[2] = {header(":path", "/v1/chat/completions"), header("x-request-id", "c-1")};
   return epp_schedule(epp, (const uint8_t *)body, strlen(body), headers, 2, out, cap,
                       max_endpoints, token, http);
+}
+
+static int32_t schedule_objective(const EppScheduler *epp, const char *objective, char *out,
+                                  size_t cap, uint64_t *token, int32_t *http) {
+  EppHeader headers[2] = {header(":path", "/v1/chat/completions"),
+                          header("x-gateway-inference-objective", objective)};
+  return epp_schedule(epp, (const uint8_t *)CHAT, strlen(CHAT), headers, 2, out, cap, 0, token,
+                      http);
 }
 
 static void set_load(EppScheduler *epp, const char *address, uint32_t queue, double kv) {
@@ -204,6 +246,57 @@ int main(void) {
   CHECK(epp_endpoint_upsert(defaults, "[::1]:9000", "v6") == EPP_STATUS_OK);
   CHECK(schedule(defaults, CHAT, out, sizeof out, 1, &token, &http) == EPP_STATUS_OK);
   CHECK(strcmp(out, "[::1]:9000") == 0);
+
+  /* Flow control without queues: a sheddable request on a saturated pool is refused with 429
+   * at once, and leaves nothing in flight; other requests are still scheduled. */
+  const char bad_objectives[] = "- name: batch\n  priority: low\n";
+  CHECK(epp_scheduler_new_with_objectives(SHED_CONFIG, strlen(SHED_CONFIG), bad_objectives,
+                                          strlen(bad_objectives)) == NULL);
+  EppScheduler *shedding = epp_scheduler_new_with_objectives(SHED_CONFIG, strlen(SHED_CONFIG),
+                                                             OBJECTIVES, strlen(OBJECTIVES));
+  CHECK(shedding != NULL);
+  if (shedding != NULL) {
+    CHECK(epp_endpoint_upsert(shedding, "10.0.1.1:8000", NULL) == EPP_STATUS_OK);
+    CHECK(epp_endpoint_upsert(shedding, "10.0.1.2:8000", NULL) == EPP_STATUS_OK);
+    set_load(shedding, "10.0.1.1:8000", 7, 0.10);
+    set_load(shedding, "10.0.1.2:8000", 0, 0.85);
+    memset(out, 'x', sizeof out);
+    token = 42;
+    CHECK(schedule_objective(shedding, "batch", out, sizeof out, &token, &http) ==
+          EPP_STATUS_NOT_ADMITTED);
+    CHECK(http == 429 && token == 0 && out[0] == '\0');
+    epp_last_error_message(message, sizeof message);
+    CHECK(strstr(message, "shed") != NULL);
+    CHECK(epp_in_flight_count(shedding) == 0);
+    CHECK(schedule_objective(shedding, "chat", out, sizeof out, &token, &http) == EPP_STATUS_OK);
+    CHECK(http == 200 && token != 0 && epp_in_flight_count(shedding) == 1);
+    CHECK(epp_request_complete(shedding, token, 0, 0, EPP_OUTCOME_COMPLETED) == EPP_STATUS_OK);
+    /* Once an endpoint has room, the sheddable request goes there. */
+    set_load(shedding, "10.0.1.2:8000", 0, 0.20);
+    CHECK(schedule_objective(shedding, "batch", out, sizeof out, &token, &http) == EPP_STATUS_OK);
+    CHECK(strcmp(out, "10.0.1.2:8000") == 0);
+    CHECK(epp_request_complete(shedding, token, 0, 0, EPP_OUTCOME_COMPLETED) == EPP_STATUS_OK);
+    epp_scheduler_free(shedding);
+  }
+
+  /* Queueing flow control: with the only endpoint busy, the next call waits in the queue
+   * (this thread is its only driver) until its TTL passes, then is refused with 429. */
+  EppScheduler *queueing = epp_scheduler_new(QUEUE_CONFIG, strlen(QUEUE_CONFIG));
+  CHECK(queueing != NULL);
+  if (queueing != NULL) {
+    CHECK(epp_endpoint_upsert(queueing, "10.0.2.1:8000", NULL) == EPP_STATUS_OK);
+    uint64_t busy = 0;
+    CHECK(schedule(queueing, CHAT, out, sizeof out, 0, &busy, &http) == EPP_STATUS_OK);
+    CHECK(schedule(queueing, CHAT, out, sizeof out, 0, &token, &http) == EPP_STATUS_NOT_ADMITTED);
+    CHECK(http == 429 && token == 0);
+    epp_last_error_message(message, sizeof message);
+    CHECK(strstr(message, "expired") != NULL);
+    CHECK(epp_request_complete(queueing, busy, 0, 0, EPP_OUTCOME_COMPLETED) == EPP_STATUS_OK);
+    CHECK(schedule(queueing, CHAT, out, sizeof out, 0, &token, &http) == EPP_STATUS_OK);
+    CHECK(strcmp(out, "10.0.2.1:8000") == 0);
+    CHECK(epp_request_complete(queueing, token, 0, 0, EPP_OUTCOME_COMPLETED) == EPP_STATUS_OK);
+    epp_scheduler_free(queueing);
+  }
 
   epp_scheduler_free(defaults);
   epp_scheduler_free(epp);

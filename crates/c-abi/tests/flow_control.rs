@@ -1,0 +1,292 @@
+//! Admission through the C API: sheddable requests are refused with 429 on a saturated pool,
+//! and with the `flowControl` gate a request waits in `epp_schedule` until room frees or its
+//! TTL passes, with nothing but the waiting call itself driving flow control.
+
+use std::ffi::{CString, c_char};
+use std::ptr;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use epp_c_abi::{
+    EPP_OUTCOME_COMPLETED, EppEndpointMetrics, EppHeader, EppScheduler, EppStatus,
+    epp_endpoint_set_metrics, epp_endpoint_upsert, epp_in_flight_count, epp_last_error_message,
+    epp_request_complete, epp_schedule, epp_scheduler_free, epp_scheduler_new,
+    epp_scheduler_new_with_objectives,
+};
+
+const BODY: &str = r#"{"model":"llama","messages":[{"role":"user","content":"Hello"}]}"#;
+const OBJECTIVES: &str = "- name: batch\n  priority: -1\n- name: chat\n  priority: 2\n";
+
+/// Utilization detector with a staleness window a slow machine cannot outlast mid-test.
+const SHED_CONFIG: &str = "\
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+  parameters: {maxNumOfEndpoints: 3}
+saturationDetector: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsStalenessThreshold: 1m}
+";
+
+/// One endpoint that holds one request at a time; queued requests may wait 30 s.
+const QUEUE_CONFIG: &str = "\
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+saturationDetector: {pluginRef: concurrency-detector}
+flowControl: {defaultRequestTTL: 30s}
+";
+
+/// A picker owned by the test, freed on drop.
+struct Picker(*mut EppScheduler);
+
+impl Picker {
+    fn new(config: &str, objectives: Option<&str>) -> Self {
+        // SAFETY: pointers and lengths describe live strings (or NULL with 0).
+        let handle = unsafe {
+            match objectives {
+                Some(objectives) => epp_scheduler_new_with_objectives(
+                    config.as_ptr().cast(),
+                    config.len(),
+                    objectives.as_ptr().cast(),
+                    objectives.len(),
+                ),
+                None => epp_scheduler_new(config.as_ptr().cast(), config.len()),
+            }
+        };
+        assert!(!handle.is_null(), "{}", last_error());
+        Self(handle)
+    }
+
+    fn handle(&self) -> &EppScheduler {
+        // SAFETY: non-NULL and live until drop.
+        unsafe { &*self.0 }
+    }
+}
+
+impl Drop for Picker {
+    fn drop(&mut self) {
+        // SAFETY: made by `epp_scheduler_new*`, not used after this.
+        unsafe { epp_scheduler_free(self.0) };
+    }
+}
+
+fn last_error() -> String {
+    let mut buffer = [0u8; 512];
+    // SAFETY: the buffer is writable for its length.
+    unsafe { epp_last_error_message(buffer.as_mut_ptr().cast(), buffer.len()) };
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..end]).into_owned()
+}
+
+fn add_endpoint(epp: &EppScheduler, address: &str, waiting_queue: u32, kv_usage: f64) {
+    let address = CString::new(address).unwrap();
+    let metrics = EppEndpointMetrics {
+        waiting_queue,
+        running: 1,
+        kv_usage,
+        max_lora: 0,
+        kv_capacity_blocks: 0,
+        active_loras: ptr::null(),
+        waiting_loras: ptr::null(),
+    };
+    // SAFETY: live handle, NUL-terminated address, valid metrics.
+    unsafe {
+        assert_eq!(epp_endpoint_upsert(epp, address.as_ptr(), ptr::null()), 0);
+        assert_eq!(epp_endpoint_set_metrics(epp, address.as_ptr(), &metrics), 0);
+    }
+}
+
+/// What one `epp_schedule` call returned.
+#[derive(Debug)]
+struct Scheduled {
+    status: i32,
+    http: i32,
+    token: u64,
+    endpoints: String,
+    error: String,
+}
+
+fn schedule(epp: &EppScheduler, objective: Option<&str>) -> Scheduled {
+    let header = |name: &'static str, value: &str| EppHeader {
+        name: name.as_ptr().cast(),
+        name_len: name.len(),
+        value: value.as_ptr().cast(),
+        value_len: value.len(),
+    };
+    let mut headers = vec![header(":path", "/v1/chat/completions")];
+    if let Some(objective) = objective {
+        headers.push(header("x-gateway-inference-objective", objective));
+    }
+    let mut out = [0x55 as c_char; 128];
+    let (mut token, mut http) = (u64::MAX, 0);
+    // SAFETY: live handle; every pointer covers its length and outlives the call.
+    let status = unsafe {
+        epp_schedule(
+            epp,
+            BODY.as_ptr(),
+            BODY.len(),
+            headers.as_ptr(),
+            headers.len(),
+            out.as_mut_ptr(),
+            out.len(),
+            0,
+            &mut token,
+            &mut http,
+        )
+    };
+    let end = out.iter().position(|&c| c == 0).expect("NUL-terminated");
+    let endpoints = out[..end].iter().map(|&c| c as u8 as char).collect();
+    let error = if status == 0 { String::new() } else { last_error() };
+    Scheduled { status, http, token, endpoints, error }
+}
+
+fn complete(epp: &EppScheduler, token: u64) {
+    // SAFETY: live handle.
+    let status = unsafe { epp_request_complete(epp, token, 1, 1, EPP_OUTCOME_COMPLETED) };
+    assert_eq!(status, 0, "{}", last_error());
+}
+
+fn in_flight(epp: &EppScheduler) -> usize {
+    // SAFETY: live handle.
+    unsafe { epp_in_flight_count(epp) }
+}
+
+#[test]
+fn a_sheddable_request_on_a_saturated_pool_is_refused_with_429() {
+    let picker = Picker::new(SHED_CONFIG, Some(OBJECTIVES));
+    let epp = picker.handle();
+    add_endpoint(epp, "10.0.0.1:8000", 5, 0.1);
+    add_endpoint(epp, "10.0.0.2:8000", 0, 0.8);
+
+    let shed = schedule(epp, Some("batch"));
+    assert_eq!(shed.status, EppStatus::NotAdmitted as i32, "{shed:?}");
+    assert_eq!(shed.http, 429);
+    assert_eq!(shed.token, 0);
+    assert_eq!(shed.endpoints, "");
+    assert_eq!(shed.error, "pool saturated: sheddable request (priority -1) shed");
+    assert_eq!(in_flight(epp), 0);
+
+    for objective in [Some("chat"), None, Some("unknown")] {
+        let kept = schedule(epp, objective);
+        assert_eq!(kept.status, 0, "{objective:?} is not sheddable: {kept:?}");
+        assert_eq!((kept.http, kept.endpoints.split(',').count()), (200, 2));
+        complete(epp, kept.token);
+    }
+
+    // Room on one endpoint is room in the pool.
+    add_endpoint(epp, "10.0.0.2:8000", 0, 0.5);
+    let admitted = schedule(epp, Some("batch"));
+    assert_eq!(admitted.status, 0, "{admitted:?}");
+    assert_eq!(admitted.endpoints, "10.0.0.2:8000,10.0.0.1:8000");
+    complete(epp, admitted.token);
+    assert_eq!(in_flight(epp), 0);
+}
+
+#[test]
+fn without_objectives_nothing_is_shed() {
+    let picker = Picker::new(SHED_CONFIG, None);
+    let epp = picker.handle();
+    add_endpoint(epp, "10.0.0.1:8000", 50, 0.99);
+    let scheduled = schedule(epp, Some("batch"));
+    assert_eq!(scheduled.status, 0, "{scheduled:?}");
+    complete(epp, scheduled.token);
+}
+
+#[test]
+fn bad_objectives_are_an_invalid_config() {
+    let objectives = "- name: batch\n  priorty: -1\n";
+    // SAFETY: pointers and lengths describe live strings.
+    let handle = unsafe {
+        epp_scheduler_new_with_objectives(
+            SHED_CONFIG.as_ptr().cast(),
+            SHED_CONFIG.len(),
+            objectives.as_ptr().cast(),
+            objectives.len(),
+        )
+    };
+    assert!(handle.is_null());
+    assert!(last_error().contains("priorty"), "{}", last_error());
+}
+
+#[test]
+fn a_queued_request_waits_until_the_request_ahead_completes() {
+    let picker = Picker::new(QUEUE_CONFIG, None);
+    let epp = picker.handle();
+    add_endpoint(epp, "10.0.0.1:8000", 0, 0.0);
+
+    let first = schedule(epp, None);
+    assert_eq!(first.status, 0, "{first:?}");
+    thread::scope(|scope| {
+        let (done, finished) = mpsc::channel();
+        scope.spawn(move || done.send(schedule(epp, None)).unwrap());
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the second request waits while the only endpoint is busy"
+        );
+        assert_eq!(in_flight(epp), 1);
+
+        let completer = scope.spawn(|| complete(epp, first.token));
+        completer.join().unwrap();
+        let second = finished.recv_timeout(Duration::from_secs(10)).expect("admitted");
+        assert_eq!(second.status, 0, "{second:?}");
+        assert_eq!((second.http, second.endpoints.as_str()), (200, "10.0.0.1:8000"));
+        assert_ne!(second.token, first.token);
+        complete(epp, second.token);
+    });
+    assert_eq!(in_flight(epp), 0);
+}
+
+#[test]
+fn a_queued_request_expires_at_its_ttl_with_nobody_else_calling_in() {
+    let config = QUEUE_CONFIG.replace("defaultRequestTTL: 30s", "defaultRequestTTL: 50ms");
+    let picker = Picker::new(&config, None);
+    let epp = picker.handle();
+    add_endpoint(epp, "10.0.0.1:8000", 0, 0.0);
+    let first = schedule(epp, None);
+    assert_eq!(first.status, 0, "{first:?}");
+
+    let started = Instant::now();
+    let expired = schedule(epp, None);
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(expired.status, EppStatus::NotAdmitted as i32, "{expired:?}");
+    assert_eq!((expired.http, expired.token), (429, 0));
+    assert!(expired.error.contains("expired"), "{}", expired.error);
+    assert_eq!(in_flight(epp), 1);
+    complete(epp, first.token);
+}
+
+#[test]
+fn a_queued_request_goes_out_when_metrics_show_room() {
+    let config = "\
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+saturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 1m}
+flowControl: {defaultRequestTTL: 30s}
+";
+    let picker = Picker::new(config, None);
+    let epp = picker.handle();
+    add_endpoint(epp, "10.0.0.1:8000", 9, 0.0);
+    thread::scope(|scope| {
+        let (done, finished) = mpsc::channel();
+        scope.spawn(move || done.send(schedule(epp, None)).unwrap());
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "queued while the pool is saturated"
+        );
+        // Only the metrics change: no request completes and no other call schedules.
+        add_endpoint(epp, "10.0.0.1:8000", 1, 0.0);
+        let admitted = finished.recv_timeout(Duration::from_secs(10)).expect("admitted");
+        assert_eq!(admitted.status, 0, "{admitted:?}");
+        complete(epp, admitted.token);
+    });
+}
