@@ -14,6 +14,10 @@
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
 //!
+//! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
+//! default: they also count what this picker sent to each endpoint since its metrics were
+//! scraped ([`lag`]), so a burst between two scrapes does not herd onto one endpoint.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use scheduler_core::{

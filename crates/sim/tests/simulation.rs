@@ -151,3 +151,32 @@ fn prefix_affinity_halves_p90_ttft_on_the_prefix_heavy_load() {
     );
     assert!(prefix.prefix_hit_rate > round_robin.prefix_hit_rate);
 }
+
+#[test]
+fn lag_compensation_stops_the_load_only_profile_herding_between_scrapes() {
+    // Without it, every decision between two scrapes sees the same metrics and the load-only
+    // profile sends the burst to one server: worse than round-robin. With it, it spreads.
+    let load_only = |lag_compensation: bool| {
+        let yaml = scheduler_core::config::QUEUE_KV_CONFIG_YAML.replace(
+            "- type: kv-cache-utilization-scorer\n",
+            &format!(
+                "- type: kv-cache-utilization-scorer\n  parameters: {{lagCompensation: {lag_compensation}}}\n"
+            ),
+        );
+        let yaml = yaml.replace(
+            "- type: queue-scorer\n",
+            &format!(
+                "- type: queue-scorer\n  parameters: {{lagCompensation: {lag_compensation}}}\n"
+            ),
+        );
+        Policy::epp_from_yaml(&format!("lag-{lag_compensation}"), &yaml, "test").unwrap()
+    };
+    let config = SimConfig::new(4, ServerProfile::h100_llama3_8b());
+    let workload = synthetic("sharegpt-like", SyntheticWorkload::sharegpt_like(), 70.0, 1500);
+    let reports =
+        sim::compare(&config, &workload, &[Policy::RoundRobin, load_only(true), load_only(false)])
+            .unwrap();
+    let p90 = |policy| by_policy(&reports, policy).ttft_s.p90;
+    assert!(p90("lag-true") <= 1.2 * p90("round-robin"), "{reports:#?}");
+    assert!(p90("lag-false") > 1.5 * p90("round-robin"), "{reports:#?}");
+}
