@@ -1,5 +1,7 @@
 //! Decision latency: one `schedule` call over pools of 10, 100 and 1,000 endpoints with
-//! - the default profile minus prefix (queue and KV-cache scorers, max-score picker),
+//! - the default profile minus prefix (queue and KV-cache scorers, max-score picker), with
+//!   and without lag compensation (the pool is never re-scraped, so after warm-up every
+//!   endpoint's ring of picks is full and newer than its metrics: the compensation's worst case),
 //! - the GIE default profile (plus the prefix-cache scorer) with a short prompt, and with a
 //!   16K-character prompt (256 blocks) whose system-prompt half is cached on a tenth of the
 //!   pool (hashing, lookup and the pick's record all included),
@@ -36,6 +38,23 @@ const FULL: &str = "plugins:
   parameters: {maxNumOfEndpoints: 4}
 ";
 
+/// The default profile minus prefix, scoring exactly as GIE does.
+const NO_LAG_COMPENSATION: &str = "plugins:
+- type: queue-scorer
+  parameters: {lagCompensation: false}
+- type: kv-cache-utilization-scorer
+  parameters: {lagCompensation: false}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
 fn decision(c: &mut Criterion) {
     let registry = epp_rs::scorers::builtin_registry();
     let build = |yaml: &str| {
@@ -44,6 +63,7 @@ fn decision(c: &mut Criterion) {
             .expect("bench config")
     };
     let no_prefix = build(epp_rs::core::config::QUEUE_KV_CONFIG_YAML);
+    let no_lag = build(NO_LAG_COMPENSATION);
     let full = build(FULL);
     let request = InferenceRequest::new("llama", "Hello").with_request_id("bench");
     let system_prompt = "You are a careful assistant. ".repeat(8 * 1024 / 29 + 1);
@@ -63,6 +83,11 @@ fn decision(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("default_minus_prefix", size), &pool, |b, pool| {
             b.iter(|| black_box(no_prefix.schedule(black_box(&request), pool)))
         });
+        group.bench_with_input(
+            BenchmarkId::new("default_minus_prefix_no_lag_compensation", size),
+            &pool,
+            |b, pool| b.iter(|| black_box(no_lag.schedule(black_box(&request), pool))),
+        );
         let default = build(epp_rs::core::config::DEFAULT_CONFIG_YAML);
         group.bench_with_input(
             BenchmarkId::new("gie_default_short_prompt", size),

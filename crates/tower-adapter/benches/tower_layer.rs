@@ -1,5 +1,7 @@
 //! What the layer adds per request beyond the decision: the inner service alone, the
-//! director's decision alone, and both through the layer, on the same request and pool.
+//! director's decision alone, and both through the layer (`poll_ready` then `call`), on the
+//! same request and pool; then the layer in front of a director with the flow-control gate on
+//! and a capped queue (admission and `poll_ready` both ask the flow controller).
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -19,9 +21,9 @@ use tower_service::Service;
 
 const BODY: &[u8] = br#"{"model":"llama","messages":[{"role":"user","content":"Summarise the attached meeting notes in three bullet points."}]}"#;
 
-fn director() -> Arc<Director> {
+fn pool() -> SharedPool {
     let now = Instant::now();
-    let pool = SharedPool::new(PoolSnapshot::new((0..100u16).map(|i| {
+    SharedPool::new(PoolSnapshot::new((0..100u16).map(|i| {
         EndpointState::new(Endpoint::new(([10, 0, 0, (i % 250) as u8], 8000 + i).into()))
             .with_metrics(EndpointMetrics {
                 waiting_queue: u32::from(i % 7),
@@ -29,9 +31,46 @@ fn director() -> Arc<Director> {
                 updated_at: Some(now),
                 ..EndpointMetrics::default()
             })
-    })));
+    })))
+}
+
+fn director() -> Arc<Director> {
     let scheduler = Arc::new(scorers::default_scheduler().expect("default scheduler"));
-    Arc::new(Director::new(scheduler, Arc::new(pool), DirectorOptions::default()))
+    Arc::new(Director::new(scheduler, Arc::new(pool()), DirectorOptions::default()))
+}
+
+/// The GIE default profile behind flow control: gate on, a queue capped at 1,000 requests,
+/// and a concurrency detector (the bench's metrics are never refreshed, so the utilization
+/// detector would soon call them stale and queue every request).
+fn director_with_flow_control() -> Arc<Director> {
+    let yaml = scheduler_core::config::DEFAULT_CONFIG_YAML.replacen(
+        "plugins:\n",
+        "featureGates: [flowControl]\nflowControl: {maxRequests: 1000}\n\
+         saturationDetector: {pluginRef: concurrency-detector}\nplugins:\n\
+         - type: concurrency-detector\n  parameters: {maxConcurrency: 64}\n",
+        1,
+    );
+    let config = scheduler_core::EndpointPickerConfig::from_yaml(&yaml).expect("bench config");
+    let objectives =
+        scheduler_core::flow::ObjectiveResolver::new([], Arc::default()).expect("no objectives");
+    let director = Director::from_config(
+        &config,
+        &scorers::builtin_registry(),
+        Arc::new(pool()),
+        DirectorOptions::default(),
+        objectives,
+    );
+    Arc::new(director.expect("bench director"))
+}
+
+/// `poll_ready` then `call`, as a tower caller must.
+async fn ready_and_call<S>(service: &mut S, request: http::Request<Full<Bytes>>) -> S::Response
+where
+    S: Service<http::Request<Full<Bytes>>>,
+    S::Error: std::fmt::Debug,
+{
+    std::future::poll_fn(|cx| service.poll_ready(cx)).await.expect("ready");
+    service.call(request).await.expect("infallible")
 }
 
 fn layer_overhead(c: &mut Criterion) {
@@ -58,15 +97,20 @@ fn layer_overhead(c: &mut Criterion) {
             runtime.block_on(async { black_box(director.decide(&headers, BODY, None).await) })
         })
     });
-    group.bench_function("through_the_layer", |b| {
-        let mut service = EndpointPickerLayer::new(Arc::clone(&director)).layer(inner);
-        b.iter(|| {
-            runtime.block_on(async {
-                let response = service.call(request()).await.expect("infallible");
-                black_box(response.into_body().collect().await.map(|c| c.to_bytes()))
+    for (name, director) in [
+        ("through_the_layer", Arc::clone(&director)),
+        ("through_the_layer_with_flow_control", director_with_flow_control()),
+    ] {
+        group.bench_function(name, |b| {
+            let mut service = EndpointPickerLayer::new(Arc::clone(&director)).layer(inner);
+            b.iter(|| {
+                runtime.block_on(async {
+                    let response = ready_and_call(&mut service, request()).await;
+                    black_box(response.into_body().collect().await.map(|c| c.to_bytes()))
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
