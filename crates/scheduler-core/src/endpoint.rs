@@ -111,6 +111,11 @@ impl Endpoint {
         }
     }
 
+    /// Takes over `other`'s dispatch log (the same server, re-declared).
+    pub(crate) fn share_dispatches_of(&mut self, other: &Endpoint) {
+        self.dispatches = other.dispatches.clone();
+    }
+
     /// The requests this picker sent here recently (shared by every clone of the endpoint,
     /// so it survives metrics updates of the pool).
     pub fn dispatches(&self) -> &DispatchLog {

@@ -31,7 +31,15 @@ impl PoolSnapshot {
     /// Inserts or replaces an endpoint (and its metrics).
     pub fn upsert(&mut self, state: EndpointState) {
         match self.index_by_id.get(&state.id()) {
-            Some(&index) => self.endpoints[index as usize] = state,
+            Some(&index) => {
+                let mut state = state;
+                // A re-declared endpoint (new labels or name) is still the same server: keep
+                // what was sent to it since its last scrape.
+                if let Some(previous) = self.endpoints.get(index as usize) {
+                    state.endpoint.share_dispatches_of(&previous.endpoint);
+                }
+                self.endpoints[index as usize] = state;
+            }
             None => {
                 let index = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
                 self.index_by_id.insert(state.id(), index);
@@ -156,6 +164,17 @@ mod tests {
         }
         pool.upsert(state(2));
         assert_eq!(pool.len(), 2, "upsert of a known id replaces it");
+    }
+
+    #[test]
+    fn a_re_declared_endpoint_keeps_what_was_sent_to_it() {
+        let mut pool = PoolSnapshot::new([state(1)]);
+        pool.endpoints()[0].endpoint.dispatches().record(std::time::Instant::now(), 10);
+        pool.upsert(EndpointState::new(
+            Endpoint::new(([10, 0, 0, 1], 1).into()).with_label("tier", "gold"),
+        ));
+        assert_eq!(pool.endpoints()[0].endpoint.dispatches().pending_since(None).requests, 1);
+        assert_eq!(pool.endpoints()[0].endpoint.labels.len(), 1, "the new declaration wins");
     }
 
     #[test]
