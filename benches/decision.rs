@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use epp_rs::core::config::QUEUE_KV_CONFIG_YAML;
 use epp_rs::core::{
     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
 };
@@ -38,23 +39,6 @@ const FULL: &str = "plugins:
   parameters: {maxNumOfEndpoints: 4}
 ";
 
-/// The default profile minus prefix, scoring exactly as GIE does.
-const NO_LAG_COMPENSATION: &str = "plugins:
-- type: queue-scorer
-  parameters: {lagCompensation: false}
-- type: kv-cache-utilization-scorer
-  parameters: {lagCompensation: false}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: max-score-picker
-";
-
 fn decision(c: &mut Criterion) {
     let registry = epp_rs::scorers::builtin_registry();
     let build = |yaml: &str| {
@@ -62,8 +46,12 @@ fn decision(c: &mut Criterion) {
             .and_then(|c| c.build(&registry))
             .expect("bench config")
     };
-    let no_prefix = build(epp_rs::core::config::QUEUE_KV_CONFIG_YAML);
-    let no_lag = build(NO_LAG_COMPENSATION);
+    let no_prefix = build(QUEUE_KV_CONFIG_YAML);
+    // The same profile scoring exactly as GIE does.
+    let gie_exact = QUEUE_KV_CONFIG_YAML
+        .replace("-scorer\n- type", "-scorer\n  parameters: {lagCompensation: false}\n- type");
+    assert_eq!(gie_exact.matches("lagCompensation").count(), 2, "both load scorers");
+    let no_lag = build(&gie_exact);
     let full = build(FULL);
     let request = InferenceRequest::new("llama", "Hello").with_request_id("bench");
     let system_prompt = "You are a careful assistant. ".repeat(8 * 1024 / 29 + 1);
