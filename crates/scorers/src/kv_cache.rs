@@ -43,7 +43,8 @@ impl Scorer for KvCacheUtilizationScorer {
                 && let Some(capacity) = state.metrics.kv_capacity_blocks.filter(|c| *c > 0)
             {
                 let pending = state.endpoint.dispatches().pending_since(state.metrics.updated_at);
-                usage += pending.tokens as f64 / (capacity * TOKENS_PER_KV_BLOCK) as f64;
+                // In floating point: a host may report any capacity, up to u64::MAX.
+                usage += pending.tokens as f64 / (capacity as f64 * TOKENS_PER_KV_BLOCK as f64);
             }
             *score = if usage.is_nan() { 0.0 } else { 1.0 - usage.clamp(0.0, 1.0) };
         }

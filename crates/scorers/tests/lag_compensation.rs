@@ -86,7 +86,8 @@ fn kv_usage_counts_sent_prompt_tokens_when_capacity_is_known() {
     };
     let known = with_capacity(Some(100));
     let unknown = with_capacity(None);
-    for pool in [&known, &unknown] {
+    let huge = with_capacity(Some(u64::MAX));
+    for pool in [&known, &unknown, &huge] {
         pool.endpoints()[0].endpoint.dispatches().record(scrape + Duration::from_millis(1), 400);
         pool.endpoints()[0].endpoint.dispatches().record(scrape + Duration::from_millis(2), 400);
     }
@@ -95,6 +96,7 @@ fn kv_usage_counts_sent_prompt_tokens_when_capacity_is_known() {
     // 800 tokens = 50 blocks = half the capacity, on top of the scraped half.
     assert_eq!(scores(&scorer, &known, &request), vec![0.0]);
     assert_eq!(scores(&scorer, &unknown, &request), vec![0.5], "no capacity, no adjustment");
+    assert_eq!(scores(&scorer, &huge, &request), vec![0.5], "any capacity, no overflow");
     let plain = KvCacheUtilizationScorer::new(LoadScorerParameters { lag_compensation: false });
     assert_eq!(scores(&plain, &known, &request), vec![0.5]);
 }
