@@ -502,6 +502,12 @@ where
         self.len() == 0
     }
 
+    /// The endpoints the index holds blocks for, in no particular order. Allocates: meant for
+    /// reconciling the index with a pool's membership, not for every request.
+    pub fn endpoint_keys(&self) -> Vec<K> {
+        self.registry.read().slot_of.keys().copied().collect()
+    }
+
     /// Number of endpoints known to the index.
     pub fn endpoint_count(&self) -> usize {
         self.registry.read().slot_of.len()

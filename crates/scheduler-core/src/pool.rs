@@ -16,6 +16,7 @@ pub struct PoolSnapshot {
     endpoints: Vec<EndpointState>,
     index_by_id: EndpointMap<u32>,
     generation: u64,
+    membership: u64,
 }
 
 impl PoolSnapshot {
@@ -41,6 +42,7 @@ impl PoolSnapshot {
                 self.endpoints[index as usize] = state;
             }
             None => {
+                self.membership = self.membership.wrapping_add(1);
                 let index = u32::try_from(self.endpoints.len()).unwrap_or(u32::MAX);
                 self.index_by_id.insert(state.id(), index);
                 self.endpoints.push(state);
@@ -53,6 +55,7 @@ impl PoolSnapshot {
         let Some(index) = self.index_by_id.remove(&id) else {
             return false;
         };
+        self.membership = self.membership.wrapping_add(1);
         self.endpoints.swap_remove(index as usize);
         if let Some(moved) = self.endpoints.get(index as usize) {
             self.index_by_id.insert(moved.id(), index);
@@ -105,6 +108,14 @@ impl PoolSnapshot {
     pub fn generation(&self) -> u64 {
         self.generation
     }
+
+    /// A counter that changes whenever the set of endpoint ids changes (an endpoint added or
+    /// removed, or a whole snapshot published); metrics updates leave it alone. Snapshots of one
+    /// [`SharedPool`] with equal values hold the same endpoints, so a plugin keeping state per
+    /// endpoint can check it cheaply and forget endpoints only when it moves.
+    pub fn membership(&self) -> u64 {
+        self.membership
+    }
 }
 
 /// The current [`PoolSnapshot`], shared between one or more writers and many readers.
@@ -126,7 +137,9 @@ impl SharedPool {
 
     /// Publishes `snapshot` as the current one.
     pub fn publish(&self, mut snapshot: PoolSnapshot) {
-        snapshot.generation = self.current.load().generation.wrapping_add(1);
+        let current = self.current.load();
+        snapshot.generation = current.generation.wrapping_add(1);
+        snapshot.membership = current.membership.wrapping_add(1);
         self.current.store(Arc::new(snapshot));
     }
 
@@ -175,6 +188,27 @@ mod tests {
         ));
         assert_eq!(pool.endpoints()[0].endpoint.dispatches().pending_since(None).requests, 1);
         assert_eq!(pool.endpoints()[0].endpoint.labels.len(), 1, "the new declaration wins");
+    }
+
+    #[test]
+    fn membership_moves_with_the_set_of_endpoints_only() {
+        let shared = SharedPool::new(PoolSnapshot::new([state(1)]));
+        let before = shared.load().membership();
+        shared.update(|pool| {
+            pool.set_metrics(pool.endpoints()[0].id(), EndpointMetrics::default());
+            pool.upsert(state(1));
+        });
+        assert_eq!(shared.load().membership(), before, "metrics and re-declarations");
+        shared.update(|pool| pool.upsert(state(2)));
+        let added = shared.load().membership();
+        assert_ne!(added, before);
+        shared.update(|pool| {
+            pool.remove(EndpointId::from_address(([10, 0, 0, 1], 2).into()));
+        });
+        assert_ne!(shared.load().membership(), added);
+        let republished = shared.load().membership();
+        shared.publish(PoolSnapshot::new([state(1)]));
+        assert_ne!(shared.load().membership(), republished, "a whole snapshot may differ");
     }
 
     #[test]

@@ -6,17 +6,20 @@
 //! tokens), hashed as a chain seeded by the model name, at most `maxPrefixBlocksToMatch`
 //! blocks. Which endpoint holds which block is not observed but inferred: the pre-request
 //! hook records the chosen endpoint as holding every block of the prompt, in a per-endpoint
-//! LRU of `lruCapacityPerServer` blocks that approximates the server's cache.
+//! LRU of `lruCapacityPerServer` blocks that approximates the server's cache. Endpoints that
+//! leave the pool are forgotten (noticed by the pool's membership counter), so memory is
+//! bounded by the live pool, not by every endpoint ever seen.
 //!
 //! The prompt is hashed once per decision; the hashes live in the decision's [`CycleState`]
 //! so the hook reuses them.
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
 use scheduler_core::{
-    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PreRequest,
+    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolSnapshot, PreRequest,
     SchedulingResult, Scorer,
 };
 use serde::Deserialize;
@@ -94,6 +97,8 @@ thread_local! {
 pub struct PrefixCacheScorer {
     hasher: BlockHasher,
     index: Arc<PrefixIndex<EndpointId>>,
+    /// The pool membership the index was last reconciled with (`u64::MAX`: never).
+    reconciled_membership: AtomicU64,
 }
 
 impl PrefixCacheScorer {
@@ -121,12 +126,46 @@ impl PrefixCacheScorer {
                 capacity_per_endpoint: capacity,
                 ..IndexConfig::default()
             })),
+            reconciled_membership: AtomicU64::new(u64::MAX),
         })
     }
 
     /// The block index (for inspection and for other components sharing it).
     pub fn index(&self) -> &Arc<PrefixIndex<EndpointId>> {
         &self.index
+    }
+
+    /// Forgets the endpoints that left the pool, so that the index's memory follows the pool
+    /// rather than every endpoint ever seen (pods come and go). Checked on every decision but
+    /// only acts when the pool's membership moved; the blocks of departed endpoints are
+    /// dropped on a short-lived thread (tens of thousands of blocks per endpoint at the default
+    /// capacity), not on the request path.
+    fn forget_departed_endpoints(&self, pool: &PoolSnapshot) {
+        let membership = pool.membership();
+        // A plain load first: the common case writes nothing shared between decision threads.
+        if self.reconciled_membership.load(Ordering::Relaxed) == membership
+            || self.reconciled_membership.swap(membership, Ordering::Relaxed) == membership
+        {
+            return;
+        }
+        let departed: Vec<EndpointId> = self
+            .index
+            .endpoint_keys()
+            .into_iter()
+            .filter(|id| pool.index_of(*id).is_none())
+            .collect();
+        if departed.is_empty() {
+            return;
+        }
+        let index = Arc::clone(&self.index);
+        let list = departed.clone();
+        let spawned = std::thread::Builder::new()
+            .name("epp-prefix-forget".into())
+            .spawn(move || forget_endpoints(&index, &list));
+        if spawned.is_err() {
+            // A host that cannot start a thread: this request pays for it instead.
+            forget_endpoints(&self.index, &departed);
+        }
     }
 
     fn prompt_blocks<'s>(
@@ -156,6 +195,7 @@ impl Scorer for PrefixCacheScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
+        self.forget_departed_endpoints(candidates.pool());
         let hashes = self.prompt_blocks(state, request);
         if hashes.is_empty() {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
@@ -183,6 +223,12 @@ impl Scorer for PrefixCacheScorer {
                 *score = by_pool_index.get(index as usize).copied().unwrap_or(0.0);
             }
         });
+    }
+}
+
+fn forget_endpoints(index: &PrefixIndex<EndpointId>, departed: &[EndpointId]) {
+    for &id in departed {
+        index.remove_endpoint(id);
     }
 }
 

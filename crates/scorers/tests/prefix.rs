@@ -80,3 +80,41 @@ fn only_the_first_blocks_up_to_the_limit_count() {
         prefix_scores(&scheduler, &pool, &InferenceRequest::new("m", variant.as_str()));
     assert_eq!(scores[(port - 8000) as usize], 1.0);
 }
+
+#[test]
+fn endpoints_that_leave_the_pool_are_forgotten() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use scheduler_core::{SchedulerProfile, SharedPool, SingleProfileHandler};
+    use scorers::{MaxScorePicker, PrefixCacheParameters, PrefixCacheScorer};
+
+    let parameters = PrefixCacheParameters { block_size: Some(4), ..Default::default() };
+    let scorer = Arc::new(PrefixCacheScorer::new(parameters).unwrap());
+    let picker = Arc::new(MaxScorePicker::new(1.try_into().unwrap()));
+    let profile = SchedulerProfile::new("default", "max-score-picker", picker).with_scorer(
+        "prefix-cache-scorer",
+        1.0,
+        scorer.clone(),
+    );
+    let scheduler = Scheduler::new(vec![profile], Arc::new(SingleProfileHandler))
+        .with_pre_request(scorer.clone());
+    let shared = SharedPool::new(pool(&[(0, 0.0), (0, 0.0), (0, 0.0)]).as_ref().clone());
+    let request = InferenceRequest::new("m", "aaaabbbbccccdddd");
+
+    let first = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
+    assert_eq!(scorer.index().endpoint_keys(), vec![first]);
+    shared.update(|pool| {
+        pool.remove(first);
+    });
+    let second = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
+    assert_ne!(second, first);
+    // The departed endpoint's blocks are dropped off the request path.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scorer.index().endpoint_keys().contains(&first) {
+        assert!(Instant::now() < deadline, "the departed endpoint is still indexed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(scorer.index().endpoint_keys(), vec![second]);
+    assert!(scorer.index().blocks_of(first).is_empty());
+}
