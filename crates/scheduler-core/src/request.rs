@@ -14,6 +14,10 @@ pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
 /// Header through which a client or proxy passes a request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Characters per token assumed wherever the picker needs a token count without a tokenizer
+/// (the common rule of thumb for English text with BPE tokenizers).
+pub const CHARACTERS_PER_TOKEN: usize = 4;
+
 /// One inference request, parsed once and read by every plugin.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InferenceRequest {
@@ -42,6 +46,12 @@ pub struct InferenceRequest {
 }
 
 impl InferenceRequest {
+    /// The prompt's length in tokens, estimated at [`CHARACTERS_PER_TOKEN`] (no tokenizer on
+    /// the decision path).
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        self.prompt.len().div_ceil(CHARACTERS_PER_TOKEN) as u64
+    }
+
     /// A request for `target_model` with `prompt` and no headers.
     pub fn new(target_model: impl Into<String>, prompt: impl Into<String>) -> Self {
         Self { target_model: target_model.into(), prompt: prompt.into(), ..Self::default() }

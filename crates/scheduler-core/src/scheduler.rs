@@ -181,7 +181,7 @@ impl Scheduler {
             }),
         };
         // Load scorers add these to metrics scraped before now (see `dispatch`).
-        let tokens = estimated_prompt_tokens(request);
+        let tokens = request.estimated_prompt_tokens();
         for (position, run) in result.runs.iter().enumerate() {
             let picked = run.picks[0];
             if !result.runs[..position].iter().any(|earlier| earlier.picks[0] == picked) {
@@ -439,9 +439,4 @@ impl ProfileHandler for SingleProfileHandler {
     fn primary_profile(&self, _request: &InferenceRequest, _already_run: &[ProfileRun]) -> usize {
         0
     }
-}
-
-/// Prompt tokens at about four characters each (no tokenizer on the decision path).
-fn estimated_prompt_tokens(request: &InferenceRequest) -> u64 {
-    (request.prompt.len() as u64).div_ceil(4)
 }

@@ -4,12 +4,11 @@ use serde::Deserialize;
 
 /// Parameters of `queue-scorer` and `kv-cache-utilization-scorer`.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadScorerParameters {
     /// Add the requests this picker sent to an endpoint after its metrics were scraped to the
     /// scraped numbers (default true). Without it, every decision between two scrapes sees
     /// the same load and a burst lands on one endpoint; `false` scores exactly like GIE.
-    #[serde(default = "enabled")]
     pub lag_compensation: bool,
 }
 
@@ -17,10 +16,6 @@ impl Default for LoadScorerParameters {
     fn default() -> Self {
         Self { lag_compensation: true }
     }
-}
-
-fn enabled() -> bool {
-    true
 }
 
 /// vLLM's default KV block size, for turning pending prompt tokens into blocks.

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
+use scheduler_core::request::CHARACTERS_PER_TOKEN;
 use scheduler_core::{
     Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolSnapshot, PreRequest,
     SchedulingResult, Scorer,
@@ -26,9 +27,6 @@ use serde::Deserialize;
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "prefix-cache-scorer";
-
-/// Characters per token assumed when a block size is given in tokens.
-const CHARACTERS_PER_TOKEN: usize = 4;
 
 /// Parameters, with every name GIE versions used for the block size.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
