@@ -12,10 +12,10 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_response,
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use ext_proc_adapter::{Director, DirectorOptions, Exchange, proto};
+use ext_proc_adapter::{Director, DirectorOptions, Exchange};
 use scheduler_core::{
     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
-    SharedPool,
+    SharedPool, protocol,
 };
 use scorers::ActiveRequestScorer;
 
@@ -121,9 +121,9 @@ fn metadata(entries: &[(String, String)]) -> Option<Metadata> {
     let mut metadata = Metadata::default();
     for (key, value) in entries {
         let (namespace, field) = match key.as_str() {
-            "subset" => (proto::SUBSET_HINT_NAMESPACE, proto::SUBSET_HINT_KEY),
-            "subset-list" => (proto::SUBSET_HINT_NAMESPACE, proto::SUBSET_HINT_KEY),
-            _ => (proto::LB_METADATA_NAMESPACE, proto::SERVED_ENDPOINT_KEY),
+            "subset" => (protocol::SUBSET_HINT_NAMESPACE, protocol::SUBSET_HINT_KEY),
+            "subset-list" => (protocol::SUBSET_HINT_NAMESPACE, protocol::SUBSET_HINT_KEY),
+            _ => (protocol::LB_METADATA_NAMESPACE, protocol::SERVED_ENDPOINT_KEY),
         };
         let value = if key == "subset-list" {
             Value {
@@ -189,7 +189,7 @@ fn check_response(response: &ProcessingResponse, pool: &PoolSnapshot) {
             let mutations = headers.response.as_ref().and_then(|r| r.header_mutation.as_ref());
             for option in mutations.map_or(&[][..], |m| &m.set_headers) {
                 let Some(header) = &option.header else { continue };
-                if header.key == proto::DESTINATION_ENDPOINT_KEY {
+                if header.key == protocol::DESTINATION_ENDPOINT_HEADER {
                     let value = String::from_utf8_lossy(&header.raw_value);
                     for part in value.split(',') {
                         let address: SocketAddr = match part.parse() {
@@ -226,14 +226,13 @@ pub fn ext_proc_exchange(data: &[u8]) {
     .with_response_complete(in_flight.clone());
     let snapshot = small_pool();
     let pool = Arc::new(SharedPool::new(snapshot.clone()));
-    let director = Arc::new(Director::new(
-        Arc::new(scheduler),
-        pool,
-        DirectorOptions { max_fallback_endpoints: usize::from(input.byte() % 3), max_body_bytes },
-    ));
+    let director =
+        Arc::new(Director::new(Arc::new(scheduler), pool, DirectorOptions { max_body_bytes }));
+    let max_fallback_endpoints = usize::from(input.byte() % 3);
 
     harness.runtime.block_on(async {
-        let mut exchange = Exchange::new(director, None);
+        let mut exchange =
+            Exchange::new(director, None).with_max_fallback_endpoints(max_fallback_endpoints);
         let mut out = Vec::new();
         let mut frames = 0;
         while !input.is_empty() && frames < 64 {

@@ -75,8 +75,7 @@ fn bench(c: &mut Criterion) {
         }
     });
     // The options the C ABI builds its director with.
-    let options =
-        DirectorOptions { max_fallback_endpoints: usize::MAX, max_body_bytes: usize::MAX };
+    let options = DirectorOptions { max_body_bytes: usize::MAX };
     let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
     let director = Director::from_config(
         &EndpointPickerConfig::from_yaml(config).unwrap(),
@@ -130,7 +129,7 @@ fn bench(c: &mut Criterion) {
             if let Some(guard) = routed.completion {
                 guard.finish(Outcome::Completed);
             }
-            routed.destination
+            routed.primary
         });
     });
     let request = InferenceRequest::from_openai(Some(PATH), [(":path", PATH)], BODY).unwrap();

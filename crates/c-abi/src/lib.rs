@@ -610,12 +610,8 @@ impl EppScheduler {
             ObjectiveResolver::from_yaml(objectives, metrics)
         }
         .map_err(|error| invalid(&error))?;
-        let options = DirectorOptions {
-            // Every ranked endpoint: `epp_schedule` cuts the list to each call's `max_endpoints`.
-            max_fallback_endpoints: usize::MAX,
-            // The limit can change after construction, so `schedule` checks it before deciding.
-            max_body_bytes: usize::MAX,
-        };
+        // The limit can change after construction, so `schedule` checks it before deciding.
+        let options = DirectorOptions { max_body_bytes: usize::MAX };
         let pool = Arc::new(SharedPool::default());
         let director =
             Director::from_config(&config, &scorers::builtin_registry(), pool, options, objectives)
@@ -648,7 +644,7 @@ impl EppScheduler {
             ));
         }
         let routed = self.decide(headers, body).map_err(rejected)?;
-        let destination = first_endpoints(&routed.destination, max_endpoints);
+        let destination = endpoint_list(&routed, max_endpoints);
         let needed = destination.len() + 1;
         if out.len() < needed {
             // The decision (and its completion guard) drops here: the request is released as
@@ -697,12 +693,17 @@ fn rejected(rejection: Rejection) -> Error {
     Error::new(status, rejection.to_string()).with_http_status(rejection.status())
 }
 
-/// The first `count` endpoints of a comma-separated `destination` (`count` 0: all of them).
-fn first_endpoints(destination: &str, count: usize) -> &str {
-    let Some(last) = count.checked_sub(1) else {
-        return destination;
-    };
-    destination.match_indices(',').nth(last).map_or(destination, |(at, _)| &destination[..at])
+/// The C API's endpoint list: `ip:port` of the primary, then of the fallbacks, comma-separated,
+/// at most `count` endpoints (`count` 0: every endpoint the picker ranked).
+fn endpoint_list(routed: &Routed, count: usize) -> String {
+    use std::fmt::Write;
+    let count = if count == 0 { usize::MAX } else { count };
+    let mut list = routed.primary.to_string();
+    for fallback in routed.fallbacks.iter().take(count - 1) {
+        // Writing into a String cannot fail.
+        let _ = write!(list, ",{fallback}");
+    }
+    list
 }
 
 fn unknown_token(token: u64) -> Error {
@@ -801,14 +802,21 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_lists_are_cut_at_a_comma() {
+    fn endpoint_lists_hold_at_most_max_endpoints() {
+        let routed = |fallbacks: &[&str]| Routed {
+            primary: "10.0.0.1:80".parse().unwrap(),
+            fallbacks: fallbacks.iter().map(|address| address.parse().unwrap()).collect(),
+            request: scheduler_core::InferenceRequest::default(),
+            completion: None,
+        };
+        let three = routed(&["[::1]:80", "10.0.0.3:80"]);
         let all = "10.0.0.1:80,[::1]:80,10.0.0.3:80";
-        assert_eq!(first_endpoints(all, 0), all);
-        assert_eq!(first_endpoints(all, 1), "10.0.0.1:80");
-        assert_eq!(first_endpoints(all, 2), "10.0.0.1:80,[::1]:80");
-        assert_eq!(first_endpoints(all, 3), all);
-        assert_eq!(first_endpoints(all, 9), all);
-        assert_eq!(first_endpoints("10.0.0.1:80", 1), "10.0.0.1:80");
+        assert_eq!(endpoint_list(&three, 0), all);
+        assert_eq!(endpoint_list(&three, 1), "10.0.0.1:80");
+        assert_eq!(endpoint_list(&three, 2), "10.0.0.1:80,[::1]:80");
+        assert_eq!(endpoint_list(&three, 3), all);
+        assert_eq!(endpoint_list(&three, 9), all);
+        assert_eq!(endpoint_list(&routed(&[]), 1), "10.0.0.1:80");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::proto;
+use scheduler_core::protocol;
 
 /// What the picker decided for a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,7 +158,7 @@ impl ProxyStream {
                         .and_then(|mutation| {
                             mutation.set_headers.into_iter().find_map(|option| {
                                 let header = option.header?;
-                                (header.key == proto::DESTINATION_ENDPOINT_KEY).then(|| {
+                                (header.key == protocol::DESTINATION_ENDPOINT_HEADER).then(|| {
                                     String::from_utf8_lossy(&header.raw_value).into_owned()
                                 })
                             })
@@ -167,10 +167,10 @@ impl ProxyStream {
                     let from_metadata = answer
                         .dynamic_metadata
                         .as_ref()
-                        .and_then(|m| m.fields.get(proto::LB_METADATA_NAMESPACE))
+                        .and_then(|m| m.fields.get(protocol::LB_METADATA_NAMESPACE))
                         .and_then(|v| match &v.kind {
                             Some(Kind::StructValue(lb)) => {
-                                lb.fields.get(proto::DESTINATION_ENDPOINT_KEY)
+                                lb.fields.get(protocol::DESTINATION_ENDPOINT_HEADER)
                             }
                             _ => None,
                         })
@@ -233,11 +233,11 @@ impl ProxyStream {
         let metadata = served.map(|address| {
             let mut lb = Struct::default();
             lb.fields.insert(
-                proto::SERVED_ENDPOINT_KEY.to_owned(),
+                protocol::SERVED_ENDPOINT_KEY.to_owned(),
                 Value { kind: Some(Kind::StringValue(address.to_string())) },
             );
             let mut metadata = Metadata::default();
-            metadata.filter_metadata.insert(proto::LB_METADATA_NAMESPACE.to_owned(), lb);
+            metadata.filter_metadata.insert(protocol::LB_METADATA_NAMESPACE.to_owned(), lb);
             metadata
         });
         self.send(ProcessingRequest {
@@ -304,8 +304,8 @@ fn subset_metadata(subset: &[String]) -> Metadata {
     };
     let mut hint = Struct::default();
     hint.fields
-        .insert(proto::SUBSET_HINT_KEY.to_owned(), Value { kind: Some(Kind::ListValue(list)) });
+        .insert(protocol::SUBSET_HINT_KEY.to_owned(), Value { kind: Some(Kind::ListValue(list)) });
     let mut metadata = Metadata::default();
-    metadata.filter_metadata.insert(proto::SUBSET_HINT_NAMESPACE.to_owned(), hint);
+    metadata.filter_metadata.insert(protocol::SUBSET_HINT_NAMESPACE.to_owned(), hint);
     metadata
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
+use scheduler_core::protocol::MODEL_REWRITE_HEADER;
 use scheduler_core::{EndpointId, Outcome};
 
 use crate::metrics::{EppMetrics, RequestLabels};
@@ -59,6 +60,7 @@ pub struct Exchange {
     labels: Option<RequestLabels>,
     tail: ResponseTail,
     started: Instant,
+    max_fallback_endpoints: usize,
 }
 
 impl Exchange {
@@ -77,7 +79,15 @@ impl Exchange {
             labels: None,
             tail: ResponseTail::default(),
             started: Instant::now(),
+            max_fallback_endpoints: 0,
         }
+    }
+
+    /// Emits up to `count` fallback endpoints after the primary in the destination (default
+    /// 0: one `ip:port`, which every proxy parses).
+    pub fn with_max_fallback_endpoints(mut self, count: usize) -> Self {
+        self.max_fallback_endpoints = count;
+        self
     }
 
     /// Where the exchange stands.
@@ -173,7 +183,12 @@ impl Exchange {
                     metrics.record_request(&labels, self.body_bytes);
                 }
                 self.labels = Some(labels);
-                out.push(proto::route_to(&routed.destination, &[]));
+                let destination = proto::destination_value(
+                    routed.primary,
+                    &routed.fallbacks,
+                    self.max_fallback_endpoints,
+                );
+                out.push(proto::route_to(&destination, &[]));
                 if self.request_has_body {
                     push_body_chunks(chunks, out);
                 }
@@ -187,7 +202,7 @@ impl Exchange {
     fn reject(&mut self, rejection: Rejection, out: &mut Vec<ProcessingResponse>) {
         tracing::debug!(status = rejection.status(), error = %rejection, "request answered by the picker");
         if let Some(metrics) = &self.metrics {
-            let model = self.headers.iter().find(|(n, _)| n == "x-gateway-model-name-rewrite");
+            let model = self.headers.iter().find(|(n, _)| n == MODEL_REWRITE_HEADER);
             metrics.record_rejection(model.map_or("", |(_, v)| v.as_str()), rejection.code());
         }
         out.push(proto::immediate(rejection.status(), rejection.code(), &rejection.to_string()));

@@ -21,7 +21,7 @@
 //! );
 //! let body = br#"{"model":"llama","prompt":"Hello"}"#;
 //! let routed = futures_executor_free_block_on(director.decide(&[], body, None)).unwrap();
-//! assert_eq!(routed.destination, "10.0.0.1:8000");
+//! assert_eq!(routed.primary, "10.0.0.1:8000".parse().unwrap());
 //! # fn futures_executor_free_block_on<F: std::future::Future>(future: F) -> F::Output {
 //! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(future)
 //! # }

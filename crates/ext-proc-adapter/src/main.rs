@@ -102,11 +102,11 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         health_address: address(flags.grpc_health_port),
         metrics_address: address(flags.metrics_port),
         tls,
-        director: DirectorOptions {
+        director: DirectorOptions { max_body_bytes: flags.max_request_body_bytes },
+        limits: StreamLimits {
             max_fallback_endpoints: flags.max_fallback_endpoints,
-            max_body_bytes: flags.max_request_body_bytes,
+            ..StreamLimits::default()
         },
-        limits: StreamLimits::default(),
         pool_name: flags.pool_name.clone(),
         staleness_threshold: Some(flags.metrics_staleness_threshold),
         endpoints_file: flags.endpoints_file.clone(),

@@ -12,17 +12,10 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-
-/// Header (and metadata key) carrying the chosen endpoint(s) to the proxy.
-pub const DESTINATION_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint";
-/// Dynamic metadata namespace the proxy's load balancer reads.
-pub const LB_METADATA_NAMESPACE: &str = "envoy.lb";
-/// Metadata namespace of the proxy's subset hint.
-pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
-/// Key of the subset hint: the endpoints the request may go to.
-pub const SUBSET_HINT_KEY: &str = "x-gateway-destination-endpoint-subset";
-/// Key of the endpoint that actually served the request, reported on the response.
-pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
+use scheduler_core::protocol::{
+    DESTINATION_ENDPOINT_HEADER, LB_METADATA_NAMESPACE, SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY,
+    SUBSET_HINT_NAMESPACE,
+};
 
 /// Header name/value pairs of an Envoy header map, names lower-cased. Envoy sends values in
 /// `raw_value` (bytes) in recent versions and in `value` in older ones; both are read.
@@ -92,14 +85,30 @@ fn set_header(key: &str, value: &str) -> HeaderValueOption {
     }
 }
 
+/// The destination value of the protocol: `ip:port` of the primary, then of up to
+/// `max_fallbacks` fallbacks, comma-separated.
+pub fn destination_value(
+    primary: SocketAddr,
+    fallbacks: &[SocketAddr],
+    max_fallbacks: usize,
+) -> String {
+    use std::fmt::Write;
+    let mut value = primary.to_string();
+    for fallback in fallbacks.iter().take(max_fallbacks) {
+        // Writing into a String cannot fail.
+        let _ = write!(value, ",{fallback}");
+    }
+    value
+}
+
 /// The answer to the request headers once the destination is known: the destination header
 /// (plus `extra_headers`), a cleared route cache so the proxy re-routes on it, and the same
 /// destination in `envoy.lb` dynamic metadata.
 pub fn route_to(destination: &str, extra_headers: &[(&str, &str)]) -> ProcessingResponse {
-    let mut set_headers = vec![set_header(DESTINATION_ENDPOINT_KEY, destination)];
+    let mut set_headers = vec![set_header(DESTINATION_ENDPOINT_HEADER, destination)];
     set_headers.extend(extra_headers.iter().map(|(key, value)| set_header(key, value)));
     let mut lb = Struct::default();
-    lb.fields.insert(DESTINATION_ENDPOINT_KEY.to_owned(), string_value(destination.to_owned()));
+    lb.fields.insert(DESTINATION_ENDPOINT_HEADER.to_owned(), string_value(destination.to_owned()));
     let mut dynamic_metadata = Struct::default();
     dynamic_metadata
         .fields

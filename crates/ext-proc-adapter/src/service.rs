@@ -27,11 +27,14 @@ pub struct StreamLimits {
     /// How long a stream may sit idle before its routing decision (headers or body never
     /// completing) before it is closed and its state freed.
     pub request_idle_timeout: Duration,
+    /// Fallback endpoints emitted after the primary in the destination header and metadata
+    /// (0: one `ip:port`, which every proxy parses; fallbacks are opt-in).
+    pub max_fallback_endpoints: usize,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        Self { request_idle_timeout: Duration::from_secs(60) }
+        Self { request_idle_timeout: Duration::from_secs(60), max_fallback_endpoints: 0 }
     }
 }
 
@@ -73,7 +76,8 @@ impl ExternalProcessor for EppExtProc {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let inbound = request.into_inner();
         let (sender, receiver) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
-        let exchange = Exchange::new(Arc::clone(&self.director), self.metrics.clone());
+        let exchange = Exchange::new(Arc::clone(&self.director), self.metrics.clone())
+            .with_max_fallback_endpoints(self.limits.max_fallback_endpoints);
         tokio::spawn(drive(exchange, inbound, sender, self.limits));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }

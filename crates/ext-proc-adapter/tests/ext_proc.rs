@@ -126,8 +126,8 @@ async fn body_chunks_sent_before_any_answer_are_buffered_and_echoed_in_order() {
 
 #[tokio::test]
 async fn fallbacks_are_opt_in() {
-    let options = DirectorOptions { max_fallback_endpoints: 2, ..DirectorOptions::default() };
-    let mut harness = start(options, StreamLimits::default()).await;
+    let limits = StreamLimits { max_fallback_endpoints: 2, ..StreamLimits::default() };
+    let mut harness = start(DirectorOptions::default(), limits).await;
     let (_, decision) = decide(&mut harness, &request(CHAT, 0)).await;
     let Decision::Routed { destination, metadata_destination, .. } = decision else { panic!() };
     assert_eq!(destination, "127.0.0.1:9001,127.0.0.1:9000,127.0.0.1:9002");
@@ -232,7 +232,10 @@ async fn a_stream_that_ends_early_frees_its_request() {
 
 #[tokio::test]
 async fn a_body_that_never_completes_is_dropped_after_the_idle_timeout() {
-    let limits = StreamLimits { request_idle_timeout: Duration::from_millis(100) };
+    let limits = StreamLimits {
+        request_idle_timeout: Duration::from_millis(100),
+        ..StreamLimits::default()
+    };
     let mut harness = start(DirectorOptions::default(), limits).await;
     let mut stream = ProxyStream::open(&mut harness.client).await.unwrap();
     stream.send_headers(&[(":path", "/v1/completions")], false, None).await.unwrap();

@@ -18,15 +18,13 @@ use crate::scheduler::{CompletionGuard, Scheduler, SchedulingError};
 /// What the director needs to know beyond the scheduler and the pool.
 #[derive(Clone, Debug)]
 pub struct DirectorOptions {
-    /// Fallback endpoints to emit after the primary (0: one endpoint, which every proxy parses).
-    pub max_fallback_endpoints: usize,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
 }
 
 impl Default for DirectorOptions {
     fn default() -> Self {
-        Self { max_fallback_endpoints: 0, max_body_bytes: 32 * 1024 * 1024 }
+        Self { max_body_bytes: 32 * 1024 * 1024 }
     }
 }
 
@@ -76,12 +74,17 @@ impl Rejection {
 }
 
 /// A request routed to an endpoint.
+///
+/// The addresses are typed; how many fallbacks reach the proxy, and in which wire format, is
+/// each adapter's choice (the ext-proc header defaults to the primary alone, which every
+/// proxy parses).
 #[derive(Debug)]
 pub struct Routed {
-    /// `ip:port` of the primary, then of each fallback, comma-separated.
-    pub destination: String,
-    /// The primary endpoint.
+    /// The endpoint to send the request to.
     pub primary: SocketAddr,
+    /// Where to retry if the primary fails, best first: the primary profile's other picks
+    /// (as many as its picker's `maxNumOfEndpoints` allows, usually none).
+    pub fallbacks: Vec<SocketAddr>,
     /// The request as parsed.
     pub request: InferenceRequest,
     /// Runs the completion hooks when the response ends (or when dropped).
@@ -198,12 +201,8 @@ impl Director {
         let pool = self.pool.load();
         let mut result = self.scheduler.schedule(&request, &pool)?;
         let primary = result.primary().endpoint.address;
-        let mut destination = primary.to_string();
-        for fallback in result.fallbacks().take(self.options.max_fallback_endpoints) {
-            destination.push(',');
-            destination.push_str(&fallback.endpoint.address.to_string());
-        }
+        let fallbacks = result.fallbacks().map(|fallback| fallback.endpoint.address).collect();
         let completion = result.take_completion();
-        Ok(Routed { destination, primary, request, completion })
+        Ok(Routed { primary, fallbacks, request, completion })
     }
 }

@@ -40,6 +40,7 @@ pub mod flow;
 pub mod plugin;
 pub mod pool;
 pub mod profile;
+pub mod protocol;
 pub mod registry;
 pub mod request;
 pub mod scheduler;

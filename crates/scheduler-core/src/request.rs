@@ -5,14 +5,9 @@ use std::net::SocketAddr;
 
 use crate::body::{ApiKind, BodyError, ParsedBody};
 
-/// Header naming the InferenceObjective (and so the priority) of a request.
-pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
-/// Header naming the flow (tenant) a request belongs to, for fair queuing.
-pub const FAIRNESS_ID_HEADER: &str = "x-gateway-inference-fairness-id";
-/// Header carrying the model name the gateway rewrote the request to.
-pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
-/// Header through which a client or proxy passes a request id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub use crate::protocol::{
+    FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, REQUEST_ID_HEADER,
+};
 
 /// Characters per token assumed wherever the picker needs a token count without a tokenizer
 /// (the common rule of thumb for English text with BPE tokenizers).

@@ -10,11 +10,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
+use scheduler_core::protocol::DESTINATION_ENDPOINT_HEADER;
 use scheduler_core::{Director, Rejection};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::DESTINATION_ENDPOINT_HEADER;
 use crate::body::PickerBody;
 
 /// The pick, attached to the request the inner service receives.
@@ -22,7 +22,8 @@ use crate::body::PickerBody;
 pub struct PickedEndpoint {
     /// Where to send the request.
     pub primary: SocketAddr,
-    /// Where to retry, best first (as many as the director's `max_fallback_endpoints`).
+    /// Where to retry, best first (at most the layer's
+    /// [`EndpointPickerLayer::with_max_fallback_endpoints`]).
     pub fallbacks: Vec<SocketAddr>,
 }
 
@@ -30,12 +31,20 @@ pub struct PickedEndpoint {
 #[derive(Clone, Debug)]
 pub struct EndpointPickerLayer {
     director: Arc<Director>,
+    max_fallback_endpoints: usize,
 }
 
 impl EndpointPickerLayer {
-    /// A layer deciding with `director`.
+    /// A layer deciding with `director`, attaching no fallbacks.
     pub fn new(director: Arc<Director>) -> Self {
-        Self { director }
+        Self { director, max_fallback_endpoints: 0 }
+    }
+
+    /// Attaches up to `count` fallback endpoints to [`PickedEndpoint::fallbacks`] (as many as
+    /// the picker ranked: its `maxNumOfEndpoints` minus one).
+    pub fn with_max_fallback_endpoints(mut self, count: usize) -> Self {
+        self.max_fallback_endpoints = count;
+        self
     }
 }
 
@@ -43,7 +52,11 @@ impl<S> Layer<S> for EndpointPickerLayer {
     type Service = EndpointPicker<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        EndpointPicker { inner, director: Arc::clone(&self.director) }
+        EndpointPicker {
+            inner,
+            director: Arc::clone(&self.director),
+            max_fallback_endpoints: self.max_fallback_endpoints,
+        }
     }
 }
 
@@ -52,6 +65,7 @@ impl<S> Layer<S> for EndpointPickerLayer {
 pub struct EndpointPicker<S> {
     inner: S,
     director: Arc<Director>,
+    max_fallback_endpoints: usize,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -83,6 +97,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let director = Arc::clone(&self.director);
+        let max_fallback_endpoints = self.max_fallback_endpoints;
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let limit = director.options().max_body_bytes;
@@ -112,14 +127,12 @@ where
                 Ok(routed) => routed,
                 Err(rejection) => return Ok(rejected(&rejection)),
             };
-            let fallbacks = routed
-                .destination
-                .split(',')
-                .skip(1)
-                .filter_map(|address| address.parse().ok())
-                .collect();
+            let mut fallbacks = routed.fallbacks;
+            fallbacks.truncate(max_fallback_endpoints);
             let mut request = Request::from_parts(parts, Full::new(bytes));
-            if let Ok(value) = HeaderValue::from_str(&routed.destination) {
+            // The header names the primary alone, as every proxy parses it; fallbacks travel
+            // typed in the extension.
+            if let Ok(value) = HeaderValue::from_str(&routed.primary.to_string()) {
                 request.headers_mut().insert(DESTINATION_ENDPOINT_HEADER, value);
             }
             request.extensions_mut().insert(PickedEndpoint { primary: routed.primary, fallbacks });

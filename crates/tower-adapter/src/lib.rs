@@ -2,8 +2,9 @@
 //!
 //! [`EndpointPickerLayer`] buffers each request's body (bounded), parses the OpenAI request,
 //! runs admission and the scheduler through a [`Director`], and calls the inner service with
-//! the pick attached: a [`PickedEndpoint`] request extension and the
-//! `x-gateway-destination-endpoint` header. Requests the picker answers itself get a JSON error
+//! the pick attached: a [`PickedEndpoint`] request extension (primary, and fallbacks when
+//! [`EndpointPickerLayer::with_max_fallback_endpoints`] asks for them) and the
+//! `x-gateway-destination-endpoint` header naming the primary. Requests the picker answers itself get a JSON error
 //! response (400, 413, 429, 503) without reaching the inner service. The response body carries
 //! the request's completion guard: the completion hooks (in-flight counts, flow-control release)
 //! run when the body ends, fails, or is dropped.
@@ -54,6 +55,3 @@ pub mod testing;
 pub use body::PickerBody;
 pub use layer::{EndpointPicker, EndpointPickerLayer, PickedEndpoint};
 pub use scheduler_core::{Director, DirectorOptions};
-
-/// Header carrying the chosen endpoint(s), as in the Envoy protocol.
-pub const DESTINATION_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";

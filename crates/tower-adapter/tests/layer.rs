@@ -80,10 +80,11 @@ fn recording_inner(
 
 #[tokio::test]
 async fn the_inner_service_gets_the_pick_and_the_body() {
-    let (director, in_flight) =
-        setup(DirectorOptions { max_fallback_endpoints: 1, ..DirectorOptions::default() }, 3);
+    let (director, in_flight) = setup(DirectorOptions::default(), 3);
     let seen: Seen = Arc::default();
-    let mut service = EndpointPickerLayer::new(director).layer(recording_inner(Arc::clone(&seen)));
+    let mut service = EndpointPickerLayer::new(director)
+        .with_max_fallback_endpoints(1)
+        .layer(recording_inner(Arc::clone(&seen)));
     let response = service.call(request(BODY)).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(in_flight.total_in_flight(), 1, "in flight until the body is read");
@@ -94,7 +95,7 @@ async fn the_inner_service_gets_the_pick_and_the_body() {
     let picked = picked.unwrap();
     assert_eq!(picked.primary, "127.0.0.1:8001".parse().unwrap());
     assert_eq!(picked.fallbacks, vec!["127.0.0.1:8000".parse().unwrap()]);
-    assert_eq!(header.as_deref(), Some("127.0.0.1:8001,127.0.0.1:8000"));
+    assert_eq!(header.as_deref(), Some("127.0.0.1:8001"), "the header names the primary alone");
     assert_eq!(forwarded, BODY);
 }
 
@@ -251,4 +252,16 @@ schedulingProfiles:
     assert_eq!(second.status(), 200);
     assert!(counter.0.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the waiter was woken");
     assert!(Service::<http::Request<Full<Bytes>>>::poll_ready(&mut service, &mut cx).is_ready());
+}
+
+#[tokio::test]
+async fn fallbacks_are_opt_in() {
+    let (director, _) = setup(DirectorOptions::default(), 3);
+    let seen: Seen = Arc::default();
+    let mut service = EndpointPickerLayer::new(director).layer(recording_inner(Arc::clone(&seen)));
+    let response = service.call(request(BODY)).await.unwrap();
+    drop(response);
+    let picked = seen.get().unwrap().0.clone().unwrap();
+    assert_eq!(picked.primary, "127.0.0.1:8001".parse().unwrap());
+    assert!(picked.fallbacks.is_empty(), "the picker ranked two, the layer was asked for none");
 }

@@ -1,0 +1,24 @@
+//! Names of the endpoint-picker protocol (GIE v1): the headers a request carries to the picker
+//! and the picker writes for the proxy, and the Envoy dynamic-metadata keys of the same values.
+//! Defined once here; every adapter and tool reads them from this module.
+
+/// Header naming the InferenceObjective (and so the priority) of a request.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// Header naming the flow (tenant) a request belongs to, for fair queuing.
+pub const FAIRNESS_ID_HEADER: &str = "x-gateway-inference-fairness-id";
+/// Header carrying the model name the gateway rewrote the request to.
+pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+/// Header through which a client or proxy passes a request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Header (and `envoy.lb` metadata key) carrying the chosen endpoint to the proxy: `ip:port`,
+/// or a comma-separated list, primary first, when fallbacks are emitted.
+pub const DESTINATION_ENDPOINT_HEADER: &str = "x-gateway-destination-endpoint";
+/// Dynamic metadata namespace the proxy's load balancer reads the destination from.
+pub const LB_METADATA_NAMESPACE: &str = "envoy.lb";
+/// Metadata namespace of the proxy's subset hint.
+pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint: the endpoints the request may go to.
+pub const SUBSET_HINT_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Key (in [`LB_METADATA_NAMESPACE`]) of the endpoint that actually served the request,
+/// reported by the proxy on the response.
+pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
