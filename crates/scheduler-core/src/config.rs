@@ -357,6 +357,9 @@ impl EndpointPickerConfig {
                 scheduler =
                     scheduler.with_response_complete(Arc::clone(hook) as Arc<dyn ResponseComplete>);
             }
+            if let Some(observer) = &plugin.pool_observer {
+                scheduler = scheduler.with_pool_observer(Arc::clone(observer));
+            }
         }
         Ok(scheduler)
     }

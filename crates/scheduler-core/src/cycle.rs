@@ -1,5 +1,10 @@
-//! Per-request scheduling context: the clock reading, the random source and scratch values
-//! that plugins compute once and share (for example the prompt's block hashes).
+//! Per-decision state: the clock reading, the random source, and the scratch space every
+//! plugin of the decision shares.
+//!
+//! All per-request scratch lives here, in one place: the scheduler's own buffers (candidate
+//! positions, scores, picks) and the typed values plugins keep (a prompt's block hashes, a
+//! lookup's buffers). The scheduler recycles the scratch of one decision into the next on the
+//! same thread, so once warm a decision allocates nothing per endpoint.
 
 use std::any::{Any, TypeId};
 use std::time::Instant;
@@ -14,13 +19,53 @@ use rand::rngs::SmallRng;
 pub struct CycleState {
     now: Instant,
     rng: SmallRng,
-    scratch: Vec<(TypeId, Box<dyn Any + Send>)>,
+    scratch: Scratch,
+}
+
+/// Scratch space carried from one decision to the next on a thread.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Bumped for every decision that uses this scratch.
+    stamp: u64,
+    pub(crate) buffers: ProfileBuffers,
+    values: Vec<(TypeId, Box<dyn Any + Send>)>,
+}
+
+/// The scheduler's reusable buffers, so a decision allocates nothing per endpoint.
+#[derive(Default)]
+pub(crate) struct ProfileBuffers {
+    /// Pool positions every profile starts from (the pool, or the subset hint).
+    pub(crate) base: Vec<u32>,
+    pub(crate) candidates: Vec<u32>,
+    pub(crate) scores: Vec<f64>,
+    pub(crate) totals: Vec<f64>,
+    pub(crate) picked: Vec<u32>,
+    pub(crate) next_profiles: Vec<usize>,
 }
 
 impl CycleState {
-    /// A context for a decision taken at `now` with randomness from `seed`.
+    /// A context for a decision taken at `now` with randomness from `seed`, with fresh scratch.
     pub fn new(now: Instant, seed: u64) -> Self {
-        Self { now, rng: SmallRng::seed_from_u64(seed), scratch: Vec::new() }
+        Self::with_scratch(now, seed, Scratch::default())
+    }
+
+    /// A context reusing the scratch of an earlier decision.
+    pub(crate) fn with_scratch(now: Instant, seed: u64, mut scratch: Scratch) -> Self {
+        scratch.stamp = scratch.stamp.wrapping_add(1);
+        Self { now, rng: SmallRng::seed_from_u64(seed), scratch }
+    }
+
+    /// Ends the decision, handing its scratch on to the next one.
+    pub(crate) fn into_scratch(self) -> Scratch {
+        self.scratch
+    }
+
+    pub(crate) fn take_buffers(&mut self) -> ProfileBuffers {
+        std::mem::take(&mut self.scratch.buffers)
+    }
+
+    pub(crate) fn restore_buffers(&mut self, buffers: ProfileBuffers) {
+        self.scratch.buffers = buffers;
     }
 
     /// The time of the decision.
@@ -33,38 +78,31 @@ impl CycleState {
         &mut self.rng
     }
 
-    /// The shared value of type `T`, if a plugin stored one.
-    pub fn get<T: Any + Send>(&self) -> Option<&T> {
-        let wanted = TypeId::of::<T>();
-        self.scratch
-            .iter()
-            .find(|(id, _)| *id == wanted)
-            .and_then(|(_, value)| value.downcast_ref::<T>())
+    /// A stamp that differs between the decisions sharing this state's scratch values. A
+    /// plugin that computes a value once per decision (the prompt's block hashes) stores the
+    /// stamp beside it, and recomputes when the stamp it finds is not the current one.
+    pub fn decision_stamp(&self) -> u64 {
+        self.scratch.stamp
     }
 
-    /// The shared value of type `T`, computed by `init` the first time it is asked for.
-    pub fn get_or_insert_with<T: Any + Send>(&mut self, init: impl FnOnce() -> T) -> &mut T {
+    /// The scratch value of type `T`, created with `T::default()` the first time a decision on
+    /// this thread asks for it and kept for later decisions, so its buffers are allocated once.
+    /// It holds whatever the last user left in it: compare [`Self::decision_stamp`] to know
+    /// whether it was filled for this decision.
+    pub fn scratch<T: Any + Send + Default>(&mut self) -> &mut T {
         let wanted = TypeId::of::<T>();
-        let position = match self.scratch.iter().position(|(id, _)| *id == wanted) {
+        let values = &mut self.scratch.values;
+        let position = match values.iter().position(|(id, _)| *id == wanted) {
             Some(position) => position,
             None => {
-                self.scratch.push((wanted, Box::new(init())));
-                self.scratch.len() - 1
+                values.push((wanted, Box::<T>::default()));
+                values.len() - 1
             }
         };
-        match self.scratch[position].1.downcast_mut::<T>() {
+        match values[position].1.downcast_mut::<T>() {
             Some(value) => value,
             // The TypeId key guarantees the downcast; reaching here is a bug in this module.
             None => unreachable!("scratch entry keyed by TypeId holds another type"),
-        }
-    }
-
-    /// Stores `value`, replacing any earlier value of the same type.
-    pub fn insert<T: Any + Send>(&mut self, value: T) {
-        let wanted = TypeId::of::<T>();
-        match self.scratch.iter_mut().find(|(id, _)| *id == wanted) {
-            Some(entry) => entry.1 = Box::new(value),
-            None => self.scratch.push((wanted, Box::new(value))),
         }
     }
 }
@@ -73,7 +111,8 @@ impl std::fmt::Debug for CycleState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CycleState")
             .field("now", &self.now)
-            .field("scratch_values", &self.scratch.len())
+            .field("decision_stamp", &self.scratch.stamp)
+            .field("scratch_values", &self.scratch.values.len())
             .finish_non_exhaustive()
     }
 }
@@ -84,22 +123,18 @@ mod tests {
     use rand::Rng;
 
     #[test]
-    fn scratch_is_computed_once_and_shared() {
+    fn scratch_values_outlive_the_decision_and_stamps_tell_decisions_apart() {
         let mut state = CycleState::new(Instant::now(), 1);
-        let mut calls = 0;
-        *state.get_or_insert_with(|| {
-            calls += 1;
-            vec![1u64, 2]
-        }) = vec![7];
-        state.get_or_insert_with(|| {
-            calls += 1;
-            vec![0u64]
-        });
-        assert_eq!(calls, 1);
-        assert_eq!(state.get::<Vec<u64>>(), Some(&vec![7]));
-        state.insert(vec![9u64]);
-        assert_eq!(state.get::<Vec<u64>>(), Some(&vec![9]));
-        assert_eq!(state.get::<String>(), None);
+        let first = state.decision_stamp();
+        state.scratch::<Vec<u64>>().extend([1, 2, 3]);
+        state.scratch::<String>().push('x');
+        assert_eq!(state.scratch::<Vec<u64>>(), &vec![1, 2, 3], "one value per type");
+
+        let mut next = CycleState::with_scratch(Instant::now(), 2, state.into_scratch());
+        assert_ne!(next.decision_stamp(), first);
+        let kept = next.scratch::<Vec<u64>>();
+        assert_eq!(kept, &vec![1, 2, 3], "the next decision on the thread reuses the value");
+        assert_eq!(next.scratch::<String>(), "x");
     }
 
     #[test]

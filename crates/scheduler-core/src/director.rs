@@ -13,7 +13,8 @@ use crate::flow::{self, FlowConfigError, FlowControl, ObjectiveResolver, Release
 use crate::pool::SharedPool;
 use crate::registry::PluginRegistry;
 use crate::request::InferenceRequest;
-use crate::scheduler::{CompletionGuard, Scheduler, SchedulingError};
+use crate::result::{CompletionGuard, SchedulingError};
+use crate::scheduler::Scheduler;
 
 /// What the director needs to know beyond the scheduler and the pool.
 #[derive(Clone, Debug)]
@@ -113,7 +114,9 @@ pub struct Director {
 
 impl Director {
     /// A director scheduling with `scheduler` over `pool`, admitting every request.
+    /// The scheduler's pool observers are subscribed to `pool`.
     pub fn new(scheduler: Arc<Scheduler>, pool: Arc<SharedPool>, options: DirectorOptions) -> Self {
+        scheduler.observe_pool(&pool);
         Self { scheduler, pool, options, flow: None }
     }
 
@@ -144,7 +147,8 @@ impl Director {
                 clock,
             )));
         }
-        Ok(Self { scheduler: Arc::new(scheduler), pool, options, flow: Some(Arc::new(flow)) })
+        let director = Self::new(Arc::new(scheduler), pool, options);
+        Ok(Self { flow: Some(Arc::new(flow)), ..director })
     }
 
     /// Flow control, when admission is on.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::dispatch::DispatchLog;
+use crate::dispatch_log::DispatchLog;
 
 /// Stable, cheap-to-copy identity of an endpoint.
 ///

@@ -34,7 +34,7 @@ pub mod body;
 pub mod config;
 pub mod cycle;
 pub mod director;
-pub mod dispatch;
+pub mod dispatch_log;
 pub mod endpoint;
 pub mod flow;
 pub mod plugin;
@@ -43,20 +43,20 @@ pub mod profile;
 pub mod protocol;
 pub mod registry;
 pub mod request;
+pub mod result;
 pub mod scheduler;
 
 pub use body::{ApiKind, BodyError, ParsedBody};
 pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
 pub use cycle::CycleState;
 pub use director::{Director, DirectorBuildError, DirectorOptions, Rejection, Routed};
-pub use dispatch::{DispatchLog, PendingDispatches};
+pub use dispatch_log::{DispatchLog, PendingDispatches};
 pub use endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,
 };
 pub use plugin::{
-    Candidates, CompletedRequest, Filter, Outcome, Picker, PreRequest, ProfileHandler,
-    ResponseComplete, Scorer,
+    Candidates, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
 };
 pub use pool::{PoolSnapshot, SharedPool};
 pub use profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
@@ -64,7 +64,7 @@ pub use registry::{
     NoParameters, Plugin, PluginError, PluginFactory, PluginRegistry, PluginSpec, RegistryError,
 };
 pub use request::InferenceRequest;
-pub use scheduler::{
-    CompletionGuard, ProfileRun, ScheduleOptions, Scheduler, SchedulingError, SchedulingResult,
-    SingleProfileHandler,
+pub use result::{
+    CompletedRequest, CompletionGuard, Outcome, ProfileRun, SchedulingError, SchedulingResult,
 };
+pub use scheduler::{ScheduleOptions, Scheduler, SingleProfileHandler};

@@ -9,10 +9,10 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use crate::cycle::CycleState;
-use crate::endpoint::{EndpointId, EndpointState};
+use crate::endpoint::EndpointState;
 use crate::pool::PoolSnapshot;
 use crate::request::InferenceRequest;
-use crate::scheduler::{ProfileRun, SchedulingResult};
+use crate::result::{CompletedRequest, ProfileRun, SchedulingResult};
 
 /// The endpoints still in the running for a request: a view into the pool snapshot.
 #[derive(Clone, Copy, Debug)]
@@ -132,46 +132,17 @@ pub trait PreRequest: Send + Sync + Debug {
     );
 }
 
-/// How a scheduled request ended.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Outcome {
-    /// The response was received in full.
-    Completed,
-    /// The upstream or the proxy failed the request.
-    Failed,
-    /// The request ended without completing: client gone, stream dropped, never forwarded.
-    #[default]
-    Cancelled,
-}
-
-/// What the completion hooks learn about a finished request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CompletedRequest {
-    /// The request id.
-    pub request_id: String,
-    /// The model the request targeted.
-    pub target_model: String,
-    /// The endpoint chosen for it.
-    pub scheduled_endpoint: EndpointId,
-    /// The endpoint that actually served it, when the proxy says (it may have fallen back).
-    pub served_endpoint: Option<EndpointId>,
-    /// Prompt tokens, when the response reported usage.
-    pub prompt_tokens: Option<u64>,
-    /// Completion tokens, when the response reported usage.
-    pub completion_tokens: Option<u64>,
-    /// How it ended.
-    pub outcome: Outcome,
-}
-
-impl CompletedRequest {
-    /// The endpoint that did the work: the served one when known, else the scheduled one.
-    pub fn endpoint(&self) -> EndpointId {
-        self.served_endpoint.unwrap_or(self.scheduled_endpoint)
-    }
-}
-
 /// Runs when a scheduled request ends, however it ends.
 pub trait ResponseComplete: Send + Sync + Debug {
     /// Called exactly once per scheduled request.
     fn response_complete(&self, completed: &CompletedRequest);
+}
+
+/// Keeps per-endpoint state in step with the pool: told on the writer's side (discovery,
+/// file reload) whenever a published snapshot holds a different set of endpoints, so that
+/// state of endpoints that left can be dropped without any work on the request path.
+pub trait PoolObserver: Send + Sync + Debug {
+    /// Called after `pool` was published with a different set of endpoints than the snapshot
+    /// before it. Runs on the publishing thread; keep it proportionate to the change.
+    fn membership_changed(&self, pool: &PoolSnapshot);
 }

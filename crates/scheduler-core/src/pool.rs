@@ -7,8 +7,10 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use parking_lot::RwLock;
 
 use crate::endpoint::{EndpointId, EndpointMap, EndpointMetrics, EndpointState};
+use crate::plugin::PoolObserver;
 
 /// An immutable view of the pool at one moment.
 #[derive(Clone, Debug, Default)]
@@ -110,24 +112,34 @@ impl PoolSnapshot {
     }
 
     /// A counter that changes whenever the set of endpoint ids changes (an endpoint added or
-    /// removed, or a whole snapshot published); metrics updates leave it alone. Snapshots of one
-    /// [`SharedPool`] with equal values hold the same endpoints, so a plugin keeping state per
-    /// endpoint can check it cheaply and forget endpoints only when it moves.
+    /// removed); metrics updates and re-declarations leave it alone. Snapshots of one
+    /// [`SharedPool`] with equal values hold the same endpoints.
     pub fn membership(&self) -> u64 {
         self.membership
+    }
+
+    /// Whether both snapshots hold exactly the same endpoint ids.
+    fn same_endpoints(&self, other: &PoolSnapshot) -> bool {
+        self.len() == other.len()
+            && self.endpoints.iter().all(|state| other.index_of(state.id()).is_some())
     }
 }
 
 /// The current [`PoolSnapshot`], shared between one or more writers and many readers.
+///
+/// Writers may also tell [`PoolObserver`]s when the set of endpoints changes, on the writer's
+/// own thread: per-endpoint state elsewhere (a prefix index) then follows the pool without
+/// any check on the request path.
 #[derive(Debug, Default)]
 pub struct SharedPool {
     current: ArcSwap<PoolSnapshot>,
+    observers: RwLock<Vec<Arc<dyn PoolObserver>>>,
 }
 
 impl SharedPool {
     /// A pool that starts with `snapshot`.
     pub fn new(snapshot: PoolSnapshot) -> Self {
-        Self { current: ArcSwap::from_pointee(snapshot) }
+        Self { current: ArcSwap::from_pointee(snapshot), observers: RwLock::default() }
     }
 
     /// The current snapshot; cheap, lock-free, and stable for as long as it is held.
@@ -135,24 +147,45 @@ impl SharedPool {
         self.current.load_full()
     }
 
+    /// Tells `observer` of every later change in the set of endpoints.
+    pub fn subscribe(&self, observer: Arc<dyn PoolObserver>) {
+        self.observers.write().push(observer);
+    }
+
     /// Publishes `snapshot` as the current one.
     pub fn publish(&self, mut snapshot: PoolSnapshot) {
-        let current = self.current.load();
-        snapshot.generation = current.generation.wrapping_add(1);
-        snapshot.membership = current.membership.wrapping_add(1);
-        self.current.store(Arc::new(snapshot));
+        let previous = self.current.load_full();
+        snapshot.generation = previous.generation.wrapping_add(1);
+        snapshot.membership = if snapshot.same_endpoints(&previous) {
+            previous.membership
+        } else {
+            previous.membership.wrapping_add(1)
+        };
+        let next = Arc::new(snapshot);
+        let previous = self.current.swap(Arc::clone(&next));
+        self.notify_if_membership_moved(&previous, &next);
     }
 
     /// Applies `change` to a copy of the current snapshot and publishes the result.
     ///
     /// Concurrent updaters retry on conflict, so no update is lost.
     pub fn update(&self, mut change: impl FnMut(&mut PoolSnapshot)) {
-        self.current.rcu(|current| {
+        let previous = self.current.rcu(|current| {
             let mut next = PoolSnapshot::clone(current);
             change(&mut next);
             next.generation = current.generation.wrapping_add(1);
             next
         });
+        let next = self.current.load_full();
+        self.notify_if_membership_moved(&previous, &next);
+    }
+
+    fn notify_if_membership_moved(&self, previous: &PoolSnapshot, next: &PoolSnapshot) {
+        if previous.membership != next.membership {
+            for observer in self.observers.read().iter() {
+                observer.membership_changed(next);
+            }
+        }
     }
 }
 
@@ -206,9 +239,39 @@ mod tests {
             pool.remove(EndpointId::from_address(([10, 0, 0, 1], 2).into()));
         });
         assert_ne!(shared.load().membership(), added);
-        let republished = shared.load().membership();
+        let removed = shared.load().membership();
         shared.publish(PoolSnapshot::new([state(1)]));
-        assert_ne!(shared.load().membership(), republished, "a whole snapshot may differ");
+        assert_eq!(shared.load().membership(), removed, "a whole snapshot of the same endpoints");
+        shared.publish(PoolSnapshot::new([state(3)]));
+        assert_ne!(shared.load().membership(), removed, "a whole snapshot of other endpoints");
+    }
+
+    #[derive(Debug, Default)]
+    struct Recorder(parking_lot::Mutex<Vec<Vec<u16>>>);
+
+    impl PoolObserver for Recorder {
+        fn membership_changed(&self, pool: &PoolSnapshot) {
+            let ports = pool.endpoints().iter().map(|s| s.endpoint.address.port()).collect();
+            self.0.lock().push(ports);
+        }
+    }
+
+    #[test]
+    fn observers_hear_of_membership_changes_only() {
+        let shared = SharedPool::new(PoolSnapshot::new([state(1)]));
+        let recorder = Arc::new(Recorder::default());
+        shared.subscribe(recorder.clone());
+        shared.update(|pool| {
+            pool.set_metrics(pool.endpoints()[0].id(), EndpointMetrics::default());
+        });
+        shared.publish(PoolSnapshot::new([state(1)]));
+        assert!(recorder.0.lock().is_empty(), "metrics and identical snapshots say nothing");
+        shared.update(|pool| pool.upsert(state(2)));
+        shared.update(|pool| {
+            pool.remove(EndpointId::from_address(([10, 0, 0, 1], 1).into()));
+        });
+        shared.publish(PoolSnapshot::new([state(3)]));
+        assert_eq!(*recorder.0.lock(), vec![vec![1, 2], vec![2], vec![3]]);
     }
 
     #[test]

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::cycle::CycleState;
+use crate::cycle::{CycleState, ProfileBuffers};
 use crate::plugin::{Candidates, Filter, Picker, Scorer};
 use crate::pool::PoolSnapshot;
 use crate::request::InferenceRequest;
-use crate::scheduler::SchedulingError;
+use crate::result::SchedulingError;
 
 /// A scorer and the weight of its score in the profile's total.
 #[derive(Clone, Debug)]
@@ -26,16 +26,6 @@ pub struct SchedulerProfile {
     filters: Vec<(Arc<str>, Arc<dyn Filter>)>,
     scorers: Vec<WeightedScorer>,
     picker: (Arc<str>, Arc<dyn Picker>),
-}
-
-/// Reusable per-thread buffers, so a decision allocates nothing per endpoint.
-#[derive(Default)]
-pub(crate) struct ProfileBuffers {
-    pub(crate) candidates: Vec<u32>,
-    pub(crate) scores: Vec<f64>,
-    pub(crate) totals: Vec<f64>,
-    pub(crate) picked: Vec<u32>,
-    pub(crate) next_profiles: Vec<usize>,
 }
 
 /// Per-scorer scores of one profile run, for explaining a decision.
@@ -104,20 +94,19 @@ impl SchedulerProfile {
         &self.picker.0
     }
 
-    /// Runs the profile over `base` (pool positions) and returns the picked pool positions,
-    /// best first.
+    /// Runs the profile over `buffers.base` (pool positions) and returns the picked pool
+    /// positions, best first.
     pub(crate) fn run(
         &self,
         state: &mut CycleState,
         request: &InferenceRequest,
         pool: &PoolSnapshot,
-        base: &[u32],
         buffers: &mut ProfileBuffers,
         explanation: Option<&mut Vec<ProfileExplanation>>,
     ) -> Result<Vec<u32>, SchedulingError> {
         let candidates = &mut buffers.candidates;
         candidates.clear();
-        candidates.extend_from_slice(base);
+        candidates.extend_from_slice(&buffers.base);
         for (filter_name, filter) in &self.filters {
             filter.filter(state, request, pool, candidates);
             // A filter must only narrow; anything it added that is not in the pool is dropped.

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-use crate::plugin::{Filter, Picker, PreRequest, ProfileHandler, ResponseComplete, Scorer};
+use crate::plugin::{
+    Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
+};
 use crate::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
 /// A plugin declaration as the constructor sees it.
@@ -63,6 +65,8 @@ pub struct Plugin {
     pub pre_request: Option<Arc<dyn PreRequest>>,
     /// As a completion hook.
     pub response_complete: Option<Arc<dyn ResponseComplete>>,
+    /// As an observer of the pool's membership.
+    pub pool_observer: Option<Arc<dyn PoolObserver>>,
 }
 
 impl fmt::Debug for Plugin {
@@ -74,6 +78,7 @@ impl fmt::Debug for Plugin {
             .field("profile_handler", &self.profile_handler.is_some())
             .field("pre_request", &self.pre_request.is_some())
             .field("response_complete", &self.response_complete.is_some())
+            .field("pool_observer", &self.pool_observer.is_some())
             .finish()
     }
 }

@@ -8,7 +8,7 @@
 
 use scheduler_core::{Candidates, CycleState, InferenceRequest, Scorer};
 
-use crate::lag::{LoadScorerParameters, TOKENS_PER_KV_BLOCK};
+use crate::lag_compensation::{LoadScorerParameters, TOKENS_PER_KV_BLOCK, pending_since_scrape};
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "kv-cache-utilization-scorer";
@@ -39,10 +39,8 @@ impl Scorer for KvCacheUtilizationScorer {
         let compensate = self.parameters.lag_compensation;
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
             let mut usage = state.metrics.kv_usage;
-            if compensate
-                && let Some(capacity) = state.metrics.kv_capacity_blocks.filter(|c| *c > 0)
-            {
-                let pending = state.endpoint.dispatches().pending_since(state.metrics.updated_at);
+            if let Some(capacity) = state.metrics.kv_capacity_blocks.filter(|c| *c > 0) {
+                let pending = pending_since_scrape(state, compensate);
                 // In floating point: a host may report any capacity, up to u64::MAX.
                 usage += pending.tokens as f64 / (capacity as f64 * TOKENS_PER_KV_BLOCK as f64);
             }

@@ -16,7 +16,7 @@
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
 //! default: they also count what this picker sent to each endpoint since its metrics were
-//! scraped ([`lag`]), so a burst between two scrapes does not herd onto one endpoint.
+//! scraped ([`lag_compensation`]), so a burst between two scrapes does not herd onto one endpoint.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -42,7 +42,7 @@
 pub mod active_request;
 pub mod kv_cache;
 pub mod label_filter;
-pub mod lag;
+pub mod lag_compensation;
 pub mod lora_affinity;
 pub mod lora_filter;
 mod normalize;
@@ -59,7 +59,7 @@ use scheduler_core::{
 pub use active_request::ActiveRequestScorer;
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters};
-pub use lag::LoadScorerParameters;
+pub use lag_compensation::LoadScorerParameters;
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
@@ -92,7 +92,12 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(prefix_cache::TYPE_NAME, |spec| {
         let scorer = Arc::new(PrefixCacheScorer::new(spec.parameters()?)?);
-        Ok(Plugin { scorer: Some(scorer.clone()), pre_request: Some(scorer), ..Plugin::default() })
+        Ok(Plugin {
+            scorer: Some(scorer.clone()),
+            pre_request: Some(scorer.clone()),
+            pool_observer: Some(scorer),
+            ..Plugin::default()
+        })
     });
     registry.register(label_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(ByLabelFilter::new(spec.parameters()?)?))

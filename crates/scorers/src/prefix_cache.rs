@@ -7,21 +7,19 @@
 //! blocks. Which endpoint holds which block is not observed but inferred: the pre-request
 //! hook records the chosen endpoint as holding every block of the prompt, in a per-endpoint
 //! LRU of `lruCapacityPerServer` blocks that approximates the server's cache. Endpoints that
-//! leave the pool are forgotten (noticed by the pool's membership counter), so memory is
-//! bounded by the live pool, not by every endpoint ever seen.
+//! leave the pool are forgotten when the pool's writer publishes the change (the scorer is a
+//! [`PoolObserver`]), so memory is bounded by the live pool, not by every endpoint ever seen.
 //!
 //! The prompt is hashed once per decision; the hashes live in the decision's [`CycleState`]
 //! so the hook reuses them.
 
-use std::cell::RefCell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
 use scheduler_core::request::CHARACTERS_PER_TOKEN;
 use scheduler_core::{
-    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolSnapshot, PreRequest,
-    SchedulingResult, Scorer,
+    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolObserver, PoolSnapshot,
+    PreRequest, SchedulingResult, Scorer,
 };
 use serde::Deserialize;
 
@@ -72,22 +70,18 @@ impl PrefixCacheParameters {
     }
 }
 
-/// The prompt's block hashes, computed once per decision and shared through [`CycleState`].
+/// The prefix scorer's per-decision scratch, kept in the decision's [`CycleState`]: the
+/// prompt's block hashes (computed once, read again by the pre-request hook) and the
+/// lookup's buffers, reused from one decision to the next.
 #[derive(Debug, Default)]
-struct PromptBlocks {
-    config: Option<BlockHasherConfig>,
+struct PrefixScratch {
+    /// The decision and block configuration the hashes were computed for.
+    hashed_for: Option<(u64, BlockHasherConfig)>,
     hashes: Vec<u64>,
-}
-
-/// Reusable per-thread buffers of the lookup: matched lengths by endpoint, scores by pool position.
-#[derive(Default)]
-struct LookupScratch {
+    /// Matched leading blocks by endpoint.
     matches: Vec<(EndpointId, usize)>,
+    /// Scores by pool position.
     by_pool_index: Vec<f64>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<LookupScratch> = RefCell::default();
 }
 
 /// Scores by cached prefix length and records picks.
@@ -95,8 +89,6 @@ thread_local! {
 pub struct PrefixCacheScorer {
     hasher: BlockHasher,
     index: Arc<PrefixIndex<EndpointId>>,
-    /// The pool membership the index was last reconciled with (`u64::MAX`: never).
-    reconciled_membership: AtomicU64,
 }
 
 impl PrefixCacheScorer {
@@ -124,7 +116,6 @@ impl PrefixCacheScorer {
                 capacity_per_endpoint: capacity,
                 ..IndexConfig::default()
             })),
-            reconciled_membership: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -133,55 +124,23 @@ impl PrefixCacheScorer {
         &self.index
     }
 
-    /// Forgets the endpoints that left the pool, so that the index's memory follows the pool
-    /// rather than every endpoint ever seen (pods come and go). Checked on every decision but
-    /// only acts when the pool's membership moved; the blocks of departed endpoints are
-    /// dropped on a short-lived thread (tens of thousands of blocks per endpoint at the default
-    /// capacity), not on the request path.
-    fn forget_departed_endpoints(&self, pool: &PoolSnapshot) {
-        let membership = pool.membership();
-        // A plain load first: the common case writes nothing shared between decision threads.
-        if self.reconciled_membership.load(Ordering::Relaxed) == membership
-            || self.reconciled_membership.swap(membership, Ordering::Relaxed) == membership
-        {
-            return;
-        }
-        let departed: Vec<EndpointId> = self
-            .index
-            .endpoint_keys()
-            .into_iter()
-            .filter(|id| pool.index_of(*id).is_none())
-            .collect();
-        if departed.is_empty() {
-            return;
-        }
-        let index = Arc::clone(&self.index);
-        let list = departed.clone();
-        let spawned = std::thread::Builder::new()
-            .name("epp-prefix-forget".into())
-            .spawn(move || forget_endpoints(&index, &list));
-        if spawned.is_err() {
-            // A host that cannot start a thread: this request pays for it instead.
-            forget_endpoints(&self.index, &departed);
-        }
-    }
-
-    fn prompt_blocks<'s>(
+    /// The decision's scratch, with the prompt's block hashes computed for this decision.
+    fn hashed_prompt<'s>(
         &self,
         state: &'s mut CycleState,
         request: &InferenceRequest,
-    ) -> &'s [u64] {
-        let config = self.hasher.config();
-        let blocks = state.get_or_insert_with(PromptBlocks::default);
-        if blocks.config != Some(config) {
+    ) -> &'s mut PrefixScratch {
+        let key = (state.decision_stamp(), self.hasher.config());
+        let scratch = state.scratch::<PrefixScratch>();
+        if scratch.hashed_for != Some(key) {
             self.hasher.hash_prompt(
                 &request.target_model,
                 request.prompt.as_bytes(),
-                &mut blocks.hashes,
+                &mut scratch.hashes,
             );
-            blocks.config = Some(config);
+            scratch.hashed_for = Some(key);
         }
-        &blocks.hashes
+        scratch
     }
 }
 
@@ -193,40 +152,29 @@ impl Scorer for PrefixCacheScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        self.forget_departed_endpoints(candidates.pool());
-        let hashes = self.prompt_blocks(state, request);
+        let PrefixScratch { hashes, matches, by_pool_index, .. } =
+            self.hashed_prompt(state, request);
         if hashes.is_empty() {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
         }
         let total = hashes.len() as f64;
         let pool = candidates.pool();
-        SCRATCH.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            let LookupScratch { matches, by_pool_index } = &mut *scratch;
-            matches.clear();
-            self.index.longest_prefix_matches(hashes, matches);
-            if matches.is_empty() {
-                return;
+        self.index.longest_prefix_matches(hashes, matches);
+        if matches.is_empty() {
+            return;
+        }
+        // Scores by pool position first: matched endpoints are looked up once each, and
+        // candidates read theirs by position, without a map per request.
+        by_pool_index.clear();
+        by_pool_index.resize(pool.len(), 0.0);
+        for &(endpoint, blocks) in matches.iter() {
+            if let Some(index) = pool.index_of(endpoint) {
+                by_pool_index[index as usize] = blocks as f64 / total;
             }
-            // Scores by pool position first: matched endpoints are looked up once each, and
-            // candidates read theirs by position, without a map per request.
-            by_pool_index.clear();
-            by_pool_index.resize(pool.len(), 0.0);
-            for &(endpoint, blocks) in matches.iter() {
-                if let Some(index) = pool.index_of(endpoint) {
-                    by_pool_index[index as usize] = blocks as f64 / total;
-                }
-            }
-            for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
-                *score = by_pool_index.get(index as usize).copied().unwrap_or(0.0);
-            }
-        });
-    }
-}
-
-fn forget_endpoints(index: &PrefixIndex<EndpointId>, departed: &[EndpointId]) {
-    for &id in departed {
-        index.remove_endpoint(id);
+        }
+        for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
+            *score = by_pool_index.get(index as usize).copied().unwrap_or(0.0);
+        }
     }
 }
 
@@ -238,9 +186,24 @@ impl PreRequest for PrefixCacheScorer {
         result: &SchedulingResult,
     ) {
         let endpoint = result.primary().id();
-        let hashes = self.prompt_blocks(state, request);
+        let hashes = &self.hashed_prompt(state, request).hashes;
         if !hashes.is_empty() {
             self.index.record(endpoint, hashes);
+        }
+    }
+}
+
+/// Forgets the endpoints that left the pool, so that the index's memory follows the pool
+/// rather than every endpoint ever seen (pods come and go). Runs on the thread that published
+/// the change. The whole index is reconciled with the pool, not just the departed endpoints:
+/// a decision taken on an older snapshot may have recorded a departed endpoint again, and
+/// such an endpoint goes at the next change.
+impl PoolObserver for PrefixCacheScorer {
+    fn membership_changed(&self, pool: &PoolSnapshot) {
+        for id in self.index.endpoint_keys() {
+            if pool.index_of(id).is_none() {
+                self.index.remove_endpoint(id);
+            }
         }
     }
 }

@@ -5,12 +5,12 @@
 //! formula) ranks relative load within the request's candidates, whatever the absolute depth.
 //!
 //! With lag compensation (the default), q also counts a quarter of each request this picker
-//! sent to the server after its metrics were scraped (see [`scheduler_core::dispatch`]), so
+//! sent to the server after its metrics were scraped (see [`scheduler_core::DispatchLog`]), so
 //! consecutive decisions between two scrapes spread instead of all picking the same server.
 
 use scheduler_core::{Candidates, CycleState, InferenceRequest, Scorer};
 
-use crate::lag::LoadScorerParameters;
+use crate::lag_compensation::{LoadScorerParameters, pending_since_scrape};
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "queue-scorer";
@@ -18,11 +18,10 @@ pub const TYPE_NAME: &str = "queue-scorer";
 /// How much of a waiting request a request sent since the scrape counts as. Most are admitted
 /// into the running batch at once and never wait (vLLM admits while its token budget and KV
 /// blocks allow), so a whole request each overstates the queue; under heavy load it then
-/// outweighs prefix affinity. In the simulator (ShareGPT trace, 10 servers, GIE default
-/// weights) a quarter kept the spreading between scrapes (p90 TTFT 1.3x the oracle at 210
-/// req/s, against 2.3x uncompensated) without the loss of cache hits a whole request caused
-/// past saturation (1.5x against 8.2x at 300 req/s). Scale-free when no endpoint is queueing:
-/// min-max normalisation then ranks by pending requests alone.
+/// outweighs prefix affinity; a quarter keeps the spreading between scrapes without the loss
+/// of cache hits a whole request causes past saturation (measured in the simulator:
+/// `docs/simulator.md`, lag compensation). Scale-free when no endpoint is queueing: min-max
+/// normalisation then ranks by pending requests alone.
 const PENDING_REQUEST_WEIGHT: f64 = 0.25;
 
 /// Scores by waiting-queue depth, relative to the other candidates.
@@ -48,11 +47,7 @@ impl Scorer for QueueScorer {
     ) {
         let compensate = self.parameters.lag_compensation;
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
-            let pending = if compensate {
-                state.endpoint.dispatches().pending_since(state.metrics.updated_at).requests
-            } else {
-                0
-            };
+            let pending = pending_since_scrape(state, compensate).requests;
             *score = f64::from(state.metrics.waiting_queue)
                 + f64::from(pending) * PENDING_REQUEST_WEIGHT;
         }

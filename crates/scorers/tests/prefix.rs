@@ -82,9 +82,8 @@ fn only_the_first_blocks_up_to_the_limit_count() {
 }
 
 #[test]
-fn endpoints_that_leave_the_pool_are_forgotten() {
+fn endpoints_that_leave_the_pool_are_forgotten_by_the_writer() {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
 
     use scheduler_core::{SchedulerProfile, SharedPool, SingleProfileHandler};
     use scorers::{MaxScorePicker, PrefixCacheParameters, PrefixCacheScorer};
@@ -98,23 +97,54 @@ fn endpoints_that_leave_the_pool_are_forgotten() {
         scorer.clone(),
     );
     let scheduler = Scheduler::new(vec![profile], Arc::new(SingleProfileHandler))
-        .with_pre_request(scorer.clone());
+        .with_pre_request(scorer.clone())
+        .with_pool_observer(scorer.clone());
     let shared = SharedPool::new(pool(&[(0, 0.0), (0, 0.0), (0, 0.0)]).as_ref().clone());
     let request = InferenceRequest::new("m", "aaaabbbbccccdddd");
 
     let first = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
-    assert_eq!(scorer.index().endpoint_keys(), vec![first]);
+    // Scoring does no housekeeping: without a subscription the index keeps a departed endpoint.
     shared.update(|pool| {
         pool.remove(first);
     });
     let second = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
     assert_ne!(second, first);
-    // The departed endpoint's blocks are dropped off the request path.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while scorer.index().endpoint_keys().contains(&first) {
-        assert!(Instant::now() < deadline, "the departed endpoint is still indexed");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(scorer.index().endpoint_keys(), vec![second]);
+    let mut indexed = scorer.index().endpoint_keys();
+    indexed.sort();
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(indexed, expected, "scoring and recording never look at pool membership");
+
+    // Subscribed, the writer's next membership change reconciles the index at once, on the
+    // writer's thread; the endpoint that left earlier goes too.
+    scheduler.observe_pool(&shared);
+    shared.update(|pool| {
+        pool.remove(second);
+    });
+    assert!(scorer.index().endpoint_keys().is_empty(), "{:?}", scorer.index().endpoint_keys());
     assert!(scorer.index().blocks_of(first).is_empty());
+    assert!(scorer.index().blocks_of(second).is_empty());
+}
+
+#[test]
+fn configs_wire_the_prefix_scorer_as_a_pool_observer() {
+    use scheduler_core::{Director, DirectorOptions, SharedPool};
+    use std::sync::Arc;
+
+    let shared = Arc::new(SharedPool::new(pool(&[(0, 0.0), (0, 0.0)]).as_ref().clone()));
+    let scheduler = Arc::new(scheduler());
+    // The director subscribes the scheduler's pool observers to its pool.
+    let _director =
+        Director::new(Arc::clone(&scheduler), Arc::clone(&shared), DirectorOptions::default());
+    let request = InferenceRequest::new("m", "aaaabbbbccccdddd");
+    let (port, _) = prefix_scores(&scheduler, &shared.load(), &request);
+    let (_, scores) = prefix_scores(&scheduler, &shared.load(), &request);
+    assert!(scores.contains(&1.0), "the pick recorded its blocks: {scores:?}");
+    let picked = common::endpoint(port - 8000, 0, 0.0);
+    shared.update(|pool| {
+        pool.remove(picked.id());
+    });
+    shared.update(|pool| pool.upsert(picked.clone()));
+    let (_, scores) = prefix_scores(&scheduler, &shared.load(), &request);
+    assert_eq!(scores, vec![0.0, 0.0], "an endpoint that left and came back starts cold");
 }

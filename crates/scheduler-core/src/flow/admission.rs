@@ -21,9 +21,10 @@ use crate::flow::objective::ObjectiveResolver;
 use crate::flow::outcome::{Admitted, FlowOutcome, Rejection};
 use crate::flow::saturation::{SaturationDetector, UtilizationDetector};
 use crate::flow::ticket::Ticket;
-use crate::plugin::{CompletedRequest, ResponseComplete};
+use crate::plugin::ResponseComplete;
 use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
+use crate::result::CompletedRequest;
 
 /// Admission without queues: shed sheddable requests while the pool is saturated.
 #[derive(Clone, Debug)]

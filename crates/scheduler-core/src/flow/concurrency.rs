@@ -14,10 +14,10 @@ use parking_lot::RwLock;
 use crate::cycle::CycleState;
 use crate::endpoint::EndpointId;
 use crate::flow::saturation::SaturationDetector;
-use crate::plugin::{CompletedRequest, PreRequest, ResponseComplete};
+use crate::plugin::{PreRequest, ResponseComplete};
 use crate::pool::PoolSnapshot;
 use crate::request::InferenceRequest;
-use crate::scheduler::SchedulingResult;
+use crate::result::{CompletedRequest, SchedulingResult};
 
 /// Saturated when every endpoint has `max_concurrency` requests in flight.
 #[derive(Debug)]
@@ -95,7 +95,7 @@ impl ResponseComplete for ConcurrencyDetector {
 mod tests {
     use super::*;
     use crate::endpoint::{Endpoint, EndpointState};
-    use crate::plugin::Outcome;
+    use crate::result::Outcome;
 
     #[test]
     fn saturated_only_when_every_endpoint_is_at_its_limit() {

@@ -1,5 +1,8 @@
-//! The `lagCompensation` parameter shared by the load scorers.
+//! Lag compensation, shared by the load scorers: the `lagCompensation` parameter, and what
+//! this picker sent to an endpoint after its metrics were scraped (the endpoint's
+//! [`DispatchLog`](scheduler_core::DispatchLog)).
 
+use scheduler_core::{EndpointState, PendingDispatches};
 use serde::Deserialize;
 
 /// Parameters of `queue-scorer` and `kv-cache-utilization-scorer`.
@@ -20,3 +23,13 @@ impl Default for LoadScorerParameters {
 
 /// vLLM's default KV block size, for turning pending prompt tokens into blocks.
 pub(crate) const TOKENS_PER_KV_BLOCK: u64 = 16;
+
+/// The picks sent to `state`'s endpoint after its metrics were scraped, when `compensate` is
+/// on (else none): the requests the scraped numbers do not count yet.
+pub(crate) fn pending_since_scrape(state: &EndpointState, compensate: bool) -> PendingDispatches {
+    if compensate {
+        state.endpoint.dispatches().pending_since(state.metrics.updated_at)
+    } else {
+        PendingDispatches::default()
+    }
+}

@@ -1,0 +1,236 @@
+//! What a decision produces: the chosen endpoints, why none could be chosen, and the guard
+//! that reports how the request ended. These types sit below the plugin traits (hooks receive
+//! them), so they depend on the pool and endpoint types only.
+
+use std::sync::Arc;
+
+use crate::endpoint::{EndpointId, EndpointState};
+use crate::pool::PoolSnapshot;
+use crate::profile::ProfileExplanation;
+
+/// Why no endpoint could be chosen. Each maps to one HTTP status in the adapters (503).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulingError {
+    /// The pool has no endpoints at all.
+    #[error("the pool has no endpoints")]
+    EmptyPool,
+    /// The proxy restricted the request to endpoints none of which is in the pool.
+    #[error("none of the {requested} endpoints in the subset hint is in the pool")]
+    EmptySubset {
+        /// How many addresses the hint named.
+        requested: usize,
+    },
+    /// A filter removed the last candidates.
+    #[error("filter '{filter}' of profile '{profile}' removed the last candidate endpoints")]
+    NoCandidates {
+        /// The profile being run.
+        profile: Arc<str>,
+        /// The filter that left none.
+        filter: Arc<str>,
+    },
+    /// The picker chose nothing.
+    #[error("picker '{picker}' of profile '{profile}' chose no endpoint")]
+    PickerChoseNone {
+        /// The profile being run.
+        profile: Arc<str>,
+        /// The picker.
+        picker: Arc<str>,
+    },
+    /// The profile handler chose no profile to run.
+    #[error("the profile handler chose no profile for the request")]
+    NoProfileRun,
+}
+
+/// The endpoints one profile chose, best first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileRun {
+    /// The profile's name.
+    pub profile: Arc<str>,
+    /// Chosen endpoints as positions in the snapshot, best first, no repeats.
+    pub picks: Vec<u32>,
+}
+
+/// How a scheduled request ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response was received in full.
+    Completed,
+    /// The upstream or the proxy failed the request.
+    Failed,
+    /// The request ended without completing: client gone, stream dropped, never forwarded.
+    #[default]
+    Cancelled,
+}
+
+/// What the completion hooks learn about a finished request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedRequest {
+    /// The request id.
+    pub request_id: String,
+    /// The model the request targeted.
+    pub target_model: String,
+    /// The endpoint chosen for it.
+    pub scheduled_endpoint: EndpointId,
+    /// The endpoint that actually served it, when the proxy says (it may have fallen back).
+    pub served_endpoint: Option<EndpointId>,
+    /// Prompt tokens, when the response reported usage.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens, when the response reported usage.
+    pub completion_tokens: Option<u64>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl CompletedRequest {
+    /// The endpoint that did the work: the served one when known, else the scheduled one.
+    pub fn endpoint(&self) -> EndpointId {
+        self.served_endpoint.unwrap_or(self.scheduled_endpoint)
+    }
+}
+
+/// Runs a scheduler's completion hooks for one finished request.
+pub(crate) type CompletionHooks = Arc<dyn Fn(&CompletedRequest) + Send + Sync>;
+
+/// The outcome of a decision: the chosen endpoints and what the adapter needs to finish the
+/// request's accounting.
+#[derive(Debug)]
+pub struct SchedulingResult {
+    pool: Arc<PoolSnapshot>,
+    runs: Vec<ProfileRun>,
+    primary: usize,
+    explanation: Option<Vec<ProfileExplanation>>,
+    completion: Option<CompletionGuard>,
+}
+
+impl SchedulingResult {
+    /// A result whose primary endpoint is the first pick of `runs[primary]` (clamped to the
+    /// last run); `runs` is not empty and each run has at least one pick.
+    pub(crate) fn new(
+        pool: Arc<PoolSnapshot>,
+        runs: Vec<ProfileRun>,
+        primary: usize,
+        explanation: Option<Vec<ProfileExplanation>>,
+        completion: CompletionGuard,
+    ) -> Self {
+        let primary = primary.min(runs.len().saturating_sub(1));
+        Self { pool, runs, primary, explanation, completion: Some(completion) }
+    }
+
+    /// The endpoint to send the request to.
+    pub fn primary(&self) -> &EndpointState {
+        &self.pool.endpoints()[self.runs[self.primary].picks[0] as usize]
+    }
+
+    /// The primary profile's endpoints after the first, best first.
+    pub fn fallbacks(&self) -> impl Iterator<Item = &EndpointState> {
+        self.ranked().skip(1)
+    }
+
+    /// The primary profile's endpoints, best first.
+    pub fn ranked(&self) -> impl Iterator<Item = &EndpointState> {
+        self.runs[self.primary].picks.iter().map(|&index| &self.pool.endpoints()[index as usize])
+    }
+
+    /// The profile that chose the primary endpoint.
+    pub fn primary_profile(&self) -> &str {
+        &self.runs[self.primary].profile
+    }
+
+    /// Every profile that ran, in order.
+    pub fn profile_runs(&self) -> &[ProfileRun] {
+        &self.runs
+    }
+
+    /// The snapshot the decision was taken on.
+    pub fn pool(&self) -> &Arc<PoolSnapshot> {
+        &self.pool
+    }
+
+    /// Per-scorer scores, when requested with
+    /// [`ScheduleOptions::explain`](crate::ScheduleOptions::explain).
+    pub fn explanation(&self) -> Option<&[ProfileExplanation]> {
+        self.explanation.as_deref()
+    }
+
+    /// Takes the guard that runs the completion hooks. Keep it for as long as the response
+    /// lasts; if it is never taken, the hooks run (as cancelled) when the result is dropped.
+    pub fn take_completion(&mut self) -> Option<CompletionGuard> {
+        self.completion.take()
+    }
+}
+
+/// Runs the scheduler's completion hooks exactly once: on [`CompletionGuard::finish`], or as
+/// [`Outcome::Cancelled`] when dropped unfinished (client gone, stream reset, error path).
+pub struct CompletionGuard {
+    hooks: CompletionHooks,
+    completed: Option<CompletedRequest>,
+}
+
+impl std::fmt::Debug for CompletionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionGuard")
+            .field("completed", &self.completed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CompletionGuard {
+    /// A guard for a request scheduled onto `scheduled_endpoint`.
+    pub(crate) fn new(
+        hooks: CompletionHooks,
+        request_id: String,
+        target_model: String,
+        scheduled_endpoint: EndpointId,
+    ) -> Self {
+        Self {
+            hooks,
+            completed: Some(CompletedRequest {
+                request_id,
+                target_model,
+                scheduled_endpoint,
+                served_endpoint: None,
+                prompt_tokens: None,
+                completion_tokens: None,
+                outcome: Outcome::Cancelled,
+            }),
+        }
+    }
+
+    /// Records the endpoint that actually served the request (the proxy may have used a fallback).
+    pub fn set_served_endpoint(&mut self, endpoint: EndpointId) {
+        if let Some(completed) = self.completed.as_mut() {
+            completed.served_endpoint = Some(endpoint);
+        }
+    }
+
+    /// Records token usage read from the response.
+    pub fn set_usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+        if let Some(completed) = self.completed.as_mut() {
+            completed.prompt_tokens = Some(prompt_tokens);
+            completed.completion_tokens = Some(completion_tokens);
+        }
+    }
+
+    /// The request as the hooks will see it.
+    pub fn request(&self) -> Option<&CompletedRequest> {
+        self.completed.as_ref()
+    }
+
+    /// Ends the request with `outcome` and runs the hooks.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.run(outcome);
+    }
+
+    fn run(&mut self, outcome: Outcome) {
+        if let Some(mut completed) = self.completed.take() {
+            completed.outcome = outcome;
+            (self.hooks)(&completed);
+        }
+    }
+}
+
+impl Drop for CompletionGuard {
+    fn drop(&mut self) {
+        self.run(Outcome::Cancelled);
+    }
+}
