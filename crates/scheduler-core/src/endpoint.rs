@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dispatch_log::DispatchLog;
+use crate::hash::{FNV_OFFSET_BASIS, fnv1a, mix64};
 
 /// Stable, cheap-to-copy identity of an endpoint.
 ///
@@ -19,20 +20,12 @@ pub struct EndpointId(pub u64);
 impl EndpointId {
     /// The id of the endpoint serving at `address`.
     pub fn from_address(address: SocketAddr) -> Self {
-        // FNV-1a over the textual form: stable across runs and platforms, no hashing dependency.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut feed = |bytes: &[u8]| {
-            for byte in bytes {
-                hash ^= u64::from(*byte);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
+        // FNV-1a over the address bytes: stable across runs and platforms.
+        let hash = match address.ip() {
+            std::net::IpAddr::V4(ip) => fnv1a(FNV_OFFSET_BASIS, &ip.octets()),
+            std::net::IpAddr::V6(ip) => fnv1a(FNV_OFFSET_BASIS, &ip.octets()),
         };
-        match address.ip() {
-            std::net::IpAddr::V4(ip) => feed(&ip.octets()),
-            std::net::IpAddr::V6(ip) => feed(&ip.octets()),
-        }
-        feed(&address.port().to_be_bytes());
-        Self(hash)
+        Self(fnv1a(hash, &address.port().to_be_bytes()))
     }
 }
 
@@ -42,22 +35,19 @@ impl fmt::Debug for EndpointId {
     }
 }
 
-/// A hasher for [`EndpointId`] keys: the id already is a 64-bit hash, so one multiply-xorshift
-/// round spreads it instead of running SipHash per lookup (scorers look ids up per candidate).
+/// A hasher for [`EndpointId`] keys: the id already is a 64-bit hash, so one finalising mix
+/// spreads it instead of running SipHash per lookup (scorers look ids up per candidate).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EndpointIdHasher(u64);
 
 impl std::hash::Hasher for EndpointIdHasher {
     fn finish(&self) -> u64 {
-        let mixed = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        mixed ^ (mixed >> 32)
+        mix64(self.0)
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only reached for keys other than EndpointId; fold the bytes in (FNV-1a) to stay correct.
-        for byte in bytes {
-            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        // Only reached for keys other than EndpointId; fold the bytes in to stay correct.
+        self.0 = fnv1a(self.0, bytes);
     }
 
     fn write_u64(&mut self, value: u64) {

@@ -37,6 +37,7 @@ pub mod director;
 pub mod dispatch_log;
 pub mod endpoint;
 pub mod flow;
+pub mod hash;
 pub mod plugin;
 pub mod pool;
 pub mod profile;

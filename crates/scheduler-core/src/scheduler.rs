@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::endpoint::EndpointId;
+use crate::hash::split_mix;
 use crate::plugin::{PoolObserver, PreRequest, ProfileHandler, ResponseComplete};
 use crate::pool::{PoolSnapshot, SharedPool};
 use crate::profile::{ProfileExplanation, SchedulerProfile};
@@ -275,15 +276,6 @@ fn collect_subset(pool: &PoolSnapshot, subset: &[SocketAddr], out: &mut Vec<u32>
 fn process_random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new().build_hasher().finish()
-}
-
-/// Spreads sequential counters over the seed space so consecutive decisions draw unrelated
-/// random streams (SplitMix64 finaliser).
-fn split_mix(mut value: u64) -> u64 {
-    value = value.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    value ^ (value >> 31)
 }
 
 /// The default profile handler: runs the one profile there is (the first, if several).

@@ -16,6 +16,7 @@ use std::cmp::Ordering;
 use std::num::NonZeroUsize;
 
 use rand::Rng;
+use scheduler_core::hash::mix64;
 use scheduler_core::{Candidates, CycleState, Picker, PluginError, PluginSpec};
 use serde::Deserialize;
 
@@ -76,10 +77,9 @@ fn by_score_then_salt(scores: &[f64], salt: u64) -> impl Fn(&u32, &u32) -> Order
     }
 }
 
-/// A per-decision pseudo-random rank of a position (one multiply-xorshift round).
+/// A per-decision pseudo-random rank of a position.
 fn tie_key(position: u32, salt: u64) -> u64 {
-    let mixed = (u64::from(position) ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    mixed ^ (mixed >> 29)
+    mix64(u64::from(position) ^ salt)
 }
 
 impl Picker for MaxScorePicker {

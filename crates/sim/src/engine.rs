@@ -452,7 +452,7 @@ impl<'a> Simulation<'a> {
                 *decisions += 1;
                 let options = ScheduleOptions {
                     now: Some(self.base + Duration::from_nanos(self.now_ns)),
-                    seed: Some(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ *decisions),
+                    seed: Some(scheduler_core::hash::mix64(*seed ^ *decisions)),
                     explain: false,
                 };
                 let inference =

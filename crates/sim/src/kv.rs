@@ -26,9 +26,7 @@ impl Hasher for PassThroughHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        self.0 = scheduler_core::hash::fnv1a(self.0, bytes);
     }
 
     fn write_u64(&mut self, value: u64) {
