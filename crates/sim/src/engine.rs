@@ -37,11 +37,12 @@ use crate::report::{Percentiles, RunReport};
 use crate::server::{ModelServer, Sequence, StepOutput};
 use crate::workload::{WorkloadRequest, WorkloadSpec};
 
-/// GIE's default saturation detector: the pool is saturated when every endpoint with fresh
-/// metrics has a queue of at least `queue_threshold` or KV usage of at least `kv_threshold`
-/// (or no endpoint has fresh metrics). Sheddable requests arriving then are shed.
+/// When the simulated gateway sheds: the thresholds of GIE's utilization detector (the pool is
+/// saturated when every endpoint with fresh metrics has a queue of at least `queue_threshold`
+/// or KV usage of at least `kv_threshold`, or no endpoint has fresh metrics). Sheddable
+/// requests arriving then are shed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct SaturationDetector {
+pub struct ShedThresholds {
     /// Waiting requests at which an endpoint counts as saturated.
     pub queue_threshold: u32,
     /// KV usage at which an endpoint counts as saturated.
@@ -50,13 +51,13 @@ pub struct SaturationDetector {
     pub staleness_s: f64,
 }
 
-impl Default for SaturationDetector {
+impl Default for ShedThresholds {
     fn default() -> Self {
         Self { queue_threshold: 5, kv_threshold: 0.8, staleness_s: 0.2 }
     }
 }
 
-impl SaturationDetector {
+impl ShedThresholds {
     fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
         // The core's detector, so the simulated gateway sheds exactly as the flow controller.
         let detector = UtilizationDetector::new(UtilizationThresholds {
@@ -81,7 +82,7 @@ pub struct SimConfig {
     /// Seed of the workload and of every random decision.
     pub seed: u64,
     /// Sheds sheddable requests when saturated, whatever the policy; `None` never sheds.
-    pub saturation: Option<SaturationDetector>,
+    pub saturation: Option<ShedThresholds>,
 }
 
 impl SimConfig {
@@ -92,7 +93,7 @@ impl SimConfig {
             profile,
             scrape_interval_s: 0.05,
             seed: 1,
-            saturation: Some(SaturationDetector::default()),
+            saturation: Some(ShedThresholds::default()),
         }
     }
 }

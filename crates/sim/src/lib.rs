@@ -38,7 +38,7 @@ pub mod server;
 pub mod svg;
 pub mod workload;
 
-pub use engine::{SaturationDetector, SimConfig, SimError, compare, run};
+pub use engine::{ShedThresholds, SimConfig, SimError, compare, run};
 pub use policy::{Policy, PolicyError};
 pub use profile::ServerProfile;
 pub use report::{Percentiles, RunReport, render_table};
