@@ -19,3 +19,9 @@
 
 pub use scheduler_core as core;
 pub use scorers;
+
+/// The README's code blocks, compiled and run as doctests so that the embedding example there
+/// stays a working program.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
