@@ -94,23 +94,6 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
-/// GIE's load-only profile from before prefix-cache scoring (queue and KV-cache utilisation
-/// scorers, weighted 2 and 2): the default minus prefix, for benchmarks and comparisons.
-pub const QUEUE_KV_CONFIG_YAML: &str = "\
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: max-score-picker
-";
-
 /// Name (and type) of the prefix-cache scorer in [`DEFAULT_CONFIG_YAML`].
 const PREFIX_CACHE_SCORER: &str = "prefix-cache-scorer";
 
