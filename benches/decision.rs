@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use epp_rs::core::config::QUEUE_KV_CONFIG_YAML;
 use epp_rs::core::{
     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
 };
+use serde_json::json;
 
 fn pool(size: usize) -> Arc<PoolSnapshot> {
     let now = Instant::now();
@@ -41,18 +41,14 @@ const FULL: &str = "plugins:
 
 fn decision(c: &mut Criterion) {
     let registry = epp_rs::scorers::builtin_registry();
-    let build = |yaml: &str| {
-        EndpointPickerConfig::from_yaml(yaml)
-            .and_then(|c| c.build(&registry))
-            .expect("bench config")
-    };
-    let no_prefix = build(QUEUE_KV_CONFIG_YAML);
+    let build = |config: &EndpointPickerConfig| config.build(&registry).expect("bench config");
+    let no_prefix = build(&EndpointPickerConfig::queue_kv());
     // The same profile scoring exactly as GIE does.
-    let gie_exact = QUEUE_KV_CONFIG_YAML
-        .replace("-scorer\n- type", "-scorer\n  parameters: {lagCompensation: false}\n- type");
-    assert_eq!(gie_exact.matches("lagCompensation").count(), 2, "both load scorers");
+    let gie_exact = EndpointPickerConfig::queue_kv()
+        .with_plugin_parameters("queue-scorer", json!({"lagCompensation": false}))
+        .with_plugin_parameters("kv-cache-utilization-scorer", json!({"lagCompensation": false}));
     let no_lag = build(&gie_exact);
-    let full = build(FULL);
+    let full = build(&EndpointPickerConfig::from_yaml(FULL).expect("bench config"));
     let request = InferenceRequest::new("llama", "Hello").with_request_id("bench");
     let system_prompt = "You are a careful assistant. ".repeat(8 * 1024 / 29 + 1);
     let long_request = InferenceRequest::new(
@@ -76,14 +72,14 @@ fn decision(c: &mut Criterion) {
             &pool,
             |b, pool| b.iter(|| black_box(no_lag.schedule(black_box(&request), pool))),
         );
-        let default = build(epp_rs::core::config::DEFAULT_CONFIG_YAML);
+        let default = build(&EndpointPickerConfig::gie_default());
         group.bench_with_input(
             BenchmarkId::new("gie_default_short_prompt", size),
             &pool,
             |b, pool| b.iter(|| black_box(default.schedule(black_box(&request), pool))),
         );
         // Warm the index: a tenth of the pool holds the shared system prompt.
-        let default = build(epp_rs::core::config::DEFAULT_CONFIG_YAML);
+        let default = build(&EndpointPickerConfig::gie_default());
         for i in 0..size.div_ceil(10) {
             let warm = InferenceRequest::new("llama", format!("{}{i}", &system_prompt[..8 * 1024]));
             let mut hinted = warm.clone();

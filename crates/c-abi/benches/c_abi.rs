@@ -31,6 +31,7 @@ fn load(index: u8) -> (u32, f64) {
 }
 
 fn bench(c: &mut Criterion) {
+    // GIE's default profile: as text for the C API, and built directly for the Rust director.
     let config = scheduler_core::config::DEFAULT_CONFIG_YAML;
 
     // SAFETY: a valid pointer and length; the handle is freed at the end.
@@ -78,7 +79,7 @@ fn bench(c: &mut Criterion) {
     let options = DirectorOptions { max_body_bytes: usize::MAX };
     let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
     let director = Director::from_config(
-        &EndpointPickerConfig::from_yaml(config).unwrap(),
+        &EndpointPickerConfig::gie_default(),
         &scorers::builtin_registry(),
         pool,
         options,

@@ -27,7 +27,8 @@ plugins:
 saturationDetector: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsStalenessThreshold: 1m}
 ";
 
-/// One endpoint that holds one request at a time; queued requests may wait 30 s.
+/// One endpoint that holds one request at a time; queued requests may wait 30 s. The implied
+/// default profile takes the scorer and the picker; the detector plays no role in it.
 const QUEUE_CONFIG: &str = "\
 featureGates: [flowControl]
 plugins:
@@ -35,11 +36,6 @@ plugins:
   parameters: {maxConcurrency: 1}
 - type: queue-scorer
 - type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
 saturationDetector: {pluginRef: concurrency-detector}
 flowControl: {defaultRequestTTL: 30s}
 ";

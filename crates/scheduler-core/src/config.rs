@@ -5,13 +5,51 @@
 //! EPP injects them: a profile without a picker gets `max-score-picker`, no profile handler
 //! means `single-profile-handler`, a reference without weight weighs 1, and no
 //! `schedulingProfiles` at all means one `default` profile holding every filter, scorer and
-//! picker declared.
+//! picker declared. Errors in the document name the field path (`flowControl.maxBytes: ...`).
+//!
+//! GIE's default profile is written once, in [`DEFAULT_CONFIG_YAML`]; variants are composed
+//! from it in code rather than retyped:
+//!
+//! ```
+//! use scheduler_core::EndpointPickerConfig;
+//! use serde_json::json;
+//!
+//! // The default profile, plus LoRA affinity and in-flight requests, with a smaller prefix index.
+//! let composed = EndpointPickerConfig::gie_default()
+//!     .with_plugin_parameters("prefix-cache-scorer", json!({"blockSize": 64}))
+//!     .with_profile_plugin("lora-affinity-scorer", 1.0)
+//!     .with_profile_plugin("active-request-scorer", 2.0);
+//! let written = EndpointPickerConfig::from_yaml(
+//!     "apiVersion: inference.networking.x-k8s.io/v1alpha1
+//! kind: EndpointPickerConfig
+//! plugins:
+//! - type: queue-scorer
+//! - type: kv-cache-utilization-scorer
+//! - type: prefix-cache-scorer
+//!   parameters: {blockSize: 64}
+//! - type: max-score-picker
+//! - type: lora-affinity-scorer
+//! - type: active-request-scorer
+//! schedulingProfiles:
+//! - name: default
+//!   plugins:
+//!   - {pluginRef: queue-scorer, weight: 2}
+//!   - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+//!   - {pluginRef: prefix-cache-scorer, weight: 3}
+//!   - pluginRef: max-score-picker
+//!   - {pluginRef: lora-affinity-scorer, weight: 1}
+//!   - {pluginRef: active-request-scorer, weight: 2}
+//! ",
+//! )?;
+//! assert_eq!(composed, written);
+//! # Ok::<(), scheduler_core::ConfigError>(())
+//! ```
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::flow::{FlowControlConfig, SaturationDetectorSection};
 use crate::plugin::{PreRequest, ProfileHandler, ResponseComplete};
 use crate::profile::SchedulerProfile;
 use crate::registry::{Plugin, PluginRegistry, PluginSpec, RegistryError};
@@ -56,22 +94,8 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ";
 
-/// GIE's load-only profile from before prefix-cache scoring (queue and KV-cache utilisation
-/// scorers, weighted 2 and 2): the default minus prefix, for benchmarks and comparisons.
-pub const QUEUE_KV_CONFIG_YAML: &str = "\
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: max-score-picker
-";
+/// Name (and type) of the prefix-cache scorer in [`DEFAULT_CONFIG_YAML`].
+const PREFIX_CACHE_SCORER: &str = "prefix-cache-scorer";
 
 /// The parsed document, before plugins are constructed.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -94,10 +118,10 @@ pub struct EndpointPickerConfig {
     pub scheduling_profiles: Vec<ProfileConfig>,
     /// Saturation detector settings (GIE v1.3+), interpreted by flow control.
     #[serde(default)]
-    pub saturation_detector: Option<serde_json::Value>,
+    pub saturation_detector: Option<SaturationDetectorSection>,
     /// Flow control settings (GIE v1.5+).
     #[serde(default)]
-    pub flow_control: Option<serde_json::Value>,
+    pub flow_control: Option<FlowControlConfig>,
     /// Data-layer settings: `data` in GIE v1.3-v1.4, `dataLayer` from v1.5.
     #[serde(default, alias = "dataLayer")]
     pub data: Option<serde_json::Value>,
@@ -122,6 +146,11 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
+    /// A declaration of `type_name`, named after its type, without parameters.
+    pub fn of_type(type_name: impl Into<String>) -> Self {
+        Self { name: None, type_name: type_name.into(), parameters: None }
+    }
+
     /// The name the plugin is referenced by.
     pub fn effective_name(&self) -> &str {
         self.name.as_deref().filter(|name| !name.is_empty()).unwrap_or(&self.type_name)
@@ -150,10 +179,58 @@ pub struct PluginRef {
     pub weight: Option<f64>,
 }
 
+/// The plugins a config declares, each constructed once. The scheduler takes its profile
+/// plugins and hooks from them and flow control its saturation detector, so one plugin that
+/// plays several roles (the concurrency detector counts requests in its hooks and answers
+/// saturation checks) is one instance everywhere.
+#[derive(Clone, Debug, Default)]
+pub struct ConstructedPlugins {
+    plugins: Vec<ConstructedPlugin>,
+}
+
+/// One constructed plugin and its declaration's name and type.
+#[derive(Clone, Debug)]
+pub struct ConstructedPlugin {
+    /// The name it is referenced by.
+    pub name: String,
+    /// Its type name.
+    pub type_name: String,
+    /// Its roles.
+    pub plugin: Plugin,
+}
+
+impl ConstructedPlugins {
+    /// The plugin named `name`.
+    pub fn get(&self, name: &str) -> Option<&ConstructedPlugin> {
+        self.plugins.iter().find(|plugin| plugin.name == name)
+    }
+
+    /// Every plugin, in declaration order.
+    pub fn iter(&self) -> impl Iterator<Item = &ConstructedPlugin> {
+        self.plugins.iter()
+    }
+
+    /// How many plugins there are.
+    pub fn len(&self) -> usize {
+        self.plugins.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.plugins.iter().position(|plugin| plugin.name == name)
+    }
+}
+
 /// Why a config could not be loaded. Every variant names the offender and its place.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
-    /// Not YAML, a key that is not part of the schema, or a value of the wrong type.
+    /// Not YAML, a key that is not part of the schema, or a value of the wrong type or out of
+    /// range; the text starts with the field path when there is one
+    /// (`flowControl.priorityBands[1]: unknown field ...`).
     #[error("config is not a valid EndpointPickerConfig: {0}")]
     Syntax(String),
     /// The `apiVersion` is not one of the accepted ones.
@@ -282,8 +359,22 @@ pub enum ConfigError {
 impl EndpointPickerConfig {
     /// Parses a YAML document (no plugin is constructed yet).
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self =
-            serde_saphyr::from_str(text).map_err(|error| ConfigError::Syntax(error.to_string()))?;
+        // serde-saphyr reports the line and column; serde_path_to_error adds the field path.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let mut path = None;
+        let parsed =
+            serde_saphyr::with_deserializer_from_str_with_options(text, options, |deserializer| {
+                serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                    path = Some(error.path().to_string());
+                    error.into_inner()
+                })
+            });
+        let config: Self = parsed.map_err(|error| {
+            ConfigError::Syntax(match path.filter(|path| path != ".") {
+                Some(path) => format!("{path}: {error}"),
+                None => error.to_string(),
+            })
+        })?;
         if let Some(found) = &config.api_version
             && !ACCEPTED_API_VERSIONS.contains(&found.as_str())
         {
@@ -297,12 +388,96 @@ impl EndpointPickerConfig {
         Ok(config)
     }
 
-    /// GIE's default config ([`DEFAULT_CONFIG_YAML`]).
+    /// GIE's default config ([`DEFAULT_CONFIG_YAML`]): queue, KV-cache utilisation and
+    /// prefix-cache scorers weighted 2, 2 and 3, max-score picker.
     pub fn gie_default() -> Self {
         match Self::from_yaml(DEFAULT_CONFIG_YAML) {
             Ok(config) => config,
             Err(error) => unreachable!("the built-in default config is valid: {error}"),
         }
+    }
+
+    /// GIE's load-only profile from before prefix-cache scoring: the default without the
+    /// prefix-cache scorer (queue and KV-cache utilisation scorers weighted 2 and 2), for
+    /// benchmarks and comparisons.
+    pub fn queue_kv() -> Self {
+        Self::gie_default().without_plugin(PREFIX_CACHE_SCORER)
+    }
+
+    /// Declares a plugin of `type_name` (named after its type) and references it from every
+    /// declared profile with `weight` (only scorers use it). A config without declared profiles
+    /// gets it in its implied default profile, where every weight is 1.
+    pub fn with_profile_plugin(mut self, type_name: &str, weight: f64) -> Self {
+        self.plugins.push(PluginConfig::of_type(type_name));
+        for profile in &mut self.scheduling_profiles {
+            profile
+                .plugins
+                .push(PluginRef { plugin_ref: type_name.to_owned(), weight: Some(weight) });
+        }
+        self
+    }
+
+    /// Declares `plugin` without referencing it from a profile (a saturation detector, a
+    /// profile handler).
+    pub fn with_plugin(mut self, plugin: PluginConfig) -> Self {
+        self.plugins.push(plugin);
+        self
+    }
+
+    /// Replaces the parameters of the plugin named `name`.
+    ///
+    /// # Panics
+    /// When no plugin is named `name`: composing a config is code, and a misspelt name is a bug.
+    pub fn with_plugin_parameters(mut self, name: &str, parameters: serde_json::Value) -> Self {
+        match self.plugins.iter_mut().find(|plugin| plugin.effective_name() == name) {
+            Some(plugin) => plugin.parameters = Some(parameters),
+            None => panic!("with_plugin_parameters: no plugin is named '{name}'"),
+        }
+        self
+    }
+
+    /// Sets the weight of every profile's reference to `name`.
+    ///
+    /// # Panics
+    /// When no profile references `name`.
+    pub fn with_weight(mut self, name: &str, weight: f64) -> Self {
+        let mut found = false;
+        for reference in self.profile_refs_mut(name) {
+            reference.weight = Some(weight);
+            found = true;
+        }
+        assert!(found, "with_weight: no profile references '{name}'");
+        self
+    }
+
+    /// Removes the plugin named `name` and every profile's reference to it.
+    ///
+    /// # Panics
+    /// When no plugin is named `name`.
+    pub fn without_plugin(mut self, name: &str) -> Self {
+        let declared = self.plugins.len();
+        self.plugins.retain(|plugin| plugin.effective_name() != name);
+        assert!(self.plugins.len() < declared, "without_plugin: no plugin is named '{name}'");
+        for profile in &mut self.scheduling_profiles {
+            profile.plugins.retain(|reference| reference.plugin_ref != name);
+        }
+        self
+    }
+
+    /// Switches the feature gate `name` on (for example
+    /// [`FLOW_CONTROL_FEATURE_GATE`](crate::flow::FLOW_CONTROL_FEATURE_GATE)).
+    pub fn with_feature_gate(mut self, name: &str) -> Self {
+        if !self.feature_enabled(name) {
+            self.feature_gates.push(name.to_owned());
+        }
+        self
+    }
+
+    fn profile_refs_mut(&mut self, name: &str) -> impl Iterator<Item = &mut PluginRef> {
+        self.scheduling_profiles
+            .iter_mut()
+            .flat_map(|profile| profile.plugins.iter_mut())
+            .filter(move |reference| reference.plugin_ref == name)
     }
 
     /// Whether the feature gate `name` is on.
@@ -312,14 +487,23 @@ impl EndpointPickerConfig {
 
     /// Constructs the plugins with `registry` and assembles the scheduler.
     pub fn build(&self, registry: &PluginRegistry) -> Result<Scheduler, ConfigError> {
-        let mut by_name: HashMap<&str, (usize, Plugin)> = HashMap::new();
-        let mut declared: Vec<(&str, Plugin)> = Vec::with_capacity(self.plugins.len());
+        let plugins = self.construct_plugins(registry)?;
+        self.build_with(&plugins, registry)
+    }
+
+    /// Constructs every declared plugin with `registry`, once, for [`Self::build_with`] and
+    /// flow control ([`FlowControl::from_config`](crate::flow::FlowControl::from_config)).
+    pub fn construct_plugins(
+        &self,
+        registry: &PluginRegistry,
+    ) -> Result<ConstructedPlugins, ConfigError> {
+        let mut constructed = ConstructedPlugins::default();
         for (index, config) in self.plugins.iter().enumerate() {
             let name = config.effective_name();
-            if let Some((first, _)) = by_name.get(name) {
+            if let Some(first) = constructed.position(name) {
                 return Err(ConfigError::DuplicatePluginName {
                     index,
-                    first: *first,
+                    first,
                     name: name.to_owned(),
                 });
             }
@@ -334,22 +518,36 @@ impl EndpointPickerConfig {
                 type_name: config.type_name.clone(),
                 source,
             })?;
-            by_name.insert(name, (index, plugin.clone()));
-            declared.push((name, plugin));
+            constructed.plugins.push(ConstructedPlugin {
+                name: name.to_owned(),
+                type_name: config.type_name.clone(),
+                plugin,
+            });
         }
+        Ok(constructed)
+    }
 
-        let handler = self.profile_handler(&declared)?;
+    /// Assembles the scheduler from `plugins`, constructed from this config by
+    /// [`Self::construct_plugins`]: its profiles, its profile handler, and the pre-request and
+    /// completion hooks of every declared plugin. `registry` supplies the implied picker of
+    /// profiles that declare none.
+    pub fn build_with(
+        &self,
+        plugins: &ConstructedPlugins,
+        registry: &PluginRegistry,
+    ) -> Result<Scheduler, ConfigError> {
+        let handler = profile_handler(plugins)?;
         let profiles = if self.scheduling_profiles.is_empty() {
-            vec![self.implied_default_profile(&declared, registry)?]
+            vec![implied_default_profile(plugins, registry)?]
         } else {
-            self.declared_profiles(&by_name, registry)?
+            self.declared_profiles(plugins, registry)?
         };
         if profiles.len() > 1 && handler.1 {
             return Err(ConfigError::SingleHandlerManyProfiles { count: profiles.len() });
         }
 
         let mut scheduler = Scheduler::new(profiles, handler.0);
-        for (_, plugin) in &declared {
+        for ConstructedPlugin { plugin, .. } in plugins.iter() {
             if let Some(hook) = &plugin.pre_request {
                 scheduler = scheduler.with_pre_request(Arc::clone(hook) as Arc<dyn PreRequest>);
             }
@@ -364,57 +562,9 @@ impl EndpointPickerConfig {
         Ok(scheduler)
     }
 
-    /// The declared handler, or the implied single-profile one; `true` when single-profile.
-    fn profile_handler(
-        &self,
-        declared: &[(&str, Plugin)],
-    ) -> Result<(Arc<dyn ProfileHandler>, bool), ConfigError> {
-        let mut found: Option<(&str, &str, Arc<dyn ProfileHandler>)> = None;
-        for ((name, plugin), config) in declared.iter().zip(&self.plugins) {
-            if let Some(handler) = &plugin.profile_handler {
-                if let Some((first, _, _)) = found {
-                    return Err(ConfigError::TwoProfileHandlers {
-                        first: first.to_owned(),
-                        second: (*name).to_owned(),
-                    });
-                }
-                found = Some((name, &config.type_name, Arc::clone(handler)));
-            }
-        }
-        Ok(match found {
-            Some((_, type_name, handler)) => {
-                (handler, type_name == crate::scheduler::SINGLE_PROFILE_HANDLER)
-            }
-            None => (Arc::new(SingleProfileHandler), true),
-        })
-    }
-
-    fn implied_default_profile(
-        &self,
-        declared: &[(&str, Plugin)],
-        registry: &PluginRegistry,
-    ) -> Result<SchedulerProfile, ConfigError> {
-        let mut refs = Vec::new();
-        for (name, plugin) in declared {
-            if plugin.is_profile_plugin() {
-                refs.push(PluginRef { plugin_ref: (*name).to_owned(), weight: None });
-            }
-        }
-        if refs.is_empty() {
-            return Err(ConfigError::NoProfiles);
-        }
-        let implied = ProfileConfig { name: DEFAULT_PROFILE_NAME.to_owned(), plugins: refs };
-        let by_name = declared
-            .iter()
-            .enumerate()
-            .map(|(index, (name, plugin))| (*name, (index, plugin.clone())))
-            .collect();
-        build_profile(0, &implied, &by_name, registry)
-    }
-
     fn declared_profiles(
         &self,
-        by_name: &HashMap<&str, (usize, Plugin)>,
+        plugins: &ConstructedPlugins,
         registry: &PluginRegistry,
     ) -> Result<Vec<SchedulerProfile>, ConfigError> {
         let mut profiles: Vec<SchedulerProfile> = Vec::new();
@@ -422,16 +572,56 @@ impl EndpointPickerConfig {
             if profiles.iter().any(|profile| **profile.name() == *config.name) {
                 return Err(ConfigError::DuplicateProfileName { index, name: config.name.clone() });
             }
-            profiles.push(build_profile(index, config, by_name, registry)?);
+            profiles.push(build_profile(index, config, plugins, registry)?);
         }
         Ok(profiles)
     }
 }
 
+/// The declared handler, or the implied single-profile one; `true` when single-profile.
+fn profile_handler(
+    plugins: &ConstructedPlugins,
+) -> Result<(Arc<dyn ProfileHandler>, bool), ConfigError> {
+    let mut found: Option<(&ConstructedPlugin, Arc<dyn ProfileHandler>)> = None;
+    for declared in plugins.iter() {
+        if let Some(handler) = &declared.plugin.profile_handler {
+            if let Some((first, _)) = found {
+                return Err(ConfigError::TwoProfileHandlers {
+                    first: first.name.clone(),
+                    second: declared.name.clone(),
+                });
+            }
+            found = Some((declared, Arc::clone(handler)));
+        }
+    }
+    Ok(match found {
+        Some((declared, handler)) => {
+            (handler, declared.type_name == crate::scheduler::SINGLE_PROFILE_HANDLER)
+        }
+        None => (Arc::new(SingleProfileHandler), true),
+    })
+}
+
+fn implied_default_profile(
+    plugins: &ConstructedPlugins,
+    registry: &PluginRegistry,
+) -> Result<SchedulerProfile, ConfigError> {
+    let refs: Vec<PluginRef> = plugins
+        .iter()
+        .filter(|declared| declared.plugin.is_profile_plugin())
+        .map(|declared| PluginRef { plugin_ref: declared.name.clone(), weight: None })
+        .collect();
+    if refs.is_empty() {
+        return Err(ConfigError::NoProfiles);
+    }
+    let implied = ProfileConfig { name: DEFAULT_PROFILE_NAME.to_owned(), plugins: refs };
+    build_profile(0, &implied, plugins, registry)
+}
+
 fn build_profile(
     profile_index: usize,
     config: &ProfileConfig,
-    by_name: &HashMap<&str, (usize, Plugin)>,
+    plugins: &ConstructedPlugins,
     registry: &PluginRegistry,
 ) -> Result<SchedulerProfile, ConfigError> {
     let mut filters = Vec::new();
@@ -439,7 +629,7 @@ fn build_profile(
     let mut picker: Option<(&str, Arc<dyn crate::plugin::Picker>)> = None;
     for (index, reference) in config.plugins.iter().enumerate() {
         let name = reference.plugin_ref.as_str();
-        let Some((_, plugin)) = by_name.get(name) else {
+        let Some(ConstructedPlugin { plugin, .. }) = plugins.get(name) else {
             return Err(ConfigError::DanglingPluginRef {
                 profile_index,
                 profile: config.name.clone(),
@@ -516,4 +706,52 @@ fn build_profile(
         profile = profile.with_scorer(name, weight, scorer);
     }
     Ok(profile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_kv_is_the_default_without_prefix() {
+        let written = EndpointPickerConfig::from_yaml(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+",
+        );
+        assert_eq!(Ok(EndpointPickerConfig::queue_kv()), written);
+    }
+
+    #[test]
+    fn composition_edits_declarations_and_references() {
+        let config = EndpointPickerConfig::queue_kv()
+            .with_weight("kv-cache-utilization-scorer", 1.0)
+            .with_plugin_parameters("max-score-picker", serde_json::json!({"maxNumOfEndpoints": 3}))
+            .with_plugin(PluginConfig::of_type("concurrency-detector"))
+            .with_feature_gate("flowControl")
+            .with_feature_gate("flowControl");
+        assert_eq!(config.feature_gates, ["flowControl"]);
+        assert_eq!(config.scheduling_profiles[0].plugins[1].weight, Some(1.0));
+        assert_eq!(config.plugins[2].parameters, Some(serde_json::json!({"maxNumOfEndpoints": 3})));
+        assert_eq!(config.plugins[3].effective_name(), "concurrency-detector");
+        assert_eq!(config.scheduling_profiles[0].plugins.len(), 3, "declared, not referenced");
+    }
+
+    #[test]
+    #[should_panic(expected = "no plugin is named 'prefix-cache-scorer'")]
+    fn composing_with_a_missing_plugin_is_a_bug() {
+        let _ = EndpointPickerConfig::queue_kv().without_plugin(PREFIX_CACHE_SCORER);
+    }
 }

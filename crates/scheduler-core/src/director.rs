@@ -122,9 +122,10 @@ impl Director {
 
     /// A director for a whole `EndpointPickerConfig`: its scheduler, plus admission by its
     /// saturation detector (shedding sheddable requests, or queueing them when the
-    /// `flowControl` gate is on) with priorities from `objectives`. The hooks that keep
-    /// admission informed (in-flight counts, queue release on completion) are registered on
-    /// the scheduler here.
+    /// `flowControl` gate is on) with priorities from `objectives`. The plugins are constructed
+    /// once for both, so a detector that counts requests in its own hooks (the concurrency
+    /// detector) is the instance the scheduler informs. With queues, a completion hook that
+    /// releases queued requests is registered after the plugins' hooks.
     pub fn from_config(
         config: &EndpointPickerConfig,
         registry: &PluginRegistry,
@@ -132,13 +133,9 @@ impl Director {
         options: DirectorOptions,
         objectives: ObjectiveResolver,
     ) -> Result<Self, DirectorBuildError> {
-        let flow = FlowControl::from_config(config, objectives)?;
-        let mut scheduler = config.build(registry)?;
-        if let Some(detector) = flow.concurrency_detector() {
-            scheduler = scheduler
-                .with_pre_request(Arc::clone(detector) as _)
-                .with_response_complete(Arc::clone(detector) as _);
-        }
+        let plugins = config.construct_plugins(registry)?;
+        let mut scheduler = config.build_with(&plugins, registry)?;
+        let flow = FlowControl::from_config(config, &plugins, objectives)?;
         if let Some(controller) = flow.controller() {
             let clock: flow::Clock = Arc::new(Instant::now);
             scheduler = scheduler.with_response_complete(Arc::new(ReleaseOnComplete::new(

@@ -1,8 +1,10 @@
 //! The plugin registry: GIE plugin type names mapped to typed constructors.
 //!
 //! Each constructor parses its own parameters (serde into a config struct that denies unknown
-//! fields), so no string matching on parameters happens anywhere else. Other crates (and users)
-//! add their plugins with [`PluginRegistry::register`].
+//! fields), so no string matching on parameters or type names happens anywhere else. The core
+//! registers its own plugins (`single-profile-handler` and the saturation detectors
+//! `utilization-detector` and `concurrency-detector`); other crates (and users) add theirs with
+//! [`PluginRegistry::register`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,6 +12,10 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::flow::{
+    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, SaturationDetector,
+    UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
+};
 use crate::plugin::{
     Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
 };
@@ -33,11 +39,19 @@ impl<'a> PluginSpec<'a> {
     }
 
     /// Deserialises the parameters into `T`; absent or null parameters give `T::default()`.
+    /// Errors start with the path of the offending parameter (`blockSize: ...`).
     pub fn parameters<T: DeserializeOwned + Default>(&self) -> Result<T, PluginError> {
         match self.parameters {
             None | Some(serde_json::Value::Null) => Ok(T::default()),
-            Some(value) => T::deserialize(value)
-                .map_err(|error| PluginError::InvalidParameters(error.to_string())),
+            Some(value) => serde_path_to_error::deserialize(value).map_err(|error| {
+                let path = error.path().to_string();
+                let error = error.into_inner();
+                PluginError::InvalidParameters(if path == "." {
+                    error.to_string()
+                } else {
+                    format!("{path}: {error}")
+                })
+            }),
         }
     }
 }
@@ -67,6 +81,8 @@ pub struct Plugin {
     pub response_complete: Option<Arc<dyn ResponseComplete>>,
     /// As an observer of the pool's membership.
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
+    /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
+    pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
 }
 
 impl fmt::Debug for Plugin {
@@ -79,6 +95,7 @@ impl fmt::Debug for Plugin {
             .field("pre_request", &self.pre_request.is_some())
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
+            .field("saturation_detector", &self.saturation_detector.is_some())
             .finish()
     }
 }
@@ -102,6 +119,11 @@ impl Plugin {
     /// A profile handler.
     pub fn profile_handler(handler: impl ProfileHandler + 'static) -> Self {
         Self { profile_handler: Some(Arc::new(handler)), ..Self::default() }
+    }
+
+    /// A saturation detector.
+    pub fn saturation_detector(detector: impl SaturationDetector + 'static) -> Self {
+        Self { saturation_detector: Some(Arc::new(detector)), ..Self::default() }
     }
 
     /// Whether the plugin can stand in a scheduling profile.
@@ -148,12 +170,29 @@ impl Default for PluginRegistry {
 }
 
 impl PluginRegistry {
-    /// A registry holding only the core's `single-profile-handler`.
+    /// A registry holding the core's plugins: `single-profile-handler`, and the saturation
+    /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
+    /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
+    /// in flight as a pre-request and completion hook).
     pub fn new() -> Self {
         let mut registry = Self { factories: BTreeMap::new() };
         registry.register(SINGLE_PROFILE_HANDLER, |spec| {
             spec.parameters::<NoParameters>()?;
             Ok(Plugin::profile_handler(SingleProfileHandler))
+        });
+        registry.register(UTILIZATION_DETECTOR_TYPE, |spec| {
+            let thresholds: UtilizationThresholds = spec.parameters()?;
+            Ok(Plugin::saturation_detector(UtilizationDetector::new(thresholds)))
+        });
+        registry.register(CONCURRENCY_DETECTOR_TYPE, |spec| {
+            let parameters: ConcurrencyParameters = spec.parameters()?;
+            let detector = Arc::new(ConcurrencyDetector::new(parameters.max_concurrency));
+            Ok(Plugin {
+                saturation_detector: Some(detector.clone()),
+                pre_request: Some(detector.clone()),
+                response_complete: Some(detector),
+                ..Plugin::default()
+            })
         });
         registry
     }
@@ -203,7 +242,49 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: single-profile-handler)"
+            "unknown plugin type 'magic-scorer' (known types: concurrency-detector, single-profile-handler, utilization-detector)"
+        );
+    }
+
+    #[test]
+    fn detectors_are_plugins_with_typed_parameters() {
+        let registry = PluginRegistry::new();
+        let value = serde_json::json!({"maxConcurrency": 3});
+        let spec = PluginSpec {
+            parameters: Some(&value),
+            ..PluginSpec::of_type(CONCURRENCY_DETECTOR_TYPE)
+        };
+        let plugin = registry.create(&spec).unwrap();
+        let (Some(detector), Some(pre_request), Some(response_complete)) =
+            (&plugin.saturation_detector, &plugin.pre_request, &plugin.response_complete)
+        else {
+            panic!("the concurrency detector plays three roles: {plugin:?}");
+        };
+        assert_eq!(
+            Arc::as_ptr(detector).cast::<()>(),
+            Arc::as_ptr(pre_request).cast::<()>(),
+            "one instance behind every role"
+        );
+        assert_eq!(Arc::as_ptr(detector).cast::<()>(), Arc::as_ptr(response_complete).cast::<()>());
+        assert!(!plugin.is_profile_plugin());
+
+        let value = serde_json::json!({"kvCacheUtilThreshold": 1.5});
+        let spec = PluginSpec {
+            parameters: Some(&value),
+            ..PluginSpec::of_type(UTILIZATION_DETECTOR_TYPE)
+        };
+        assert_eq!(
+            registry.create(&spec).unwrap_err().to_string(),
+            "invalid parameters: kvCacheUtilThreshold: 1.5 is not a number in (0, 1]"
+        );
+        let value = serde_json::json!({"maxConcurency": 3});
+        let spec = PluginSpec {
+            parameters: Some(&value),
+            ..PluginSpec::of_type(CONCURRENCY_DETECTOR_TYPE)
+        };
+        assert_eq!(
+            registry.create(&spec).unwrap_err().to_string(),
+            "invalid parameters: maxConcurency: unknown field `maxConcurency`, expected `maxConcurrency`"
         );
     }
 
@@ -220,7 +301,10 @@ mod tests {
         let value = serde_json::json!({"bogus": 1});
         let spec = PluginSpec { parameters: Some(&value), ..PluginSpec::of_type("p") };
         let error = spec.parameters::<Params>().unwrap_err().to_string();
-        assert!(error.contains("unknown field `bogus`"), "{error}");
+        assert_eq!(
+            error,
+            "invalid parameters: bogus: unknown field `bogus`, expected `maxNumOfEndpoints`"
+        );
         assert!(PluginSpec::of_type("p").parameters::<Params>().is_ok());
     }
 }

@@ -1,84 +1,137 @@
-//! Parsing of the `saturationDetector` and `flowControl` sections, and admission built from a
+//! The `saturationDetector` and `flowControl` sections: typed parsing with errors that name the
+//! field path, detector resolution through the plugin registry, and admission built from a
 //! whole `EndpointPickerConfig`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use scheduler_core::config::ConstructedPlugins;
 use scheduler_core::flow::{
-    AdmissionMode, BandConfig, DetectorConfig, FairnessPolicy, FlowConfigError, FlowControl,
+    AdmissionMode, BandConfig, ConcurrencyDetector, FairnessPolicy, FlowConfigError, FlowControl,
     FlowControlConfig, FlowMetrics, InferenceObjectiveConfig, ObjectiveResolver, OrderingPolicy,
-    Rejection, UtilizationThresholds,
+    Rejection, SaturationDetector, SaturationDetectorSection, UtilizationDetector,
+    UtilizationThresholds, configured_detector,
 };
 use scheduler_core::{
-    Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
+    Candidates, CycleState, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
+    InferenceRequest, Picker, Plugin, PluginRegistry, PoolSnapshot,
 };
 
+const HEADER: &str =
+    "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+
+fn parse(yaml_tail: &str) -> Result<EndpointPickerConfig, String> {
+    EndpointPickerConfig::from_yaml(&format!("{HEADER}{yaml_tail}")).map_err(|e| e.to_string())
+}
+
 fn config(yaml_tail: &str) -> EndpointPickerConfig {
-    let yaml = format!(
-        "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n{yaml_tail}"
-    );
-    EndpointPickerConfig::from_yaml(&yaml).expect("valid EndpointPickerConfig")
+    parse(yaml_tail).expect("valid EndpointPickerConfig")
 }
 
-fn detector(yaml_tail: &str) -> Result<DetectorConfig, FlowConfigError> {
-    DetectorConfig::from_endpoint_picker_config(&config(yaml_tail))
+/// Why the document is refused, without the loader's common prefix.
+fn error_text(yaml_tail: &str) -> String {
+    let error = parse(yaml_tail).expect_err("must be refused");
+    error
+        .strip_prefix("config is not a valid EndpointPickerConfig: ")
+        .unwrap_or_else(|| panic!("a syntax error: {error}"))
+        .to_owned()
 }
 
-fn flow(yaml_tail: &str) -> Result<FlowControlConfig, FlowConfigError> {
-    FlowControlConfig::from_value(config(yaml_tail).flow_control.as_ref())
+fn saturation(yaml_tail: &str) -> Option<SaturationDetectorSection> {
+    config(yaml_tail).saturation_detector
 }
 
-fn error_text(result: Result<impl std::fmt::Debug, FlowConfigError>) -> String {
-    result.expect_err("must be refused").to_string()
+fn flow(yaml_tail: &str) -> FlowControlConfig {
+    config(yaml_tail).flow_control.unwrap_or_default()
+}
+
+/// Picks the first candidate, so configs in these tests can build a scheduler.
+#[derive(Debug)]
+struct First;
+
+impl Picker for First {
+    fn pick(&self, _: &mut CycleState, _: Candidates<'_>, _: &[f64], picked: &mut Vec<u32>) {
+        picked.push(0);
+    }
+}
+
+fn registry() -> PluginRegistry {
+    let mut registry = PluginRegistry::new();
+    registry.register("first-picker", |_| Ok(Plugin::picker(First)));
+    registry.register("queue-scorer", |_| Ok(Plugin::default()));
+    registry
+}
+
+fn plugins(config: &EndpointPickerConfig) -> ConstructedPlugins {
+    config.construct_plugins(&registry()).expect("plugins construct")
+}
+
+fn detector(yaml_tail: &str) -> Result<Arc<dyn SaturationDetector>, FlowConfigError> {
+    let config = config(yaml_tail);
+    configured_detector(&config, &plugins(&config))
+}
+
+fn debug(detector: &dyn SaturationDetector) -> String {
+    format!("{detector:?}")
 }
 
 #[test]
 fn saturation_thresholds_with_go_durations_and_milliseconds() {
-    let parsed = detector(
+    let parsed = saturation(
         "saturationDetector:\n  queueDepthThreshold: 8\n  kvCacheUtilThreshold: 0.9\n  metricsStalenessThreshold: 2s\n",
     );
-    assert_eq!(
-        parsed,
-        Ok(DetectorConfig::Utilization(UtilizationThresholds {
-            queue_depth: 8,
-            kv_cache_util: 0.9,
-            metrics_staleness: Duration::from_secs(2),
-        }))
-    );
-    let millis = detector("saturationDetector: {metricsStalenessThreshold: 150}\n");
+    let thresholds = UtilizationThresholds {
+        queue_depth: 8,
+        kv_cache_util: 0.9,
+        metrics_staleness: Duration::from_secs(2),
+    };
+    assert_eq!(parsed, Some(SaturationDetectorSection::Thresholds(thresholds)));
+    let millis = saturation("saturationDetector: {metricsStalenessThreshold: 150}\n");
     assert_eq!(
         millis,
-        Ok(DetectorConfig::Utilization(UtilizationThresholds {
+        Some(SaturationDetectorSection::Thresholds(UtilizationThresholds {
             metrics_staleness: Duration::from_millis(150),
             ..UtilizationThresholds::default()
         }))
     );
-    assert_eq!(detector(""), Ok(DetectorConfig::default()));
-    assert_eq!(detector("saturationDetector: {}\n"), Ok(DetectorConfig::default()));
-    assert_eq!(detector("saturationDetector:\n"), Ok(DetectorConfig::default()));
+    assert_eq!(saturation(""), None);
+    assert_eq!(saturation("saturationDetector: {}\n"), Some(SaturationDetectorSection::default()));
+    assert_eq!(saturation("saturationDetector:\n"), None);
+    let default = debug(&UtilizationDetector::default());
+    assert_eq!(debug(&*detector("").unwrap()), default);
+    assert_eq!(debug(&*detector("saturationDetector: {}\n").unwrap()), default);
+    assert_eq!(debug(&*detector("saturationDetector:\n").unwrap()), default);
+    assert_eq!(
+        debug(&*detector("saturationDetector: {queueDepthThreshold: 8, kvCacheUtilThreshold: 0.9, metricsStalenessThreshold: 2s}\n").unwrap()),
+        debug(&UtilizationDetector::new(thresholds))
+    );
 }
 
 #[test]
 fn saturation_errors_name_the_field() {
     assert_eq!(
-        error_text(detector("saturationDetector: {queueDepth: 3}\n")),
-        "saturationDetector: unknown key 'queueDepth' (accepted: queueDepthThreshold, kvCacheUtilThreshold, metricsStalenessThreshold, pluginRef)"
+        error_text("saturationDetector: {queueDepth: 3}\n"),
+        "saturationDetector.queueDepth: unknown field `queueDepth`, expected one of queueDepthThreshold, kvCacheUtilThreshold, metricsStalenessThreshold, pluginRef at line 3, column 22"
     );
     assert_eq!(
-        error_text(detector("saturationDetector: {kvCacheUtilThreshold: 1.5}\n")),
-        "saturationDetector.kvCacheUtilThreshold: 1.5 is not a number in (0, 1]"
+        error_text("saturationDetector: {kvCacheUtilThreshold: 1.5}\n"),
+        "saturationDetector.kvCacheUtilThreshold: 1.5 is not a number in (0, 1] at line 3, column 44"
     );
     assert_eq!(
-        error_text(detector("saturationDetector: {queueDepthThreshold: -1}\n")),
-        "saturationDetector.queueDepthThreshold: -1 is not an integer in range"
+        error_text("saturationDetector: {kvCacheUtilThreshold: 0}\n"),
+        "saturationDetector.kvCacheUtilThreshold: 0 is not a number in (0, 1] at line 3, column 44"
     );
     assert_eq!(
-        error_text(detector("saturationDetector: {metricsStalenessThreshold: 2 seconds}\n")),
-        "saturationDetector.metricsStalenessThreshold: '2 seconds' is not a duration (expected e.g. \"200ms\", \"2s\", \"1m30s\")"
+        error_text("saturationDetector: {queueDepthThreshold: -1}\n"),
+        "saturationDetector.queueDepthThreshold: invalid u32 at line 3, column 43"
     );
     assert_eq!(
-        error_text(detector("saturationDetector: [1]\n")),
-        "saturationDetector: expected a map, found a list"
+        error_text("saturationDetector: {metricsStalenessThreshold: 2 seconds}\n"),
+        "saturationDetector.metricsStalenessThreshold: '2 seconds' is not a duration (expected e.g. \"200ms\", \"2s\", \"1m30s\") at line 3, column 49"
+    );
+    assert_eq!(
+        error_text("saturationDetector: [1]\n"),
+        "saturationDetector: expected mapping start at line 3, column 21"
     );
 }
 
@@ -86,44 +139,60 @@ fn saturation_errors_name_the_field() {
 fn detector_plugin_refs() {
     let concurrency =
         "plugins:\n- type: concurrency-detector\n  name: cd\n  parameters: {maxConcurrency: 4}\n";
+    for tail in [
+        format!("{concurrency}flowControl:\n  saturationDetector: {{pluginRef: cd}}\n"),
+        format!("{concurrency}saturationDetector: {{pluginRef: cd}}\n"),
+    ] {
+        let config = config(&tail);
+        let plugins = plugins(&config);
+        let detector = configured_detector(&config, &plugins).expect("a detector");
+        assert_eq!(debug(&*detector), debug(&ConcurrencyDetector::new(4)));
+        let role = plugins.get("cd").and_then(|cd| cd.plugin.saturation_detector.clone());
+        assert!(Arc::ptr_eq(&detector, &role.expect("a detector role")), "the plugin's instance");
+    }
     assert_eq!(
-        detector(&format!("{concurrency}flowControl:\n  saturationDetector: {{pluginRef: cd}}\n")),
-        Ok(DetectorConfig::Concurrency { max_concurrency: 4 })
-    );
-    assert_eq!(
-        detector(&format!("{concurrency}saturationDetector: {{pluginRef: cd}}\n")),
-        Ok(DetectorConfig::Concurrency { max_concurrency: 4 })
+        config(&format!("{concurrency}saturationDetector: {{pluginRef: cd}}\n"))
+            .saturation_detector,
+        Some(SaturationDetectorSection::PluginRef("cd".to_owned()))
     );
     let utilization =
         "plugins:\n- type: utilization-detector\n  parameters: {queueDepthThreshold: 2}\n";
     assert_eq!(
-        detector(&format!(
-            "{utilization}saturationDetector: {{pluginRef: utilization-detector}}\n"
-        )),
-        Ok(DetectorConfig::Utilization(UtilizationThresholds {
+        debug(
+            &*detector(&format!(
+                "{utilization}saturationDetector: {{pluginRef: utilization-detector}}\n"
+            ))
+            .unwrap()
+        ),
+        debug(&UtilizationDetector::new(UtilizationThresholds {
             queue_depth: 2,
             ..UtilizationThresholds::default()
         }))
     );
     assert_eq!(
-        error_text(detector("saturationDetector: {pluginRef: nope}\n")),
+        detector("saturationDetector: {pluginRef: nope}\n").unwrap_err().to_string(),
         "saturationDetector.pluginRef: 'nope' names no declared plugin"
     );
     assert_eq!(
-        error_text(detector(
-            "plugins:\n- type: queue-scorer\nsaturationDetector: {pluginRef: queue-scorer}\n"
-        )),
-        "saturationDetector.pluginRef: 'queue-scorer' has type 'queue-scorer', not a saturation detector (known: utilization-detector, concurrency-detector)"
+        detector("plugins:\n- type: queue-scorer\nsaturationDetector: {pluginRef: queue-scorer}\n")
+            .unwrap_err()
+            .to_string(),
+        "saturationDetector.pluginRef: 'queue-scorer' (type 'queue-scorer') is not a saturation detector"
+    );
+    let misspelt = config(
+        "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurency: 4}\nsaturationDetector: {pluginRef: concurrency-detector}\n",
     );
     assert_eq!(
-        error_text(detector(
-            "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurency: 4}\nsaturationDetector: {pluginRef: concurrency-detector}\n"
-        )),
-        "plugins[0].parameters: unknown key 'maxConcurency' (accepted: maxConcurrency)"
+        misspelt.construct_plugins(&registry()).unwrap_err().to_string(),
+        "plugins[0] (name 'concurrency-detector', type 'concurrency-detector'): invalid parameters: maxConcurency: unknown field `maxConcurency`, expected `maxConcurrency`"
     );
     assert_eq!(
-        error_text(detector("saturationDetector: {pluginRef: x, queueDepthThreshold: 3}\n")),
-        "saturationDetector.queueDepthThreshold: thresholds belong in the parameters of the plugin named by pluginRef"
+        error_text("saturationDetector: {pluginRef: x, queueDepthThreshold: 3}\n"),
+        "saturationDetector: queueDepthThreshold next to pluginRef: thresholds belong in the parameters of the plugin named by pluginRef at line 3, column 21"
+    );
+    assert_eq!(
+        error_text("saturationDetector: {queueDepthThreshold: 3, pluginRef: x}\n"),
+        "saturationDetector: queueDepthThreshold next to pluginRef: thresholds belong in the parameters of the plugin named by pluginRef at line 3, column 21"
     );
 }
 
@@ -141,8 +210,7 @@ fn flow_control_section_in_full() {
     orderingPolicyRef: edf-ordering-policy
     fairnessPolicyRef: global-strict-fairness-policy
 "#,
-    )
-    .expect("valid flowControl");
+    );
     assert_eq!(parsed.max_requests, Some(1000));
     assert_eq!(parsed.max_bytes, Some(2 << 30));
     assert_eq!(parsed.default_request_ttl, Duration::from_secs(30));
@@ -169,48 +237,76 @@ fn flow_control_section_in_full() {
     );
     assert_eq!(parsed.band_for(7).max_requests, Some(500), "unlisted priorities use the template");
     assert_eq!(parsed.band_for(7).priority, 7);
-    assert_eq!(flow(""), Ok(FlowControlConfig::default()));
+    assert_eq!(flow(""), FlowControlConfig::default());
+    assert_eq!(config("flowControl:\n").flow_control, None, "null is the defaults");
+    assert_eq!(flow("flowControl: {defaultPriorityBand: }\n"), FlowControlConfig::default());
+    assert_eq!(
+        flow("flowControl: {maxRequests: 0, maxBytes: 0Gi}\n"),
+        FlowControlConfig::default()
+    );
+    assert_eq!(
+        flow("flowControl: {defaultPriorityBand: {priority: 3}}\n").default_band.priority,
+        3,
+        "accepted, though the template's priority is always replaced"
+    );
+    assert_eq!(
+        flow("flowControl: {defaultRequestTTL: 0}\n").default_request_ttl,
+        Duration::ZERO,
+        "no TTL"
+    );
 }
 
 #[test]
 fn flow_control_errors_name_the_key() {
     assert_eq!(
-        error_text(flow("flowControl: {maxQueue: 3}\n")),
-        "flowControl: unknown key 'maxQueue' (accepted: maxRequests, maxBytes, defaultRequestTTL, defaultPriorityBand, priorityBands, saturationDetector)"
+        error_text("flowControl: {maxQueue: 3}\n"),
+        "flowControl.maxQueue: unknown field `maxQueue`, expected one of maxRequests, maxBytes, defaultRequestTTL, defaultPriorityBand, priorityBands, saturationDetector at line 3, column 15"
     );
     assert_eq!(
-        error_text(flow(
+        error_text(
             "flowControl:\n  priorityBands:\n  - {priority: 1}\n  - {priority: 2, maxBytess: 1}\n"
-        )),
-        "flowControl.priorityBands[1]: unknown key 'maxBytess' (accepted: priority, maxRequests, maxBytes, defaultRequestTTL, fairnessPolicyRef, orderingPolicyRef)"
+        ),
+        "flowControl.priorityBands[1].maxBytess: unknown field `maxBytess`, expected one of priority, maxRequests, maxBytes, defaultRequestTTL, fairnessPolicyRef, orderingPolicyRef at line 6, column 19"
     );
     assert_eq!(
-        error_text(flow("flowControl:\n  priorityBands:\n  - {maxRequests: 1}\n")),
-        "flowControl.priorityBands[0]: missing required key 'priority'"
+        error_text("flowControl:\n  priorityBands:\n  - {maxRequests: 1}\n"),
+        "flowControl.priorityBands[0]: missing field `priority` at line 5, column 5"
     );
     assert_eq!(
-        error_text(flow("flowControl:\n  priorityBands:\n  - {priority: 1}\n  - {priority: 1}\n")),
-        "flowControl.priorityBands[1].priority: priority 1 already has a band"
+        error_text("flowControl:\n  priorityBands:\n  - {priority: 1}\n  - {priority: 1}\n"),
+        "flowControl.priorityBands[1]: priority 1 already has a band at line 6, column 5"
     );
     assert_eq!(
-        error_text(flow("flowControl: {defaultPriorityBand: {fairnessPolicyRef: lottery}}\n")),
-        "flowControl.defaultPriorityBand.fairnessPolicyRef: unknown fairness policy 'lottery' (known: global-strict-fairness-policy, round-robin-fairness-policy)"
+        error_text("flowControl: {defaultPriorityBand: {fairnessPolicyRef: lottery}}\n"),
+        "flowControl.defaultPriorityBand.fairnessPolicyRef: unknown variant `lottery`, expected one of global-strict-fairness-policy, round-robin-fairness-policy at line 3, column 56"
     );
     assert_eq!(
-        error_text(flow("flowControl: {maxBytes: 1XB}\n")),
-        "flowControl.maxBytes: '1XB' is not a quantity (expected e.g. 100, \"2k\", \"1Gi\")"
+        error_text("flowControl: {priorityBands: [{priority: 1, orderingPolicyRef: lifo}]}\n"),
+        "flowControl.priorityBands[0].orderingPolicyRef: unknown variant `lifo`, expected one of fcfs-ordering-policy, edf-ordering-policy at line 3, column 64"
     );
     assert_eq!(
-        error_text(flow("flowControl: {defaultRequestTTL: -5s}\n")),
-        "flowControl.defaultRequestTTL: '-5s' is not a duration (expected e.g. \"200ms\", \"2s\", \"1m30s\")"
+        error_text("flowControl: {maxBytes: 1XB}\n"),
+        "flowControl.maxBytes: '1XB' is not a quantity (expected e.g. 100, \"2k\", \"1Gi\") at line 3, column 25"
     );
     assert_eq!(
-        error_text(flow("flowControl: {priorityBands: {priority: 1}}\n")),
-        "flowControl.priorityBands: expected a list, found a map"
+        error_text("flowControl: {maxRequests: -3}\n"),
+        "flowControl.maxRequests: '-3' is not a non-negative quantity in range at line 3, column 28"
     );
     assert_eq!(
-        error_text(flow("flowControl: {saturationDetector: {name: x}}\n")),
-        "flowControl.saturationDetector: unknown key 'name' (accepted: pluginRef)"
+        error_text("flowControl: {defaultRequestTTL: -5s}\n"),
+        "flowControl.defaultRequestTTL: '-5s' is not a duration (expected e.g. \"200ms\", \"2s\", \"1m30s\") at line 3, column 34"
+    );
+    assert_eq!(
+        error_text("flowControl: {defaultRequestTTL: true}\n"),
+        "flowControl.defaultRequestTTL: invalid type: boolean `true`, expected a duration such as \"200ms\" or a number of milliseconds at line 3, column 15"
+    );
+    assert_eq!(
+        error_text("flowControl: {priorityBands: {priority: 1}}\n"),
+        "flowControl.priorityBands: expected sequence start at line 3, column 30"
+    );
+    assert_eq!(
+        error_text("flowControl: {saturationDetector: {name: x}}\n"),
+        "flowControl.saturationDetector.name: unknown field `name`, expected one of pluginRef at line 3, column 36"
     );
 }
 
@@ -239,10 +335,14 @@ fn request(objective: &str) -> InferenceRequest {
     request
 }
 
+fn flow_control(config: &EndpointPickerConfig) -> FlowControl {
+    FlowControl::from_config(config, &plugins(config), objectives())
+        .expect("valid admission config")
+}
+
 #[test]
 fn without_the_gate_only_sheddable_requests_are_shed() {
-    let flow_control =
-        FlowControl::from_config(&config(""), objectives()).expect("valid admission config");
+    let flow_control = flow_control(&config(""));
     assert!(matches!(flow_control.mode(), AdmissionMode::Shed(_)));
     let now = Instant::now();
     let pool = saturated_pool(now);
@@ -267,11 +367,9 @@ fn without_the_gate_only_sheddable_requests_are_shed() {
 
 #[test]
 fn with_the_gate_requests_queue_until_saturation_lifts() {
-    let flow_control = FlowControl::from_config(
-        &config("featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 1s}\n"),
-        objectives(),
-    )
-    .expect("valid admission config");
+    let flow_control = flow_control(&config(
+        "featureGates: [flowControl]\nflowControl: {defaultRequestTTL: 1s}\n",
+    ));
     assert!(flow_control.controller().is_some());
     let now = Instant::now();
     let mut batch = request("batch");
@@ -285,14 +383,20 @@ fn with_the_gate_requests_queue_until_saturation_lifts() {
 }
 
 #[test]
-fn concurrency_detector_from_config_is_exposed_for_hooks() {
-    let flow_control = FlowControl::from_config(
-        &config(
-            "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 1}\nsaturationDetector: {pluginRef: concurrency-detector}\n",
-        ),
-        objectives(),
-    )
-    .expect("valid admission config");
-    let detector = flow_control.concurrency_detector().expect("a concurrency detector");
-    assert_eq!(detector.max_concurrency(), 1);
+fn the_concurrency_detector_counts_through_the_schedulers_hooks() {
+    let config = config(
+        "plugins:\n- type: concurrency-detector\n  parameters: {maxConcurrency: 1}\n- type: first-picker\nsaturationDetector: {pluginRef: concurrency-detector}\n",
+    );
+    let plugins = plugins(&config);
+    let scheduler = config.build_with(&plugins, &registry()).expect("a scheduler");
+    let detector = configured_detector(&config, &plugins).expect("a detector");
+    let now = Instant::now();
+    let pool = Arc::new(PoolSnapshot::new([EndpointState::new(Endpoint::new(
+        ([10, 0, 0, 1], 8000).into(),
+    ))]));
+    assert!(!detector.is_saturated(&pool, now));
+    let mut result = scheduler.schedule(&InferenceRequest::new("m", "p"), &pool).expect("a pick");
+    assert!(detector.is_saturated(&pool, now), "the pre-request hook counted the request");
+    drop(result.take_completion());
+    assert!(!detector.is_saturated(&pool, now), "the completion hook released it");
 }

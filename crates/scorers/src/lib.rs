@@ -66,7 +66,8 @@ pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandom
 pub use prefix_cache::{PrefixCacheParameters, PrefixCacheScorer};
 pub use queue::QueueScorer;
 
-/// Registers every built-in plugin in `registry` under its type name.
+/// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
+/// the profile handler and the saturation detectors, come with [`PluginRegistry::new`]).
 pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register(queue::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(QueueScorer::new(spec.parameters()?)))
@@ -114,19 +115,6 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register(pickers::WEIGHTED_RANDOM_TYPE_NAME, |spec| {
         Ok(Plugin::picker(WeightedRandomPicker::new(PickerParameters::from_spec(spec)?)))
     });
-    register_detectors(registry);
-}
-
-/// Saturation detectors are declared as plugins (GIE v1.5) and referenced from
-/// `saturationDetector.pluginRef`; the flow-control loader reads and validates their
-/// parameters there, so here they play no scheduling role.
-fn register_detectors(registry: &mut PluginRegistry) {
-    for name in [
-        scheduler_core::flow::UTILIZATION_DETECTOR_TYPE,
-        scheduler_core::flow::CONCURRENCY_DETECTOR_TYPE,
-    ] {
-        registry.register(name, |_| Ok(Plugin::default()));
-    }
 }
 
 /// A registry with the core's and every built-in plugin.

@@ -129,7 +129,7 @@ fn unknown_parameters_are_rejected_with_the_plugin_named() {
     let message = error("plugins:\n- type: max-score-picker\n  parameters: {maxEndpoints: 2}\n");
     assert!(
         message.starts_with(
-            "plugins[0] (name 'max-score-picker', type 'max-score-picker'): invalid parameters: unknown field `maxEndpoints`"
+            "plugins[0] (name 'max-score-picker', type 'max-score-picker'): invalid parameters: maxEndpoints: unknown field `maxEndpoints`"
         ),
         "{message}"
     );

@@ -11,21 +11,15 @@ use scheduler_core::{
     ScheduleOptions, Scheduler, Scorer,
 };
 use scorers::{KvCacheUtilizationScorer, LoadScorerParameters, QueueScorer, builtin_registry};
+use serde_json::json;
 
+/// GIE's load-only profile without the KV-cache scorer: the queue scorer alone.
 fn queue_only(lag_compensation: bool) -> Scheduler {
-    let yaml = format!(
-        "plugins:
-- type: queue-scorer
-  parameters: {{lagCompensation: {lag_compensation}}}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-  - pluginRef: max-score-picker
-"
-    );
-    EndpointPickerConfig::from_yaml(&yaml).unwrap().build(&builtin_registry()).unwrap()
+    EndpointPickerConfig::queue_kv()
+        .without_plugin("kv-cache-utilization-scorer")
+        .with_plugin_parameters("queue-scorer", json!({"lagCompensation": lag_compensation}))
+        .build(&builtin_registry())
+        .unwrap()
 }
 
 /// How many of `decisions` requests, all decided after the pool's scrape, each endpoint gets.

@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proptest::prelude::*;
+use scheduler_core::config::DEFAULT_PICKER_TYPE;
 use scheduler_core::{
     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
     ScheduleOptions, Scheduler,
 };
 use scorers::builtin_registry;
+use serde_json::json;
 
 #[derive(Clone, Debug)]
 struct GeneratedEndpoint {
@@ -56,48 +58,36 @@ fn build_pool(endpoints: &[GeneratedEndpoint]) -> Arc<PoolSnapshot> {
     })))
 }
 
-fn config(weights: [u32; 4], picker: &str, fallbacks: usize, filter_gold: bool) -> String {
-    let filter = if filter_gold {
-        "- type: by-label\n  parameters: {label: tier, validValues: [gold]}\n"
-    } else {
-        ""
-    };
-    let filter_ref = if filter_gold { "  - pluginRef: by-label\n" } else { "" };
-    format!(
-        "plugins:
-{filter}- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: lora-affinity-scorer
-- type: active-request-scorer
-- type: prefix-cache-scorer
-  parameters: {{blockSize: 8}}
-- type: {picker}
-  parameters: {{maxNumOfEndpoints: {fallbacks}}}
-schedulingProfiles:
-- name: default
-  plugins:
-{filter_ref}  - pluginRef: queue-scorer
-    weight: {}
-  - pluginRef: kv-cache-utilization-scorer
-    weight: {}
-  - pluginRef: lora-affinity-scorer
-    weight: {}
-  - pluginRef: active-request-scorer
-    weight: {}
-  - pluginRef: prefix-cache-scorer
-    weight: {}
-  - pluginRef: {picker}
-",
-        weights[0], weights[1], weights[2], weights[3], weights[0]
-    )
+/// GIE's default profile with generated weights (prefix-cache weighs as much as the queue),
+/// LoRA affinity and in-flight requests added, a generated picker and fallback count, and
+/// optionally a filter keeping the `gold` tier.
+fn config(
+    weights: [u32; 4],
+    picker: &str,
+    fallbacks: usize,
+    filter_gold: bool,
+) -> EndpointPickerConfig {
+    let [queue, kv_cache, lora, active] = weights.map(f64::from);
+    let config = EndpointPickerConfig::gie_default()
+        .with_weight("queue-scorer", queue)
+        .with_weight("kv-cache-utilization-scorer", kv_cache)
+        .with_weight("prefix-cache-scorer", queue)
+        .with_plugin_parameters("prefix-cache-scorer", json!({"blockSize": 8}))
+        .with_profile_plugin("lora-affinity-scorer", lora)
+        .with_profile_plugin("active-request-scorer", active)
+        .without_plugin(DEFAULT_PICKER_TYPE)
+        .with_profile_plugin(picker, 1.0)
+        .with_plugin_parameters(picker, json!({"maxNumOfEndpoints": fallbacks}));
+    if !filter_gold {
+        return config;
+    }
+    config
+        .with_profile_plugin("by-label", 1.0)
+        .with_plugin_parameters("by-label", json!({"label": "tier", "validValues": ["gold"]}))
 }
 
-fn scheduler(yaml: &str, seed: u64) -> Scheduler {
-    EndpointPickerConfig::from_yaml(yaml)
-        .unwrap()
-        .build(&builtin_registry())
-        .unwrap()
-        .with_seed(seed)
+fn scheduler(config: &EndpointPickerConfig, seed: u64) -> Scheduler {
+    config.build(&builtin_registry()).unwrap().with_seed(seed)
 }
 
 fn picker() -> impl Strategy<Value = &'static str> {
@@ -172,14 +162,14 @@ proptest! {
         picker in picker(),
         seed in any::<u64>(),
     ) {
-        let yaml = config(weights, picker, 3, false);
+        let config = config(weights, picker, 3, false);
         let request = InferenceRequest::new("lora-0", "p");
         // The same pool state too: each run starts from a pool no decision has been sent to.
         let picks = |scheduler: Scheduler| -> Vec<Vec<_>> {
             let pool = build_pool(&endpoints);
             (0..4).map(|_| scheduler.schedule(&request, &pool).unwrap().ranked().map(|e| e.id()).collect()).collect()
         };
-        prop_assert_eq!(picks(scheduler(&yaml, seed)), picks(scheduler(&yaml, seed)));
+        prop_assert_eq!(picks(scheduler(&config, seed)), picks(scheduler(&config, seed)));
     }
 
     #[test]

@@ -10,30 +10,27 @@ use scheduler_core::{
 };
 use scheduler_core::{Scheduler, SchedulerProfile, SingleProfileHandler};
 use scorers::{ActiveRequestScorer, MaxScorePicker, builtin_registry};
+use serde_json::json;
 
 fn scheduler(yaml: &str) -> scheduler_core::Scheduler {
     EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).unwrap().with_seed(7)
 }
 
-const QUEUE_KV: &str = "plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: max-score-picker
-  parameters: {maxNumOfEndpoints: 3}
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-  - pluginRef: max-score-picker
-";
+/// GIE's load-only profile with the KV-cache scorer weighted 1 and three endpoints ranked.
+fn queue_kv() -> Scheduler {
+    EndpointPickerConfig::queue_kv()
+        .with_weight("kv-cache-utilization-scorer", 1.0)
+        .with_plugin_parameters("max-score-picker", json!({"maxNumOfEndpoints": 3}))
+        .build(&builtin_registry())
+        .unwrap()
+        .with_seed(7)
+}
 
 #[test]
 fn weighted_scores_choose_and_rank() {
     // totals: e0 = 2*1 + 0.1 = 2.1; e1 = 2*0.5 + 0.9 = 1.9; e2 = 2*0 + 1 = 1.0
     let pool = pool(&[(0, 0.9), (5, 0.1), (10, 0.0)]);
-    let result = scheduler(QUEUE_KV)
+    let result = queue_kv()
         .schedule_with(
             &InferenceRequest::new("m", "p"),
             &pool,
@@ -79,7 +76,7 @@ fn the_filter_that_removed_the_last_candidate_is_named() {
 
 #[test]
 fn empty_pool_and_subset_hints() {
-    let scheduler = scheduler(QUEUE_KV);
+    let scheduler = queue_kv();
     let request = InferenceRequest::new("m", "p");
     assert_eq!(
         scheduler.schedule(&request, &Arc::new(PoolSnapshot::default())).unwrap_err(),

@@ -19,28 +19,13 @@ use std::path::Path;
 
 use scheduler_core::{ConfigError, EndpointPickerConfig};
 
-/// GIE's load-only profile (queue and KV-cache utilisation scorers, weighted 2 and 2).
-pub use scheduler_core::config::QUEUE_KV_CONFIG_YAML;
-
 /// A prefix-heavy variant of the default profile: prefix-cache affinity weighted 5 against
 /// queue 2 and KV-cache utilisation 1, for workloads dominated by long shared prefixes.
-pub const PREFIX_HEAVY_CONFIG_YAML: &str = "\
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 1
-  - pluginRef: prefix-cache-scorer
-    weight: 5
-  - pluginRef: max-score-picker
-";
+pub fn prefix_heavy_config() -> EndpointPickerConfig {
+    EndpointPickerConfig::gie_default()
+        .with_weight("kv-cache-utilization-scorer", 1.0)
+        .with_weight("prefix-cache-scorer", 5.0)
+}
 
 /// How requests are assigned to servers.
 #[derive(Clone, Debug)]
@@ -110,19 +95,28 @@ impl Policy {
 
     /// An EPP policy from YAML text; checks that the built-in registry can build it.
     pub fn epp_from_yaml(name: &str, yaml: &str, origin: &str) -> Result<Self, PolicyError> {
-        let config = EndpointPickerConfig::from_yaml(yaml)
-            .and_then(|config| config.build(&scorers::builtin_registry()).map(|_| config))
-            .map_err(|source| PolicyError::Config {
-                origin: origin.to_owned(),
-                source: Box::new(source),
-            })?;
+        let config = EndpointPickerConfig::from_yaml(yaml).map_err(|source| {
+            PolicyError::Config { origin: origin.to_owned(), source: Box::new(source) }
+        })?;
+        Self::epp_from_config(name, config, origin)
+    }
+
+    /// An EPP policy from a config; checks that the built-in registry can build it.
+    pub fn epp_from_config(
+        name: &str,
+        config: EndpointPickerConfig,
+        origin: &str,
+    ) -> Result<Self, PolicyError> {
+        config.build(&scorers::builtin_registry()).map_err(|source| PolicyError::Config {
+            origin: origin.to_owned(),
+            source: Box::new(source),
+        })?;
         Ok(Self::Epp { name: name.to_owned(), config: Box::new(config) })
     }
 
     /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp` (GIE's default profile),
-    /// `epp-queue-kv` ([`QUEUE_KV_CONFIG_YAML`]), `epp-prefix-heavy`
-    /// ([`PREFIX_HEAVY_CONFIG_YAML`]), or
-    /// `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
+    /// `epp-queue-kv` ([`EndpointPickerConfig::queue_kv`]), `epp-prefix-heavy`
+    /// ([`prefix_heavy_config`]), or `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
         match spec {
             "round-robin" | "rr" => Ok(Self::RoundRobin),
@@ -130,14 +124,14 @@ impl Policy {
             "least-request" => Ok(Self::LeastRequest),
             "oracle" => Ok(Self::Oracle),
             "epp" | "epp-default" => Ok(Self::gie_default()),
-            "epp-queue-kv" => {
-                Self::epp_from_yaml("epp-queue-kv", QUEUE_KV_CONFIG_YAML, "epp-queue-kv")
-            }
-            "epp-prefix-heavy" => Self::epp_from_yaml(
-                "epp-prefix-heavy",
-                PREFIX_HEAVY_CONFIG_YAML,
-                "epp-prefix-heavy",
+            "epp-queue-kv" => Self::epp_from_config(
+                "epp-queue-kv",
+                EndpointPickerConfig::queue_kv(),
+                "epp-queue-kv",
             ),
+            "epp-prefix-heavy" => {
+                Self::epp_from_config("epp-prefix-heavy", prefix_heavy_config(), "epp-prefix-heavy")
+            }
             _ => {
                 let Some(rest) = spec.strip_prefix("epp:") else {
                     return Err(PolicyError::Unknown(spec.to_owned()));

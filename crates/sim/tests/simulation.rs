@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use scheduler_core::EndpointPickerConfig;
 use sim::{
     Policy, RunReport, ServerProfile, SimConfig, SyntheticWorkload, TraceWorkload, WorkloadSource,
     WorkloadSpec,
@@ -157,19 +158,11 @@ fn lag_compensation_stops_the_load_only_profile_herding_between_scrapes() {
     // Without it, every decision between two scrapes sees the same metrics and the load-only
     // profile sends the burst to one server: worse than round-robin. With it, it spreads.
     let load_only = |lag_compensation: bool| {
-        let yaml = scheduler_core::config::QUEUE_KV_CONFIG_YAML.replace(
-            "- type: kv-cache-utilization-scorer\n",
-            &format!(
-                "- type: kv-cache-utilization-scorer\n  parameters: {{lagCompensation: {lag_compensation}}}\n"
-            ),
-        );
-        let yaml = yaml.replace(
-            "- type: queue-scorer\n",
-            &format!(
-                "- type: queue-scorer\n  parameters: {{lagCompensation: {lag_compensation}}}\n"
-            ),
-        );
-        Policy::epp_from_yaml(&format!("lag-{lag_compensation}"), &yaml, "test").unwrap()
+        let parameters = serde_json::json!({"lagCompensation": lag_compensation});
+        let config = EndpointPickerConfig::queue_kv()
+            .with_plugin_parameters("queue-scorer", parameters.clone())
+            .with_plugin_parameters("kv-cache-utilization-scorer", parameters);
+        Policy::epp_from_config(&format!("lag-{lag_compensation}"), config, "test").unwrap()
     };
     let config = SimConfig::new(4, ServerProfile::h100_llama3_8b());
     let workload = synthetic("sharegpt-like", SyntheticWorkload::sharegpt_like(), 70.0, 1500);

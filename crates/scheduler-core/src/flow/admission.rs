@@ -10,16 +10,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::config::EndpointPickerConfig;
-use crate::flow::concurrency::ConcurrencyDetector;
-use crate::flow::config::{
-    DetectorConfig, FLOW_CONTROL_FEATURE_GATE, FlowConfigError, FlowControlConfig,
-};
+use crate::config::{ConstructedPlugins, EndpointPickerConfig};
+use crate::flow::config::{FLOW_CONTROL_FEATURE_GATE, FlowConfigError, configured_detector};
 use crate::flow::controller::{FlowController, FlowRequest, PassReport};
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::objective::ObjectiveResolver;
 use crate::flow::outcome::{Admitted, FlowOutcome, Rejection};
-use crate::flow::saturation::{SaturationDetector, UtilizationDetector};
+use crate::flow::saturation::SaturationDetector;
 use crate::flow::ticket::Ticket;
 use crate::plugin::ResponseComplete;
 use crate::pool::{PoolSnapshot, SharedPool};
@@ -66,40 +63,33 @@ pub enum AdmissionMode {
 pub struct FlowControl {
     objectives: ObjectiveResolver,
     mode: AdmissionMode,
-    concurrency: Option<Arc<ConcurrencyDetector>>,
 }
 
 impl FlowControl {
-    /// Builds admission from a whole config: the detector from `saturationDetector` /
-    /// `flowControl.saturationDetector`, queues when the `flowControl` feature gate is on.
-    /// Metrics are shared with `objectives`.
+    /// Builds admission from a whole config: the detector named by `saturationDetector` /
+    /// `flowControl.saturationDetector` (see [`configured_detector`]), taken from `plugins`,
+    /// the plugins constructed for the scheduler, so that a detector with hooks (such as the
+    /// concurrency detector) is the instance the scheduler informs; queues when the
+    /// `flowControl` feature gate is on. Metrics are shared with `objectives`.
     pub fn from_config(
         config: &EndpointPickerConfig,
+        plugins: &ConstructedPlugins,
         objectives: ObjectiveResolver,
     ) -> Result<Self, FlowConfigError> {
-        let flow_config = FlowControlConfig::from_value(config.flow_control.as_ref())?;
-        let (detector, concurrency): (Arc<dyn SaturationDetector>, _) =
-            match DetectorConfig::from_endpoint_picker_config(config)? {
-                DetectorConfig::Utilization(thresholds) => {
-                    (Arc::new(UtilizationDetector::new(thresholds)), None)
-                }
-                DetectorConfig::Concurrency { max_concurrency } => {
-                    let detector = Arc::new(ConcurrencyDetector::new(max_concurrency));
-                    (Arc::clone(&detector) as Arc<dyn SaturationDetector>, Some(detector))
-                }
-            };
+        let detector = configured_detector(config, plugins)?;
         let metrics = Arc::clone(objectives.metrics());
         let mode = if config.feature_enabled(FLOW_CONTROL_FEATURE_GATE) {
+            let flow_config = config.flow_control.clone().unwrap_or_default();
             AdmissionMode::Queue(FlowController::new(flow_config, detector, metrics))
         } else {
             AdmissionMode::Shed(Shedder::new(detector, metrics))
         };
-        Ok(Self { objectives, mode, concurrency })
+        Ok(Self { objectives, mode })
     }
 
     /// Admission with an explicit `mode` (for custom detectors).
     pub fn new(objectives: ObjectiveResolver, mode: AdmissionMode) -> Self {
-        Self { objectives, mode, concurrency: None }
+        Self { objectives, mode }
     }
 
     /// Resolves the request's priority from its objective (stored into `request.priority`),
@@ -155,12 +145,6 @@ impl FlowControl {
         &self.objectives
     }
 
-    /// The concurrency detector built from config, if any: register it on the scheduler as a
-    /// `PreRequest` and `ResponseComplete` hook so its counts follow the traffic.
-    pub fn concurrency_detector(&self) -> Option<&Arc<ConcurrencyDetector>> {
-        self.concurrency.as_ref()
-    }
-
     /// The flow controller, when the gate is on.
     pub fn controller(&self) -> Option<&FlowController> {
         match &self.mode {
@@ -175,7 +159,8 @@ pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
 /// A `ResponseComplete` hook that runs a dispatch pass when a request finishes, so queued
 /// requests go out as soon as capacity frees. Register it after any hook that updates
-/// saturation state (such as [`ConcurrencyDetector`]), so the pass sees the freed capacity.
+/// saturation state (such as [`ConcurrencyDetector`](crate::flow::ConcurrencyDetector)), so
+/// the pass sees the freed capacity.
 #[derive(Clone)]
 pub struct ReleaseOnComplete {
     controller: FlowController,

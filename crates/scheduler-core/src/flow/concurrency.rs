@@ -3,13 +3,16 @@
 //! Each endpoint may hold up to `maxConcurrency` requests the picker sent it and that have
 //! not completed; the pool is saturated when every endpoint is at its limit (an empty pool is
 //! saturated). Counts move through [`ConcurrencyDetector::begin`] / [`ConcurrencyDetector::finish`],
-//! which the [`PreRequest`] and [`ResponseComplete`] hooks call, so registering the detector on
-//! the scheduler keeps it current. A check is O(endpoints) map lookups under a read lock.
+//! which the [`PreRequest`] and [`ResponseComplete`] hooks call. The registry's
+//! `concurrency-detector` plugin plays those hook roles next to its detector role, so the
+//! scheduler built from a config keeps the counts current. A check is O(endpoints) map lookups
+//! under a read lock.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use parking_lot::RwLock;
+use serde::Deserialize;
 
 use crate::cycle::CycleState;
 use crate::endpoint::EndpointId;
@@ -18,6 +21,26 @@ use crate::plugin::{PreRequest, ResponseComplete};
 use crate::pool::PoolSnapshot;
 use crate::request::InferenceRequest;
 use crate::result::{CompletedRequest, SchedulingResult};
+
+/// GIE type name of the concurrency detector plugin.
+pub const CONCURRENCY_DETECTOR_TYPE: &str = "concurrency-detector";
+
+/// Default `maxConcurrency` of the concurrency detector.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
+
+/// Parameters of a `concurrency-detector` plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ConcurrencyParameters {
+    /// `maxConcurrency`: requests in flight allowed per endpoint.
+    pub max_concurrency: u32,
+}
+
+impl Default for ConcurrencyParameters {
+    fn default() -> Self {
+        Self { max_concurrency: DEFAULT_MAX_CONCURRENCY }
+    }
+}
 
 /// Saturated when every endpoint has `max_concurrency` requests in flight.
 #[derive(Debug)]

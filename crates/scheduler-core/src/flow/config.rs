@@ -1,219 +1,113 @@
-//! The `saturationDetector` and `flowControl` sections of `EndpointPickerConfig`, parsed
-//! strictly: unknown keys and bad values are errors naming the field path.
+//! The `saturationDetector` and `flowControl` sections of `EndpointPickerConfig`, as typed
+//! serde structs that refuse unknown keys and bad values; the loader names the field path of
+//! every error (`flowControl.priorityBands[1].maxBytes: ...`).
 //!
-//! Accepted `flowControl` keys (GIE v1.5 / llm-d names):
+//! `flowControl` keys (GIE v1.5 / llm-d names), read into [`FlowControlConfig`]:
 //! - `maxRequests`, `maxBytes`: global caps on queued requests and queued bytes; Kubernetes
 //!   quantities (`100`, `"2k"`, `"1Gi"`); absent or `0` means unbounded.
 //! - `defaultRequestTTL`: queue TTL of a request (Go duration or milliseconds; default 60 s;
 //!   `0` means no TTL).
 //! - `defaultPriorityBand`: the band template for priorities not listed in `priorityBands`.
-//! - `priorityBands`: list of bands, each with `priority` (required), `maxRequests`,
-//!   `maxBytes`, `defaultRequestTTL`, `fairnessPolicyRef` (`global-strict-fairness-policy`,
-//!   the default, or `round-robin-fairness-policy`) and `orderingPolicyRef`
-//!   (`fcfs-ordering-policy`, the default, or `edf-ordering-policy`).
-//! - `saturationDetector`: `{pluginRef}` naming a declared `utilization-detector` or
-//!   `concurrency-detector` plugin.
+//! - `priorityBands`: list of bands ([`BandConfig`]), each with `priority` (required, distinct),
+//!   `maxRequests`, `maxBytes`, `defaultRequestTTL`, `fairnessPolicyRef` and `orderingPolicyRef`.
+//! - `saturationDetector`: `{pluginRef}` naming a declared saturation detector plugin.
 //!
-//! Accepted top-level `saturationDetector` keys: `queueDepthThreshold` (integer, default 5),
-//! `kvCacheUtilThreshold` (in (0, 1], default 0.8), `metricsStalenessThreshold` (Go duration
-//! or milliseconds, default 200 ms); or `pluginRef` alone (GIE v1.5 form).
+//! The top-level `saturationDetector` ([`SaturationDetectorSection`]) holds either the
+//! utilization detector's thresholds ([`UtilizationThresholds`]: `queueDepthThreshold`,
+//! `kvCacheUtilThreshold`, `metricsStalenessThreshold`) or `pluginRef` alone (GIE v1.5 form).
+//!
+//! Which detector a config names is resolved against the constructed plugins by
+//! [`configured_detector`]: a plugin qualifies by playing the saturation detector role, so
+//! detector type names are known to the plugin registry alone.
 
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
-use crate::config::EndpointPickerConfig;
-use crate::flow::saturation::UtilizationThresholds;
-use crate::flow::units::{duration_from_value, kind_of, quantity_from_value};
+use crate::config::{ConstructedPlugins, EndpointPickerConfig};
+use crate::flow::saturation::{SaturationDetector, UtilizationDetector, UtilizationThresholds};
+use crate::flow::units;
 
 /// Name of the feature gate that turns queueing flow control on.
 pub const FLOW_CONTROL_FEATURE_GATE: &str = "flowControl";
-/// GIE type name of the utilization detector plugin.
-pub const UTILIZATION_DETECTOR_TYPE: &str = "utilization-detector";
-/// GIE type name of the concurrency detector plugin.
-pub const CONCURRENCY_DETECTOR_TYPE: &str = "concurrency-detector";
 /// Default `defaultRequestTTL`.
 pub const DEFAULT_REQUEST_TTL: Duration = Duration::from_secs(60);
 
-/// A config section that could not be accepted. Every variant names the field path.
+/// A saturation detector reference that cannot be resolved. Every variant names the field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FlowConfigError {
-    /// A key that is not part of the section.
-    #[error("{section}: unknown key '{key}' (accepted: {accepted})")]
-    UnknownKey {
-        /// Path of the section, e.g. `flowControl.priorityBands[1]`.
-        section: String,
-        /// The key found.
-        key: String,
-        /// The keys the section accepts.
-        accepted: String,
+    /// `pluginRef` names no declared plugin.
+    #[error("{field}: '{name}' names no declared plugin")]
+    UnknownPlugin {
+        /// The field holding the reference, e.g. `saturationDetector.pluginRef`.
+        field: &'static str,
+        /// The name referenced.
+        name: String,
     },
-    /// A value of the wrong type or out of range.
-    #[error("{field}: {reason}")]
-    InvalidValue {
-        /// Path of the field, e.g. `saturationDetector.kvCacheUtilThreshold`.
-        field: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A required key is missing.
-    #[error("{section}: missing required key '{key}'")]
-    MissingKey {
-        /// Path of the section.
-        section: String,
-        /// The missing key.
-        key: String,
+    /// `pluginRef` names a plugin that is not a saturation detector.
+    #[error("{field}: '{name}' (type '{type_name}') is not a saturation detector")]
+    NotADetector {
+        /// The field holding the reference.
+        field: &'static str,
+        /// The name referenced.
+        name: String,
+        /// The plugin's type.
+        type_name: String,
     },
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> FlowConfigError {
-    FlowConfigError::InvalidValue { field: field.to_owned(), reason: reason.into() }
-}
-
-/// A JSON map being read key by key, with every key checked against the accepted set.
-struct Section<'a> {
-    path: String,
-    map: &'a Map<String, Value>,
-}
-
-impl<'a> Section<'a> {
-    fn new(path: String, value: &'a Value, accepted: &[&str]) -> Result<Self, FlowConfigError> {
-        static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
-        let map = match value {
-            Value::Object(map) => map,
-            // YAML `section:` with nothing after it reads as null: treat it as empty.
-            Value::Null => &*EMPTY,
-            other => {
-                return Err(invalid(&path, format!("expected a map, found {}", kind_of(other))));
-            }
-        };
-        if let Some(key) = map.keys().find(|key| !accepted.contains(&key.as_str())) {
-            return Err(FlowConfigError::UnknownKey {
-                section: path,
-                key: key.clone(),
-                accepted: accepted.join(", "),
-            });
-        }
-        Ok(Self { path, map })
-    }
-
-    fn field(&self, key: &str) -> String {
-        format!("{}.{key}", self.path)
-    }
-
-    fn get(&self, key: &str) -> Option<(String, &'a Value)> {
-        self.map.get(key).map(|value| (self.field(key), value))
-    }
-
-    fn duration(&self, key: &str) -> Result<Option<Duration>, FlowConfigError> {
-        self.get(key)
-            .map(|(field, value)| {
-                duration_from_value(value).map_err(|reason| invalid(&field, reason))
-            })
-            .transpose()
-    }
-
-    /// A quantity cap; `0` means unbounded and reads as `None`.
-    fn cap(&self, key: &str) -> Result<Option<u64>, FlowConfigError> {
-        let cap = self
-            .get(key)
-            .map(|(field, value)| {
-                quantity_from_value(value).map_err(|reason| invalid(&field, reason))
-            })
-            .transpose()?;
-        Ok(cap.filter(|cap| *cap > 0))
-    }
-
-    fn string(&self, key: &str) -> Result<Option<&'a str>, FlowConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some((_, Value::String(text))) => Ok(Some(text)),
-            Some((field, other)) => {
-                Err(invalid(&field, format!("expected a string, found {}", kind_of(other))))
-            }
-        }
-    }
-
-    fn integer<T: TryFrom<i64>>(&self, key: &str) -> Result<Option<T>, FlowConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some((field, value)) => value
-                .as_i64()
-                .and_then(|number| T::try_from(number).ok())
-                .map(Some)
-                .ok_or_else(|| invalid(&field, format!("{value} is not an integer in range"))),
-        }
-    }
-}
-
-/// How a band chooses the next flow to serve.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a band chooses the next flow to serve (`fairnessPolicyRef`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 pub enum FairnessPolicy {
     /// `global-strict-fairness-policy`: the best head request across all flows (oldest under
     /// FCFS), as if the band were one queue.
     #[default]
+    #[serde(rename = "global-strict-fairness-policy")]
     GlobalStrict,
     /// `round-robin-fairness-policy`: flows take turns, one request each.
+    #[serde(rename = "round-robin-fairness-policy")]
     RoundRobin,
 }
 
-impl FairnessPolicy {
-    /// The GIE plugin names accepted in `fairnessPolicyRef`.
-    pub const NAMES: [&'static str; 2] =
-        ["global-strict-fairness-policy", "round-robin-fairness-policy"];
-
-    fn from_ref(field: &str, name: &str) -> Result<Self, FlowConfigError> {
-        match name {
-            "global-strict-fairness-policy" => Ok(Self::GlobalStrict),
-            "round-robin-fairness-policy" => Ok(Self::RoundRobin),
-            _ => Err(invalid(
-                field,
-                format!("unknown fairness policy '{name}' (known: {})", Self::NAMES.join(", ")),
-            )),
-        }
-    }
-}
-
-/// How a flow orders its own requests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How a flow orders its own requests (`orderingPolicyRef`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 pub enum OrderingPolicy {
     /// `fcfs-ordering-policy`: first come, first served.
     #[default]
+    #[serde(rename = "fcfs-ordering-policy")]
     Fcfs,
     /// `edf-ordering-policy`: earliest TTL deadline first (no deadline last, FCFS among ties).
+    #[serde(rename = "edf-ordering-policy")]
     Edf,
 }
 
-impl OrderingPolicy {
-    /// The GIE plugin names accepted in `orderingPolicyRef`.
-    pub const NAMES: [&'static str; 2] = ["fcfs-ordering-policy", "edf-ordering-policy"];
-
-    fn from_ref(field: &str, name: &str) -> Result<Self, FlowConfigError> {
-        match name {
-            "fcfs-ordering-policy" => Ok(Self::Fcfs),
-            "edf-ordering-policy" => Ok(Self::Edf),
-            _ => Err(invalid(
-                field,
-                format!("unknown ordering policy '{name}' (known: {})", Self::NAMES.join(", ")),
-            )),
-        }
-    }
-}
-
-/// Settings of one priority band.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Settings of one priority band: an entry of `priorityBands`, or `defaultPriorityBand`.
+///
+/// Deserialised on its own (as `defaultPriorityBand` is), `priority` is optional; entries of
+/// `priorityBands` require it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct BandConfig {
     /// The priority the band serves.
     pub priority: i32,
-    /// Cap on queued requests in the band; `None` is unbounded.
+    /// Cap on queued requests in the band; `None` (or `0` in the config) is unbounded.
+    #[serde(deserialize_with = "units::cap")]
     pub max_requests: Option<u64>,
-    /// Cap on queued bytes in the band; `None` is unbounded.
+    /// Cap on queued bytes in the band; `None` (or `0` in the config) is unbounded.
+    #[serde(deserialize_with = "units::cap")]
     pub max_bytes: Option<u64>,
     /// TTL of the band's requests; `None` falls back to the global default.
+    #[serde(rename = "defaultRequestTTL", deserialize_with = "units::optional_duration")]
     pub default_request_ttl: Option<Duration>,
-    /// How flows take turns.
+    /// How flows take turns (`fairnessPolicyRef`).
+    #[serde(rename = "fairnessPolicyRef")]
     pub fairness: FairnessPolicy,
-    /// How a flow orders its requests.
+    /// How a flow orders its requests (`orderingPolicyRef`).
+    #[serde(rename = "orderingPolicyRef")]
     pub ordering: OrderingPolicy,
 }
 
@@ -224,20 +118,27 @@ impl BandConfig {
     }
 }
 
-/// Settings of the flow controller.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Settings of the flow controller: the `flowControl` section (absent or null: the defaults).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct FlowControlConfig {
-    /// Cap on queued requests across bands; `None` is unbounded.
+    /// Cap on queued requests across bands; `None` (or `0` in the config) is unbounded.
+    #[serde(deserialize_with = "units::cap")]
     pub max_requests: Option<u64>,
-    /// Cap on queued bytes across bands; `None` is unbounded.
+    /// Cap on queued bytes across bands; `None` (or `0` in the config) is unbounded.
+    #[serde(deserialize_with = "units::cap")]
     pub max_bytes: Option<u64>,
     /// TTL of a request without a band or per-request TTL; zero means none.
+    #[serde(rename = "defaultRequestTTL", deserialize_with = "units::duration")]
     pub default_request_ttl: Duration,
-    /// Template for priorities without a band of their own.
+    /// Template for priorities without a band of their own (`defaultPriorityBand`).
+    #[serde(rename = "defaultPriorityBand", deserialize_with = "null_as_default")]
     pub default_band: BandConfig,
-    /// Bands configured explicitly.
+    /// Bands configured explicitly (`priorityBands`), with distinct priorities.
+    #[serde(rename = "priorityBands", deserialize_with = "listed_bands")]
     pub bands: Vec<BandConfig>,
     /// `saturationDetector.pluginRef` inside `flowControl`, when given.
+    #[serde(rename = "saturationDetector", deserialize_with = "detector_ref")]
     pub saturation_detector_ref: Option<String>,
 }
 
@@ -254,65 +155,7 @@ impl Default for FlowControlConfig {
     }
 }
 
-const FLOW_CONTROL_KEYS: &[&str] = &[
-    "maxRequests",
-    "maxBytes",
-    "defaultRequestTTL",
-    "defaultPriorityBand",
-    "priorityBands",
-    "saturationDetector",
-];
-const BAND_KEYS: &[&str] = &[
-    "priority",
-    "maxRequests",
-    "maxBytes",
-    "defaultRequestTTL",
-    "fairnessPolicyRef",
-    "orderingPolicyRef",
-];
-const THRESHOLD_KEYS: &[&str] =
-    &["queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessThreshold"];
-const SATURATION_KEYS: &[&str] =
-    &["queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessThreshold", "pluginRef"];
-
 impl FlowControlConfig {
-    /// Parses a `flowControl` section (`None` or null gives the defaults).
-    pub fn from_value(value: Option<&Value>) -> Result<Self, FlowConfigError> {
-        let mut config = Self::default();
-        let Some(value) = value else {
-            return Ok(config);
-        };
-        let section = Section::new("flowControl".to_owned(), value, FLOW_CONTROL_KEYS)?;
-        config.max_requests = section.cap("maxRequests")?;
-        config.max_bytes = section.cap("maxBytes")?;
-        if let Some(ttl) = section.duration("defaultRequestTTL")? {
-            config.default_request_ttl = ttl;
-        }
-        if let Some((field, value)) = section.get("defaultPriorityBand") {
-            config.default_band = parse_band(field, value, false)?;
-        }
-        if let Some((field, value)) = section.get("priorityBands") {
-            let Value::Array(items) = value else {
-                return Err(invalid(&field, format!("expected a list, found {}", kind_of(value))));
-            };
-            for (index, item) in items.iter().enumerate() {
-                let band = parse_band(format!("{field}[{index}]"), item, true)?;
-                if config.bands.iter().any(|other| other.priority == band.priority) {
-                    return Err(invalid(
-                        &format!("{field}[{index}].priority"),
-                        format!("priority {} already has a band", band.priority),
-                    ));
-                }
-                config.bands.push(band);
-            }
-        }
-        if let Some((field, value)) = section.get("saturationDetector") {
-            let detector = Section::new(field, value, &["pluginRef"])?;
-            config.saturation_detector_ref = detector.string("pluginRef")?.map(str::to_owned);
-        }
-        Ok(config)
-    }
-
     /// The settings for `priority`: its configured band, or the default template.
     pub fn band_for(&self, priority: i32) -> BandConfig {
         self.bands
@@ -323,123 +166,254 @@ impl FlowControlConfig {
     }
 }
 
-fn parse_band(path: String, value: &Value, explicit: bool) -> Result<BandConfig, FlowConfigError> {
-    let section = Section::new(path, value, BAND_KEYS)?;
-    let priority = section.integer::<i32>("priority")?;
-    if explicit && priority.is_none() {
-        return Err(FlowConfigError::MissingKey { section: section.path, key: "priority".into() });
+/// The top-level `saturationDetector` section.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SaturationDetectorSection {
+    /// The thresholds of the utilization detector (GIE v1.3-v1.4 form); absent keys default.
+    Thresholds(UtilizationThresholds),
+    /// `pluginRef` alone: the name of a declared saturation detector plugin (GIE v1.5 form).
+    PluginRef(String),
+}
+
+impl Default for SaturationDetectorSection {
+    fn default() -> Self {
+        Self::Thresholds(UtilizationThresholds::default())
     }
-    let fairness = match section.string("fairnessPolicyRef")? {
-        Some(name) => FairnessPolicy::from_ref(&section.field("fairnessPolicyRef"), name)?,
-        None => FairnessPolicy::default(),
+}
+
+impl<'de> Deserialize<'de> for SaturationDetectorSection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let split: SplitMap<String, UtilizationThresholds> = split_map(deserializer, "pluginRef")?;
+        match (split.taken, split.first_other_key) {
+            (None, _) => Ok(Self::Thresholds(split.rest)),
+            (Some(name), None) => Ok(Self::PluginRef(name)),
+            (Some(_), Some(key)) => Err(de::Error::custom(format_args!(
+                "{key} next to pluginRef: thresholds belong in the parameters of the plugin named by pluginRef"
+            ))),
+        }
+    }
+}
+
+/// The saturation detector `config` asks for: the plugin named by
+/// `flowControl.saturationDetector.pluginRef` or, failing that, by the top-level
+/// `saturationDetector.pluginRef`; else a utilization detector with the top-level thresholds
+/// (or the defaults). The plugin is taken from `plugins`, so the detector is the instance whose
+/// hooks the scheduler built from the same plugins runs.
+pub fn configured_detector(
+    config: &EndpointPickerConfig,
+    plugins: &ConstructedPlugins,
+) -> Result<Arc<dyn SaturationDetector>, FlowConfigError> {
+    let in_flow_control =
+        config.flow_control.as_ref().and_then(|flow| flow.saturation_detector_ref.as_deref());
+    let (field, name) = match (in_flow_control, &config.saturation_detector) {
+        (Some(name), _) => ("flowControl.saturationDetector.pluginRef", name),
+        (None, Some(SaturationDetectorSection::PluginRef(name))) => {
+            ("saturationDetector.pluginRef", name.as_str())
+        }
+        (None, Some(SaturationDetectorSection::Thresholds(thresholds))) => {
+            return Ok(Arc::new(UtilizationDetector::new(*thresholds)));
+        }
+        (None, None) => return Ok(Arc::new(UtilizationDetector::default())),
     };
-    let ordering = match section.string("orderingPolicyRef")? {
-        Some(name) => OrderingPolicy::from_ref(&section.field("orderingPolicyRef"), name)?,
-        None => OrderingPolicy::default(),
-    };
-    Ok(BandConfig {
-        priority: priority.unwrap_or(0),
-        max_requests: section.cap("maxRequests")?,
-        max_bytes: section.cap("maxBytes")?,
-        default_request_ttl: section.duration("defaultRequestTTL")?,
-        fairness,
-        ordering,
+    let declared = plugins
+        .get(name)
+        .ok_or_else(|| FlowConfigError::UnknownPlugin { field, name: name.to_owned() })?;
+    declared.plugin.saturation_detector.clone().ok_or_else(|| FlowConfigError::NotADetector {
+        field,
+        name: name.to_owned(),
+        type_name: declared.type_name.clone(),
     })
 }
 
-/// Which saturation detector the config asks for.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DetectorConfig {
-    /// GIE's `utilization-detector` (the default).
-    Utilization(UtilizationThresholds),
-    /// GIE's `concurrency-detector` with its per-endpoint limit (`maxConcurrency`).
-    Concurrency {
-        /// Requests in flight allowed per endpoint.
-        max_concurrency: u32,
-    },
+/// A map section that may be null (YAML `key:` with nothing after it): null reads as empty.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
-impl Default for DetectorConfig {
-    fn default() -> Self {
-        Self::Utilization(UtilizationThresholds::default())
+/// `flowControl.saturationDetector`: `{pluginRef}`, empty or null.
+fn detector_ref<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct DetectorRef {
+        #[serde(default)]
+        plugin_ref: Option<String>,
     }
+    Ok(Option::<DetectorRef>::deserialize(deserializer)?.and_then(|section| section.plugin_ref))
 }
 
-/// Default `maxConcurrency` of the concurrency detector.
-pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
+/// `priorityBands`: each entry must carry a `priority` no earlier entry has.
+fn listed_bands<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<BandConfig>, D::Error> {
+    struct Bands;
 
-impl DetectorConfig {
-    /// Reads the detector from a whole config: a `pluginRef` (in `flowControl` or the top-level
-    /// `saturationDetector`) naming a declared detector plugin, else the top-level thresholds,
-    /// else the defaults.
-    pub fn from_endpoint_picker_config(
-        config: &EndpointPickerConfig,
-    ) -> Result<Self, FlowConfigError> {
-        let flow = FlowControlConfig::from_value(config.flow_control.as_ref())?;
-        let mut thresholds = UtilizationThresholds::default();
-        let mut plugin_ref = flow
-            .saturation_detector_ref
-            .map(|name| ("flowControl.saturationDetector.pluginRef".to_owned(), name));
-        if let Some(value) = &config.saturation_detector {
-            let section = Section::new("saturationDetector".to_owned(), value, SATURATION_KEYS)?;
-            if let Some(name) = section.string("pluginRef")? {
-                if let Some(key) = THRESHOLD_KEYS.iter().find(|key| section.map.contains_key(**key))
-                {
-                    return Err(invalid(
-                        &section.field(key),
-                        "thresholds belong in the parameters of the plugin named by pluginRef",
-                    ));
-                }
-                plugin_ref.get_or_insert((section.field("pluginRef"), name.to_owned()));
-            } else {
-                thresholds = parse_thresholds(&section)?;
-            }
+    impl<'de> Visitor<'de> for Bands {
+        type Value = Vec<BandConfig>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of priority bands")
         }
-        let Some((field, name)) = plugin_ref else {
-            return Ok(Self::Utilization(thresholds));
-        };
-        let Some((index, plugin)) =
-            config.plugins.iter().enumerate().find(|(_, plugin)| plugin.effective_name() == name)
-        else {
-            return Err(invalid(&field, format!("'{name}' names no declared plugin")));
-        };
-        let path = format!("plugins[{index}].parameters");
-        let null = Value::Null;
-        let parameters = plugin.parameters.as_ref().unwrap_or(&null);
-        match plugin.type_name.as_str() {
-            UTILIZATION_DETECTOR_TYPE => {
-                let section = Section::new(path, parameters, THRESHOLD_KEYS)?;
-                Ok(Self::Utilization(parse_thresholds(&section)?))
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut bands = Vec::new();
+            while let Some(band) = seq.next_element_seed(ListedBand { earlier: &bands })? {
+                bands.push(band);
             }
-            CONCURRENCY_DETECTOR_TYPE => {
-                let section = Section::new(path, parameters, &["maxConcurrency"])?;
-                let max_concurrency =
-                    section.integer::<u32>("maxConcurrency")?.unwrap_or(DEFAULT_MAX_CONCURRENCY);
-                Ok(Self::Concurrency { max_concurrency })
-            }
-            other => Err(invalid(
-                &field,
-                format!(
-                    "'{name}' has type '{other}', not a saturation detector (known: {UTILIZATION_DETECTOR_TYPE}, {CONCURRENCY_DETECTOR_TYPE})"
-                ),
-            )),
+            Ok(bands)
         }
     }
+
+    deserializer.deserialize_seq(Bands)
 }
 
-fn parse_thresholds(section: &Section<'_>) -> Result<UtilizationThresholds, FlowConfigError> {
-    let mut thresholds = UtilizationThresholds::default();
-    if let Some(depth) = section.integer::<u32>("queueDepthThreshold")? {
-        thresholds.queue_depth = depth;
+/// One entry of `priorityBands`, checked against the entries before it. The checks run while
+/// the entry is read, so errors carry the entry's path (`priorityBands[1]`).
+struct ListedBand<'a> {
+    earlier: &'a [BandConfig],
+}
+
+impl<'de> DeserializeSeed<'de> for ListedBand<'_> {
+    type Value = BandConfig;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<BandConfig, D::Error> {
+        let split: SplitMap<i32, BandConfig> = split_map(deserializer, "priority")?;
+        let priority = split.taken.ok_or_else(|| de::Error::missing_field("priority"))?;
+        if self.earlier.iter().any(|band| band.priority == priority) {
+            return Err(de::Error::custom(format_args!("priority {priority} already has a band")));
+        }
+        Ok(BandConfig { priority, ..split.rest })
     }
-    if let Some((field, value)) = section.get("kvCacheUtilThreshold") {
-        thresholds.kv_cache_util = value
-            .as_f64()
-            .filter(|kv| *kv > 0.0 && *kv <= 1.0)
-            .ok_or_else(|| invalid(&field, format!("{value} is not a number in (0, 1]")))?;
+}
+
+/// A map read in two parts: the entry `key` as a `V`, and every other entry as a `T` (a
+/// derived struct). Lets one section accept a key its parameter struct does not own (the
+/// top-level `saturationDetector`'s `pluginRef`), or require a key the struct leaves optional
+/// (`priority` in `priorityBands`), without declaring the struct's fields twice.
+struct SplitMap<V, T> {
+    /// The value of `key`, when present.
+    taken: Option<V>,
+    /// The first key other than `key`, when any.
+    first_other_key: Option<String>,
+    /// The other entries.
+    rest: T,
+}
+
+fn split_map<'de, D, V, T>(deserializer: D, key: &'static str) -> Result<SplitMap<V, T>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+    T: Deserialize<'de>,
+{
+    deserializer.deserialize_map(SplitVisitor { key, marker: PhantomData })
+}
+
+struct SplitVisitor<V, T> {
+    key: &'static str,
+    marker: PhantomData<fn() -> (V, T)>,
+}
+
+impl<'de, V: Deserialize<'de>, T: Deserialize<'de>> Visitor<'de> for SplitVisitor<V, T> {
+    type Value = SplitMap<V, T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map")
     }
-    if let Some(staleness) = section.duration("metricsStalenessThreshold")? {
-        thresholds.metrics_staleness = staleness;
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let mut entries =
+            OtherEntries { map, key: self.key, fields: &[], taken: None, first_other_key: None };
+        let rest = T::deserialize(OtherEntriesDeserializer(&mut entries))?;
+        Ok(SplitMap { taken: entries.taken, first_other_key: entries.first_other_key, rest })
     }
-    Ok(thresholds)
+}
+
+/// The entries of a map but `key`, whose value is read aside as it goes by.
+struct OtherEntries<A, Taken> {
+    map: A,
+    key: &'static str,
+    /// The fields of the struct reading the other entries (known once it asks for them).
+    fields: &'static [&'static str],
+    taken: Option<Taken>,
+    first_other_key: Option<String>,
+}
+
+impl<'de, A: MapAccess<'de>, Taken: Deserialize<'de>> MapAccess<'de> for OtherEntries<A, Taken> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let accepted = AcceptedKey { fields: self.fields, taken: self.key };
+        while let Some(key) = self.map.next_key_seed(accepted)? {
+            if key == self.key {
+                self.taken = Some(self.map.next_value()?);
+                continue;
+            }
+            self.first_other_key.get_or_insert_with(|| key.clone());
+            return seed.deserialize(key.into_deserializer()).map(Some);
+        }
+        Ok(None)
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+/// A key of a split map: the taken key or one of the struct's fields. Unknown keys are refused
+/// here rather than by the struct, so the accepted keys listed include the taken one, and the
+/// error's path ends with the key, as the struct's own would.
+#[derive(Clone, Copy)]
+struct AcceptedKey {
+    fields: &'static [&'static str],
+    taken: &'static str,
+}
+
+impl<'de> DeserializeSeed<'de> for AcceptedKey {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
+        let key = String::deserialize(deserializer)?;
+        let known = self.fields.is_empty() || self.fields.contains(&key.as_str());
+        if key == self.taken || known {
+            return Ok(key);
+        }
+        let mut expected = self.fields.join(", ");
+        if !self.fields.contains(&self.taken) {
+            expected = format!("{expected}, {}", self.taken);
+        }
+        Err(de::Error::custom(format_args!("unknown field `{key}`, expected one of {expected}")))
+    }
+}
+
+/// Hands [`OtherEntries`] to a derived struct as a map, learning the struct's fields.
+struct OtherEntriesDeserializer<'a, A, Taken>(&'a mut OtherEntries<A, Taken>);
+
+impl<'de, A: MapAccess<'de>, Taken: Deserialize<'de>> Deserializer<'de>
+    for OtherEntriesDeserializer<'_, A, Taken>
+{
+    type Error = A::Error;
+
+    fn deserialize_any<W: Visitor<'de>>(self, visitor: W) -> Result<W::Value, A::Error> {
+        visitor.visit_map(self.0)
+    }
+
+    fn deserialize_struct<W: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        visitor: W,
+    ) -> Result<W::Value, A::Error> {
+        self.0.fields = fields;
+        visitor.visit_map(self.0)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
 }

@@ -3,7 +3,9 @@
 //! The path of a request, as an adapter drives it:
 //! 1. [`ObjectiveResolver`] maps the `x-gateway-inference-objective` header to a priority.
 //! 2. A [`SaturationDetector`] says whether the pool has room ([`UtilizationDetector`], GIE's
-//!    default; [`ConcurrencyDetector`]; [`PermitDetector`]).
+//!    default; [`ConcurrencyDetector`]; [`PermitDetector`]). The config names it with
+//!    `saturationDetector.pluginRef` (a plugin playing the saturation detector role), or gives
+//!    the utilization detector's thresholds.
 //! 3. Without the `flowControl` gate, [`Shedder`] admits, or sheds a sheddable request
 //!    (priority < 0) while the pool is saturated. With it, [`FlowController`] queues requests in
 //!    bounded priority bands and dispatches them by priority, fairness and order as room frees.
@@ -51,11 +53,12 @@ mod ticket;
 mod units;
 
 pub use admission::{AdmissionMode, Clock, FlowControl, ReleaseOnComplete, Shedder};
-pub use concurrency::ConcurrencyDetector;
+pub use concurrency::{
+    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, DEFAULT_MAX_CONCURRENCY,
+};
 pub use config::{
-    BandConfig, CONCURRENCY_DETECTOR_TYPE, DEFAULT_MAX_CONCURRENCY, DEFAULT_REQUEST_TTL,
-    DetectorConfig, FLOW_CONTROL_FEATURE_GATE, FairnessPolicy, FlowConfigError, FlowControlConfig,
-    OrderingPolicy, UTILIZATION_DETECTOR_TYPE,
+    BandConfig, DEFAULT_REQUEST_TTL, FLOW_CONTROL_FEATURE_GATE, FairnessPolicy, FlowConfigError,
+    FlowControlConfig, OrderingPolicy, SaturationDetectorSection, configured_detector,
 };
 pub use controller::{FlowController, FlowRequest, PassReport};
 pub use metrics::{FlowMetrics, FlowMetricsSnapshot, OutcomeReason, WAIT_BUCKET_BOUNDS};
@@ -69,6 +72,6 @@ pub use queue::BandStats;
 pub use saturation::{
     DEFAULT_KV_CACHE_UTIL_THRESHOLD, DEFAULT_METRICS_STALENESS_THRESHOLD,
     DEFAULT_QUEUE_DEPTH_THRESHOLD, NeverSaturated, PermitDetector, SaturationDetector,
-    UtilizationDetector, UtilizationThresholds,
+    UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
 pub use ticket::Ticket;

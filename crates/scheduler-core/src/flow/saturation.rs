@@ -12,8 +12,14 @@ use std::fmt::Debug;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Deserializer};
+
 use crate::endpoint::EndpointMetrics;
+use crate::flow::units;
 use crate::pool::PoolSnapshot;
+
+/// GIE type name of the utilization detector plugin.
+pub const UTILIZATION_DETECTOR_TYPE: &str = "utilization-detector";
 
 /// Decides whether the pool can take one more request.
 pub trait SaturationDetector: Send + Sync + Debug {
@@ -36,15 +42,32 @@ pub const DEFAULT_KV_CACHE_UTIL_THRESHOLD: f64 = 0.8;
 /// Default of `metricsStalenessThreshold`: metrics older than this offer no capacity.
 pub const DEFAULT_METRICS_STALENESS_THRESHOLD: Duration = Duration::from_millis(200);
 
-/// The thresholds of the utilization detector (GIE `saturationDetector` keys).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The thresholds of the utilization detector: the parameters of a `utilization-detector`
+/// plugin, and the keys of the top-level `saturationDetector` section in its thresholds form.
+/// Absent keys take their defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UtilizationThresholds {
     /// `queueDepthThreshold`: an endpoint with at least this many waiting requests is full.
+    #[serde(rename = "queueDepthThreshold")]
     pub queue_depth: u32,
-    /// `kvCacheUtilThreshold`: an endpoint at or above this KV-cache usage is full.
+    /// `kvCacheUtilThreshold`, in (0, 1]: an endpoint at or above this KV-cache usage is full.
+    #[serde(rename = "kvCacheUtilThreshold", deserialize_with = "unit_fraction")]
     pub kv_cache_util: f64,
-    /// `metricsStalenessThreshold`: metrics older than this count as no capacity.
+    /// `metricsStalenessThreshold` (Go duration or milliseconds): metrics older than this
+    /// count as no capacity.
+    #[serde(rename = "metricsStalenessThreshold", deserialize_with = "units::duration")]
     pub metrics_staleness: Duration,
+}
+
+/// A number in (0, 1].
+fn unit_fraction<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let value = f64::deserialize(deserializer)?;
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err(serde::de::Error::custom(format_args!("{value} is not a number in (0, 1]")))
+    }
 }
 
 impl Default for UtilizationThresholds {

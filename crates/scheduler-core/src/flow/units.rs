@@ -1,30 +1,66 @@
 //! Value syntaxes of the GIE config: Go durations (`"200ms"`, `"1m30s"`) and Kubernetes
-//! quantities (`"1Gi"`, `"500"`, `"2k"`).
+//! quantities (`"1Gi"`, `"500"`, `"2k"`), as serde `deserialize_with` functions.
 //!
 //! Both parsers are strict and total: they never panic, reject signs, empty input, unknown
-//! units and overflow, and return a short reason the config layer prefixes with the field name.
+//! units and overflow, and return a short reason that becomes the serde error, which the
+//! config loader prefixes with the field path.
 
+use std::fmt;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde::Deserializer;
+use serde::de::{self, Visitor};
 
-/// Parses a config duration: a Go duration string (`"200ms"`, `"2s"`, `"1h2m3.5s"`, `"0"`)
-/// or a plain non-negative JSON number, read as milliseconds.
-pub(crate) fn duration_from_value(value: &Value) -> Result<Duration, String> {
-    match value {
-        Value::String(text) => parse_go_duration(text),
-        Value::Number(number) => {
-            let millis = number
-                .as_f64()
-                .filter(|millis| millis.is_finite() && *millis >= 0.0)
-                .ok_or_else(|| format!("{number} is not a non-negative number of milliseconds"))?;
-            nanos_to_duration(millis * 1e6)
-                .ok_or_else(|| format!("{number} milliseconds is out of range"))
+/// A config duration: a Go duration string (`"200ms"`, `"2s"`, `"1h2m3.5s"`, `"0"`) or a plain
+/// non-negative number, read as milliseconds.
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    deserializer.deserialize_any(DurationVisitor)
+}
+
+/// [`duration`] for an optional field (absent is `None`; the field needs `#[serde(default)]`).
+pub(crate) fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+/// A cap given as a Kubernetes quantity; `0` means unbounded and reads as `None`.
+pub(crate) fn cap<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let cap = deserializer.deserialize_any(QuantityVisitor)?;
+    Ok((cap > 0).then_some(cap))
+}
+
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"200ms\" or a number of milliseconds")
+    }
+
+    fn visit_u64<E: de::Error>(self, millis: u64) -> Result<Duration, E> {
+        Ok(Duration::from_millis(millis))
+    }
+
+    fn visit_i64<E: de::Error>(self, millis: i64) -> Result<Duration, E> {
+        u64::try_from(millis).map(Duration::from_millis).map_err(|_| {
+            E::custom(format_args!("{millis} is not a non-negative number of milliseconds"))
+        })
+    }
+
+    fn visit_f64<E: de::Error>(self, millis: f64) -> Result<Duration, E> {
+        if !(millis.is_finite() && millis >= 0.0) {
+            return Err(E::custom(format_args!(
+                "{millis} is not a non-negative number of milliseconds"
+            )));
         }
-        other => Err(format!(
-            "expected a duration such as \"200ms\" or a number of milliseconds, found {}",
-            kind_of(other)
-        )),
+        nanos_to_duration(millis * 1e6)
+            .ok_or_else(|| E::custom(format_args!("{millis} milliseconds is out of range")))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+        parse_go_duration(text).map_err(E::custom)
     }
 }
 
@@ -76,20 +112,34 @@ fn nanos_to_duration(nanos: f64) -> Option<Duration> {
         .then(|| Duration::from_nanos(nanos.round() as u64))
 }
 
-/// Parses a Kubernetes quantity as a non-negative integer count: a JSON number, or a string
-/// with an optional decimal (`k`, `M`, `G`, `T`, `P`, `E`) or binary (`Ki` ... `Ei`) suffix.
+/// A Kubernetes quantity as a non-negative integer count: a number, or a string with an
+/// optional decimal (`k`, `M`, `G`, `T`, `P`, `E`) or binary (`Ki` ... `Ei`) suffix.
 /// Fractional results are rounded up, so a limit is never loosened by rounding.
-pub(crate) fn quantity_from_value(value: &Value) -> Result<u64, String> {
-    match value {
-        Value::Number(number) => match number.as_u64() {
-            Some(count) => Ok(count),
-            None => quantity_from_float(number.as_f64(), &number.to_string()),
-        },
-        Value::String(text) => parse_quantity(text),
-        other => Err(format!(
-            "expected a quantity such as 100, \"2k\" or \"1Gi\", found {}",
-            kind_of(other)
-        )),
+struct QuantityVisitor;
+
+impl Visitor<'_> for QuantityVisitor {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a quantity such as 100, \"2k\" or \"1Gi\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, count: u64) -> Result<u64, E> {
+        Ok(count)
+    }
+
+    fn visit_i64<E: de::Error>(self, count: i64) -> Result<u64, E> {
+        u64::try_from(count).map_err(|_| {
+            E::custom(format_args!("'{count}' is not a non-negative quantity in range"))
+        })
+    }
+
+    fn visit_f64<E: de::Error>(self, count: f64) -> Result<u64, E> {
+        quantity_from_float(count, &count.to_string()).map_err(E::custom)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
+        parse_quantity(text).map_err(E::custom)
     }
 }
 
@@ -120,34 +170,29 @@ fn parse_quantity(text: &str) -> Result<u64, String> {
         return whole.checked_mul(multiplier).ok_or_else(|| format!("'{text}' is out of range"));
     }
     let fraction: f64 = number.parse().map_err(|_| invalid())?;
-    quantity_from_float(Some(fraction * multiplier as f64), text)
+    quantity_from_float(fraction * multiplier as f64, text)
 }
 
-fn quantity_from_float(value: Option<f64>, shown: &str) -> Result<u64, String> {
-    match value {
-        Some(value) if value.is_finite() && value >= 0.0 && value < u64::MAX as f64 => {
-            Ok(value.ceil() as u64)
-        }
-        _ => Err(format!("'{shown}' is not a non-negative quantity in range")),
-    }
-}
-
-/// A short name of a JSON value's type, for error messages.
-pub(crate) fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a map",
+fn quantity_from_float(value: f64, shown: &str) -> Result<u64, String> {
+    if value.is_finite() && value >= 0.0 && value < u64::MAX as f64 {
+        Ok(value.ceil() as u64)
+    } else {
+        Err(format!("'{shown}' is not a non-negative quantity in range"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    fn duration_of(value: Value) -> Result<Duration, String> {
+        duration(value).map_err(|error| error.to_string())
+    }
+
+    fn quantity_of(value: Value) -> Result<u64, String> {
+        value.deserialize_any(QuantityVisitor).map_err(|error| error.to_string())
+    }
 
     #[test]
     fn go_durations() {
@@ -168,25 +213,37 @@ mod tests {
 
     #[test]
     fn numbers_are_milliseconds() {
-        assert_eq!(duration_from_value(&json!(150)), Ok(Duration::from_millis(150)));
-        assert_eq!(duration_from_value(&json!(0.5)), Ok(Duration::from_micros(500)));
-        assert!(duration_from_value(&json!(-1)).is_err());
-        assert!(duration_from_value(&json!(true)).expect_err("must fail").contains("a boolean"));
+        assert_eq!(duration_of(json!(150)), Ok(Duration::from_millis(150)));
+        assert_eq!(duration_of(json!(0.5)), Ok(Duration::from_micros(500)));
+        assert_eq!(duration_of(json!("1m30s")), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            duration_of(json!(-1)),
+            Err("-1 is not a non-negative number of milliseconds".to_owned())
+        );
+        assert_eq!(
+            duration_of(json!(true)),
+            Err("invalid type: boolean `true`, expected a duration such as \"200ms\" or a number of milliseconds".to_owned())
+        );
     }
 
     #[test]
     fn quantities() {
-        assert_eq!(quantity_from_value(&json!(100)), Ok(100));
-        assert_eq!(quantity_from_value(&json!("100")), Ok(100));
-        assert_eq!(quantity_from_value(&json!("2k")), Ok(2_000));
-        assert_eq!(quantity_from_value(&json!("1Gi")), Ok(1 << 30));
-        assert_eq!(quantity_from_value(&json!("1.5Ki")), Ok(1536));
-        assert_eq!(quantity_from_value(&json!(2.5)), Ok(3));
+        assert_eq!(quantity_of(json!(100)), Ok(100));
+        assert_eq!(quantity_of(json!("100")), Ok(100));
+        assert_eq!(quantity_of(json!("2k")), Ok(2_000));
+        assert_eq!(quantity_of(json!("1Gi")), Ok(1 << 30));
+        assert_eq!(quantity_of(json!("1.5Ki")), Ok(1536));
+        assert_eq!(quantity_of(json!(2.5)), Ok(3));
         for bad in [json!("-1"), json!("1X"), json!(""), json!("Gi"), json!(-3), json!([1])] {
-            assert!(quantity_from_value(&bad).is_err(), "{bad} must be refused");
+            assert!(quantity_of(bad.clone()).is_err(), "{bad} must be refused");
         }
-        assert!(
-            quantity_from_value(&json!("100Ei")).expect_err("must fail").contains("out of range")
-        );
+        assert!(quantity_of(json!("100Ei")).expect_err("must fail").contains("out of range"));
+    }
+
+    #[test]
+    fn zero_caps_are_unbounded() {
+        assert_eq!(cap(json!(0)).map_err(|error| error.to_string()), Ok(None));
+        assert_eq!(cap(json!("0Gi")).map_err(|error| error.to_string()), Ok(None));
+        assert_eq!(cap(json!("2k")).map_err(|error| error.to_string()), Ok(Some(2_000)));
     }
 }
