@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
@@ -23,7 +24,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse, processing_request,
 };
-use ext_proc_adapter::envoy_client::{Decision, ProxyRequest, ProxyStream};
 use ext_proc_adapter::server::{self, ServerConfig};
 use ext_proc_adapter::{DirectorOptions, StreamLimits, proto};
 use parking_lot::Mutex;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use ext_proc_adapter::envoy_client::{Decision, ProxyRequest, ProxyStream};
 use ext_proc_adapter::{Director, DirectorOptions, EppExtProc, StreamLimits};
 use parking_lot::Mutex;
 use scheduler_core::{
@@ -379,4 +379,26 @@ async fn with_the_flow_control_gate_requests_wait_until_saturation_lifts() {
     let decision = tokio::time::timeout(Duration::from_secs(10), decision).await.unwrap().unwrap();
     let Decision::Routed { destination, .. } = decision else { panic!("{decision:?}") };
     assert_eq!(destination, "127.0.0.1:9101");
+}
+
+#[test]
+fn the_proxy_side_uses_the_pickers_header_and_metadata_names() {
+    use demo::ext_proc_client as proxy_side;
+    use ext_proc_adapter::proto;
+    assert_eq!(
+        [
+            proxy_side::DESTINATION_ENDPOINT_KEY,
+            proxy_side::LB_METADATA_NAMESPACE,
+            proxy_side::SUBSET_HINT_NAMESPACE,
+            proxy_side::SUBSET_HINT_KEY,
+            proxy_side::SERVED_ENDPOINT_KEY,
+        ],
+        [
+            proto::DESTINATION_ENDPOINT_KEY,
+            proto::LB_METADATA_NAMESPACE,
+            proto::SUBSET_HINT_NAMESPACE,
+            proto::SUBSET_HINT_KEY,
+            proto::SERVED_ENDPOINT_KEY,
+        ]
+    );
 }

@@ -1,9 +1,11 @@
 //! The proxy's side of the ext-proc protocol, as Envoy drives it in full-duplex streamed mode:
-//! for tests, the demo and the load generator.
+//! for the demo's proxy, the load generator, and tests of pickers.
 //!
 //! One stream per request: headers and every body chunk are sent without waiting for answers;
 //! the picker's answers are then read until the decision (route or immediate response) and the
-//! echoed body are complete.
+//! echoed body are complete. The header and metadata names are the Gateway API Inference
+//! Extension's; the proxy reads the destination as the picker writes it, a comma-separated
+//! list of `ip:port` whose first entry is the primary.
 
 use std::net::SocketAddr;
 
@@ -19,7 +21,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::proto;
+/// Header (and metadata key) carrying the chosen endpoint(s) from the picker to the proxy.
+pub const DESTINATION_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint";
+/// Dynamic metadata namespace the proxy's load balancer reads.
+pub const LB_METADATA_NAMESPACE: &str = "envoy.lb";
+/// Metadata namespace of the proxy's subset hint.
+pub const SUBSET_HINT_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint: the endpoints the request may go to.
+pub const SUBSET_HINT_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Key of the endpoint that actually served the request, reported on the response.
+pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
 
 /// What the picker decided for a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,7 +169,7 @@ impl ProxyStream {
                         .and_then(|mutation| {
                             mutation.set_headers.into_iter().find_map(|option| {
                                 let header = option.header?;
-                                (header.key == proto::DESTINATION_ENDPOINT_KEY).then(|| {
+                                (header.key == DESTINATION_ENDPOINT_KEY).then(|| {
                                     String::from_utf8_lossy(&header.raw_value).into_owned()
                                 })
                             })
@@ -167,11 +178,9 @@ impl ProxyStream {
                     let from_metadata = answer
                         .dynamic_metadata
                         .as_ref()
-                        .and_then(|m| m.fields.get(proto::LB_METADATA_NAMESPACE))
+                        .and_then(|m| m.fields.get(LB_METADATA_NAMESPACE))
                         .and_then(|v| match &v.kind {
-                            Some(Kind::StructValue(lb)) => {
-                                lb.fields.get(proto::DESTINATION_ENDPOINT_KEY)
-                            }
+                            Some(Kind::StructValue(lb)) => lb.fields.get(DESTINATION_ENDPOINT_KEY),
                             _ => None,
                         })
                         .and_then(|v| match &v.kind {
@@ -233,11 +242,11 @@ impl ProxyStream {
         let metadata = served.map(|address| {
             let mut lb = Struct::default();
             lb.fields.insert(
-                proto::SERVED_ENDPOINT_KEY.to_owned(),
+                SERVED_ENDPOINT_KEY.to_owned(),
                 Value { kind: Some(Kind::StringValue(address.to_string())) },
             );
             let mut metadata = Metadata::default();
-            metadata.filter_metadata.insert(proto::LB_METADATA_NAMESPACE.to_owned(), lb);
+            metadata.filter_metadata.insert(LB_METADATA_NAMESPACE.to_owned(), lb);
             metadata
         });
         self.send(ProcessingRequest {
@@ -303,9 +312,8 @@ fn subset_metadata(subset: &[String]) -> Metadata {
             .collect(),
     };
     let mut hint = Struct::default();
-    hint.fields
-        .insert(proto::SUBSET_HINT_KEY.to_owned(), Value { kind: Some(Kind::ListValue(list)) });
+    hint.fields.insert(SUBSET_HINT_KEY.to_owned(), Value { kind: Some(Kind::ListValue(list)) });
     let mut metadata = Metadata::default();
-    metadata.filter_metadata.insert(proto::SUBSET_HINT_NAMESPACE.to_owned(), hint);
+    metadata.filter_metadata.insert(SUBSET_HINT_NAMESPACE.to_owned(), hint);
     metadata
 }

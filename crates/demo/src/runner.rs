@@ -1,37 +1,26 @@
-//! `epp demo`: the picker end to end in one process, on loopback, compared with round-robin.
+//! The demo run: the same seeded workload through the picker, then through round-robin.
 //!
-//! Each policy run starts fresh simulated vLLM servers ([`model_server`]) so no run inherits
-//! another's warm caches. For the `epp` policy the real ext-proc server ([`crate::server`])
-//! schedules over them, fed by the metrics collector, and an Envoy-like proxy
-//! ([`proxy`]) asks it where each request of the seeded workload ([`workload`]) goes; for
-//! `round-robin` the proxy rotates endpoints itself. The table ([`report`]) compares the two.
-
-pub mod model_server;
-pub mod proxy;
-pub mod report;
-pub mod workload;
+//! Each policy run starts fresh simulated vLLM servers ([`crate::model_server`]) so no run
+//! inherits another's warm caches. For the `epp` policy a picker started by the caller's
+//! [`PickerLauncher`] schedules over them, and the Envoy-like proxy ([`crate::proxy`]) asks it
+//! over ext-proc where each request of the workload ([`crate::workload`]) goes; for
+//! `round-robin` the proxy rotates endpoints itself. [`crate::report`] compares the two.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use indicatif::{ProgressBar, ProgressStyle};
-use metrics_model::collector::CollectorConfig;
-use metrics_model::mapping::Engine;
-use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
-use scheduler_core::{Director, EndpointPickerConfig, SharedPool};
+use scheduler_core::EndpointPickerConfig;
 use tokio::sync::Semaphore;
 
-pub use model_server::{RunningSim, SimConfig, SimServer};
-pub use proxy::{Outcome, Proxy, Routing};
-pub use report::{PolicyReport, render};
-pub use workload::{PlannedRequest, WorkloadConfig};
-
-use crate::endpoints_file::EndpointEntry;
-use crate::server::{self, CollectorSettings, ServerConfig};
-use crate::{DirectorOptions, StreamLimits};
+use crate::launcher::{LaunchError, PickerLauncher, PickerSpec};
+use crate::model_server::{self, ModelServerConfig, RunningModelServer};
+use crate::proxy::{Proxy, Routing};
+use crate::report::PolicyReport;
+use crate::workload::{self, PlannedRequest, WorkloadConfig};
 
 /// How to run the demo.
 #[derive(Clone, Debug)]
@@ -50,8 +39,8 @@ pub struct DemoOptions {
     pub progress: bool,
     /// The picker's config; `None` uses [`demo_config`].
     pub config: Option<EndpointPickerConfig>,
-    /// The simulated servers.
-    pub sim: SimConfig,
+    /// The simulated model servers.
+    pub model_server: ModelServerConfig,
     /// Mean arrival rate; `None` scales with the servers (`servers * 75` per second).
     pub rate_per_second: Option<f64>,
 }
@@ -66,7 +55,7 @@ impl Default for DemoOptions {
             policy_compare: true,
             progress: true,
             config: None,
-            sim: SimConfig::default(),
+            model_server: ModelServerConfig::default(),
             rate_per_second: None,
         }
     }
@@ -78,12 +67,9 @@ pub enum DemoError {
     /// A listener could not bind.
     #[error("cannot start a simulated model server: {0}")]
     Bind(#[from] std::io::Error),
-    /// The picker could not start.
+    /// The launcher could not start the picker.
     #[error(transparent)]
-    Server(#[from] server::ServerError),
-    /// The picker's config is unusable.
-    #[error("invalid picker config: {0}")]
-    Config(#[from] scheduler_core::DirectorBuildError),
+    Picker(LaunchError),
     /// The proxy could not reach the picker.
     #[error("cannot connect to the picker: {0}")]
     Connect(#[from] tonic::transport::Error),
@@ -100,7 +86,7 @@ pub enum DemoError {
 /// prefix affinity herds a popular system prompt's burst onto one server before the queue
 /// shows; the picker's own in-flight count spreads the burst at once (in this demo it roughly
 /// halves the p90 time to first token against GIE's default profile).
-pub fn demo_config(sim: &SimConfig) -> EndpointPickerConfig {
+pub fn demo_config(model_server: &ModelServerConfig) -> EndpointPickerConfig {
     let yaml = format!(
         "apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -128,7 +114,7 @@ schedulingProfiles:
   - pluginRef: max-score-picker
 ",
         block = model_server::BLOCK_CHARS,
-        capacity = sim.kv_blocks.max(1),
+        capacity = model_server.kv_blocks.max(1),
     );
     match EndpointPickerConfig::from_yaml(&yaml) {
         Ok(config) => config,
@@ -137,8 +123,12 @@ schedulingProfiles:
     }
 }
 
-/// Runs the workload with the picker, then (if asked) with round-robin; one report each.
-pub async fn run(options: &DemoOptions) -> Result<Vec<PolicyReport>, DemoError> {
+/// Runs the workload with a picker from `launcher`, then (if asked) with round-robin; one
+/// report each.
+pub async fn run<L: PickerLauncher>(
+    options: &DemoOptions,
+    launcher: &L,
+) -> Result<Vec<PolicyReport>, DemoError> {
     if options.servers == 0 || options.requests == 0 || options.concurrency == 0 {
         return Err(DemoError::Options("--servers, --requests and --concurrency must be >= 1"));
     }
@@ -146,12 +136,12 @@ pub async fn run(options: &DemoOptions) -> Result<Vec<PolicyReport>, DemoError> 
         requests: options.requests,
         seed: options.seed,
         rate_per_second: options.rate_per_second.unwrap_or(options.servers as f64 * 75.0),
-        base_model: options.sim.base_model.clone(),
+        base_model: options.model_server.base_model.clone(),
         ..WorkloadConfig::default()
     });
-    let mut reports = vec![run_policy(Policy::Epp, options, &workload).await?];
+    let mut reports = vec![run_policy(Policy::Epp, options, launcher, &workload).await?];
     if options.policy_compare {
-        reports.push(run_policy(Policy::RoundRobin, options, &workload).await?);
+        reports.push(run_policy(Policy::RoundRobin, options, launcher, &workload).await?);
     }
     Ok(reports)
 }
@@ -171,23 +161,40 @@ impl Policy {
     }
 }
 
-async fn run_policy(
+async fn run_policy<L: PickerLauncher>(
     policy: Policy,
     options: &DemoOptions,
+    launcher: &L,
     workload: &[PlannedRequest],
 ) -> Result<PolicyReport, DemoError> {
-    let mut sims = Vec::with_capacity(options.servers);
+    let mut servers = Vec::with_capacity(options.servers);
     for _ in 0..options.servers {
-        sims.push(RunningSim::start(options.sim.clone()).await?);
+        servers.push(RunningModelServer::start(options.model_server.clone()).await?);
     }
-    let endpoints: Vec<SocketAddr> = sims.iter().map(|sim| sim.address).collect();
+    let endpoints: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
     let mut picker = None;
     let routing = match policy {
         Policy::RoundRobin => Routing::RoundRobin(AtomicUsize::new(0)),
         Policy::Epp => {
-            let (running, client) = start_picker(options, &endpoints).await?;
-            picker = Some(running);
-            Routing::Picker(client)
+            let config =
+                options.config.clone().unwrap_or_else(|| demo_config(&options.model_server));
+            let spec = PickerSpec {
+                config: &config,
+                objectives_yaml: OBJECTIVE_PRIORITIES,
+                endpoints: &endpoints,
+            };
+            let launched = launcher.launch(spec).await.map_err(DemoError::Picker)?;
+            let address = format!("http://{}", launched.grpc_address);
+            match ExternalProcessorClient::connect(address).await {
+                Ok(client) => {
+                    picker = Some(launched);
+                    Routing::Picker(client)
+                }
+                Err(error) => {
+                    launched.shutdown().await;
+                    return Err(error.into());
+                }
+            }
         }
     };
     let proxy = Arc::new(Proxy::new(routing, endpoints.clone()));
@@ -221,87 +228,22 @@ async fn run_policy(
     bar.finish_and_clear();
     outcomes.sort_by_key(|outcome| outcome.index);
 
-    let (hits, queries) = sims.iter().fold((0, 0), |(hits, queries), sim| {
-        let stats = sim.server.stats();
+    let (hits, queries) = servers.iter().fold((0, 0), |(hits, queries), server| {
+        let stats = server.server.stats();
         (hits + stats.prefix_hits, queries + stats.prefix_queries)
     });
-    if let Some(running) = picker {
-        running.shutdown(Duration::from_secs(1)).await;
+    if let Some(picker) = picker {
+        picker.shutdown().await;
     }
-    for sim in &sims {
-        sim.stop();
+    for server in &servers {
+        server.stop();
     }
     Ok(PolicyReport::new(policy.name(), &endpoints, &outcomes, hits, queries, wall))
 }
 
-/// Priorities of the workload's objectives: `sheddable` is shed when the pool saturates.
-const OBJECTIVE_PRIORITIES: &str = "- {name: critical, priority: 100}\n- {name: standard, priority: 0}\n- {name: sheddable, priority: -1}\n";
-
-async fn start_picker(
-    options: &DemoOptions,
-    endpoints: &[SocketAddr],
-) -> Result<(server::RunningServer, ExternalProcessorClient<tonic::transport::Channel>), DemoError>
-{
-    let config = options.config.clone().unwrap_or_else(|| demo_config(&options.sim));
-    let pool = Arc::new(SharedPool::default());
-    let objectives =
-        ObjectiveResolver::from_yaml(OBJECTIVE_PRIORITIES, Arc::new(FlowMetrics::new()))
-            .map_err(|_| DemoError::Options("built-in objectives are invalid"))?;
-    let director = Director::from_config(
-        &config,
-        &scorers::builtin_registry(),
-        Arc::clone(&pool),
-        DirectorOptions::default(),
-        objectives,
-    )?;
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let running = server::start_with_director(
-        Arc::new(director),
-        ServerConfig {
-            grpc_address: loopback,
-            health_address: loopback,
-            metrics_address: loopback,
-            tls: None,
-            director: DirectorOptions::default(),
-            limits: StreamLimits::default(),
-            pool_name: "demo-pool".into(),
-            staleness_threshold: Some(Duration::from_secs(2)),
-            endpoints_file: None,
-            collector: Some(CollectorSettings {
-                config: CollectorConfig {
-                    interval: Duration::from_millis(50),
-                    ..CollectorConfig::default()
-                },
-                default_engine: Engine::Vllm,
-            }),
-        },
-    )
-    .await?;
-    let entries: Vec<EndpointEntry> = endpoints
-        .iter()
-        .enumerate()
-        .map(|(index, address)| EndpointEntry {
-            address: address.ip(),
-            port: address.port(),
-            name: Some(format!("sim-{index}")),
-            engine: None,
-            role: None,
-            labels: Default::default(),
-        })
-        .collect();
-    running.pool_writer.apply(&entries)?;
-    // Start only once every endpoint has been scraped, so the first decisions see real load.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline
-        && (pool.load().len() < endpoints.len()
-            || pool.load().endpoints().iter().any(|state| state.metrics.updated_at.is_none()))
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let client =
-        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await?;
-    Ok((running, client))
-}
+/// Priorities of the workload's objectives (an `--objectives-file`): `sheddable` is shed when
+/// the pool saturates.
+pub const OBJECTIVE_PRIORITIES: &str = "- {name: critical, priority: 100}\n- {name: standard, priority: 0}\n- {name: sheddable, priority: -1}\n";
 
 fn progress_bar(show: bool, length: u64, policy: &str) -> ProgressBar {
     if !show {
