@@ -28,9 +28,7 @@
 //! ```
 
 pub mod cli;
-pub mod demo;
 pub mod endpoints_file;
-pub mod envoy_client;
 pub mod exchange;
 pub mod health;
 pub mod metrics;

@@ -1,5 +1,8 @@
 //! The `epp` binary: the endpoint picker server, and `epp demo`, the picker end to end.
 
+#[cfg(feature = "demo")]
+mod demo_launcher;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -7,7 +10,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use ext_proc_adapter::cli::{Cli, Command, DemoArgs, ServerFlags};
-use ext_proc_adapter::demo::{self, DemoOptions};
 use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
@@ -162,26 +164,29 @@ fn default_engine(flags: &ServerFlags) -> Result<Engine, String> {
         .map_err(|error| format!("invalid metric flag: {error}"))
 }
 
+#[cfg(feature = "demo")]
 async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
     let config = match (&flags.config_text, &flags.config_file) {
         (None, None) => None,
         _ => Some(load_config(flags)?),
     };
-    let options = DemoOptions {
+    let options = demo::DemoOptions {
         servers: args.servers,
         requests: args.requests,
         concurrency: args.concurrency,
         seed: args.seed,
         policy_compare: args.policy_compare,
         config,
-        ..DemoOptions::default()
+        ..demo::DemoOptions::default()
     };
     println!(
         "epp demo: {} simulated vLLM servers on 127.0.0.1, {} requests (seed {}, at most {} in flight)",
         options.servers, options.requests, options.seed, options.concurrency
     );
     let started = std::time::Instant::now();
-    let reports = demo::run(&options).await.map_err(|error| error.to_string())?;
+    let reports = demo::run(&options, &demo_launcher::InProcessPicker)
+        .await
+        .map_err(|error| error.to_string())?;
     print!("{}", demo::render(&reports));
     println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
     // A failed request means the pipeline is broken somewhere: make scripts and CI notice.
@@ -190,6 +195,11 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
         return Err(format!("{failed} demo requests failed"));
     }
     Ok(())
+}
+
+#[cfg(not(feature = "demo"))]
+async fn run_demo(_: DemoArgs, _: &ServerFlags) -> Result<(), String> {
+    Err("this epp was built without the `demo` feature".into())
 }
 
 async fn shutdown_signal() {

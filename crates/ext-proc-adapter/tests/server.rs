@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use ext_proc_adapter::envoy_client::{Decision, ProxyRequest, ProxyStream};
 use ext_proc_adapter::server::{self, CollectorSettings, RunningServer, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ext_proc_adapter::demo::{RunningSim, SimConfig, proxy};
+use demo::http_client;
+use demo::{ModelServerConfig, RunningModelServer};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,9 +26,11 @@ use tower_adapter::{EndpointPickerLayer, PickedEndpoint};
 use tower_layer::Layer;
 
 /// Forwards a request to the endpoint the layer picked.
-async fn forward(request: http::Request<Full<Bytes>>) -> Result<http::Response<Incoming>, String> {
+async fn forward(
+    request: http::Request<Full<Bytes>>,
+) -> Result<http::Response<Incoming>, Box<dyn Error + Send + Sync>> {
     let picked = request.extensions().get::<PickedEndpoint>().cloned().ok_or("no pick")?;
-    proxy::send(picked.primary, request).await
+    Ok(http_client::send(picked.primary, request).await?)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +38,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // The model servers.
     let mut servers = Vec::new();
     for _ in 0..3 {
-        servers.push(RunningSim::start(SimConfig::default()).await?);
+        servers.push(RunningModelServer::start(ModelServerConfig::default()).await?);
     }
 
     // The picker: GIE's default profile over a pool the collector keeps fresh.
@@ -78,14 +81,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
             ]
         });
         let response =
-            proxy::post(proxy_address, "/v1/chat/completions", body.to_string().into_bytes())
+            http_client::post(proxy_address, "/v1/chat/completions", body.to_string().into_bytes())
                 .await?;
         let status = response.status();
         let text = response.into_body().collect().await?.to_bytes();
         println!("request {turn}: {status}, {} bytes of completion", text.len());
     }
     let bad =
-        proxy::post(proxy_address, "/v1/chat/completions", b"{\"messages\": []}".to_vec()).await?;
+        http_client::post(proxy_address, "/v1/chat/completions", b"{\"messages\": []}".to_vec())
+            .await?;
     let status = bad.status();
     let body = bad.into_body().collect().await?.to_bytes();
     println!("malformed request: {status} {}", String::from_utf8_lossy(&body));

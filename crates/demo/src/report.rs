@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::proxy::Outcome;
-use super::workload::OBJECTIVES;
+use crate::proxy::RequestOutcome;
+use crate::workload::OBJECTIVES;
 
 /// What one policy achieved on the workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,7 +42,7 @@ impl PolicyReport {
     pub fn new(
         policy: &str,
         endpoints: &[SocketAddr],
-        outcomes: &[Outcome],
+        outcomes: &[RequestOutcome],
         prefix_hits: u64,
         prefix_queries: u64,
         wall: Duration,
@@ -192,8 +192,8 @@ pub fn render(reports: &[PolicyReport]) -> String {
 mod tests {
     use super::*;
 
-    fn outcome(index: usize, status: u16, port: u16, millis: u64) -> Outcome {
-        Outcome {
+    fn outcome(index: usize, status: u16, port: u16, millis: u64) -> RequestOutcome {
+        RequestOutcome {
             index,
             objective: OBJECTIVES[index % 3],
             status,
@@ -209,7 +209,7 @@ mod tests {
     fn counts_sheds_errors_and_percentiles() {
         let endpoints =
             [SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2))];
-        let outcomes: Vec<Outcome> = (0..10)
+        let outcomes: Vec<RequestOutcome> = (0..10)
             .map(|i| outcome(i, 200, 1 + (i % 2) as u16, 10 * (i as u64 + 1)))
             .chain([outcome(11, 429, 1, 1), outcome(12, 503, 1, 1)])
             .collect();

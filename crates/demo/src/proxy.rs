@@ -8,16 +8,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 use scheduler_core::request::OBJECTIVE_HEADER;
-use tokio::net::TcpStream;
 use tonic::transport::Channel;
 
-use super::workload::PlannedRequest;
-use crate::envoy_client::{Decision, ProxyRequest, ProxyStream};
+use crate::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
+use crate::http_client::post;
+use crate::workload::PlannedRequest;
 
 /// Request body bytes per ext-proc message, as Envoy's default buffer sends them.
 pub const BODY_CHUNK_BYTES: usize = 16 * 1024;
@@ -33,7 +30,7 @@ pub enum Routing {
 
 /// What happened to one request.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
+pub struct RequestOutcome {
     /// Position in the workload.
     pub index: usize,
     /// Its objective.
@@ -66,9 +63,9 @@ impl Proxy {
     }
 
     /// Serves one request end to end; never fails, the outcome says what went wrong.
-    pub async fn serve(&self, request: &PlannedRequest) -> Outcome {
+    pub async fn serve(&self, request: &PlannedRequest) -> RequestOutcome {
         let started = Instant::now();
-        let mut outcome = Outcome {
+        let mut outcome = RequestOutcome {
             index: request.index,
             objective: request.objective,
             status: 0,
@@ -89,7 +86,7 @@ impl Proxy {
         &self,
         request: &PlannedRequest,
         started: Instant,
-        outcome: &mut Outcome,
+        outcome: &mut RequestOutcome,
     ) -> Result<(), String> {
         let (address, mut stream) = match &self.routing {
             Routing::RoundRobin(next) => {
@@ -136,7 +133,8 @@ impl Proxy {
             }
         };
         outcome.endpoint = Some(address);
-        let response = post(address, request.path, request.body.clone()).await?;
+        let response =
+            post(address, request.path, request.body.clone()).await.map_err(|e| e.to_string())?;
         outcome.status = response.status().as_u16();
         let mut body = response.into_body();
         let mut chunks: Vec<Bytes> = Vec::new();
@@ -155,51 +153,4 @@ impl Proxy {
         }
         Ok(())
     }
-}
-
-/// Sends `request` to `address` over a fresh HTTP/1 connection.
-pub async fn send(
-    address: SocketAddr,
-    request: Request<Full<Bytes>>,
-) -> Result<Response<Incoming>, String> {
-    let stream =
-        TcpStream::connect(address).await.map_err(|e| format!("connect to {address}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake with {address}: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "upstream connection ended with an error");
-        }
-    });
-    sender.send_request(request).await.map_err(|e| format!("request to {address}: {e}"))
-}
-
-/// POSTs a JSON body to `address` on a fresh connection.
-pub async fn post(
-    address: SocketAddr,
-    path: &str,
-    body: Vec<u8>,
-) -> Result<Response<Incoming>, String> {
-    let request = Request::post(path)
-        .header(hyper::header::HOST, address.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    send(address, request).await
-}
-
-/// GETs `path` from `address` and returns the body as text.
-pub async fn http_get(address: SocketAddr, path: &str) -> Result<String, String> {
-    let request = Request::get(path)
-        .header(hyper::header::HOST, address.to_string())
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let response = send(address, request).await?;
-    if !response.status().is_success() {
-        return Err(format!("{address}{path} answered {}", response.status()));
-    }
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    String::from_utf8(body.to_vec()).map_err(|_| format!("{address}{path} is not UTF-8"))
 }

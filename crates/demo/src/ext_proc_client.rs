@@ -1,9 +1,11 @@
 //! The proxy's side of the ext-proc protocol, as Envoy drives it in full-duplex streamed mode:
-//! for tests, the demo and the load generator.
+//! for the demo's proxy, the load generator, and tests of pickers.
 //!
 //! One stream per request: headers and every body chunk are sent without waiting for answers;
 //! the picker's answers are then read until the decision (route or immediate response) and the
-//! echoed body are complete.
+//! echoed body are complete. The header and metadata names are the Gateway API Inference
+//! Extension's; the proxy reads the destination as the picker writes it, a comma-separated
+//! list of `ip:port` whose first entry is the primary.
 
 use std::net::SocketAddr;
 

@@ -13,31 +13,27 @@
 //!
 //! KV usage reports the blocks pinned by running requests over the capacity, as vLLM's
 //! `vllm:kv_cache_usage_perc` does; the prefix cache counters are in blocks.
+//!
+//! [`ModelServer`] is the logic (admission, prefix cache, adapters, metrics text);
+//! [`RunningModelServer`] serves it over HTTP/1.1 on loopback; [`PrefixLru`] is its
+//! prefix cache.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
+mod http;
+mod prefix_lru;
+
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use prefix_cache::{BlockHasher, BlockHasherConfig};
 use scheduler_core::ParsedBody;
 use serde::Deserialize;
-use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use http::{Body, RunningModelServer};
+pub use prefix_lru::PrefixLru;
 
 /// Characters per prompt block, as the picker's prefix scorer cuts prompts by default.
 pub const BLOCK_CHARS: usize = 64;
@@ -54,7 +50,7 @@ const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// The simulated hardware and its speed.
 #[derive(Clone, Debug)]
-pub struct SimConfig {
+pub struct ModelServerConfig {
     /// Name of the base model; any other `model` names a LoRA adapter.
     pub base_model: String,
     /// Requests decoded at once; more wait.
@@ -73,7 +69,7 @@ pub struct SimConfig {
     pub lora_load: Duration,
 }
 
-impl Default for SimConfig {
+impl Default for ModelServerConfig {
     fn default() -> Self {
         Self {
             base_model: "llama-3-8b".into(),
@@ -88,56 +84,9 @@ impl Default for SimConfig {
     }
 }
 
-/// An LRU set of block hashes with a capacity: the prefix cache of one server.
-#[derive(Debug)]
-pub struct PrefixLru {
-    capacity: usize,
-    stamps: HashMap<u64, u64>,
-    order: BTreeMap<u64, u64>,
-    clock: u64,
-}
-
-impl PrefixLru {
-    /// An empty cache holding at most `capacity` blocks.
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity, stamps: HashMap::new(), order: BTreeMap::new(), clock: 0 }
-    }
-
-    /// Counts the prompt's leading blocks already cached, then caches every block of it.
-    /// Returns the hit count.
-    pub fn lookup_and_insert(&mut self, blocks: &[u64]) -> usize {
-        let hits = blocks.iter().take_while(|hash| self.stamps.contains_key(hash)).count();
-        // Touch the tail first so the prompt's first blocks are the most recent: eviction then
-        // takes tails before heads, and a shared head (system prompt) survives longest, as in
-        // vLLM's block manager.
-        for &hash in blocks.iter().rev() {
-            self.clock += 1;
-            if let Some(old) = self.stamps.insert(hash, self.clock) {
-                self.order.remove(&old);
-            }
-            self.order.insert(self.clock, hash);
-        }
-        while self.stamps.len() > self.capacity {
-            let Some((_, hash)) = self.order.pop_first() else { break };
-            self.stamps.remove(&hash);
-        }
-        hits
-    }
-
-    /// Blocks cached.
-    pub fn len(&self) -> usize {
-        self.stamps.len()
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.stamps.is_empty()
-    }
-}
-
 /// Counters and gauges of a server at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct SimStats {
+pub struct ModelServerStats {
     /// Requests decoding.
     pub running: u32,
     /// Requests waiting for a slot.
@@ -186,8 +135,8 @@ fn count_down(counts: &mut BTreeMap<String, u32>, key: &str) {
 
 /// The server's logic, independent of HTTP.
 #[derive(Debug)]
-pub struct SimServer {
-    config: SimConfig,
+pub struct ModelServer {
+    config: ModelServerConfig,
     hasher: BlockHasher,
     slots: Arc<Semaphore>,
     state: Mutex<State>,
@@ -239,8 +188,8 @@ impl Job {
 /// A request holding a running slot; dropping it frees the slot and its KV blocks, also when
 /// the client goes away mid-stream.
 #[derive(Debug)]
-pub struct Admitted {
-    server: Arc<SimServer>,
+pub struct RunningJob {
+    server: Arc<ModelServer>,
     _permit: OwnedSemaphorePermit,
     adapter: Option<String>,
     pinned_blocks: usize,
@@ -250,7 +199,7 @@ pub struct Admitted {
     pub hit_blocks: usize,
 }
 
-impl Drop for Admitted {
+impl Drop for RunningJob {
     fn drop(&mut self) {
         let mut state = self.server.state.lock();
         state.running = state.running.saturating_sub(1);
@@ -264,7 +213,7 @@ impl Drop for Admitted {
 
 /// Undoes the waiting count if the request is cancelled while queued.
 struct Queued<'a> {
-    server: &'a SimServer,
+    server: &'a ModelServer,
     adapter: Option<&'a str>,
 }
 
@@ -278,9 +227,9 @@ impl Drop for Queued<'_> {
     }
 }
 
-impl SimServer {
+impl ModelServer {
     /// A server with `config`, idle and with an empty cache.
-    pub fn new(config: SimConfig) -> Arc<Self> {
+    pub fn new(config: ModelServerConfig) -> Arc<Self> {
         let hasher = BlockHasher::new(BlockHasherConfig {
             block_size: BLOCK_CHARS,
             max_blocks: config.kv_blocks.max(1),
@@ -306,13 +255,13 @@ impl SimServer {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &SimConfig {
+    pub fn config(&self) -> &ModelServerConfig {
         &self.config
     }
 
     /// Waits for a running slot, then looks the prompt up in the prefix cache and loads the
     /// adapter if needed. `None` only if the server is shutting down.
-    pub async fn admit(self: &Arc<Self>, job: &Job) -> Option<Admitted> {
+    pub async fn admit(self: &Arc<Self>, job: &Job) -> Option<RunningJob> {
         let adapter = (job.model != self.config.base_model).then_some(job.model.as_str());
         {
             let mut state = self.state.lock();
@@ -355,7 +304,7 @@ impl SimServer {
             }
         }
         drop(state);
-        Some(Admitted {
+        Some(RunningJob {
             server: Arc::clone(self),
             _permit: permit,
             adapter: adapter.map(str::to_owned),
@@ -366,9 +315,9 @@ impl SimServer {
     }
 
     /// The current gauges and counters.
-    pub fn stats(&self) -> SimStats {
+    pub fn stats(&self) -> ModelServerStats {
         let state = self.state.lock();
-        SimStats {
+        ModelServerStats {
             running: state.running,
             waiting: state.waiting,
             kv_usage: (state.pinned_blocks as f64 / self.config.kv_blocks.max(1) as f64).min(1.0),
@@ -414,206 +363,15 @@ impl SimServer {
         );
         text
     }
-
-    /// Answers one HTTP request.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
-        let path = request.uri().path().to_owned();
-        match (request.method(), path.as_str()) {
-            (&Method::GET, "/metrics") => text_response(StatusCode::OK, self.metrics_text()),
-            (&Method::GET, "/health") => text_response(StatusCode::OK, String::new()),
-            (&Method::POST, "/v1/completions" | "/v1/chat/completions") => {
-                let body = match read_body(request.into_body()).await {
-                    Ok(body) => body,
-                    Err(status) => return error_response(status, "request body unreadable"),
-                };
-                match Job::parse(&path, &body) {
-                    Ok(job) => self.generate(job).await,
-                    Err(message) => error_response(StatusCode::BAD_REQUEST, &message),
-                }
-            }
-            _ => error_response(StatusCode::NOT_FOUND, "no such route"),
-        }
-    }
-
-    /// Runs `job`: an SSE stream whose chunks follow the simulated timing, or one JSON body
-    /// after the whole generation.
-    pub async fn generate(self: Arc<Self>, job: Job) -> Response<Body> {
-        if job.stream {
-            let (sender, receiver) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
-            tokio::spawn(async move {
-                let Some(admitted) = self.admit(&job).await else { return };
-                stream_tokens(&self.config, &job, &admitted, &sender).await;
-            });
-            let body = StreamBody::new(ReceiverStream::new(receiver)).boxed();
-            let mut response = Response::new(body);
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/event-stream"),
-            );
-            return response;
-        }
-        let Some(admitted) = self.admit(&job).await else {
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-        };
-        tokio::time::sleep(admitted.first_token_delay).await;
-        tokio::time::sleep(self.config.decode_per_token * job.max_tokens).await;
-        drop(admitted);
-        let text = "tok ".repeat(job.max_tokens as usize);
-        let choice = if job.chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
-        } else {
-            json!({"index": 0, "text": text, "finish_reason": "length"})
-        };
-        let body = json!({
-            "id": "sim",
-            "object": if job.chat { "chat.completion" } else { "text_completion" },
-            "model": job.model,
-            "choices": [choice],
-            "usage": usage(&job),
-        });
-        json_response(StatusCode::OK, body.to_string())
-    }
-}
-
-fn usage(job: &Job) -> serde_json::Value {
-    let prompt_tokens = job.prompt.len().div_ceil(CHARS_PER_TOKEN);
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": job.max_tokens,
-        "total_tokens": prompt_tokens as u64 + u64::from(job.max_tokens),
-    })
-}
-
-async fn stream_tokens(
-    config: &SimConfig,
-    job: &Job,
-    admitted: &Admitted,
-    sender: &mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
-) {
-    let object = if job.chat { "chat.completion.chunk" } else { "text_completion" };
-    let chunk = |text: &str, finish: Option<&str>| {
-        let choice = if job.chat {
-            json!({"index": 0, "delta": {"content": text}, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": text, "finish_reason": finish})
-        };
-        json!({"id": "sim", "object": object, "model": job.model, "choices": [choice]})
-    };
-    let send = |value: String| {
-        let sender = sender.clone();
-        async move { sender.send(Ok(Frame::data(Bytes::from(value)))).await.is_ok() }
-    };
-    tokio::time::sleep(admitted.first_token_delay + config.decode_per_token).await;
-    if !send(format!("data: {}\n\n", chunk("tok ", None))).await {
-        return;
-    }
-    let mut left = job.max_tokens.saturating_sub(1);
-    let per_chunk = config.tokens_per_chunk.max(1);
-    while left > 0 {
-        let tokens = left.min(per_chunk);
-        tokio::time::sleep(config.decode_per_token * tokens).await;
-        left -= tokens;
-        if !send(format!("data: {}\n\n", chunk(&"tok ".repeat(tokens as usize), None))).await {
-            return;
-        }
-    }
-    let mut last = chunk("", Some("length"));
-    last["usage"] = usage(job);
-    let _ = send(format!("data: {last}\n\ndata: [DONE]\n\n")).await;
-}
-
-/// Response body of the simulated server.
-pub type Body = BoxBody<Bytes, Infallible>;
-
-async fn read_body(body: Incoming) -> Result<Bytes, StatusCode> {
-    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(_) => Err(StatusCode::PAYLOAD_TOO_LARGE),
-    }
-}
-
-fn text_response(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(text)).boxed());
-    *response.status_mut() = status;
-    response
-}
-
-fn json_response(status: StatusCode, json: String) -> Response<Body> {
-    let mut response = text_response(status, json);
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    json_response(
-        status,
-        json!({"error": {"message": message, "code": status.as_u16()}}).to_string(),
-    )
-}
-
-/// A simulated server listening on loopback.
-#[derive(Debug)]
-pub struct RunningSim {
-    /// Where it listens.
-    pub address: SocketAddr,
-    /// Its state, for the report.
-    pub server: Arc<SimServer>,
-    accept: JoinHandle<()>,
-}
-
-impl RunningSim {
-    /// Binds `127.0.0.1:0` and serves until [`RunningSim::stop`].
-    pub async fn start(config: SimConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let address = listener.local_addr()?;
-        let server = SimServer::new(config);
-        let accept = tokio::spawn(accept_loop(listener, Arc::clone(&server)));
-        Ok(Self { address, server, accept })
-    }
-
-    /// Stops accepting connections (open ones finish on their own).
-    pub fn stop(&self) {
-        self.accept.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, server: Arc<SimServer>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "simulated server accept failed");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let server = Arc::clone(&server);
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let server = Arc::clone(&server);
-                async move { Ok::<_, Infallible>(server.handle(request).await) }
-            });
-            if let Err(error) =
-                http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(%error, "simulated server connection ended with an error");
-            }
-        });
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse_vllm_metrics(page: &str) -> Option<scheduler_core::EndpointMetrics> {
+    pub(super) fn parse_vllm_metrics(page: &str) -> Option<scheduler_core::EndpointMetrics> {
         metrics_model::mapping::MetricMapping::vllm().extract(page, std::time::Instant::now()).ok()
     }
-    use crate::demo::proxy::{http_get, post};
 
     fn job(model: &str, prompt: &str) -> Job {
         Job {
@@ -625,31 +383,19 @@ mod tests {
         }
     }
 
-    fn quick(max_running: usize) -> SimConfig {
-        SimConfig {
+    pub(super) fn quick(max_running: usize) -> ModelServerConfig {
+        ModelServerConfig {
             max_running,
             decode_per_token: Duration::from_micros(10),
             lora_load: Duration::from_millis(7),
             max_lora: 1,
-            ..SimConfig::default()
+            ..ModelServerConfig::default()
         }
-    }
-
-    #[test]
-    fn lru_matches_leading_blocks_and_evicts_tails_first() {
-        let mut cache = PrefixLru::new(3);
-        assert_eq!(cache.lookup_and_insert(&[1, 2, 3]), 0);
-        assert_eq!(cache.lookup_and_insert(&[1, 2, 9]), 2, "a miss ends the matched run");
-        // Capacity 3 held 1, 2 and 9 (3 was evicted as the oldest tail); now 4 evicts 9.
-        assert_eq!(cache.lookup_and_insert(&[4]), 0);
-        assert_eq!(cache.len(), 3);
-        assert_eq!(cache.lookup_and_insert(&[1, 2, 9]), 2);
-        assert_eq!(cache.lookup_and_insert(&[2]), 1);
     }
 
     #[tokio::test]
     async fn requests_beyond_the_slots_wait_in_a_queue() {
-        let server = SimServer::new(quick(1));
+        let server = ModelServer::new(quick(1));
         let first = server.admit(&job("llama-3-8b", "a")).await.unwrap();
         let waiting = tokio::spawn({
             let server = Arc::clone(&server);
@@ -666,7 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn cached_prefixes_skip_prefill_and_adapters_load_once() {
-        let server = SimServer::new(quick(4));
+        let server = ModelServer::new(quick(4));
         let prompt = "x".repeat(BLOCK_CHARS * 10);
         let cold = server.admit(&job("llama-3-8b", &prompt)).await.unwrap();
         assert_eq!((cold.hit_blocks, cold.first_token_delay), (0, Duration::from_millis(2)));
@@ -689,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_text_reports_the_load_in_vllm_names() {
-        let server = SimServer::new(quick(1));
+        let server = ModelServer::new(quick(1));
         let running = server.admit(&job("sql-lora", "a")).await.unwrap();
         let queued = tokio::spawn({
             let server = Arc::clone(&server);
@@ -710,37 +456,5 @@ mod tests {
         assert_eq!(metrics.active_lora_adapters, vec![Arc::<str>::from("sql-lora")]);
         drop(running);
         assert!(queued.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn speaks_openai_over_http_streamed_and_not() {
-        let sim = RunningSim::start(quick(2)).await.unwrap();
-        let streamed = br#"{"model":"llama-3-8b","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":20}"#;
-        let response = post(sim.address, "/v1/chat/completions", streamed.to_vec()).await.unwrap();
-        assert_eq!(response.status(), 200);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        let text = String::from_utf8(body.to_vec()).unwrap();
-        assert!(text.starts_with("data: {"), "{text}");
-        assert!(text.ends_with("}}\n\ndata: [DONE]\n\n"), "{text}");
-        assert!(text.contains("\"usage\":{\"completion_tokens\":20,"), "{text}");
-        assert_eq!(
-            text.matches("data: ").count(),
-            1 + 3 + 1 + 1,
-            "first token, 19 in 3 chunks, usage, done"
-        );
-
-        let plain = br#"{"model":"llama-3-8b","prompt":"hello","max_tokens":3}"#;
-        let response = post(sim.address, "/v1/completions", plain.to_vec()).await.unwrap();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(json["usage"]["completion_tokens"], 3);
-        assert_eq!(json["choices"][0]["text"], "tok tok tok ");
-
-        let bad = post(sim.address, "/v1/completions", b"{not json".to_vec()).await.unwrap();
-        assert_eq!(bad.status(), 400);
-        let metrics = http_get(sim.address, "/metrics").await.unwrap();
-        assert!(parse_vllm_metrics(&metrics).is_some());
-        assert_eq!(sim.server.stats().served, 2);
-        sim.stop();
     }
 }
