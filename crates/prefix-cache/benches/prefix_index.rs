@@ -16,7 +16,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     BatchSize, BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main,
 };
-use prefix_cache::{BlockHasher, IndexConfig, PrefixIndex};
+use prefix_cache::{BlockHasher, IndexConfig, PrefixIndex, mix64};
 
 const ENDPOINTS: u64 = 1_000;
 const PROMPT_BLOCKS: usize = 256;
@@ -32,10 +32,7 @@ struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        mix64(self.0)
     }
 }
 

@@ -90,9 +90,10 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::block_table::{
     BUCKET_BYTES, BlockEntry, BlockTable, Holders, MAX_SLOTS, MIN_BUCKETS, MIN_SETS, SET_BYTES,
-    SetBits, bit_is_set, mix,
+    SetBits, bit_is_set,
 };
 use crate::endpoint_lru::{EndpointLru, NODE_BYTES};
+use crate::hash::mix64;
 
 /// Default capacity per endpoint, in blocks (GIE's `lruCapacityPerServer`).
 pub const DEFAULT_CAPACITY_PER_ENDPOINT: usize = 31_250;
@@ -258,7 +259,7 @@ where
     }
 
     fn record_block(&self, slot: u32, lru: &mut EndpointLru, hash: u64) {
-        let block = mix(hash);
+        let block = mix64(hash);
         let shard = self.shard(block);
         // Only this endpoint's writer, which holds `lru`, adds or removes pairs of `slot`, so the
         // answer cannot change between this read and the insert below.
@@ -271,7 +272,7 @@ where
             return;
         };
         if let Some(old_hash) = evicted {
-            let old = mix(old_hash);
+            let old = mix64(old_hash);
             self.shard(old).write().remove(old, slot);
         }
         shard.write().insert(BlockEntry { key: block, slot, node });
@@ -338,7 +339,7 @@ where
             let mut lru = lru.lock();
             lru.retired = true;
             for hash in lru.slab_hashes() {
-                let block = mix(hash);
+                let block = mix64(hash);
                 self.shard(block).write().remove(block, slot);
             }
             lru.clear();
@@ -395,7 +396,7 @@ where
         let mut in_bits = false;
         let mut live = 0usize;
         candidates.clear();
-        let first = mix(first);
+        let first = mix64(first);
         match self.shard(first).read().holders(first) {
             Holders::Set(holders) => {
                 bits.clear();
@@ -420,7 +421,7 @@ where
             if !in_bits && candidates.is_empty() {
                 return;
             }
-            let block = mix(hash);
+            let block = mix64(hash);
             let shard = self.shard(block).read();
             match (in_bits, shard.holders(block)) {
                 (true, Holders::Set(holders)) => {
@@ -516,7 +517,7 @@ where
     /// Whether endpoint `key` holds block `hash`.
     pub fn contains(&self, key: K, hash: u64) -> bool {
         let slot = self.registry.read().slot_of.get(&key).copied();
-        let block = mix(hash);
+        let block = mix64(hash);
         slot.is_some_and(|slot| self.shard(block).read().find(block, slot).is_some())
     }
 
@@ -626,7 +627,7 @@ where
                         if !hashes.insert(hash) {
                             return fail(format!("slot {slot} holds block {hash:#x} twice"));
                         }
-                        let block = mix(hash);
+                        let block = mix64(hash);
                         if self.shard(block).read().find(block, slot) != Some(node) {
                             return fail(format!("slot {slot} block {hash:#x} not in reverse map"));
                         }

@@ -8,6 +8,8 @@
 //! * [`PrefixIndex`] remembers, per endpoint, the most recently recorded blocks up to a capacity,
 //!   and answers "how many leading blocks of this prompt does each endpoint hold?" ([`index`]
 //!   module: sharded, lock order, memory formula).
+//! * [`mix64`], the SplitMix64 finaliser that spreads block hashes over the index's shards, for
+//!   any code that needs to scramble a `u64` the same way.
 //!
 //! The crate has no async runtime and no dependency on the scheduler: endpoints are any small
 //! `Copy` key.
@@ -41,5 +43,5 @@ mod endpoint_lru;
 pub mod hash;
 pub mod index;
 
-pub use hash::{BlockHasher, BlockHasherConfig};
+pub use hash::{BlockHasher, BlockHasherConfig, mix64};
 pub use index::{IndexConfig, InvariantViolation, PrefixIndex};

@@ -5,7 +5,7 @@
 mod common;
 
 use common::Model;
-use prefix_cache::{IndexConfig, PrefixIndex};
+use prefix_cache::{IndexConfig, PrefixIndex, mix64};
 
 /// Keys above the bitset threshold (32 holders) so popular blocks switch representation.
 const KEYS: u8 = 48;
@@ -83,10 +83,7 @@ fn random_byte_strings_agree_with_the_model() {
     let mut state = 0x1234_5678_9abc_def0u64;
     let mut next = move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        mix64(state)
     };
     let mut with_sets = 0;
     for case in 0..3_000 {
