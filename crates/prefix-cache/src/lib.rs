@@ -7,7 +7,8 @@
 //!   model name ([`hash`] module).
 //! * [`PrefixIndex`] remembers, per endpoint, the most recently recorded blocks up to a capacity,
 //!   and answers "how many leading blocks of this prompt does each endpoint hold?" ([`index`]
-//!   module: sharded, lock order, memory formula).
+//!   module: sharded, lock order, memory formula). A lookup works in a caller-owned
+//!   [`LookupScratch`], one per thread, and allocates nothing once warm.
 //! * [`mix64`], the SplitMix64 finaliser that spreads block hashes over the index's shards, for
 //!   any code that needs to scramble a `u64` the same way.
 //!
@@ -15,7 +16,7 @@
 //! `Copy` key.
 //!
 //! ```
-//! use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
+//! use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex};
 //!
 //! let hasher = BlockHasher::new(BlockHasherConfig { block_size: 4, max_blocks: 256 });
 //! let index: PrefixIndex<u64> = PrefixIndex::new(IndexConfig::default());
@@ -27,8 +28,8 @@
 //!
 //! let mut second = Vec::new();
 //! hasher.hash_prompt("llama", b"You are helpful. Tell me", &mut second);
-//! let mut matches = Vec::new();
-//! index.longest_prefix_matches(&second, &mut matches);
+//! let (mut scratch, mut matches) = (LookupScratch::default(), Vec::new()); // kept per thread
+//! index.longest_prefix_matches(&second, &mut scratch, &mut matches);
 //! assert_eq!(matches, vec![(7, 4)]); // endpoint 7 holds the first four blocks
 //!
 //! // The score a prefix-cache scorer would give endpoint 7:
@@ -44,4 +45,4 @@ pub mod hash;
 pub mod index;
 
 pub use hash::{BlockHasher, BlockHasherConfig, mix64};
-pub use index::{IndexConfig, InvariantViolation, PrefixIndex};
+pub use index::{IndexConfig, InvariantViolation, LookupScratch, PrefixIndex};

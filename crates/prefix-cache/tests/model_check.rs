@@ -5,7 +5,7 @@
 mod common;
 
 use common::Model;
-use prefix_cache::{IndexConfig, PrefixIndex, mix64};
+use prefix_cache::{IndexConfig, LookupScratch, PrefixIndex, mix64};
 
 /// Keys above the bitset threshold (32 holders) so popular blocks switch representation.
 const KEYS: u8 = 48;
@@ -45,7 +45,7 @@ pub(crate) fn fuzz_one(data: &[u8]) -> usize {
     let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: capacity, shards });
     let mut model = Model::new(capacity);
     let keys: Vec<u8> = (0..KEYS).collect();
-    let mut out = Vec::new();
+    let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
     let mut most_sets = 0;
     while !input.0.is_empty() {
         match input.next() % 8 {
@@ -57,7 +57,9 @@ pub(crate) fn fuzz_one(data: &[u8]) -> usize {
             }
             5 | 6 => {
                 let hashes = input.hashes();
-                if let Some(mismatch) = model.lookup_mismatch(&index, &hashes, &mut out) {
+                if let Some(mismatch) =
+                    model.lookup_mismatch(&index, &hashes, &mut scratch, &mut out)
+                {
                     panic!("{mismatch}");
                 }
             }
