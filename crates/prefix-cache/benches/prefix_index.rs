@@ -16,7 +16,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     BatchSize, BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main,
 };
-use prefix_cache::{BlockHasher, IndexConfig, PrefixIndex};
+use prefix_cache::{BlockHasher, IndexConfig, LookupScratch, PrefixIndex, mix64};
 
 const ENDPOINTS: u64 = 1_000;
 const PROMPT_BLOCKS: usize = 256;
@@ -32,10 +32,7 @@ struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        mix64(self.0)
     }
 }
 
@@ -55,17 +52,21 @@ fn prompt(endpoint: u64, rng: &mut Rng) -> Vec<u64> {
 
 /// Anything that can be filled with prompts and queried.
 trait Index {
+    /// The buffers a lookup reuses, owned by the caller (one per thread).
+    type Scratch: Default;
     fn record(&mut self, endpoint: u64, hashes: &[u64]);
-    fn lookup(&self, hashes: &[u64], out: &mut Vec<(u64, usize)>);
+    fn lookup(&self, hashes: &[u64], scratch: &mut Self::Scratch, out: &mut Vec<(u64, usize)>);
 }
 
 impl Index for PrefixIndex<u64> {
+    type Scratch = LookupScratch;
+
     fn record(&mut self, endpoint: u64, hashes: &[u64]) {
         PrefixIndex::record(self, endpoint, hashes);
     }
 
-    fn lookup(&self, hashes: &[u64], out: &mut Vec<(u64, usize)>) {
-        self.longest_prefix_matches(hashes, out);
+    fn lookup(&self, hashes: &[u64], scratch: &mut LookupScratch, out: &mut Vec<(u64, usize)>) {
+        self.longest_prefix_matches(hashes, scratch, out);
     }
 }
 
@@ -87,6 +88,8 @@ impl LruBaseline {
 }
 
 impl Index for LruBaseline {
+    type Scratch = ();
+
     fn record(&mut self, endpoint: u64, hashes: &[u64]) {
         let capacity = self.capacity;
         let lru = self.endpoints.entry(endpoint).or_insert_with(|| lru::LruCache::new(capacity));
@@ -106,7 +109,7 @@ impl Index for LruBaseline {
         }
     }
 
-    fn lookup(&self, hashes: &[u64], out: &mut Vec<(u64, usize)>) {
+    fn lookup(&self, hashes: &[u64], (): &mut (), out: &mut Vec<(u64, usize)>) {
         out.clear();
         let Some(first) = hashes.first().and_then(|h| self.holders.get(h)) else {
             return;
@@ -169,12 +172,13 @@ fn bench_index<I: Index>(
     index: &mut I,
     query: &[u64],
 ) {
+    let mut scratch = I::Scratch::default();
     let mut out = Vec::with_capacity(ENDPOINTS as usize);
     let mut miss = query.to_vec();
     miss[0] ^= 1;
     for (name, hashes) in [("deep_hit", query), ("miss", &miss[..])] {
         group.bench_function(BenchmarkId::new(format!("{label}/lookup_256"), name), |b| {
-            b.iter(|| index.lookup(black_box(hashes), &mut out))
+            b.iter(|| index.lookup(black_box(hashes), &mut scratch, &mut out))
         });
     }
     // Every endpoint now also holds the query's system prompt: the candidate set starts at
@@ -182,11 +186,11 @@ fn bench_index<I: Index>(
     for endpoint in 0..ENDPOINTS {
         index.record(endpoint, &query[..SYSTEM_BLOCKS]);
     }
-    index.lookup(query, &mut out);
+    index.lookup(query, &mut scratch, &mut out);
     assert_eq!(out.len(), ENDPOINTS as usize);
     assert_eq!(out.iter().filter(|e| e.1 == PROMPT_BLOCKS).count(), 3);
     group.bench_function(BenchmarkId::new(format!("{label}/lookup_256"), "popular_prefix"), |b| {
-        b.iter(|| index.lookup(black_box(query), &mut out))
+        b.iter(|| index.lookup(black_box(query), &mut scratch, &mut out))
     });
 
     // New prompts on random endpoints: 248 new blocks each, evicting as many.
@@ -210,11 +214,11 @@ fn bench_index<I: Index>(
     for endpoint in 0..ENDPOINTS {
         index.record(endpoint, query);
     }
-    index.lookup(query, &mut out);
+    index.lookup(query, &mut scratch, &mut out);
     assert_eq!(out.iter().filter(|e| e.1 == PROMPT_BLOCKS).count(), ENDPOINTS as usize);
     group.bench_function(
         BenchmarkId::new(format!("{label}/lookup_256"), "popular_whole_prompt"),
-        |b| b.iter(|| index.lookup(black_box(query), &mut out)),
+        |b| b.iter(|| index.lookup(black_box(query), &mut scratch, &mut out)),
     );
     group.bench_function(format!("{label}/record_256/popular_held_blocks"), |b| {
         b.iter(|| index.record(420, black_box(query)))

@@ -12,8 +12,8 @@
 //! block is a search that cannot stop at the first match: under plain linear probing it costs an
 //! unsuccessful search, about 13 buckets at a load of 0.8, against about 3 in Robin Hood order
 //! (Knuth, TAOCP vol. 3, 6.4). Deletion shifts the following entries back while they are away
-//! from home (no tombstones). Keys are block hashes already scrambled by [`mix`] (a bijection),
-//! which makes an entry's home one multiplication away.
+//! from home (no tombstones). Keys are block hashes already scrambled by
+//! [`mix64`](crate::mix64) (a bijection), which makes an entry's home one multiplication away.
 //!
 //! A block moves into a set when its `PROMOTE_AT`-th holder arrives (and the bitset would cost at
 //! most half a word per holder), and back into pairs when fewer than `DEMOTE_BELOW` hold it or the
@@ -65,7 +65,7 @@ const SET_SLOT: u32 = u32::MAX - 1;
 /// marker (`slot == SET_SLOT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BlockEntry {
-    /// The block hash passed through [`mix`].
+    /// The block hash passed through [`mix64`](crate::mix64).
     pub(crate) key: u64,
     pub(crate) slot: u32,
     pub(crate) node: u32,
@@ -78,17 +78,6 @@ impl BlockEntry {
 }
 
 const EMPTY: BlockEntry = BlockEntry { key: 0, slot: EMPTY_SLOT, node: 0 };
-
-/// Scrambles a block hash so that callers passing small or structured integers still spread
-/// over shards (low bits) and buckets (high bits). A bijection (xor-shifts and odd multipliers),
-/// so the mixed value names the block as well as the hash does.
-pub(crate) fn mix(hash: u64) -> u64 {
-    let mut x = hash ^ (hash >> 30);
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
 
 /// Whether bit `slot` is set in `bits` (absent words read as zero).
 pub(crate) fn bit_is_set(bits: &[u64], slot: u32) -> bool {
@@ -671,26 +660,27 @@ impl BlockTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::mix64;
 
     #[test]
     fn insert_find_remove_keep_runs_reachable() {
         let mut table = BlockTable::default();
         for hash in 0..200u64 {
             for slot in 0..(hash % 4) as u32 {
-                table.insert(BlockEntry { key: mix(hash), slot, node: slot + 7 });
+                table.insert(BlockEntry { key: mix64(hash), slot, node: slot + 7 });
             }
         }
         assert_eq!(table.check(), Ok(()));
-        assert_eq!(table.find(mix(7), 2), Some(9));
-        assert_eq!(table.find(mix(7), 3), None);
+        assert_eq!(table.find(mix64(7), 2), Some(9));
+        assert_eq!(table.find(mix64(7), 3), None);
         for hash in (0..200u64).step_by(3) {
             for slot in 0..(hash % 4) as u32 {
-                assert!(table.remove(mix(hash), slot));
+                assert!(table.remove(mix64(hash), slot));
             }
             assert_eq!(table.check(), Ok(()));
         }
-        assert_eq!(slots_of(&table, mix(199)), vec![0, 1, 2]);
-        assert!(!table.remove(mix(199), 3));
+        assert_eq!(slots_of(&table, mix64(199)), vec![0, 1, 2]);
+        assert!(!table.remove(mix64(199), 3));
     }
 
     fn slots_of(table: &BlockTable, hash: u64) -> Vec<u32> {
@@ -711,32 +701,32 @@ mod tests {
         let mut table = BlockTable::default();
         // A few unpopular neighbours share the table with the popular block 7.
         for hash in 100..140u64 {
-            table.insert(BlockEntry { key: mix(hash), slot: 3, node: 1 });
+            table.insert(BlockEntry { key: mix64(hash), slot: 3, node: 1 });
         }
         for slot in 0..PROMOTE_AT as u32 {
             assert_eq!(table.set_count(), 0);
-            table.insert(BlockEntry { key: mix(7), slot: 2 * slot, node: 1000 + slot });
+            table.insert(BlockEntry { key: mix64(7), slot: 2 * slot, node: 1000 + slot });
             assert_eq!(table.check(), Ok(()));
         }
         assert_eq!(table.set_count(), 1);
-        assert!(matches!(table.holders(mix(7)), Holders::Set(_)));
-        assert_eq!(table.find(mix(7), 10), Some(1005));
-        assert_eq!(table.find(mix(7), 11), None);
+        assert!(matches!(table.holders(mix64(7)), Holders::Set(_)));
+        assert_eq!(table.find(mix64(7), 10), Some(1005));
+        assert_eq!(table.find(mix64(7), 11), None);
         assert_eq!(table.len(), 40 + PROMOTE_AT);
         let expected: Vec<u32> = (0..PROMOTE_AT as u32).map(|s| 2 * s).collect();
-        assert_eq!(slots_of(&table, mix(7)), expected);
+        assert_eq!(slots_of(&table, mix64(7)), expected);
         // Shrinking to just above the lower threshold keeps the set.
         for slot in 0..(PROMOTE_AT - DEMOTE_BELOW) as u32 {
-            assert!(table.remove(mix(7), 2 * slot));
+            assert!(table.remove(mix64(7), 2 * slot));
             assert_eq!(table.check(), Ok(()));
         }
         assert_eq!(table.set_count(), 1);
-        assert!(!table.remove(mix(7), 1));
-        assert!(table.remove(mix(7), 2 * (PROMOTE_AT - DEMOTE_BELOW) as u32));
+        assert!(!table.remove(mix64(7), 1));
+        assert!(table.remove(mix64(7), 2 * (PROMOTE_AT - DEMOTE_BELOW) as u32));
         assert_eq!(table.set_count(), 0);
         assert_eq!(table.check(), Ok(()));
-        assert_eq!(table.find(mix(7), 62), Some(1031));
-        assert_eq!(slots_of(&table, mix(7)).len(), DEMOTE_BELOW - 1);
+        assert_eq!(table.find(mix64(7), 62), Some(1031));
+        assert_eq!(slots_of(&table, mix64(7)).len(), DEMOTE_BELOW - 1);
         assert_eq!(table.len(), 40 + DEMOTE_BELOW - 1);
     }
 
@@ -745,10 +735,10 @@ mod tests {
         let mut table = BlockTable::default();
         // 40 holders spread over 40 * 640 slots would need 400 bitset words: too costly.
         for slot in 0..40u32 {
-            table.insert(BlockEntry { key: mix(9), slot: slot * 640, node: slot });
+            table.insert(BlockEntry { key: mix64(9), slot: slot * 640, node: slot });
         }
         assert_eq!(table.set_count(), 0);
         assert_eq!(table.check(), Ok(()));
-        assert_eq!(slots_of(&table, mix(9)).len(), 40);
+        assert_eq!(slots_of(&table, mix64(9)).len(), 40);
     }
 }

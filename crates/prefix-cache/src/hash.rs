@@ -14,6 +14,13 @@
 //! content may still grow, and a model server only reuses whole cached blocks. Prompts shorter
 //! than one block therefore hash to nothing. Hashing writes into a caller-provided buffer so a
 //! request handler can reuse one allocation across requests.
+//!
+//! # Mixing
+//! [`mix64`] is the output function of SplitMix64 (Steele, Lea and Flood, "Fast splittable
+//! pseudorandom number generators", OOPSLA 2014; Java's `SplittableRandom.mix64`): two
+//! xor-shift-multiply rounds and a final xor-shift, a bijection on `u64` in which every input bit
+//! affects every output bit. The index passes block hashes through it before choosing a shard
+//! and a bucket, so that callers indexing small or structured integers still spread evenly.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -35,6 +42,29 @@ impl Default for BlockHasherConfig {
     fn default() -> Self {
         Self { block_size: DEFAULT_BLOCK_SIZE, max_blocks: DEFAULT_MAX_BLOCKS }
     }
+}
+
+/// The SplitMix64 finaliser: a bijection on `u64` (xor-shifts and odd multipliers, each
+/// invertible) that spreads any change of the input over all output bits.
+///
+/// [`PrefixIndex`](crate::PrefixIndex) applies it to block hashes to spread them over shards (low
+/// bits) and buckets (high bits); being a bijection, the mixed value names a block as well as the
+/// hash does. A SplitMix64 random stream is `state += 0x9e37_79b9_7f4a_7c15; mix64(state)`:
+///
+/// ```
+/// use prefix_cache::mix64;
+///
+/// // The first output of SplitMix64 seeded with 0.
+/// assert_eq!(mix64(0x9e37_79b9_7f4a_7c15), 0xe220_a839_7b1d_cdaf);
+/// assert_eq!(mix64(0), 0); // zero stays zero: not a source of randomness by itself
+/// ```
+#[inline]
+pub fn mix64(hash: u64) -> u64 {
+    let mut x = hash ^ (hash >> 30);
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Turns a (model, prompt) pair into its chain of block hashes.

@@ -7,13 +7,16 @@
 //!   model name ([`hash`] module).
 //! * [`PrefixIndex`] remembers, per endpoint, the most recently recorded blocks up to a capacity,
 //!   and answers "how many leading blocks of this prompt does each endpoint hold?" ([`index`]
-//!   module: sharded, lock order, memory formula).
+//!   module: sharded, lock order, memory formula). A lookup works in a caller-owned
+//!   [`LookupScratch`], one per thread, and allocates nothing once warm.
+//! * [`mix64`], the SplitMix64 finaliser that spreads block hashes over the index's shards, for
+//!   any code that needs to scramble a `u64` the same way.
 //!
 //! The crate has no async runtime and no dependency on the scheduler: endpoints are any small
 //! `Copy` key.
 //!
 //! ```
-//! use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
+//! use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex};
 //!
 //! let hasher = BlockHasher::new(BlockHasherConfig { block_size: 4, max_blocks: 256 });
 //! let index: PrefixIndex<u64> = PrefixIndex::new(IndexConfig::default());
@@ -25,8 +28,8 @@
 //!
 //! let mut second = Vec::new();
 //! hasher.hash_prompt("llama", b"You are helpful. Tell me", &mut second);
-//! let mut matches = Vec::new();
-//! index.longest_prefix_matches(&second, &mut matches);
+//! let (mut scratch, mut matches) = (LookupScratch::default(), Vec::new()); // kept per thread
+//! index.longest_prefix_matches(&second, &mut scratch, &mut matches);
 //! assert_eq!(matches, vec![(7, 4)]); // endpoint 7 holds the first four blocks
 //!
 //! // The score a prefix-cache scorer would give endpoint 7:
@@ -41,5 +44,5 @@ mod endpoint_lru;
 pub mod hash;
 pub mod index;
 
-pub use hash::{BlockHasher, BlockHasherConfig};
-pub use index::{IndexConfig, InvariantViolation, PrefixIndex};
+pub use hash::{BlockHasher, BlockHasherConfig, mix64};
+pub use index::{IndexConfig, InvariantViolation, LookupScratch, PrefixIndex};

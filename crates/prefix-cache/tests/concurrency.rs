@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use prefix_cache::{IndexConfig, PrefixIndex};
+use prefix_cache::{IndexConfig, LookupScratch, PrefixIndex};
 
 /// xorshift64*: deterministic per-thread streams without a dependency.
 struct Rng(u64);
@@ -59,10 +59,10 @@ fn readers_and_writers_never_deadlock_and_leave_a_consistent_index() {
             let (index, stop, lookups) = (&index, &stop_readers, &lookups);
             scope.spawn(move || {
                 let mut rng = Rng(0x5151_7777 + reader);
-                let mut out = Vec::new();
+                let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
                 while !stop.load(Ordering::Relaxed) {
                     let hashes = prompt(&mut rng);
-                    index.longest_prefix_matches(&hashes, &mut out);
+                    index.longest_prefix_matches(&hashes, &mut scratch, &mut out);
                     let mut seen = HashSet::new();
                     for &(key, depth) in &out {
                         assert!(key < ENDPOINTS);
@@ -88,10 +88,10 @@ fn readers_and_writers_never_deadlock_and_leave_a_consistent_index() {
         (0..ENDPOINTS).map(|k| (k, index.blocks_of(k).into_iter().collect())).collect();
     assert!(held.iter().all(|(_, blocks)| blocks.len() <= CAPACITY));
     let mut rng = Rng(42);
-    let mut out = Vec::new();
+    let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
     for _ in 0..500 {
         let hashes = prompt(&mut rng);
-        index.longest_prefix_matches(&hashes, &mut out);
+        index.longest_prefix_matches(&hashes, &mut scratch, &mut out);
         out.sort_unstable();
         let mut expected: Vec<(u64, usize)> = held
             .iter()

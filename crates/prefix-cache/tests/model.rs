@@ -3,7 +3,7 @@
 mod common;
 
 use common::Model;
-use prefix_cache::{IndexConfig, PrefixIndex};
+use prefix_cache::{IndexConfig, LookupScratch, PrefixIndex};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -38,6 +38,7 @@ fn apply<K>(
     index: &PrefixIndex<K>,
     model: &mut Model<K>,
     op: Op<K>,
+    scratch: &mut LookupScratch,
     out: &mut Vec<(K, usize)>,
 ) -> Result<(), TestCaseError>
 where
@@ -49,7 +50,7 @@ where
             model.record(key, &hashes);
         }
         Op::Lookup(hashes) => {
-            if let Some(mismatch) = model.lookup_mismatch(index, &hashes, out) {
+            if let Some(mismatch) = model.lookup_mismatch(index, &hashes, scratch, out) {
                 return Err(TestCaseError::fail(mismatch));
             }
         }
@@ -71,10 +72,10 @@ proptest! {
     ) {
         let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: capacity, shards });
         let mut model = Model::new(capacity);
-        let mut out = Vec::new();
+        let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
         let keys: Vec<u8> = (0..6).collect();
         for op in ops {
-            apply(&index, &mut model, op, &mut out)?;
+            apply(&index, &mut model, op, &mut scratch, &mut out)?;
             if let Some(problem) = model.disagreement(&index, &keys) {
                 return Err(TestCaseError::fail(problem));
             }
@@ -88,6 +89,7 @@ proptest! {
         // Many endpoints and wide hashes: exercises table growth, shrinking and backward shifts.
         let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: 25, shards: 2 });
         let mut model = Model::new(25);
+        let mut scratch = LookupScratch::default();
         for (i, (key, hashes)) in prompts.iter().enumerate() {
             index.record(*key, hashes);
             model.record(*key, hashes);
@@ -96,7 +98,7 @@ proptest! {
                 model.blocks.remove(&(key / 2));
             }
             let mut out = Vec::new();
-            if let Some(mismatch) = model.lookup_mismatch(&index, hashes, &mut out) {
+            if let Some(mismatch) = model.lookup_mismatch(&index, hashes, &mut scratch, &mut out) {
                 return Err(TestCaseError::fail(mismatch));
             }
         }
@@ -118,10 +120,10 @@ proptest! {
     ) {
         let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: capacity, shards });
         let mut model = Model::new(capacity);
-        let mut out = Vec::new();
+        let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
         let keys: Vec<u16> = (0..96).collect();
         for (step, op) in ops.into_iter().enumerate() {
-            apply(&index, &mut model, op, &mut out)?;
+            apply(&index, &mut model, op, &mut scratch, &mut out)?;
             // Invariants every step, the full comparison every few steps to keep cases quick.
             if let Err(violation) = index.check_invariants() {
                 return Err(TestCaseError::fail(violation.to_string()));
@@ -132,7 +134,8 @@ proptest! {
                 return Err(TestCaseError::fail(problem));
             }
             for hashes in [&[0u64, 1, 2, 3][..], &[1, 0], &[2, 3, 4, 5, 6, 7]] {
-                if let Some(mismatch) = model.lookup_mismatch(&index, hashes, &mut out) {
+                let mismatch = model.lookup_mismatch(&index, hashes, &mut scratch, &mut out);
+                if let Some(mismatch) = mismatch {
                     return Err(TestCaseError::fail(mismatch));
                 }
             }
@@ -176,9 +179,9 @@ fn popular_prefix_lengths_match_the_model_for_every_endpoint() {
     assert!(index.bitset_blocks() >= 8, "{}", index.bitset_blocks());
     let keys: Vec<u32> = (0..ENDPOINTS).collect();
     assert_eq!(model.disagreement(&index, &keys), None);
-    let mut out = Vec::new();
+    let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
     for len in [1, 8, 9, 20, 40] {
-        assert_eq!(model.lookup_mismatch(&index, &query[..len], &mut out), None);
+        assert_eq!(model.lookup_mismatch(&index, &query[..len], &mut scratch, &mut out), None);
     }
     let full = model.lookup(&query);
     assert!(full.len() > 400, "{}", full.len());
@@ -189,10 +192,42 @@ fn popular_prefix_lengths_match_the_model_for_every_endpoint() {
         assert!(index.remove_endpoint(endpoint));
         model.blocks.remove(&endpoint);
         if endpoint % 50 == 0 {
-            assert_eq!(model.lookup_mismatch(&index, &query, &mut out), None);
+            assert_eq!(model.lookup_mismatch(&index, &query, &mut scratch, &mut out), None);
         }
     }
     assert_eq!(index.bitset_blocks(), 0);
     assert_eq!(model.disagreement(&index, &keys), None);
-    assert_eq!(model.lookup_mismatch(&index, &query, &mut out), None);
+    assert_eq!(model.lookup_mismatch(&index, &query, &mut scratch, &mut out), None);
+}
+
+/// A scratch belongs to its caller, not to an index: one scratch alternating between a large
+/// index (bitset candidates over 200 slots) and a small one (a list over 3) stays exact.
+#[test]
+fn one_scratch_serves_indexes_of_different_sizes() {
+    let query: Vec<u64> = (0..12).map(|i| 500 + i).collect();
+    let large = PrefixIndex::new(IndexConfig { capacity_per_endpoint: 16, shards: 4 });
+    let mut large_model = Model::new(16);
+    for endpoint in 0..200u32 {
+        let depth = 4 + endpoint as usize % 9;
+        large.record(endpoint, &query[..depth]);
+        large_model.record(endpoint, &query[..depth]);
+    }
+    assert!(large.bitset_blocks() >= 4, "{}", large.bitset_blocks());
+    let small = PrefixIndex::new(IndexConfig { capacity_per_endpoint: 16, shards: 2 });
+    let mut small_model = Model::new(16);
+    for (endpoint, depth) in [(7u32, 2), (8, 12), (9, 5)] {
+        small.record(endpoint, &query[..depth]);
+        small_model.record(endpoint, &query[..depth]);
+    }
+    let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
+    for len in [12, 1, 6, 12, 3] {
+        assert_eq!(
+            large_model.lookup_mismatch(&large, &query[..len], &mut scratch, &mut out),
+            None
+        );
+        assert_eq!(
+            small_model.lookup_mismatch(&small, &query[..len], &mut scratch, &mut out),
+            None
+        );
+    }
 }

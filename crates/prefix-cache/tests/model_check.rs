@@ -5,7 +5,7 @@
 mod common;
 
 use common::Model;
-use prefix_cache::{IndexConfig, PrefixIndex};
+use prefix_cache::{IndexConfig, LookupScratch, PrefixIndex, mix64};
 
 /// Keys above the bitset threshold (32 holders) so popular blocks switch representation.
 const KEYS: u8 = 48;
@@ -45,7 +45,7 @@ pub(crate) fn fuzz_one(data: &[u8]) -> usize {
     let index = PrefixIndex::new(IndexConfig { capacity_per_endpoint: capacity, shards });
     let mut model = Model::new(capacity);
     let keys: Vec<u8> = (0..KEYS).collect();
-    let mut out = Vec::new();
+    let (mut scratch, mut out) = (LookupScratch::default(), Vec::new());
     let mut most_sets = 0;
     while !input.0.is_empty() {
         match input.next() % 8 {
@@ -57,7 +57,9 @@ pub(crate) fn fuzz_one(data: &[u8]) -> usize {
             }
             5 | 6 => {
                 let hashes = input.hashes();
-                if let Some(mismatch) = model.lookup_mismatch(&index, &hashes, &mut out) {
+                if let Some(mismatch) =
+                    model.lookup_mismatch(&index, &hashes, &mut scratch, &mut out)
+                {
                     panic!("{mismatch}");
                 }
             }
@@ -83,10 +85,7 @@ fn random_byte_strings_agree_with_the_model() {
     let mut state = 0x1234_5678_9abc_def0u64;
     let mut next = move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        mix64(state)
     };
     let mut with_sets = 0;
     for case in 0..3_000 {

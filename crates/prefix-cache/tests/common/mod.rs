@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use prefix_cache::PrefixIndex;
+use prefix_cache::{LookupScratch, PrefixIndex};
 
 #[derive(Debug)]
 pub(crate) struct Model<K> {
@@ -80,9 +80,10 @@ impl<K: Copy + Eq + Hash + Ord + Send + Sync + std::fmt::Debug + 'static> Model<
         &self,
         index: &PrefixIndex<K>,
         hashes: &[u64],
+        scratch: &mut LookupScratch,
         out: &mut Vec<(K, usize)>,
     ) -> Option<String> {
-        index.longest_prefix_matches(hashes, out);
+        index.longest_prefix_matches(hashes, scratch, out);
         out.sort_unstable();
         let expected = self.lookup(hashes);
         (*out != expected).then(|| format!("lookup {hashes:?}: {out:?}, expected {expected:?}"))
