@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, PrefixIndex};
+use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex};
 use scheduler_core::request::CHARACTERS_PER_TOKEN;
 use scheduler_core::{
     Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolObserver, PoolSnapshot,
@@ -78,6 +78,8 @@ struct PrefixScratch {
     /// The decision and block configuration the hashes were computed for.
     hashed_for: Option<(u64, BlockHasherConfig)>,
     hashes: Vec<u64>,
+    /// The index lookup's buffers.
+    lookup: LookupScratch,
     /// Matched leading blocks by endpoint.
     matches: Vec<(EndpointId, usize)>,
     /// Scores by pool position.
@@ -152,14 +154,14 @@ impl Scorer for PrefixCacheScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let PrefixScratch { hashes, matches, by_pool_index, .. } =
+        let PrefixScratch { hashes, lookup, matches, by_pool_index, .. } =
             self.hashed_prompt(state, request);
         if hashes.is_empty() {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
         }
         let total = hashes.len() as f64;
         let pool = candidates.pool();
-        self.index.longest_prefix_matches(hashes, matches);
+        self.index.longest_prefix_matches(hashes, lookup, matches);
         if matches.is_empty() {
             return;
         }
