@@ -65,5 +65,5 @@ const LONG_PROMPT: &str = "You are a helpful assistant. Answer briefly and cite 
     and wants three bullet points with dates.";
 
 fn scheduler_core_default() -> &'static str {
-    epp_rs::core::config::DEFAULT_CONFIG_YAML
+    epp_rs::core::DEFAULT_CONFIG_YAML
 }

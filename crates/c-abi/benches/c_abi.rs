@@ -32,7 +32,7 @@ fn load(index: u8) -> (u32, f64) {
 
 fn bench(c: &mut Criterion) {
     // GIE's default profile: as text for the C API, and built directly for the Rust director.
-    let config = scheduler_core::config::DEFAULT_CONFIG_YAML;
+    let config = scheduler_core::DEFAULT_CONFIG_YAML;
 
     // SAFETY: a valid pointer and length; the handle is freed at the end.
     let handle = unsafe { epp_scheduler_new(config.as_ptr().cast(), config.len()) };

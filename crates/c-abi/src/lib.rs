@@ -670,7 +670,7 @@ impl EppScheduler {
     /// without passes a queued request would neither see saturation lift nor reach its TTL.
     fn decide(&self, headers: &[(String, String)], body: &[u8]) -> Result<Routed, Rejection> {
         blocking::block_on(self.director.decide(headers, body, None), || {
-            if let Some(flow) = self.director.flow_control() {
+            if let Some(flow) = self.director.admission() {
                 flow.tick(&self.pool().load(), Instant::now());
             }
         })

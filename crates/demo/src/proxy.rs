@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use http_body_util::BodyExt;
-use scheduler_core::request::OBJECTIVE_HEADER;
+use scheduler_core::protocol::OBJECTIVE_HEADER;
 use tonic::transport::Channel;
 
 use crate::ext_proc_client::{Decision, ProxyRequest, ProxyStream};

@@ -24,7 +24,7 @@ use scheduler_core::{EndpointId, Outcome};
 use crate::metrics::{EppMetrics, RequestLabels};
 use crate::proto;
 use crate::usage::ResponseTail;
-use scheduler_core::director::{Director, Rejection, Routed};
+use scheduler_core::{Director, Rejection, Routed};
 
 /// Largest body chunk sent back in one message; larger ones are split (the proxy's gRPC
 /// message limit; the Go EPP uses the same bound).

@@ -41,6 +41,6 @@ pub mod usage;
 
 pub use exchange::{Exchange, Phase};
 pub use metrics::EppMetrics;
-pub use scheduler_core::director::{Director, DirectorOptions, Rejection, Routed};
+pub use scheduler_core::{Director, DirectorOptions, Rejection, Routed};
 pub use server::{RunningServer, ServerConfig, ServerError, start};
 pub use service::{EppExtProc, StreamLimits};

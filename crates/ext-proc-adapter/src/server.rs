@@ -19,7 +19,7 @@ use crate::endpoints_file;
 use crate::metrics::EppMetrics;
 use crate::service::{EppExtProc, StreamLimits};
 use crate::tls::PemIdentity;
-use scheduler_core::director::{Director, DirectorOptions};
+use scheduler_core::{Director, DirectorOptions};
 
 /// Largest gRPC message accepted or sent (a body chunk is at most the proxy's buffer size).
 const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -204,7 +204,7 @@ pub async fn start_with_director(
     let metrics_address = local(&metrics_listener, config.metrics_address);
 
     let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), staleness_threshold));
-    let flow = director.flow_control().filter(|flow| flow.controller().is_some()).cloned();
+    let flow = director.admission().filter(|flow| flow.controller().is_some()).cloned();
     let service = EppExtProc::new(director, Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);
     let (stop, stopped) = watch::channel(false);

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::exchange::Exchange;
 use crate::metrics::EppMetrics;
-use scheduler_core::director::Director;
+use scheduler_core::Director;
 
 /// Answers buffered per stream before the task waits for the proxy to read them.
 const STREAM_CHANNEL_CAPACITY: usize = 32;

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::body::BodyError;
+use crate::config::registry::PluginRegistry;
 use crate::config::{ConfigError, EndpointPickerConfig};
-use crate::flow::{self, FlowConfigError, FlowControl, ObjectiveResolver, ReleaseOnComplete};
+use crate::flow::{self, Admission, FlowConfigError, ObjectiveResolver, ReleaseOnComplete};
 use crate::pool::SharedPool;
-use crate::registry::PluginRegistry;
 use crate::request::InferenceRequest;
-use crate::result::{CompletionGuard, SchedulingError};
-use crate::scheduler::Scheduler;
+use crate::request::body::BodyError;
+use crate::scheduling::result::{CompletionGuard, SchedulingError};
+use crate::scheduling::scheduler::Scheduler;
 
 /// What the director needs to know beyond the scheduler and the pool.
 #[derive(Clone, Debug)]
@@ -46,7 +46,7 @@ pub enum Rejection {
     NoEndpoint(#[from] SchedulingError),
     /// Flow control did not admit the request (shed, queue full, expired, cancelled).
     #[error(transparent)]
-    NotAdmitted(#[from] flow::Rejection),
+    NotAdmitted(#[from] flow::NotAdmitted),
 }
 
 impl Rejection {
@@ -66,10 +66,10 @@ impl Rejection {
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge { .. } => "body_too_large",
             Self::NoEndpoint(_) => "no_ready_endpoint",
-            Self::NotAdmitted(flow::Rejection::Shed { .. }) => "request_shed",
-            Self::NotAdmitted(flow::Rejection::QueueFull { .. }) => "queue_full",
-            Self::NotAdmitted(flow::Rejection::Expired { .. }) => "queue_timeout",
-            Self::NotAdmitted(flow::Rejection::Cancelled { .. }) => "request_cancelled",
+            Self::NotAdmitted(flow::NotAdmitted::Shed { .. }) => "request_shed",
+            Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => "queue_full",
+            Self::NotAdmitted(flow::NotAdmitted::Expired { .. }) => "queue_timeout",
+            Self::NotAdmitted(flow::NotAdmitted::Cancelled { .. }) => "request_cancelled",
         }
     }
 }
@@ -109,7 +109,7 @@ pub struct Director {
     scheduler: Arc<Scheduler>,
     pool: Arc<SharedPool>,
     options: DirectorOptions,
-    flow: Option<Arc<FlowControl>>,
+    flow: Option<Arc<Admission>>,
 }
 
 impl Director {
@@ -135,7 +135,7 @@ impl Director {
     ) -> Result<Self, DirectorBuildError> {
         let plugins = config.construct_plugins(registry)?;
         let mut scheduler = config.build_with(&plugins, registry)?;
-        let flow = FlowControl::from_config(config, &plugins, objectives)?;
+        let flow = Admission::from_config(config, &plugins, objectives)?;
         if let Some(controller) = flow.controller() {
             let clock: flow::Clock = Arc::new(Instant::now);
             scheduler = scheduler.with_response_complete(Arc::new(ReleaseOnComplete::new(
@@ -149,7 +149,7 @@ impl Director {
     }
 
     /// Flow control, when admission is on.
-    pub fn flow_control(&self) -> Option<&Arc<FlowControl>> {
+    pub fn admission(&self) -> Option<&Arc<Admission>> {
         self.flow.as_ref()
     }
 

@@ -30,42 +30,45 @@
 //! assert_eq!(result.primary().endpoint.address.to_string(), "10.0.0.7:8000");
 //! ```
 
-pub mod body;
-pub mod config;
-pub mod cycle;
-pub mod director;
-pub mod dispatch_log;
-pub mod endpoint;
+// The tree follows a request: `request` (parsing, the protocol's names) -> `flow` (admission:
+// priority, saturation, shedding, queues) -> `scheduling` (filters -> scorers -> picker ->
+// hooks, over the `pool` snapshot) -> `director` (the whole path, for adapters); `config`
+// builds the scheduling side from an EndpointPickerConfig. Everything is re-exported here
+// once; `flow`, `protocol` and `hash` are namespaces of their own.
+mod config;
+mod director;
 pub mod flow;
 pub mod hash;
-pub mod plugin;
-pub mod pool;
-pub mod profile;
+mod pool;
 pub mod protocol;
-pub mod registry;
-pub mod request;
-pub mod result;
-pub mod scheduler;
+mod request;
+mod scheduling;
 
-pub use body::{ApiKind, BodyError, ParsedBody};
-pub use config::{ConfigError, EndpointPickerConfig, PluginConfig, PluginRef, ProfileConfig};
-pub use cycle::CycleState;
+pub use config::registry::{
+    NoParameters, Plugin, PluginError, PluginFactory, PluginRegistry, PluginSpec, RegistryError,
+};
+pub use config::{
+    ACCEPTED_API_VERSIONS, CONFIG_KIND, ConfigError, ConstructedPlugin, ConstructedPlugins,
+    DEFAULT_CONFIG_YAML, DEFAULT_PICKER_TYPE, DEFAULT_PROFILE_NAME, EndpointPickerConfig,
+    PluginConfig, PluginRef, ProfileConfig,
+};
 pub use director::{Director, DirectorBuildError, DirectorOptions, Rejection, Routed};
-pub use dispatch_log::{DispatchLog, PendingDispatches};
-pub use endpoint::{
+pub use pool::dispatch_log::{DISPATCH_RING_SLOTS, DispatchLog, PendingDispatches};
+pub use pool::endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,
 };
-pub use plugin::{
+pub use pool::{PoolSnapshot, SharedPool};
+pub use request::body::{ApiKind, BodyError, ParsedBody};
+pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
+pub use scheduling::cycle::CycleState;
+pub use scheduling::plugin::{
     Candidates, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
 };
-pub use pool::{PoolSnapshot, SharedPool};
-pub use profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
-pub use registry::{
-    NoParameters, Plugin, PluginError, PluginFactory, PluginRegistry, PluginSpec, RegistryError,
-};
-pub use request::InferenceRequest;
-pub use result::{
+pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
+pub use scheduling::result::{
     CompletedRequest, CompletionGuard, Outcome, ProfileRun, SchedulingError, SchedulingResult,
 };
-pub use scheduler::{ScheduleOptions, Scheduler, SingleProfileHandler};
+pub use scheduling::scheduler::{
+    SINGLE_PROFILE_HANDLER, ScheduleOptions, Scheduler, SingleProfileHandler,
+};

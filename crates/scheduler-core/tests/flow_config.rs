@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use scheduler_core::config::ConstructedPlugins;
+use scheduler_core::ConstructedPlugins;
 use scheduler_core::flow::{
-    AdmissionMode, BandConfig, ConcurrencyDetector, FairnessPolicy, FlowConfigError, FlowControl,
-    FlowControlConfig, FlowMetrics, InferenceObjectiveConfig, ObjectiveResolver, OrderingPolicy,
-    Rejection, SaturationDetector, SaturationDetectorSection, UtilizationDetector,
+    Admission, AdmissionMode, BandConfig, ConcurrencyDetector, FairnessPolicy, FlowConfigError,
+    FlowControlConfig, FlowMetrics, InferenceObjectiveConfig, NotAdmitted, ObjectiveResolver,
+    OrderingPolicy, SaturationDetector, SaturationDetectorSection, UtilizationDetector,
     UtilizationThresholds, configured_detector,
 };
 use scheduler_core::{
@@ -335,9 +335,8 @@ fn request(objective: &str) -> InferenceRequest {
     request
 }
 
-fn flow_control(config: &EndpointPickerConfig) -> FlowControl {
-    FlowControl::from_config(config, &plugins(config), objectives())
-        .expect("valid admission config")
+fn flow_control(config: &EndpointPickerConfig) -> Admission {
+    Admission::from_config(config, &plugins(config), objectives()).expect("valid admission config")
 }
 
 #[test]
@@ -348,8 +347,8 @@ fn without_the_gate_only_sheddable_requests_are_shed() {
     let pool = saturated_pool(now);
     let mut batch = request("batch");
     let shed = flow_control.submit(&mut batch, 10, &pool, now);
-    assert_eq!(shed.try_outcome(), Some(Err(Rejection::Shed { priority: -1 })));
-    assert_eq!(Rejection::Shed { priority: -1 }.http_status(), 429);
+    assert_eq!(shed.try_outcome(), Some(Err(NotAdmitted::Shed { priority: -1 })));
+    assert_eq!(NotAdmitted::Shed { priority: -1 }.http_status(), 429);
     let mut chat = request("chat");
     assert!(matches!(flow_control.submit(&mut chat, 10, &pool, now).try_outcome(), Some(Ok(_))));
     assert_eq!(chat.priority, 2);

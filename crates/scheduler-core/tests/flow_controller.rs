@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use scheduler_core::PoolSnapshot;
 use scheduler_core::flow::{
     BandConfig, CapacityLimit, FairnessPolicy, FlowControlConfig, FlowController, FlowMetrics,
-    FlowOutcome, FlowRequest, OrderingPolicy, OutcomeReason, PermitDetector, Rejection, Ticket,
+    FlowOutcome, FlowRequest, NotAdmitted, OrderingPolicy, OutcomeReason, PermitDetector, Ticket,
 };
 
 struct Harness {
@@ -130,7 +130,7 @@ fn ttl_expires_exactly_at_the_deadline() {
     assert_eq!(report.expired, 1);
     assert_eq!(
         ticket.try_outcome(),
-        Some(Err(Rejection::Expired { priority: 0, waited: Duration::from_millis(100) }))
+        Some(Err(NotAdmitted::Expired { priority: 0, waited: Duration::from_millis(100) }))
     );
     assert_eq!(harness.controller.queued_requests(), 0);
     assert_eq!(harness.controller.metrics().outcome(OutcomeReason::Expired), 1);
@@ -163,10 +163,10 @@ fn per_request_and_band_ttls_override_the_default() {
         harness.at(0),
     );
     harness.controller.tick(&harness.pool, harness.at(20));
-    assert!(matches!(own.try_outcome(), Some(Err(Rejection::Expired { .. }))));
+    assert!(matches!(own.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
     assert!(banded.try_outcome().is_none());
     harness.controller.tick(&harness.pool, harness.at(50));
-    assert!(matches!(banded.try_outcome(), Some(Err(Rejection::Expired { .. }))));
+    assert!(matches!(banded.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
     assert!(plain.try_outcome().is_none());
 }
 
@@ -188,14 +188,14 @@ fn dropping_a_ticket_cancels_and_frees_its_place() {
     let refused = harness.enqueue(0, "a", 1);
     assert_eq!(
         refused.try_outcome(),
-        Some(Err(Rejection::QueueFull { priority: 0, limit: CapacityLimit::TotalRequests(1) }))
+        Some(Err(NotAdmitted::QueueFull { priority: 0, limit: CapacityLimit::TotalRequests(1) }))
     );
     drop(first);
     assert_eq!(harness.controller.queued_requests(), 0);
     assert_eq!(harness.controller.metrics().outcome(OutcomeReason::Cancelled), 1);
     let second = harness.enqueue(0, "a", 2);
     assert!(second.try_outcome().is_none(), "the freed place is taken");
-    assert_eq!(second.cancel(), Err(Rejection::Cancelled { priority: 0 }));
+    assert_eq!(second.cancel(), Err(NotAdmitted::Cancelled { priority: 0 }));
     harness.free(1, 3);
     assert_eq!(harness.permits.available(), 1, "cancelled requests are never admitted");
 }
@@ -223,18 +223,18 @@ fn band_and_byte_caps_reject_with_the_limit_named() {
     let over_band = harness.enqueue(0, "a", 0);
     assert_eq!(
         over_band.try_outcome(),
-        Some(Err(Rejection::QueueFull { priority: 0, limit: CapacityLimit::BandRequests(2) }))
+        Some(Err(NotAdmitted::QueueFull { priority: 0, limit: CapacityLimit::BandRequests(2) }))
     );
     let _c = harness.enqueue(1, "a", 0);
     let over_band_bytes = harness.enqueue(1, "a", 0);
     assert_eq!(
         over_band_bytes.try_outcome(),
-        Some(Err(Rejection::QueueFull { priority: 1, limit: CapacityLimit::BandBytes(150) }))
+        Some(Err(NotAdmitted::QueueFull { priority: 1, limit: CapacityLimit::BandBytes(150) }))
     );
     let over_total = harness.enqueue(2, "a", 0);
     assert_eq!(
         over_total.try_outcome(),
-        Some(Err(Rejection::QueueFull { priority: 2, limit: CapacityLimit::TotalBytes(350) }))
+        Some(Err(NotAdmitted::QueueFull { priority: 2, limit: CapacityLimit::TotalBytes(350) }))
     );
     let stats = harness.controller.band_stats();
     let queued: Vec<(i32, u64, u64)> =
@@ -446,7 +446,7 @@ fn capacity_is_pending_while_the_queue_is_full_and_wakes_when_a_place_frees() {
     let fourth = harness.enqueue(0, "a", 80);
     assert!(harness.controller.poll_capacity(&mut cx).is_pending());
     harness.controller.tick(&harness.pool, harness.at(160));
-    assert!(matches!(third.try_outcome(), Some(Err(Rejection::Expired { .. }))));
+    assert!(matches!(third.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
     assert_eq!(woken(), 3);
     assert!(harness.controller.poll_capacity(&mut cx).is_ready());
     drop(fourth);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use scheduler_core::flow::{
     BandConfig, FairnessPolicy, FlowControlConfig, FlowController, FlowMetrics, FlowOutcome,
-    FlowRequest, OrderingPolicy, OutcomeReason, PermitDetector, Rejection, SaturationDetector,
+    FlowRequest, NotAdmitted, OrderingPolicy, OutcomeReason, PermitDetector, SaturationDetector,
     Shedder, Ticket, UtilizationDetector, outcome_reason,
 };
 use scheduler_core::{Endpoint, EndpointMetrics, EndpointState, PoolSnapshot};
@@ -227,7 +227,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
     for low in tracked.iter().filter(|item| item.dispatch_seq().is_some()) {
         let low_seq = low.dispatch_seq().unwrap_or(0);
         for high in tracked.iter().filter(|item| item.priority > low.priority) {
-            let refused = matches!(high.outcome, Some(Err(Rejection::QueueFull { .. })));
+            let refused = matches!(high.outcome, Some(Err(NotAdmitted::QueueFull { .. })));
             if refused || high.enqueued_op > low.resolved_op {
                 continue;
             }
@@ -235,7 +235,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 || (high.resolved_op == low.resolved_op
                     && match &high.outcome {
                         Some(Ok(admitted)) => admitted.dispatch_seq < low_seq,
-                        Some(Err(Rejection::Expired { .. })) => true,
+                        Some(Err(NotAdmitted::Expired { .. })) => true,
                         _ => false,
                     });
             prop_assert!(
@@ -357,7 +357,7 @@ proptest! {
         for priority in priorities {
             match shedder.admit(priority, &pool, now) {
                 Ok(_) => prop_assert!(priority >= 0 || !saturated),
-                Err(Rejection::Shed { priority: shed }) => {
+                Err(NotAdmitted::Shed { priority: shed }) => {
                     prop_assert_eq!(shed, priority);
                     prop_assert!(priority < 0 && saturated);
                 }

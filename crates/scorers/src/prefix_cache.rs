@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex};
-use scheduler_core::request::CHARACTERS_PER_TOKEN;
+use scheduler_core::CHARACTERS_PER_TOKEN;
 use scheduler_core::{
     Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolObserver, PoolSnapshot,
     PreRequest, SchedulingResult, Scorer,

@@ -70,7 +70,7 @@ fn defaults_are_injected() {
 
 #[test]
 fn every_gie_api_version_is_accepted() {
-    for version in scheduler_core::config::ACCEPTED_API_VERSIONS {
+    for version in scheduler_core::ACCEPTED_API_VERSIONS {
         build(&format!(
             "apiVersion: {version}\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
         ))

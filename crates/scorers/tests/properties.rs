@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proptest::prelude::*;
-use scheduler_core::config::DEFAULT_PICKER_TYPE;
+use scheduler_core::DEFAULT_PICKER_TYPE;
 use scheduler_core::{
     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
     ScheduleOptions, Scheduler,

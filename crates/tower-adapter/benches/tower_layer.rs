@@ -43,7 +43,7 @@ fn director() -> Arc<Director> {
 /// and a concurrency detector (the bench's metrics are never refreshed, so the utilization
 /// detector would soon call them stale and queue every request).
 fn director_with_flow_control() -> Arc<Director> {
-    let yaml = scheduler_core::config::DEFAULT_CONFIG_YAML.replacen(
+    let yaml = scheduler_core::DEFAULT_CONFIG_YAML.replacen(
         "plugins:\n",
         "featureGates: [flowControl]\nflowControl: {maxRequests: 1000}\n\
          saturationDetector: {pluginRef: concurrency-detector}\nplugins:\n\

@@ -3,7 +3,7 @@
 //! Without the gate, [`Shedder`] decides on the spot: admit unless the pool is saturated and
 //! the request is sheddable (priority < 0), in which case it is shed; a request with a
 //! non-negative priority is never shed. With the gate, requests go through the [`FlowController`]'s queues.
-//! [`FlowControl`] hides the difference: both return a [`Ticket`].
+//! [`Admission`] hides the difference: both return a [`Ticket`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,13 +15,13 @@ use crate::flow::config::{FLOW_CONTROL_FEATURE_GATE, FlowConfigError, configured
 use crate::flow::controller::{FlowController, FlowRequest, PassReport};
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::objective::ObjectiveResolver;
-use crate::flow::outcome::{Admitted, FlowOutcome, Rejection};
+use crate::flow::outcome::{Admitted, FlowOutcome, NotAdmitted};
 use crate::flow::saturation::SaturationDetector;
 use crate::flow::ticket::Ticket;
-use crate::plugin::ResponseComplete;
 use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
-use crate::result::CompletedRequest;
+use crate::scheduling::plugin::ResponseComplete;
+use crate::scheduling::result::CompletedRequest;
 
 /// Admission without queues: shed sheddable requests while the pool is saturated.
 #[derive(Clone, Debug)]
@@ -41,7 +41,7 @@ impl Shedder {
         // Only sheddable requests pay for the saturation check: the others are admitted anyway.
         if priority < 0 && self.detector.is_saturated(pool, now) {
             self.metrics.record_outcome(OutcomeReason::Shed);
-            return Err(Rejection::Shed { priority });
+            return Err(NotAdmitted::Shed { priority });
         }
         self.detector.on_admit();
         self.metrics.record_outcome(OutcomeReason::Admitted);
@@ -60,12 +60,12 @@ pub enum AdmissionMode {
 
 /// Objective resolution plus admission: what an adapter holds.
 #[derive(Clone, Debug)]
-pub struct FlowControl {
+pub struct Admission {
     objectives: ObjectiveResolver,
     mode: AdmissionMode,
 }
 
-impl FlowControl {
+impl Admission {
     /// Builds admission from a whole config: the detector named by `saturationDetector` /
     /// `flowControl.saturationDetector` (see [`configured_detector`]), taken from `plugins`,
     /// the plugins constructed for the scheduler, so that a detector with hooks (such as the

@@ -14,13 +14,13 @@ use std::time::Instant;
 use parking_lot::RwLock;
 use serde::Deserialize;
 
-use crate::cycle::CycleState;
-use crate::endpoint::EndpointId;
 use crate::flow::saturation::SaturationDetector;
-use crate::plugin::{PreRequest, ResponseComplete};
 use crate::pool::PoolSnapshot;
+use crate::pool::endpoint::EndpointId;
 use crate::request::InferenceRequest;
-use crate::result::{CompletedRequest, SchedulingResult};
+use crate::scheduling::cycle::CycleState;
+use crate::scheduling::plugin::{PreRequest, ResponseComplete};
+use crate::scheduling::result::{CompletedRequest, SchedulingResult};
 
 /// GIE type name of the concurrency detector plugin.
 pub const CONCURRENCY_DETECTOR_TYPE: &str = "concurrency-detector";
@@ -117,8 +117,8 @@ impl ResponseComplete for ConcurrencyDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::{Endpoint, EndpointState};
-    use crate::result::Outcome;
+    use crate::pool::endpoint::{Endpoint, EndpointState};
+    use crate::scheduling::result::Outcome;
 
     #[test]
     fn saturated_only_when_every_endpoint_is_at_its_limit() {

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::flow::config::FlowControlConfig;
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
-use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, Rejection};
+use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, NotAdmitted};
 use crate::flow::queue::{BandStats, Entry, QueueState, SlotKey};
 use crate::flow::saturation::SaturationDetector;
 use crate::flow::ticket::{Ticket, TicketCell};
@@ -120,7 +120,8 @@ impl Cancel {
         wake_all(capacity_wakers);
         // A miss means the request already left (dispatched or expired) and has its outcome.
         if let Some(entry) = removed {
-            let waker = entry.cell.resolve(Err(Rejection::Cancelled { priority: entry.priority }));
+            let waker =
+                entry.cell.resolve(Err(NotAdmitted::Cancelled { priority: entry.priority }));
             self.shared.metrics.record_outcome(OutcomeReason::Cancelled);
             if let Some(waker) = waker {
                 waker.wake();
@@ -192,7 +193,7 @@ impl FlowController {
             drop(state);
             wake_all(wakers);
             shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
-            return Ticket::resolved(Err(Rejection::QueueFull {
+            return Ticket::resolved(Err(NotAdmitted::QueueFull {
                 priority: request.priority,
                 limit,
             }));
@@ -218,7 +219,7 @@ impl FlowController {
             wake_all(wakers);
             shared.metrics.record_outcome(OutcomeReason::RejectedCapacity);
             let limit = CapacityLimit::TotalRequests(u64::from(u32::MAX));
-            return Ticket::resolved(Err(Rejection::QueueFull {
+            return Ticket::resolved(Err(NotAdmitted::QueueFull {
                 priority: request.priority,
                 limit,
             }));
@@ -336,7 +337,7 @@ impl FlowController {
         state.pop_expired(now, &mut expired);
         for entry in expired {
             let waited = now.saturating_duration_since(entry.enqueued_at);
-            let outcome = Err(Rejection::Expired { priority: entry.priority, waited });
+            let outcome = Err(NotAdmitted::Expired { priority: entry.priority, waited });
             self.finish(entry, outcome, wakers);
             report.expired += 1;
         }

@@ -10,7 +10,7 @@
 //!    (priority < 0) while the pool is saturated. With it, [`FlowController`] queues requests in
 //!    bounded priority bands and dispatches them by priority, fairness and order as room frees.
 //! 4. Either way the adapter holds a [`Ticket`]: await it (or poll [`Ticket::try_outcome`]),
-//!    then schedule on admission or answer 429 on a [`Rejection`]; drop it to cancel.
+//!    then schedule on admission or answer 429 on a [`NotAdmitted`]; drop it to cancel.
 //! 5. On completion the adapter calls [`FlowController::release`] (or registers
 //!    [`ReleaseOnComplete`]), and calls [`FlowController::tick`] periodically.
 //!
@@ -52,7 +52,7 @@ mod saturation;
 mod ticket;
 mod units;
 
-pub use admission::{AdmissionMode, Clock, FlowControl, ReleaseOnComplete, Shedder};
+pub use admission::{Admission, AdmissionMode, Clock, ReleaseOnComplete, Shedder};
 pub use concurrency::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, DEFAULT_MAX_CONCURRENCY,
 };
@@ -66,7 +66,7 @@ pub use objective::{
     DEFAULT_PRIORITY, InferenceObjectiveConfig, ObjectiveError, ObjectiveResolver,
 };
 pub use outcome::{
-    Admitted, CLIENT_CLOSED_REQUEST, CapacityLimit, FlowOutcome, Rejection, outcome_reason,
+    Admitted, CLIENT_CLOSED_REQUEST, CapacityLimit, FlowOutcome, NotAdmitted, outcome_reason,
 };
 pub use queue::BandStats;
 pub use saturation::{

@@ -40,9 +40,9 @@ impl fmt::Display for CapacityLimit {
 }
 
 /// Why a request was not admitted. Adapters answer HTTP 429 for every variant but
-/// [`Rejection::Cancelled`], whose client is gone (see [`Rejection::http_status`]).
+/// [`NotAdmitted::Cancelled`], whose client is gone (see [`NotAdmitted::http_status`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
+pub enum NotAdmitted {
     /// Sheddable (priority < 0) and the pool is saturated; flow control is off, so no queue.
     #[error("pool saturated: sheddable request (priority {priority}) shed")]
     Shed {
@@ -76,7 +76,7 @@ pub enum Rejection {
 /// Status code nginx and Envoy use for a request whose client went away.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
-impl Rejection {
+impl NotAdmitted {
     /// The HTTP status an adapter answers with: 429 (Too Many Requests), or
     /// [`CLIENT_CLOSED_REQUEST`] for a cancelled request, which has nobody left to answer.
     pub fn http_status(&self) -> u16 {
@@ -98,7 +98,7 @@ impl Rejection {
 }
 
 /// The one outcome every request submitted to flow control ends with.
-pub type FlowOutcome = Result<Admitted, Rejection>;
+pub type FlowOutcome = Result<Admitted, NotAdmitted>;
 
 /// The metrics reason of an outcome.
 pub fn outcome_reason(outcome: &FlowOutcome) -> OutcomeReason {
@@ -114,14 +114,14 @@ mod tests {
 
     #[test]
     fn statuses_and_messages() {
-        let full = Rejection::QueueFull { priority: 1, limit: CapacityLimit::BandBytes(10) };
+        let full = NotAdmitted::QueueFull { priority: 1, limit: CapacityLimit::BandBytes(10) };
         assert_eq!(full.http_status(), 429);
         assert_eq!(
             full.to_string(),
             "flow control queue full for priority 1: band maxBytes 10 reached"
         );
-        assert_eq!(Rejection::Shed { priority: -1 }.http_status(), 429);
-        assert_eq!(Rejection::Cancelled { priority: 0 }.http_status(), 499);
-        assert_eq!(outcome_reason(&Err(Rejection::Shed { priority: -1 })), OutcomeReason::Shed);
+        assert_eq!(NotAdmitted::Shed { priority: -1 }.http_status(), 429);
+        assert_eq!(NotAdmitted::Cancelled { priority: 0 }.http_status(), 499);
+        assert_eq!(outcome_reason(&Err(NotAdmitted::Shed { priority: -1 })), OutcomeReason::Shed);
     }
 }

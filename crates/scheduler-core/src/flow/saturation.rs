@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::endpoint::EndpointMetrics;
 use crate::flow::units;
 use crate::pool::PoolSnapshot;
+use crate::pool::endpoint::EndpointMetrics;
 
 /// GIE type name of the utilization detector plugin.
 pub const UTILIZATION_DETECTOR_TYPE: &str = "utilization-detector";
@@ -169,7 +169,7 @@ impl SaturationDetector for NeverSaturated {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::{Endpoint, EndpointState};
+    use crate::pool::endpoint::{Endpoint, EndpointState};
 
     fn endpoint(port: u16, waiting: u32, kv: f64, updated_at: Option<Instant>) -> EndpointState {
         EndpointState::new(Endpoint::new(([10, 0, 0, 1], port).into())).with_metrics(

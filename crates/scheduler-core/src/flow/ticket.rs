@@ -86,7 +86,7 @@ impl Ticket {
         // Cancelling always leaves an outcome; the fallback only spares a panic path.
         self.cell
             .outcome()
-            .unwrap_or(Err(crate::flow::outcome::Rejection::Cancelled { priority: 0 }))
+            .unwrap_or(Err(crate::flow::outcome::NotAdmitted::Cancelled { priority: 0 }))
     }
 
     fn cancel_now(&mut self) {

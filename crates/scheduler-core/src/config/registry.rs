@@ -16,10 +16,10 @@ use crate::flow::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, SaturationDetector,
     UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
-use crate::plugin::{
+use crate::scheduling::plugin::{
     Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
 };
-use crate::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
+use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
 /// A plugin declaration as the constructor sees it.
 #[derive(Clone, Copy, Debug)]

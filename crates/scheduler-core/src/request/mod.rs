@@ -1,11 +1,13 @@
 //! The inference request as the scheduler sees it.
 
+pub(crate) mod body;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::body::{ApiKind, BodyError, ParsedBody};
+use crate::request::body::{ApiKind, BodyError, ParsedBody};
 
-pub use crate::protocol::{
+use crate::protocol::{
     FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, REQUEST_ID_HEADER,
 };
 

@@ -45,15 +45,17 @@
 //! # Ok::<(), scheduler_core::ConfigError>(())
 //! ```
 
+pub(crate) mod registry;
+
 use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::config::registry::{Plugin, PluginRegistry, PluginSpec, RegistryError};
 use crate::flow::{FlowControlConfig, SaturationDetectorSection};
-use crate::plugin::{PreRequest, ProfileHandler, ResponseComplete};
-use crate::profile::SchedulerProfile;
-use crate::registry::{Plugin, PluginRegistry, PluginSpec, RegistryError};
-use crate::scheduler::{Scheduler, SingleProfileHandler};
+use crate::scheduling::plugin::{PreRequest, ProfileHandler, ResponseComplete};
+use crate::scheduling::profile::SchedulerProfile;
+use crate::scheduling::scheduler::{Scheduler, SingleProfileHandler};
 
 /// The `apiVersion` values accepted, from GIE and llm-d releases.
 pub const ACCEPTED_API_VERSIONS: &[&str] = &[
@@ -492,7 +494,7 @@ impl EndpointPickerConfig {
     }
 
     /// Constructs every declared plugin with `registry`, once, for [`Self::build_with`] and
-    /// flow control ([`FlowControl::from_config`](crate::flow::FlowControl::from_config)).
+    /// flow control ([`Admission::from_config`](crate::flow::Admission::from_config)).
     pub fn construct_plugins(
         &self,
         registry: &PluginRegistry,
@@ -596,7 +598,7 @@ fn profile_handler(
     }
     Ok(match found {
         Some((declared, handler)) => {
-            (handler, declared.type_name == crate::scheduler::SINGLE_PROFILE_HANDLER)
+            (handler, declared.type_name == crate::scheduling::scheduler::SINGLE_PROFILE_HANDLER)
         }
         None => (Arc::new(SingleProfileHandler), true),
     })
@@ -626,7 +628,7 @@ fn build_profile(
 ) -> Result<SchedulerProfile, ConfigError> {
     let mut filters = Vec::new();
     let mut scorers = Vec::new();
-    let mut picker: Option<(&str, Arc<dyn crate::plugin::Picker>)> = None;
+    let mut picker: Option<(&str, Arc<dyn crate::scheduling::plugin::Picker>)> = None;
     for (index, reference) in config.plugins.iter().enumerate() {
         let name = reference.plugin_ref.as_str();
         let Some(ConstructedPlugin { plugin, .. }) = plugins.get(name) else {

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::cycle::{CycleState, ProfileBuffers};
-use crate::plugin::{Candidates, Filter, Picker, Scorer};
 use crate::pool::PoolSnapshot;
 use crate::request::InferenceRequest;
-use crate::result::SchedulingError;
+use crate::scheduling::cycle::{CycleState, ProfileBuffers};
+use crate::scheduling::plugin::{Candidates, Filter, Picker, Scorer};
+use crate::scheduling::result::SchedulingError;
 
 /// A scorer and the weight of its score in the profile's total.
 #[derive(Clone, Debug)]

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::dispatch_log::DispatchLog;
 use crate::hash::{FNV_OFFSET_BASIS, fnv1a, mix64};
+use crate::pool::dispatch_log::DispatchLog;
 
 /// Stable, cheap-to-copy identity of an endpoint.
 ///

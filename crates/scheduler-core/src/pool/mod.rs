@@ -4,13 +4,16 @@
 //! scheduler) load the current one without locking. Endpoints and their metrics live in one
 //! value so a reader never sees an endpoint list from one update and metrics from another.
 
+pub(crate) mod dispatch_log;
+pub(crate) mod endpoint;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 
-use crate::endpoint::{EndpointId, EndpointMap, EndpointMetrics, EndpointState};
-use crate::plugin::PoolObserver;
+use crate::pool::endpoint::{EndpointId, EndpointMap, EndpointMetrics, EndpointState};
+use crate::scheduling::plugin::PoolObserver;
 
 /// An immutable view of the pool at one moment.
 #[derive(Clone, Debug, Default)]
@@ -192,7 +195,7 @@ impl SharedPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::Endpoint;
+    use crate::pool::endpoint::Endpoint;
 
     fn state(port: u16) -> EndpointState {
         EndpointState::new(Endpoint::new(([10, 0, 0, 1], port).into()))

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::endpoint::{EndpointId, EndpointState};
 use crate::pool::PoolSnapshot;
-use crate::profile::ProfileExplanation;
+use crate::pool::endpoint::{EndpointId, EndpointState};
+use crate::scheduling::profile::ProfileExplanation;
 
 /// Why no endpoint could be chosen. Each maps to one HTTP status in the adapters (503).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

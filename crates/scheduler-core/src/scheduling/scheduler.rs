@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::cycle::{CycleState, ProfileBuffers, Scratch};
-use crate::endpoint::EndpointId;
 use crate::hash::split_mix;
-use crate::plugin::{PoolObserver, PreRequest, ProfileHandler, ResponseComplete};
+use crate::pool::endpoint::EndpointId;
 use crate::pool::{PoolSnapshot, SharedPool};
-use crate::profile::{ProfileExplanation, SchedulerProfile};
 use crate::request::InferenceRequest;
-use crate::result::{
+use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
+use crate::scheduling::plugin::{PoolObserver, PreRequest, ProfileHandler, ResponseComplete};
+use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
+use crate::scheduling::result::{
     CompletedRequest, CompletionGuard, CompletionHooks, ProfileRun, SchedulingError,
     SchedulingResult,
 };

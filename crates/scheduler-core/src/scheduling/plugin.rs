@@ -8,11 +8,11 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use crate::cycle::CycleState;
-use crate::endpoint::EndpointState;
 use crate::pool::PoolSnapshot;
+use crate::pool::endpoint::EndpointState;
 use crate::request::InferenceRequest;
-use crate::result::{CompletedRequest, ProfileRun, SchedulingResult};
+use crate::scheduling::cycle::CycleState;
+use crate::scheduling::result::{CompletedRequest, ProfileRun, SchedulingResult};
 
 /// The endpoints still in the running for a request: a view into the pool snapshot.
 #[derive(Clone, Copy, Debug)]
