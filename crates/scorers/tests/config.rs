@@ -171,7 +171,7 @@ fn structural_errors() {
         error(
             "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: queue-scorer}]\n- name: b\n  plugins: [{pluginRef: queue-scorer}]\n"
         ),
-        "single-profile-handler runs one profile but 2 are declared; declare a multi-profile handler"
+        "single-profile-handler runs at most 1 profile(s) but 2 are declared; declare a multi-profile handler"
     );
     assert_eq!(
         error(

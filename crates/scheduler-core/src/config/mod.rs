@@ -55,7 +55,7 @@ use crate::config::registry::{Plugin, PluginRegistry, PluginSpec, RegistryError}
 use crate::flow::{FlowControlConfig, SaturationDetectorSection};
 use crate::scheduling::plugin::{PreRequest, ProfileHandler, ResponseComplete};
 use crate::scheduling::profile::SchedulerProfile;
-use crate::scheduling::scheduler::{Scheduler, SingleProfileHandler};
+use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, Scheduler, SingleProfileHandler};
 
 /// The `apiVersion` values accepted, from GIE and llm-d releases.
 pub const ACCEPTED_API_VERSIONS: &[&str] = &[
@@ -343,11 +343,15 @@ pub enum ConfigError {
         /// The second handler.
         second: String,
     },
-    /// The single-profile handler is used with several profiles.
+    /// The profile handler runs fewer profiles than the config declares.
     #[error(
-        "single-profile-handler runs one profile but {count} are declared; declare a multi-profile handler"
+        "{handler} runs at most {max} profile(s) but {count} are declared; declare a multi-profile handler"
     )]
-    SingleHandlerManyProfiles {
+    TooManyProfiles {
+        /// The handler's name (`single-profile-handler` when none is declared).
+        handler: String,
+        /// How many profiles it runs at most.
+        max: usize,
         /// How many profiles are declared.
         count: usize,
     },
@@ -544,11 +548,18 @@ impl EndpointPickerConfig {
         } else {
             self.declared_profiles(plugins, registry)?
         };
-        if profiles.len() > 1 && handler.1 {
-            return Err(ConfigError::SingleHandlerManyProfiles { count: profiles.len() });
+        let (handler_name, handler) = handler;
+        if let Some(max) = handler.max_profiles()
+            && profiles.len() > max
+        {
+            return Err(ConfigError::TooManyProfiles {
+                handler: handler_name,
+                max,
+                count: profiles.len(),
+            });
         }
 
-        let mut scheduler = Scheduler::new(profiles, handler.0);
+        let mut scheduler = Scheduler::new(profiles, handler);
         for ConstructedPlugin { plugin, .. } in plugins.iter() {
             if let Some(hook) = &plugin.pre_request {
                 scheduler = scheduler.with_pre_request(Arc::clone(hook) as Arc<dyn PreRequest>);
@@ -581,9 +592,10 @@ impl EndpointPickerConfig {
 }
 
 /// The declared handler, or the implied single-profile one; `true` when single-profile.
+/// The declared profile handler and its name, or the implied single-profile one.
 fn profile_handler(
     plugins: &ConstructedPlugins,
-) -> Result<(Arc<dyn ProfileHandler>, bool), ConfigError> {
+) -> Result<(String, Arc<dyn ProfileHandler>), ConfigError> {
     let mut found: Option<(&ConstructedPlugin, Arc<dyn ProfileHandler>)> = None;
     for declared in plugins.iter() {
         if let Some(handler) = &declared.plugin.profile_handler {
@@ -597,10 +609,8 @@ fn profile_handler(
         }
     }
     Ok(match found {
-        Some((declared, handler)) => {
-            (handler, declared.type_name == crate::scheduling::scheduler::SINGLE_PROFILE_HANDLER)
-        }
-        None => (Arc::new(SingleProfileHandler), true),
+        Some((declared, handler)) => (declared.name.clone(), handler),
+        None => (SINGLE_PROFILE_HANDLER.to_owned(), Arc::new(SingleProfileHandler)),
     })
 }
 

@@ -118,6 +118,12 @@ pub trait ProfileHandler: Send + Sync + Debug {
 
     /// Which of the run profiles (by position in `already_run`) holds the primary endpoint.
     fn primary_profile(&self, request: &InferenceRequest, already_run: &[ProfileRun]) -> usize;
+
+    /// The most profiles this handler can make use of; a config declaring more is refused.
+    /// `None` (the default): any number.
+    fn max_profiles(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Runs after a decision, before the request is forwarded: state that follows a pick

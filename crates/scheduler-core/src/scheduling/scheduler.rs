@@ -301,4 +301,8 @@ impl ProfileHandler for SingleProfileHandler {
     fn primary_profile(&self, _request: &InferenceRequest, _already_run: &[ProfileRun]) -> usize {
         0
     }
+
+    fn max_profiles(&self) -> Option<usize> {
+        Some(1)
+    }
 }
