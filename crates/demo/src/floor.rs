@@ -11,16 +11,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
-    ProcessingResponse, StreamedBodyResponse, body_mutation, processing_request,
-    processing_response,
+    ProcessingRequest, ProcessingResponse, processing_request,
 };
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,7 +24,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use scheduler_core::protocol::{DESTINATION_ENDPOINT_HEADER, LB_METADATA_NAMESPACE};
+use ext_proc_proto::{body_chunk, continue_response_headers, route_to};
 
 /// Largest gRPC message accepted, as the picker accepts.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -90,7 +86,7 @@ impl ExternalProcessor for Floor {
                 let answers = match message.request {
                     Some(processing_request::Request::RequestHeaders(headers)) => {
                         if headers.end_of_stream {
-                            vec![route_to(&destination)]
+                            vec![route_to(&destination, &[])]
                         } else {
                             Vec::new()
                         }
@@ -102,14 +98,14 @@ impl ExternalProcessor for Floor {
                         }
                         let count = chunks.len();
                         let mut answers = Vec::with_capacity(count + 1);
-                        answers.push(route_to(&destination));
+                        answers.push(route_to(&destination, &[]));
                         for (index, chunk) in chunks.drain(..).enumerate() {
                             answers.push(body_chunk(true, chunk, index + 1 == count));
                         }
                         answers
                     }
                     Some(processing_request::Request::ResponseHeaders(_)) => {
-                        vec![pass_response_headers()]
+                        vec![continue_response_headers()]
                     }
                     Some(processing_request::Request::ResponseBody(body)) => {
                         vec![body_chunk(false, body.body, body.end_of_stream)]
@@ -124,74 +120,6 @@ impl ExternalProcessor for Floor {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
-}
-
-/// The route answer: the destination header and the same value in `envoy.lb` metadata.
-fn route_to(destination: &str) -> ProcessingResponse {
-    let header = HeaderValueOption {
-        header: Some(HeaderValue {
-            key: DESTINATION_ENDPOINT_HEADER.to_owned(),
-            value: String::new(),
-            raw_value: destination.as_bytes().to_vec(),
-        }),
-        ..HeaderValueOption::default()
-    };
-    let mut lb = Struct::default();
-    lb.fields.insert(
-        DESTINATION_ENDPOINT_HEADER.to_owned(),
-        Value { kind: Some(Kind::StringValue(destination.to_owned())) },
-    );
-    let mut metadata = Struct::default();
-    metadata
-        .fields
-        .insert(LB_METADATA_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(lb)) });
-    ProcessingResponse {
-        response: Some(processing_response::Response::RequestHeaders(HeadersResponse {
-            response: Some(CommonResponse {
-                header_mutation: Some(HeaderMutation {
-                    set_headers: vec![header],
-                    remove_headers: Vec::new(),
-                }),
-                clear_route_cache: true,
-                ..CommonResponse::default()
-            }),
-        })),
-        dynamic_metadata: Some(metadata),
-        ..ProcessingResponse::default()
-    }
-}
-
-/// One body chunk streamed back unchanged.
-fn body_chunk(request_side: bool, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
-    let response = BodyResponse {
-        response: Some(CommonResponse {
-            body_mutation: Some(BodyMutation {
-                mutation: Some(body_mutation::Mutation::StreamedResponse(StreamedBodyResponse {
-                    body,
-                    end_of_stream,
-                    ..StreamedBodyResponse::default()
-                })),
-            }),
-            ..CommonResponse::default()
-        }),
-    };
-    ProcessingResponse {
-        response: Some(if request_side {
-            processing_response::Response::RequestBody(response)
-        } else {
-            processing_response::Response::ResponseBody(response)
-        }),
-        ..ProcessingResponse::default()
-    }
-}
-
-fn pass_response_headers() -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(processing_response::Response::ResponseHeaders(HeadersResponse {
-            response: Some(CommonResponse::default()),
-        })),
-        ..ProcessingResponse::default()
     }
 }
 

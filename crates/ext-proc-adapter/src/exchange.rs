@@ -22,8 +22,8 @@ use scheduler_core::protocol::MODEL_REWRITE_HEADER;
 use scheduler_core::{EndpointId, Outcome};
 
 use crate::metrics::{EppMetrics, RequestLabels};
-use crate::proto;
 use crate::usage::ResponseTail;
+use ext_proc_proto as proto;
 use scheduler_core::{Director, Rejection, Routed};
 
 /// Largest body chunk sent back in one message; larger ones are split (the proxy's gRPC

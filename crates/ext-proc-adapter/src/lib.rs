@@ -33,7 +33,6 @@ pub mod exchange;
 pub mod health;
 pub mod metrics;
 mod metrics_http;
-pub mod proto;
 pub mod server;
 pub mod service;
 pub mod tls;

@@ -39,7 +39,10 @@ impl Scorer for KvCacheUtilizationScorer {
         let compensate = self.parameters.lag_compensation;
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
             let mut usage = state.metrics.kv_usage;
-            if let Some(capacity) = state.metrics.kv_capacity_blocks.filter(|c| *c > 0) {
+            // Checked first: without compensation the division below is skipped per endpoint.
+            if compensate
+                && let Some(capacity) = state.metrics.kv_capacity_blocks.filter(|c| *c > 0)
+            {
                 let pending = pending_since_scrape(state, compensate);
                 // In floating point: a host may report any capacity, up to u64::MAX.
                 usage += pending.tokens as f64 / (capacity as f64 * TOKENS_PER_KV_BLOCK as f64);

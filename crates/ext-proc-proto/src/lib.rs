@@ -1,5 +1,20 @@
-//! Reading and building Envoy ext-proc messages: headers, the subset hint, the served
-//! endpoint, header mutations, dynamic metadata, streamed bodies and immediate responses.
+//! Envoy ext-proc messages as the endpoint-picker protocol uses them: reading the proxy's
+//! headers, subset hint and served endpoint, and building the picker's answers (the
+//! destination as a header mutation and `envoy.lb` metadata, streamed body chunks, immediate
+//! responses).
+//!
+//! A crate of its own so that everything speaking the protocol builds the same messages: the
+//! `epp` server, and the tools that stand in for it or for the proxy (the do-nothing floor
+//! server of the load generator, the fuzz targets).
+//!
+//! ```
+//! use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+//!
+//! let answer = ext_proc_proto::route_to("10.0.0.1:8000", &[]);
+//! let Some(Response::RequestHeaders(headers)) = answer.response else { unreachable!() };
+//! let mutation = headers.response.unwrap().header_mutation.unwrap();
+//! assert_eq!(mutation.set_headers[0].header.as_ref().unwrap().key, "x-gateway-destination-endpoint");
+//! ```
 
 use std::net::SocketAddr;
 
