@@ -37,7 +37,7 @@ fn a_tiny_demo_routes_every_request_and_keeps_prefixes_warm() {
         let per_endpoint: Vec<usize> = cells[1].split('/').map(|n| n.parse().unwrap()).collect();
         assert_eq!(per_endpoint.len(), 2, "{table}");
         assert_eq!(per_endpoint.iter().sum::<usize>(), 60, "{table}");
-        assert_eq!((cells[8], cells[9]), ("0/0/0", "0"), "{table}");
+        assert_eq!(cells[9], "0", "no request failed:\n{table}");
         assert!(percent(cells[2]) > 0.0, "{table}");
     }
     assert_eq!(round_robin[1], "30/30", "{table}");
