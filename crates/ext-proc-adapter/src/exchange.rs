@@ -178,11 +178,11 @@ impl Exchange {
         let subset = self.subset.take();
         match self.director.decide(&self.headers, body, subset).await {
             Ok(routed) => {
-                let labels = RequestLabels::new(&routed.request);
                 if let Some(metrics) = &self.metrics {
+                    let labels = metrics.request_labels(&routed.request);
                     metrics.record_request(&labels, self.body_bytes);
+                    self.labels = Some(labels);
                 }
-                self.labels = Some(labels);
                 let destination = proto::destination_value(
                     routed.primary,
                     &routed.fallbacks,

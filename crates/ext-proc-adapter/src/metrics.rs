@@ -2,9 +2,18 @@
 //!
 //! Request metrics are recorded by the ext-proc exchange; pool gauges are computed from the
 //! current pool snapshot when `/metrics` is scraped, so they are never older than the scrape.
+//!
+//! Model names come from clients (the body's `model`, the rewrite header), so they are escaped
+//! for the text format (the encoder writes label values as given) and bounded: the first
+//! [`MAX_MODEL_LABELS`] distinct names, each at most [`MAX_MODEL_LABEL_BYTES`] long, get
+//! series of their own; any other name counts under [`OTHER_MODEL_LABEL`]. A client can
+//! neither forge samples nor grow the exposition without bound.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -16,23 +25,61 @@ use scheduler_core::{InferenceRequest, PoolSnapshot};
 
 use crate::usage::Usage;
 
-/// Labels of per-request metrics.
+/// Most distinct model names with series of their own.
+pub const MAX_MODEL_LABELS: usize = 128;
+/// Longest model name (in bytes) with series of its own.
+pub const MAX_MODEL_LABEL_BYTES: usize = 256;
+/// The label value every other model name counts under.
+pub const OTHER_MODEL_LABEL: &str = "other";
+
+/// Labels of per-request metrics, escaped and bounded (see [`EppMetrics::request_labels`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The model the client asked for.
-    pub model_name: String,
+    model_name: String,
     /// The model the request was sent to (after any rewrite).
-    pub target_model_name: String,
+    target_model_name: String,
 }
 
-impl RequestLabels {
-    /// The labels of `request`.
-    pub fn new(request: &InferenceRequest) -> Self {
-        Self {
-            model_name: request.target_model.clone(),
-            target_model_name: request.target_model.clone(),
+/// The model names that have series, up to [`MAX_MODEL_LABELS`].
+#[derive(Debug, Default)]
+struct ModelLabels {
+    known: RwLock<HashSet<String>>,
+}
+
+impl ModelLabels {
+    /// The label value for `model`: the name escaped for the text format, or
+    /// [`OTHER_MODEL_LABEL`] once the bounds are reached.
+    fn value(&self, model: &str) -> String {
+        if model.len() > MAX_MODEL_LABEL_BYTES {
+            return OTHER_MODEL_LABEL.to_owned();
+        }
+        let escaped = escape_label_value(model);
+        if self.known.read().contains(&escaped) {
+            return escaped;
+        }
+        let mut known = self.known.write();
+        if known.len() < MAX_MODEL_LABELS || known.contains(&escaped) {
+            known.insert(escaped.clone());
+            escaped
+        } else {
+            OTHER_MODEL_LABEL.to_owned()
         }
     }
+}
+
+/// Escapes a label value for the Prometheus text format: backslash, double quote and line feed.
+fn escape_label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for character in value.chars() {
+        match character {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +112,7 @@ pub struct EppMetrics {
     pool_kv_cache: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pool_queue: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pool_ready: Family<PoolLabels, Gauge>,
+    models: ModelLabels,
 }
 
 fn duration_histogram() -> Histogram {
@@ -164,6 +212,15 @@ impl EppMetrics {
             pool_kv_cache,
             pool_queue,
             pool_ready,
+            models: ModelLabels::default(),
+        }
+    }
+
+    /// The labels of `request`: the body's model and the target model, escaped and bounded.
+    pub fn request_labels(&self, request: &InferenceRequest) -> RequestLabels {
+        RequestLabels {
+            model_name: self.models.value(&request.model),
+            target_model_name: self.models.value(&request.target_model),
         }
     }
 
@@ -174,11 +231,13 @@ impl EppMetrics {
     }
 
     /// Counts a request the picker answered itself.
-    pub fn record_rejection(&self, model: &str, error_code: &str) {
+    /// `model` is what the gateway's rewrite header named, if anything (the body may be unusable).
+    pub fn record_rejection(&self, model: &str, error_code: &'static str) {
+        let model = self.models.value(model);
         self.errors
             .get_or_create(&ErrorLabels {
-                model_name: model.to_owned(),
-                target_model_name: model.to_owned(),
+                model_name: model.clone(),
+                target_model_name: model,
                 error_code: error_code.to_owned(),
             })
             .inc();
@@ -231,5 +290,90 @@ impl EppMetrics {
             let _ = writeln!(text, "# encoding failed");
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_model::text::Parser;
+
+    /// Every sample of the exposition, parsed back: (name, labels as decoded pairs, value).
+    fn samples(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+        Parser::new(text)
+            .samples()
+            .map(|sample| {
+                let sample = sample.unwrap_or_else(|error| panic!("{error} in\n{text}"));
+                let labels = sample
+                    .labels
+                    .iter()
+                    .map(|label| (label.name.to_owned(), label.value.into_owned()))
+                    .collect();
+                (sample.name.to_owned(), labels, sample.value)
+            })
+            .collect()
+    }
+
+    fn request(model: &str, target: &str) -> InferenceRequest {
+        InferenceRequest { model: model.into(), ..InferenceRequest::new(target, "hi") }
+    }
+
+    #[test]
+    fn a_model_name_cannot_forge_samples() {
+        let metrics = EppMetrics::new("default-pool", None);
+        let hostile = "x\"} 1\ninference_pool_ready_pods{name=\"default-pool\"} 0\n#\\";
+        let labels = metrics.request_labels(&request(hostile, hostile));
+        metrics.record_request(&labels, 10);
+        metrics.observe_pool(&PoolSnapshot::default(), Instant::now());
+        let text = metrics.encode();
+        let parsed = samples(&text);
+        let ready: Vec<_> =
+            parsed.iter().filter(|(name, ..)| name == "inference_pool_ready_pods").collect();
+        assert_eq!(ready.len(), 1, "one ready-pods sample, not a forged second:\n{text}");
+        let (_, labels, value) = parsed
+            .iter()
+            .find(|(name, ..)| name == "inference_objective_request_total")
+            .expect("the request counter");
+        assert_eq!(*value, 1.0);
+        assert!(
+            labels.iter().any(|(name, value)| name == "model_name" && value == hostile),
+            "the name round-trips through the escaping: {labels:?}"
+        );
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let metrics = EppMetrics::new("p", None);
+        for index in 0..MAX_MODEL_LABELS * 3 {
+            let model = format!("model-{index}");
+            metrics.record_request(&metrics.request_labels(&request(&model, &model)), 1);
+        }
+        let long = "m".repeat(MAX_MODEL_LABEL_BYTES + 1);
+        metrics.record_request(&metrics.request_labels(&request(&long, &long)), 1);
+        let parsed = samples(&metrics.encode());
+        let counters: Vec<_> = parsed
+            .iter()
+            .filter(|(name, ..)| name == "inference_objective_request_total")
+            .collect();
+        assert_eq!(counters.len(), MAX_MODEL_LABELS + 1, "the first names plus one overflow");
+        let other = counters
+            .iter()
+            .find(|(_, labels, _)| labels.iter().any(|(_, value)| value == OTHER_MODEL_LABEL))
+            .expect("an overflow series");
+        assert_eq!(other.2, (MAX_MODEL_LABELS * 2 + 1) as f64, "every later name counts there");
+    }
+
+    #[test]
+    fn model_and_target_model_are_the_two_real_values() {
+        let metrics = EppMetrics::new("p", None);
+        let labels = metrics.request_labels(&request("tweet-summary", "tweet-summary-v2"));
+        metrics.record_request(&labels, 1);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "inference_objective_request_total{model_name=\"tweet-summary\",target_model_name=\"tweet-summary-v2\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

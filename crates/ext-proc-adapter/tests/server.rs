@@ -198,7 +198,7 @@ async fn metrics_expose_the_gie_names() {
     let mut stream = ProxyStream::open(&mut client).await.unwrap();
     stream
         .send_request(&ProxyRequest {
-            headers: vec![(":path", "/v1/completions")],
+            headers: vec![(":path", "/v1/completions"), ("x-gateway-model-name-rewrite", "m-v2")],
             body: br#"{"model":"m","prompt":"hello"}"#,
             chunk_bytes: 0,
             subset: None,
@@ -224,12 +224,12 @@ async fn metrics_expose_the_gie_names() {
     let text = http_get(running.metrics_address, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     for name in [
-        "inference_objective_request_total{model_name=\"m\",target_model_name=\"m\"} 1",
+        "inference_objective_request_total{model_name=\"m\",target_model_name=\"m-v2\"} 1",
         "inference_objective_request_error_total{",
         "error_code=\"bad_request\"",
         "inference_objective_request_duration_seconds_count",
-        "inference_objective_input_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 3.0",
-        "inference_objective_output_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 5.0",
+        "inference_objective_input_tokens_sum{model_name=\"m\",target_model_name=\"m-v2\"} 3.0",
+        "inference_objective_output_tokens_sum{model_name=\"m\",target_model_name=\"m-v2\"} 5.0",
         "inference_objective_normalized_time_per_output_token_seconds_count",
         "inference_pool_average_kv_cache_utilization{name=\"test-pool\"}",
         "inference_pool_average_queue_size{name=\"test-pool\"}",

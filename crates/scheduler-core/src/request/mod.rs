@@ -20,7 +20,10 @@ pub const CHARACTERS_PER_TOKEN: usize = 4;
 pub struct InferenceRequest {
     /// Request id (from `x-request-id` when present), for logs and hooks.
     pub request_id: String,
-    /// The model the request targets: a base model or a LoRA adapter name.
+    /// The model named in the request body, before any rewrite (for metrics and logs).
+    pub model: String,
+    /// The model the request targets: a base model or a LoRA adapter name (the body's model,
+    /// or the gateway's rewrite of it).
     pub target_model: String,
     /// Prompt text as prefix hashing sees it: the completion prompt, or the chat messages
     /// flattened in order.
@@ -51,7 +54,8 @@ impl InferenceRequest {
 
     /// A request for `target_model` with `prompt` and no headers.
     pub fn new(target_model: impl Into<String>, prompt: impl Into<String>) -> Self {
-        Self { target_model: target_model.into(), prompt: prompt.into(), ..Self::default() }
+        let target_model = target_model.into();
+        Self { model: target_model.clone(), target_model, prompt: prompt.into(), ..Self::default() }
     }
 
     /// Builds a request from an OpenAI-style JSON body and the request headers.
@@ -71,10 +75,11 @@ impl InferenceRequest {
             .collect();
         let target_model = match headers.get(MODEL_REWRITE_HEADER) {
             Some(rewrite) if !rewrite.is_empty() => rewrite.clone(),
-            _ => parsed.model,
+            _ => parsed.model.clone(),
         };
         Ok(Self {
             request_id: headers.get(REQUEST_ID_HEADER).cloned().unwrap_or_default(),
+            model: parsed.model,
             target_model,
             prompt: parsed.prompt,
             api: parsed.api,
@@ -151,5 +156,6 @@ mod tests {
             InferenceRequest::from_openai(None, [(MODEL_REWRITE_HEADER, "llama-v2")], body)
                 .unwrap();
         assert_eq!(request.target_model, "llama-v2");
+        assert_eq!(request.model, "llama", "the body's model is kept for metrics");
     }
 }
