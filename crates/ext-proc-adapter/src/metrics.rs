@@ -298,8 +298,11 @@ mod tests {
     use super::*;
     use metrics_model::text::Parser;
 
-    /// Every sample of the exposition, parsed back: (name, labels as decoded pairs, value).
-    fn samples(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    /// One parsed sample: name, labels as decoded pairs, value.
+    type ParsedSample = (String, Vec<(String, String)>, f64);
+
+    /// Every sample of the exposition, parsed back.
+    fn samples(text: &str) -> Vec<ParsedSample> {
         Parser::new(text)
             .samples()
             .map(|sample| {
