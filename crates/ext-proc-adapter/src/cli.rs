@@ -114,28 +114,18 @@ pub struct ServerFlags {
     pub verbose: u8,
 }
 
-/// Parses Go-style durations: `50ms`, `2s`, `1m`, `1.5s`, `250us`; a bare number is milliseconds.
+/// Parses a duration flag: a Go duration (`50ms`, `2s`, `1m30s`, `250us`), or a bare number of
+/// milliseconds. Out-of-range values are refused with a message, never a panic.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 =
-        number.parse().map_err(|_| format!("'{text}' is not a duration like 50ms or 2s"))?;
-    let seconds = match unit {
-        "" | "ms" => value / 1e3,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "us" | "µs" => value / 1e6,
-        "ns" => value / 1e9,
-        _ => {
-            return Err(format!("'{text}' has an unknown unit '{unit}' (use ns, us, ms, s, m, h)"));
-        }
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("'{text}' is not a non-negative duration"));
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return text
+            .parse::<f64>()
+            .ok()
+            .and_then(|millis| Duration::try_from_secs_f64(millis / 1e3).ok())
+            .ok_or_else(|| format!("'{text}' is not a duration in range (e.g. 50ms, 2s, 1m30s)"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    scheduler_core::flow::parse_go_duration(text)
 }
 
 #[cfg(test)]
@@ -148,8 +138,22 @@ mod tests {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("200"), Ok(Duration::from_millis(200)));
-        assert!(parse_duration("2 weeks").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("2 weeks").unwrap_err().contains("not a duration"));
         assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        for huge in ["99999999999999999999h", "99999999999999999999999999", "1e400"] {
+            let error = parse_duration(huge).expect_err(huge);
+            assert!(error.contains(huge) || error.contains("range"), "{huge}: {error}");
+        }
+        let parsed =
+            Cli::try_parse_from(["epp", "--refresh-metrics-interval", "99999999999999999999h"]);
+        let error = parsed.expect_err("refused").to_string();
+        assert!(error.contains("out of range"), "{error}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ mod saturation;
 mod ticket;
 mod units;
 
+pub use units::parse_go_duration;
+
 pub use admission::{Admission, AdmissionMode, Clock, ReleaseOnComplete, Shedder};
 pub use concurrency::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, DEFAULT_MAX_CONCURRENCY,

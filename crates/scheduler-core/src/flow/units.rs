@@ -66,7 +66,7 @@ impl Visitor<'_> for DurationVisitor {
 
 /// Parses a Go duration string: one or more `<decimal><unit>` terms with units `ns`, `us`
 /// (or `µs`), `ms`, `s`, `m`, `h`; `"0"` alone is zero. Negative durations are refused.
-pub(crate) fn parse_go_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
     let invalid =
         || format!("'{text}' is not a duration (expected e.g. \"200ms\", \"2s\", \"1m30s\")");
     if text == "0" {
