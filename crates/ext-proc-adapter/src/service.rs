@@ -115,7 +115,16 @@ async fn drive(
                 return;
             }
         };
-        exchange.handle(message, &mut answers).await;
+        // A decision may wait in flow control's queue. If the proxy goes away meanwhile (stream
+        // reset, client gone), tonic drops the response stream: stop waiting, which drops the
+        // queue ticket and frees the place at once instead of at the TTL.
+        tokio::select! {
+            () = exchange.handle(message, &mut answers) => {}
+            () = sender.closed() => {
+                tracing::debug!("ext-proc stream closed by the proxy while its request waited");
+                return;
+            }
+        }
         for answer in answers.drain(..) {
             if sender.send(Ok(answer)).await.is_err() {
                 return;

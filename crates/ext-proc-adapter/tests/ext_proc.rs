@@ -383,3 +383,29 @@ async fn with_the_flow_control_gate_requests_wait_until_saturation_lifts() {
     let Decision::Routed { destination, .. } = decision else { panic!("{decision:?}") };
     assert_eq!(destination, "127.0.0.1:9101");
 }
+
+#[tokio::test]
+async fn a_queued_request_leaves_the_queue_when_its_stream_goes_away() {
+    // TTL 0: without cancellation the request would hold its place forever.
+    let config = "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nsaturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 10s}\nflowControl: {defaultRequestTTL: 0}\n";
+    let pool = saturated_pool(9);
+    let director = director_for(config, Arc::clone(&pool));
+    let controller = director.admission().and_then(|a| a.controller()).unwrap().clone();
+    let mut client = serve_director(director).await;
+    let mut waiting = ProxyStream::open(&mut client).await.unwrap();
+    waiting.send_request(&with_objective("batch")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while controller.queued_requests() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    drop(waiting); // the proxy resets the stream (client gone, Envoy timeout)
+    while controller.queued_requests() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the reset stream kept its queue place");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Saturation lifting later must not schedule the abandoned request.
+    pool.update(|snapshot| snapshot.upsert(endpoint(9101, 0)));
+    assert_eq!(controller.queued_requests(), 0);
+}
