@@ -392,7 +392,7 @@ async fn a_queued_request_leaves_the_queue_when_its_stream_goes_away() {
     let director = director_for(config, Arc::clone(&pool));
     let controller = director.admission().and_then(|a| a.controller()).unwrap().clone();
     let mut client = serve_director(director).await;
-    let mut waiting = ProxyStream::open(&mut client).await.unwrap();
+    let waiting = ProxyStream::open(&mut client).await.unwrap();
     waiting.send_request(&with_objective("batch")).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while controller.queued_requests() == 0 {
