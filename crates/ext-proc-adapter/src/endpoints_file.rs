@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use scheduler_core::{Endpoint, EndpointRole};
 use serde::Deserialize;
@@ -118,12 +117,6 @@ pub fn load(path: &Path) -> Result<Vec<EndpointEntry>, EndpointsFileError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| EndpointsFileError::Read { path: path.to_owned(), source })?;
     parse(path, &text)
-}
-
-/// The file's modification time, to notice changes by polling (no watcher dependency; a
-/// pool file changes rarely and a poll every second costs nothing).
-pub fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok()
 }
 
 #[cfg(test)]

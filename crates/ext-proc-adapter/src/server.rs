@@ -122,16 +122,7 @@ impl PoolWriter {
                     };
                     wanted.push((endpoint, engine));
                 }
-                let keep: std::collections::HashSet<EndpointId> =
-                    wanted.iter().map(|(endpoint, _)| endpoint.id).collect();
-                for id in collector.endpoints() {
-                    if !keep.contains(&id) {
-                        collector.remove_endpoint(id);
-                    }
-                }
-                for (endpoint, engine) in wanted {
-                    collector.upsert_endpoint(endpoint, engine);
-                }
+                collector.set_endpoints(wanted);
                 Ok(())
             }
         }
@@ -316,24 +307,47 @@ pub fn apply_endpoints(pool: &SharedPool, entries: &[endpoints_file::EndpointEnt
     });
 }
 
+/// Reloads the endpoints file when its content changes (checked every second; content, not
+/// modification time, so a rewrite within the same second or a restored old time is seen).
+/// A file that cannot be read or parsed keeps the last good pool and is tried again once its
+/// content changes.
 async fn watch_endpoints_file(path: PathBuf, writer: PoolWriter) {
-    let mut seen = endpoints_file::modified(&path);
+    let mut applied = tokio::fs::read(&path).await.ok();
+    let mut refused: Option<Vec<u8>> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = endpoints_file::modified(&path);
-        if now == seen {
+        let content = match tokio::fs::read(&path).await {
+            Ok(content) => content,
+            Err(error) => {
+                if refused.is_none() {
+                    tracing::warn!(path = %path.display(), %error, "endpoints file unreadable; keeping the pool");
+                    refused = Some(Vec::new());
+                }
+                continue;
+            }
+        };
+        if applied.as_ref() == Some(&content) || refused.as_ref() == Some(&content) {
             continue;
         }
-        seen = now;
-        // Keep serving the last good pool: a half-written file must not empty it.
-        match endpoints_file::load(&path).map_err(ServerError::from).and_then(|entries| {
-            writer.apply(&entries)?;
-            Ok(entries.len())
-        }) {
+        let reloaded = std::str::from_utf8(&content)
+            .map_err(|_| endpoints_file::EndpointsFileError::Parse {
+                path: path.clone(),
+                message: "not UTF-8 text".into(),
+            })
+            .and_then(|text| endpoints_file::parse(&path, text))
+            .map_err(ServerError::from)
+            .and_then(|entries| writer.apply(&entries).map(|()| entries.len()));
+        match reloaded {
             Ok(count) => {
-                tracing::info!(path = %path.display(), endpoints = count, "endpoints file reloaded")
+                tracing::info!(path = %path.display(), endpoints = count, "endpoints file reloaded");
+                applied = Some(content);
+                refused = None;
             }
-            Err(error) => tracing::warn!(%error, "endpoints file not reloaded"),
+            // Keep serving the last good pool: a half-written file must not empty it.
+            Err(error) => {
+                tracing::warn!(%error, "endpoints file not reloaded");
+                refused = Some(content);
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -131,7 +132,14 @@ struct Inner {
     context: Arc<ScrapeContext>,
     runtime: tokio::runtime::Handle,
     results: mpsc::Sender<(EndpointId, EndpointMetrics)>,
-    scrapers: Mutex<HashMap<EndpointId, JoinHandle<()>>>,
+    scrapers: Mutex<HashMap<EndpointId, Scraper>>,
+    scrapers_started: AtomicU64,
+}
+
+/// A running scrape task and what it scrapes.
+struct Scraper {
+    target: Target,
+    task: JoinHandle<()>,
 }
 
 /// What every scrape task shares.
@@ -173,6 +181,7 @@ impl MetricsCollector {
             runtime,
             results,
             scrapers: Mutex::new(HashMap::new()),
+            scrapers_started: AtomicU64::new(0),
         });
         Ok(Self { inner, publisher })
     }
@@ -202,8 +211,6 @@ impl MetricsCollector {
 
     fn upsert(&self, endpoint: Endpoint, metrics: Option<EndpointMetrics>, engine: Engine) {
         let id = endpoint.id;
-        let target =
-            Target { id, address: endpoint.address, name: Arc::clone(&endpoint.name), engine };
         // The lock makes the snapshot change and the task change one step for concurrent
         // upserts and removals of the same endpoint; nothing inside awaits.
         let mut scrapers = self.inner.scrapers.lock();
@@ -214,22 +221,73 @@ impl MetricsCollector {
                 .unwrap_or_default();
             snapshot.upsert(EndpointState { endpoint: endpoint.clone(), metrics });
         });
+        self.start_scraper(&mut scrapers, Target::of(&endpoint, engine));
+    }
+
+    fn start_scraper(&self, scrapers: &mut HashMap<EndpointId, Scraper>, target: Target) {
         let task = self.inner.runtime.spawn(scrape_endpoint(
-            target,
+            target.clone(),
             Arc::clone(&self.inner.context),
             self.inner.results.clone(),
         ));
-        if let Some(previous) = scrapers.insert(id, task) {
-            previous.abort();
+        self.inner.scrapers_started.fetch_add(1, Ordering::Relaxed);
+        if let Some(previous) = scrapers.insert(target.id, Scraper { target, task }) {
+            previous.task.abort();
         }
+    }
+
+    /// Makes the pool hold exactly `wanted`, published as one snapshot (a reader never sees a
+    /// half-applied change, such as an empty pool between removals and additions): endpoints
+    /// not listed leave, listed ones are added or re-declared, keeping their metrics. Scrapers
+    /// of endpoints whose address, name and engine did not change keep running.
+    pub fn set_endpoints(&self, wanted: Vec<(Endpoint, Engine)>) {
+        let mut scrapers = self.inner.scrapers.lock();
+        let keep: std::collections::HashSet<EndpointId> =
+            wanted.iter().map(|(endpoint, _)| endpoint.id).collect();
+        self.inner.pool.update(|snapshot| {
+            let gone: Vec<EndpointId> = snapshot
+                .endpoints()
+                .iter()
+                .map(EndpointState::id)
+                .filter(|id| !keep.contains(id))
+                .collect();
+            for id in gone {
+                snapshot.remove(id);
+            }
+            for (endpoint, _) in &wanted {
+                let metrics = snapshot
+                    .by_id(endpoint.id)
+                    .map(|state| state.metrics.clone())
+                    .unwrap_or_default();
+                snapshot.upsert(EndpointState { endpoint: endpoint.clone(), metrics });
+            }
+        });
+        scrapers.retain(|id, scraper| {
+            let stays = keep.contains(id);
+            if !stays {
+                scraper.task.abort();
+            }
+            stays
+        });
+        for (endpoint, engine) in wanted {
+            let target = Target::of(&endpoint, engine);
+            if !scrapers.get(&target.id).is_some_and(|running| running.target.same_as(&target)) {
+                self.start_scraper(&mut scrapers, target);
+            }
+        }
+    }
+
+    /// How many scrape tasks were started so far (one per added or changed endpoint).
+    pub fn scrapers_started(&self) -> u64 {
+        self.inner.scrapers_started.load(Ordering::Relaxed)
     }
 
     /// Removes an endpoint from the pool and stops scraping it; returns whether it was known.
     pub fn remove_endpoint(&self, id: EndpointId) -> bool {
         let mut scrapers = self.inner.scrapers.lock();
         let scraper = scrapers.remove(&id);
-        if let Some(task) = &scraper {
-            task.abort();
+        if let Some(scraper) = &scraper {
+            scraper.task.abort();
         }
         let mut was_in_pool = false;
         self.inner.pool.update(|snapshot| was_in_pool = snapshot.remove(id));
@@ -252,7 +310,7 @@ impl MetricsCollector {
 
     fn abort_all(&mut self) -> Vec<JoinHandle<()>> {
         let mut tasks: Vec<JoinHandle<()>> =
-            self.inner.scrapers.lock().drain().map(|(_, task)| task).collect();
+            self.inner.scrapers.lock().drain().map(|(_, scraper)| scraper.task).collect();
         // The publisher is replaced by a finished placeholder so it can be awaited once.
         let publisher = std::mem::replace(&mut self.publisher, self.inner.runtime.spawn(async {}));
         tasks.push(publisher);
@@ -265,7 +323,7 @@ impl MetricsCollector {
 
 impl Drop for MetricsCollector {
     fn drop(&mut self) {
-        for task in self.inner.scrapers.lock().drain().map(|(_, task)| task) {
+        for task in self.inner.scrapers.lock().drain().map(|(_, scraper)| scraper.task) {
             task.abort();
         }
         self.publisher.abort();
@@ -308,11 +366,30 @@ async fn publish(
 }
 
 /// The endpoint a scrape task serves.
+#[derive(Clone)]
 struct Target {
     id: EndpointId,
     address: SocketAddr,
     name: Arc<str>,
     engine: Engine,
+}
+
+impl Target {
+    fn of(endpoint: &Endpoint, engine: Engine) -> Self {
+        Self {
+            id: endpoint.id,
+            address: endpoint.address,
+            name: Arc::clone(&endpoint.name),
+            engine,
+        }
+    }
+
+    /// Whether a scraper of `self` also serves `other` (same address, name and engine).
+    fn same_as(&self, other: &Self) -> bool {
+        self.address == other.address
+            && self.name == other.name
+            && self.engine.same_as(&other.engine)
+    }
 }
 
 /// Why a scrape failed.

@@ -50,6 +50,17 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// Whether both are the same engine (custom mappings: the same shared mapping).
+    pub fn same_as(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Vllm, Self::Vllm)
+            | (Self::Sglang, Self::Sglang)
+            | (Self::TrtLlm, Self::TrtLlm) => true,
+            (Self::Custom(a), Self::Custom(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// The metric mapping of this engine.
     pub fn mapping(&self) -> &MetricMapping {
         static VLLM: LazyLock<MetricMapping> = LazyLock::new(MetricMapping::vllm);

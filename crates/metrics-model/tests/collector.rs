@@ -355,3 +355,54 @@ async fn dropping_the_collector_stops_scraping() {
     assert_eq!(server.requests(), requests, "no scrapes after the drop");
     assert_eq!(pool.load().generation(), generation, "no publishes after the drop");
 }
+
+/// Records the size of every snapshot published with a different set of endpoints.
+#[derive(Debug, Default)]
+struct MembershipLog(Mutex<Vec<usize>>);
+
+impl scheduler_core::PoolObserver for MembershipLog {
+    fn membership_changed(&self, pool: &PoolSnapshot) {
+        self.0.lock().push(pool.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_endpoint_set_is_one_snapshot_and_unchanged_endpoints_keep_their_scraper() {
+    let servers = [
+        FakeServer::start(Behaviour::Page(vllm_page(1))).await,
+        FakeServer::start(Behaviour::Page(vllm_page(2))).await,
+        FakeServer::start(Behaviour::Page(vllm_page(3))).await,
+    ];
+    let (pool, collector) = start_collector(test_config());
+    let log = Arc::new(MembershipLog::default());
+    pool.subscribe(log.clone());
+    let vllm = |server: &FakeServer| (server.endpoint(), Engine::Vllm);
+
+    collector.set_endpoints(vec![vllm(&servers[0]), vllm(&servers[1])]);
+    assert_eq!(collector.scrapers_started(), 2);
+    let kept = servers[1].endpoint().id;
+    eventually("the kept endpoint is scraped", || {
+        metrics_of(&pool, kept).is_some_and(|m| m.updated_at.is_some())
+    })
+    .await;
+
+    // Replace one endpoint and keep the other (with a new label: a re-declaration).
+    let relabelled = servers[1].endpoint().with_label("tier", "gold");
+    collector.set_endpoints(vec![(relabelled, Engine::Vllm), vllm(&servers[2])]);
+    assert_eq!(collector.scrapers_started(), 3, "only the new endpoint starts a scraper");
+    assert_eq!(*log.0.lock(), vec![2, 2], "one snapshot per change, never a partial pool");
+    let snapshot = pool.load();
+    assert!(snapshot.by_id(servers[0].endpoint().id).is_none());
+    let kept_state = snapshot.by_id(kept).expect("kept");
+    assert_eq!(kept_state.endpoint.labels["tier"], "gold");
+    assert!(kept_state.metrics.updated_at.is_some(), "the kept endpoint keeps its metrics");
+    let mut scraped: Vec<EndpointId> = collector.endpoints();
+    scraped.sort();
+    let mut expected = vec![kept, servers[2].endpoint().id];
+    expected.sort();
+    assert_eq!(scraped, expected);
+
+    // A changed engine is a new scraper.
+    collector.set_endpoints(vec![(servers[1].endpoint(), Engine::Sglang), vllm(&servers[2])]);
+    assert_eq!(collector.scrapers_started(), 4);
+}
