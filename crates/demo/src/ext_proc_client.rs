@@ -232,6 +232,17 @@ impl ProxyStream {
         served: Option<SocketAddr>,
         chunks: &[&[u8]],
     ) -> Result<Vec<u8>, ClientError> {
+        self.respond_with_status(200, served, chunks).await
+    }
+
+    /// [`Self::respond`] with the upstream's HTTP `status` in the response headers.
+    pub async fn respond_with_status(
+        &mut self,
+        status: u16,
+        served: Option<SocketAddr>,
+        chunks: &[&[u8]],
+    ) -> Result<Vec<u8>, ClientError> {
+        let status = status.to_string();
         let metadata = served.map(|address| {
             let mut lb = Struct::default();
             lb.fields.insert(
@@ -244,7 +255,7 @@ impl ProxyStream {
         });
         self.send(ProcessingRequest {
             request: Some(processing_request::Request::ResponseHeaders(HttpHeaders {
-                headers: Some(header_map(&[(":status", "200")])),
+                headers: Some(header_map(&[(":status", status.as_str())])),
                 end_of_stream: chunks.is_empty(),
                 ..HttpHeaders::default()
             })),

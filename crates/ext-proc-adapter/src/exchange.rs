@@ -61,6 +61,8 @@ pub struct Exchange {
     tail: ResponseTail,
     started: Instant,
     max_fallback_endpoints: usize,
+    /// The upstream's HTTP status, from the response headers.
+    response_status: Option<u16>,
 }
 
 impl Exchange {
@@ -80,6 +82,7 @@ impl Exchange {
             tail: ResponseTail::default(),
             started: Instant::now(),
             max_fallback_endpoints: 0,
+            response_status: None,
         }
     }
 
@@ -220,9 +223,10 @@ impl Exchange {
         {
             guard.set_served_endpoint(EndpointId::from_address(served));
         }
+        self.response_status = proto::response_status(headers.headers.as_ref());
         out.push(proto::continue_response_headers());
         if headers.end_of_stream {
-            self.finish(Outcome::Completed);
+            self.finish(self.response_outcome());
         } else if self.phase == Phase::AwaitingResponse {
             self.phase = Phase::ResponseBody;
         }
@@ -233,7 +237,15 @@ impl Exchange {
         let end = body.end_of_stream;
         push_split(false, body.body, end, out);
         if end {
-            self.finish(Outcome::Completed);
+            self.finish(self.response_outcome());
+        }
+    }
+
+    /// How a response that ended counts: a server error (5xx) failed the request.
+    fn response_outcome(&self) -> Outcome {
+        match self.response_status {
+            Some(status) if status >= 500 => Outcome::Failed,
+            _ => Outcome::Completed,
         }
     }
 
@@ -253,6 +265,9 @@ impl Exchange {
         }
         if let (Some(metrics), Some(labels)) = (&self.metrics, &self.labels) {
             metrics.record_completion(labels, self.started.elapsed(), usage);
+            if let Some(status) = self.response_status.filter(|status| *status >= 400) {
+                metrics.record_response_error(labels, status);
+            }
         }
     }
 }

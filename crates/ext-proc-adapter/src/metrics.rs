@@ -243,6 +243,20 @@ impl EppMetrics {
             .inc();
     }
 
+    /// Counts a response the upstream answered with an error status (4xx, 5xx), under the
+    /// request error counter with the status class as error code (`upstream_4xx`,
+    /// `upstream_5xx`).
+    pub fn record_response_error(&self, labels: &RequestLabels, status: u16) {
+        let error_code = if status >= 500 { "upstream_5xx" } else { "upstream_4xx" };
+        self.errors
+            .get_or_create(&ErrorLabels {
+                model_name: labels.model_name.clone(),
+                target_model_name: labels.target_model_name.clone(),
+                error_code: error_code.to_owned(),
+            })
+            .inc();
+    }
+
     /// Records a finished response.
     pub fn record_completion(
         &self,
@@ -378,5 +392,17 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn upstream_errors_count_by_status_class() {
+        let metrics = EppMetrics::new("p", None);
+        let labels = metrics.request_labels(&request("m", "m"));
+        metrics.record_response_error(&labels, 503);
+        metrics.record_response_error(&labels, 502);
+        metrics.record_response_error(&labels, 404);
+        let text = metrics.encode();
+        assert!(text.contains("error_code=\"upstream_5xx\"} 2"), "{text}");
+        assert!(text.contains("error_code=\"upstream_4xx\"} 1"), "{text}");
     }
 }

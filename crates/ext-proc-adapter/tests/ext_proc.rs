@@ -188,6 +188,17 @@ async fn headers_only_requests_are_answered_without_waiting_for_a_body() {
 }
 
 #[tokio::test]
+async fn an_upstream_server_error_fails_the_request() {
+    let mut harness = start(DirectorOptions::default(), StreamLimits::default()).await;
+    let (mut stream, _) = decide(&mut harness, &request(CHAT, 0)).await;
+    stream.respond_with_status(503, None, &[b"overloaded"]).await.unwrap();
+    let completed = harness.completed.0.lock().clone();
+    assert_eq!(completed.len(), 1);
+    assert_eq!(completed[0].outcome, scheduler_core::Outcome::Failed, "a 5xx is no completion");
+    assert_eq!(harness.in_flight.total_in_flight(), 0);
+}
+
+#[tokio::test]
 async fn the_response_completes_the_request_with_usage_and_served_endpoint() {
     let mut harness = start(DirectorOptions::default(), StreamLimits::default()).await;
     let (mut stream, decision) = decide(&mut harness, &request(CHAT, 0)).await;

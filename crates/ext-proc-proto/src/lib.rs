@@ -49,6 +49,17 @@ pub fn header_pairs(map: Option<&HeaderMap>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The HTTP status of a response, from its `:status` pseudo-header.
+pub fn response_status(map: Option<&HeaderMap>) -> Option<u16> {
+    let header = map?.headers.iter().find(|header| header.key == ":status")?;
+    let value = if header.raw_value.is_empty() {
+        header.value.as_bytes()
+    } else {
+        header.raw_value.as_slice()
+    };
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
 /// The subset hint, if the proxy sent one: `None` when absent, `Some(addresses)` otherwise
 /// (entries that are not `ip:port` are skipped; an empty list means no endpoint is allowed).
 pub fn subset_hint(metadata: Option<&Metadata>) -> Option<Vec<SocketAddr>> {
