@@ -21,6 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use scheduler_core::flow::{Admission, OutcomeReason};
 use scheduler_core::{InferenceRequest, PoolSnapshot};
 
 use crate::usage::Usage;
@@ -94,6 +95,18 @@ struct PoolLabels {
     name: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BandLabels {
+    priority: String,
+    inference_pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+    inference_pool: String,
+}
+
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric the picker exports.
@@ -113,6 +126,10 @@ pub struct EppMetrics {
     pool_queue: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pool_ready: Family<PoolLabels, Gauge>,
     models: ModelLabels,
+    flow_queue_size: Family<BandLabels, Gauge>,
+    flow_queue_bytes: Family<BandLabels, Gauge>,
+    flow_outcomes: Family<OutcomeLabels, Counter>,
+    unknown_objectives: Family<PoolLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -148,6 +165,10 @@ impl EppMetrics {
         let pool_kv_cache = Family::default();
         let pool_queue = Family::default();
         let pool_ready = Family::default();
+        let flow_queue_size = Family::default();
+        let flow_queue_bytes = Family::default();
+        let flow_outcomes = Family::default();
+        let unknown_objectives = Family::default();
         registry.register(
             "inference_objective_request",
             "Requests routed, by model",
@@ -198,6 +219,26 @@ impl EppMetrics {
             "Endpoints with fresh metrics",
             pool_ready.clone(),
         );
+        registry.register(
+            "inference_extension_flow_control_queue_size",
+            "Requests held in the flow-control queues, by priority band",
+            flow_queue_size.clone(),
+        );
+        registry.register(
+            "inference_extension_flow_control_queue_bytes",
+            "Bytes of the requests held in the flow-control queues, by priority band",
+            flow_queue_bytes.clone(),
+        );
+        registry.register(
+            "inference_extension_flow_control_request_outcome",
+            "Requests leaving admission, by outcome (admitted, shed, rejected_capacity, expired, cancelled)",
+            flow_outcomes.clone(),
+        );
+        registry.register(
+            "inference_extension_flow_control_unknown_objective",
+            "Requests naming an InferenceObjective that is not configured (priority 0 applied)",
+            unknown_objectives.clone(),
+        );
         Self {
             registry,
             pool_name: pool_name.into(),
@@ -213,6 +254,10 @@ impl EppMetrics {
             pool_queue,
             pool_ready,
             models: ModelLabels::default(),
+            flow_queue_size,
+            flow_queue_bytes,
+            flow_outcomes,
+            unknown_objectives,
         }
     }
 
@@ -295,6 +340,35 @@ impl EppMetrics {
         self.pool_kv_cache.get_or_create(&labels).set(mean(&|s| s.metrics.kv_usage));
         self.pool_queue.get_or_create(&labels).set(mean(&|s| f64::from(s.metrics.waiting_queue)));
         self.pool_ready.get_or_create(&labels).set(count as i64);
+    }
+
+    /// Updates the flow-control series from `admission`: admission outcomes and unknown
+    /// objectives (counters kept by the core, copied here), and queue lengths per priority band.
+    pub fn observe_admission(&self, admission: &Admission) {
+        let flow = admission.objectives().metrics().snapshot();
+        for reason in OutcomeReason::ALL {
+            let labels =
+                OutcomeLabels { outcome: reason.as_str(), inference_pool: self.pool_name.clone() };
+            self.flow_outcomes
+                .get_or_create(&labels)
+                .inner()
+                .store(flow.outcome(reason), std::sync::atomic::Ordering::Relaxed);
+        }
+        self.unknown_objectives
+            .get_or_create(&PoolLabels { name: self.pool_name.clone() })
+            .inner()
+            .store(flow.unknown_objectives, std::sync::atomic::Ordering::Relaxed);
+        if let Some(controller) = admission.controller() {
+            for band in controller.band_stats() {
+                let labels = BandLabels {
+                    priority: band.priority.to_string(),
+                    inference_pool: self.pool_name.clone(),
+                };
+                let as_gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+                self.flow_queue_size.get_or_create(&labels).set(as_gauge(band.queued_requests));
+                self.flow_queue_bytes.get_or_create(&labels).set(as_gauge(band.queued_bytes));
+            }
+        }
     }
 
     /// The exposition text.
@@ -404,5 +478,52 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("error_code=\"upstream_5xx\"} 2"), "{text}");
         assert!(text.contains("error_code=\"upstream_4xx\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn flow_control_series_follow_admission() {
+        use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
+        use scheduler_core::{Director, DirectorOptions, EndpointPickerConfig, SharedPool};
+        use std::sync::Arc;
+
+        let config = EndpointPickerConfig::from_yaml(
+            "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nflowControl: {defaultRequestTTL: 0}\n",
+        )
+        .unwrap();
+        let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
+        // An empty pool has no fresh endpoint: saturated, so the request queues.
+        let director = Director::from_config(
+            &config,
+            &scorers::builtin_registry(),
+            Arc::new(SharedPool::default()),
+            DirectorOptions::default(),
+            objectives,
+        )
+        .unwrap();
+        let admission = director.admission().unwrap();
+        let mut request = InferenceRequest::new("m", "hi");
+        request.objective = Some("not-configured".into());
+        let ticket = admission.submit(&mut request, 100, &director.pool().load(), Instant::now());
+
+        let metrics = EppMetrics::new("p", None);
+        metrics.observe_admission(admission);
+        let text = metrics.encode();
+        for line in [
+            "inference_extension_flow_control_queue_size{priority=\"0\",inference_pool=\"p\"} 1",
+            "inference_extension_flow_control_queue_bytes{priority=\"0\",inference_pool=\"p\"} 100",
+            "inference_extension_flow_control_unknown_objective_total{name=\"p\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+
+        drop(ticket); // the client went away
+        metrics.observe_admission(admission);
+        let text = metrics.encode();
+        for line in [
+            "inference_extension_flow_control_queue_size{priority=\"0\",inference_pool=\"p\"} 0",
+            "inference_extension_flow_control_request_outcome_total{outcome=\"cancelled\",inference_pool=\"p\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

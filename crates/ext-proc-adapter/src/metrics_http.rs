@@ -11,13 +11,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use scheduler_core::SharedPool;
+use scheduler_core::Director;
 use tokio::net::TcpListener;
 
 use crate::metrics::EppMetrics;
 
 /// Serves `/metrics` on `listener` until the future is dropped.
-pub(crate) async fn serve(listener: TcpListener, metrics: Arc<EppMetrics>, pool: Arc<SharedPool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Arc<EppMetrics>,
+    director: Arc<Director>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(connection) => connection,
@@ -27,10 +31,10 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<EppMetrics>, pool:
             }
         };
         let metrics = Arc::clone(&metrics);
-        let pool = Arc::clone(&pool);
+        let director = Arc::clone(&director);
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = answer(&request, &metrics, &pool);
+                let response = answer(&request, &metrics, &director);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(error) =
@@ -45,14 +49,17 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<EppMetrics>, pool:
 fn answer(
     request: &Request<Incoming>,
     metrics: &EppMetrics,
-    pool: &SharedPool,
+    director: &Director,
 ) -> Response<Full<Bytes>> {
     if request.uri().path() != "/metrics" {
         let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
         *response.status_mut() = StatusCode::NOT_FOUND;
         return response;
     }
-    metrics.observe_pool(&pool.load(), Instant::now());
+    metrics.observe_pool(&director.pool().load(), Instant::now());
+    if let Some(admission) = director.admission() {
+        metrics.observe_admission(admission);
+    }
     let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

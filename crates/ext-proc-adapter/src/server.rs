@@ -196,7 +196,7 @@ pub async fn start_with_director(
 
     let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), staleness_threshold));
     let flow = director.admission().filter(|flow| flow.controller().is_some()).cloned();
-    let service = EppExtProc::new(director, Some(Arc::clone(&metrics)), config.limits)
+    let service = EppExtProc::new(Arc::clone(&director), Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
@@ -239,7 +239,7 @@ pub async fn start_with_director(
     tasks.push(tokio::spawn(crate::metrics_http::serve(
         metrics_listener,
         Arc::clone(&metrics),
-        Arc::clone(&pool),
+        director,
     )));
     if let Some(path) = config.endpoints_file.clone() {
         tasks.push(tokio::spawn(watch_endpoints_file(path, pool_writer.clone())));
