@@ -283,6 +283,9 @@ int32_t epp_endpoint_set_metrics(const struct EppScheduler *handle,
  `EPP_STATUS_BUFFER_TOO_SMALL` (the message says how many bytes are needed) and the request
  is released as cancelled.
 
+ A handle keeps at most 262,144 requests in flight: scheduling one more releases the oldest
+ not yet completed as cancelled (its token then reports `EPP_STATUS_UNKNOWN_TOKEN`).
+
  Blocking: with the config's `flowControl` feature gate on, a request that flow control
  queues (the pool is saturated, or requests of its priority or higher are waiting) blocks
  the calling thread until it is admitted (then it is scheduled), rejected, or expires at its

@@ -39,7 +39,7 @@
 mod blocking;
 mod status;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char};
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -77,10 +77,17 @@ pub struct EppScheduler {
     director: Director,
     /// Completion guards of scheduled requests, by token, until `epp_request_complete`.
     /// A guard is `None` when the scheduler has no completion hooks.
-    in_flight: Mutex<HashMap<u64, Option<CompletionGuard>>>,
+    /// Ordered by token, so the oldest is first when the bound is reached.
+    in_flight: Mutex<BTreeMap<u64, Option<CompletionGuard>>>,
+    /// Most requests kept in flight; beyond it the oldest is released as cancelled.
+    max_in_flight: usize,
     next_token: AtomicU64,
     max_body_bytes: AtomicUsize,
 }
+
+/// Requests in flight per handle before the oldest is released as cancelled: a host that never
+/// completes its tokens cannot grow the handle without bound (about 100 bytes each).
+const MAX_IN_FLIGHT: usize = 262_144;
 
 /// One request header as a pair of byte strings (not NUL-terminated; a pointer may be NULL
 /// when its length is zero).
@@ -310,7 +317,10 @@ pub unsafe extern "C" fn epp_last_error_message(buf: *mut c_char, cap: usize) ->
         if buf.is_null() || cap == 0 {
             return copy_last_error(None);
         }
-        // SAFETY: non-NULL and `cap` writable bytes per the caller's guarantee.
+        // No buffer exceeds isize::MAX bytes; a larger `cap` is a caller's slip, not room.
+        let cap = cap.min(isize::MAX as usize);
+        // SAFETY: non-NULL and at least `cap` writable bytes per the caller's guarantee, and
+        // `cap` fits isize.
         let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), cap) };
         copy_last_error(Some(out))
     }))
@@ -470,6 +480,9 @@ unsafe fn adapter_list(list: *const c_char, what: &str) -> Result<Vec<Arc<str>>>
 /// `EPP_STATUS_BUFFER_TOO_SMALL` (the message says how many bytes are needed) and the request
 /// is released as cancelled.
 ///
+/// A handle keeps at most 262,144 requests in flight: scheduling one more releases the oldest
+/// not yet completed as cancelled (its token then reports `EPP_STATUS_UNKNOWN_TOKEN`).
+///
 /// Blocking: with the config's `flowControl` feature gate on, a request that flow control
 /// queues (the pool is saturated, or requests of its priority or higher are waiting) blocks
 /// the calling thread until it is admitted (then it is scheduled), rejected, or expires at its
@@ -618,7 +631,8 @@ impl EppScheduler {
                 .map_err(|error| invalid(&error))?;
         Ok(Self {
             director,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(BTreeMap::new()),
+            max_in_flight: MAX_IN_FLIGHT,
             next_token: AtomicU64::new(1),
             max_body_bytes: AtomicUsize::new(EPP_DEFAULT_MAX_BODY_BYTES),
         })
@@ -661,7 +675,13 @@ impl EppScheduler {
         out[destination.len()] = 0;
 
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.lock().insert(token, routed.completion);
+        let evicted = {
+            let mut in_flight = self.in_flight.lock();
+            in_flight.insert(token, routed.completion);
+            if in_flight.len() > self.max_in_flight { in_flight.pop_first() } else { None }
+        };
+        // Outside the lock: releasing runs the completion hooks.
+        drop(evicted);
         Ok(token)
     }
 
@@ -817,6 +837,23 @@ mod tests {
         assert_eq!(endpoint_list(&three, 3), all);
         assert_eq!(endpoint_list(&three, 9), all);
         assert_eq!(endpoint_list(&routed(&[]), 1), "10.0.0.1:80");
+    }
+
+    #[test]
+    fn requests_never_completed_are_bounded() {
+        let mut scheduler = EppScheduler::new("", "").unwrap();
+        scheduler.max_in_flight = 3;
+        scheduler.pool().update(|pool| {
+            pool.upsert(EndpointState::new(Endpoint::new("10.0.0.1:8000".parse().unwrap())));
+        });
+        let body = br#"{"model":"m","prompt":"hi"}"#;
+        let mut out = [0u8; 64];
+        let tokens: Vec<u64> =
+            (0..5).map(|_| scheduler.schedule(body, &[], &mut out, 1).unwrap()).collect();
+        assert_eq!(scheduler.in_flight.lock().len(), 3, "bounded by max_in_flight");
+        assert!(scheduler.take_in_flight(tokens[0]).is_err(), "the oldest were released");
+        assert!(scheduler.take_in_flight(tokens[1]).is_err());
+        assert!(scheduler.take_in_flight(tokens[4]).is_ok(), "the newest stay");
     }
 
     #[test]

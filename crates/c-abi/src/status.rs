@@ -89,7 +89,13 @@ thread_local! {
 
 /// Records `message` as the calling thread's last error.
 pub(crate) fn set_last_error(message: String) {
-    LAST_ERROR.with(|cell| *cell.borrow_mut() = message);
+    // Called after the guarded body, outside `catch_unwind`: it must not panic, so a (never
+    // expected) concurrent borrow on this thread leaves the old message instead.
+    LAST_ERROR.with(|cell| {
+        if let Ok(mut last) = cell.try_borrow_mut() {
+            *last = message;
+        }
+    });
 }
 
 /// Copies the calling thread's last error into `out` (NUL-terminated, cut to fit on a
