@@ -153,8 +153,7 @@ async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
         ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
     assert!(matches!(route_once(&mut client).await, Decision::Immediate { status: 503, .. }));
 
-    // Give the file a distinct modification time, then list two endpoints.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Changes are detected by content: no need to wait for a new modification time.
     write_endpoints(&file, &[8000, 8001]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while pool.load().len() != 2 {
@@ -170,11 +169,17 @@ async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
     .await;
     assert!(matches!(route_once(&mut client).await, Decision::Routed { .. }));
 
-    // A broken file keeps the last good pool.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A broken file keeps the last good pool (the watcher polls every second: 1.5 s covers
+    // at least one look at the broken content), and a good one after it is applied.
     std::fs::write(&file, "- address: [").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(pool.load().len(), 2);
+    write_endpoints(&file, &[8000, 8001, 8002]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.load().len() != 3 {
+        assert!(Instant::now() < deadline, "the good file after a broken one was not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     running.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -19,6 +19,7 @@ struct GeneratedEndpoint {
     active_adapters: Vec<u8>,
     max_adapters: u32,
     gold: bool,
+    kv_capacity_blocks: Option<u64>,
 }
 
 fn generated_endpoint() -> impl Strategy<Value = GeneratedEndpoint> {
@@ -28,10 +29,25 @@ fn generated_endpoint() -> impl Strategy<Value = GeneratedEndpoint> {
         proptest::collection::vec(0u8..4, 0..3),
         0u32..4,
         any::<bool>(),
+        prop_oneof![
+            Just(None),
+            Just(Some(0)),
+            (1u64..100_000).prop_map(Some),
+            Just(Some(u64::MAX))
+        ],
     )
-        .prop_map(|(waiting_queue, kv_usage, active_adapters, max_adapters, gold)| {
-            GeneratedEndpoint { waiting_queue, kv_usage, active_adapters, max_adapters, gold }
-        })
+        .prop_map(
+            |(waiting_queue, kv_usage, active_adapters, max_adapters, gold, kv_capacity_blocks)| {
+                GeneratedEndpoint {
+                    waiting_queue,
+                    kv_usage,
+                    active_adapters,
+                    max_adapters,
+                    gold,
+                    kv_capacity_blocks,
+                }
+            },
+        )
 }
 
 fn build_pool(endpoints: &[GeneratedEndpoint]) -> Arc<PoolSnapshot> {
@@ -52,7 +68,7 @@ fn build_pool(endpoints: &[GeneratedEndpoint]) -> Arc<PoolSnapshot> {
                 .collect(),
             waiting_lora_adapters: Vec::new(),
             max_lora_adapters: g.max_adapters,
-            kv_capacity_blocks: None,
+            kv_capacity_blocks: g.kv_capacity_blocks,
             updated_at: Some(now),
         })
     })))
