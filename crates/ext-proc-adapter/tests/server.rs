@@ -353,3 +353,23 @@ async fn an_unknown_engine_in_the_endpoints_file_is_refused_by_name() {
         "endpoint 127.0.0.1:1: unknown engine 'tgi' (known: vllm, sglang, trtllm)"
     );
 }
+
+#[tokio::test]
+async fn a_metrics_client_that_stops_mid_request_is_disconnected() {
+    let dir = std::env::temp_dir().join(format!("epp-metrics-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pool.yaml");
+    std::fs::write(&file, "[]\n").unwrap();
+    let (running, _) = start(None, Some(file)).await;
+    let mut stalled = tokio::net::TcpStream::connect(running.metrics_address).await.unwrap();
+    stalled.write_all(b"GET /metr").await.unwrap();
+    // The header read timeout (5 s) closes it; without one it stayed open for good.
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the stalled connection is still open after 20 s");
+    // The server still answers others.
+    assert!(http_get(running.metrics_address, "/metrics").await.starts_with("HTTP/1.1 200"));
+    running.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
