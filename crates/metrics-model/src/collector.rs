@@ -457,9 +457,11 @@ async fn scrape_endpoint(
     let mut health = Health::default();
     loop {
         ticker.tick().await;
-        let page = {
+        // Fetching and parsing both hold the permit, so `max_concurrent_scrapes` bounds the
+        // pages held and parsed at once, not only the ones in transit.
+        let (metrics, scraped_at) = {
             let Ok(_permit) = context.permits.acquire().await else { return };
-            match tokio::time::timeout(
+            let page = match tokio::time::timeout(
                 config.scrape_timeout,
                 fetch(&target, &context, &mut connection),
             )
@@ -467,13 +469,22 @@ async fn scrape_endpoint(
             {
                 Ok(result) => result,
                 Err(_) => Err(ScrapeError::Timeout(config.scrape_timeout)),
-            }
+            };
+            let scraped_at = Instant::now();
+            let metrics = match page {
+                // A large page would hold a runtime worker for milliseconds: parse it where
+                // blocking is allowed.
+                Ok(page) if page.len() > BLOCKING_PARSE_BYTES => {
+                    let engine = target.engine.clone();
+                    tokio::task::spawn_blocking(move || extract(&engine, &page, scraped_at))
+                        .await
+                        .unwrap_or_else(|error| Err(ScrapeError::Body(error.to_string())))
+                }
+                Ok(page) => extract(&target.engine, &page, scraped_at),
+                Err(error) => Err(error),
+            };
+            (metrics, scraped_at)
         };
-        let scraped_at = Instant::now();
-        let metrics = page.and_then(|page| {
-            let text = std::str::from_utf8(&page).map_err(|_| ScrapeError::NotUtf8)?;
-            Ok(target.engine.mapping().extract(text, scraped_at.into_std())?)
-        });
         match metrics {
             Ok(metrics) => {
                 health.succeeded(&target);
@@ -491,6 +502,19 @@ async fn scrape_endpoint(
             }
         }
     }
+}
+
+/// Pages larger than this are parsed on the blocking pool rather than a runtime worker.
+const BLOCKING_PARSE_BYTES: usize = 256 * 1024;
+
+/// The endpoint's metrics from a fetched page.
+fn extract(
+    engine: &Engine,
+    page: &[u8],
+    scraped_at: Instant,
+) -> Result<EndpointMetrics, ScrapeError> {
+    let text = std::str::from_utf8(page).map_err(|_| ScrapeError::NotUtf8)?;
+    Ok(engine.mapping().extract(text, scraped_at.into_std())?)
 }
 
 /// Fetches the metrics page, reusing the endpoint's connection when it is still open.

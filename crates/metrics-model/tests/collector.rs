@@ -406,3 +406,20 @@ async fn a_new_endpoint_set_is_one_snapshot_and_unchanged_endpoints_keep_their_s
     collector.set_endpoints(vec![(servers[1].endpoint(), Engine::Sglang), vllm(&servers[2])]);
     assert_eq!(collector.scrapers_started(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_pages_are_parsed_off_the_runtime_workers_and_still_read() {
+    let mut page = vllm_page(4);
+    for index in 0..12_000 {
+        page.push_str(&format!("unrelated_series{{index=\"{index}\"}} 1\n"));
+    }
+    assert!(page.len() > 256 * 1024, "exercises the blocking parse");
+    let server = FakeServer::start(Behaviour::Page(page)).await;
+    let (pool, collector) = start_collector(test_config());
+    collector.upsert_endpoint(server.endpoint(), Engine::Vllm);
+    let id = server.endpoint().id;
+    eventually("the large page's metrics arrive", || {
+        metrics_of(&pool, id).is_some_and(|metrics| metrics.waiting_queue == 4)
+    })
+    .await;
+}
