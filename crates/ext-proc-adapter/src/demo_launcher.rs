@@ -3,14 +3,13 @@
 //! A module of the `epp` binary, not of the library: the demo crate drives pickers through
 //! its [`PickerLauncher`] trait, and only the binary ties the two together.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use demo::{LaunchError, LaunchedPicker, PickerLauncher, PickerSpec};
+use ext_proc_adapter::DirectorOptions;
 use ext_proc_adapter::endpoints_file::EndpointEntry;
 use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
-use ext_proc_adapter::{DirectorOptions, StreamLimits};
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::Engine;
 use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
@@ -39,19 +38,10 @@ impl PickerLauncher for InProcessPicker {
             objectives,
         )
         .map_err(|error| format!("invalid picker config: {error}"))?;
-        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let running = server::start_with_director(
             Arc::new(director),
             ServerConfig {
-                grpc_address: loopback,
-                health_address: loopback,
-                metrics_address: loopback,
-                tls: None,
-                director: DirectorOptions::default(),
-                limits: StreamLimits::default(),
-                pool_name: "demo-pool".into(),
                 staleness_threshold: Some(Duration::from_secs(2)),
-                endpoints_file: None,
                 collector: Some(CollectorSettings {
                     config: CollectorConfig {
                         interval: Duration::from_millis(50),
@@ -59,6 +49,7 @@ impl PickerLauncher for InProcessPicker {
                     },
                     default_engine: Engine::Vllm,
                 }),
+                ..ServerConfig::loopback("demo-pool")
             },
         )
         .await?;

@@ -50,6 +50,27 @@ pub struct ServerConfig {
     pub collector: Option<CollectorSettings>,
 }
 
+impl ServerConfig {
+    /// Every listener on an ephemeral 127.0.0.1 port, plaintext, default limits, no endpoints
+    /// file and no metrics collector: a server for tests, demos and embedding on one host.
+    /// Set the other fields with struct update syntax.
+    pub fn loopback(pool_name: impl Into<String>) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            grpc_address: loopback,
+            health_address: loopback,
+            metrics_address: loopback,
+            tls: None,
+            director: DirectorOptions::default(),
+            limits: StreamLimits::default(),
+            pool_name: pool_name.into(),
+            staleness_threshold: None,
+            endpoints_file: None,
+            collector: None,
+        }
+    }
+}
+
 /// How endpoint metrics are scraped.
 #[derive(Clone, Debug)]
 pub struct CollectorSettings {

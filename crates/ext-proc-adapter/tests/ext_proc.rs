@@ -295,19 +295,7 @@ fn saturated_pool(waiting_queue: u32) -> Arc<SharedPool> {
 }
 
 async fn serve_director(director: Arc<Director>) -> ExternalProcessorClient<Channel> {
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let config = ext_proc_adapter::ServerConfig {
-        grpc_address: loopback,
-        health_address: loopback,
-        metrics_address: loopback,
-        tls: None,
-        director: DirectorOptions::default(),
-        limits: StreamLimits::default(),
-        pool_name: "p".into(),
-        staleness_threshold: None,
-        endpoints_file: None,
-        collector: None,
-    };
+    let config = ext_proc_adapter::ServerConfig::loopback("p");
     let running = ext_proc_adapter::server::start_with_director(director, config).await.unwrap();
     let address = running.grpc_address;
     std::mem::forget(running);

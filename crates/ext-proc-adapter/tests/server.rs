@@ -8,7 +8,6 @@ use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use ext_proc_adapter::server::{self, CollectorSettings, RunningServer, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
-use ext_proc_adapter::{DirectorOptions, StreamLimits};
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::Engine;
 use scheduler_core::SharedPool;
@@ -17,10 +16,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 async fn start(
     tls: Option<PemIdentity>,
@@ -35,18 +30,8 @@ async fn start_with(
     collector: Option<CollectorSettings>,
 ) -> (RunningServer, Arc<SharedPool>) {
     let pool = Arc::new(SharedPool::default());
-    let config = ServerConfig {
-        grpc_address: loopback(),
-        health_address: loopback(),
-        metrics_address: loopback(),
-        tls,
-        director: DirectorOptions::default(),
-        limits: StreamLimits::default(),
-        pool_name: "test-pool".into(),
-        staleness_threshold: None,
-        endpoints_file,
-        collector,
-    };
+    let config =
+        ServerConfig { tls, endpoints_file, collector, ..ServerConfig::loopback("test-pool") };
     let scheduler = Arc::new(scorers::default_scheduler().unwrap());
     let running = server::start(scheduler, Arc::clone(&pool), config).await.unwrap();
     (running, pool)
@@ -334,16 +319,9 @@ async fn an_unknown_engine_in_the_endpoints_file_is_refused_by_name() {
         CollectorSettings { config: CollectorConfig::default(), default_engine: Engine::Vllm };
     let pool = Arc::new(SharedPool::default());
     let config = ServerConfig {
-        grpc_address: loopback(),
-        health_address: loopback(),
-        metrics_address: loopback(),
-        tls: None,
-        director: DirectorOptions::default(),
-        limits: StreamLimits::default(),
-        pool_name: "p".into(),
-        staleness_threshold: None,
         endpoints_file: Some(file),
         collector: Some(settings),
+        ..ServerConfig::loopback("p")
     };
     let error = server::start(Arc::new(scorers::default_scheduler().unwrap()), pool, config)
         .await
