@@ -112,11 +112,32 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<EndpointEntry>, EndpointsFil
     Ok(entries)
 }
 
-/// Reads and parses the file.
-pub fn load(path: &Path) -> Result<Vec<EndpointEntry>, EndpointsFileError> {
-    let text = std::fs::read_to_string(path)
+/// Parses the raw bytes of an endpoints file, which must be UTF-8 text.
+pub fn parse_bytes(path: &Path, content: &[u8]) -> Result<Vec<EndpointEntry>, EndpointsFileError> {
+    let text = std::str::from_utf8(content).map_err(|error| EndpointsFileError::Parse {
+        path: path.to_owned(),
+        message: format!("not UTF-8 text ({error})"),
+    })?;
+    parse(path, text)
+}
+
+/// The file as read, with the entries it holds; the content lets a watcher tell a change
+/// from a rewrite of the same bytes.
+#[derive(Debug)]
+pub struct LoadedFile {
+    /// The bytes read.
+    pub content: Vec<u8>,
+    /// The entries parsed from them.
+    pub entries: Vec<EndpointEntry>,
+}
+
+/// Reads (without blocking a runtime thread) and parses the file.
+pub async fn load(path: &Path) -> Result<LoadedFile, EndpointsFileError> {
+    let content = tokio::fs::read(path)
+        .await
         .map_err(|source| EndpointsFileError::Read { path: path.to_owned(), source })?;
-    parse(path, &text)
+    let entries = parse_bytes(path, &content)?;
+    Ok(LoadedFile { content, entries })
 }
 
 #[cfg(test)]
@@ -155,5 +176,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(error, "endpoints file pool.yaml lists 10.0.0.1:1 twice");
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_are_refused_by_name() {
+        let path = Path::new("pool.yaml");
+        let error = parse_bytes(path, b"- {address: 10.0.0.1, port: 1}\n\xff").unwrap_err();
+        let message = error.to_string();
+        assert!(message.starts_with("endpoints file pool.yaml"), "{message}");
+        assert!(message.contains("not UTF-8"), "{message}");
+        assert_eq!(parse_bytes(path, b"- {address: 10.0.0.1, port: 1}\n").unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_is_a_read_error_naming_it() {
+        let error = load(Path::new("/nonexistent/pool.yaml")).await.unwrap_err();
+        assert!(matches!(error, EndpointsFileError::Read { .. }));
+        assert!(error.to_string().contains("/nonexistent/pool.yaml"), "{error}");
     }
 }

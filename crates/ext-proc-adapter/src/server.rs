@@ -204,9 +204,14 @@ pub async fn start_with_director(
         }
         None => (PoolWriter::Direct(Arc::clone(&pool)), config.staleness_threshold),
     };
-    if let Some(path) = &config.endpoints_file {
-        pool_writer.apply(&endpoints_file::load(path)?)?;
-    }
+    let initial_endpoints_file = match &config.endpoints_file {
+        Some(path) => {
+            let loaded = endpoints_file::load(path).await?;
+            pool_writer.apply(&loaded.entries)?;
+            Some((path.clone(), loaded.content))
+        }
+        None => None,
+    };
     let grpc = bind(config.grpc_address).await?;
     let health = bind(config.health_address).await?;
     let metrics_listener = bind(config.metrics_address).await?;
@@ -262,8 +267,8 @@ pub async fn start_with_director(
         Arc::clone(&metrics),
         director,
     )));
-    if let Some(path) = config.endpoints_file.clone() {
-        tasks.push(tokio::spawn(watch_endpoints_file(path, pool_writer.clone())));
+    if let Some((path, applied)) = initial_endpoints_file {
+        tasks.push(tokio::spawn(watch_endpoints_file(path, applied, pool_writer.clone())));
     }
     if let Some(flow) = flow {
         let pool = Arc::clone(&pool);
@@ -332,8 +337,9 @@ pub fn apply_endpoints(pool: &SharedPool, entries: &[endpoints_file::EndpointEnt
 /// modification time, so a rewrite within the same second or a restored old time is seen).
 /// A file that cannot be read or parsed keeps the last good pool and is tried again once its
 /// content changes.
-async fn watch_endpoints_file(path: PathBuf, writer: PoolWriter) {
-    let mut applied = tokio::fs::read(&path).await.ok();
+/// `applied` is the content applied at startup, so a change made between startup and the
+/// first check is not missed.
+async fn watch_endpoints_file(path: PathBuf, mut applied: Vec<u8>, writer: PoolWriter) {
     let mut refused: Option<Vec<u8>> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -347,21 +353,16 @@ async fn watch_endpoints_file(path: PathBuf, writer: PoolWriter) {
                 continue;
             }
         };
-        if applied.as_ref() == Some(&content) || refused.as_ref() == Some(&content) {
+        if applied == content || refused.as_ref() == Some(&content) {
             continue;
         }
-        let reloaded = std::str::from_utf8(&content)
-            .map_err(|_| endpoints_file::EndpointsFileError::Parse {
-                path: path.clone(),
-                message: "not UTF-8 text".into(),
-            })
-            .and_then(|text| endpoints_file::parse(&path, text))
+        let reloaded = endpoints_file::parse_bytes(&path, &content)
             .map_err(ServerError::from)
             .and_then(|entries| writer.apply(&entries).map(|()| entries.len()));
         match reloaded {
             Ok(count) => {
                 tracing::info!(path = %path.display(), endpoints = count, "endpoints file reloaded");
-                applied = Some(content);
+                applied = content;
                 refused = None;
             }
             // Keep serving the last good pool: a half-written file must not empty it.
