@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use ext_proc_adapter::{Director, DirectorOptions, Exchange};
 use scheduler_core::{
     Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
-    SharedPool, protocol,
+    SharedPool, flow::ObjectiveResolver, protocol,
 };
 use scorers::ActiveRequestScorer;
 
@@ -208,44 +208,163 @@ fn check_response(response: &ProcessingResponse, pool: &PoolSnapshot) {
     }
 }
 
+/// How flow control is set up for one `ext_proc_exchange` input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlowMode {
+    /// No admission: every request is scheduled.
+    Off,
+    /// A saturated pool without the flowControl gate: sheddable requests are shed (429).
+    Shed,
+    /// A saturated pool with the gate: requests queue; saturation then lifts and they go out.
+    QueueThenLift,
+    /// A saturated pool with the gate: requests queue, then the stream goes away.
+    QueueThenReset,
+}
+
+const FLOW_OBJECTIVES: &str = "- {name: critical, priority: 10}\n- {name: batch, priority: -1}\n";
+const SHED_CONFIG: &str = "plugins:\n- type: queue-scorer\nsaturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 1h}\n";
+const QUEUE_CONFIG: &str = "featureGates: [flowControl]\nplugins:\n- type: queue-scorer\nsaturationDetector: {queueDepthThreshold: 5, metricsStalenessThreshold: 1h}\nflowControl: {defaultRequestTTL: 1h}\n";
+
+fn pool_with_waiting_queue(waiting_queue: u32) -> PoolSnapshot {
+    PoolSnapshot::new((0..3u8).map(|i| {
+        EndpointState::new(Endpoint::new(([10, 0, 0, i + 1], 8000).into())).with_metrics(
+            EndpointMetrics {
+                waiting_queue,
+                running: 1,
+                updated_at: Some(Instant::now()),
+                ..EndpointMetrics::default()
+            },
+        )
+    }))
+}
+
+fn flow_director(config: &str, pool: Arc<SharedPool>, max_body_bytes: usize) -> Director {
+    let parsed = match EndpointPickerConfig::from_yaml(config) {
+        Ok(parsed) => parsed,
+        Err(error) => panic!("the fuzz flow config parses: {error}"),
+    };
+    let objectives = match ObjectiveResolver::from_yaml(
+        FLOW_OBJECTIVES,
+        Arc::new(scheduler_core::flow::FlowMetrics::new()),
+    ) {
+        Ok(objectives) => objectives,
+        Err(error) => panic!("the fuzz objectives parse: {error}"),
+    };
+    match Director::from_config(
+        &parsed,
+        &scorers::builtin_registry(),
+        pool,
+        DirectorOptions { max_body_bytes },
+        objectives,
+    ) {
+        Ok(director) => director,
+        Err(error) => panic!("the fuzz flow director builds: {error}"),
+    }
+}
+
+/// Resolves once the controller holds a queued request.
+async fn until_queued(controller: &scheduler_core::flow::FlowController) {
+    while controller.queued_requests() == 0 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Target `ext_proc_exchange`: the input is a sequence of ext-proc messages, each framed as
 /// `opcode, flags, u16-LE length, payload` (headers payloads are `name: value` lines; a name
 /// starting with `@` becomes dynamic metadata), driven through one [`Exchange`] over a small
-/// pool. Whatever the sequence, answers must be well formed and no request may stay in flight
-/// once the exchange is dropped.
+/// pool. The second byte picks the fallback count (low bits) and the flow-control setup
+/// (bits 4-5: off, shedding, queueing then lifting saturation, queueing then a stream reset).
+/// Whatever the sequence, answers must be well formed, no request may stay in flight once the
+/// exchange is dropped, and no request may stay queued.
 pub fn ext_proc_exchange(data: &[u8]) {
     let harness = harness();
     let mut input = Reader { data };
     let max_body_bytes = 64 + usize::from(input.byte()) * 64;
+    let setup = input.byte();
+    let max_fallback_endpoints = usize::from(setup % 3);
+    let mode = match (setup >> 4) & 3 {
+        0 => FlowMode::Off,
+        1 => FlowMode::Shed,
+        2 => FlowMode::QueueThenLift,
+        _ => FlowMode::QueueThenReset,
+    };
     let in_flight = Arc::new(ActiveRequestScorer::new());
-    let scheduler = match scorers::default_scheduler() {
-        Ok(scheduler) => scheduler,
-        Err(error) => panic!("the default scheduler builds: {error}"),
-    }
-    .with_pre_request(in_flight.clone())
-    .with_response_complete(in_flight.clone());
-    let snapshot = small_pool();
-    let pool = Arc::new(SharedPool::new(snapshot.clone()));
-    let director =
-        Arc::new(Director::new(Arc::new(scheduler), pool, DirectorOptions { max_body_bytes }));
-    let max_fallback_endpoints = usize::from(input.byte() % 3);
+    let (snapshot, pool, director) = if mode == FlowMode::Off {
+        let scheduler = match scorers::default_scheduler() {
+            Ok(scheduler) => scheduler,
+            Err(error) => panic!("the default scheduler builds: {error}"),
+        }
+        .with_pre_request(in_flight.clone())
+        .with_response_complete(in_flight.clone());
+        let snapshot = small_pool();
+        let pool = Arc::new(SharedPool::new(snapshot.clone()));
+        let director = Director::new(
+            Arc::new(scheduler),
+            Arc::clone(&pool),
+            DirectorOptions { max_body_bytes },
+        );
+        (snapshot, pool, director)
+    } else {
+        let snapshot = pool_with_waiting_queue(9);
+        let pool = Arc::new(SharedPool::new(snapshot.clone()));
+        let config = if mode == FlowMode::Shed { SHED_CONFIG } else { QUEUE_CONFIG };
+        let director = flow_director(config, Arc::clone(&pool), max_body_bytes);
+        (snapshot, pool, director)
+    };
+    let director = Arc::new(director);
+    let controller = director.admission().and_then(|admission| admission.controller()).cloned();
 
     harness.runtime.block_on(async {
-        let mut exchange =
-            Exchange::new(director, None).with_max_fallback_endpoints(max_fallback_endpoints);
+        let mut exchange = Exchange::new(Arc::clone(&director), None)
+            .with_max_fallback_endpoints(max_fallback_endpoints);
         let mut out = Vec::new();
         let mut frames = 0;
         while !input.is_empty() && frames < 64 {
             frames += 1;
             let message = decode_frame(&mut input);
             out.clear();
-            exchange.handle(message, &mut out).await;
+            let stream_reset = {
+                let mut handling = std::pin::pin!(exchange.handle(message, &mut out));
+                match &controller {
+                    None => {
+                        handling.await;
+                        false
+                    }
+                    Some(controller) => {
+                        let queued = tokio::select! {
+                            biased;
+                            () = &mut handling => false,
+                            () = until_queued(controller) => true,
+                        };
+                        if queued && mode == FlowMode::QueueThenLift {
+                            pool.update(|pool| {
+                                for endpoint in pool_with_waiting_queue(0).endpoints() {
+                                    pool.upsert(endpoint.clone());
+                                }
+                            });
+                            if let Some(admission) = director.admission() {
+                                admission.tick(&pool.load(), Instant::now());
+                            }
+                            handling.await;
+                        }
+                        // With QueueThenReset the stream goes away while its request waits.
+                        queued && mode == FlowMode::QueueThenReset
+                    }
+                }
+            };
+            if stream_reset {
+                break;
+            }
             for response in &out {
                 check_response(response, &snapshot);
             }
         }
     });
     assert_eq!(in_flight.total_in_flight(), 0, "a dropped exchange releases its request");
+    if let Some(controller) = controller {
+        assert_eq!(controller.queued_requests(), 0, "no request stays queued");
+        assert_eq!(controller.queued_bytes(), 0, "no queued bytes stay accounted");
+    }
 }
 
 /// Target `prometheus_text`: the input is a metrics page. Every sample the parser yields must
