@@ -1,14 +1,15 @@
 //! Property tests of flow control: exactly one outcome per request, strict band order,
 //! round-robin and global-strict fairness bounds, caps, and shedding only sheddable requests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use scheduler_core::flow::{
     BandConfig, FairnessPolicy, FlowControlConfig, FlowController, FlowMetrics, FlowOutcome,
-    FlowRequest, NotAdmitted, OrderingPolicy, OutcomeReason, PermitDetector, SaturationDetector,
-    Shedder, Ticket, UtilizationDetector, outcome_reason,
+    FlowRequest, IDLE_FLOWS_KEPT, NotAdmitted, OrderingPolicy, OutcomeReason, PermitDetector,
+    SaturationDetector, Shedder, Ticket, UtilizationDetector, outcome_reason,
 };
 use scheduler_core::{Endpoint, EndpointMetrics, EndpointState, PoolSnapshot};
 
@@ -16,7 +17,7 @@ const PRIORITIES: std::ops::RangeInclusive<i32> = -2..=2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Enqueue { priority: i32, flow: u8, bytes: u64, ttl_ms: Option<u64> },
+    Enqueue { priority: i32, flow: u16, bytes: u64, ttl_ms: Option<u64> },
     Advance { ms: u64 },
     Free { permits: i64 },
     Drop { pick: usize },
@@ -24,11 +25,25 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (PRIORITIES, 0u8..4, 1u64..200, proptest::option::of(0u64..60)).prop_map(
+        5 => (PRIORITIES, 0u16..4, 1u64..200, proptest::option::of(0u64..60)).prop_map(
             |(priority, flow, bytes, ttl_ms)| Op::Enqueue { priority, flow, bytes, ttl_ms }
         ),
         2 => (0u64..40).prop_map(|ms| Op::Advance { ms }),
         3 => (0i64..4).prop_map(|permits| Op::Free { permits }),
+        1 => any::<usize>().prop_map(|pick| Op::Drop { pick }),
+    ]
+}
+
+/// Mostly arrivals from many fairness ids into one band, released in batches, so flows queue
+/// (rather than pass straight through) and then go idle in numbers.
+fn many_flows_op() -> impl Strategy<Value = Op> {
+    let flows = 3 * IDLE_FLOWS_KEPT as u16;
+    prop_oneof![
+        12 => (0..flows, 1u64..200, proptest::option::of(0u64..60)).prop_map(
+            |(flow, bytes, ttl_ms)| Op::Enqueue { priority: 0, flow, bytes, ttl_ms }
+        ),
+        1 => (0u64..40).prop_map(|ms| Op::Advance { ms }),
+        2 => (0i64..6).prop_map(|permits| Op::Free { permits }),
         1 => any::<usize>().prop_map(|pick| Op::Drop { pick }),
     ]
 }
@@ -73,7 +88,7 @@ fn config() -> impl Strategy<Value = FlowControlConfig> {
 /// What the test learned about one submitted request.
 struct Tracked {
     priority: i32,
-    flow: u8,
+    flow: u16,
     /// Op index of the enqueue.
     enqueued_op: usize,
     /// Dispatches that had happened when it was enqueued.
@@ -94,7 +109,13 @@ impl Tracked {
     }
 }
 
-fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// What a run saw beyond its assertions.
+struct RunReport {
+    /// The most idle flows any band held at once.
+    max_idle_flows: u64,
+}
+
+fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<RunReport, TestCaseError> {
     let permits = Arc::new(PermitDetector::new(0));
     let metrics = Arc::new(FlowMetrics::new());
     let controller = FlowController::new(config.clone(), permits.clone(), metrics.clone());
@@ -104,16 +125,21 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut granted: i64 = 0;
     let mut tracked: Vec<Tracked> = Vec::new();
     let mut dispatched: u64 = 0;
-    let flow_names = ["a", "b", "c", "d"];
+    let mut flow_names: Vec<String> = Vec::new();
+    let mut max_idle_flows = 0;
 
     let total_ops = ops.len();
     let drain = [Op::Free { permits: 1_000_000 }];
     for (index, op) in ops.iter().chain(drain.iter()).enumerate() {
         match op {
             Op::Enqueue { priority, flow, bytes, ttl_ms } => {
+                let flow_index = usize::from(*flow);
+                while flow_names.len() <= flow_index {
+                    flow_names.push(format!("flow-{}", flow_names.len()));
+                }
                 let request = FlowRequest {
                     priority: *priority,
-                    flow_id: flow_names[usize::from(*flow)],
+                    flow_id: &flow_names[flow_index],
                     size_bytes: *bytes,
                     ttl: ttl_ms.map(Duration::from_millis),
                 };
@@ -183,6 +209,16 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
             if let Some(cap) = band.max_bytes {
                 prop_assert!(stat.queued_bytes <= cap, "band {} over maxBytes", stat.priority);
             }
+            // Flow state is bounded: ids that do not come back are evicted.
+            prop_assert_eq!(stat.known_flow_ids, stat.active_flows + stat.idle_flows);
+            prop_assert!(
+                stat.idle_flows <= (IDLE_FLOWS_KEPT as u64).max(stat.active_flows),
+                "band {} keeps {} idle flows with {} active",
+                stat.priority,
+                stat.idle_flows,
+                stat.active_flows
+            );
+            max_idle_flows = max_idle_flows.max(stat.idle_flows);
         }
         let queued: u64 = stats.iter().map(|stat| stat.queued_requests).sum();
         let bytes: u64 = stats.iter().map(|stat| stat.queued_bytes).sum();
@@ -267,16 +303,14 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         .max()
                         .unwrap_or(0);
                     let window_start = previous_own.max(item.enqueued_after_dispatches);
-                    for flow in 0..4u8 {
-                        if flow == item.flow {
-                            continue;
+                    let mut turns: HashMap<u16, usize> = HashMap::new();
+                    for other in in_band.iter().filter(|other| other.flow != item.flow) {
+                        let Some(other_seq) = other.dispatch_seq() else { continue };
+                        if other_seq > window_start && other_seq < seq {
+                            *turns.entry(other.flow).or_default() += 1;
                         }
-                        let turns = in_band
-                            .iter()
-                            .filter(|other| other.flow == flow)
-                            .filter_map(|other| other.dispatch_seq())
-                            .filter(|other_seq| *other_seq > window_start && *other_seq < seq)
-                            .count();
+                    }
+                    for (flow, turns) in turns {
                         prop_assert!(
                             turns <= 1,
                             "flow {} had {} turns while flow {} waited",
@@ -324,7 +358,17 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
     }
-    Ok(())
+    Ok(RunReport { max_idle_flows })
+}
+
+/// One band whose flows come and go: a burst of requests from many fairness ids, released in
+/// rounds, so idle flows pile up past the band's keep limit and returning ids meet evicted state.
+fn many_flows_config() -> impl Strategy<Value = FlowControlConfig> {
+    (band(0), prop_oneof![Just(0u64), 10u64..100]).prop_map(|(band, ttl_ms)| FlowControlConfig {
+        default_request_ttl: Duration::from_millis(ttl_ms),
+        bands: vec![BandConfig { max_requests: None, max_bytes: None, ..band }],
+        ..FlowControlConfig::default()
+    })
 }
 
 proptest! {
@@ -333,6 +377,20 @@ proptest! {
     #[test]
     fn controller_invariants(config in config(), ops in proptest::collection::vec(op(), 1..120)) {
         run(config, ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn controller_invariants_with_more_fairness_ids_than_a_band_keeps(
+        config in many_flows_config(),
+        ops in proptest::collection::vec(many_flows_op(), 2600..3000),
+    ) {
+        let report = run(config, ops)?;
+        // Enough distinct ids went idle that the keep limit was reached, so eviction ran.
+        prop_assert_eq!(report.max_idle_flows, IDLE_FLOWS_KEPT as u64);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub use objective::{
 pub use outcome::{
     Admitted, CLIENT_CLOSED_REQUEST, CapacityLimit, FlowOutcome, NotAdmitted, outcome_reason,
 };
-pub use queue::BandStats;
+pub use queue::{BandStats, IDLE_FLOWS_KEPT};
 pub use saturation::{
     DEFAULT_KV_CACHE_UTIL_THRESHOLD, DEFAULT_METRICS_STALENESS_THRESHOLD,
     DEFAULT_QUEUE_DEPTH_THRESHOLD, NeverSaturated, PermitDetector, SaturationDetector,

@@ -186,6 +186,11 @@ pub struct BandStats {
     pub queued_bytes: u64,
     /// Flows with at least one request queued.
     pub active_flows: u64,
+    /// Flows with no request queued, kept so a returning fairness id costs no allocation
+    /// (at most max(1024, `active_flows`)).
+    pub idle_flows: u64,
+    /// Fairness ids the band holds state for: active plus idle flows.
+    pub known_flow_ids: u64,
 }
 
 /// One priority band.
@@ -216,7 +221,7 @@ const COMPACTION_SLACK: usize = 64;
 
 /// Idle flows a band keeps for reuse, at least; it keeps as many as it has active flows when
 /// that is more. Bounds the memory of flow ids that do not come back.
-const IDLE_FLOWS_KEPT: usize = 1024;
+pub const IDLE_FLOWS_KEPT: usize = 1024;
 
 impl Band {
     pub(crate) fn new(config: BandConfig) -> Self {
@@ -242,6 +247,8 @@ impl Band {
             queued_requests: self.queued,
             queued_bytes: self.bytes,
             active_flows: self.active_flows as u64,
+            idle_flows: self.idle_flows as u64,
+            known_flow_ids: self.by_id.len() as u64,
         }
     }
 
