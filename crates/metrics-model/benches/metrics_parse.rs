@@ -61,6 +61,10 @@ fn bench_vllm_page(c: &mut Criterion) {
     group.bench_function("epp_extract_vllm", |b| {
         b.iter(|| mapping.extract(black_box(VLLM_PAGE), scraped_at).expect("maps"))
     });
+    // What a scrape does: the page as received, never decoded as a whole.
+    group.bench_function("epp_extract_vllm_received_bytes", |b| {
+        b.iter(|| mapping.extract(black_box(VLLM_PAGE.as_bytes()), scraped_at).expect("maps"))
+    });
     group.bench_function("epp_full_parse_no_colons", |b| {
         b.iter(|| full_parse(black_box(&comparable_page)))
     });

@@ -5,7 +5,13 @@
 //!
 //! - **One task per endpoint**, each with its own ticker and its own keep-alive HTTP/1
 //!   connection, so a slow or hung server delays nobody else. A semaphore bounds how many
-//!   scrapes are in flight at once across the pool.
+//!   scrapes are in flight at once across the pool. Each task scrapes at its own phase of the
+//!   interval (a golden-ratio sequence over the order tasks start), so the pool's scrapes are
+//!   spread evenly over the interval rather than arriving in one burst per tick, and it reads
+//!   each page into a buffer it keeps between scrapes.
+//! - **Only the series a mapping reads are decoded.** The page is never validated or parsed
+//!   as a whole: lines of families the mapping does not read are skipped after a prefix
+//!   comparison (see [`crate::text::Parser::from_bytes`]).
 //! - **One publisher task.** Scrape tasks send their results over a bounded channel; the
 //!   publisher waits a short coalescing window (a fifth of the interval, at most 10 ms) after
 //!   the first result and applies everything that arrived in one [`SharedPool::update`]. Each
@@ -35,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{ACCEPT, HOST};
 use hyper::{Request, StatusCode};
@@ -147,6 +153,8 @@ struct ScrapeContext {
     config: CollectorConfig,
     path: hyper::Uri,
     permits: Semaphore,
+    /// Time zero of every scraper's phase.
+    epoch: Instant,
 }
 
 /// Results waiting for the publisher; bounded so a stalled publisher slows scrapers down
@@ -174,7 +182,7 @@ impl MetricsCollector {
         let window =
             (config.interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(10));
         let publisher = runtime.spawn(publish(Arc::clone(&pool), receiver, window));
-        let context = Arc::new(ScrapeContext { config, path, permits });
+        let context = Arc::new(ScrapeContext { config, path, permits, epoch: Instant::now() });
         let inner = Arc::new(Inner {
             pool,
             context,
@@ -225,12 +233,14 @@ impl MetricsCollector {
     }
 
     fn start_scraper(&self, scrapers: &mut HashMap<EndpointId, Scraper>, target: Target) {
+        let index = self.inner.scrapers_started.fetch_add(1, Ordering::Relaxed);
+        let phase = phase_offset(index, self.inner.context.config.interval);
         let task = self.inner.runtime.spawn(scrape_endpoint(
             target.clone(),
             Arc::clone(&self.inner.context),
             self.inner.results.clone(),
+            phase,
         ));
-        self.inner.scrapers_started.fetch_add(1, Ordering::Relaxed);
         if let Some(previous) = scrapers.insert(target.id, Scraper { target, task }) {
             previous.task.abort();
         }
@@ -409,8 +419,6 @@ enum ScrapeError {
     TooLarge { limit: usize },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    #[error("page is not UTF-8 text")]
-    NotUtf8,
     #[error(transparent)]
     Extract(#[from] ExtractError),
 }
@@ -427,7 +435,7 @@ impl ScrapeError {
             Self::Body(_) => "body",
             Self::TooLarge { .. } => "too-large",
             Self::Timeout(_) => "timeout",
-            Self::NotUtf8 | Self::Extract(_) => "page",
+            Self::Extract(_) => "page",
         }
     }
 }
@@ -449,21 +457,32 @@ async fn scrape_endpoint(
     target: Target,
     context: Arc<ScrapeContext>,
     results: mpsc::Sender<(EndpointId, EndpointMetrics)>,
+    phase: Duration,
 ) {
     let config = &context.config;
-    let mut ticker = tokio::time::interval(config.interval);
+    // The first scrape runs at once (a new endpoint should not wait for its metrics); the
+    // following ones at this endpoint's phase of the interval, counted from the collector's
+    // epoch, so N endpoints' scrapes are spread over the interval instead of bursting together.
+    let first_tick = next_phase_tick(context.epoch, Instant::now(), phase, config.interval);
+    let mut ticker = tokio::time::interval_at(first_tick, config.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut first = true;
     let mut connection: Option<Connection> = None;
     let mut health = Health::default();
+    // The page buffer lives as long as the loop: a scrape reuses its capacity rather than
+    // allocating a page-sized buffer every interval.
+    let mut page: Vec<u8> = Vec::new();
     loop {
-        ticker.tick().await;
+        if !std::mem::take(&mut first) {
+            ticker.tick().await;
+        }
         // Fetching and parsing both hold the permit, so `max_concurrent_scrapes` bounds the
         // pages held and parsed at once, not only the ones in transit.
         let (metrics, scraped_at) = {
             let Ok(_permit) = context.permits.acquire().await else { return };
-            let page = match tokio::time::timeout(
+            let fetched = match tokio::time::timeout(
                 config.scrape_timeout,
-                fetch(&target, &context, &mut connection),
+                fetch(&target, &context, &mut connection, &mut page),
             )
             .await
             {
@@ -471,18 +490,32 @@ async fn scrape_endpoint(
                 Err(_) => Err(ScrapeError::Timeout(config.scrape_timeout)),
             };
             let scraped_at = Instant::now();
-            let metrics = match page {
+            let metrics = match fetched {
                 // A large page would hold a runtime worker for milliseconds: parse it where
-                // blocking is allowed.
-                Ok(page) if page.len() > BLOCKING_PARSE_BYTES => {
+                // blocking is allowed (the buffer goes there and comes back).
+                Ok(()) if page.len() > BLOCKING_PARSE_BYTES => {
                     let engine = target.engine.clone();
-                    tokio::task::spawn_blocking(move || extract(&engine, &page, scraped_at))
-                        .await
-                        .unwrap_or_else(|error| Err(ScrapeError::Body(error.to_string())))
+                    let buffer = std::mem::take(&mut page);
+                    match tokio::task::spawn_blocking(move || {
+                        let metrics = extract(&engine, &buffer, scraped_at);
+                        (metrics, buffer)
+                    })
+                    .await
+                    {
+                        Ok((metrics, buffer)) => {
+                            page = buffer;
+                            metrics
+                        }
+                        Err(error) => Err(ScrapeError::Body(error.to_string())),
+                    }
                 }
-                Ok(page) => extract(&target.engine, &page, scraped_at),
+                Ok(()) => extract(&target.engine, &page, scraped_at),
                 Err(error) => Err(error),
             };
+            // A one-off huge page does not pin its memory for the endpoint's lifetime.
+            if page.capacity() > RETAINED_PAGE_BYTES {
+                page = Vec::new();
+            }
             (metrics, scraped_at)
         };
         match metrics {
@@ -493,7 +526,7 @@ async fn scrape_endpoint(
                 }
             }
             Err(error) => {
-                if !matches!(error, ScrapeError::Extract(_) | ScrapeError::NotUtf8) {
+                if !matches!(error, ScrapeError::Extract(_)) {
                     // Only a fully read response leaves the connection reusable; after an error
                     // status (body unread), a transport failure or a timeout, start afresh.
                     connection = None;
@@ -504,8 +537,33 @@ async fn scrape_endpoint(
     }
 }
 
+/// Where in the interval the `index`-th scraper started scrapes: a Weyl sequence of the
+/// golden ratio (index × 2⁶⁴/φ, wrapping), whose first n points split the interval into gaps
+/// of at most three lengths, the largest under 2.7/n of it, for every n. Endpoints that come
+/// and go keep the spread without re-planning the others.
+fn phase_offset(index: u64, interval: Duration) -> Duration {
+    const GOLDEN_FRACTION: u64 = 0x9E37_79B9_7F4A_7C15; // 2⁶⁴/φ
+    let fraction = index.wrapping_mul(GOLDEN_FRACTION);
+    interval.mul_f64((fraction >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// The first time at or after `now` that is `phase` past a whole number of intervals since
+/// `epoch`.
+fn next_phase_tick(epoch: Instant, now: Instant, phase: Duration, interval: Duration) -> Instant {
+    let first = epoch + phase;
+    if now <= first || interval.is_zero() {
+        return first;
+    }
+    let periods = (now - first).as_nanos().div_ceil(interval.as_nanos());
+    let periods = u32::try_from(periods).unwrap_or(u32::MAX);
+    first + interval.saturating_mul(periods)
+}
+
 /// Pages larger than this are parsed on the blocking pool rather than a runtime worker.
 const BLOCKING_PARSE_BYTES: usize = 256 * 1024;
+
+/// Page buffers up to this capacity are kept between scrapes (a vLLM page is about 80 KiB).
+const RETAINED_PAGE_BYTES: usize = 1024 * 1024;
 
 /// The endpoint's metrics from a fetched page.
 fn extract(
@@ -513,16 +571,18 @@ fn extract(
     page: &[u8],
     scraped_at: Instant,
 ) -> Result<EndpointMetrics, ScrapeError> {
-    let text = std::str::from_utf8(page).map_err(|_| ScrapeError::NotUtf8)?;
-    Ok(engine.mapping().extract(text, scraped_at.into_std())?)
+    Ok(engine.mapping().extract(page, scraped_at.into_std())?)
 }
 
-/// Fetches the metrics page, reusing the endpoint's connection when it is still open.
+/// Fetches the metrics page into `page` (cleared first), reusing the endpoint's connection
+/// when it is still open.
 async fn fetch(
     target: &Target,
     context: &ScrapeContext,
     connection: &mut Option<Connection>,
-) -> Result<Bytes, ScrapeError> {
+    page: &mut Vec<u8>,
+) -> Result<(), ScrapeError> {
+    page.clear();
     if connection.as_ref().is_some_and(|open| open.sender.is_closed()) {
         *connection = None;
     }
@@ -548,14 +608,15 @@ async fn fetch(
         return Err(ScrapeError::Status(response.status()));
     }
     let limit = context.config.max_body_bytes;
-    let body = Limited::new(response.into_body(), limit).collect().await.map_err(|error| {
-        if error.is::<http_body_util::LengthLimitError>() {
-            ScrapeError::TooLarge { limit }
-        } else {
-            ScrapeError::Body(error.to_string())
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue }; // trailers carry no page
+        if page.len() + data.len() > limit {
+            return Err(ScrapeError::TooLarge { limit });
         }
-    })?;
-    Ok(body.to_bytes())
+        page.extend_from_slice(&data);
+    }
+    Ok(())
 }
 
 async fn connect(address: SocketAddr) -> Result<Connection, ScrapeError> {
@@ -631,6 +692,38 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_offsets_cover_the_interval() {
+        let interval = Duration::from_millis(50);
+        for count in [1u64, 2, 3, 10, 100, 1000, 4096] {
+            let mut phases: Vec<Duration> =
+                (0..count).map(|index| phase_offset(index, interval)).collect();
+            assert!(phases.iter().all(|phase| *phase < interval));
+            phases.sort_unstable();
+            let wrap = interval - phases[phases.len() - 1] + phases[0];
+            let largest_gap = phases.windows(2).map(|pair| pair[1] - pair[0]).max().unwrap_or(wrap);
+            let largest_gap = largest_gap.max(wrap);
+            // An even spread would leave gaps of interval/count; the sequence stays within 2.7x.
+            assert!(
+                largest_gap.as_secs_f64() <= 2.7 * interval.as_secs_f64() / count as f64,
+                "{count} scrapers leave a gap of {largest_gap:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_next_tick_keeps_the_phase() {
+        let epoch = Instant::now();
+        let interval = Duration::from_millis(50);
+        let phase = Duration::from_millis(20);
+        assert_eq!(next_phase_tick(epoch, epoch, phase, interval), epoch + phase);
+        let later = epoch + Duration::from_millis(1_234);
+        let tick = next_phase_tick(epoch, later, phase, interval);
+        assert!(tick >= later && tick < later + interval);
+        assert_eq!((tick - epoch - phase).as_millis() % 50, 0);
+        assert_eq!(next_phase_tick(epoch, epoch + phase, phase, interval), epoch + phase);
+    }
 
     #[test]
     fn the_timeout_stays_below_the_staleness_threshold() {

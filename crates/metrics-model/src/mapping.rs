@@ -470,10 +470,11 @@ impl MetricMapping {
         &self.filter
     }
 
-    /// Reads `page` into metrics observed at `scraped_at`.
-    pub fn extract(
+    /// Reads `page` (text, or the bytes as received: only the lines this mapping reads are
+    /// decoded) into metrics observed at `scraped_at`.
+    pub fn extract<P: AsRef<[u8]> + ?Sized>(
         &self,
-        page: &str,
+        page: &P,
         scraped_at: Instant,
     ) -> Result<EndpointMetrics, ExtractError> {
         let specs: Vec<(Slot, &MetricSpec)> = self.specs().collect();
@@ -481,7 +482,7 @@ impl MetricMapping {
         let mut latest_lora: Option<(f64, Labels<'_>)> = None;
         let mut capacity_labels: Option<Labels<'_>> = None;
 
-        for sample in Parser::new(page).with_filter(&self.filter).samples() {
+        for sample in Parser::from_bytes(page.as_ref()).with_filter(&self.filter).samples() {
             let sample = sample?;
             for ((slot, spec), total) in specs.iter().zip(totals.iter_mut()) {
                 if !spec.matches(&sample) {

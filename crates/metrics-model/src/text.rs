@@ -303,6 +303,9 @@ pub enum ParseErrorKind {
     /// A TYPE line names an unknown type.
     #[error("unknown metric type {0:?}")]
     UnknownMetricType(String),
+    /// A line that had to be read is not UTF-8 text.
+    #[error("invalid UTF-8")]
+    NotUtf8,
 }
 
 /// A parse error, with where it happened.
@@ -356,8 +359,11 @@ impl SampleFilter for AcceptAll {
 /// Lookup is a linear scan: mappings ask for a handful of names, where a scan beats hashing.
 #[derive(Clone, Debug, Default)]
 pub struct NameFilter {
-    names: Vec<Box<str>>,
-    whole_families: bool,
+    /// Every sample name accepted (with family suffixes expanded), sorted by length then
+    /// text, so a rejection (most lines of a page) usually costs one length comparison.
+    accepted: Vec<Box<str>>,
+    /// Every family whose HELP/TYPE/UNIT lines are accepted, sorted the same way.
+    accepted_families: Vec<Box<str>>,
 }
 
 /// Sample-name suffixes that belong to a family of the stripped name.
@@ -367,46 +373,64 @@ const FAMILY_SUFFIXES: [&str; 8] =
 impl NameFilter {
     /// Accepts samples whose name is exactly one of `names`.
     pub fn exact<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Self {
-        Self {
-            names: names.into_iter().map(|n| n.as_ref().into()).collect(),
-            whole_families: false,
-        }
+        Self::with_names(names.into_iter().map(|n| n.as_ref().into()).collect(), false)
     }
 
     /// Accepts every sample of the families `families`: `x`, `x_bucket`, `x_sum`, `x_count`,
     /// `x_created`, `x_total`, `x_info`, `x_gsum`, `x_gcount`.
     pub fn families<S: AsRef<str>>(families: impl IntoIterator<Item = S>) -> Self {
-        Self { whole_families: true, ..Self::exact(families) }
+        Self::with_names(families.into_iter().map(|n| n.as_ref().into()).collect(), true)
     }
 
-    fn contains(&self, name: &str) -> bool {
-        self.names.iter().any(|wanted| **wanted == *name)
+    fn with_names(names: Vec<Box<str>>, whole_families: bool) -> Self {
+        let mut accepted = names.clone();
+        if whole_families {
+            for name in &names {
+                accepted
+                    .extend(FAMILY_SUFFIXES.iter().map(|suffix| format!("{name}{suffix}").into()));
+            }
+        }
+        let mut accepted_families = names.clone();
+        if !whole_families {
+            // An exact name `x_total` belongs to the family `x` in OpenMetrics pages.
+            for name in &names {
+                accepted_families.extend(
+                    FAMILY_SUFFIXES
+                        .iter()
+                        .filter_map(|suffix| name.strip_suffix(suffix))
+                        .map(Into::into),
+                );
+            }
+        }
+        Self {
+            accepted: sorted_for_lookup(accepted),
+            accepted_families: sorted_for_lookup(accepted_families),
+        }
     }
+}
+
+fn sorted_for_lookup(mut names: Vec<Box<str>>) -> Vec<Box<str>> {
+    names.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+    names.dedup();
+    names
+}
+
+/// Whether `name` is in `sorted` (as [`sorted_for_lookup`] orders it).
+fn contains_sorted(sorted: &[Box<str>], name: &str) -> bool {
+    let first = sorted.partition_point(|candidate| candidate.len() < name.len());
+    sorted[first..]
+        .iter()
+        .take_while(|candidate| candidate.len() == name.len())
+        .any(|candidate| **candidate == *name)
 }
 
 impl SampleFilter for NameFilter {
     fn accepts_sample(&self, sample_name: &str) -> bool {
-        if self.contains(sample_name) {
-            return true;
-        }
-        self.whole_families
-            && FAMILY_SUFFIXES.iter().any(|suffix| {
-                sample_name.strip_suffix(suffix).is_some_and(|family| self.contains(family))
-            })
+        contains_sorted(&self.accepted, sample_name)
     }
 
     fn accepts_family(&self, family: &str) -> bool {
-        if self.whole_families {
-            self.contains(family)
-        } else {
-            // An exact name `x_total` belongs to the family `x` in OpenMetrics pages.
-            self.contains(family)
-                || self.names.iter().any(|wanted| {
-                    FAMILY_SUFFIXES.iter().any(|suffix| {
-                        wanted.strip_suffix(suffix).is_some_and(|stem| stem == family)
-                    })
-                })
-        }
+        contains_sorted(&self.accepted_families, family)
     }
 }
 
@@ -416,22 +440,47 @@ impl SampleFilter for NameFilter {
 /// callers stop at the first error.
 #[derive(Clone, Debug)]
 pub struct Parser<'a, F = AcceptAll> {
-    rest: &'a str,
+    rest: &'a [u8],
     line_number: usize,
     filter: F,
+    /// The family of the last HELP/TYPE/UNIT line, when the filter rejected it: the sample
+    /// lines that follow it (a family's samples are grouped after its metadata) are skipped
+    /// with one prefix comparison instead of being read name character by character.
+    rejected_family: Option<&'a [u8]>,
+    /// The last sample name skipped in that family (`x_bucket` repeats for every bucket).
+    rejected_name: Option<&'a [u8]>,
 }
 
 impl<'a> Parser<'a> {
     /// A parser over `text` that materialises every line.
     pub fn new(text: &'a str) -> Self {
-        Self { rest: text, line_number: 0, filter: AcceptAll }
+        Self::from_bytes(text.as_bytes())
+    }
+
+    /// A parser over a page as received. Only the lines that are materialised need to be
+    /// UTF-8 (one that is not is an error, [`ParseErrorKind::NotUtf8`]); skipped lines are
+    /// never decoded, so a scrape does not validate the whole page.
+    pub fn from_bytes(page: &'a [u8]) -> Self {
+        Self {
+            rest: page,
+            line_number: 0,
+            filter: AcceptAll,
+            rejected_family: None,
+            rejected_name: None,
+        }
     }
 }
 
 impl<'a, F: SampleFilter> Parser<'a, F> {
     /// The same parser, materialising only what `filter` accepts.
     pub fn with_filter<G: SampleFilter>(self, filter: G) -> Parser<'a, G> {
-        Parser { rest: self.rest, line_number: self.line_number, filter }
+        Parser {
+            rest: self.rest,
+            line_number: self.line_number,
+            filter,
+            rejected_family: self.rejected_family,
+            rejected_name: self.rejected_name,
+        }
     }
 
     /// Only the samples, HELP/TYPE/UNIT lines dropped.
@@ -443,38 +492,119 @@ impl<'a, F: SampleFilter> Parser<'a, F> {
         })
     }
 
-    fn next_line(&mut self) -> Option<&'a str> {
+    fn next_line(&mut self) -> Option<&'a [u8]> {
         if self.rest.is_empty() {
             return None;
         }
         self.line_number += 1;
-        let line = match self.rest.find('\n') {
+        let line = match memchr::memchr(b'\n', self.rest) {
             Some(end) => {
-                let line = &self.rest[..end];
-                self.rest = &self.rest[end + 1..];
+                let (line, rest) = self.rest.split_at(end);
+                self.rest = rest.get(1..).unwrap_or_default();
                 line
             }
             None => std::mem::take(&mut self.rest),
         };
-        Some(line.strip_suffix('\r').unwrap_or(line))
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
+    }
+
+    /// Whether `line` (from its first non-blank byte) is a sample of the rejected family
+    /// that the filter does not want either. Anything unusual returns false and is parsed.
+    fn in_rejected_family(&mut self, line: &'a [u8]) -> bool {
+        let Some(family) = self.rejected_family else { return false };
+        if let Some(name) = self.rejected_name
+            && line.starts_with(name)
+            && !line.get(name.len()).copied().is_some_and(is_name_byte)
+        {
+            return true;
+        }
+        let Some(after) = line.strip_prefix(family) else { return false };
+        let suffix = after.iter().take_while(|&&b| is_name_byte(b)).count();
+        if suffix > LONGEST_FAMILY_SUFFIX {
+            return false;
+        }
+        let name = &line[..family.len() + suffix];
+        let rejected =
+            std::str::from_utf8(name).is_ok_and(|name| !self.filter.accepts_sample(name));
+        if rejected {
+            self.rejected_name = Some(name);
+        }
+        rejected
+    }
+
+    /// The family of a HELP/TYPE/UNIT line (from its `#`), read from the raw bytes; `None`
+    /// for any other comment or a line that is not plainly well formed, which is then parsed
+    /// in full.
+    fn comment_family(line: &'a [u8]) -> Option<&'a [u8]> {
+        let blank = |b: &u8| *b == b' ' || *b == b'\t';
+        let rest = line.strip_prefix(b"#")?;
+        let rest = &rest[rest.iter().take_while(|b| blank(b)).count()..];
+        let keyword = rest.get(..4)?;
+        if !matches!(keyword, b"HELP" | b"TYPE" | b"UNIT") {
+            return None;
+        }
+        let rest = &rest[4..];
+        let blanks = rest.iter().take_while(|b| blank(b)).count();
+        if blanks == 0 {
+            return None;
+        }
+        let rest = &rest[blanks..];
+        let length = rest.iter().take_while(|&&b| is_name_byte(b)).count();
+        let family = &rest[..length];
+        let starts_well = family.first().is_some_and(|b| !b.is_ascii_digit());
+        let ends_well = rest.get(length).is_none_or(blank);
+        (starts_well && ends_well).then_some(family)
     }
 }
+
+/// `[a-zA-Z0-9_:]`.
+fn is_name_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || byte == b':'
+}
+
+/// The longest of [`FAMILY_SUFFIXES`].
+const LONGEST_FAMILY_SUFFIX: usize = 8;
 
 impl<'a, F: SampleFilter> Iterator for Parser<'a, F> {
     type Item = Result<Record<'a>, ParseError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        while let Some(line) = self.next_line() {
-            let mut cursor = Cursor { line, pos: 0 };
-            cursor.skip_blanks();
-            let parsed = match cursor.peek() {
+        while let Some(raw) = self.next_line() {
+            let start = raw.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+            let first = raw.get(start).copied();
+            if first == Some(b'#') {
+                // A rejected family's metadata (HELP text is most of a page's comment bytes)
+                // is skipped undecoded; its family name starts the skipping of its samples.
+                if let Some(family) = Self::comment_family(&raw[start..])
+                    && let Ok(name) = std::str::from_utf8(family)
+                    && !self.filter.accepts_family(name)
+                {
+                    self.rejected_family = Some(family);
+                    self.rejected_name = None;
+                    continue;
+                }
+            } else if first.is_some() && self.in_rejected_family(&raw[start..]) {
+                continue;
+            }
+            let line = match std::str::from_utf8(raw) {
+                Ok(line) => line,
+                Err(error) => {
+                    return Some(Err(ParseError {
+                        line: self.line_number,
+                        column: error.valid_up_to() + 1,
+                        kind: ParseErrorKind::NotUtf8,
+                    }));
+                }
+            };
+            let mut cursor = Cursor { line, pos: start };
+            let parsed = match first {
                 None => continue,
-                Some(b'#') => parse_comment(&mut cursor, &self.filter),
+                Some(b'#') => parse_comment(&mut cursor, &self.filter, &mut self.rejected_family),
                 Some(_) => parse_sample_line(&mut cursor, &self.filter),
             };
             match parsed {
                 Ok(Some(Record::Eof)) => {
-                    self.rest = "";
+                    self.rest = b"";
                     return Some(Ok(Record::Eof));
                 }
                 Ok(Some(record)) => return Some(Ok(record)),
@@ -563,9 +693,12 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Parses a `#` line; a HELP/TYPE/UNIT line also sets `rejected_family` to its family when
+/// the filter rejects it, and clears it otherwise.
 fn parse_comment<'a>(
     cursor: &mut Cursor<'a>,
     filter: &impl SampleFilter,
+    rejected_family: &mut Option<&'a [u8]>,
 ) -> Result<Option<Record<'a>>, ParseErrorKind> {
     cursor.pos += 1; // the '#'
     if cursor.skip_blanks() == 0 {
@@ -585,8 +718,10 @@ fn parse_comment<'a>(
         return Err(ParseErrorKind::InvalidFamilyName);
     }
     if !filter.accepts_family(family) {
+        *rejected_family = Some(family.as_bytes());
         return Ok(None);
     }
+    *rejected_family = None;
     cursor.skip_blanks();
     let record = match keyword {
         "HELP" => Record::Help { family, text: unescape_help(cursor.rest().trim_end()) },
@@ -952,5 +1087,25 @@ mod tests {
         }
         let error = first_error("m{a=\"x\\é\"} 1");
         assert_eq!(error.kind, ParseErrorKind::InvalidEscape('é'));
+    }
+
+    #[test]
+    fn skipped_lines_are_not_decoded_and_read_lines_must_be_text() {
+        let mut page = b"# TYPE other counter\nother_total{x=\"".to_vec();
+        page.extend_from_slice(&[0xff, 0xfe]);
+        page.extend_from_slice(b"\"} 1\n# TYPE wanted gauge\nwanted 2\n");
+        let filter = NameFilter::exact(["wanted"]);
+        let samples: Vec<_> = Parser::from_bytes(&page)
+            .with_filter(&filter)
+            .samples()
+            .collect::<Result<_, _>>()
+            .expect("the broken line is skipped");
+        assert_eq!(samples.len(), 1);
+        assert_eq!(samples[0].value, 2.0);
+
+        let everything: Vec<_> = Parser::from_bytes(&page).samples().collect();
+        let error = everything.into_iter().find_map(Result::err).expect("the line is read");
+        assert_eq!(error.kind, ParseErrorKind::NotUtf8);
+        assert_eq!((error.line, error.column), (2, 16));
     }
 }

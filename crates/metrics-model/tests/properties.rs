@@ -139,6 +139,91 @@ proptest! {
     }
 }
 
+/// Names that share prefixes and family suffixes, so skipping a rejected family's samples is
+/// tested against its neighbours.
+const CLASHING_NAMES: [&str; 9] =
+    ["a", "a_total", "a_bucket", "a_x", "ab", "b", "b_count", "b_count_total", "c"];
+
+/// A page of groups: optional HELP/TYPE for a family, then samples of any names (a sample
+/// without metadata right after another family's group is valid text).
+fn clashing_page() -> impl Strategy<Value = String> {
+    let group = (
+        proptest::option::of(0..CLASHING_NAMES.len()),
+        proptest::collection::vec((0..CLASHING_NAMES.len(), 0u32..100, any::<bool>()), 0..6),
+    );
+    proptest::collection::vec(group, 0..8).prop_map(|groups| {
+        let mut page = String::new();
+        for (family, samples) in groups {
+            if let Some(family) = family {
+                write_help(&mut page, CLASHING_NAMES[family], "h").expect("writing to a String");
+                write_type(&mut page, CLASHING_NAMES[family], MetricKind::Histogram)
+                    .expect("writing to a String");
+            }
+            for (name, value, labelled) in samples {
+                let labels: &[(&str, &str)] = if labelled { &[("le", "1")] } else { &[] };
+                write_sample(&mut page, CLASHING_NAMES[name], labels, f64::from(value), None)
+                    .expect("writing to a String");
+            }
+        }
+        page
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_filtered_parse_yields_exactly_the_accepted_samples(
+        page in clashing_page(),
+        wanted in proptest::collection::vec(0..CLASHING_NAMES.len(), 0..3),
+        whole_families in any::<bool>(),
+    ) {
+        let names: Vec<&str> = wanted.iter().map(|&i| CLASHING_NAMES[i]).collect();
+        let filter = if whole_families {
+            NameFilter::families(&names)
+        } else {
+            NameFilter::exact(&names)
+        };
+        let all: Vec<(String, f64)> = metrics_model::text::parse(&page)
+            .samples()
+            .map(|sample| sample.map(|s| (s.name.to_owned(), s.value)))
+            .collect::<Result<_, _>>()
+            .expect("rendered pages parse");
+        let expected: Vec<(String, f64)> = all
+            .into_iter()
+            .filter(|(name, _)| {
+                use metrics_model::text::SampleFilter;
+                filter.accepts_sample(name)
+            })
+            .collect();
+        let filtered: Vec<(String, f64)> = metrics_model::text::Parser::from_bytes(page.as_bytes())
+            .with_filter(&filter)
+            .samples()
+            .map(|sample| sample.map(|s| (s.name.to_owned(), s.value)))
+            .collect::<Result<_, _>>()
+            .expect("rendered pages parse");
+        prop_assert_eq!(filtered, expected);
+        // The accepting side of the filter, against its definition.
+        for name in CLASHING_NAMES {
+            use metrics_model::text::SampleFilter;
+            let by_definition = names.contains(&name)
+                || (whole_families
+                    && ["_bucket", "_count", "_sum", "_created", "_total", "_info", "_gcount", "_gsum"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix).is_some_and(|f| names.contains(&f))));
+            prop_assert_eq!(filter.accepts_sample(name), by_definition, "{}", name);
+            let family_by_definition = names.contains(&name)
+                || (!whole_families
+                    && names.iter().any(|wanted| {
+                        ["_bucket", "_count", "_sum", "_created", "_total", "_info", "_gcount", "_gsum"]
+                            .iter()
+                            .any(|suffix| wanted.strip_suffix(suffix) == Some(name))
+                    }));
+            prop_assert_eq!(filter.accepts_family(name), family_by_definition, "family {}", name);
+        }
+    }
+}
+
 /// Runs every entry point over `text`; only a panic fails.
 fn exercise(text: &str) {
     for record in metrics_model::text::parse(text) {
