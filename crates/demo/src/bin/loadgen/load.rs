@@ -20,12 +20,46 @@ const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Request body bytes per ext-proc message, as Envoy's default buffer sends them.
 const BODY_CHUNK_BYTES: usize = 16 * 1024;
 
-/// Request bodies: chat requests whose first half is one of a few shared system prompts.
-pub(crate) fn bodies(size: usize, count: usize) -> Arc<Vec<Vec<u8>>> {
+/// Where a unique request number is stamped into a body (the start of its prompt).
+const STAMP: &[u8] = b"#000000000000";
+
+/// Request bodies: chat requests whose first half is one of a few shared system prompts, or,
+/// [`Prompts::unique`], each made unique by a request number at the start of its prompt (so no
+/// prompt block repeats, as with mostly new prompts).
+#[derive(Clone)]
+pub(crate) struct Prompts {
+    bodies: Arc<Vec<Vec<u8>>>,
+    unique: bool,
+}
+
+impl Prompts {
+    /// The same bodies, each request made unique.
+    pub(crate) fn unique(&self) -> Self {
+        Self { bodies: Arc::clone(&self.bodies), unique: true }
+    }
+
+    /// The body of request `i`.
+    fn body(&self, i: usize) -> std::borrow::Cow<'_, [u8]> {
+        let template = &self.bodies[i % self.bodies.len()];
+        if !self.unique {
+            return std::borrow::Cow::Borrowed(template);
+        }
+        let mut body = template.clone();
+        if let Some(at) = body.windows(STAMP.len()).position(|window| window == STAMP) {
+            let number = format!("#{:012}", i % 1_000_000_000_000);
+            body[at..at + STAMP.len()].copy_from_slice(number.as_bytes());
+        }
+        std::borrow::Cow::Owned(body)
+    }
+}
+
+/// `count` bodies of about `size` bytes (see [`Prompts`]).
+pub(crate) fn bodies(size: usize, count: usize) -> Prompts {
     let bodies = (0..count)
         .map(|i| {
+            let stamp = String::from_utf8_lossy(STAMP);
             let system =
-                format!("System prompt {} for this tenant. ", i % 16).repeat(size / 30 + 1);
+                format!("{stamp} System prompt {} for this tenant. ", i % 16).repeat(size / 30 + 1);
             let question =
                 format!("Question {i} from the user, with details. ").repeat(size / 40 + 1);
             let mut text = format!("{}{}", &system[..size / 2], question);
@@ -39,7 +73,7 @@ pub(crate) fn bodies(size: usize, count: usize) -> Arc<Vec<Vec<u8>>> {
             .into_bytes()
         })
         .collect();
-    Arc::new(bodies)
+    Prompts { bodies: Arc::new(bodies), unique: false }
 }
 
 /// A few gRPC connections to one server, used in turn.
@@ -65,7 +99,8 @@ impl Clients {
         Ok(Self(Arc::new(clients), Arc::new(AtomicUsize::new(0))))
     }
 
-    fn next(&self) -> ExternalProcessorClient<Channel> {
+    /// The next connection in turn.
+    pub(crate) fn next_client(&self) -> ExternalProcessorClient<Channel> {
         let index = self.1.fetch_add(1, Ordering::Relaxed) % self.0.len();
         self.0[index].clone()
     }
@@ -74,7 +109,7 @@ impl Clients {
 /// One request: the decision latency, or `None` when it failed or was answered immediately.
 async fn one_request(clients: &Clients, body: &[u8]) -> Option<Duration> {
     let started = Instant::now();
-    let mut client = clients.next();
+    let mut client = clients.next_client();
     let mut stream = ProxyStream::open(&mut client).await.ok()?;
     let request = ProxyRequest {
         headers: vec![(":path", "/v1/chat/completions"), (":method", "POST")],
@@ -151,7 +186,7 @@ fn cpu_since(server: &ServerProcess, before: Option<f64>) -> Option<f64> {
 pub(crate) async fn open_loop(
     server: &ServerProcess,
     clients: &Clients,
-    bodies: &Arc<Vec<Vec<u8>>>,
+    bodies: &Prompts,
     rate: f64,
     duration: Duration,
 ) -> Figures {
@@ -164,9 +199,9 @@ pub(crate) async fn open_loop(
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total {
         interval.tick().await;
-        let (clients, bodies, tally) = (clients.clone(), Arc::clone(bodies), tally.clone());
+        let (clients, bodies, tally) = (clients.clone(), bodies.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
-            tally.record(one_request(&clients, &bodies[i % bodies.len()]).await);
+            tally.record(one_request(&clients, &bodies.body(i)).await);
         }));
     }
     for task in tasks {
@@ -180,7 +215,7 @@ pub(crate) async fn open_loop(
 pub(crate) async fn closed_loop(
     server: &ServerProcess,
     clients: &Clients,
-    bodies: &Arc<Vec<Vec<u8>>>,
+    bodies: &Prompts,
     streams: usize,
     duration: Duration,
 ) -> Figures {
@@ -190,11 +225,11 @@ pub(crate) async fn closed_loop(
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(streams);
     for worker in 0..streams {
-        let (clients, bodies, tally) = (clients.clone(), Arc::clone(bodies), tally.clone());
+        let (clients, bodies, tally) = (clients.clone(), bodies.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = worker;
             while Instant::now() < deadline {
-                tally.record(one_request(&clients, &bodies[i % bodies.len()]).await);
+                tally.record(one_request(&clients, &bodies.body(i)).await);
                 i += streams;
             }
         }));

@@ -21,6 +21,7 @@
 
 mod load;
 mod process;
+mod soak;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ const CONNECTIONS: usize = 4;
 /// How long the idle CPU (background work, scraping) of each server is measured.
 const IDLE_SAMPLE: Duration = Duration::from_secs(1);
 
-const USAGE: &str = "usage: epp-loadgen [quick] [--epp PATH] [--endpoints N] [-- EPP_ARGS...]";
+const USAGE: &str = "usage: epp-loadgen [quick] [--epp PATH] [--endpoints N] [-- EPP_ARGS...]\n       epp-loadgen soak [--seconds N] [--epp PATH]";
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -49,6 +50,8 @@ enum Mode {
     Measure(Options),
     /// Be the floor server (hidden: the load generator starts itself this way).
     Floor { port: u16 },
+    /// Run epp under mixed, partly hostile traffic, then check it returns to idle.
+    Soak { seconds: u64, epp: Option<PathBuf> },
 }
 
 #[derive(Debug)]
@@ -68,6 +71,22 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Mode, String> {
             }
             _ => Err("usage: epp-loadgen floor --port PORT".into()),
         };
+    }
+    if args.first().map(String::as_str) == Some("soak") {
+        let (mut seconds, mut epp) = (60, None);
+        let mut rest = args[1..].iter();
+        while let Some(flag) = rest.next() {
+            let mut value = || rest.next().ok_or(format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--seconds" => {
+                    let text = value()?;
+                    seconds = text.parse().map_err(|_| format!("bad --seconds '{text}'"))?;
+                }
+                "--epp" => epp = Some(PathBuf::from(value()?)),
+                other => return Err(format!("unknown soak argument '{other}'")),
+            }
+        }
+        return Ok(Mode::Soak { seconds, epp });
     }
     let mut options = Options { quick: false, epp: None, endpoints: 100, epp_args: Vec::new() };
     let mut args = args.into_iter();
@@ -115,6 +134,13 @@ fn main() -> ExitCode {
     let outcome = match mode {
         Mode::Floor { port } => runtime.block_on(serve_floor(port)),
         Mode::Measure(options) => runtime.block_on(measure(&options)),
+        Mode::Soak { seconds, epp } => runtime.block_on(async move {
+            let epp = match epp {
+                Some(path) => path,
+                None => process::default_epp_path()?,
+            };
+            soak::soak(&epp, seconds).await
+        }),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,7 +186,7 @@ async fn measure(options: &Options) -> Result<(), String> {
     }
     let addresses: Vec<SocketAddr> = stand_ins.iter().map(|server| server.address).collect();
     let scratch = process::ScratchDir::create()?;
-    let endpoints_file = process::write_endpoints_file(&scratch, &addresses)?;
+    let endpoints_file = process::write_endpoints_file(&scratch.0, &addresses)?;
 
     // Each process is killed when its guard drops, also when a later step fails.
     let floor = Server::connect(process::start_floor().await?).await?;
@@ -200,8 +226,10 @@ async fn idle_cpu(server: &ServerProcess) -> f64 {
 }
 
 async fn run_cases(floor: &Server, epp: &Server, profile: &str, quick: bool) {
+    // Open loops share 8 KB system prompts across requests; closed loops send only new prompts.
     let small = load::bodies(16 * 1024, 256);
     let large = load::bodies(220 * 1024, 32);
+    let huge = load::bodies(400 * 1024, 8);
     let seconds = Duration::from_secs(if quick { 1 } else { 5 });
     println!("{profile}; {seconds:?} per case");
     println!(
@@ -228,12 +256,26 @@ async fn run_cases(floor: &Server, epp: &Server, profile: &str, quick: bool) {
         let e = open_loop(&epp.process, &epp.clients, &small, rate, seconds).await;
         print_row(&format!("open loop {rate} req/s, 16 KB"), f, e);
     }
-    let f = closed_loop(&floor.process, &floor.clients, &small, 64, seconds).await;
-    let e = closed_loop(&epp.process, &epp.clients, &small, 64, seconds).await;
-    print_row("closed loop 64 streams, 16 KB", f, e);
-    let f = closed_loop(&floor.process, &floor.clients, &large, 150, seconds).await;
-    let e = closed_loop(&epp.process, &epp.clients, &large, 150, seconds).await;
-    print_row("closed loop 150 streams, 220 KB", f, e);
+    let (small_unique, large_unique) = (small.unique(), large.unique());
+    let f = closed_loop(&floor.process, &floor.clients, &small_unique, 64, seconds).await;
+    let e = closed_loop(&epp.process, &epp.clients, &small_unique, 64, seconds).await;
+    print_row("closed loop 64 streams, 16 KB new", f, e);
+    let f = closed_loop(&floor.process, &floor.clients, &large_unique, 150, seconds).await;
+    let e = closed_loop(&epp.process, &epp.clients, &large_unique, 150, seconds).await;
+    print_row("closed loop 150 streams, 220 KB new", f, e);
+    // About 100k tokens per prompt, each new: what the server's CPU costs at a realistic rate.
+    let rate = 100.0;
+    let huge = huge.unique();
+    let f = open_loop(&floor.process, &floor.clients, &huge, rate, seconds).await;
+    let e = open_loop(&epp.process, &epp.clients, &huge, rate, seconds).await;
+    print_row("open loop 100 req/s, 400 KB new", f, e);
+    let cores = |figures: &Figures| figures.cpu_us_per_request * rate / 1e6;
+    println!(
+        "{:<34} server CPU at 100 req/s of 400 KB prompts: floor {:.3} cores, epp {:.3} cores",
+        "",
+        cores(&f),
+        cores(&e)
+    );
 }
 
 fn print_row(name: &str, floor: Figures, epp: Figures) {

@@ -23,6 +23,8 @@ pub(crate) struct ServerProcess {
     child: Child,
     /// Where its ext-proc service listens.
     pub(crate) grpc_address: SocketAddr,
+    /// Where its Prometheus `/metrics` listens (epp only).
+    pub(crate) metrics_address: Option<SocketAddr>,
 }
 
 impl ServerProcess {
@@ -38,7 +40,7 @@ impl ServerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|error| format!("cannot start the {name} ({command:?}): {error}"))?;
-        Ok(Self { name, child, grpc_address })
+        Ok(Self { name, child, grpc_address, metrics_address: None })
     }
 
     /// Its process id.
@@ -137,9 +139,9 @@ pub(crate) fn default_epp_path() -> Result<PathBuf, String> {
     Ok(this.parent().map_or_else(|| PathBuf::from(&name), |directory| directory.join(&name)))
 }
 
-/// Starts `epp` over the endpoints listed in `endpoints_file` (`endpoints` of them), plaintext
-/// on free loopback ports, with `extra_args` appended; returns once its `/metrics` reports
-/// every endpoint ready (scraped and fresh).
+/// Starts `epp` over the endpoints listed in `endpoints_file`, plaintext on free loopback
+/// ports, with `extra_args` appended; returns once its `/metrics` reports at least `endpoints`
+/// endpoints ready (scraped and fresh).
 pub(crate) async fn start_epp(
     epp: &Path,
     endpoints_file: &Path,
@@ -168,9 +170,10 @@ pub(crate) async fn start_epp(
         .args(extra_args);
     let mut epp = ServerProcess::spawn("epp server", &mut command, loopback(grpc))?;
     let metrics = loopback(metrics);
+    epp.metrics_address = Some(metrics);
     epp.wait_until("report every endpoint ready", || async move {
         let page = http_client::get_text(metrics, "/metrics").await.unwrap_or_default();
-        ready_pods(&page) == Some(endpoints)
+        ready_pods(&page).is_some_and(|ready| ready >= endpoints)
     })
     .await?;
     epp.wait_until("accept gRPC connections", || connects(loopback(grpc))).await?;
@@ -205,7 +208,7 @@ impl Drop for ScratchDir {
 
 /// Writes an `--endpoints-file` (JSON) listing `addresses`; returns its path.
 pub(crate) fn write_endpoints_file(
-    directory: &ScratchDir,
+    directory: &Path,
     addresses: &[SocketAddr],
 ) -> Result<PathBuf, String> {
     let entries: Vec<serde_json::Value> = addresses
@@ -219,8 +222,11 @@ pub(crate) fn write_endpoints_file(
             })
         })
         .collect();
-    let path = directory.0.join("endpoints.json");
-    std::fs::write(&path, serde_json::Value::Array(entries).to_string())
+    // Written whole and renamed into place, so the server never reads half a file.
+    let path = directory.join("endpoints.json");
+    let partial = directory.join("endpoints.json.partial");
+    std::fs::write(&partial, serde_json::Value::Array(entries).to_string())
+        .and_then(|()| std::fs::rename(&partial, &path))
         .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
     Ok(path)
 }
