@@ -30,7 +30,7 @@
 //! the calling thread while the request waits in flow control's queue, until it is admitted,
 //! rejected or expires at its TTL (`defaultRequestTTL`, 60 s unless configured).
 //! The default (utilization) detector counts an endpoint whose metrics are older than
-//! `metricsStalenessThreshold` (200 ms unless configured) as full, so a host that uses it
+//! `metricsStalenessThreshold` (2 s unless configured) as full, so a host that uses it
 //! refreshes metrics with `epp_endpoint_set_metrics` more often than that, or raises the
 //! threshold.
 

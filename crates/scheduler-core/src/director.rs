@@ -65,6 +65,7 @@ impl Rejection {
         match self {
             Self::BadRequest(_) => "bad_request",
             Self::TooLarge { .. } => "body_too_large",
+            Self::NoEndpoint(SchedulingError::AllStale { .. }) => "stale_metrics",
             Self::NoEndpoint(_) => "no_ready_endpoint",
             Self::NotAdmitted(flow::NotAdmitted::Shed { .. }) => "request_shed",
             Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => "queue_full",

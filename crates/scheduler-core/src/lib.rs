@@ -58,6 +58,9 @@ pub use pool::endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
     EndpointState,
 };
+pub use pool::staleness::{
+    AllStale, DEFAULT_METRICS_STALENESS_THRESHOLD, StalenessPolicy, last_known_load,
+};
 pub use pool::{PoolSnapshot, SharedPool};
 pub use request::body::{ApiKind, BodyError, ParsedBody};
 pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
@@ -70,5 +73,5 @@ pub use scheduling::result::{
     CompletedRequest, CompletionGuard, Outcome, ProfileRun, SchedulingError, SchedulingResult,
 };
 pub use scheduling::scheduler::{
-    SINGLE_PROFILE_HANDLER, ScheduleOptions, Scheduler, SingleProfileHandler,
+    ALL_STALE_MAX_PICKS, SINGLE_PROFILE_HANDLER, ScheduleOptions, Scheduler, SingleProfileHandler,
 };

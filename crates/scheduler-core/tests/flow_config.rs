@@ -83,14 +83,14 @@ fn saturation_thresholds_with_go_durations_and_milliseconds() {
     let thresholds = UtilizationThresholds {
         queue_depth: 8,
         kv_cache_util: 0.9,
-        metrics_staleness: Duration::from_secs(2),
+        metrics_staleness: Some(Duration::from_secs(2)),
     };
     assert_eq!(parsed, Some(SaturationDetectorSection::Thresholds(thresholds)));
     let millis = saturation("saturationDetector: {metricsStalenessThreshold: 150}\n");
     assert_eq!(
         millis,
         Some(SaturationDetectorSection::Thresholds(UtilizationThresholds {
-            metrics_staleness: Duration::from_millis(150),
+            metrics_staleness: Some(Duration::from_millis(150)),
             ..UtilizationThresholds::default()
         }))
     );
@@ -398,4 +398,25 @@ fn the_concurrency_detector_counts_through_the_schedulers_hooks() {
     assert!(detector.is_saturated(&pool, now), "the pre-request hook counted the request");
     drop(result.take_completion());
     assert!(!detector.is_saturated(&pool, now), "the completion hook released it");
+}
+
+#[test]
+fn one_staleness_threshold_per_config() {
+    use scheduler_core::flow::configured_metrics_staleness;
+    let staleness = |tail: &str| configured_metrics_staleness(&config(tail));
+    assert_eq!(staleness(""), Ok(None));
+    assert_eq!(staleness("saturationDetector: {queueDepthThreshold: 3}\n"), Ok(None));
+    assert_eq!(
+        staleness("saturationDetector: {metricsStalenessThreshold: 500ms}\n"),
+        Ok(Some(Duration::from_millis(500)))
+    );
+    let plugin = "plugins:\n- {name: util, type: utilization-detector, parameters: {metricsStalenessThreshold: 1s}}\n";
+    assert_eq!(staleness(plugin), Ok(Some(Duration::from_secs(1))));
+    let same = format!("{plugin}saturationDetector: {{metricsStalenessThreshold: 1000}}\n");
+    assert_eq!(staleness(&same), Ok(Some(Duration::from_secs(1))));
+    let differ = format!("{plugin}saturationDetector: {{metricsStalenessThreshold: 2s}}\n");
+    assert_eq!(
+        staleness(&differ).unwrap_err().to_string(),
+        "metricsStalenessThreshold is 2s in saturationDetector but 1s in plugin 'util': one staleness threshold applies to the whole pool"
+    );
 }

@@ -63,8 +63,9 @@ impl ShedThresholds {
         let detector = UtilizationDetector::new(UtilizationThresholds {
             queue_depth: self.queue_threshold,
             kv_cache_util: self.kv_threshold,
-            metrics_staleness: Duration::try_from_secs_f64(self.staleness_s.max(0.0))
-                .unwrap_or(Duration::MAX),
+            metrics_staleness: Some(
+                Duration::try_from_secs_f64(self.staleness_s.max(0.0)).unwrap_or(Duration::MAX),
+            ),
         });
         flow::SaturationDetector::is_saturated(&detector, pool, now)
     }

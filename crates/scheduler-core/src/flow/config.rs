@@ -29,7 +29,9 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, V
 use serde::{Deserialize, Deserializer};
 
 use crate::config::{ConstructedPlugins, EndpointPickerConfig};
-use crate::flow::saturation::{SaturationDetector, UtilizationDetector, UtilizationThresholds};
+use crate::flow::saturation::{
+    SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
+};
 use crate::flow::units;
 
 /// Name of the feature gate that turns queueing flow control on.
@@ -57,6 +59,20 @@ pub enum FlowConfigError {
         name: String,
         /// The plugin's type.
         type_name: String,
+    },
+    /// Two `metricsStalenessThreshold` values in one config: one threshold applies to the pool.
+    #[error(
+        "metricsStalenessThreshold is {first:?} in {first_field} but {second:?} in {second_field}: one staleness threshold applies to the whole pool"
+    )]
+    ConflictingStaleness {
+        /// Where the first value was found.
+        first_field: String,
+        /// The first value.
+        first: Duration,
+        /// Where the second value was found.
+        second_field: String,
+        /// The second value.
+        second: Duration,
     },
 }
 
@@ -223,6 +239,49 @@ pub fn configured_detector(
         name: name.to_owned(),
         type_name: declared.type_name.clone(),
     })
+}
+
+/// The `metricsStalenessThreshold` a config sets explicitly, in the top-level
+/// `saturationDetector` thresholds or in the parameters of a `utilization-detector` plugin;
+/// `None` when it sets none. Adapters lift it into the pool's
+/// [`StalenessPolicy`](crate::StalenessPolicy), so one threshold applies to readiness,
+/// admission and routing; two different values are an error. Unparsable plugin parameters
+/// are left to the plugin's construction to report.
+pub fn configured_metrics_staleness(
+    config: &EndpointPickerConfig,
+) -> Result<Option<Duration>, FlowConfigError> {
+    let top_level = match &config.saturation_detector {
+        Some(SaturationDetectorSection::Thresholds(thresholds)) => {
+            thresholds.metrics_staleness.map(|value| ("saturationDetector".to_owned(), value))
+        }
+        _ => None,
+    };
+    let plugins = config
+        .plugins
+        .iter()
+        .filter(|plugin| plugin.type_name == UTILIZATION_DETECTOR_TYPE)
+        .filter_map(|plugin| {
+            let parameters = plugin.parameters.clone()?;
+            let thresholds: UtilizationThresholds = serde_json::from_value(parameters).ok()?;
+            let value = thresholds.metrics_staleness?;
+            Some((format!("plugin '{}'", plugin.effective_name()), value))
+        });
+    let mut found: Option<(String, Duration)> = None;
+    for (field, value) in top_level.into_iter().chain(plugins) {
+        match &found {
+            None => found = Some((field, value)),
+            Some((first_field, first)) if *first != value => {
+                return Err(FlowConfigError::ConflictingStaleness {
+                    first_field: first_field.clone(),
+                    first: *first,
+                    second_field: field,
+                    second: value,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(found.map(|(_, value)| value))
 }
 
 /// A map section that may be null (YAML `key:` with nothing after it): null reads as empty.

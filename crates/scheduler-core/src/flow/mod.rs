@@ -61,6 +61,7 @@ pub use concurrency::{
 pub use config::{
     BandConfig, DEFAULT_REQUEST_TTL, FLOW_CONTROL_FEATURE_GATE, FairnessPolicy, FlowConfigError,
     FlowControlConfig, OrderingPolicy, SaturationDetectorSection, configured_detector,
+    configured_metrics_staleness,
 };
 pub use controller::{FlowController, FlowRequest, PassReport};
 pub use metrics::{FlowMetrics, FlowMetricsSnapshot, OutcomeReason, WAIT_BUCKET_BOUNDS};

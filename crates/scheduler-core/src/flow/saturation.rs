@@ -2,9 +2,15 @@
 //!
 //! [`UtilizationDetector`] follows GIE's `utilization-detector`: the pool is saturated when
 //! every endpoint with fresh metrics has a waiting queue of at least `queueDepthThreshold`
-//! or a KV-cache usage of at least `kvCacheUtilThreshold`. Endpoints whose metrics are older
-//! than `metricsStalenessThreshold` (or were never scraped) offer no capacity, so an empty or
-//! all-stale pool is saturated. One check is O(endpoints) and allocation-free.
+//! or a KV-cache usage of at least `kvCacheUtilThreshold`. Endpoints whose metrics are stale
+//! (or were never scraped) offer no capacity while some endpoint is fresh; an empty pool is
+//! saturated. One check is O(endpoints) and allocation-free.
+//!
+//! Staleness follows the pool's [`StalenessPolicy`] when it has one (its threshold, and when
+//! every endpoint is stale: fail open judges the last known metrics, fail closed calls the
+//! pool saturated), so admission and routing agree. Without a pool policy the detector's own
+//! `metricsStalenessThreshold` (default [`DEFAULT_METRICS_STALENESS_THRESHOLD`]) applies and
+//! an all-stale pool is saturated, as in GIE.
 //!
 //! Detectors are read through `&self` and take `now` as a parameter: they never read a clock.
 
@@ -17,6 +23,8 @@ use serde::{Deserialize, Deserializer};
 use crate::flow::units;
 use crate::pool::PoolSnapshot;
 use crate::pool::endpoint::EndpointMetrics;
+pub use crate::pool::staleness::DEFAULT_METRICS_STALENESS_THRESHOLD;
+use crate::pool::staleness::{AllStale, StalenessPolicy};
 
 /// GIE type name of the utilization detector plugin.
 pub const UTILIZATION_DETECTOR_TYPE: &str = "utilization-detector";
@@ -39,8 +47,6 @@ pub trait SaturationDetector: Send + Sync + Debug {
 pub const DEFAULT_QUEUE_DEPTH_THRESHOLD: u32 = 5;
 /// Default of `kvCacheUtilThreshold`: KV-cache usage at which an endpoint is full.
 pub const DEFAULT_KV_CACHE_UTIL_THRESHOLD: f64 = 0.8;
-/// Default of `metricsStalenessThreshold`: metrics older than this offer no capacity.
-pub const DEFAULT_METRICS_STALENESS_THRESHOLD: Duration = Duration::from_millis(200);
 
 /// The thresholds of the utilization detector: the parameters of a `utilization-detector`
 /// plugin, and the keys of the top-level `saturationDetector` section in its thresholds form.
@@ -55,9 +61,11 @@ pub struct UtilizationThresholds {
     #[serde(rename = "kvCacheUtilThreshold", deserialize_with = "unit_fraction")]
     pub kv_cache_util: f64,
     /// `metricsStalenessThreshold` (Go duration or milliseconds): metrics older than this
-    /// count as no capacity.
-    #[serde(rename = "metricsStalenessThreshold", deserialize_with = "units::duration")]
-    pub metrics_staleness: Duration,
+    /// count as no capacity. Used only when the pool has no [`StalenessPolicy`] (the `epp`
+    /// server lifts it into the pool's policy, refusing one that differs from its flag);
+    /// absent: [`DEFAULT_METRICS_STALENESS_THRESHOLD`].
+    #[serde(rename = "metricsStalenessThreshold", deserialize_with = "units::optional_duration")]
+    pub metrics_staleness: Option<Duration>,
 }
 
 /// A number in (0, 1].
@@ -75,7 +83,7 @@ impl Default for UtilizationThresholds {
         Self {
             queue_depth: DEFAULT_QUEUE_DEPTH_THRESHOLD,
             kv_cache_util: DEFAULT_KV_CACHE_UTIL_THRESHOLD,
-            metrics_staleness: DEFAULT_METRICS_STALENESS_THRESHOLD,
+            metrics_staleness: None,
         }
     }
 }
@@ -97,11 +105,28 @@ impl UtilizationDetector {
         &self.thresholds
     }
 
-    /// Whether one endpoint can take more work at `now`.
+    /// The staleness policy applied to `pool`: the pool's own, else this detector's threshold
+    /// failing closed.
+    fn policy_for(&self, pool: &PoolSnapshot) -> StalenessPolicy {
+        pool.staleness().copied().unwrap_or(StalenessPolicy {
+            threshold: self
+                .thresholds
+                .metrics_staleness
+                .unwrap_or(DEFAULT_METRICS_STALENESS_THRESHOLD),
+            when_all_stale: AllStale::FailClosed,
+        })
+    }
+
+    /// Whether one endpoint can take more work at `now`: fresh under this detector's own
+    /// threshold and below both thresholds.
     pub fn has_headroom(&self, metrics: &EndpointMetrics, now: Instant) -> bool {
-        if metrics.is_stale(now, self.thresholds.metrics_staleness) {
-            return false;
-        }
+        let threshold =
+            self.thresholds.metrics_staleness.unwrap_or(DEFAULT_METRICS_STALENESS_THRESHOLD);
+        !metrics.is_stale(now, threshold) && self.below_thresholds(metrics)
+    }
+
+    /// Whether `metrics`, fresh or not, are below both thresholds.
+    fn below_thresholds(&self, metrics: &EndpointMetrics) -> bool {
         // NaN usage compares false below, so a garbled gauge never reads as headroom.
         metrics.waiting_queue < self.thresholds.queue_depth
             && metrics.kv_usage < self.thresholds.kv_cache_util
@@ -110,7 +135,22 @@ impl UtilizationDetector {
 
 impl SaturationDetector for UtilizationDetector {
     fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
-        !pool.endpoints().iter().any(|state| self.has_headroom(&state.metrics, now))
+        let policy = self.policy_for(pool);
+        let mut any_fresh = false;
+        for state in pool.endpoints() {
+            if policy.is_fresh(&state.metrics, now) {
+                if self.below_thresholds(&state.metrics) {
+                    return false;
+                }
+                any_fresh = true;
+            }
+        }
+        if any_fresh || !policy.fails_open() {
+            return true;
+        }
+        // Every endpoint is stale and the policy fails open: judge the last known numbers,
+        // as routing does.
+        !pool.endpoints().iter().any(|state| self.below_thresholds(&state.metrics))
     }
 }
 
@@ -215,9 +255,47 @@ mod tests {
         let pool =
             PoolSnapshot::new([endpoint(1, 0, 0.0, Some(scraped)), endpoint(2, 0, 0.0, None)]);
         let at_threshold = scraped + DEFAULT_METRICS_STALENESS_THRESHOLD;
-        assert!(!detector.is_saturated(&pool, at_threshold), "exactly 200 ms old is still fresh");
+        assert!(!detector.is_saturated(&pool, at_threshold), "exactly 2 s old is still fresh");
         let past = at_threshold + Duration::from_nanos(1);
         assert!(detector.is_saturated(&pool, past), "all stale is saturated");
+    }
+
+    #[test]
+    fn the_pool_policy_decides_staleness_and_the_all_stale_case() {
+        use crate::pool::staleness::{AllStale, StalenessPolicy};
+        let scraped = Instant::now();
+        let detector = UtilizationDetector::default();
+        let policy = StalenessPolicy::new(Duration::from_secs(1));
+        let later = scraped + Duration::from_secs(5);
+        // Some stale: a stale endpoint with room does not count, a fresh full one decides.
+        let some_stale = PoolSnapshot::new([
+            endpoint(1, 0, 0.0, Some(scraped)),
+            endpoint(2, 9, 0.0, Some(later)),
+        ])
+        .with_staleness(Some(policy));
+        assert!(detector.is_saturated(&some_stale, later));
+        // All stale, failing open: the last known numbers decide.
+        let all_stale = PoolSnapshot::new([
+            endpoint(1, 0, 0.0, Some(scraped)),
+            endpoint(2, 9, 0.0, Some(scraped)),
+        ]);
+        let open = all_stale.clone().with_staleness(Some(policy));
+        assert!(!detector.is_saturated(&open, later));
+        let full =
+            PoolSnapshot::new([endpoint(1, 7, 0.0, Some(scraped))]).with_staleness(Some(policy));
+        assert!(detector.is_saturated(&full, later));
+        // All stale, failing closed: saturated whatever the numbers.
+        let closed = all_stale.with_staleness(Some(policy.when_all_stale(AllStale::FailClosed)));
+        assert!(detector.is_saturated(&closed, later));
+        // The pool's threshold wins over the detector's own.
+        let own = UtilizationDetector::new(UtilizationThresholds {
+            metrics_staleness: Some(Duration::from_secs(60)),
+            ..UtilizationThresholds::default()
+        });
+        let one = PoolSnapshot::new([endpoint(1, 0, 0.0, Some(scraped))]);
+        assert!(!own.is_saturated(&one, later), "without a pool policy: 60 s");
+        let one = one.with_staleness(Some(policy.when_all_stale(AllStale::FailClosed)));
+        assert!(own.is_saturated(&one, later), "with one: the pool's 1 s");
     }
 
     #[test]

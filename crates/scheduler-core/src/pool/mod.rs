@@ -6,13 +6,16 @@
 
 pub(crate) mod dispatch_log;
 pub(crate) mod endpoint;
+pub(crate) mod staleness;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 
 use crate::pool::endpoint::{EndpointId, EndpointMap, EndpointMetrics, EndpointState};
+use crate::pool::staleness::StalenessPolicy;
 use crate::scheduling::plugin::PoolObserver;
 
 /// An immutable view of the pool at one moment.
@@ -22,6 +25,7 @@ pub struct PoolSnapshot {
     index_by_id: EndpointMap<u32>,
     generation: u64,
     membership: u64,
+    staleness: Option<StalenessPolicy>,
 }
 
 impl PoolSnapshot {
@@ -121,6 +125,36 @@ impl PoolSnapshot {
         self.membership
     }
 
+    /// The staleness policy of the pool; `None` when nothing tracks metric freshness (no
+    /// endpoint is then ever stale for routing or readiness). See [`StalenessPolicy`].
+    pub fn staleness(&self) -> Option<&StalenessPolicy> {
+        self.staleness.as_ref()
+    }
+
+    /// Sets the staleness policy (for a snapshot used on its own; a [`SharedPool`] keeps its
+    /// own, see [`SharedPool::set_staleness`]).
+    pub fn with_staleness(mut self, staleness: Option<StalenessPolicy>) -> Self {
+        self.staleness = staleness;
+        self
+    }
+
+    /// Whether `state` has fresh metrics at `now` under the pool's policy
+    /// (always, without a policy).
+    pub fn is_fresh(&self, state: &EndpointState, now: Instant) -> bool {
+        self.staleness.is_none_or(|policy| policy.is_fresh(&state.metrics, now))
+    }
+
+    /// Whether a request arriving at `now` could be routed: some endpoint is known and, when
+    /// the policy fails closed, some endpoint is fresh. What readiness reports.
+    pub fn can_route(&self, now: Instant) -> bool {
+        match &self.staleness {
+            _ if self.is_empty() => false,
+            None => true,
+            Some(policy) if policy.fails_open() => true,
+            Some(policy) => self.endpoints.iter().any(|state| policy.is_fresh(&state.metrics, now)),
+        }
+    }
+
     /// Whether both snapshots hold exactly the same endpoint ids.
     fn same_endpoints(&self, other: &PoolSnapshot) -> bool {
         self.len() == other.len()
@@ -155,10 +189,17 @@ impl SharedPool {
         self.observers.write().push(observer);
     }
 
-    /// Publishes `snapshot` as the current one.
+    /// Sets the staleness policy every later snapshot carries (see [`StalenessPolicy`]).
+    pub fn set_staleness(&self, staleness: Option<StalenessPolicy>) {
+        self.update(|snapshot| snapshot.staleness = staleness);
+    }
+
+    /// Publishes `snapshot` as the current one. The pool's staleness policy is kept: it
+    /// changes through [`Self::set_staleness`] only.
     pub fn publish(&self, mut snapshot: PoolSnapshot) {
         let previous = self.current.load_full();
         snapshot.generation = previous.generation.wrapping_add(1);
+        snapshot.staleness = previous.staleness;
         snapshot.membership = if snapshot.same_endpoints(&previous) {
             previous.membership
         } else {
@@ -275,6 +316,29 @@ mod tests {
         });
         shared.publish(PoolSnapshot::new([state(3)]));
         assert_eq!(*recorder.0.lock(), vec![vec![1, 2], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn the_staleness_policy_follows_the_shared_pool_and_decides_readiness() {
+        use crate::pool::staleness::{AllStale, StalenessPolicy};
+        let now = Instant::now();
+        let shared = SharedPool::default();
+        assert!(!shared.load().can_route(now), "no endpoint");
+        shared.publish(PoolSnapshot::new([state(1)]));
+        assert!(shared.load().can_route(now), "no policy: a known endpoint is enough");
+        let policy = StalenessPolicy::new(std::time::Duration::from_secs(1));
+        shared.set_staleness(Some(policy));
+        shared.publish(PoolSnapshot::new([state(1)]));
+        assert_eq!(shared.load().staleness(), Some(&policy), "publish keeps the policy");
+        assert!(shared.load().can_route(now), "never scraped, failing open");
+        shared.set_staleness(Some(policy.when_all_stale(AllStale::FailClosed)));
+        assert!(!shared.load().can_route(now), "never scraped, failing closed");
+        shared.update(|pool| {
+            let id = pool.endpoints()[0].id();
+            pool.set_metrics(id, EndpointMetrics { updated_at: Some(now), ..Default::default() });
+        });
+        assert!(shared.load().can_route(now), "fresh");
+        assert!(!shared.load().can_route(now + std::time::Duration::from_secs(2)), "stale again");
     }
 
     #[test]

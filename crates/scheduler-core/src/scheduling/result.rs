@@ -39,6 +39,16 @@ pub enum SchedulingError {
     /// The profile handler chose no profile to run.
     #[error("the profile handler chose no profile for the request")]
     NoProfileRun,
+    /// Every candidate's metrics are stale and the staleness policy fails closed.
+    #[error(
+        "the metrics of all {candidates} candidate endpoints are older than {threshold:?} (stale-metrics policy: fail closed)"
+    )]
+    AllStale {
+        /// How many candidates there were.
+        candidates: usize,
+        /// The staleness threshold.
+        threshold: std::time::Duration,
+    },
 }
 
 /// The endpoints one profile chose, best first.

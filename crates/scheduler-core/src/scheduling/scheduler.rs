@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use rand::RngCore;
+
 use crate::hash::split_mix;
 use crate::pool::endpoint::EndpointId;
+use crate::pool::staleness::{StalenessPolicy, last_known_load};
 use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
@@ -17,6 +20,10 @@ use crate::scheduling::result::{
     CompletedRequest, CompletionGuard, CompletionHooks, ProfileRun, SchedulingError,
     SchedulingResult,
 };
+
+/// Endpoints a fail-open decision over all-stale candidates returns: the primary and up to
+/// three fallbacks, least loaded first (the adapter decides how many it emits).
+pub const ALL_STALE_MAX_PICKS: usize = 4;
 
 /// Options of one scheduling call; the defaults suit serving.
 #[derive(Clone, Copy, Debug, Default)]
@@ -214,6 +221,11 @@ impl Scheduler {
             }
             None => buffers.base.extend(0..pool.len() as u32),
         }
+        if let Some(policy) = pool.staleness()
+            && let Some(runs) = self.apply_staleness(state, request, pool, policy, buffers)?
+        {
+            return Ok(runs);
+        }
 
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(1);
         let mut next = std::mem::take(&mut buffers.next_profiles);
@@ -244,6 +256,58 @@ impl Scheduler {
             return Err(SchedulingError::NoProfileRun);
         }
         Ok(runs)
+    }
+
+    /// Applies the pool's staleness policy to the base candidates: keeps the fresh ones when
+    /// there are some; when none is, either refuses (fail closed) or decides at once for the
+    /// least-loaded candidates by last known load (fail open), without running the profiles,
+    /// whose scorers would rank numbers known to be out of date. Ties are broken by the
+    /// decision's seeded randomness.
+    fn apply_staleness(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        policy: &StalenessPolicy,
+        buffers: &mut ProfileBuffers,
+    ) -> Result<Option<Vec<ProfileRun>>, SchedulingError> {
+        let now = state.now();
+        let fresh_of =
+            |index: &u32| policy.is_fresh(&pool.endpoints()[*index as usize].metrics, now);
+        let fresh = buffers.base.iter().filter(|index| fresh_of(index)).count();
+        if fresh == buffers.base.len() {
+            return Ok(None);
+        }
+        if fresh > 0 {
+            buffers.base.retain(fresh_of);
+            return Ok(None);
+        }
+        if !policy.fails_open() {
+            return Err(SchedulingError::AllStale {
+                candidates: buffers.base.len(),
+                threshold: policy.threshold,
+            });
+        }
+        let mut ranked: Vec<(u64, u64, u32)> = buffers
+            .base
+            .iter()
+            .map(|&index| {
+                let load = last_known_load(&pool.endpoints()[index as usize]);
+                (load, state.rng().next_u64(), index)
+            })
+            .collect();
+        ranked.sort_unstable();
+        let picks: Vec<u32> =
+            ranked.iter().take(ALL_STALE_MAX_PICKS).map(|&(_, _, index)| index).collect();
+        let mut next = Vec::with_capacity(1);
+        self.handler.next_profiles(request, &self.profile_names, &[], &mut next);
+        let profile = next
+            .first()
+            .and_then(|&index| self.profile_names.get(index))
+            .or_else(|| self.profile_names.first())
+            .cloned()
+            .ok_or(SchedulingError::NoProfileRun)?;
+        Ok(Some(vec![ProfileRun { profile, picks }]))
     }
 
     /// Runs the completion hooks for a request (what [`CompletionGuard`] does on finish or drop).
