@@ -77,9 +77,18 @@ pub struct ServerFlags {
     /// How often model-server metrics are refreshed.
     #[arg(long, default_value = "50ms", value_parser = parse_duration, global = true)]
     pub refresh_metrics_interval: Duration,
-    /// Metrics older than this mark their endpoint stale.
-    #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
-    pub metrics_staleness_threshold: Duration,
+    /// Metrics older than this mark their endpoint stale [default: 2s]. One threshold for
+    /// readiness, admission (the utilization detector) and routing: stale endpoints get no
+    /// requests while some endpoint is fresh. A `metricsStalenessThreshold` in the config
+    /// applies when this flag is absent, and must equal it when both are given.
+    #[arg(long, value_parser = parse_duration, global = true)]
+    pub metrics_staleness_threshold: Option<Duration>,
+    /// When every endpoint's metrics are stale: `fail-open` routes to the least-loaded
+    /// endpoints by last known load (waiting queue + running + requests sent since the last
+    /// scrape) and keeps readiness serving; `fail-closed` answers 503 (`stale_metrics`),
+    /// counts the pool saturated and reports readiness not serving.
+    #[arg(long, value_enum, default_value_t = StaleMetricsPolicy::FailOpen, global = true)]
+    pub stale_metrics_policy: StaleMetricsPolicy,
     /// Prometheus metric (with optional {label="value"} selector) of the waiting queue.
     #[arg(long, global = true)]
     pub total_queued_requests_metric: Option<String>,
@@ -112,6 +121,41 @@ pub struct ServerFlags {
     /// Log verbosity: -v info, -vv debug, -vvv trace (default: warnings).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+}
+
+/// `--stale-metrics-policy`: what happens when every endpoint's metrics are stale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StaleMetricsPolicy {
+    /// Route on the last known metrics, stay ready.
+    #[default]
+    FailOpen,
+    /// Answer 503 and report not ready.
+    FailClosed,
+}
+
+impl From<StaleMetricsPolicy> for scheduler_core::AllStale {
+    fn from(policy: StaleMetricsPolicy) -> Self {
+        match policy {
+            StaleMetricsPolicy::FailOpen => Self::FailOpen,
+            StaleMetricsPolicy::FailClosed => Self::FailClosed,
+        }
+    }
+}
+
+/// The one staleness threshold: the flag, else the config's `metricsStalenessThreshold`, else
+/// [`scheduler_core::DEFAULT_METRICS_STALENESS_THRESHOLD`]; a flag and a config that disagree
+/// are refused rather than one silently winning.
+pub fn staleness_threshold(
+    flag: Option<Duration>,
+    configured: Option<Duration>,
+) -> Result<Duration, String> {
+    match (flag, configured) {
+        (Some(flag), Some(configured)) if flag != configured => Err(format!(
+            "--metrics-staleness-threshold {flag:?} differs from metricsStalenessThreshold {configured:?} in the config; one threshold applies to readiness, admission and routing"
+        )),
+        (Some(value), _) | (None, Some(value)) => Ok(value),
+        (None, None) => Ok(scheduler_core::DEFAULT_METRICS_STALENESS_THRESHOLD),
+    }
 }
 
 /// Parses a duration flag: a Go duration (`50ms`, `2s`, `1m30s`, `250us`), or a bare number of
@@ -165,7 +209,8 @@ mod tests {
         );
         assert!(cli.server.secure_serving);
         assert_eq!(cli.server.refresh_metrics_interval, Duration::from_millis(50));
-        assert_eq!(cli.server.metrics_staleness_threshold, Duration::from_secs(2));
+        assert_eq!(cli.server.metrics_staleness_threshold, None);
+        assert_eq!(cli.server.stale_metrics_policy, StaleMetricsPolicy::FailOpen);
         let cli = Cli::parse_from([
             "epp",
             "--secure-serving=false",
@@ -176,6 +221,19 @@ mod tests {
         assert!(!cli.server.secure_serving);
         assert_eq!(cli.server.verbose, 2);
         assert_eq!(cli.server.max_fallback_endpoints, 2);
+    }
+
+    #[test]
+    fn one_staleness_threshold() {
+        let cli = Cli::parse_from(["epp", "--stale-metrics-policy", "fail-closed"]);
+        assert_eq!(cli.server.stale_metrics_policy, StaleMetricsPolicy::FailClosed);
+        let second = Some(Duration::from_secs(1));
+        assert_eq!(staleness_threshold(None, None), Ok(Duration::from_secs(2)));
+        assert_eq!(staleness_threshold(second, None), second.ok_or(String::new()));
+        assert_eq!(staleness_threshold(None, second), second.ok_or(String::new()));
+        assert_eq!(staleness_threshold(second, second), second.ok_or(String::new()));
+        let error = staleness_threshold(Some(Duration::from_secs(2)), second).unwrap_err();
+        assert!(error.contains("differs"), "{error}");
     }
 
     #[test]

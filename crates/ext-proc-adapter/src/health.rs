@@ -1,6 +1,8 @@
 //! gRPC health: `liveness` is serving while the process runs; `readiness` and the ext-proc
-//! service name are serving while the pool has at least one endpoint with fresh metrics (or,
-//! before any metrics source is configured, at least one endpoint).
+//! service name are serving while a request could be routed
+//! ([`PoolSnapshot::can_route`](scheduler_core::PoolSnapshot::can_route)): some endpoint is
+//! known and, when the pool's staleness policy fails closed, some endpoint has fresh metrics.
+//! Failing open (the default), an all-stale pool stays ready, since the picker still routes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,28 +18,17 @@ pub const READINESS: &str = "readiness";
 /// The ext-proc service's own health name.
 pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
 
-/// Whether the pool can serve: some endpoint known, and fresh if freshness is required.
-pub fn pool_ready(pool: &SharedPool, now: Instant, staleness: Option<Duration>) -> bool {
-    let snapshot = pool.load();
-    match staleness {
-        None => !snapshot.is_empty(),
-        Some(threshold) => {
-            snapshot.endpoints().iter().any(|state| !state.metrics.is_stale(now, threshold))
-        }
-    }
+/// Whether a request arriving at `now` could be routed under the pool's staleness policy.
+pub fn pool_ready(pool: &SharedPool, now: Instant) -> bool {
+    pool.load().can_route(now)
 }
 
 /// Keeps the health statuses in step with the pool until the task is dropped.
-pub async fn report(
-    reporter: HealthReporter,
-    pool: Arc<SharedPool>,
-    staleness: Option<Duration>,
-    period: Duration,
-) {
+pub async fn report(reporter: HealthReporter, pool: Arc<SharedPool>, period: Duration) {
     reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
     let mut last = None;
     loop {
-        let ready = pool_ready(&pool, Instant::now(), staleness);
+        let ready = pool_ready(&pool, Instant::now());
         if last != Some(ready) {
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             reporter.set_service_status(READINESS, status).await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ext_proc_adapter::cli::{Cli, Command, DemoArgs, ServerFlags};
+use ext_proc_adapter::cli::{self, Cli, Command, DemoArgs, ServerFlags};
 use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
@@ -78,6 +78,9 @@ fn load_objectives(flags: &ServerFlags) -> Result<ObjectiveResolver, String> {
 
 async fn serve(flags: ServerFlags) -> Result<(), String> {
     let config = load_config(&flags)?;
+    let configured = scheduler_core::flow::configured_metrics_staleness(&config)
+        .map_err(|error| format!("invalid config: {error}"))?;
+    let staleness = cli::staleness_threshold(flags.metrics_staleness_threshold, configured)?;
     let objectives = load_objectives(&flags)?;
     let tls = if flags.secure_serving {
         Some(
@@ -94,7 +97,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
     let collector = CollectorSettings {
         config: CollectorConfig {
             interval: flags.refresh_metrics_interval,
-            staleness_threshold: flags.metrics_staleness_threshold,
+            staleness_threshold: staleness,
             ..CollectorConfig::default()
         },
         default_engine: default_engine(&flags)?,
@@ -110,7 +113,8 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
             ..StreamLimits::default()
         },
         pool_name: flags.pool_name.clone(),
-        staleness_threshold: Some(flags.metrics_staleness_threshold),
+        staleness_threshold: Some(staleness),
+        when_all_stale: flags.stale_metrics_policy.into(),
         endpoints_file: flags.endpoints_file.clone(),
         collector: Some(collector),
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use metrics_model::collector::{CollectorConfig, MetricsCollector};
 use metrics_model::mapping::Engine;
-use scheduler_core::{Endpoint, EndpointId, Scheduler, SharedPool};
+use scheduler_core::{AllStale, Endpoint, EndpointId, Scheduler, SharedPool, StalenessPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -42,8 +42,12 @@ pub struct ServerConfig {
     /// Pool name in metrics.
     pub pool_name: String,
     /// Metrics older than this mark an endpoint stale; `None` when no metrics source runs,
-    /// so readiness only needs a known endpoint.
+    /// so nothing is ever stale and readiness only needs a known endpoint. With a collector,
+    /// the collector's threshold applies instead.
     pub staleness_threshold: Option<Duration>,
+    /// What happens when every endpoint is stale (see [`StalenessPolicy`]); set into the
+    /// pool with the threshold.
+    pub when_all_stale: AllStale,
     /// Static pool file, reloaded on change.
     pub endpoints_file: Option<PathBuf>,
     /// Scrape the endpoints' Prometheus metrics; `None` leaves metrics to the embedder.
@@ -65,6 +69,7 @@ impl ServerConfig {
             limits: StreamLimits::default(),
             pool_name: pool_name.into(),
             staleness_threshold: None,
+            when_all_stale: AllStale::FailOpen,
             endpoints_file: None,
             collector: None,
         }
@@ -204,6 +209,12 @@ pub async fn start_with_director(
         }
         None => (PoolWriter::Direct(Arc::clone(&pool)), config.staleness_threshold),
     };
+    // One policy for readiness, admission and routing, carried by every later snapshot.
+    if let Some(threshold) = staleness_threshold {
+        let policy = StalenessPolicy::new(threshold).when_all_stale(config.when_all_stale);
+        tracing::info!(?threshold, when_all_stale = ?policy.when_all_stale, "metrics staleness policy");
+        pool.set_staleness(Some(policy));
+    }
     let initial_endpoints_file = match &config.endpoints_file {
         Some(path) => {
             let loaded = endpoints_file::load(path).await?;
@@ -248,7 +259,6 @@ pub async fn start_with_director(
     tasks.push(tokio::spawn(crate::health::report(
         reporter,
         Arc::clone(&pool),
-        staleness_threshold,
         Duration::from_millis(500),
     )));
     let health_task = tonic::transport::Server::builder()
