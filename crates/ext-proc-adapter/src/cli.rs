@@ -74,6 +74,48 @@ pub struct ServerFlags {
     /// Directory holding tls.crt and tls.key.
     #[arg(long, global = true)]
     pub cert_path: Option<PathBuf>,
+    /// PEM file of the CA(s) signing client certificates: ext-proc then requires mutual TLS
+    /// and refuses clients without a certificate signed by one of them (needs
+    /// --secure-serving).
+    #[arg(long, global = true)]
+    pub client_ca_path: Option<PathBuf>,
+    /// A TLS handshake on the ext-proc port not finished in this time closes the connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    pub tls_handshake_timeout: Duration,
+    /// Interval of HTTP/2 keepalive PINGs on ext-proc connections (0: none). With
+    /// --grpc-keepalive-timeout, what notices a proxy that vanished without closing: its
+    /// streams end and the requests they held are released.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
+    pub grpc_keepalive_interval: Duration,
+    /// A keepalive PING not acknowledged in this time closes the connection and its streams.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    pub grpc_keepalive_timeout: Duration,
+    /// Idle time before TCP keepalive probes on ext-proc connections (0: TCP keepalive off).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
+    pub tcp_keepalive_time: Duration,
+    /// Time between TCP keepalive probes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    pub tcp_keepalive_interval: Duration,
+    /// Unanswered TCP keepalive probes before the connection is dropped.
+    #[arg(long, default_value_t = 3, global = true)]
+    pub tcp_keepalive_retries: u32,
+    /// Concurrent ext-proc streams (requests in progress) per HTTP/2 connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS); the proxy opens more connections beyond it.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub grpc_max_concurrent_streams: u32,
+    /// ext-proc connections open at once; further clients wait in the listen backlog.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub grpc_max_connections: u64,
+    /// Longest wait for the proxy's next message before a request's routing decision; the
+    /// stream is then ended with DEADLINE_EXCEEDED.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
+    pub request_idle_timeout: Duration,
+    /// Longest time from an ext-proc stream's opening until its routing decision, however
+    /// the headers and body trickle in and including any wait in flow control's queue; the
+    /// stream is then ended with DEADLINE_EXCEEDED and what it held released. Keep it above
+    /// flowControl's defaultRequestTTL (60s).
+    #[arg(long, default_value = "90s", value_parser = parse_duration, global = true)]
+    pub request_decision_timeout: Duration,
     /// How often model-server metrics are refreshed.
     #[arg(long, default_value = "50ms", value_parser = parse_duration, global = true)]
     pub refresh_metrics_interval: Duration,
@@ -221,6 +263,19 @@ mod tests {
         assert!(!cli.server.secure_serving);
         assert_eq!(cli.server.verbose, 2);
         assert_eq!(cli.server.max_fallback_endpoints, 2);
+    }
+
+    #[test]
+    fn server_limit_defaults() {
+        let flags = Cli::parse_from(["epp"]).server;
+        assert_eq!(flags.grpc_keepalive_interval, Duration::from_secs(30));
+        assert_eq!(flags.grpc_keepalive_timeout, Duration::from_secs(10));
+        assert_eq!(flags.tcp_keepalive_time, Duration::from_secs(60));
+        assert_eq!((flags.grpc_max_concurrent_streams, flags.grpc_max_connections), (1024, 1024));
+        assert_eq!(flags.request_idle_timeout, Duration::from_secs(60));
+        assert_eq!(flags.request_decision_timeout, Duration::from_secs(90));
+        assert_eq!(flags.client_ca_path, None);
+        assert!(Cli::try_parse_from(["epp", "--grpc-max-concurrent-streams", "0"]).is_err());
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use ext_proc_adapter::cli::{self, Cli, Command, DemoArgs, ServerFlags};
-use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
+use ext_proc_adapter::server::{
+    self, CollectorSettings, ConnectionLimits, ServerConfig, TcpKeepalive,
+};
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
 use metrics_model::collector::CollectorConfig;
@@ -93,6 +95,28 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
     } else {
         None
     };
+    let client_ca = match &flags.client_ca_path {
+        None => None,
+        Some(_) if !flags.secure_serving => {
+            return Err("--client-ca-path needs --secure-serving=true".into());
+        }
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
+            format!("cannot read --client-ca-path {}: {error}", path.display())
+        })?),
+    };
+    let nonzero = |duration: Duration| (!duration.is_zero()).then_some(duration);
+    let connections = ConnectionLimits {
+        http2_keepalive_interval: nonzero(flags.grpc_keepalive_interval),
+        http2_keepalive_timeout: flags.grpc_keepalive_timeout,
+        tcp_keepalive: nonzero(flags.tcp_keepalive_time).map(|idle| TcpKeepalive {
+            idle,
+            interval: flags.tcp_keepalive_interval,
+            retries: flags.tcp_keepalive_retries,
+        }),
+        max_concurrent_streams: flags.grpc_max_concurrent_streams,
+        max_connections: usize::try_from(flags.grpc_max_connections).unwrap_or(usize::MAX),
+        tls_handshake_timeout: flags.tls_handshake_timeout,
+    };
     let address = |port| SocketAddr::new(flags.bind_address, port);
     let collector = CollectorSettings {
         config: CollectorConfig {
@@ -107,10 +131,13 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         health_address: address(flags.grpc_health_port),
         metrics_address: address(flags.metrics_port),
         tls,
+        client_ca,
+        connections,
         director: DirectorOptions { max_body_bytes: flags.max_request_body_bytes },
         limits: StreamLimits {
             max_fallback_endpoints: flags.max_fallback_endpoints,
-            ..StreamLimits::default()
+            request_idle_timeout: flags.request_idle_timeout,
+            decision_timeout: flags.request_decision_timeout,
         },
         pool_name: flags.pool_name.clone(),
         staleness_threshold: Some(staleness),

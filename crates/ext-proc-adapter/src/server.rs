@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::endpoints_file;
+pub use crate::listener::TcpKeepalive;
 use crate::metrics::EppMetrics;
 use crate::service::{EppExtProc, StreamLimits};
 use crate::tls::PemIdentity;
@@ -35,6 +36,11 @@ pub struct ServerConfig {
     pub metrics_address: SocketAddr,
     /// TLS identity for ext-proc; `None` serves plaintext.
     pub tls: Option<PemIdentity>,
+    /// PEM bundle of the CAs that sign client certificates: with it, ext-proc requires mutual
+    /// TLS and refuses clients without a certificate signed by one of them. Needs `tls`.
+    pub client_ca: Option<String>,
+    /// Keepalive and connection limits of the ext-proc listener.
+    pub connections: ConnectionLimits,
     /// Routing options.
     pub director: DirectorOptions,
     /// Stream limits.
@@ -65,6 +71,8 @@ impl ServerConfig {
             health_address: loopback,
             metrics_address: loopback,
             tls: None,
+            client_ca: None,
+            connections: ConnectionLimits::default(),
             director: DirectorOptions::default(),
             limits: StreamLimits::default(),
             pool_name: pool_name.into(),
@@ -75,6 +83,60 @@ impl ServerConfig {
         }
     }
 }
+
+/// Keepalive and connection limits of the ext-proc listener: what notices a proxy that
+/// vanished without closing (its streams, and the requests they hold, are then released) and
+/// what bounds the resources one client can take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Interval of HTTP/2 PINGs on each connection; `None` sends none.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// A PING unanswered this long closes the connection and every stream on it.
+    pub http2_keepalive_timeout: Duration,
+    /// TCP keepalive of accepted sockets; `None` leaves it off.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` of each connection: ext-proc streams (requests in
+    /// progress) one connection may hold; a proxy opens more connections beyond it.
+    pub max_concurrent_streams: u32,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A TLS handshake not done in this time closes the connection.
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            http2_keepalive_interval: Some(DEFAULT_HTTP2_KEEPALIVE_INTERVAL),
+            http2_keepalive_timeout: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
+            tcp_keepalive: Some(TcpKeepalive {
+                idle: DEFAULT_TCP_KEEPALIVE_IDLE,
+                interval: DEFAULT_TCP_KEEPALIVE_INTERVAL,
+                retries: DEFAULT_TCP_KEEPALIVE_RETRIES,
+            }),
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// Default interval of HTTP/2 keepalive PINGs.
+pub const DEFAULT_HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default wait for a PING's acknowledgement.
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time before TCP keepalive probes.
+pub const DEFAULT_TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Default time between TCP keepalive probes.
+pub const DEFAULT_TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default unanswered TCP keepalive probes before the connection is dropped.
+pub const DEFAULT_TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Default concurrent streams per connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Default connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default TLS handshake timeout.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How endpoint metrics are scraped.
 #[derive(Clone, Debug)]
@@ -240,15 +302,30 @@ pub async fn start_with_director(
         let _ = stopped.wait_for(|stop| *stop).await;
     };
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(identity) = &config.tls {
-        builder = builder
-            .tls_config(identity.server_config())
-            .map_err(|error| ServerError::Tls(error.to_string()))?;
+    let limits = config.connections;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(limits.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    match (&config.tls, &config.client_ca) {
+        (Some(identity), client_ca) => {
+            let mut tls = identity.server_config().timeout(limits.tls_handshake_timeout);
+            if let Some(client_ca) = client_ca {
+                tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(client_ca));
+            }
+            builder =
+                builder.tls_config(tls).map_err(|error| ServerError::Tls(error.to_string()))?;
+        }
+        (None, Some(_)) => {
+            return Err(ServerError::Tls("a client CA needs TLS serving".into()));
+        }
+        (None, None) => {}
     }
+    let incoming =
+        crate::listener::limited_incoming(grpc, limits.max_connections, limits.tcp_keepalive);
     let grpc_task = builder
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), until_stopped(stopped.clone()));
+        .serve_with_incoming_shutdown(incoming, until_stopped(stopped.clone()));
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(error) = grpc_task.await {
             tracing::error!(%error, "ext-proc server failed");
@@ -291,7 +368,7 @@ pub async fn start_with_director(
             }
         }));
     }
-    tracing::info!(%grpc_address, %health_address, %metrics_address, tls = config.tls.is_some(), "epp serving");
+    tracing::info!(%grpc_address, %health_address, %metrics_address, tls = config.tls.is_some(), mtls = config.client_ca.is_some(), "epp serving");
     Ok(RunningServer {
         grpc_address,
         health_address,

@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,17 +25,34 @@ const STREAM_CHANNEL_CAPACITY: usize = 32;
 /// Stream-level limits.
 #[derive(Clone, Copy, Debug)]
 pub struct StreamLimits {
-    /// How long a stream may sit idle before its routing decision (headers or body never
-    /// completing) before it is closed and its state freed.
+    /// Longest wait for the proxy's next message before the routing decision (headers or
+    /// body never completing); the stream is then ended with `DEADLINE_EXCEEDED` and its
+    /// state freed. Once routed, a stream may wait as long as the response takes.
     pub request_idle_timeout: Duration,
+    /// Longest time from the stream's opening until its routing decision is sent, whatever
+    /// arrives meanwhile: a proxy that trickles headers or body, or a request waiting in flow
+    /// control's queue, has its stream ended with `DEADLINE_EXCEEDED` and everything it held
+    /// (buffered body, queue place) released. Keep it above flow control's
+    /// `defaultRequestTTL`, so queued requests get flow control's own answer first.
+    pub decision_timeout: Duration,
     /// Fallback endpoints emitted after the primary in the destination header and metadata
     /// (0: one `ip:port`, which every proxy parses; fallbacks are opt-in).
     pub max_fallback_endpoints: usize,
 }
 
+/// Default [`StreamLimits::request_idle_timeout`].
+pub const DEFAULT_REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`StreamLimits::decision_timeout`]: flow control's default TTL (60 s) plus time to
+/// receive a large body.
+pub const DEFAULT_DECISION_TIMEOUT: Duration = Duration::from_secs(90);
+
 impl Default for StreamLimits {
     fn default() -> Self {
-        Self { request_idle_timeout: Duration::from_secs(60), max_fallback_endpoints: 0 }
+        Self {
+            request_idle_timeout: DEFAULT_REQUEST_IDLE_TIMEOUT,
+            decision_timeout: DEFAULT_DECISION_TIMEOUT,
+            max_fallback_endpoints: 0,
+        }
     }
 }
 
@@ -84,23 +102,40 @@ impl ExternalProcessor for EppExtProc {
 }
 
 /// Runs one stream to its end. Returning drops the exchange, which runs the completion hooks
-/// of an unfinished request as cancelled: stream ended early, proxy reset, or idle timeout.
+/// of an unfinished request as cancelled: stream ended early, proxy reset, idle timeout or
+/// decision timeout.
 async fn drive(
     mut exchange: Exchange,
     mut inbound: Streaming<ProcessingRequest>,
     sender: mpsc::Sender<Result<ProcessingResponse, Status>>,
     limits: StreamLimits,
 ) {
+    let decision_deadline = Instant::now() + limits.decision_timeout;
+    let past_deadline = || {
+        Status::deadline_exceeded(format!(
+            "no routing decision within {:?} of the stream opening",
+            limits.decision_timeout
+        ))
+    };
     let mut answers = Vec::with_capacity(4);
     loop {
-        let next = if exchange.is_before_decision() {
-            match tokio::time::timeout(limits.request_idle_timeout, inbound.message()).await {
+        let before_decision = exchange.is_before_decision();
+        let next = if before_decision {
+            let idle_until = Instant::now() + limits.request_idle_timeout;
+            let until = idle_until.min(decision_deadline);
+            match tokio::time::timeout_at(until, inbound.message()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    tracing::debug!("ext-proc stream idle before its routing decision; closing");
-                    let _ = sender
-                        .send(Err(Status::deadline_exceeded("request idle before routing")))
-                        .await;
+                    let status = if until == decision_deadline {
+                        tracing::debug!("ext-proc stream not routed in time; closing");
+                        past_deadline()
+                    } else {
+                        tracing::debug!(
+                            "ext-proc stream idle before its routing decision; closing"
+                        );
+                        Status::deadline_exceeded("request idle before routing")
+                    };
+                    let _ = sender.send(Err(status)).await;
                     return;
                 }
             }
@@ -117,11 +152,17 @@ async fn drive(
         };
         // A decision may wait in flow control's queue. If the proxy goes away meanwhile (stream
         // reset, client gone), tonic drops the response stream: stop waiting, which drops the
-        // queue ticket and frees the place at once instead of at the TTL.
+        // queue ticket and frees the place at once instead of at the TTL. The decision
+        // deadline bounds the wait too.
         tokio::select! {
             () = exchange.handle(message, &mut answers) => {}
             () = sender.closed() => {
                 tracing::debug!("ext-proc stream closed by the proxy while its request waited");
+                return;
+            }
+            () = tokio::time::sleep_until(decision_deadline), if before_decision => {
+                tracing::debug!("ext-proc request not routed in time while it waited; closing");
+                let _ = sender.send(Err(past_deadline())).await;
                 return;
             }
         }
