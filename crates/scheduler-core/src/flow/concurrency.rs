@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::flow::saturation::SaturationDetector;
 use crate::pool::PoolSnapshot;
-use crate::pool::endpoint::EndpointId;
+use crate::pool::endpoint::{EndpointId, EndpointState};
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::CycleState;
 use crate::scheduling::plugin::{PreRequest, ResponseComplete};
@@ -87,12 +87,31 @@ impl ConcurrencyDetector {
 }
 
 impl SaturationDetector for ConcurrencyDetector {
-    fn is_saturated(&self, pool: &PoolSnapshot, _now: Instant) -> bool {
+    /// Judged over the endpoints a request could be routed to under the pool's staleness
+    /// policy: the fresh ones while any is fresh (a stale endpoint is not routed to, so its
+    /// free slots are no capacity); when none is, every endpoint if the policy fails open,
+    /// none (saturated) if it fails closed.
+    fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
         let in_flight = self.in_flight.read();
-        !pool
-            .endpoints()
-            .iter()
-            .any(|state| in_flight.get(&state.id()).copied().unwrap_or(0) < self.max_concurrency)
+        let has_room = |state: &EndpointState| {
+            in_flight.get(&state.id()).copied().unwrap_or(0) < self.max_concurrency
+        };
+        let mut any_fresh = false;
+        for state in pool.endpoints() {
+            if pool.is_fresh(state, now) {
+                if has_room(state) {
+                    return false;
+                }
+                any_fresh = true;
+            }
+        }
+        if any_fresh {
+            return true;
+        }
+        match pool.staleness() {
+            Some(policy) if !policy.fails_open() => true,
+            _ => !pool.endpoints().iter().any(has_room),
+        }
     }
 }
 
@@ -146,6 +165,35 @@ mod tests {
         });
         assert_eq!(detector.in_flight(b.id), 1);
         assert!(!detector.is_saturated(&pool, now));
+    }
+
+    #[test]
+    fn stale_endpoints_offer_no_slots_while_one_is_fresh() {
+        use crate::pool::endpoint::EndpointMetrics;
+        use crate::pool::staleness::{AllStale, StalenessPolicy};
+        let now = Instant::now();
+        let fresh = Endpoint::new(([10, 0, 0, 1], 1).into());
+        let stale = Endpoint::new(([10, 0, 0, 1], 2).into());
+        let scraped = EndpointMetrics { updated_at: Some(now), ..EndpointMetrics::default() };
+        let policy = StalenessPolicy::new(std::time::Duration::from_secs(2));
+        let pool = PoolSnapshot::new([
+            EndpointState::new(fresh.clone()).with_metrics(scraped),
+            EndpointState::new(stale.clone()),
+        ])
+        .with_staleness(Some(policy));
+        let detector = ConcurrencyDetector::new(1);
+        assert!(!detector.is_saturated(&pool, now));
+        detector.begin(fresh.id);
+        assert!(detector.is_saturated(&pool, now), "the never-scraped endpoint is not routed to");
+
+        // Nothing fresh: failing open, every endpoint's slots count; failing closed, none.
+        let later = now + std::time::Duration::from_secs(3);
+        assert!(!detector.is_saturated(&pool, later));
+        detector.begin(stale.id);
+        assert!(detector.is_saturated(&pool, later));
+        detector.finish(stale.id);
+        let closed = pool.with_staleness(Some(policy.when_all_stale(AllStale::FailClosed)));
+        assert!(detector.is_saturated(&closed, later));
     }
 
     #[test]
