@@ -19,8 +19,18 @@ const COMPLETIONS: &str = "/v1/completions";
 /// (newlines, quotes, a non-ASCII character).
 fn prose(seed: usize, len: usize) -> String {
     const WORDS: [&str; 12] = [
-        "the", "model", "server", "\"quoted\"", "prefix", "cache", "line\n", "token", "é", "request",
-        "endpoint", "picker",
+        "the",
+        "model",
+        "server",
+        "\"quoted\"",
+        "prefix",
+        "cache",
+        "line\n",
+        "token",
+        "é",
+        "request",
+        "endpoint",
+        "picker",
     ];
     let mut text = String::with_capacity(len + 16);
     let mut index = seed;
