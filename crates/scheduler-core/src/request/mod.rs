@@ -1,8 +1,6 @@
 //! The inference request as the scheduler sees it.
 
 pub(crate) mod body;
-#[cfg(test)]
-mod body_legacy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
