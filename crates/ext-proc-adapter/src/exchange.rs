@@ -7,28 +7,128 @@
 //! ```
 //!
 //! Full-duplex streamed mode: the request headers are answered only once the whole body is in
-//! and a destination chosen; the buffered body chunks are then streamed back unchanged (moved,
-//! not copied, unless one exceeds the proxy's message limit). Response chunks are echoed as they
-//! come; only a bounded tail is kept to read the token usage. Dropping the exchange at any
-//! point drops its completion guard, which releases everything the request held.
+//! and a destination chosen; the body is then streamed back unchanged. Response chunks are
+//! echoed as they come; only a bounded tail is kept to read the token usage. Dropping the
+//! exchange at any point drops its completion guard, which releases everything the request
+//! held.
+//!
+//! The request body is held once: the first chunk is kept as it came (moved, not copied) and
+//! later ones are appended to it, the parser reads that buffer in place, and the same buffer
+//! goes back to the proxy, its own allocation as the first piece (only the pieces beyond the
+//! proxy's message limit are copied out, cut from the end while the buffer shrinks). Once
+//! routed, the exchange keeps only what the response path needs (the completion guard and the
+//! metric labels): the parsed request, its prompt and its header map are dropped.
+//!
+//! Parsing is CPU-bound and linear in the body, so it is bounded by [`BodyParsing`]: at most
+//! one parse per core at a time, and large bodies parse on tokio's blocking pool so that the
+//! runtime's workers keep serving the other streams.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
 use scheduler_core::protocol::MODEL_REWRITE_HEADER;
-use scheduler_core::{EndpointId, Outcome};
+use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
+use tokio::sync::Semaphore;
 
 use crate::metrics::{EppMetrics, RequestLabels};
 use crate::usage::ResponseTail;
 use ext_proc_proto as proto;
-use scheduler_core::{Director, Rejection, Routed};
+use scheduler_core::{Director, Rejection};
 
 /// Largest body chunk sent back in one message; larger ones are split (the proxy's gRPC
 /// message limit; the Go EPP uses the same bound).
 pub const MAX_CHUNK_BYTES: usize = 62_000;
+
+/// Bounds the CPU the server spends parsing request bodies: at most as many parses at once as
+/// it has permits (one per core by default; a stream waits for a permit before it parses), and
+/// bodies larger than a threshold parse on tokio's blocking pool, so a few large bodies cannot
+/// stall the runtime's workers and every other stream with them.
+#[derive(Debug)]
+pub struct BodyParsing {
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    blocking_above: usize,
+}
+
+impl BodyParsing {
+    /// Bodies larger than this parse on the blocking pool by default (a 256 KiB body parses
+    /// in about half a millisecond; smaller ones cost less than a hop to another thread).
+    pub const DEFAULT_BLOCKING_ABOVE: usize = 256 * 1024;
+
+    /// At most `permits` parses at once (at least one); bodies larger than `blocking_above`
+    /// bytes parse on the blocking pool.
+    pub fn new(permits: usize, blocking_above: usize) -> Self {
+        let capacity = permits.max(1);
+        Self { permits: Arc::new(Semaphore::new(capacity)), capacity, blocking_above }
+    }
+
+    /// One permit per core ([`std::thread::available_parallelism`]), large bodies on the
+    /// blocking pool from [`Self::DEFAULT_BLOCKING_ABOVE`].
+    pub fn per_core() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::new(cores, Self::DEFAULT_BLOCKING_ABOVE)
+    }
+
+    /// The process-wide [`Self::per_core`] bound, shared by every exchange that is not given
+    /// its own: the cores are the process's, so the bound is too.
+    pub fn shared() -> Arc<Self> {
+        static SHARED: LazyLock<Arc<BodyParsing>> =
+            LazyLock::new(|| Arc::new(BodyParsing::per_core()));
+        Arc::clone(&SHARED)
+    }
+
+    /// How many parses may run at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many more parses could start now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Parses `body` with `headers` once a permit is free. The headers and body are handed
+    /// back (the body is streamed back to the proxy; the headers name the model for metrics on
+    /// a rejection). `None` only if the runtime shut down before a blocking parse ran.
+    async fn parse(
+        &self,
+        director: &Arc<Director>,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Option<Parsed> {
+        // The semaphore is never closed; were it, parsing would go on unbounded rather than
+        // fail the request.
+        let permit = Arc::clone(&self.permits).acquire_owned().await.ok();
+        if body.len() <= self.blocking_above {
+            let request = director.parse(&headers, &body);
+            drop(permit);
+            return Some(Parsed { headers, body, request });
+        }
+        let director = Arc::clone(director);
+        // The permit moves with the work: if this stream goes away while the parse runs, the
+        // permit is still held until the parse ends.
+        let parse = tokio::task::spawn_blocking(move || {
+            let request = director.parse(&headers, &body);
+            drop(permit);
+            Parsed { headers, body, request }
+        });
+        match parse.await {
+            Ok(parsed) => Some(parsed),
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => None,
+        }
+    }
+}
+
+/// A parse's result, with the headers and body it read.
+struct Parsed {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    request: Result<InferenceRequest, Rejection>,
+}
 
 /// Where the exchange stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,12 +151,16 @@ pub struct Exchange {
     director: Arc<Director>,
     metrics: Option<Arc<EppMetrics>>,
     phase: Phase,
+    parsing: Arc<BodyParsing>,
+    /// The request headers, until the request is routed.
     headers: Vec<(String, String)>,
     subset: Option<Vec<std::net::SocketAddr>>,
-    body_chunks: Vec<Vec<u8>>,
+    /// The request body received so far, in one buffer.
+    body: Vec<u8>,
     body_bytes: usize,
     request_has_body: bool,
-    routed: Option<Routed>,
+    /// Runs the completion hooks; taken when the response ends.
+    completion: Option<CompletionGuard>,
     labels: Option<RequestLabels>,
     tail: ResponseTail,
     started: Instant,
@@ -72,12 +176,13 @@ impl Exchange {
             director,
             metrics,
             phase: Phase::RequestHeaders,
+            parsing: BodyParsing::shared(),
             headers: Vec::new(),
             subset: None,
-            body_chunks: Vec::new(),
+            body: Vec::new(),
             body_bytes: 0,
             request_has_body: false,
-            routed: None,
+            completion: None,
             labels: None,
             tail: ResponseTail::default(),
             started: Instant::now(),
@@ -90,6 +195,12 @@ impl Exchange {
     /// 0: one `ip:port`, which every proxy parses).
     pub fn with_max_fallback_endpoints(mut self, count: usize) -> Self {
         self.max_fallback_endpoints = count;
+        self
+    }
+
+    /// Parses bodies within `parsing`'s bound instead of the process-wide one.
+    pub fn with_body_parsing(mut self, parsing: Arc<BodyParsing>) -> Self {
+        self.parsing = parsing;
         self
     }
 
@@ -154,13 +265,16 @@ impl Exchange {
         self.body_bytes = self.body_bytes.saturating_add(body.body.len());
         let limit = self.director.options().max_body_bytes;
         if self.body_bytes > limit {
-            // Refuse before buffering more: the chunks held so far are released at once.
-            self.body_chunks = Vec::new();
+            // Refuse before buffering more: the body held so far is released at once.
+            self.body = Vec::new();
             self.reject(Rejection::TooLarge { limit }, out);
             return;
         }
-        if !body.body.is_empty() {
-            self.body_chunks.push(body.body);
+        if self.body.is_empty() {
+            // A body in one message is kept as it came.
+            self.body = body.body;
+        } else {
+            self.body.extend_from_slice(&body.body);
         }
         if body.end_of_stream {
             self.decide(out).await;
@@ -168,18 +282,21 @@ impl Exchange {
     }
 
     async fn decide(&mut self, out: &mut Vec<ProcessingResponse>) {
-        let chunks = std::mem::take(&mut self.body_chunks);
-        let joined;
-        let body: &[u8] = match chunks.as_slice() {
-            [] => &[],
-            [only] => only,
-            many => {
-                joined = many.concat();
-                &joined
-            }
+        let headers = std::mem::take(&mut self.headers);
+        let body = std::mem::take(&mut self.body);
+        let Some(parsed) = self.parsing.parse(&self.director, headers, body).await else {
+            // The runtime is shutting down; the stream goes with it.
+            self.phase = Phase::Done;
+            return;
+        };
+        let Parsed { headers, body, request } = parsed;
+        self.headers = headers;
+        let request = match request {
+            Ok(request) => request,
+            Err(rejection) => return self.reject(rejection, out),
         };
         let subset = self.subset.take();
-        match self.director.decide(&self.headers, body, subset).await {
+        match self.director.decide_parsed(request, body.len(), subset).await {
             Ok(routed) => {
                 if let Some(metrics) = &self.metrics {
                     let labels = metrics.request_labels(&routed.request);
@@ -193,9 +310,12 @@ impl Exchange {
                 );
                 out.push(proto::route_to(&destination, &[]));
                 if self.request_has_body {
-                    push_body_chunks(chunks, out);
+                    push_request_body(body, out);
                 }
-                self.routed = Some(routed);
+                // The response path needs the guard and the labels; the request (prompt,
+                // header map) and the headers are released here.
+                self.completion = routed.completion;
+                self.headers = Vec::new();
                 self.phase = Phase::AwaitingResponse;
             }
             Err(rejection) => self.reject(rejection, out),
@@ -218,8 +338,8 @@ impl Exchange {
         metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
         out: &mut Vec<ProcessingResponse>,
     ) {
-        if let (Some(served), Some(routed)) = (proto::served_endpoint(metadata), &mut self.routed)
-            && let Some(guard) = routed.completion.as_mut()
+        if let (Some(served), Some(guard)) =
+            (proto::served_endpoint(metadata), self.completion.as_mut())
         {
             guard.set_served_endpoint(EndpointId::from_address(served));
         }
@@ -255,9 +375,7 @@ impl Exchange {
         }
         self.phase = Phase::Done;
         let usage = self.tail.usage();
-        if let Some(mut routed) = self.routed.take()
-            && let Some(mut guard) = routed.completion.take()
-        {
+        if let Some(mut guard) = self.completion.take() {
             if let Some(usage) = usage {
                 guard.set_usage(usage.prompt_tokens, usage.completion_tokens);
             }
@@ -272,15 +390,28 @@ impl Exchange {
     }
 }
 
-fn push_body_chunks(chunks: Vec<Vec<u8>>, out: &mut Vec<ProcessingResponse>) {
-    if chunks.is_empty() {
-        // A body that ended empty (or by trailers) still needs its end sent on.
-        out.push(proto::body_chunk(true, Vec::new(), true));
+/// Streams the request body back: in one message when it fits, else in pieces of at most
+/// [`MAX_CHUNK_BYTES`]. The pieces are cut from the end, so the body's own allocation becomes the
+/// first piece and only the others are copied; the buffer is shrunk each time it is less than
+/// half used (a few times in all), so the body is held about once throughout, not twice.
+fn push_request_body(mut body: Vec<u8>, out: &mut Vec<ProcessingResponse>) {
+    if body.len() <= MAX_CHUNK_BYTES {
+        // Also a body that ended empty (or by trailers): its end still needs sending on.
+        out.push(proto::body_chunk(true, body, true));
         return;
     }
-    let count = chunks.len();
-    for (index, chunk) in chunks.into_iter().enumerate() {
-        push_split(true, chunk, index + 1 == count, out);
+    let mut tail = Vec::with_capacity(body.len().div_ceil(MAX_CHUNK_BYTES) - 1);
+    while body.len() > MAX_CHUNK_BYTES {
+        let start = (body.len() - 1) / MAX_CHUNK_BYTES * MAX_CHUNK_BYTES;
+        tail.push(body.split_off(start));
+        if body.len() < body.capacity() / 2 {
+            body.shrink_to_fit();
+        }
+    }
+    out.push(proto::body_chunk(true, body, false));
+    let last = tail.len() - 1;
+    for (index, piece) in tail.into_iter().rev().enumerate() {
+        out.push(proto::body_chunk(true, piece, index == last));
     }
 }
 
@@ -292,5 +423,177 @@ fn push_split(request_side: bool, chunk: Vec<u8>, end: bool, out: &mut Vec<Proce
     let pieces = chunk.len().div_ceil(MAX_CHUNK_BYTES);
     for (index, piece) in chunk.chunks(MAX_CHUNK_BYTES).enumerate() {
         out.push(proto::body_chunk(request_side, piece.to_vec(), end && index + 1 == pieces));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Poll;
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
+        processing_response,
+    };
+    use scheduler_core::{DirectorOptions, Endpoint, EndpointState, PoolSnapshot, SharedPool};
+
+    use super::*;
+
+    fn director() -> Arc<Director> {
+        let pool = Arc::new(SharedPool::new(PoolSnapshot::new([EndpointState::new(
+            Endpoint::new(([10, 0, 0, 1], 8000).into()),
+        )])));
+        let scheduler = scorers::default_scheduler().expect("the default scheduler builds");
+        Arc::new(Director::new(Arc::new(scheduler), pool, DirectorOptions::default()))
+    }
+
+    fn headers() -> ProcessingRequest {
+        let header = |key: &str, value: &str| HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            raw_value: Vec::new(),
+        };
+        let headers = HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![header(":path", "/v1/completions"), header("x-request-id", "r1")],
+            }),
+            end_of_stream: false,
+            ..HttpHeaders::default()
+        };
+        ProcessingRequest {
+            request: Some(processing_request::Request::RequestHeaders(headers)),
+            ..ProcessingRequest::default()
+        }
+    }
+
+    fn body(chunk: Vec<u8>, end_of_stream: bool) -> ProcessingRequest {
+        let body = HttpBody { body: chunk, end_of_stream, ..HttpBody::default() };
+        ProcessingRequest {
+            request: Some(processing_request::Request::RequestBody(body)),
+            ..ProcessingRequest::default()
+        }
+    }
+
+    /// A completions body of about `len` bytes.
+    fn completions_body(len: usize) -> Vec<u8> {
+        let mut body = br#"{"model":"m","prompt":""#.to_vec();
+        body.resize(len.max(body.len()), b'a');
+        body.extend_from_slice(b"\"}");
+        body
+    }
+
+    /// The request-body chunks the exchange sent back, and whether the last one ended the body.
+    fn echoed(out: &[ProcessingResponse]) -> Vec<(Vec<u8>, bool)> {
+        out.iter()
+            .filter_map(|response| match &response.response {
+                Some(processing_response::Response::RequestBody(body)) => {
+                    let mutation = body.response.as_ref()?.body_mutation.as_ref()?;
+                    match mutation.mutation.as_ref()? {
+                        body_mutation::Mutation::StreamedResponse(streamed) => {
+                            Some((streamed.body.clone(), streamed.end_of_stream))
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_parse_per_core_by_default() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let parsing = BodyParsing::per_core();
+        assert_eq!((parsing.capacity(), parsing.available()), (cores, cores));
+        assert_eq!(BodyParsing::new(0, 0).capacity(), 1, "never zero permits");
+    }
+
+    #[tokio::test]
+    async fn a_body_waits_for_a_parse_permit() {
+        let parsing = Arc::new(BodyParsing::new(1, BodyParsing::DEFAULT_BLOCKING_ABOVE));
+        let mut exchange = Exchange::new(director(), None).with_body_parsing(Arc::clone(&parsing));
+        let mut out = Vec::new();
+        exchange.handle(headers(), &mut out).await;
+        // Another stream is parsing: the only permit is taken.
+        let held = Arc::clone(&parsing.permits).acquire_owned().await.expect("open semaphore");
+        assert_eq!(parsing.available(), 0);
+        {
+            let mut handling =
+                std::pin::pin!(exchange.handle(body(completions_body(64), true), &mut out));
+            let first = std::future::poll_fn(|cx| Poll::Ready(handling.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "the parse waits for the permit");
+            drop(held);
+            handling.await;
+        }
+        assert_eq!(exchange.phase(), Phase::AwaitingResponse);
+        assert_eq!(echoed(&out), vec![(completions_body(64), true)]);
+        assert_eq!(parsing.available(), 1, "the permit is returned");
+    }
+
+    #[tokio::test]
+    async fn large_bodies_parse_on_the_blocking_pool() {
+        // Every body counts as large.
+        let parsing = Arc::new(BodyParsing::new(1, 0));
+        let mut exchange = Exchange::new(director(), None).with_body_parsing(Arc::clone(&parsing));
+        let mut out = Vec::new();
+        exchange.handle(headers(), &mut out).await;
+        exchange.handle(body(completions_body(1_000), true), &mut out).await;
+        assert_eq!(exchange.phase(), Phase::AwaitingResponse);
+        assert_eq!(echoed(&out), vec![(completions_body(1_000), true)]);
+        assert_eq!(parsing.available(), 1);
+
+        let mut exchange = Exchange::new(director(), None).with_body_parsing(Arc::clone(&parsing));
+        exchange.handle(headers(), &mut out).await;
+        out.clear();
+        exchange.handle(body(b"{not json".to_vec(), true), &mut out).await;
+        assert_eq!(exchange.phase(), Phase::Done, "a bad body is answered by the picker");
+        assert!(echoed(&out).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_message_goes_back_without_a_copy() {
+        let mut exchange = Exchange::new(director(), None);
+        let mut out = Vec::new();
+        exchange.handle(headers(), &mut out).await;
+        let chunk = completions_body(4_000);
+        let address = chunk.as_ptr();
+        exchange.handle(body(chunk, true), &mut out).await;
+        let Some(processing_response::Response::RequestBody(response)) =
+            out.last().and_then(|response| response.response.as_ref())
+        else {
+            panic!("the body is sent back: {out:?}");
+        };
+        let mutation = response.response.as_ref().and_then(|r| r.body_mutation.as_ref());
+        let Some(body_mutation::Mutation::StreamedResponse(streamed)) =
+            mutation.and_then(|m| m.mutation.as_ref())
+        else {
+            panic!("a streamed body: {response:?}");
+        };
+        assert_eq!(streamed.body.as_ptr(), address, "the same buffer, moved");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_held_once_and_goes_back_whole() {
+        let mut exchange = Exchange::new(director(), None);
+        let mut out = Vec::new();
+        exchange.handle(headers(), &mut out).await;
+        let whole = completions_body(3 * MAX_CHUNK_BYTES + 1_234);
+        let chunks: Vec<&[u8]> = whole.chunks(40_000).collect();
+        for (index, chunk) in chunks.iter().enumerate() {
+            exchange.handle(body(chunk.to_vec(), index + 1 == chunks.len()), &mut out).await;
+        }
+        assert_eq!(exchange.phase(), Phase::AwaitingResponse);
+        let pieces = echoed(&out);
+        assert_eq!(pieces.len(), whole.len().div_ceil(MAX_CHUNK_BYTES));
+        assert!(pieces.iter().all(|(piece, _)| piece.len() <= MAX_CHUNK_BYTES));
+        let ends: Vec<bool> = pieces.iter().map(|(_, end)| *end).collect();
+        assert_eq!(ends.iter().filter(|end| **end).count(), 1);
+        assert_eq!(ends.last(), Some(&true), "only the last piece ends the body");
+        assert_eq!(pieces.into_iter().flat_map(|(piece, _)| piece).collect::<Vec<u8>>(), whole);
+        // After the decision only the response path's state is left.
+        assert!(exchange.body.is_empty() && exchange.body.capacity() == 0);
+        assert!(exchange.headers.is_empty());
+        assert!(exchange.completion.is_some());
     }
 }

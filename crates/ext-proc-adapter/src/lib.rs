@@ -69,7 +69,7 @@ pub mod service;
 pub mod tls;
 pub mod usage;
 
-pub use exchange::{Exchange, Phase};
+pub use exchange::{BodyParsing, Exchange, Phase};
 pub use metrics::EppMetrics;
 pub use scheduler_core::{Director, DirectorOptions, Rejection, Routed};
 pub use server::{RunningServer, ServerConfig, ServerError, start};

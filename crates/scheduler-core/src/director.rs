@@ -177,26 +177,49 @@ impl Director {
     }
 
     /// Decides where the request goes. `body` is the whole request body (empty for a request
-    /// without one); `subset` is the proxy's subset hint.
+    /// without one); `subset` is the proxy's subset hint. [`Director::parse`] then
+    /// [`Director::decide_parsed`], for adapters that need no say between the two.
     pub async fn decide(
         &self,
         headers: &[(String, String)],
         body: &[u8],
         subset: Option<Vec<SocketAddr>>,
     ) -> Result<Routed, Rejection> {
+        let request = self.parse(headers, body)?;
+        self.decide_parsed(request, body.len(), subset).await
+    }
+
+    /// The request a body and its headers make: refused when the body exceeds the limit or is
+    /// not a usable OpenAI request. CPU-bound and synchronous (linear in the body), so an
+    /// adapter may bound how many run at once or run large ones off its async workers.
+    pub fn parse(
+        &self,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<InferenceRequest, Rejection> {
         if body.len() > self.options.max_body_bytes {
             return Err(Rejection::TooLarge { limit: self.options.max_body_bytes });
         }
         let path = headers.iter().find(|(name, _)| name == ":path").map(|(_, v)| v.as_str());
         let header_refs = headers.iter().map(|(name, value)| (name.as_str(), value.as_str()));
-        let mut request = InferenceRequest::from_openai(path, header_refs, body)?;
+        Ok(InferenceRequest::from_openai(path, header_refs, body)?)
+    }
+
+    /// Admits (or sheds, or queues) a parsed request and schedules it. `body_bytes` is the
+    /// size of its body, which flow control counts against its queue limits.
+    pub async fn decide_parsed(
+        &self,
+        mut request: InferenceRequest,
+        body_bytes: usize,
+        subset: Option<Vec<SocketAddr>>,
+    ) -> Result<Routed, Rejection> {
         request.endpoint_subset = subset;
 
         if let Some(flow) = &self.flow {
             // Awaiting the ticket is where a queued request waits; if the caller gives up
             // (stream reset), the ticket is dropped and the queue forgets the request.
             let ticket =
-                flow.submit(&mut request, body.len() as u64, &self.pool.load(), Instant::now());
+                flow.submit(&mut request, body_bytes as u64, &self.pool.load(), Instant::now());
             ticket.await?;
         }
 

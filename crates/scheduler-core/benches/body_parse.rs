@@ -1,0 +1,108 @@
+//! Cost of reading an OpenAI request body into the model and the flattened prompt
+//! (`ParsedBody::parse`), on the shapes the picker sees:
+//! - `chat_16k` / `chat_220k`: chat conversations (a system prompt, alternating turns, some
+//!   content-part arrays, escapes), about 16 KB and 220 KB;
+//! - `completions_16k`: one 16 KB prompt string;
+//! - `tokens_8k`: a prompt of 8,192 token ids;
+//! - `token_batches_8k`: the same ids as 1,024 batches of 8 (`[[..],[..]]`).
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use scheduler_core::ParsedBody;
+use serde_json::{Value, json};
+
+const CHAT: &str = "/v1/chat/completions";
+const COMPLETIONS: &str = "/v1/completions";
+
+/// Text of `len` bytes that reads like prose, with the escapes a chat turn carries
+/// (newlines, quotes, a non-ASCII character).
+fn prose(seed: usize, len: usize) -> String {
+    const WORDS: [&str; 12] = [
+        "the",
+        "model",
+        "server",
+        "\"quoted\"",
+        "prefix",
+        "cache",
+        "line\n",
+        "token",
+        "é",
+        "request",
+        "endpoint",
+        "picker",
+    ];
+    let mut text = String::with_capacity(len + 16);
+    let mut index = seed;
+    while text.len() < len {
+        text.push_str(WORDS[index % WORDS.len()]);
+        text.push(' ');
+        index = index.wrapping_mul(31).wrapping_add(7);
+    }
+    text
+}
+
+fn chat_body(target_len: usize) -> Vec<u8> {
+    let mut messages = vec![json!({"role": "system", "content": prose(1, 2_000)})];
+    let mut turn = 0;
+    loop {
+        let body = serde_json::to_vec(&json!({"model": "llama", "messages": messages})).unwrap();
+        if body.len() >= target_len {
+            return body;
+        }
+        turn += 1;
+        let message: Value = match turn % 4 {
+            1 => json!({"role": "user", "content": prose(turn, 600)}),
+            3 => json!({"role": "user", "content": [
+                {"type": "text", "text": prose(turn, 300)},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                {"type": "text", "text": prose(turn + 1, 300)},
+            ]}),
+            _ => json!({"role": "assistant", "content": prose(turn, 900)}),
+        };
+        messages.push(message);
+    }
+}
+
+fn token_ids(count: usize) -> Vec<u64> {
+    (0..count as u64).map(|index| index.wrapping_mul(2_654_435_761) % 128_000).collect()
+}
+
+fn bodies() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let tokens = token_ids(8_192);
+    let batches: Vec<&[u64]> = tokens.chunks(8).collect();
+    vec![
+        ("chat_16k", CHAT, chat_body(16_000)),
+        ("chat_220k", CHAT, chat_body(220_000)),
+        (
+            "completions_16k",
+            COMPLETIONS,
+            serde_json::to_vec(&json!({"model": "llama", "prompt": prose(3, 16_000)})).unwrap(),
+        ),
+        (
+            "tokens_8k",
+            COMPLETIONS,
+            serde_json::to_vec(&json!({"model": "llama", "prompt": tokens})).unwrap(),
+        ),
+        (
+            "token_batches_8k",
+            COMPLETIONS,
+            serde_json::to_vec(&json!({"model": "llama", "prompt": batches})).unwrap(),
+        ),
+    ]
+}
+
+fn parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("body_parse");
+    for (name, path, body) in bodies() {
+        assert!(ParsedBody::parse(Some(path), &body).is_ok(), "{name} must parse");
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(name), &body, |b, body| {
+            b.iter(|| ParsedBody::parse(Some(path), black_box(body)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, parse);
+criterion_main!(benches);
