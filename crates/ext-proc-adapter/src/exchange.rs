@@ -33,7 +33,7 @@ use scheduler_core::protocol::MODEL_REWRITE_HEADER;
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
 
-use crate::metrics::{EppMetrics, RequestLabels};
+use crate::metrics::{EppMetrics, RequestLabels, RunningRequest};
 use crate::usage::ResponseTail;
 use ext_proc_proto as proto;
 use scheduler_core::{Director, Rejection};
@@ -162,6 +162,8 @@ pub struct Exchange {
     /// Runs the completion hooks; taken when the response ends.
     completion: Option<CompletionGuard>,
     labels: Option<RequestLabels>,
+    /// Counts the request as running from the decision until the response ends.
+    running: Option<RunningRequest>,
     tail: ResponseTail,
     started: Instant,
     max_fallback_endpoints: usize,
@@ -184,6 +186,7 @@ impl Exchange {
             request_has_body: false,
             completion: None,
             labels: None,
+            running: None,
             tail: ResponseTail::default(),
             started: Instant::now(),
             max_fallback_endpoints: 0,
@@ -301,6 +304,7 @@ impl Exchange {
                 if let Some(metrics) = &self.metrics {
                     let labels = metrics.request_labels(&routed.request);
                     metrics.record_request(&labels, self.body_bytes);
+                    self.running = Some(metrics.start_running(&labels));
                     self.labels = Some(labels);
                 }
                 let destination = proto::destination_value(
@@ -374,6 +378,7 @@ impl Exchange {
             return;
         }
         self.phase = Phase::Done;
+        self.running = None;
         let usage = self.tail.usage();
         if let Some(mut guard) = self.completion.take() {
             if let Some(usage) = usage {

@@ -130,6 +130,25 @@ pub struct EppMetrics {
     flow_queue_bytes: Family<BandLabels, Gauge>,
     flow_outcomes: Family<OutcomeLabels, Counter>,
     unknown_objectives: Family<PoolLabels, Counter>,
+    running: Family<RunningLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunningLabels {
+    model_name: String,
+}
+
+/// A request counted in `inference_objective_running_requests` until this is dropped: from
+/// the routing decision to the end of the response, a reset stream, or an abandoned exchange.
+#[derive(Debug)]
+pub struct RunningRequest {
+    gauge: Gauge,
+}
+
+impl Drop for RunningRequest {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -169,6 +188,7 @@ impl EppMetrics {
         let flow_queue_bytes = Family::default();
         let flow_outcomes = Family::default();
         let unknown_objectives = Family::default();
+        let running = Family::default();
         registry.register(
             "inference_objective_request",
             "Requests routed, by model",
@@ -239,6 +259,11 @@ impl EppMetrics {
             "Requests naming an InferenceObjective that is not configured (priority 0 applied)",
             unknown_objectives.clone(),
         );
+        registry.register(
+            "inference_objective_running_requests",
+            "Requests routed and not yet finished, by model",
+            running.clone(),
+        );
         Self {
             registry,
             pool_name: pool_name.into(),
@@ -258,6 +283,7 @@ impl EppMetrics {
             flow_queue_bytes,
             flow_outcomes,
             unknown_objectives,
+            running,
         }
     }
 
@@ -273,6 +299,16 @@ impl EppMetrics {
     pub fn record_request(&self, labels: &RequestLabels, body_bytes: usize) {
         self.requests.get_or_create(labels).inc();
         self.request_sizes.get_or_create(labels).observe(body_bytes as f64);
+    }
+
+    /// Counts a routed request as running until the returned guard is dropped.
+    pub fn start_running(&self, labels: &RequestLabels) -> RunningRequest {
+        let gauge = self
+            .running
+            .get_or_create(&RunningLabels { model_name: labels.model_name.clone() })
+            .clone();
+        gauge.inc();
+        RunningRequest { gauge }
     }
 
     /// Counts a request the picker answered itself.
@@ -407,6 +443,28 @@ mod tests {
 
     fn request(model: &str, target: &str) -> InferenceRequest {
         InferenceRequest { model: model.into(), ..InferenceRequest::new(target, "hi") }
+    }
+
+    #[test]
+    fn running_requests_count_until_their_guard_drops() {
+        let metrics = EppMetrics::new("default-pool", None);
+        let running = |text: &str, model: &str| {
+            samples(text)
+                .into_iter()
+                .find(|(name, labels, _)| {
+                    name == "inference_objective_running_requests"
+                        && labels.iter().any(|(k, v)| k == "model_name" && v == model)
+                })
+                .map(|(_, _, value)| value)
+        };
+        let labels = metrics.request_labels(&request("llama", "llama"));
+        let first = metrics.start_running(&labels);
+        let second = metrics.start_running(&labels);
+        assert_eq!(running(&metrics.encode(), "llama"), Some(2.0));
+        drop(first);
+        assert_eq!(running(&metrics.encode(), "llama"), Some(1.0));
+        drop(second);
+        assert_eq!(running(&metrics.encode(), "llama"), Some(0.0));
     }
 
     #[test]

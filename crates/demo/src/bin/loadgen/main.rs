@@ -190,8 +190,14 @@ async fn measure(options: &Options) -> Result<(), String> {
 
     // Each process is killed when its guard drops, also when a later step fails.
     let floor = Server::connect(process::start_floor().await?).await?;
-    let epp =
-        process::start_epp(&epp_path, &endpoints_file, addresses.len(), &options.epp_args).await?;
+    let epp = process::start_epp(
+        &epp_path,
+        &endpoints_file,
+        addresses.len(),
+        &options.epp_args,
+        std::process::Stdio::inherit(),
+    )
+    .await?;
     let epp = Server::connect(epp).await?;
 
     println!(

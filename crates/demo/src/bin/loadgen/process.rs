@@ -28,16 +28,18 @@ pub(crate) struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `command` (stdout discarded, stderr shown) serving ext-proc on `grpc_address`.
+    /// Starts `command` (stdout discarded, stderr to `stderr`) serving ext-proc on
+    /// `grpc_address`.
     fn spawn(
         name: &'static str,
         command: &mut Command,
         grpc_address: SocketAddr,
+        stderr: Stdio,
     ) -> Result<Self, String> {
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map_err(|error| format!("cannot start the {name} ({command:?}): {error}"))?;
         Ok(Self { name, child, grpc_address, metrics_address: None })
@@ -126,7 +128,8 @@ pub(crate) async fn start_floor() -> Result<ServerProcess, String> {
         .map_err(|error| format!("cannot find the load generator's executable: {error}"))?;
     let mut command = Command::new(this);
     command.args(["floor", "--port", &port.to_string()]);
-    let mut floor = ServerProcess::spawn("floor server", &mut command, loopback(port))?;
+    let mut floor =
+        ServerProcess::spawn("floor server", &mut command, loopback(port), Stdio::inherit())?;
     floor.wait_until("accept gRPC connections", || connects(loopback(port))).await?;
     Ok(floor)
 }
@@ -141,12 +144,13 @@ pub(crate) fn default_epp_path() -> Result<PathBuf, String> {
 
 /// Starts `epp` over the endpoints listed in `endpoints_file`, plaintext on free loopback
 /// ports, with `extra_args` appended; returns once its `/metrics` reports at least `endpoints`
-/// endpoints ready (scraped and fresh).
+/// endpoints ready (scraped and fresh). Its log goes to `stderr`.
 pub(crate) async fn start_epp(
     epp: &Path,
     endpoints_file: &Path,
     endpoints: usize,
     extra_args: &[String],
+    stderr: Stdio,
 ) -> Result<ServerProcess, String> {
     if !epp.is_file() {
         return Err(format!(
@@ -168,7 +172,7 @@ pub(crate) async fn start_epp(
         .arg("--endpoints-file")
         .arg(endpoints_file)
         .args(extra_args);
-    let mut epp = ServerProcess::spawn("epp server", &mut command, loopback(grpc))?;
+    let mut epp = ServerProcess::spawn("epp server", &mut command, loopback(grpc), stderr)?;
     let metrics = loopback(metrics);
     epp.metrics_address = Some(metrics);
     epp.wait_until("report every endpoint ready", || async move {

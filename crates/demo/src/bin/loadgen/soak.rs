@@ -158,7 +158,11 @@ pub(crate) async fn soak(epp_path: &Path, seconds: u64) -> Result<(), String> {
         "--max-request-body-bytes".to_owned(),
         MAX_BODY_BYTES.to_string(),
     ];
-    let epp = process::start_epp(epp_path, &endpoints_file, good.len(), &args).await?;
+    // Its log (scrape failures of the broken endpoints, mostly) goes to a file, shown on failure.
+    let log_path = scratch.0.join("epp.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|error| format!("cannot create {}: {error}", log_path.display()))?;
+    let epp = process::start_epp(epp_path, &endpoints_file, good.len(), &args, log.into()).await?;
     let metrics_address = epp.metrics_address.ok_or("epp reports no metrics address")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = footprint(epp.pid())?;
@@ -243,7 +247,14 @@ pub(crate) async fn soak(epp_path: &Path, seconds: u64) -> Result<(), String> {
         println!("soak: passed");
         Ok(())
     } else {
-        Err(format!("soak failed:\n- {}", failures.join("\n- ")))
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!(
+            "soak failed:\n- {}\nlast lines of the epp log:\n{}",
+            failures.join("\n- "),
+            tail.join("\n")
+        ))
     }
 }
 
@@ -266,7 +277,7 @@ async fn settle(epp: &ServerProcess, metrics: SocketAddr, idle: Footprint) -> Re
         let queued = sum_of(&page, "inference_extension_flow_control_queue_size");
         let running = sum_of(&page, "inference_objective_running_requests");
         let descriptors = footprint(epp.pid())?.descriptors;
-        if queued == Some(0.0) && running.unwrap_or(0.0) == 0.0 && descriptors <= idle.descriptors {
+        if queued == Some(0.0) && running == Some(0.0) && descriptors <= idle.descriptors {
             println!(
                 "settled: queued {queued:?}, running {running:?}, descriptors {descriptors} (idle {})",
                 idle.descriptors
