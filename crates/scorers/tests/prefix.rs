@@ -25,6 +25,9 @@ fn prefix_scores(
     let result = scheduler
         .schedule_with(request, pool, ScheduleOptions { explain: true, ..Default::default() })
         .unwrap();
+    // The pick's record is applied by the scorer's writer thread; wait for it, so that the
+    // next decision sees it.
+    scheduler.flush();
     let scores = result.explanation().unwrap()[0].scorers[0].2.clone();
     (result.primary().endpoint.address.port(), scores)
 }
@@ -103,11 +106,13 @@ fn endpoints_that_leave_the_pool_are_forgotten_by_the_writer() {
     let request = InferenceRequest::new("m", "aaaabbbbccccdddd");
 
     let first = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
+    scheduler.flush();
     // Scoring does no housekeeping: without a subscription the index keeps a departed endpoint.
     shared.update(|pool| {
         pool.remove(first);
     });
     let second = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
+    scorer.flush_records();
     assert_ne!(second, first);
     let mut indexed = scorer.index().endpoint_keys();
     indexed.sort();
