@@ -153,3 +153,40 @@ fn configs_wire_the_prefix_scorer_as_a_pool_observer() {
     let (_, scores) = prefix_scores(&scheduler, &shared.load(), &request);
     assert_eq!(scores, vec![0.0, 0.0], "an endpoint that left and came back starts cold");
 }
+
+/// The pick's record is queued, not applied, by the decision: the writer thread applies it,
+/// and `Scheduler::flush` is the point after which the next decision is sure to see it.
+#[test]
+fn a_pick_is_recorded_off_the_decision_path_and_seen_after_a_flush() {
+    use std::sync::Arc;
+
+    use scheduler_core::{SchedulerProfile, SingleProfileHandler};
+    use scorers::{MaxScorePicker, PrefixCacheParameters, PrefixCacheScorer};
+
+    let parameters = PrefixCacheParameters { block_size: Some(4), ..Default::default() };
+    let scorer = Arc::new(PrefixCacheScorer::new(parameters).unwrap());
+    let picker = Arc::new(MaxScorePicker::new(1.try_into().unwrap()));
+    let profile = SchedulerProfile::new("default", "max-score-picker", picker).with_scorer(
+        "prefix-cache-scorer",
+        1.0,
+        scorer.clone(),
+    );
+    let scheduler = Scheduler::new(vec![profile], Arc::new(SingleProfileHandler))
+        .with_pre_request(scorer.clone())
+        .with_seed(3);
+    let pool = pool(&[(0, 0.0), (0, 0.0), (0, 0.0), (0, 0.0)]);
+    let turn = InferenceRequest::new("m", "aaaabbbbccccdddd");
+    let first = scheduler.schedule(&turn, &pool).unwrap().primary().id();
+    scheduler.flush();
+    assert_eq!(scorer.index().blocks_of(first).len(), 4);
+    // The next turn extends the conversation: it goes where the first turn's blocks are.
+    let next = InferenceRequest::new("m", "aaaabbbbccccddddeeeeffff");
+    for _ in 0..5 {
+        assert_eq!(scheduler.schedule(&next, &pool).unwrap().primary().id(), first);
+        scheduler.flush();
+    }
+    assert_eq!(scorer.index().blocks_of(first).len(), 6);
+    let writer = scorer.writer();
+    assert_eq!(writer.applied() + writer.coalesced(), 6);
+    assert_eq!(scorer.dropped_records(), 0);
+}
