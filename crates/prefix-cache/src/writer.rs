@@ -9,7 +9,10 @@
 //!
 //! # Algorithm
 //! * [`RecordWriter::submit`] appends the record's hashes to a flat pending buffer under a
-//!   `parking_lot` mutex and wakes the worker only if it is parked. When the buffer would pass
+//!   `parking_lot` mutex. It wakes the worker only if the worker is asleep (no record for a
+//!   while) or the queue is filling up: after each batch the worker first dozes for up to
+//!   half a millisecond, picking up records that arrive meanwhile without a wake-up call on
+//!   the request path. When the buffer would pass
 //!   [`WriterConfig::max_queued_blocks`] the record is dropped and counted
 //!   ([`RecordWriter::dropped`]): a request never waits for the writer. A lost record only
 //!   costs a future cache-hit estimate.
@@ -92,13 +95,30 @@ struct Queue<K> {
     submitted: u64,
     /// Records accepted and then applied or coalesced: every record numbered below is done.
     done: u64,
-    /// The worker is waiting for work and must be woken.
-    parked: bool,
+    /// Whether the worker is waiting for records, and how deeply.
+    parked: Parked,
     /// Set by `Drop`: the worker stops after its current batch.
     shutdown: bool,
     /// Set by the worker as it exits (also on a panic): nothing will be applied any more.
     stopped: bool,
 }
+
+/// The worker's state between batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parked {
+    /// Applying a batch: it takes the queue again when done.
+    No,
+    /// Waiting at most [`DOZE`] for more records: a record is picked up then without a
+    /// wake-up on the request path (a futex call, a few microseconds), unless the queue is
+    /// filling up.
+    Dozing,
+    /// Waiting until woken: the first record after a quiet spell wakes it.
+    Asleep,
+}
+
+/// How long the worker waits for more records before sleeping until woken: the most a
+/// record waits before it is applied, while records keep coming.
+const DOZE: std::time::Duration = std::time::Duration::from_micros(500);
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -196,7 +216,7 @@ where
                 pending: Records::default(),
                 submitted: 0,
                 done: 0,
-                parked: false,
+                parked: Parked::No,
                 shutdown: false,
                 stopped: false,
             }),
@@ -238,7 +258,14 @@ where
         queue.pending.hashes.extend_from_slice(hashes);
         queue.pending.entries.push((key, start, hashes.len()));
         queue.submitted += 1;
-        let wake = std::mem::replace(&mut queue.parked, false);
+        let wake = match queue.parked {
+            Parked::No => false,
+            Parked::Dozing => 4 * queue.pending.hashes.len() > self.shared.config.max_queued_blocks,
+            Parked::Asleep => true,
+        };
+        if wake {
+            queue.parked = Parked::No;
+        }
         drop(queue);
         if wake {
             self.shared.work.notify_one();
@@ -253,6 +280,10 @@ where
         match &self.mode {
             Mode::Thread(_) => {
                 let mut queue = self.shared.queue.lock();
+                if queue.parked != Parked::No {
+                    queue.parked = Parked::No;
+                    self.shared.work.notify_one();
+                }
                 let target = queue.submitted;
                 while queue.done < target && !queue.stopped {
                     self.shared.progress.wait(&mut queue);
@@ -325,10 +356,15 @@ where
     loop {
         let through = {
             let mut queue = shared.queue.lock();
+            if queue.pending.entries.is_empty() && !queue.shutdown {
+                queue.parked = Parked::Dozing;
+                shared.work.wait_for(&mut queue, DOZE);
+            }
             while queue.pending.entries.is_empty() && !queue.shutdown {
-                queue.parked = true;
+                queue.parked = Parked::Asleep;
                 shared.work.wait(&mut queue);
             }
+            queue.parked = Parked::No;
             if queue.shutdown {
                 return;
             }
