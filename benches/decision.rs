@@ -4,7 +4,8 @@
 //!   endpoint's ring of picks is full and newer than its metrics: the compensation's worst case),
 //! - the GIE default profile (plus the prefix-cache scorer) with a short prompt, and with a
 //!   16K-character prompt (256 blocks) whose system-prompt half is cached on a tenth of the
-//!   pool (hashing, lookup and the pick's record all included),
+//!   pool (hashing and lookup included, and queueing the pick's record: the record itself is
+//!   applied by the scorer's writer thread, off the decision's path),
 //! - queue, KV-cache and active-request scorers with three fallbacks.
 
 use std::hint::black_box;
@@ -86,6 +87,7 @@ fn decision(c: &mut Criterion) {
             hinted.endpoint_subset = Some(vec![pool.endpoints()[i * 10 % size].endpoint.address]);
             drop(default.schedule(&hinted, &pool));
         }
+        default.flush();
         group.bench_with_input(
             BenchmarkId::new("gie_default_16k_prompt", size),
             &pool,

@@ -205,6 +205,18 @@ fn bench_index<I: Index>(
             BatchSize::SmallInput,
         )
     });
+    // The server's case: a prompt of 256 blocks no endpoint holds, each evicting a block.
+    group.bench_function(format!("{label}/record 256 new blocks into a full index"), |b| {
+        b.iter_batched(
+            || {
+                let endpoint = rng.next() % ENDPOINTS;
+                let hashes: Vec<u64> = (0..PROMPT_BLOCKS).map(|_| rng.next()).collect();
+                (endpoint, hashes)
+            },
+            |(endpoint, hashes)| index.record(endpoint, black_box(&hashes)),
+            BatchSize::SmallInput,
+        )
+    });
     group.bench_function(format!("{label}/record_256/held_blocks"), |b| {
         b.iter(|| index.record(420, black_box(query)))
     });

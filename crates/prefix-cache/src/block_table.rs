@@ -40,6 +40,8 @@ use std::mem::size_of;
 pub(crate) const MIN_BUCKETS: usize = 16;
 /// Bytes of one bucket.
 pub(crate) const BUCKET_BYTES: usize = size_of::<BlockEntry>();
+/// Buckets per 64-byte cache line.
+const BUCKETS_PER_LINE: usize = 64 / BUCKET_BYTES;
 /// Bytes of one entry of a shard's set vector.
 pub(crate) const SET_BYTES: usize = size_of::<HolderSet>();
 /// Smallest allocated set vector.
@@ -328,6 +330,28 @@ impl BlockTable {
         found
     }
 
+    /// Reads the buckets an operation on `key` is likely to visit (the home bucket and the
+    /// next few cache lines of its probe run) and returns a value derived from them, so that
+    /// the operation right after finds them in cache. Called for a batch of keys in a loop
+    /// whose loads do not depend on each other, it lets their cache misses overlap (a prefetch
+    /// without `unsafe`); pass the combined result to `std::hint::black_box` so the loads are
+    /// kept. `lines` is how many 64-byte lines to read from the home bucket on.
+    #[inline]
+    pub(crate) fn warm(&self, key: u64, lines: usize) -> u64 {
+        let n = self.buckets.len();
+        if n == 0 {
+            return 0;
+        }
+        let home = Self::home(key, n);
+        let mut acc = 0;
+        for line in 0..lines {
+            let i = home + line * BUCKETS_PER_LINE;
+            let i = if i >= n { i - n } else { i };
+            acc ^= self.buckets.get(i).map_or(0, |entry| entry.key);
+        }
+        acc
+    }
+
     /// The LRU node of block `key` in endpoint `slot`, if that endpoint holds the block.
     pub(crate) fn find(&self, key: u64, slot: u32) -> Option<u32> {
         // One pass: a marker means the block's holders are all in its set, as no pair of a block
@@ -513,7 +537,18 @@ impl BlockTable {
         if slot >= SET_SLOT {
             return false;
         }
-        match self.first_of(key) {
+        // One pass over the run: a set marker (then the block's holders are all in the set) or
+        // the pair itself.
+        let mut found = None;
+        self.scan_run(key, |i, entry| {
+            if entry.slot == SET_SLOT || entry.slot == slot {
+                found = Some((i, entry));
+                false
+            } else {
+                true
+            }
+        });
+        match found {
             None => false,
             Some((_, entry)) if entry.slot == SET_SLOT => {
                 let index = entry.node as usize;
@@ -529,20 +564,24 @@ impl BlockTable {
                 }
                 true
             }
-            Some(_) => {
-                let removed = self.remove_bucket(key, slot);
-                if removed {
-                    self.pairs -= 1;
-                }
-                removed
+            Some((hole, _)) => {
+                self.remove_at(hole);
+                self.pairs -= 1;
+                true
             }
         }
     }
 
     fn remove_bucket(&mut self, key: u64, slot: u32) -> bool {
-        let Some((mut hole, _)) = self.position(key, slot) else {
+        let Some((hole, _)) = self.position(key, slot) else {
             return false;
         };
+        self.remove_at(hole);
+        true
+    }
+
+    /// Empties the occupied bucket `hole`.
+    fn remove_at(&mut self, mut hole: usize) {
         let n = self.buckets.len();
         // Backward-shift deletion: move each following entry that is away from home one bucket
         // back; this keeps clusters contiguous and in home order.
@@ -568,7 +607,6 @@ impl BlockTable {
         } else if self.occupied * 2 < n && n > MIN_BUCKETS {
             self.rebuild(self.occupied);
         }
-        true
     }
 
     /// Reallocates to a load of 0.64 for `target_len` entries and re-places every entry.

@@ -14,10 +14,15 @@
 //!   third structure is needed.
 //!
 //! # Operations
-//! * `record(k, hashes)` locks endpoint `k`'s LRU, then, block by block, looks the pair up in its
-//!   shard (read lock), touches it if present, otherwise takes a node from the LRU (evicting the
-//!   least recent block, whose pair is removed from *its* shard) and inserts the pair. Capacity is
-//!   enforced right there, on insert; nothing sweeps in the background.
+//! * `record(k, hashes)` locks endpoint `k`'s LRU and applies the prompt's blocks as a batch, with
+//!   the result of applying them one by one (last block first): it looks every block up in its
+//!   shard (the shards' read locks held together), then, on the LRU alone, touches the held
+//!   blocks and gives each new block a node (evicting the least recent block), then removes the
+//!   evicted pairs and inserts the new ones, each shard's write lock taken once. Capacity is
+//!   enforced right there, on insert; nothing sweeps in the background. Batching is what makes a
+//!   record cheap: each new block costs a cache miss at its bucket and one at the evicted
+//!   block's, and the batch issues each kind of miss for all blocks at once, so that they overlap
+//!   (see `record_blocks`).
 //! * `longest_prefix_matches(hashes, scratch, out)` seeds candidates with the holders of the first
 //!   block and, block by block, keeps those that also hold the next one; an endpoint leaves the
 //!   candidate set with the number of leading blocks it holds, and the walk stops when the set is
@@ -40,11 +45,13 @@
 //! are too sparse among the slots (a bitset of more than one word per holder) stays as pairs.
 
 //! # Lock order and why it cannot deadlock
-//! Locks are only ever taken in this order: **registry → endpoint LRU → one shard**. A thread holds
-//! at most one endpoint LRU and at most one shard at any time, and never waits for an earlier lock
-//! while holding a later one:
+//! Locks are only ever taken in this order: **registry → endpoint LRU → shards in ascending
+//! index**. A thread holds at most one endpoint LRU at any time, and never waits for an earlier
+//! lock while holding a later one:
 //! * `record` takes the registry briefly to resolve the slot and releases it before locking the LRU;
-//!   with the LRU held it locks shards one after another, releasing each before the next.
+//!   with the LRU held it read-locks the shards its blocks fall in, in ascending order, and holds
+//!   them together while it looks the blocks up (likewise to read the evicted blocks' buckets);
+//!   it then write-locks those shards one after another, releasing each before the next.
 //! * `remove_endpoint` takes the registry (write) to unpublish, releases it, drains under the LRU
 //!   lock with one shard at a time, releases the LRU, then takes the registry again to free the slot.
 //! * lookups hold the registry read lock for the whole call (so a slot cannot be freed and reused
@@ -53,8 +60,8 @@
 //! * a holder set lives inside its shard and is only touched under that shard's lock: switching a
 //!   block between pairs and a set happens within one insert or removal, so it adds no lock.
 //!
-//! Since every wait is for a lock later in a fixed total order than all locks held, no cycle of
-//! waiters can form. Lookups never block each other; they wait only for a shard writer inserting
+//! Since every wait is for a lock later in a fixed total order than all locks held (shards ordered
+//! by index), no cycle of waiters can form. Lookups never block each other; they wait only for a shard writer inserting
 //! or removing one pair, or for a registry writer adding or retiring an endpoint.
 //!
 //! # Memory
@@ -94,6 +101,10 @@ use crate::block_table::{
 };
 use crate::endpoint_lru::{EndpointLru, NODE_BYTES};
 use crate::hash::mix64;
+
+/// Cache lines read ahead per block by a record (see [`BlockTable::warm`]): at the table's load
+/// a new pair usually lands, and a removal's backward shift usually ends, within this many.
+const WARM_LINES: usize = 2;
 
 /// Default capacity per endpoint, in blocks (GIE's `lruCapacityPerServer`).
 pub const DEFAULT_CAPACITY_PER_ENDPOINT: usize = 31_250;
@@ -376,6 +387,78 @@ impl Survivors {
     }
 }
 
+/// The blocks of one record, with the first occurrence of each (a prompt may repeat a block)
+/// and a small open-addressing map from block to first occurrence.
+struct RecordBlocks {
+    /// `first[i]`: the first position holding the same block as position `i`.
+    first: Vec<u32>,
+    /// Position + 1 of each distinct block, at its mixed hash's slot (0: empty).
+    table: Vec<u32>,
+}
+
+impl RecordBlocks {
+    fn new(keys: &[u64]) -> Self {
+        let size = (2 * keys.len()).next_power_of_two().max(2);
+        let mut blocks = Self { first: Vec::with_capacity(keys.len()), table: vec![0; size] };
+        for (i, &key) in keys.iter().enumerate() {
+            let first = match blocks.find(keys, key) {
+                Some(first) => first,
+                None => {
+                    let mut at = Self::home(key, size);
+                    while blocks.table.get(at).is_some_and(|&e| e != 0) {
+                        at = (at + 1) & (size - 1);
+                    }
+                    if let Some(entry) = blocks.table.get_mut(at) {
+                        *entry = i as u32 + 1;
+                    }
+                    i
+                }
+            };
+            blocks.first.push(first as u32);
+        }
+        blocks
+    }
+
+    fn home(key: u64, size: usize) -> usize {
+        // The shards use the low bits and the tables the high ones; any bits of a mixed hash do.
+        (key >> 20) as usize & (size - 1)
+    }
+
+    /// The first position of block `key` among `keys` (those the map was built from).
+    fn find(&self, keys: &[u64], key: u64) -> Option<usize> {
+        let size = self.table.len();
+        let mut at = Self::home(key, size);
+        loop {
+            let position = (*self.table.get(at)? as usize).checked_sub(1)?;
+            if keys.get(position) == Some(&key) {
+                return Some(position);
+            }
+            at = (at + 1) & (size - 1);
+        }
+    }
+}
+
+/// `(shard << 32) | position` for each `(position, mixed hash)`, sorted: grouped by shard in
+/// ascending order, positions in order within a shard.
+fn by_shard(keys: impl Iterator<Item = (usize, u64)>, mask: u64) -> Vec<u64> {
+    let mut entries: Vec<u64> = keys.map(|(i, key)| (key & mask) << 32 | i as u64).collect();
+    entries.sort_unstable();
+    entries
+}
+
+/// A reverse-map change decided by a record: insert `(key, slot, node)`, or remove
+/// `(key, slot)` when `node` is [`PairChange::REMOVE`] (also "not held" in `record_blocks`).
+#[derive(Debug, Clone, Copy)]
+struct PairChange {
+    key: u64,
+    node: u32,
+}
+
+impl PairChange {
+    /// Not a node index: LRU nodes stay below `u32::MAX` (see `endpoint_lru::MAX_CAPACITY`).
+    const REMOVE: u32 = u32::MAX;
+}
+
 /// Which endpoints hold which prompt blocks, with a bounded LRU per endpoint.
 ///
 /// All methods take `&self`; see the [module docs](self) for the locking scheme and the memory
@@ -451,31 +534,143 @@ where
             if lru.retired {
                 continue;
             }
-            for &hash in kept.iter().rev() {
-                self.record_block(slot, &mut lru, hash);
-            }
+            self.record_blocks(slot, &mut lru, kept);
             return;
         }
     }
 
-    fn record_block(&self, slot: u32, lru: &mut EndpointLru, hash: u64) {
-        let block = mix64(hash);
-        let shard = self.shard(block);
-        // Only this endpoint's writer, which holds `lru`, adds or removes pairs of `slot`, so the
-        // answer cannot change between this read and the insert below.
-        let held = shard.read().find(block, slot);
-        if let Some(node) = held {
-            lru.touch(node);
-            return;
+    /// Records `kept` (at most `capacity` blocks) for the endpoint in `slot`, whose LRU the
+    /// caller holds, in three passes:
+    ///
+    /// 1. **find**: for every distinct block, under the read locks of its shards, whether the
+    ///    endpoint already holds it (and in which LRU node);
+    /// 2. **LRU**: with no shard lock, the blocks in recording order (last block first) touch
+    ///    their node or take the least recent one, which yields the evicted blocks;
+    /// 3. **apply**: the evicted blocks' buckets read under read locks, then, under each shard's
+    ///    write lock once, the changes applied in the order pass 2 made them.
+    ///
+    /// The result is that of recording the blocks one by one: a block evicted by an earlier
+    /// block of the same record is found as not held in pass 2 (it is one of the record's
+    /// blocks, looked up among them), and is inserted again after its old pair is removed. A
+    /// block inserted or touched by this record is never evicted by it, since at most
+    /// `capacity` blocks are recorded and each becomes more recent than every other block.
+    /// Only this endpoint's writer (holding `lru`) adds or removes pairs of `slot`, so what
+    /// pass 1 found still holds in pass 3.
+    ///
+    /// Why: a record of new blocks into a full index costs a cache (and TLB) miss at the new
+    /// block's bucket and one at the evicted block's bucket; that is the floor for an index that
+    /// removes evicted pairs eagerly. One block at a time, those misses were taken one after
+    /// another, with three lock round trips per block: about 1 µs per block. Here the buckets of
+    /// all the blocks are first read in a loop without data-dependent branches
+    /// ([`BlockTable::warm`]), under read locks held together, so that their misses overlap; the
+    /// searches and updates that follow find them in cache; and each shard lock is taken once per
+    /// pass instead of three times per block.
+    ///
+    /// Evicted pairs are still removed here rather than left to be validated by lookups: a
+    /// stale pair would have to be checked against its endpoint's LRU node by every lookup that
+    /// meets it (a miss per candidate per block on the latency-critical path, and no word-wise
+    /// AND over holder sets), and the stale pairs would need a sweeper to stay within the memory
+    /// bound.
+    fn record_blocks(&self, slot: u32, lru: &mut EndpointLru, kept: &[u64]) {
+        let mask = self.shard_mask;
+        // Recording order: the last block first, so that the first ends up most recent.
+        let keys: Vec<u64> = kept.iter().rev().map(|&hash| mix64(hash)).collect();
+        let local = RecordBlocks::new(&keys);
+        // `node[i]`, for the first occurrence `i` of a block: its node while the endpoint holds it.
+        let mut node = vec![PairChange::REMOVE; keys.len()];
+
+        // Pass 1: which blocks the endpoint already holds.
+        {
+            let distinct = by_shard(
+                keys.iter().copied().enumerate().filter(|&(i, _)| local.first[i] as usize == i),
+                mask,
+            );
+            let runs: Vec<&[u64]> = distinct.chunk_by(|a, b| a >> 32 == b >> 32).collect();
+            let shards = self.read_shards(&runs);
+            let mut warmed = 0;
+            for (run, shard) in runs.iter().zip(&shards) {
+                for &entry in *run {
+                    warmed ^= shard.warm(keys[entry as u32 as usize], WARM_LINES);
+                }
+            }
+            std::hint::black_box(warmed);
+            for (run, shard) in runs.iter().zip(&shards) {
+                for &entry in *run {
+                    let i = entry as u32 as usize;
+                    node[i] = shard.find(keys[i], slot).unwrap_or(PairChange::REMOVE);
+                }
+            }
         }
-        let Some((node, evicted)) = lru.insert(hash) else {
-            return;
-        };
-        if let Some(old_hash) = evicted {
-            let old = mix64(old_hash);
-            self.shard(old).write().remove(old, slot);
+
+        // Pass 2: the LRU, in recording order, collecting the reverse-map changes.
+        let mut changes: Vec<PairChange> = Vec::with_capacity(2 * keys.len());
+        for (i, (&key, &hash)) in keys.iter().zip(kept.iter().rev()).enumerate() {
+            let first = local.first[i] as usize;
+            if node[first] != PairChange::REMOVE {
+                lru.touch(node[first]);
+                continue;
+            }
+            let Some((new_node, evicted)) = lru.insert(hash) else {
+                break; // capacity zero, excluded by `record`; apply what was decided
+            };
+            node[first] = new_node;
+            changes.push(PairChange { key, node: new_node });
+            if let Some(old_hash) = evicted {
+                let old = mix64(old_hash);
+                changes.push(PairChange { key: old, node: PairChange::REMOVE });
+                // A held block of this record, not yet recorded, is no longer held.
+                if let Some(held) = local.find(&keys, old) {
+                    node[held] = PairChange::REMOVE;
+                }
+            }
         }
-        shard.write().insert(BlockEntry { key: block, slot, node });
+
+        // Pass 3: per shard, the changes in the order pass 2 made them (so an evicted pair is
+        // removed before the same block is inserted again). The evicted blocks' buckets are
+        // cold: they are read first, all together under read locks, so that each shard's write
+        // lock is then held only for work on cached buckets.
+        let ordered = by_shard(changes.iter().map(|change| change.key).enumerate(), mask);
+        let runs: Vec<&[u64]> = ordered.chunk_by(|a, b| a >> 32 == b >> 32).collect();
+        {
+            let shards = self.read_shards(&runs);
+            let mut warmed = 0;
+            for (run, shard) in runs.iter().zip(&shards) {
+                for &entry in *run {
+                    let change = changes[entry as u32 as usize];
+                    if change.node == PairChange::REMOVE {
+                        warmed ^= shard.warm(change.key, WARM_LINES);
+                    }
+                }
+            }
+            std::hint::black_box(warmed);
+        }
+        for run in runs {
+            let Some(&first) = run.first() else { continue };
+            let mut shard = self.shard_at(first >> 32).write();
+            for &entry in run {
+                let change = changes[entry as u32 as usize];
+                if change.node == PairChange::REMOVE {
+                    shard.remove(change.key, slot);
+                } else {
+                    shard.insert(BlockEntry { key: change.key, slot, node: change.node });
+                }
+            }
+        }
+    }
+
+    /// The shard at `index` (below the shard count).
+    fn shard_at(&self, index: u64) -> &RwLock<BlockTable> {
+        self.shards.get(index as usize).unwrap_or(&self.shards[0])
+    }
+
+    /// Read locks on the shards of `runs` (entries made by [`by_shard`], one run per shard in
+    /// ascending shard order), all held at once so that the loads made under them can overlap.
+    ///
+    /// Taking several shard locks is deadlock-free because every thread that does so takes
+    /// them in ascending shard order and no thread holding a shard lock waits for another
+    /// shard lock otherwise (see the [module docs](self)).
+    fn read_shards(&self, runs: &[&[u64]]) -> Vec<parking_lot::RwLockReadGuard<'_, BlockTable>> {
+        runs.iter().map(|run| self.shard_at(run.first().map_or(0, |e| e >> 32)).read()).collect()
     }
 
     /// Resolves `key` to its slot and LRU, registering it if unknown. `None` only when all

@@ -9,6 +9,8 @@
 //!   and answers "how many leading blocks of this prompt does each endpoint hold?" ([`index`]
 //!   module: sharded, lock order, memory formula). A lookup works in a caller-owned
 //!   [`LookupScratch`], one per thread, and allocates nothing once warm.
+//! * [`RecordWriter`] applies records on a thread of its own behind a bounded queue, so that
+//!   the request path only queues them ([`writer`] module: coalescing, drops, `flush`).
 //! * [`mix64`], the SplitMix64 finaliser that spreads block hashes over the index's shards, for
 //!   any code that needs to scramble a `u64` the same way.
 //!
@@ -43,6 +45,8 @@ mod block_table;
 mod endpoint_lru;
 pub mod hash;
 pub mod index;
+pub mod writer;
 
 pub use hash::{BlockHasher, BlockHasherConfig, mix64};
 pub use index::{IndexConfig, InvariantViolation, LookupScratch, PrefixIndex};
+pub use writer::{RecordWriter, WriterConfig};

@@ -12,10 +12,20 @@
 //!
 //! The prompt is hashed once per decision; the hashes live in the decision's [`CycleState`]
 //! so the hook reuses them.
+//!
+//! The record is not made on the decision's path: the hook queues the hashes on the scorer's
+//! [`RecordWriter`], whose thread applies them a moment later (batched, a repeated prompt
+//! recorded once). The next turn of a conversation, arriving milliseconds later, finds its
+//! blocks; a decision never waits for the writer, and when the writer falls behind a record
+//! is dropped and counted ([`PrefixCacheScorer::dropped_records`]) rather than queued without
+//! bound. [`Scheduler::flush`](scheduler_core::Scheduler::flush) waits for the queued records.
 
 use std::sync::Arc;
 
-use prefix_cache::{BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex};
+use prefix_cache::{
+    BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex, RecordWriter,
+    WriterConfig,
+};
 use scheduler_core::CHARACTERS_PER_TOKEN;
 use scheduler_core::{
     Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolObserver, PoolSnapshot,
@@ -91,6 +101,8 @@ struct PrefixScratch {
 pub struct PrefixCacheScorer {
     hasher: BlockHasher,
     index: Arc<PrefixIndex<EndpointId>>,
+    /// Applies the picks' records off the decision path; its thread ends with the scorer.
+    writer: RecordWriter<EndpointId>,
 }
 
 impl PrefixCacheScorer {
@@ -112,18 +124,36 @@ impl PrefixCacheScorer {
                 "'lruCapacityPerServer' must be at least 1".into(),
             ));
         }
+        let index = Arc::new(PrefixIndex::new(IndexConfig {
+            capacity_per_endpoint: capacity,
+            ..IndexConfig::default()
+        }));
         Ok(Self {
             hasher: BlockHasher::new(BlockHasherConfig { block_size, max_blocks }),
-            index: Arc::new(PrefixIndex::new(IndexConfig {
-                capacity_per_endpoint: capacity,
-                ..IndexConfig::default()
-            })),
+            writer: RecordWriter::new(Arc::clone(&index), WriterConfig::default()),
+            index,
         })
     }
 
     /// The block index (for inspection and for other components sharing it).
     pub fn index(&self) -> &Arc<PrefixIndex<EndpointId>> {
         &self.index
+    }
+
+    /// Waits until the records of every decision made so far are in the index.
+    pub fn flush_records(&self) {
+        self.writer.flush();
+    }
+
+    /// Records dropped because the writer had fallen behind (a counter for the server's
+    /// metrics: each one is a pick whose prompt later requests will not find).
+    pub fn dropped_records(&self) -> u64 {
+        self.writer.dropped()
+    }
+
+    /// The writer applying the picks' records (counters: applied, coalesced, dropped).
+    pub fn writer(&self) -> &RecordWriter<EndpointId> {
+        &self.writer
     }
 
     /// The decision's scratch, with the prompt's block hashes computed for this decision.
@@ -189,9 +219,12 @@ impl PreRequest for PrefixCacheScorer {
     ) {
         let endpoint = result.primary().id();
         let hashes = &self.hashed_prompt(state, request).hashes;
-        if !hashes.is_empty() {
-            self.index.record(endpoint, hashes);
-        }
+        // Queued, not applied: a full queue drops the record (counted) rather than waiting.
+        self.writer.submit(endpoint, hashes);
+    }
+
+    fn flush(&self) {
+        self.writer.flush();
     }
 }
 

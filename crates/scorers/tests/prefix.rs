@@ -25,6 +25,9 @@ fn prefix_scores(
     let result = scheduler
         .schedule_with(request, pool, ScheduleOptions { explain: true, ..Default::default() })
         .unwrap();
+    // The pick's record is applied by the scorer's writer thread; wait for it, so that the
+    // next decision sees it.
+    scheduler.flush();
     let scores = result.explanation().unwrap()[0].scorers[0].2.clone();
     (result.primary().endpoint.address.port(), scores)
 }
@@ -103,11 +106,13 @@ fn endpoints_that_leave_the_pool_are_forgotten_by_the_writer() {
     let request = InferenceRequest::new("m", "aaaabbbbccccdddd");
 
     let first = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
+    scheduler.flush();
     // Scoring does no housekeeping: without a subscription the index keeps a departed endpoint.
     shared.update(|pool| {
         pool.remove(first);
     });
     let second = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
+    scorer.flush_records();
     assert_ne!(second, first);
     let mut indexed = scorer.index().endpoint_keys();
     indexed.sort();
@@ -147,4 +152,41 @@ fn configs_wire_the_prefix_scorer_as_a_pool_observer() {
     shared.update(|pool| pool.upsert(picked.clone()));
     let (_, scores) = prefix_scores(&scheduler, &shared.load(), &request);
     assert_eq!(scores, vec![0.0, 0.0], "an endpoint that left and came back starts cold");
+}
+
+/// The pick's record is queued, not applied, by the decision: the writer thread applies it,
+/// and `Scheduler::flush` is the point after which the next decision is sure to see it.
+#[test]
+fn a_pick_is_recorded_off_the_decision_path_and_seen_after_a_flush() {
+    use std::sync::Arc;
+
+    use scheduler_core::{SchedulerProfile, SingleProfileHandler};
+    use scorers::{MaxScorePicker, PrefixCacheParameters, PrefixCacheScorer};
+
+    let parameters = PrefixCacheParameters { block_size: Some(4), ..Default::default() };
+    let scorer = Arc::new(PrefixCacheScorer::new(parameters).unwrap());
+    let picker = Arc::new(MaxScorePicker::new(1.try_into().unwrap()));
+    let profile = SchedulerProfile::new("default", "max-score-picker", picker).with_scorer(
+        "prefix-cache-scorer",
+        1.0,
+        scorer.clone(),
+    );
+    let scheduler = Scheduler::new(vec![profile], Arc::new(SingleProfileHandler))
+        .with_pre_request(scorer.clone())
+        .with_seed(3);
+    let pool = pool(&[(0, 0.0), (0, 0.0), (0, 0.0), (0, 0.0)]);
+    let turn = InferenceRequest::new("m", "aaaabbbbccccdddd");
+    let first = scheduler.schedule(&turn, &pool).unwrap().primary().id();
+    scheduler.flush();
+    assert_eq!(scorer.index().blocks_of(first).len(), 4);
+    // The next turn extends the conversation: it goes where the first turn's blocks are.
+    let next = InferenceRequest::new("m", "aaaabbbbccccddddeeeeffff");
+    for _ in 0..5 {
+        assert_eq!(scheduler.schedule(&next, &pool).unwrap().primary().id(), first);
+        scheduler.flush();
+    }
+    assert_eq!(scorer.index().blocks_of(first).len(), 6);
+    let writer = scorer.writer();
+    assert_eq!(writer.applied() + writer.coalesced(), 6);
+    assert_eq!(scorer.dropped_records(), 0);
 }

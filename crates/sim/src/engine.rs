@@ -2,9 +2,11 @@
 //!
 //! Time is an integer count of nanoseconds; events are kept in a binary heap ordered by time,
 //! then by the order they were scheduled, so a run is a pure function of its inputs and seed.
-//! Nothing waits or reads the clock during a run: the [`Instant`]s handed to the scheduler are
-//! one base instant, taken when the run starts, plus simulated time, and plugins only use their
-//! differences.
+//! Nothing reads the clock during a run: the [`Instant`]s handed to the scheduler are one base
+//! instant, taken when the run starts, plus simulated time, and plugins only use their
+//! differences. The only wait is [`Scheduler::flush`] after each decision, for the work the
+//! scheduler hands to background writers (the prefix index's records), so that the next
+//! decision sees it as the simulated time says it should.
 //!
 //! The gateway sees the servers only through scrapes: every `scrape_interval_s` each server's
 //! waiting and running counts, KV usage and adapters are copied into a fresh [`PoolSnapshot`],
@@ -462,6 +464,10 @@ impl<'a> Simulation<'a> {
                         .with_priority(request.priority);
                 let mut result =
                     scheduler.schedule_with(&inference, &self.snapshot, options).ok()?;
+                // Work the scheduler defers to background writers (the prefix index's
+                // records) takes effect before the next event, so a run stays a function of
+                // its inputs and seed.
+                scheduler.flush();
                 let server = self.snapshot.index_of(result.primary().id())? as usize;
                 Some((server, result.take_completion()))
             }

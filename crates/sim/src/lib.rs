@@ -8,8 +8,8 @@
 //! staleness a real EPP lives with is part of the model ([`engine`]). Requests come from a
 //! synthetic or ShareGPT-trace [`workload`], and every [`policy`] (round-robin, random,
 //! least-request, the real `Scheduler` from any `EndpointPickerConfig`, an oracle) is run on
-//! the same requests and seed. Runs are deterministic: no wall clock, no threads, every random
-//! draw from the seed.
+//! the same requests and seed. Runs are deterministic: no wall clock, every random draw from
+//! the seed, and work the scheduler defers to a background thread flushed after each decision.
 //!
 //! ```
 //! use sim::{Policy, ServerProfile, SimConfig, SyntheticWorkload, WorkloadSource, WorkloadSpec};

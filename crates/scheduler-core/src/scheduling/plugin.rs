@@ -136,6 +136,11 @@ pub trait PreRequest: Send + Sync + Debug {
         request: &InferenceRequest,
         result: &SchedulingResult,
     );
+
+    /// Waits until the work this hook deferred for the requests scheduled so far (work it
+    /// hands to a background writer rather than doing before the decision is returned) has
+    /// taken effect. The default defers nothing. See [`crate::Scheduler::flush`].
+    fn flush(&self) {}
 }
 
 /// Runs when a scheduled request ends, however it ends.

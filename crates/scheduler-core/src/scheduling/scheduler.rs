@@ -126,6 +126,16 @@ impl Scheduler {
         }
     }
 
+    /// Waits until the work pre-request hooks deferred for the decisions made so far has taken
+    /// effect, e.g. until the prefix-cache scorer's background writer has recorded their
+    /// prompts, so that the next decision sees them. Decisions never wait for that work; call
+    /// this where an embedder, a simulation or a test needs a deterministic point.
+    pub fn flush(&self) {
+        for hook in &self.pre_request {
+            hook.flush();
+        }
+    }
+
     /// The profiles.
     pub fn profiles(&self) -> &[SchedulerProfile] {
         &self.profiles
