@@ -22,7 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use scheduler_core::flow::{Admission, OutcomeReason};
-use scheduler_core::{InferenceRequest, PoolSnapshot};
+use scheduler_core::{InferenceRequest, PoolSnapshot, Scheduler};
 
 use crate::usage::Usage;
 
@@ -131,6 +131,7 @@ pub struct EppMetrics {
     flow_outcomes: Family<OutcomeLabels, Counter>,
     unknown_objectives: Family<PoolLabels, Counter>,
     running: Family<RunningLabels, Gauge>,
+    dropped_records: Family<PoolLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -189,6 +190,7 @@ impl EppMetrics {
         let flow_outcomes = Family::default();
         let unknown_objectives = Family::default();
         let running = Family::default();
+        let dropped_records = Family::default();
         registry.register(
             "inference_objective_request",
             "Requests routed, by model",
@@ -264,6 +266,11 @@ impl EppMetrics {
             "Requests routed and not yet finished, by model",
             running.clone(),
         );
+        registry.register(
+            "inference_extension_prefix_cache_dropped_records",
+            "Picks whose prompt blocks were not recorded in the prefix index because its writer had fallen behind",
+            dropped_records.clone(),
+        );
         Self {
             registry,
             pool_name: pool_name.into(),
@@ -284,6 +291,7 @@ impl EppMetrics {
             flow_outcomes,
             unknown_objectives,
             running,
+            dropped_records,
         }
     }
 
@@ -378,6 +386,14 @@ impl EppMetrics {
         self.pool_ready.get_or_create(&labels).set(count as i64);
     }
 
+    /// Copies the counters the scheduler keeps itself (prefix-cache records dropped).
+    pub fn observe_scheduler(&self, scheduler: &Scheduler) {
+        self.dropped_records
+            .get_or_create(&PoolLabels { name: self.pool_name.clone() })
+            .inner()
+            .store(scheduler.dropped_deferred(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Updates the flow-control series from `admission`: admission outcomes and unknown
     /// objectives (counters kept by the core, copied here), and queue lengths per priority band.
     pub fn observe_admission(&self, admission: &Admission) {
@@ -465,6 +481,18 @@ mod tests {
         assert_eq!(running(&metrics.encode(), "llama"), Some(1.0));
         drop(second);
         assert_eq!(running(&metrics.encode(), "llama"), Some(0.0));
+    }
+
+    #[test]
+    fn dropped_prefix_records_are_exported() {
+        let metrics = EppMetrics::new("default-pool", None);
+        let scheduler = scorers::default_scheduler().expect("the default scheduler builds");
+        metrics.observe_scheduler(&scheduler);
+        let dropped = samples(&metrics.encode())
+            .into_iter()
+            .find(|(name, _, _)| name == "inference_extension_prefix_cache_dropped_records_total")
+            .map(|(_, _, value)| value);
+        assert_eq!(dropped, Some(0.0));
     }
 
     #[test]

@@ -77,6 +77,7 @@ fn answer(
         return response;
     }
     metrics.observe_pool(&director.pool().load(), Instant::now());
+    metrics.observe_scheduler(director.scheduler());
     if let Some(admission) = director.admission() {
         metrics.observe_admission(admission);
     }

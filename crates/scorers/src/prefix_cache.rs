@@ -226,6 +226,10 @@ impl PreRequest for PrefixCacheScorer {
     fn flush(&self) {
         self.writer.flush();
     }
+
+    fn dropped_deferred(&self) -> u64 {
+        self.writer.dropped()
+    }
 }
 
 /// Forgets the endpoints that left the pool, so that the index's memory follows the pool

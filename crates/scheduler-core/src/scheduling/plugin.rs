@@ -141,6 +141,12 @@ pub trait PreRequest: Send + Sync + Debug {
     /// hands to a background writer rather than doing before the decision is returned) has
     /// taken effect. The default defers nothing. See [`crate::Scheduler::flush`].
     fn flush(&self) {}
+
+    /// How many pieces of deferred work this hook has dropped so far because its writer fell
+    /// behind (a counter; the default defers nothing and drops nothing).
+    fn dropped_deferred(&self) -> u64 {
+        0
+    }
 }
 
 /// Runs when a scheduled request ends, however it ends.

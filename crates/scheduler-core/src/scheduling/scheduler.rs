@@ -136,6 +136,12 @@ impl Scheduler {
         }
     }
 
+    /// Deferred work the pre-request hooks dropped so far because their writers fell behind
+    /// (for the prefix-cache scorer: picks whose prompt blocks were never recorded).
+    pub fn dropped_deferred(&self) -> u64 {
+        self.pre_request.iter().map(|hook| hook.dropped_deferred()).sum()
+    }
+
     /// The profiles.
     pub fn profiles(&self) -> &[SchedulerProfile] {
         &self.profiles
