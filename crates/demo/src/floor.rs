@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use ext_proc_proto::{body_chunk, continue_response_headers, route_to};
@@ -43,7 +43,9 @@ impl Floor {
         Self { destination: destination.into() }
     }
 
-    /// Serves on `listener` until the task is dropped or the listener fails.
+    /// Serves on `listener` until the task is dropped or the listener fails. Accepted sockets
+    /// get `TCP_NODELAY`, as `epp`'s do: with Nagle's algorithm and delayed ACKs a small answer
+    /// can wait milliseconds, which would make the floor slower than the server it bounds.
     pub async fn serve(self, listener: TcpListener) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
             .add_service(
@@ -51,7 +53,9 @@ impl Floor {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await
     }
 
