@@ -96,21 +96,9 @@ impl SaturationDetector for ConcurrencyDetector {
         let has_room = |state: &EndpointState| {
             in_flight.get(&state.id()).copied().unwrap_or(0) < self.max_concurrency
         };
-        let mut any_fresh = false;
-        for state in pool.endpoints() {
-            if pool.is_fresh(state, now) {
-                if has_room(state) {
-                    return false;
-                }
-                any_fresh = true;
-            }
-        }
-        if any_fresh {
-            return true;
-        }
-        match pool.staleness() {
-            Some(policy) if !policy.fails_open() => true,
-            _ => !pool.endpoints().iter().any(has_room),
+        !match pool.staleness() {
+            Some(policy) => policy.any_candidate(pool.endpoints(), now, has_room),
+            None => pool.endpoints().iter().any(has_room),
         }
     }
 }

@@ -135,22 +135,11 @@ impl UtilizationDetector {
 
 impl SaturationDetector for UtilizationDetector {
     fn is_saturated(&self, pool: &PoolSnapshot, now: Instant) -> bool {
-        let policy = self.policy_for(pool);
-        let mut any_fresh = false;
-        for state in pool.endpoints() {
-            if policy.is_fresh(&state.metrics, now) {
-                if self.below_thresholds(&state.metrics) {
-                    return false;
-                }
-                any_fresh = true;
-            }
-        }
-        if any_fresh || !policy.fails_open() {
-            return true;
-        }
-        // Every endpoint is stale and the policy fails open: judge the last known numbers,
-        // as routing does.
-        !pool.endpoints().iter().any(|state| self.below_thresholds(&state.metrics))
+        // When every endpoint is stale and the policy fails open, the last known numbers are
+        // judged, as routing does.
+        !self
+            .policy_for(pool)
+            .any_candidate(pool.endpoints(), now, |state| self.below_thresholds(&state.metrics))
     }
 }
 

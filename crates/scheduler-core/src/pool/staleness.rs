@@ -87,6 +87,28 @@ impl StalenessPolicy {
     pub fn fails_open(&self) -> bool {
         self.when_all_stale == AllStale::FailOpen
     }
+
+    /// Whether some endpoint a request could be routed to under this policy satisfies
+    /// `has_room`: a fresh one while any is fresh; with none fresh, any endpoint when failing
+    /// open and none when failing closed. What saturation detectors judge capacity over, so
+    /// admission and routing agree on the candidates.
+    pub fn any_candidate(
+        &self,
+        endpoints: &[EndpointState],
+        now: Instant,
+        has_room: impl Fn(&EndpointState) -> bool,
+    ) -> bool {
+        let mut any_fresh = false;
+        for state in endpoints {
+            if self.is_fresh(&state.metrics, now) {
+                if has_room(state) {
+                    return true;
+                }
+                any_fresh = true;
+            }
+        }
+        !any_fresh && self.fails_open() && endpoints.iter().any(has_room)
+    }
 }
 
 /// The last known load of an endpoint: scraped waiting queue plus scraped running requests
