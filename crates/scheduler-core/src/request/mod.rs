@@ -1,6 +1,7 @@
 //! The inference request as the scheduler sees it.
 
 pub(crate) mod body;
+pub mod model_field;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
