@@ -209,8 +209,8 @@ mod tests {
         assert_eq!(model_of(r#"{"model":null}"#), Err(ModelFieldError::NotAString));
         assert!(matches!(model_of("[1]"), Err(ModelFieldError::NotAnObject(_))));
         assert!(matches!(model_of(""), Err(ModelFieldError::NotAnObject(_))));
-        assert!(matches!(model_of(r#"{"prompt":"unterminated"#), Err(_)));
-        assert!(matches!(model_of(r#"{"prompt":"x" "model":"m"}"#), Err(_)));
+        assert!(model_of(r#"{"prompt":"unterminated"#).is_err());
+        assert!(model_of(r#"{"prompt":"x" "model":"m"}"#).is_err());
         assert_eq!(model_of(r#"{"model":"bad \q"}"#), Err(ModelFieldError::BadString));
     }
 
