@@ -705,7 +705,8 @@ impl EppScheduler {
 /// The error for a request the director answered itself, with the HTTP status it chose.
 fn rejected(rejection: Rejection) -> Error {
     let status = match &rejection {
-        Rejection::BadRequest(_) => EppStatus::BadRequest,
+        // A model strict rewrites do not serve is a bad request too (HTTP 404 travels along).
+        Rejection::BadRequest(_) | Rejection::UnknownModel { .. } => EppStatus::BadRequest,
         Rejection::TooLarge { .. } => EppStatus::BodyTooLarge,
         Rejection::NoEndpoint(_) => EppStatus::NoEndpoint,
         Rejection::NotAdmitted(_) => EppStatus::NotAdmitted,

@@ -35,6 +35,8 @@ pub enum Decision {
         metadata_destination: String,
         /// The body streamed back.
         body: Vec<u8>,
+        /// The other headers the picker set on the request (name, value), in its order.
+        headers: Vec<(String, String)>,
     },
     /// Answered by the picker.
     Immediate {
@@ -143,7 +145,9 @@ impl ProxyStream {
 
     /// Reads answers until the decision and the whole echoed body are in.
     pub async fn decision(&mut self) -> Result<Decision, ClientError> {
-        let mut routed: Option<(String, String)> = None;
+        // Destination header, metadata destination, other headers set.
+        type Route = (String, String, Vec<(String, String)>);
+        let mut routed: Option<Route> = None;
         let mut body = Vec::new();
         loop {
             let answer =
@@ -154,18 +158,19 @@ impl ProxyStream {
                     return Ok(Decision::Immediate { status, body: immediate.body });
                 }
                 Some(processing_response::Response::RequestHeaders(headers)) => {
-                    let destination = headers
-                        .response
-                        .and_then(|common| common.header_mutation)
-                        .and_then(|mutation| {
-                            mutation.set_headers.into_iter().find_map(|option| {
-                                let header = option.header?;
-                                (header.key == protocol::DESTINATION_ENDPOINT_HEADER).then(|| {
-                                    String::from_utf8_lossy(&header.raw_value).into_owned()
-                                })
-                            })
-                        })
-                        .unwrap_or_default();
+                    let mut destination = String::new();
+                    let mut others = Vec::new();
+                    let set = headers.response.and_then(|common| common.header_mutation);
+                    for header in
+                        set.into_iter().flat_map(|m| m.set_headers).filter_map(|o| o.header)
+                    {
+                        let value = String::from_utf8_lossy(&header.raw_value).into_owned();
+                        if header.key == protocol::DESTINATION_ENDPOINT_HEADER {
+                            destination = value;
+                        } else {
+                            others.push((header.key, value));
+                        }
+                    }
                     let from_metadata = answer
                         .dynamic_metadata
                         .as_ref()
@@ -181,7 +186,7 @@ impl ProxyStream {
                             _ => None,
                         })
                         .unwrap_or_default();
-                    routed = Some((destination, from_metadata));
+                    routed = Some((destination, from_metadata, others));
                 }
                 Some(processing_response::Response::RequestBody(response)) => {
                     let streamed = response
@@ -191,12 +196,13 @@ impl ProxyStream {
                     if let Some(body_mutation::Mutation::StreamedResponse(chunk)) = streamed {
                         body.extend_from_slice(&chunk.body);
                         if chunk.end_of_stream {
-                            let (destination, metadata_destination) =
+                            let (destination, metadata_destination, headers) =
                                 routed.take().ok_or(ClientError::Closed("the route"))?;
                             return Ok(Decision::Routed {
                                 destination,
                                 metadata_destination,
                                 body,
+                                headers,
                             });
                         }
                     }
@@ -220,6 +226,7 @@ impl ProxyStream {
                 destination: String::new(),
                 metadata_destination: String::new(),
                 body: Vec::new(),
+                headers: Vec::new(),
             }),
             _ => Err(ClientError::Closed("a headers answer")),
         }

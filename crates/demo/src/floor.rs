@@ -152,6 +152,7 @@ mod tests {
             destination: "10.0.0.1:8000".into(),
             metadata_destination: "10.0.0.1:8000".into(),
             body: body.clone(),
+            headers: Vec::new(),
         };
         assert_eq!(stream.decision().await.unwrap(), expected);
         let echoed = stream.respond(None, &[b"data: a\n\n", b"data: [DONE]\n\n"]).await.unwrap();

@@ -56,6 +56,22 @@ pub struct ServerFlags {
     /// EndpointPickerConfig YAML text (instead of a file).
     #[arg(long, global = true, conflicts_with = "config_file")]
     pub config_text: Option<String>,
+    /// Model rewrites and traffic splits: InferenceModelRewrite objects (YAML: one object,
+    /// `---`-separated documents or a `kind: List`; the `targetModels` of legacy
+    /// InferenceModel objects are read as rewrites too).
+    #[arg(long, global = true)]
+    pub model_rewrites_file: Option<PathBuf>,
+    /// Request header whose value pins the rewrite target (a session or user id): requests
+    /// carrying the same value get the same target, on every replica.
+    #[arg(long, global = true, requires = "model_rewrites_file")]
+    pub model_rewrite_sticky_header: Option<String>,
+    /// Answer 404 for models that no rewrite rule matches or targets, instead of passing them
+    /// through unchanged.
+    #[arg(long, global = true, default_value_t = false, action = clap::ArgAction::Set, requires = "model_rewrites_file")]
+    pub model_rewrite_strict: bool,
+    /// Seed of the weighted draw between rewrite targets (default: from the clock).
+    #[arg(long, global = true, requires = "model_rewrites_file")]
+    pub model_rewrite_seed: Option<u64>,
     /// Port of the ext-proc gRPC service.
     #[arg(long, default_value_t = 9002, global = true)]
     pub grpc_port: u16,

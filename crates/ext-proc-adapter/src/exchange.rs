@@ -29,7 +29,8 @@ use std::time::Instant;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
-use scheduler_core::protocol::MODEL_REWRITE_HEADER;
+use scheduler_core::model_field;
+use scheduler_core::protocol::{GATEWAY_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER};
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
 
@@ -304,6 +305,7 @@ impl Exchange {
                 if let Some(metrics) = &self.metrics {
                     let labels = metrics.request_labels(&routed.request);
                     metrics.record_request(&labels, self.body_bytes);
+                    metrics.record_rewrite(&routed.request, &labels);
                     self.running = Some(metrics.start_running(&labels));
                     self.labels = Some(labels);
                 }
@@ -312,9 +314,32 @@ impl Exchange {
                     &routed.fallbacks,
                     self.max_fallback_endpoints,
                 );
-                out.push(proto::route_to(&destination, &[]));
-                if self.request_has_body {
-                    push_request_body(body, out);
+                let request = &routed.request;
+                let rewritten = (self.request_has_body && request.target_model != request.model)
+                    .then(|| rewrite_body_model(&body, &request.target_model))
+                    .flatten();
+                match rewritten {
+                    Some(rewritten) => {
+                        let length = rewritten.len().to_string();
+                        let target = request.target_model.as_str();
+                        out.push(proto::route_to(
+                            &destination,
+                            &[
+                                ("content-length", &length),
+                                (MODEL_REWRITE_HEADER, target),
+                                (GATEWAY_MODEL_REWRITE_HEADER, target),
+                            ],
+                        ));
+                        // The original body is released before the new one is streamed.
+                        drop(body);
+                        push_request_body(rewritten, out);
+                    }
+                    None => {
+                        out.push(proto::route_to(&destination, &[]));
+                        if self.request_has_body {
+                            push_request_body(body, out);
+                        }
+                    }
                 }
                 // The response path needs the guard and the labels; the request (prompt,
                 // header map) and the headers are released here.
@@ -391,6 +416,20 @@ impl Exchange {
             if let Some(status) = self.response_status.filter(|status| *status >= 400) {
                 metrics.record_response_error(labels, status);
             }
+        }
+    }
+}
+
+/// `body` with its `model` set to `target`, for a request whose model was rewritten; `None`
+/// when the body names no model to replace (the request then goes on as it came: the target
+/// still steers scheduling, and the rewrite header tells the upstream).
+fn rewrite_body_model(body: &[u8], target: &str) -> Option<Vec<u8>> {
+    match model_field::rewrite_model(body, target) {
+        Ok(rewritten) => rewritten,
+        Err(error) => {
+            // The body parsed for scheduling, so this is not expected; routing goes on.
+            tracing::debug!(%error, "the model of a rewritten request was left in its body");
+            None
         }
     }
 }

@@ -91,6 +91,13 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RewriteLabels {
+    model_rewrite_name: String,
+    model_name: String,
+    target_model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     name: String,
 }
@@ -132,6 +139,7 @@ pub struct EppMetrics {
     unknown_objectives: Family<PoolLabels, Counter>,
     running: Family<RunningLabels, Gauge>,
     dropped_records: Family<PoolLabels, Counter>,
+    rewrite_decisions: Family<RewriteLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,6 +199,7 @@ impl EppMetrics {
         let unknown_objectives = Family::default();
         let running = Family::default();
         let dropped_records = Family::default();
+        let rewrite_decisions = Family::default();
         registry.register(
             "inference_objective_request",
             "Requests routed, by model",
@@ -271,6 +280,11 @@ impl EppMetrics {
             "Picks whose prompt blocks were not recorded in the prefix index because its writer had fallen behind",
             dropped_records.clone(),
         );
+        registry.register(
+            "inference_extension_model_rewrite_decisions",
+            "Requests whose model a model rewrite rule changed, by rule, requested model and target",
+            rewrite_decisions.clone(),
+        );
         Self {
             registry,
             pool_name: pool_name.into(),
@@ -292,7 +306,32 @@ impl EppMetrics {
             unknown_objectives,
             running,
             dropped_records,
+            rewrite_decisions,
         }
+    }
+
+    /// Gives `names` (the models the operator configured: rewrite sources and targets) series
+    /// of their own whatever the bound, so that configured models never count as `other`.
+    pub fn admit_model_names<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut known = self.models.known.write();
+        known.extend(
+            names
+                .into_iter()
+                .filter(|name| name.len() <= MAX_MODEL_LABEL_BYTES)
+                .map(escape_label_value),
+        );
+    }
+
+    /// Counts a request whose model a rewrite rule changed (nothing for other requests).
+    pub fn record_rewrite(&self, request: &InferenceRequest, labels: &RequestLabels) {
+        let Some(rule) = &request.model_rewrite else { return };
+        self.rewrite_decisions
+            .get_or_create(&RewriteLabels {
+                model_rewrite_name: escape_label_value(rule),
+                model_name: labels.model_name.clone(),
+                target_model: labels.target_model_name.clone(),
+            })
+            .inc();
     }
 
     /// The labels of `request`: the body's model and the target model, escaped and bounded.

@@ -294,6 +294,9 @@ pub async fn start_with_director(
     let metrics_address = local(&metrics_listener, config.metrics_address);
 
     let metrics = Arc::new(EppMetrics::new(config.pool_name.clone(), staleness_threshold));
+    if let Some(rewrites) = director.model_rewrites() {
+        metrics.admit_model_names(rewrites.model_names());
+    }
     let flow = director.admission().filter(|flow| flow.controller().is_some()).cloned();
     let service = EppExtProc::new(Arc::clone(&director), Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);

@@ -112,6 +112,7 @@ async fn headers_then_body_are_routed_and_the_body_streams_back() {
             destination: "127.0.0.1:9001".into(),
             metadata_destination: "127.0.0.1:9001".into(),
             body: CHAT.to_vec(),
+            headers: Vec::new(),
         }
     );
 }

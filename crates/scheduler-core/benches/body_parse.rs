@@ -8,61 +8,16 @@
 
 use std::hint::black_box;
 
+#[path = "support/bodies.rs"]
+mod bodies;
+
+use bodies::{chat_body, prose};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use scheduler_core::ParsedBody;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
-
-/// Text of `len` bytes that reads like prose, with the escapes a chat turn carries
-/// (newlines, quotes, a non-ASCII character).
-fn prose(seed: usize, len: usize) -> String {
-    const WORDS: [&str; 12] = [
-        "the",
-        "model",
-        "server",
-        "\"quoted\"",
-        "prefix",
-        "cache",
-        "line\n",
-        "token",
-        "é",
-        "request",
-        "endpoint",
-        "picker",
-    ];
-    let mut text = String::with_capacity(len + 16);
-    let mut index = seed;
-    while text.len() < len {
-        text.push_str(WORDS[index % WORDS.len()]);
-        text.push(' ');
-        index = index.wrapping_mul(31).wrapping_add(7);
-    }
-    text
-}
-
-fn chat_body(target_len: usize) -> Vec<u8> {
-    let mut messages = vec![json!({"role": "system", "content": prose(1, 2_000)})];
-    let mut turn = 0;
-    loop {
-        let body = serde_json::to_vec(&json!({"model": "llama", "messages": messages})).unwrap();
-        if body.len() >= target_len {
-            return body;
-        }
-        turn += 1;
-        let message: Value = match turn % 4 {
-            1 => json!({"role": "user", "content": prose(turn, 600)}),
-            3 => json!({"role": "user", "content": [
-                {"type": "text", "text": prose(turn, 300)},
-                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
-                {"type": "text", "text": prose(turn + 1, 300)},
-            ]}),
-            _ => json!({"role": "assistant", "content": prose(turn, 900)}),
-        };
-        messages.push(message);
-    }
-}
 
 fn token_ids(count: usize) -> Vec<u64> {
     (0..count as u64).map(|index| index.wrapping_mul(2_654_435_761) % 128_000).collect()

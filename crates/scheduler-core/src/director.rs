@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwapOption;
+
 use crate::config::registry::PluginRegistry;
 use crate::config::{ConfigError, EndpointPickerConfig};
 use crate::flow::{self, Admission, FlowConfigError, ObjectiveResolver, ReleaseOnComplete};
 use crate::pool::SharedPool;
 use crate::request::InferenceRequest;
 use crate::request::body::BodyError;
+use crate::rewrite::{ModelRewrites, ModelRoute};
 use crate::scheduling::result::{CompletionGuard, SchedulingError};
 use crate::scheduling::scheduler::Scheduler;
 
@@ -47,7 +50,16 @@ pub enum Rejection {
     /// Flow control did not admit the request (shed, queue full, expired, cancelled).
     #[error(transparent)]
     NotAdmitted(#[from] flow::NotAdmitted),
+    /// The model rewrites are strict and no rule names the model.
+    #[error("model '{model}' is not served by this pool")]
+    UnknownModel {
+        /// The model the body named (cut to [`MAX_REPORTED_MODEL_BYTES`]).
+        model: String,
+    },
 }
+
+/// Longest model name repeated back in an error (the name comes from the client).
+pub const MAX_REPORTED_MODEL_BYTES: usize = 256;
 
 impl Rejection {
     /// The HTTP status the proxy answers with.
@@ -57,6 +69,7 @@ impl Rejection {
             Self::TooLarge { .. } => 413,
             Self::NoEndpoint(_) => 503,
             Self::NotAdmitted(rejection) => rejection.http_status(),
+            Self::UnknownModel { .. } => 404,
         }
     }
 
@@ -71,6 +84,7 @@ impl Rejection {
             Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => "queue_full",
             Self::NotAdmitted(flow::NotAdmitted::Expired { .. }) => "queue_timeout",
             Self::NotAdmitted(flow::NotAdmitted::Cancelled { .. }) => "request_cancelled",
+            Self::UnknownModel { .. } => "model_not_found",
         }
     }
 }
@@ -93,6 +107,36 @@ pub struct Routed {
     pub completion: Option<CompletionGuard>,
 }
 
+impl Director {
+    /// Applies the model rewrites: sets the target model (and which rule chose it), or refuses
+    /// a model strict rewrites do not know. A rule overrides a rewrite header the gateway set,
+    /// as in the Go EPP.
+    fn rewrite_model(&self, request: &mut InferenceRequest) -> Result<(), Rejection> {
+        let rewrites = self.rewrites.load();
+        let Some(rewrites) = rewrites.as_ref() else { return Ok(()) };
+        match rewrites.route_request(request) {
+            ModelRoute::Unchanged => Ok(()),
+            ModelRoute::Rewritten(applied) => {
+                request.target_model.clear();
+                request.target_model.push_str(&applied.target);
+                request.model_rewrite = Some(applied.rule_name);
+                Ok(())
+            }
+            ModelRoute::Unknown => {
+                let mut model = request.model.clone();
+                if model.len() > MAX_REPORTED_MODEL_BYTES {
+                    let mut end = MAX_REPORTED_MODEL_BYTES;
+                    while !model.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    model.truncate(end);
+                }
+                Err(Rejection::UnknownModel { model })
+            }
+        }
+    }
+}
+
 /// Why a director could not be built from a config.
 #[derive(Debug, thiserror::Error)]
 pub enum DirectorBuildError {
@@ -111,6 +155,7 @@ pub struct Director {
     pool: Arc<SharedPool>,
     options: DirectorOptions,
     flow: Option<Arc<Admission>>,
+    rewrites: ArcSwapOption<ModelRewrites>,
 }
 
 impl Director {
@@ -118,7 +163,7 @@ impl Director {
     /// The scheduler's pool observers are subscribed to `pool`.
     pub fn new(scheduler: Arc<Scheduler>, pool: Arc<SharedPool>, options: DirectorOptions) -> Self {
         scheduler.observe_pool(&pool);
-        Self { scheduler, pool, options, flow: None }
+        Self { scheduler, pool, options, flow: None, rewrites: ArcSwapOption::empty() }
     }
 
     /// A director for a whole `EndpointPickerConfig`: its scheduler, plus admission by its
@@ -147,6 +192,17 @@ impl Director {
         }
         let director = Self::new(Arc::new(scheduler), pool, options);
         Ok(Self { flow: Some(Arc::new(flow)), ..director })
+    }
+
+    /// Routes requests through `rewrites` from now on (`None`: no rewriting). Requests in
+    /// flight keep the rewrites they started with.
+    pub fn set_model_rewrites(&self, rewrites: Option<Arc<ModelRewrites>>) {
+        self.rewrites.store(rewrites);
+    }
+
+    /// The model rewrites in force, if any.
+    pub fn model_rewrites(&self) -> Option<Arc<ModelRewrites>> {
+        self.rewrites.load_full()
     }
 
     /// Flow control, when admission is on.
@@ -214,6 +270,7 @@ impl Director {
         subset: Option<Vec<SocketAddr>>,
     ) -> Result<Routed, Rejection> {
         request.endpoint_subset = subset;
+        self.rewrite_model(&mut request)?;
 
         if let Some(flow) = &self.flow {
             // Awaiting the ticket is where a queued request waits; if the caller gives up

@@ -42,6 +42,7 @@ pub mod hash;
 mod pool;
 pub mod protocol;
 mod request;
+pub mod rewrite;
 mod scheduling;
 
 pub use config::registry::{
@@ -52,7 +53,9 @@ pub use config::{
     DEFAULT_CONFIG_YAML, DEFAULT_PICKER_TYPE, DEFAULT_PROFILE_NAME, EndpointPickerConfig,
     PluginConfig, PluginRef, ProfileConfig,
 };
-pub use director::{Director, DirectorBuildError, DirectorOptions, Rejection, Routed};
+pub use director::{
+    Director, DirectorBuildError, DirectorOptions, MAX_REPORTED_MODEL_BYTES, Rejection, Routed,
+};
 pub use pool::dispatch_log::{DISPATCH_RING_SLOTS, DispatchLog, PendingDispatches};
 pub use pool::endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,

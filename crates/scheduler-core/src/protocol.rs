@@ -6,8 +6,12 @@
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
 /// Header naming the flow (tenant) a request belongs to, for fair queuing.
 pub const FAIRNESS_ID_HEADER: &str = "x-gateway-inference-fairness-id";
-/// Header carrying the model name the gateway rewrote the request to.
-pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+/// Header carrying the model name the request is to be served by: read when the gateway sets
+/// it, and written (with [`GATEWAY_MODEL_REWRITE_HEADER`]) when a model rewrite chose another
+/// model than the body named. llm-d-router's name.
+pub const MODEL_REWRITE_HEADER: &str = "x-llm-d-model-name-rewrite";
+/// The older (GIE) name of [`MODEL_REWRITE_HEADER`], still read and written.
+pub const GATEWAY_MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
 /// Header through which a client or proxy passes a request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header (and `envoy.lb` metadata key) carrying the chosen endpoint to the proxy: `ip:port`,

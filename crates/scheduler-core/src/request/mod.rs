@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use crate::request::body::{ApiKind, BodyError, ParsedBody};
 
 use crate::protocol::{
-    FAIRNESS_ID_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, REQUEST_ID_HEADER,
+    FAIRNESS_ID_HEADER, GATEWAY_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER,
+    REQUEST_ID_HEADER,
 };
 
 /// Characters per token assumed wherever the picker needs a token count without a tokenizer
@@ -41,6 +42,9 @@ pub struct InferenceRequest {
     pub priority: i32,
     /// Flow id for fairness between tenants.
     pub fairness_id: Option<String>,
+    /// The model rewrite (its `InferenceModelRewrite`'s name) that chose `target_model`, when
+    /// one did.
+    pub model_rewrite: Option<std::sync::Arc<str>>,
     /// When the proxy restricts the request to some endpoints (Envoy's subset hint), their
     /// addresses; `None` means the whole pool.
     pub endpoint_subset: Option<Vec<SocketAddr>>,
@@ -74,10 +78,10 @@ impl InferenceRequest {
             .into_iter()
             .map(|(name, value)| (name.to_ascii_lowercase(), value.to_owned()))
             .collect();
-        let target_model = match headers.get(MODEL_REWRITE_HEADER) {
-            Some(rewrite) if !rewrite.is_empty() => rewrite.clone(),
-            _ => parsed.model.clone(),
-        };
+        let rewrite = [MODEL_REWRITE_HEADER, GATEWAY_MODEL_REWRITE_HEADER]
+            .iter()
+            .find_map(|name| headers.get(*name).filter(|value| !value.is_empty()));
+        let target_model = rewrite.unwrap_or(&parsed.model).clone();
         Ok(Self {
             request_id: headers.get(REQUEST_ID_HEADER).cloned().unwrap_or_default(),
             model: parsed.model,
@@ -89,6 +93,7 @@ impl InferenceRequest {
             fairness_id: headers.get(FAIRNESS_ID_HEADER).cloned().filter(|v| !v.is_empty()),
             headers,
             priority: 0,
+            model_rewrite: None,
             endpoint_subset: None,
         })
     }
@@ -158,5 +163,21 @@ mod tests {
                 .unwrap();
         assert_eq!(request.target_model, "llama-v2");
         assert_eq!(request.model, "llama", "the body's model is kept for metrics");
+    }
+
+    #[test]
+    fn the_current_rewrite_header_wins_over_its_old_name() {
+        let body = br#"{"model":"llama","prompt":"hi"}"#;
+        let old_only =
+            InferenceRequest::from_openai(None, [(GATEWAY_MODEL_REWRITE_HEADER, "old")], body)
+                .unwrap();
+        assert_eq!(old_only.target_model, "old");
+        let both = InferenceRequest::from_openai(
+            None,
+            [(GATEWAY_MODEL_REWRITE_HEADER, "old"), ("X-LLM-D-Model-Name-Rewrite", "new")],
+            body,
+        )
+        .unwrap();
+        assert_eq!(both.target_model, "new");
     }
 }
