@@ -2,9 +2,15 @@
 //! and the picker writes for the proxy, and the Envoy dynamic-metadata keys of the same values.
 //! Defined once here; every adapter and tool reads them from this module.
 
-/// Header naming the InferenceObjective (and so the priority) of a request.
+/// Header naming the InferenceObjective (and so the priority) of a request, as llm-d-router
+/// names it. Wins over [`OBJECTIVE_HEADER`] when a request carries both.
+pub const LLM_D_OBJECTIVE_HEADER: &str = "x-llm-d-inference-objective";
+/// Older name of [`LLM_D_OBJECTIVE_HEADER`] (GIE's), still read as an alias.
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
-/// Header naming the flow (tenant) a request belongs to, for fair queuing.
+/// Header naming the flow (tenant) a request belongs to, for fair queuing, as llm-d-router
+/// names it. Wins over [`FAIRNESS_ID_HEADER`] when a request carries both.
+pub const LLM_D_FAIRNESS_ID_HEADER: &str = "x-llm-d-inference-fairness-id";
+/// Older name of [`LLM_D_FAIRNESS_ID_HEADER`] (GIE's), still read as an alias.
 pub const FAIRNESS_ID_HEADER: &str = "x-gateway-inference-fairness-id";
 /// Header carrying the model name the gateway rewrote the request to.
 pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
