@@ -187,10 +187,14 @@ struct EppScheduler *epp_scheduler_new(const char *config_yaml, size_t len);
 
 /*
  Creates an endpoint picker as `epp_scheduler_new` does, with the InferenceObjectives in
- `objectives_yaml` (`objectives_len` bytes, not NUL-terminated): a YAML or JSON list of
- `{name, priority}`. A request naming one in `x-gateway-inference-objective` gets its
- priority (below zero: sheddable); unknown names and requests naming none get 0. NULL or
- an empty document is an empty list.
+ `objectives_yaml` (`objectives_len` bytes, not NUL-terminated), in the forms the
+ `--objectives-file` flag accepts: a YAML or JSON list of `{name, priority}` or
+ `{name, criticality}` (`Critical`, `Standard`, `Sheddable`), and/or InferenceObjective,
+ legacy InferenceModel and `List` objects, as one or more YAML documents. A request naming
+ an objective in `x-llm-d-inference-objective` (or `x-gateway-inference-objective`) gets its
+ priority (below zero: sheddable); a criticality in that header gets the criticality's;
+ unknown names get 0. A request naming none gets its model's InferenceModel criticality, or
+ 0. NULL or an empty document is an empty list.
 
  Returns NULL on error (`EPP_STATUS_INVALID_CONFIG` for either document);
  `epp_last_error_message` then says why.
@@ -269,7 +273,7 @@ int32_t epp_endpoint_set_metrics(const struct EppScheduler *handle,
 
  `body` is the whole JSON request body; `headers` are the request's headers (names in any
  case; `:path`, when present, tells the chat API from the completions API; `x-request-id`,
- `x-gateway-inference-objective` and the other GIE headers are honoured).
+ `x-llm-d-inference-objective` and the other llm-d and GIE headers are honoured).
 
  On success (`EPP_STATUS_OK`) writes the primary endpoint, then up to
  `max_endpoints - 1` fallbacks, as `ip:port` comma-separated and NUL-terminated into

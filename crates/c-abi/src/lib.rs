@@ -24,7 +24,8 @@
 //!
 //! Admission follows the config's `saturationDetector` and `flowControl` sections, with
 //! priorities from the InferenceObjectives given to `epp_scheduler_new_with_objectives` (the
-//! `x-gateway-inference-objective` header names one; priority < 0 is sheddable). Without the
+//! `x-llm-d-inference-objective` header, or the older `x-gateway-inference-objective`, names
+//! one; priority < 0 is sheddable). Without the
 //! `flowControl` feature gate no call blocks: a sheddable request on a saturated pool is refused
 //! at once with `EPP_STATUS_NOT_ADMITTED` (HTTP 429). With the gate, `epp_schedule` may block
 //! the calling thread while the request waits in flow control's queue, until it is admitted,
@@ -245,10 +246,14 @@ pub unsafe extern "C" fn epp_scheduler_new(
 }
 
 /// Creates an endpoint picker as `epp_scheduler_new` does, with the InferenceObjectives in
-/// `objectives_yaml` (`objectives_len` bytes, not NUL-terminated): a YAML or JSON list of
-/// `{name, priority}`. A request naming one in `x-gateway-inference-objective` gets its
-/// priority (below zero: sheddable); unknown names and requests naming none get 0. NULL or
-/// an empty document is an empty list.
+/// `objectives_yaml` (`objectives_len` bytes, not NUL-terminated), in the forms the
+/// `--objectives-file` flag accepts: a YAML or JSON list of `{name, priority}` or
+/// `{name, criticality}` (`Critical`, `Standard`, `Sheddable`), and/or InferenceObjective,
+/// legacy InferenceModel and `List` objects, as one or more YAML documents. A request naming
+/// an objective in `x-llm-d-inference-objective` (or `x-gateway-inference-objective`) gets its
+/// priority (below zero: sheddable); a criticality in that header gets the criticality's;
+/// unknown names get 0. A request naming none gets its model's InferenceModel criticality, or
+/// 0. NULL or an empty document is an empty list.
 ///
 /// Returns NULL on error (`EPP_STATUS_INVALID_CONFIG` for either document);
 /// `epp_last_error_message` then says why.
@@ -466,7 +471,7 @@ unsafe fn adapter_list(list: *const c_char, what: &str) -> Result<Vec<Arc<str>>>
 ///
 /// `body` is the whole JSON request body; `headers` are the request's headers (names in any
 /// case; `:path`, when present, tells the chat API from the completions API; `x-request-id`,
-/// `x-gateway-inference-objective` and the other GIE headers are honoured).
+/// `x-llm-d-inference-objective` and the other llm-d and GIE headers are honoured).
 ///
 /// On success (`EPP_STATUS_OK`) writes the primary endpoint, then up to
 /// `max_endpoints - 1` fallbacks, as `ip:port` comma-separated and NUL-terminated into

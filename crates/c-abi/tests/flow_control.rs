@@ -111,6 +111,13 @@ struct Scheduled {
 }
 
 fn schedule(epp: &EppScheduler, objective: Option<&str>) -> Scheduled {
+    schedule_with_header(
+        epp,
+        objective.map(|objective| ("x-gateway-inference-objective", objective)),
+    )
+}
+
+fn schedule_with_header(epp: &EppScheduler, extra: Option<(&'static str, &str)>) -> Scheduled {
     let header = |name: &'static str, value: &str| EppHeader {
         name: name.as_ptr().cast(),
         name_len: name.len(),
@@ -118,8 +125,8 @@ fn schedule(epp: &EppScheduler, objective: Option<&str>) -> Scheduled {
         value_len: value.len(),
     };
     let mut headers = vec![header(":path", "/v1/chat/completions")];
-    if let Some(objective) = objective {
-        headers.push(header("x-gateway-inference-objective", objective));
+    if let Some((name, value)) = extra {
+        headers.push(header(name, value));
     }
     let mut out = [0x55 as c_char; 128];
     let (mut token, mut http) = (u64::MAX, 0);
@@ -183,6 +190,41 @@ fn a_sheddable_request_on_a_saturated_pool_is_refused_with_429() {
     assert_eq!(admitted.status, 0, "{admitted:?}");
     assert_eq!(admitted.endpoints, "10.0.0.2:8000,10.0.0.1:8000");
     complete(epp, admitted.token);
+    assert_eq!(in_flight(epp), 0);
+}
+
+#[test]
+fn kubernetes_objects_and_legacy_criticality_decide_what_is_shed() {
+    // The body's model is `llama`: its legacy InferenceModel makes it sheddable unless the
+    // request names an objective.
+    let objectives = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModel
+metadata: {name: llama}
+spec: {modelName: llama, criticality: Sheddable, poolRef: {name: pool}}
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata: {name: chat}
+spec: {priority: 2}
+";
+    let picker = Picker::new(SHED_CONFIG, Some(objectives));
+    let epp = picker.handle();
+    add_endpoint(epp, "10.0.0.1:8000", 5, 0.1);
+
+    let by_model = schedule(epp, None);
+    assert_eq!(by_model.http, 429, "{by_model:?}");
+    assert_eq!(by_model.error, "pool saturated: sheddable request (priority -1) shed");
+    let by_header = schedule_with_header(epp, Some(("x-llm-d-inference-objective", "Sheddable")));
+    assert_eq!(by_header.http, 429, "{by_header:?}");
+
+    for header in
+        [("x-llm-d-inference-objective", "chat"), ("x-gateway-inference-objective", "Critical")]
+    {
+        let kept = schedule_with_header(epp, Some(header));
+        assert_eq!(kept.status, 0, "{header:?} wins over the model's criticality: {kept:?}");
+        complete(epp, kept.token);
+    }
     assert_eq!(in_flight(epp), 0);
 }
 

@@ -163,8 +163,12 @@ pub struct ServerFlags {
     /// reloaded when it changes.
     #[arg(long, global = true)]
     pub endpoints_file: Option<PathBuf>,
-    /// InferenceObjectives: YAML list of `{name, priority}`; the
-    /// `x-gateway-inference-objective` header names one (unknown names get priority 0).
+    /// InferenceObjectives: a YAML list of `{name, priority}` or `{name, criticality}`
+    /// (Critical = 1, Standard = 0, Sheddable = -1), and/or `kind: InferenceObjective`, legacy
+    /// `kind: InferenceModel` and `kind: List` objects, in documents separated by `---`. The
+    /// `x-llm-d-inference-objective` header (or `x-gateway-inference-objective`) names an
+    /// objective or a criticality (unknown names get priority 0); a request naming none gets
+    /// the criticality of its model's InferenceModel, or 0.
     #[arg(long, global = true)]
     pub objectives_file: Option<PathBuf>,
     /// Name of the pool in metrics.

@@ -30,7 +30,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
 use scheduler_core::model_field;
-use scheduler_core::protocol::{GATEWAY_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER};
+use scheduler_core::protocol::{LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER};
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
 
@@ -326,8 +326,8 @@ impl Exchange {
                             &destination,
                             &[
                                 ("content-length", &length),
+                                (LLM_D_MODEL_REWRITE_HEADER, target),
                                 (MODEL_REWRITE_HEADER, target),
-                                (GATEWAY_MODEL_REWRITE_HEADER, target),
                             ],
                         ));
                         // The original body is released before the new one is streamed.
@@ -354,7 +354,9 @@ impl Exchange {
     fn reject(&mut self, rejection: Rejection, out: &mut Vec<ProcessingResponse>) {
         tracing::debug!(status = rejection.status(), error = %rejection, "request answered by the picker");
         if let Some(metrics) = &self.metrics {
-            let model = self.headers.iter().find(|(n, _)| n == MODEL_REWRITE_HEADER);
+            let model = [LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER]
+                .iter()
+                .find_map(|name| self.headers.iter().find(|(n, _)| n == name));
             metrics.record_rejection(model.map_or("", |(_, v)| v.as_str()), rejection.code());
         }
         out.push(proto::immediate(rejection.status(), rejection.code(), &rejection.to_string()));

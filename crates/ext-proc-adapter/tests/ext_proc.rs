@@ -358,6 +358,19 @@ async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
         matches!(decide(&mut client, "unknown-objective").await, Decision::Routed { .. }),
         "unknown = 0"
     );
+    // llm-d-router's header name, carrying a legacy criticality rather than a configured name.
+    let mut stream = ProxyStream::open(&mut client).await.unwrap();
+    let legacy_criticality = ProxyRequest {
+        headers: vec![
+            (":path", "/v1/chat/completions"),
+            ("x-llm-d-inference-objective", "Sheddable"),
+        ],
+        body: CHAT,
+        chunk_bytes: 0,
+        subset: None,
+    };
+    stream.send_request(&legacy_criticality).await.unwrap();
+    assert_eq!(error_status(&stream.decision().await.unwrap()).0, 429);
 
     // Saturation lifts: the sheddable request goes through.
     pool.update(|snapshot| {

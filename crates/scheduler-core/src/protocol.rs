@@ -2,16 +2,22 @@
 //! and the picker writes for the proxy, and the Envoy dynamic-metadata keys of the same values.
 //! Defined once here; every adapter and tool reads them from this module.
 
-/// Header naming the InferenceObjective (and so the priority) of a request.
+/// Header naming the InferenceObjective (and so the priority) of a request, as llm-d-router
+/// names it. Wins over [`OBJECTIVE_HEADER`] when a request carries both.
+pub const LLM_D_OBJECTIVE_HEADER: &str = "x-llm-d-inference-objective";
+/// Older name of [`LLM_D_OBJECTIVE_HEADER`] (GIE's), still read as an alias.
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
-/// Header naming the flow (tenant) a request belongs to, for fair queuing.
+/// Header naming the flow (tenant) a request belongs to, for fair queuing, as llm-d-router
+/// names it. Wins over [`FAIRNESS_ID_HEADER`] when a request carries both.
+pub const LLM_D_FAIRNESS_ID_HEADER: &str = "x-llm-d-inference-fairness-id";
+/// Older name of [`LLM_D_FAIRNESS_ID_HEADER`] (GIE's), still read as an alias.
 pub const FAIRNESS_ID_HEADER: &str = "x-gateway-inference-fairness-id";
 /// Header carrying the model name the request is to be served by: read when the gateway sets
-/// it, and written (with [`GATEWAY_MODEL_REWRITE_HEADER`]) when a model rewrite chose another
+/// it, and written (with [`MODEL_REWRITE_HEADER`]) when a model rewrite chose another
 /// model than the body named. llm-d-router's name.
-pub const MODEL_REWRITE_HEADER: &str = "x-llm-d-model-name-rewrite";
-/// The older (GIE) name of [`MODEL_REWRITE_HEADER`], still read and written.
-pub const GATEWAY_MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+pub const LLM_D_MODEL_REWRITE_HEADER: &str = "x-llm-d-model-name-rewrite";
+/// The older (GIE) name of [`LLM_D_MODEL_REWRITE_HEADER`], still read and written.
+pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
 /// Header through which a client or proxy passes a request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Header (and `envoy.lb` metadata key) carrying the chosen endpoint to the proxy: `ip:port`,

@@ -1,7 +1,8 @@
 //! Flow control: request priority, saturation detection, and admission (shed or queue).
 //!
 //! The path of a request, as an adapter drives it:
-//! 1. [`ObjectiveResolver`] maps the `x-gateway-inference-objective` header to a priority.
+//! 1. [`ObjectiveResolver`] maps the `x-llm-d-inference-objective` header (or its older name
+//!    `x-gateway-inference-objective`), or failing that the model, to a priority.
 //! 2. A [`SaturationDetector`] says whether the pool has room ([`UtilizationDetector`], GIE's
 //!    default; [`ConcurrencyDetector`]; [`PermitDetector`]). The config names it with
 //!    `saturationDetector.pluginRef` (a plugin playing the saturation detector role), or gives
@@ -66,7 +67,8 @@ pub use config::{
 pub use controller::{FlowController, FlowRequest, PassReport};
 pub use metrics::{FlowMetrics, FlowMetricsSnapshot, OutcomeReason, WAIT_BUCKET_BOUNDS};
 pub use objective::{
-    DEFAULT_PRIORITY, InferenceObjectiveConfig, ObjectiveError, ObjectiveResolver,
+    Criticality, DEFAULT_PRIORITY, EntryPosition, InferenceObjectiveConfig, LegacyModelConfig,
+    ObjectiveError, ObjectiveResolver,
 };
 pub use outcome::{
     Admitted, CLIENT_CLOSED_REQUEST, CapacityLimit, FlowOutcome, NotAdmitted, outcome_reason,

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use crate::request::body::{ApiKind, BodyError, ParsedBody};
 
 use crate::protocol::{
-    FAIRNESS_ID_HEADER, GATEWAY_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER,
-    REQUEST_ID_HEADER,
+    FAIRNESS_ID_HEADER, LLM_D_FAIRNESS_ID_HEADER, LLM_D_MODEL_REWRITE_HEADER,
+    LLM_D_OBJECTIVE_HEADER, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER, REQUEST_ID_HEADER,
 };
 
 /// Characters per token assumed wherever the picker needs a token count without a tokenizer
@@ -78,7 +78,7 @@ impl InferenceRequest {
             .into_iter()
             .map(|(name, value)| (name.to_ascii_lowercase(), value.to_owned()))
             .collect();
-        let rewrite = [MODEL_REWRITE_HEADER, GATEWAY_MODEL_REWRITE_HEADER]
+        let rewrite = [LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER]
             .iter()
             .find_map(|name| headers.get(*name).filter(|value| !value.is_empty()));
         let target_model = rewrite.unwrap_or(&parsed.model).clone();
@@ -89,8 +89,8 @@ impl InferenceRequest {
             prompt: parsed.prompt,
             api: parsed.api,
             stream: parsed.stream,
-            objective: headers.get(OBJECTIVE_HEADER).cloned().filter(|v| !v.is_empty()),
-            fairness_id: headers.get(FAIRNESS_ID_HEADER).cloned().filter(|v| !v.is_empty()),
+            objective: non_empty_header(&headers, LLM_D_OBJECTIVE_HEADER, OBJECTIVE_HEADER),
+            fairness_id: non_empty_header(&headers, LLM_D_FAIRNESS_ID_HEADER, FAIRNESS_ID_HEADER),
             headers,
             priority: 0,
             model_rewrite: None,
@@ -130,6 +130,14 @@ impl InferenceRequest {
     }
 }
 
+/// The value of header `name`, or else of its older name `alias`; empty values count as absent.
+fn non_empty_header(headers: &HashMap<String, String>, name: &str, alias: &str) -> Option<String> {
+    [name, alias]
+        .into_iter()
+        .find_map(|name| headers.get(name).filter(|value| !value.is_empty()))
+        .cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,10 +164,44 @@ mod tests {
     }
 
     #[test]
+    fn llm_d_header_names_win_over_their_gateway_aliases() {
+        let body = br#"{"model":"llama","prompt":"hi"}"#;
+        let both = InferenceRequest::from_openai(
+            None,
+            [
+                ("x-gateway-inference-objective", "old"),
+                ("X-LLM-D-Inference-Objective", "new"),
+                ("x-gateway-inference-fairness-id", "old-tenant"),
+                ("x-llm-d-inference-fairness-id", "new-tenant"),
+            ],
+            body,
+        )
+        .unwrap();
+        assert_eq!(both.objective.as_deref(), Some("new"));
+        assert_eq!(both.fairness_id.as_deref(), Some("new-tenant"));
+        let new_only = InferenceRequest::from_openai(
+            None,
+            [(LLM_D_OBJECTIVE_HEADER, "premium"), (LLM_D_FAIRNESS_ID_HEADER, "tenant-b")],
+            body,
+        )
+        .unwrap();
+        assert_eq!(new_only.objective.as_deref(), Some("premium"));
+        assert_eq!(new_only.fairness_id.as_deref(), Some("tenant-b"));
+        let empty_new = InferenceRequest::from_openai(
+            None,
+            [(LLM_D_OBJECTIVE_HEADER, ""), (OBJECTIVE_HEADER, "batch")],
+            body,
+        )
+        .unwrap();
+        assert_eq!(empty_new.objective.as_deref(), Some("batch"), "an empty value is absent");
+        assert_eq!(empty_new.fairness_id, None);
+    }
+
+    #[test]
     fn model_rewrite_header_wins_over_the_body() {
         let body = br#"{"model":"llama","prompt":"hi"}"#;
         let request =
-            InferenceRequest::from_openai(None, [(MODEL_REWRITE_HEADER, "llama-v2")], body)
+            InferenceRequest::from_openai(None, [(LLM_D_MODEL_REWRITE_HEADER, "llama-v2")], body)
                 .unwrap();
         assert_eq!(request.target_model, "llama-v2");
         assert_eq!(request.model, "llama", "the body's model is kept for metrics");
@@ -169,12 +211,11 @@ mod tests {
     fn the_current_rewrite_header_wins_over_its_old_name() {
         let body = br#"{"model":"llama","prompt":"hi"}"#;
         let old_only =
-            InferenceRequest::from_openai(None, [(GATEWAY_MODEL_REWRITE_HEADER, "old")], body)
-                .unwrap();
+            InferenceRequest::from_openai(None, [(MODEL_REWRITE_HEADER, "old")], body).unwrap();
         assert_eq!(old_only.target_model, "old");
         let both = InferenceRequest::from_openai(
             None,
-            [(GATEWAY_MODEL_REWRITE_HEADER, "old"), ("X-LLM-D-Model-Name-Rewrite", "new")],
+            [(MODEL_REWRITE_HEADER, "old"), ("X-LLM-D-Model-Name-Rewrite", "new")],
             body,
         )
         .unwrap();
