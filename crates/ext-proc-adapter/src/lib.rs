@@ -60,6 +60,7 @@
 pub mod cli;
 pub mod endpoints_file;
 pub mod exchange;
+mod file_watch;
 pub mod health;
 pub mod listener;
 pub mod metrics;
