@@ -57,6 +57,7 @@
 //! stays ready; `fail-closed` answers 503 (`stale_metrics`), counts the pool saturated and
 //! reports readiness `NOT_SERVING`.
 
+pub mod bbr;
 pub mod cli;
 pub mod endpoints_file;
 pub mod exchange;
