@@ -25,6 +25,36 @@ pub enum Command {
     /// Run the picker end to end on loopback: simulated vLLM servers, the ext-proc server, an
     /// Envoy-like proxy and a seeded workload, compared with round-robin.
     Demo(DemoArgs),
+    /// Run the body-based router: an ext-proc service in front of the picker that sets
+    /// X-Gateway-Model-Name and X-Gateway-Base-Model-Name from the JSON body's `model`. The
+    /// server's TLS, keepalive, connection, timeout, --endpoints-file and -v flags apply.
+    Bbr(BbrArgs),
+}
+
+/// Flags of `epp bbr` that differ from the picker's (the other server flags are shared).
+#[derive(Clone, Debug, Args)]
+pub struct BbrArgs {
+    /// Port of the ext-proc gRPC service.
+    #[arg(long, default_value_t = crate::bbr::DEFAULT_GRPC_PORT)]
+    pub grpc_port: u16,
+    /// Port of the gRPC health service.
+    #[arg(long, default_value_t = crate::bbr::DEFAULT_GRPC_HEALTH_PORT)]
+    pub grpc_health_port: u16,
+    /// Port of the Prometheus `/metrics` endpoint.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Kubernetes ConfigMaps (one, several `---` documents, or a List) whose
+    /// `data.baseModel` and `data.adapters` map LoRA adapters to their base model; reloaded
+    /// when it changes. Wins over what the model servers report.
+    #[arg(long)]
+    pub adapters_file: Option<PathBuf>,
+    /// How often each endpoint of --endpoints-file is asked for its `/v1/models` (adapters
+    /// are the entries with a `parent`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub models_refresh_interval: Duration,
+    /// Largest request body read, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = crate::bbr::server::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
 }
 
 /// Flags of `epp demo`.
@@ -309,6 +339,38 @@ mod tests {
         assert_eq!(staleness_threshold(second, second), second.ok_or(String::new()));
         let error = staleness_threshold(Some(Duration::from_secs(2)), second).unwrap_err();
         assert!(error.contains("differs"), "{error}");
+    }
+
+    #[test]
+    fn bbr_flags_default_like_the_go_router_and_share_the_server_flags() {
+        let cli = Cli::parse_from(["epp", "bbr"]);
+        let Some(Command::Bbr(args)) = cli.command else { panic!("bbr is a subcommand") };
+        assert_eq!((args.grpc_port, args.grpc_health_port, args.metrics_port), (9004, 9005, 9090));
+        assert_eq!(args.models_refresh_interval, Duration::from_secs(10));
+        assert_eq!(args.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(args.adapters_file, None);
+        let cli = Cli::parse_from([
+            "epp",
+            "bbr",
+            "--grpc-port",
+            "7004",
+            "--adapters-file",
+            "a.yaml",
+            "--endpoints-file",
+            "pool.yaml",
+            "--secure-serving=false",
+            "--models-refresh-interval",
+            "2s",
+            "-v",
+        ]);
+        let Some(Command::Bbr(args)) = cli.command else { panic!("bbr is a subcommand") };
+        assert_eq!(args.grpc_port, 7004);
+        assert_eq!(args.adapters_file, Some(PathBuf::from("a.yaml")));
+        assert_eq!(args.models_refresh_interval, Duration::from_secs(2));
+        assert_eq!(cli.server.endpoints_file, Some(PathBuf::from("pool.yaml")));
+        assert!(!cli.server.secure_serving);
+        assert_eq!(cli.server.verbose, 1);
+        assert_eq!(Cli::parse_from(["epp"]).server.grpc_port, 9002, "the picker keeps its port");
     }
 
     #[test]

@@ -440,7 +440,7 @@ fn rewrite_body_model(body: &[u8], target: &str) -> Option<Vec<u8>> {
 /// [`MAX_CHUNK_BYTES`]. The pieces are cut from the end, so the body's own allocation becomes the
 /// first piece and only the others are copied; the buffer is shrunk each time it is less than
 /// half used (a few times in all), so the body is held about once throughout, not twice.
-fn push_request_body(mut body: Vec<u8>, out: &mut Vec<ProcessingResponse>) {
+pub(crate) fn push_request_body(mut body: Vec<u8>, out: &mut Vec<ProcessingResponse>) {
     if body.len() <= MAX_CHUNK_BYTES {
         // Also a body that ended empty (or by trailers): its end still needs sending on.
         out.push(proto::body_chunk(true, body, true));
@@ -461,7 +461,12 @@ fn push_request_body(mut body: Vec<u8>, out: &mut Vec<ProcessingResponse>) {
     }
 }
 
-fn push_split(request_side: bool, chunk: Vec<u8>, end: bool, out: &mut Vec<ProcessingResponse>) {
+pub(crate) fn push_split(
+    request_side: bool,
+    chunk: Vec<u8>,
+    end: bool,
+    out: &mut Vec<ProcessingResponse>,
+) {
     if chunk.len() <= MAX_CHUNK_BYTES {
         out.push(proto::body_chunk(request_side, chunk, end));
         return;

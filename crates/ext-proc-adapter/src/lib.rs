@@ -57,9 +57,11 @@
 //! stays ready; `fail-closed` answers 503 (`stale_metrics`), counts the pool saturated and
 //! reports readiness `NOT_SERVING`.
 
+pub mod bbr;
 pub mod cli;
 pub mod endpoints_file;
 pub mod exchange;
+mod file_watch;
 pub mod health;
 pub mod listener;
 pub mod metrics;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ext_proc_adapter::cli::{self, Cli, Command, DemoArgs, ServerFlags};
+use ext_proc_adapter::bbr;
+use ext_proc_adapter::cli::{self, BbrArgs, Cli, Command, DemoArgs, ServerFlags};
 use ext_proc_adapter::server::{
     self, CollectorSettings, ConnectionLimits, ServerConfig, TcpKeepalive,
 };
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(cli.server)),
         Command::Demo(args) => runtime.block_on(run_demo(args, &cli.server)),
+        Command::Bbr(args) => runtime.block_on(serve_bbr(args, cli.server)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,39 +106,9 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .map_err(|error| format!("invalid config: {error}"))?;
     let staleness = cli::staleness_threshold(flags.metrics_staleness_threshold, configured)?;
     let objectives = load_objectives(&flags)?;
-    let tls = if flags.secure_serving {
-        Some(
-            match &flags.cert_path {
-                Some(directory) => PemIdentity::from_directory(directory),
-                None => PemIdentity::self_signed(),
-            }
-            .map_err(|error| error.to_string())?,
-        )
-    } else {
-        None
-    };
-    let client_ca = match &flags.client_ca_path {
-        None => None,
-        Some(_) if !flags.secure_serving => {
-            return Err("--client-ca-path needs --secure-serving=true".into());
-        }
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
-            format!("cannot read --client-ca-path {}: {error}", path.display())
-        })?),
-    };
-    let nonzero = |duration: Duration| (!duration.is_zero()).then_some(duration);
-    let connections = ConnectionLimits {
-        http2_keepalive_interval: nonzero(flags.grpc_keepalive_interval),
-        http2_keepalive_timeout: flags.grpc_keepalive_timeout,
-        tcp_keepalive: nonzero(flags.tcp_keepalive_time).map(|idle| TcpKeepalive {
-            idle,
-            interval: flags.tcp_keepalive_interval,
-            retries: flags.tcp_keepalive_retries,
-        }),
-        max_concurrent_streams: flags.grpc_max_concurrent_streams,
-        max_connections: usize::try_from(flags.grpc_max_connections).unwrap_or(usize::MAX),
-        tls_handshake_timeout: flags.tls_handshake_timeout,
-    };
+    let tls = tls_identity(&flags)?;
+    let client_ca = client_ca(&flags)?;
+    let connections = connection_limits(&flags);
     let address = |port| SocketAddr::new(flags.bind_address, port);
     let collector = CollectorSettings {
         config: CollectorConfig {
@@ -178,6 +150,77 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
     let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// The ext-proc TLS identity: none without --secure-serving, else from --cert-path, else
+/// self-signed.
+fn tls_identity(flags: &ServerFlags) -> Result<Option<PemIdentity>, String> {
+    if !flags.secure_serving {
+        return Ok(None);
+    }
+    match &flags.cert_path {
+        Some(directory) => PemIdentity::from_directory(directory),
+        None => PemIdentity::self_signed(),
+    }
+    .map(Some)
+    .map_err(|error| error.to_string())
+}
+
+/// The CA bundle of --client-ca-path, which needs --secure-serving.
+fn client_ca(flags: &ServerFlags) -> Result<Option<String>, String> {
+    match &flags.client_ca_path {
+        None => Ok(None),
+        Some(_) if !flags.secure_serving => {
+            Err("--client-ca-path needs --secure-serving=true".into())
+        }
+        Some(path) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|error| format!("cannot read --client-ca-path {}: {error}", path.display())),
+    }
+}
+
+/// Keepalive and connection limits of the ext-proc listener (a zero interval turns one off).
+fn connection_limits(flags: &ServerFlags) -> ConnectionLimits {
+    let nonzero = |duration: Duration| (!duration.is_zero()).then_some(duration);
+    ConnectionLimits {
+        http2_keepalive_interval: nonzero(flags.grpc_keepalive_interval),
+        http2_keepalive_timeout: flags.grpc_keepalive_timeout,
+        tcp_keepalive: nonzero(flags.tcp_keepalive_time).map(|idle| TcpKeepalive {
+            idle,
+            interval: flags.tcp_keepalive_interval,
+            retries: flags.tcp_keepalive_retries,
+        }),
+        max_concurrent_streams: flags.grpc_max_concurrent_streams,
+        max_connections: usize::try_from(flags.grpc_max_connections).unwrap_or(usize::MAX),
+        tls_handshake_timeout: flags.tls_handshake_timeout,
+    }
+}
+
+/// `epp bbr`: the body-based router, until a shutdown signal.
+async fn serve_bbr(args: BbrArgs, flags: ServerFlags) -> Result<(), String> {
+    let address = |port| SocketAddr::new(flags.bind_address, port);
+    let config = bbr::BbrConfig {
+        grpc_address: address(args.grpc_port),
+        health_address: address(args.grpc_health_port),
+        metrics_address: address(args.metrics_port),
+        tls: tls_identity(&flags)?,
+        client_ca: client_ca(&flags)?,
+        connections: connection_limits(&flags),
+        limits: StreamLimits {
+            request_idle_timeout: flags.request_idle_timeout,
+            decision_timeout: flags.request_decision_timeout,
+            ..StreamLimits::default()
+        },
+        max_body_bytes: args.max_body_bytes,
+        adapters_file: args.adapters_file,
+        endpoints_file: flags.endpoints_file,
+        models_refresh_interval: args.models_refresh_interval,
+    };
+    let running = bbr::start(config).await.map_err(|error| error.to_string())?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown(Duration::from_secs(10)).await;

@@ -44,14 +44,14 @@ pub struct RequestLabels {
 
 /// The model names that have series, up to [`MAX_MODEL_LABELS`].
 #[derive(Debug, Default)]
-struct ModelLabels {
+pub(crate) struct ModelLabels {
     known: RwLock<HashSet<String>>,
 }
 
 impl ModelLabels {
     /// The label value for `model`: the name escaped for the text format, or
     /// [`OTHER_MODEL_LABEL`] once the bounds are reached.
-    fn value(&self, model: &str) -> String {
+    pub(crate) fn value(&self, model: &str) -> String {
         if model.len() > MAX_MODEL_LABEL_BYTES {
             return OTHER_MODEL_LABEL.to_owned();
         }

@@ -1,4 +1,5 @@
-//! The `/metrics` HTTP endpoint (Prometheus text format).
+//! The `/metrics` HTTP endpoint (Prometheus text format), for `epp` and `epp bbr`: each
+//! passes the function that renders its page.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,17 +18,29 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::EppMetrics;
 
-/// Serves `/metrics` on `listener` until the future is dropped.
+/// Renders the `/metrics` page at each scrape.
+pub(crate) type RenderPage = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// `epp`'s page: pool, scheduler and admission gauges observed at the scrape, then every
+/// metric encoded.
+pub(crate) fn epp_page(metrics: Arc<EppMetrics>, director: Arc<Director>) -> RenderPage {
+    Arc::new(move || {
+        metrics.observe_pool(&director.pool().load(), Instant::now());
+        metrics.observe_scheduler(director.scheduler());
+        if let Some(admission) = director.admission() {
+            metrics.observe_admission(admission);
+        }
+        metrics.encode()
+    })
+}
+
 /// Most `/metrics` connections served at once; further ones wait to be accepted.
 pub(crate) const MAX_METRICS_CONNECTIONS: usize = 64;
 /// How long a connection may take to send its request headers before it is closed.
 pub(crate) const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) async fn serve(
-    listener: TcpListener,
-    metrics: Arc<EppMetrics>,
-    director: Arc<Director>,
-) {
+/// Serves `/metrics` on `listener` until the future is dropped.
+pub(crate) async fn serve(listener: TcpListener, render: RenderPage) {
     let slots = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -47,12 +60,11 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let metrics = Arc::clone(&metrics);
-        let director = Arc::clone(&director);
+        let render = Arc::clone(&render);
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = answer(&request, &metrics, &director);
+                let response = answer(&request, &*render);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = http1::Builder::new()
@@ -68,20 +80,14 @@ pub(crate) async fn serve(
 
 fn answer(
     request: &Request<Incoming>,
-    metrics: &EppMetrics,
-    director: &Director,
+    render: &(dyn Fn() -> String + Send + Sync),
 ) -> Response<Full<Bytes>> {
     if request.uri().path() != "/metrics" {
         let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")));
         *response.status_mut() = StatusCode::NOT_FOUND;
         return response;
     }
-    metrics.observe_pool(&director.pool().load(), Instant::now());
-    metrics.observe_scheduler(director.scheduler());
-    if let Some(admission) = director.admission() {
-        metrics.observe_admission(admission);
-    }
-    let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+    let mut response = Response::new(Full::new(Bytes::from(render())));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

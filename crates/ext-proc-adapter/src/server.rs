@@ -15,6 +15,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use tonic_health::server::HealthReporter;
+
 use crate::endpoints_file;
 pub use crate::listener::TcpKeepalive;
 use crate::metrics::EppMetrics;
@@ -23,7 +28,7 @@ use crate::tls::PemIdentity;
 use scheduler_core::{Director, DirectorOptions};
 
 /// Largest gRPC message accepted or sent (a body chunk is at most the proxy's buffer size).
-const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_GRPC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]
@@ -234,8 +239,71 @@ pub struct RunningServer {
     tasks: Vec<JoinHandle<()>>,
 }
 
-async fn bind(address: SocketAddr) -> Result<TcpListener, ServerError> {
+pub(crate) async fn bind(address: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(address).await.map_err(|source| ServerError::Bind { address, source })
+}
+
+/// Resolves once `stopped` turns true (or its sender is gone).
+async fn until_stopped(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Serves an ext-proc service on `listener` (TLS when `tls` is given, mutual with
+/// `client_ca`), under `limits`, until `stopped`. The returned task ends when the server does.
+pub(crate) fn spawn_ext_proc<T: ExternalProcessor>(
+    service: ExternalProcessorServer<T>,
+    listener: TcpListener,
+    tls: Option<&PemIdentity>,
+    client_ca: Option<&str>,
+    limits: ConnectionLimits,
+    stopped: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ServerError> {
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(limits.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    match (tls, client_ca) {
+        (Some(identity), client_ca) => {
+            let mut tls = identity.server_config().timeout(limits.tls_handshake_timeout);
+            if let Some(client_ca) = client_ca {
+                tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(client_ca));
+            }
+            builder =
+                builder.tls_config(tls).map_err(|error| ServerError::Tls(error.to_string()))?;
+        }
+        (None, Some(_)) => {
+            return Err(ServerError::Tls("a client CA needs TLS serving".into()));
+        }
+        (None, None) => {}
+    }
+    let incoming =
+        crate::listener::limited_incoming(listener, limits.max_connections, limits.tcp_keepalive);
+    let serving =
+        builder.add_service(service).serve_with_incoming_shutdown(incoming, until_stopped(stopped));
+    Ok(tokio::spawn(async move {
+        if let Err(error) = serving.await {
+            tracing::error!(%error, "ext-proc server failed");
+        }
+    }))
+}
+
+/// Serves gRPC health on `listener` until `stopped`, pushing its task onto `tasks`; the
+/// statuses are set through the returned reporter.
+pub(crate) fn spawn_health(
+    listener: TcpListener,
+    stopped: watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> HealthReporter {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let serving = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), until_stopped(stopped));
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = serving.await {
+            tracing::error!(%error, "health server failed");
+        }
+    }));
+    reporter
 }
 
 /// Binds every listener and starts serving, admitting every request (no flow control).
@@ -301,61 +369,24 @@ pub async fn start_with_director(
     let service = EppExtProc::new(Arc::clone(&director), Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);
     let (stop, stopped) = watch::channel(false);
-    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
 
-    let limits = config.connections;
-    let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(limits.http2_keepalive_interval)
-        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-        .max_concurrent_streams(limits.max_concurrent_streams);
-    match (&config.tls, &config.client_ca) {
-        (Some(identity), client_ca) => {
-            let mut tls = identity.server_config().timeout(limits.tls_handshake_timeout);
-            if let Some(client_ca) = client_ca {
-                tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(client_ca));
-            }
-            builder =
-                builder.tls_config(tls).map_err(|error| ServerError::Tls(error.to_string()))?;
-        }
-        (None, Some(_)) => {
-            return Err(ServerError::Tls("a client CA needs TLS serving".into()));
-        }
-        (None, None) => {}
-    }
-    let incoming =
-        crate::listener::limited_incoming(grpc, limits.max_connections, limits.tcp_keepalive);
-    let grpc_task = builder
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, until_stopped(stopped.clone()));
-    let mut tasks = vec![tokio::spawn(async move {
-        if let Err(error) = grpc_task.await {
-            tracing::error!(%error, "ext-proc server failed");
-        }
-    })];
-
-    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let mut tasks = vec![spawn_ext_proc(
+        service,
+        grpc,
+        config.tls.as_ref(),
+        config.client_ca.as_deref(),
+        config.connections,
+        stopped.clone(),
+    )?];
+    let reporter = spawn_health(health, stopped.clone(), &mut tasks);
     tasks.push(tokio::spawn(crate::health::report(
         reporter,
         Arc::clone(&pool),
         Duration::from_millis(500),
     )));
-    let health_task = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(health),
-            until_stopped(stopped.clone()),
-        );
-    tasks.push(tokio::spawn(async move {
-        if let Err(error) = health_task.await {
-            tracing::error!(%error, "health server failed");
-        }
-    }));
     tasks.push(tokio::spawn(crate::metrics_http::serve(
         metrics_listener,
-        Arc::clone(&metrics),
-        director,
+        crate::metrics_http::epp_page(Arc::clone(&metrics), director),
     )));
     if let Some((path, applied)) = initial_endpoints_file {
         tasks.push(tokio::spawn(watch_endpoints_file(path, applied, pool_writer.clone())));
@@ -387,20 +418,30 @@ impl RunningServer {
     /// Stops accepting, lets open streams finish, and stops the background tasks (the
     /// collector stops when its last handle is dropped).
     pub async fn shutdown(self, grace: Duration) {
-        let _ = self.stop.send(true);
-        let (grpc, rest) = self.tasks.split_at(1);
-        for task in rest {
-            task.abort();
-        }
-        if let Some(grpc) = grpc.first() {
-            let _ = tokio::time::timeout(grace, async {
-                while !grpc.is_finished() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await;
-            grpc.abort();
-        }
+        stop_tasks(&self.stop, self.tasks, grace).await;
+    }
+}
+
+/// Signals `stop`, aborts every task but the first (the ext-proc server), and gives that one
+/// `grace` to finish its open streams before aborting it too.
+pub(crate) async fn stop_tasks(
+    stop: &watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
+) {
+    let _ = stop.send(true);
+    let (grpc, rest) = tasks.split_at(1);
+    for task in rest {
+        task.abort();
+    }
+    if let Some(grpc) = grpc.first() {
+        let _ = tokio::time::timeout(grace, async {
+            while !grpc.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        grpc.abort();
     }
 }
 
@@ -423,43 +464,13 @@ pub fn apply_endpoints(pool: &SharedPool, entries: &[endpoints_file::EndpointEnt
     });
 }
 
-/// Reloads the endpoints file when its content changes (checked every second; content, not
-/// modification time, so a rewrite within the same second or a restored old time is seen).
-/// A file that cannot be read or parsed keeps the last good pool and is tried again once its
-/// content changes.
-/// `applied` is the content applied at startup, so a change made between startup and the
-/// first check is not missed.
-async fn watch_endpoints_file(path: PathBuf, mut applied: Vec<u8>, writer: PoolWriter) {
-    let mut refused: Option<Vec<u8>> = None;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let content = match tokio::fs::read(&path).await {
-            Ok(content) => content,
-            Err(error) => {
-                if refused.is_none() {
-                    tracing::warn!(path = %path.display(), %error, "endpoints file unreadable; keeping the pool");
-                    refused = Some(Vec::new());
-                }
-                continue;
-            }
-        };
-        if applied == content || refused.as_ref() == Some(&content) {
-            continue;
-        }
-        let reloaded = endpoints_file::parse_bytes(&path, &content)
-            .map_err(ServerError::from)
-            .and_then(|entries| writer.apply(&entries).map(|()| entries.len()));
-        match reloaded {
-            Ok(count) => {
-                tracing::info!(path = %path.display(), endpoints = count, "endpoints file reloaded");
-                applied = content;
-                refused = None;
-            }
-            // Keep serving the last good pool: a half-written file must not empty it.
-            Err(error) => {
-                tracing::warn!(%error, "endpoints file not reloaded");
-                refused = Some(content);
-            }
-        }
-    }
+/// Reloads the endpoints file when its content changes (see [`crate::file_watch`]): a file
+/// that cannot be read or parsed keeps the last good pool.
+async fn watch_endpoints_file(path: PathBuf, applied: Vec<u8>, writer: PoolWriter) {
+    crate::file_watch::watch(path, "endpoints file", applied, move |path, content| {
+        let entries = endpoints_file::parse_bytes(path, content)?;
+        writer.apply(&entries)?;
+        Ok::<_, ServerError>(entries.len())
+    })
+    .await;
 }

@@ -1,6 +1,10 @@
 //! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service: one task per stream driving
 //! an [`Exchange`], answers sent through a bounded channel.
+//!
+//! The stream loop ([`drive`]) is shared with the body-based router: anything that handles one
+//! stream's messages as a [`StreamExchange`] gets the same timeouts and back-pressure.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +86,53 @@ impl EppExtProc {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+/// The answers of one ext-proc stream, as tonic sends them.
+pub(crate) type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+
+/// One ext-proc stream's state machine, as [`drive`] runs it.
+pub(crate) trait StreamExchange: Send + 'static {
+    /// Handles one message from the proxy and pushes the answers onto `out`.
+    fn handle(
+        &mut self,
+        message: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> impl Future<Output = ()> + Send;
+    /// Whether the request headers are still unanswered (the idle and decision timeouts
+    /// apply only then: a response may legitimately take long).
+    fn is_before_decision(&self) -> bool;
+    /// Whether the stream has nothing more to do.
+    fn is_done(&self) -> bool;
+}
+
+impl StreamExchange for Exchange {
+    fn handle(
+        &mut self,
+        message: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> impl Future<Output = ()> + Send {
+        Exchange::handle(self, message, out)
+    }
+
+    fn is_before_decision(&self) -> bool {
+        Exchange::is_before_decision(self)
+    }
+
+    fn is_done(&self) -> bool {
+        self.phase() == crate::exchange::Phase::Done
+    }
+}
+
+/// Starts the task driving one stream and returns the stream of its answers.
+pub(crate) fn spawn_stream<E: StreamExchange>(
+    exchange: E,
+    inbound: Streaming<ProcessingRequest>,
+    limits: StreamLimits,
+) -> ResponseStream {
+    let (sender, receiver) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
+    tokio::spawn(drive(exchange, inbound, sender, limits));
+    Box::pin(ReceiverStream::new(receiver))
+}
 
 #[tonic::async_trait]
 impl ExternalProcessor for EppExtProc {
@@ -92,20 +142,17 @@ impl ExternalProcessor for EppExtProc {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
-        let inbound = request.into_inner();
-        let (sender, receiver) = mpsc::channel(STREAM_CHANNEL_CAPACITY);
         let exchange = Exchange::new(Arc::clone(&self.director), self.metrics.clone())
             .with_max_fallback_endpoints(self.limits.max_fallback_endpoints);
-        tokio::spawn(drive(exchange, inbound, sender, self.limits));
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(spawn_stream(exchange, request.into_inner(), self.limits)))
     }
 }
 
 /// Runs one stream to its end. Returning drops the exchange, which runs the completion hooks
 /// of an unfinished request as cancelled: stream ended early, proxy reset, idle timeout or
 /// decision timeout.
-async fn drive(
-    mut exchange: Exchange,
+async fn drive<E: StreamExchange>(
+    mut exchange: E,
     mut inbound: Streaming<ProcessingRequest>,
     sender: mpsc::Sender<Result<ProcessingResponse, Status>>,
     limits: StreamLimits,
@@ -171,7 +218,7 @@ async fn drive(
                 return;
             }
         }
-        if exchange.phase() == crate::exchange::Phase::Done {
+        if exchange.is_done() {
             return;
         }
     }

@@ -152,6 +152,34 @@ pub fn route_to(destination: &str, extra_headers: &[(&str, &str)]) -> Processing
     }
 }
 
+/// The answer to the request headers that sets `headers` (each overwriting what the client
+/// sent under that name) and clears the route cache, so the proxy matches its routes again on
+/// the new headers. No destination: for a processor in front of the picker, such as the
+/// body-based router.
+pub fn set_request_headers(headers: &[(&str, &str)]) -> ProcessingResponse {
+    let set_headers = headers.iter().map(|(key, value)| set_header(key, value)).collect();
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse {
+                header_mutation: Some(HeaderMutation { set_headers, remove_headers: Vec::new() }),
+                clear_route_cache: true,
+                ..CommonResponse::default()
+            }),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// An empty (pass-through) answer to the request headers: nothing changed, routes kept.
+pub fn continue_request_headers() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse::default()),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
 /// One chunk of a body streamed back to the proxy (full-duplex streamed mode).
 pub fn body_chunk(request_side: bool, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
     let response = BodyResponse {
@@ -252,6 +280,28 @@ mod tests {
         let served = string_value("10.0.0.9:8000".into());
         let metadata = metadata(LB_METADATA_NAMESPACE, SERVED_ENDPOINT_KEY, served);
         assert_eq!(served_endpoint(Some(&metadata)), Some("10.0.0.9:8000".parse().unwrap()));
+    }
+
+    #[test]
+    fn set_request_headers_overwrites_and_reroutes() {
+        let answer = set_request_headers(&[("x-a", "1"), ("x-b", "2")]);
+        assert!(answer.dynamic_metadata.is_none(), "no destination metadata");
+        let Some(processing_response::Response::RequestHeaders(headers)) = answer.response else {
+            panic!("a request headers answer");
+        };
+        let common = headers.response.unwrap();
+        assert!(common.clear_route_cache);
+        let set: Vec<(String, Vec<u8>, i32)> = common
+            .header_mutation
+            .unwrap()
+            .set_headers
+            .into_iter()
+            .map(|option| {
+                let header = option.header.unwrap();
+                (header.key, header.raw_value, option.append_action)
+            })
+            .collect();
+        assert_eq!(set, vec![("x-a".into(), b"1".to_vec(), 2), ("x-b".into(), b"2".to_vec(), 2)]);
     }
 
     #[test]
