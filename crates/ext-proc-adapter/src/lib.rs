@@ -66,6 +66,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 mod metrics_http;
+pub mod model_rewrites;
 pub mod server;
 pub mod service;
 pub mod tls;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use ext_proc_adapter::bbr;
 use ext_proc_adapter::cli::{self, BbrArgs, Cli, Command, DemoArgs, ServerFlags};
+use ext_proc_adapter::model_rewrites::ModelRewriteSettings;
 use ext_proc_adapter::server::{
     self, CollectorSettings, ConnectionLimits, ServerConfig, TcpKeepalive,
 };
@@ -20,7 +21,6 @@ use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::{Engine, FlagSpecs, MetricMapping};
 use scheduler_core::Director;
 use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
-use scheduler_core::rewrite::ModelRewrites;
 use scheduler_core::{EndpointPickerConfig, SharedPool};
 
 fn main() -> ExitCode {
@@ -81,23 +81,18 @@ fn load_objectives(flags: &ServerFlags) -> Result<ObjectiveResolver, String> {
     }
 }
 
-fn load_model_rewrites(flags: &ServerFlags) -> Result<Option<ModelRewrites>, String> {
-    let Some(path) = &flags.model_rewrites_file else { return Ok(None) };
-    let text = std::fs::read_to_string(path).map_err(|error| {
-        format!("cannot read --model-rewrites-file {}: {error}", path.display())
-    })?;
-    let rewrites = ModelRewrites::from_yaml(&text)
-        .map_err(|error| format!("invalid --model-rewrites-file {}: {error}", path.display()))?;
+fn model_rewrite_settings(flags: &ServerFlags) -> Option<ModelRewriteSettings> {
+    let path = flags.model_rewrites_file.clone()?;
     let seed = flags.model_rewrite_seed.unwrap_or_else(|| {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         now.map_or(0, |since| since.as_nanos() as u64)
     });
-    let mut rewrites = rewrites.with_seed(seed).strict(flags.model_rewrite_strict);
-    if let Some(header) = &flags.model_rewrite_sticky_header {
-        rewrites = rewrites.with_sticky_header(header);
-    }
-    tracing::info!(path = %path.display(), rules = rewrites.len(), "model rewrites loaded");
-    Ok(Some(rewrites))
+    Some(ModelRewriteSettings {
+        path,
+        sticky_header: flags.model_rewrite_sticky_header.clone(),
+        strict: flags.model_rewrite_strict,
+        seed,
+    })
 }
 
 async fn serve(flags: ServerFlags) -> Result<(), String> {
@@ -136,6 +131,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         when_all_stale: flags.stale_metrics_policy.into(),
         endpoints_file: flags.endpoints_file.clone(),
         collector: Some(collector),
+        model_rewrites: model_rewrite_settings(&flags),
     };
     let pool = Arc::new(SharedPool::default());
     let director = Director::from_config(
@@ -146,7 +142,6 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         objectives,
     )
     .map_err(|error| format!("invalid config: {error}"))?;
-    director.set_model_rewrites(load_model_rewrites(&flags)?.map(Arc::new));
     let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;

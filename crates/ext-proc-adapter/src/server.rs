@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub endpoints_file: Option<PathBuf>,
     /// Scrape the endpoints' Prometheus metrics; `None` leaves metrics to the embedder.
     pub collector: Option<CollectorSettings>,
+    /// Model rewrites, loaded at start and reloaded when the file changes (`None`: the
+    /// director's own, if any).
+    pub model_rewrites: Option<crate::model_rewrites::ModelRewriteSettings>,
 }
 
 impl ServerConfig {
@@ -85,6 +88,7 @@ impl ServerConfig {
             when_all_stale: AllStale::FailOpen,
             endpoints_file: None,
             collector: None,
+            model_rewrites: None,
         }
     }
 }
@@ -166,6 +170,9 @@ pub enum ServerError {
     /// TLS could not be configured.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// The model rewrites file is unusable at start.
+    #[error(transparent)]
+    ModelRewritesFile(#[from] crate::model_rewrites::ModelRewritesFileError),
     /// The endpoints file is unusable at start.
     #[error(transparent)]
     EndpointsFile(#[from] endpoints_file::EndpointsFileError),
@@ -365,6 +372,13 @@ pub async fn start_with_director(
     if let Some(rewrites) = director.model_rewrites() {
         metrics.admit_model_names(rewrites.model_names());
     }
+    let initial_model_rewrites = match &config.model_rewrites {
+        Some(settings) => {
+            let content = settings.load_into(&director, &metrics).await?;
+            Some((settings.clone(), content))
+        }
+        None => None,
+    };
     let flow = director.admission().filter(|flow| flow.controller().is_some()).cloned();
     let service = EppExtProc::new(Arc::clone(&director), Some(Arc::clone(&metrics)), config.limits)
         .into_server(MAX_GRPC_MESSAGE_BYTES);
@@ -384,6 +398,10 @@ pub async fn start_with_director(
         Arc::clone(&pool),
         Duration::from_millis(500),
     )));
+    if let Some((settings, applied)) = initial_model_rewrites {
+        let watcher = settings.watch(Arc::clone(&director), Arc::clone(&metrics), applied);
+        tasks.push(tokio::spawn(watcher));
+    }
     tasks.push(tokio::spawn(crate::metrics_http::serve(
         metrics_listener,
         crate::metrics_http::epp_page(Arc::clone(&metrics), director),

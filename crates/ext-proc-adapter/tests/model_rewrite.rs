@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use ext_proc_adapter::model_rewrites::ModelRewriteSettings;
 use ext_proc_adapter::server::{self, RunningServer, ServerConfig};
 use scheduler_core::rewrite::ModelRewrites;
 use scheduler_core::{
@@ -201,4 +202,106 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// The model a `chat` request is sent to.
+async fn served_target(client: &mut ExternalProcessorClient<Channel>) -> String {
+    let body = chat("chat", false, "hi");
+    let headers = vec![(":path", "/v1/chat/completions")];
+    let (value, _) = routed_body(send(client, Sent { headers, body: &body, chunk_bytes: 0 }).await);
+    value["model"].as_str().unwrap().to_owned()
+}
+
+fn alias_to(target: &str) -> String {
+    format!(
+        "kind: InferenceModelRewrite\nmetadata: {{name: alias}}\nspec:\n  rules:\n  - matches: [{{model: {{value: chat}}}}]\n    targets: [{{modelRewrite: {target}}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn the_rewrites_file_reloads_and_a_broken_edit_keeps_the_last_rules() {
+    let dir = std::env::temp_dir().join(format!("epp-rewrites-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rewrites.yaml");
+    std::fs::write(&path, alias_to("chat-v1")).unwrap();
+    let settings =
+        ModelRewriteSettings { path: path.clone(), sticky_header: None, strict: false, seed: 1 };
+
+    // A refused file stops the server at start, naming the file and the fault.
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "kind: InferenceModelRewrite\nmetadata: {name: x}\nspec: {rules: []}\n",
+    )
+    .unwrap();
+    let bad = ModelRewriteSettings { path: dir.join("bad.yaml"), ..settings.clone() };
+    let config = ServerConfig { model_rewrites: Some(bad), ..ServerConfig::loopback("pool") };
+    let pool = Arc::new(SharedPool::default());
+    let error = server::start(Arc::new(scorers::default_scheduler().unwrap()), pool, config)
+        .await
+        .err()
+        .expect("a bad rewrites file is refused");
+    let message = error.to_string();
+    assert!(message.contains("bad.yaml") && message.contains("spec.rules is empty"), "{message}");
+
+    let pool = Arc::new(SharedPool::new(PoolSnapshot::new([EndpointState::new(Endpoint::new(
+        ([127, 0, 0, 1], 8000).into(),
+    ))])));
+    let config = ServerConfig {
+        model_rewrites: Some(settings),
+        staleness_threshold: None,
+        ..ServerConfig::loopback("pool")
+    };
+    let running =
+        server::start(Arc::new(scorers::default_scheduler().unwrap()), pool, config).await.unwrap();
+    let mut client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    assert_eq!(served_target(&mut client).await, "chat-v1");
+
+    std::fs::write(&path, alias_to("chat-v2")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while served_target(&mut client).await != "chat-v2" {
+        assert!(std::time::Instant::now() < deadline, "the rewrites file was not reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The watcher reads the file every second: 1.5 s covers a look at the broken content.
+    std::fs::write(&path, "rules: [").unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        served_target(&mut client).await,
+        "chat-v2",
+        "a broken edit keeps the last good rules"
+    );
+    running.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_epp_binary_refuses_a_bad_rewrites_file_by_name() {
+    let dir = std::env::temp_dir().join(format!("epp-rewrites-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("rewrites.yaml");
+    let two_weights = "kind: InferenceModelRewrite\nmetadata: {name: split}\nspec:\n  rules:\n  - targets: [{modelRewrite: a, weight: 5}, {modelRewrite: b}]\n";
+    std::fs::write(&bad, two_weights).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["--secure-serving=false", "--grpc-port", "0", "--grpc-health-port", "0"])
+        .args(["--metrics-port", "0", "--model-rewrites-file"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("rewrites.yaml") && stderr.contains("InferenceModelRewrite/split"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("weights must be set on every target or on none"), "{stderr}");
+
+    // The draw's options need the file they apply to.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["--model-rewrite-strict=true"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--model-rewrites-file"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
