@@ -236,10 +236,8 @@ async fn the_rewrites_file_reloads_and_a_broken_edit_keeps_the_last_rules() {
     let bad = ModelRewriteSettings { path: dir.join("bad.yaml"), ..settings.clone() };
     let config = ServerConfig { model_rewrites: Some(bad), ..ServerConfig::loopback("pool") };
     let pool = Arc::new(SharedPool::default());
-    let error = server::start(Arc::new(scorers::default_scheduler().unwrap()), pool, config)
-        .await
-        .err()
-        .expect("a bad rewrites file is refused");
+    let started = server::start(Arc::new(scorers::default_scheduler().unwrap()), pool, config);
+    let Err(error) = started.await else { panic!("a bad rewrites file is refused") };
     let message = error.to_string();
     assert!(message.contains("bad.yaml") && message.contains("spec.rules is empty"), "{message}");
 
