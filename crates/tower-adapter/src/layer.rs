@@ -10,8 +10,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
-use scheduler_core::protocol::DESTINATION_ENDPOINT_HEADER;
-use scheduler_core::{Director, Rejection};
+use scheduler_core::protocol::{
+    DESTINATION_ENDPOINT_HEADER, LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER,
+};
+use scheduler_core::{Director, InferenceRequest, Rejection, model_field};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -129,7 +131,21 @@ where
             };
             let mut fallbacks = routed.fallbacks;
             fallbacks.truncate(max_fallback_endpoints);
+            let rewritten = rewritten_body(&routed.request, &bytes);
+            let rewritten_length = rewritten.as_ref().map(Vec::len);
+            let bytes = rewritten.map_or(bytes, Bytes::from);
             let mut request = Request::from_parts(parts, Full::new(bytes));
+            if let Some(length) = rewritten_length {
+                // A model rewrite changed the body: its length, and the target named, as the
+                // ext-proc adapter tells the upstream.
+                let target = &routed.request.target_model;
+                let headers = request.headers_mut();
+                headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+                if let Ok(value) = HeaderValue::from_str(target) {
+                    headers.insert(LLM_D_MODEL_REWRITE_HEADER, value.clone());
+                    headers.insert(MODEL_REWRITE_HEADER, value);
+                }
+            }
             // The header names the primary alone, as every proxy parses it; fallbacks travel
             // typed in the extension.
             if let Ok(value) = HeaderValue::from_str(&routed.primary.to_string()) {
@@ -142,6 +158,15 @@ where
             Ok(response.map(|body| PickerBody::routed(body, guard)))
         })
     }
+}
+
+/// The body with its `model` set to the request's target, when a model rewrite (or the
+/// gateway's rewrite header) chose another model than the body names; `None` otherwise.
+fn rewritten_body(request: &InferenceRequest, body: &[u8]) -> Option<Vec<u8>> {
+    if request.target_model == request.model {
+        return None;
+    }
+    model_field::rewrite_model(body, &request.target_model).ok().flatten()
 }
 
 fn rejected<B>(rejection: &Rejection) -> Response<PickerBody<B>> {

@@ -4,8 +4,11 @@
 //! runs admission and the scheduler through a [`Director`], and calls the inner service with
 //! the pick attached: a [`PickedEndpoint`] request extension (primary, and fallbacks when
 //! [`EndpointPickerLayer::with_max_fallback_endpoints`] asks for them) and the
-//! `x-gateway-destination-endpoint` header naming the primary. Requests the picker answers itself get a JSON error
-//! response (400, 413, 429, 503) without reaching the inner service. The response body carries
+//! `x-gateway-destination-endpoint` header naming the primary. When the director's model
+//! rewrites send the request to another model, the inner service gets the body with that model
+//! (and `content-length`, `x-llm-d-model-name-rewrite` to match). Requests the picker answers
+//! itself get a JSON error response (400, 404, 413, 429, 503) without reaching the inner
+//! service. The response body carries
 //! the request's completion guard: the completion hooks (in-flight counts, flow-control release)
 //! run when the body ends, fails, or is dropped.
 //!

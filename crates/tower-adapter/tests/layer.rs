@@ -265,3 +265,40 @@ async fn fallbacks_are_opt_in() {
     assert_eq!(picked.primary, "127.0.0.1:8001".parse().unwrap());
     assert!(picked.fallbacks.is_empty(), "the picker ranked two, the layer was asked for none");
 }
+
+#[tokio::test]
+async fn a_model_rewrite_reaches_the_inner_service_in_body_and_headers() {
+    let (director, _) = setup(DirectorOptions::default(), 3);
+    let rewrites = scheduler_core::rewrite::ModelRewrites::from_yaml(
+        "kind: InferenceModelRewrite\nmetadata: {name: alias}\nspec:\n  rules:\n  - matches: [{model: {value: llama}}]\n    targets: [{modelRewrite: llama-3.1-8b-instruct}]\n",
+    )
+    .unwrap();
+    director.set_model_rewrites(Some(Arc::new(rewrites)));
+    let headers: Seen3 = Arc::default();
+    let inner = {
+        let headers = Arc::clone(&headers);
+        ServiceFn(move |request: http::Request<Full<Bytes>>| {
+            let headers = Arc::clone(&headers);
+            async move {
+                let header = |name: &str| {
+                    request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+                };
+                let seen = (header("content-length"), header("x-llm-d-model-name-rewrite"));
+                let body = request.into_body().collect().await.unwrap().to_bytes().to_vec();
+                let _ = headers.set((seen.0, seen.1, body));
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        })
+    };
+    let mut service = EndpointPickerLayer::new(director).layer(inner);
+    let response = service.call(request(BODY)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (length, rewrite, body) = headers.get().unwrap().clone();
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(value, serde_json::json!({"model": "llama-3.1-8b-instruct", "prompt": "Hello"}));
+    assert_eq!(length, Some(body.len().to_string()));
+    assert_eq!(rewrite.as_deref(), Some("llama-3.1-8b-instruct"));
+}
+
+/// Content length, rewrite header and body the inner service saw.
+type Seen3 = Arc<std::sync::OnceLock<(Option<String>, Option<String>, Vec<u8>)>>;

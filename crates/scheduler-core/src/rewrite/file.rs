@@ -392,6 +392,14 @@ spec: {{modelName: plain-model, criticality: Standard}}
         assert_eq!(definitions[2].rules[0].matches, vec!["food-review".to_owned()]);
     }
 
+    proptest::proptest! {
+        /// Whatever the text, loading answers (rules or an error) and never panics.
+        #[test]
+        fn any_text_loads_or_is_refused(text in "(kind: |InferenceModelRewrite|InferenceModel|List|items:|spec:|rules:|matches:|targets:|modelRewrite: |weight: |model:|value: |metadata: |name: |[-{}\\[\\],:\n 0-9a-z]){0,60}") {
+            let _ = parse_definitions(&text);
+        }
+    }
+
     #[test]
     fn yaml_words_stay_model_names() {
         let definitions = parse_definitions(
