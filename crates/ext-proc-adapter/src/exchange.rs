@@ -30,7 +30,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
 use scheduler_core::model_field;
-use scheduler_core::protocol::{LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER};
+use scheduler_core::protocol::{
+    LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER, REQUEST_DROPPED_REASON_HEADER,
+};
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
 
@@ -286,6 +288,9 @@ impl Exchange {
     }
 
     async fn decide(&mut self, out: &mut Vec<ProcessingResponse>) {
+        if !self.request_has_body {
+            return self.route_without_body(out);
+        }
         let headers = std::mem::take(&mut self.headers);
         let body = std::mem::take(&mut self.body);
         let Some(parsed) = self.parsing.parse(&self.director, headers, body).await else {
@@ -351,6 +356,21 @@ impl Exchange {
         }
     }
 
+    /// A request without a body is not parsed or scheduled: it goes to an endpoint drawn at
+    /// random (see [`Director::route_without_body`]).
+    fn route_without_body(&mut self, out: &mut Vec<ProcessingResponse>) {
+        let subset = self.subset.take();
+        match self.director.route_without_body(&self.headers, subset) {
+            Ok(routed) => {
+                let destination = proto::destination_value(routed.primary, &[], 0);
+                out.push(proto::route_to(&destination, &[]));
+                self.headers = Vec::new();
+                self.phase = Phase::AwaitingResponse;
+            }
+            Err(rejection) => self.reject(rejection, out),
+        }
+    }
+
     fn reject(&mut self, rejection: Rejection, out: &mut Vec<ProcessingResponse>) {
         tracing::debug!(status = rejection.status(), error = %rejection, "request answered by the picker");
         if let Some(metrics) = &self.metrics {
@@ -359,7 +379,14 @@ impl Exchange {
                 .find_map(|name| self.headers.iter().find(|(n, _)| n == name));
             metrics.record_rejection(model.map_or("", |(_, v)| v.as_str()), rejection.code());
         }
-        out.push(proto::immediate(rejection.status(), rejection.code(), &rejection.to_string()));
+        let reason =
+            rejection.dropped_reason().map(|reason| (REQUEST_DROPPED_REASON_HEADER, reason));
+        out.push(proto::immediate_with_headers(
+            rejection.status(),
+            rejection.code(),
+            &rejection.to_string(),
+            reason.as_slice(),
+        ));
         self.phase = Phase::Done;
     }
 

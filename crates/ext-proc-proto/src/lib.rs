@@ -229,13 +229,26 @@ pub fn continue_trailers(request_side: bool) -> ProcessingResponse {
 
 /// An immediate response ending the request with `status` and a JSON error body.
 pub fn immediate(status: u16, code: &str, message: &str) -> ProcessingResponse {
+    immediate_with_headers(status, code, message, &[])
+}
+
+/// [`immediate`], with `extra_headers` set on the answer too.
+pub fn immediate_with_headers(
+    status: u16,
+    code: &str,
+    message: &str,
+    extra_headers: &[(&str, &str)],
+) -> ProcessingResponse {
     let body =
         serde_json::json!({ "error": { "code": code, "message": message, "status": status } });
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: i32::from(status) }),
             headers: Some(HeaderMutation {
-                set_headers: vec![set_header("content-type", "application/json")],
+                set_headers: std::iter::once(("content-type", "application/json"))
+                    .chain(extra_headers.iter().copied())
+                    .map(|(key, value)| set_header(key, value))
+                    .collect(),
                 remove_headers: Vec::new(),
             }),
             body: body.to_string().into_bytes(),
