@@ -147,7 +147,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .map_err(|error| error.to_string())?;
     shutdown_signal().await;
     tracing::info!("shutting down");
-    running.shutdown(Duration::from_secs(10)).await;
+    running.drain(flags.drain_timeout, Duration::from_secs(10)).await;
     Ok(())
 }
 
