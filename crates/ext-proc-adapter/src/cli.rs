@@ -212,6 +212,10 @@ pub struct ServerFlags {
     /// Fallback endpoints emitted after the primary (0: one endpoint; some proxies parse only one).
     #[arg(long, default_value_t = 0, global = true)]
     pub max_fallback_endpoints: usize,
+    /// Emit the scheduler's score of each destination endpoint in the `envoy.lb` dynamic
+    /// metadata (`x-gateway-destination-endpoint-scores`: `ip:port` -> score).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub emit_endpoint_scores: bool,
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 32 * 1024 * 1024, global = true)]
     pub max_request_body_bytes: usize,

@@ -170,6 +170,7 @@ pub struct Exchange {
     tail: ResponseTail,
     started: Instant,
     max_fallback_endpoints: usize,
+    emit_endpoint_scores: bool,
     /// The upstream's HTTP status, from the response headers.
     response_status: Option<u16>,
 }
@@ -193,6 +194,7 @@ impl Exchange {
             tail: ResponseTail::default(),
             started: Instant::now(),
             max_fallback_endpoints: 0,
+            emit_endpoint_scores: false,
             response_status: None,
         }
     }
@@ -201,6 +203,13 @@ impl Exchange {
     /// 0: one `ip:port`, which every proxy parses).
     pub fn with_max_fallback_endpoints(mut self, count: usize) -> Self {
         self.max_fallback_endpoints = count;
+        self
+    }
+
+    /// Also emits the scheduler's score of each destination endpoint in the `envoy.lb`
+    /// metadata (default off).
+    pub fn with_endpoint_scores(mut self, emit: bool) -> Self {
+        self.emit_endpoint_scores = emit;
         self
     }
 
@@ -319,6 +328,11 @@ impl Exchange {
                     &routed.fallbacks,
                     self.max_fallback_endpoints,
                 );
+                let scores = if self.emit_endpoint_scores {
+                    endpoint_scores(&routed, self.max_fallback_endpoints)
+                } else {
+                    Vec::new()
+                };
                 let request = &routed.request;
                 let rewritten = (self.request_has_body && request.target_model != request.model)
                     .then(|| rewrite_body_model(&body, &request.target_model))
@@ -327,20 +341,21 @@ impl Exchange {
                     Some(rewritten) => {
                         let length = rewritten.len().to_string();
                         let target = request.target_model.as_str();
-                        out.push(proto::route_to(
+                        out.push(proto::route_to_with_scores(
                             &destination,
                             &[
                                 ("content-length", &length),
                                 (LLM_D_MODEL_REWRITE_HEADER, target),
                                 (MODEL_REWRITE_HEADER, target),
                             ],
+                            &scores,
                         ));
                         // The original body is released before the new one is streamed.
                         drop(body);
                         push_request_body(rewritten, out);
                     }
                     None => {
-                        out.push(proto::route_to(&destination, &[]));
+                        out.push(proto::route_to_with_scores(&destination, &[], &scores));
                         if self.request_has_body {
                             push_request_body(body, out);
                         }
@@ -447,6 +462,13 @@ impl Exchange {
             }
         }
     }
+}
+
+/// The score of each endpoint named in the destination (the primary and up to
+/// `max_fallbacks` fallbacks), when the scheduler scored them.
+fn endpoint_scores(routed: &scheduler_core::Routed, max_fallbacks: usize) -> Vec<(String, f64)> {
+    let named = std::iter::once(&routed.primary).chain(routed.fallbacks.iter().take(max_fallbacks));
+    named.zip(&routed.scores).map(|(address, score)| (address.to_string(), *score)).collect()
 }
 
 /// `body` with its `model` set to `target`, for a request whose model was rewritten; `None`
@@ -627,6 +649,46 @@ mod tests {
         exchange.handle(body(b"{not json".to_vec(), true), &mut out).await;
         assert_eq!(exchange.phase(), Phase::Done, "a bad body is answered by the picker");
         assert!(echoed(&out).is_empty());
+    }
+
+    /// The `envoy.lb` scores the route answer carries, if any.
+    fn emitted_scores(out: &[ProcessingResponse]) -> Option<Vec<(String, f64)>> {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let lb = out.first()?.dynamic_metadata.as_ref()?.fields.get("envoy.lb")?;
+        let Some(Kind::StructValue(lb)) = &lb.kind else { return None };
+        let scores = lb.fields.get("x-gateway-destination-endpoint-scores")?;
+        let Some(Kind::StructValue(scores)) = &scores.kind else { return None };
+        let mut scores: Vec<(String, f64)> = scores
+            .fields
+            .iter()
+            .map(|(endpoint, value)| match value.kind {
+                Some(Kind::NumberValue(score)) => (endpoint.clone(), score),
+                _ => panic!("a score is a number: {value:?}"),
+            })
+            .collect();
+        scores.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(scores)
+    }
+
+    #[tokio::test]
+    async fn endpoint_scores_are_emitted_only_when_asked() {
+        for emit in [false, true] {
+            let mut exchange = Exchange::new(director(), None).with_endpoint_scores(emit);
+            let mut out = Vec::new();
+            exchange.handle(headers(), &mut out).await;
+            exchange.handle(body(completions_body(64), true), &mut out).await;
+            let scores = emitted_scores(&out);
+            if !emit {
+                assert_eq!(scores, None);
+                continue;
+            }
+            let scores = scores.expect("scores in the metadata");
+            assert_eq!(scores.len(), 1, "only the endpoints in the destination: {scores:?}");
+            assert_eq!(scores[0].0, "10.0.0.1:8000");
+            // GIE's default profile: queue 2, KV-cache 2, prefix 3; an idle endpoint with no
+            // cached prefix scores 2 + 2.
+            assert!((scores[0].1 - 4.0).abs() < 1e-9, "{scores:?}");
+        }
     }
 
     #[tokio::test]

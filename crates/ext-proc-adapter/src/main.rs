@@ -123,6 +123,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         director: DirectorOptions { max_body_bytes: flags.max_request_body_bytes },
         limits: StreamLimits {
             max_fallback_endpoints: flags.max_fallback_endpoints,
+            emit_endpoint_scores: flags.emit_endpoint_scores,
             request_idle_timeout: flags.request_idle_timeout,
             decision_timeout: flags.request_decision_timeout,
         },

@@ -28,8 +28,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use scheduler_core::protocol::{
-    DESTINATION_ENDPOINT_HEADER, LB_METADATA_NAMESPACE, SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY,
-    SUBSET_HINT_NAMESPACE,
+    DESTINATION_ENDPOINT_HEADER, DESTINATION_ENDPOINT_SCORES_KEY, LB_METADATA_NAMESPACE,
+    SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
 };
 
 /// Header name/value pairs of an Envoy header map, names lower-cased. Envoy sends values in
@@ -131,10 +131,33 @@ pub fn destination_value(
 /// (plus `extra_headers`), a cleared route cache so the proxy re-routes on it, and the same
 /// destination in `envoy.lb` dynamic metadata.
 pub fn route_to(destination: &str, extra_headers: &[(&str, &str)]) -> ProcessingResponse {
+    route_to_with_scores(destination, extra_headers, &[])
+}
+
+/// [`route_to`], with each destination endpoint's score from the scheduler (`ip:port`,
+/// score) under [`DESTINATION_ENDPOINT_SCORES_KEY`] in the same metadata namespace, when
+/// `scores` is not empty.
+pub fn route_to_with_scores(
+    destination: &str,
+    extra_headers: &[(&str, &str)],
+    scores: &[(String, f64)],
+) -> ProcessingResponse {
     let mut set_headers = vec![set_header(DESTINATION_ENDPOINT_HEADER, destination)];
     set_headers.extend(extra_headers.iter().map(|(key, value)| set_header(key, value)));
     let mut lb = Struct::default();
     lb.fields.insert(DESTINATION_ENDPOINT_HEADER.to_owned(), string_value(destination.to_owned()));
+    if !scores.is_empty() {
+        let mut by_endpoint = Struct::default();
+        for (endpoint, score) in scores {
+            by_endpoint
+                .fields
+                .insert(endpoint.clone(), Value { kind: Some(Kind::NumberValue(*score)) });
+        }
+        lb.fields.insert(
+            DESTINATION_ENDPOINT_SCORES_KEY.to_owned(),
+            Value { kind: Some(Kind::StructValue(by_endpoint)) },
+        );
+    }
     let mut dynamic_metadata = Struct::default();
     dynamic_metadata
         .fields

@@ -119,6 +119,10 @@ pub struct Routed {
     /// Where to retry if the primary fails, best first: the primary profile's other picks
     /// (as many as its picker's `maxNumOfEndpoints` allows, usually none).
     pub fallbacks: Vec<SocketAddr>,
+    /// The weighted total score of the primary, then of each fallback, as the primary
+    /// profile scored them; empty when they were not scored (every candidate stale, or a
+    /// request without a body).
+    pub scores: Vec<f64>,
     /// The request as parsed.
     pub request: InferenceRequest,
     /// Runs the completion hooks when the response ends (or when dropped).
@@ -318,6 +322,7 @@ impl Director {
         Ok(Routed {
             primary: drawn_from[index].endpoint.address,
             fallbacks: Vec::new(),
+            scores: Vec::new(),
             request,
             completion: None,
         })
@@ -362,7 +367,8 @@ impl Director {
         let mut result = self.scheduler.schedule(&request, &pool)?;
         let primary = result.primary().endpoint.address;
         let fallbacks = result.fallbacks().map(|fallback| fallback.endpoint.address).collect();
+        let scores = result.ranked_scores().to_vec();
         let completion = result.take_completion();
-        Ok(Routed { primary, fallbacks, request, completion })
+        Ok(Routed { primary, fallbacks, scores, request, completion })
     }
 }

@@ -36,3 +36,7 @@ pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
 /// `rejected-saturated`, `rejected-ttl-expired`, `rejected-context-cancelled`), on its 429 and
 /// 503 answers. llm-d-router's name.
 pub const REQUEST_DROPPED_REASON_HEADER: &str = "x-llm-d-request-dropped-reason";
+/// Key (in [`LB_METADATA_NAMESPACE`]) of the scheduler's score of each endpoint named in the
+/// destination (a struct `ip:port` -> number); emitted only when asked for
+/// (`--emit-endpoint-scores`).
+pub const DESTINATION_ENDPOINT_SCORES_KEY: &str = "x-gateway-destination-endpoint-scores";

@@ -259,7 +259,9 @@ impl Scheduler {
                 }
                 let picks = profile.run(state, request, pool, buffers, explanation.as_deref_mut());
                 match picks {
-                    Ok(picks) => runs.push(ProfileRun { profile: profile.name().clone(), picks }),
+                    Ok((picks, scores)) => {
+                        runs.push(ProfileRun { profile: profile.name().clone(), picks, scores })
+                    }
                     Err(error) => {
                         buffers.next_profiles = next;
                         return Err(error);
@@ -323,7 +325,8 @@ impl Scheduler {
             .or_else(|| self.profile_names.first())
             .cloned()
             .ok_or(SchedulingError::NoProfileRun)?;
-        Ok(Some(vec![ProfileRun { profile, picks }]))
+        // Ranked by last known load, not scored.
+        Ok(Some(vec![ProfileRun { profile, picks, scores: Vec::new() }]))
     }
 
     /// Runs the completion hooks for a request (what [`CompletionGuard`] does on finish or drop).
