@@ -464,12 +464,17 @@ impl EppMetrics {
 
     /// The exposition text.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            let _ = writeln!(text, "# encoding failed");
-        }
-        text
+        encode_registry(&self.registry)
     }
+}
+
+/// The text exposition of `registry` (a comment line in place of what could not be encoded).
+pub(crate) fn encode_registry(registry: &Registry) -> String {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        let _ = writeln!(text, "# encoding failed");
+    }
+    text
 }
 
 #[cfg(test)]

@@ -2,8 +2,12 @@
 //! body's model, bodies echoed intact, errors, passthrough, the adapters file and its reload,
 //! adapters learned from a real HTTP `/v1/models` stand-in, metrics, and the binary itself.
 
+mod support;
+
+use support::{http_get, tempdir};
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,6 @@ use ext_proc_adapter::bbr::{self, BbrConfig, RunningBbr};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -134,16 +137,6 @@ const CHAT: &[(&str, &str)] =
 
 fn chat_body(model: &str) -> Vec<u8> {
     format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"Hi"}}]}}"#).into_bytes()
-}
-
-fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "epp-bbr-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn adapters_yaml(base: &str, adapters: &[&str]) -> String {
@@ -379,15 +372,6 @@ async fn adapters_are_learned_from_the_model_servers_and_the_file_wins() {
     std::fs::write(&adapters, "").unwrap();
     eventually_base(&mut client, "pinned-lora", "pinned-lora").await;
     running.shutdown(Duration::from_secs(1)).await;
-}
-
-async fn http_get(address: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 fn sample(page: &str, series: &str) -> Option<f64> {

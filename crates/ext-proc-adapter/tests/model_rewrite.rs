@@ -1,6 +1,10 @@
 //! Model rewrites through the whole server: a canary split over real gRPC, the rewritten body
 //! and its length, sticky sessions, strict refusals, and the metrics of both model names.
 
+mod support;
+
+use support::{http_get, tempdir};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +16,6 @@ use scheduler_core::rewrite::ModelRewrites;
 use scheduler_core::{
     Director, DirectorOptions, Endpoint, EndpointState, PoolSnapshot, SharedPool,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 const CANARY: &str = "\
@@ -195,15 +198,6 @@ async fn strict_rewrites_answer_404_for_unknown_models() {
     running.shutdown(Duration::from_secs(1)).await;
 }
 
-async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
 /// The model a `chat` request is sent to.
 async fn served_target(client: &mut ExternalProcessorClient<Channel>) -> String {
     let body = chat("chat", false, "hi");
@@ -220,8 +214,7 @@ fn alias_to(target: &str) -> String {
 
 #[tokio::test]
 async fn the_rewrites_file_reloads_and_a_broken_edit_keeps_the_last_rules() {
-    let dir = std::env::temp_dir().join(format!("epp-rewrites-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempdir();
     let path = dir.join("rewrites.yaml");
     std::fs::write(&path, alias_to("chat-v1")).unwrap();
     let settings =
@@ -275,8 +268,7 @@ async fn the_rewrites_file_reloads_and_a_broken_edit_keeps_the_last_rules() {
 
 #[test]
 fn the_epp_binary_refuses_a_bad_rewrites_file_by_name() {
-    let dir = std::env::temp_dir().join(format!("epp-rewrites-bin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempdir();
     let bad = dir.join("rewrites.yaml");
     let two_weights = "kind: InferenceModelRewrite\nmetadata: {name: split}\nspec:\n  rules:\n  - targets: [{modelRewrite: a, weight: 5}, {modelRewrite: b}]\n";
     std::fs::write(&bad, two_weights).unwrap();

@@ -1,5 +1,10 @@
 //! The whole server: TLS and plaintext ext-proc, health services, `/metrics`, endpoints file.
 
+mod support;
+
+use support::{http_get, tempdir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +16,6 @@ use ext_proc_adapter::tls::PemIdentity;
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::Engine;
 use scheduler_core::SharedPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -109,16 +113,6 @@ async fn tls_ext_proc_with_a_self_signed_certificate() {
     running.shutdown(Duration::from_secs(1)).await;
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "epp-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test]
 async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
     let dir = tempdir();
@@ -166,15 +160,6 @@ async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     running.shutdown(Duration::from_secs(1)).await;
-}
-
-async fn http_get(address: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 #[tokio::test]

@@ -142,8 +142,9 @@ pub fn route_to_with_scores(
     extra_headers: &[(&str, &str)],
     scores: &[(String, f64)],
 ) -> ProcessingResponse {
-    let mut set_headers = vec![set_header(DESTINATION_ENDPOINT_HEADER, destination)];
-    set_headers.extend(extra_headers.iter().map(|(key, value)| set_header(key, value)));
+    let mut headers = Vec::with_capacity(extra_headers.len() + 1);
+    headers.push((DESTINATION_ENDPOINT_HEADER, destination));
+    headers.extend_from_slice(extra_headers);
     let mut lb = Struct::default();
     lb.fields.insert(DESTINATION_ENDPOINT_HEADER.to_owned(), string_value(destination.to_owned()));
     if !scores.is_empty() {
@@ -162,17 +163,7 @@ pub fn route_to_with_scores(
     dynamic_metadata
         .fields
         .insert(LB_METADATA_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(lb)) });
-    ProcessingResponse {
-        response: Some(processing_response::Response::RequestHeaders(HeadersResponse {
-            response: Some(CommonResponse {
-                header_mutation: Some(HeaderMutation { set_headers, remove_headers: Vec::new() }),
-                clear_route_cache: true,
-                ..CommonResponse::default()
-            }),
-        })),
-        dynamic_metadata: Some(dynamic_metadata),
-        ..ProcessingResponse::default()
-    }
+    ProcessingResponse { dynamic_metadata: Some(dynamic_metadata), ..set_request_headers(&headers) }
 }
 
 /// The answer to the request headers that sets `headers` (each overwriting what the client

@@ -6,8 +6,6 @@
 //!   sent to. Base model names come from clients (a model nobody described is its own base),
 //!   so they are escaped and bounded as `epp`'s model labels are (see [`crate::metrics`]).
 
-use std::fmt::Write as _;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -100,11 +98,7 @@ impl BbrMetrics {
 
     /// The exposition text.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
-            let _ = writeln!(text, "# encoding failed");
-        }
-        text
+        crate::metrics::encode_registry(&self.registry)
     }
 }
 
