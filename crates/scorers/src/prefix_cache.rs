@@ -176,8 +176,45 @@ impl PrefixCacheScorer {
     }
 }
 
+/// Whether the prefix scorer found a cached prefix on any candidate of a decision: what
+/// `no-hit-lru-scorer` reads to tell cold requests from warm ones (llm-d-router passes the
+/// same fact between the two plugins as per-endpoint prefix match information).
+#[derive(Debug, Default)]
+pub(crate) struct PrefixHit {
+    /// The decision the record was made for, and whether some candidate matched.
+    recorded: Option<(u64, bool)>,
+}
+
+impl PrefixHit {
+    /// Whether this decision's prefix scoring found a hit; `None` when no prefix scorer has
+    /// run in this decision.
+    pub(crate) fn of_decision(state: &mut CycleState) -> Option<bool> {
+        let stamp = state.decision_stamp();
+        match state.scratch::<PrefixHit>().recorded {
+            Some((recorded, hit)) if recorded == stamp => Some(hit),
+            _ => None,
+        }
+    }
+}
+
 impl Scorer for PrefixCacheScorer {
     fn score(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        candidates: Candidates<'_>,
+        scores: &mut [f64],
+    ) {
+        self.score_prefix(state, request, candidates, scores);
+        // Scores arrive zeroed and are positive exactly where a prefix matched.
+        let hit = scores.iter().any(|&score| score > 0.0);
+        let stamp = state.decision_stamp();
+        state.scratch::<PrefixHit>().recorded = Some((stamp, hit));
+    }
+}
+
+impl PrefixCacheScorer {
+    fn score_prefix(
         &self,
         state: &mut CycleState,
         request: &InferenceRequest,
