@@ -8,7 +8,11 @@
 //! | `lora-affinity-scorer` | scorer | [`lora_affinity`] |
 //! | `active-request-scorer` | scorer + hooks | [`active_request`] |
 //! | `prefix-cache-scorer` | scorer + hook | [`prefix_cache`] |
-//! | `by-label` | filter | [`label_filter`] |
+//! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
+//! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
+//! | `session-affinity-filter` | filter | [`session_affinity`] |
+//! | `session-affinity-scorer` | scorer | [`session_affinity`] |
+//! | `header-label-affinity-scorer` | scorer | [`header_label_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
@@ -40,8 +44,10 @@
 //! ```
 
 pub mod active_request;
+pub mod header_label_affinity;
 pub mod kv_cache;
 pub mod label_filter;
+pub mod label_selector;
 pub mod lag_compensation;
 pub mod lora_affinity;
 pub mod lora_filter;
@@ -49,6 +55,7 @@ mod normalize;
 pub mod pickers;
 pub mod prefix_cache;
 pub mod queue;
+pub mod session_affinity;
 
 use std::sync::Arc;
 
@@ -57,14 +64,19 @@ use scheduler_core::{
 };
 
 pub use active_request::ActiveRequestScorer;
+pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters};
+pub use label_selector::{LabelSelectorFilter, LabelSelectorParameters};
 pub use lag_compensation::LoadScorerParameters;
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
 pub use prefix_cache::{PrefixCacheParameters, PrefixCacheScorer};
 pub use queue::QueueScorer;
+pub use session_affinity::{
+    SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
+};
 
 /// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
 /// the profile handler and the saturation detectors, come with [`PluginRegistry::new`]).
@@ -102,6 +114,21 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(label_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(ByLabelFilter::new(spec.parameters()?)?))
+    });
+    // Go registers the deprecated name with the same factory as the current one.
+    for name in [label_selector::TYPE_NAME, label_selector::DEPRECATED_TYPE_NAME] {
+        registry.register(name, |spec| {
+            Ok(Plugin::filter(LabelSelectorFilter::new(spec.parameters()?)?))
+        });
+    }
+    registry.register(session_affinity::FILTER_TYPE_NAME, |spec| {
+        Ok(Plugin::filter(SessionAffinityFilter::new(spec.parameters()?)?))
+    });
+    registry.register(session_affinity::SCORER_TYPE_NAME, |spec| {
+        Ok(Plugin::scorer(SessionAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register(header_label_affinity::TYPE_NAME, |spec| {
+        Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))
