@@ -7,12 +7,13 @@
 //! | `kv-cache-utilization-scorer` (alias `kv-cache-scorer`) | scorer | [`kv_cache`] |
 //! | `lora-affinity-scorer` | scorer | [`lora_affinity`] |
 //! | `active-request-scorer` | scorer + hooks | [`active_request`] |
-//! | `prefix-cache-scorer` | scorer + hook | [`prefix_cache`] |
+//! | `prefix-cache-scorer` | scorer + data producer + hook | [`prefix_cache`] |
 //! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
 //! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
 //! | `session-affinity-filter` | filter | [`session_affinity`] |
 //! | `session-affinity-scorer` | scorer | [`session_affinity`] |
 //! | `header-label-affinity-scorer` | scorer | [`header_label_affinity`] |
+//! | `prefix-cache-affinity-filter` | filter (reads `prefix-cache-scorer`'s matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
@@ -53,6 +54,7 @@ pub mod lora_affinity;
 pub mod lora_filter;
 mod normalize;
 pub mod pickers;
+pub mod prefix_affinity;
 pub mod prefix_cache;
 pub mod queue;
 pub mod session_affinity;
@@ -72,6 +74,7 @@ pub use lag_compensation::LoadScorerParameters;
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
+pub use prefix_affinity::{PrefixCacheAffinityFilter, PrefixCacheAffinityParameters};
 pub use prefix_cache::{PrefixCacheParameters, PrefixCacheScorer};
 pub use queue::QueueScorer;
 pub use session_affinity::{
@@ -107,6 +110,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         let scorer = Arc::new(PrefixCacheScorer::new(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
+            data_producer: Some(scorer.clone()),
             pre_request: Some(scorer.clone()),
             pool_observer: Some(scorer),
             ..Plugin::default()
@@ -129,6 +133,9 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register(prefix_affinity::TYPE_NAME, |spec| {
+        Ok(Plugin::filter(PrefixCacheAffinityFilter::new(spec.parameters()?)?))
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))

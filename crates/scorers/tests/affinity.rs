@@ -289,6 +289,13 @@ plugins:
     blockSizeTokens: 16
     maxPrefixTokensToMatch: 16384
     lruCapacityPerServer: 31250
+- type: prefix-cache-affinity-filter
+  name: prefix-affinity
+  parameters:
+    affinityThreshold: 0.80
+    explorationProbability: 0.01
+    maxTTFTPenaltyMs: 5000
+    ttftSource: prefillThroughput
 - type: weighted-random-picker
   name: picker
 schedulingProfiles:
@@ -296,6 +303,7 @@ schedulingProfiles:
   plugins:
   - pluginRef: label-selector-filter
   - pluginRef: session-affinity-decode
+  - pluginRef: prefix-affinity
   - pluginRef: session-affinity-scorer
   - pluginRef: slice-affinity
     weight: 3

@@ -13,8 +13,9 @@
 //! leave the pool are forgotten when the pool's writer publishes the change (the scorer is a
 //! [`PoolObserver`]), so memory is bounded by the live pool, not by every endpoint ever seen.
 //!
-//! The prompt is hashed once per decision; the hashes live in the decision's [`CycleState`]
-//! so the hook reuses them.
+//! The prompt is hashed and matched once per decision, by the scorer acting as a
+//! [`DataProducer`] before the profiles run; hashes and matches live in the decision's
+//! [`CycleState`], where the scorer, the hook and `prefix-cache-affinity-filter` read them.
 //!
 //! The record is not made on the decision's path: the hook queues the hashes on the scorer's
 //! [`RecordWriter`], whose thread applies them a moment later (batched, a repeated prompt
@@ -30,12 +31,14 @@ use prefix_cache::{
     WriterConfig,
 };
 use scheduler_core::{
-    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolObserver, PoolSnapshot,
-    PreRequest, SchedulingResult, Scorer,
+    Candidates, CycleState, DataProducer, EndpointId, InferenceRequest, PluginError, PoolObserver,
+    PoolSnapshot, PreRequest, SchedulingResult, Scorer,
 };
 
+mod matches;
 mod parameters;
 
+pub(crate) use matches::PrefixMatchInfo;
 pub use parameters::PrefixCacheParameters;
 use parameters::Resolved;
 
@@ -54,8 +57,6 @@ struct PrefixScratch {
     lookup: LookupScratch,
     /// Matched leading blocks by endpoint.
     matches: Vec<(EndpointId, usize)>,
-    /// Scores by pool position.
-    by_pool_index: Vec<f64>,
 }
 
 /// Scores by cached prefix length and records picks.
@@ -118,6 +119,39 @@ impl PrefixCacheScorer {
         weight * length * length + (1.0 - weight) * ratio
     }
 
+    /// Fills the decision's [`PrefixMatchInfo`] unless already filled for this decision and
+    /// block configuration.
+    fn match_prompt(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+    ) {
+        let key = (state.decision_stamp(), self.hasher.config());
+        if state.scratch::<PrefixMatchInfo>().produced_for == Some(key) {
+            return;
+        }
+        // Taken out and put back (buffers and all) so that the prompt scratch can be borrowed
+        // from the same state meanwhile.
+        let mut info = std::mem::take(state.scratch::<PrefixMatchInfo>());
+        let PrefixScratch { hashes, lookup, matches, .. } = self.hashed_prompt(state, request);
+        info.total_blocks = hashes.len();
+        info.matched_blocks.clear();
+        info.matched_blocks.resize(pool.len(), 0);
+        if !hashes.is_empty() {
+            self.index.longest_prefix_matches(hashes, lookup, matches);
+            for &(endpoint, blocks) in matches.iter() {
+                let slot =
+                    pool.index_of(endpoint).and_then(|i| info.matched_blocks.get_mut(i as usize));
+                if let Some(slot) = slot {
+                    *slot = blocks;
+                }
+            }
+        }
+        info.produced_for = Some(key);
+        *state.scratch::<PrefixMatchInfo>() = info;
+    }
+
     /// The decision's scratch, with the prompt's block hashes computed for this decision.
     fn hashed_prompt<'s>(
         &self,
@@ -146,29 +180,24 @@ impl Scorer for PrefixCacheScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let PrefixScratch { hashes, lookup, matches, by_pool_index, .. } =
-            self.hashed_prompt(state, request);
-        if hashes.is_empty() {
+        self.match_prompt(state, request, candidates.pool());
+        let info = state.scratch::<PrefixMatchInfo>();
+        if info.total_blocks == 0 {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
         }
-        let total = hashes.len() as f64;
-        let pool = candidates.pool();
-        self.index.longest_prefix_matches(hashes, lookup, matches);
-        if matches.is_empty() {
-            return;
-        }
-        // Scores by pool position first: matched endpoints are looked up once each, and
-        // candidates read theirs by position, without a map per request.
-        by_pool_index.clear();
-        by_pool_index.resize(pool.len(), 0.0);
-        for &(endpoint, blocks) in matches.iter() {
-            if let Some(index) = pool.index_of(endpoint) {
-                by_pool_index[index as usize] = self.blend(blocks, total);
+        let total = info.total_blocks as f64;
+        for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
+            let matched = info.matched_blocks.get(index as usize).copied().unwrap_or(0);
+            if matched > 0 {
+                *score = self.blend(matched, total);
             }
         }
-        for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
-            *score = by_pool_index.get(index as usize).copied().unwrap_or(0.0);
-        }
+    }
+}
+
+impl DataProducer for PrefixCacheScorer {
+    fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
+        self.match_prompt(state, request, pool);
     }
 }
 
