@@ -1,8 +1,8 @@
 //! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service: one task per stream driving
 //! an [`Exchange`], answers sent through a bounded channel.
 //!
-//! The stream loop ([`drive`]) is shared with the body-based router: anything that handles one
-//! stream's messages as a [`StreamExchange`] gets the same timeouts and back-pressure.
+//! The stream loop is shared with the body-based router: anything that handles one stream's
+//! messages as a `StreamExchange` gets the same timeouts and back-pressure.
 
 use std::future::Future;
 use std::pin::Pin;
