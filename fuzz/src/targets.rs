@@ -27,6 +27,20 @@ pub fn request_body(data: &[u8]) {
     let path = PATHS[usize::from(input.byte()) % PATHS.len()];
     if let Ok(request) = InferenceRequest::from_openai(path, [], input.data) {
         assert!(!request.target_model.is_empty(), "a parsed request always names its model");
+        // What the parser read as the model, the scan finds; a rewrite changes only that.
+        // (The scan reads objects; serde's array form of a struct is no client's format.)
+        if input.data.trim_ascii_start().first() != Some(&b'{') {
+            return;
+        }
+        let found = scheduler_core::model_field::find_model(input.data);
+        let found = found.expect("a body that parsed scans").expect("and names a model");
+        assert_eq!(found.value, request.model);
+        let rewritten = scheduler_core::model_field::rewrite_model(input.data, "rewritten\"model")
+            .expect("scans")
+            .expect("has a model");
+        let reparsed = InferenceRequest::from_openai(path, [], &rewritten).expect("still parses");
+        assert_eq!(reparsed.model, "rewritten\"model");
+        assert_eq!(reparsed.prompt, request.prompt, "only the model changed");
     }
 }
 
@@ -50,6 +64,18 @@ fn small_pool() -> PoolSnapshot {
 /// and builds must then schedule a request over a small pool.
 pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    // The same text as model rewrites and objectives: refused or loaded, never a panic, and a
+    // rewrite only ever names a configured target.
+    if let Ok(rewrites) = scheduler_core::rewrite::ModelRewrites::from_yaml(text) {
+        let targets: HashSet<&str> = rewrites.model_names().collect();
+        if let scheduler_core::rewrite::ModelRoute::Rewritten(applied) =
+            rewrites.route("sql-lora", Some("session"))
+        {
+            assert!(targets.contains(&*applied.target), "a target the rules name");
+        }
+    }
+    let metrics = Arc::new(scheduler_core::flow::FlowMetrics::new());
+    let _ = scheduler_core::flow::ObjectiveResolver::from_yaml(text, metrics);
     let Ok(config) = EndpointPickerConfig::from_yaml(text) else { return };
     let Ok(scheduler) = config.build(&scorers::builtin_registry()) else { return };
     let pool = Arc::new(small_pool());

@@ -832,6 +832,7 @@ mod tests {
         let routed = |fallbacks: &[&str]| Routed {
             primary: "10.0.0.1:80".parse().unwrap(),
             fallbacks: fallbacks.iter().map(|address| address.parse().unwrap()).collect(),
+            scores: Vec::new(),
             request: scheduler_core::InferenceRequest::default(),
             completion: None,
         };

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, body_mutation,
+    HttpBody, HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse, body_mutation,
     processing_request, processing_response,
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
@@ -44,6 +44,8 @@ pub enum Decision {
         status: u16,
         /// Response body.
         body: Vec<u8>,
+        /// Response headers the picker set (name, value), `content-type` included.
+        headers: Vec<(String, String)>,
     },
 }
 
@@ -154,8 +156,7 @@ impl ProxyStream {
                 self.answers.message().await?.ok_or(ClientError::Closed("the decision"))?;
             match answer.response {
                 Some(processing_response::Response::ImmediateResponse(immediate)) => {
-                    let status = immediate.status.map_or(0, |s| s.code) as u16;
-                    return Ok(Decision::Immediate { status, body: immediate.body });
+                    return Ok(immediate_decision(immediate));
                 }
                 Some(processing_response::Response::RequestHeaders(headers)) => {
                     let mut destination = String::new();
@@ -217,17 +218,27 @@ impl ProxyStream {
         let answer = self.answers.message().await?.ok_or(ClientError::Closed("the decision"))?;
         match answer.response {
             Some(processing_response::Response::ImmediateResponse(immediate)) => {
-                Ok(Decision::Immediate {
-                    status: immediate.status.map_or(0, |s| s.code) as u16,
-                    body: immediate.body,
+                Ok(immediate_decision(immediate))
+            }
+            Some(processing_response::Response::RequestHeaders(headers)) => {
+                let mut destination = String::new();
+                let mut others = Vec::new();
+                let set = headers.response.and_then(|common| common.header_mutation);
+                for header in set.into_iter().flat_map(|m| m.set_headers).filter_map(|o| o.header) {
+                    let value = String::from_utf8_lossy(&header.raw_value).into_owned();
+                    if header.key == protocol::DESTINATION_ENDPOINT_HEADER {
+                        destination = value;
+                    } else {
+                        others.push((header.key, value));
+                    }
+                }
+                Ok(Decision::Routed {
+                    metadata_destination: destination.clone(),
+                    destination,
+                    body: Vec::new(),
+                    headers: others,
                 })
             }
-            Some(processing_response::Response::RequestHeaders(_)) => Ok(Decision::Routed {
-                destination: String::new(),
-                metadata_destination: String::new(),
-                body: Vec::new(),
-                headers: Vec::new(),
-            }),
             _ => Err(ClientError::Closed("a headers answer")),
         }
     }
@@ -328,4 +339,20 @@ fn subset_metadata(subset: &[String]) -> Metadata {
     let mut metadata = Metadata::default();
     metadata.filter_metadata.insert(protocol::SUBSET_HINT_NAMESPACE.to_owned(), hint);
     metadata
+}
+
+/// The decision an immediate response makes.
+fn immediate_decision(immediate: ImmediateResponse) -> Decision {
+    let headers = immediate
+        .headers
+        .into_iter()
+        .flat_map(|mutation| mutation.set_headers)
+        .filter_map(|option| option.header)
+        .map(|header| (header.key, String::from_utf8_lossy(&header.raw_value).into_owned()))
+        .collect();
+    Decision::Immediate {
+        status: immediate.status.map_or(0, |s| s.code) as u16,
+        body: immediate.body,
+        headers,
+    }
 }

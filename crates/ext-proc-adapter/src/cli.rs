@@ -152,6 +152,11 @@ pub struct ServerFlags {
     /// ext-proc connections open at once; further clients wait in the listen backlog.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..), global = true)]
     pub grpc_max_connections: u64,
+    /// On SIGTERM or Ctrl-C: how long readiness reports NotServing (so Kubernetes takes the
+    /// pod out of the Service) while ext-proc keeps serving new and open streams, before the
+    /// server stops (open streams then get 10 s more). 0 stops at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
+    pub drain_timeout: Duration,
     /// Longest wait for the proxy's next message before a request's routing decision; the
     /// stream is then ended with DEADLINE_EXCEEDED.
     #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
@@ -207,6 +212,10 @@ pub struct ServerFlags {
     /// Fallback endpoints emitted after the primary (0: one endpoint; some proxies parse only one).
     #[arg(long, default_value_t = 0, global = true)]
     pub max_fallback_endpoints: usize,
+    /// Emit the scheduler's score of each destination endpoint in the `envoy.lb` dynamic
+    /// metadata (`x-gateway-destination-endpoint-scores`: `ip:port` -> score).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub emit_endpoint_scores: bool,
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 32 * 1024 * 1024, global = true)]
     pub max_request_body_bytes: usize,
@@ -323,6 +332,7 @@ mod tests {
         assert_eq!(flags.tcp_keepalive_time, Duration::from_secs(60));
         assert_eq!((flags.grpc_max_concurrent_streams, flags.grpc_max_connections), (1024, 1024));
         assert_eq!(flags.request_idle_timeout, Duration::from_secs(60));
+        assert_eq!(flags.drain_timeout, Duration::from_secs(30), "the Go EPP's default");
         assert_eq!(flags.request_decision_timeout, Duration::from_secs(90));
         assert_eq!(flags.client_ca_path, None);
         assert!(Cli::try_parse_from(["epp", "--grpc-max-concurrent-streams", "0"]).is_err());

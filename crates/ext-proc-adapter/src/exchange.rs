@@ -30,7 +30,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request,
 };
 use scheduler_core::model_field;
-use scheduler_core::protocol::{LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER};
+use scheduler_core::protocol::{
+    LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER, REQUEST_DROPPED_REASON_HEADER,
+};
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
 
@@ -168,6 +170,7 @@ pub struct Exchange {
     tail: ResponseTail,
     started: Instant,
     max_fallback_endpoints: usize,
+    emit_endpoint_scores: bool,
     /// The upstream's HTTP status, from the response headers.
     response_status: Option<u16>,
 }
@@ -191,6 +194,7 @@ impl Exchange {
             tail: ResponseTail::default(),
             started: Instant::now(),
             max_fallback_endpoints: 0,
+            emit_endpoint_scores: false,
             response_status: None,
         }
     }
@@ -199,6 +203,13 @@ impl Exchange {
     /// 0: one `ip:port`, which every proxy parses).
     pub fn with_max_fallback_endpoints(mut self, count: usize) -> Self {
         self.max_fallback_endpoints = count;
+        self
+    }
+
+    /// Also emits the scheduler's score of each destination endpoint in the `envoy.lb`
+    /// metadata (default off).
+    pub fn with_endpoint_scores(mut self, emit: bool) -> Self {
+        self.emit_endpoint_scores = emit;
         self
     }
 
@@ -286,6 +297,9 @@ impl Exchange {
     }
 
     async fn decide(&mut self, out: &mut Vec<ProcessingResponse>) {
+        if !self.request_has_body {
+            return self.route_without_body(out);
+        }
         let headers = std::mem::take(&mut self.headers);
         let body = std::mem::take(&mut self.body);
         let Some(parsed) = self.parsing.parse(&self.director, headers, body).await else {
@@ -314,6 +328,11 @@ impl Exchange {
                     &routed.fallbacks,
                     self.max_fallback_endpoints,
                 );
+                let scores = if self.emit_endpoint_scores {
+                    endpoint_scores(&routed, self.max_fallback_endpoints)
+                } else {
+                    Vec::new()
+                };
                 let request = &routed.request;
                 let rewritten = (self.request_has_body && request.target_model != request.model)
                     .then(|| rewrite_body_model(&body, &request.target_model))
@@ -322,20 +341,21 @@ impl Exchange {
                     Some(rewritten) => {
                         let length = rewritten.len().to_string();
                         let target = request.target_model.as_str();
-                        out.push(proto::route_to(
+                        out.push(proto::route_to_with_scores(
                             &destination,
                             &[
                                 ("content-length", &length),
                                 (LLM_D_MODEL_REWRITE_HEADER, target),
                                 (MODEL_REWRITE_HEADER, target),
                             ],
+                            &scores,
                         ));
                         // The original body is released before the new one is streamed.
                         drop(body);
                         push_request_body(rewritten, out);
                     }
                     None => {
-                        out.push(proto::route_to(&destination, &[]));
+                        out.push(proto::route_to_with_scores(&destination, &[], &scores));
                         if self.request_has_body {
                             push_request_body(body, out);
                         }
@@ -351,6 +371,21 @@ impl Exchange {
         }
     }
 
+    /// A request without a body is not parsed or scheduled: it goes to an endpoint drawn at
+    /// random (see [`Director::route_without_body`]).
+    fn route_without_body(&mut self, out: &mut Vec<ProcessingResponse>) {
+        let subset = self.subset.take();
+        match self.director.route_without_body(&self.headers, subset) {
+            Ok(routed) => {
+                let destination = proto::destination_value(routed.primary, &[], 0);
+                out.push(proto::route_to(&destination, &[]));
+                self.headers = Vec::new();
+                self.phase = Phase::AwaitingResponse;
+            }
+            Err(rejection) => self.reject(rejection, out),
+        }
+    }
+
     fn reject(&mut self, rejection: Rejection, out: &mut Vec<ProcessingResponse>) {
         tracing::debug!(status = rejection.status(), error = %rejection, "request answered by the picker");
         if let Some(metrics) = &self.metrics {
@@ -359,7 +394,14 @@ impl Exchange {
                 .find_map(|name| self.headers.iter().find(|(n, _)| n == name));
             metrics.record_rejection(model.map_or("", |(_, v)| v.as_str()), rejection.code());
         }
-        out.push(proto::immediate(rejection.status(), rejection.code(), &rejection.to_string()));
+        let reason =
+            rejection.dropped_reason().map(|reason| (REQUEST_DROPPED_REASON_HEADER, reason));
+        out.push(proto::immediate_with_headers(
+            rejection.status(),
+            rejection.code(),
+            &rejection.to_string(),
+            reason.as_slice(),
+        ));
         self.phase = Phase::Done;
     }
 
@@ -420,6 +462,13 @@ impl Exchange {
             }
         }
     }
+}
+
+/// The score of each endpoint named in the destination (the primary and up to
+/// `max_fallbacks` fallbacks), when the scheduler scored them.
+fn endpoint_scores(routed: &scheduler_core::Routed, max_fallbacks: usize) -> Vec<(String, f64)> {
+    let named = std::iter::once(&routed.primary).chain(routed.fallbacks.iter().take(max_fallbacks));
+    named.zip(&routed.scores).map(|(address, score)| (address.to_string(), *score)).collect()
 }
 
 /// `body` with its `model` set to `target`, for a request whose model was rewritten; `None`
@@ -600,6 +649,46 @@ mod tests {
         exchange.handle(body(b"{not json".to_vec(), true), &mut out).await;
         assert_eq!(exchange.phase(), Phase::Done, "a bad body is answered by the picker");
         assert!(echoed(&out).is_empty());
+    }
+
+    /// The `envoy.lb` scores the route answer carries, if any.
+    fn emitted_scores(out: &[ProcessingResponse]) -> Option<Vec<(String, f64)>> {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let lb = out.first()?.dynamic_metadata.as_ref()?.fields.get("envoy.lb")?;
+        let Some(Kind::StructValue(lb)) = &lb.kind else { return None };
+        let scores = lb.fields.get("x-gateway-destination-endpoint-scores")?;
+        let Some(Kind::StructValue(scores)) = &scores.kind else { return None };
+        let mut scores: Vec<(String, f64)> = scores
+            .fields
+            .iter()
+            .map(|(endpoint, value)| match value.kind {
+                Some(Kind::NumberValue(score)) => (endpoint.clone(), score),
+                _ => panic!("a score is a number: {value:?}"),
+            })
+            .collect();
+        scores.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(scores)
+    }
+
+    #[tokio::test]
+    async fn endpoint_scores_are_emitted_only_when_asked() {
+        for emit in [false, true] {
+            let mut exchange = Exchange::new(director(), None).with_endpoint_scores(emit);
+            let mut out = Vec::new();
+            exchange.handle(headers(), &mut out).await;
+            exchange.handle(body(completions_body(64), true), &mut out).await;
+            let scores = emitted_scores(&out);
+            if !emit {
+                assert_eq!(scores, None);
+                continue;
+            }
+            let scores = scores.expect("scores in the metadata");
+            assert_eq!(scores.len(), 1, "only the endpoints in the destination: {scores:?}");
+            assert_eq!(scores[0].0, "10.0.0.1:8000");
+            // GIE's default profile: queue 2, KV-cache 2, prefix 3; an idle endpoint with no
+            // cached prefix scores 2 + 2.
+            assert!((scores[0].1 - 4.0).abs() < 1e-9, "{scores:?}");
+        }
     }
 
     #[tokio::test]

@@ -3,8 +3,10 @@
 //! ([`PoolSnapshot::can_route`](scheduler_core::PoolSnapshot::can_route)): some endpoint is
 //! known and, when the pool's staleness policy fails closed, some endpoint has fresh metrics.
 //! Failing open (the default), an all-stale pool stays ready, since the picker still routes.
+//! While the server drains before stopping, readiness is NotServing and liveness serving.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use scheduler_core::SharedPool;
@@ -23,12 +25,18 @@ pub fn pool_ready(pool: &SharedPool, now: Instant) -> bool {
     pool.load().can_route(now)
 }
 
-/// Keeps the health statuses in step with the pool until the task is dropped.
-pub async fn report(reporter: HealthReporter, pool: Arc<SharedPool>, period: Duration) {
+/// Keeps the health statuses in step with the pool until the task is dropped; once
+/// `draining` is set, readiness stays NotServing whatever the pool.
+pub async fn report(
+    reporter: HealthReporter,
+    pool: Arc<SharedPool>,
+    draining: Arc<AtomicBool>,
+    period: Duration,
+) {
     reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
     let mut last = None;
     loop {
-        let ready = pool_ready(&pool, Instant::now());
+        let ready = !draining.load(Ordering::Relaxed) && pool_ready(&pool, Instant::now());
         if last != Some(ready) {
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             reporter.set_service_status(READINESS, status).await;
@@ -38,4 +46,12 @@ pub async fn report(reporter: HealthReporter, pool: Arc<SharedPool>, period: Dur
         }
         tokio::time::sleep(period).await;
     }
+}
+
+/// Marks the server as draining: readiness and the ext-proc service report NotServing from
+/// now on (liveness stays serving), so the pod leaves the Service while it still serves.
+pub async fn start_draining(reporter: &HealthReporter, draining: &AtomicBool) {
+    draining.store(true, Ordering::Relaxed);
+    reporter.set_service_status(READINESS, ServingStatus::NotServing).await;
+    reporter.set_service_status(EXT_PROC_SERVICE, ServingStatus::NotServing).await;
 }

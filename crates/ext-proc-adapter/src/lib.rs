@@ -32,27 +32,27 @@
 //! Every limit has a flag of `epp` ([`cli::ServerFlags`]); defaults in brackets.
 //!
 //! - A proxy that vanishes without closing (host gone, network partition) is noticed by
-//!   HTTP/2 keepalive: a PING every `--grpc-keepalive-interval` [30s], unanswered for
-//!   `--grpc-keepalive-timeout` [10s], closes the connection; its streams end and the requests
+//!   HTTP/2 keepalive: a PING every `--grpc-keepalive-interval` (30s), unanswered for
+//!   `--grpc-keepalive-timeout` (10s), closes the connection; its streams end and the requests
 //!   they held (in-flight counts, queue places) are released as cancelled. TCP keepalive
-//!   (`--tcp-keepalive-time` [60s], `--tcp-keepalive-interval` [10s],
-//!   `--tcp-keepalive-retries` [3]) catches dead sockets underneath.
-//! - Each connection carries at most `--grpc-max-concurrent-streams` [1024] streams; at most
-//!   `--grpc-max-connections` [1024] connections are open, further ones wait in the listen
-//!   backlog; a TLS handshake must finish within `--tls-handshake-timeout` [10s].
-//! - Before its routing decision a stream may wait at most `--request-idle-timeout` [60s] for
-//!   each message, and at most `--request-decision-timeout` [90s] from its opening, queue wait
+//!   (`--tcp-keepalive-time` (60s), `--tcp-keepalive-interval` (10s),
+//!   `--tcp-keepalive-retries` (3)) catches dead sockets underneath.
+//! - Each connection carries at most `--grpc-max-concurrent-streams` (1024) streams; at most
+//!   `--grpc-max-connections` (1024) connections are open, further ones wait in the listen
+//!   backlog; a TLS handshake must finish within `--tls-handshake-timeout` (10s).
+//! - Before its routing decision a stream may wait at most `--request-idle-timeout` (60s) for
+//!   each message, and at most `--request-decision-timeout` (90s) from its opening, queue wait
 //!   included; past either it is ended with `DEADLINE_EXCEEDED` and everything it held is
 //!   released. After the decision no timeout applies: responses take as long as they take.
 //! - `--client-ca-path` makes TLS mutual: clients need a certificate signed by that CA.
 //!
 //! # Stale metrics
 //!
-//! One threshold, `--metrics-staleness-threshold` [2s, or the config's
-//! `metricsStalenessThreshold`; the two must agree when both are set], marks an endpoint
+//! One threshold, `--metrics-staleness-threshold` (2s, or the config's
+//! `metricsStalenessThreshold`; the two must agree when both are set), marks an endpoint
 //! stale for routing, admission and readiness alike ([`scheduler_core::StalenessPolicy`]).
 //! Stale endpoints get no requests while some endpoint is fresh. When every endpoint is
-//! stale, `--stale-metrics-policy fail-open` [default] routes to the least-loaded endpoints
+//! stale, `--stale-metrics-policy fail-open` (default) routes to the least-loaded endpoints
 //! by last known load (waiting queue + running + requests sent since the last scrape) and
 //! stays ready; `fail-closed` answers 503 (`stale_metrics`), counts the pool saturated and
 //! reports readiness `NOT_SERVING`.

@@ -123,6 +123,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         director: DirectorOptions { max_body_bytes: flags.max_request_body_bytes },
         limits: StreamLimits {
             max_fallback_endpoints: flags.max_fallback_endpoints,
+            emit_endpoint_scores: flags.emit_endpoint_scores,
             request_idle_timeout: flags.request_idle_timeout,
             decision_timeout: flags.request_decision_timeout,
         },
@@ -147,7 +148,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .map_err(|error| error.to_string())?;
     shutdown_signal().await;
     tracing::info!("shutting down");
-    running.shutdown(Duration::from_secs(10)).await;
+    running.drain(flags.drain_timeout, Duration::from_secs(10)).await;
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use metrics_model::collector::{CollectorConfig, MetricsCollector};
@@ -242,6 +243,8 @@ pub struct RunningServer {
     pub metrics: Arc<EppMetrics>,
     /// Where endpoint changes go (for embedders adding endpoints at runtime).
     pub pool_writer: PoolWriter,
+    health: tonic_health::server::HealthReporter,
+    draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -393,9 +396,11 @@ pub async fn start_with_director(
         stopped.clone(),
     )?];
     let reporter = spawn_health(health, stopped.clone(), &mut tasks);
+    let draining = Arc::new(AtomicBool::new(false));
     tasks.push(tokio::spawn(crate::health::report(
-        reporter,
+        reporter.clone(),
         Arc::clone(&pool),
+        Arc::clone(&draining),
         Duration::from_millis(500),
     )));
     if let Some((settings, applied)) = initial_model_rewrites {
@@ -427,6 +432,8 @@ pub async fn start_with_director(
         metrics_address,
         metrics,
         pool_writer,
+        health: reporter,
+        draining,
         stop,
         tasks,
     })
@@ -437,6 +444,17 @@ impl RunningServer {
     /// collector stops when its last handle is dropped).
     pub async fn shutdown(self, grace: Duration) {
         stop_tasks(&self.stop, self.tasks, grace).await;
+    }
+
+    /// Drains, then stops: readiness reports NotServing at once (so Kubernetes takes the pod
+    /// out of the Service and gateways stop picking it), ext-proc keeps serving for `window`
+    /// (requests that still arrive meanwhile are answered, not refused), then
+    /// [`Self::shutdown`] with `grace`. As the Go EPP's `--drain-timeout`.
+    pub async fn drain(self, window: Duration, grace: Duration) {
+        crate::health::start_draining(&self.health, &self.draining).await;
+        tracing::info!(?window, "draining: not ready, still serving");
+        tokio::time::sleep(window).await;
+        self.shutdown(grace).await;
     }
 }
 

@@ -1,8 +1,8 @@
 //! The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service: one task per stream driving
 //! an [`Exchange`], answers sent through a bounded channel.
 //!
-//! The stream loop ([`drive`]) is shared with the body-based router: anything that handles one
-//! stream's messages as a [`StreamExchange`] gets the same timeouts and back-pressure.
+//! The stream loop is shared with the body-based router: anything that handles one stream's
+//! messages as a `StreamExchange` gets the same timeouts and back-pressure.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,6 +42,9 @@ pub struct StreamLimits {
     /// Fallback endpoints emitted after the primary in the destination header and metadata
     /// (0: one `ip:port`, which every proxy parses; fallbacks are opt-in).
     pub max_fallback_endpoints: usize,
+    /// Also emit the scheduler's score of each destination endpoint, in the `envoy.lb`
+    /// metadata under `x-gateway-destination-endpoint-scores` (off by default).
+    pub emit_endpoint_scores: bool,
 }
 
 /// Default [`StreamLimits::request_idle_timeout`].
@@ -56,6 +59,7 @@ impl Default for StreamLimits {
             request_idle_timeout: DEFAULT_REQUEST_IDLE_TIMEOUT,
             decision_timeout: DEFAULT_DECISION_TIMEOUT,
             max_fallback_endpoints: 0,
+            emit_endpoint_scores: false,
         }
     }
 }
@@ -143,7 +147,8 @@ impl ExternalProcessor for EppExtProc {
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let exchange = Exchange::new(Arc::clone(&self.director), self.metrics.clone())
-            .with_max_fallback_endpoints(self.limits.max_fallback_endpoints);
+            .with_max_fallback_endpoints(self.limits.max_fallback_endpoints)
+            .with_endpoint_scores(self.limits.emit_endpoint_scores);
         Ok(Response::new(spawn_stream(exchange, request.into_inner(), self.limits)))
     }
 }

@@ -97,7 +97,9 @@ async fn decide(harness: &mut Harness, request: &ProxyRequest<'_>) -> (ProxyStre
 
 fn error_status(decision: &Decision) -> (u16, serde_json::Value) {
     match decision {
-        Decision::Immediate { status, body } => (*status, serde_json::from_slice(body).unwrap()),
+        Decision::Immediate { status, body, .. } => {
+            (*status, serde_json::from_slice(body).unwrap())
+        }
         other => panic!("expected an immediate response, got {other:?}"),
     }
 }
@@ -180,12 +182,49 @@ async fn oversized_bodies_are_413_before_the_body_ends() {
 }
 
 #[tokio::test]
-async fn headers_only_requests_are_answered_without_waiting_for_a_body() {
+async fn requests_without_a_body_go_to_a_random_endpoint_of_the_subset() {
     let mut harness = start(DirectorOptions::default(), StreamLimits::default()).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let mut stream = ProxyStream::open(&mut harness.client).await.unwrap();
+        stream
+            .send_headers(&[(":path", "/v1/models"), (":method", "GET")], true, None)
+            .await
+            .unwrap();
+        let Decision::Routed { destination, .. } = stream.headers_only_decision().await.unwrap()
+        else {
+            panic!("a GET without a body is routed, not refused");
+        };
+        *seen.entry(destination).or_insert(0) += 1;
+        stream.respond(None, &[b"{\"data\":[]}"]).await.unwrap();
+    }
+    // Not by queue (9001 would take all): every endpoint gets a share.
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|count| *count >= 5), "{seen:?}");
+    assert!(harness.completed.0.lock().is_empty(), "no scheduling, so no completion hooks");
+
+    let subset = ["127.0.0.1:9002".to_owned()];
+    for _ in 0..10 {
+        let mut stream = ProxyStream::open(&mut harness.client).await.unwrap();
+        stream.send_headers(&[(":path", "/health")], true, Some(&subset)).await.unwrap();
+        let decision = stream.headers_only_decision().await.unwrap();
+        assert!(
+            matches!(&decision, Decision::Routed { destination, .. } if destination == "127.0.0.1:9002"),
+            "{decision:?}"
+        );
+    }
+    let outside = ["10.9.9.9:80".to_owned()];
     let mut stream = ProxyStream::open(&mut harness.client).await.unwrap();
-    stream.send_headers(&[(":path", "/v1/models")], true, None).await.unwrap();
+    stream.send_headers(&[(":path", "/v1/models")], true, Some(&outside)).await.unwrap();
     let decision = stream.headers_only_decision().await.unwrap();
-    assert!(matches!(decision, Decision::Immediate { status: 400, .. }), "{decision:?}");
+    let Decision::Immediate { status: 503, headers, .. } = decision else {
+        panic!("a subset outside the pool has no endpoint: {decision:?}");
+    };
+    assert!(
+        headers
+            .contains(&("x-llm-d-request-dropped-reason".into(), "rejected-no-endpoints".into())),
+        "{headers:?}"
+    );
 }
 
 #[tokio::test]
@@ -347,9 +386,13 @@ async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
             stream.decision().await.unwrap()
         }
     };
-    let (status, body) = error_status(&decide(&mut client, "batch").await);
+    let shed = decide(&mut client, "batch").await;
+    let (status, body) = error_status(&shed);
     assert_eq!(status, 429);
     assert_eq!(body["error"]["code"], "request_shed");
+    let Decision::Immediate { headers, .. } = shed else { unreachable!() };
+    let reason = ("x-llm-d-request-dropped-reason".to_owned(), "rejected-saturated".to_owned());
+    assert!(headers.contains(&reason), "{headers:?}");
     assert!(
         matches!(decide(&mut client, "critical").await, Decision::Routed { .. }),
         "never shed priority >= 0"

@@ -179,7 +179,7 @@ async fn strict_rewrites_answer_404_for_unknown_models() {
     let (running, mut client) = start(ModelRewrites::from_yaml(CANARY).unwrap().strict(true)).await;
     let body = chat("llama\"injected", false, "hi");
     let headers = vec![(":path", "/v1/chat/completions")];
-    let Decision::Immediate { status, body } =
+    let Decision::Immediate { status, body, .. } =
         send(&mut client, Sent { headers, body: &body, chunk_bytes: 0 }).await
     else {
         panic!("an unknown model is refused");

@@ -336,3 +336,46 @@ async fn a_metrics_client_that_stops_mid_request_is_disconnected() {
     running.shutdown(Duration::from_secs(1)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn draining_reports_not_ready_while_still_routing_then_stops() {
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    write_endpoints(&file, &[8000]);
+    let (running, _) = start(None, Some(file)).await;
+    eventually_healthy(running.health_address, "readiness", ServingStatus::Serving).await;
+    let (grpc, health_address) = (running.grpc_address, running.health_address);
+    let mut client = ExternalProcessorClient::connect(format!("http://{grpc}")).await.unwrap();
+    let draining =
+        tokio::spawn(running.drain(Duration::from_millis(1_500), Duration::from_secs(1)));
+
+    eventually_healthy(health_address, "readiness", ServingStatus::NotServing).await;
+    eventually_healthy(health_address, EXT_PROC_HEALTH, ServingStatus::NotServing).await;
+    assert_eq!(health(health_address, "liveness").await, ServingStatus::Serving);
+    // Not ready, but requests that still arrive are routed, not refused.
+    assert!(matches!(route_once(&mut client).await, Decision::Routed { .. }));
+
+    tokio::time::timeout(Duration::from_secs(10), draining).await.unwrap().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), async {
+        match ProxyStream::open(&mut client).await {
+            Err(_) => true,
+            Ok(mut stream) => {
+                stream
+                    .send_request(&ProxyRequest {
+                        headers: vec![(":path", "/v1/completions")],
+                        body: br#"{"model":"m","prompt":"late"}"#,
+                        chunk_bytes: 0,
+                        subset: None,
+                    })
+                    .await
+                    .is_err()
+                    || stream.decision().await.is_err()
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(stopped, "after the drain window the server stops");
+}
+
+const EXT_PROC_HEALTH: &str = "envoy.service.ext_proc.v3.ExternalProcessor";

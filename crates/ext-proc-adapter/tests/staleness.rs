@@ -128,7 +128,7 @@ async fn stale_metrics_transitions_for_routing_and_readiness() {
     // All stale, failing closed: 503 with the reason, and not ready.
     pool.set_staleness(Some(policy.when_all_stale(AllStale::FailClosed)));
     match route(&mut client).await {
-        Decision::Immediate { status, body } => {
+        Decision::Immediate { status, body, .. } => {
             assert_eq!(status, 503);
             let body = String::from_utf8_lossy(&body);
             assert!(body.contains("stale_metrics"), "{body}");

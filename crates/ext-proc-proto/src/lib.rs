@@ -28,8 +28,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use scheduler_core::protocol::{
-    DESTINATION_ENDPOINT_HEADER, LB_METADATA_NAMESPACE, SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY,
-    SUBSET_HINT_NAMESPACE,
+    DESTINATION_ENDPOINT_HEADER, DESTINATION_ENDPOINT_SCORES_KEY, LB_METADATA_NAMESPACE,
+    SERVED_ENDPOINT_KEY, SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE,
 };
 
 /// Header name/value pairs of an Envoy header map, names lower-cased. Envoy sends values in
@@ -131,11 +131,34 @@ pub fn destination_value(
 /// (plus `extra_headers`), a cleared route cache so the proxy re-routes on it, and the same
 /// destination in `envoy.lb` dynamic metadata.
 pub fn route_to(destination: &str, extra_headers: &[(&str, &str)]) -> ProcessingResponse {
+    route_to_with_scores(destination, extra_headers, &[])
+}
+
+/// [`route_to`], with each destination endpoint's score from the scheduler (`ip:port`,
+/// score) under [`DESTINATION_ENDPOINT_SCORES_KEY`] in the same metadata namespace, when
+/// `scores` is not empty.
+pub fn route_to_with_scores(
+    destination: &str,
+    extra_headers: &[(&str, &str)],
+    scores: &[(String, f64)],
+) -> ProcessingResponse {
     let mut headers = Vec::with_capacity(extra_headers.len() + 1);
     headers.push((DESTINATION_ENDPOINT_HEADER, destination));
     headers.extend_from_slice(extra_headers);
     let mut lb = Struct::default();
     lb.fields.insert(DESTINATION_ENDPOINT_HEADER.to_owned(), string_value(destination.to_owned()));
+    if !scores.is_empty() {
+        let mut by_endpoint = Struct::default();
+        for (endpoint, score) in scores {
+            by_endpoint
+                .fields
+                .insert(endpoint.clone(), Value { kind: Some(Kind::NumberValue(*score)) });
+        }
+        lb.fields.insert(
+            DESTINATION_ENDPOINT_SCORES_KEY.to_owned(),
+            Value { kind: Some(Kind::StructValue(by_endpoint)) },
+        );
+    }
     let mut dynamic_metadata = Struct::default();
     dynamic_metadata
         .fields
@@ -220,13 +243,26 @@ pub fn continue_trailers(request_side: bool) -> ProcessingResponse {
 
 /// An immediate response ending the request with `status` and a JSON error body.
 pub fn immediate(status: u16, code: &str, message: &str) -> ProcessingResponse {
+    immediate_with_headers(status, code, message, &[])
+}
+
+/// [`immediate`], with `extra_headers` set on the answer too.
+pub fn immediate_with_headers(
+    status: u16,
+    code: &str,
+    message: &str,
+    extra_headers: &[(&str, &str)],
+) -> ProcessingResponse {
     let body =
         serde_json::json!({ "error": { "code": code, "message": message, "status": status } });
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: i32::from(status) }),
             headers: Some(HeaderMutation {
-                set_headers: vec![set_header("content-type", "application/json")],
+                set_headers: std::iter::once(("content-type", "application/json"))
+                    .chain(extra_headers.iter().copied())
+                    .map(|(key, value)| set_header(key, value))
+                    .collect(),
                 remove_headers: Vec::new(),
             }),
             body: body.to_string().into_bytes(),

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -73,6 +74,23 @@ impl Rejection {
         }
     }
 
+    /// Why the request was dropped, in llm-d-router's vocabulary (the value of
+    /// [`REQUEST_DROPPED_REASON_HEADER`](crate::protocol::REQUEST_DROPPED_REASON_HEADER) on
+    /// the answer); `None` for a request the client got wrong (400, 404, 413), which was not
+    /// dropped but refused.
+    pub fn dropped_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest(_) | Self::TooLarge { .. } | Self::UnknownModel { .. } => None,
+            Self::NoEndpoint(_) => Some("rejected-no-endpoints"),
+            Self::NotAdmitted(flow::NotAdmitted::Shed { .. })
+            | Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => Some("rejected-saturated"),
+            Self::NotAdmitted(flow::NotAdmitted::Expired { .. }) => Some("rejected-ttl-expired"),
+            Self::NotAdmitted(flow::NotAdmitted::Cancelled { .. }) => {
+                Some("rejected-context-cancelled")
+            }
+        }
+    }
+
     /// A stable machine-readable code for the JSON error body and metrics.
     pub fn code(&self) -> &'static str {
         match self {
@@ -101,6 +119,10 @@ pub struct Routed {
     /// Where to retry if the primary fails, best first: the primary profile's other picks
     /// (as many as its picker's `maxNumOfEndpoints` allows, usually none).
     pub fallbacks: Vec<SocketAddr>,
+    /// The weighted total score of the primary, then of each fallback, as the primary
+    /// profile scored them; empty when they were not scored (every candidate stale, or a
+    /// request without a body).
+    pub scores: Vec<f64>,
     /// The request as parsed.
     pub request: InferenceRequest,
     /// Runs the completion hooks when the response ends (or when dropped).
@@ -156,6 +178,8 @@ pub struct Director {
     options: DirectorOptions,
     flow: Option<Arc<Admission>>,
     rewrites: ArcSwapOption<ModelRewrites>,
+    /// Counter behind the random draws of [`Self::route_without_body`].
+    bodiless_draws: AtomicU64,
 }
 
 impl Director {
@@ -163,7 +187,14 @@ impl Director {
     /// The scheduler's pool observers are subscribed to `pool`.
     pub fn new(scheduler: Arc<Scheduler>, pool: Arc<SharedPool>, options: DirectorOptions) -> Self {
         scheduler.observe_pool(&pool);
-        Self { scheduler, pool, options, flow: None, rewrites: ArcSwapOption::empty() }
+        Self {
+            scheduler,
+            pool,
+            options,
+            flow: None,
+            rewrites: ArcSwapOption::empty(),
+            bodiless_draws: AtomicU64::new(0),
+        }
     }
 
     /// A director for a whole `EndpointPickerConfig`: its scheduler, plus admission by its
@@ -245,6 +276,58 @@ impl Director {
         self.decide_parsed(request, body.len(), subset).await
     }
 
+    /// Routes a request without a body (`GET /v1/models`, a probe sent through the pool's
+    /// route): with no model and no prompt there is nothing to schedule on, so, as the Go EPP
+    /// does, it goes to an endpoint drawn at random, without admission or completion hooks.
+    /// The draw is among the endpoints with fresh metrics when any has them (all of them
+    /// otherwise, unless the stale-metrics policy fails closed), within the proxy's subset.
+    pub fn route_without_body(
+        &self,
+        headers: &[(String, String)],
+        subset: Option<Vec<SocketAddr>>,
+    ) -> Result<Routed, Rejection> {
+        let pool = self.pool.load();
+        let in_subset = |address: &SocketAddr| subset.as_ref().is_none_or(|s| s.contains(address));
+        let candidates: Vec<&crate::EndpointState> =
+            pool.endpoints().iter().filter(|state| in_subset(&state.endpoint.address)).collect();
+        if candidates.is_empty() {
+            return Err(Rejection::NoEndpoint(match &subset {
+                Some(subset) if !pool.is_empty() => {
+                    SchedulingError::EmptySubset { requested: subset.len() }
+                }
+                _ => SchedulingError::EmptyPool,
+            }));
+        }
+        let now = Instant::now();
+        let fresh: Vec<&crate::EndpointState> =
+            candidates.iter().copied().filter(|state| pool.is_fresh(state, now)).collect();
+        let drawn_from = match (fresh.is_empty(), pool.staleness()) {
+            (false, _) => &fresh,
+            (true, Some(policy)) if !policy.fails_open() => {
+                return Err(Rejection::NoEndpoint(SchedulingError::AllStale {
+                    candidates: candidates.len(),
+                    threshold: policy.threshold,
+                }));
+            }
+            (true, _) => &candidates,
+        };
+        let draw = crate::hash::split_mix(self.bodiless_draws.fetch_add(1, Ordering::Relaxed));
+        let index = ((u128::from(draw) * drawn_from.len() as u128) >> 64) as usize;
+        let request_id = headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(crate::protocol::REQUEST_ID_HEADER))
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        let request = InferenceRequest { request_id, ..InferenceRequest::default() };
+        Ok(Routed {
+            primary: drawn_from[index].endpoint.address,
+            fallbacks: Vec::new(),
+            scores: Vec::new(),
+            request,
+            completion: None,
+        })
+    }
+
     /// The request a body and its headers make: refused when the body exceeds the limit or is
     /// not a usable OpenAI request. CPU-bound and synchronous (linear in the body), so an
     /// adapter may bound how many run at once or run large ones off its async workers.
@@ -284,7 +367,8 @@ impl Director {
         let mut result = self.scheduler.schedule(&request, &pool)?;
         let primary = result.primary().endpoint.address;
         let fallbacks = result.fallbacks().map(|fallback| fallback.endpoint.address).collect();
+        let scores = result.ranked_scores().to_vec();
         let completion = result.take_completion();
-        Ok(Routed { primary, fallbacks, request, completion })
+        Ok(Routed { primary, fallbacks, scores, request, completion })
     }
 }

@@ -70,7 +70,8 @@ pub use request::model_field::{self, ModelField, ModelFieldError};
 pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
 pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{
-    Candidates, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
+    Candidates, DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler,
+    ResponseComplete, Scorer,
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{

@@ -32,3 +32,11 @@ pub const SUBSET_HINT_KEY: &str = "x-gateway-destination-endpoint-subset";
 /// Key (in [`LB_METADATA_NAMESPACE`]) of the endpoint that actually served the request,
 /// reported by the proxy on the response.
 pub const SERVED_ENDPOINT_KEY: &str = "x-gateway-destination-endpoint-served";
+/// Response header naming why the picker dropped a request (`rejected-no-endpoints`,
+/// `rejected-saturated`, `rejected-ttl-expired`, `rejected-context-cancelled`), on its 429 and
+/// 503 answers. llm-d-router's name.
+pub const REQUEST_DROPPED_REASON_HEADER: &str = "x-llm-d-request-dropped-reason";
+/// Key (in [`LB_METADATA_NAMESPACE`]) of the scheduler's score of each endpoint named in the
+/// destination (a struct `ip:port` -> number); emitted only when asked for
+/// (`--emit-endpoint-scores`).
+pub const DESTINATION_ENDPOINT_SCORES_KEY: &str = "x-gateway-destination-endpoint-scores";

@@ -2,6 +2,9 @@
 //!
 //! Parameters (llm-d): `label` (required), `validValues` (the allowed values) and
 //! `allowsNoLabel` (whether endpoints without the label pass; default false).
+//!
+//! llm-d-router deprecates `by-label` (v0.9.0) in favour of `label-selector-filter`
+//! ([`crate::label_selector`]); both stay registered, as in Go.
 
 use scheduler_core::{CycleState, Filter, InferenceRequest, PluginError, PoolSnapshot};
 use serde::Deserialize;

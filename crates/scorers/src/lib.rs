@@ -7,8 +7,18 @@
 //! | `kv-cache-utilization-scorer` (alias `kv-cache-scorer`) | scorer | [`kv_cache`] |
 //! | `lora-affinity-scorer` | scorer | [`lora_affinity`] |
 //! | `active-request-scorer` | scorer + hooks | [`active_request`] |
-//! | `prefix-cache-scorer` | scorer + hook | [`prefix_cache`] |
-//! | `by-label` | filter | [`label_filter`] |
+//! | `prefix-cache-scorer` | scorer + data producer + hook | [`prefix_cache`] |
+//! | `load-aware-scorer` | scorer | [`load_aware`] |
+//! | `running-requests-size-scorer` | scorer | [`running_requests`] |
+//! | `token-load-scorer` | scorer | [`token_load`] |
+//! | `no-hit-lru-scorer` | scorer + hook | [`no_hit_lru`] |
+//! | `context-length-aware` | scorer (+ filter with `enableFiltering`) | [`context_length`] |
+//! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
+//! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
+//! | `session-affinity-filter` | filter | [`session_affinity`] |
+//! | `session-affinity-scorer` | scorer | [`session_affinity`] |
+//! | `header-label-affinity-scorer` | scorer | [`header_label_affinity`] |
+//! | `prefix-cache-affinity-filter` | filter (reads `prefix-cache-scorer`'s matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
@@ -40,15 +50,24 @@
 //! ```
 
 pub mod active_request;
+pub mod context_length;
+pub mod header_label_affinity;
 pub mod kv_cache;
 pub mod label_filter;
+pub mod label_selector;
 pub mod lag_compensation;
+pub mod load_aware;
 pub mod lora_affinity;
 pub mod lora_filter;
+pub mod no_hit_lru;
 mod normalize;
 pub mod pickers;
+pub mod prefix_affinity;
 pub mod prefix_cache;
 pub mod queue;
+pub mod running_requests;
+pub mod session_affinity;
+pub mod token_load;
 
 use std::sync::Arc;
 
@@ -57,14 +76,25 @@ use scheduler_core::{
 };
 
 pub use active_request::ActiveRequestScorer;
+pub use context_length::{ContextLengthAware, ContextLengthParameters};
+pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters};
+pub use label_selector::{LabelSelectorFilter, LabelSelectorParameters};
 pub use lag_compensation::LoadScorerParameters;
+pub use load_aware::{LoadAwareParameters, LoadAwareScorer};
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
+pub use no_hit_lru::{NoHitLruParameters, NoHitLruScorer};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
+pub use prefix_affinity::{PrefixCacheAffinityFilter, PrefixCacheAffinityParameters};
 pub use prefix_cache::{PrefixCacheParameters, PrefixCacheScorer};
 pub use queue::QueueScorer;
+pub use running_requests::RunningRequestsSizeScorer;
+pub use session_affinity::{
+    SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
+};
+pub use token_load::{TokenLoadParameters, TokenLoadScorer};
 
 /// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
 /// the profile handler and the saturation detectors, come with [`PluginRegistry::new`]).
@@ -95,13 +125,53 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         let scorer = Arc::new(PrefixCacheScorer::new(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
+            data_producer: Some(scorer.clone()),
             pre_request: Some(scorer.clone()),
             pool_observer: Some(scorer),
             ..Plugin::default()
         })
     });
+    registry.register(load_aware::TYPE_NAME, |spec| {
+        Ok(Plugin::scorer(LoadAwareScorer::new(spec.parameters()?)?))
+    });
+    registry.register(running_requests::TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(Plugin::scorer(RunningRequestsSizeScorer))
+    });
+    registry.register(token_load::TYPE_NAME, |spec| {
+        Ok(Plugin::scorer(TokenLoadScorer::new(&spec.parameters()?)?))
+    });
+    registry.register(no_hit_lru::TYPE_NAME, |spec| {
+        let scorer = Arc::new(NoHitLruScorer::new(&spec.parameters()?)?);
+        Ok(Plugin { scorer: Some(scorer.clone()), pre_request: Some(scorer), ..Plugin::default() })
+    });
+    registry.register(context_length::TYPE_NAME, |spec| {
+        let plugin = Arc::new(ContextLengthAware::new(spec.parameters()?)?);
+        // Without `enableFiltering` llm-d-router's filter passes every endpoint through;
+        // not registering it as a filter is the same, minus a call per request.
+        let filter = plugin.filters().then(|| plugin.clone() as Arc<dyn scheduler_core::Filter>);
+        Ok(Plugin { scorer: Some(plugin), filter, ..Plugin::default() })
+    });
     registry.register(label_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(ByLabelFilter::new(spec.parameters()?)?))
+    });
+    // Go registers the deprecated name with the same factory as the current one.
+    for name in [label_selector::TYPE_NAME, label_selector::DEPRECATED_TYPE_NAME] {
+        registry.register(name, |spec| {
+            Ok(Plugin::filter(LabelSelectorFilter::new(spec.parameters()?)?))
+        });
+    }
+    registry.register(session_affinity::FILTER_TYPE_NAME, |spec| {
+        Ok(Plugin::filter(SessionAffinityFilter::new(spec.parameters()?)?))
+    });
+    registry.register(session_affinity::SCORER_TYPE_NAME, |spec| {
+        Ok(Plugin::scorer(SessionAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register(header_label_affinity::TYPE_NAME, |spec| {
+        Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register(prefix_affinity::TYPE_NAME, |spec| {
+        Ok(Plugin::filter(PrefixCacheAffinityFilter::new(spec.parameters()?)?))
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))

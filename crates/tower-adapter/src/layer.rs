@@ -12,6 +12,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
 use scheduler_core::protocol::{
     DESTINATION_ENDPOINT_HEADER, LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER,
+    REQUEST_DROPPED_REASON_HEADER,
 };
 use scheduler_core::{Director, InferenceRequest, Rejection, model_field};
 use tower_layer::Layer;
@@ -125,7 +126,14 @@ where
                     headers.push((name.as_str().to_owned(), value.to_owned()));
                 }
             }
-            let routed = match director.decide(&headers, &bytes, None).await {
+            // A request without a body (`GET /v1/models`) has nothing to schedule on: it goes
+            // to an endpoint drawn at random, as through the ext-proc adapter.
+            let decision = if bytes.is_empty() {
+                director.route_without_body(&headers, None)
+            } else {
+                director.decide(&headers, &bytes, None).await
+            };
+            let routed = match decision {
                 Ok(routed) => routed,
                 Err(rejection) => return Ok(rejected(&rejection)),
             };
@@ -172,7 +180,13 @@ fn rewritten_body(request: &InferenceRequest, body: &[u8]) -> Option<Vec<u8>> {
 fn rejected<B>(rejection: &Rejection) -> Response<PickerBody<B>> {
     let status =
         StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    error_response(status, rejection.code(), &rejection.to_string())
+    let mut response = error_response(status, rejection.code(), &rejection.to_string());
+    if let Some(reason) = rejection.dropped_reason() {
+        response
+            .headers_mut()
+            .insert(REQUEST_DROPPED_REASON_HEADER, HeaderValue::from_static(reason));
+    }
+    response
 }
 
 fn error_response<B>(status: StatusCode, code: &str, message: &str) -> Response<PickerBody<B>> {

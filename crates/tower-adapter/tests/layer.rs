@@ -108,6 +108,13 @@ async fn rejection(
     let response = service.call(request).await.unwrap();
     let status = response.status().as_u16();
     assert_eq!(response.headers()["content-type"], "application/json");
+    // Only dropped requests (429, 503) say why; a client's mistake is not a drop.
+    let reason = response.headers().get("x-llm-d-request-dropped-reason");
+    match status {
+        503 => assert_eq!(reason.unwrap(), "rejected-no-endpoints"),
+        429 => assert_eq!(reason.unwrap(), "rejected-saturated"),
+        _ => assert!(reason.is_none(), "{status}: {reason:?}"),
+    }
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(seen.get().is_none(), "a rejected request never reaches the inner service");
     (status, serde_json::from_slice(&body).unwrap())
@@ -302,3 +309,20 @@ async fn a_model_rewrite_reaches_the_inner_service_in_body_and_headers() {
 
 /// Content length, rewrite header and body the inner service saw.
 type Seen3 = Arc<std::sync::OnceLock<(Option<String>, Option<String>, Vec<u8>)>>;
+
+#[tokio::test]
+async fn a_request_without_a_body_reaches_a_random_endpoint() {
+    let (director, in_flight) = setup(DirectorOptions::default(), 3);
+    let mut primaries = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let seen: Seen = Arc::default();
+        let mut service = EndpointPickerLayer::new(Arc::clone(&director))
+            .layer(recording_inner(Arc::clone(&seen)));
+        let request = http::Request::get("/v1/models").body(Full::new(Bytes::new())).unwrap();
+        let response = service.call(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        primaries.insert(seen.get().unwrap().0.clone().unwrap().primary);
+    }
+    assert_eq!(primaries.len(), 3, "drawn at random, not by queue: {primaries:?}");
+    assert_eq!(in_flight.total_in_flight(), 0, "not scheduled, so never counted in flight");
+}

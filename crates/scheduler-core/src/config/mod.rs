@@ -561,6 +561,9 @@ impl EndpointPickerConfig {
 
         let mut scheduler = Scheduler::new(profiles, handler);
         for ConstructedPlugin { plugin, .. } in plugins.iter() {
+            if let Some(producer) = &plugin.data_producer {
+                scheduler = scheduler.with_data_producer(Arc::clone(producer));
+            }
             if let Some(hook) = &plugin.pre_request {
                 scheduler = scheduler.with_pre_request(Arc::clone(hook) as Arc<dyn PreRequest>);
             }

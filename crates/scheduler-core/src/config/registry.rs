@@ -17,7 +17,8 @@ use crate::flow::{
     UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
 use crate::scheduling::plugin::{
-    Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, Scorer,
+    DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
+    Scorer,
 };
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
@@ -75,6 +76,8 @@ pub struct Plugin {
     pub picker: Option<Arc<dyn Picker>>,
     /// As a profile handler.
     pub profile_handler: Option<Arc<dyn ProfileHandler>>,
+    /// As a producer of per-decision data, run before the profiles.
+    pub data_producer: Option<Arc<dyn DataProducer>>,
     /// As a pre-request hook.
     pub pre_request: Option<Arc<dyn PreRequest>>,
     /// As a completion hook.
@@ -92,6 +95,7 @@ impl fmt::Debug for Plugin {
             .field("scorer", &self.scorer.is_some())
             .field("picker", &self.picker.is_some())
             .field("profile_handler", &self.profile_handler.is_some())
+            .field("data_producer", &self.data_producer.is_some())
             .field("pre_request", &self.pre_request.is_some())
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())

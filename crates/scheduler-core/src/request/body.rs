@@ -1526,12 +1526,26 @@ mod tests {
         }
 
         /// No panic; a parsed prompt fits the allocation made for it at the body's length
-        /// (it never grew), and was shrunk if it used less than half.
+        /// (it never grew), and was shrunk if it used less than half; the model scan agrees.
         fn check(path: Option<&str>, body: &[u8]) -> Result<(), TestCaseError> {
             if let Ok(parsed) = ParsedBody::parse(path, body) {
                 prop_assert!(parsed.prompt.len() <= body.len());
                 prop_assert!(parsed.prompt.capacity() <= body.len().max(parsed.prompt.len() * 2));
                 prop_assert!(!parsed.model.trim().is_empty());
+                // The model scan (model rewrites, the body-based router) reads the same model
+                // without parsing, and a rewrite changes the model and nothing else. (The scan
+                // reads objects only; serde's array form of a struct is no client's format.)
+                if body.trim_ascii_start().first() != Some(&b'{') {
+                    return Ok(());
+                }
+                let found = crate::model_field::find_model(body);
+                let found = found.ok().flatten().map(|field| field.value.into_owned());
+                prop_assert_eq!(found.as_deref(), Some(parsed.model.as_str()));
+                let rewritten = crate::model_field::rewrite_model(body, "new\"model");
+                let rewritten = rewritten.ok().flatten().expect("a model to replace");
+                let reparsed = ParsedBody::parse(path, &rewritten).expect("still parses");
+                prop_assert_eq!(reparsed.model.as_str(), "new\"model");
+                prop_assert_eq!(reparsed.prompt, parsed.prompt);
             }
             Ok(())
         }

@@ -107,7 +107,7 @@ pub struct ModelRewrites {
 }
 
 impl ModelRewrites {
-    /// Rewrites from definitions (see [`file`] for reading them from YAML).
+    /// Rewrites from definitions (see [`file::parse_definitions`] for reading them from YAML).
     pub fn new(mut definitions: Vec<RewriteDefinition>) -> Self {
         // Oldest first: objects with a creation time by that time (RFC 3339 in UTC, so text
         // order is time order), then those without, in file order.

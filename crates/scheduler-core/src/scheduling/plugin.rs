@@ -126,6 +126,14 @@ pub trait ProfileHandler: Send + Sync + Debug {
     }
 }
 
+/// Runs once per decision, before any profile: computes per-request data that the decision's
+/// filters and scorers read back from the [`CycleState`] scratch (llm-d's data producers,
+/// which run before scheduling), so that a filter can use what a scorer computes.
+pub trait DataProducer: Send + Sync + Debug {
+    /// Stores into `state` what this producer derives from `request` over `pool`.
+    fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot);
+}
+
 /// Runs after a decision, before the request is forwarded: state that follows a pick
 /// (prefix blocks now cached on the endpoint, one more request in flight).
 pub trait PreRequest: Send + Sync + Debug {

@@ -103,7 +103,7 @@ impl SchedulerProfile {
         pool: &PoolSnapshot,
         buffers: &mut ProfileBuffers,
         explanation: Option<&mut Vec<ProfileExplanation>>,
-    ) -> Result<Vec<u32>, SchedulingError> {
+    ) -> Result<(Vec<u32>, Vec<f64>), SchedulingError> {
         let candidates = &mut buffers.candidates;
         candidates.clear();
         candidates.extend_from_slice(&buffers.base);
@@ -147,11 +147,13 @@ impl SchedulerProfile {
         picked.clear();
         self.picker.1.pick(state, Candidates::new(pool, candidates), totals, picked);
         let mut chosen = Vec::with_capacity(picked.len());
+        let mut chosen_scores = Vec::with_capacity(picked.len());
         for &position in picked.iter() {
             if let Some(&index) = candidates.get(position as usize)
                 && !chosen.contains(&index)
             {
                 chosen.push(index);
+                chosen_scores.push(totals[position as usize]);
             }
         }
         if let (Some(explanation), Some(mut explained)) = (explanation, explained) {
@@ -164,6 +166,6 @@ impl SchedulerProfile {
                 picker: self.picker.0.clone(),
             });
         }
-        Ok(chosen)
+        Ok((chosen, chosen_scores))
     }
 }

@@ -52,12 +52,15 @@ pub enum SchedulingError {
 }
 
 /// The endpoints one profile chose, best first.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProfileRun {
     /// The profile's name.
     pub profile: Arc<str>,
     /// Chosen endpoints as positions in the snapshot, best first, no repeats.
     pub picks: Vec<u32>,
+    /// The weighted total score of each pick, in the order of `picks`; empty when the picks
+    /// were not scored (every candidate stale: ranked by last known load).
+    pub scores: Vec<f64>,
 }
 
 /// How a scheduled request ended.
@@ -139,6 +142,12 @@ impl SchedulingResult {
     /// The primary profile's endpoints, best first.
     pub fn ranked(&self) -> impl Iterator<Item = &EndpointState> {
         self.runs[self.primary].picks.iter().map(|&index| &self.pool.endpoints()[index as usize])
+    }
+
+    /// The weighted total scores of [`Self::ranked`]'s endpoints, in the same order; empty
+    /// when they were not scored.
+    pub fn ranked_scores(&self) -> &[f64] {
+        &self.runs[self.primary].scores
     }
 
     /// The profile that chose the primary endpoint.

@@ -14,7 +14,9 @@ use crate::pool::staleness::{StalenessPolicy, last_known_load};
 use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
-use crate::scheduling::plugin::{PoolObserver, PreRequest, ProfileHandler, ResponseComplete};
+use crate::scheduling::plugin::{
+    DataProducer, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
+};
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
     CompletedRequest, CompletionGuard, CompletionHooks, ProfileRun, SchedulingError,
@@ -42,6 +44,7 @@ pub struct Scheduler {
     profiles: Vec<SchedulerProfile>,
     profile_names: Vec<Arc<str>>,
     handler: Arc<dyn ProfileHandler>,
+    data_producers: Vec<Arc<dyn DataProducer>>,
     pre_request: Vec<Arc<dyn PreRequest>>,
     response_complete: Vec<Arc<dyn ResponseComplete>>,
     /// The completion hooks as one callable, shared by every guard this scheduler hands out.
@@ -56,6 +59,7 @@ impl std::fmt::Debug for Scheduler {
         f.debug_struct("Scheduler")
             .field("profiles", &self.profiles)
             .field("handler", &self.handler)
+            .field("data_producers", &self.data_producers)
             .field("pre_request", &self.pre_request)
             .field("response_complete", &self.response_complete)
             .field("pool_observers", &self.pool_observers)
@@ -76,6 +80,7 @@ impl Scheduler {
             profiles,
             profile_names,
             handler,
+            data_producers: Vec::new(),
             pre_request: Vec::new(),
             response_complete: Vec::new(),
             completion_hooks: Arc::new(|_: &CompletedRequest| {}),
@@ -89,6 +94,12 @@ impl Scheduler {
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self.decisions = AtomicU64::new(0);
+        self
+    }
+
+    /// Adds a producer that runs at the start of each decision, before the profiles.
+    pub fn with_data_producer(mut self, producer: Arc<dyn DataProducer>) -> Self {
+        self.data_producers.push(producer);
         self
     }
 
@@ -184,6 +195,9 @@ impl Scheduler {
         explain: bool,
     ) -> Result<SchedulingResult, SchedulingError> {
         let mut explanation = explain.then(Vec::new);
+        for producer in &self.data_producers {
+            producer.produce(state, request, pool);
+        }
         let mut buffers = state.take_buffers();
         let runs = self.run_profiles(state, request, pool, &mut buffers, explanation.as_mut());
         state.restore_buffers(buffers);
@@ -259,7 +273,9 @@ impl Scheduler {
                 }
                 let picks = profile.run(state, request, pool, buffers, explanation.as_deref_mut());
                 match picks {
-                    Ok(picks) => runs.push(ProfileRun { profile: profile.name().clone(), picks }),
+                    Ok((picks, scores)) => {
+                        runs.push(ProfileRun { profile: profile.name().clone(), picks, scores })
+                    }
                     Err(error) => {
                         buffers.next_profiles = next;
                         return Err(error);
@@ -323,7 +339,8 @@ impl Scheduler {
             .or_else(|| self.profile_names.first())
             .cloned()
             .ok_or(SchedulingError::NoProfileRun)?;
-        Ok(Some(vec![ProfileRun { profile, picks }]))
+        // Ranked by last known load, not scored.
+        Ok(Some(vec![ProfileRun { profile, picks, scores: Vec::new() }]))
     }
 
     /// Runs the completion hooks for a request (what [`CompletionGuard`] does on finish or drop).

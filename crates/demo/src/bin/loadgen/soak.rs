@@ -457,11 +457,12 @@ async fn client_task(
                     None => Tally::count(&tally.gave_up),
                 }
             }
-            // No body at all on a path that needs one.
+            // No body at all (`GET /v1/models`, a probe): routed to some endpoint without
+            // being scheduled.
             _ => {
                 let _ = stream.send_headers(&headers, true, None).await;
-                match tokio::time::timeout(DECISION_TIMEOUT, stream.decision()).await {
-                    Ok(Ok(Decision::Immediate { status: 400, .. })) => {
+                match tokio::time::timeout(DECISION_TIMEOUT, stream.headers_only_decision()).await {
+                    Ok(Ok(Decision::Routed { destination, .. })) if !destination.is_empty() => {
                         Tally::count(&tally.bodiless)
                     }
                     Ok(Ok(other)) => tally.unexpected(format!("a bodiless request got {other:?}")),

@@ -1,7 +1,10 @@
 //! `prefix-cache-scorer`: prefers endpoints that already hold the longest leading run of the
 //! prompt's blocks in their KV cache, so the shared prefix is not prefilled again.
 //!
-//! Score = matched leading blocks / prompt blocks (GIE). The prompt is cut into blocks of
+//! Score = matched leading blocks / prompt blocks (GIE); with llm-d's `matchLengthWeight`
+//! `w` above 0 it becomes `w * min(1, matched length / matchLengthScaleTokens)^2 + (1 - w) *
+//! ratio`, so long matches count for more than short ones of the same ratio. Every version's
+//! parameter names are accepted ([`PrefixCacheParameters`]). The prompt is cut into blocks of
 //! `blockSize` characters (about 4 characters a token; GIE's default 64 characters = 16
 //! tokens), hashed as a chain seeded by the model name, at most `maxPrefixBlocksToMatch`
 //! blocks. Which endpoint holds which block is not observed but inferred: the pre-request
@@ -10,8 +13,9 @@
 //! leave the pool are forgotten when the pool's writer publishes the change (the scorer is a
 //! [`PoolObserver`]), so memory is bounded by the live pool, not by every endpoint ever seen.
 //!
-//! The prompt is hashed once per decision; the hashes live in the decision's [`CycleState`]
-//! so the hook reuses them.
+//! The prompt is hashed and matched once per decision, by the scorer acting as a
+//! [`DataProducer`] before the profiles run; hashes and matches live in the decision's
+//! [`CycleState`], where the scorer, the hook and `prefix-cache-affinity-filter` read them.
 //!
 //! The record is not made on the decision's path: the hook queues the hashes on the scorer's
 //! [`RecordWriter`], whose thread applies them a moment later (batched, a repeated prompt
@@ -26,59 +30,20 @@ use prefix_cache::{
     BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex, RecordWriter,
     WriterConfig,
 };
-use scheduler_core::CHARACTERS_PER_TOKEN;
 use scheduler_core::{
-    Candidates, CycleState, EndpointId, InferenceRequest, PluginError, PoolObserver, PoolSnapshot,
-    PreRequest, SchedulingResult, Scorer,
+    Candidates, CycleState, DataProducer, EndpointId, InferenceRequest, PluginError, PoolObserver,
+    PoolSnapshot, PreRequest, SchedulingResult, Scorer,
 };
-use serde::Deserialize;
+
+mod matches;
+mod parameters;
+
+pub(crate) use matches::PrefixMatchInfo;
+pub use parameters::PrefixCacheParameters;
+use parameters::Resolved;
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "prefix-cache-scorer";
-
-/// Parameters, with every name GIE versions used for the block size.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PrefixCacheParameters {
-    /// Block size in characters (GIE v1.1-v1.3).
-    #[serde(default)]
-    pub block_size: Option<usize>,
-    /// Block size in characters (GIE v0.5-v1.0).
-    #[serde(default)]
-    pub hash_block_size: Option<usize>,
-    /// Block size in tokens (GIE v1.4+).
-    #[serde(default)]
-    pub block_size_tokens: Option<usize>,
-    /// Most blocks of a prompt hashed and matched (default 256).
-    #[serde(default)]
-    pub max_prefix_blocks_to_match: Option<usize>,
-    /// Blocks remembered per endpoint (default 31,250).
-    #[serde(default)]
-    pub lru_capacity_per_server: Option<usize>,
-}
-
-impl PrefixCacheParameters {
-    fn block_size_characters(&self) -> Result<usize, PluginError> {
-        let given = [
-            self.block_size.map(|size| ("blockSize", size)),
-            self.hash_block_size.map(|size| ("hashBlockSize", size)),
-            self.block_size_tokens.map(|tokens| ("blockSizeTokens", tokens * CHARACTERS_PER_TOKEN)),
-        ];
-        let mut chosen = None;
-        for (name, size) in given.into_iter().flatten() {
-            if size == 0 {
-                return Err(PluginError::InvalidParameters(format!("'{name}' must be at least 1")));
-            }
-            if chosen.is_some_and(|(_, other)| other != size) {
-                return Err(PluginError::InvalidParameters(
-                    "blockSize, hashBlockSize and blockSizeTokens disagree; give one".into(),
-                ));
-            }
-            chosen = Some((name, size));
-        }
-        Ok(chosen.map_or(prefix_cache::hash::DEFAULT_BLOCK_SIZE, |(_, size)| size))
-    }
-}
 
 /// The prefix scorer's per-decision scratch, kept in the decision's [`CycleState`]: the
 /// prompt's block hashes (computed once, read again by the pre-request hook) and the
@@ -92,8 +57,6 @@ struct PrefixScratch {
     lookup: LookupScratch,
     /// Matched leading blocks by endpoint.
     matches: Vec<(EndpointId, usize)>,
-    /// Scores by pool position.
-    by_pool_index: Vec<f64>,
 }
 
 /// Scores by cached prefix length and records picks.
@@ -103,33 +66,21 @@ pub struct PrefixCacheScorer {
     index: Arc<PrefixIndex<EndpointId>>,
     /// Applies the picks' records off the decision path; its thread ends with the scorer.
     writer: RecordWriter<EndpointId>,
+    /// `(matchLengthWeight, matchLengthScaleTokens in characters)`; weight 0 scores by ratio.
+    match_length: (f64, f64),
 }
 
 impl PrefixCacheScorer {
     /// A scorer configured by GIE's parameters.
     pub fn new(parameters: PrefixCacheParameters) -> Result<Self, PluginError> {
-        let block_size = parameters.block_size_characters()?;
-        let max_blocks =
-            parameters.max_prefix_blocks_to_match.unwrap_or(prefix_cache::hash::DEFAULT_MAX_BLOCKS);
-        if max_blocks == 0 {
-            return Err(PluginError::InvalidParameters(
-                "'maxPrefixBlocksToMatch' must be at least 1".into(),
-            ));
-        }
-        let capacity = parameters
-            .lru_capacity_per_server
-            .unwrap_or(prefix_cache::index::DEFAULT_CAPACITY_PER_ENDPOINT);
-        if capacity == 0 {
-            return Err(PluginError::InvalidParameters(
-                "'lruCapacityPerServer' must be at least 1".into(),
-            ));
-        }
+        let Resolved { block_size, max_blocks, capacity, match_length } = parameters.resolve()?;
         let index = Arc::new(PrefixIndex::new(IndexConfig {
             capacity_per_endpoint: capacity,
             ..IndexConfig::default()
         }));
         Ok(Self {
             hasher: BlockHasher::new(BlockHasherConfig { block_size, max_blocks }),
+            match_length,
             writer: RecordWriter::new(Arc::clone(&index), WriterConfig::default()),
             index,
         })
@@ -156,6 +107,51 @@ impl PrefixCacheScorer {
         &self.writer
     }
 
+    /// llm-d's score: `w * min(1, matched length / scale)^2 + (1 - w) * matched / total`,
+    /// lengths in characters here where llm-d counts tokens (the same ratio).
+    fn blend(&self, matched: usize, total: f64) -> f64 {
+        let ratio = matched as f64 / total;
+        let (weight, scale) = self.match_length;
+        if weight <= 0.0 {
+            return ratio;
+        }
+        let length = (matched as f64 * self.hasher.config().block_size as f64 / scale).min(1.0);
+        weight * length * length + (1.0 - weight) * ratio
+    }
+
+    /// Fills the decision's [`PrefixMatchInfo`] unless already filled for this decision and
+    /// block configuration.
+    fn match_prompt(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+    ) {
+        let key = (state.decision_stamp(), self.hasher.config());
+        if state.scratch::<PrefixMatchInfo>().produced_for == Some(key) {
+            return;
+        }
+        // Taken out and put back (buffers and all) so that the prompt scratch can be borrowed
+        // from the same state meanwhile.
+        let mut info = std::mem::take(state.scratch::<PrefixMatchInfo>());
+        let PrefixScratch { hashes, lookup, matches, .. } = self.hashed_prompt(state, request);
+        info.total_blocks = hashes.len();
+        info.matched_blocks.clear();
+        info.matched_blocks.resize(pool.len(), 0);
+        if !hashes.is_empty() {
+            self.index.longest_prefix_matches(hashes, lookup, matches);
+            for &(endpoint, blocks) in matches.iter() {
+                let slot =
+                    pool.index_of(endpoint).and_then(|i| info.matched_blocks.get_mut(i as usize));
+                if let Some(slot) = slot {
+                    *slot = blocks;
+                }
+            }
+        }
+        info.produced_for = Some(key);
+        *state.scratch::<PrefixMatchInfo>() = info;
+    }
+
     /// The decision's scratch, with the prompt's block hashes computed for this decision.
     fn hashed_prompt<'s>(
         &self,
@@ -176,6 +172,27 @@ impl PrefixCacheScorer {
     }
 }
 
+/// Whether the prefix scorer found a cached prefix on any candidate of a decision: what
+/// `no-hit-lru-scorer` reads to tell cold requests from warm ones (llm-d-router passes the
+/// same fact between the two plugins as per-endpoint prefix match information).
+#[derive(Debug, Default)]
+pub(crate) struct PrefixHit {
+    /// The decision the record was made for, and whether some candidate matched.
+    recorded: Option<(u64, bool)>,
+}
+
+impl PrefixHit {
+    /// Whether this decision's prefix scoring found a hit; `None` when no prefix scorer has
+    /// run in this decision.
+    pub(crate) fn of_decision(state: &mut CycleState) -> Option<bool> {
+        let stamp = state.decision_stamp();
+        match state.scratch::<PrefixHit>().recorded {
+            Some((recorded, hit)) if recorded == stamp => Some(hit),
+            _ => None,
+        }
+    }
+}
+
 impl Scorer for PrefixCacheScorer {
     fn score(
         &self,
@@ -184,29 +201,40 @@ impl Scorer for PrefixCacheScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let PrefixScratch { hashes, lookup, matches, by_pool_index, .. } =
-            self.hashed_prompt(state, request);
-        if hashes.is_empty() {
+        self.score_prefix(state, request, candidates, scores);
+        // Scores arrive zeroed and are positive exactly where a prefix matched.
+        let hit = scores.iter().any(|&score| score > 0.0);
+        let stamp = state.decision_stamp();
+        state.scratch::<PrefixHit>().recorded = Some((stamp, hit));
+    }
+}
+
+impl PrefixCacheScorer {
+    fn score_prefix(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        candidates: Candidates<'_>,
+        scores: &mut [f64],
+    ) {
+        self.match_prompt(state, request, candidates.pool());
+        let info = state.scratch::<PrefixMatchInfo>();
+        if info.total_blocks == 0 {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
         }
-        let total = hashes.len() as f64;
-        let pool = candidates.pool();
-        self.index.longest_prefix_matches(hashes, lookup, matches);
-        if matches.is_empty() {
-            return;
-        }
-        // Scores by pool position first: matched endpoints are looked up once each, and
-        // candidates read theirs by position, without a map per request.
-        by_pool_index.clear();
-        by_pool_index.resize(pool.len(), 0.0);
-        for &(endpoint, blocks) in matches.iter() {
-            if let Some(index) = pool.index_of(endpoint) {
-                by_pool_index[index as usize] = blocks as f64 / total;
+        let total = info.total_blocks as f64;
+        for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
+            let matched = info.matched_blocks.get(index as usize).copied().unwrap_or(0);
+            if matched > 0 {
+                *score = self.blend(matched, total);
             }
         }
-        for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
-            *score = by_pool_index.get(index as usize).copied().unwrap_or(0.0);
-        }
+    }
+}
+
+impl DataProducer for PrefixCacheScorer {
+    fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
+        self.match_prompt(state, request, pool);
     }
 }
 

@@ -1,0 +1,148 @@
+//! The `prefix-cache-scorer` parameters of every GIE and llm-d version, resolved to one block
+//! size in characters, one block cap and one per-endpoint capacity.
+//!
+//! epp-rs hashes characters, not tokens; where a version counts tokens the value is converted
+//! at [`CHARACTERS_PER_TOKEN`] (4) characters a token:
+//!
+//! | parameter | unit | versions |
+//! |---|---|---|
+//! | `hashBlockSize` | characters | GIE v0.5-v1.0 |
+//! | `blockSize` | characters | GIE v1.1-v1.3 (deprecated in llm-d) |
+//! | `blockSizeTokens` | tokens (x4) | GIE v1.4+, llm-d |
+//! | `maxPrefixBlocksToMatch` | blocks | all (deprecated in llm-d) |
+//! | `maxPrefixTokensToMatch` | tokens | llm-d; when > 0 it wins: blocks = tokens / block size in tokens |
+//! | `lruCapacityPerServer` | blocks | all |
+//! | `autoTune` | bool | llm-d; accepted, no effect (see below) |
+//! | `matchLengthWeight`, `matchLengthScaleTokens` | weight, tokens | llm-d scorer |
+//!
+//! llm-d's `autoTune` reads the block size and cache capacity from the servers' metrics;
+//! epp-rs keeps the configured values, so the parameter is accepted for compatibility and
+//! has no effect. The defaults stay GIE's (64-character blocks, 256 blocks), not llm-d's.
+//! A value is refused rather than clamped, naming the parameter: zero sizes, a token cap
+//! shorter than one block, a weight outside `[0, 1]`, a zero scale with a positive weight.
+
+use scheduler_core::{CHARACTERS_PER_TOKEN, PluginError};
+use serde::Deserialize;
+
+/// llm-d's `defaultMatchLengthScaleTokens`.
+const DEFAULT_MATCH_LENGTH_SCALE_TOKENS: usize = 8192;
+
+/// Parameters, with every name GIE and llm-d versions used.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PrefixCacheParameters {
+    /// Block size in characters (GIE v1.1-v1.3).
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// Block size in characters (GIE v0.5-v1.0).
+    #[serde(default)]
+    pub hash_block_size: Option<usize>,
+    /// Block size in tokens (GIE v1.4+).
+    #[serde(default)]
+    pub block_size_tokens: Option<usize>,
+    /// Most blocks of a prompt hashed and matched (default 256).
+    #[serde(default)]
+    pub max_prefix_blocks_to_match: Option<usize>,
+    /// Most tokens of a prompt matched (llm-d); when above 0 it overrides
+    /// `maxPrefixBlocksToMatch`.
+    #[serde(default)]
+    pub max_prefix_tokens_to_match: Option<usize>,
+    /// Blocks remembered per endpoint (default 31,250).
+    #[serde(default)]
+    pub lru_capacity_per_server: Option<usize>,
+    /// llm-d's metric-driven tuning; accepted, without effect.
+    #[serde(default)]
+    pub auto_tune: Option<bool>,
+    /// Weight of the matched length against the matched ratio, in `[0, 1]` (default 0).
+    #[serde(default)]
+    pub match_length_weight: Option<f64>,
+    /// Matched length, in tokens, that earns the full length score (default 8192).
+    #[serde(default)]
+    pub match_length_scale_tokens: Option<usize>,
+}
+
+/// The parameters resolved into the scorer's units.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Resolved {
+    /// Characters a block.
+    pub(super) block_size: usize,
+    pub(super) max_blocks: usize,
+    pub(super) capacity: usize,
+    /// `(weight, scale in characters)`.
+    pub(super) match_length: (f64, f64),
+}
+
+fn invalid<T>(message: String) -> Result<T, PluginError> {
+    Err(PluginError::InvalidParameters(message))
+}
+
+impl PrefixCacheParameters {
+    fn block_size_characters(&self) -> Result<usize, PluginError> {
+        let tokens = self.block_size_tokens.map(|tokens| {
+            // Saturates rather than overflows; such a block never fills and hashes nothing.
+            ("blockSizeTokens", tokens.saturating_mul(CHARACTERS_PER_TOKEN))
+        });
+        let given = [
+            self.block_size.map(|size| ("blockSize", size)),
+            self.hash_block_size.map(|size| ("hashBlockSize", size)),
+            tokens,
+        ];
+        let mut chosen = None;
+        for (name, size) in given.into_iter().flatten() {
+            if size == 0 {
+                return invalid(format!("'{name}' must be at least 1"));
+            }
+            if chosen.is_some_and(|(_, other)| other != size) {
+                return invalid(
+                    "blockSize, hashBlockSize and blockSizeTokens disagree; give one".into(),
+                );
+            }
+            chosen = Some((name, size));
+        }
+        Ok(chosen.map_or(prefix_cache::hash::DEFAULT_BLOCK_SIZE, |(_, size)| size))
+    }
+
+    /// The scorer's settings, or the first parameter out of range.
+    pub(super) fn resolve(&self) -> Result<Resolved, PluginError> {
+        let block_size = self.block_size_characters()?;
+        let max_blocks = match self.max_prefix_tokens_to_match.filter(|&tokens| tokens > 0) {
+            // llm-d: maxBlocks = maxPrefixTokensToMatch / blockSizeTokens.
+            Some(tokens) => {
+                let blocks = tokens.saturating_mul(CHARACTERS_PER_TOKEN) / block_size;
+                if blocks == 0 {
+                    return invalid(format!(
+                        "'maxPrefixTokensToMatch' ({tokens}) is shorter than one block"
+                    ));
+                }
+                blocks
+            }
+            None => {
+                let blocks = self
+                    .max_prefix_blocks_to_match
+                    .unwrap_or(prefix_cache::hash::DEFAULT_MAX_BLOCKS);
+                if blocks == 0 {
+                    return invalid("'maxPrefixBlocksToMatch' must be at least 1".into());
+                }
+                blocks
+            }
+        };
+        let capacity = self
+            .lru_capacity_per_server
+            .unwrap_or(prefix_cache::index::DEFAULT_CAPACITY_PER_ENDPOINT);
+        if capacity == 0 {
+            return invalid("'lruCapacityPerServer' must be at least 1".into());
+        }
+        let weight = self.match_length_weight.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&weight) {
+            return invalid(format!("'matchLengthWeight' must be between 0 and 1, got {weight}"));
+        }
+        let scale = self.match_length_scale_tokens.unwrap_or(DEFAULT_MATCH_LENGTH_SCALE_TOKENS);
+        if weight > 0.0 && scale == 0 {
+            return invalid(
+                "'matchLengthScaleTokens' must be above 0 when 'matchLengthWeight' is".into(),
+            );
+        }
+        let scale_characters = scale.saturating_mul(CHARACTERS_PER_TOKEN) as f64;
+        Ok(Resolved { block_size, max_blocks, capacity, match_length: (weight, scale_characters) })
+    }
+}
