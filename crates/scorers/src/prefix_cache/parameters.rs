@@ -78,28 +78,28 @@ fn invalid<T>(message: String) -> Result<T, PluginError> {
 
 impl PrefixCacheParameters {
     fn block_size_characters(&self) -> Result<usize, PluginError> {
-        let tokens = self.block_size_tokens.map(|tokens| {
-            // Saturates rather than overflows; such a block never fills and hashes nothing.
-            ("blockSizeTokens", tokens.saturating_mul(CHARACTERS_PER_TOKEN))
-        });
+        // Each spelling with the characters one of its units stands for.
         let given = [
-            self.block_size.map(|size| ("blockSize", size)),
-            self.hash_block_size.map(|size| ("hashBlockSize", size)),
-            tokens,
+            ("blockSize", self.block_size, 1),
+            ("hashBlockSize", self.hash_block_size, 1),
+            ("blockSizeTokens", self.block_size_tokens, CHARACTERS_PER_TOKEN),
         ];
         let mut chosen = None;
-        for (name, size) in given.into_iter().flatten() {
-            if size == 0 {
+        for (name, value, characters_per_unit) in given {
+            let Some(value) = value else { continue };
+            if value == 0 {
                 return invalid(format!("'{name}' must be at least 1"));
             }
-            if chosen.is_some_and(|(_, other)| other != size) {
+            // Saturates rather than overflows; such a block never fills and hashes nothing.
+            let size = value.saturating_mul(characters_per_unit);
+            if chosen.is_some_and(|other| other != size) {
                 return invalid(
                     "blockSize, hashBlockSize and blockSizeTokens disagree; give one".into(),
                 );
             }
-            chosen = Some((name, size));
+            chosen = Some(size);
         }
-        Ok(chosen.map_or(prefix_cache::hash::DEFAULT_BLOCK_SIZE, |(_, size)| size))
+        Ok(chosen.unwrap_or(prefix_cache::hash::DEFAULT_BLOCK_SIZE))
     }
 
     /// The scorer's settings, or the first parameter out of range.
