@@ -280,7 +280,7 @@ fn flow_director(config: &str, pool: Arc<SharedPool>, max_body_bytes: usize) -> 
         &parsed,
         &scorers::builtin_registry(),
         pool,
-        DirectorOptions { max_body_bytes },
+        DirectorOptions { max_body_bytes, ..DirectorOptions::default() },
         objectives,
     ) {
         Ok(director) => director,
@@ -327,7 +327,7 @@ pub fn ext_proc_exchange(data: &[u8]) {
         let director = Director::new(
             Arc::new(scheduler),
             Arc::clone(&pool),
-            DirectorOptions { max_body_bytes },
+            DirectorOptions { max_body_bytes, ..DirectorOptions::default() },
         );
         (snapshot, pool, director)
     } else {

@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
         }
     });
     // The options the C ABI builds its director with.
-    let options = DirectorOptions { max_body_bytes: usize::MAX };
+    let options = DirectorOptions { max_body_bytes: usize::MAX, ..DirectorOptions::default() };
     let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
     let director = Director::from_config(
         &EndpointPickerConfig::gie_default(),

@@ -629,7 +629,7 @@ impl EppScheduler {
         }
         .map_err(|error| invalid(&error))?;
         // The limit can change after construction, so `schedule` checks it before deciding.
-        let options = DirectorOptions { max_body_bytes: usize::MAX };
+        let options = DirectorOptions { max_body_bytes: usize::MAX, ..DirectorOptions::default() };
         let pool = Arc::new(SharedPool::default());
         let director =
             Director::from_config(&config, &scorers::builtin_registry(), pool, options, objectives)
@@ -711,7 +711,9 @@ impl EppScheduler {
 fn rejected(rejection: Rejection) -> Error {
     let status = match &rejection {
         // A model strict rewrites do not serve is a bad request too (HTTP 404 travels along).
-        Rejection::BadRequest(_) | Rejection::UnknownModel { .. } => EppStatus::BadRequest,
+        Rejection::BadRequest(_) | Rejection::NoParser { .. } | Rejection::UnknownModel { .. } => {
+            EppStatus::BadRequest
+        }
         Rejection::TooLarge { .. } => EppStatus::BodyTooLarge,
         Rejection::NoEndpoint(_) => EppStatus::NoEndpoint,
         Rejection::NotAdmitted(_) => EppStatus::NotAdmitted,

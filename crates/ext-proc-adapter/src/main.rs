@@ -120,7 +120,10 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         tls,
         client_ca,
         connections,
-        director: DirectorOptions { max_body_bytes: flags.max_request_body_bytes },
+        director: DirectorOptions {
+            max_body_bytes: flags.max_request_body_bytes,
+            ..DirectorOptions::default()
+        },
         limits: StreamLimits {
             max_fallback_endpoints: flags.max_fallback_endpoints,
             emit_endpoint_scores: flags.emit_endpoint_scores,

@@ -168,7 +168,7 @@ async fn malformed_bodies_are_400_with_a_json_error() {
 
 #[tokio::test]
 async fn oversized_bodies_are_413_before_the_body_ends() {
-    let options = DirectorOptions { max_body_bytes: 1024 };
+    let options = DirectorOptions { max_body_bytes: 1024, ..DirectorOptions::default() };
     let mut harness = start(options, StreamLimits::default()).await;
     let mut stream = ProxyStream::open(&mut harness.client).await.unwrap();
     stream.send_headers(&[(":path", "/v1/completions")], false, None).await.unwrap();

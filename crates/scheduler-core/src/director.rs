@@ -15,7 +15,8 @@ use crate::config::{ConfigError, EndpointPickerConfig};
 use crate::flow::{self, Admission, FlowConfigError, ObjectiveResolver, ReleaseOnComplete};
 use crate::pool::SharedPool;
 use crate::request::InferenceRequest;
-use crate::request::body::BodyError;
+use crate::request::body::{ApiKind, BodyError};
+use crate::request::parser::ParserTable;
 use crate::rewrite::{ModelRewrites, ModelRoute};
 use crate::scheduling::result::{CompletionGuard, SchedulingError};
 use crate::scheduling::scheduler::Scheduler;
@@ -25,11 +26,14 @@ use crate::scheduling::scheduler::Scheduler;
 pub struct DirectorOptions {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Which parser reads a body, by the request's path. [`Director::from_config`] takes
+    /// them from the config's `requestHandler.parsers` when it lists any.
+    pub parsers: ParserTable,
 }
 
 impl Default for DirectorOptions {
     fn default() -> Self {
-        Self { max_body_bytes: 32 * 1024 * 1024 }
+        Self { max_body_bytes: 32 * 1024 * 1024, parsers: ParserTable::default() }
     }
 }
 
@@ -51,6 +55,12 @@ pub enum Rejection {
     /// Flow control did not admit the request (shed, queue full, expired, cancelled).
     #[error(transparent)]
     NotAdmitted(#[from] flow::NotAdmitted),
+    /// No parser in force claims the request's path, and none takes unclaimed paths.
+    #[error("no request parser claims the path '{path}'")]
+    NoParser {
+        /// The path (cut to [`MAX_REPORTED_MODEL_BYTES`]).
+        path: String,
+    },
     /// The model rewrites are strict and no rule names the model.
     #[error("model '{model}' is not served by this pool")]
     UnknownModel {
@@ -66,7 +76,7 @@ impl Rejection {
     /// The HTTP status the proxy answers with.
     pub fn status(&self) -> u16 {
         match self {
-            Self::BadRequest(_) => 400,
+            Self::BadRequest(_) | Self::NoParser { .. } => 400,
             Self::TooLarge { .. } => 413,
             Self::NoEndpoint(_) => 503,
             Self::NotAdmitted(rejection) => rejection.http_status(),
@@ -80,7 +90,10 @@ impl Rejection {
     /// dropped but refused.
     pub fn dropped_reason(&self) -> Option<&'static str> {
         match self {
-            Self::BadRequest(_) | Self::TooLarge { .. } | Self::UnknownModel { .. } => None,
+            Self::BadRequest(_)
+            | Self::NoParser { .. }
+            | Self::TooLarge { .. }
+            | Self::UnknownModel { .. } => None,
             Self::NoEndpoint(_) => Some("rejected-no-endpoints"),
             Self::NotAdmitted(flow::NotAdmitted::Shed { .. })
             | Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => Some("rejected-saturated"),
@@ -95,6 +108,7 @@ impl Rejection {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "bad_request",
+            Self::NoParser { .. } => "no_parser",
             Self::TooLarge { .. } => "body_too_large",
             Self::NoEndpoint(SchedulingError::AllStale { .. }) => "stale_metrics",
             Self::NoEndpoint(_) => "no_ready_endpoint",
@@ -136,6 +150,10 @@ impl Director {
     fn rewrite_model(&self, request: &mut InferenceRequest) -> Result<(), Rejection> {
         let rewrites = self.rewrites.load();
         let Some(rewrites) = rewrites.as_ref() else { return Ok(()) };
+        if request.api == ApiKind::Unparsed {
+            // The body was not read, so there is no model to rewrite (or to refuse).
+            return Ok(());
+        }
         match rewrites.route_request(request) {
             ModelRoute::Unchanged => Ok(()),
             ModelRoute::Rewritten(applied) => {
@@ -145,18 +163,31 @@ impl Director {
                 Ok(())
             }
             ModelRoute::Unknown => {
-                let mut model = request.model.clone();
-                if model.len() > MAX_REPORTED_MODEL_BYTES {
-                    let mut end = MAX_REPORTED_MODEL_BYTES;
-                    while !model.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    model.truncate(end);
-                }
-                Err(Rejection::UnknownModel { model })
+                Err(Rejection::UnknownModel { model: cut_for_report(&request.model) })
             }
         }
     }
+}
+
+/// `text` cut to at most [`MAX_REPORTED_MODEL_BYTES`] on a character boundary: what a client
+/// sent is repeated back only that far.
+fn cut_for_report(text: &str) -> String {
+    let mut end = text.len().min(MAX_REPORTED_MODEL_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// The request's path as llm-d-router reads it: `:path`, else `x-original-path`, else
+/// `x-forwarded-path` (proxies that rewrite the path keep the client's there).
+fn request_path(headers: &[(String, String)]) -> Option<&str> {
+    [":path", "x-original-path", "x-forwarded-path"].iter().find_map(|wanted| {
+        headers
+            .iter()
+            .find(|(name, value)| name.eq_ignore_ascii_case(wanted) && !value.is_empty())
+            .map(|(_, value)| value.as_str())
+    })
 }
 
 /// Why a director could not be built from a config.
@@ -197,7 +228,8 @@ impl Director {
         }
     }
 
-    /// A director for a whole `EndpointPickerConfig`: its scheduler, plus admission by its
+    /// A director for a whole `EndpointPickerConfig`: its scheduler and its request parsers
+    /// (replacing `options.parsers`), plus admission by its
     /// saturation detector (shedding sheddable requests, or queueing them when the
     /// `flowControl` gate is on) with priorities from `objectives`. The plugins are constructed
     /// once for both, so a detector that counts requests in its own hooks (the concurrency
@@ -207,11 +239,12 @@ impl Director {
         config: &EndpointPickerConfig,
         registry: &PluginRegistry,
         pool: Arc<SharedPool>,
-        options: DirectorOptions,
+        mut options: DirectorOptions,
         objectives: ObjectiveResolver,
     ) -> Result<Self, DirectorBuildError> {
         let plugins = config.construct_plugins(registry)?;
         let mut scheduler = config.build_with(&plugins, registry)?;
+        options.parsers = config.parser_table(&plugins)?;
         let flow = Admission::from_config(config, &plugins, objectives)?;
         if let Some(controller) = flow.controller() {
             let clock: flow::Clock = Arc::new(Instant::now);
@@ -339,9 +372,16 @@ impl Director {
         if body.len() > self.options.max_body_bytes {
             return Err(Rejection::TooLarge { limit: self.options.max_body_bytes });
         }
-        let path = headers.iter().find(|(name, _)| name == ":path").map(|(_, v)| v.as_str());
+        // Without a path (a library caller), the body's fields decide between the OpenAI APIs.
+        let api = match request_path(headers) {
+            Some(path) => match self.options.parsers.resolve(path) {
+                Some((_, api)) => Some(api),
+                None => return Err(Rejection::NoParser { path: cut_for_report(path) }),
+            },
+            None => None,
+        };
         let header_refs = headers.iter().map(|(name, value)| (name.as_str(), value.as_str()));
-        Ok(InferenceRequest::from_openai(path, header_refs, body)?)
+        Ok(InferenceRequest::from_body(api, header_refs, body)?)
     }
 
     /// Admits (or sheds, or queues) a parsed request and schedules it. `body_bytes` is the

@@ -67,6 +67,7 @@ pub use pool::staleness::{
 pub use pool::{PoolSnapshot, SharedPool};
 pub use request::body::{ApiKind, BodyError, ParsedBody};
 pub use request::model_field::{self, ModelField, ModelFieldError};
+pub use request::parser::{ParserTable, RequestParser};
 pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
 pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{

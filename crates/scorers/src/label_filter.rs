@@ -5,6 +5,11 @@
 //!
 //! llm-d-router deprecates `by-label` (v0.9.0) in favour of `label-selector-filter`
 //! ([`crate::label_selector`]); both stay registered, as in Go.
+//!
+//! The role filters of disaggregated pools are presets of it over the `llm-d.ai/role` label
+//! ([`RoleFilter`]): `decode-filter`, `prefill-filter` and `encode-filter`. They take no
+//! parameters. Only `decode-filter` lets endpoints without a role label through, so a pool
+//! without roles serves every request from any endpoint.
 
 use scheduler_core::{CycleState, Filter, InferenceRequest, PluginError, PoolSnapshot};
 use serde::Deserialize;
@@ -64,5 +69,50 @@ impl Filter for ByLabelFilter {
                 None => *allows_no_label,
             }
         });
+    }
+}
+
+/// The label llm-d's role filters read.
+pub const ROLE_LABEL: &str = "llm-d.ai/role";
+
+/// A role filter of llm-d-router: which `llm-d.ai/role` values may serve the stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleFilter {
+    /// `decode-filter`: decode, prefill-decode, both, encode-prefill-decode, or no role.
+    Decode,
+    /// `prefill-filter`: prefill, encode-prefill, prefill-decode, both, encode-prefill-decode.
+    Prefill,
+    /// `encode-filter`: encode, encode-prefill, encode-prefill-decode.
+    Encode,
+}
+
+impl RoleFilter {
+    /// Every role filter.
+    pub const ALL: [Self; 3] = [Self::Decode, Self::Prefill, Self::Encode];
+
+    /// The plugin type name.
+    pub const fn type_name(self) -> &'static str {
+        match self {
+            Self::Decode => "decode-filter",
+            Self::Prefill => "prefill-filter",
+            Self::Encode => "encode-filter",
+        }
+    }
+
+    /// The `by-label` parameters it stands for.
+    pub fn parameters(self) -> ByLabelParameters {
+        let (roles, allows_no_label): (&[&str], bool) = match self {
+            Self::Decode => (&["decode", "prefill-decode", "both", "encode-prefill-decode"], true),
+            Self::Prefill => (
+                &["prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"],
+                false,
+            ),
+            Self::Encode => (&["encode", "encode-prefill", "encode-prefill-decode"], false),
+        };
+        ByLabelParameters {
+            label: ROLE_LABEL.to_owned(),
+            valid_values: roles.iter().map(|role| (*role).to_owned()).collect(),
+            allows_no_label,
+        }
     }
 }

@@ -15,6 +15,7 @@
 //! | `context-length-aware` | scorer (+ filter with `enableFiltering`) | [`context_length`] |
 //! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
 //! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
+//! | `decode-filter`, `prefill-filter`, `encode-filter` | filter (`by-label` on `llm-d.ai/role`) | [`label_filter`] |
 //! | `session-affinity-filter` | filter | [`session_affinity`] |
 //! | `session-affinity-scorer` | scorer | [`session_affinity`] |
 //! | `header-label-affinity-scorer` | scorer | [`header_label_affinity`] |
@@ -79,7 +80,7 @@ pub use active_request::ActiveRequestScorer;
 pub use context_length::{ContextLengthAware, ContextLengthParameters};
 pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
 pub use kv_cache::KvCacheUtilizationScorer;
-pub use label_filter::{ByLabelFilter, ByLabelParameters};
+pub use label_filter::{ByLabelFilter, ByLabelParameters, RoleFilter};
 pub use label_selector::{LabelSelectorFilter, LabelSelectorParameters};
 pub use lag_compensation::LoadScorerParameters;
 pub use load_aware::{LoadAwareParameters, LoadAwareScorer};
@@ -155,6 +156,12 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register(label_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(ByLabelFilter::new(spec.parameters()?)?))
     });
+    for role in RoleFilter::ALL {
+        registry.register(role.type_name(), move |spec| {
+            spec.parameters::<scheduler_core::NoParameters>()?;
+            Ok(Plugin::filter(ByLabelFilter::new(role.parameters())?))
+        });
+    }
     // Go registers the deprecated name with the same factory as the current one.
     for name in [label_selector::TYPE_NAME, label_selector::DEPRECATED_TYPE_NAME] {
         registry.register(name, |spec| {

@@ -359,3 +359,25 @@ proptest! {
         }
     }
 }
+
+// bylabel/roles.go: the role filters are by-label on llm-d.ai/role; only decode passes
+// endpoints without a role.
+#[test]
+fn role_filters_keep_the_roles_of_their_stage() {
+    let roles = ["decode", "prefill", "both", "prefill-decode", "encode", "encode-prefill"];
+    let mut endpoints: Vec<EndpointState> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, role)| endpoint(i as u16, &[("llm-d.ai/role", role)]))
+        .collect();
+    endpoints.push(endpoint(roles.len() as u16, &[]));
+    let pool = pool(endpoints);
+    let keep = |type_name| {
+        run_filter(&*filter(&build(type_name, json!(null)).unwrap()), &request(&[]), &pool)
+    };
+    assert_eq!(keep("decode-filter"), [0, 2, 3, 6]);
+    assert_eq!(keep("prefill-filter"), [1, 2, 3, 5]);
+    assert_eq!(keep("encode-filter"), [4, 5]);
+    let error = build("decode-filter", json!({"label": "x"})).unwrap_err();
+    assert!(error.contains("unknown field `label`"), "{error}");
+}

@@ -185,10 +185,6 @@ fn structural_errors() {
         ),
         "schedulingProfiles[0] 'a' plugins[0]: 'single-profile-handler' is not a filter, scorer or picker"
     );
-    assert_eq!(
-        error("plugins:\n- type: single-profile-handler\n"),
-        "the config declares no scheduling profile and no filter, scorer or picker to build one"
-    );
 }
 
 /// The example config of the protocol notes, verbatim.

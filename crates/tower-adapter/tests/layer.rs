@@ -128,7 +128,7 @@ async fn rejections_carry_status_and_json() {
     let (empty, _) = setup(DirectorOptions::default(), 0);
     let (status, body) = rejection(empty, request(BODY)).await;
     assert_eq!((status, body["error"]["code"].as_str()), (503, Some("no_ready_endpoint")));
-    let (small, _) = setup(DirectorOptions { max_body_bytes: 8 }, 3);
+    let (small, _) = setup(DirectorOptions { max_body_bytes: 8, ..DirectorOptions::default() }, 3);
     let (status, body) = rejection(small, request(BODY)).await;
     assert_eq!((status, body["error"]["code"].as_str()), (413, Some("body_too_large")));
 }

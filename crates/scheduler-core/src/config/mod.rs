@@ -2,10 +2,13 @@
 //!
 //! Loading is strict like the Go loader (unknown keys are errors) and every error names the
 //! offending plugin, profile or reference and where it stands. Defaults are injected as the Go
-//! EPP injects them: a profile without a picker gets `max-score-picker`, no profile handler
-//! means `single-profile-handler`, a reference without weight weighs 1, and no
-//! `schedulingProfiles` at all means one `default` profile holding every filter, scorer and
-//! picker declared. Errors in the document name the field path (`flowControl.maxBytes: ...`).
+//! EPP injects them: a profile without a picker gets the picker the config declares (else a
+//! `max-score-picker`), no profile handler means `single-profile-handler`, a reference
+//! without weight weighs 1, no `schedulingProfiles` at all means one `default` profile holding
+//! every filter, scorer and picker declared (just a picker when none is: every endpoint is a
+//! candidate), and no `requestHandler.parsers` means the OpenAI, Anthropic and vLLM HTTP
+//! parsers then passthrough. Errors in the document name the field path
+//! (`flowControl.maxBytes: ...`).
 //!
 //! GIE's default profile is written once, in [`DEFAULT_CONFIG_YAML`]; variants are composed
 //! from it in code rather than retyped:
@@ -53,6 +56,7 @@ use serde::Deserialize;
 
 use crate::config::registry::{Plugin, PluginRegistry, PluginSpec, RegistryError};
 use crate::flow::{FlowControlConfig, SaturationDetectorSection};
+use crate::request::parser::{ParserTable, RequestParser};
 use crate::scheduling::plugin::{PreRequest, ProfileHandler, ResponseComplete};
 use crate::scheduling::profile::SchedulerProfile;
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, Scheduler, SingleProfileHandler};
@@ -127,9 +131,30 @@ pub struct EndpointPickerConfig {
     /// Data-layer settings: `data` in GIE v1.3-v1.4, `dataLayer` from v1.5.
     #[serde(default, alias = "dataLayer")]
     pub data: Option<serde_json::Value>,
-    /// Request parser settings (GIE v1.5+).
+    /// Which parsers read request bodies (llm-d-router).
     #[serde(default)]
-    pub parser: Option<serde_json::Value>,
+    pub request_handler: Option<RequestHandlerConfig>,
+    /// The one parser of GIE v1.5 (replaced by `requestHandler.parsers`, which wins when
+    /// both are set).
+    #[serde(default)]
+    pub parser: Option<ParserRef>,
+}
+
+/// The `requestHandler` section.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestHandlerConfig {
+    /// The parsers, in order; empty means llm-d-router's defaults.
+    #[serde(default)]
+    pub parsers: Vec<ParserRef>,
+}
+
+/// A reference to a parser plugin: a declared plugin's name, or a parser type name.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParserRef {
+    /// The parser's name.
+    pub plugin_ref: String,
 }
 
 /// One entry of `plugins`.
@@ -355,16 +380,38 @@ pub enum ConfigError {
         /// How many profiles are declared.
         count: usize,
     },
-    /// The config declares no scheduling profile and no plugin a profile could be built from.
+    /// A parser reference names neither a declared plugin nor a parser type.
     #[error(
-        "the config declares no scheduling profile and no filter, scorer or picker to build one"
+        "{field}: pluginRef '{plugin_ref}' names no declared plugin and no parser type (parser types: {})",
+        parser_type_names()
     )]
-    NoProfiles,
+    UnknownParser {
+        /// Where the reference stands (`requestHandler.parsers[1]`).
+        field: String,
+        /// The reference.
+        plugin_ref: String,
+    },
+    /// A parser reference names a declared plugin that is not a parser.
+    #[error("{field}: '{plugin_ref}' is not a request parser")]
+    NotAParser {
+        /// Where the reference stands.
+        field: String,
+        /// The reference.
+        plugin_ref: String,
+    },
+}
+
+fn parser_type_names() -> String {
+    RequestParser::ALL.map(RequestParser::type_name).join(", ")
 }
 
 impl EndpointPickerConfig {
-    /// Parses a YAML document (no plugin is constructed yet).
+    /// Parses a YAML document (no plugin is constructed yet). An empty document is
+    /// [`Self::gie_default`], as the Go EPP loads its default config for an empty file.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Self::from_yaml(DEFAULT_CONFIG_YAML);
+        }
         // serde-saphyr reports the line and column; serde_path_to_error adds the field path.
         let options = serde_saphyr::options! { with_snippet: false };
         let mut path = None;
@@ -489,6 +536,35 @@ impl EndpointPickerConfig {
     /// Whether the feature gate `name` is on.
     pub fn feature_enabled(&self, name: &str) -> bool {
         self.feature_gates.iter().any(|gate| gate == name)
+    }
+
+    /// The parsers that read request bodies: `requestHandler.parsers`, else the deprecated
+    /// `parser`, else llm-d-router's defaults (OpenAI, Anthropic, vLLM HTTP, then
+    /// passthrough for every other path). A reference names a declared parser plugin or,
+    /// as the Go EPP registers missing parsers under their type names, a parser type.
+    pub fn parser_table(&self, plugins: &ConstructedPlugins) -> Result<ParserTable, ConfigError> {
+        let listed = self.request_handler.as_ref().map_or(&[][..], |handler| &handler.parsers);
+        let (field, refs) = match (listed, &self.parser) {
+            ([], None) => return Ok(ParserTable::default()),
+            ([], Some(single)) => ("parser", std::slice::from_ref(single)),
+            (listed, _) => ("requestHandler.parsers", listed),
+        };
+        let mut parsers = Vec::with_capacity(refs.len());
+        for (index, reference) in refs.iter().enumerate() {
+            let name = reference.plugin_ref.as_str();
+            let field =
+                if field == "parser" { field.to_owned() } else { format!("{field}[{index}]") };
+            let parser = match plugins.get(name) {
+                Some(declared) => declared.plugin.request_parser.ok_or_else(|| {
+                    ConfigError::NotAParser { field: field.clone(), plugin_ref: name.to_owned() }
+                })?,
+                None => RequestParser::from_type_name(name).ok_or_else(|| {
+                    ConfigError::UnknownParser { field, plugin_ref: name.to_owned() }
+                })?,
+            };
+            parsers.push(parser);
+        }
+        Ok(ParserTable::new(parsers))
     }
 
     /// Constructs the plugins with `registry` and assembles the scheduler.
@@ -626,9 +702,9 @@ fn implied_default_profile(
         .filter(|declared| declared.plugin.is_profile_plugin())
         .map(|declared| PluginRef { plugin_ref: declared.name.clone(), weight: None })
         .collect();
-    if refs.is_empty() {
-        return Err(ConfigError::NoProfiles);
-    }
+    // With no filter, scorer or picker declared (a config of only a saturation detector and
+    // flow control), the Go EPP builds this profile empty: its picker alone, choosing among
+    // every endpoint at random.
     let implied = ProfileConfig { name: DEFAULT_PROFILE_NAME.to_owned(), plugins: refs };
     build_profile(0, &implied, plugins, registry)
 }
@@ -688,7 +764,18 @@ fn build_profile(
             picker = Some((name, Arc::clone(new_picker)));
         }
     }
-    let (picker_name, picker) = match picker {
+    // A profile without a picker takes the config's declared picker, as the Go EPP reuses
+    // one picker across profiles; only without any does it get a max-score picker.
+    let declared_picker = || {
+        plugins.iter().find_map(|declared| {
+            declared
+                .plugin
+                .picker
+                .as_ref()
+                .map(|picker| (declared.name.as_str(), Arc::clone(picker)))
+        })
+    };
+    let (picker_name, picker) = match picker.or_else(declared_picker) {
         Some(picker) => picker,
         None => {
             let plugin =

@@ -16,6 +16,7 @@ use crate::flow::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, SaturationDetector,
     UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
+use crate::request::parser::RequestParser;
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
     Scorer,
@@ -86,6 +87,8 @@ pub struct Plugin {
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
     /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// As a request parser (named by `requestHandler.parsers[].pluginRef`).
+    pub request_parser: Option<RequestParser>,
 }
 
 impl fmt::Debug for Plugin {
@@ -100,6 +103,7 @@ impl fmt::Debug for Plugin {
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
+            .field("request_parser", &self.request_parser)
             .finish()
     }
 }
@@ -174,10 +178,12 @@ impl Default for PluginRegistry {
 }
 
 impl PluginRegistry {
-    /// A registry holding the core's plugins: `single-profile-handler`, and the saturation
+    /// A registry holding the core's plugins: `single-profile-handler`, the saturation
     /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
-    /// in flight as a pre-request and completion hook).
+    /// in flight as a pre-request and completion hook), and the request parsers
+    /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
+    /// `passthrough-parser`).
     pub fn new() -> Self {
         let mut registry = Self { factories: BTreeMap::new() };
         registry.register(SINGLE_PROFILE_HANDLER, |spec| {
@@ -188,6 +194,12 @@ impl PluginRegistry {
             let thresholds: UtilizationThresholds = spec.parameters()?;
             Ok(Plugin::saturation_detector(UtilizationDetector::new(thresholds)))
         });
+        for parser in RequestParser::ALL {
+            registry.register(parser.type_name(), move |spec| {
+                spec.parameters::<NoParameters>()?;
+                Ok(Plugin { request_parser: Some(parser), ..Plugin::default() })
+            });
+        }
         registry.register(CONCURRENCY_DETECTOR_TYPE, |spec| {
             let parameters: ConcurrencyParameters = spec.parameters()?;
             let detector = Arc::new(ConcurrencyDetector::new(parameters.max_concurrency));
@@ -246,7 +258,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: concurrency-detector, single-profile-handler, utilization-detector)"
+            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, openai-parser, passthrough-parser, single-profile-handler, utilization-detector, vllmhttp-parser)"
         );
     }
 

@@ -2,6 +2,7 @@
 
 pub(crate) mod body;
 pub mod model_field;
+pub(crate) mod parser;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -73,7 +74,20 @@ impl InferenceRequest {
         headers: impl IntoIterator<Item = (&'h str, &'h str)>,
         body: &[u8],
     ) -> Result<Self, BodyError> {
-        let parsed = ParsedBody::parse(path, body)?;
+        Self::from_body(path.and_then(ApiKind::from_path), headers, body)
+    }
+
+    /// Builds a request from a body written for `api` (as a [`ParserTable`] resolved it; an
+    /// [`ApiKind::Unparsed`] body is not read) and the request headers. Without an API, the
+    /// body's fields decide between the OpenAI APIs.
+    ///
+    /// [`ParserTable`]: crate::ParserTable
+    pub fn from_body<'h>(
+        api: Option<ApiKind>,
+        headers: impl IntoIterator<Item = (&'h str, &'h str)>,
+        body: &[u8],
+    ) -> Result<Self, BodyError> {
+        let parsed = ParsedBody::parse_as(api, body)?;
         let headers: HashMap<String, String> = headers
             .into_iter()
             .map(|(name, value)| (name.to_ascii_lowercase(), value.to_owned()))

@@ -1,0 +1,121 @@
+//! Request parsers chosen by path through the whole server: llm-d-router's default list
+//! (OpenAI, Anthropic, vLLM HTTP, then passthrough), and an explicit `requestHandler.parsers`
+//! that refuses what it does not claim.
+
+use std::sync::Arc;
+
+use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use ext_proc_adapter::server::{self, RunningServer, ServerConfig};
+use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
+use scheduler_core::{
+    Director, DirectorOptions, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
+    PoolSnapshot, SharedPool,
+};
+use tonic::transport::Channel;
+
+/// A server for `config` over two endpoints; the first is busy, so load alone decides.
+async fn start(config: &str) -> (RunningServer, ExternalProcessorClient<Channel>) {
+    let endpoint = |port: u16, waiting_queue: u32| {
+        EndpointState::new(Endpoint::new(([127, 0, 0, 1], port).into())).with_metrics(
+            EndpointMetrics {
+                waiting_queue,
+                updated_at: Some(std::time::Instant::now()),
+                ..EndpointMetrics::default()
+            },
+        )
+    };
+    let pool =
+        Arc::new(SharedPool::new(PoolSnapshot::new([endpoint(8001, 50), endpoint(8002, 0)])));
+    let config = EndpointPickerConfig::from_yaml(config).unwrap();
+    let director = Director::from_config(
+        &config,
+        &scorers::builtin_registry(),
+        pool,
+        DirectorOptions::default(),
+        ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap(),
+    )
+    .unwrap();
+    let server_config =
+        ServerConfig { staleness_threshold: None, ..ServerConfig::loopback("pool") };
+    let running = server::start_with_director(Arc::new(director), server_config).await.unwrap();
+    let client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    (running, client)
+}
+
+async fn send(client: &mut ExternalProcessorClient<Channel>, path: &str, body: &[u8]) -> Decision {
+    let mut stream = ProxyStream::open(client).await.unwrap();
+    let request = ProxyRequest {
+        headers: vec![(":path", path), (":method", "POST")],
+        body,
+        chunk_bytes: 0,
+        subset: None,
+    };
+    stream.send_request(&request).await.unwrap();
+    let decision = stream.decision().await.unwrap();
+    if matches!(decision, Decision::Routed { .. }) {
+        stream.respond(None, &[b"{}"]).await.unwrap();
+    }
+    decision
+}
+
+fn routed_to(decision: &Decision) -> &str {
+    match decision {
+        Decision::Routed { destination, .. } => destination,
+        other => panic!("expected a route, got {other:?}"),
+    }
+}
+
+const QUEUE_ONLY: &str = "plugins:\n- type: queue-scorer\n";
+
+#[tokio::test]
+async fn the_default_parsers_route_each_api_and_pass_the_rest_through() {
+    let (_running, mut client) = start(QUEUE_ONLY).await;
+    let anthropic = br#"{"model":"claude","max_tokens":8,"system":"Be brief.",
+        "messages":[{"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#;
+    let generate = br#"{"token_ids":[1,2,3],"sampling_params":{"max_tokens":4}}"#;
+    let opaque = b"\x00\x01 not JSON at all";
+    for (path, body) in [
+        ("/v1/chat/completions", &br#"{"model":"m","messages":[]}"#[..]),
+        ("/v1/messages", &anthropic[..]),
+        ("/inference/v1/generate", &generate[..]),
+        ("/v1/rerank", &opaque[..]),
+        ("/v1/messages/batches", &opaque[..]),
+    ] {
+        let decision = send(&mut client, path, body).await;
+        // The queue scorer still decides for bodies that are not read.
+        assert_eq!(routed_to(&decision), "127.0.0.1:8002", "{path}");
+        if let Decision::Routed { body: echoed, .. } = &decision {
+            assert_eq!(echoed, body, "{path}: the body goes on untouched");
+        }
+    }
+    // A claimed path still needs a body its parser reads.
+    let decision = send(&mut client, "/v1/messages", b"not JSON").await;
+    assert!(matches!(decision, Decision::Immediate { status: 400, .. }), "{decision:?}");
+}
+
+#[tokio::test]
+async fn an_explicit_parser_list_refuses_paths_it_does_not_claim() {
+    let (_running, mut client) = start(
+        "plugins:
+- type: queue-scorer
+- name: openai
+  type: openai-parser
+requestHandler:
+  parsers:
+  - pluginRef: openai
+",
+    )
+    .await;
+    let decision = send(&mut client, "/v1/completions", br#"{"model":"m","prompt":"p"}"#).await;
+    routed_to(&decision);
+    let decision = send(&mut client, "/v1/rerank?x=1", br#"{"model":"m"}"#).await;
+    let Decision::Immediate { status, body, .. } = decision else {
+        panic!("expected a refusal, got {decision:?}");
+    };
+    assert_eq!(status, 400);
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("no_parser"), "{text}");
+    assert!(text.contains("no request parser claims the path '/v1/rerank?x=1'"), "{text}");
+}
