@@ -216,6 +216,17 @@ pub struct ServerFlags {
     /// metadata (`x-gateway-destination-endpoint-scores`: `ip:port` -> score).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, global = true)]
     pub emit_endpoint_scores: bool,
+    /// Allow plugin types llm-d-router ranks alpha (session and header-label affinity); a
+    /// config declaring one is refused without it.
+    #[arg(
+        long,
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        global = true
+    )]
+    pub allow_experimental_plugins: bool,
     /// Largest request body accepted, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 32 * 1024 * 1024, global = true)]
     pub max_request_body_bytes: usize,
@@ -322,6 +333,19 @@ mod tests {
         assert!(!cli.server.secure_serving);
         assert_eq!(cli.server.verbose, 2);
         assert_eq!(cli.server.max_fallback_endpoints, 2);
+    }
+
+    #[test]
+    fn experimental_plugins_are_off_unless_asked_for() {
+        assert!(!Cli::parse_from(["epp"]).server.allow_experimental_plugins);
+        for asked in [
+            &["epp", "--allow-experimental-plugins"][..],
+            &["epp", "--allow-experimental-plugins=true"],
+        ] {
+            assert!(Cli::parse_from(asked).server.allow_experimental_plugins, "{asked:?}");
+        }
+        let off = Cli::parse_from(["epp", "--allow-experimental-plugins=false"]);
+        assert!(!off.server.allow_experimental_plugins);
     }
 
     #[test]

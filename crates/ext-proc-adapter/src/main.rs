@@ -138,14 +138,11 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         model_rewrites: model_rewrite_settings(&flags),
     };
     let pool = Arc::new(SharedPool::default());
-    let director = Director::from_config(
-        &config,
-        &scorers::builtin_registry(),
-        pool,
-        server_config.director.clone(),
-        objectives,
-    )
-    .map_err(|error| format!("invalid config: {error}"))?;
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(flags.allow_experimental_plugins);
+    let director =
+        Director::from_config(&config, &registry, pool, server_config.director.clone(), objectives)
+            .map_err(|error| format!("invalid config: {error}"))?;
     let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;

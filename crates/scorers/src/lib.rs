@@ -16,9 +16,9 @@
 //! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
 //! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
 //! | `decode-filter`, `prefill-filter`, `encode-filter` | filter (`by-label` on `llm-d.ai/role`) | [`label_filter`] |
-//! | `session-affinity-filter` | filter | [`session_affinity`] |
-//! | `session-affinity-scorer` | scorer | [`session_affinity`] |
-//! | `header-label-affinity-scorer` | scorer | [`header_label_affinity`] |
+//! | `session-affinity-filter` (experimental) | filter | [`session_affinity`] |
+//! | `session-affinity-scorer` (experimental) | scorer | [`session_affinity`] |
+//! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
 //! | `prefix-cache-affinity-filter` | filter (reads `prefix-cache-scorer`'s matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
@@ -168,13 +168,13 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             Ok(Plugin::filter(LabelSelectorFilter::new(spec.parameters()?)?))
         });
     }
-    registry.register(session_affinity::FILTER_TYPE_NAME, |spec| {
+    registry.register_experimental(session_affinity::FILTER_TYPE_NAME, |spec| {
         Ok(Plugin::filter(SessionAffinityFilter::new(spec.parameters()?)?))
     });
-    registry.register(session_affinity::SCORER_TYPE_NAME, |spec| {
+    registry.register_experimental(session_affinity::SCORER_TYPE_NAME, |spec| {
         Ok(Plugin::scorer(SessionAffinityScorer::new(spec.parameters()?)?))
     });
-    registry.register(header_label_affinity::TYPE_NAME, |spec| {
+    registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
     });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {

@@ -40,7 +40,14 @@ fn request(headers: &[(&str, &str)]) -> InferenceRequest {
 fn build(type_name: &str, parameters: serde_json::Value) -> Result<scheduler_core::Plugin, String> {
     let parameters = (!parameters.is_null()).then_some(parameters);
     let spec = PluginSpec { name: type_name, type_name, parameters: parameters.as_ref() };
-    builtin_registry().create(&spec).map_err(|error| error.to_string())
+    registry().create(&spec).map_err(|error| error.to_string())
+}
+
+/// The built-in plugins, the experimental ones (session and header-label affinity) allowed.
+fn registry() -> scheduler_core::PluginRegistry {
+    let mut registry = builtin_registry();
+    registry.allow_experimental_plugins(true);
+    registry
 }
 
 fn filter(plugin: &scheduler_core::Plugin) -> Arc<dyn Filter> {
@@ -223,8 +230,7 @@ fn max_prefix_tokens_caps_the_matched_blocks() {
     use scheduler_core::{ScheduleOptions, SchedulingResult};
     // 4-token (16-character) blocks, capped at 8 tokens: 2 blocks, whatever the prompt.
     let yaml = "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 4, maxPrefixTokensToMatch: 8}\n";
-    let scheduler =
-        EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).unwrap();
+    let scheduler = EndpointPickerConfig::from_yaml(yaml).unwrap().build(&registry()).unwrap();
     let pool = pool([endpoint(0, &[]), endpoint(1, &[])]);
     let prompt = "a".repeat(16 * 6);
     let first = InferenceRequest::new("llama", prompt.clone());
@@ -246,8 +252,7 @@ fn max_prefix_tokens_caps_the_matched_blocks() {
 fn match_length_weight_blends_length_and_ratio() {
     use scheduler_core::ScheduleOptions;
     let yaml = "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 4, matchLengthWeight: 0.5, matchLengthScaleTokens: 8}\n";
-    let scheduler =
-        EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).unwrap();
+    let scheduler = EndpointPickerConfig::from_yaml(yaml).unwrap().build(&registry()).unwrap();
     let pool = pool([endpoint(0, &[])]);
     scheduler.schedule(&InferenceRequest::new("llama", "a".repeat(16)), &pool).unwrap();
     scheduler.flush();
@@ -311,7 +316,7 @@ schedulingProfiles:
   - pluginRef: picker
 "#;
     let config = EndpointPickerConfig::from_yaml(yaml).unwrap();
-    config.build(&builtin_registry()).unwrap();
+    config.build(&registry()).unwrap();
 }
 
 fn arbitrary_pool() -> impl Strategy<Value = Vec<Vec<(u8, u8)>>> {
@@ -380,4 +385,16 @@ fn role_filters_keep_the_roles_of_their_stage() {
     assert_eq!(keep("encode-filter"), [4, 5]);
     let error = build("decode-filter", json!({"label": "x"})).unwrap_err();
     assert!(error.contains("unknown field `label`"), "{error}");
+}
+
+#[test]
+fn the_alpha_affinity_plugins_need_experimental_plugins_allowed() {
+    for type_name in
+        ["session-affinity-filter", "session-affinity-scorer", "header-label-affinity-scorer"]
+    {
+        let spec = PluginSpec::of_type(type_name);
+        let error = builtin_registry().create(&spec).unwrap_err().to_string();
+        assert!(error.contains("is experimental"), "{type_name}: {error}");
+    }
+    assert!(builtin_registry().create(&PluginSpec::of_type("decode-filter")).is_ok());
 }

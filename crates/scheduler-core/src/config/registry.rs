@@ -6,7 +6,7 @@
 //! `utilization-detector` and `concurrency-detector`); other crates (and users) add theirs with
 //! [`PluginRegistry::register`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -154,6 +154,15 @@ pub enum RegistryError {
         /// Every registered type, sorted.
         known: Vec<String>,
     },
+    /// The type is experimental (alpha in llm-d-router) and experimental plugins are not
+    /// allowed.
+    #[error(
+        "plugin type '{type_name}' is experimental (alpha in llm-d-router); allow experimental plugins (epp --allow-experimental-plugins) to use it"
+    )]
+    Experimental {
+        /// The type asked for.
+        type_name: String,
+    },
     /// The constructor refused the declaration.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -163,6 +172,10 @@ pub enum RegistryError {
 #[derive(Clone)]
 pub struct PluginRegistry {
     factories: BTreeMap<String, PluginFactory>,
+    /// Types registered as experimental.
+    experimental: BTreeSet<String>,
+    /// Whether experimental types may be constructed (off by default, as in the Go EPP).
+    allow_experimental: bool,
 }
 
 impl fmt::Debug for PluginRegistry {
@@ -185,7 +198,11 @@ impl PluginRegistry {
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
     /// `passthrough-parser`).
     pub fn new() -> Self {
-        let mut registry = Self { factories: BTreeMap::new() };
+        let mut registry = Self {
+            factories: BTreeMap::new(),
+            experimental: BTreeSet::new(),
+            allow_experimental: false,
+        };
         registry.register(SINGLE_PROFILE_HANDLER, |spec| {
             spec.parameters::<NoParameters>()?;
             Ok(Plugin::profile_handler(SingleProfileHandler))
@@ -222,6 +239,30 @@ impl PluginRegistry {
         self.factories.insert(type_name.into(), Arc::new(factory));
     }
 
+    /// Registers (or replaces) the constructor of an experimental type: one llm-d-router
+    /// ranks alpha, constructed only once [`Self::allow_experimental_plugins`] says so.
+    pub fn register_experimental(
+        &mut self,
+        type_name: impl Into<String>,
+        factory: impl Fn(&PluginSpec<'_>) -> Result<Plugin, PluginError> + Send + Sync + 'static,
+    ) {
+        let type_name = type_name.into();
+        self.experimental.insert(type_name.clone());
+        self.register(type_name, factory);
+    }
+
+    /// Allows (or forbids) constructing experimental types, as the Go EPP's
+    /// `--allow-experimental-plugins` does.
+    pub fn allow_experimental_plugins(&mut self, allow: bool) -> &mut Self {
+        self.allow_experimental = allow;
+        self
+    }
+
+    /// Whether `type_name` is registered as experimental.
+    pub fn is_experimental(&self, type_name: &str) -> bool {
+        self.experimental.contains(type_name)
+    }
+
     /// Whether `type_name` is registered.
     pub fn contains(&self, type_name: &str) -> bool {
         self.factories.contains_key(type_name)
@@ -239,6 +280,9 @@ impl PluginRegistry {
                 type_name: spec.type_name.to_owned(),
                 known: self.factories.keys().cloned().collect(),
             })?;
+        if !self.allow_experimental && self.is_experimental(spec.type_name) {
+            return Err(RegistryError::Experimental { type_name: spec.type_name.to_owned() });
+        }
         Ok(factory(spec)?)
     }
 }
@@ -302,6 +346,20 @@ mod tests {
             registry.create(&spec).unwrap_err().to_string(),
             "invalid parameters: maxConcurency: unknown field `maxConcurency`, expected `maxConcurrency`"
         );
+    }
+
+    #[test]
+    fn experimental_types_need_permission() {
+        let mut registry = PluginRegistry::new();
+        registry.register_experimental("alpha-filter", |_| Ok(Plugin::default()));
+        assert!(registry.is_experimental("alpha-filter") && !registry.is_experimental("x"));
+        let error = registry.create(&PluginSpec::of_type("alpha-filter")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "plugin type 'alpha-filter' is experimental (alpha in llm-d-router); allow experimental plugins (epp --allow-experimental-plugins) to use it"
+        );
+        registry.allow_experimental_plugins(true);
+        assert!(registry.create(&PluginSpec::of_type("alpha-filter")).is_ok());
     }
 
     #[test]
