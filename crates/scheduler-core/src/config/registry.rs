@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::flow::policy::register_policies;
 use crate::flow::{
-    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, SaturationDetector,
-    UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
+    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, FlowPolicy,
+    SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
@@ -86,6 +87,9 @@ pub struct Plugin {
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
     /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// As a flow-control policy (named by `fairnessPolicyRef`, `orderingPolicyRef` or
+    /// `usageLimitPolicyPluginRef`).
+    pub flow_policy: Option<FlowPolicy>,
 }
 
 impl fmt::Debug for Plugin {
@@ -100,6 +104,7 @@ impl fmt::Debug for Plugin {
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
+            .field("flow_policy", &self.flow_policy)
             .finish()
     }
 }
@@ -177,7 +182,9 @@ impl PluginRegistry {
     /// A registry holding the core's plugins: `single-profile-handler`, and the saturation
     /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
-    /// in flight as a pre-request and completion hook).
+    /// in flight as a pre-request and completion hook), and the flow-control policies
+    /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
+    /// `edf-ordering-policy` and `static-usage-limit-policy` (parameters: `threshold`).
     pub fn new() -> Self {
         let mut registry = Self { factories: BTreeMap::new() };
         registry.register(SINGLE_PROFILE_HANDLER, |spec| {
@@ -198,6 +205,7 @@ impl PluginRegistry {
                 ..Plugin::default()
             })
         });
+        register_policies(&mut registry);
         registry
     }
 
@@ -246,7 +254,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: concurrency-detector, single-profile-handler, utilization-detector)"
+            "unknown plugin type 'magic-scorer' (known types: concurrency-detector, edf-ordering-policy, fcfs-ordering-policy, global-strict-fairness-policy, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector)"
         );
     }
 

@@ -12,6 +12,16 @@
 //! before every dispatch pass. Passes run on submit, on [`FlowController::tick`] (saturation may
 //! have lifted) and on [`FlowController::release`] (a request finished).
 //!
+//! Gating. A band may dispatch while the detector reports room and the usage limit policy
+//! (`usageLimitPolicyPluginRef`) allows it: with a threshold below 1, the band is also blocked
+//! once the detector's saturation level reaches the threshold. When the top band is blocked and
+//! eviction is on (`enableEviction`), one sheddable request in flight of lower priority is
+//! evicted (see [`InFlightRequests`]); its end releases capacity and triggers the next pass.
+//!
+//! TTL. A request's queue TTL is its own, else its band's, else `defaultRequestTTL`; a request
+//! arriving while the pool has no endpoints uses `noEndpointRequestTTL` instead when set (the
+//! regime is read on arrival).
+//!
 //! Guarantees. Every submitted request gets exactly one outcome, written once into its ticket
 //! under the controller lock: admitted, rejected (capacity), expired or cancelled (its ticket
 //! was dropped). Caps are checked before insertion, so queued counts never exceed them. All
@@ -25,6 +35,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::flow::config::FlowControlConfig;
+use crate::flow::eviction::InFlightRequests;
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, NotAdmitted};
 use crate::flow::queue::{BandStats, Entry, QueueState, SlotKey};
@@ -79,6 +90,8 @@ struct Shared {
     config: FlowControlConfig,
     detector: Arc<dyn SaturationDetector>,
     metrics: Arc<FlowMetrics>,
+    /// Requests in flight that may be evicted; `Some` when `enableEviction` is set.
+    in_flight: Option<InFlightRequests>,
 }
 
 /// Priority-band queues with fair dispatch. Cheap to clone: clones share the queues.
@@ -142,7 +155,35 @@ impl FlowController {
             let band = band.clone();
             state.band_index(band.priority, || band.clone());
         }
-        Self { shared: Arc::new(Shared { state: Mutex::new(state), config, detector, metrics }) }
+        let in_flight = config.enable_eviction.then(|| InFlightRequests::new(Arc::clone(&metrics)));
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                config,
+                detector,
+                metrics,
+                in_flight,
+            }),
+        }
+    }
+
+    /// The requests in flight eviction may end, when `enableEviction` is set: adapters track
+    /// every routed request here and end it when it is evicted.
+    pub fn in_flight(&self) -> Option<&InFlightRequests> {
+        self.shared.in_flight.as_ref()
+    }
+
+    /// Whether a band of `priority` may not dispatch now: the detector reports no room, or the
+    /// usage limit policy's ceiling for the priority is reached.
+    fn blocked(&self, priority: i32, pool: &PoolSnapshot, now: Instant) -> bool {
+        let detector = &self.shared.detector;
+        let limit = &self.shared.config.usage_limit;
+        if detector.is_saturated(pool, now) {
+            return true;
+        }
+        // The level is only read when the policy gates below full saturation: the default
+        // policy then costs nothing beyond the saturated check.
+        limit.gates_below_saturation() && limit.blocks(priority, detector.saturation(pool, now))
     }
 
     /// The configuration in use.
@@ -175,7 +216,7 @@ impl FlowController {
         // dispatching would admit this very request. It never occupies the queue, so it skips
         // the caps as well as the queue structures.
         if !state.has_queued_at_or_above(request.priority)
-            && !shared.detector.is_saturated(pool, now)
+            && !self.blocked(request.priority, pool, now)
         {
             shared.detector.on_admit();
             let dispatch_seq = state.next_dispatch_seq();
@@ -198,8 +239,11 @@ impl FlowController {
                 limit,
             }));
         }
+        let no_endpoint_ttl =
+            shared.config.no_endpoint_request_ttl.filter(|_| pool.endpoints().is_empty());
         let ttl = request
             .ttl
+            .or(no_endpoint_ttl)
             .or_else(|| {
                 state.bands.get(band_index).and_then(|band| band.config.default_request_ttl)
             })
@@ -353,7 +397,13 @@ impl FlowController {
     ) {
         let detector = &self.shared.detector;
         while let Some(band_index) = state.top_band() {
-            if detector.is_saturated(pool, now) {
+            let priority = state.bands.get(band_index).map_or(0, |band| band.config.priority);
+            if self.blocked(priority, pool, now) {
+                // Strict priority: lower bands do not go ahead of a blocked higher one. Room
+                // for it may be made by ending a sheddable request in flight.
+                if let Some(in_flight) = &self.shared.in_flight {
+                    in_flight.evict_for(priority);
+                }
                 break;
             }
             let Some(entry) = state.pop_band(band_index) else {
