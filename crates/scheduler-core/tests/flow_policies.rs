@@ -217,20 +217,53 @@ fn the_usage_limit_holds_requests_below_full_saturation() {
     assert!(matches!(held.try_outcome(), Some(Ok(_))));
 }
 
+fn no_endpoint_admission(ttl: &str) -> Admission {
+    let config = config(&format!(
+        "featureGates: [flowControl]\nplugins:\n- type: first-picker\nflowControl: {{defaultRequestTTL: {ttl}, noEndpointRequestTTL: 1s}}\n"
+    ));
+    admission(&config).expect("valid")
+}
+
 #[test]
-fn a_request_arriving_with_no_endpoints_waits_for_the_no_endpoint_ttl() {
-    let config = config(
-        "featureGates: [flowControl]\nplugins:\n- type: first-picker\nflowControl: {defaultRequestTTL: 60s, noEndpointRequestTTL: 1s}\n",
-    );
-    let admission = admission(&config).expect("valid");
+fn while_the_pool_is_empty_requests_wait_the_no_endpoint_ttl() {
+    let admission = no_endpoint_admission("60s");
     let now = Instant::now();
     let empty = PoolSnapshot::default();
-    let no_endpoints = admission.submit(&mut request("chat"), 10, &empty, now);
-    let saturated = admission.submit(&mut request("chat"), 10, &pool(9, now), now);
-    let later = now + Duration::from_millis(1500);
-    assert_eq!(admission.tick(&pool(9, later), later).expired, 1);
-    assert!(matches!(no_endpoints.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
-    assert!(saturated.try_outcome().is_none(), "the saturated pool's request has 60 s");
+    let waiting = admission.submit(&mut request("chat"), 10, &empty, now);
+    let at = |millis| now + Duration::from_millis(millis);
+    assert_eq!(admission.tick(&empty, at(900)).expired, 0);
+    assert_eq!(admission.tick(&empty, at(1000)).expired, 1, "1 s without endpoints");
+    assert!(matches!(waiting.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
+}
+
+#[test]
+fn a_regime_change_moves_queued_requests_to_the_other_budget() {
+    let admission = no_endpoint_admission("60s");
+    let now = Instant::now();
+    let at = |millis| now + Duration::from_millis(millis);
+    let empty = PoolSnapshot::default();
+    let waiting = admission.submit(&mut request("chat"), 10, &empty, now);
+    // Endpoints appear (saturated) before the 1 s budget is spent: the 60 s budget applies.
+    assert_eq!(admission.tick(&pool(9, at(500)), at(500)).expired, 0);
+    assert_eq!(admission.tick(&pool(9, at(1500)), at(1500)).expired, 0);
+    assert!(waiting.try_outcome().is_none(), "on defaultRequestTTL now");
+    // They vanish again: a fresh 1 s budget from then.
+    assert_eq!(admission.tick(&empty, at(2000)).expired, 0);
+    assert_eq!(admission.tick(&empty, at(2900)).expired, 0);
+    assert_eq!(admission.tick(&empty, at(3000)).expired, 1);
+}
+
+#[test]
+fn total_wait_is_bounded_by_the_longer_budget() {
+    let admission = no_endpoint_admission("2s");
+    let now = Instant::now();
+    let at = |millis| now + Duration::from_millis(millis);
+    let waiting = admission.submit(&mut request("chat"), 10, &pool(9, now), now);
+    let empty = PoolSnapshot::default();
+    // Empty from 1.5 s: its fresh 1 s budget would run to 2.5 s, but 2 s is the bound.
+    assert_eq!(admission.tick(&empty, at(1500)).expired, 0);
+    assert_eq!(admission.tick(&empty, at(2000)).expired, 1);
+    assert!(matches!(waiting.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
 }
 
 #[test]

@@ -7,8 +7,9 @@
 //!   quantities (`100`, `"2k"`, `"1Gi"`); absent or `0` means unbounded.
 //! - `defaultRequestTTL`: queue TTL of a request (Go duration or milliseconds; default 60 s;
 //!   `0` means no TTL).
-//! - `noEndpointRequestTTL`: queue TTL of a request that arrives while the pool has no
-//!   endpoints; absent, it follows `defaultRequestTTL`.
+//! - `noEndpointRequestTTL`: how long a queued request may wait while the pool has no
+//!   endpoints (re-evaluated as the pool changes; see the controller); absent, the usual TTL
+//!   applies in both regimes.
 //! - `defaultPriorityBand`: the band template for priorities not listed in `priorityBands`.
 //! - `defaultNegativePriorityBand`: the template for unlisted priorities below zero; absent,
 //!   they use `defaultPriorityBand`.
@@ -214,8 +215,8 @@ pub struct FlowControlConfig {
     /// TTL of a request without a band or per-request TTL; zero means none.
     #[serde(rename = "defaultRequestTTL", deserialize_with = "units::duration")]
     pub default_request_ttl: Duration,
-    /// TTL of a request queued while the pool has no endpoints (`noEndpointRequestTTL`);
-    /// `None` follows the TTL that applies otherwise, zero means none.
+    /// Queue budget while the pool has no endpoints (`noEndpointRequestTTL`), replacing the
+    /// usual TTL for as long as that holds; `None` keeps the usual TTL, zero means none.
     #[serde(rename = "noEndpointRequestTTL", deserialize_with = "units::optional_duration")]
     pub no_endpoint_request_ttl: Option<Duration>,
     /// Template for priorities without a band of their own (`defaultPriorityBand`).

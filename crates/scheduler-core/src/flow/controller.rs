@@ -18,9 +18,11 @@
 //! eviction is on (`enableEviction`), one sheddable request in flight of lower priority is
 //! evicted (see [`InFlightRequests`]); its end releases capacity and triggers the next pass.
 //!
-//! TTL. A request's queue TTL is its own, else its band's, else `defaultRequestTTL`; a request
-//! arriving while the pool has no endpoints uses `noEndpointRequestTTL` instead when set (the
-//! regime is read on arrival).
+//! TTL. A request's queue TTL is its own, else its band's, else `defaultRequestTTL`. With
+//! `noEndpointRequestTTL` set, the budget follows the pool's regime as in the Go EPP: while the
+//! pool has no endpoints a queued request may wait `noEndpointRequestTTL`, otherwise its TTL,
+//! each measured from when the current regime began (or from arrival, if later), and never
+//! longer in total than the longer of the two. Each pass then scans the queued requests.
 //!
 //! Guarantees. Every submitted request gets exactly one outcome, written once into its ticket
 //! under the controller lock: admitted, rejected (capacity), expired or cancelled (its ticket
@@ -38,7 +40,7 @@ use crate::flow::config::FlowControlConfig;
 use crate::flow::eviction::InFlightRequests;
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, NotAdmitted};
-use crate::flow::queue::{BandStats, Entry, QueueState, SlotKey};
+use crate::flow::queue::{BandStats, Entry, QueueState, Regime, SlotKey};
 use crate::flow::saturation::SaturationDetector;
 use crate::flow::ticket::{Ticket, TicketCell};
 use crate::pool::PoolSnapshot;
@@ -211,7 +213,7 @@ impl FlowController {
             state.band_index(request.priority, || shared.config.band_for(request.priority));
         // Expire first so requests past their TTL do not hold places a newcomer could take.
         let mut report = PassReport::default();
-        self.expire(&mut state, now, &mut wakers, &mut report);
+        self.expire(&mut state, pool, now, &mut wakers, &mut report);
         // Fast path: nothing queued that would go first and room now, so queueing then
         // dispatching would admit this very request. It never occupies the queue, so it skips
         // the caps as well as the queue structures.
@@ -239,21 +241,26 @@ impl FlowController {
                 limit,
             }));
         }
-        let no_endpoint_ttl =
-            shared.config.no_endpoint_request_ttl.filter(|_| pool.endpoints().is_empty());
         let ttl = request
             .ttl
-            .or(no_endpoint_ttl)
             .or_else(|| {
                 state.bands.get(band_index).and_then(|band| band.config.default_request_ttl)
             })
             .unwrap_or(shared.config.default_request_ttl);
+        // With a no-endpoint budget, the heap holds the longest wait either regime allows (none
+        // when either has no TTL); the regime budgets are checked on each pass.
+        let bound = match shared.config.no_endpoint_request_ttl {
+            None => ttl,
+            Some(no_endpoint) if ttl.is_zero() || no_endpoint.is_zero() => Duration::ZERO,
+            Some(no_endpoint) => ttl.max(no_endpoint),
+        };
         let cell = Arc::new(TicketCell::default());
-        let slot = state.push(
+        let slot = state.push_with_bound(
             band_index,
             request.flow_id,
             request.size_bytes,
             ttl_option(ttl),
+            ttl_option(bound),
             now,
             Arc::clone(&cell),
         );
@@ -292,7 +299,7 @@ impl FlowController {
         let mut wakers = Vec::new();
         let mut report = PassReport::default();
         let mut state = self.shared.state.lock();
-        self.expire(&mut state, now, &mut wakers, &mut report);
+        self.expire(&mut state, pool, now, &mut wakers, &mut report);
         self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
         take_capacity_waiters(&self.shared.config, &mut state, &mut wakers);
         drop(state);
@@ -373,12 +380,16 @@ impl FlowController {
     fn expire(
         &self,
         state: &mut QueueState,
+        pool: &PoolSnapshot,
         now: Instant,
         wakers: &mut Vec<Waker>,
         report: &mut PassReport,
     ) {
         let mut expired: Vec<Entry> = Vec::new();
         state.pop_expired(now, &mut expired);
+        if let Some(no_endpoint) = self.shared.config.no_endpoint_request_ttl {
+            expire_by_regime(state, pool.endpoints().is_empty(), no_endpoint, now, &mut expired);
+        }
         for entry in expired {
             let waited = now.saturating_duration_since(entry.enqueued_at);
             let outcome = Err(NotAdmitted::Expired { priority: entry.priority, waited });
@@ -426,6 +437,41 @@ impl FlowController {
         self.shared.metrics.record_outcome(reason);
         if let Some(waker) = entry.cell.resolve(outcome) {
             wakers.push(waker);
+        }
+    }
+}
+
+/// Records the pool's regime at `now` and moves into `expired` every queued request that has
+/// spent its budget for the current regime: `no_endpoint` while the pool is `empty`, its own
+/// TTL otherwise, counted from the later of its arrival and the regime's start. Zero budgets
+/// never expire.
+fn expire_by_regime(
+    state: &mut QueueState,
+    empty: bool,
+    no_endpoint: Duration,
+    now: Instant,
+    expired: &mut Vec<Entry>,
+) {
+    let regime = match state.regime {
+        Some(regime) if regime.empty == empty => regime,
+        _ => Regime { empty, since: now },
+    };
+    state.regime = Some(regime);
+    let spent: Vec<SlotKey> = state
+        .queued_entries()
+        .filter(|(_, entry)| {
+            let budget = if empty { Some(no_endpoint) } else { entry.ttl };
+            let Some(budget) = budget.filter(|budget| !budget.is_zero()) else {
+                return false;
+            };
+            let start = entry.enqueued_at.max(regime.since);
+            now.saturating_duration_since(start) >= budget
+        })
+        .map(|(slot, _)| slot)
+        .collect();
+    for slot in spent {
+        if let Some(entry) = state.remove(slot) {
+            expired.push(entry);
         }
     }
 }
