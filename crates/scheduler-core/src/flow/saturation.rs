@@ -246,6 +246,23 @@ mod tests {
     }
 
     #[test]
+    fn saturation_level_is_the_mean_roofline_of_the_endpoints() {
+        let now = Instant::now();
+        let detector = UtilizationDetector::default(); // queue 5, KV 0.8
+        // Queue 1/5 = 0.2 vs KV 0.4/0.8 = 0.5 -> 0.5; queue 3/5 = 0.6 vs KV 0 -> 0.6.
+        let pool =
+            PoolSnapshot::new([endpoint(1, 1, 0.4, Some(now)), endpoint(2, 3, 0.0, Some(now))]);
+        assert!((detector.saturation(&pool, now) - 0.55).abs() < 1e-9);
+        // A stale endpoint counts as full: (0.5 + 1) / 2.
+        let stale = PoolSnapshot::new([endpoint(1, 1, 0.4, Some(now)), endpoint(2, 0, 0.0, None)]);
+        assert!((detector.saturation(&stale, now) - 0.75).abs() < 1e-9);
+        assert_eq!(detector.saturation(&PoolSnapshot::default(), now), 1.0, "empty: saturated");
+        let full = PoolSnapshot::new([endpoint(1, 5, 0.0, Some(now))]);
+        assert!(detector.is_saturated(&full, now));
+        assert_eq!(detector.saturation(&full, now), 1.0, "never below 1 while saturated");
+    }
+
+    #[test]
     fn thresholds_are_inclusive_at_the_edge() {
         let now = Instant::now();
         let detector = UtilizationDetector::default();
