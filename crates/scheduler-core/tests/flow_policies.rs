@@ -233,7 +233,10 @@ fn while_the_pool_is_empty_requests_wait_the_no_endpoint_ttl() {
     let at = |millis| now + Duration::from_millis(millis);
     assert_eq!(admission.tick(&empty, at(900)).expired, 0);
     assert_eq!(admission.tick(&empty, at(1000)).expired, 1, "1 s without endpoints");
-    assert!(matches!(waiting.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
+    let outcome = waiting.try_outcome();
+    let Some(Err(rejection)) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(rejection, NotAdmitted::NoEndpoints { priority: 2, waited: Duration::from_secs(1) });
+    assert_eq!(rejection.http_status(), 503, "unavailability, not backpressure");
 }
 
 #[test]
@@ -263,7 +266,11 @@ fn total_wait_is_bounded_by_the_longer_budget() {
     // Empty from 1.5 s: its fresh 1 s budget would run to 2.5 s, but 2 s is the bound.
     assert_eq!(admission.tick(&empty, at(1500)).expired, 0);
     assert_eq!(admission.tick(&empty, at(2000)).expired, 1);
-    assert!(matches!(waiting.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
+    assert!(matches!(waiting.try_outcome(), Some(Err(NotAdmitted::NoEndpoints { .. }))));
+    // Expiring while the pool has endpoints is backpressure (429).
+    let saturated = admission.submit(&mut request("chat"), 10, &pool(9, at(2000)), at(2000));
+    assert_eq!(admission.tick(&pool(9, at(4000)), at(4000)).expired, 1);
+    assert!(matches!(saturated.try_outcome(), Some(Err(NotAdmitted::Expired { .. }))));
 }
 
 #[test]

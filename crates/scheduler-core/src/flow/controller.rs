@@ -387,12 +387,21 @@ impl FlowController {
     ) {
         let mut expired: Vec<Entry> = Vec::new();
         state.pop_expired(now, &mut expired);
+        // With the regimes split, a request that runs out of time while the pool is empty is
+        // reported as unavailability (503), not backpressure.
+        let mut unavailable = false;
         if let Some(no_endpoint) = self.shared.config.no_endpoint_request_ttl {
-            expire_by_regime(state, pool.endpoints().is_empty(), no_endpoint, now, &mut expired);
+            unavailable = pool.endpoints().is_empty();
+            expire_by_regime(state, unavailable, no_endpoint, now, &mut expired);
         }
         for entry in expired {
             let waited = now.saturating_duration_since(entry.enqueued_at);
-            let outcome = Err(NotAdmitted::Expired { priority: entry.priority, waited });
+            let priority = entry.priority;
+            let outcome = Err(if unavailable {
+                NotAdmitted::NoEndpoints { priority, waited }
+            } else {
+                NotAdmitted::Expired { priority, waited }
+            });
             self.finish(entry, outcome, wakers);
             report.expired += 1;
         }
