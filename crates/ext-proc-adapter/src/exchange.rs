@@ -39,7 +39,13 @@ use tokio::sync::Semaphore;
 use crate::metrics::{EppMetrics, RequestLabels, RunningRequest};
 use crate::usage::ResponseTail;
 use ext_proc_proto as proto;
+use scheduler_core::flow::InFlightGuard;
 use scheduler_core::{Director, Rejection};
+
+/// `x-llm-d-request-dropped-reason` of an evicted request (the Go EPP's value).
+pub const EVICTED_REASON: &str = "evicted";
+/// Error code in the body of an evicted request's answer.
+pub const EVICTED_CODE: &str = "request_evicted";
 
 /// Largest body chunk sent back in one message; larger ones are split (the proxy's gRPC
 /// message limit; the Go EPP uses the same bound).
@@ -173,6 +179,8 @@ pub struct Exchange {
     emit_endpoint_scores: bool,
     /// The upstream's HTTP status, from the response headers.
     response_status: Option<u16>,
+    /// Tracks the routed request for in-flight eviction (`enableEviction`), until it ends.
+    in_flight: Option<InFlightGuard>,
 }
 
 impl Exchange {
@@ -196,7 +204,40 @@ impl Exchange {
             max_fallback_endpoints: 0,
             emit_endpoint_scores: false,
             response_status: None,
+            in_flight: None,
         }
+    }
+
+    /// Completes when flow control evicts the routed request (never without eviction, or
+    /// before the request is routed). The driver then calls [`Self::on_evicted`].
+    pub async fn evicted(&self) {
+        match &self.in_flight {
+            Some(guard) => guard.evicted().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Ends an evicted request as the Go EPP does: an immediate 429 with
+    /// `x-llm-d-request-dropped-reason: evicted`, which makes the proxy reset the upstream
+    /// request. The request counts as cancelled for the completion hooks.
+    pub fn on_evicted(&mut self, out: &mut Vec<ProcessingResponse>) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        // Untracked first, so the next eviction is not held back by this one.
+        self.in_flight = None;
+        tracing::info!(
+            phase = ?self.phase,
+            elapsed = ?self.started.elapsed(),
+            "request evicted by flow control to make room for a higher priority"
+        );
+        out.push(proto::immediate_with_headers(
+            429,
+            EVICTED_CODE,
+            "request evicted by flow control",
+            &[(REQUEST_DROPPED_REASON_HEADER, EVICTED_REASON)],
+        ));
+        self.finish(Outcome::Cancelled);
     }
 
     /// Emits up to `count` fallback endpoints after the primary in the destination (default
@@ -361,6 +402,14 @@ impl Exchange {
                         }
                     }
                 }
+                // Only requests admitted by the flow controller are tracked: those are the ones
+                // whose priority went through admission.
+                self.in_flight = self
+                    .director
+                    .admission()
+                    .and_then(|admission| admission.controller())
+                    .and_then(|controller| controller.in_flight())
+                    .map(|in_flight| in_flight.track(routed.request.priority));
                 // The response path needs the guard and the labels; the request (prompt,
                 // header map) and the headers are released here.
                 self.completion = routed.completion;
@@ -448,6 +497,8 @@ impl Exchange {
         }
         self.phase = Phase::Done;
         self.running = None;
+        // Untracked before the completion hooks run, which may start a flow-control pass.
+        self.in_flight = None;
         let usage = self.tail.usage();
         if let Some(mut guard) = self.completion.take() {
             if let Some(usage) = usage {

@@ -262,7 +262,7 @@ impl EppMetrics {
         );
         registry.register(
             "inference_extension_flow_control_request_outcome",
-            "Requests leaving admission, by outcome (admitted, shed, rejected_capacity, expired, cancelled)",
+            "Requests leaving admission, by outcome (admitted, shed, rejected_capacity, expired, cancelled, evicted)",
             flow_outcomes.clone(),
         );
         registry.register(

@@ -107,6 +107,12 @@ pub(crate) trait StreamExchange: Send + 'static {
     fn is_before_decision(&self) -> bool;
     /// Whether the stream has nothing more to do.
     fn is_done(&self) -> bool;
+    /// Completes when flow control evicts the request in flight (default: never).
+    fn evicted(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::pending()
+    }
+    /// Pushes the answer ending an evicted request onto `out`.
+    fn on_evicted(&mut self, _out: &mut Vec<ProcessingResponse>) {}
 }
 
 impl StreamExchange for Exchange {
@@ -124,6 +130,14 @@ impl StreamExchange for Exchange {
 
     fn is_done(&self) -> bool {
         self.phase() == crate::exchange::Phase::Done
+    }
+
+    fn evicted(&self) -> impl Future<Output = ()> + Send + '_ {
+        Exchange::evicted(self)
+    }
+
+    fn on_evicted(&mut self, out: &mut Vec<ProcessingResponse>) {
+        Exchange::on_evicted(self, out);
     }
 }
 
@@ -192,7 +206,17 @@ async fn drive<E: StreamExchange>(
                 }
             }
         } else {
-            inbound.message().await
+            // Routed: the request may be evicted while the proxy streams it.
+            tokio::select! {
+                next = inbound.message() => next,
+                () = exchange.evicted() => {
+                    exchange.on_evicted(&mut answers);
+                    for answer in answers.drain(..) {
+                        let _ = sender.send(Ok(answer)).await;
+                    }
+                    return;
+                }
+            }
         };
         let message = match next {
             Ok(Some(message)) => message,

@@ -98,6 +98,9 @@ impl Rejection {
             Self::NotAdmitted(flow::NotAdmitted::Shed { .. })
             | Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => Some("rejected-saturated"),
             Self::NotAdmitted(flow::NotAdmitted::Expired { .. }) => Some("rejected-ttl-expired"),
+            Self::NotAdmitted(flow::NotAdmitted::NoEndpoints { .. }) => {
+                Some("rejected-no-endpoints")
+            }
             Self::NotAdmitted(flow::NotAdmitted::Cancelled { .. }) => {
                 Some("rejected-context-cancelled")
             }
@@ -115,6 +118,7 @@ impl Rejection {
             Self::NotAdmitted(flow::NotAdmitted::Shed { .. }) => "request_shed",
             Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => "queue_full",
             Self::NotAdmitted(flow::NotAdmitted::Expired { .. }) => "queue_timeout",
+            Self::NotAdmitted(flow::NotAdmitted::NoEndpoints { .. }) => "no_endpoint_timeout",
             Self::NotAdmitted(flow::NotAdmitted::Cancelled { .. }) => "request_cancelled",
             Self::UnknownModel { .. } => "model_not_found",
         }

@@ -62,6 +62,7 @@ fn band(priority: i32) -> impl Strategy<Value = BandConfig> {
             default_request_ttl: None,
             fairness,
             ordering,
+            ..BandConfig::default()
         })
 }
 

@@ -48,6 +48,7 @@
 //! # Ok::<(), scheduler_core::ConfigError>(())
 //! ```
 
+pub(crate) mod gates;
 pub(crate) mod registry;
 
 use std::sync::Arc;
@@ -113,7 +114,7 @@ pub struct EndpointPickerConfig {
     /// [`CONFIG_KIND`].
     #[serde(default)]
     pub kind: Option<String>,
-    /// Experimental features switched on (for example `flowControl`).
+    /// Feature gates: `name`, `name=true` or `name=false` (see [`KNOWN_GATES`](crate::KNOWN_GATES)).
     #[serde(default)]
     pub feature_gates: Vec<String>,
     /// Plugin declarations.
@@ -399,6 +400,9 @@ pub enum ConfigError {
         /// The reference.
         plugin_ref: String,
     },
+    /// A `featureGates` entry names an unknown gate or has an unreadable value.
+    #[error(transparent)]
+    FeatureGate(#[from] gates::GateError),
 }
 
 fn parser_type_names() -> String {
@@ -438,6 +442,7 @@ impl EndpointPickerConfig {
         {
             return Err(ConfigError::Kind { found: found.clone() });
         }
+        gates::validate(&config.feature_gates)?;
         Ok(config)
     }
 
@@ -521,6 +526,8 @@ impl EndpointPickerConfig {
     /// [`FLOW_CONTROL_FEATURE_GATE`](crate::flow::FLOW_CONTROL_FEATURE_GATE)).
     pub fn with_feature_gate(mut self, name: &str) -> Self {
         if !self.feature_enabled(name) {
+            // Entries that switch it off would be overridden anyway; drop them for clarity.
+            self.feature_gates.retain(|entry| gates::parse_entry(entry).0 != name);
             self.feature_gates.push(name.to_owned());
         }
         self
@@ -533,9 +540,10 @@ impl EndpointPickerConfig {
             .filter(move |reference| reference.plugin_ref == name)
     }
 
-    /// Whether the feature gate `name` is on.
+    /// Whether the feature gate `name` is on: the last entry naming it decides (`name` and
+    /// `name=true` switch it on, `name=false` off), else the gate's default.
     pub fn feature_enabled(&self, name: &str) -> bool {
-        self.feature_gates.iter().any(|gate| gate == name)
+        gates::enabled(&self.feature_gates, name)
     }
 
     /// The parsers that read request bodies: `requestHandler.parsers`, else the deprecated

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::flow::policy::register_policies;
 use crate::flow::{
-    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, SaturationDetector,
-    UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
+    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, FlowPolicy,
+    SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
 use crate::request::parser::RequestParser;
 use crate::scheduling::plugin::{
@@ -89,6 +90,9 @@ pub struct Plugin {
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
     /// As a request parser (named by `requestHandler.parsers[].pluginRef`).
     pub request_parser: Option<RequestParser>,
+    /// As a flow-control policy (named by `fairnessPolicyRef`, `orderingPolicyRef` or
+    /// `usageLimitPolicyPluginRef`).
+    pub flow_policy: Option<FlowPolicy>,
 }
 
 impl fmt::Debug for Plugin {
@@ -104,6 +108,7 @@ impl fmt::Debug for Plugin {
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
             .field("request_parser", &self.request_parser)
+            .field("flow_policy", &self.flow_policy)
             .finish()
     }
 }
@@ -194,9 +199,11 @@ impl PluginRegistry {
     /// A registry holding the core's plugins: `single-profile-handler`, the saturation
     /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
-    /// in flight as a pre-request and completion hook), and the request parsers
+    /// in flight as a pre-request and completion hook), the request parsers
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
-    /// `passthrough-parser`).
+    /// `passthrough-parser`), and the flow-control policies
+    /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
+    /// `edf-ordering-policy` and `static-usage-limit-policy` (parameters: `threshold`).
     pub fn new() -> Self {
         let mut registry = Self {
             factories: BTreeMap::new(),
@@ -227,6 +234,7 @@ impl PluginRegistry {
                 ..Plugin::default()
             })
         });
+        register_policies(&mut registry);
         registry
     }
 
@@ -302,7 +310,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, openai-parser, passthrough-parser, single-profile-handler, utilization-detector, vllmhttp-parser)"
+            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, edf-ordering-policy, fcfs-ordering-policy, global-strict-fairness-policy, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
         );
     }
 

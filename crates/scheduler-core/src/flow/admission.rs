@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use crate::config::{ConstructedPlugins, EndpointPickerConfig};
-use crate::flow::config::{FLOW_CONTROL_FEATURE_GATE, FlowConfigError, configured_detector};
+use crate::flow::config::{
+    FLOW_CONTROL_FEATURE_GATE, FlowConfigError, configured_detector, resolve_policies,
+};
 use crate::flow::controller::{FlowController, FlowRequest, PassReport};
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::objective::ObjectiveResolver;
@@ -70,7 +72,9 @@ impl Admission {
     /// `flowControl.saturationDetector` (see [`configured_detector`]), taken from `plugins`,
     /// the plugins constructed for the scheduler, so that a detector with hooks (such as the
     /// concurrency detector) is the instance the scheduler informs; queues when the
-    /// `flowControl` feature gate is on. Metrics are shared with `objectives`.
+    /// `flowControl` feature gate is on, with the policies its bands and
+    /// `usageLimitPolicyPluginRef` name resolved against `plugins` ([`resolve_policies`]).
+    /// Metrics are shared with `objectives`.
     pub fn from_config(
         config: &EndpointPickerConfig,
         plugins: &ConstructedPlugins,
@@ -79,7 +83,8 @@ impl Admission {
         let detector = configured_detector(config, plugins)?;
         let metrics = Arc::clone(objectives.metrics());
         let mode = if config.feature_enabled(FLOW_CONTROL_FEATURE_GATE) {
-            let flow_config = config.flow_control.clone().unwrap_or_default();
+            let mut flow_config = config.flow_control.clone().unwrap_or_default();
+            resolve_policies(&mut flow_config, plugins)?;
             AdmissionMode::Queue(FlowController::new(flow_config, detector, metrics))
         } else {
             AdmissionMode::Shed(Shedder::new(detector, metrics))

@@ -101,6 +101,22 @@ impl SaturationDetector for ConcurrencyDetector {
             None => pool.endpoints().iter().any(has_room),
         }
     }
+
+    /// Requests in flight over the pool's total capacity (`maxConcurrency` per endpoint), as
+    /// the Go detector's request mode computes it; 1 for an empty or saturated pool.
+    fn saturation(&self, pool: &PoolSnapshot, now: Instant) -> f64 {
+        if pool.endpoints().is_empty() || self.is_saturated(pool, now) {
+            return 1.0;
+        }
+        let in_flight = self.in_flight.read();
+        let busy: u64 = pool
+            .endpoints()
+            .iter()
+            .map(|state| u64::from(in_flight.get(&state.id()).copied().unwrap_or(0)))
+            .sum();
+        let capacity = u64::from(self.max_concurrency) * pool.endpoints().len() as u64;
+        if capacity == 0 { 1.0 } else { busy as f64 / capacity as f64 }
+    }
 }
 
 impl PreRequest for ConcurrencyDetector {
@@ -182,6 +198,26 @@ mod tests {
         detector.finish(stale.id);
         let closed = pool.with_staleness(Some(policy.when_all_stale(AllStale::FailClosed)));
         assert!(detector.is_saturated(&closed, later));
+    }
+
+    #[test]
+    fn saturation_is_the_share_of_slots_in_use() {
+        let now = Instant::now();
+        let (a, b) =
+            (Endpoint::new(([10, 0, 0, 1], 1).into()), Endpoint::new(([10, 0, 0, 1], 2).into()));
+        let pool =
+            PoolSnapshot::new([EndpointState::new(a.clone()), EndpointState::new(b.clone())]);
+        let (a, b) = (a.id, b.id);
+        let detector = ConcurrencyDetector::new(2);
+        assert_eq!(detector.saturation(&pool, now), 0.0);
+        detector.begin(a);
+        assert_eq!(detector.saturation(&pool, now), 0.25);
+        detector.begin(a);
+        detector.begin(b);
+        assert_eq!(detector.saturation(&pool, now), 0.75);
+        detector.begin(b);
+        assert_eq!(detector.saturation(&pool, now), 1.0);
+        assert_eq!(detector.saturation(&PoolSnapshot::default(), now), 1.0);
     }
 
     #[test]

@@ -7,10 +7,23 @@
 //!   quantities (`100`, `"2k"`, `"1Gi"`); absent or `0` means unbounded.
 //! - `defaultRequestTTL`: queue TTL of a request (Go duration or milliseconds; default 60 s;
 //!   `0` means no TTL).
+//! - `noEndpointRequestTTL`: how long a queued request may wait while the pool has no
+//!   endpoints (re-evaluated as the pool changes; see the controller); absent, the usual TTL
+//!   applies in both regimes.
 //! - `defaultPriorityBand`: the band template for priorities not listed in `priorityBands`.
+//! - `defaultNegativePriorityBand`: the template for unlisted priorities below zero; absent,
+//!   they use `defaultPriorityBand`.
 //! - `priorityBands`: list of bands ([`BandConfig`]), each with `priority` (required, distinct),
 //!   `maxRequests`, `maxBytes`, `defaultRequestTTL`, `fairnessPolicyRef` and `orderingPolicyRef`.
+//! - `usageLimitPolicyPluginRef`: the usage limit policy plugin (default: a
+//!   `static-usage-limit-policy` with threshold 1, which gates nothing).
 //! - `saturationDetector`: `{pluginRef}` naming a declared saturation detector plugin.
+//! - `enableEviction`: evict sheddable requests in flight when a higher priority waits.
+//!
+//! Policy references (`fairnessPolicyRef`, `orderingPolicyRef`, `usageLimitPolicyPluginRef`)
+//! name a plugin declared under `plugins:`, or a policy type name, which works undeclared as
+//! the Go EPP registers its default policies under their type names. [`resolve_policies`]
+//! turns the references into policies once the plugins are constructed.
 //!
 //! The top-level `saturationDetector` ([`SaturationDetectorSection`]) holds either the
 //! utilization detector's thresholds ([`UtilizationThresholds`]: `queueDepthThreshold`,
@@ -29,6 +42,9 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, V
 use serde::{Deserialize, Deserializer};
 
 use crate::config::{ConstructedPlugins, EndpointPickerConfig};
+use crate::flow::policy::{
+    FlowPolicy, StaticUsageLimit, fairness_by_type, ordering_by_type, usage_limit_by_type,
+};
 use crate::flow::saturation::{
     SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
@@ -60,6 +76,28 @@ pub enum FlowConfigError {
         /// The plugin's type.
         type_name: String,
     },
+    /// A policy reference names neither a declared plugin nor a policy type.
+    #[error("{field}: '{name}' names no declared plugin and no {expected} type")]
+    UnknownPolicy {
+        /// The field holding the reference, e.g. `flowControl.priorityBands[0].fairnessPolicyRef`.
+        field: String,
+        /// The name referenced.
+        name: String,
+        /// The kind of policy the field takes.
+        expected: &'static str,
+    },
+    /// A policy reference names a declared plugin of another kind.
+    #[error("{field}: '{name}' (type '{type_name}') is not a {expected}")]
+    WrongPolicyKind {
+        /// The field holding the reference.
+        field: String,
+        /// The name referenced.
+        name: String,
+        /// The plugin's type.
+        type_name: String,
+        /// The kind of policy the field takes.
+        expected: &'static str,
+    },
     /// Two `metricsStalenessThreshold` values in one config: one threshold applies to the pool.
     #[error(
         "metricsStalenessThreshold is {first:?} in {first_field} but {second:?} in {second_field}: one staleness threshold applies to the whole pool"
@@ -77,54 +115,84 @@ pub enum FlowConfigError {
 }
 
 /// How a band chooses the next flow to serve (`fairnessPolicyRef`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FairnessPolicy {
     /// `global-strict-fairness-policy`: the best head request across all flows (oldest under
     /// FCFS), as if the band were one queue.
     #[default]
-    #[serde(rename = "global-strict-fairness-policy")]
     GlobalStrict,
     /// `round-robin-fairness-policy`: flows take turns, one request each.
-    #[serde(rename = "round-robin-fairness-policy")]
     RoundRobin,
 }
 
 /// How a flow orders its own requests (`orderingPolicyRef`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OrderingPolicy {
     /// `fcfs-ordering-policy`: first come, first served.
     #[default]
-    #[serde(rename = "fcfs-ordering-policy")]
     Fcfs,
     /// `edf-ordering-policy`: earliest TTL deadline first (no deadline last, FCFS among ties).
-    #[serde(rename = "edf-ordering-policy")]
     Edf,
 }
 
-/// Settings of one priority band: an entry of `priorityBands`, or `defaultPriorityBand`.
+/// Settings of one priority band: an entry of `priorityBands`, `defaultPriorityBand` or
+/// `defaultNegativePriorityBand`.
 ///
-/// Deserialised on its own (as `defaultPriorityBand` is), `priority` is optional; entries of
+/// Deserialised on its own (as the templates are), `priority` is optional; entries of
 /// `priorityBands` require it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+#[serde(from = "RawBand")]
 pub struct BandConfig {
     /// The priority the band serves.
     pub priority: i32,
     /// Cap on queued requests in the band; `None` (or `0` in the config) is unbounded.
-    #[serde(deserialize_with = "units::cap")]
     pub max_requests: Option<u64>,
     /// Cap on queued bytes in the band; `None` (or `0` in the config) is unbounded.
-    #[serde(deserialize_with = "units::cap")]
     pub max_bytes: Option<u64>,
     /// TTL of the band's requests; `None` falls back to the global default.
-    #[serde(rename = "defaultRequestTTL", deserialize_with = "units::optional_duration")]
     pub default_request_ttl: Option<Duration>,
-    /// How flows take turns (`fairnessPolicyRef`).
-    #[serde(rename = "fairnessPolicyRef")]
+    /// `fairnessPolicyRef` as written: a plugin name or a fairness policy type.
+    pub fairness_ref: Option<String>,
+    /// `orderingPolicyRef` as written: a plugin name or an ordering policy type.
+    pub ordering_ref: Option<String>,
+    /// How flows take turns: the policy `fairness_ref` names (a type name is read at once; a
+    /// plugin name once [`resolve_policies`] has run).
     pub fairness: FairnessPolicy,
-    /// How a flow orders its requests (`orderingPolicyRef`).
-    #[serde(rename = "orderingPolicyRef")]
+    /// How a flow orders its requests: the policy `ordering_ref` names.
     pub ordering: OrderingPolicy,
+}
+
+/// A band as written, before policy type names are read.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawBand {
+    priority: i32,
+    #[serde(deserialize_with = "units::cap")]
+    max_requests: Option<u64>,
+    #[serde(deserialize_with = "units::cap")]
+    max_bytes: Option<u64>,
+    #[serde(rename = "defaultRequestTTL", deserialize_with = "units::optional_duration")]
+    default_request_ttl: Option<Duration>,
+    fairness_policy_ref: Option<String>,
+    ordering_policy_ref: Option<String>,
+}
+
+impl From<RawBand> for BandConfig {
+    fn from(raw: RawBand) -> Self {
+        // Empty references mean the default, as Go's `omitempty` strings do.
+        let fairness_ref = raw.fairness_policy_ref.filter(|name| !name.is_empty());
+        let ordering_ref = raw.ordering_policy_ref.filter(|name| !name.is_empty());
+        Self {
+            priority: raw.priority,
+            max_requests: raw.max_requests,
+            max_bytes: raw.max_bytes,
+            default_request_ttl: raw.default_request_ttl,
+            fairness: fairness_ref.as_deref().and_then(fairness_by_type).unwrap_or_default(),
+            ordering: ordering_ref.as_deref().and_then(ordering_by_type).unwrap_or_default(),
+            fairness_ref,
+            ordering_ref,
+        }
+    }
 }
 
 impl BandConfig {
@@ -135,7 +203,7 @@ impl BandConfig {
 }
 
 /// Settings of the flow controller: the `flowControl` section (absent or null: the defaults).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct FlowControlConfig {
     /// Cap on queued requests across bands; `None` (or `0` in the config) is unbounded.
@@ -147,15 +215,33 @@ pub struct FlowControlConfig {
     /// TTL of a request without a band or per-request TTL; zero means none.
     #[serde(rename = "defaultRequestTTL", deserialize_with = "units::duration")]
     pub default_request_ttl: Duration,
+    /// Queue budget while the pool has no endpoints (`noEndpointRequestTTL`), replacing the
+    /// usual TTL for as long as that holds; `None` keeps the usual TTL, zero means none.
+    #[serde(rename = "noEndpointRequestTTL", deserialize_with = "units::optional_duration")]
+    pub no_endpoint_request_ttl: Option<Duration>,
     /// Template for priorities without a band of their own (`defaultPriorityBand`).
     #[serde(rename = "defaultPriorityBand", deserialize_with = "null_as_default")]
     pub default_band: BandConfig,
+    /// Template for negative priorities without a band of their own
+    /// (`defaultNegativePriorityBand`); `None` uses `default_band`.
+    #[serde(rename = "defaultNegativePriorityBand")]
+    pub default_negative_band: Option<BandConfig>,
     /// Bands configured explicitly (`priorityBands`), with distinct priorities.
     #[serde(rename = "priorityBands", deserialize_with = "listed_bands")]
     pub bands: Vec<BandConfig>,
+    /// `usageLimitPolicyPluginRef` as written, when given.
+    #[serde(rename = "usageLimitPolicyPluginRef")]
+    pub usage_limit_ref: Option<String>,
+    /// The usage limit policy in force: the one `usage_limit_ref` names once
+    /// [`resolve_policies`] has run, else the default (threshold 1, no gating).
+    #[serde(skip)]
+    pub usage_limit: StaticUsageLimit,
     /// `saturationDetector.pluginRef` inside `flowControl`, when given.
     #[serde(rename = "saturationDetector", deserialize_with = "detector_ref")]
     pub saturation_detector_ref: Option<String>,
+    /// Whether sheddable requests in flight may be evicted to make room for a waiting request
+    /// of higher priority (`enableEviction`).
+    pub enable_eviction: bool,
 }
 
 impl Default for FlowControlConfig {
@@ -164,22 +250,112 @@ impl Default for FlowControlConfig {
             max_requests: None,
             max_bytes: None,
             default_request_ttl: DEFAULT_REQUEST_TTL,
+            no_endpoint_request_ttl: None,
             default_band: BandConfig::default(),
+            default_negative_band: None,
             bands: Vec::new(),
+            usage_limit_ref: None,
+            usage_limit: StaticUsageLimit::default(),
             saturation_detector_ref: None,
+            enable_eviction: false,
         }
     }
 }
 
 impl FlowControlConfig {
-    /// The settings for `priority`: its configured band, or the default template.
+    /// The settings for `priority`: its configured band, else the negative template for a
+    /// priority below zero when there is one, else the default template.
     pub fn band_for(&self, priority: i32) -> BandConfig {
-        self.bands
-            .iter()
-            .find(|band| band.priority == priority)
-            .cloned()
-            .unwrap_or_else(|| self.default_band.for_priority(priority))
+        if let Some(band) = self.bands.iter().find(|band| band.priority == priority) {
+            return band.clone();
+        }
+        let template = match &self.default_negative_band {
+            Some(negative) if priority < 0 => negative,
+            _ => &self.default_band,
+        };
+        template.for_priority(priority)
     }
+}
+
+/// Resolves the policy references of `config` against `plugins`: each of `fairnessPolicyRef`,
+/// `orderingPolicyRef` (in every band and template) and `usageLimitPolicyPluginRef` names a
+/// declared plugin, whose policy is taken, or else a policy type, whose default policy is
+/// taken. Errors name the field holding the reference.
+pub fn resolve_policies(
+    config: &mut FlowControlConfig,
+    plugins: &ConstructedPlugins,
+) -> Result<(), FlowConfigError> {
+    let templates =
+        [("defaultPriorityBand".to_owned(), &mut config.default_band)].into_iter().chain(
+            config
+                .default_negative_band
+                .as_mut()
+                .map(|band| ("defaultNegativePriorityBand".to_owned(), band)),
+        );
+    let listed = config
+        .bands
+        .iter_mut()
+        .enumerate()
+        .map(|(index, band)| (format!("priorityBands[{index}]"), band));
+    for (path, band) in templates.chain(listed) {
+        if let Some(name) = &band.fairness_ref {
+            let field = format!("flowControl.{path}.fairnessPolicyRef");
+            band.fairness = resolve(plugins, name, field, FlowPolicy::fairness, fairness_by_type)?;
+        }
+        if let Some(name) = &band.ordering_ref {
+            let field = format!("flowControl.{path}.orderingPolicyRef");
+            band.ordering = resolve(plugins, name, field, FlowPolicy::ordering, ordering_by_type)?;
+        }
+    }
+    if let Some(name) = config.usage_limit_ref.as_deref().filter(|name| !name.is_empty()) {
+        let field = "flowControl.usageLimitPolicyPluginRef".to_owned();
+        config.usage_limit =
+            resolve(plugins, name, field, FlowPolicy::usage_limit, usage_limit_by_type)?;
+    }
+    Ok(())
+}
+
+/// The policy `name` refers to: the declared plugin of that name (which must be a policy of
+/// the kind `pick` extracts), else the policy type of that name.
+fn resolve<T: PolicyKind>(
+    plugins: &ConstructedPlugins,
+    name: &str,
+    field: String,
+    pick: fn(&FlowPolicy) -> Option<T>,
+    by_type: fn(&str) -> Option<T>,
+) -> Result<T, FlowConfigError> {
+    match plugins.get(name) {
+        Some(declared) => declared.plugin.flow_policy.as_ref().and_then(pick).ok_or_else(|| {
+            FlowConfigError::WrongPolicyKind {
+                field,
+                name: name.to_owned(),
+                type_name: declared.type_name.clone(),
+                expected: T::KIND,
+            }
+        }),
+        None => by_type(name).ok_or_else(|| FlowConfigError::UnknownPolicy {
+            field,
+            name: name.to_owned(),
+            expected: T::KIND,
+        }),
+    }
+}
+
+/// A kind of flow-control policy, named in errors.
+trait PolicyKind {
+    const KIND: &'static str;
+}
+
+impl PolicyKind for FairnessPolicy {
+    const KIND: &'static str = "fairness policy";
+}
+
+impl PolicyKind for OrderingPolicy {
+    const KIND: &'static str = "ordering policy";
+}
+
+impl PolicyKind for StaticUsageLimit {
+    const KIND: &'static str = "usage limit policy";
 }
 
 /// The top-level `saturationDetector` section.

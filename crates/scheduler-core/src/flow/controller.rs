@@ -12,6 +12,18 @@
 //! before every dispatch pass. Passes run on submit, on [`FlowController::tick`] (saturation may
 //! have lifted) and on [`FlowController::release`] (a request finished).
 //!
+//! Gating. A band may dispatch while the detector reports room and the usage limit policy
+//! (`usageLimitPolicyPluginRef`) allows it: with a threshold below 1, the band is also blocked
+//! once the detector's saturation level reaches the threshold. When the top band is blocked and
+//! eviction is on (`enableEviction`), one sheddable request in flight of lower priority is
+//! evicted (see [`InFlightRequests`]); its end releases capacity and triggers the next pass.
+//!
+//! TTL. A request's queue TTL is its own, else its band's, else `defaultRequestTTL`. With
+//! `noEndpointRequestTTL` set, the budget follows the pool's regime as in the Go EPP: while the
+//! pool has no endpoints a queued request may wait `noEndpointRequestTTL`, otherwise its TTL,
+//! each measured from when the current regime began (or from arrival, if later), and never
+//! longer in total than the longer of the two. Each pass then scans the queued requests.
+//!
 //! Guarantees. Every submitted request gets exactly one outcome, written once into its ticket
 //! under the controller lock: admitted, rejected (capacity), expired or cancelled (its ticket
 //! was dropped). Caps are checked before insertion, so queued counts never exceed them. All
@@ -25,9 +37,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::flow::config::FlowControlConfig;
+use crate::flow::eviction::InFlightRequests;
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, NotAdmitted};
-use crate::flow::queue::{BandStats, Entry, QueueState, SlotKey};
+use crate::flow::queue::{BandStats, Entry, QueueState, Regime, SlotKey};
 use crate::flow::saturation::SaturationDetector;
 use crate::flow::ticket::{Ticket, TicketCell};
 use crate::pool::PoolSnapshot;
@@ -79,6 +92,8 @@ struct Shared {
     config: FlowControlConfig,
     detector: Arc<dyn SaturationDetector>,
     metrics: Arc<FlowMetrics>,
+    /// Requests in flight that may be evicted; `Some` when `enableEviction` is set.
+    in_flight: Option<InFlightRequests>,
 }
 
 /// Priority-band queues with fair dispatch. Cheap to clone: clones share the queues.
@@ -142,7 +157,35 @@ impl FlowController {
             let band = band.clone();
             state.band_index(band.priority, || band.clone());
         }
-        Self { shared: Arc::new(Shared { state: Mutex::new(state), config, detector, metrics }) }
+        let in_flight = config.enable_eviction.then(|| InFlightRequests::new(Arc::clone(&metrics)));
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                config,
+                detector,
+                metrics,
+                in_flight,
+            }),
+        }
+    }
+
+    /// The requests in flight eviction may end, when `enableEviction` is set: adapters track
+    /// every routed request here and end it when it is evicted.
+    pub fn in_flight(&self) -> Option<&InFlightRequests> {
+        self.shared.in_flight.as_ref()
+    }
+
+    /// Whether a band of `priority` may not dispatch now: the detector reports no room, or the
+    /// usage limit policy's ceiling for the priority is reached.
+    fn blocked(&self, priority: i32, pool: &PoolSnapshot, now: Instant) -> bool {
+        let detector = &self.shared.detector;
+        let limit = &self.shared.config.usage_limit;
+        if detector.is_saturated(pool, now) {
+            return true;
+        }
+        // The level is only read when the policy gates below full saturation: the default
+        // policy then costs nothing beyond the saturated check.
+        limit.gates_below_saturation() && limit.blocks(priority, detector.saturation(pool, now))
     }
 
     /// The configuration in use.
@@ -170,12 +213,12 @@ impl FlowController {
             state.band_index(request.priority, || shared.config.band_for(request.priority));
         // Expire first so requests past their TTL do not hold places a newcomer could take.
         let mut report = PassReport::default();
-        self.expire(&mut state, now, &mut wakers, &mut report);
+        self.expire(&mut state, pool, now, &mut wakers, &mut report);
         // Fast path: nothing queued that would go first and room now, so queueing then
         // dispatching would admit this very request. It never occupies the queue, so it skips
         // the caps as well as the queue structures.
         if !state.has_queued_at_or_above(request.priority)
-            && !shared.detector.is_saturated(pool, now)
+            && !self.blocked(request.priority, pool, now)
         {
             shared.detector.on_admit();
             let dispatch_seq = state.next_dispatch_seq();
@@ -204,12 +247,20 @@ impl FlowController {
                 state.bands.get(band_index).and_then(|band| band.config.default_request_ttl)
             })
             .unwrap_or(shared.config.default_request_ttl);
+        // With a no-endpoint budget, the heap holds the longest wait either regime allows (none
+        // when either has no TTL); the regime budgets are checked on each pass.
+        let bound = match shared.config.no_endpoint_request_ttl {
+            None => ttl,
+            Some(no_endpoint) if ttl.is_zero() || no_endpoint.is_zero() => Duration::ZERO,
+            Some(no_endpoint) => ttl.max(no_endpoint),
+        };
         let cell = Arc::new(TicketCell::default());
-        let slot = state.push(
+        let slot = state.push_with_bound(
             band_index,
             request.flow_id,
             request.size_bytes,
             ttl_option(ttl),
+            ttl_option(bound),
             now,
             Arc::clone(&cell),
         );
@@ -248,7 +299,7 @@ impl FlowController {
         let mut wakers = Vec::new();
         let mut report = PassReport::default();
         let mut state = self.shared.state.lock();
-        self.expire(&mut state, now, &mut wakers, &mut report);
+        self.expire(&mut state, pool, now, &mut wakers, &mut report);
         self.dispatch(&mut state, pool, now, &mut wakers, &mut report);
         take_capacity_waiters(&self.shared.config, &mut state, &mut wakers);
         drop(state);
@@ -329,15 +380,28 @@ impl FlowController {
     fn expire(
         &self,
         state: &mut QueueState,
+        pool: &PoolSnapshot,
         now: Instant,
         wakers: &mut Vec<Waker>,
         report: &mut PassReport,
     ) {
         let mut expired: Vec<Entry> = Vec::new();
         state.pop_expired(now, &mut expired);
+        // With the regimes split, a request that runs out of time while the pool is empty is
+        // reported as unavailability (503), not backpressure.
+        let mut unavailable = false;
+        if let Some(no_endpoint) = self.shared.config.no_endpoint_request_ttl {
+            unavailable = pool.endpoints().is_empty();
+            expire_by_regime(state, unavailable, no_endpoint, now, &mut expired);
+        }
         for entry in expired {
             let waited = now.saturating_duration_since(entry.enqueued_at);
-            let outcome = Err(NotAdmitted::Expired { priority: entry.priority, waited });
+            let priority = entry.priority;
+            let outcome = Err(if unavailable {
+                NotAdmitted::NoEndpoints { priority, waited }
+            } else {
+                NotAdmitted::Expired { priority, waited }
+            });
             self.finish(entry, outcome, wakers);
             report.expired += 1;
         }
@@ -353,7 +417,13 @@ impl FlowController {
     ) {
         let detector = &self.shared.detector;
         while let Some(band_index) = state.top_band() {
-            if detector.is_saturated(pool, now) {
+            let priority = state.bands.get(band_index).map_or(0, |band| band.config.priority);
+            if self.blocked(priority, pool, now) {
+                // Strict priority: lower bands do not go ahead of a blocked higher one. Room
+                // for it may be made by ending a sheddable request in flight.
+                if let Some(in_flight) = &self.shared.in_flight {
+                    in_flight.evict_for(priority);
+                }
                 break;
             }
             let Some(entry) = state.pop_band(band_index) else {
@@ -376,6 +446,41 @@ impl FlowController {
         self.shared.metrics.record_outcome(reason);
         if let Some(waker) = entry.cell.resolve(outcome) {
             wakers.push(waker);
+        }
+    }
+}
+
+/// Records the pool's regime at `now` and moves into `expired` every queued request that has
+/// spent its budget for the current regime: `no_endpoint` while the pool is `empty`, its own
+/// TTL otherwise, counted from the later of its arrival and the regime's start. Zero budgets
+/// never expire.
+fn expire_by_regime(
+    state: &mut QueueState,
+    empty: bool,
+    no_endpoint: Duration,
+    now: Instant,
+    expired: &mut Vec<Entry>,
+) {
+    let regime = match state.regime {
+        Some(regime) if regime.empty == empty => regime,
+        _ => Regime { empty, since: now },
+    };
+    state.regime = Some(regime);
+    let spent: Vec<SlotKey> = state
+        .queued_entries()
+        .filter(|(_, entry)| {
+            let budget = if empty { Some(no_endpoint) } else { entry.ttl };
+            let Some(budget) = budget.filter(|budget| !budget.is_zero()) else {
+                return false;
+            };
+            let start = entry.enqueued_at.max(regime.since);
+            now.saturating_duration_since(start) >= budget
+        })
+        .map(|(slot, _)| slot)
+        .collect();
+    for slot in spent {
+        if let Some(entry) = state.remove(slot) {
+            expired.push(entry);
         }
     }
 }

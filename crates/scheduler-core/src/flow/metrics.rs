@@ -21,12 +21,21 @@ pub enum OutcomeReason {
     Expired,
     /// Cancelled: the client went away (ticket dropped) while queued.
     Cancelled,
+    /// Evicted: admitted and in flight, then ended to make room for a higher priority
+    /// (`enableEviction`).
+    Evicted,
 }
 
 impl OutcomeReason {
     /// Every reason, in a stable order.
-    pub const ALL: [Self; 5] =
-        [Self::Admitted, Self::Shed, Self::RejectedCapacity, Self::Expired, Self::Cancelled];
+    pub const ALL: [Self; 6] = [
+        Self::Admitted,
+        Self::Shed,
+        Self::RejectedCapacity,
+        Self::Expired,
+        Self::Cancelled,
+        Self::Evicted,
+    ];
 
     /// A label value for exporters.
     pub fn as_str(self) -> &'static str {
@@ -36,6 +45,7 @@ impl OutcomeReason {
             Self::RejectedCapacity => "rejected_capacity",
             Self::Expired => "expired",
             Self::Cancelled => "cancelled",
+            Self::Evicted => "evicted",
         }
     }
 

@@ -45,9 +45,11 @@ mod admission;
 mod concurrency;
 mod config;
 mod controller;
+mod eviction;
 mod metrics;
 mod objective;
 mod outcome;
+pub(crate) mod policy;
 mod queue;
 mod saturation;
 mod ticket;
@@ -62,9 +64,10 @@ pub use concurrency::{
 pub use config::{
     BandConfig, DEFAULT_REQUEST_TTL, FLOW_CONTROL_FEATURE_GATE, FairnessPolicy, FlowConfigError,
     FlowControlConfig, OrderingPolicy, SaturationDetectorSection, configured_detector,
-    configured_metrics_staleness,
+    configured_metrics_staleness, resolve_policies,
 };
 pub use controller::{FlowController, FlowRequest, PassReport};
+pub use eviction::{Evicted, EvictedFuture, InFlightGuard, InFlightRequests, is_evictable};
 pub use metrics::{FlowMetrics, FlowMetricsSnapshot, OutcomeReason, WAIT_BUCKET_BOUNDS};
 pub use objective::{
     Criticality, DEFAULT_PRIORITY, EntryPosition, InferenceObjectiveConfig, LegacyModelConfig,
@@ -72,6 +75,11 @@ pub use objective::{
 };
 pub use outcome::{
     Admitted, CLIENT_CLOSED_REQUEST, CapacityLimit, FlowOutcome, NotAdmitted, outcome_reason,
+};
+pub use policy::{
+    EDF_ORDERING_TYPE, FCFS_ORDERING_TYPE, FlowPolicy, GLOBAL_STRICT_FAIRNESS_TYPE,
+    InvalidThreshold, ROUND_ROBIN_FAIRNESS_TYPE, STATIC_USAGE_LIMIT_TYPE, StaticUsageLimit,
+    StaticUsageLimitParameters, fairness_by_type, ordering_by_type, usage_limit_by_type,
 };
 pub use queue::{BandStats, IDLE_FLOWS_KEPT};
 pub use saturation::{

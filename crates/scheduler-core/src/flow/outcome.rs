@@ -40,7 +40,8 @@ impl fmt::Display for CapacityLimit {
 }
 
 /// Why a request was not admitted. Adapters answer HTTP 429 for every variant but
-/// [`NotAdmitted::Cancelled`], whose client is gone (see [`NotAdmitted::http_status`]).
+/// [`NotAdmitted::NoEndpoints`] (503) and [`NotAdmitted::Cancelled`], whose client is gone (see
+/// [`NotAdmitted::http_status`]).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotAdmitted {
     /// Sheddable (priority < 0) and the pool is saturated; flow control is off, so no queue.
@@ -65,6 +66,18 @@ pub enum NotAdmitted {
         /// How long it waited.
         waited: Duration,
     },
+    /// It waited past `noEndpointRequestTTL` while the pool had no endpoints (or past its TTL
+    /// and the pool had none when it expired): unavailability rather than backpressure, so
+    /// adapters answer 503, as the Go EPP does.
+    #[error(
+        "request (priority {priority}) expired after {waited:?} in the flow control queue while the pool had no endpoints"
+    )]
+    NoEndpoints {
+        /// The request's priority.
+        priority: i32,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// Its ticket was dropped while it was queued.
     #[error("request (priority {priority}) cancelled while queued")]
     Cancelled {
@@ -82,6 +95,7 @@ impl NotAdmitted {
     pub fn http_status(&self) -> u16 {
         match self {
             Self::Cancelled { .. } => CLIENT_CLOSED_REQUEST,
+            Self::NoEndpoints { .. } => 503,
             Self::Shed { .. } | Self::QueueFull { .. } | Self::Expired { .. } => 429,
         }
     }
@@ -91,7 +105,7 @@ impl NotAdmitted {
         match self {
             Self::Shed { .. } => OutcomeReason::Shed,
             Self::QueueFull { .. } => OutcomeReason::RejectedCapacity,
-            Self::Expired { .. } => OutcomeReason::Expired,
+            Self::Expired { .. } | Self::NoEndpoints { .. } => OutcomeReason::Expired,
             Self::Cancelled { .. } => OutcomeReason::Cancelled,
         }
     }

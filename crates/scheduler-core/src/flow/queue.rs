@@ -47,6 +47,10 @@ pub(crate) struct Entry {
     pub(crate) priority: i32,
     pub(crate) bytes: u64,
     pub(crate) enqueued_at: Instant,
+    /// The queue TTL while the pool has endpoints (`None`: none). With
+    /// `noEndpointRequestTTL` the controller judges it against the time the current regime
+    /// began; otherwise the deadline heap alone expires the entry.
+    pub(crate) ttl: Option<Duration>,
     pub(crate) cell: Arc<TicketCell>,
 }
 
@@ -76,6 +80,15 @@ impl Slab {
         let slot = self.slots.get_mut(index as usize)?;
         slot.entry = Some(entry);
         Some(SlotKey { index, generation: slot.generation })
+    }
+
+    /// Every queued entry with its key.
+    fn live(&self) -> impl Iterator<Item = (SlotKey, &Entry)> {
+        self.slots.iter().enumerate().filter_map(|(index, slot)| {
+            let entry = slot.entry.as_ref()?;
+            let index = u32::try_from(index).ok()?;
+            Some((SlotKey { index, generation: slot.generation }, entry))
+        })
     }
 
     fn is_live(&self, key: SlotKey) -> bool {
@@ -370,6 +383,18 @@ pub(crate) struct QueueState {
     pub(crate) dispatched: u64,
     /// Tasks told the queue was full (`FlowController::poll_capacity`), woken when it has room.
     pub(crate) capacity_waiters: Vec<Waker>,
+    /// Whether the pool had endpoints at the last pass, and since when; kept only when
+    /// `noEndpointRequestTTL` is set.
+    pub(crate) regime: Option<Regime>,
+}
+
+/// The pool's endpoint regime: empty or not, and since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Regime {
+    /// The pool had no endpoints.
+    pub(crate) empty: bool,
+    /// When the pool entered this regime.
+    pub(crate) since: Instant,
 }
 
 impl QueueState {
@@ -392,6 +417,7 @@ impl QueueState {
     }
 
     /// Queues a request; `None` only if the slab cannot address another slot (2^32 queued).
+    #[cfg(test)]
     pub(crate) fn push(
         &mut self,
         band_index: usize,
@@ -401,8 +427,32 @@ impl QueueState {
         now: Instant,
         cell: Arc<TicketCell>,
     ) -> Option<SlotKey> {
+        self.push_with_bound(band_index, flow_id, bytes, ttl, ttl, now, cell)
+    }
+
+    /// Queued entries with their keys, in no particular order.
+    pub(crate) fn queued_entries(&self) -> impl Iterator<Item = (SlotKey, &Entry)> {
+        self.slab.live()
+    }
+
+    /// [`Self::push`] with `ttl` ordering the entry under EDF and `bound` (the longest wait
+    /// any regime allows) placing it on the deadline heap.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push_with_bound(
+        &mut self,
+        band_index: usize,
+        flow_id: &str,
+        bytes: u64,
+        ttl: Option<Duration>,
+        bound: Option<Duration>,
+        now: Instant,
+        cell: Arc<TicketCell>,
+    ) -> Option<SlotKey> {
         let band = self.bands.get_mut(band_index)?;
-        let deadline = ttl.filter(|ttl| !ttl.is_zero()).and_then(|ttl| now.checked_add(ttl));
+        let ttl = ttl.filter(|ttl| !ttl.is_zero());
+        let deadline = ttl.and_then(|ttl| now.checked_add(ttl));
+        let expiry =
+            bound.filter(|bound| !bound.is_zero()).and_then(|bound| now.checked_add(bound));
         self.next_seq += 1;
         let key = match band.config.ordering {
             OrderingPolicy::Fcfs => {
@@ -419,6 +469,7 @@ impl QueueState {
             priority: band.config.priority,
             bytes,
             enqueued_at: now,
+            ttl,
             cell,
         };
         let Some(slot) = self.slab.insert(entry) else {
@@ -455,8 +506,8 @@ impl QueueState {
         self.queued += 1;
         self.bytes = self.bytes.saturating_add(bytes);
         band.compact_turn_order();
-        if let Some(deadline) = deadline {
-            self.deadlines.push(Reverse((deadline, slot)));
+        if let Some(expiry) = expiry {
+            self.deadlines.push(Reverse((expiry, slot)));
         }
         Some(slot)
     }

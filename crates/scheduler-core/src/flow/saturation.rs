@@ -41,6 +41,13 @@ pub trait SaturationDetector: Send + Sync + Debug {
     /// once the request is scheduled) ignore it and may let a burst through between two updates,
     /// as GIE's do; a detector that counts admissions itself uses it to stay exact.
     fn on_admit(&self) {}
+
+    /// How saturated the pool is: 0 idle, 1 or more saturated. Consulted only by a usage limit
+    /// policy with a ceiling below 1. It must reach 1 whenever [`Self::is_saturated`] holds;
+    /// the default reads that flag alone (0 or 1).
+    fn saturation(&self, pool: &PoolSnapshot, now: Instant) -> f64 {
+        if self.is_saturated(pool, now) { 1.0 } else { 0.0 }
+    }
 }
 
 /// Default of `queueDepthThreshold`: waiting requests at which an endpoint is full.
@@ -141,6 +148,33 @@ impl SaturationDetector for UtilizationDetector {
             .policy_for(pool)
             .any_candidate(pool.endpoints(), now, |state| self.below_thresholds(&state.metrics))
     }
+
+    /// The mean over endpoints of each endpoint's fullness, the larger of its queue depth and
+    /// its KV-cache use over their thresholds; an endpoint with stale metrics counts as full,
+    /// and an empty pool is saturated (the Go EPP's utilization formula). Raised to 1 when
+    /// [`Self::is_saturated`] holds, so the two never disagree.
+    fn saturation(&self, pool: &PoolSnapshot, now: Instant) -> f64 {
+        if self.is_saturated(pool, now) || pool.endpoints().is_empty() {
+            return 1.0;
+        }
+        let threshold = self.policy_for(pool).threshold;
+        let total: f64 = pool
+            .endpoints()
+            .iter()
+            .map(|state| {
+                if state.metrics.is_stale(now, threshold) {
+                    return 1.0;
+                }
+                let queue =
+                    f64::from(state.metrics.waiting_queue) / f64::from(self.thresholds.queue_depth);
+                let kv = state.metrics.kv_usage / self.thresholds.kv_cache_util;
+                // A garbled gauge (NaN) reads as full, never as headroom.
+                let full = queue.max(kv);
+                if full.is_nan() { 1.0 } else { full }
+            })
+            .sum();
+        total / pool.endpoints().len() as f64
+    }
 }
 
 /// A pool-wide permit count: saturated when no permit is left.
@@ -209,6 +243,23 @@ mod tests {
                 ..Default::default()
             },
         )
+    }
+
+    #[test]
+    fn saturation_level_is_the_mean_roofline_of_the_endpoints() {
+        let now = Instant::now();
+        let detector = UtilizationDetector::default(); // queue 5, KV 0.8
+        // Queue 1/5 = 0.2 vs KV 0.4/0.8 = 0.5 -> 0.5; queue 3/5 = 0.6 vs KV 0 -> 0.6.
+        let pool =
+            PoolSnapshot::new([endpoint(1, 1, 0.4, Some(now)), endpoint(2, 3, 0.0, Some(now))]);
+        assert!((detector.saturation(&pool, now) - 0.55).abs() < 1e-9);
+        // A stale endpoint counts as full: (0.5 + 1) / 2.
+        let stale = PoolSnapshot::new([endpoint(1, 1, 0.4, Some(now)), endpoint(2, 0, 0.0, None)]);
+        assert!((detector.saturation(&stale, now) - 0.75).abs() < 1e-9);
+        assert_eq!(detector.saturation(&PoolSnapshot::default(), now), 1.0, "empty: saturated");
+        let full = PoolSnapshot::new([endpoint(1, 5, 0.0, Some(now))]);
+        assert!(detector.is_saturated(&full, now));
+        assert_eq!(detector.saturation(&full, now), 1.0, "never below 1 while saturated");
     }
 
     #[test]
