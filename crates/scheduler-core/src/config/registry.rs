@@ -2,8 +2,8 @@
 //!
 //! Each constructor parses its own parameters (serde into a config struct that denies unknown
 //! fields), so no string matching on parameters or type names happens anywhere else. The core
-//! registers its own plugins (`single-profile-handler` and the saturation detectors
-//! `utilization-detector` and `concurrency-detector`); other crates (and users) add theirs with
+//! registers its own plugins (`single-profile-handler`, the saturation detectors
+//! `utilization-detector` and `concurrency-detector`, and the data-layer plugins); other crates (and users) add theirs with
 //! [`PluginRegistry::register`].
 
 use std::collections::BTreeMap;
@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::config::data_layer::DataLayerPlugin;
 use crate::flow::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, SaturationDetector,
     UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
@@ -86,6 +87,8 @@ pub struct Plugin {
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
     /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// As a data-layer source, extractor or discovery (named from `dataLayer`).
+    pub data_layer: Option<Arc<DataLayerPlugin>>,
 }
 
 impl fmt::Debug for Plugin {
@@ -100,6 +103,7 @@ impl fmt::Debug for Plugin {
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
+            .field("data_layer", &self.data_layer)
             .finish()
     }
 }
@@ -174,10 +178,11 @@ impl Default for PluginRegistry {
 }
 
 impl PluginRegistry {
-    /// A registry holding the core's plugins: `single-profile-handler`, and the saturation
+    /// A registry holding the core's plugins: `single-profile-handler`, the saturation
     /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
-    /// in flight as a pre-request and completion hook).
+    /// in flight as a pre-request and completion hook), and the data-layer plugins (see
+    /// [`data_layer`](crate::data_layer)).
     pub fn new() -> Self {
         let mut registry = Self { factories: BTreeMap::new() };
         registry.register(SINGLE_PROFILE_HANDLER, |spec| {
@@ -198,6 +203,7 @@ impl PluginRegistry {
                 ..Plugin::default()
             })
         });
+        crate::config::data_layer::plugins::register(&mut registry);
         registry
     }
 
@@ -246,7 +252,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: concurrency-detector, single-profile-handler, utilization-detector)"
+            "unknown plugin type 'magic-scorer' (known types: concurrency-detector, core-metrics-extractor, endpoint-notification-source, file-discovery, metrics-data-source, models-data-extractor, models-data-source, single-profile-handler, utilization-detector)"
         );
     }
 

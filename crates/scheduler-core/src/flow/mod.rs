@@ -51,7 +51,7 @@ mod outcome;
 mod queue;
 mod saturation;
 mod ticket;
-mod units;
+pub(crate) mod units;
 
 pub use units::parse_go_duration;
 
