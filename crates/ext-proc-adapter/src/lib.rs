@@ -59,6 +59,7 @@
 
 pub mod bbr;
 pub mod cli;
+pub mod data_layer;
 pub mod endpoints_file;
 pub mod exchange;
 mod file_watch;
