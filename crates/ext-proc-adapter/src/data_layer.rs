@@ -5,17 +5,19 @@
 //!
 //! One collector runs: when several metrics sources are listed (a renamed one next to the
 //! injected default), the first listed is used and the others are logged and skipped.
-//! A `models-data-source` with its extractor is handed back in [`DataLayerExtras`] for the
-//! caller to poll; `endpoint-notification-source` needs no work here, since endpoint changes
-//! already reach the collector and the pool.
+//! The first `models-data-source` with its extractor polls the endpoints' model lists
+//! ([`crate::endpoint_models`]); `endpoint-notification-source` needs no work here, since
+//! endpoint changes already reach the collector and the pool.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use metrics_model::collector::CollectorConfig;
 use metrics_model::{EngineConfigError, EngineSet};
 use scheduler_core::data_layer::plugins::{ModelsSourceParameters, Scheme};
 use scheduler_core::data_layer::{DataLayerPlugin, ResolvedDataLayer};
 
+use crate::endpoint_models::ModelsPollSettings;
 use crate::server::{CollectorSettings, ServerConfig};
 
 /// A data layer this server cannot run.
@@ -47,23 +49,12 @@ pub enum DataLayerError {
     },
 }
 
-/// What the data layer asks of the server besides [`ServerConfig`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DataLayerExtras {
-    /// The models source to poll, if one is listed with its extractor.
-    pub models: Option<ModelsSourceParameters>,
-}
-
-/// Applies `layer` to `config` (built from the command line): replaces its collector and,
-/// with a discovery plugin, its endpoints file. Does nothing when the config has no
-/// data-layer section.
-pub fn apply(
-    layer: &ResolvedDataLayer,
-    config: &mut ServerConfig,
-) -> Result<DataLayerExtras, DataLayerError> {
-    let mut extras = DataLayerExtras::default();
+/// Applies `layer` to `config` (built from the command line): replaces its collector and
+/// model polling and, with a discovery plugin, its endpoints file. Does nothing when the
+/// config has no data-layer section.
+pub fn apply(layer: &ResolvedDataLayer, config: &mut ServerConfig) -> Result<(), DataLayerError> {
     if !layer.declared {
-        return Ok(extras);
+        return Ok(());
     }
     if let Some(discovery) = &layer.discovery
         && let DataLayerPlugin::FileDiscovery(parameters) = &*discovery.plugin
@@ -75,7 +66,10 @@ pub fn apply(
         config.watch_endpoints_file = parameters.watch_file;
     }
     let base = config.collector.as_ref().map(|settings| settings.config.clone());
-    config.collector = collector_settings(layer, base.unwrap_or_default())?;
+    let base = base.unwrap_or_default();
+    let base_interval = base.interval;
+    config.collector = collector_settings(layer, base)?;
+    config.models = None;
     if config.collector.is_none() {
         // Nothing scrapes metrics, so none can turn stale: readiness needs only endpoints.
         config.staleness_threshold = None;
@@ -89,11 +83,20 @@ pub fn apply(
         if parameters.scheme == Scheme::Https {
             return Err(DataLayerError::Https { source_name: source.source.name.clone() });
         }
-        if extras.models.is_none() {
-            extras.models = Some(parameters.clone());
+        if config.models.is_none() {
+            config.models = Some(models_settings(parameters, base_interval));
         }
     }
-    Ok(extras)
+    Ok(())
+}
+
+/// Poll settings of a models source: its interval, else the refresh interval (the Go
+/// source's base tick).
+fn models_settings(parameters: &ModelsSourceParameters, base: Duration) -> ModelsPollSettings {
+    ModelsPollSettings {
+        path: parameters.path.clone(),
+        interval: parameters.interval.unwrap_or(base),
+    }
 }
 
 /// The collector of the first metrics source with an extractor, on `base`'s timing.

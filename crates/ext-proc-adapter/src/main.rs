@@ -134,6 +134,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         endpoints_file: flags.endpoints_file.clone(),
         watch_endpoints_file: true,
         collector: Some(collector),
+        models: None,
         model_rewrites: model_rewrite_settings(&flags),
     };
     let registry = scorers::builtin_registry();

@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use tonic_health::server::HealthReporter;
 
+use crate::endpoint_models::{EndpointModels, ModelsPollSettings};
 use crate::endpoints_file;
 pub use crate::listener::TcpKeepalive;
 use crate::metrics::EppMetrics;
@@ -68,6 +69,8 @@ pub struct ServerConfig {
     pub watch_endpoints_file: bool,
     /// Scrape the endpoints' Prometheus metrics; `None` leaves metrics to the embedder.
     pub collector: Option<CollectorSettings>,
+    /// Poll the endpoints' model lists into [`RunningServer::endpoint_models`].
+    pub models: Option<ModelsPollSettings>,
     /// Model rewrites, loaded at start and reloaded when the file changes (`None`: the
     /// director's own, if any).
     pub model_rewrites: Option<crate::model_rewrites::ModelRewriteSettings>,
@@ -94,6 +97,7 @@ impl ServerConfig {
             endpoints_file: None,
             watch_endpoints_file: true,
             collector: None,
+            models: None,
             model_rewrites: None,
         }
     }
@@ -257,6 +261,8 @@ pub struct RunningServer {
     pub metrics: Arc<EppMetrics>,
     /// Where endpoint changes go (for embedders adding endpoints at runtime).
     pub pool_writer: PoolWriter,
+    /// The models each endpoint serves, when [`ServerConfig::models`] polls them.
+    pub endpoint_models: Option<Arc<EndpointModels>>,
     health: tonic_health::server::HealthReporter,
     draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
@@ -428,6 +434,15 @@ pub async fn start_with_director(
     if let Some((path, applied)) = initial_endpoints_file.filter(|_| config.watch_endpoints_file) {
         tasks.push(tokio::spawn(watch_endpoints_file(path, applied, pool_writer.clone())));
     }
+    let endpoint_models = config.models.clone().map(|settings| {
+        let models = Arc::new(EndpointModels::default());
+        tasks.push(tokio::spawn(crate::endpoint_models::poll(
+            Arc::clone(&pool),
+            Arc::clone(&models),
+            settings,
+        )));
+        models
+    });
     if let Some(flow) = flow {
         let pool = Arc::clone(&pool);
         tasks.push(tokio::spawn(async move {
@@ -446,6 +461,7 @@ pub async fn start_with_director(
         metrics_address,
         metrics,
         pool_writer,
+        endpoint_models,
         health: reporter,
         draining,
         stop,

@@ -69,7 +69,15 @@ async fn stand_in(queue: u32, kv: f64, vllm_queue: u32) -> SocketAddr {
     let vllm = format!(
         "vllm:num_requests_waiting {vllm_queue}\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0\n"
     );
-    model_server(HashMap::from([("/custom/stats", custom), ("/metrics", vllm)])).await
+    let models = format!(
+        r#"{{"object":"list","data":[{{"id":"base","parent":null}},{{"id":"lora-{queue}","parent":"base"}}]}}"#
+    );
+    model_server(HashMap::from([
+        ("/custom/stats", custom),
+        ("/metrics", vllm),
+        ("/models", models),
+    ]))
+    .await
 }
 
 fn config_yaml(endpoints_file: &std::path::Path) -> String {
@@ -92,6 +100,9 @@ plugins:
       queuedRequestsSpec: my_queue{{tier=gold}}
       runningRequestsSpec: my_running
       kvUsageSpec: my_kv
+- type: models-data-source
+  parameters: {{path: /models, interval: 20ms}}
+- type: models-data-extractor
 - name: files
   type: file-discovery
   parameters: {{path: {}, watchFile: true}}
@@ -100,6 +111,8 @@ dataLayer:
   sources:
   - pluginRef: scrape
     extractors: [{{pluginRef: extract}}]
+  - pluginRef: models-data-source
+    extractors: [{{pluginRef: models-data-extractor}}]
   discovery: {{pluginRef: files}}
 ",
         endpoints_file.display()
@@ -191,6 +204,19 @@ async fn the_data_layer_decides_what_is_scraped_and_scraped_values_drive_routing
     for _ in 0..5 {
         assert_eq!(route_once(&mut client).await, idle.to_string());
     }
+
+    // The models source: each endpoint's model list, adapters with their base.
+    let models = running.endpoint_models.clone().expect("models-data-source is polled");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(models.serves(EndpointId::from_address(busy), "lora-9")
+        && models.serves(EndpointId::from_address(idle), "lora-0"))
+    {
+        assert!(Instant::now() < deadline, "model lists never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served = models.get(EndpointId::from_address(idle)).unwrap();
+    assert_eq!(served[1].parent.as_deref(), Some("base"));
+    assert!(!models.serves(EndpointId::from_address(idle), "lora-9"));
     running.shutdown(Duration::from_secs(1)).await;
 }
 
