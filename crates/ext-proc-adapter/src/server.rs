@@ -171,10 +171,11 @@ pub struct CollectorSettings {
 }
 
 impl CollectorSettings {
-    /// The engine of an endpoint whose entry names `name`.
-    fn engine_for(&self, endpoint: SocketAddr, name: Option<&str>) -> Result<Engine, ServerError> {
-        match (&self.engines, name) {
-            (Some(engines), name) => Ok(engines.resolve(name)),
+    /// The engine of the endpoint `entry` describes.
+    fn engine_for(&self, entry: &endpoints_file::EndpointEntry) -> Result<Engine, ServerError> {
+        let endpoint = SocketAddr::new(entry.address, entry.port);
+        match (&self.engines, entry.engine.as_deref()) {
+            (Some(engines), name) => Ok(engines.resolve_endpoint(name, &entry.labels)),
             (None, None) => Ok(self.default_engine.clone()),
             (None, Some(name)) => name
                 .parse::<Engine>()
@@ -238,7 +239,7 @@ impl PoolWriter {
                 let mut wanted = Vec::with_capacity(entries.len());
                 for entry in entries {
                     let endpoint = entry.to_endpoint();
-                    let engine = settings.engine_for(endpoint.address, entry.engine.as_deref())?;
+                    let engine = settings.engine_for(entry)?;
                     wanted.push((endpoint, engine));
                 }
                 collector.set_endpoints(wanted);

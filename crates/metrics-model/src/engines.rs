@@ -2,9 +2,11 @@
 //! engine name) turned into [`Engine`] mappings, with the built-in engines the Go extractor
 //! ships added unless a config of the same name replaces them.
 //!
-//! An endpoint names its engine (the endpoints file's `engine`); a name that no config
-//! defines falls back to `defaultEngine`, as the Go mapping registry falls back, except that
-//! the names this crate has always accepted (`trtllm`, `tensorrt-llm`, ...) keep their meaning.
+//! An endpoint names its engine with the endpoints file's `engine`, else with its label
+//! `engineLabelKey` (then the legacy `inference.networking.k8s.io/engine-type`), as the Go
+//! extractor reads pod labels; a name that no config defines falls back to `defaultEngine`, as
+//! the Go mapping registry falls back, except that the names this crate has always accepted
+//! (`trtllm`, `tensorrt-llm`, ...) keep their meaning.
 //!
 //! Read: `queuedRequestsSpec`, `runningRequestsSpec`, `kvUsageSpec`, `loraSpec`,
 //! `cacheInfoSpec` with `cacheNumBlocksLabelName`. Checked but not read (the endpoint metrics
@@ -36,12 +38,20 @@ pub struct EngineConfigError {
 pub struct EngineSet {
     engines: BTreeMap<String, Engine>,
     default: Engine,
+    label_key: String,
 }
+
+/// The label key the Go extractor still reads when `engineLabelKey` is absent from a pod.
+pub const LEGACY_ENGINE_LABEL_KEY: &str = "inference.networking.k8s.io/engine-type";
 
 impl Default for EngineSet {
     /// The built-in engines, vLLM by default.
     fn default() -> Self {
-        Self { engines: builtins(), default: Engine::Vllm }
+        Self {
+            engines: builtins(),
+            default: Engine::Vllm,
+            label_key: scheduler_core::data_layer::plugins::DEFAULT_ENGINE_LABEL_KEY.to_owned(),
+        }
     }
 }
 
@@ -58,7 +68,7 @@ impl EngineSet {
         // The loader checked that the default engine is configured or built in; vLLM covers a
         // caller that skipped it.
         let default = engines.get(&parameters.default_engine).cloned().unwrap_or(Engine::Vllm);
-        Ok(Self { engines, default })
+        Ok(Self { engines, default, label_key: parameters.engine_label_key.clone() })
     }
 
     /// The engine of endpoints that name none.
@@ -73,6 +83,18 @@ impl EngineSet {
             Some(engine) => engine.clone(),
             None => name.parse::<Engine>().unwrap_or_else(|_| self.default.clone()),
         }
+    }
+
+    /// The engine of an endpoint that names `engine`, else carries `labels`.
+    pub fn resolve_endpoint(
+        &self,
+        engine: Option<&str>,
+        labels: &BTreeMap<String, String>,
+    ) -> Engine {
+        let named = engine
+            .or_else(|| labels.get(&self.label_key).map(String::as_str))
+            .or_else(|| labels.get(LEGACY_ENGINE_LABEL_KEY).map(String::as_str));
+        self.resolve(named)
     }
 
     /// Every engine name defined, sorted.
@@ -189,6 +211,15 @@ mod tests {
         assert!(set.resolve(Some("unheard-of")).same_as(set.default_engine()));
         assert!(set.resolve(Some("sglang")).same_as(&Engine::Sglang));
         assert!(set.resolve(Some("trtllm")).same_as(&Engine::TrtLlm), "this crate's alias");
+        let labels = BTreeMap::from([(
+            scheduler_core::data_layer::plugins::DEFAULT_ENGINE_LABEL_KEY.to_owned(),
+            "sglang".to_owned(),
+        )]);
+        assert!(set.resolve_endpoint(None, &labels).same_as(&Engine::Sglang), "by label");
+        assert!(set.resolve_endpoint(Some("vllm"), &labels).same_as(&Engine::Vllm), "named wins");
+        let legacy = BTreeMap::from([(LEGACY_ENGINE_LABEL_KEY.to_owned(), "sglang".to_owned())]);
+        assert!(set.resolve_endpoint(None, &legacy).same_as(&Engine::Sglang));
+        assert!(set.resolve_endpoint(None, &BTreeMap::new()).same_as(set.default_engine()));
     }
 
     #[test]
