@@ -145,6 +145,10 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .map_err(|error| format!("invalid config: {error}"))?;
     data_layer::apply(&layer, &mut server_config)
         .map_err(|error| format!("invalid config: {error}"))?;
+    if layer.declared && default_engine(&flags)?.name() == "custom" {
+        // The config's extractor decides metric names once it has a data layer.
+        tracing::warn!("dataLayer is configured: the metric-name flags are ignored");
+    }
     let pool = Arc::new(SharedPool::default());
     let director =
         Director::from_config(&config, &registry, pool, server_config.director.clone(), objectives)
