@@ -148,10 +148,18 @@ impl EndpointPickerConfig {
         // No built-in plugin discovers peers or syncs replicas: a reference is either dangling
         // or names a plugin of another kind.
         let unsupported = [
-            ("dataLayer.peerDiscovery.pluginRef", section.peer_discovery.map(|r| r.plugin_ref)),
-            ("dataLayer.crossReplicaSyncerPluginRef", section.cross_replica_syncer_plugin_ref),
+            (
+                "dataLayer.peerDiscovery.pluginRef",
+                section.peer_discovery.map(|r| r.plugin_ref),
+                "a peer discovery",
+            ),
+            (
+                "dataLayer.crossReplicaSyncerPluginRef",
+                section.cross_replica_syncer_plugin_ref,
+                "a cross-replica syncer",
+            ),
         ];
-        for (field, reference) in unsupported {
+        for (field, reference, expected) in unsupported {
             let Some(reference) = reference.filter(|reference| !reference.is_empty()) else {
                 continue;
             };
@@ -165,11 +173,7 @@ impl EndpointPickerConfig {
                 field: field.to_owned(),
                 plugin_ref: reference,
                 type_name: declared.type_name.clone(),
-                expected: if field.contains("peer") {
-                    "a peer discovery"
-                } else {
-                    "a cross-replica syncer"
-                },
+                expected,
             });
         }
         if section.inject_defaults != Some(false)
