@@ -48,6 +48,7 @@ impl PickerLauncher for InProcessPicker {
                         ..CollectorConfig::default()
                     },
                     default_engine: Engine::Vllm,
+                    engines: None,
                 }),
                 ..ServerConfig::loopback("demo-pool")
             },

@@ -59,6 +59,8 @@
 
 pub mod bbr;
 pub mod cli;
+pub mod data_layer;
+pub mod endpoint_models;
 pub mod endpoints_file;
 pub mod exchange;
 mod file_watch;

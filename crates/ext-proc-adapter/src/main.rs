@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ext_proc_adapter::bbr;
 use ext_proc_adapter::cli::{self, BbrArgs, Cli, Command, DemoArgs, ServerFlags};
 use ext_proc_adapter::model_rewrites::ModelRewriteSettings;
 use ext_proc_adapter::server::{
@@ -17,6 +16,7 @@ use ext_proc_adapter::server::{
 };
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
+use ext_proc_adapter::{bbr, data_layer};
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::{Engine, FlagSpecs, MetricMapping};
 use scheduler_core::Director;
@@ -112,8 +112,9 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
             ..CollectorConfig::default()
         },
         default_engine: default_engine(&flags)?,
+        engines: None,
     };
-    let server_config = ServerConfig {
+    let mut server_config = ServerConfig {
         grpc_address: address(flags.grpc_port),
         health_address: address(flags.grpc_health_port),
         metrics_address: address(flags.metrics_port),
@@ -134,12 +135,25 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         staleness_threshold: Some(staleness),
         when_all_stale: flags.stale_metrics_policy.into(),
         endpoints_file: flags.endpoints_file.clone(),
+        watch_endpoints_file: true,
         collector: Some(collector),
+        models: None,
         model_rewrites: model_rewrite_settings(&flags),
     };
-    let pool = Arc::new(SharedPool::default());
     let mut registry = scorers::builtin_registry();
     registry.allow_experimental_plugins(flags.allow_experimental_plugins);
+    let plugins =
+        config.construct_plugins(&registry).map_err(|error| format!("invalid config: {error}"))?;
+    let layer = config
+        .data_layer(&plugins, &registry)
+        .map_err(|error| format!("invalid config: {error}"))?;
+    data_layer::apply(&layer, &mut server_config)
+        .map_err(|error| format!("invalid config: {error}"))?;
+    if layer.declared && default_engine(&flags)?.name() == "custom" {
+        // The config's extractor decides metric names once it has a data layer.
+        tracing::warn!("dataLayer is configured: the metric-name flags are ignored");
+    }
+    let pool = Arc::new(SharedPool::default());
     let director =
         Director::from_config(&config, &registry, pool, server_config.director.clone(), objectives)
             .map_err(|error| format!("invalid config: {error}"))?;

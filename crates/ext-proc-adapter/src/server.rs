@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use metrics_model::EngineSet;
 use metrics_model::collector::{CollectorConfig, MetricsCollector};
 use metrics_model::mapping::Engine;
 use scheduler_core::{AllStale, Endpoint, EndpointId, Scheduler, SharedPool, StalenessPolicy};
@@ -21,6 +22,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
 };
 use tonic_health::server::HealthReporter;
 
+use crate::endpoint_models::{EndpointModels, ModelsPollSettings};
 use crate::endpoints_file;
 pub use crate::listener::TcpKeepalive;
 use crate::metrics::EppMetrics;
@@ -60,10 +62,15 @@ pub struct ServerConfig {
     /// What happens when every endpoint is stale (see [`StalenessPolicy`]); set into the
     /// pool with the threshold.
     pub when_all_stale: AllStale,
-    /// Static pool file, reloaded on change.
+    /// Static pool file.
     pub endpoints_file: Option<PathBuf>,
+    /// Reload the endpoints file when it changes (`false`: read once at start, as a
+    /// `file-discovery` without `watchFile`).
+    pub watch_endpoints_file: bool,
     /// Scrape the endpoints' Prometheus metrics; `None` leaves metrics to the embedder.
     pub collector: Option<CollectorSettings>,
+    /// Poll the endpoints' model lists into [`RunningServer::endpoint_models`].
+    pub models: Option<ModelsPollSettings>,
     /// Model rewrites, loaded at start and reloaded when the file changes (`None`: the
     /// director's own, if any).
     pub model_rewrites: Option<crate::model_rewrites::ModelRewriteSettings>,
@@ -88,7 +95,9 @@ impl ServerConfig {
             staleness_threshold: None,
             when_all_stale: AllStale::FailOpen,
             endpoints_file: None,
+            watch_endpoints_file: true,
             collector: None,
+            models: None,
             model_rewrites: None,
         }
     }
@@ -155,6 +164,24 @@ pub struct CollectorSettings {
     pub config: CollectorConfig,
     /// Engine of endpoints whose entry names none.
     pub default_engine: Engine,
+    /// Engines by name from a data-layer `core-metrics-extractor`: with them, an entry's
+    /// engine is looked up there and an unknown name falls back to the default engine (as the
+    /// Go extractor does); without them, an unknown name is refused.
+    pub engines: Option<EngineSet>,
+}
+
+impl CollectorSettings {
+    /// The engine of the endpoint `entry` describes.
+    fn engine_for(&self, entry: &endpoints_file::EndpointEntry) -> Result<Engine, ServerError> {
+        let endpoint = SocketAddr::new(entry.address, entry.port);
+        match (&self.engines, entry.engine.as_deref()) {
+            (Some(engines), name) => Ok(engines.resolve_endpoint(name, &entry.labels)),
+            (None, None) => Ok(self.default_engine.clone()),
+            (None, Some(name)) => name
+                .parse::<Engine>()
+                .map_err(|_| ServerError::UnknownEngine { endpoint, engine: name.to_owned() }),
+        }
+    }
 }
 
 /// Why the server could not start.
@@ -196,8 +223,8 @@ pub enum ServerError {
 pub enum PoolWriter {
     /// Metrics are left as they are (set by the embedder, or none).
     Direct(Arc<SharedPool>),
-    /// The collector adds, scrapes and removes endpoints.
-    Collector(Arc<MetricsCollector>, Engine),
+    /// The collector adds, scrapes and removes endpoints, reading each with its engine.
+    Collector(Arc<MetricsCollector>, Arc<CollectorSettings>),
 }
 
 impl PoolWriter {
@@ -208,19 +235,11 @@ impl PoolWriter {
                 apply_endpoints(pool, entries);
                 Ok(())
             }
-            Self::Collector(collector, default_engine) => {
+            Self::Collector(collector, settings) => {
                 let mut wanted = Vec::with_capacity(entries.len());
                 for entry in entries {
                     let endpoint = entry.to_endpoint();
-                    let engine = match &entry.engine {
-                        None => default_engine.clone(),
-                        Some(name) => {
-                            name.parse::<Engine>().map_err(|_| ServerError::UnknownEngine {
-                                endpoint: endpoint.address,
-                                engine: name.clone(),
-                            })?
-                        }
-                    };
+                    let engine = settings.engine_for(entry)?;
                     wanted.push((endpoint, engine));
                 }
                 collector.set_endpoints(wanted);
@@ -243,6 +262,8 @@ pub struct RunningServer {
     pub metrics: Arc<EppMetrics>,
     /// Where endpoint changes go (for embedders adding endpoints at runtime).
     pub pool_writer: PoolWriter,
+    /// The models each endpoint serves, when [`ServerConfig::models`] polls them.
+    pub endpoint_models: Option<Arc<EndpointModels>>,
     health: tonic_health::server::HealthReporter,
     draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
@@ -343,7 +364,7 @@ pub async fn start_with_director(
                 .map_err(|error| ServerError::Collector(error.to_string()))?;
             let staleness = collector.config().staleness_threshold;
             (
-                PoolWriter::Collector(Arc::new(collector), settings.default_engine.clone()),
+                PoolWriter::Collector(Arc::new(collector), Arc::new(settings.clone())),
                 Some(staleness),
             )
         }
@@ -411,9 +432,18 @@ pub async fn start_with_director(
         metrics_listener,
         crate::metrics_http::epp_page(Arc::clone(&metrics), director),
     )));
-    if let Some((path, applied)) = initial_endpoints_file {
+    if let Some((path, applied)) = initial_endpoints_file.filter(|_| config.watch_endpoints_file) {
         tasks.push(tokio::spawn(watch_endpoints_file(path, applied, pool_writer.clone())));
     }
+    let endpoint_models = config.models.clone().map(|settings| {
+        let models = Arc::new(EndpointModels::default());
+        tasks.push(tokio::spawn(crate::endpoint_models::poll(
+            Arc::clone(&pool),
+            Arc::clone(&models),
+            settings,
+        )));
+        models
+    });
     if let Some(flow) = flow {
         let pool = Arc::clone(&pool);
         tasks.push(tokio::spawn(async move {
@@ -432,6 +462,7 @@ pub async fn start_with_director(
         metrics_address,
         metrics,
         pool_writer,
+        endpoint_models,
         health: reporter,
         draining,
         stop,

@@ -275,6 +275,7 @@ async fn the_collector_keeps_endpoint_metrics_fresh_and_drives_readiness() {
             ..CollectorConfig::default()
         },
         default_engine: Engine::Vllm,
+        engines: None,
     };
     let (running, pool) = start_with(None, Some(file), Some(settings)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -300,8 +301,11 @@ async fn an_unknown_engine_in_the_endpoints_file_is_refused_by_name() {
     let dir = tempdir();
     let file = dir.join("pool.yaml");
     std::fs::write(&file, "- {address: 127.0.0.1, port: 1, engine: tgi}\n").unwrap();
-    let settings =
-        CollectorSettings { config: CollectorConfig::default(), default_engine: Engine::Vllm };
+    let settings = CollectorSettings {
+        config: CollectorConfig::default(),
+        default_engine: Engine::Vllm,
+        engines: None,
+    };
     let pool = Arc::new(SharedPool::default());
     let config = ServerConfig {
         endpoints_file: Some(file),

@@ -70,6 +70,9 @@ pub struct CollectorConfig {
     pub staleness_threshold: Duration,
     /// Path of the metrics page. Default `/metrics`.
     pub metrics_path: String,
+    /// Port of the metrics page when the server publishes it apart from its serving port
+    /// (`None`, the default: the endpoint's own port).
+    pub scrape_port: Option<u16>,
     /// Most scrapes in flight at once. Default 64.
     pub max_concurrent_scrapes: usize,
     /// Largest page accepted, in bytes. Default 16 MiB.
@@ -85,6 +88,7 @@ impl Default for CollectorConfig {
             scrape_timeout: Duration::from_secs(1),
             staleness_threshold: Duration::from_secs(2),
             metrics_path: "/metrics".to_owned(),
+            scrape_port: None,
             max_concurrent_scrapes: 64,
             max_body_bytes: 16 << 20,
             failure_log_interval: Duration::from_secs(30),
@@ -230,7 +234,8 @@ impl MetricsCollector {
                 .unwrap_or_default();
             snapshot.upsert(EndpointState { endpoint: endpoint.clone(), metrics });
         });
-        self.start_scraper(&mut scrapers, Target::of(&endpoint, engine));
+        let target = Target::of(&endpoint, engine, self.inner.context.config.scrape_port);
+        self.start_scraper(&mut scrapers, target);
     }
 
     fn start_scraper(&self, scrapers: &mut HashMap<EndpointId, Scraper>, target: Target) {
@@ -281,7 +286,7 @@ impl MetricsCollector {
             stays
         });
         for (endpoint, engine) in wanted {
-            let target = Target::of(&endpoint, engine);
+            let target = Target::of(&endpoint, engine, self.inner.context.config.scrape_port);
             if !scrapers.get(&target.id).is_some_and(|running| running.target.same_as(&target)) {
                 self.start_scraper(&mut scrapers, target);
             }
@@ -386,13 +391,13 @@ struct Target {
 }
 
 impl Target {
-    fn of(endpoint: &Endpoint, engine: Engine) -> Self {
-        Self {
-            id: endpoint.id,
-            address: endpoint.address,
-            name: Arc::clone(&endpoint.name),
-            engine,
+    /// The scrape target of `endpoint`, on `port` instead of its own when given.
+    fn of(endpoint: &Endpoint, engine: Engine, port: Option<u16>) -> Self {
+        let mut address = endpoint.address;
+        if let Some(port) = port {
+            address.set_port(port);
         }
+        Self { id: endpoint.id, address, name: Arc::clone(&endpoint.name), engine }
     }
 
     /// Whether a scraper of `self` also serves `other` (same address, name and engine).

@@ -10,6 +10,7 @@
 //!   filter so that only the metrics a mapping reads are materialised;
 //! - [`mapping`]: which metrics each engine (vLLM, SGLang, TRT-LLM, or a custom set given as
 //!   Go-EPP-style flag specs) publishes, and how they combine into `EndpointMetrics`;
+//! - [`engines`]: the engines of a data-layer `core-metrics-extractor`, by name;
 //! - [`collector`] (feature `collector`, on by default): scrapes every endpoint on an interval
 //!   and publishes new pool snapshots, keeping the last good metrics of an endpoint whose scrape
 //!   fails so that they age into staleness.
@@ -45,12 +46,14 @@
 
 #[cfg(feature = "collector")]
 pub mod collector;
+pub mod engines;
 pub mod mapping;
 pub mod render;
 pub mod text;
 
 #[cfg(feature = "collector")]
 pub use collector::{CollectorConfig, CollectorError, MetricsCollector};
+pub use engines::{EngineConfigError, EngineSet};
 pub use mapping::{
     Engine, ExtractError, FlagSpecError, FlagSpecs, MetricMapping, MetricSpec, SpecError,
     UnknownEngine,

@@ -346,6 +346,8 @@ pub struct MetricMapping {
     kv_usage: Vec<MetricSpec>,
     lora_info: Option<MetricSpec>,
     cache_info: Option<MetricSpec>,
+    /// Label of the cache info holding the block count; `num_gpu_blocks` when unset.
+    cache_blocks_label: Option<Box<str>>,
     filter: NameFilter,
 }
 
@@ -449,6 +451,13 @@ impl MetricMapping {
         self.rebuild_filter()
     }
 
+    /// Reads the KV capacity from `label` of the cache info instead of `num_gpu_blocks` (SGLang
+    /// publishes `num_pages`).
+    pub fn with_cache_blocks_label(mut self, label: impl Into<Box<str>>) -> Self {
+        self.cache_blocks_label = Some(label.into());
+        self
+    }
+
     fn rebuild_filter(mut self) -> Self {
         self.filter = NameFilter::exact(self.specs().map(|(_, spec)| spec.name()));
         self
@@ -544,7 +553,9 @@ impl MetricMapping {
         // vLLM reports `num_gpu_blocks="None"` until the engine has profiled memory: capacity is
         // informational, so anything unreadable means "unknown" rather than a failed scrape.
         metrics.kv_capacity_blocks = capacity_labels
-            .and_then(|labels| labels.get(GPU_BLOCKS_LABEL))
+            .and_then(|labels| {
+                labels.get(self.cache_blocks_label.as_deref().unwrap_or(GPU_BLOCKS_LABEL))
+            })
             .and_then(|text| parse_whole_number(&text));
         Ok(metrics)
     }

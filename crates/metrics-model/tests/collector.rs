@@ -423,3 +423,23 @@ async fn large_pages_are_parsed_off_the_runtime_workers_and_still_read() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_port_reads_metrics_apart_from_the_serving_port() {
+    let metrics = FakeServer::start(Behaviour::Page(vllm_page(7))).await;
+    // The endpoint serves on a port where nothing answers; its metrics live on another.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
+    let serving = closed.local_addr().expect("local address");
+    drop(closed);
+    let config = CollectorConfig { scrape_port: Some(metrics.address.port()), ..test_config() };
+    let (pool, collector) = start_collector(config);
+    let endpoint = Endpoint::new(serving);
+    let id = endpoint.id;
+    collector.upsert_endpoint(endpoint, Engine::Vllm);
+    eventually("the metrics port is scraped", || {
+        metrics_of(&pool, id).is_some_and(|m| m.waiting_queue == 7)
+    })
+    .await;
+    assert_eq!(pool.load().by_id(id).map(|state| state.endpoint.address), Some(serving));
+    collector.shutdown().await;
+}

@@ -45,6 +45,7 @@ mod request;
 pub mod rewrite;
 mod scheduling;
 
+pub use config::data_layer;
 pub use config::gates::{GateError, KNOWN_GATES, KnownGate};
 pub use config::registry::{
     NoParameters, Plugin, PluginError, PluginFactory, PluginRegistry, PluginSpec, RegistryError,

@@ -153,15 +153,15 @@ async fn fetch_adapters(
     address: SocketAddr,
     limit: Duration,
 ) -> Result<Vec<(String, String)>, ModelsFetchError> {
-    let answer = tokio::time::timeout(limit, fetch(address))
+    let answer = tokio::time::timeout(limit, fetch(address, MODELS_PATH))
         .await
         .map_err(|_| ModelsFetchError::Timeout(limit))??;
     adapters_in(&answer)
 }
 
-/// `GET /v1/models` over a fresh HTTP/1 connection (one request per interval per endpoint:
-/// not worth keeping connections open).
-async fn fetch(address: SocketAddr) -> Result<Vec<u8>, ModelsFetchError> {
+/// `GET path` (a model list) over a fresh HTTP/1 connection (one request per interval per
+/// endpoint: not worth keeping connections open), at most [`MAX_MODELS_RESPONSE_BYTES`] read.
+pub(crate) async fn fetch(address: SocketAddr, path: &str) -> Result<Vec<u8>, ModelsFetchError> {
     let stream = TcpStream::connect(address).await.map_err(ModelsFetchError::Connect)?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -169,7 +169,7 @@ async fn fetch(address: SocketAddr) -> Result<Vec<u8>, ModelsFetchError> {
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = Request::get(MODELS_PATH)
+    let request = Request::get(path)
         .header(HOST, address.to_string())
         .header(ACCEPT, "application/json")
         .body(Empty::<Bytes>::new())?;

@@ -48,6 +48,7 @@
 //! # Ok::<(), scheduler_core::ConfigError>(())
 //! ```
 
+pub mod data_layer;
 pub(crate) mod gates;
 pub(crate) mod registry;
 
@@ -55,6 +56,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::config::data_layer::DataLayerConfig;
 use crate::config::registry::{Plugin, PluginRegistry, PluginSpec, RegistryError};
 use crate::flow::{FlowControlConfig, SaturationDetectorSection};
 use crate::request::parser::{ParserTable, RequestParser};
@@ -129,9 +131,10 @@ pub struct EndpointPickerConfig {
     /// Flow control settings (GIE v1.5+).
     #[serde(default)]
     pub flow_control: Option<FlowControlConfig>,
-    /// Data-layer settings: `data` in GIE v1.3-v1.4, `dataLayer` from v1.5.
+    /// Data-layer settings: `data` in GIE v1.3-v1.4, `dataLayer` from v1.5 (see
+    /// [`data_layer`]).
     #[serde(default, alias = "dataLayer")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<DataLayerConfig>,
     /// Which parsers read request bodies (llm-d-router).
     #[serde(default)]
     pub request_handler: Option<RequestHandlerConfig>,
@@ -381,6 +384,36 @@ pub enum ConfigError {
         /// How many profiles are declared.
         count: usize,
     },
+    /// A data-layer reference names no declared plugin.
+    #[error("{field}: '{plugin_ref}' names no declared plugin")]
+    DataLayerDanglingRef {
+        /// Where the reference stands (`dataLayer.sources[0].pluginRef`).
+        field: String,
+        /// The dangling name.
+        plugin_ref: String,
+    },
+    /// A data-layer reference names a plugin of the wrong kind.
+    #[error("{field}: '{plugin_ref}' (type '{type_name}') is not {expected}")]
+    DataLayerWrongKind {
+        /// Where the reference stands.
+        field: String,
+        /// The referenced plugin.
+        plugin_ref: String,
+        /// Its type.
+        type_name: String,
+        /// What the place requires (`a data source`).
+        expected: &'static str,
+    },
+    /// An extractor cannot read what its source produces.
+    #[error("{field}: extractor '{extractor}' cannot read what source '{source_name}' produces")]
+    DataLayerMismatch {
+        /// Where the extractor's reference stands.
+        field: String,
+        /// The extractor.
+        extractor: String,
+        /// The source.
+        source_name: String,
+    },
     /// A parser reference names neither a declared plugin nor a parser type.
     #[error(
         "{field}: pluginRef '{plugin_ref}' names no declared plugin and no parser type (parser types: {})",
@@ -626,6 +659,9 @@ impl EndpointPickerConfig {
         plugins: &ConstructedPlugins,
         registry: &PluginRegistry,
     ) -> Result<Scheduler, ConfigError> {
+        // Checked here so that every loader of the config refuses a broken data layer, not only
+        // the server that runs it.
+        self.data_layer(plugins, registry)?;
         let handler = profile_handler(plugins)?;
         let profiles = if self.scheduling_profiles.is_empty() {
             vec![implied_default_profile(plugins, registry)?]

@@ -2,8 +2,8 @@
 //!
 //! Each constructor parses its own parameters (serde into a config struct that denies unknown
 //! fields), so no string matching on parameters or type names happens anywhere else. The core
-//! registers its own plugins (`single-profile-handler` and the saturation detectors
-//! `utilization-detector` and `concurrency-detector`); other crates (and users) add theirs with
+//! registers its own plugins (`single-profile-handler`, the saturation detectors
+//! `utilization-detector` and `concurrency-detector`, and the data-layer plugins); other crates (and users) add theirs with
 //! [`PluginRegistry::register`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::config::data_layer::DataLayerPlugin;
 use crate::flow::policy::register_policies;
 use crate::flow::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, FlowPolicy,
@@ -93,6 +94,8 @@ pub struct Plugin {
     /// As a flow-control policy (named by `fairnessPolicyRef`, `orderingPolicyRef` or
     /// `usageLimitPolicyPluginRef`).
     pub flow_policy: Option<FlowPolicy>,
+    /// As a data-layer source, extractor or discovery (named from `dataLayer`).
+    pub data_layer: Option<Arc<DataLayerPlugin>>,
 }
 
 impl fmt::Debug for Plugin {
@@ -109,6 +112,7 @@ impl fmt::Debug for Plugin {
             .field("saturation_detector", &self.saturation_detector.is_some())
             .field("request_parser", &self.request_parser)
             .field("flow_policy", &self.flow_policy)
+            .field("data_layer", &self.data_layer)
             .finish()
     }
 }
@@ -201,9 +205,10 @@ impl PluginRegistry {
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
     /// in flight as a pre-request and completion hook), the request parsers
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
-    /// `passthrough-parser`), and the flow-control policies
+    /// `passthrough-parser`), the flow-control policies
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
-    /// `edf-ordering-policy` and `static-usage-limit-policy` (parameters: `threshold`).
+    /// `edf-ordering-policy` and `static-usage-limit-policy` (parameters: `threshold`), and
+    /// the data-layer plugins (see [`data_layer`](crate::data_layer)).
     pub fn new() -> Self {
         let mut registry = Self {
             factories: BTreeMap::new(),
@@ -235,6 +240,7 @@ impl PluginRegistry {
             })
         });
         register_policies(&mut registry);
+        crate::config::data_layer::plugins::register(&mut registry);
         registry
     }
 
@@ -310,7 +316,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, edf-ordering-policy, fcfs-ordering-policy, global-strict-fairness-policy, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
+            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, core-metrics-extractor, edf-ordering-policy, endpoint-notification-source, fcfs-ordering-policy, file-discovery, global-strict-fairness-policy, metrics-data-source, models-data-extractor, models-data-source, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
         );
     }
 

@@ -53,7 +53,7 @@ pub(crate) mod policy;
 mod queue;
 mod saturation;
 mod ticket;
-mod units;
+pub(crate) mod units;
 
 pub use units::parse_go_duration;
 

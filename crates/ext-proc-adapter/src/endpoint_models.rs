@@ -1,0 +1,160 @@
+//! The models each endpoint serves, polled from its OpenAI model list (`models-data-source`
+//! with `models-data-extractor`): every interval, `GET path` on every endpoint of the pool.
+//!
+//! An endpoint's last good answer is kept until it answers again or leaves the pool, so a
+//! briefly unreachable server does not lose its models. What is stored is bounded: answers
+//! over [`MAX_MODELS_RESPONSE_BYTES`] are refused, names over [`MAX_MODEL_NAME_BYTES`] left
+//! out, and at most [`MAX_MODELS_PER_ENDPOINT`] models kept per endpoint.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use scheduler_core::{EndpointId, SharedPool};
+use serde::Deserialize;
+
+use crate::bbr::MAX_MODEL_NAME_BYTES;
+pub use crate::bbr::models_poller::{MAX_MODELS_RESPONSE_BYTES, ModelsFetchError};
+
+/// Most models kept per endpoint.
+pub const MAX_MODELS_PER_ENDPOINT: usize = 1024;
+/// Longest wait for one endpoint's answer (shorter when the interval is).
+const MAX_FETCH_TIME: Duration = Duration::from_secs(5);
+
+/// A model an endpoint serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedModel {
+    /// The model's name (`id`).
+    pub id: String,
+    /// The base model when this is an adapter (`parent`).
+    pub parent: Option<String>,
+}
+
+/// How the model lists are polled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelsPollSettings {
+    /// Path of the model list.
+    pub path: String,
+    /// Time between two polls of the pool.
+    pub interval: Duration,
+}
+
+/// The models of every endpoint, from the last good answer of each.
+#[derive(Debug, Default)]
+pub struct EndpointModels {
+    by_endpoint: RwLock<HashMap<EndpointId, Arc<[ServedModel]>>>,
+}
+
+impl EndpointModels {
+    /// The models endpoint `id` served at its last good answer.
+    pub fn get(&self, id: EndpointId) -> Option<Arc<[ServedModel]>> {
+        self.by_endpoint.read().get(&id).cloned()
+    }
+
+    /// Whether endpoint `id` serves `model` (a base model or an adapter).
+    pub fn serves(&self, id: EndpointId, model: &str) -> bool {
+        self.get(id).is_some_and(|models| models.iter().any(|served| served.id == model))
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelCard>,
+}
+
+#[derive(Deserialize)]
+struct ModelCard {
+    id: String,
+    #[serde(default)]
+    parent: Option<String>,
+}
+
+/// The models of a model-list answer, within the bounds.
+pub fn models_in(answer: &[u8]) -> Result<Vec<ServedModel>, ModelsFetchError> {
+    let list: ModelList = serde_json::from_slice(answer)?;
+    let fits = |name: &str| !name.is_empty() && name.len() <= MAX_MODEL_NAME_BYTES;
+    Ok(list
+        .data
+        .into_iter()
+        .filter(|card| fits(&card.id) && card.parent.as_deref().is_none_or(fits))
+        .take(MAX_MODELS_PER_ENDPOINT)
+        .map(|card| ServedModel { id: card.id, parent: card.parent })
+        .collect())
+}
+
+/// Polls every endpoint of `pool` each interval into `models`, until the task is dropped.
+pub async fn poll(
+    pool: Arc<SharedPool>,
+    models: Arc<EndpointModels>,
+    settings: ModelsPollSettings,
+) {
+    let interval = settings.interval.max(Duration::from_millis(1));
+    let fetch_time = interval.min(MAX_FETCH_TIME);
+    let path: Arc<str> = settings.path.into();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let endpoints: Vec<(EndpointId, std::net::SocketAddr)> = pool
+            .load()
+            .endpoints()
+            .iter()
+            .map(|state| (state.id(), state.endpoint.address))
+            .collect();
+        let mut round = tokio::task::JoinSet::new();
+        for (id, address) in endpoints.iter().copied() {
+            let path = Arc::clone(&path);
+            round.spawn(async move {
+                let fetched = tokio::time::timeout(
+                    fetch_time,
+                    crate::bbr::models_poller::fetch(address, &path),
+                )
+                .await
+                .map_err(|_| ModelsFetchError::Timeout(fetch_time))
+                .and_then(|answer| models_in(&answer?));
+                (id, address, fetched)
+            });
+        }
+        let mut answered = Vec::new();
+        while let Some(joined) = round.join_next().await {
+            let Ok((id, address, fetched)) = joined else { continue };
+            match fetched {
+                Ok(list) => answered.push((id, Arc::<[ServedModel]>::from(list))),
+                Err(error) => {
+                    tracing::debug!(%address, %error, "model list not read; keeping its last answer");
+                }
+            }
+        }
+        let mut stored = models.by_endpoint.write();
+        stored.retain(|id, _| endpoints.iter().any(|(present, _)| present == id));
+        stored.extend(answered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_and_adapters_are_kept_within_bounds() {
+        let answer = br#"{"object":"list","data":[
+            {"id":"base","object":"model","parent":null},
+            {"id":"sql-lora","parent":"base"}]}"#;
+        assert_eq!(
+            models_in(answer).unwrap(),
+            [
+                ServedModel { id: "base".into(), parent: None },
+                ServedModel { id: "sql-lora".into(), parent: Some("base".into()) }
+            ]
+        );
+        assert!(models_in(b"<html>").is_err());
+        let many: Vec<String> =
+            (0..MAX_MODELS_PER_ENDPOINT + 5).map(|i| format!(r#"{{"id":"m{i}"}}"#)).collect();
+        let answer = format!(r#"{{"data":[{}]}}"#, many.join(","));
+        assert_eq!(models_in(answer.as_bytes()).unwrap().len(), MAX_MODELS_PER_ENDPOINT);
+        let long = "a".repeat(MAX_MODEL_NAME_BYTES + 1);
+        let answer = format!(r#"{{"data":[{{"id":"{long}"}},{{"id":"ok"}}]}}"#);
+        assert_eq!(models_in(answer.as_bytes()).unwrap().len(), 1);
+    }
+}

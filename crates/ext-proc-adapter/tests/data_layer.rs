@@ -1,0 +1,262 @@
+//! The config's `dataLayer` runs the server: the metrics source's path and the extractor's
+//! custom metric names decide what is scraped, `file-discovery` names the endpoints, and the
+//! scraped values drive routing.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use ext_proc_adapter::data_layer::{self, DataLayerError};
+use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
+use metrics_model::collector::CollectorConfig;
+use metrics_model::mapping::Engine;
+use scheduler_core::{EndpointId, EndpointPickerConfig, SharedPool};
+use support::tempdir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A model-server stand-in answering `GET path` with its page for each path it knows, and
+/// 404 for any other.
+async fn model_server(pages: HashMap<&'static str, String>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let pages = Arc::new(pages);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let pages = Arc::clone(&pages);
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 4096];
+                loop {
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&seen);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let response = match pages.get(path.as_str()) {
+                        Some(page) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{page}",
+                            page.len()
+                        ),
+                        None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_owned(),
+                    };
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A server whose custom page at `/custom/stats` reports `queue` waiting and `kv` usage, and
+/// whose vLLM page at `/metrics` reports the opposite load: routing by the wrong page picks
+/// the other server.
+async fn stand_in(queue: u32, kv: f64, vllm_queue: u32) -> SocketAddr {
+    let custom = format!(
+        "# TYPE my_queue gauge\nmy_queue{{tier=\"gold\"}} {queue}\nmy_queue{{tier=\"free\"}} 1000\n\
+         my_running 1\nmy_kv {kv}\n"
+    );
+    let vllm = format!(
+        "vllm:num_requests_waiting {vllm_queue}\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0\n"
+    );
+    let models = format!(
+        r#"{{"object":"list","data":[{{"id":"base","parent":null}},{{"id":"lora-{queue}","parent":"base"}}]}}"#
+    );
+    model_server(HashMap::from([
+        ("/custom/stats", custom),
+        ("/metrics", vllm),
+        ("/models", models),
+    ]))
+    .await
+}
+
+fn config_yaml(endpoints_file: &std::path::Path) -> String {
+    format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: max-score-picker
+- name: scrape
+  type: metrics-data-source
+  parameters: {{scheme: http, path: /custom/stats, interval: 20ms}}
+- name: extract
+  type: core-metrics-extractor
+  parameters:
+    defaultEngine: custom-engine
+    engineConfigs:
+    - name: custom-engine
+      queuedRequestsSpec: my_queue{{tier=gold}}
+      runningRequestsSpec: my_running
+      kvUsageSpec: my_kv
+- type: models-data-source
+  parameters: {{path: /models, interval: 20ms}}
+- type: models-data-extractor
+- name: files
+  type: file-discovery
+  parameters: {{path: {}, watchFile: true}}
+dataLayer:
+  injectDefaults: false
+  sources:
+  - pluginRef: scrape
+    extractors: [{{pluginRef: extract}}]
+  - pluginRef: models-data-source
+    extractors: [{{pluginRef: models-data-extractor}}]
+  discovery: {{pluginRef: files}}
+",
+        endpoints_file.display()
+    )
+}
+
+async fn route_once(client: &mut ExternalProcessorClient<tonic::transport::Channel>) -> String {
+    let mut stream = ProxyStream::open(client).await.unwrap();
+    stream
+        .send_request(&ProxyRequest {
+            headers: vec![(":path", "/v1/completions")],
+            body: br#"{"model":"m","prompt":"hello"}"#,
+            chunk_bytes: 0,
+            subset: None,
+        })
+        .await
+        .unwrap();
+    match stream.decision().await.unwrap() {
+        Decision::Routed { destination, .. } => destination,
+        other => panic!("not routed: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_data_layer_decides_what_is_scraped_and_scraped_values_drive_routing() {
+    let busy = stand_in(9, 0.9, 0).await;
+    let idle = stand_in(0, 0.05, 50).await;
+    let dir = tempdir();
+    let file = dir.join("pool.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "- {{address: 127.0.0.1, port: {}}}\n- {{address: 127.0.0.1, port: {}}}\n",
+            busy.port(),
+            idle.port()
+        ),
+    )
+    .unwrap();
+    let config = EndpointPickerConfig::from_yaml(&config_yaml(&file)).unwrap();
+    let registry = scorers::builtin_registry();
+    // The implied default profile holds the scorers and the picker, not the data layer.
+    let scheduler = config.build(&registry).unwrap();
+    let plugins = config.construct_plugins(&registry).unwrap();
+    let layer = config.data_layer(&plugins, &registry).unwrap();
+
+    // As the binary builds it from flags: vLLM names at /metrics, no endpoints file.
+    let mut server_config = ServerConfig {
+        collector: Some(CollectorSettings {
+            config: CollectorConfig {
+                interval: Duration::from_secs(1),
+                staleness_threshold: Duration::from_secs(2),
+                ..CollectorConfig::default()
+            },
+            default_engine: Engine::Vllm,
+            engines: None,
+        }),
+        staleness_threshold: Some(Duration::from_secs(2)),
+        ..ServerConfig::loopback("data-layer-pool")
+    };
+    data_layer::apply(&layer, &mut server_config).unwrap();
+    let collector = server_config.collector.as_ref().unwrap();
+    assert_eq!(collector.config.metrics_path, "/custom/stats");
+    assert_eq!(collector.config.interval, Duration::from_millis(20), "the source's interval");
+    assert_eq!(server_config.endpoints_file.as_deref(), Some(file.as_path()));
+
+    let pool = Arc::new(SharedPool::default());
+    let running =
+        server::start(Arc::new(scheduler), Arc::clone(&pool), server_config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshot = pool.load();
+        let metrics = |address| {
+            snapshot.by_id(EndpointId::from_address(address)).map(|state| state.metrics.clone())
+        };
+        if let (Some(busy), Some(idle)) = (metrics(busy), metrics(idle))
+            && busy.updated_at.is_some()
+            && idle.updated_at.is_some()
+        {
+            // The gold series only, from the custom page.
+            assert_eq!((busy.waiting_queue, busy.running, busy.kv_usage), (9, 1, 0.9));
+            assert_eq!((idle.waiting_queue, idle.kv_usage), (0, 0.05));
+            break;
+        }
+        assert!(Instant::now() < deadline, "custom metrics never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(route_once(&mut client).await, idle.to_string());
+    }
+
+    // The models source: each endpoint's model list, adapters with their base.
+    let models = running.endpoint_models.clone().expect("models-data-source is polled");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(models.serves(EndpointId::from_address(busy), "lora-9")
+        && models.serves(EndpointId::from_address(idle), "lora-0"))
+    {
+        assert!(Instant::now() < deadline, "model lists never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served = models.get(EndpointId::from_address(idle)).unwrap();
+    assert_eq!(served[1].parent.as_deref(), Some("base"));
+    assert!(!models.serves(EndpointId::from_address(idle), "lora-9"));
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn without_a_section_the_command_line_stays_in_charge() {
+    let config = EndpointPickerConfig::gie_default();
+    let registry = scorers::builtin_registry();
+    let plugins = config.construct_plugins(&registry).unwrap();
+    let layer = config.data_layer(&plugins, &registry).unwrap();
+    assert!(!layer.declared);
+    let mut server_config =
+        ServerConfig { endpoints_file: Some("flag.yaml".into()), ..ServerConfig::loopback("p") };
+    data_layer::apply(&layer, &mut server_config).unwrap();
+    assert_eq!(server_config.endpoints_file.as_deref(), Some(std::path::Path::new("flag.yaml")));
+    assert!(server_config.collector.is_none());
+}
+
+#[test]
+fn https_sources_and_two_discoveries_are_refused_by_name() {
+    let registry = scorers::builtin_registry();
+    let layer_of = |yaml: &str| {
+        let config = EndpointPickerConfig::from_yaml(yaml).unwrap();
+        let plugins = config.construct_plugins(&registry).unwrap();
+        config.data_layer(&plugins, &registry).unwrap()
+    };
+    let https = layer_of(
+        "plugins:\n- type: metrics-data-source\n  parameters: {scheme: https}\ndataLayer: {}\n",
+    );
+    let error = data_layer::apply(&https, &mut ServerConfig::loopback("p")).unwrap_err();
+    assert_eq!(error, DataLayerError::Https { source_name: "metrics-data-source".into() });
+
+    let files = layer_of(
+        "plugins:\n- type: file-discovery\n  parameters: {path: /e.yaml}\n\
+         dataLayer: {discovery: {pluginRef: file-discovery}}\n",
+    );
+    let mut flags =
+        ServerConfig { endpoints_file: Some("flag.yaml".into()), ..ServerConfig::loopback("p") };
+    let error = data_layer::apply(&files, &mut flags).unwrap_err();
+    assert!(error.to_string().contains("'file-discovery'"), "{error}");
+    let mut config = ServerConfig::loopback("p");
+    data_layer::apply(&files, &mut config).unwrap();
+    assert!(!config.watch_endpoints_file, "watchFile defaults to false, as in Go");
+}

@@ -1,0 +1,414 @@
+//! The data-layer plugin types and their parameters, as the Go EPP declares them.
+//!
+//! They are pure configuration here: the core cannot scrape or watch files, so a constructed
+//! data-layer plugin is its validated parameters ([`DataLayerPlugin`]), and the server that runs
+//! the data layer reads them. Defaults are the Go factories' defaults; unknown keys are errors,
+//! like every other plugin's.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::registry::{NoParameters, Plugin, PluginError, PluginRegistry, PluginSpec};
+
+/// Type of the source that scrapes each endpoint's Prometheus metrics page.
+pub const METRICS_DATA_SOURCE_TYPE: &str = "metrics-data-source";
+/// Type of the extractor that reads the engine metrics (queue, running, KV usage, LoRA).
+pub const CORE_METRICS_EXTRACTOR_TYPE: &str = "core-metrics-extractor";
+/// Type of the source that polls each endpoint's OpenAI model list.
+pub const MODELS_DATA_SOURCE_TYPE: &str = "models-data-source";
+/// Type of the extractor that keeps the served models and adapters of each endpoint.
+pub const MODELS_DATA_EXTRACTOR_TYPE: &str = "models-data-extractor";
+/// Type of the discovery that reads the endpoints from a file.
+pub const FILE_DISCOVERY_TYPE: &str = "file-discovery";
+/// Type of the source notified when endpoints are added or removed.
+pub const ENDPOINT_NOTIFICATION_SOURCE_TYPE: &str = "endpoint-notification-source";
+
+/// Default metrics page path.
+pub const DEFAULT_METRICS_PATH: &str = "/metrics";
+/// Default model list path.
+pub const DEFAULT_MODELS_PATH: &str = "/v1/models";
+/// Default label naming an endpoint's engine.
+pub const DEFAULT_ENGINE_LABEL_KEY: &str = "llm-d.ai/engine-type";
+/// Engine of endpoints that name none.
+pub const DEFAULT_ENGINE_NAME: &str = "vllm";
+/// The engine configurations the Go extractor ships; a user config of the same name replaces
+/// one.
+pub const BUILTIN_ENGINE_NAMES: &[&str] =
+    &["vllm", "sglang", "trtllm-serve", "triton-tensorrt-llm", "triton"];
+/// Engine name the Go extractor reserves for its fallback mapping.
+pub const RESERVED_ENGINE_NAME: &str = "default";
+
+/// URL scheme of an HTTP data source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// Plain HTTP (the default).
+    #[default]
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+/// TLS settings shared by the HTTP sources; they only matter with [`Scheme::Https`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceTls {
+    /// Skip verifying the server certificate (Go default: `true`).
+    pub insecure_skip_verify: bool,
+    /// PEM CA bundle verifying the server.
+    pub ca_cert_path: Option<String>,
+    /// Client certificate for mutual TLS (set together with the key).
+    pub client_cert_path: Option<String>,
+    /// Client key for mutual TLS.
+    pub client_key_path: Option<String>,
+}
+
+/// Parameters of `metrics-data-source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSourceParameters {
+    /// `scheme`: `http` (default) or `https`.
+    pub scheme: Scheme,
+    /// `path`: the metrics page (default `/metrics`).
+    pub path: String,
+    /// `port`: scrape this port instead of the endpoint's serving port.
+    pub port: Option<u16>,
+    /// `insecureSkipVerify`, `caCertPath`, `clientCertPath`, `clientKeyPath`.
+    pub tls: SourceTls,
+    /// `interval`: scrape period; `None` means every refresh tick.
+    pub interval: Option<Duration>,
+}
+
+/// Parameters of `models-data-source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelsSourceParameters {
+    /// `scheme`: `http` (default) or `https`.
+    pub scheme: Scheme,
+    /// `path`: the model list (default `/v1/models`).
+    pub path: String,
+    /// `insecureSkipVerify`, `caCertPath`, `clientCertPath`, `clientKeyPath`.
+    pub tls: SourceTls,
+    /// `interval`: poll period; `None` means every refresh tick.
+    pub interval: Option<Duration>,
+}
+
+/// Parameters of `core-metrics-extractor`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct CoreMetricsExtractorParameters {
+    /// Label naming an endpoint's engine (default `llm-d.ai/engine-type`).
+    pub engine_label_key: String,
+    /// Engine of endpoints that name none (default `vllm`); any configured or built-in name.
+    pub default_engine: String,
+    /// Engine metric specifications; the built-in ones are added unless a config of the same
+    /// name replaces them.
+    pub engine_configs: Vec<EngineConfig>,
+}
+
+impl Default for CoreMetricsExtractorParameters {
+    fn default() -> Self {
+        Self {
+            engine_label_key: DEFAULT_ENGINE_LABEL_KEY.to_owned(),
+            default_engine: DEFAULT_ENGINE_NAME.to_owned(),
+            engine_configs: Vec::new(),
+        }
+    }
+}
+
+/// One engine's metric specifications, each `name` or `name{label=value,...}`; an empty one is
+/// not read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EngineConfig {
+    /// The engine's name, as endpoints name it.
+    pub name: String,
+    /// Waiting requests.
+    #[serde(default)]
+    pub queued_requests_spec: String,
+    /// Running requests.
+    #[serde(default)]
+    pub running_requests_spec: String,
+    /// KV-cache usage in `[0, 1]`.
+    #[serde(default)]
+    pub kv_usage_spec: String,
+    /// LoRA info (vLLM's `lora_requests_info` labels).
+    #[serde(default)]
+    pub lora_spec: String,
+    /// Cache-config info gauge whose labels give block size and block count.
+    #[serde(default)]
+    pub cache_info_spec: String,
+    /// Label of [`Self::cache_info_spec`] holding the block size (default `block_size`).
+    #[serde(default)]
+    pub cache_block_size_label_name: String,
+    /// Label of [`Self::cache_info_spec`] holding the block count (default `num_gpu_blocks`).
+    #[serde(default)]
+    pub cache_num_blocks_label_name: String,
+    /// Block size as a gauge value (instead of the info labels).
+    #[serde(default)]
+    pub cache_block_size_spec: String,
+    /// Block count as a gauge value (instead of the info labels).
+    #[serde(default)]
+    pub cache_num_blocks_spec: String,
+    /// Further scalar metrics kept under attribute keys.
+    #[serde(default)]
+    pub custom_metrics: Vec<CustomMetricConfig>,
+}
+
+/// A scalar metric kept under an attribute key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CustomMetricConfig {
+    /// Where the value is kept.
+    pub attribute_key: String,
+    /// The metric, `name` or `name{label=value,...}`.
+    pub metric_spec: String,
+}
+
+/// Parameters of `file-discovery`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileDiscoveryParameters {
+    /// The endpoints file (required; the format of `--endpoints-file`).
+    #[serde(default)]
+    pub path: String,
+    /// Reload the file when it changes (default `false`: read once at start).
+    #[serde(default)]
+    pub watch_file: bool,
+}
+
+/// A constructed data-layer plugin: what it is and its validated parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataLayerPlugin {
+    /// `metrics-data-source`.
+    MetricsSource(MetricsSourceParameters),
+    /// `core-metrics-extractor`.
+    CoreMetricsExtractor(CoreMetricsExtractorParameters),
+    /// `models-data-source`.
+    ModelsSource(ModelsSourceParameters),
+    /// `models-data-extractor`.
+    ModelsExtractor,
+    /// `file-discovery`.
+    FileDiscovery(FileDiscoveryParameters),
+    /// `endpoint-notification-source`.
+    EndpointNotificationSource,
+}
+
+/// What a data-layer plugin can be referenced as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataLayerRole {
+    /// In `sources[].pluginRef`.
+    Source,
+    /// In `sources[].extractors[].pluginRef`.
+    Extractor,
+    /// In `discovery.pluginRef`.
+    Discovery,
+}
+
+impl DataLayerRole {
+    /// The role as error messages name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Source => "a data source",
+            Self::Extractor => "an extractor",
+            Self::Discovery => "an endpoint discovery",
+        }
+    }
+}
+
+impl DataLayerPlugin {
+    /// The role the plugin plays.
+    pub fn role(&self) -> DataLayerRole {
+        match self {
+            Self::MetricsSource(_) | Self::ModelsSource(_) | Self::EndpointNotificationSource => {
+                DataLayerRole::Source
+            }
+            Self::CoreMetricsExtractor(_) | Self::ModelsExtractor => DataLayerRole::Extractor,
+            Self::FileDiscovery(_) => DataLayerRole::Discovery,
+        }
+    }
+
+    /// Whether `extractor` reads what this source produces (the Go data layer refuses to bind
+    /// an extractor to a source of another payload type).
+    pub fn accepts(&self, extractor: &Self) -> bool {
+        matches!(
+            (self, extractor),
+            (Self::MetricsSource(_), Self::CoreMetricsExtractor(_))
+                | (Self::ModelsSource(_), Self::ModelsExtractor)
+        )
+    }
+}
+
+/// The wire form shared by the HTTP sources; `port` is refused by the models source.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpSourceWire {
+    #[serde(default)]
+    scheme: Scheme,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default = "default_true")]
+    insecure_skip_verify: bool,
+    #[serde(default)]
+    ca_cert_path: Option<String>,
+    #[serde(default)]
+    client_cert_path: Option<String>,
+    #[serde(default)]
+    client_key_path: Option<String>,
+    #[serde(default, deserialize_with = "crate::flow::units::optional_duration")]
+    interval: Option<Duration>,
+}
+
+impl Default for HttpSourceWire {
+    fn default() -> Self {
+        Self {
+            scheme: Scheme::Http,
+            path: None,
+            port: None,
+            insecure_skip_verify: true,
+            ca_cert_path: None,
+            client_cert_path: None,
+            client_key_path: None,
+            interval: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn invalid(message: impl Into<String>) -> PluginError {
+    PluginError::InvalidParameters(message.into())
+}
+
+impl HttpSourceWire {
+    /// Checks what the Go factories check, and returns the path (`default_path` when unset).
+    fn validate(&self, default_path: &str) -> Result<(String, SourceTls), PluginError> {
+        let path = match self.path.as_deref() {
+            None | Some("") => default_path.to_owned(),
+            Some(path) if path.starts_with('/') => path.to_owned(),
+            Some(path) => return Err(invalid(format!("path: {path:?} must start with '/'"))),
+        };
+        if self.port == Some(0) {
+            return Err(invalid("port: 0 is not a port (1-65535)"));
+        }
+        let empty = |value: &Option<String>| value.as_deref().is_none_or(str::is_empty);
+        if empty(&self.client_cert_path) != empty(&self.client_key_path) {
+            return Err(invalid("clientCertPath and clientKeyPath must be set together"));
+        }
+        let nonempty = |value: &Option<String>| value.clone().filter(|value| !value.is_empty());
+        let tls = SourceTls {
+            insecure_skip_verify: self.insecure_skip_verify,
+            ca_cert_path: nonempty(&self.ca_cert_path),
+            client_cert_path: nonempty(&self.client_cert_path),
+            client_key_path: nonempty(&self.client_key_path),
+        };
+        Ok((path, tls))
+    }
+}
+
+fn metrics_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let wire: HttpSourceWire = spec.parameters()?;
+    let (path, tls) = wire.validate(DEFAULT_METRICS_PATH)?;
+    Ok(DataLayerPlugin::MetricsSource(MetricsSourceParameters {
+        scheme: wire.scheme,
+        path,
+        port: wire.port,
+        tls,
+        interval: wire.interval,
+    }))
+}
+
+fn models_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let wire: HttpSourceWire = spec.parameters()?;
+    if wire.port.is_some() {
+        return Err(invalid("port: unknown field `port` (models-data-source has no port)"));
+    }
+    let (path, tls) = wire.validate(DEFAULT_MODELS_PATH)?;
+    Ok(DataLayerPlugin::ModelsSource(ModelsSourceParameters {
+        scheme: wire.scheme,
+        path,
+        tls,
+        interval: wire.interval,
+    }))
+}
+
+/// Applies the Go extractor's defaults and checks its rules: engine names are non-empty,
+/// unique and not `default`, and the default engine is configured or built in. Metric spec
+/// syntax is checked by the metrics crate, which parses the specs.
+fn core_metrics_extractor(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let mut parameters: CoreMetricsExtractorParameters = spec.parameters()?;
+    if parameters.default_engine.is_empty() {
+        parameters.default_engine = DEFAULT_ENGINE_NAME.to_owned();
+    }
+    if parameters.engine_label_key.is_empty() {
+        parameters.engine_label_key = DEFAULT_ENGINE_LABEL_KEY.to_owned();
+    }
+    for (index, engine) in parameters.engine_configs.iter().enumerate() {
+        if engine.name.is_empty() {
+            return Err(invalid(format!("engineConfigs[{index}].name: must not be empty")));
+        }
+        if engine.name == RESERVED_ENGINE_NAME {
+            return Err(invalid(format!(
+                "engineConfigs[{index}].name: {RESERVED_ENGINE_NAME:?} is reserved"
+            )));
+        }
+        if let Some(first) =
+            parameters.engine_configs[..index].iter().position(|other| other.name == engine.name)
+        {
+            return Err(invalid(format!(
+                "engineConfigs[{index}].name: {:?} is already configured by engineConfigs[{first}]",
+                engine.name
+            )));
+        }
+        for (metric, custom) in engine.custom_metrics.iter().enumerate() {
+            if custom.attribute_key.is_empty() {
+                return Err(invalid(format!(
+                    "engineConfigs[{index}].customMetrics[{metric}].attributeKey: must not be empty"
+                )));
+            }
+        }
+    }
+    let known = parameters
+        .engine_configs
+        .iter()
+        .map(|engine| engine.name.as_str())
+        .chain(BUILTIN_ENGINE_NAMES.iter().copied())
+        .any(|name| name == parameters.default_engine);
+    if !known {
+        return Err(invalid(format!(
+            "defaultEngine: {:?} is neither in engineConfigs nor built in ({})",
+            parameters.default_engine,
+            BUILTIN_ENGINE_NAMES.join(", ")
+        )));
+    }
+    Ok(DataLayerPlugin::CoreMetricsExtractor(parameters))
+}
+
+fn file_discovery(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let parameters: FileDiscoveryParameters = spec.parameters()?;
+    if parameters.path.is_empty() {
+        return Err(invalid("path: the endpoints file is required"));
+    }
+    Ok(DataLayerPlugin::FileDiscovery(parameters))
+}
+
+/// Registers the data-layer plugin types.
+pub(crate) fn register(registry: &mut PluginRegistry) {
+    fn data(plugin: DataLayerPlugin) -> Plugin {
+        Plugin { data_layer: Some(std::sync::Arc::new(plugin)), ..Plugin::default() }
+    }
+    registry.register(METRICS_DATA_SOURCE_TYPE, |spec| metrics_source(spec).map(data));
+    registry.register(MODELS_DATA_SOURCE_TYPE, |spec| models_source(spec).map(data));
+    registry.register(CORE_METRICS_EXTRACTOR_TYPE, |spec| core_metrics_extractor(spec).map(data));
+    registry.register(FILE_DISCOVERY_TYPE, |spec| file_discovery(spec).map(data));
+    registry.register(MODELS_DATA_EXTRACTOR_TYPE, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(data(DataLayerPlugin::ModelsExtractor))
+    });
+    registry.register(ENDPOINT_NOTIFICATION_SOURCE_TYPE, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(data(DataLayerPlugin::EndpointNotificationSource))
+    });
+}
