@@ -75,9 +75,12 @@ pub fn config(data: &[u8]) {
         }
     }
     let metrics = Arc::new(scheduler_core::flow::FlowMetrics::new());
-    let _ = scheduler_core::flow::ObjectiveResolver::from_yaml(text, metrics);
+    let _ = scheduler_core::flow::ObjectiveResolver::from_yaml(text, Arc::clone(&metrics));
     let Ok(config) = EndpointPickerConfig::from_yaml(text) else { return };
-    let Ok(scheduler) = config.build(&scorers::builtin_registry()) else { return };
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
+    whole_config(&config, &registry, metrics);
+    let Ok(scheduler) = config.build(&registry) else { return };
     let pool = Arc::new(small_pool());
     let request = InferenceRequest::new("sql-lora", "Hello, world");
     if let Ok(result) = scheduler.schedule(&request, &pool) {
@@ -85,6 +88,42 @@ pub fn config(data: &[u8]) {
         for endpoint in result.ranked() {
             assert!(pool.by_id(endpoint.id()).is_some(), "picks come from the pool");
             assert!(seen.insert(endpoint.id()), "picks are not repeated");
+        }
+    }
+}
+
+/// The sections beyond the profiles (data layer, request parsers, flow control): resolved
+/// or refused, never a panic; a director built from them routes each path to a listed
+/// parser, or refuses it by name.
+fn whole_config(
+    config: &EndpointPickerConfig,
+    registry: &scheduler_core::PluginRegistry,
+    metrics: Arc<scheduler_core::flow::FlowMetrics>,
+) {
+    let Ok(plugins) = config.construct_plugins(registry) else { return };
+    let _ = config.data_layer(&plugins, registry);
+    let Ok(parsers) = config.parser_table(&plugins) else { return };
+    let listed: HashSet<_> = parsers.parsers().collect();
+    let Ok(objectives) = scheduler_core::flow::ObjectiveResolver::new(Vec::new(), metrics) else {
+        return;
+    };
+    let pool = Arc::new(scheduler_core::SharedPool::new(small_pool()));
+    let Ok(director) =
+        Director::from_config(config, registry, pool, DirectorOptions::default(), objectives)
+    else {
+        return;
+    };
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"token_ids":[1]}"#;
+    for path in ["/v1/chat/completions", "/v1/messages", "/inference/v1/generate", "/v1/models"] {
+        if let Some((parser, _)) = parsers.resolve(path) {
+            assert!(listed.contains(&parser), "{path}: a listed parser");
+        }
+        let headers = vec![(":path".to_owned(), path.to_owned())];
+        match director.parse(&headers, body) {
+            Err(scheduler_core::Rejection::NoParser { .. }) => {
+                assert!(parsers.resolve(path).is_none(), "{path}: refused only when unclaimed");
+            }
+            _ => assert!(parsers.resolve(path).is_some(), "{path}: parsed only when claimed"),
         }
     }
 }

@@ -68,6 +68,8 @@ pub enum ClientError {
 pub struct ProxyStream {
     sender: mpsc::Sender<ProcessingRequest>,
     answers: Streaming<ProcessingResponse>,
+    /// The headers the picker set on the response, from its answer to the response headers.
+    response_headers_set: Vec<(String, String)>,
 }
 
 /// The request side of a proxy exchange.
@@ -88,7 +90,7 @@ impl ProxyStream {
     pub async fn open(client: &mut ExternalProcessorClient<Channel>) -> Result<Self, ClientError> {
         let (sender, receiver) = mpsc::channel(64);
         let answers = client.process(ReceiverStream::new(receiver)).await?.into_inner();
-        Ok(Self { sender, answers })
+        Ok(Self { sender, answers, response_headers_set: Vec::new() })
     }
 
     /// Sends the request headers; `end_of_stream` says the request has no body.
@@ -243,6 +245,12 @@ impl ProxyStream {
         }
     }
 
+    /// The headers the picker set on the response when it passed (the session token, for
+    /// one), after [`Self::respond`].
+    pub fn response_headers_set(&self) -> &[(String, String)] {
+        &self.response_headers_set
+    }
+
     /// Sends the response headers (with the served endpoint in metadata) and body chunks, and
     /// reads the echoed answers; returns the echoed body.
     pub async fn respond(
@@ -291,7 +299,16 @@ impl ProxyStream {
             let answer =
                 self.answers.message().await?.ok_or(ClientError::Closed("the response"))?;
             match answer.response {
-                Some(processing_response::Response::ResponseHeaders(_)) => headers_answered = true,
+                Some(processing_response::Response::ResponseHeaders(headers)) => {
+                    let set = headers.response.and_then(|common| common.header_mutation);
+                    self.response_headers_set = set
+                        .into_iter()
+                        .flat_map(|mutation| mutation.set_headers)
+                        .filter_map(|option| option.header)
+                        .map(|h| (h.key, String::from_utf8_lossy(&h.raw_value).into_owned()))
+                        .collect();
+                    headers_answered = true;
+                }
                 Some(processing_response::Response::ResponseBody(response)) => {
                     if let Some(body_mutation::Mutation::StreamedResponse(chunk)) = response
                         .response

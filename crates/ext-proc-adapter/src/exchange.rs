@@ -181,6 +181,8 @@ pub struct Exchange {
     response_status: Option<u16>,
     /// Tracks the routed request for in-flight eviction (`enableEviction`), until it ends.
     in_flight: Option<InFlightGuard>,
+    /// Headers the plugins write on the response (the session token), set when it passes.
+    response_headers: Vec<(String, String)>,
 }
 
 impl Exchange {
@@ -205,6 +207,7 @@ impl Exchange {
             emit_endpoint_scores: false,
             response_status: None,
             in_flight: None,
+            response_headers: Vec::new(),
         }
     }
 
@@ -413,6 +416,7 @@ impl Exchange {
                 // The response path needs the guard and the labels; the request (prompt,
                 // header map) and the headers are released here.
                 self.completion = routed.completion;
+                self.response_headers = routed.response_headers;
                 self.headers = Vec::new();
                 self.phase = Phase::AwaitingResponse;
             }
@@ -466,7 +470,14 @@ impl Exchange {
             guard.set_served_endpoint(EndpointId::from_address(served));
         }
         self.response_status = proto::response_status(headers.headers.as_ref());
-        out.push(proto::continue_response_headers());
+        if self.response_headers.is_empty() {
+            out.push(proto::continue_response_headers());
+        } else {
+            let written = std::mem::take(&mut self.response_headers);
+            let pairs: Vec<(&str, &str)> =
+                written.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
+            out.push(proto::set_response_headers(&pairs));
+        }
         if headers.end_of_stream {
             self.finish(self.response_outcome());
         } else if self.phase == Phase::AwaitingResponse {

@@ -119,3 +119,70 @@ requestHandler:
     assert!(text.contains("no_parser"), "{text}");
     assert!(text.contains("no request parser claims the path '/v1/rerank?x=1'"), "{text}");
 }
+
+#[tokio::test]
+async fn the_session_token_names_the_chosen_endpoint_on_the_response() {
+    let config = EndpointPickerConfig::from_yaml(
+        "plugins:
+- type: queue-scorer
+- type: session-affinity-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: session-affinity-scorer
+    weight: 2
+",
+    )
+    .unwrap();
+    let endpoint = |port: u16, name: &str, waiting_queue: u32| {
+        EndpointState::new(Endpoint::new(([127, 0, 0, 1], port).into()).with_name(name))
+            .with_metrics(EndpointMetrics {
+                waiting_queue,
+                updated_at: Some(std::time::Instant::now()),
+                ..EndpointMetrics::default()
+            })
+    };
+    let pool = Arc::new(SharedPool::new(PoolSnapshot::new([
+        endpoint(8001, "default/vllm-0", 0),
+        endpoint(8002, "default/vllm-1", 50),
+    ])));
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
+    let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
+    let director =
+        Director::from_config(&config, &registry, pool, DirectorOptions::default(), objectives)
+            .unwrap();
+    let server_config =
+        ServerConfig { staleness_threshold: None, ..ServerConfig::loopback("pool") };
+    let running = server::start_with_director(Arc::new(director), server_config).await.unwrap();
+    let client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    let session = |token: Option<String>| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = ProxyStream::open(&mut client).await.unwrap();
+            let mut headers = vec![(":path", "/v1/completions")];
+            if let Some(token) = &token {
+                headers.push(("x-session-token", token.as_str()));
+            }
+            let request = ProxyRequest { headers, body, chunk_bytes: 0, subset: None };
+            stream.send_request(&request).await.unwrap();
+            let decision = stream.decision().await.unwrap();
+            stream.respond(None, &[b"{}"]).await.unwrap();
+            (routed_to(&decision).to_owned(), stream.response_headers_set().to_vec())
+        }
+    };
+    // The first request goes by load; the response carries the token of where it went.
+    let (first, written) = session(None).await;
+    assert_eq!(first, "127.0.0.1:8001");
+    let token = scorers::session_affinity::session_token("default/vllm-0");
+    assert_eq!(written, [("x-session-token".to_owned(), token.clone())]);
+    // Echoing a token keeps its session on its endpoint though load points elsewhere.
+    let busy = scorers::session_affinity::session_token("default/vllm-1");
+    let (pinned, written) = session(Some(busy.clone())).await;
+    assert_eq!(pinned, "127.0.0.1:8002");
+    assert_eq!(written, [("x-session-token".to_owned(), busy)]);
+}

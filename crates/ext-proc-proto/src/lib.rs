@@ -228,6 +228,21 @@ pub fn continue_response_headers() -> ProcessingResponse {
     }
 }
 
+/// The answer to the response headers that sets `headers` on the response to the client
+/// (each overwriting one the model server sent under that name).
+pub fn set_response_headers(headers: &[(&str, &str)]) -> ProcessingResponse {
+    let set_headers = headers.iter().map(|(key, value)| set_header(key, value)).collect();
+    ProcessingResponse {
+        response: Some(processing_response::Response::ResponseHeaders(HeadersResponse {
+            response: Some(CommonResponse {
+                header_mutation: Some(HeaderMutation { set_headers, remove_headers: Vec::new() }),
+                ..CommonResponse::default()
+            }),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
 /// An empty (pass-through) answer to trailers.
 pub fn continue_trailers(request_side: bool) -> ProcessingResponse {
     let trailers = TrailersResponse::default();

@@ -4,7 +4,12 @@
 //!   content-part arrays, escapes), about 16 KB and 220 KB;
 //! - `completions_16k`: one 16 KB prompt string;
 //! - `tokens_8k`: a prompt of 8,192 token ids;
-//! - `token_batches_8k`: the same ids as 1,024 batches of 8 (`[[..],[..]]`).
+//! - `token_batches_8k`: the same ids as 1,024 batches of 8 (`[[..],[..]]`);
+//! - `anthropic_16k`: the chat conversation as an Anthropic Messages body (`system` apart);
+//! - `generate_8k`: vLLM's `/inference/v1/generate` with 8,192 `token_ids`.
+//!
+//! `parser_resolve` is the cost of choosing the parser by path (llm-d-router's default list,
+//! longest claimed suffix), paid once per request before the body is read.
 
 use std::hint::black_box;
 
@@ -13,7 +18,7 @@ mod bodies;
 
 use bodies::{chat_body, prose};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use scheduler_core::ParsedBody;
+use scheduler_core::{ParsedBody, ParserTable};
 use serde_json::json;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -44,7 +49,38 @@ fn bodies() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             COMPLETIONS,
             serde_json::to_vec(&json!({"model": "llama", "prompt": batches})).unwrap(),
         ),
+        ("anthropic_16k", "/v1/messages", anthropic_body(16_000)),
+        (
+            "generate_8k",
+            "/inference/v1/generate",
+            serde_json::to_vec(
+                &json!({"token_ids": tokens, "sampling_params": {"max_tokens": 64}}),
+            )
+            .unwrap(),
+        ),
     ]
+}
+
+/// The chat body of `chat_body` as Anthropic writes it: the system message moved to `system`.
+fn anthropic_body(bytes: usize) -> Vec<u8> {
+    let mut chat: serde_json::Value = serde_json::from_slice(&chat_body(bytes)).unwrap();
+    let messages = chat["messages"].as_array_mut().unwrap();
+    let system = messages.remove(0)["content"].take();
+    chat["system"] = system;
+    chat["max_tokens"] = json!(256);
+    serde_json::to_vec(&chat).unwrap()
+}
+
+fn resolve(c: &mut Criterion) {
+    let parsers = ParserTable::default();
+    let mut group = c.benchmark_group("parser_resolve");
+    for path in ["/v1/chat/completions", "/v1/messages?beta=true", "/v1/rerank"] {
+        assert!(parsers.resolve(path).is_some(), "{path}");
+        group.bench_with_input(BenchmarkId::from_parameter(path), path, |b, path| {
+            b.iter(|| parsers.resolve(black_box(path)))
+        });
+    }
+    group.finish();
 }
 
 fn parse(c: &mut Criterion) {
@@ -59,5 +95,5 @@ fn parse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse);
+criterion_group!(benches, parse, resolve);
 criterion_main!(benches);

@@ -145,6 +145,9 @@ pub struct Routed {
     pub request: InferenceRequest,
     /// Runs the completion hooks when the response ends (or when dropped).
     pub completion: Option<CompletionGuard>,
+    /// Headers the plugins write on the response (the session-affinity token, for one), to
+    /// be set when the model server's response headers pass.
+    pub response_headers: Vec<(String, String)>,
 }
 
 impl Director {
@@ -362,6 +365,7 @@ impl Director {
             scores: Vec::new(),
             request,
             completion: None,
+            response_headers: Vec::new(),
         })
     }
 
@@ -412,7 +416,8 @@ impl Director {
         let primary = result.primary().endpoint.address;
         let fallbacks = result.fallbacks().map(|fallback| fallback.endpoint.address).collect();
         let scores = result.ranked_scores().to_vec();
+        let response_headers = self.scheduler.response_headers(&result);
         let completion = result.take_completion();
-        Ok(Routed { primary, fallbacks, scores, request, completion })
+        Ok(Routed { primary, fallbacks, scores, request, completion, response_headers })
     }
 }

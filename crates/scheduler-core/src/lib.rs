@@ -74,7 +74,7 @@ pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
 pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{
     Candidates, DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler,
-    ResponseComplete, Scorer,
+    ResponseComplete, ResponseHeaders, Scorer,
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{

@@ -169,10 +169,20 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         });
     }
     registry.register_experimental(session_affinity::FILTER_TYPE_NAME, |spec| {
-        Ok(Plugin::filter(SessionAffinityFilter::new(spec.parameters()?)?))
+        let filter = Arc::new(SessionAffinityFilter::new(spec.parameters()?)?);
+        Ok(Plugin {
+            filter: Some(filter.clone()),
+            response_headers: Some(filter),
+            ..Plugin::default()
+        })
     });
     registry.register_experimental(session_affinity::SCORER_TYPE_NAME, |spec| {
-        Ok(Plugin::scorer(SessionAffinityScorer::new(spec.parameters()?)?))
+        let scorer = Arc::new(SessionAffinityScorer::new(spec.parameters()?)?);
+        Ok(Plugin {
+            scorer: Some(scorer.clone()),
+            response_headers: Some(scorer),
+            ..Plugin::default()
+        })
     });
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))

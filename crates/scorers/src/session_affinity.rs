@@ -11,16 +11,16 @@
 //!
 //! Go identifies an endpoint by `namespace/name`; epp-rs endpoints carry a name only, so a
 //! decoded token matches an endpoint whose name equals it, or equals its part after the last
-//! `/`. The token is written on the response by the adapter, not the scheduler: after a
-//! decision it sets the header ([`SessionAffinityParameters::header`]) to
-//! [`session_token`] of the endpoint chosen by profile `profileName` (the primary profile
-//! when empty), as Go's `ResponseHeader` hook does.
+//! `/`. Both plugins write the token on the response ([`ResponseHeaders`]; once when both
+//! are used): the header ([`SessionAffinityParameters::header`]) set to [`session_token`] of
+//! the endpoint chosen by profile `profileName` (the primary profile when empty), as Go's
+//! `ResponseHeader` hook does; the ext-proc and tower adapters set it on the response.
 //!
 //! Go's stateful `session_id` strategy (a server-side, TTL-evicted session binding) is not
 //! implemented: configuring it is refused rather than silently degraded.
 
 use scheduler_core::{Candidates, CycleState, Filter, InferenceRequest, PluginError, PoolSnapshot};
-use scheduler_core::{SchedulingResult, Scorer};
+use scheduler_core::{ResponseHeaders, SchedulingResult, Scorer};
 use serde::Deserialize;
 
 /// llm-d type name of the scorer.
@@ -150,16 +150,29 @@ fn names(wanted: &str, name: &str) -> bool {
     wanted == name || wanted.rsplit_once('/').is_some_and(|(_, pod)| pod == name)
 }
 
-/// What both plugins share: where the token is read.
+/// What both plugins share: where the token is read, and whose endpoint it names on the
+/// response.
 #[derive(Clone, Debug)]
 struct SessionToken {
     header: String,
+    profile_name: String,
 }
 
 impl SessionToken {
     fn new(parameters: &SessionAffinityParameters) -> Result<Self, PluginError> {
         parameters.validate()?;
-        Ok(Self { header: parameters.header() })
+        Ok(Self { header: parameters.header(), profile_name: parameters.profile_name.clone() })
+    }
+
+    /// The token of the endpoint chosen, for the response; once, when both plugins are used.
+    fn write(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
+        if headers.iter().any(|(name, _)| *name == self.header) {
+            return;
+        }
+        let chosen = endpoint_to_write(result, &self.profile_name).filter(|name| !name.is_empty());
+        if let Some(name) = chosen {
+            headers.push((self.header.clone(), session_token(name)));
+        }
     }
 
     /// Calls `found` with the endpoint name the request's token designates, if any.
@@ -183,6 +196,12 @@ impl SessionAffinityScorer {
     /// A scorer for `parameters`; refuses the `session_id` strategy and unknown strategies.
     pub fn new(parameters: SessionAffinityParameters) -> Result<Self, PluginError> {
         Ok(Self { token: SessionToken::new(&parameters)? })
+    }
+}
+
+impl ResponseHeaders for SessionAffinityScorer {
+    fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
+        self.token.write(result, headers);
     }
 }
 
@@ -214,6 +233,12 @@ impl SessionAffinityFilter {
     /// A filter for `parameters`; refuses the `session_id` strategy and unknown strategies.
     pub fn new(parameters: SessionAffinityParameters) -> Result<Self, PluginError> {
         Ok(Self { token: SessionToken::new(&parameters)? })
+    }
+}
+
+impl ResponseHeaders for SessionAffinityFilter {
+    fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
+        self.token.write(result, headers);
     }
 }
 

@@ -161,8 +161,17 @@ where
             }
             request.extensions_mut().insert(PickedEndpoint { primary: routed.primary, fallbacks });
             let guard = routed.completion;
+            let written = routed.response_headers;
             // An inner error drops the guard here: the request completes as cancelled.
-            let response = inner.call(request).await?;
+            let mut response = inner.call(request).await?;
+            // What the plugins write on the response (the session token); a value that is not
+            // a valid header is dropped rather than failing the response.
+            for (name, value) in written {
+                let name = http::header::HeaderName::from_bytes(name.as_bytes());
+                if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(&value)) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
             Ok(response.map(|body| PickerBody::routed(body, guard)))
         })
     }

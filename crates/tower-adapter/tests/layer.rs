@@ -326,3 +326,24 @@ async fn a_request_without_a_body_reaches_a_random_endpoint() {
     assert_eq!(primaries.len(), 3, "drawn at random, not by queue: {primaries:?}");
     assert_eq!(in_flight.total_in_flight(), 0, "not scheduled, so never counted in flight");
 }
+
+#[tokio::test]
+async fn plugins_write_their_headers_on_the_response() {
+    let config = scheduler_core::EndpointPickerConfig::from_yaml(
+        "plugins:\n- type: queue-scorer\n- type: session-affinity-filter\n",
+    )
+    .unwrap();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
+    let scheduler = config.build(&registry).unwrap();
+    let pool = SharedPool::new(PoolSnapshot::new([EndpointState::new(
+        Endpoint::new(([127, 0, 0, 1], 8000).into()).with_name("pod-a"),
+    )
+    .with_metrics(EndpointMetrics { updated_at: Some(Instant::now()), ..Default::default() })]));
+    let director =
+        Arc::new(Director::new(Arc::new(scheduler), Arc::new(pool), DirectorOptions::default()));
+    let mut service = EndpointPickerLayer::new(director).layer(recording_inner(Arc::default()));
+    let response = service.call(request(BODY)).await.unwrap();
+    let token = response.headers().get("x-session-token").and_then(|v| v.to_str().ok());
+    assert_eq!(token, Some(scorers::session_affinity::session_token("pod-a").as_str()));
+}

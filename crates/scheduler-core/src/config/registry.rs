@@ -21,7 +21,7 @@ use crate::flow::{
 use crate::request::parser::RequestParser;
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
-    Scorer,
+    ResponseHeaders, Scorer,
 };
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
@@ -89,6 +89,8 @@ pub struct Plugin {
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
     /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// As a writer of response headers.
+    pub response_headers: Option<Arc<dyn ResponseHeaders>>,
     /// As a request parser (named by `requestHandler.parsers[].pluginRef`).
     pub request_parser: Option<RequestParser>,
     /// As a flow-control policy (named by `fairnessPolicyRef`, `orderingPolicyRef` or
@@ -110,6 +112,7 @@ impl fmt::Debug for Plugin {
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
+            .field("response_headers", &self.response_headers.is_some())
             .field("request_parser", &self.request_parser)
             .field("flow_policy", &self.flow_policy)
             .field("data_layer", &self.data_layer)

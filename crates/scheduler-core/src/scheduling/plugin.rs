@@ -163,6 +163,15 @@ pub trait ResponseComplete: Send + Sync + Debug {
     fn response_complete(&self, completed: &CompletedRequest);
 }
 
+/// Writes headers on the response of each request it helped schedule, as llm-d-router's
+/// `ResponseHeader` hook does (the session-affinity token, for one). The adapter sets them
+/// when the model server's response headers pass through.
+pub trait ResponseHeaders: Send + Sync + Debug {
+    /// Adds `(name, value)` pairs for the response to the request `result` scheduled. A
+    /// name already in `headers` is left to whoever wrote it first.
+    fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>);
+}
+
 /// Keeps per-endpoint state in step with the pool: told on the writer's side (discovery,
 /// file reload) whenever a published snapshot holds a different set of endpoints, so that
 /// state of endpoints that left can be dropped without any work on the request path.

@@ -15,7 +15,7 @@ use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
-    DataProducer, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
+    DataProducer, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, ResponseHeaders,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
@@ -50,6 +50,7 @@ pub struct Scheduler {
     /// The completion hooks as one callable, shared by every guard this scheduler hands out.
     completion_hooks: CompletionHooks,
     pool_observers: Vec<Arc<dyn PoolObserver>>,
+    response_headers: Vec<Arc<dyn ResponseHeaders>>,
     seed: u64,
     decisions: AtomicU64,
 }
@@ -63,6 +64,7 @@ impl std::fmt::Debug for Scheduler {
             .field("pre_request", &self.pre_request)
             .field("response_complete", &self.response_complete)
             .field("pool_observers", &self.pool_observers)
+            .field("response_headers", &self.response_headers)
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +87,7 @@ impl Scheduler {
             response_complete: Vec::new(),
             completion_hooks: Arc::new(|_: &CompletedRequest| {}),
             pool_observers: Vec::new(),
+            response_headers: Vec::new(),
             seed: process_random_seed(),
             decisions: AtomicU64::new(0),
         }
@@ -126,6 +129,22 @@ impl Scheduler {
     pub fn with_pool_observer(mut self, observer: Arc<dyn PoolObserver>) -> Self {
         self.pool_observers.push(observer);
         self
+    }
+
+    /// Adds a plugin that writes headers on the responses of the requests it schedules.
+    pub fn with_response_headers(mut self, writer: Arc<dyn ResponseHeaders>) -> Self {
+        self.response_headers.push(writer);
+        self
+    }
+
+    /// The headers the plugins write on the response to the request `result` scheduled
+    /// (empty, and no allocation, when no plugin writes any).
+    pub fn response_headers(&self, result: &SchedulingResult) -> Vec<(String, String)> {
+        let mut headers = Vec::new();
+        for writer in &self.response_headers {
+            writer.response_headers(result, &mut headers);
+        }
+        headers
     }
 
     /// Subscribes this scheduler's pool observers (the prefix-cache scorer's index, for one)
