@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use scheduler_core::{EndpointId, SharedPool};
-use serde::Deserialize;
 
 use crate::bbr::MAX_MODEL_NAME_BYTES;
+use crate::bbr::models_poller::ModelList;
 pub use crate::bbr::models_poller::{MAX_MODELS_RESPONSE_BYTES, ModelsFetchError};
 
 /// Most models kept per endpoint.
@@ -56,18 +56,6 @@ impl EndpointModels {
     pub fn serves(&self, id: EndpointId, model: &str) -> bool {
         self.get(id).is_some_and(|models| models.iter().any(|served| served.id == model))
     }
-}
-
-#[derive(Deserialize)]
-struct ModelList {
-    data: Vec<ModelCard>,
-}
-
-#[derive(Deserialize)]
-struct ModelCard {
-    id: String,
-    #[serde(default)]
-    parent: Option<String>,
 }
 
 /// The models of a model-list answer, within the bounds.

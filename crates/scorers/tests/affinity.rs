@@ -348,6 +348,8 @@ proptest! {
             build("label-selector-filter", json!({"matchExpressions": [{"key": format!("k{key}"), "operator": "NotIn", "values": [format!("v{value}")]}]})),
             build("label-selector-filter", json!({"matchLabels": {format!("k{key}"): format!("v{value}")}})),
             build("session-affinity-filter", json!(null)),
+            build("decode-filter", json!(null)),
+            build("prefill-filter", json!(null)),
         ];
         for plugin in filters {
             let kept = run_filter(&*filter(&plugin.unwrap()), &request, &pool);

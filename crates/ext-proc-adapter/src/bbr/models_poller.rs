@@ -61,16 +61,18 @@ pub enum ModelsFetchError {
     Timeout(Duration),
 }
 
+/// A `/v1/models` answer (OpenAI's list), the fields read.
 #[derive(Deserialize)]
-struct ModelList {
-    data: Vec<ModelCard>,
+pub(crate) struct ModelList {
+    pub(crate) data: Vec<ModelCard>,
 }
 
+/// One model of the list; an adapter names its base model in `parent`.
 #[derive(Deserialize)]
-struct ModelCard {
-    id: String,
+pub(crate) struct ModelCard {
+    pub(crate) id: String,
     #[serde(default)]
-    parent: Option<String>,
+    pub(crate) parent: Option<String>,
 }
 
 /// The `(adapter, base model)` pairs of a `/v1/models` answer, names longer than
