@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use metrics_model::collector::CollectorConfig;
-use metrics_model::{EngineConfigError, EngineSet};
-use scheduler_core::data_layer::plugins::{ModelsSourceParameters, Scheme};
+use metrics_model::{EngineConfigError, EngineSet, ScrapeTls, TlsSettings, TlsSettingsError};
+use scheduler_core::data_layer::plugins::{ModelsSourceParameters, Scheme, SourceTls};
 use scheduler_core::data_layer::{DataLayerPlugin, ResolvedDataLayer};
 
 use crate::endpoint_models::ModelsPollSettings;
@@ -23,13 +23,21 @@ use crate::server::{CollectorSettings, ServerConfig};
 /// A data layer this server cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DataLayerError {
-    /// A source asks for HTTPS, which the scrapers do not speak.
+    /// A models source asks for HTTPS, which the model poller does not speak.
     #[error(
-        "data source '{source_name}': scheme https is not supported (the scrapers speak plain HTTP)"
+        "data source '{source_name}': scheme https is not supported (the model poller speaks plain HTTP)"
     )]
     Https {
         /// The source.
         source_name: String,
+    },
+    /// A metrics source's TLS files could not be loaded.
+    #[error("data source '{source_name}': {error}")]
+    Tls {
+        /// The source.
+        source_name: String,
+        /// What is wrong.
+        error: TlsSettingsError,
     },
     /// An engine metric specification does not parse.
     #[error("extractor '{extractor}': {error}")]
@@ -127,15 +135,22 @@ fn collector_settings(
     let DataLayerPlugin::MetricsSource(parameters) = &*source.source.plugin else {
         return Ok(None);
     };
-    if parameters.scheme == Scheme::Https {
-        return Err(DataLayerError::Https { source_name: source.source.name.clone() });
-    }
+    // The files are read here, once, so a bad one stops the server at start.
+    let tls = match parameters.scheme {
+        Scheme::Http => None,
+        Scheme::Https => {
+            Some(ScrapeTls::load(&tls_settings(&parameters.tls)).map_err(|error| {
+                DataLayerError::Tls { source_name: source.source.name.clone(), error }
+            })?)
+        }
+    };
     let engines = EngineSet::from_extractor(extractor)
         .map_err(|error| DataLayerError::Engine { extractor: extractor_name.to_owned(), error })?;
     let config = CollectorConfig {
         metrics_path: parameters.path.clone(),
         scrape_port: parameters.port,
         interval: parameters.interval.unwrap_or(base.interval),
+        tls,
         ..base
     };
     Ok(Some(CollectorSettings {
@@ -143,4 +158,14 @@ fn collector_settings(
         default_engine: engines.default_engine().clone(),
         engines: Some(engines),
     }))
+}
+
+/// The collector's TLS settings from a source's configured ones.
+fn tls_settings(tls: &SourceTls) -> TlsSettings {
+    TlsSettings {
+        insecure_skip_verify: tls.insecure_skip_verify,
+        ca_cert_path: tls.ca_cert_path.as_ref().map(PathBuf::from),
+        client_cert_path: tls.client_cert_path.as_ref().map(PathBuf::from),
+        client_key_path: tls.client_key_path.as_ref().map(PathBuf::from),
+    }
 }

@@ -17,7 +17,9 @@ use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::Engine;
 use scheduler_core::{EndpointId, EndpointPickerConfig, SharedPool};
 use support::tempdir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::PrivatePkcs8KeyDer;
 
 /// A model-server stand-in answering `GET path` with its page for each path it knows, and
 /// 404 for any other.
@@ -27,35 +29,72 @@ async fn model_server(pages: HashMap<&'static str, String>) -> SocketAddr {
     let pages = Arc::new(pages);
     tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let Ok((socket, _)) = listener.accept().await else { return };
+            let pages = Arc::clone(&pages);
+            tokio::spawn(respond(socket, pages));
+        }
+    });
+    address
+}
+
+/// Answers the HTTP/1.1 requests on one connection, plain or TLS, from `pages`.
+async fn respond<S>(mut socket: S, pages: Arc<HashMap<&'static str, String>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0u8; 4096];
+    loop {
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&seen);
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+        let response = match pages.get(path.as_str()) {
+            Some(page) => format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{page}",
+                page.len()
+            ),
+            None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_owned(),
+        };
+        if socket.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A vLLM stand-in serving `page` at `/metrics` over TLS only, with a self-signed certificate
+/// for 127.0.0.1 whose PEM it returns.
+async fn tls_model_server(page: String) -> (SocketAddr, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key.into())
+        .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let pages = Arc::new(HashMap::from([("/metrics", page)]));
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
             let pages = Arc::clone(&pages);
             tokio::spawn(async move {
-                let mut buffer = vec![0u8; 4096];
-                loop {
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match socket.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&seen);
-                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                    let response = match pages.get(path.as_str()) {
-                        Some(page) => format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{page}",
-                            page.len()
-                        ),
-                        None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_owned(),
-                    };
-                    if socket.write_all(response.as_bytes()).await.is_err() {
-                        return;
-                    }
+                if let Ok(stream) = acceptor.accept(socket).await {
+                    respond(stream, pages).await;
                 }
             });
         }
     });
-    address
+    (address, certified.cert.pem())
 }
 
 /// A server whose custom page at `/custom/stats` reports `queue` waiting and `kv` usage, and
@@ -235,18 +274,31 @@ fn without_a_section_the_command_line_stays_in_charge() {
 }
 
 #[test]
-fn https_sources_and_two_discoveries_are_refused_by_name() {
+fn bad_tls_files_and_two_discoveries_are_refused_by_name() {
     let registry = scorers::builtin_registry();
     let layer_of = |yaml: &str| {
         let config = EndpointPickerConfig::from_yaml(yaml).unwrap();
         let plugins = config.construct_plugins(&registry).unwrap();
         config.data_layer(&plugins, &registry).unwrap()
     };
+    // https itself is accepted; an unreadable CA file stops the start, naming the file.
     let https = layer_of(
         "plugins:\n- type: metrics-data-source\n  parameters: {scheme: https}\ndataLayer: {}\n",
     );
-    let error = data_layer::apply(&https, &mut ServerConfig::loopback("p")).unwrap_err();
-    assert_eq!(error, DataLayerError::Https { source_name: "metrics-data-source".into() });
+    let mut config = ServerConfig::loopback("p");
+    data_layer::apply(&https, &mut config).unwrap();
+    let tls = config.collector.as_ref().and_then(|collector| collector.config.tls.as_ref());
+    assert!(tls.unwrap().settings().insecure_skip_verify, "insecureSkipVerify defaults to true");
+    let bad_ca = layer_of(
+        "plugins:\n- type: metrics-data-source\n  parameters: {scheme: https, \
+         insecureSkipVerify: false, caCertPath: /nonexistent/ca.pem}\ndataLayer: {}\n",
+    );
+    let error = data_layer::apply(&bad_ca, &mut ServerConfig::loopback("p")).unwrap_err();
+    assert!(
+        matches!(&error, DataLayerError::Tls { source_name, .. } if source_name == "metrics-data-source")
+    );
+    let message = error.to_string();
+    assert!(message.contains("caCertPath /nonexistent/ca.pem"), "{message}");
 
     let files = layer_of(
         "plugins:\n- type: file-discovery\n  parameters: {path: /e.yaml}\n\
@@ -259,4 +311,71 @@ fn https_sources_and_two_discoveries_are_refused_by_name() {
     let mut config = ServerConfig::loopback("p");
     data_layer::apply(&files, &mut config).unwrap();
     assert!(!config.watch_endpoints_file, "watchFile defaults to false, as in Go");
+}
+
+#[tokio::test]
+async fn an_https_metrics_source_scrapes_a_tls_server_verified_by_its_ca_file() {
+    let (address, cert_pem) = tls_model_server(
+        "vllm:num_requests_waiting 4\nvllm:num_requests_running 3\nvllm:kv_cache_usage_perc 0.5\n"
+            .to_owned(),
+    )
+    .await;
+    let dir = tempdir();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, cert_pem).unwrap();
+    let endpoints = dir.join("pool.yaml");
+    std::fs::write(&endpoints, format!("- {{address: 127.0.0.1, port: {}}}\n", address.port()))
+        .unwrap();
+    let yaml = format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+- name: scrape
+  type: metrics-data-source
+  parameters: {{scheme: https, insecureSkipVerify: false, caCertPath: {}, interval: 20ms}}
+- name: extract
+  type: core-metrics-extractor
+- name: files
+  type: file-discovery
+  parameters: {{path: {}}}
+dataLayer:
+  injectDefaults: false
+  sources:
+  - pluginRef: scrape
+    extractors: [{{pluginRef: extract}}]
+  discovery: {{pluginRef: files}}
+",
+        ca.display(),
+        endpoints.display()
+    );
+    let config = EndpointPickerConfig::from_yaml(&yaml).unwrap();
+    let registry = scorers::builtin_registry();
+    let scheduler = config.build(&registry).unwrap();
+    let plugins = config.construct_plugins(&registry).unwrap();
+    let layer = config.data_layer(&plugins, &registry).unwrap();
+    let mut server_config = ServerConfig {
+        staleness_threshold: Some(Duration::from_secs(2)),
+        ..ServerConfig::loopback("https-pool")
+    };
+    data_layer::apply(&layer, &mut server_config).unwrap();
+
+    let pool = Arc::new(SharedPool::default());
+    let running =
+        server::start(Arc::new(scheduler), Arc::clone(&pool), server_config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics =
+            pool.load().by_id(EndpointId::from_address(address)).map(|state| state.metrics.clone());
+        if let Some(metrics) = metrics
+            && metrics.updated_at.is_some()
+        {
+            assert_eq!((metrics.waiting_queue, metrics.running, metrics.kv_usage), (4, 3, 0.5));
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics never arrived over https");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown(Duration::from_secs(1)).await;
 }

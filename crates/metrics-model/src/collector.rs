@@ -31,8 +31,9 @@
 //!   together, under a lock that is never held across an await.
 //! - **Time** is read from tokio's clock, so tests can pause or advance it.
 //!
-//! The HTTP client is hyper's connection-level HTTP/1 client over plain TCP: no connection
-//! pool, no TLS, no proxy support, which is all a scrape of `http://ip:port/metrics` needs.
+//! The HTTP client is hyper's connection-level HTTP/1 client over plain TCP, or over rustls
+//! when [`CollectorConfig::tls`] is set: no connection pool and no proxy support, which is all
+//! a scrape of `http(s)://ip:port/metrics` needs.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -55,6 +56,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::mapping::{Engine, ExtractError};
+use crate::tls::ScrapeTls;
 
 /// How the collector scrapes. [`Default`] matches the Go EPP.
 #[derive(Clone, Debug)]
@@ -79,6 +81,8 @@ pub struct CollectorConfig {
     pub max_body_bytes: usize,
     /// Least time between two warnings about the same failing endpoint. Default 30 s.
     pub failure_log_interval: Duration,
+    /// Scrape over HTTPS with this client configuration (`None`, the default: plain HTTP).
+    pub tls: Option<ScrapeTls>,
 }
 
 impl Default for CollectorConfig {
@@ -92,6 +96,7 @@ impl Default for CollectorConfig {
             max_concurrent_scrapes: 64,
             max_body_bytes: 16 << 20,
             failure_log_interval: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -413,6 +418,8 @@ impl Target {
 enum ScrapeError {
     #[error("connect: {0}")]
     Connect(#[source] std::io::Error),
+    #[error("tls handshake: {0}")]
+    Tls(#[source] std::io::Error),
     #[error("http: {0}")]
     Http(#[from] hyper::Error),
     #[error("could not build the request: {0}")]
@@ -435,6 +442,7 @@ impl ScrapeError {
     fn kind(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
+            Self::Tls(_) => "tls",
             Self::Http(_) => "http",
             Self::Request(_) => "request",
             Self::Status(_) => "status",
@@ -603,14 +611,14 @@ async fn fetch(
     let reused = connection.is_some();
     let open = match connection {
         Some(open) => open,
-        None => connection.insert(connect(target.address).await?),
+        None => connection.insert(connect(target.address, context.config.tls.as_ref()).await?),
     };
     if let Err(error) = open.sender.ready().await {
         if !reused {
             return Err(error.into());
         }
         // The server closed the kept-alive connection since the last scrape: one fresh try.
-        *open = connect(target.address).await?;
+        *open = connect(target.address, context.config.tls.as_ref()).await?;
         open.sender.ready().await?;
     }
     let request = Request::get(context.path.clone())
@@ -633,17 +641,32 @@ async fn fetch(
     Ok(())
 }
 
-async fn connect(address: SocketAddr) -> Result<Connection, ScrapeError> {
+async fn connect(address: SocketAddr, tls: Option<&ScrapeTls>) -> Result<Connection, ScrapeError> {
     let stream = TcpStream::connect(address).await.map_err(ScrapeError::Connect)?;
     // Small request, latency-sensitive: do not wait to coalesce packets. Failure is harmless.
     let _ = stream.set_nodelay(true);
-    let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(async move {
-        // The connection ends with an error when the server goes away; the next fetch notices
-        // through the closed sender and reconnects.
-        let _ = driver.await;
-    });
+    // The sender's type does not depend on the transport, so both arms yield one connection
+    // type; only the driver task differs.
+    let (sender, driver) = match tls {
+        None => {
+            let (sender, driver) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            (sender, tokio::spawn(drive(driver)))
+        }
+        Some(tls) => {
+            let stream = tls.connect(address, stream).await.map_err(ScrapeError::Tls)?;
+            let (sender, driver) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            (sender, tokio::spawn(drive(driver)))
+        }
+    };
     Ok(Connection { sender, driver })
+}
+
+/// Runs a connection until it ends. It ends with an error when the server goes away; the next
+/// fetch notices through the closed sender and reconnects.
+async fn drive<F: std::future::Future>(driver: F) {
+    let _ = driver.await;
 }
 
 /// Failure bookkeeping of one endpoint, for rate-limited logs.

@@ -50,6 +50,8 @@ pub mod engines;
 pub mod mapping;
 pub mod render;
 pub mod text;
+#[cfg(feature = "collector")]
+pub mod tls;
 
 #[cfg(feature = "collector")]
 pub use collector::{CollectorConfig, CollectorError, MetricsCollector};
@@ -62,3 +64,5 @@ pub use text::{
     Exemplar, Label, Labels, MetricKind, NameFilter, ParseError, ParseErrorKind, Parser, Record,
     Sample, SampleFilter,
 };
+#[cfg(feature = "collector")]
+pub use tls::{ScrapeTls, TlsSettings, TlsSettingsError};
