@@ -48,7 +48,8 @@ mod scheduling;
 pub use config::data_layer;
 pub use config::gates::{GateError, KNOWN_GATES, KnownGate};
 pub use config::registry::{
-    NoParameters, Plugin, PluginError, PluginFactory, PluginRegistry, PluginSpec, RegistryError,
+    BindPlugins, NoParameters, Plugin, PluginError, PluginFactory, PluginRegistry, PluginSpec,
+    RegistryError,
 };
 pub use config::{
     ACCEPTED_API_VERSIONS, CONFIG_KIND, ConfigError, ConstructedPlugin, ConstructedPlugins,

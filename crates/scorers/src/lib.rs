@@ -7,7 +7,8 @@
 //! | `kv-cache-utilization-scorer` (alias `kv-cache-scorer`) | scorer | [`kv_cache`] |
 //! | `lora-affinity-scorer` | scorer | [`lora_affinity`] |
 //! | `active-request-scorer` | scorer + hooks | [`active_request`] |
-//! | `prefix-cache-scorer` | scorer + data producer + hook | [`prefix_cache`] |
+//! | `prefix-cache-scorer` | scorer (+ data producer + hook with an index of its own) | [`prefix_cache`] |
+//! | `approx-prefix-cache-producer` | data producer + hook (the prefix index) | [`prefix_cache::producer`] |
 //! | `load-aware-scorer` | scorer | [`load_aware`] |
 //! | `running-requests-size-scorer` | scorer | [`running_requests`] |
 //! | `token-load-scorer` | scorer | [`token_load`] |
@@ -19,7 +20,7 @@
 //! | `session-affinity-filter` (experimental) | filter | [`session_affinity`] |
 //! | `session-affinity-scorer` (experimental) | scorer | [`session_affinity`] |
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
-//! | `prefix-cache-affinity-filter` | filter (reads `prefix-cache-scorer`'s matches) | [`prefix_affinity`] |
+//! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
@@ -89,7 +90,10 @@ pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use no_hit_lru::{NoHitLruParameters, NoHitLruScorer};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
 pub use prefix_affinity::{PrefixCacheAffinityFilter, PrefixCacheAffinityParameters};
-pub use prefix_cache::{PrefixCacheParameters, PrefixCacheScorer};
+pub use prefix_cache::{
+    ApproxPrefixParameters, PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer,
+    PrefixSource,
+};
 pub use queue::QueueScorer;
 pub use running_requests::RunningRequestsSizeScorer;
 pub use session_affinity::{
@@ -123,12 +127,25 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         })
     });
     registry.register(prefix_cache::TYPE_NAME, |spec| {
-        let scorer = Arc::new(PrefixCacheScorer::new(spec.parameters()?)?);
+        let scorer = Arc::new(PrefixCacheScorer::declared(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             data_producer: Some(scorer.clone()),
             pre_request: Some(scorer.clone()),
-            pool_observer: Some(scorer),
+            pool_observer: Some(scorer.clone()),
+            shared: Some(scorer.source().clone()),
+            binder: Some(scorer),
+            ..Plugin::default()
+        })
+    });
+    registry.register(prefix_cache::PRODUCER_TYPE_NAME, |spec| {
+        let parameters: ApproxPrefixParameters = spec.parameters()?;
+        let producer = Arc::new(PrefixCacheProducer::from_parameters(&parameters)?);
+        Ok(Plugin {
+            data_producer: Some(producer.clone()),
+            pre_request: Some(producer.clone()),
+            pool_observer: Some(producer.clone()),
+            shared: Some(Arc::new(PrefixSource::of_producer(producer))),
             ..Plugin::default()
         })
     });
@@ -188,7 +205,8 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
     });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
-        Ok(Plugin::filter(PrefixCacheAffinityFilter::new(spec.parameters()?)?))
+        let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
+        Ok(Plugin { filter: Some(filter.clone()), binder: Some(filter), ..Plugin::default() })
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))

@@ -7,11 +7,12 @@
 //! below, with probability `explorationProbability` (default 0; drawn from the decision's
 //! seeded random source), or when no candidate is sticky. The filter never empties the set.
 //!
-//! The ratios are the ones `prefix-cache-scorer` computes: as a data producer it matches the
-//! prompt once, before the profiles run, and leaves the result in the decision's
-//! [`CycleState`] ([`crate::prefix_cache`]). Without a `prefix-cache-scorer` in the config no
-//! ratio is produced and the filter keeps everything, as Go's does without
-//! `PrefixCacheMatchInfo`.
+//! The ratios come from a prefix producer ([`crate::prefix_cache`]): the
+//! `approx-prefix-cache-producer` named by `prefixMatchInfoProducerName`, else the one declared
+//! under that default name, else the index of the config's first `prefix-cache-scorer`. The
+//! producer matches the prompt once per decision and leaves the result in the decision's
+//! [`CycleState`]. Without any producer in the config the filter keeps everything, as Go's
+//! does without `PrefixCacheMatchInfo`.
 //!
 //! Go's TTFT load gate (`maxTTFTPenaltyMs`, `ttftSource`, `peakPrefillThroughput`) breaks
 //! stickiness when the best sticky endpoint's TTFT exceeds the best other one's by more than
@@ -20,11 +21,19 @@
 //! which never breaks stickiness. The parameters are accepted and validated as in Go and the
 //! gate behaves as Go's does without its producers: it never opens.
 
+use std::sync::{Arc, OnceLock};
+
 use rand::Rng;
-use scheduler_core::{CycleState, Filter, InferenceRequest, PluginError, PoolSnapshot};
+use scheduler_core::{
+    BindPlugins, ConstructedPlugins, CycleState, Filter, InferenceRequest, PluginError,
+    PoolSnapshot,
+};
 use serde::Deserialize;
 
-use crate::prefix_cache::PrefixMatchInfo;
+use crate::prefix_cache::PrefixSource;
+use crate::prefix_cache::producer::{
+    PRODUCER_TYPE_NAME, declared_source, every_source, named_producer,
+};
 
 /// llm-d type name.
 pub const TYPE_NAME: &str = "prefix-cache-affinity-filter";
@@ -51,7 +60,7 @@ pub struct PrefixCacheAffinityParameters {
     /// Peak prefill throughput in tokens a second, at least 0 (default 15928).
     #[serde(default)]
     pub peak_prefill_throughput: Option<f64>,
-    /// Producer of the prefix match info (one producer here: accepted, unused).
+    /// The `approx-prefix-cache-producer` whose matches the filter reads.
     #[serde(default)]
     pub prefix_match_info_producer_name: Option<String>,
     /// Producer of the latency prediction (accepted, unused).
@@ -63,10 +72,13 @@ pub struct PrefixCacheAffinityParameters {
 }
 
 /// Keeps the sticky endpoints when there are any.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct PrefixCacheAffinityFilter {
     affinity_threshold: f64,
     exploration_probability: f64,
+    producer_name: Option<String>,
+    /// Where the matches come from, found when the config is bound.
+    source: OnceLock<Arc<PrefixSource>>,
 }
 
 impl PrefixCacheAffinityFilter {
@@ -108,7 +120,33 @@ impl PrefixCacheAffinityFilter {
                 ));
             }
         }
-        Ok(Self { affinity_threshold, exploration_probability })
+        let producer_name = parameters.prefix_match_info_producer_name.filter(|n| !n.is_empty());
+        Ok(Self {
+            affinity_threshold,
+            exploration_probability,
+            producer_name,
+            source: OnceLock::new(),
+        })
+    }
+
+    /// A filter reading `source`'s matches (for schedulers assembled in code).
+    pub fn with_source(mut self, source: Arc<PrefixSource>) -> Self {
+        self.source = OnceLock::from(source);
+        self
+    }
+}
+
+impl BindPlugins for PrefixCacheAffinityFilter {
+    fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
+        let found = match &self.producer_name {
+            Some(name) => Some(named_producer(plugins, name)?),
+            None => declared_source(plugins, PRODUCER_TYPE_NAME)
+                .or_else(|| every_source(plugins).next()),
+        };
+        if let Some(source) = found {
+            let _ = self.source.set(source);
+        }
+        Ok(())
     }
 }
 
@@ -116,8 +154,8 @@ impl Filter for PrefixCacheAffinityFilter {
     fn filter(
         &self,
         state: &mut CycleState,
-        _request: &InferenceRequest,
-        _pool: &PoolSnapshot,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
         candidates: &mut Vec<u32>,
     ) {
         if candidates.len() <= 1 || self.affinity_threshold <= 0.0 {
@@ -130,9 +168,11 @@ impl Filter for PrefixCacheAffinityFilter {
         {
             return;
         }
-        let decision = state.decision_stamp();
-        let info = state.scratch::<PrefixMatchInfo>();
-        let sticky = |index: u32| info.ratio(decision, index) >= self.affinity_threshold;
+        let Some(producer) = self.source.get().and_then(|source| source.producer()) else {
+            return;
+        };
+        let Some(info) = producer.matches(state, request, pool) else { return };
+        let sticky = |index: u32| info.ratio(index) >= self.affinity_threshold;
         if candidates.iter().any(|&index| sticky(index)) {
             candidates.retain(|&index| sticky(index));
         }

@@ -4,7 +4,9 @@
 mod common;
 
 use common::pool;
-use scheduler_core::{EndpointPickerConfig, InferenceRequest, ScheduleOptions, Scheduler};
+use scheduler_core::{
+    EndpointPickerConfig, InferenceRequest, PreRequest, ScheduleOptions, Scheduler,
+};
 use scorers::builtin_registry;
 
 fn scheduler() -> Scheduler {
@@ -112,9 +114,9 @@ fn endpoints_that_leave_the_pool_are_forgotten_by_the_writer() {
         pool.remove(first);
     });
     let second = scheduler.schedule(&request, &shared.load()).unwrap().primary().id();
-    scorer.flush_records();
+    scorer.flush();
     assert_ne!(second, first);
-    let mut indexed = scorer.index().endpoint_keys();
+    let mut indexed = scorer.producer().unwrap().index().endpoint_keys();
     indexed.sort();
     let mut expected = vec![first, second];
     expected.sort();
@@ -126,9 +128,13 @@ fn endpoints_that_leave_the_pool_are_forgotten_by_the_writer() {
     shared.update(|pool| {
         pool.remove(second);
     });
-    assert!(scorer.index().endpoint_keys().is_empty(), "{:?}", scorer.index().endpoint_keys());
-    assert!(scorer.index().blocks_of(first).is_empty());
-    assert!(scorer.index().blocks_of(second).is_empty());
+    assert!(
+        scorer.producer().unwrap().index().endpoint_keys().is_empty(),
+        "{:?}",
+        scorer.producer().unwrap().index().endpoint_keys()
+    );
+    assert!(scorer.producer().unwrap().index().blocks_of(first).is_empty());
+    assert!(scorer.producer().unwrap().index().blocks_of(second).is_empty());
 }
 
 #[test]
@@ -178,15 +184,15 @@ fn a_pick_is_recorded_off_the_decision_path_and_seen_after_a_flush() {
     let turn = InferenceRequest::new("m", "aaaabbbbccccdddd");
     let first = scheduler.schedule(&turn, &pool).unwrap().primary().id();
     scheduler.flush();
-    assert_eq!(scorer.index().blocks_of(first).len(), 4);
+    assert_eq!(scorer.producer().unwrap().index().blocks_of(first).len(), 4);
     // The next turn extends the conversation: it goes where the first turn's blocks are.
     let next = InferenceRequest::new("m", "aaaabbbbccccddddeeeeffff");
     for _ in 0..5 {
         assert_eq!(scheduler.schedule(&next, &pool).unwrap().primary().id(), first);
         scheduler.flush();
     }
-    assert_eq!(scorer.index().blocks_of(first).len(), 6);
-    let writer = scorer.writer();
+    assert_eq!(scorer.producer().unwrap().index().blocks_of(first).len(), 6);
+    let writer = scorer.producer().unwrap().writer();
     assert_eq!(writer.applied() + writer.coalesced(), 6);
-    assert_eq!(scorer.dropped_records(), 0);
+    assert_eq!(scorer.dropped_deferred(), 0);
 }

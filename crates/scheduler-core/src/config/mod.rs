@@ -647,6 +647,16 @@ impl EndpointPickerConfig {
                 plugin,
             });
         }
+        for (index, declared) in constructed.iter().enumerate() {
+            if let Some(binder) = &declared.plugin.binder {
+                binder.bind(&constructed).map_err(|source| ConfigError::Plugin {
+                    index,
+                    name: declared.name.clone(),
+                    type_name: declared.type_name.clone(),
+                    source: source.into(),
+                })?;
+            }
+        }
         Ok(constructed)
     }
 

@@ -6,6 +6,7 @@
 //! `utilization-detector` and `concurrency-detector`, and the data-layer plugins); other crates (and users) add theirs with
 //! [`PluginRegistry::register`].
 
+use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -98,6 +99,20 @@ pub struct Plugin {
     pub flow_policy: Option<FlowPolicy>,
     /// As a data-layer source, extractor or discovery (named from `dataLayer`).
     pub data_layer: Option<Arc<DataLayerPlugin>>,
+    /// State this plugin offers to the plugins that bind to it (downcast by its reader): how
+    /// `prefix-cache-scorer` finds the index of an `approx-prefix-cache-producer`.
+    pub shared: Option<Arc<dyn Any + Send + Sync>>,
+    /// Binds this plugin to others once every declared plugin is constructed.
+    pub binder: Option<Arc<dyn BindPlugins>>,
+}
+
+/// A plugin that reads state another plugin of the same config offers
+/// ([`Plugin::shared`]). Go's plugins find such producers through the data keys they consume;
+/// here the config calls [`Self::bind`] once every declared plugin exists, so the order of
+/// the declarations does not matter.
+pub trait BindPlugins: Send + Sync {
+    /// Finds what this plugin reads among `plugins`, or says which reference is broken.
+    fn bind(&self, plugins: &crate::config::ConstructedPlugins) -> Result<(), PluginError>;
 }
 
 impl fmt::Debug for Plugin {
@@ -116,6 +131,8 @@ impl fmt::Debug for Plugin {
             .field("request_parser", &self.request_parser)
             .field("flow_policy", &self.flow_policy)
             .field("data_layer", &self.data_layer)
+            .field("shared", &self.shared.is_some())
+            .field("binder", &self.binder.is_some())
             .finish()
     }
 }

@@ -13,162 +13,180 @@
 //! leave the pool are forgotten when the pool's writer publishes the change (the scorer is a
 //! [`PoolObserver`]), so memory is bounded by the live pool, not by every endpoint ever seen.
 //!
-//! The prompt is hashed and matched once per decision, by the scorer acting as a
-//! [`DataProducer`] before the profiles run; hashes and matches live in the decision's
-//! [`CycleState`], where the scorer, the hook and `prefix-cache-affinity-filter` read them.
+//! The index, the hashing and the recording belong to a [`PrefixCacheProducer`]. llm-d
+//! declares it as a plugin of its own (`approx-prefix-cache-producer`, [`producer`]), named by
+//! the scorer's `prefixMatchInfoProducerName`; a bare scorer uses the producer declared under
+//! the default name `approx-prefix-cache-producer` when there is one. Otherwise (GIE's
+//! configs, or any index parameter given to the scorer) the scorer builds a producer of its
+//! own from its parameters and plays its roles: data producer before the profiles, pre-request
+//! hook and pool observer.
 //!
-//! The record is not made on the decision's path: the hook queues the hashes on the scorer's
-//! [`RecordWriter`], whose thread applies them a moment later (batched, a repeated prompt
-//! recorded once). The next turn of a conversation, arriving milliseconds later, finds its
-//! blocks; a decision never waits for the writer, and when the writer falls behind a record
-//! is dropped and counted ([`PrefixCacheScorer::dropped_records`]) rather than queued without
-//! bound. [`Scheduler::flush`](scheduler_core::Scheduler::flush) waits for the queued records.
+//! The prompt is hashed and matched once per decision per producer; hashes and matches live in
+//! the decision's [`CycleState`], where the scorer, the hook and
+//! `prefix-cache-affinity-filter` read them. The record is not made on the decision's path:
+//! the hook queues the hashes on the producer's [`RecordWriter`](prefix_cache::RecordWriter),
+//! whose thread applies them a moment later (batched, a repeated prompt recorded once). A
+//! decision never waits for the writer; when it falls behind a record is dropped and counted
+//! rather than queued without bound.
+//! [`Scheduler::flush`](scheduler_core::Scheduler::flush) waits for the queued records.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use prefix_cache::{
-    BlockHasher, BlockHasherConfig, IndexConfig, LookupScratch, PrefixIndex, RecordWriter,
-    WriterConfig,
-};
 use scheduler_core::{
-    Candidates, CycleState, DataProducer, EndpointId, InferenceRequest, PluginError, PoolObserver,
-    PoolSnapshot, PreRequest, SchedulingResult, Scorer,
+    BindPlugins, Candidates, ConstructedPlugins, CycleState, DataProducer, InferenceRequest,
+    PluginError, PoolObserver, PoolSnapshot, PreRequest, SchedulingResult, Scorer,
 };
 
 mod matches;
 mod parameters;
+pub mod producer;
 
-pub(crate) use matches::PrefixMatchInfo;
 pub use parameters::PrefixCacheParameters;
 use parameters::Resolved;
+pub use producer::{
+    ApproxPrefixParameters, PRODUCER_TYPE_NAME, PrefixCacheProducer, PrefixSource, ProducerSettings,
+};
 
 /// GIE type name.
 pub const TYPE_NAME: &str = "prefix-cache-scorer";
 
-/// The prefix scorer's per-decision scratch, kept in the decision's [`CycleState`]: the
-/// prompt's block hashes (computed once, read again by the pre-request hook) and the
-/// lookup's buffers, reused from one decision to the next.
-#[derive(Debug, Default)]
-struct PrefixScratch {
-    /// The decision and block configuration the hashes were computed for.
-    hashed_for: Option<(u64, BlockHasherConfig)>,
-    hashes: Vec<u64>,
-    /// The index lookup's buffers.
-    lookup: LookupScratch,
-    /// Matched leading blocks by endpoint.
-    matches: Vec<(EndpointId, usize)>,
+/// How a scorer finds its producer when the config is bound.
+#[derive(Debug)]
+enum Binding {
+    /// Built with its own producer.
+    Own,
+    /// `prefixMatchInfoProducerName`: that declared producer, or an error.
+    Named(String),
+    /// The producer declared under the default name, else one of its own with `Resolved`.
+    DefaultOr(Resolved),
 }
 
 /// Scores by cached prefix length and records picks.
 #[derive(Debug)]
 pub struct PrefixCacheScorer {
-    hasher: BlockHasher,
-    index: Arc<PrefixIndex<EndpointId>>,
-    /// Applies the picks' records off the decision path; its thread ends with the scorer.
-    writer: RecordWriter<EndpointId>,
+    source: Arc<PrefixSource>,
+    binding: Binding,
+    /// Whether the producer is the scorer's own, whose roles the scorer then plays.
+    owns_producer: AtomicBool,
     /// `(matchLengthWeight, matchLengthScaleTokens in characters)`; weight 0 scores by ratio.
     match_length: (f64, f64),
 }
 
 impl PrefixCacheScorer {
-    /// A scorer configured by GIE's parameters.
+    /// A scorer with a producer of its own, configured by GIE's parameters.
     pub fn new(parameters: PrefixCacheParameters) -> Result<Self, PluginError> {
-        let Resolved { block_size, max_blocks, capacity, match_length } = parameters.resolve()?;
-        let index = Arc::new(PrefixIndex::new(IndexConfig {
-            capacity_per_endpoint: capacity,
-            ..IndexConfig::default()
-        }));
-        Ok(Self {
-            hasher: BlockHasher::new(BlockHasherConfig { block_size, max_blocks }),
+        let resolved = parameters.resolve()?;
+        let scorer = Self::unbound(Binding::Own, resolved.match_length);
+        scorer.own(resolved);
+        Ok(scorer)
+    }
+
+    /// A scorer reading `producer`'s matches; `producer` records the picks itself, as a
+    /// pre-request hook of the scheduler.
+    pub fn with_producer(
+        producer: Arc<PrefixCacheProducer>,
+        parameters: PrefixCacheParameters,
+    ) -> Result<Self, PluginError> {
+        let resolved = parameters.resolve()?;
+        let scorer = Self::unbound(Binding::Own, resolved.match_length);
+        scorer.source.set(producer);
+        Ok(scorer)
+    }
+
+    /// A scorer as a config declares it: bound to its producer by [`BindPlugins::bind`].
+    pub fn declared(parameters: PrefixCacheParameters) -> Result<Self, PluginError> {
+        let resolved = parameters.resolve()?;
+        let sets_index = parameters.sets_index();
+        let named = parameters.prefix_match_info_producer_name.filter(|name| !name.is_empty());
+        let scorer = match named {
+            Some(name) if sets_index => {
+                return Err(PluginError::InvalidParameters(format!(
+                    "the index parameters belong to the producer '{name}' named by \
+                     prefixMatchInfoProducerName, not to the scorer"
+                )));
+            }
+            Some(name) => Self::unbound(Binding::Named(name), resolved.match_length),
+            None if sets_index => {
+                let scorer = Self::unbound(Binding::Own, resolved.match_length);
+                scorer.own(resolved);
+                scorer
+            }
+            None => Self::unbound(Binding::DefaultOr(resolved), resolved.match_length),
+        };
+        Ok(scorer)
+    }
+
+    fn unbound(binding: Binding, match_length: (f64, f64)) -> Self {
+        Self {
+            source: Arc::new(PrefixSource::default()),
+            binding,
+            owns_producer: AtomicBool::new(false),
             match_length,
-            writer: RecordWriter::new(Arc::clone(&index), WriterConfig::default()),
-            index,
-        })
+        }
     }
 
-    /// The block index (for inspection and for other components sharing it).
-    pub fn index(&self) -> &Arc<PrefixIndex<EndpointId>> {
-        &self.index
+    fn own(&self, resolved: Resolved) {
+        let producer = PrefixCacheProducer::new(ProducerSettings {
+            block_size: resolved.block_size,
+            max_blocks: resolved.max_blocks,
+            capacity: resolved.capacity,
+        });
+        if self.source.set(Arc::new(producer)) {
+            self.owns_producer.store(true, Ordering::Release);
+        }
     }
 
-    /// Waits until the records of every decision made so far are in the index.
-    pub fn flush_records(&self) {
-        self.writer.flush();
+    /// The producer whose matches the scorer reads (none before a declared scorer is bound).
+    pub fn producer(&self) -> Option<&Arc<PrefixCacheProducer>> {
+        self.source.producer()
     }
 
-    /// Records dropped because the writer had fallen behind (a counter for the server's
-    /// metrics: each one is a pick whose prompt later requests will not find).
-    pub fn dropped_records(&self) -> u64 {
-        self.writer.dropped()
+    /// What the scorer offers `prefix-cache-affinity-filter` ([`scheduler_core::Plugin::shared`]).
+    pub fn source(&self) -> &Arc<PrefixSource> {
+        &self.source
     }
 
-    /// The writer applying the picks' records (counters: applied, coalesced, dropped).
-    pub fn writer(&self) -> &RecordWriter<EndpointId> {
-        &self.writer
+    /// The producer when it is the scorer's own, so that its hooks run once.
+    fn own_producer(&self) -> Option<&Arc<PrefixCacheProducer>> {
+        if self.owns_producer.load(Ordering::Acquire) { self.producer() } else { None }
     }
 
     /// llm-d's score: `w * min(1, matched length / scale)^2 + (1 - w) * matched / total`,
     /// lengths in characters here where llm-d counts tokens (the same ratio).
-    fn blend(&self, matched: usize, total: f64) -> f64 {
+    fn blend(&self, matched: usize, total: f64, block_size: usize) -> f64 {
         let ratio = matched as f64 / total;
         let (weight, scale) = self.match_length;
         if weight <= 0.0 {
             return ratio;
         }
-        let length = (matched as f64 * self.hasher.config().block_size as f64 / scale).min(1.0);
+        let length = (matched as f64 * block_size as f64 / scale).min(1.0);
         weight * length * length + (1.0 - weight) * ratio
     }
+}
 
-    /// Fills the decision's [`PrefixMatchInfo`] unless already filled for this decision and
-    /// block configuration.
-    fn match_prompt(
-        &self,
-        state: &mut CycleState,
-        request: &InferenceRequest,
-        pool: &PoolSnapshot,
-    ) {
-        let key = (state.decision_stamp(), self.hasher.config());
-        if state.scratch::<PrefixMatchInfo>().produced_for == Some(key) {
-            return;
-        }
-        // Taken out and put back (buffers and all) so that the prompt scratch can be borrowed
-        // from the same state meanwhile.
-        let mut info = std::mem::take(state.scratch::<PrefixMatchInfo>());
-        let PrefixScratch { hashes, lookup, matches, .. } = self.hashed_prompt(state, request);
-        info.total_blocks = hashes.len();
-        info.matched_blocks.clear();
-        info.matched_blocks.resize(pool.len(), 0);
-        if !hashes.is_empty() {
-            self.index.longest_prefix_matches(hashes, lookup, matches);
-            for &(endpoint, blocks) in matches.iter() {
-                let slot =
-                    pool.index_of(endpoint).and_then(|i| info.matched_blocks.get_mut(i as usize));
-                if let Some(slot) = slot {
-                    *slot = blocks;
+impl BindPlugins for PrefixCacheScorer {
+    fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
+        match &self.binding {
+            Binding::Own => {}
+            Binding::Named(name) => {
+                let named = producer::named_producer(plugins, name)?;
+                if let Some(found) = named.producer() {
+                    self.source.set(Arc::clone(found));
+                }
+            }
+            Binding::DefaultOr(resolved) => {
+                match producer::declared_source(plugins, PRODUCER_TYPE_NAME)
+                    .and_then(|source| source.producer().cloned())
+                {
+                    Some(found) => {
+                        self.source.set(found);
+                    }
+                    None => self.own(*resolved),
                 }
             }
         }
-        info.produced_for = Some(key);
-        *state.scratch::<PrefixMatchInfo>() = info;
-    }
-
-    /// The decision's scratch, with the prompt's block hashes computed for this decision.
-    fn hashed_prompt<'s>(
-        &self,
-        state: &'s mut CycleState,
-        request: &InferenceRequest,
-    ) -> &'s mut PrefixScratch {
-        let key = (state.decision_stamp(), self.hasher.config());
-        let scratch = state.scratch::<PrefixScratch>();
-        if scratch.hashed_for != Some(key) {
-            self.hasher.hash_prompt(
-                &request.target_model,
-                request.prompt.as_bytes(),
-                &mut scratch.hashes,
-            );
-            scratch.hashed_for = Some(key);
-        }
-        scratch
+        Ok(())
     }
 }
 
@@ -217,16 +235,17 @@ impl PrefixCacheScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        self.match_prompt(state, request, candidates.pool());
-        let info = state.scratch::<PrefixMatchInfo>();
+        let Some(producer) = self.producer() else { return };
+        let block_size = producer.block_size();
+        let Some(info) = producer.matches(state, request, candidates.pool()) else { return };
         if info.total_blocks == 0 {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
         }
         let total = info.total_blocks as f64;
         for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
-            let matched = info.matched_blocks.get(index as usize).copied().unwrap_or(0);
+            let matched = info.matched(index);
             if matched > 0 {
-                *score = self.blend(matched, total);
+                *score = self.blend(matched, total, block_size);
             }
         }
     }
@@ -234,7 +253,9 @@ impl PrefixCacheScorer {
 
 impl DataProducer for PrefixCacheScorer {
     fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
-        self.match_prompt(state, request, pool);
+        if let Some(producer) = self.own_producer() {
+            producer.produce(state, request, pool);
+        }
     }
 }
 
@@ -245,32 +266,26 @@ impl PreRequest for PrefixCacheScorer {
         request: &InferenceRequest,
         result: &SchedulingResult,
     ) {
-        let endpoint = result.primary().id();
-        let hashes = &self.hashed_prompt(state, request).hashes;
-        // Queued, not applied: a full queue drops the record (counted) rather than waiting.
-        self.writer.submit(endpoint, hashes);
+        if let Some(producer) = self.own_producer() {
+            producer.pre_request(state, request, result);
+        }
     }
 
     fn flush(&self) {
-        self.writer.flush();
+        if let Some(producer) = self.own_producer() {
+            producer.flush();
+        }
     }
 
     fn dropped_deferred(&self) -> u64 {
-        self.writer.dropped()
+        self.own_producer().map_or(0, |producer| producer.dropped_deferred())
     }
 }
 
-/// Forgets the endpoints that left the pool, so that the index's memory follows the pool
-/// rather than every endpoint ever seen (pods come and go). Runs on the thread that published
-/// the change. The whole index is reconciled with the pool, not just the departed endpoints:
-/// a decision taken on an older snapshot may have recorded a departed endpoint again, and
-/// such an endpoint goes at the next change.
 impl PoolObserver for PrefixCacheScorer {
     fn membership_changed(&self, pool: &PoolSnapshot) {
-        for id in self.index.endpoint_keys() {
-            if pool.index_of(id).is_none() {
-                self.index.remove_endpoint(id);
-            }
+        if let Some(producer) = self.own_producer() {
+            producer.membership_changed(pool);
         }
     }
 }

@@ -28,9 +28,13 @@ use serde::Deserialize;
 const DEFAULT_MATCH_LENGTH_SCALE_TOKENS: usize = 8192;
 
 /// Parameters, with every name GIE and llm-d versions used.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PrefixCacheParameters {
+    /// The `approx-prefix-cache-producer` whose matches the scorer reads (llm-d); without it
+    /// the one declared under that default name, else an index of the scorer's own.
+    #[serde(default)]
+    pub prefix_match_info_producer_name: Option<String>,
     /// Block size in characters (GIE v1.1-v1.3).
     #[serde(default)]
     pub block_size: Option<usize>,
@@ -100,6 +104,16 @@ impl PrefixCacheParameters {
             chosen = Some(size);
         }
         Ok(chosen.unwrap_or(prefix_cache::hash::DEFAULT_BLOCK_SIZE))
+    }
+
+    /// Whether any parameter of the index itself (block size, caps, capacity) is given.
+    pub(super) fn sets_index(&self) -> bool {
+        self.block_size.is_some()
+            || self.hash_block_size.is_some()
+            || self.block_size_tokens.is_some()
+            || self.max_prefix_blocks_to_match.is_some()
+            || self.max_prefix_tokens_to_match.is_some()
+            || self.lru_capacity_per_server.is_some()
     }
 
     /// The scorer's settings, or the first parameter out of range.
