@@ -14,8 +14,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use ext_proc_adapter::{Director, DirectorOptions, Exchange};
 use scheduler_core::{
-    Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest, PoolSnapshot,
-    SharedPool, flow::ObjectiveResolver, protocol,
+    ApiKind, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState, InferenceRequest,
+    PoolSnapshot, SharedPool, flow::ObjectiveResolver, protocol,
 };
 use scorers::ActiveRequestScorer;
 
@@ -23,6 +23,15 @@ use crate::input::{PATHS, Reader};
 
 /// Target `request_body`: the first byte picks the `:path`, the rest is the body.
 pub fn request_body(data: &[u8]) {
+    // The same bytes as a vLLM gRPC message: read or refused, never a panic.
+    let grpc = if data.first().is_some_and(|byte| byte & 1 == 1) {
+        ApiKind::VllmGrpcEmbed
+    } else {
+        ApiKind::VllmGrpcGenerate
+    };
+    if let Ok(request) = InferenceRequest::from_body(Some(grpc), [], data) {
+        assert!(request.model.is_empty(), "vLLM's gRPC messages name no model");
+    }
     let mut input = Reader { data };
     let path = PATHS[usize::from(input.byte()) % PATHS.len()];
     if let Ok(request) = InferenceRequest::from_openai(path, [], input.data) {

@@ -70,15 +70,25 @@ fn director(text: &str) -> Result<Director, String> {
         .map_err(|error| error.to_string())
 }
 
-async fn route_one(director: Director) -> Decision {
+/// A vLLM gRPC `GenerateRequest` with the text prompt "Hello", framed.
+const GRPC_GENERATE: &[u8] = b"\x00\x00\x00\x00\x07\x1a\x05Hello";
+
+/// Routes one chat completion, or a vLLM gRPC generate request where the config's parsers
+/// claim only gRPC.
+async fn route_one(director: Director, grpc: bool) -> Decision {
     let config = ServerConfig { staleness_threshold: None, ..ServerConfig::loopback("corpus") };
     let running = server::start_with_director(Arc::new(director), config).await.unwrap();
     let mut client =
         ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
     let mut stream = ProxyStream::open(&mut client).await.unwrap();
-    let body = br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Hello"}]}"#;
+    let chat = br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Hello"}]}"#;
+    let (path, body) = if grpc {
+        ("/vllm.grpc.engine.VllmEngine/Generate", GRPC_GENERATE)
+    } else {
+        ("/v1/chat/completions", &chat[..])
+    };
     let request = ProxyRequest {
-        headers: vec![(":path", "/v1/chat/completions"), (":method", "POST")],
+        headers: vec![(":path", path), (":method", "POST")],
         body,
         chunk_bytes: 0,
         subset: None,
@@ -91,6 +101,16 @@ async fn route_one(director: Director) -> Decision {
     drop(stream);
     running.shutdown(std::time::Duration::from_secs(1)).await;
     decision
+}
+
+/// Whether the config's parser list is vLLM's gRPC parser alone.
+fn grpc_only(text: &str) -> bool {
+    let config = EndpointPickerConfig::from_yaml(text).unwrap();
+    let registry = scorers::builtin_registry();
+    let plugins = config.construct_plugins(&registry).unwrap();
+    let table = config.parser_table(&plugins).unwrap();
+    table.resolve("/v1/chat/completions").is_none()
+        && table.resolve("/vllm.grpc.engine.VllmEngine/Generate").is_some()
 }
 
 #[tokio::test]
@@ -114,7 +134,7 @@ async fn every_collected_config_loads_and_routes_unless_pending() {
             continue;
         }
         match (loaded, pending) {
-            (Ok(director), None) => match route_one(director).await {
+            (Ok(director), None) => match route_one(director, grpc_only(&text)).await {
                 Decision::Routed { destination, .. }
                     if destination.starts_with("127.0.0.1:800") => {}
                 other => failures.push(format!("{name}: not routed: {other:?}")),

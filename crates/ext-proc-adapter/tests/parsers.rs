@@ -186,3 +186,80 @@ schedulingProfiles:
     assert_eq!(pinned, "127.0.0.1:8002");
     assert_eq!(written, [("x-session-token".to_owned(), busy)]);
 }
+
+/// A gRPC message framing a vLLM `GenerateRequest`: field 2 a `TokenizedInput` of `tokens`
+/// (field 2, packed), or field 3 `text`; field 5 `stream`.
+fn grpc_generate(text: Option<&str>, tokens: &[u8], stream: bool) -> Vec<u8> {
+    let mut message = Vec::new();
+    match text {
+        Some(text) => {
+            message.extend_from_slice(&[0x1a, text.len() as u8]);
+            message.extend_from_slice(text.as_bytes());
+        }
+        None => {
+            // Token ids below 128 are one varint byte each.
+            let packed_len = tokens.len() as u8;
+            message.extend_from_slice(&[0x12, packed_len + 2, 0x12, packed_len]);
+            message.extend_from_slice(tokens);
+        }
+    }
+    if stream {
+        message.extend_from_slice(&[0x28, 0x01]);
+    }
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    body
+}
+
+#[tokio::test]
+async fn the_vllm_grpc_parser_reads_generate_requests() {
+    let (_running, mut client) = start(
+        "plugins:
+- type: prefix-cache-scorer
+  parameters: {blockSize: 4}
+- type: max-score-picker
+- name: grpc
+  type: vllmgrpc-parser
+requestHandler:
+  parsers:
+  - pluginRef: grpc
+",
+    )
+    .await;
+    const GENERATE: &str = "/vllm.grpc.engine.VllmEngine/Generate";
+    let text = grpc_generate(Some("tell me a story about the sea"), &[], true);
+    let decision = send(&mut client, GENERATE, &text).await;
+    routed_to(&decision);
+    if let Decision::Routed { body, .. } = &decision {
+        assert_eq!(body, &text, "the gRPC body goes on untouched");
+    }
+
+    // The token ids are read: once recorded, the same tokens follow their first endpoint
+    // though the picker would otherwise break the tie at random.
+    let tokens = grpc_generate(None, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], false);
+    let first = routed_to(&send(&mut client, GENERATE, &tokens).await).to_owned();
+    // The pick is recorded by the prefix index's writer thread, off the decision's path.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        assert_eq!(routed_to(&send(&mut client, GENERATE, &tokens).await), first);
+    }
+
+    let mut compressed = text.clone();
+    compressed[0] = 1;
+    for (body, expected) in [
+        (&compressed[..], "compressed gRPC messages are not supported"),
+        (&text[..text.len() - 2], "announces"),
+    ] {
+        let Decision::Immediate { status, body, .. } = send(&mut client, GENERATE, body).await
+        else {
+            panic!("expected a refusal");
+        };
+        assert_eq!(status, 400);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains(expected), "{body}");
+    }
+    // Other methods of the service are not claimed.
+    let decision = send(&mut client, "/vllm.grpc.engine.VllmEngine/HealthCheck", &[0; 5]).await;
+    assert!(matches!(decision, Decision::Immediate { status: 400, .. }), "{decision:?}");
+}

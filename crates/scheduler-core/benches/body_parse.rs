@@ -6,7 +6,8 @@
 //! - `tokens_8k`: a prompt of 8,192 token ids;
 //! - `token_batches_8k`: the same ids as 1,024 batches of 8 (`[[..],[..]]`);
 //! - `anthropic_16k`: the chat conversation as an Anthropic Messages body (`system` apart);
-//! - `generate_8k`: vLLM's `/inference/v1/generate` with 8,192 `token_ids`.
+//! - `generate_8k`: vLLM's `/inference/v1/generate` with 8,192 `token_ids`;
+//! - `grpc_generate_8k`: vLLM's gRPC `Generate` with the same 8,192 token ids (protobuf).
 //!
 //! `parser_resolve` is the cost of choosing the parser by path (llm-d-router's default list,
 //! longest claimed suffix), paid once per request before the body is read.
@@ -18,7 +19,7 @@ mod bodies;
 
 use bodies::{chat_body, prose};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use scheduler_core::{ParsedBody, ParserTable};
+use scheduler_core::{ApiKind, ParsedBody, ParserTable};
 use serde_json::json;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -71,6 +72,33 @@ fn anthropic_body(bytes: usize) -> Vec<u8> {
     serde_json::to_vec(&chat).unwrap()
 }
 
+fn varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// A framed gRPC `GenerateRequest` whose `tokenized.input_ids` are `tokens`, streamed.
+fn grpc_generate(tokens: &[u64]) -> Vec<u8> {
+    let mut packed = Vec::new();
+    for &token in tokens {
+        varint(token, &mut packed);
+    }
+    let mut tokenized = vec![0x12];
+    varint(packed.len() as u64, &mut tokenized);
+    tokenized.extend_from_slice(&packed);
+    let mut message = vec![0x12];
+    varint(tokenized.len() as u64, &mut message);
+    message.extend_from_slice(&tokenized);
+    message.extend_from_slice(&[0x28, 0x01]);
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    body
+}
+
 fn resolve(c: &mut Criterion) {
     let parsers = ParserTable::default();
     let mut group = c.benchmark_group("parser_resolve");
@@ -92,6 +120,14 @@ fn parse(c: &mut Criterion) {
             b.iter(|| ParsedBody::parse(Some(path), black_box(body)))
         });
     }
+    let body = grpc_generate(&token_ids(8_192));
+    let grpc = Some(ApiKind::VllmGrpcGenerate);
+    let parsed = ParsedBody::parse_as(grpc, &body).expect("grpc_generate_8k must parse");
+    assert_eq!(parsed.prompt.split(' ').filter(|token| !token.is_empty()).count(), 8_192);
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_with_input(BenchmarkId::from_parameter("grpc_generate_8k"), &body, |b, body| {
+        b.iter(|| ParsedBody::parse_as(grpc, black_box(body)))
+    });
     group.finish();
 }
 

@@ -334,10 +334,26 @@ mod tests {
     fn unknown_types_list_the_known_ones() {
         let registry = PluginRegistry::new();
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, core-metrics-extractor, edf-ordering-policy, endpoint-notification-source, fcfs-ordering-policy, file-discovery, global-strict-fairness-policy, metrics-data-source, models-data-extractor, models-data-source, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
-        );
+        let text = error.to_string();
+        let known = text
+            .strip_prefix("unknown plugin type 'magic-scorer' (known types: ")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{text}"));
+        let known: Vec<&str> = known.split(", ").collect();
+        let mut sorted = known.clone();
+        sorted.sort_unstable();
+        assert_eq!(known, sorted, "listed in order");
+        for expected in [
+            "anthropic-parser",
+            "concurrency-detector",
+            "metrics-data-source",
+            "single-profile-handler",
+            "static-usage-limit-policy",
+            "vllmgrpc-parser",
+        ] {
+            assert!(known.contains(&expected), "{expected} in {known:?}");
+        }
+        assert_eq!(known.len(), registry.known_types().count());
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub enum ApiKind {
     VllmGenerate,
     /// A body not interpreted at all (the passthrough parser): no model, no prompt.
     Unparsed,
+    /// vLLM's gRPC `VllmEngine/Generate`: a protobuf `GenerateRequest` (text or token ids).
+    VllmGrpcGenerate,
+    /// vLLM's gRPC `VllmEngine/Embed`: a protobuf `EmbedRequest` (token ids).
+    VllmGrpcEmbed,
 }
 
 impl ApiKind {
@@ -103,6 +107,12 @@ pub enum BodyError {
         line: usize,
         /// 1-based column of the error.
         column: usize,
+    },
+    /// The body is not one well-formed, uncompressed gRPC message of the API's type.
+    #[error("request body is not a valid gRPC message: {message}")]
+    InvalidGrpc {
+        /// What was wrong.
+        message: String,
     },
     /// The body has no `model` field, or it is empty.
     #[error("request body has no \"model\" field")]
@@ -143,6 +153,9 @@ impl ParsedBody {
         if api == Some(ApiKind::Unparsed) {
             let api = ApiKind::Unparsed;
             return Ok(Self { model: String::new(), prompt: String::new(), api, stream: false });
+        }
+        if let Some(api @ (ApiKind::VllmGrpcGenerate | ApiKind::VllmGrpcEmbed)) = api {
+            return crate::request::grpc_body::parse(api, body);
         }
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(BodyError::Empty);
@@ -234,7 +247,9 @@ impl PromptField {
             ApiKind::ChatCompletions | ApiKind::AnthropicMessages => Self::Messages,
             ApiKind::Responses | ApiKind::Embeddings | ApiKind::Unparsed => Self::Input,
             ApiKind::Conversations => Self::Items,
-            ApiKind::VllmGenerate => Self::TokenIds,
+            ApiKind::VllmGenerate | ApiKind::VllmGrpcGenerate | ApiKind::VllmGrpcEmbed => {
+                Self::TokenIds
+            }
         }
     }
 

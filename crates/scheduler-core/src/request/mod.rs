@@ -1,6 +1,7 @@
 //! The inference request as the scheduler sees it.
 
 pub(crate) mod body;
+mod grpc_body;
 pub mod model_field;
 pub(crate) mod parser;
 

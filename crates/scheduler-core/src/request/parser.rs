@@ -38,6 +38,9 @@ pub enum RequestParser {
     /// `passthrough-parser`: claims no path; the body is not read, and the request is
     /// scheduled on load and headers alone.
     Passthrough,
+    /// `vllmgrpc-parser`: vLLM's gRPC engine API (`Generate` and `Embed`, HTTP/2 cleartext).
+    /// Not in the default list, as in llm-d-router.
+    VllmGrpc,
 }
 
 /// Path suffixes each parser claims, with the API a body sent there is read as.
@@ -56,10 +59,19 @@ const ANTHROPIC_CLAIMS: &[(&str, ApiKind)] = &[
     ("v1/messages/count_tokens", ApiKind::AnthropicMessages),
 ];
 const VLLM_HTTP_CLAIMS: &[(&str, ApiKind)] = &[("inference/v1/generate", ApiKind::VllmGenerate)];
+const VLLM_GRPC_CLAIMS: &[(&str, ApiKind)] = &[
+    ("vllm.grpc.engine.VllmEngine/Generate", ApiKind::VllmGrpcGenerate),
+    ("vllm.grpc.engine.VllmEngine/Embed", ApiKind::VllmGrpcEmbed),
+];
 
 impl RequestParser {
-    /// Every parser, in the order of llm-d-router's default list.
-    pub const ALL: [Self; 4] = [Self::OpenAi, Self::Anthropic, Self::VllmHttp, Self::Passthrough];
+    /// llm-d-router's default list, in its order.
+    pub const DEFAULTS: [Self; 4] =
+        [Self::OpenAi, Self::Anthropic, Self::VllmHttp, Self::Passthrough];
+
+    /// Every parser type.
+    pub const ALL: [Self; 5] =
+        [Self::OpenAi, Self::Anthropic, Self::VllmHttp, Self::Passthrough, Self::VllmGrpc];
 
     /// The plugin type name.
     pub const fn type_name(self) -> &'static str {
@@ -68,6 +80,7 @@ impl RequestParser {
             Self::Anthropic => "anthropic-parser",
             Self::VllmHttp => "vllmhttp-parser",
             Self::Passthrough => "passthrough-parser",
+            Self::VllmGrpc => "vllmgrpc-parser",
         }
     }
 
@@ -83,6 +96,7 @@ impl RequestParser {
             Self::Anthropic => ANTHROPIC_CLAIMS,
             Self::VllmHttp => VLLM_HTTP_CLAIMS,
             Self::Passthrough => &[],
+            Self::VllmGrpc => VLLM_GRPC_CLAIMS,
         }
     }
 }
@@ -106,7 +120,7 @@ impl Default for ParserTable {
     /// llm-d-router's defaults: OpenAI, Anthropic and vLLM HTTP, then passthrough for
     /// anything else.
     fn default() -> Self {
-        Self::new(RequestParser::ALL)
+        Self::new(RequestParser::DEFAULTS)
     }
 }
 
@@ -232,6 +246,7 @@ mod tests {
         for parser in RequestParser::ALL {
             assert_eq!(RequestParser::from_type_name(parser.type_name()), Some(parser));
         }
-        assert_eq!(RequestParser::from_type_name("vllmgrpc-parser"), None);
+        assert_eq!(RequestParser::from_type_name("vllmgrpc-parser"), Some(RequestParser::VllmGrpc));
+        assert_eq!(RequestParser::from_type_name("vllmgrpc"), None);
     }
 }
