@@ -154,9 +154,15 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         tracing::warn!("dataLayer is configured: the metric-name flags are ignored");
     }
     let pool = Arc::new(SharedPool::default());
-    let director =
-        Director::from_config(&config, &registry, pool, server_config.director.clone(), objectives)
-            .map_err(|error| format!("invalid config: {error}"))?;
+    let director = Director::from_constructed(
+        &config,
+        &plugins,
+        &registry,
+        pool,
+        server_config.director.clone(),
+        objectives,
+    )
+    .map_err(|error| format!("invalid config: {error}"))?;
     let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;

@@ -3,22 +3,20 @@
 //! unchanged by the real server, which then routes a request.
 //!
 //! A file may say `# Pending: <why>` in its header when it needs a plugin not built yet (with
-//! the issue that builds it, when there is one); it must then be refused with an error that
-//! names the unknown plugin or key, and the marker goes once the plugin lands. A file the Go
+//! the issue that builds it, when there is one); it must then be refused as naming an unknown
+//! plugin type that the marker names too, and the marker goes once the plugin lands. A file the Go
 //! loader refuses too (a typo in a guide) says `# Expect-error: <text>`, and the error must
 //! contain that text.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use ext_proc_adapter::server::{self, ServerConfig};
 use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
-use scheduler_core::{
-    Director, DirectorOptions, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
-    PoolSnapshot, SharedPool,
-};
+use scheduler_core::{Director, DirectorOptions, EndpointPickerConfig, PoolSnapshot, SharedPool};
+use support::{fresh_endpoint, serve};
 
 fn corpus() -> Vec<PathBuf> {
     let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/configs");
@@ -55,15 +53,8 @@ fn header(text: &str) -> Header<'_> {
 
 fn director(text: &str) -> Result<Director, String> {
     let config = EndpointPickerConfig::from_yaml(text).map_err(|error| error.to_string())?;
-    let endpoint = |port: u16| {
-        EndpointState::new(Endpoint::new(([127, 0, 0, 1], port).into())).with_metrics(
-            EndpointMetrics {
-                updated_at: Some(std::time::Instant::now()),
-                ..EndpointMetrics::default()
-            },
-        )
-    };
-    let pool = Arc::new(SharedPool::new(PoolSnapshot::new([8001, 8002, 8003].map(endpoint))));
+    let ports = [8001, 8002, 8003];
+    let pool = Arc::new(SharedPool::new(PoolSnapshot::new(ports.map(|p| fresh_endpoint(p, 0)))));
     let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
     let registry = scorers::builtin_registry();
     Director::from_config(&config, &registry, pool, DirectorOptions::default(), objectives)
@@ -76,10 +67,7 @@ const GRPC_GENERATE: &[u8] = b"\x00\x00\x00\x00\x07\x1a\x05Hello";
 /// Routes one chat completion, or a vLLM gRPC generate request where the config's parsers
 /// claim only gRPC.
 async fn route_one(director: Director, grpc: bool) -> Decision {
-    let config = ServerConfig { staleness_threshold: None, ..ServerConfig::loopback("corpus") };
-    let running = server::start_with_director(Arc::new(director), config).await.unwrap();
-    let mut client =
-        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    let (running, mut client) = serve(director).await;
     let mut stream = ProxyStream::open(&mut client).await.unwrap();
     let chat = br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Hello"}]}"#;
     let (path, body) = if grpc {
@@ -101,6 +89,12 @@ async fn route_one(director: Director, grpc: bool) -> Decision {
     drop(stream);
     running.shutdown(std::time::Duration::from_secs(1)).await;
     decision
+}
+
+/// The plugin type an error says is unknown.
+fn unknown_type(error: &str) -> Option<&str> {
+    let (_, rest) = error.split_once("unknown plugin type '")?;
+    rest.split_once('\'').map(|(type_name, _)| type_name)
 }
 
 /// Whether the config's parser list is vLLM's gRPC parser alone.
@@ -143,12 +137,14 @@ async fn every_collected_config_loads_and_routes_unless_pending() {
             (Ok(_), Some(reason)) => {
                 failures.push(format!("{name}: loads now; drop its Pending marker ({reason})"))
             }
-            (Err(error), Some(_)) => {
-                if !error.contains("unknown") {
-                    failures
-                        .push(format!("{name}: pending, but refused for another reason: {error}"));
-                }
-            }
+            (Err(error), Some(reason)) => match unknown_type(&error) {
+                Some(missing) if reason.contains(missing) => {}
+                Some(missing) => failures.push(format!(
+                    "{name}: pending ({reason}), but refused for '{missing}', which the marker does not name"
+                )),
+                None => failures
+                    .push(format!("{name}: pending, but refused for another reason: {error}")),
+            },
         }
     }
     assert!(

@@ -2,31 +2,26 @@
 //! (OpenAI, Anthropic, vLLM HTTP, then passthrough), and an explicit `requestHandler.parsers`
 //! that refuses what it does not claim.
 
+mod support;
+
 use std::sync::Arc;
 
 use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use ext_proc_adapter::server::{self, RunningServer, ServerConfig};
+use ext_proc_adapter::server::RunningServer;
 use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
 use scheduler_core::{
-    Director, DirectorOptions, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
-    PoolSnapshot, SharedPool,
+    Director, DirectorOptions, EndpointPickerConfig, EndpointState, PoolSnapshot, SharedPool,
 };
+use support::{fresh_endpoint, serve};
 use tonic::transport::Channel;
 
 /// A server for `config` over two endpoints; the first is busy, so load alone decides.
 async fn start(config: &str) -> (RunningServer, ExternalProcessorClient<Channel>) {
-    let endpoint = |port: u16, waiting_queue: u32| {
-        EndpointState::new(Endpoint::new(([127, 0, 0, 1], port).into())).with_metrics(
-            EndpointMetrics {
-                waiting_queue,
-                updated_at: Some(std::time::Instant::now()),
-                ..EndpointMetrics::default()
-            },
-        )
-    };
-    let pool =
-        Arc::new(SharedPool::new(PoolSnapshot::new([endpoint(8001, 50), endpoint(8002, 0)])));
+    let pool = Arc::new(SharedPool::new(PoolSnapshot::new([
+        fresh_endpoint(8001, 50),
+        fresh_endpoint(8002, 0),
+    ])));
     let config = EndpointPickerConfig::from_yaml(config).unwrap();
     let director = Director::from_config(
         &config,
@@ -36,12 +31,7 @@ async fn start(config: &str) -> (RunningServer, ExternalProcessorClient<Channel>
         ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap(),
     )
     .unwrap();
-    let server_config =
-        ServerConfig { staleness_threshold: None, ..ServerConfig::loopback("pool") };
-    let running = server::start_with_director(Arc::new(director), server_config).await.unwrap();
-    let client =
-        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
-    (running, client)
+    serve(director).await
 }
 
 async fn send(client: &mut ExternalProcessorClient<Channel>, path: &str, body: &[u8]) -> Decision {
@@ -136,12 +126,8 @@ schedulingProfiles:
     )
     .unwrap();
     let endpoint = |port: u16, name: &str, waiting_queue: u32| {
-        EndpointState::new(Endpoint::new(([127, 0, 0, 1], port).into()).with_name(name))
-            .with_metrics(EndpointMetrics {
-                waiting_queue,
-                updated_at: Some(std::time::Instant::now()),
-                ..EndpointMetrics::default()
-            })
+        let state = fresh_endpoint(port, waiting_queue);
+        EndpointState { endpoint: state.endpoint.with_name(name), ..state }
     };
     let pool = Arc::new(SharedPool::new(PoolSnapshot::new([
         endpoint(8001, "default/vllm-0", 0),
@@ -153,11 +139,7 @@ schedulingProfiles:
     let director =
         Director::from_config(&config, &registry, pool, DirectorOptions::default(), objectives)
             .unwrap();
-    let server_config =
-        ServerConfig { staleness_threshold: None, ..ServerConfig::loopback("pool") };
-    let running = server::start_with_director(Arc::new(director), server_config).await.unwrap();
-    let client =
-        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    let (_running, client) = serve(director).await;
 
     let body = br#"{"model":"m","prompt":"hello"}"#;
     let session = |token: Option<String>| {

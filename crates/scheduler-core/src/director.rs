@@ -11,7 +11,7 @@ use std::time::Instant;
 use arc_swap::ArcSwapOption;
 
 use crate::config::registry::PluginRegistry;
-use crate::config::{ConfigError, EndpointPickerConfig};
+use crate::config::{ConfigError, ConstructedPlugins, EndpointPickerConfig};
 use crate::flow::{self, Admission, FlowConfigError, ObjectiveResolver, ReleaseOnComplete};
 use crate::pool::SharedPool;
 use crate::request::InferenceRequest;
@@ -246,13 +246,28 @@ impl Director {
         config: &EndpointPickerConfig,
         registry: &PluginRegistry,
         pool: Arc<SharedPool>,
-        mut options: DirectorOptions,
+        options: DirectorOptions,
         objectives: ObjectiveResolver,
     ) -> Result<Self, DirectorBuildError> {
         let plugins = config.construct_plugins(registry)?;
-        let mut scheduler = config.build_with(&plugins, registry)?;
-        options.parsers = config.parser_table(&plugins)?;
-        let flow = Admission::from_config(config, &plugins, objectives)?;
+        Self::from_constructed(config, &plugins, registry, pool, options, objectives)
+    }
+
+    /// [`Self::from_config`] with the plugins already constructed from `config` (by
+    /// [`EndpointPickerConfig::construct_plugins`]), for a caller that also reads them (the
+    /// server configures its data layer from them): each plugin is then one instance, with
+    /// one index and one writer thread where it keeps them.
+    pub fn from_constructed(
+        config: &EndpointPickerConfig,
+        plugins: &ConstructedPlugins,
+        registry: &PluginRegistry,
+        pool: Arc<SharedPool>,
+        mut options: DirectorOptions,
+        objectives: ObjectiveResolver,
+    ) -> Result<Self, DirectorBuildError> {
+        let mut scheduler = config.build_with(plugins, registry)?;
+        options.parsers = config.parser_table(plugins)?;
+        let flow = Admission::from_config(config, plugins, objectives)?;
         if let Some(controller) = flow.controller() {
             let clock: flow::Clock = Arc::new(Instant::now);
             scheduler = scheduler.with_response_complete(Arc::new(ReleaseOnComplete::new(
