@@ -262,3 +262,52 @@ plugins:
     assert!(!Arc::ptr_eq(&producer, &own));
     assert_eq!(own.block_size(), 64);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LINKED: &str = "
+plugins:
+- type: approx-prefix-cache-producer
+  parameters: {maxPrefixTokensToMatch: 512}
+- type: prefix-cache-scorer
+  parameters: {matchLengthWeight: 0.5, matchLengthScaleTokens: 128}
+- type: prefix-cache-affinity-filter
+  parameters: {affinityThreshold: 0.3}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-affinity-filter
+  - pluginRef: prefix-cache-scorer
+  - pluginRef: max-score-picker
+";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Over any sequence of prompts sharing prefixes, the linked scorer's scores stay in
+        /// [0, 1] and the pick is one of the pool's endpoints.
+        #[test]
+        fn linked_scores_stay_in_the_unit_interval(
+            endpoints in 1usize..8,
+            prompts in proptest::collection::vec((0usize..3, 0usize..6), 1..12),
+        ) {
+            let built = build(LINKED).unwrap();
+            let pool = pool(&vec![(0, 0.0); endpoints]);
+            let options = ScheduleOptions { explain: true, ..Default::default() };
+            for (prefix, blocks) in prompts {
+                let text = format!("{}{}", prompt(prefix + 1, 'p'), prompt(blocks, 's'));
+                let request = InferenceRequest::new("m", text.as_str());
+                let result = built.scheduler.schedule_with(&request, &pool, options).unwrap();
+                built.scheduler.flush();
+                prop_assert!(pool.index_of(result.primary().id()).is_some());
+                for (_, _, scores) in &result.explanation().unwrap()[0].scorers {
+                    prop_assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)), "{scores:?}");
+                }
+            }
+        }
+    }
+}
