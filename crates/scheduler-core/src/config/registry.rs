@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::admitter::{
+    Admitter, PROBABILISTIC_ADMITTER_TYPE, ProbabilisticAdmitter, ProbabilisticAdmitterParameters,
+};
 use crate::config::data_layer::DataLayerPlugin;
 use crate::flow::policy::register_policies;
 use crate::flow::{
@@ -98,6 +101,8 @@ pub struct Plugin {
     pub flow_policy: Option<FlowPolicy>,
     /// As a data-layer source, extractor or discovery (named from `dataLayer`).
     pub data_layer: Option<Arc<DataLayerPlugin>>,
+    /// As an admission plugin, consulted after flow control and before scheduling.
+    pub admitter: Option<Arc<dyn Admitter>>,
 }
 
 impl fmt::Debug for Plugin {
@@ -116,6 +121,7 @@ impl fmt::Debug for Plugin {
             .field("request_parser", &self.request_parser)
             .field("flow_policy", &self.flow_policy)
             .field("data_layer", &self.data_layer)
+            .field("admitter", &self.admitter.is_some())
             .finish()
     }
 }
@@ -210,8 +216,10 @@ impl PluginRegistry {
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
     /// `passthrough-parser`), the flow-control policies
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
-    /// `edf-ordering-policy` and `static-usage-limit-policy` (parameters: `threshold`), and
-    /// the data-layer plugins (see [`data_layer`](crate::data_layer)).
+    /// `edf-ordering-policy`, `static-usage-limit-policy` (parameters: `threshold`),
+    /// `program-aware-fairness` and the experimental `soft-reflective-ceiling-policy`, the
+    /// admission plugin `probabilistic-admitter` (see [`crate::admitter`]), and the
+    /// data-layer plugins (see [`data_layer`](crate::data_layer)).
     pub fn new() -> Self {
         let mut registry = Self {
             factories: BTreeMap::new(),
@@ -244,6 +252,11 @@ impl PluginRegistry {
         });
         register_policies(&mut registry);
         crate::config::data_layer::plugins::register(&mut registry);
+        registry.register(PROBABILISTIC_ADMITTER_TYPE, |spec| {
+            let parameters: ProbabilisticAdmitterParameters = spec.parameters()?;
+            let admitter = ProbabilisticAdmitter::new(&parameters)?;
+            Ok(Plugin { admitter: Some(Arc::new(admitter)), ..Plugin::default() })
+        });
         registry
     }
 
@@ -319,7 +332,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, core-metrics-extractor, edf-ordering-policy, endpoint-notification-source, fcfs-ordering-policy, file-discovery, global-strict-fairness-policy, metrics-data-source, models-data-extractor, models-data-source, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
+            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, core-metrics-extractor, edf-ordering-policy, endpoint-notification-source, fcfs-ordering-policy, file-discovery, global-strict-fairness-policy, metrics-data-source, models-data-extractor, models-data-source, openai-parser, passthrough-parser, probabilistic-admitter, program-aware-fairness, round-robin-fairness-policy, single-profile-handler, soft-reflective-ceiling-policy, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
         );
     }
 
