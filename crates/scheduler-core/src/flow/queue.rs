@@ -759,4 +759,45 @@ mod tests {
         let b = state.bands[band].by_id["b"];
         assert_eq!(order, [b, a, b, a], "one turn each, in ring order");
     }
+
+    proptest::proptest! {
+        /// Program-aware fairness only ever takes from flows with live requests: every pop
+        /// yields a queued request until the band is empty, none is lost or served twice, and
+        /// each flow's requests leave in arrival order.
+        #[test]
+        fn program_aware_pops_drain_exactly_the_live_requests(
+            ops in proptest::collection::vec((0u8..4, proptest::bool::ANY), 1..60),
+        ) {
+            let fairness = Arc::new(ProgramAwareFairness::default());
+            let mut state = QueueState::default();
+            let band = state.band_index(0, || BandConfig {
+                fairness: FairnessPolicy::ProgramAware(Arc::clone(&fairness)),
+                ..BandConfig::default()
+            });
+            let now = Instant::now();
+            let mut live: Vec<(SlotKey, u8, usize)> = Vec::new();
+            for (step, (flow, cancel)) in ops.into_iter().enumerate() {
+                let id = format!("p{flow}");
+                let at = now + Duration::from_millis(step as u64);
+                let slot = state.push(band, &id, 1, None, at, cell()).expect("slot");
+                live.push((slot, flow, step));
+                if cancel && live.len() > 1 {
+                    let (victim, _, _) = live.remove(0);
+                    proptest::prop_assert!(state.remove(victim).is_some());
+                }
+            }
+            let end = now + Duration::from_secs(1);
+            let mut last_seen: std::collections::HashMap<usize, Instant> = Default::default();
+            let mut popped = 0;
+            while let Some(entry) = state.pop_band(band, end) {
+                popped += 1;
+                if let Some(previous) = last_seen.insert(entry.flow, entry.enqueued_at) {
+                    proptest::prop_assert!(previous <= entry.enqueued_at, "FCFS within a flow");
+                }
+            }
+            proptest::prop_assert_eq!(popped, live.len());
+            proptest::prop_assert_eq!(state.queued, 0);
+            proptest::prop_assert_eq!(state.bands[band].active_flows, 0);
+        }
+    }
 }
