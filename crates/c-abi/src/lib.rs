@@ -716,7 +716,7 @@ fn rejected(rejection: Rejection) -> Error {
         }
         Rejection::TooLarge { .. } => EppStatus::BodyTooLarge,
         Rejection::NoEndpoint(_) => EppStatus::NoEndpoint,
-        Rejection::NotAdmitted(_) => EppStatus::NotAdmitted,
+        Rejection::NotAdmitted(_) | Rejection::AdmissionDenied(_) => EppStatus::NotAdmitted,
     };
     Error::new(status, rejection.to_string()).with_http_status(rejection.status())
 }

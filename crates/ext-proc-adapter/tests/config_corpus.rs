@@ -6,7 +6,9 @@
 //! the issue that builds it, when there is one); it must then be refused as naming an unknown
 //! plugin type that the marker names too, and the marker goes once the plugin lands. A file the Go
 //! loader refuses too (a typo in a guide) says `# Expect-error: <text>`, and the error must
-//! contain that text.
+//! contain that text. A file that needs plugins llm-d-router ranks alpha says
+//! `# Experimental: <why>`: it must be refused as experimental by default, and is loaded with
+//! experimental plugins allowed (as the Go EPP runs it, with `--allow-experimental-plugins`).
 
 mod support;
 
@@ -35,6 +37,7 @@ struct Header<'a> {
     source: Option<&'a str>,
     pending: Option<&'a str>,
     expected_error: Option<&'a str>,
+    experimental: bool,
 }
 
 fn header(text: &str) -> Header<'_> {
@@ -46,17 +49,20 @@ fn header(text: &str) -> Header<'_> {
             header.pending = Some(value);
         } else if let Some(value) = line.strip_prefix("# Expect-error: ") {
             header.expected_error = value.split(" (").next();
+        } else if line.starts_with("# Experimental: ") {
+            header.experimental = true;
         }
     }
     header
 }
 
-fn director(text: &str) -> Result<Director, String> {
+fn director(text: &str, allow_experimental: bool) -> Result<Director, String> {
     let config = EndpointPickerConfig::from_yaml(text).map_err(|error| error.to_string())?;
     let ports = [8001, 8002, 8003];
     let pool = Arc::new(SharedPool::new(PoolSnapshot::new(ports.map(|p| fresh_endpoint(p, 0)))));
     let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
-    let registry = scorers::builtin_registry();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(allow_experimental);
     Director::from_config(&config, &registry, pool, DirectorOptions::default(), objectives)
         .map_err(|error| error.to_string())
 }
@@ -100,7 +106,8 @@ fn unknown_type(error: &str) -> Option<&str> {
 /// Whether the config's parser list is vLLM's gRPC parser alone.
 fn grpc_only(text: &str) -> bool {
     let config = EndpointPickerConfig::from_yaml(text).unwrap();
-    let registry = scorers::builtin_registry();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
     let plugins = config.construct_plugins(&registry).unwrap();
     let table = config.parser_table(&plugins).unwrap();
     table.resolve("/v1/chat/completions").is_none()
@@ -115,9 +122,18 @@ async fn every_collected_config_loads_and_routes_unless_pending() {
     for path in &files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(path).unwrap();
-        let Header { source, pending, expected_error } = header(&text);
+        let Header { source, pending, expected_error, experimental } = header(&text);
         assert!(source.is_some_and(|url| url.contains("/blob/")), "{name}: no # Source: header");
-        let loaded = director(&text);
+        if experimental {
+            match director(&text, false) {
+                Err(error) if error.contains("is experimental") => {}
+                other => failures.push(format!(
+                    "{name}: marked Experimental but not refused as such by default: {:?}",
+                    other.err()
+                )),
+            }
+        }
+        let loaded = director(&text, experimental);
         if let Some(expected) = expected_error {
             match loaded {
                 Err(error) if error.contains(expected) => {}

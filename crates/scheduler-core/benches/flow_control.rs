@@ -35,7 +35,7 @@ fn queued_then_dispatched(c: &mut Criterion) {
     for fairness in [FairnessPolicy::RoundRobin, FairnessPolicy::GlobalStrict] {
         for flows in FLOW_COUNTS {
             let config = FlowControlConfig {
-                default_band: BandConfig { fairness, ..BandConfig::default() },
+                default_band: BandConfig { fairness: fairness.clone(), ..BandConfig::default() },
                 ..FlowControlConfig::default()
             };
             let permits = Arc::new(PermitDetector::new(0));

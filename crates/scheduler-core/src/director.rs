@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 
+use crate::admitter::{AdmissionDenied, Admitter};
 use crate::config::registry::PluginRegistry;
 use crate::config::{ConfigError, ConstructedPlugins, EndpointPickerConfig};
 use crate::flow::{self, Admission, FlowConfigError, ObjectiveResolver, ReleaseOnComplete};
@@ -67,6 +68,9 @@ pub enum Rejection {
         /// The model the body named (cut to [`MAX_REPORTED_MODEL_BYTES`]).
         model: String,
     },
+    /// An admission plugin (such as `probabilistic-admitter`) refused the request.
+    #[error(transparent)]
+    AdmissionDenied(#[from] AdmissionDenied),
 }
 
 /// Longest model name repeated back in an error (the name comes from the client).
@@ -81,6 +85,8 @@ impl Rejection {
             Self::NoEndpoint(_) => 503,
             Self::NotAdmitted(rejection) => rejection.http_status(),
             Self::UnknownModel { .. } => 404,
+            // The Go EPP reports an admission plugin's denial as an internal error.
+            Self::AdmissionDenied(_) => 500,
         }
     }
 
@@ -94,6 +100,8 @@ impl Rejection {
             | Self::NoParser { .. }
             | Self::TooLarge { .. }
             | Self::UnknownModel { .. } => None,
+            // The Go EPP sets no dropped-reason header on an admission plugin's denial.
+            Self::AdmissionDenied(_) => None,
             Self::NoEndpoint(_) => Some("rejected-no-endpoints"),
             Self::NotAdmitted(flow::NotAdmitted::Shed { .. })
             | Self::NotAdmitted(flow::NotAdmitted::QueueFull { .. }) => Some("rejected-saturated"),
@@ -121,6 +129,7 @@ impl Rejection {
             Self::NotAdmitted(flow::NotAdmitted::NoEndpoints { .. }) => "no_endpoint_timeout",
             Self::NotAdmitted(flow::NotAdmitted::Cancelled { .. }) => "request_cancelled",
             Self::UnknownModel { .. } => "model_not_found",
+            Self::AdmissionDenied(_) => "admission_denied",
         }
     }
 }
@@ -218,6 +227,8 @@ pub struct Director {
     rewrites: ArcSwapOption<ModelRewrites>,
     /// Counter behind the random draws of [`Self::route_without_body`].
     bodiless_draws: AtomicU64,
+    /// Admission plugins, consulted in order after flow control and before scheduling.
+    admitters: Vec<Arc<dyn Admitter>>,
 }
 
 impl Director {
@@ -232,7 +243,14 @@ impl Director {
             flow: None,
             rewrites: ArcSwapOption::empty(),
             bodiless_draws: AtomicU64::new(0),
+            admitters: Vec::new(),
         }
+    }
+
+    /// Adds an admission plugin, consulted after those added before it.
+    pub fn with_admitter(mut self, admitter: Arc<dyn Admitter>) -> Self {
+        self.admitters.push(admitter);
+        self
     }
 
     /// A director for a whole `EndpointPickerConfig`: its scheduler and its request parsers
@@ -241,7 +259,8 @@ impl Director {
     /// `flowControl` gate is on) with priorities from `objectives`. The plugins are constructed
     /// once for both, so a detector that counts requests in its own hooks (the concurrency
     /// detector) is the instance the scheduler informs. With queues, a completion hook that
-    /// releases queued requests is registered after the plugins' hooks.
+    /// releases queued requests is registered after the plugins' hooks. Every plugin playing
+    /// the admitter role is consulted, in declaration order.
     pub fn from_config(
         config: &EndpointPickerConfig,
         registry: &PluginRegistry,
@@ -276,8 +295,10 @@ impl Director {
                 clock,
             )));
         }
+        let admitters =
+            plugins.iter().filter_map(|declared| declared.plugin.admitter.clone()).collect();
         let director = Self::new(Arc::new(scheduler), pool, options);
-        Ok(Self { flow: Some(Arc::new(flow)), ..director })
+        Ok(Self { flow: Some(Arc::new(flow)), admitters, ..director })
     }
 
     /// Routes requests through `rewrites` from now on (`None`: no rewriting). Requests in
@@ -427,6 +448,17 @@ impl Director {
         }
 
         let pool = self.pool.load();
+        if !self.admitters.is_empty() {
+            let subset = request.endpoint_subset.as_deref();
+            let candidates: Vec<&crate::EndpointState> = pool
+                .endpoints()
+                .iter()
+                .filter(|state| subset.is_none_or(|s| s.contains(&state.endpoint.address)))
+                .collect();
+            for admitter in &self.admitters {
+                admitter.admit(&request, &candidates)?;
+            }
+        }
         let mut result = self.scheduler.schedule(&request, &pool)?;
         let primary = result.primary().endpoint.address;
         let fallbacks = result.fallbacks().map(|fallback| fallback.endpoint.address).collect();

@@ -35,6 +35,7 @@
 // hooks, over the `pool` snapshot) -> `director` (the whole path, for adapters); `config`
 // builds the scheduling side from an EndpointPickerConfig. Everything is re-exported here
 // once; `flow`, `protocol` and `hash` are namespaces of their own.
+pub mod admitter;
 mod config;
 mod director;
 pub mod flow;

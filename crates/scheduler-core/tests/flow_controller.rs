@@ -345,6 +345,7 @@ fn release_on_complete_dispatches_with_the_injected_clock() {
         prompt_tokens: None,
         completion_tokens: None,
         outcome: Outcome::Completed,
+        fairness_id: None,
     });
     assert_eq!(
         ticket.try_outcome().map(|outcome| outcome.map(|a| a.waited)),

@@ -93,7 +93,7 @@ fn the_new_keys_parse_with_their_defaults() {
     assert_eq!(defaults.band_for(-3).max_requests, Some(100), "no negative template: default");
     assert_eq!(defaults.no_endpoint_request_ttl, None);
     assert!(!defaults.enable_eviction);
-    assert_eq!(defaults.usage_limit.threshold(), 1.0);
+    assert_eq!(defaults.usage_limit.as_static().map(|l| l.threshold()), Some(1.0));
 }
 
 const POLICY_PLUGINS: &str = "plugins:
@@ -118,7 +118,11 @@ fn references_resolve_to_declared_plugins_and_to_bare_type_names() {
     let plugins = config.construct_plugins(&registry()).expect("plugins construct");
     let mut flow = config.flow_control.clone().expect("a section");
     resolve_policies(&mut flow, &plugins).expect("references resolve");
-    assert_eq!(flow.usage_limit.threshold(), 0.5, "the declared plugin's parameters");
+    assert_eq!(
+        flow.usage_limit.as_static().map(|l| l.threshold()),
+        Some(0.5),
+        "the declared plugin's parameters"
+    );
     assert_eq!(flow.default_band.fairness, FairnessPolicy::RoundRobin);
     assert_eq!(flow.band_for(-4).ordering, OrderingPolicy::Edf);
     assert_eq!(flow.band_for(-4).fairness, FairnessPolicy::GlobalStrict, "the default");

@@ -328,7 +328,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<RunReport, TestCaseErr
                     prop_assert!(pair[0].dispatch_seq() < pair[1].dispatch_seq());
                 }
             }
-            FairnessPolicy::GlobalStrict => {}
+            FairnessPolicy::GlobalStrict | FairnessPolicy::ProgramAware(_) => {}
         }
         // Ordering: of two requests queued together (in one flow, or in the band under
         // global-strict), the one dispatched first has the better key: arrival for FCFS,

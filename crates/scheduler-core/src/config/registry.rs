@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::admitter::{
+    Admitter, PROBABILISTIC_ADMITTER_TYPE, ProbabilisticAdmitter, ProbabilisticAdmitterParameters,
+};
 use crate::config::data_layer::DataLayerPlugin;
 use crate::flow::policy::register_policies;
 use crate::flow::{
@@ -99,6 +102,8 @@ pub struct Plugin {
     pub flow_policy: Option<FlowPolicy>,
     /// As a data-layer source, extractor or discovery (named from `dataLayer`).
     pub data_layer: Option<Arc<DataLayerPlugin>>,
+    /// As an admission plugin, consulted after flow control and before scheduling.
+    pub admitter: Option<Arc<dyn Admitter>>,
     /// State this plugin offers to the plugins that bind to it (downcast by its reader): how
     /// `prefix-cache-scorer` finds the index of an `approx-prefix-cache-producer`.
     pub shared: Option<Arc<dyn Any + Send + Sync>>,
@@ -131,6 +136,7 @@ impl fmt::Debug for Plugin {
             .field("request_parser", &self.request_parser)
             .field("flow_policy", &self.flow_policy)
             .field("data_layer", &self.data_layer)
+            .field("admitter", &self.admitter.is_some())
             .field("shared", &self.shared.is_some())
             .field("binder", &self.binder.is_some())
             .finish()
@@ -227,8 +233,10 @@ impl PluginRegistry {
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
     /// `passthrough-parser`), the flow-control policies
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
-    /// `edf-ordering-policy` and `static-usage-limit-policy` (parameters: `threshold`), and
-    /// the data-layer plugins (see [`data_layer`](crate::data_layer)).
+    /// `edf-ordering-policy`, `static-usage-limit-policy` (parameters: `threshold`),
+    /// `program-aware-fairness` and the experimental `soft-reflective-ceiling-policy`, the
+    /// admission plugin `probabilistic-admitter` (see [`crate::admitter`]), and the
+    /// data-layer plugins (see [`data_layer`](crate::data_layer)).
     pub fn new() -> Self {
         let mut registry = Self {
             factories: BTreeMap::new(),
@@ -261,6 +269,11 @@ impl PluginRegistry {
         });
         register_policies(&mut registry);
         crate::config::data_layer::plugins::register(&mut registry);
+        registry.register(PROBABILISTIC_ADMITTER_TYPE, |spec| {
+            let parameters: ProbabilisticAdmitterParameters = spec.parameters()?;
+            let admitter = ProbabilisticAdmitter::new(&parameters)?;
+            Ok(Plugin { admitter: Some(Arc::new(admitter)), ..Plugin::default() })
+        });
         registry
     }
 
@@ -349,6 +362,8 @@ mod tests {
             "metrics-data-source",
             "single-profile-handler",
             "static-usage-limit-policy",
+            "probabilistic-admitter",
+            "program-aware-fairness",
             "vllmgrpc-parser",
         ] {
             assert!(known.contains(&expected), "{expected} in {known:?}");

@@ -166,6 +166,7 @@ mod tests {
             prompt_tokens: None,
             completion_tokens: None,
             outcome: Outcome::Completed,
+            fairness_id: None,
         });
         assert_eq!(detector.in_flight(b.id), 1);
         assert!(!detector.is_saturated(&pool, now));

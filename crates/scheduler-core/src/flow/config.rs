@@ -43,8 +43,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::config::{ConstructedPlugins, EndpointPickerConfig};
 use crate::flow::policy::{
-    FlowPolicy, StaticUsageLimit, fairness_by_type, ordering_by_type, usage_limit_by_type,
+    FlowPolicy, UsageLimitPolicy, fairness_by_type, ordering_by_type, usage_limit_by_type,
 };
+use crate::flow::program_aware::ProgramAwareFairness;
 use crate::flow::saturation::{
     SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
@@ -115,7 +116,7 @@ pub enum FlowConfigError {
 }
 
 /// How a band chooses the next flow to serve (`fairnessPolicyRef`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum FairnessPolicy {
     /// `global-strict-fairness-policy`: the best head request across all flows (oldest under
     /// FCFS), as if the band were one queue.
@@ -123,6 +124,10 @@ pub enum FairnessPolicy {
     GlobalStrict,
     /// `round-robin-fairness-policy`: flows take turns, one request each.
     RoundRobin,
+    /// `program-aware-fairness`: the flow (program) with the least attained service goes
+    /// first, head-of-queue age breaking near ties. Shared with the plugin's request hooks,
+    /// which account each program's service.
+    ProgramAware(Arc<ProgramAwareFairness>),
 }
 
 /// How a flow orders its own requests (`orderingPolicyRef`).
@@ -233,9 +238,9 @@ pub struct FlowControlConfig {
     #[serde(rename = "usageLimitPolicyPluginRef")]
     pub usage_limit_ref: Option<String>,
     /// The usage limit policy in force: the one `usage_limit_ref` names once
-    /// [`resolve_policies`] has run, else the default (threshold 1, no gating).
+    /// [`resolve_policies`] has run, else the default (static, threshold 1, no gating).
     #[serde(skip)]
-    pub usage_limit: StaticUsageLimit,
+    pub usage_limit: UsageLimitPolicy,
     /// `saturationDetector.pluginRef` inside `flowControl`, when given.
     #[serde(rename = "saturationDetector", deserialize_with = "detector_ref")]
     pub saturation_detector_ref: Option<String>,
@@ -255,7 +260,7 @@ impl Default for FlowControlConfig {
             default_negative_band: None,
             bands: Vec::new(),
             usage_limit_ref: None,
-            usage_limit: StaticUsageLimit::default(),
+            usage_limit: UsageLimitPolicy::default(),
             saturation_detector_ref: None,
             enable_eviction: false,
         }
@@ -354,7 +359,7 @@ impl PolicyKind for OrderingPolicy {
     const KIND: &'static str = "ordering policy";
 }
 
-impl PolicyKind for StaticUsageLimit {
+impl PolicyKind for UsageLimitPolicy {
     const KIND: &'static str = "usage limit policy";
 }
 

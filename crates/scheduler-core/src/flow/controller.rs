@@ -14,7 +14,8 @@
 //!
 //! Gating. A band may dispatch while the detector reports room and the usage limit policy
 //! (`usageLimitPolicyPluginRef`) allows it: with a threshold below 1, the band is also blocked
-//! once the detector's saturation level reaches the threshold. When the top band is blocked and
+//! once the detector's saturation level reaches the threshold; with a soft reflective ceiling,
+//! once it reaches the ceiling of the band's rank among the known bands. When the top band is blocked and
 //! eviction is on (`enableEviction`), one sheddable request in flight of lower priority is
 //! evicted (see [`InFlightRequests`]); its end releases capacity and triggers the next pass.
 //!
@@ -175,9 +176,17 @@ impl FlowController {
         self.shared.in_flight.as_ref()
     }
 
-    /// Whether a band of `priority` may not dispatch now: the detector reports no room, or the
-    /// usage limit policy's ceiling for the priority is reached.
-    fn blocked(&self, priority: i32, pool: &PoolSnapshot, now: Instant) -> bool {
+    /// Whether band `band_index` of `priority` may not dispatch now: the detector reports no
+    /// room, or the usage limit policy's ceiling for the band is reached. The band's rank among
+    /// the known bands (highest first) matters to policies that gate by rank.
+    fn blocked(
+        &self,
+        state: &QueueState,
+        band_index: usize,
+        priority: i32,
+        pool: &PoolSnapshot,
+        now: Instant,
+    ) -> bool {
         let detector = &self.shared.detector;
         let limit = &self.shared.config.usage_limit;
         if detector.is_saturated(pool, now) {
@@ -185,7 +194,12 @@ impl FlowController {
         }
         // The level is only read when the policy gates below full saturation: the default
         // policy then costs nothing beyond the saturated check.
-        limit.gates_below_saturation() && limit.blocks(priority, detector.saturation(pool, now))
+        if !limit.gates_below_saturation() {
+            return false;
+        }
+        let bands = state.order.len();
+        let rank = state.order.iter().position(|&index| index == band_index).unwrap_or(0);
+        limit.blocks(priority, rank, bands, detector.saturation(pool, now))
     }
 
     /// The configuration in use.
@@ -218,7 +232,7 @@ impl FlowController {
         // dispatching would admit this very request. It never occupies the queue, so it skips
         // the caps as well as the queue structures.
         if !state.has_queued_at_or_above(request.priority)
-            && !self.blocked(request.priority, pool, now)
+            && !self.blocked(&state, band_index, request.priority, pool, now)
         {
             shared.detector.on_admit();
             let dispatch_seq = state.next_dispatch_seq();
@@ -418,7 +432,7 @@ impl FlowController {
         let detector = &self.shared.detector;
         while let Some(band_index) = state.top_band() {
             let priority = state.bands.get(band_index).map_or(0, |band| band.config.priority);
-            if self.blocked(priority, pool, now) {
+            if self.blocked(state, band_index, priority, pool, now) {
                 // Strict priority: lower bands do not go ahead of a blocked higher one. Room
                 // for it may be made by ending a sheddable request in flight.
                 if let Some(in_flight) = &self.shared.in_flight {
@@ -426,7 +440,7 @@ impl FlowController {
                 }
                 break;
             }
-            let Some(entry) = state.pop_band(band_index) else {
+            let Some(entry) = state.pop_band(band_index, now) else {
                 break;
             };
             detector.on_admit();

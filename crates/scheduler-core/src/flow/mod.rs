@@ -50,6 +50,7 @@ mod metrics;
 mod objective;
 mod outcome;
 pub(crate) mod policy;
+mod program_aware;
 mod queue;
 mod saturation;
 mod ticket;
@@ -78,8 +79,12 @@ pub use outcome::{
 };
 pub use policy::{
     EDF_ORDERING_TYPE, FCFS_ORDERING_TYPE, FlowPolicy, GLOBAL_STRICT_FAIRNESS_TYPE,
-    InvalidThreshold, ROUND_ROBIN_FAIRNESS_TYPE, STATIC_USAGE_LIMIT_TYPE, StaticUsageLimit,
-    StaticUsageLimitParameters, fairness_by_type, ordering_by_type, usage_limit_by_type,
+    InvalidThreshold, ROUND_ROBIN_FAIRNESS_TYPE, SOFT_REFLECTIVE_CEILING_TYPE,
+    STATIC_USAGE_LIMIT_TYPE, SoftReflectiveCeiling, StaticUsageLimit, StaticUsageLimitParameters,
+    UsageLimitPolicy, fairness_by_type, ordering_by_type, usage_limit_by_type,
+};
+pub use program_aware::{
+    FlowHead, PROGRAM_AWARE_FAIRNESS_TYPE, ProgramAwareFairness, ProgramAwareParameters,
 };
 pub use queue::{BandStats, IDLE_FLOWS_KEPT};
 pub use saturation::{

@@ -21,6 +21,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::flow::config::{BandConfig, FairnessPolicy, OrderingPolicy};
+use crate::flow::program_aware::{FlowHead, ProgramAwareFairness};
 use crate::flow::ticket::TicketCell;
 
 /// Address of a slab slot; stale once the slot's generation moves on.
@@ -89,6 +90,14 @@ impl Slab {
             let index = u32::try_from(index).ok()?;
             Some((SlotKey { index, generation: slot.generation }, entry))
         })
+    }
+
+    fn get(&self, key: SlotKey) -> Option<&Entry> {
+        let slot = self.slots.get(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.entry.as_ref()
     }
 
     fn is_live(&self, key: SlotKey) -> bool {
@@ -480,23 +489,19 @@ impl QueueState {
             return None;
         };
         let generation = band.flow_generations.get(flow_index).copied().unwrap_or(0);
-        let fairness = band.config.fairness;
+        let round_robin = matches!(band.config.fairness, FairnessPolicy::RoundRobin);
+        let global_strict = matches!(band.config.fairness, FairnessPolicy::GlobalStrict);
         let flow = band.flows.get_mut(flow_index).and_then(Option::as_mut)?;
         flow.queue.push(key, slot);
         flow.live += 1;
         let activated = flow.live == 1;
-        match fairness {
-            FairnessPolicy::RoundRobin => {
-                if activated {
-                    band.ring.push_back((flow_index, generation));
-                }
-            }
-            FairnessPolicy::GlobalStrict => {
-                if flow.strict_key.is_none_or(|current| key < current) {
-                    flow.strict_key = Some(key);
-                    band.strict.push(Reverse((key, flow_index)));
-                }
-            }
+        // Program-aware fairness scans the active flows at dispatch and keeps no turn order.
+        if round_robin && activated {
+            band.ring.push_back((flow_index, generation));
+        }
+        if global_strict && flow.strict_key.is_none_or(|current| key < current) {
+            flow.strict_key = Some(key);
+            band.strict.push(Reverse((key, flow_index)));
         }
         if activated {
             band.active_flows += 1;
@@ -578,16 +583,51 @@ impl QueueState {
             .any(|band| band.queued > 0)
     }
 
-    /// Takes the next request of `band_index` by its fairness and ordering policies.
-    pub(crate) fn pop_band(&mut self, band_index: usize) -> Option<Entry> {
+    /// Takes the next request of `band_index` by its fairness and ordering policies, at `now`.
+    pub(crate) fn pop_band(&mut self, band_index: usize, now: Instant) -> Option<Entry> {
         let band = self.bands.get_mut(band_index)?;
-        let slot = match band.config.fairness {
+        let slot = match &band.config.fairness {
             FairnessPolicy::RoundRobin => Self::next_round_robin(band, &self.slab)?,
             FairnessPolicy::GlobalStrict => Self::next_global_strict(band, &self.slab)?,
+            FairnessPolicy::ProgramAware(policy) => {
+                let policy = Arc::clone(policy);
+                Self::next_program_aware(band, &self.slab, &policy, now)?
+            }
         };
         let entry = self.slab.take(slot)?;
         self.account_removal(&entry);
         Some(entry)
+    }
+
+    /// Pops the head of the flow `policy` chooses among the flows with requests queued, and
+    /// tells the policy how long that request waited.
+    fn next_program_aware(
+        band: &mut Band,
+        slab: &Slab,
+        policy: &ProgramAwareFairness,
+        now: Instant,
+    ) -> Option<SlotKey> {
+        let mut candidates: Vec<(usize, Arc<str>, Instant)> = Vec::with_capacity(band.active_flows);
+        for (index, flow) in band.flows.iter_mut().enumerate() {
+            let Some(flow) = flow.as_mut().filter(|flow| flow.live > 0) else { continue };
+            let Some((_, slot)) = flow.clean_head(slab) else { continue };
+            let Some(head) = slab.get(slot) else { continue };
+            candidates.push((index, Arc::clone(&flow.id), head.enqueued_at));
+        }
+        let heads: Vec<FlowHead<'_>> = candidates
+            .iter()
+            .map(|(_, id, enqueued_at)| FlowHead { program: id, head_enqueued_at: *enqueued_at })
+            .collect();
+        let chosen = policy.choose(&heads, now)?;
+        let (index, id, enqueued_at) = candidates.get(chosen)?;
+        let flow = band.flows.get_mut(*index).and_then(Option::as_mut)?;
+        let (_, slot) = flow.queue.pop()?;
+        flow.live = flow.live.saturating_sub(1);
+        if flow.live == 0 {
+            band.flow_emptied(*index);
+        }
+        policy.record_wait(id, now.saturating_duration_since(*enqueued_at), now);
+        Some(slot)
     }
 
     /// Pops the head of the next flow in turn; the flow goes to the back of the ring.
@@ -686,7 +726,7 @@ mod tests {
             for flow in 0..distinct {
                 let id = format!("flow-{flow}");
                 assert!(state.push(band, &id, 1, None, now, cell()).is_some());
-                let entry = state.pop_band(band).expect("the request just queued");
+                let entry = state.pop_band(band, now).expect("the request just queued");
                 assert_eq!(entry.flow, state.bands[band].by_id[id.as_str()], "round {round}");
             }
         }
@@ -715,8 +755,49 @@ mod tests {
         let _b2 = state.push(band, "b", 1, None, now, cell()).expect("slot");
         let a = state.bands[band].by_id["a"];
         let order: Vec<usize> =
-            (0..4).filter_map(|_| state.pop_band(band)).map(|entry| entry.flow).collect();
+            (0..4).filter_map(|_| state.pop_band(band, now)).map(|entry| entry.flow).collect();
         let b = state.bands[band].by_id["b"];
         assert_eq!(order, [b, a, b, a], "one turn each, in ring order");
+    }
+
+    proptest::proptest! {
+        /// Program-aware fairness only ever takes from flows with live requests: every pop
+        /// yields a queued request until the band is empty, none is lost or served twice, and
+        /// each flow's requests leave in arrival order.
+        #[test]
+        fn program_aware_pops_drain_exactly_the_live_requests(
+            ops in proptest::collection::vec((0u8..4, proptest::bool::ANY), 1..60),
+        ) {
+            let fairness = Arc::new(ProgramAwareFairness::default());
+            let mut state = QueueState::default();
+            let band = state.band_index(0, || BandConfig {
+                fairness: FairnessPolicy::ProgramAware(Arc::clone(&fairness)),
+                ..BandConfig::default()
+            });
+            let now = Instant::now();
+            let mut live: Vec<(SlotKey, u8, usize)> = Vec::new();
+            for (step, (flow, cancel)) in ops.into_iter().enumerate() {
+                let id = format!("p{flow}");
+                let at = now + Duration::from_millis(step as u64);
+                let slot = state.push(band, &id, 1, None, at, cell()).expect("slot");
+                live.push((slot, flow, step));
+                if cancel && live.len() > 1 {
+                    let (victim, _, _) = live.remove(0);
+                    proptest::prop_assert!(state.remove(victim).is_some());
+                }
+            }
+            let end = now + Duration::from_secs(1);
+            let mut last_seen: std::collections::HashMap<usize, Instant> = Default::default();
+            let mut popped = 0;
+            while let Some(entry) = state.pop_band(band, end) {
+                popped += 1;
+                if let Some(previous) = last_seen.insert(entry.flow, entry.enqueued_at) {
+                    proptest::prop_assert!(previous <= entry.enqueued_at, "FCFS within a flow");
+                }
+            }
+            proptest::prop_assert_eq!(popped, live.len());
+            proptest::prop_assert_eq!(state.queued, 0);
+            proptest::prop_assert_eq!(state.bands[band].active_flows, 0);
+        }
     }
 }

@@ -92,6 +92,8 @@ pub struct CompletedRequest {
     pub completion_tokens: Option<u64>,
     /// How it ended.
     pub outcome: Outcome,
+    /// The request's fairness id (its flow in flow control), when it had one.
+    pub fairness_id: Option<String>,
 }
 
 impl CompletedRequest {
@@ -211,7 +213,15 @@ impl CompletionGuard {
                 prompt_tokens: None,
                 completion_tokens: None,
                 outcome: Outcome::Cancelled,
+                fairness_id: None,
             }),
+        }
+    }
+
+    /// Records the request's fairness id, for hooks that account per flow.
+    pub(crate) fn set_fairness_id(&mut self, fairness_id: Option<String>) {
+        if let Some(completed) = self.completed.as_mut() {
+            completed.fairness_id = fairness_id;
         }
     }
 

@@ -224,12 +224,13 @@ impl Scheduler {
 
         let primary = self.handler.primary_profile(request, &runs).min(runs.len() - 1);
         let primary_endpoint = pool.endpoints()[runs[primary].picks[0] as usize].id();
-        let completion = CompletionGuard::new(
+        let mut completion = CompletionGuard::new(
             Arc::clone(&self.completion_hooks),
             request.request_id.clone(),
             request.target_model.clone(),
             primary_endpoint,
         );
+        completion.set_fairness_id(request.fairness_id.clone());
         let result =
             SchedulingResult::new(Arc::clone(pool), runs, primary, explanation, completion);
         // Load scorers add these to metrics scraped before now (see `DispatchLog`).
