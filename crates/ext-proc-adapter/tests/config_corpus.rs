@@ -65,7 +65,9 @@ fn director(text: &str) -> Result<Director, String> {
     };
     let pool = Arc::new(SharedPool::new(PoolSnapshot::new([8001, 8002, 8003].map(endpoint))));
     let objectives = ObjectiveResolver::new(Vec::new(), Arc::new(FlowMetrics::new())).unwrap();
-    let registry = scorers::builtin_registry();
+    // As the Go EPP run with --allow-experimental-plugins: alpha plugins load too.
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
     Director::from_config(&config, &registry, pool, DirectorOptions::default(), objectives)
         .map_err(|error| error.to_string())
 }

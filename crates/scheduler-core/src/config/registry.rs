@@ -319,7 +319,7 @@ mod tests {
         let error = registry.create(&PluginSpec::of_type("magic-scorer")).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, core-metrics-extractor, edf-ordering-policy, endpoint-notification-source, fcfs-ordering-policy, file-discovery, global-strict-fairness-policy, metrics-data-source, models-data-extractor, models-data-source, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
+            "unknown plugin type 'magic-scorer' (known types: anthropic-parser, concurrency-detector, core-metrics-extractor, dcgm-data-source, dcgm-extractor, edf-ordering-policy, endpoint-notification-source, fcfs-ordering-policy, file-discovery, global-strict-fairness-policy, metrics-data-source, model-server-protocol-metrics, models-data-extractor, models-data-source, openai-parser, passthrough-parser, round-robin-fairness-policy, single-profile-handler, static-usage-limit-policy, utilization-detector, vllmhttp-parser)"
         );
     }
 
