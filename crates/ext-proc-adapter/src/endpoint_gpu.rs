@@ -1,6 +1,6 @@
 //! GPU utilization of each endpoint, scraped from its NVIDIA DCGM exporter
 //! (`dcgm-data-source` with `dcgm-extractor`): every interval, `GET path` on port `port` of
-//! every endpoint's host, over HTTP or HTTPS.
+//! every endpoint's host (its own port when the config says `port: 0`), over HTTP or HTTPS.
 //!
 //! Each answer gives the endpoint's utilization in `[0, 1]` (its busiest GPU, see
 //! [`metrics_model::dcgm`]), published as the attribute `GPUUtilization` of producer
@@ -30,8 +30,8 @@ const MAX_FETCH_TIME: Duration = Duration::from_secs(1);
 pub struct GpuPollSettings {
     /// Path of the exporter's page.
     pub path: String,
-    /// Port of the exporter, on the endpoint's IP.
-    pub port: u16,
+    /// Port of the exporter, on the endpoint's IP; `None` scrapes the endpoint's own port.
+    pub port: Option<u16>,
     /// Time between two scrapes of the pool.
     pub interval: Duration,
     /// TLS client configuration; `None` scrapes over plain HTTP.
@@ -93,7 +93,8 @@ pub async fn poll(
         for (id, address, name) in endpoints.iter().cloned() {
             let settings = Arc::clone(&settings);
             round.spawn(async move {
-                let exporter = SocketAddr::new(address.ip(), settings.port);
+                let exporter =
+                    SocketAddr::new(address.ip(), settings.port.unwrap_or(address.port()));
                 let read = scrape(exporter, &name, &settings, fetch_time).await;
                 (id, exporter, read)
             });

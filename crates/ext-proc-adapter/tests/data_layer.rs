@@ -509,7 +509,7 @@ dataLayer:
     let gpu = server_config.gpu.as_ref().expect("the exporter is scraped");
     assert_eq!(
         (gpu.port, gpu.path.as_str(), gpu.interval),
-        (exporter.port(), "/dcgm", Duration::from_millis(20))
+        (Some(exporter.port()), "/dcgm", Duration::from_millis(20))
     );
     assert!(server_config.collector.is_some(), "the metrics source is still injected");
     let pool = Arc::new(SharedPool::default());

@@ -112,8 +112,9 @@ pub struct DcgmSourceParameters {
     pub scheme: Scheme,
     /// `path`: the exporter's metrics page (default `/metrics`).
     pub path: String,
-    /// `port`: the exporter's port (default 9400).
-    pub port: u16,
+    /// `port`: the exporter's port (default 9400); `None` when the config says `0`, which
+    /// (as in Go) means no override: the endpoint's own port is scraped.
+    pub port: Option<u16>,
     /// `insecureSkipVerify` (default `true`); the Go source takes no CA or client identity,
     /// so the other TLS fields are always unset.
     pub tls: SourceTls,
@@ -414,10 +415,13 @@ fn dcgm_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
         Some(path) => return Err(invalid(format!("path: {path:?} must start with '/'"))),
     };
     let port = match wire.port {
-        None => DEFAULT_DCGM_PORT,
-        Some(0) => return Err(invalid("port: 0 is not a port (1-65535)")),
-        Some(port) => port,
+        None => Some(DEFAULT_DCGM_PORT),
+        Some(0) => None,
+        Some(port) => Some(port),
     };
+    if wire.use_node_address && port.is_none() {
+        return Err(invalid("port: useNodeAddress needs the exporter's port (not 0)"));
+    }
     Ok(DataLayerPlugin::DcgmSource(DcgmSourceParameters {
         scheme: wire.scheme,
         path,

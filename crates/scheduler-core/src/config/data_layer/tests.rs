@@ -384,14 +384,15 @@ fn dcgm_source_defaults_and_errors() {
         Some(&DataLayerPlugin::DcgmSource(plugins::DcgmSourceParameters {
             scheme: Scheme::Http,
             path: "/metrics".into(),
-            port: 9400,
+            port: Some(9400),
             tls: SourceTls { insecure_skip_verify: true, ..SourceTls::default() },
             use_node_address: false,
             interval: None,
         }))
     );
     let cases = [
-        (serde_json::json!({"port": 0}), "port"),
+        (serde_json::json!({"port": 0, "useNodeAddress": true}), "port: useNodeAddress"),
+        (serde_json::json!({"port": -1}), "port"),
         (serde_json::json!({"port": 70000}), "port"),
         (serde_json::json!({"path": "metrics"}), "path"),
         (serde_json::json!({"scheme": "ftp"}), "scheme"),
@@ -432,5 +433,28 @@ dataLayer:
         [pair("dcgm", &["gpu"]), pair(METRICS_DATA_SOURCE_TYPE, &[CORE_METRICS_EXTRACTOR_TYPE])]
     );
     let error = resolve_experimental(&body.replace("EXTRACTOR", "core")).unwrap_err();
+    assert!(matches!(error, ConfigError::DataLayerMismatch { .. }), "{error}");
+}
+
+#[test]
+fn the_endpoint_notification_source_takes_no_extractor() {
+    let layer = resolve(
+        "plugins:
+- {type: endpoint-notification-source, name: events}
+dataLayer:
+  sources: [{pluginRef: events}]
+",
+    )
+    .unwrap();
+    assert_eq!(names(&layer)[0], pair("events", &[]));
+    let error = resolve(
+        "plugins:
+- {type: endpoint-notification-source, name: events}
+- {type: models-data-extractor}
+dataLayer:
+  sources: [{pluginRef: events, extractors: [{pluginRef: models-data-extractor}]}]
+",
+    )
+    .unwrap_err();
     assert!(matches!(error, ConfigError::DataLayerMismatch { .. }), "{error}");
 }
