@@ -6,8 +6,14 @@
 //! One collector runs: when several metrics sources are listed (a renamed one next to the
 //! injected default), the first listed is used and the others are logged and skipped.
 //! The first `models-data-source` with its extractor polls the endpoints' model lists
-//! ([`crate::endpoint_models`]); `endpoint-notification-source` needs no work here, since
-//! endpoint changes already reach the collector and the pool.
+//! ([`crate::endpoint_models`]), over HTTPS when asked, with the metrics source's TLS
+//! settings. The first `dcgm-data-source` with `dcgm-extractor` scrapes the endpoints' DCGM
+//! exporters for GPU utilization ([`crate::endpoint_gpu`]).
+//!
+//! `endpoint-notification-source` starts nothing. In the Go EPP it hands endpoint additions
+//! and removals to the extractors bound under it; no built-in extractor here reads such
+//! events (the pool, the collector and the pollers above follow endpoint changes by
+//! themselves), and a config binding an extractor under it is refused when loaded.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,21 +23,22 @@ use metrics_model::{EngineConfigError, EngineSet, ScrapeTls, TlsSettings, TlsSet
 use scheduler_core::data_layer::plugins::{ModelsSourceParameters, Scheme, SourceTls};
 use scheduler_core::data_layer::{DataLayerPlugin, ResolvedDataLayer};
 
+use crate::endpoint_gpu::GpuPollSettings;
 use crate::endpoint_models::ModelsPollSettings;
 use crate::server::{CollectorSettings, ServerConfig};
 
 /// A data layer this server cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DataLayerError {
-    /// A models source asks for HTTPS, which the model poller does not speak.
+    /// A DCGM source asks for the node's address, which endpoints here do not carry.
     #[error(
-        "data source '{source_name}': scheme https is not supported (the model poller speaks plain HTTP)"
+        "data source '{source_name}': useNodeAddress: endpoints carry no node address here (run the exporter as a sidecar and scrape the endpoint's IP)"
     )]
-    Https {
+    NodeAddress {
         /// The source.
         source_name: String,
     },
-    /// A metrics source's TLS files could not be loaded.
+    /// An HTTP source's TLS files could not be loaded.
     #[error("data source '{source_name}': {error}")]
     Tls {
         /// The source.
@@ -78,6 +85,7 @@ pub fn apply(layer: &ResolvedDataLayer, config: &mut ServerConfig) -> Result<(),
     let base_interval = base.interval;
     config.collector = collector_settings(layer, base)?;
     config.models = None;
+    config.gpu = None;
     if config.collector.is_none() {
         // Nothing scrapes metrics, so none can turn stale: readiness needs only endpoints.
         config.staleness_threshold = None;
@@ -88,22 +96,63 @@ pub fn apply(layer: &ResolvedDataLayer, config: &mut ServerConfig) -> Result<(),
             tracing::warn!(source = %source.source.name, "models source without an extractor; not polled");
             continue;
         }
-        if parameters.scheme == Scheme::Https {
-            return Err(DataLayerError::Https { source_name: source.source.name.clone() });
+        if config.models.is_some() {
+            tracing::warn!(source = %source.source.name, "a models source is already polled; this one is skipped");
+            continue;
         }
-        if config.models.is_none() {
-            config.models = Some(models_settings(parameters, base_interval));
+        let tls = load_tls(&source.source.name, parameters.scheme, &parameters.tls)?;
+        config.models = Some(models_settings(parameters, base_interval, tls));
+    }
+    for source in layer.sources_where(|plugin| matches!(plugin, DataLayerPlugin::DcgmSource(_))) {
+        let DataLayerPlugin::DcgmSource(parameters) = &*source.source.plugin else { continue };
+        if source.extractors.is_empty() {
+            tracing::warn!(source = %source.source.name, "DCGM source without an extractor; not scraped");
+            continue;
         }
+        if config.gpu.is_some() {
+            tracing::warn!(source = %source.source.name, "a DCGM source is already scraped; this one is skipped");
+            continue;
+        }
+        if parameters.use_node_address {
+            return Err(DataLayerError::NodeAddress { source_name: source.source.name.clone() });
+        }
+        let tls = load_tls(&source.source.name, parameters.scheme, &parameters.tls)?;
+        config.gpu = Some(GpuPollSettings {
+            path: parameters.path.clone(),
+            port: parameters.port,
+            interval: parameters.interval.unwrap_or(base_interval),
+            tls,
+        });
     }
     Ok(())
 }
 
+/// The TLS client configuration of an HTTP source (`None` for plain HTTP). The files are
+/// read here, once, so a bad one stops the server at start.
+fn load_tls(
+    source_name: &str,
+    scheme: Scheme,
+    tls: &SourceTls,
+) -> Result<Option<ScrapeTls>, DataLayerError> {
+    match scheme {
+        Scheme::Http => Ok(None),
+        Scheme::Https => ScrapeTls::load(&tls_settings(tls))
+            .map(Some)
+            .map_err(|error| DataLayerError::Tls { source_name: source_name.to_owned(), error }),
+    }
+}
+
 /// Poll settings of a models source: its interval, else the refresh interval (the Go
 /// source's base tick).
-fn models_settings(parameters: &ModelsSourceParameters, base: Duration) -> ModelsPollSettings {
+fn models_settings(
+    parameters: &ModelsSourceParameters,
+    base: Duration,
+    tls: Option<ScrapeTls>,
+) -> ModelsPollSettings {
     ModelsPollSettings {
         path: parameters.path.clone(),
         interval: parameters.interval.unwrap_or(base),
+        tls,
     }
 }
 
@@ -135,15 +184,7 @@ fn collector_settings(
     let DataLayerPlugin::MetricsSource(parameters) = &*source.source.plugin else {
         return Ok(None);
     };
-    // The files are read here, once, so a bad one stops the server at start.
-    let tls = match parameters.scheme {
-        Scheme::Http => None,
-        Scheme::Https => {
-            Some(ScrapeTls::load(&tls_settings(&parameters.tls)).map_err(|error| {
-                DataLayerError::Tls { source_name: source.source.name.clone(), error }
-            })?)
-        }
-    };
+    let tls = load_tls(&source.source.name, parameters.scheme, &parameters.tls)?;
     let engines = EngineSet::from_extractor(extractor)
         .map_err(|error| DataLayerError::Engine { extractor: extractor_name.to_owned(), error })?;
     let config = CollectorConfig {

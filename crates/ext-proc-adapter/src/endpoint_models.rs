@@ -1,5 +1,7 @@
 //! The models each endpoint serves, polled from its OpenAI model list (`models-data-source`
-//! with `models-data-extractor`): every interval, `GET path` on every endpoint of the pool.
+//! with `models-data-extractor`): every interval, `GET path` on every endpoint of the pool,
+//! over HTTP or, with the source's `scheme: https`, over TLS with the source's settings (as
+//! the metrics source scrapes).
 //!
 //! An endpoint's last good answer is kept until it answers again or leaves the pool, so a
 //! briefly unreachable server does not lose its models. What is stored is bounded: answers
@@ -10,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics_model::fetch::{self, PageRequest};
 use parking_lot::RwLock;
 use scheduler_core::{EndpointId, SharedPool};
 
@@ -19,8 +22,10 @@ pub use crate::bbr::models_poller::{MAX_MODELS_RESPONSE_BYTES, ModelsFetchError}
 
 /// Most models kept per endpoint.
 pub const MAX_MODELS_PER_ENDPOINT: usize = 1024;
-/// Longest wait for one endpoint's answer (shorter when the interval is).
-const MAX_FETCH_TIME: Duration = Duration::from_secs(5);
+/// Longest wait for one endpoint's answer, whatever the interval (as the Go sources bound
+/// each poll): a short interval must not cut a TLS handshake short. A round that takes
+/// longer delays the next one.
+const MAX_FETCH_TIME: Duration = Duration::from_secs(1);
 
 /// A model an endpoint serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,12 +37,14 @@ pub struct ServedModel {
 }
 
 /// How the model lists are polled.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ModelsPollSettings {
     /// Path of the model list.
     pub path: String,
     /// Time between two polls of the pool.
     pub interval: Duration,
+    /// TLS client configuration; `None` polls over plain HTTP.
+    pub tls: Option<metrics_model::ScrapeTls>,
 }
 
 /// The models of every endpoint, from the last good answer of each.
@@ -71,6 +78,26 @@ pub fn models_in(answer: &[u8]) -> Result<Vec<ServedModel>, ModelsFetchError> {
         .collect())
 }
 
+/// One endpoint's model list.
+async fn fetch_models(
+    address: std::net::SocketAddr,
+    settings: &ModelsPollSettings,
+    limit: Duration,
+) -> Result<Vec<ServedModel>, String> {
+    let request = PageRequest {
+        address,
+        path: &settings.path,
+        accept: "application/json",
+        tls: settings.tls.as_ref(),
+        limit: MAX_MODELS_RESPONSE_BYTES,
+    };
+    let answer = tokio::time::timeout(limit, fetch::get(request))
+        .await
+        .map_err(|_| ModelsFetchError::Timeout(limit).to_string())?
+        .map_err(|error| error.to_string())?;
+    models_in(&answer).map_err(|error| error.to_string())
+}
+
 /// Polls every endpoint of `pool` each interval into `models`, until the task is dropped.
 pub async fn poll(
     pool: Arc<SharedPool>,
@@ -78,8 +105,8 @@ pub async fn poll(
     settings: ModelsPollSettings,
 ) {
     let interval = settings.interval.max(Duration::from_millis(1));
-    let fetch_time = interval.min(MAX_FETCH_TIME);
-    let path: Arc<str> = settings.path.into();
+    let fetch_time = MAX_FETCH_TIME;
+    let settings = Arc::new(settings);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -92,15 +119,9 @@ pub async fn poll(
             .collect();
         let mut round = tokio::task::JoinSet::new();
         for (id, address) in endpoints.iter().copied() {
-            let path = Arc::clone(&path);
+            let settings = Arc::clone(&settings);
             round.spawn(async move {
-                let fetched = tokio::time::timeout(
-                    fetch_time,
-                    crate::bbr::models_poller::fetch(address, &path),
-                )
-                .await
-                .map_err(|_| ModelsFetchError::Timeout(fetch_time))
-                .and_then(|answer| models_in(&answer?));
+                let fetched = fetch_models(address, &settings, fetch_time).await;
                 (id, address, fetched)
             });
         }

@@ -60,6 +60,7 @@
 pub mod bbr;
 pub mod cli;
 pub mod data_layer;
+pub mod endpoint_gpu;
 pub mod endpoint_models;
 pub mod endpoints_file;
 pub mod exchange;

@@ -139,6 +139,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         collector: Some(collector),
         models: None,
         model_rewrites: model_rewrite_settings(&flags),
+        gpu: None,
     };
     let mut registry = scorers::builtin_registry();
     registry.allow_experimental_plugins(flags.allow_experimental_plugins);

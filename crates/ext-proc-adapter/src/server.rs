@@ -74,6 +74,9 @@ pub struct ServerConfig {
     /// Model rewrites, loaded at start and reloaded when the file changes (`None`: the
     /// director's own, if any).
     pub model_rewrites: Option<crate::model_rewrites::ModelRewriteSettings>,
+    /// Scrape the endpoints' DCGM exporters into
+    /// [`RunningServer::endpoint_gpu_utilization`].
+    pub gpu: Option<crate::endpoint_gpu::GpuPollSettings>,
 }
 
 impl ServerConfig {
@@ -99,6 +102,7 @@ impl ServerConfig {
             collector: None,
             models: None,
             model_rewrites: None,
+            gpu: None,
         }
     }
 }
@@ -268,6 +272,9 @@ pub struct RunningServer {
     draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The GPU utilization of each endpoint (`dcgm-extractor`'s `GPUUtilization`), when
+    /// [`ServerConfig::gpu`] scrapes it.
+    pub endpoint_gpu_utilization: Option<Arc<crate::endpoint_gpu::EndpointGpuUtilization>>,
 }
 
 pub(crate) async fn bind(address: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -444,6 +451,15 @@ pub async fn start_with_director(
         )));
         models
     });
+    let endpoint_gpu_utilization = config.gpu.clone().map(|settings| {
+        let store = Arc::new(crate::endpoint_gpu::EndpointGpuUtilization::default());
+        tasks.push(tokio::spawn(crate::endpoint_gpu::poll(
+            Arc::clone(&pool),
+            Arc::clone(&store),
+            settings,
+        )));
+        store
+    });
     if let Some(flow) = flow {
         let pool = Arc::clone(&pool);
         tasks.push(tokio::spawn(async move {
@@ -467,6 +483,7 @@ pub async fn start_with_director(
         draining,
         stop,
         tasks,
+        endpoint_gpu_utilization,
     })
 }
 

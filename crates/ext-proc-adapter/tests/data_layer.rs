@@ -69,6 +69,12 @@ where
 /// A vLLM stand-in serving `page` at `/metrics` over TLS only, with a self-signed certificate
 /// for 127.0.0.1 whose PEM it returns.
 async fn tls_model_server(page: String) -> (SocketAddr, String) {
+    tls_server(HashMap::from([("/metrics", page)])).await
+}
+
+/// A server answering `pages` over TLS only, with a self-signed certificate for 127.0.0.1
+/// whose PEM it returns.
+async fn tls_server(pages: HashMap<&'static str, String>) -> (SocketAddr, String) {
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
@@ -81,7 +87,7 @@ async fn tls_model_server(page: String) -> (SocketAddr, String) {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let pages = Arc::new(HashMap::from([("/metrics", page)]));
+    let pages = Arc::new(pages);
     tokio::spawn(async move {
         loop {
             let Ok((socket, _)) = listener.accept().await else { return };
@@ -377,5 +383,208 @@ dataLayer:
         assert!(Instant::now() < deadline, "metrics never arrived over https");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Waits up to ten seconds for `probe` to give a value.
+async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The resolved data layer of `yaml`, alpha plugins allowed.
+fn experimental_layer(
+    yaml: &str,
+) -> (scheduler_core::Scheduler, scheduler_core::data_layer::ResolvedDataLayer) {
+    let config = EndpointPickerConfig::from_yaml(yaml).unwrap();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
+    let scheduler = config.build(&registry).unwrap();
+    let plugins = config.construct_plugins(&registry).unwrap();
+    let layer = config.data_layer(&plugins, &registry).unwrap();
+    (scheduler, layer)
+}
+
+#[tokio::test]
+async fn an_https_models_source_polls_a_tls_server_verified_by_its_ca_file() {
+    let models = r#"{"object":"list","data":[{"id":"base"},{"id":"sql-lora","parent":"base"}]}"#;
+    let (address, cert_pem) = tls_server(HashMap::from([("/v1/models", models.to_owned())])).await;
+    let dir = tempdir();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, cert_pem).unwrap();
+    let endpoints = dir.join("pool.yaml");
+    std::fs::write(&endpoints, format!("- {{address: 127.0.0.1, port: {}}}\n", address.port()))
+        .unwrap();
+    let yaml = format!(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: max-score-picker
+- name: models
+  type: models-data-source
+  parameters: {{scheme: https, insecureSkipVerify: false, caCertPath: {}, interval: 20ms}}
+- type: models-data-extractor
+- name: files
+  type: file-discovery
+  parameters: {{path: {}}}
+dataLayer:
+  injectDefaults: false
+  sources:
+  - pluginRef: models
+    extractors: [{{pluginRef: models-data-extractor}}]
+  discovery: {{pluginRef: files}}
+",
+        ca.display(),
+        endpoints.display()
+    );
+    let (scheduler, layer) = experimental_layer(&yaml);
+    let mut server_config = ServerConfig::loopback("models-pool");
+    data_layer::apply(&layer, &mut server_config).unwrap();
+    assert!(server_config.models.as_ref().is_some_and(|models| models.tls.is_some()));
+    let pool = Arc::new(SharedPool::default());
+    let running =
+        server::start(Arc::new(scheduler), Arc::clone(&pool), server_config).await.unwrap();
+    let store = running.endpoint_models.clone().expect("models are polled");
+    let id = EndpointId::from_address(address);
+    let served = eventually("the model list over https", || store.get(id)).await;
+    assert_eq!(served.len(), 2);
+    assert!(store.serves(id, "sql-lora"));
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn the_dcgm_source_scrapes_each_endpoints_exporter_for_gpu_utilization() {
+    // A node-level exporter page: GPUs of two pods, the busiest of vllm-0's at 80%.
+    let page = "\
+# HELP DCGM_FI_DEV_GPU_UTIL GPU utilization (in %).
+# TYPE DCGM_FI_DEV_GPU_UTIL gauge
+DCGM_FI_DEV_GPU_UTIL{gpu=\"0\",UUID=\"GPU-a\",Hostname=\"node\",pod=\"vllm-0\",namespace=\"ns\"} 35
+DCGM_FI_DEV_GPU_UTIL{gpu=\"1\",UUID=\"GPU-b\",Hostname=\"node\",pod=\"vllm-0\",namespace=\"ns\"} 80
+DCGM_FI_DEV_GPU_UTIL{gpu=\"2\",UUID=\"GPU-c\",Hostname=\"node\",pod=\"vllm-1\",namespace=\"ns\"} 99
+# HELP DCGM_FI_DEV_FB_USED Framebuffer memory used (in MiB).
+# TYPE DCGM_FI_DEV_FB_USED gauge
+DCGM_FI_DEV_FB_USED{gpu=\"0\",UUID=\"GPU-a\"} 20480
+";
+    let exporter = model_server(HashMap::from([("/dcgm", page.to_owned())])).await;
+    let vllm = stand_in(0, 0.0, 0).await;
+    let dir = tempdir();
+    let endpoints = dir.join("pool.yaml");
+    std::fs::write(
+        &endpoints,
+        format!("- {{address: 127.0.0.1, port: {}, name: vllm-0}}\n", vllm.port()),
+    )
+    .unwrap();
+    let yaml = format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: max-score-picker
+- type: dcgm-data-source
+  name: dcgm-source
+  parameters: {{port: {}, path: /dcgm, interval: 20ms}}
+- type: dcgm-extractor
+  name: dcgm-extractor
+- name: files
+  type: file-discovery
+  parameters: {{path: {}}}
+dataLayer:
+  sources:
+  - pluginRef: dcgm-source
+    extractors:
+    - pluginRef: dcgm-extractor
+  discovery: {{pluginRef: files}}
+",
+        exporter.port(),
+        endpoints.display()
+    );
+    let (scheduler, layer) = experimental_layer(&yaml);
+    let mut server_config = ServerConfig::loopback("gpu-pool");
+    data_layer::apply(&layer, &mut server_config).unwrap();
+    let gpu = server_config.gpu.as_ref().expect("the exporter is scraped");
+    assert_eq!(
+        (gpu.port, gpu.path.as_str(), gpu.interval),
+        (Some(exporter.port()), "/dcgm", Duration::from_millis(20))
+    );
+    assert!(server_config.collector.is_some(), "the metrics source is still injected");
+    let pool = Arc::new(SharedPool::default());
+    let running =
+        server::start(Arc::new(scheduler), Arc::clone(&pool), server_config).await.unwrap();
+    let store = running.endpoint_gpu_utilization.clone().expect("GPU utilization is scraped");
+    let id = EndpointId::from_address(vllm);
+    let read = eventually("GPU utilization", || store.get(id)).await;
+    assert_eq!(read.value, 0.8, "the busiest of the pod's own GPUs, scaled to [0, 1]");
+    assert_eq!(store.len(), 1);
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn a_dcgm_source_on_the_node_address_is_refused_by_name() {
+    let (_, layer) = experimental_layer(
+        "plugins:
+- {type: dcgm-data-source, name: node-dcgm, parameters: {useNodeAddress: true}}
+- {type: dcgm-extractor}
+dataLayer:
+  sources: [{pluginRef: node-dcgm, extractors: [{pluginRef: dcgm-extractor}]}]
+",
+    );
+    let error = data_layer::apply(&layer, &mut ServerConfig::loopback("p")).unwrap_err();
+    assert!(
+        matches!(&error, DataLayerError::NodeAddress { source_name } if source_name == "node-dcgm")
+    );
+    assert!(error.to_string().contains("useNodeAddress"), "{error}");
+}
+
+#[tokio::test]
+async fn the_gie_v14_extractor_picks_the_engine_whose_metrics_are_scraped() {
+    // The page speaks SGLang; only the v1.4 extractor's `defaultEngine: sglang` reads it.
+    let sglang = model_server(HashMap::from([(
+        "/metrics",
+        "sglang:num_queue_reqs 6\nsglang:num_running_reqs 2\nsglang:token_usage 0.75\n".to_owned(),
+    )]))
+    .await;
+    let dir = tempdir();
+    let endpoints = dir.join("pool.yaml");
+    std::fs::write(&endpoints, format!("- {{address: 127.0.0.1, port: {}}}\n", sglang.port()))
+        .unwrap();
+    let (scheduler, layer) = experimental_layer(
+        "apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+featureGates:
+- dataLayer
+plugins:
+- name: model-server-protocol-metrics
+  type: model-server-protocol-metrics
+  parameters:
+    defaultEngine: sglang
+",
+    );
+    let mut server_config = ServerConfig {
+        endpoints_file: Some(endpoints),
+        collector: Some(CollectorSettings {
+            config: CollectorConfig {
+                interval: Duration::from_millis(20),
+                ..CollectorConfig::default()
+            },
+            default_engine: Engine::Vllm,
+            engines: None,
+        }),
+        ..ServerConfig::loopback("v14-pool")
+    };
+    data_layer::apply(&layer, &mut server_config).unwrap();
+    let pool = Arc::new(SharedPool::default());
+    let running =
+        server::start(Arc::new(scheduler), Arc::clone(&pool), server_config).await.unwrap();
+    let id = EndpointId::from_address(sglang);
+    let metrics = eventually("SGLang metrics", || {
+        pool.load().by_id(id).map(|state| state.metrics.clone()).filter(|m| m.updated_at.is_some())
+    })
+    .await;
+    assert_eq!((metrics.waiting_queue, metrics.running, metrics.kv_usage), (6, 2, 0.75));
     running.shutdown(Duration::from_secs(1)).await;
 }

@@ -10,6 +10,9 @@
 //!   filter so that only the metrics a mapping reads are materialised;
 //! - [`mapping`]: which metrics each engine (vLLM, SGLang, TRT-LLM, or a custom set given as
 //!   Go-EPP-style flag specs) publishes, and how they combine into `EndpointMetrics`;
+//! - [`dcgm`]: GPU utilization from an NVIDIA DCGM exporter page (`dcgm-extractor`);
+//! - [`fetch`] (feature `collector`): one HTTP(S) `GET` of a bounded page, for the sources
+//!   polled once per interval;
 //! - [`engines`]: the engines of a data-layer `core-metrics-extractor`, by name;
 //! - [`collector`] (feature `collector`, on by default): scrapes every endpoint on an interval
 //!   and publishes new pool snapshots, keeping the last good metrics of an endpoint whose scrape
@@ -46,7 +49,10 @@
 
 #[cfg(feature = "collector")]
 pub mod collector;
+pub mod dcgm;
 pub mod engines;
+#[cfg(feature = "collector")]
+pub mod fetch;
 pub mod mapping;
 pub mod render;
 pub mod text;

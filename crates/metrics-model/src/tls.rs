@@ -123,7 +123,7 @@ impl ScrapeTls {
     }
 
     /// Runs the TLS handshake over `stream`, checking the certificate against `address`'s IP.
-    pub(crate) async fn connect(
+    pub async fn connect(
         &self,
         address: SocketAddr,
         stream: TcpStream,

@@ -365,6 +365,8 @@ mod tests {
             "probabilistic-admitter",
             "program-aware-fairness",
             "vllmgrpc-parser",
+            "dcgm-data-source",
+            "model-server-protocol-metrics",
         ] {
             assert!(known.contains(&expected), "{expected} in {known:?}");
         }

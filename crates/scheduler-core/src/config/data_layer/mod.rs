@@ -6,7 +6,10 @@
 //! field. As the Go loader does, the metrics source and its extractor are injected unless
 //! `injectDefaults: false` or a source already references `metrics-data-source` by name; a
 //! declared plugin of that name is used as declared (with its parameters), otherwise one with
-//! default parameters is created. Data-layer plugins never enter a scheduling profile.
+//! default parameters is created. GIE v1.4's extractor, `model-server-protocol-metrics`,
+//! declared under that name (and no `core-metrics-extractor`), takes the injected extractor's
+//! place, and makes the config's data layer count as declared even without a section, since
+//! its parameters are data-layer settings. Data-layer plugins never enter a scheduling profile.
 
 pub mod plugins;
 
@@ -19,7 +22,7 @@ use crate::config::registry::{PluginRegistry, PluginSpec};
 use crate::config::{ConfigError, ConstructedPlugins, EndpointPickerConfig};
 pub use plugins::{
     CORE_METRICS_EXTRACTOR_TYPE, DataLayerPlugin, DataLayerRole, FILE_DISCOVERY_TYPE,
-    FileDiscoveryParameters, METRICS_DATA_SOURCE_TYPE,
+    FileDiscoveryParameters, METRICS_DATA_SOURCE_TYPE, MODEL_SERVER_PROTOCOL_METRICS_TYPE,
 };
 
 /// The `dataLayer` section as written.
@@ -180,7 +183,22 @@ impl EndpointPickerConfig {
             && !section.sources.iter().any(|source| source.plugin_ref == METRICS_DATA_SOURCE_TYPE)
         {
             let source = declared_or_default(plugins, registry, METRICS_DATA_SOURCE_TYPE)?;
-            let extractor = declared_or_default(plugins, registry, CORE_METRICS_EXTRACTOR_TYPE)?;
+            // GIE v1.4 configs declare the extractor under its old name and, in the docs'
+            // examples, no data section at all: that extractor is the one the default source
+            // feeds, and its parameters are the config's data layer.
+            let legacy = plugins.get(CORE_METRICS_EXTRACTOR_TYPE).is_none()
+                && plugins.get(MODEL_SERVER_PROTOCOL_METRICS_TYPE).is_some();
+            let extractor = if legacy {
+                resolved.declared = true;
+                lookup(
+                    plugins,
+                    "dataLayer (injected default source)",
+                    MODEL_SERVER_PROTOCOL_METRICS_TYPE,
+                    DataLayerRole::Extractor,
+                )?
+            } else {
+                declared_or_default(plugins, registry, CORE_METRICS_EXTRACTOR_TYPE)?
+            };
             if !source.plugin.accepts(&extractor.plugin) {
                 return Err(ConfigError::DataLayerMismatch {
                     field: "dataLayer (injected default source)".to_owned(),

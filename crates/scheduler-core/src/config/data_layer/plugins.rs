@@ -23,6 +23,20 @@ pub const MODELS_DATA_EXTRACTOR_TYPE: &str = "models-data-extractor";
 pub const FILE_DISCOVERY_TYPE: &str = "file-discovery";
 /// Type of the source notified when endpoints are added or removed.
 pub const ENDPOINT_NOTIFICATION_SOURCE_TYPE: &str = "endpoint-notification-source";
+/// GIE v1.4's name of the engine-metrics extractor (`core-metrics-extractor` since v1.5).
+pub const MODEL_SERVER_PROTOCOL_METRICS_TYPE: &str = "model-server-protocol-metrics";
+/// Type of the source that scrapes each endpoint's NVIDIA DCGM exporter (alpha in llm-d).
+pub const DCGM_DATA_SOURCE_TYPE: &str = "dcgm-data-source";
+/// Type of the extractor that reads GPU utilization from a DCGM exporter page (alpha).
+pub const DCGM_EXTRACTOR_TYPE: &str = "dcgm-extractor";
+/// The attribute under which `dcgm-extractor` publishes an endpoint's GPU utilization.
+pub const GPU_UTILIZATION_ATTRIBUTE: &str = "GPUUtilization";
+/// Port the DCGM exporter listens on unless `port` says otherwise.
+pub const DEFAULT_DCGM_PORT: u16 = 9400;
+/// Engine label key GIE v1.4's `model-server-protocol-metrics` reads by default.
+pub const GIE_V14_ENGINE_LABEL_KEY: &str = "inference.networking.k8s.io/engine-type";
+/// The engine configurations GIE v1.4's extractor ships.
+pub const GIE_V14_BUILTIN_ENGINE_NAMES: &[&str] = &["vllm", "sglang"];
 
 /// Default metrics page path.
 pub const DEFAULT_METRICS_PATH: &str = "/metrics";
@@ -88,6 +102,26 @@ pub struct ModelsSourceParameters {
     /// `insecureSkipVerify`, `caCertPath`, `clientCertPath`, `clientKeyPath`.
     pub tls: SourceTls,
     /// `interval`: poll period; `None` means every refresh tick.
+    pub interval: Option<Duration>,
+}
+
+/// Parameters of `dcgm-data-source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DcgmSourceParameters {
+    /// `scheme`: `http` (default) or `https`.
+    pub scheme: Scheme,
+    /// `path`: the exporter's metrics page (default `/metrics`).
+    pub path: String,
+    /// `port`: the exporter's port (default 9400); `None` when the config says `0`, which
+    /// (as in Go) means no override: the endpoint's own port is scraped.
+    pub port: Option<u16>,
+    /// `insecureSkipVerify` (default `true`); the Go source takes no CA or client identity,
+    /// so the other TLS fields are always unset.
+    pub tls: SourceTls,
+    /// `useNodeAddress`: scrape the endpoint's node (a DaemonSet exporter) instead of the
+    /// endpoint's own address (a sidecar exporter).
+    pub use_node_address: bool,
+    /// `interval`: scrape period; `None` means every refresh tick.
     pub interval: Option<Duration>,
 }
 
@@ -190,6 +224,10 @@ pub enum DataLayerPlugin {
     FileDiscovery(FileDiscoveryParameters),
     /// `endpoint-notification-source`.
     EndpointNotificationSource,
+    /// `dcgm-data-source`.
+    DcgmSource(DcgmSourceParameters),
+    /// `dcgm-extractor`.
+    DcgmExtractor,
 }
 
 /// What a data-layer plugin can be referenced as.
@@ -218,10 +256,13 @@ impl DataLayerPlugin {
     /// The role the plugin plays.
     pub fn role(&self) -> DataLayerRole {
         match self {
-            Self::MetricsSource(_) | Self::ModelsSource(_) | Self::EndpointNotificationSource => {
-                DataLayerRole::Source
+            Self::MetricsSource(_)
+            | Self::ModelsSource(_)
+            | Self::EndpointNotificationSource
+            | Self::DcgmSource(_) => DataLayerRole::Source,
+            Self::CoreMetricsExtractor(_) | Self::ModelsExtractor | Self::DcgmExtractor => {
+                DataLayerRole::Extractor
             }
-            Self::CoreMetricsExtractor(_) | Self::ModelsExtractor => DataLayerRole::Extractor,
             Self::FileDiscovery(_) => DataLayerRole::Discovery,
         }
     }
@@ -233,6 +274,7 @@ impl DataLayerPlugin {
             (self, extractor),
             (Self::MetricsSource(_), Self::CoreMetricsExtractor(_))
                 | (Self::ModelsSource(_), Self::ModelsExtractor)
+                | (Self::DcgmSource(_), Self::DcgmExtractor)
         )
     }
 }
@@ -334,6 +376,127 @@ fn models_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> 
     }))
 }
 
+/// The wire form of `dcgm-data-source`: Go's parameters, nothing more.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DcgmSourceWire {
+    #[serde(default)]
+    scheme: Scheme,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default = "default_true")]
+    insecure_skip_verify: bool,
+    #[serde(default)]
+    use_node_address: bool,
+    #[serde(default, deserialize_with = "crate::flow::units::optional_duration")]
+    interval: Option<Duration>,
+}
+
+impl Default for DcgmSourceWire {
+    fn default() -> Self {
+        Self {
+            scheme: Scheme::Http,
+            path: None,
+            port: None,
+            insecure_skip_verify: true,
+            use_node_address: false,
+            interval: None,
+        }
+    }
+}
+
+fn dcgm_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let wire: DcgmSourceWire = spec.parameters()?;
+    let path = match wire.path.as_deref() {
+        None | Some("") => DEFAULT_METRICS_PATH.to_owned(),
+        Some(path) if path.starts_with('/') => path.to_owned(),
+        Some(path) => return Err(invalid(format!("path: {path:?} must start with '/'"))),
+    };
+    let port = match wire.port {
+        None => Some(DEFAULT_DCGM_PORT),
+        Some(0) => None,
+        Some(port) => Some(port),
+    };
+    if wire.use_node_address && port.is_none() {
+        return Err(invalid("port: useNodeAddress needs the exporter's port (not 0)"));
+    }
+    Ok(DataLayerPlugin::DcgmSource(DcgmSourceParameters {
+        scheme: wire.scheme,
+        path,
+        port,
+        tls: SourceTls { insecure_skip_verify: wire.insecure_skip_verify, ..SourceTls::default() },
+        use_node_address: wire.use_node_address,
+        interval: wire.interval,
+    }))
+}
+
+/// GIE v1.4's extractor parameters: the five specs per engine, no more.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+struct ProtocolMetricsWire {
+    engine_label_key: String,
+    default_engine: String,
+    engine_configs: Vec<ProtocolEngineWire>,
+}
+
+impl Default for ProtocolMetricsWire {
+    fn default() -> Self {
+        Self {
+            engine_label_key: GIE_V14_ENGINE_LABEL_KEY.to_owned(),
+            default_engine: DEFAULT_ENGINE_NAME.to_owned(),
+            engine_configs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ProtocolEngineWire {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    queued_requests_spec: String,
+    #[serde(default)]
+    running_requests_spec: String,
+    #[serde(default)]
+    kv_usage_spec: String,
+    #[serde(default)]
+    lora_spec: String,
+    #[serde(default)]
+    cache_info_spec: String,
+}
+
+/// GIE v1.4's `model-server-protocol-metrics`: the same extractor as `core-metrics-extractor`
+/// with v1.4's defaults (label key `inference.networking.k8s.io/engine-type`, built-in engines
+/// `vllm` and `sglang`) and only the five v1.4 specs per engine.
+fn protocol_metrics_extractor(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let wire: ProtocolMetricsWire = spec.parameters()?;
+    let engine_configs: Vec<EngineConfig> = wire
+        .engine_configs
+        .into_iter()
+        .map(|engine| EngineConfig {
+            name: engine.name,
+            queued_requests_spec: engine.queued_requests_spec,
+            running_requests_spec: engine.running_requests_spec,
+            kv_usage_spec: engine.kv_usage_spec,
+            lora_spec: engine.lora_spec,
+            cache_info_spec: engine.cache_info_spec,
+            ..EngineConfig::default()
+        })
+        .collect();
+    let mut parameters = CoreMetricsExtractorParameters {
+        engine_label_key: wire.engine_label_key,
+        default_engine: wire.default_engine,
+        engine_configs,
+    };
+    if parameters.engine_label_key.is_empty() {
+        parameters.engine_label_key = GIE_V14_ENGINE_LABEL_KEY.to_owned();
+    }
+    check_extractor(parameters, GIE_V14_BUILTIN_ENGINE_NAMES)
+}
+
 /// Applies the Go extractor's defaults and checks its rules: engine names are non-empty,
 /// unique and not `default`, and the default engine is configured or built in. Metric spec
 /// syntax is checked by the metrics crate, which parses the specs.
@@ -344,6 +507,18 @@ fn core_metrics_extractor(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, Plug
     }
     if parameters.engine_label_key.is_empty() {
         parameters.engine_label_key = DEFAULT_ENGINE_LABEL_KEY.to_owned();
+    }
+    check_extractor(parameters, BUILTIN_ENGINE_NAMES)
+}
+
+/// The rules both extractor generations share; `builtins` are the engines the default engine
+/// may name without configuring it.
+fn check_extractor(
+    mut parameters: CoreMetricsExtractorParameters,
+    builtins: &[&str],
+) -> Result<DataLayerPlugin, PluginError> {
+    if parameters.default_engine.is_empty() {
+        parameters.default_engine = DEFAULT_ENGINE_NAME.to_owned();
     }
     for (index, engine) in parameters.engine_configs.iter().enumerate() {
         if engine.name.is_empty() {
@@ -374,13 +549,13 @@ fn core_metrics_extractor(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, Plug
         .engine_configs
         .iter()
         .map(|engine| engine.name.as_str())
-        .chain(BUILTIN_ENGINE_NAMES.iter().copied())
+        .chain(builtins.iter().copied())
         .any(|name| name == parameters.default_engine);
     if !known {
         return Err(invalid(format!(
             "defaultEngine: {:?} is neither in engineConfigs nor built in ({})",
             parameters.default_engine,
-            BUILTIN_ENGINE_NAMES.join(", ")
+            builtins.join(", ")
         )));
     }
     Ok(DataLayerPlugin::CoreMetricsExtractor(parameters))
@@ -406,6 +581,14 @@ pub(crate) fn register(registry: &mut PluginRegistry) {
     registry.register(MODELS_DATA_EXTRACTOR_TYPE, |spec| {
         spec.parameters::<NoParameters>()?;
         Ok(data(DataLayerPlugin::ModelsExtractor))
+    });
+    registry.register(MODEL_SERVER_PROTOCOL_METRICS_TYPE, |spec| {
+        protocol_metrics_extractor(spec).map(data)
+    });
+    registry.register_experimental(DCGM_DATA_SOURCE_TYPE, |spec| dcgm_source(spec).map(data));
+    registry.register_experimental(DCGM_EXTRACTOR_TYPE, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(data(DataLayerPlugin::DcgmExtractor))
     });
     registry.register(ENDPOINT_NOTIFICATION_SOURCE_TYPE, |spec| {
         spec.parameters::<NoParameters>()?;

@@ -310,3 +310,151 @@ fn building_refuses_a_broken_data_layer() {
     let error = config.build(&PluginRegistry::new()).unwrap_err();
     assert!(matches!(error, ConfigError::DataLayerDanglingRef { .. }), "{error}");
 }
+
+#[test]
+fn the_gie_v14_extractor_feeds_the_injected_source() {
+    let layer = resolve(
+        "featureGates: [dataLayer]
+plugins:
+- name: model-server-protocol-metrics
+  type: model-server-protocol-metrics
+  parameters: {defaultEngine: sglang}
+",
+    )
+    .unwrap();
+    assert!(layer.declared, "the extractor's parameters are data-layer settings");
+    assert_eq!(
+        names(&layer),
+        [pair(METRICS_DATA_SOURCE_TYPE, &[MODEL_SERVER_PROTOCOL_METRICS_TYPE])]
+    );
+    let DataLayerPlugin::CoreMetricsExtractor(parameters) = &*layer.sources[0].extractors[0].plugin
+    else {
+        panic!("not the engine-metrics extractor: {layer:?}");
+    };
+    assert_eq!(parameters.default_engine, "sglang");
+    assert_eq!(parameters.engine_label_key, plugins::GIE_V14_ENGINE_LABEL_KEY);
+}
+
+#[test]
+fn the_gie_v14_extractor_has_v14_parameters() {
+    let parameters = serde_json::json!({
+        "defaultEngine": "triton",
+        "engineConfigs": [{
+            "name": "triton",
+            "queuedRequestsSpec": "nv_trt_llm_request_metrics{request_type=waiting}",
+            "kvUsageSpec": "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}"
+        }]
+    });
+    let spec = PluginSpec {
+        parameters: Some(&parameters),
+        ..PluginSpec::of_type(MODEL_SERVER_PROTOCOL_METRICS_TYPE)
+    };
+    let plugin = PluginRegistry::new().create(&spec).unwrap();
+    let Some(DataLayerPlugin::CoreMetricsExtractor(parameters)) = plugin.data_layer.as_deref()
+    else {
+        panic!("not an extractor: {plugin:?}");
+    };
+    assert_eq!(parameters.engine_configs[0].running_requests_spec, "");
+    let cases = [
+        // v1.4 ships vllm and sglang only.
+        (serde_json::json!({"defaultEngine": "triton"}), "defaultEngine"),
+        // Later generations' fields are unknown to v1.4.
+        (
+            serde_json::json!({"engineConfigs": [{"name": "x", "customMetrics": []}]}),
+            "engineConfigs[0].customMetrics",
+        ),
+        (serde_json::json!({"engineConfigs": [{"name": "default"}]}), "reserved"),
+        (serde_json::json!({"engineConfigs": [{"name": ""}]}), "engineConfigs[0].name"),
+    ];
+    for (parameters, expected) in cases {
+        let error = plugin_error(MODEL_SERVER_PROTOCOL_METRICS_TYPE, parameters.clone());
+        assert!(error.contains(expected), "{parameters}: {error}");
+    }
+}
+
+#[test]
+fn dcgm_source_defaults_and_errors() {
+    let mut registry = PluginRegistry::new();
+    let refused = registry.create(&PluginSpec::of_type(plugins::DCGM_DATA_SOURCE_TYPE));
+    assert!(refused.is_err(), "alpha: refused without --allow-experimental-plugins");
+    registry.allow_experimental_plugins(true);
+    let plugin = registry.create(&PluginSpec::of_type(plugins::DCGM_DATA_SOURCE_TYPE)).unwrap();
+    assert_eq!(
+        plugin.data_layer.as_deref(),
+        Some(&DataLayerPlugin::DcgmSource(plugins::DcgmSourceParameters {
+            scheme: Scheme::Http,
+            path: "/metrics".into(),
+            port: Some(9400),
+            tls: SourceTls { insecure_skip_verify: true, ..SourceTls::default() },
+            use_node_address: false,
+            interval: None,
+        }))
+    );
+    let cases = [
+        (serde_json::json!({"port": 0, "useNodeAddress": true}), "port: useNodeAddress"),
+        (serde_json::json!({"port": -1}), "port"),
+        (serde_json::json!({"port": 70000}), "port"),
+        (serde_json::json!({"path": "metrics"}), "path"),
+        (serde_json::json!({"scheme": "ftp"}), "scheme"),
+        (serde_json::json!({"interval": "soon"}), "interval"),
+        (serde_json::json!({"caCertPath": "/ca.pem"}), "caCertPath"),
+    ];
+    for (parameters, expected) in cases {
+        let spec = PluginSpec {
+            parameters: Some(&parameters),
+            ..PluginSpec::of_type(plugins::DCGM_DATA_SOURCE_TYPE)
+        };
+        let error = registry.create(&spec).unwrap_err().to_string();
+        assert!(error.contains(expected), "{parameters}: {error}");
+    }
+}
+
+#[test]
+fn dcgm_extractor_binds_only_to_the_dcgm_source() {
+    let body = "plugins:
+- {type: dcgm-data-source, name: dcgm, parameters: {port: 9400, interval: 1s}}
+- {type: dcgm-extractor, name: gpu}
+- {type: core-metrics-extractor, name: core}
+dataLayer:
+  sources:
+  - pluginRef: dcgm
+    extractors: [{pluginRef: EXTRACTOR}]
+";
+    let resolve_experimental = |body: &str| {
+        let config = EndpointPickerConfig::from_yaml(&format!("{HEAD}{body}"))?;
+        let mut registry = PluginRegistry::new();
+        registry.allow_experimental_plugins(true);
+        let plugins = config.construct_plugins(&registry)?;
+        config.data_layer(&plugins, &registry)
+    };
+    let layer = resolve_experimental(&body.replace("EXTRACTOR", "gpu")).unwrap();
+    assert_eq!(
+        names(&layer),
+        [pair("dcgm", &["gpu"]), pair(METRICS_DATA_SOURCE_TYPE, &[CORE_METRICS_EXTRACTOR_TYPE])]
+    );
+    let error = resolve_experimental(&body.replace("EXTRACTOR", "core")).unwrap_err();
+    assert!(matches!(error, ConfigError::DataLayerMismatch { .. }), "{error}");
+}
+
+#[test]
+fn the_endpoint_notification_source_takes_no_extractor() {
+    let layer = resolve(
+        "plugins:
+- {type: endpoint-notification-source, name: events}
+dataLayer:
+  sources: [{pluginRef: events}]
+",
+    )
+    .unwrap();
+    assert_eq!(names(&layer)[0], pair("events", &[]));
+    let error = resolve(
+        "plugins:
+- {type: endpoint-notification-source, name: events}
+- {type: models-data-extractor}
+dataLayer:
+  sources: [{pluginRef: events, extractors: [{pluginRef: models-data-extractor}]}]
+",
+    )
+    .unwrap_err();
+    assert!(matches!(error, ConfigError::DataLayerMismatch { .. }), "{error}");
+}

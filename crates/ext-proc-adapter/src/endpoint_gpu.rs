@@ -1,0 +1,137 @@
+//! GPU utilization of each endpoint, scraped from its NVIDIA DCGM exporter
+//! (`dcgm-data-source` with `dcgm-extractor`): every interval, `GET path` on port `port` of
+//! every endpoint's host (its own port when the config says `port: 0`), over HTTP or HTTPS.
+//!
+//! Each answer gives the endpoint's utilization in `[0, 1]` (its busiest GPU, see
+//! [`metrics_model::dcgm`]), published as the attribute `GPUUtilization` of producer
+//! `dcgm-extractor`. A failed scrape keeps the last value (with its time, so a consumer can
+//! judge its age); an endpoint that leaves the pool loses its value. Pages over
+//! [`MAX_DCGM_PAGE_BYTES`] are refused.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics_model::ScrapeTls;
+use metrics_model::fetch::{self, PageRequest};
+use parking_lot::RwLock;
+use scheduler_core::{EndpointId, SharedPool};
+
+/// Largest exporter page read. A DCGM exporter page for an 8-GPU node with the default
+/// counters is about 100 KiB; a node-level exporter listing many pods stays well below this.
+pub const MAX_DCGM_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Longest wait for one exporter's answer, whatever the interval (as the Go source bounds
+/// each poll); a round that takes longer delays the next one.
+const MAX_FETCH_TIME: Duration = Duration::from_secs(1);
+
+/// How the exporters are scraped.
+#[derive(Clone, Debug)]
+pub struct GpuPollSettings {
+    /// Path of the exporter's page.
+    pub path: String,
+    /// Port of the exporter, on the endpoint's IP; `None` scrapes the endpoint's own port.
+    pub port: Option<u16>,
+    /// Time between two scrapes of the pool.
+    pub interval: Duration,
+    /// TLS client configuration; `None` scrapes over plain HTTP.
+    pub tls: Option<ScrapeTls>,
+}
+
+/// An endpoint's GPU utilization and when it was read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuUtilization {
+    /// The busiest GPU's utilization, `0.0` idle to `1.0` fully busy.
+    pub value: f64,
+    /// When the exporter reported it.
+    pub read_at: Instant,
+}
+
+/// The GPU utilization of every endpoint, from the last good scrape of each.
+#[derive(Debug, Default)]
+pub struct EndpointGpuUtilization {
+    by_endpoint: RwLock<HashMap<EndpointId, GpuUtilization>>,
+}
+
+impl EndpointGpuUtilization {
+    /// Endpoint `id`'s utilization at its last good scrape.
+    pub fn get(&self, id: EndpointId) -> Option<GpuUtilization> {
+        self.by_endpoint.read().get(&id).copied()
+    }
+
+    /// How many endpoints have a value.
+    pub fn len(&self) -> usize {
+        self.by_endpoint.read().len()
+    }
+
+    /// Whether no endpoint has a value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Scrapes every endpoint of `pool` each interval into `store`, until the task is dropped.
+pub async fn poll(
+    pool: Arc<SharedPool>,
+    store: Arc<EndpointGpuUtilization>,
+    settings: GpuPollSettings,
+) {
+    let interval = settings.interval.max(Duration::from_millis(1));
+    let fetch_time = MAX_FETCH_TIME;
+    let settings = Arc::new(settings);
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let endpoints: Vec<(EndpointId, SocketAddr, Arc<str>)> = pool
+            .load()
+            .endpoints()
+            .iter()
+            .map(|state| (state.id(), state.endpoint.address, Arc::clone(&state.endpoint.name)))
+            .collect();
+        let mut round = tokio::task::JoinSet::new();
+        for (id, address, name) in endpoints.iter().cloned() {
+            let settings = Arc::clone(&settings);
+            round.spawn(async move {
+                let exporter =
+                    SocketAddr::new(address.ip(), settings.port.unwrap_or(address.port()));
+                let read = scrape(exporter, &name, &settings, fetch_time).await;
+                (id, exporter, read)
+            });
+        }
+        let mut answered = Vec::new();
+        while let Some(joined) = round.join_next().await {
+            let Ok((id, exporter, read)) = joined else { continue };
+            match read {
+                Ok(value) => answered.push((id, GpuUtilization { value, read_at: Instant::now() })),
+                Err(error) => {
+                    tracing::debug!(%exporter, %error, "GPU utilization not read; keeping the last value");
+                }
+            }
+        }
+        let mut stored = store.by_endpoint.write();
+        stored.retain(|id, _| endpoints.iter().any(|(present, _, _)| present == id));
+        stored.extend(answered);
+    }
+}
+
+/// One endpoint's utilization from its exporter at `exporter`.
+async fn scrape(
+    exporter: SocketAddr,
+    pod: &str,
+    settings: &GpuPollSettings,
+    limit: Duration,
+) -> Result<f64, String> {
+    let request = PageRequest {
+        address: exporter,
+        path: &settings.path,
+        accept: "text/plain;version=0.0.4;q=1,*/*;q=0.1",
+        tls: settings.tls.as_ref(),
+        limit: MAX_DCGM_PAGE_BYTES,
+    };
+    let page = tokio::time::timeout(limit, fetch::get(request))
+        .await
+        .map_err(|_| format!("no answer within {limit:?}"))?
+        .map_err(|error| error.to_string())?;
+    metrics_model::dcgm::gpu_utilization(&page, pod).map_err(|error| error.to_string())
+}
