@@ -117,11 +117,16 @@ pub fn apply(layer: &ResolvedDataLayer, config: &mut ServerConfig) -> Result<(),
             return Err(DataLayerError::NodeAddress { source_name: source.source.name.clone() });
         }
         let tls = load_tls(&source.source.name, parameters.scheme, &parameters.tls)?;
+        let publish_to = source.extractors.iter().find_map(|extractor| match &*extractor.plugin {
+            DataLayerPlugin::DcgmExtractor(handle) => Some(std::sync::Arc::clone(&handle.0)),
+            _ => None,
+        });
         config.gpu = Some(GpuPollSettings {
             path: parameters.path.clone(),
             port: parameters.port,
             interval: parameters.interval.unwrap_or(base_interval),
             tls,
+            publish_to,
         });
     }
     Ok(())

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use metrics_model::ScrapeTls;
 use metrics_model::fetch::{self, PageRequest};
 use parking_lot::RwLock;
-use scheduler_core::{EndpointId, SharedPool};
+use scheduler_core::data_layer::plugins::GPU_UTILIZATION_ATTRIBUTE;
+use scheduler_core::{EndpointAttributes, EndpointId, SharedPool};
 
 /// Largest exporter page read. A DCGM exporter page for an 8-GPU node with the default
 /// counters is about 100 KiB; a node-level exporter listing many pods stays well below this.
@@ -36,6 +37,9 @@ pub struct GpuPollSettings {
     pub interval: Duration,
     /// TLS client configuration; `None` scrapes over plain HTTP.
     pub tls: Option<ScrapeTls>,
+    /// The extractor's attributes, where each round's values are published for
+    /// `endpoint-attribute-filter` and `endpoint-attribute-scorer`.
+    pub publish_to: Option<Arc<EndpointAttributes>>,
 }
 
 /// An endpoint's GPU utilization and when it was read.
@@ -112,6 +116,11 @@ pub async fn poll(
         let mut stored = store.by_endpoint.write();
         stored.retain(|id, _| endpoints.iter().any(|(present, _, _)| present == id));
         stored.extend(answered);
+        if let Some(attributes) = &settings.publish_to {
+            let values = stored.iter().map(|(&id, utilization)| (id, utilization.value)).collect();
+            drop(stored);
+            attributes.publish(GPU_UTILIZATION_ATTRIBUTE, values);
+        }
     }
 }
 

@@ -405,8 +405,10 @@ fn experimental_layer(
     let config = EndpointPickerConfig::from_yaml(yaml).unwrap();
     let mut registry = scorers::builtin_registry();
     registry.allow_experimental_plugins(true);
-    let scheduler = config.build(&registry).unwrap();
+    // One construction for both, as the epp binary does: the data layer feeds the instances
+    // the scheduler reads.
     let plugins = config.construct_plugins(&registry).unwrap();
+    let scheduler = config.build_with(&plugins, &registry).unwrap();
     let layer = config.data_layer(&plugins, &registry).unwrap();
     (scheduler, layer)
 }
@@ -473,11 +475,17 @@ DCGM_FI_DEV_FB_USED{gpu=\"0\",UUID=\"GPU-a\"} 20480
 ";
     let exporter = model_server(HashMap::from([("/dcgm", page.to_owned())])).await;
     let vllm = stand_in(0, 0.0, 0).await;
+    // Less loaded by its metrics, but its GPU is at 99%.
+    let busy_gpu = stand_in(0, 0.0, 0).await;
     let dir = tempdir();
     let endpoints = dir.join("pool.yaml");
     std::fs::write(
         &endpoints,
-        format!("- {{address: 127.0.0.1, port: {}, name: vllm-0}}\n", vllm.port()),
+        format!(
+            "- {{address: 127.0.0.1, port: {}, name: vllm-0}}\n- {{address: 127.0.0.1, port: {}, name: vllm-1}}\n",
+            vllm.port(),
+            busy_gpu.port()
+        ),
     )
     .unwrap();
     let yaml = format!(
@@ -490,6 +498,13 @@ plugins:
   parameters: {{port: {}, path: /dcgm, interval: 20ms}}
 - type: dcgm-extractor
   name: dcgm-extractor
+- type: endpoint-attribute-filter
+  name: gpu-utilization-filter
+  parameters:
+    attribute: GPUUtilization
+    producer: dcgm-extractor
+    onMissing: Fail
+    algorithm: {{type: threshold, threshold: {{operator: LessThanOrEqual, value: 0.9}}}}
 - name: files
   type: file-discovery
   parameters: {{path: {}}}
@@ -499,6 +514,11 @@ dataLayer:
     extractors:
     - pluginRef: dcgm-extractor
   discovery: {{pluginRef: files}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: gpu-utilization-filter
+  - pluginRef: max-score-picker
 ",
         exporter.port(),
         endpoints.display()
@@ -519,7 +539,14 @@ dataLayer:
     let id = EndpointId::from_address(vllm);
     let read = eventually("GPU utilization", || store.get(id)).await;
     assert_eq!(read.value, 0.8, "the busiest of the pod's own GPUs, scaled to [0, 1]");
-    assert_eq!(store.len(), 1);
+    eventually("both endpoints' utilization", || (store.len() == 2).then_some(())).await;
+    // The filter reads the published utilization: the endpoint whose GPU is at 99% is left
+    // out, though the picker would otherwise break the tie at random.
+    let mut client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(route_once(&mut client).await, vllm.to_string());
+    }
     running.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -60,6 +60,7 @@ pub use config::{
 pub use director::{
     Director, DirectorBuildError, DirectorOptions, MAX_REPORTED_MODEL_BYTES, Rejection, Routed,
 };
+pub use pool::attributes::{AttributeHandle, AttributeValues, EndpointAttributes};
 pub use pool::dispatch_log::{DISPATCH_RING_SLOTS, DispatchLog, PendingDispatches};
 pub use pool::endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,

@@ -20,6 +20,7 @@
 //! | `session-affinity-filter` (experimental) | filter | [`session_affinity`] |
 //! | `session-affinity-scorer` (experimental) | scorer | [`session_affinity`] |
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
+//! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
@@ -53,6 +54,7 @@
 
 pub mod active_request;
 pub mod context_length;
+pub mod endpoint_attribute;
 pub mod header_label_affinity;
 pub mod kv_cache;
 pub mod label_filter;
@@ -79,6 +81,10 @@ use scheduler_core::{
 
 pub use active_request::ActiveRequestScorer;
 pub use context_length::{ContextLengthAware, ContextLengthParameters};
+pub use endpoint_attribute::{
+    EndpointAttributeFilter, EndpointAttributeFilterParameters, EndpointAttributeScorer,
+    EndpointAttributeScorerParameters,
+};
 pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters, RoleFilter};
@@ -185,6 +191,14 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             Ok(Plugin::filter(LabelSelectorFilter::new(spec.parameters()?)?))
         });
     }
+    registry.register_experimental(endpoint_attribute::FILTER_TYPE_NAME, |spec| {
+        let filter = Arc::new(EndpointAttributeFilter::new(spec.parameters()?)?);
+        Ok(Plugin { filter: Some(filter.clone()), binder: Some(filter), ..Plugin::default() })
+    });
+    registry.register_experimental(endpoint_attribute::SCORER_TYPE_NAME, |spec| {
+        let scorer = Arc::new(EndpointAttributeScorer::new(spec.parameters()?)?);
+        Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
+    });
     registry.register_experimental(session_affinity::FILTER_TYPE_NAME, |spec| {
         let filter = Arc::new(SessionAffinityFilter::new(spec.parameters()?)?);
         Ok(Plugin {

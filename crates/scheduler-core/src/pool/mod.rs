@@ -4,6 +4,7 @@
 //! scheduler) load the current one without locking. Endpoints and their metrics live in one
 //! value so a reader never sees an endpoint list from one update and metrics from another.
 
+pub(crate) mod attributes;
 pub(crate) mod dispatch_log;
 pub(crate) mod endpoint;
 pub(crate) mod staleness;

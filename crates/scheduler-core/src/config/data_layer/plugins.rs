@@ -226,8 +226,8 @@ pub enum DataLayerPlugin {
     EndpointNotificationSource,
     /// `dcgm-data-source`.
     DcgmSource(DcgmSourceParameters),
-    /// `dcgm-extractor`.
-    DcgmExtractor,
+    /// `dcgm-extractor`, with the attributes it publishes.
+    DcgmExtractor(crate::pool::attributes::AttributeHandle),
 }
 
 /// What a data-layer plugin can be referenced as.
@@ -260,7 +260,7 @@ impl DataLayerPlugin {
             | Self::ModelsSource(_)
             | Self::EndpointNotificationSource
             | Self::DcgmSource(_) => DataLayerRole::Source,
-            Self::CoreMetricsExtractor(_) | Self::ModelsExtractor | Self::DcgmExtractor => {
+            Self::CoreMetricsExtractor(_) | Self::ModelsExtractor | Self::DcgmExtractor(_) => {
                 DataLayerRole::Extractor
             }
             Self::FileDiscovery(_) => DataLayerRole::Discovery,
@@ -274,7 +274,7 @@ impl DataLayerPlugin {
             (self, extractor),
             (Self::MetricsSource(_), Self::CoreMetricsExtractor(_))
                 | (Self::ModelsSource(_), Self::ModelsExtractor)
-                | (Self::DcgmSource(_), Self::DcgmExtractor)
+                | (Self::DcgmSource(_), Self::DcgmExtractor(_))
         )
     }
 }
@@ -588,7 +588,9 @@ pub(crate) fn register(registry: &mut PluginRegistry) {
     registry.register_experimental(DCGM_DATA_SOURCE_TYPE, |spec| dcgm_source(spec).map(data));
     registry.register_experimental(DCGM_EXTRACTOR_TYPE, |spec| {
         spec.parameters::<NoParameters>()?;
-        Ok(data(DataLayerPlugin::DcgmExtractor))
+        let handle = crate::pool::attributes::AttributeHandle::default();
+        let shared = std::sync::Arc::clone(&handle.0);
+        Ok(Plugin { shared: Some(shared), ..data(DataLayerPlugin::DcgmExtractor(handle)) })
     });
     registry.register(ENDPOINT_NOTIFICATION_SOURCE_TYPE, |spec| {
         spec.parameters::<NoParameters>()?;
