@@ -19,12 +19,11 @@ use parking_lot::RwLock;
 use scheduler_core::data_layer::plugins::GPU_UTILIZATION_ATTRIBUTE;
 use scheduler_core::{EndpointAttributes, EndpointId, SharedPool};
 
+use crate::endpoint_poll::{MAX_FETCH_TIME, poll_round, ticks};
+
 /// Largest exporter page read. A DCGM exporter page for an 8-GPU node with the default
 /// counters is about 100 KiB; a node-level exporter listing many pods stays well below this.
 pub const MAX_DCGM_PAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Longest wait for one exporter's answer, whatever the interval (as the Go source bounds
-/// each poll); a round that takes longer delays the next one.
-const MAX_FETCH_TIME: Duration = Duration::from_secs(1);
 
 /// How the exporters are scraped.
 #[derive(Clone, Debug)]
@@ -80,39 +79,21 @@ pub async fn poll(
     store: Arc<EndpointGpuUtilization>,
     settings: GpuPollSettings,
 ) {
-    let interval = settings.interval.max(Duration::from_millis(1));
+    let mut ticks = ticks(settings.interval);
     let fetch_time = MAX_FETCH_TIME;
     let settings = Arc::new(settings);
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let endpoints: Vec<(EndpointId, SocketAddr, Arc<str>)> = pool
-            .load()
-            .endpoints()
-            .iter()
-            .map(|state| (state.id(), state.endpoint.address, Arc::clone(&state.endpoint.name)))
-            .collect();
-        let mut round = tokio::task::JoinSet::new();
-        for (id, address, name) in endpoints.iter().cloned() {
+        let (endpoints, answered) = poll_round(&pool, "GPU utilization", |(_, address, name)| {
             let settings = Arc::clone(&settings);
-            round.spawn(async move {
+            async move {
                 let exporter =
                     SocketAddr::new(address.ip(), settings.port.unwrap_or(address.port()));
-                let read = scrape(exporter, &name, &settings, fetch_time).await;
-                (id, exporter, read)
-            });
-        }
-        let mut answered = Vec::new();
-        while let Some(joined) = round.join_next().await {
-            let Ok((id, exporter, read)) = joined else { continue };
-            match read {
-                Ok(value) => answered.push((id, GpuUtilization { value, read_at: Instant::now() })),
-                Err(error) => {
-                    tracing::debug!(%exporter, %error, "GPU utilization not read; keeping the last value");
-                }
+                let value = scrape(exporter, &name, &settings, fetch_time).await?;
+                Ok(GpuUtilization { value, read_at: Instant::now() })
             }
-        }
+        })
+        .await;
         let mut stored = store.by_endpoint.write();
         stored.retain(|id, _| endpoints.iter().any(|(present, _, _)| present == id));
         stored.extend(answered);

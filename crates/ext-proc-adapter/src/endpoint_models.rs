@@ -19,13 +19,10 @@ use scheduler_core::{EndpointId, SharedPool};
 use crate::bbr::MAX_MODEL_NAME_BYTES;
 use crate::bbr::models_poller::ModelList;
 pub use crate::bbr::models_poller::{MAX_MODELS_RESPONSE_BYTES, ModelsFetchError};
+use crate::endpoint_poll::{MAX_FETCH_TIME, poll_round, ticks};
 
 /// Most models kept per endpoint.
 pub const MAX_MODELS_PER_ENDPOINT: usize = 1024;
-/// Longest wait for one endpoint's answer, whatever the interval (as the Go sources bound
-/// each poll): a short interval must not cut a TLS handshake short. A round that takes
-/// longer delays the next one.
-const MAX_FETCH_TIME: Duration = Duration::from_secs(1);
 
 /// A model an endpoint serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,39 +101,21 @@ pub async fn poll(
     models: Arc<EndpointModels>,
     settings: ModelsPollSettings,
 ) {
-    let interval = settings.interval.max(Duration::from_millis(1));
+    let mut ticks = ticks(settings.interval);
     let fetch_time = MAX_FETCH_TIME;
     let settings = Arc::new(settings);
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let endpoints: Vec<(EndpointId, std::net::SocketAddr)> = pool
-            .load()
-            .endpoints()
-            .iter()
-            .map(|state| (state.id(), state.endpoint.address))
-            .collect();
-        let mut round = tokio::task::JoinSet::new();
-        for (id, address) in endpoints.iter().copied() {
+        let (endpoints, answered) = poll_round(&pool, "model list", |(_, address, _)| {
             let settings = Arc::clone(&settings);
-            round.spawn(async move {
-                let fetched = fetch_models(address, &settings, fetch_time).await;
-                (id, address, fetched)
-            });
-        }
-        let mut answered = Vec::new();
-        while let Some(joined) = round.join_next().await {
-            let Ok((id, address, fetched)) = joined else { continue };
-            match fetched {
-                Ok(list) => answered.push((id, Arc::<[ServedModel]>::from(list))),
-                Err(error) => {
-                    tracing::debug!(%address, %error, "model list not read; keeping its last answer");
-                }
+            async move {
+                let list = fetch_models(address, &settings, fetch_time).await?;
+                Ok(Arc::<[ServedModel]>::from(list))
             }
-        }
+        })
+        .await;
         let mut stored = models.by_endpoint.write();
-        stored.retain(|id, _| endpoints.iter().any(|(present, _)| present == id));
+        stored.retain(|id, _| endpoints.iter().any(|(present, _, _)| present == id));
         stored.extend(answered);
     }
 }

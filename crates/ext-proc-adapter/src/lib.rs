@@ -62,6 +62,7 @@ pub mod cli;
 pub mod data_layer;
 pub mod endpoint_gpu;
 pub mod endpoint_models;
+mod endpoint_poll;
 pub mod endpoints_file;
 pub mod exchange;
 mod file_watch;

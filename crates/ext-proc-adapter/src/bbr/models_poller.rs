@@ -14,13 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::header::{ACCEPT, HOST};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use metrics_model::fetch::{self, FetchError, PageRequest};
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::MAX_MODEL_NAME_BYTES;
@@ -38,21 +33,10 @@ const MAX_FETCH_TIME: Duration = Duration::from_secs(5);
 /// Why one endpoint's models could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelsFetchError {
-    /// No TCP connection.
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
-    /// The HTTP exchange failed.
-    #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
-    /// The request could not be built.
-    #[error("request: {0}")]
-    Request(#[from] hyper::http::Error),
-    /// The server answered with an error status.
-    #[error("status {0}")]
-    Status(StatusCode),
-    /// The answer exceeded [`MAX_MODELS_RESPONSE_BYTES`].
-    #[error("answer larger than {MAX_MODELS_RESPONSE_BYTES} bytes")]
-    TooLarge,
+    /// The page could not be fetched (no connection, a failed exchange, an error status, an
+    /// answer over [`MAX_MODELS_RESPONSE_BYTES`]).
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
     /// The answer is not an OpenAI model list.
     #[error("not a model list: {0}")]
     NotAModelList(#[from] serde_json::Error),
@@ -161,34 +145,18 @@ async fn fetch_adapters(
     adapters_in(&answer)
 }
 
-/// `GET path` (a model list) over a fresh HTTP/1 connection (one request per interval per
-/// endpoint: not worth keeping connections open), at most [`MAX_MODELS_RESPONSE_BYTES`] read.
+/// `GET path` (a model list) over a fresh plain-HTTP connection (one request per interval
+/// per endpoint: not worth keeping connections open), at most [`MAX_MODELS_RESPONSE_BYTES`]
+/// read.
 pub(crate) async fn fetch(address: SocketAddr, path: &str) -> Result<Vec<u8>, ModelsFetchError> {
-    let stream = TcpStream::connect(address).await.map_err(ModelsFetchError::Connect)?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    // The connection ends when the sender is dropped (answer read, or the timeout fired).
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = Request::get(path)
-        .header(HOST, address.to_string())
-        .header(ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    if !response.status().is_success() {
-        return Err(ModelsFetchError::Status(response.status()));
-    }
-    let mut body = response.into_body();
-    let mut answer = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
-        if answer.len() + data.len() > MAX_MODELS_RESPONSE_BYTES {
-            return Err(ModelsFetchError::TooLarge);
-        }
-        answer.extend_from_slice(&data);
-    }
-    Ok(answer)
+    let request = PageRequest {
+        address,
+        path,
+        accept: "application/json",
+        tls: None,
+        limit: MAX_MODELS_RESPONSE_BYTES,
+    };
+    Ok(fetch::get(request).await?)
 }
 
 #[cfg(test)]
