@@ -6,6 +6,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -319,6 +320,17 @@ fn bad_tls_files_and_two_discoveries_are_refused_by_name() {
     assert!(!config.watch_endpoints_file, "watchFile defaults to false, as in Go");
 }
 
+/// In a fresh directory: the CA file `cert_pem` and an endpoints file listing `address`.
+fn ca_and_pool_files(cert_pem: &str, address: SocketAddr) -> (PathBuf, PathBuf) {
+    let dir = tempdir();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, cert_pem).unwrap();
+    let endpoints = dir.join("pool.yaml");
+    std::fs::write(&endpoints, format!("- {{address: 127.0.0.1, port: {}}}\n", address.port()))
+        .unwrap();
+    (ca, endpoints)
+}
+
 #[tokio::test]
 async fn an_https_metrics_source_scrapes_a_tls_server_verified_by_its_ca_file() {
     let (address, cert_pem) = tls_model_server(
@@ -326,12 +338,7 @@ async fn an_https_metrics_source_scrapes_a_tls_server_verified_by_its_ca_file() 
             .to_owned(),
     )
     .await;
-    let dir = tempdir();
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, cert_pem).unwrap();
-    let endpoints = dir.join("pool.yaml");
-    std::fs::write(&endpoints, format!("- {{address: 127.0.0.1, port: {}}}\n", address.port()))
-        .unwrap();
+    let (ca, endpoints) = ca_and_pool_files(&cert_pem, address);
     let yaml = format!(
         "apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -417,12 +424,7 @@ fn experimental_layer(
 async fn an_https_models_source_polls_a_tls_server_verified_by_its_ca_file() {
     let models = r#"{"object":"list","data":[{"id":"base"},{"id":"sql-lora","parent":"base"}]}"#;
     let (address, cert_pem) = tls_server(HashMap::from([("/v1/models", models.to_owned())])).await;
-    let dir = tempdir();
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, cert_pem).unwrap();
-    let endpoints = dir.join("pool.yaml");
-    std::fs::write(&endpoints, format!("- {{address: 127.0.0.1, port: {}}}\n", address.port()))
-        .unwrap();
+    let (ca, endpoints) = ca_and_pool_files(&cert_pem, address);
     let yaml = format!(
         "apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
