@@ -250,6 +250,23 @@ impl EppMetrics {
             "Endpoints with fresh metrics",
             pool_ready.clone(),
         );
+        // llm-d-router's names for the same pool gauges (same `name` label): what a peer's
+        // multicluster-metrics-extractor scrapes by default.
+        registry.register(
+            "llm_d_epp_average_kv_cache_utilization",
+            "Mean KV-cache utilisation of the pool's endpoints with fresh metrics",
+            pool_kv_cache.clone(),
+        );
+        registry.register(
+            "llm_d_epp_average_queue_size",
+            "Mean waiting-queue length of the pool's endpoints with fresh metrics",
+            pool_queue.clone(),
+        );
+        registry.register(
+            "llm_d_epp_ready_endpoints",
+            "Endpoints with fresh metrics",
+            pool_ready.clone(),
+        );
         registry.register(
             "inference_extension_flow_control_queue_size",
             "Requests held in the flow-control queues, by priority band",

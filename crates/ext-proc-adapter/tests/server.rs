@@ -293,6 +293,9 @@ async fn the_collector_keeps_endpoint_metrics_fresh_and_drives_readiness() {
     let text = http_get(running.metrics_address, "/metrics").await;
     assert!(text.contains("inference_pool_ready_pods{name=\"test-pool\"} 1"), "{text}");
     assert!(text.contains("inference_pool_average_queue_size{name=\"test-pool\"} 4.0"), "{text}");
+    // The same gauge under llm-d-router's name, which a peer cluster's EPP scrapes.
+    assert!(text.contains("llm_d_epp_average_queue_size{name=\"test-pool\"} 4.0"), "{text}");
+    assert!(text.contains("llm_d_epp_ready_endpoints{name=\"test-pool\"} 1"), "{text}");
     running.shutdown(Duration::from_secs(1)).await;
 }
 
