@@ -79,11 +79,7 @@ impl ProbabilisticAdmitter {
     /// An admitter with `parameters`, drawing from a generator seeded at random; refused with
     /// an error naming the parameter when one is not above 0 (or not finite).
     pub fn new(parameters: &ProbabilisticAdmitterParameters) -> Result<Self, PluginError> {
-        // The standard library's hasher keys are random per process.
-        let seed = std::hash::BuildHasher::hash_one(
-            &std::collections::hash_map::RandomState::new(),
-            PROBABILISTIC_ADMITTER_TYPE,
-        );
+        let seed = crate::scheduling::scheduler::process_random_seed();
         Self::with_rng(parameters, SmallRng::seed_from_u64(seed))
     }
 

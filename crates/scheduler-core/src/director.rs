@@ -20,7 +20,7 @@ use crate::request::body::{ApiKind, BodyError};
 use crate::request::parser::ParserTable;
 use crate::rewrite::{ModelRewrites, ModelRoute};
 use crate::scheduling::result::{CompletionGuard, SchedulingError};
-use crate::scheduling::scheduler::Scheduler;
+use crate::scheduling::scheduler::{Scheduler, collect_subset};
 
 /// What the director needs to know beyond the scheduler and the pool.
 #[derive(Clone, Debug)]
@@ -449,12 +449,14 @@ impl Director {
 
         let pool = self.pool.load();
         if !self.admitters.is_empty() {
-            let subset = request.endpoint_subset.as_deref();
-            let candidates: Vec<&crate::EndpointState> = pool
-                .endpoints()
-                .iter()
-                .filter(|state| subset.is_none_or(|s| s.contains(&state.endpoint.address)))
-                .collect();
+            let candidates: Vec<&crate::EndpointState> = match request.endpoint_subset.as_deref() {
+                Some(subset) => {
+                    let mut positions = Vec::with_capacity(subset.len());
+                    collect_subset(&pool, subset, &mut positions);
+                    positions.iter().filter_map(|&position| pool.get(position)).collect()
+                }
+                None => pool.endpoints().iter().collect(),
+            };
             for admitter in &self.admitters {
                 admitter.admit(&request, &candidates)?;
             }

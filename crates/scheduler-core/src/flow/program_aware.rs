@@ -136,8 +136,13 @@ struct Programs {
 }
 
 impl Programs {
-    fn entry(&mut self, program: &str, now: Instant) -> &mut Program {
-        self.by_id.entry(program.to_owned()).or_insert_with(|| Program::new(now))
+    /// Runs `f` on `program`'s state, created at `now` if new; the name is copied only then,
+    /// not on every request of a known program.
+    fn with<R>(&mut self, program: &str, now: Instant, f: impl FnOnce(&mut Program) -> R) -> R {
+        if let Some(state) = self.by_id.get_mut(program) {
+            return f(state);
+        }
+        f(self.by_id.entry(program.to_owned()).or_insert_with(|| Program::new(now)))
     }
 }
 
@@ -233,26 +238,27 @@ impl ProgramAwareFairness {
         }
         let mut programs = self.programs.lock();
         self.maybe_sweep(&mut programs, now);
-        let scored: Vec<(f64, f64)> = flows
-            .iter()
-            .map(|flow| {
-                let service =
-                    programs.entry(flow.program, now).service_at(now, self.half_life_seconds);
-                // Whole milliseconds, as the reference implementation counts them.
-                let waited = now.saturating_duration_since(flow.head_enqueued_at).as_millis();
-                (service, waited as f64)
-            })
-            .collect();
-        drop(programs);
-        let range = |values: &mut dyn Iterator<Item = f64>| {
-            values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+        let half_life = self.half_life_seconds;
+        // Whole milliseconds, as the reference implementation counts them.
+        let waited = |flow: &FlowHead<'_>| {
+            now.saturating_duration_since(flow.head_enqueued_at).as_millis() as f64
         };
-        let (min_service, max_service) = range(&mut scored.iter().map(|&(service, _)| service));
-        let (min_wait, max_wait) = range(&mut scored.iter().map(|&(_, wait)| wait));
+        let (mut min_service, mut max_service) = (f64::INFINITY, f64::NEG_INFINITY);
+        let (mut min_wait, mut max_wait) = (f64::INFINITY, f64::NEG_INFINITY);
+        for flow in flows {
+            let service =
+                programs.with(flow.program, now, |state| state.service_at(now, half_life));
+            let wait = waited(flow);
+            (min_service, max_service) = (min_service.min(service), max_service.max(service));
+            (min_wait, max_wait) = (min_wait.min(wait), max_wait.max(wait));
+        }
         let mut best: Option<(usize, f64)> = None;
-        for (index, &(service, wait)) in scored.iter().enumerate() {
+        for (index, flow) in flows.iter().enumerate() {
+            // Decay was folded in up to `now` above: this reads the same value again.
+            let service =
+                programs.with(flow.program, now, |state| state.service_at(now, half_life));
             let score = self.weight_service * (1.0 - normalize(service, min_service, max_service))
-                + self.weight_head_wait * normalize(wait, min_wait, max_wait);
+                + self.weight_head_wait * normalize(waited(flow), min_wait, max_wait);
             if best.is_none_or(|(_, top)| score > top) {
                 best = Some((index, score));
             }
@@ -262,19 +268,19 @@ impl ProgramAwareFairness {
 
     /// Records that a request of `program` left its queue after waiting `waited`.
     pub fn record_wait(&self, program: &str, waited: Duration, now: Instant) {
-        let mut programs = self.programs.lock();
-        let state = programs.entry(program, now);
-        state.waits += 1;
         let waited_ms = waited.as_millis() as f64;
-        state.mean_wait_ms += (waited_ms - state.mean_wait_ms) / state.waits as f64;
+        self.programs.lock().with(program, now, |state| {
+            state.waits += 1;
+            state.mean_wait_ms += (waited_ms - state.mean_wait_ms) / state.waits as f64;
+        });
     }
 
     /// Counts a scheduled request of `program` as dispatched and in flight.
     pub fn record_dispatched(&self, program: &str, now: Instant) {
-        let mut programs = self.programs.lock();
-        let state = programs.entry(program, now);
-        state.dispatched += 1;
-        state.in_flight += 1;
+        self.programs.lock().with(program, now, |state| {
+            state.dispatched += 1;
+            state.in_flight += 1;
+        });
     }
 
     /// Ends the flight of a request of `program` that used `prompt_tokens` and
@@ -288,12 +294,13 @@ impl ProgramAwareFairness {
     ) {
         let mut programs = self.programs.lock();
         let half_life = self.half_life_seconds;
-        let state = programs.entry(program, now);
-        state.service_at(now, half_life);
-        state.service += PROMPT_TOKEN_COST * prompt_tokens as f64
-            + COMPLETION_TOKEN_COST * completion_tokens as f64;
-        state.in_flight = state.in_flight.saturating_sub(1);
-        state.last_completion = now;
+        programs.with(program, now, |state| {
+            state.service_at(now, half_life);
+            state.service += PROMPT_TOKEN_COST * prompt_tokens as f64
+                + COMPLETION_TOKEN_COST * completion_tokens as f64;
+            state.in_flight = state.in_flight.saturating_sub(1);
+            state.last_completion = now;
+        });
         self.maybe_sweep(&mut programs, now);
     }
 

@@ -369,7 +369,9 @@ impl Scheduler {
     }
 }
 
-fn collect_subset(pool: &PoolSnapshot, subset: &[SocketAddr], out: &mut Vec<u32>) {
+/// The pool positions of the endpoints of `subset` that the pool holds, each once, in the
+/// subset's order.
+pub(crate) fn collect_subset(pool: &PoolSnapshot, subset: &[SocketAddr], out: &mut Vec<u32>) {
     for address in subset {
         let by_id = pool
             .index_of(EndpointId::from_address(*address))
@@ -390,7 +392,7 @@ fn collect_subset(pool: &PoolSnapshot, subset: &[SocketAddr], out: &mut Vec<u32>
 
 /// A seed that differs between processes, from the standard library's per-process hash keys
 /// (no dependency on an OS random source for something that is not security-relevant).
-fn process_random_seed() -> u64 {
+pub(crate) fn process_random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new().build_hasher().finish()
 }

@@ -320,6 +320,15 @@ fn default_true() -> bool {
     true
 }
 
+/// A source's `path`: `default` when unset or empty, else it must start with `/`.
+fn source_path(path: Option<&str>, default: &str) -> Result<String, PluginError> {
+    match path {
+        None | Some("") => Ok(default.to_owned()),
+        Some(path) if path.starts_with('/') => Ok(path.to_owned()),
+        Some(path) => Err(invalid(format!("path: {path:?} must start with '/'"))),
+    }
+}
+
 fn invalid(message: impl Into<String>) -> PluginError {
     PluginError::InvalidParameters(message.into())
 }
@@ -327,11 +336,7 @@ fn invalid(message: impl Into<String>) -> PluginError {
 impl HttpSourceWire {
     /// Checks what the Go factories check, and returns the path (`default_path` when unset).
     fn validate(&self, default_path: &str) -> Result<(String, SourceTls), PluginError> {
-        let path = match self.path.as_deref() {
-            None | Some("") => default_path.to_owned(),
-            Some(path) if path.starts_with('/') => path.to_owned(),
-            Some(path) => return Err(invalid(format!("path: {path:?} must start with '/'"))),
-        };
+        let path = source_path(self.path.as_deref(), default_path)?;
         if self.port == Some(0) {
             return Err(invalid("port: 0 is not a port (1-65535)"));
         }
@@ -409,11 +414,7 @@ impl Default for DcgmSourceWire {
 
 fn dcgm_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
     let wire: DcgmSourceWire = spec.parameters()?;
-    let path = match wire.path.as_deref() {
-        None | Some("") => DEFAULT_METRICS_PATH.to_owned(),
-        Some(path) if path.starts_with('/') => path.to_owned(),
-        Some(path) => return Err(invalid(format!("path: {path:?} must start with '/'"))),
-    };
+    let path = source_path(wire.path.as_deref(), DEFAULT_METRICS_PATH)?;
     let port = match wire.port {
         None => Some(DEFAULT_DCGM_PORT),
         Some(0) => None,
