@@ -27,7 +27,7 @@ fn build(declared: &str, profile: &str) -> Result<Built, String> {
 - {{type: dcgm-data-source, name: dcgm-source}}
 - {{type: dcgm-extractor, name: dcgm-extractor}}
 - type: max-score-picker
-  parameters: {{maxNumOfEndpoints: 10}}
+  parameters: {{maxNumOfEndpoints: 16}}
 {declared}
 dataLayer:
   sources:
@@ -218,7 +218,7 @@ proptest! {
 
     #[test]
     fn scores_stay_in_the_unit_interval_and_the_filter_only_removes(
-        values in proptest::collection::vec(value(), 1..12),
+        values in proptest::collection::vec(value(), 1..16),
         lower in any::<bool>(),
         fixed in any::<bool>(),
         threshold in -1.0f64..2.0,
