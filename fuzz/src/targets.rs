@@ -83,6 +83,10 @@ pub fn config(data: &[u8]) {
             assert!(targets.contains(&*applied.target), "a target the rules name");
         }
     }
+    // And as an endpoints file (either shape): refused or parsed, every port a real one.
+    if let Ok(entries) = ext_proc_adapter::endpoints_file::parse_bytes("fuzz.yaml".as_ref(), data) {
+        assert!(entries.iter().all(|entry| entry.port > 0), "ports are 1-65535");
+    }
     let metrics = Arc::new(scheduler_core::flow::FlowMetrics::new());
     let _ = scheduler_core::flow::ObjectiveResolver::from_yaml(text, Arc::clone(&metrics));
     let Ok(config) = EndpointPickerConfig::from_yaml(text) else { return };
@@ -458,6 +462,13 @@ pub fn prometheus_text(data: &[u8]) {
         kv_cache_usage_percentage: "vllm:kv_cache_usage_perc",
         ..FlagSpecs::default()
     });
+    // A peer cluster's page, as the multi-cluster extractor reads it.
+    let averages =
+        ["llm_d_epp_average_kv_cache_utilization", "llm_d_epp_average_queue_size{name=\"pool\"}"]
+            .map(|spec| metrics_model::mapping::MetricSpec::parse(spec).expect("a valid spec"));
+    if let Ok(values) = metrics_model::latest::latest_values(data, &[&averages[0], &averages[1]]) {
+        assert_eq!(values.len(), 2, "one value slot per spec");
+    }
     let now = Instant::now();
     let engines = [Engine::Vllm, Engine::Sglang, Engine::TrtLlm];
     for mapping in engines.iter().map(Engine::mapping).chain(custom.as_ref().ok()) {

@@ -10,6 +10,10 @@
 //! settings. The first `dcgm-data-source` with `dcgm-extractor` scrapes the endpoints' DCGM
 //! exporters for GPU utilization ([`crate::endpoint_gpu`]).
 //!
+//! The first `multicluster-metrics-data-source` with its extractor scrapes the peer clusters'
+//! pool averages ([`crate::cluster_metrics`]); `multicluster-file-discovery` names the peers'
+//! file like `file-discovery` (its entries may name hosts by DNS name).
+//!
 //! `endpoint-notification-source` starts nothing. In the Go EPP it hands endpoint additions
 //! and removals to the extractors bound under it; no built-in extractor here reads such
 //! events (the pool, the collector and the pollers above follow endpoint changes by
@@ -23,6 +27,7 @@ use metrics_model::{EngineConfigError, EngineSet, ScrapeTls, TlsSettings, TlsSet
 use scheduler_core::data_layer::plugins::{ModelsSourceParameters, Scheme, SourceTls};
 use scheduler_core::data_layer::{DataLayerPlugin, ResolvedDataLayer};
 
+use crate::cluster_metrics::ClusterMetricsSettings;
 use crate::endpoint_gpu::GpuPollSettings;
 use crate::endpoint_models::ModelsPollSettings;
 use crate::server::{CollectorSettings, ServerConfig};
@@ -53,6 +58,16 @@ pub enum DataLayerError {
         extractor: String,
         /// What is wrong.
         error: EngineConfigError,
+    },
+    /// A multi-cluster extractor's metric does not parse.
+    #[error("extractor '{extractor}': {parameter}: {error}")]
+    MetricSpec {
+        /// The extractor.
+        extractor: String,
+        /// The parameter.
+        parameter: &'static str,
+        /// What is wrong.
+        error: metrics_model::mapping::SpecError,
     },
     /// Both the command line and the config name the endpoints.
     #[error(
@@ -86,6 +101,7 @@ pub fn apply(layer: &ResolvedDataLayer, config: &mut ServerConfig) -> Result<(),
     config.collector = collector_settings(layer, base)?;
     config.models = None;
     config.gpu = None;
+    config.cluster_metrics = None;
     if config.collector.is_none() {
         // Nothing scrapes metrics, so none can turn stale: readiness needs only endpoints.
         config.staleness_threshold = None;
@@ -127,6 +143,48 @@ pub fn apply(layer: &ResolvedDataLayer, config: &mut ServerConfig) -> Result<(),
             interval: parameters.interval.unwrap_or(base_interval),
             tls,
             publish_to,
+        });
+    }
+    for source in
+        layer.sources_where(|plugin| matches!(plugin, DataLayerPlugin::ClusterMetricsSource(_)))
+    {
+        let DataLayerPlugin::ClusterMetricsSource(parameters) = &*source.source.plugin else {
+            continue;
+        };
+        let extractor = source.extractors.iter().find_map(|extractor| match &*extractor.plugin {
+            DataLayerPlugin::ClusterMetricsExtractor(parameters) => {
+                Some((extractor.name.as_str(), parameters))
+            }
+            _ => None,
+        });
+        let Some((extractor_name, extractor)) = extractor else {
+            tracing::warn!(source = %source.source.name, "multi-cluster metrics source without an extractor; not scraped");
+            continue;
+        };
+        if config.cluster_metrics.is_some() {
+            tracing::warn!(source = %source.source.name, "a multi-cluster metrics source is already scraped; this one is skipped");
+            continue;
+        }
+        let spec = |parameter: &'static str, text: &str| {
+            metrics_model::mapping::MetricSpec::parse(text).map_err(|error| {
+                DataLayerError::MetricSpec {
+                    extractor: extractor_name.to_owned(),
+                    parameter,
+                    error,
+                }
+            })
+        };
+        config.cluster_metrics = Some(ClusterMetricsSettings {
+            path: parameters.path.clone(),
+            port: parameters.port,
+            interval: parameters.interval.unwrap_or(base_interval),
+            tls: load_tls(&source.source.name, parameters.scheme, &parameters.tls)?,
+            kv_cache_metric: spec(
+                "kvCacheUtilizationMetric",
+                &extractor.kv_cache_utilization_metric,
+            )?,
+            queue_metric: spec("queueSizeMetric", &extractor.queue_size_metric)?,
+            publish_to: std::sync::Arc::clone(&extractor.attributes.0),
         });
     }
     Ok(())

@@ -60,6 +60,7 @@ impl PickerLauncher for InProcessPicker {
             .enumerate()
             .map(|(index, address)| EndpointEntry {
                 address: address.ip(),
+                host: None,
                 port: address.port(),
                 name: Some(format!("sim-{index}")),
                 engine: None,

@@ -114,6 +114,7 @@ async fn scrape(
 ) -> Result<f64, String> {
     let request = PageRequest {
         address: exporter,
+        host: None,
         path: &settings.path,
         accept: "text/plain;version=0.0.4;q=1,*/*;q=0.1",
         tls: settings.tls.as_ref(),

@@ -83,6 +83,7 @@ async fn fetch_models(
 ) -> Result<Vec<ServedModel>, String> {
     let request = PageRequest {
         address,
+        host: None,
         path: &settings.path,
         accept: "application/json",
         tls: settings.tls.as_ref(),

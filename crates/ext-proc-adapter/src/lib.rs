@@ -59,6 +59,7 @@
 
 pub mod bbr;
 pub mod cli;
+pub mod cluster_metrics;
 pub mod data_layer;
 pub mod endpoint_gpu;
 pub mod endpoint_models;

@@ -140,6 +140,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         models: None,
         model_rewrites: model_rewrite_settings(&flags),
         gpu: None,
+        cluster_metrics: None,
     };
     let mut registry = scorers::builtin_registry();
     registry.allow_experimental_plugins(flags.allow_experimental_plugins);

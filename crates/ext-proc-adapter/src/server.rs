@@ -3,7 +3,7 @@
 //! the demo) can use port 0 and read the bound addresses.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -77,6 +77,8 @@ pub struct ServerConfig {
     /// Scrape the endpoints' DCGM exporters into
     /// [`RunningServer::endpoint_gpu_utilization`].
     pub gpu: Option<crate::endpoint_gpu::GpuPollSettings>,
+    /// Scrape peer clusters' pool averages for the multi-cluster scorers.
+    pub cluster_metrics: Option<crate::cluster_metrics::ClusterMetricsSettings>,
 }
 
 impl ServerConfig {
@@ -103,6 +105,7 @@ impl ServerConfig {
             models: None,
             model_rewrites: None,
             gpu: None,
+            cluster_metrics: None,
         }
     }
 }
@@ -439,8 +442,9 @@ pub async fn start_with_director(
         metrics_listener,
         crate::metrics_http::epp_page(Arc::clone(&metrics), director),
     )));
-    if let Some((path, applied)) = initial_endpoints_file.filter(|_| config.watch_endpoints_file) {
-        tasks.push(tokio::spawn(watch_endpoints_file(path, applied, pool_writer.clone())));
+    if let Some((path, applied)) = initial_endpoints_file {
+        let follow = config.watch_endpoints_file;
+        tasks.push(tokio::spawn(watch_endpoints_file(path, applied, follow, pool_writer.clone())));
     }
     let endpoint_models = config.models.clone().map(|settings| {
         let models = Arc::new(EndpointModels::default());
@@ -460,6 +464,9 @@ pub async fn start_with_director(
         )));
         store
     });
+    if let Some(settings) = config.cluster_metrics.clone() {
+        tasks.push(tokio::spawn(crate::cluster_metrics::poll(Arc::clone(&pool), settings)));
+    }
     if let Some(flow) = flow {
         let pool = Arc::clone(&pool);
         tasks.push(tokio::spawn(async move {
@@ -548,13 +555,32 @@ pub fn apply_endpoints(pool: &SharedPool, entries: &[endpoints_file::EndpointEnt
     });
 }
 
-/// Reloads the endpoints file when its content changes (see [`crate::file_watch`]): a file
-/// that cannot be read or parsed keeps the last good pool.
-async fn watch_endpoints_file(path: PathBuf, applied: Vec<u8>, writer: PoolWriter) {
-    crate::file_watch::watch(path, "endpoints file", applied, move |path, content| {
-        let entries = endpoints_file::parse_bytes(path, content)?;
-        writer.apply(&entries)?;
-        Ok::<_, ServerError>(entries.len())
-    })
+/// Reloads the endpoints file when its content changes (with `follow_changes`, see
+/// [`crate::file_watch`]), and resolves its DNS names again every
+/// [`endpoints_file::DNS_REFRESH`]: a file that cannot be read or parsed keeps the last good
+/// pool.
+async fn watch_endpoints_file(
+    path: PathBuf,
+    applied: Vec<u8>,
+    follow_changes: bool,
+    writer: PoolWriter,
+) {
+    let refresh = Some(endpoints_file::DNS_REFRESH);
+    crate::file_watch::watch_and_refresh(
+        path,
+        "endpoints file",
+        applied,
+        follow_changes,
+        refresh,
+        move |path: &Path, content: &[u8]| {
+            let declared = endpoints_file::parse_bytes(path, content);
+            let writer = writer.clone();
+            async move {
+                let entries = endpoints_file::resolve(&declared?).await;
+                writer.apply(&entries)?;
+                Ok::<_, ServerError>(entries.len())
+            }
+        },
+    )
     .await;
 }

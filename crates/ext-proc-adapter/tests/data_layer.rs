@@ -76,7 +76,16 @@ async fn tls_model_server(page: String) -> (SocketAddr, String) {
 /// A server answering `pages` over TLS only, with a self-signed certificate for 127.0.0.1
 /// whose PEM it returns.
 async fn tls_server(pages: HashMap<&'static str, String>) -> (SocketAddr, String) {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    tls_server_named("127.0.0.1", pages).await
+}
+
+/// A server answering `pages` over TLS only, with a self-signed certificate for `name` (an
+/// IP or a DNS name) whose PEM it returns.
+async fn tls_server_named(
+    name: &str,
+    pages: HashMap<&'static str, String>,
+) -> (SocketAddr, String) {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
     let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
@@ -616,4 +625,160 @@ plugins:
     .await;
     assert_eq!((metrics.waiting_queue, metrics.running, metrics.kv_usage), (6, 2, 0.75));
     running.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A peer cluster's EPP metrics page with its pool averages.
+fn peer_page(kv_cache: f64, queue: f64) -> HashMap<&'static str, String> {
+    let page = format!(
+        "# TYPE llm_d_epp_average_kv_cache_utilization gauge\n\
+         llm_d_epp_average_kv_cache_utilization{{name=\"pool\"}} {kv_cache}\n\
+         # TYPE llm_d_epp_average_queue_size gauge\n\
+         llm_d_epp_average_queue_size{{name=\"pool\"}} {queue}\n"
+    );
+    HashMap::from([("/metrics", page)])
+}
+
+#[tokio::test]
+async fn peer_clusters_are_scored_by_the_pool_averages_their_epps_publish() {
+    // Cluster A is reached as "localhost" and publishes its metrics apart from its gateway
+    // (the metricsAddress/metricsPort labels), under a certificate for that DNS name; cluster
+    // B serves its metrics on its gateway address, under a certificate for its IP. A is the
+    // less loaded, so routing to it shows its page was read through the labels.
+    let gateway_a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway_a = gateway_a.local_addr().unwrap();
+    let (metrics_a, cert_a) = tls_server_named("localhost", peer_page(0.1, 1.0)).await;
+    let (gateway_b, cert_b) = tls_server_named("127.0.0.1", peer_page(0.8, 9.0)).await;
+    let dir = tempdir();
+    let ca = dir.join("peers-ca.pem");
+    std::fs::write(&ca, format!("{cert_a}{cert_b}")).unwrap();
+    let clusters = dir.join("clusters.yaml");
+    std::fs::write(
+        &clusters,
+        format!(
+            "endpoints:
+  - name: cluster-a
+    address: localhost
+    port: \"{}\"
+    labels: {{metricsAddress: localhost, metricsPort: \"{}\"}}
+  - name: cluster-b
+    address: \"127.0.0.1\"
+    port: \"{}\"
+",
+            gateway_a.port(),
+            metrics_a.port(),
+            gateway_b.port()
+        ),
+    )
+    .unwrap();
+    let yaml = format!(
+        "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: multicluster-file-discovery
+    name: discovery
+    parameters: {{path: {}}}
+  - type: multicluster-metrics-data-source
+    name: metrics-source
+    parameters: {{caCertPath: {}, interval: 20ms}}
+  - type: multicluster-metrics-extractor
+    name: metrics-extractor
+  - type: multicluster-session-affinity-filter
+    name: session-affinity
+  - type: multicluster-kv-cache-utilization-scorer
+    name: kv-cache
+  - type: multicluster-queue-scorer
+    name: queue
+  - type: max-score-picker
+  - type: single-profile-handler
+dataLayer:
+  discovery:
+    pluginRef: discovery
+  sources:
+    - pluginRef: metrics-source
+      extractors:
+        - pluginRef: metrics-extractor
+",
+        clusters.display(),
+        ca.display()
+    );
+    let (scheduler, layer) = experimental_layer(&yaml);
+    let mut server_config = ServerConfig {
+        staleness_threshold: Some(Duration::from_secs(2)),
+        ..ServerConfig::loopback("clusters")
+    };
+    data_layer::apply(&layer, &mut server_config).unwrap();
+    assert!(server_config.collector.is_none(), "no pod metrics source is injected for peers");
+    assert_eq!(server_config.staleness_threshold, None);
+    let peers = server_config.cluster_metrics.as_ref().expect("the peers are scraped");
+    assert!(peers.tls.is_some(), "https is the multi-cluster source's default");
+    let published = Arc::clone(&peers.publish_to);
+    let pool = Arc::new(SharedPool::default());
+    let running =
+        server::start(Arc::new(scheduler), Arc::clone(&pool), server_config).await.unwrap();
+
+    let cluster_a = EndpointId::from_address(gateway_a);
+    let cluster_b = EndpointId::from_address(gateway_b);
+    let kv = "llm-d.ai/multicluster-kv-cache-utilization";
+    let queue = "llm-d.ai/multicluster-queue-size";
+    eventually("both clusters' averages", || {
+        let read = |attribute, id| published.value(attribute, id);
+        (read(kv, cluster_a).is_some()
+            && read(queue, cluster_a).is_some()
+            && read(kv, cluster_b).is_some()
+            && read(queue, cluster_b).is_some())
+        .then_some(())
+    })
+    .await;
+    assert_eq!(published.value(kv, cluster_a), Some(0.1));
+    assert_eq!(published.value(queue, cluster_a), Some(1.0));
+    assert_eq!(published.value(kv, cluster_b), Some(0.8));
+    assert_eq!(published.value(queue, cluster_b), Some(9.0));
+    let named_a = pool.load().by_id(cluster_a).map(|state| state.endpoint.clone()).unwrap();
+    assert_eq!(&*named_a.name, "cluster-a");
+    assert_eq!(named_a.host.as_deref(), Some("localhost"));
+
+    let mut client =
+        ExternalProcessorClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(route_once(&mut client).await, gateway_a.to_string());
+    }
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn multi_cluster_scorers_without_the_extractor_are_refused_by_name() {
+    let config = EndpointPickerConfig::from_yaml(
+        "plugins:
+- {type: multicluster-metrics-data-source, name: metrics-source}
+- {type: multicluster-queue-scorer, name: queue}
+- {type: max-score-picker}
+dataLayer:
+  sources:
+  - pluginRef: metrics-source
+",
+    )
+    .unwrap();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
+    let error = config.construct_plugins(&registry).unwrap_err().to_string();
+    assert!(error.contains("multicluster-metrics-extractor"), "{error}");
+    assert!(error.contains("llm-d.ai/multicluster-queue-size"), "{error}");
+}
+
+#[test]
+fn a_bad_peer_metric_spec_is_refused_by_name() {
+    let (_, layer) = experimental_layer(
+        "plugins:
+- {type: multicluster-metrics-data-source, name: peers, parameters: {insecureSkipVerify: true}}
+- {type: multicluster-metrics-extractor, name: averages, parameters: {queueSizeMetric: \"q{tier=\"}}
+- {type: max-score-picker}
+dataLayer:
+  sources:
+  - pluginRef: peers
+    extractors: [{pluginRef: averages}]
+",
+    );
+    let mut server_config = ServerConfig::loopback("peers");
+    let error = data_layer::apply(&layer, &mut server_config).unwrap_err().to_string();
+    assert!(error.starts_with("extractor 'averages': queueSizeMetric:"), "{error}");
 }

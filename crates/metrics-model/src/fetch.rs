@@ -45,6 +45,9 @@ pub enum FetchError {
 pub struct PageRequest<'a> {
     /// The server.
     pub address: SocketAddr,
+    /// The server's DNS name, when it is known by one: sent as `Host` and checked against its
+    /// certificate. `None` uses the IP for both.
+    pub host: Option<&'a str>,
     /// The path (and query) requested.
     pub path: &'a str,
     /// The `Accept` header sent.
@@ -63,7 +66,11 @@ pub async fn get(request: PageRequest<'_>) -> Result<Vec<u8>, FetchError> {
     match request.tls {
         None => exchange(stream, &request).await,
         Some(tls) => {
-            let stream = tls.connect(request.address, stream).await.map_err(FetchError::Tls)?;
+            let stream = match request.host {
+                Some(host) => tls.connect_named(host, stream).await,
+                None => tls.connect(request.address, stream).await,
+            };
+            let stream = stream.map_err(FetchError::Tls)?;
             exchange(stream, &request).await
         }
     }
@@ -79,8 +86,12 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
+    let host = match request.host {
+        Some(host) => format!("{host}:{}", request.address.port()),
+        None => request.address.to_string(),
+    };
     let http = Request::get(request.path)
-        .header(HOST, request.address.to_string())
+        .header(HOST, host)
         .header(ACCEPT, request.accept)
         .body(Empty::<Bytes>::new())?;
     let response = sender.send_request(http).await?;

@@ -53,6 +53,7 @@ pub mod dcgm;
 pub mod engines;
 #[cfg(feature = "collector")]
 pub mod fetch;
+pub mod latest;
 pub mod mapping;
 pub mod render;
 pub mod text;

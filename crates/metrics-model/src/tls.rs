@@ -131,6 +131,18 @@ impl ScrapeTls {
         let name = ServerName::IpAddress(address.ip().into());
         self.connector.connect(name, stream).await
     }
+
+    /// Runs the TLS handshake over `stream`, checking the certificate against the DNS name
+    /// `host` (sent as SNI too).
+    pub async fn connect_named(
+        &self,
+        host: &str,
+        stream: TcpStream,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+        self.connector.connect(name, stream).await
+    }
 }
 
 /// The roots verifying servers: the `caCertPath` bundle, else the system bundle when one is

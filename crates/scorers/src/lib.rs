@@ -23,6 +23,8 @@
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
+//! | `multicluster-kv-cache-utilization-scorer`, `multicluster-queue-scorer` (experimental) | scorer (a peer cluster's pool averages) | [`multicluster`] |
+//! | `multicluster-session-affinity-filter`, `multicluster-prefix-cache-scorer`, `multicluster-approx-prefix-cache-producer` (experimental) | as their single-cluster namesakes | [`multicluster`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
@@ -63,6 +65,7 @@ pub mod lag_compensation;
 pub mod load_aware;
 pub mod lora_affinity;
 pub mod lora_filter;
+pub mod multicluster;
 pub mod no_hit_lru;
 mod normalize;
 pub mod pickers;
@@ -76,7 +79,7 @@ pub mod token_load;
 use std::sync::Arc;
 
 use scheduler_core::{
-    ConfigError, EndpointPickerConfig, NoParameters, Plugin, PluginRegistry, Scheduler,
+    ConfigError, EndpointPickerConfig, NoParameters, Plugin, PluginError, PluginRegistry, Scheduler,
 };
 
 pub use active_request::ActiveRequestScorer;
@@ -93,6 +96,7 @@ pub use lag_compensation::LoadScorerParameters;
 pub use load_aware::{LoadAwareParameters, LoadAwareScorer};
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
+pub use multicluster::{ClusterKvCacheScorer, ClusterQueueScorer};
 pub use no_hit_lru::{NoHitLruParameters, NoHitLruScorer};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
 pub use prefix_affinity::{PrefixCacheAffinityFilter, PrefixCacheAffinityParameters};
@@ -132,7 +136,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             ..Plugin::default()
         })
     });
-    registry.register(prefix_cache::TYPE_NAME, |spec| {
+    fn prefix_cache_scorer(spec: &scheduler_core::PluginSpec<'_>) -> Result<Plugin, PluginError> {
         let scorer = Arc::new(PrefixCacheScorer::declared(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
@@ -143,8 +147,8 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             binder: Some(scorer),
             ..Plugin::default()
         })
-    });
-    registry.register(prefix_cache::PRODUCER_TYPE_NAME, |spec| {
+    }
+    fn prefix_cache_producer(spec: &scheduler_core::PluginSpec<'_>) -> Result<Plugin, PluginError> {
         let parameters: ApproxPrefixParameters = spec.parameters()?;
         let producer = Arc::new(PrefixCacheProducer::from_parameters(&parameters)?);
         Ok(Plugin {
@@ -154,7 +158,15 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             shared: Some(Arc::new(PrefixSource::of_producer(producer))),
             ..Plugin::default()
         })
-    });
+    }
+    registry.register(prefix_cache::TYPE_NAME, prefix_cache_scorer);
+    registry.register(prefix_cache::PRODUCER_TYPE_NAME, prefix_cache_producer);
+    registry
+        .register_experimental(multicluster::PREFIX_CACHE_SCORER_TYPE_NAME, prefix_cache_scorer);
+    registry.register_experimental(
+        multicluster::PREFIX_CACHE_PRODUCER_TYPE_NAME,
+        prefix_cache_producer,
+    );
     registry.register(load_aware::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(LoadAwareScorer::new(spec.parameters()?)?))
     });
@@ -199,13 +211,27 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         let scorer = Arc::new(EndpointAttributeScorer::new(spec.parameters()?)?);
         Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
     });
-    registry.register_experimental(session_affinity::FILTER_TYPE_NAME, |spec| {
-        let filter = Arc::new(SessionAffinityFilter::new(spec.parameters()?)?);
-        Ok(Plugin {
-            filter: Some(filter.clone()),
-            response_headers: Some(filter),
-            ..Plugin::default()
-        })
+    for name in
+        [session_affinity::FILTER_TYPE_NAME, multicluster::SESSION_AFFINITY_FILTER_TYPE_NAME]
+    {
+        registry.register_experimental(name, |spec| {
+            let filter = Arc::new(SessionAffinityFilter::new(spec.parameters()?)?);
+            Ok(Plugin {
+                filter: Some(filter.clone()),
+                response_headers: Some(filter),
+                ..Plugin::default()
+            })
+        });
+    }
+    registry.register_experimental(multicluster::KV_CACHE_SCORER_TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        let scorer = Arc::new(ClusterKvCacheScorer::new());
+        Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
+    });
+    registry.register_experimental(multicluster::QUEUE_SCORER_TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        let scorer = Arc::new(ClusterQueueScorer::new());
+        Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
     });
     registry.register_experimental(session_affinity::SCORER_TYPE_NAME, |spec| {
         let scorer = Arc::new(SessionAffinityScorer::new(spec.parameters()?)?);

@@ -151,6 +151,7 @@ async fn fetch_adapters(
 pub(crate) async fn fetch(address: SocketAddr, path: &str) -> Result<Vec<u8>, ModelsFetchError> {
     let request = PageRequest {
         address,
+        host: None,
         path,
         accept: "application/json",
         tls: None,

@@ -179,14 +179,20 @@ pub async fn start(config: BbrConfig) -> Result<RunningBbr, BbrError> {
     }
     if let Some((path, loaded)) = initial_endpoints {
         let (addresses, watched) = watch::channel(addresses_of(&loaded.entries));
-        tasks.push(tokio::spawn(crate::file_watch::watch(
+        tasks.push(tokio::spawn(crate::file_watch::watch_and_refresh(
             path,
             "endpoints file",
             loaded.content,
-            move |path, content| {
-                let entries = endpoints_file::parse_bytes(path, content)?;
-                addresses.send_replace(addresses_of(&entries));
-                Ok::<_, endpoints_file::EndpointsFileError>(entries.len())
+            true,
+            Some(endpoints_file::DNS_REFRESH),
+            move |path: &std::path::Path, content: &[u8]| {
+                let declared = endpoints_file::parse_bytes(path, content);
+                let addresses = addresses.clone();
+                async move {
+                    let entries = endpoints_file::resolve(&declared?).await;
+                    addresses.send_replace(addresses_of(&entries));
+                    Ok::<_, endpoints_file::EndpointsFileError>(entries.len())
+                }
             },
         )));
         tasks.push(tokio::spawn(models_poller::poll(

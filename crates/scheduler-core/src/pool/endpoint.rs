@@ -80,6 +80,10 @@ pub struct Endpoint {
     pub name: Arc<str>,
     /// Where the proxy sends the request.
     pub address: SocketAddr,
+    /// The DNS name `address` was resolved from, when the endpoint was declared by name (a
+    /// peer cluster's gateway): scrapes of it send this name as `Host` and check the server
+    /// certificate against it.
+    pub host: Option<Arc<str>>,
     /// Labels, as on the Kubernetes pod; label filters read them.
     pub labels: BTreeMap<String, String>,
     /// Role in prefill/decode disaggregation.
@@ -95,6 +99,7 @@ impl Endpoint {
             id: EndpointId::from_address(address),
             name: Arc::from(address.to_string()),
             address,
+            host: None,
             labels: BTreeMap::new(),
             role: EndpointRole::Both,
             dispatches: DispatchLog::default(),
@@ -115,6 +120,12 @@ impl Endpoint {
     /// Sets the name.
     pub fn with_name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// Sets the DNS name the address was resolved from.
+    pub fn with_host(mut self, host: impl Into<Arc<str>>) -> Self {
+        self.host = Some(host.into());
         self
     }
 

@@ -4,7 +4,9 @@
 //! Every `pluginRef` names a plugin declared under `plugins`, of the kind its place requires;
 //! a dangling reference, or a scorer where a source belongs, is a [`ConfigError`] naming the
 //! field. As the Go loader does, the metrics source and its extractor are injected unless
-//! `injectDefaults: false` or a source already references `metrics-data-source` by name; a
+//! `injectDefaults: false` or a source already references `metrics-data-source` by name (or,
+//! unlike Go, a `multicluster-metrics-data-source` scrapes peer clusters, which have no engine
+//! metrics to read); a
 //! declared plugin of that name is used as declared (with its parameters), otherwise one with
 //! default parameters is created. GIE v1.4's extractor, `model-server-protocol-metrics`,
 //! declared under that name (and no `core-metrics-extractor`), takes the injected extractor's
@@ -179,7 +181,13 @@ impl EndpointPickerConfig {
                 expected,
             });
         }
+        // Peer clusters have no engine metrics: with a multi-cluster source, a pod scrape of
+        // them could only fail and mark every cluster stale, so none is injected.
+        let scrapes_clusters = resolved.sources.iter().any(|source| {
+            matches!(*source.source.plugin, DataLayerPlugin::ClusterMetricsSource(_))
+        });
         if section.inject_defaults != Some(false)
+            && !scrapes_clusters
             && !section.sources.iter().any(|source| source.plugin_ref == METRICS_DATA_SOURCE_TYPE)
         {
             let source = declared_or_default(plugins, registry, METRICS_DATA_SOURCE_TYPE)?;

@@ -31,6 +31,27 @@ pub const DCGM_DATA_SOURCE_TYPE: &str = "dcgm-data-source";
 pub const DCGM_EXTRACTOR_TYPE: &str = "dcgm-extractor";
 /// The attribute under which `dcgm-extractor` publishes an endpoint's GPU utilization.
 pub const GPU_UTILIZATION_ATTRIBUTE: &str = "GPUUtilization";
+/// Type of the discovery that reads peer clusters from a file, by DNS name or IP (alpha).
+pub const MULTICLUSTER_FILE_DISCOVERY_TYPE: &str = "multicluster-file-discovery";
+/// Type of the source that scrapes each peer cluster's EPP metrics page (alpha).
+pub const MULTICLUSTER_METRICS_DATA_SOURCE_TYPE: &str = "multicluster-metrics-data-source";
+/// Type of the extractor that reads a peer cluster's pool averages (alpha).
+pub const MULTICLUSTER_METRICS_EXTRACTOR_TYPE: &str = "multicluster-metrics-extractor";
+/// The attribute under which `multicluster-metrics-extractor` publishes a peer cluster's
+/// average KV-cache utilization.
+pub const MULTICLUSTER_KV_CACHE_UTILIZATION_ATTRIBUTE: &str =
+    "llm-d.ai/multicluster-kv-cache-utilization";
+/// The attribute under which `multicluster-metrics-extractor` publishes a peer cluster's
+/// average queue size.
+pub const MULTICLUSTER_QUEUE_SIZE_ATTRIBUTE: &str = "llm-d.ai/multicluster-queue-size";
+/// The metric a peer cluster's EPP publishes its average KV-cache utilization as.
+pub const DEFAULT_MULTICLUSTER_KV_CACHE_METRIC: &str = "llm_d_epp_average_kv_cache_utilization";
+/// The metric a peer cluster's EPP publishes its average queue size as.
+pub const DEFAULT_MULTICLUSTER_QUEUE_METRIC: &str = "llm_d_epp_average_queue_size";
+/// The label of a peer cluster's entry naming the host that serves its metrics.
+pub const METRICS_ADDRESS_LABEL: &str = "metricsAddress";
+/// The label of a peer cluster's entry naming the port that serves its metrics.
+pub const METRICS_PORT_LABEL: &str = "metricsPort";
 /// Port the DCGM exporter listens on unless `port` says otherwise.
 pub const DEFAULT_DCGM_PORT: u16 = 9400;
 /// Engine label key GIE v1.4's `model-server-protocol-metrics` reads by default.
@@ -123,6 +144,17 @@ pub struct DcgmSourceParameters {
     pub use_node_address: bool,
     /// `interval`: scrape period; `None` means every refresh tick.
     pub interval: Option<Duration>,
+}
+
+/// Parameters of `multicluster-metrics-extractor`, with the attributes it publishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterMetricsExtractorParameters {
+    /// `kvCacheUtilizationMetric`: the spec of the peer's average KV-cache utilization.
+    pub kv_cache_utilization_metric: String,
+    /// `queueSizeMetric`: the spec of the peer's average queue size.
+    pub queue_size_metric: String,
+    /// Where the values are published.
+    pub attributes: crate::pool::attributes::AttributeHandle,
 }
 
 /// Parameters of `core-metrics-extractor`.
@@ -228,6 +260,11 @@ pub enum DataLayerPlugin {
     DcgmSource(DcgmSourceParameters),
     /// `dcgm-extractor`, with the attributes it publishes.
     DcgmExtractor(crate::pool::attributes::AttributeHandle),
+    /// `multicluster-metrics-data-source`: a peer cluster's EPP metrics page, over HTTPS with
+    /// the certificate checked unless the config says otherwise.
+    ClusterMetricsSource(MetricsSourceParameters),
+    /// `multicluster-metrics-extractor`.
+    ClusterMetricsExtractor(ClusterMetricsExtractorParameters),
 }
 
 /// What a data-layer plugin can be referenced as.
@@ -259,10 +296,12 @@ impl DataLayerPlugin {
             Self::MetricsSource(_)
             | Self::ModelsSource(_)
             | Self::EndpointNotificationSource
-            | Self::DcgmSource(_) => DataLayerRole::Source,
-            Self::CoreMetricsExtractor(_) | Self::ModelsExtractor | Self::DcgmExtractor(_) => {
-                DataLayerRole::Extractor
-            }
+            | Self::DcgmSource(_)
+            | Self::ClusterMetricsSource(_) => DataLayerRole::Source,
+            Self::CoreMetricsExtractor(_)
+            | Self::ModelsExtractor
+            | Self::DcgmExtractor(_)
+            | Self::ClusterMetricsExtractor(_) => DataLayerRole::Extractor,
             Self::FileDiscovery(_) => DataLayerRole::Discovery,
         }
     }
@@ -275,6 +314,7 @@ impl DataLayerPlugin {
             (Self::MetricsSource(_), Self::CoreMetricsExtractor(_))
                 | (Self::ModelsSource(_), Self::ModelsExtractor)
                 | (Self::DcgmSource(_), Self::DcgmExtractor(_))
+                | (Self::ClusterMetricsSource(_), Self::ClusterMetricsExtractor(_))
         )
     }
 }
@@ -365,6 +405,55 @@ fn metrics_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError>
         tls,
         interval: wire.interval,
     }))
+}
+
+/// Go's multi-cluster source takes the pod source's parameters with safer defaults: HTTPS,
+/// and the peer's certificate checked (the scrape crosses a trust boundary).
+fn cluster_metrics_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
+    let given = |key: &str| spec.parameters.and_then(|value| value.get(key)).is_some();
+    let mut wire: HttpSourceWire = spec.parameters()?;
+    if !given("scheme") {
+        wire.scheme = Scheme::Https;
+    }
+    if !given("insecureSkipVerify") {
+        wire.insecure_skip_verify = false;
+    }
+    let (path, tls) = wire.validate(DEFAULT_METRICS_PATH)?;
+    Ok(DataLayerPlugin::ClusterMetricsSource(MetricsSourceParameters {
+        scheme: wire.scheme,
+        path,
+        port: wire.port,
+        tls,
+        interval: wire.interval,
+    }))
+}
+
+fn cluster_metrics_extractor(spec: &PluginSpec<'_>) -> Result<Plugin, PluginError> {
+    #[derive(Default, Deserialize)]
+    #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+    struct Wire {
+        kv_cache_utilization_metric: String,
+        queue_size_metric: String,
+    }
+    let wire: Wire = spec.parameters()?;
+    let or_default = |given: String, default: &str| {
+        if given.trim().is_empty() { default.to_owned() } else { given }
+    };
+    let attributes = crate::pool::attributes::AttributeHandle::default();
+    let shared = std::sync::Arc::clone(&attributes.0);
+    let parameters = ClusterMetricsExtractorParameters {
+        kv_cache_utilization_metric: or_default(
+            wire.kv_cache_utilization_metric,
+            DEFAULT_MULTICLUSTER_KV_CACHE_METRIC,
+        ),
+        queue_size_metric: or_default(wire.queue_size_metric, DEFAULT_MULTICLUSTER_QUEUE_METRIC),
+        attributes,
+    };
+    Ok(Plugin {
+        shared: Some(shared),
+        data_layer: Some(std::sync::Arc::new(DataLayerPlugin::ClusterMetricsExtractor(parameters))),
+        ..Plugin::default()
+    })
 }
 
 fn models_source(spec: &PluginSpec<'_>) -> Result<DataLayerPlugin, PluginError> {
@@ -593,6 +682,13 @@ pub(crate) fn register(registry: &mut PluginRegistry) {
         let shared = std::sync::Arc::clone(&handle.0);
         Ok(Plugin { shared: Some(shared), ..data(DataLayerPlugin::DcgmExtractor(handle)) })
     });
+    registry.register_experimental(MULTICLUSTER_FILE_DISCOVERY_TYPE, |spec| {
+        file_discovery(spec).map(data)
+    });
+    registry.register_experimental(MULTICLUSTER_METRICS_DATA_SOURCE_TYPE, |spec| {
+        cluster_metrics_source(spec).map(data)
+    });
+    registry.register_experimental(MULTICLUSTER_METRICS_EXTRACTOR_TYPE, cluster_metrics_extractor);
     registry.register(ENDPOINT_NOTIFICATION_SOURCE_TYPE, |spec| {
         spec.parameters::<NoParameters>()?;
         Ok(data(DataLayerPlugin::EndpointNotificationSource))
