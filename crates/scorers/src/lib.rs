@@ -96,7 +96,7 @@ pub use lag_compensation::LoadScorerParameters;
 pub use load_aware::{LoadAwareParameters, LoadAwareScorer};
 pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
-pub use multicluster::{ClusterKvCacheScorer, ClusterQueueScorer};
+pub use multicluster::ClusterScorer;
 pub use no_hit_lru::{NoHitLruParameters, NoHitLruScorer};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
 pub use prefix_affinity::{PrefixCacheAffinityFilter, PrefixCacheAffinityParameters};
@@ -225,12 +225,12 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     }
     registry.register_experimental(multicluster::KV_CACHE_SCORER_TYPE_NAME, |spec| {
         spec.parameters::<NoParameters>()?;
-        let scorer = Arc::new(ClusterKvCacheScorer::new());
+        let scorer = Arc::new(ClusterScorer::kv_cache());
         Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
     });
     registry.register_experimental(multicluster::QUEUE_SCORER_TYPE_NAME, |spec| {
         spec.parameters::<NoParameters>()?;
-        let scorer = Arc::new(ClusterQueueScorer::new());
+        let scorer = Arc::new(ClusterScorer::queue());
         Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
     });
     registry.register_experimental(session_affinity::SCORER_TYPE_NAME, |spec| {

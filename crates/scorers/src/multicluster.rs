@@ -83,108 +83,66 @@ impl ClusterAttribute {
     }
 }
 
-/// Writes into `scores` (which arrive zeroed) `score_of(value)` for each candidate with a
-/// value, with `(low, high)` the range of the candidates' values.
-fn score_with(
-    published: &[Arc<AttributeValues>],
-    candidates: Candidates<'_>,
-    scores: &mut [f64],
-    score_of: impl Fn(f64, f64, f64) -> f64,
-) {
-    if published.is_empty() {
-        return;
-    }
-    let value_of = |index: u32| {
-        let id = candidates.pool().get(index)?.id();
-        published.iter().find_map(|values| values.get(&id).copied()).filter(|v| v.is_finite())
-    };
-    let (low, high) = candidates
-        .indices()
-        .iter()
-        .filter_map(|&index| value_of(index))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), v| (low.min(v), high.max(v)));
-    for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
-        if let Some(value) = value_of(index) {
-            *score = score_of(value, low, high).clamp(0.0, 1.0);
+/// How a scorer turns one peer's average into a score, given the candidates' range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Formula {
+    /// `1 - value` (a utilization).
+    OneMinus,
+    /// Min-max inverted over the candidates; all equal score 1.
+    InvertedRange,
+}
+
+impl Formula {
+    fn score(self, value: f64, low: f64, high: f64) -> f64 {
+        match self {
+            Self::OneMinus => 1.0 - value,
+            Self::InvertedRange if high == low => 1.0,
+            Self::InvertedRange => (high - value) / (high - low),
         }
     }
 }
 
-/// `multicluster-kv-cache-utilization-scorer`.
+/// A scorer over one pool average of the peer clusters:
+/// `multicluster-kv-cache-utilization-scorer` or `multicluster-queue-scorer`.
 #[derive(Debug)]
-pub struct ClusterKvCacheScorer {
+pub struct ClusterScorer {
     attribute: ClusterAttribute,
+    formula: Formula,
 }
 
-impl Default for ClusterKvCacheScorer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ClusterKvCacheScorer {
-    /// A scorer reading the multi-cluster extractors of the config it is bound in.
-    pub const fn new() -> Self {
+impl ClusterScorer {
+    /// `multicluster-kv-cache-utilization-scorer`, reading the multi-cluster extractors of the
+    /// config it is bound in.
+    pub const fn kv_cache() -> Self {
         Self {
             attribute: ClusterAttribute::new(
                 KV_CACHE_SCORER_TYPE_NAME,
                 MULTICLUSTER_KV_CACHE_UTILIZATION_ATTRIBUTE,
             ),
+            formula: Formula::OneMinus,
         }
     }
-}
 
-impl BindPlugins for ClusterKvCacheScorer {
-    fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
-        self.attribute.bind(plugins)
-    }
-}
-
-impl Scorer for ClusterKvCacheScorer {
-    fn score(
-        &self,
-        _state: &mut CycleState,
-        _request: &InferenceRequest,
-        candidates: Candidates<'_>,
-        scores: &mut [f64],
-    ) {
-        score_with(&self.attribute.values(), candidates, scores, |utilization, _, _| {
-            1.0 - utilization
-        });
-    }
-}
-
-/// `multicluster-queue-scorer`.
-#[derive(Debug)]
-pub struct ClusterQueueScorer {
-    attribute: ClusterAttribute,
-}
-
-impl Default for ClusterQueueScorer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ClusterQueueScorer {
-    /// A scorer reading the multi-cluster extractors of the config it is bound in.
-    pub const fn new() -> Self {
+    /// `multicluster-queue-scorer`, reading the multi-cluster extractors of the config it is
+    /// bound in.
+    pub const fn queue() -> Self {
         Self {
             attribute: ClusterAttribute::new(
                 QUEUE_SCORER_TYPE_NAME,
                 MULTICLUSTER_QUEUE_SIZE_ATTRIBUTE,
             ),
+            formula: Formula::InvertedRange,
         }
     }
 }
 
-impl BindPlugins for ClusterQueueScorer {
+impl BindPlugins for ClusterScorer {
     fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
         self.attribute.bind(plugins)
     }
 }
 
-impl Scorer for ClusterQueueScorer {
+impl Scorer for ClusterScorer {
     fn score(
         &self,
         _state: &mut CycleState,
@@ -192,8 +150,24 @@ impl Scorer for ClusterQueueScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        score_with(&self.attribute.values(), candidates, scores, |queue, shortest, longest| {
-            if longest == shortest { 1.0 } else { (longest - queue) / (longest - shortest) }
-        });
+        let published = self.attribute.values();
+        if published.is_empty() {
+            return;
+        }
+        let value_of = |index: u32| {
+            let id = candidates.pool().get(index)?.id();
+            published.iter().find_map(|values| values.get(&id).copied()).filter(|v| v.is_finite())
+        };
+        let (low, high) = candidates
+            .indices()
+            .iter()
+            .filter_map(|&index| value_of(index))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), v| (low.min(v), high.max(v)));
+        // Scores arrive zeroed: a peer without a value stays unscored.
+        for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
+            if let Some(value) = value_of(index) {
+                *score = self.formula.score(value, low, high).clamp(0.0, 1.0);
+            }
+        }
     }
 }
