@@ -349,15 +349,11 @@ fn director_for(config: &str, pool: Arc<SharedPool>) -> Arc<Director> {
     let metrics = Arc::new(scheduler_core::flow::FlowMetrics::new());
     let objectives =
         scheduler_core::flow::ObjectiveResolver::from_yaml(OBJECTIVES, metrics).unwrap();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
     Arc::new(
-        Director::from_config(
-            &config,
-            &scorers::builtin_registry(),
-            pool,
-            DirectorOptions::default(),
-            objectives,
-        )
-        .unwrap(),
+        Director::from_config(&config, &registry, pool, DirectorOptions::default(), objectives)
+            .unwrap(),
     )
 }
 
@@ -464,4 +460,41 @@ async fn a_queued_request_leaves_the_queue_when_its_stream_goes_away() {
     // Saturation lifting later must not schedule the abandoned request.
     pool.update(|snapshot| snapshot.upsert(endpoint(9101, 0)));
     assert_eq!(controller.queued_requests(), 0);
+}
+
+#[tokio::test]
+async fn agent_identity_makes_a_session_header_the_fairness_id_unless_one_is_given() {
+    let director = director_for(
+        "plugins:
+- type: agent-identity
+  parameters: {additionalSessionHeaders: [x-my-agent-session]}
+- type: queue-scorer
+- type: max-score-picker
+",
+        saturated_pool(0),
+    );
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    let fairness_of = async |headers: &[(&str, &str)]| {
+        let mut all = vec![(":path".to_owned(), "/v1/completions".to_owned())];
+        all.extend(headers.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())));
+        let routed = director.decide(&all, body, None).await.unwrap();
+        routed.request.fairness_id.clone()
+    };
+    assert_eq!(
+        fairness_of(&[("x-claude-code-session-id", "claude-1")]).await.as_deref(),
+        Some("claude-1")
+    );
+    assert_eq!(
+        fairness_of(&[("session-id", "codex-1"), ("x-my-agent-session", "mine")]).await.as_deref(),
+        Some("mine"),
+        "configured headers are looked up first"
+    );
+    assert_eq!(
+        fairness_of(&[("session-id", "codex-1"), ("x-llm-d-inference-fairness-id", "tenant")])
+            .await
+            .as_deref(),
+        Some("tenant"),
+        "an explicit fairness id wins"
+    );
+    assert_eq!(fairness_of(&[]).await, None);
 }

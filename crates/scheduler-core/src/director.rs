@@ -18,6 +18,7 @@ use crate::pool::SharedPool;
 use crate::request::InferenceRequest;
 use crate::request::body::{ApiKind, BodyError};
 use crate::request::parser::ParserTable;
+use crate::request_header::RequestHeaderProcessor;
 use crate::rewrite::{ModelRewrites, ModelRoute};
 use crate::scheduling::result::{CompletionGuard, SchedulingError};
 use crate::scheduling::scheduler::{Scheduler, collect_subset};
@@ -229,6 +230,8 @@ pub struct Director {
     bodiless_draws: AtomicU64,
     /// Admission plugins, consulted in order after flow control and before scheduling.
     admitters: Vec<Arc<dyn Admitter>>,
+    /// Request-header processors, run in order on each request before flow control.
+    header_processors: Vec<Arc<dyn RequestHeaderProcessor>>,
 }
 
 impl Director {
@@ -244,6 +247,7 @@ impl Director {
             rewrites: ArcSwapOption::empty(),
             bodiless_draws: AtomicU64::new(0),
             admitters: Vec::new(),
+            header_processors: Vec::new(),
         }
     }
 
@@ -260,7 +264,8 @@ impl Director {
     /// once for both, so a detector that counts requests in its own hooks (the concurrency
     /// detector) is the instance the scheduler informs. With queues, a completion hook that
     /// releases queued requests is registered after the plugins' hooks. Every plugin playing
-    /// the admitter role is consulted, in declaration order.
+    /// the request-header processor role runs on each request before flow control, and every
+    /// admitter is consulted after it, each in declaration order.
     pub fn from_config(
         config: &EndpointPickerConfig,
         registry: &PluginRegistry,
@@ -297,8 +302,10 @@ impl Director {
         }
         let admitters =
             plugins.iter().filter_map(|declared| declared.plugin.admitter.clone()).collect();
+        let header_processors =
+            plugins.iter().filter_map(|declared| declared.plugin.request_header.clone()).collect();
         let director = Self::new(Arc::new(scheduler), pool, options);
-        Ok(Self { flow: Some(Arc::new(flow)), admitters, ..director })
+        Ok(Self { flow: Some(Arc::new(flow)), admitters, header_processors, ..director })
     }
 
     /// Routes requests through `rewrites` from now on (`None`: no rewriting). Requests in
@@ -438,6 +445,9 @@ impl Director {
     ) -> Result<Routed, Rejection> {
         request.endpoint_subset = subset;
         self.rewrite_model(&mut request)?;
+        for processor in &self.header_processors {
+            processor.process(&mut request);
+        }
 
         if let Some(flow) = &self.flow {
             // Awaiting the ticket is where a queued request waits; if the caller gives up

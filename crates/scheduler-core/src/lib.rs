@@ -43,6 +43,7 @@ pub mod hash;
 mod pool;
 pub mod protocol;
 mod request;
+pub mod request_header;
 pub mod rewrite;
 mod scheduling;
 

@@ -23,6 +23,7 @@ use crate::flow::{
     SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
 };
 use crate::request::parser::RequestParser;
+use crate::request_header::{AGENT_IDENTITY_TYPE, AgentIdentity, RequestHeaderProcessor};
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
     ResponseHeaders, Scorer,
@@ -104,6 +105,8 @@ pub struct Plugin {
     pub data_layer: Option<Arc<DataLayerPlugin>>,
     /// As an admission plugin, consulted after flow control and before scheduling.
     pub admitter: Option<Arc<dyn Admitter>>,
+    /// As a request-header processor, run on each parsed request before flow control.
+    pub request_header: Option<Arc<dyn RequestHeaderProcessor>>,
     /// State this plugin offers to the plugins that bind to it (downcast by its reader): how
     /// `prefix-cache-scorer` finds the index of an `approx-prefix-cache-producer`.
     pub shared: Option<Arc<dyn Any + Send + Sync>>,
@@ -137,6 +140,7 @@ impl fmt::Debug for Plugin {
             .field("flow_policy", &self.flow_policy)
             .field("data_layer", &self.data_layer)
             .field("admitter", &self.admitter.is_some())
+            .field("request_header", &self.request_header.is_some())
             .field("shared", &self.shared.is_some())
             .field("binder", &self.binder.is_some())
             .finish()
@@ -235,7 +239,8 @@ impl PluginRegistry {
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
     /// `edf-ordering-policy`, `static-usage-limit-policy` (parameters: `threshold`),
     /// `program-aware-fairness` and the experimental `soft-reflective-ceiling-policy`, the
-    /// admission plugin `probabilistic-admitter` (see [`crate::admitter`]), and the
+    /// admission plugin `probabilistic-admitter` (see [`crate::admitter`]), the request-header
+    /// processor `agent-identity` (see [`crate::request_header`]), and the
     /// data-layer plugins (see [`data_layer`](crate::data_layer)).
     pub fn new() -> Self {
         let mut registry = Self {
@@ -269,6 +274,10 @@ impl PluginRegistry {
         });
         register_policies(&mut registry);
         crate::config::data_layer::plugins::register(&mut registry);
+        registry.register_experimental(AGENT_IDENTITY_TYPE, |spec| {
+            let processor = AgentIdentity::new(&spec.parameters()?)?;
+            Ok(Plugin { request_header: Some(Arc::new(processor)), ..Plugin::default() })
+        });
         registry.register(PROBABILISTIC_ADMITTER_TYPE, |spec| {
             let parameters: ProbabilisticAdmitterParameters = spec.parameters()?;
             let admitter = ProbabilisticAdmitter::new(&parameters)?;
