@@ -184,6 +184,21 @@ pub fn set_request_headers(headers: &[(&str, &str)]) -> ProcessingResponse {
     }
 }
 
+/// `response` (an answer to the request headers) also removing the request headers `names`:
+/// headers only the picker may set, which a client sent but the decision does not set.
+pub fn with_removed_request_headers(
+    mut response: ProcessingResponse,
+    names: &[&str],
+) -> ProcessingResponse {
+    if let Some(processing_response::Response::RequestHeaders(HeadersResponse {
+        response: Some(CommonResponse { header_mutation: Some(mutation), .. }),
+    })) = response.response.as_mut()
+    {
+        mutation.remove_headers.extend(names.iter().map(|name| (*name).to_owned()));
+    }
+    response
+}
+
 /// An empty (pass-through) answer to the request headers: nothing changed, routes kept.
 pub fn continue_request_headers() -> ProcessingResponse {
     ProcessingResponse {
