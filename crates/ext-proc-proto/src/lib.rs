@@ -317,6 +317,30 @@ mod tests {
     }
 
     #[test]
+    fn routing_headers_a_decision_does_not_set_are_removed() {
+        let response = with_removed_request_headers(
+            route_to("10.0.0.1:8000", &[("x-prefiller-host-port", "10.0.0.2:8000")]),
+            &["x-encoder-hosts-ports"],
+        );
+        let Some(processing_response::Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse { header_mutation: Some(mutation), .. }),
+        })) = response.response
+        else {
+            panic!("a request-headers answer with a mutation");
+        };
+        assert_eq!(mutation.remove_headers, ["x-encoder-hosts-ports"]);
+        let set: Vec<&str> = mutation
+            .set_headers
+            .iter()
+            .filter_map(|option| option.header.as_ref().map(|header| header.key.as_str()))
+            .collect();
+        assert_eq!(set, [DESTINATION_ENDPOINT_HEADER, "x-prefiller-host-port"]);
+        // An answer without a mutation is left as it is.
+        let untouched = with_removed_request_headers(continue_request_headers(), &["x"]);
+        assert_eq!(untouched, continue_request_headers());
+    }
+
+    #[test]
     fn subset_hint_accepts_lists_and_comma_strings() {
         let list = Value {
             kind: Some(Kind::ListValue(ListValue {

@@ -354,7 +354,39 @@ fn the_prefix_decider_prefills_apart_only_what_the_decode_endpoint_lacks() {
     let long_tail = format!("{}{}", &long[..512], "y".repeat(512));
     let result = scheduler.schedule(&InferenceRequest::new("m", long_tail), &pool).unwrap();
     assert!(result.prefill().is_some());
-    // Below promptTokens (50 tokens) nothing is prefilled apart, cached or not.
-    let result = scheduler.schedule(&InferenceRequest::new("m", "q".repeat(180)), &pool).unwrap();
-    assert_eq!(result.prefill().map(|p| p.id()), None);
+    // A prompt under promptTokens stays whole, however little of it is cached.
+    let floor = config.replace("promptTokens: 50", "promptTokens: 300");
+    let scheduler = build(&floor).unwrap();
+    let result = scheduler.schedule(&request, &pool).unwrap();
+    assert_eq!(result.prefill().map(|p| p.id()), None, "256 tokens < promptTokens 300");
+}
+
+#[test]
+fn the_prefill_endpoint_is_recorded_as_holding_the_prompt_too() {
+    let config = pd_config(DISAGG, ALWAYS)
+        .replacen(
+            "- type: queue-scorer\n",
+            "- type: queue-scorer\n- type: prefix-cache-scorer\n  parameters: {blockSize: 64}\n",
+            1,
+        )
+        .replace(
+            "{pluginRef: prefill-filter}, ",
+            "{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer, weight: 5}, ",
+        );
+    let pool = Arc::new(PoolSnapshot::new([
+        endpoint(1, EndpointRole::Prefill, 0),
+        endpoint(2, EndpointRole::Prefill, 0),
+        endpoint(3, EndpointRole::Decode, 0),
+    ]));
+    let request = InferenceRequest::new("m", "z".repeat(1024));
+    for seed in 0..8 {
+        let scheduler = build(&config).unwrap().with_seed(seed);
+        let first = scheduler.schedule(&request, &pool).unwrap().prefill().unwrap().id();
+        scheduler.flush();
+        // Equal load: only the recorded prompt breaks the tie, every time.
+        for _ in 0..4 {
+            let again = scheduler.schedule(&request, &pool).unwrap();
+            assert_eq!(again.prefill().map(|p| p.id()), Some(first), "seed {seed}");
+        }
+    }
 }
