@@ -838,6 +838,7 @@ mod tests {
             request: scheduler_core::InferenceRequest::default(),
             completion: None,
             response_headers: Vec::new(),
+            request_headers: Vec::new(),
         };
         let three = routed(&["[::1]:80", "10.0.0.3:80"]);
         let all = "10.0.0.1:80,[::1]:80,10.0.0.3:80";

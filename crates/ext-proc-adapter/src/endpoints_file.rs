@@ -7,7 +7,7 @@
 //!   port: 8000
 //!   name: vllm-0            # optional, defaults to address:port
 //!   engine: vllm            # optional: vllm | sglang | trtllm
-//!   role: both              # optional: both | prefill | decode
+//!   role: decode            # optional: llm-d's llm-d.ai/role values (see below)
 //!   labels: {tier: gold}    # optional
 //! ```
 //!
@@ -26,13 +26,20 @@
 //! `multicluster-file-discovery`). A name is resolved when the file is loaded and again every
 //! [`DNS_REFRESH`]; an entry whose name does not resolve is left out (and logged) until it
 //! does, so one unreachable cluster does not stop the others.
+//!
+//! `role` is the endpoint's part in disaggregated serving, with the values of llm-d's
+//! `llm-d.ai/role` pod label: `prefill`, `decode`, `encode`, `prefill-decode` (or its old
+//! spelling `both`), `encode-prefill`, `encode-prefill-decode`. It is written as that label
+//! (so `labels: {llm-d.ai/role: decode}` says the same). An endpoint without a role counts as
+//! llm-d counts an unlabelled pod: decode only (`decode-filter` keeps it, `prefill-filter` and
+//! `encode-filter` do not), which serves every request aggregated when no profile filters.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use scheduler_core::{Endpoint, EndpointRole};
+use scheduler_core::{Endpoint, EndpointRole, ROLE_LABEL};
 use serde::Deserialize;
 
 /// How often the DNS names of a file are resolved again, so a gateway that moves is followed.
@@ -152,16 +159,38 @@ pub struct EndpointEntry {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Role names accepted in the file.
+/// Role names accepted in the file: llm-d's `llm-d.ai/role` values.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum RoleName {
-    /// Whole requests.
+    /// Prefill and decode (llm-d's deprecated spelling of `prefill-decode`).
     Both,
     /// Prefill only.
     Prefill,
     /// Decode only.
     Decode,
+    /// Encode (multimodal inputs) only.
+    Encode,
+    /// Prefill and decode.
+    PrefillDecode,
+    /// Encode and prefill.
+    EncodePrefill,
+    /// Every stage.
+    EncodePrefillDecode,
+}
+
+impl RoleName {
+    /// The role it names.
+    pub fn role(self) -> EndpointRole {
+        match self {
+            Self::Both | Self::PrefillDecode => EndpointRole::PrefillDecode,
+            Self::Prefill => EndpointRole::Prefill,
+            Self::Decode => EndpointRole::Decode,
+            Self::Encode => EndpointRole::Encode,
+            Self::EncodePrefill => EndpointRole::EncodePrefill,
+            Self::EncodePrefillDecode => EndpointRole::EncodePrefillDecode,
+        }
+    }
 }
 
 impl DeclaredEntry {
@@ -183,6 +212,14 @@ impl DeclaredEntry {
             engine: self.engine.clone(),
             role: self.role,
             labels,
+        }
+    }
+
+    /// The address and port as written, for messages.
+    fn shown_address(&self) -> String {
+        match &self.address {
+            EntryAddress::Ip(ip) => SocketAddr::new(*ip, self.port).to_string(),
+            EntryAddress::Host(host) => format!("{host}:{}", self.port),
         }
     }
 
@@ -209,12 +246,10 @@ impl EndpointEntry {
             endpoint = endpoint.with_host(host.as_str());
         }
         endpoint.labels = self.labels.clone();
-        endpoint.role = match self.role {
-            None | Some(RoleName::Both) => EndpointRole::Both,
-            Some(RoleName::Prefill) => EndpointRole::Prefill,
-            Some(RoleName::Decode) => EndpointRole::Decode,
-        };
-        endpoint
+        match self.role {
+            Some(role) => endpoint.with_role(role.role()),
+            None => endpoint,
+        }
     }
 }
 
@@ -236,6 +271,20 @@ pub enum EndpointsFileError {
         path: PathBuf,
         /// What is wrong, with line and column.
         message: String,
+    },
+    /// An entry's `role` and its `llm-d.ai/role` label say different things.
+    #[error(
+        "endpoints file {path}: {address} has role '{role}' but its label {ROLE_LABEL} is '{label}'"
+    )]
+    RoleConflict {
+        /// The file.
+        path: PathBuf,
+        /// The entry's address.
+        address: String,
+        /// The `role` field's role.
+        role: String,
+        /// The label's value.
+        label: String,
     },
     /// Two entries share an address.
     #[error("endpoints file {path} lists {address} twice")]
@@ -287,11 +336,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<DeclaredEntry>, EndpointsFil
     let mut seen = HashSet::new();
     for entry in &entries {
         if !seen.insert((&entry.address, entry.port)) {
-            let address = match &entry.address {
-                EntryAddress::Ip(ip) => SocketAddr::new(*ip, entry.port).to_string(),
-                EntryAddress::Host(host) => format!("{host}:{}", entry.port),
-            };
+            let address = entry.shown_address();
             return Err(EndpointsFileError::Duplicate { path: path.to_owned(), address });
+        }
+        if let (Some(role), Some(label)) = (entry.role, entry.labels.get(ROLE_LABEL))
+            && EndpointRole::from_label(Some(label)) != role.role()
+        {
+            return Err(EndpointsFileError::RoleConflict {
+                path: path.to_owned(),
+                address: entry.shown_address(),
+                role: role.role().label_value().unwrap_or_default().to_owned(),
+                label: label.clone(),
+            });
         }
     }
     Ok(entries)
@@ -386,7 +442,8 @@ mod tests {
         .unwrap();
         let endpoint = literal(&entries)[0].to_endpoint();
         assert_eq!(endpoint.address, "10.0.0.1:8000".parse().unwrap());
-        assert_eq!(endpoint.role, EndpointRole::Decode);
+        assert_eq!(endpoint.role(), EndpointRole::Decode);
+        assert_eq!(endpoint.labels[ROLE_LABEL], "decode", "the role is the llm-d label");
         assert_eq!(endpoint.labels["tier"], "gold");
         assert_eq!(endpoint.host, None);
         assert_eq!(entries[0].engine.as_deref(), Some("sglang"));
@@ -432,6 +489,42 @@ mod tests {
                 .to_string();
             assert!(error.contains("neither an IP address nor a DNS name"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn roles_take_llm_d_values_and_no_role_is_decode_only() {
+        let path = Path::new("pool.yaml");
+        let text = "\
+- {address: 10.0.0.1, port: 1, role: both}
+- {address: 10.0.0.1, port: 2, role: encode-prefill}
+- {address: 10.0.0.1, port: 3}
+- {address: 10.0.0.1, port: 4, labels: {llm-d.ai/role: prefill}}
+- {address: 10.0.0.1, port: 5, role: prefill, labels: {llm-d.ai/role: prefill}}
+";
+        let roles: Vec<EndpointRole> = literal(&parse(path, text).unwrap())
+            .iter()
+            .map(|entry| entry.to_endpoint().role())
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                EndpointRole::PrefillDecode,
+                EndpointRole::EncodePrefill,
+                EndpointRole::Unlabeled,
+                EndpointRole::Prefill,
+                EndpointRole::Prefill,
+            ]
+        );
+        assert!(roles[2].serves_decode() && !roles[2].serves_prefill());
+
+        let error = parse(path, "- {address: 10.0.0.1, port: 1, role: prefil}\n").unwrap_err();
+        assert!(error.to_string().contains("prefil"), "{error}");
+        let conflict =
+            "- {address: 10.0.0.1, port: 1, role: decode, labels: {llm-d.ai/role: prefill}}\n";
+        assert_eq!(
+            parse(path, conflict).unwrap_err().to_string(),
+            "endpoints file pool.yaml: 10.0.0.1:1 has role 'decode' but its label llm-d.ai/role is 'prefill'"
+        );
     }
 
     #[test]

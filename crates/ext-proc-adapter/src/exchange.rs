@@ -32,6 +32,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use scheduler_core::model_field;
 use scheduler_core::protocol::{
     LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER, REQUEST_DROPPED_REASON_HEADER,
+    ROUTING_REQUEST_HEADERS,
 };
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
@@ -381,25 +382,36 @@ impl Exchange {
                 let rewritten = (self.request_has_body && request.target_model != request.model)
                     .then(|| rewrite_body_model(&body, &request.target_model))
                     .flatten();
+                let length = rewritten.as_ref().map(|body| body.len().to_string());
+                let target = request.target_model.as_str();
+                let mut headers: Vec<(&str, &str)> = Vec::new();
+                if let Some(length) = &length {
+                    headers.extend([
+                        ("content-length", length.as_str()),
+                        (LLM_D_MODEL_REWRITE_HEADER, target),
+                        (MODEL_REWRITE_HEADER, target),
+                    ]);
+                }
+                headers.extend(
+                    routed.request_headers.iter().map(|(name, value)| (*name, value.as_str())),
+                );
+                // A routing header the decision does not set must not reach the sidecar from
+                // the client.
+                let unset: Vec<&str> = ROUTING_REQUEST_HEADERS
+                    .into_iter()
+                    .filter(|name| !routed.request_headers.iter().any(|(set, _)| set == name))
+                    .collect();
+                out.push(proto::with_removed_request_headers(
+                    proto::route_to_with_scores(&destination, &headers, &scores),
+                    &unset,
+                ));
                 match rewritten {
                     Some(rewritten) => {
-                        let length = rewritten.len().to_string();
-                        let target = request.target_model.as_str();
-                        out.push(proto::route_to_with_scores(
-                            &destination,
-                            &[
-                                ("content-length", &length),
-                                (LLM_D_MODEL_REWRITE_HEADER, target),
-                                (MODEL_REWRITE_HEADER, target),
-                            ],
-                            &scores,
-                        ));
                         // The original body is released before the new one is streamed.
                         drop(body);
                         push_request_body(rewritten, out);
                     }
                     None => {
-                        out.push(proto::route_to_with_scores(&destination, &[], &scores));
                         if self.request_has_body {
                             push_request_body(body, out);
                         }
@@ -431,7 +443,10 @@ impl Exchange {
         match self.director.route_without_body(&self.headers, subset) {
             Ok(routed) => {
                 let destination = proto::destination_value(routed.primary, &[], 0);
-                out.push(proto::route_to(&destination, &[]));
+                out.push(proto::with_removed_request_headers(
+                    proto::route_to(&destination, &[]),
+                    &ROUTING_REQUEST_HEADERS,
+                ));
                 self.headers = Vec::new();
                 self.phase = Phase::AwaitingResponse;
             }
@@ -464,10 +479,13 @@ impl Exchange {
         metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
         out: &mut Vec<ProcessingResponse>,
     ) {
-        if let (Some(served), Some(guard)) =
-            (proto::served_endpoint(metadata), self.completion.as_mut())
-        {
-            guard.set_served_endpoint(EndpointId::from_address(served));
+        if let Some(guard) = self.completion.as_mut() {
+            // The decode endpoint answers only once the prefill endpoint handed its KV cache
+            // over: the prefill stage of a disaggregated request is over.
+            guard.prefill_done();
+            if let Some(served) = proto::served_endpoint(metadata) {
+                guard.set_served_endpoint(EndpointId::from_address(served));
+            }
         }
         self.response_status = proto::response_status(headers.headers.as_ref());
         if self.response_headers.is_empty() {

@@ -184,6 +184,21 @@ pub fn set_request_headers(headers: &[(&str, &str)]) -> ProcessingResponse {
     }
 }
 
+/// `response` (an answer to the request headers) also removing the request headers `names`:
+/// headers only the picker may set, which a client sent but the decision does not set.
+pub fn with_removed_request_headers(
+    mut response: ProcessingResponse,
+    names: &[&str],
+) -> ProcessingResponse {
+    if let Some(processing_response::Response::RequestHeaders(HeadersResponse {
+        response: Some(CommonResponse { header_mutation: Some(mutation), .. }),
+    })) = response.response.as_mut()
+    {
+        mutation.remove_headers.extend(names.iter().map(|name| (*name).to_owned()));
+    }
+    response
+}
+
 /// An empty (pass-through) answer to the request headers: nothing changed, routes kept.
 pub fn continue_request_headers() -> ProcessingResponse {
     ProcessingResponse {
@@ -299,6 +314,30 @@ mod tests {
         let mut metadata = Metadata::default();
         metadata.filter_metadata.insert(namespace.to_owned(), inner);
         metadata
+    }
+
+    #[test]
+    fn routing_headers_a_decision_does_not_set_are_removed() {
+        let response = with_removed_request_headers(
+            route_to("10.0.0.1:8000", &[("x-prefiller-host-port", "10.0.0.2:8000")]),
+            &["x-encoder-hosts-ports"],
+        );
+        let Some(processing_response::Response::RequestHeaders(HeadersResponse {
+            response: Some(CommonResponse { header_mutation: Some(mutation), .. }),
+        })) = response.response
+        else {
+            panic!("a request-headers answer with a mutation");
+        };
+        assert_eq!(mutation.remove_headers, ["x-encoder-hosts-ports"]);
+        let set: Vec<&str> = mutation
+            .set_headers
+            .iter()
+            .filter_map(|option| option.header.as_ref().map(|header| header.key.as_str()))
+            .collect();
+        assert_eq!(set, [DESTINATION_ENDPOINT_HEADER, "x-prefiller-host-port"]);
+        // An answer without a mutation is left as it is.
+        let untouched = with_removed_request_headers(continue_request_headers(), &["x"]);
+        assert_eq!(untouched, continue_request_headers());
     }
 
     #[test]

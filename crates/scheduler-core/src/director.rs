@@ -20,7 +20,7 @@ use crate::request::body::{ApiKind, BodyError};
 use crate::request::parser::ParserTable;
 use crate::request_header::RequestHeaderProcessor;
 use crate::rewrite::{ModelRewrites, ModelRoute};
-use crate::scheduling::result::{CompletionGuard, SchedulingError};
+use crate::scheduling::result::{CompletionGuard, SchedulingError, SchedulingResult};
 use crate::scheduling::scheduler::{Scheduler, collect_subset};
 
 /// What the director needs to know beyond the scheduler and the pool.
@@ -158,6 +158,43 @@ pub struct Routed {
     /// Headers the plugins write on the response (the session-affinity token, for one), to
     /// be set when the model server's response headers pass.
     pub response_headers: Vec<(String, String)>,
+    /// Headers to set on the request on its way to the destination: the prefill endpoint and
+    /// encoders of a disaggregated request, the chosen rank under data-parallel serving
+    /// (names from [`ROUTING_REQUEST_HEADERS`](crate::protocol::ROUTING_REQUEST_HEADERS);
+    /// the adapter removes a client's value of the others).
+    pub request_headers: Vec<(&'static str, String)>,
+}
+
+/// The destination, fallbacks and routing headers of a decision (see [`Routed`]).
+fn routing_of(
+    result: &SchedulingResult,
+) -> (SocketAddr, Vec<SocketAddr>, Vec<(&'static str, String)>) {
+    use crate::protocol::{
+        DATA_PARALLEL_ENDPOINT_HEADER, ENCODER_ENDPOINTS_HEADER, PREFILL_ENDPOINT_HEADER,
+    };
+    let mut primary = result.primary().endpoint.address;
+    let mut fallbacks: Vec<SocketAddr> =
+        result.fallbacks().map(|fallback| fallback.endpoint.address).collect();
+    let mut headers = Vec::new();
+    if let Some(prefill) = result.prefill() {
+        headers.push((PREFILL_ENDPOINT_HEADER, prefill.endpoint.address.to_string()));
+    }
+    let mut encoders = result.encoders().map(|encoder| encoder.endpoint.address.to_string());
+    if let Some(first) = encoders.next() {
+        let list = encoders.fold(first, |list, encoder| list + "," + &encoder);
+        headers.push((ENCODER_ENDPOINTS_HEADER, list));
+    }
+    if let Some(port) = result.data_parallel_port() {
+        // The proxy goes to the pod; its sidecar forwards to the rank the header names.
+        headers.push((DATA_PARALLEL_ENDPOINT_HEADER, primary.to_string()));
+        primary.set_port(port);
+        for fallback in &mut fallbacks {
+            fallback.set_port(port);
+        }
+        fallbacks.retain(|fallback| *fallback != primary);
+        fallbacks.dedup();
+    }
+    (primary, fallbacks, headers)
 }
 
 impl Director {
@@ -409,6 +446,7 @@ impl Director {
             request,
             completion: None,
             response_headers: Vec::new(),
+            request_headers: Vec::new(),
         })
     }
 
@@ -472,11 +510,18 @@ impl Director {
             }
         }
         let mut result = self.scheduler.schedule(&request, &pool)?;
-        let primary = result.primary().endpoint.address;
-        let fallbacks = result.fallbacks().map(|fallback| fallback.endpoint.address).collect();
+        let (primary, fallbacks, request_headers) = routing_of(&result);
         let scores = result.ranked_scores().to_vec();
         let response_headers = self.scheduler.response_headers(&result);
         let completion = result.take_completion();
-        Ok(Routed { primary, fallbacks, scores, request, completion, response_headers })
+        Ok(Routed {
+            primary,
+            fallbacks,
+            scores,
+            request,
+            completion,
+            response_headers,
+            request_headers,
+        })
     }
 }

@@ -65,7 +65,7 @@ pub use pool::attributes::{AttributeHandle, AttributeValues, EndpointAttributes}
 pub use pool::dispatch_log::{DISPATCH_RING_SLOTS, DispatchLog, PendingDispatches};
 pub use pool::endpoint::{
     Endpoint, EndpointId, EndpointIdHasher, EndpointMap, EndpointMetrics, EndpointRole,
-    EndpointState,
+    EndpointState, ROLE_LABEL,
 };
 pub use pool::staleness::{
     AllStale, DEFAULT_METRICS_STALENESS_THRESHOLD, StalenessPolicy, last_known_load,
@@ -78,11 +78,12 @@ pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
 pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{
     Candidates, DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler,
-    ResponseComplete, ResponseHeaders, Scorer,
+    ProfileProgress, ResponseComplete, ResponseHeaders, Scorer,
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{
-    CompletedRequest, CompletionGuard, Outcome, ProfileRun, SchedulingError, SchedulingResult,
+    CompletedRequest, CompletionGuard, Outcome, PrefillCompleted, ProfileRun, SchedulingError,
+    SchedulingResult, StageRuns,
 };
 pub use scheduling::scheduler::{
     ALL_STALE_MAX_PICKS, SINGLE_PROFILE_HANDLER, ScheduleOptions, Scheduler, SingleProfileHandler,

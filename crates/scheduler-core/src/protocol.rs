@@ -40,3 +40,18 @@ pub const REQUEST_DROPPED_REASON_HEADER: &str = "x-llm-d-request-dropped-reason"
 /// destination (a struct `ip:port` -> number); emitted only when asked for
 /// (`--emit-endpoint-scores`).
 pub const DESTINATION_ENDPOINT_SCORES_KEY: &str = "x-gateway-destination-endpoint-scores";
+/// Request header naming the prefill endpoint (`ip:port`) of a disaggregated request, for the
+/// decode endpoint's sidecar to fetch the KV cache from; the destination stays the decode
+/// endpoint. llm-d-router's name (`routing.PrefillEndpointHeader`).
+pub const PREFILL_ENDPOINT_HEADER: &str = "x-prefiller-host-port";
+/// Request header listing the endpoints (`ip:port`, comma-separated) that encode the request's
+/// multimodal inputs. llm-d-router's name (`routing.EncoderEndpointsHeader`).
+pub const ENCODER_ENDPOINTS_HEADER: &str = "x-encoder-hosts-ports";
+/// Request header naming the data-parallel rank (`ip:port`) chosen for a request whose
+/// destination is its pod's primary port. llm-d-router's name
+/// (`routing.DataParallelEndpointHeader`).
+pub const DATA_PARALLEL_ENDPOINT_HEADER: &str = "x-data-parallel-host-port";
+/// The routing headers the picker alone writes: the adapters remove what a client sent under
+/// these names when the decision does not set them, so a client cannot steer a sidecar.
+pub const ROUTING_REQUEST_HEADERS: [&str; 3] =
+    [PREFILL_ENDPOINT_HEADER, ENCODER_ENDPOINTS_HEADER, DATA_PARALLEL_ENDPOINT_HEADER];

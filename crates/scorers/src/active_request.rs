@@ -2,8 +2,9 @@
 //!
 //! Metrics lag by a scrape interval; requests this picker has sent are known at once. Each
 //! decision's primary endpoint is counted in by the pre-request hook and out by the completion
-//! hook (on the endpoint that served it, which may be a fallback), so bursts spread before the
-//! next scrape shows them. Score = (max - n) / (max - min) over the candidates; all equal -> 1.
+//! hook (on the endpoint it was scheduled on), so bursts spread before the next scrape shows
+//! them. A disaggregated request's prefill endpoint is counted too, and out when the
+//! response starts (its prefill is over by then). Score = (max - n) / (max - min) over the candidates; all equal -> 1.
 //!
 //! Counters live in a read-mostly map of atomics: scoring takes one shared lock per request
 //! and no write lock; only the first request to a new endpoint takes the write lock.
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 use scheduler_core::{
     Candidates, CompletedRequest, CycleState, EndpointId, EndpointMap, InferenceRequest,
-    PreRequest, ResponseComplete, SchedulingResult, Scorer,
+    PreRequest, PrefillCompleted, ResponseComplete, SchedulingResult, Scorer,
 };
 
 /// llm-d type name.
@@ -79,6 +80,22 @@ impl PreRequest for ActiveRequestScorer {
         result: &SchedulingResult,
     ) {
         self.increment(result.primary().id());
+        // A disaggregated request keeps its prefill endpoint busy too, until the response
+        // starts (`prefill_complete`).
+        if let Some(prefill) = result.prefill() {
+            self.increment(prefill.id());
+        }
+    }
+}
+
+impl ActiveRequestScorer {
+    fn decrement(&self, endpoint: EndpointId) {
+        let map = self.in_flight.read();
+        if let Some(counter) = map.get(&endpoint) {
+            // Saturating: a completion without a matching start must not wrap the counter.
+            let _ =
+                counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 }
 
@@ -86,11 +103,10 @@ impl ResponseComplete for ActiveRequestScorer {
     fn response_complete(&self, completed: &CompletedRequest) {
         // The request was counted on the scheduled endpoint; if the proxy served it elsewhere,
         // the scheduled endpoint still holds the count.
-        let map = self.in_flight.read();
-        if let Some(counter) = map.get(&completed.scheduled_endpoint) {
-            // Saturating: a completion without a matching start must not wrap the counter.
-            let _ =
-                counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        }
+        self.decrement(completed.scheduled_endpoint);
+    }
+
+    fn prefill_complete(&self, prefill: &PrefillCompleted) {
+        self.decrement(prefill.endpoint);
     }
 }

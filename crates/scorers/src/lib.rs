@@ -27,6 +27,9 @@
 //! | `multicluster-session-affinity-filter`, `multicluster-prefix-cache-scorer`, `multicluster-approx-prefix-cache-producer` (experimental) | as their single-cluster namesakes | [`multicluster`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
+//! | `disagg-profile-handler`, `pd-profile-handler` (deprecated), `data-parallel-profile-handler` | profile handlers | [`disagg`] |
+//! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
+//! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
@@ -56,6 +59,7 @@
 
 pub mod active_request;
 pub mod context_length;
+pub mod disagg;
 pub mod endpoint_attribute;
 pub mod header_label_affinity;
 pub mod kv_cache;
@@ -260,6 +264,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register(pickers::WEIGHTED_RANDOM_TYPE_NAME, |spec| {
         Ok(Plugin::picker(WeightedRandomPicker::new(PickerParameters::from_spec(spec)?)))
     });
+    disagg::register(registry);
 }
 
 /// A registry with the core's and every built-in plugin.

@@ -12,7 +12,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, Limited};
 use scheduler_core::protocol::{
     DESTINATION_ENDPOINT_HEADER, LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER,
-    REQUEST_DROPPED_REASON_HEADER,
+    REQUEST_DROPPED_REASON_HEADER, ROUTING_REQUEST_HEADERS,
 };
 use scheduler_core::{Director, InferenceRequest, Rejection, model_field};
 use tower_layer::Layer;
@@ -159,11 +159,25 @@ where
             if let Ok(value) = HeaderValue::from_str(&routed.primary.to_string()) {
                 request.headers_mut().insert(DESTINATION_ENDPOINT_HEADER, value);
             }
+            // The disaggregation and data-parallel headers are the picker's alone: a client's
+            // values go, the decision's are set.
+            for name in ROUTING_REQUEST_HEADERS {
+                request.headers_mut().remove(name);
+            }
+            for (name, value) in &routed.request_headers {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    request.headers_mut().insert(*name, value);
+                }
+            }
             request.extensions_mut().insert(PickedEndpoint { primary: routed.primary, fallbacks });
-            let guard = routed.completion;
+            let mut guard = routed.completion;
             let written = routed.response_headers;
             // An inner error drops the guard here: the request completes as cancelled.
             let mut response = inner.call(request).await?;
+            // The response started: a disaggregated request's prefill stage is over.
+            if let Some(guard) = guard.as_mut() {
+                guard.prefill_done();
+            }
             // What the plugins write on the response (the session token); a value that is not
             // a valid header is dropped rather than failing the response.
             for (name, value) in written {

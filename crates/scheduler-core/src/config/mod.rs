@@ -364,6 +364,14 @@ pub enum ConfigError {
         /// The second picker.
         second: String,
     },
+    /// The profile handler's parameters name profiles the config does not declare.
+    #[error("profile handler '{handler}': {message}")]
+    HandlerProfiles {
+        /// The handler's name.
+        handler: String,
+        /// What does not match.
+        message: String,
+    },
     /// More than one profile handler is declared.
     #[error("profile handlers '{first}' and '{second}' both declared; declare at most one")]
     TwoProfileHandlers {
@@ -688,6 +696,10 @@ impl EndpointPickerConfig {
                 count: profiles.len(),
             });
         }
+        let names: Vec<Arc<str>> = profiles.iter().map(|profile| profile.name().clone()).collect();
+        handler
+            .check_profiles(&names)
+            .map_err(|message| ConfigError::HandlerProfiles { handler: handler_name, message })?;
 
         let mut scheduler = Scheduler::new(profiles, handler);
         for ConstructedPlugin { plugin, .. } in plugins.iter() {

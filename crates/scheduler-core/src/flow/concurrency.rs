@@ -127,6 +127,9 @@ impl PreRequest for ConcurrencyDetector {
         result: &SchedulingResult,
     ) {
         self.begin(result.primary().id());
+        if let Some(prefill) = result.prefill() {
+            self.begin(prefill.id());
+        }
     }
 }
 
@@ -134,6 +137,10 @@ impl ResponseComplete for ConcurrencyDetector {
     fn response_complete(&self, completed: &CompletedRequest) {
         // The scheduled endpoint, not the served one: it is the one `pre_request` counted.
         self.finish(completed.scheduled_endpoint);
+    }
+
+    fn prefill_complete(&self, prefill: &crate::scheduling::result::PrefillCompleted) {
+        self.finish(prefill.endpoint);
     }
 }
 

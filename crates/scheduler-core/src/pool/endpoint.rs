@@ -59,16 +59,95 @@ impl std::hash::Hasher for EndpointIdHasher {
 pub type EndpointMap<V> =
     std::collections::HashMap<EndpointId, V, std::hash::BuildHasherDefault<EndpointIdHasher>>;
 
-/// What part of disaggregated serving an endpoint performs.
+/// The pod label that says an endpoint's part in disaggregated serving (llm-d's `RoleLabel`).
+pub const ROLE_LABEL: &str = "llm-d.ai/role";
+
+/// What part of disaggregated serving an endpoint performs, read from its [`ROLE_LABEL`]
+/// label with llm-d-router's vocabulary (`filter/bylabel/roles.go`).
+///
+/// An endpoint without the label counts as a decode endpoint only, as in llm-d: the decode
+/// filter lets it through and the prefill and encode filters do not, so a pool without roles
+/// serves every request aggregated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EndpointRole {
-    /// Serves whole requests (the common, aggregated case).
+    /// No role label: decode-capable only.
     #[default]
-    Both,
-    /// Runs prompt prefill only.
+    Unlabeled,
+    /// `prefill`: prefill stage only.
     Prefill,
-    /// Runs token decode only.
+    /// `decode`: decode stage only.
     Decode,
+    /// `encode`: encode stage (multimodal encoders) only.
+    Encode,
+    /// `prefill-decode`, or its deprecated spelling `both`: prefill and decode.
+    PrefillDecode,
+    /// `encode-prefill`: encode and prefill.
+    EncodePrefill,
+    /// `encode-prefill-decode`: every stage.
+    EncodePrefillDecode,
+    /// A label value llm-d does not know: no role filter lets it through.
+    Unrecognized,
+}
+
+impl EndpointRole {
+    /// Every role a label value can name (not [`Self::Unlabeled`] or [`Self::Unrecognized`]).
+    pub const NAMED: [Self; 6] = [
+        Self::Prefill,
+        Self::Decode,
+        Self::Encode,
+        Self::PrefillDecode,
+        Self::EncodePrefill,
+        Self::EncodePrefillDecode,
+    ];
+
+    /// The role a label value names; `None` (no label) is [`Self::Unlabeled`].
+    pub fn from_label(value: Option<&str>) -> Self {
+        match value {
+            None => Self::Unlabeled,
+            Some("prefill") => Self::Prefill,
+            Some("decode") => Self::Decode,
+            Some("encode") => Self::Encode,
+            Some("prefill-decode" | "both") => Self::PrefillDecode,
+            Some("encode-prefill") => Self::EncodePrefill,
+            Some("encode-prefill-decode") => Self::EncodePrefillDecode,
+            Some(_) => Self::Unrecognized,
+        }
+    }
+
+    /// The label value that names this role (`None` for the two roles no value names).
+    pub const fn label_value(self) -> Option<&'static str> {
+        match self {
+            Self::Prefill => Some("prefill"),
+            Self::Decode => Some("decode"),
+            Self::Encode => Some("encode"),
+            Self::PrefillDecode => Some("prefill-decode"),
+            Self::EncodePrefill => Some("encode-prefill"),
+            Self::EncodePrefillDecode => Some("encode-prefill-decode"),
+            Self::Unlabeled | Self::Unrecognized => None,
+        }
+    }
+
+    /// Whether the endpoint may run a request's prefill stage (what `prefill-filter` keeps).
+    pub const fn serves_prefill(self) -> bool {
+        matches!(
+            self,
+            Self::Prefill | Self::PrefillDecode | Self::EncodePrefill | Self::EncodePrefillDecode
+        )
+    }
+
+    /// Whether the endpoint may run a request's decode stage (what `decode-filter` keeps).
+    pub const fn serves_decode(self) -> bool {
+        matches!(
+            self,
+            Self::Unlabeled | Self::Decode | Self::PrefillDecode | Self::EncodePrefillDecode
+        )
+    }
+
+    /// Whether the endpoint may encode a request's multimodal inputs (what `encode-filter`
+    /// keeps).
+    pub const fn serves_encode(self) -> bool {
+        matches!(self, Self::Encode | Self::EncodePrefill | Self::EncodePrefillDecode)
+    }
 }
 
 /// A model-server replica that can receive requests.
@@ -86,8 +165,6 @@ pub struct Endpoint {
     pub host: Option<Arc<str>>,
     /// Labels, as on the Kubernetes pod; label filters read them.
     pub labels: BTreeMap<String, String>,
-    /// Role in prefill/decode disaggregation.
-    pub role: EndpointRole,
     /// Requests picked for this endpoint, for lag-compensated load scoring.
     dispatches: DispatchLog,
 }
@@ -101,7 +178,6 @@ impl Endpoint {
             address,
             host: None,
             labels: BTreeMap::new(),
-            role: EndpointRole::Both,
             dispatches: DispatchLog::default(),
         }
     }
@@ -135,10 +211,19 @@ impl Endpoint {
         self
     }
 
-    /// Sets the role.
+    /// Sets the role: writes (or, for a role no label value names, removes) the
+    /// [`ROLE_LABEL`] label, which is where the role lives, as on a Kubernetes pod.
     pub fn with_role(mut self, role: EndpointRole) -> Self {
-        self.role = role;
+        match role.label_value() {
+            Some(value) => self.labels.insert(ROLE_LABEL.to_owned(), value.to_owned()),
+            None => self.labels.remove(ROLE_LABEL),
+        };
         self
+    }
+
+    /// The role in disaggregated serving, from the [`ROLE_LABEL`] label.
+    pub fn role(&self) -> EndpointRole {
+        EndpointRole::from_label(self.labels.get(ROLE_LABEL).map(String::as_str))
     }
 }
 

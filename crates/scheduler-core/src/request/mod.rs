@@ -50,6 +50,9 @@ pub struct InferenceRequest {
     /// When the proxy restricts the request to some endpoints (Envoy's subset hint), their
     /// addresses; `None` means the whole pool.
     pub endpoint_subset: Option<Vec<SocketAddr>>,
+    /// Whether the body carries image, audio or video inputs (OpenAI content parts
+    /// `image_url`, `input_audio`, `video_url`), which an encoder may process apart.
+    pub multimodal: bool,
 }
 
 impl InferenceRequest {
@@ -110,6 +113,7 @@ impl InferenceRequest {
             priority: 0,
             model_rewrite: None,
             endpoint_subset: None,
+            multimodal: has_multimodal_parts(body),
         })
     }
 
@@ -151,6 +155,28 @@ fn non_empty_header(headers: &HashMap<String, String>, name: &str, alias: &str) 
         .into_iter()
         .find_map(|name| headers.get(name).filter(|value| !value.is_empty()))
         .cloned()
+}
+
+/// The keys of OpenAI's multimodal content parts, quoted as they stand in JSON.
+const MULTIMODAL_PART_KEYS: [&[u8]; 3] = [b"\"image_url\"", b"\"input_audio\"", b"\"video_url\""];
+
+/// Whether `body` names a multimodal content part. One pass over the bytes, looking only at
+/// unescaped quotes: inside a JSON string a quote is escaped, so `"image_url"` unescaped is a
+/// key (or a whole string value), never text of the prompt.
+fn has_multimodal_parts(body: &[u8]) -> bool {
+    let mut escaped = false;
+    for (at, &byte) in body.iter().enumerate() {
+        match byte {
+            b'\\' => escaped = !escaped,
+            b'"' if !escaped => {
+                if MULTIMODAL_PART_KEYS.iter().any(|key| body[at..].starts_with(key)) {
+                    return true;
+                }
+            }
+            _ => escaped = false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -235,5 +261,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(both.target_model, "new");
+    }
+
+    #[test]
+    fn multimodal_parts_are_seen_and_prompt_text_is_not_mistaken_for_them() {
+        let image = br#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"what is this?"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#;
+        let request = InferenceRequest::from_openai(Some("/v1/chat/completions"), [], image);
+        assert!(request.unwrap().multimodal);
+        let quoted =
+            br#"{"model":"m","messages":[{"role":"user","content":"say \"image_url\" \\"}]}"#;
+        let request = InferenceRequest::from_openai(Some("/v1/chat/completions"), [], quoted);
+        let request = request.unwrap();
+        assert!(request.prompt.contains("\"image_url\""), "{}", request.prompt);
+        assert!(!request.multimodal, "text mentioning the key is not an image");
+        assert!(!has_multimodal_parts(b"{\"input_audio_x\":1}"));
+        assert!(has_multimodal_parts(b"{\"input_audio\":{}}"));
     }
 }

@@ -12,7 +12,9 @@ use crate::pool::PoolSnapshot;
 use crate::pool::endpoint::EndpointState;
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::CycleState;
-use crate::scheduling::result::{CompletedRequest, ProfileRun, SchedulingResult};
+use crate::scheduling::result::{
+    CompletedRequest, PrefillCompleted, ProfileRun, SchedulingResult, StageRuns,
+};
 
 /// The endpoints still in the running for a request: a view into the pool snapshot.
 #[derive(Clone, Copy, Debug)]
@@ -103,26 +105,77 @@ pub trait Picker: Send + Sync + Debug {
     );
 }
 
+/// What a profile handler knows of a decision so far: the snapshot it is taken on and the
+/// profiles run, those that picked and those that could not.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileProgress<'a> {
+    /// The snapshot the decision is taken on (the picks are positions in it).
+    pub pool: &'a PoolSnapshot,
+    /// The profiles that picked, in the order they ran.
+    pub runs: &'a [ProfileRun],
+    /// The profiles that ran and picked nothing (a filter left no candidate), in order.
+    pub failed: &'a [Arc<str>],
+}
+
+impl<'a> ProfileProgress<'a> {
+    /// The run of the profile named `profile`, if it ran and picked.
+    pub fn run(&self, profile: &str) -> Option<&'a ProfileRun> {
+        self.runs.iter().find(|run| &*run.profile == profile)
+    }
+
+    /// Whether the profile named `profile` ran, whatever came of it.
+    pub fn attempted(&self, profile: &str) -> bool {
+        self.run(profile).is_some() || self.failed.iter().any(|name| &**name == profile)
+    }
+
+    /// The endpoint the profile named `profile` picked first, if it ran and picked.
+    pub fn first_pick(&self, profile: &str) -> Option<&'a EndpointState> {
+        self.run(profile).and_then(|run| run.picks.first()).and_then(|&at| self.pool.get(at))
+    }
+}
+
 /// Decides which scheduling profiles run for a request, and which result is the primary one.
+///
+/// The scheduler runs the profiles the handler names, one round at a time, until it names
+/// none. A profile that picks nothing does not end the decision: the handler sees it in
+/// [`ProfileProgress::failed`] and decides (a disaggregating handler serves decode-only when
+/// no prefill endpoint is left); the decision fails only when the primary profile has no run.
 pub trait ProfileHandler: Send + Sync + Debug {
     /// Pushes onto `next` the indices of the profiles (into `profile_names`) to run next, given
-    /// the profiles already run (in order) and their picks. Pushing nothing ends scheduling;
-    /// a profile already run is not run again.
+    /// what ran so far. Pushing nothing ends scheduling; a profile already run is not run
+    /// again. `state` is the decision's scratch, where the data producers left what they
+    /// computed (a decider reads the prefix matches there).
     fn next_profiles(
         &self,
+        state: &mut CycleState,
         request: &InferenceRequest,
         profile_names: &[Arc<str>],
-        already_run: &[ProfileRun],
+        progress: &ProfileProgress<'_>,
         next: &mut Vec<usize>,
     );
 
-    /// Which of the run profiles (by position in `already_run`) holds the primary endpoint.
-    fn primary_profile(&self, request: &InferenceRequest, already_run: &[ProfileRun]) -> usize;
+    /// Which of the runs (by position in `runs`) holds the primary endpoint; `None` when the
+    /// profile that would hold it has no run, which fails the decision.
+    fn primary_profile(&self, request: &InferenceRequest, runs: &[ProfileRun]) -> Option<usize>;
 
     /// The most profiles this handler can make use of; a config declaring more is refused.
     /// `None` (the default): any number.
     fn max_profiles(&self) -> Option<usize> {
         None
+    }
+
+    /// Checks the handler's configuration against the profiles the config declares (a
+    /// profile it names must exist), so a mistake is refused at load rather than failing
+    /// every request. The default accepts any profiles.
+    fn check_profiles(&self, _profile_names: &[Arc<str>]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The part each run plays beyond the primary one (the prefill and encode stages of a
+    /// disaggregated request), and how the destination is to be written. The default: the
+    /// primary alone, as picked.
+    fn stages(&self, _runs: &[ProfileRun]) -> StageRuns {
+        StageRuns::default()
     }
 }
 
@@ -161,6 +214,12 @@ pub trait PreRequest: Send + Sync + Debug {
 pub trait ResponseComplete: Send + Sync + Debug {
     /// Called exactly once per scheduled request.
     fn response_complete(&self, completed: &CompletedRequest);
+
+    /// Called once per disaggregated request when its prefill stage is over: when the
+    /// response starts (the decode endpoint emits only after the prefill endpoint handed over
+    /// the KV cache), or when the request ends first. Hooks that count the prefill endpoint's
+    /// work in flight release it here; the default counts none.
+    fn prefill_complete(&self, _prefill: &PrefillCompleted) {}
 }
 
 /// Writes headers on the response of each request it helped schedule, as llm-d-router's

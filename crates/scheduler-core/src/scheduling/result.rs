@@ -103,8 +103,43 @@ impl CompletedRequest {
     }
 }
 
-/// Runs a scheduler's completion hooks for one finished request.
-pub(crate) type CompletionHooks = Arc<dyn Fn(&CompletedRequest) + Send + Sync>;
+/// What the completion hooks learn when a disaggregated request's prefill stage is over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefillCompleted {
+    /// The request id.
+    pub request_id: String,
+    /// The endpoint that ran the prefill.
+    pub endpoint: EndpointId,
+}
+
+/// The part each profile run of a decision plays beyond the primary one, as the profile
+/// handler says ([`ProfileHandler::stages`](crate::ProfileHandler::stages)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageRuns {
+    /// The run (position among the runs) that chose the prefill endpoint of a disaggregated
+    /// request; `None`: the primary endpoint prefills too.
+    pub prefill: Option<usize>,
+    /// The run that chose the encoders of a request's multimodal inputs.
+    pub encode: Option<usize>,
+    /// Data-parallel serving: the port the destination takes (the pod's primary port) in
+    /// place of the picked rank's, which then travels in a header.
+    pub data_parallel_port: Option<u16>,
+}
+
+/// A scheduler's completion hooks, as the guards of its requests call them.
+pub(crate) struct CompletionHooks {
+    /// When a request ends.
+    pub(crate) request: Box<dyn Fn(&CompletedRequest) + Send + Sync>,
+    /// When a disaggregated request's prefill stage is over.
+    pub(crate) prefill: Box<dyn Fn(&PrefillCompleted) + Send + Sync>,
+}
+
+impl CompletionHooks {
+    /// Hooks that do nothing.
+    pub(crate) fn none() -> Arc<Self> {
+        Arc::new(Self { request: Box::new(|_| {}), prefill: Box::new(|_| {}) })
+    }
+}
 
 /// The outcome of a decision: the chosen endpoints and what the adapter needs to finish the
 /// request's accounting.
@@ -115,6 +150,7 @@ pub struct SchedulingResult {
     primary: usize,
     explanation: Option<Vec<ProfileExplanation>>,
     completion: Option<CompletionGuard>,
+    stages: StageRuns,
 }
 
 impl SchedulingResult {
@@ -126,9 +162,37 @@ impl SchedulingResult {
         primary: usize,
         explanation: Option<Vec<ProfileExplanation>>,
         completion: CompletionGuard,
+        stages: StageRuns,
     ) -> Self {
         let primary = primary.min(runs.len().saturating_sub(1));
-        Self { pool, runs, primary, explanation, completion: Some(completion) }
+        let valid = |run: Option<usize>| run.filter(|&at| at < runs.len() && at != primary);
+        let stages = StageRuns {
+            prefill: valid(stages.prefill),
+            encode: valid(stages.encode),
+            data_parallel_port: stages.data_parallel_port,
+        };
+        Self { pool, runs, primary, explanation, completion: Some(completion), stages }
+    }
+
+    /// The endpoint that runs the prefill of a disaggregated request (the decode endpoint,
+    /// [`Self::primary`], receives the request and fetches the KV cache from it); `None` when
+    /// the primary serves the request whole.
+    pub fn prefill(&self) -> Option<&EndpointState> {
+        let run = &self.runs[self.stages.prefill?];
+        run.picks.first().map(|&index| &self.pool.endpoints()[index as usize])
+    }
+
+    /// The endpoints that encode the request's multimodal inputs, best first (empty when the
+    /// request is not encoded apart).
+    pub fn encoders(&self) -> impl Iterator<Item = &EndpointState> {
+        let picks = self.stages.encode.map_or(&[][..], |run| &self.runs[run].picks[..]);
+        picks.iter().map(|&index| &self.pool.endpoints()[index as usize])
+    }
+
+    /// The pod port the destination takes under data-parallel serving (the picked rank's
+    /// own address then travels in a header); `None` otherwise.
+    pub fn data_parallel_port(&self) -> Option<u16> {
+        self.stages.data_parallel_port
     }
 
     /// The endpoint to send the request to.
@@ -173,6 +237,11 @@ impl SchedulingResult {
         self.explanation.as_deref()
     }
 
+    /// The guard that runs the completion hooks, while it has not been taken.
+    pub(crate) fn completion_mut(&mut self) -> Option<&mut CompletionGuard> {
+        self.completion.as_mut()
+    }
+
     /// Takes the guard that runs the completion hooks. Keep it for as long as the response
     /// lasts; if it is never taken, the hooks run (as cancelled) when the result is dropped.
     pub fn take_completion(&mut self) -> Option<CompletionGuard> {
@@ -183,14 +252,17 @@ impl SchedulingResult {
 /// Runs the scheduler's completion hooks exactly once: on [`CompletionGuard::finish`], or as
 /// [`Outcome::Cancelled`] when dropped unfinished (client gone, stream reset, error path).
 pub struct CompletionGuard {
-    hooks: CompletionHooks,
+    hooks: Arc<CompletionHooks>,
     completed: Option<CompletedRequest>,
+    /// The prefill endpoint of a disaggregated request, until its stage is reported over.
+    prefill: Option<EndpointId>,
 }
 
 impl std::fmt::Debug for CompletionGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CompletionGuard")
             .field("completed", &self.completed)
+            .field("prefill", &self.prefill)
             .finish_non_exhaustive()
     }
 }
@@ -198,7 +270,7 @@ impl std::fmt::Debug for CompletionGuard {
 impl CompletionGuard {
     /// A guard for a request scheduled onto `scheduled_endpoint`.
     pub(crate) fn new(
-        hooks: CompletionHooks,
+        hooks: Arc<CompletionHooks>,
         request_id: String,
         target_model: String,
         scheduled_endpoint: EndpointId,
@@ -215,6 +287,28 @@ impl CompletionGuard {
                 outcome: Outcome::Cancelled,
                 fairness_id: None,
             }),
+            prefill: None,
+        }
+    }
+
+    /// Records the prefill endpoint of a disaggregated request, whose stage ends with
+    /// [`Self::prefill_done`] (or with the request).
+    pub(crate) fn set_prefill(&mut self, endpoint: Option<EndpointId>) {
+        self.prefill = endpoint;
+    }
+
+    /// The prefill endpoint whose stage is not reported over yet.
+    pub fn pending_prefill(&self) -> Option<EndpointId> {
+        self.prefill
+    }
+
+    /// Reports the prefill stage over (the response started): runs the hooks'
+    /// [`prefill_complete`](crate::ResponseComplete::prefill_complete) once; later calls, and
+    /// requests that were not disaggregated, do nothing.
+    pub fn prefill_done(&mut self) {
+        if let (Some(endpoint), Some(completed)) = (self.prefill.take(), self.completed.as_ref()) {
+            let prefill = PrefillCompleted { request_id: completed.request_id.clone(), endpoint };
+            (self.hooks.prefill)(&prefill);
         }
     }
 
@@ -251,9 +345,11 @@ impl CompletionGuard {
     }
 
     fn run(&mut self, outcome: Outcome) {
+        // A request that ends before its response started ends its prefill stage too.
+        self.prefill_done();
         if let Some(mut completed) = self.completed.take() {
             completed.outcome = outcome;
-            (self.hooks)(&completed);
+            (self.hooks.request)(&completed);
         }
     }
 }

@@ -9,18 +9,19 @@ use std::time::Instant;
 use rand::RngCore;
 
 use crate::hash::split_mix;
-use crate::pool::endpoint::EndpointId;
+use crate::pool::endpoint::{EndpointId, EndpointState};
 use crate::pool::staleness::{StalenessPolicy, last_known_load};
 use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
-    DataProducer, PoolObserver, PreRequest, ProfileHandler, ResponseComplete, ResponseHeaders,
+    DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ResponseComplete,
+    ResponseHeaders,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
-    CompletedRequest, CompletionGuard, CompletionHooks, ProfileRun, SchedulingError,
-    SchedulingResult,
+    CompletedRequest, CompletionGuard, CompletionHooks, PrefillCompleted, ProfileRun,
+    SchedulingError, SchedulingResult,
 };
 
 /// Endpoints a fail-open decision over all-stale candidates returns: the primary and up to
@@ -48,7 +49,7 @@ pub struct Scheduler {
     pre_request: Vec<Arc<dyn PreRequest>>,
     response_complete: Vec<Arc<dyn ResponseComplete>>,
     /// The completion hooks as one callable, shared by every guard this scheduler hands out.
-    completion_hooks: CompletionHooks,
+    completion_hooks: Arc<CompletionHooks>,
     pool_observers: Vec<Arc<dyn PoolObserver>>,
     response_headers: Vec<Arc<dyn ResponseHeaders>>,
     seed: u64,
@@ -85,7 +86,7 @@ impl Scheduler {
             data_producers: Vec::new(),
             pre_request: Vec::new(),
             response_complete: Vec::new(),
-            completion_hooks: Arc::new(|_: &CompletedRequest| {}),
+            completion_hooks: CompletionHooks::none(),
             pool_observers: Vec::new(),
             response_headers: Vec::new(),
             seed: process_random_seed(),
@@ -116,10 +117,18 @@ impl Scheduler {
     pub fn with_response_complete(mut self, hook: Arc<dyn ResponseComplete>) -> Self {
         self.response_complete.push(hook);
         let hooks: Arc<[Arc<dyn ResponseComplete>]> = Arc::from(self.response_complete.clone());
-        self.completion_hooks = Arc::new(move |completed: &CompletedRequest| {
-            for hook in hooks.iter() {
-                hook.response_complete(completed);
-            }
+        let prefill_hooks = Arc::clone(&hooks);
+        self.completion_hooks = Arc::new(CompletionHooks {
+            request: Box::new(move |completed: &CompletedRequest| {
+                for hook in hooks.iter() {
+                    hook.response_complete(completed);
+                }
+            }),
+            prefill: Box::new(move |prefill: &PrefillCompleted| {
+                for hook in prefill_hooks.iter() {
+                    hook.prefill_complete(prefill);
+                }
+            }),
         });
         self
     }
@@ -220,9 +229,14 @@ impl Scheduler {
         let mut buffers = state.take_buffers();
         let runs = self.run_profiles(state, request, pool, &mut buffers, explanation.as_mut());
         state.restore_buffers(buffers);
-        let runs = runs?;
-
-        let primary = self.handler.primary_profile(request, &runs).min(runs.len() - 1);
+        let (runs, failures) = runs?;
+        let primary = self.handler.primary_profile(request, &runs).filter(|&at| at < runs.len());
+        let Some(primary) = primary else {
+            // The primary profile did not pick; the last failure says why (it is the primary's
+            // own when that ran last, as the decode stage of a prefill-first order does).
+            return Err(failures.into_iter().last().unwrap_or(SchedulingError::NoProfileRun));
+        };
+        let stages = self.handler.stages(&runs);
         let primary_endpoint = pool.endpoints()[runs[primary].picks[0] as usize].id();
         let mut completion = CompletionGuard::new(
             Arc::clone(&self.completion_hooks),
@@ -231,8 +245,12 @@ impl Scheduler {
             primary_endpoint,
         );
         completion.set_fairness_id(request.fairness_id.clone());
-        let result =
-            SchedulingResult::new(Arc::clone(pool), runs, primary, explanation, completion);
+        let mut result =
+            SchedulingResult::new(Arc::clone(pool), runs, primary, explanation, completion, stages);
+        let prefill = result.prefill().map(EndpointState::id);
+        if let Some(guard) = result.completion_mut() {
+            guard.set_prefill(prefill);
+        }
         // Load scorers add these to metrics scraped before now (see `DispatchLog`).
         let tokens = request.estimated_prompt_tokens();
         let runs = result.profile_runs();
@@ -249,7 +267,8 @@ impl Scheduler {
     }
 
     /// Runs the profiles the handler chooses, each at most once, over the pool (or the
-    /// request's subset of it).
+    /// request's subset of it). Returns the runs that picked and the errors of those that did
+    /// not, in order (with the names of the latter shown to the handler).
     fn run_profiles(
         &self,
         state: &mut CycleState,
@@ -257,7 +276,7 @@ impl Scheduler {
         pool: &PoolSnapshot,
         buffers: &mut ProfileBuffers,
         mut explanation: Option<&mut Vec<ProfileExplanation>>,
-    ) -> Result<Vec<ProfileRun>, SchedulingError> {
+    ) -> Result<(Vec<ProfileRun>, Vec<SchedulingError>), SchedulingError> {
         if pool.is_empty() {
             return Err(SchedulingError::EmptyPool);
         }
@@ -274,40 +293,43 @@ impl Scheduler {
         if let Some(policy) = pool.staleness()
             && let Some(runs) = self.apply_staleness(state, request, pool, policy, buffers)?
         {
-            return Ok(runs);
+            return Ok((runs, Vec::new()));
         }
 
         let mut runs: Vec<ProfileRun> = Vec::with_capacity(1);
+        let mut failed: Vec<Arc<str>> = Vec::new();
+        let mut failures: Vec<SchedulingError> = Vec::new();
         let mut next = std::mem::take(&mut buffers.next_profiles);
         // Each profile runs at most once, which bounds the loop whatever the handler does.
         for _ in 0..=self.profiles.len() {
             next.clear();
-            self.handler.next_profiles(request, &self.profile_names, &runs, &mut next);
+            let progress = ProfileProgress { pool, runs: &runs, failed: &failed };
+            self.handler.next_profiles(state, request, &self.profile_names, &progress, &mut next);
             if next.is_empty() {
                 break;
             }
             for &index in next.iter() {
                 let Some(profile) = self.profiles.get(index) else { continue };
-                if runs.iter().any(|run| run.profile == *profile.name()) {
+                let name = profile.name();
+                if runs.iter().any(|run| run.profile == *name) || failed.contains(name) {
                     continue;
                 }
-                let picks = profile.run(state, request, pool, buffers, explanation.as_deref_mut());
-                match picks {
+                match profile.run(state, request, pool, buffers, explanation.as_deref_mut()) {
                     Ok((picks, scores)) => {
-                        runs.push(ProfileRun { profile: profile.name().clone(), picks, scores })
+                        runs.push(ProfileRun { profile: name.clone(), picks, scores })
                     }
                     Err(error) => {
-                        buffers.next_profiles = next;
-                        return Err(error);
+                        failed.push(name.clone());
+                        failures.push(error);
                     }
                 }
             }
         }
         buffers.next_profiles = next;
         if runs.is_empty() {
-            return Err(SchedulingError::NoProfileRun);
+            return Err(failures.pop().unwrap_or(SchedulingError::NoProfileRun));
         }
-        Ok(runs)
+        Ok((runs, failures))
     }
 
     /// Applies the pool's staleness policy to the base candidates: keeps the fresh ones when
@@ -352,7 +374,8 @@ impl Scheduler {
         let picks: Vec<u32> =
             ranked.iter().take(ALL_STALE_MAX_PICKS).map(|&(_, _, index)| index).collect();
         let mut next = Vec::with_capacity(1);
-        self.handler.next_profiles(request, &self.profile_names, &[], &mut next);
+        let progress = ProfileProgress { pool, runs: &[], failed: &[] };
+        self.handler.next_profiles(state, request, &self.profile_names, &progress, &mut next);
         let profile = next
             .first()
             .and_then(|&index| self.profile_names.get(index))
@@ -365,7 +388,7 @@ impl Scheduler {
 
     /// Runs the completion hooks for a request (what [`CompletionGuard`] does on finish or drop).
     pub fn complete(&self, completed: &CompletedRequest) {
-        (self.completion_hooks)(completed);
+        (self.completion_hooks.request)(completed);
     }
 }
 
@@ -407,18 +430,19 @@ pub const SINGLE_PROFILE_HANDLER: &str = "single-profile-handler";
 impl ProfileHandler for SingleProfileHandler {
     fn next_profiles(
         &self,
+        _state: &mut CycleState,
         _request: &InferenceRequest,
         profile_names: &[Arc<str>],
-        already_run: &[ProfileRun],
+        progress: &ProfileProgress<'_>,
         next: &mut Vec<usize>,
     ) {
-        if already_run.is_empty() && !profile_names.is_empty() {
+        if progress.runs.is_empty() && progress.failed.is_empty() && !profile_names.is_empty() {
             next.push(0);
         }
     }
 
-    fn primary_profile(&self, _request: &InferenceRequest, _already_run: &[ProfileRun]) -> usize {
-        0
+    fn primary_profile(&self, _request: &InferenceRequest, runs: &[ProfileRun]) -> Option<usize> {
+        (!runs.is_empty()).then_some(0)
     }
 
     fn max_profiles(&self) -> Option<usize> {

@@ -261,9 +261,15 @@ impl PreRequest for PrefixCacheProducer {
         result: &SchedulingResult,
     ) {
         let endpoint = result.primary().id();
+        let prefill = result.prefill().map(|prefill| prefill.id());
         let hashes = &self.hashed_prompt(state, request).hashes;
         // Queued, not applied: a full queue drops the record (counted) rather than waiting.
         self.writer.submit(endpoint, hashes);
+        // A disaggregated request's prefill endpoint computed the prompt's KV cache too (as
+        // llm-d records it).
+        if let Some(prefill) = prefill.filter(|&prefill| prefill != endpoint) {
+            self.writer.submit(prefill, hashes);
+        }
     }
 
     fn flush(&self) {
