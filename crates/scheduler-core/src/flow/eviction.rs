@@ -8,8 +8,9 @@
 //! [`InFlightGuard::evicted`] next to its stream and, when it fires, ends the request (the ext-proc
 //! adapter answers 429 with `x-llm-d-request-dropped-reason: evicted`, as the Go EPP does).
 //!
-//! Rules, as in the Go EPP's eviction filter and ordering (the plugins of
-//! [`SheddableEvictionFilter`](crate::flow::SheddableEvictionFilter) and its order):
+//! Rules, as in the Go EPP's eviction filter and ordering (here the plugin types
+//! [`SheddableEvictionFilter`](crate::flow::SheddableEvictionFilter) and
+//! [`PriorityThenTimeEvictionOrder`](crate::flow::PriorityThenTimeEvictionOrder)):
 //! - only sheddable requests (priority < 0) are ever victims (`sheddable-eviction-filter`), and
 //!   only for a demand of strictly higher priority;
 //! - the lowest priority goes first, the most recently dispatched among equals (it has the
