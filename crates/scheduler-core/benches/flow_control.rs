@@ -26,7 +26,7 @@ fn flow_names(count: usize) -> Vec<String> {
 }
 
 fn request(flow_id: &str) -> FlowRequest<'_> {
-    FlowRequest { priority: 0, flow_id, size_bytes: 1_024, ttl: None }
+    FlowRequest { priority: 0, flow_id, size_bytes: 1_024, ttl: None, slo_ttft: None }
 }
 
 fn queued_then_dispatched(c: &mut Criterion) {

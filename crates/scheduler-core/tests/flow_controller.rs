@@ -33,7 +33,8 @@ impl Harness {
     }
 
     fn enqueue(&self, priority: i32, flow: &str, millis: u64) -> Ticket {
-        let request = FlowRequest { priority, flow_id: flow, size_bytes: 100, ttl: None };
+        let request =
+            FlowRequest { priority, flow_id: flow, size_bytes: 100, ttl: None, slo_ttft: None };
         self.controller.enqueue(request, &self.pool, self.at(millis))
     }
 
@@ -103,6 +104,7 @@ fn edf_orders_a_flow_by_deadline() {
         flow_id: "a",
         size_bytes: 1,
         ttl: Some(Duration::from_millis(ttl_ms)),
+        slo_ttft: None,
     };
     let late = harness.controller.enqueue(request(500), &harness.pool, harness.at(0));
     let soon = harness.controller.enqueue(request(100), &harness.pool, harness.at(1));
@@ -113,6 +115,73 @@ fn edf_orders_a_flow_by_deadline() {
     );
     harness.free(3, 5);
     assert_eq!([seq(&soon), seq(&late), seq(&never)], [1, 2, 3]);
+}
+
+#[test]
+fn slo_deadline_orders_by_arrival_plus_ttft_objective() {
+    let config = FlowControlConfig {
+        default_band: BandConfig { ordering: OrderingPolicy::SloDeadline, ..BandConfig::default() },
+        ..FlowControlConfig::default()
+    };
+    let harness = Harness::new(config);
+    let submit = |slo_ms: Option<u64>, ttl_ms: u64, at: u64| {
+        let request = FlowRequest {
+            priority: 0,
+            flow_id: "a",
+            size_bytes: 1,
+            // The TTL plays no part in this order (it does under EDF).
+            ttl: Some(Duration::from_millis(ttl_ms)),
+            slo_ttft: slo_ms.map(Duration::from_millis),
+        };
+        harness.controller.enqueue(request, &harness.pool, harness.at(at))
+    };
+    let unbound = submit(None, 10_000, 0);
+    let loose = submit(Some(500), 1_000, 1); // deadline 501
+    let tight = submit(Some(100), 10_000, 2); // deadline 102
+    let late_tight = submit(Some(99), 10_000, 3); // deadline 102, arrived later
+    let unbound_later = submit(None, 20, 4);
+    harness.free(5, 10);
+    assert_eq!(
+        [seq(&tight), seq(&late_tight), seq(&loose), seq(&unbound), seq(&unbound_later)],
+        [1, 2, 3, 4, 5],
+        "earliest deadline first, FCFS among equals, no objective last"
+    );
+}
+
+#[test]
+fn the_slo_ttft_header_is_read_as_go_reads_it() {
+    use scheduler_core::InferenceRequest;
+    use scheduler_core::flow::slo_ttft;
+    let with = |headers: &[(&str, &str)]| {
+        let mut request = InferenceRequest::new("m", "p");
+        for (name, value) in headers {
+            request.headers.insert((*name).to_owned(), (*value).to_owned());
+        }
+        slo_ttft(&request)
+    };
+    assert_eq!(with(&[("x-llm-d-slo-ttft-ms", "250")]), Some(Duration::from_millis(250)));
+    assert_eq!(with(&[("x-llm-d-slo-ttft-ms", " 7 ")]), Some(Duration::from_millis(7)));
+    assert_eq!(with(&[("x-slo-ttft-ms", "40")]), Some(Duration::from_millis(40)), "older name");
+    assert_eq!(
+        with(&[("x-llm-d-slo-ttft-ms", "10"), ("x-slo-ttft-ms", "40")]),
+        Some(Duration::from_millis(10)),
+        "the current name wins"
+    );
+    assert_eq!(
+        with(&[("x-llm-d-slo-ttft-ms", ""), ("x-slo-ttft-ms", "40")]),
+        None,
+        "an empty current header is invalid, not a fallback"
+    );
+    assert_eq!(with(&[("x-llm-d-slo-ttft-ms", "0")]), Some(Duration::ZERO));
+    for invalid in ["-1", "1.5", "soon", "9223372036855"] {
+        assert_eq!(with(&[("x-llm-d-slo-ttft-ms", invalid)]), None, "{invalid}");
+    }
+    assert_eq!(
+        with(&[("x-llm-d-slo-ttft-ms", "9223372036854")]),
+        Some(Duration::from_millis(9_223_372_036_854)),
+        "the largest value Go's nanosecond durations hold"
+    );
+    assert_eq!(with(&[]), None);
 }
 
 #[test]
@@ -158,6 +227,7 @@ fn per_request_and_band_ttls_override_the_default() {
             flow_id: "a",
             size_bytes: 1,
             ttl: Some(Duration::from_millis(10)),
+            slo_ttft: None,
         },
         &harness.pool,
         harness.at(0),

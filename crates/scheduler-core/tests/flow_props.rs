@@ -17,7 +17,7 @@ const PRIORITIES: std::ops::RangeInclusive<i32> = -2..=2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Enqueue { priority: i32, flow: u16, bytes: u64, ttl_ms: Option<u64> },
+    Enqueue { priority: i32, flow: u16, bytes: u64, ttl_ms: Option<u64>, slo_ms: Option<u64> },
     Advance { ms: u64 },
     Free { permits: i64 },
     Drop { pick: usize },
@@ -25,9 +25,20 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (PRIORITIES, 0u16..4, 1u64..200, proptest::option::of(0u64..60)).prop_map(
-            |(priority, flow, bytes, ttl_ms)| Op::Enqueue { priority, flow, bytes, ttl_ms }
-        ),
+        5 => (
+            PRIORITIES,
+            0u16..4,
+            1u64..200,
+            proptest::option::of(0u64..60),
+            proptest::option::of(0u64..60),
+        )
+            .prop_map(|(priority, flow, bytes, ttl_ms, slo_ms)| Op::Enqueue {
+                priority,
+                flow,
+                bytes,
+                ttl_ms,
+                slo_ms
+            }),
         2 => (0u64..40).prop_map(|ms| Op::Advance { ms }),
         3 => (0i64..4).prop_map(|permits| Op::Free { permits }),
         1 => any::<usize>().prop_map(|pick| Op::Drop { pick }),
@@ -40,7 +51,7 @@ fn many_flows_op() -> impl Strategy<Value = Op> {
     let flows = 3 * IDLE_FLOWS_KEPT as u16;
     prop_oneof![
         12 => (0..flows, 1u64..200, proptest::option::of(0u64..60)).prop_map(
-            |(flow, bytes, ttl_ms)| Op::Enqueue { priority: 0, flow, bytes, ttl_ms }
+            |(flow, bytes, ttl_ms)| Op::Enqueue { priority: 0, flow, bytes, ttl_ms, slo_ms: None }
         ),
         1 => (0u64..40).prop_map(|ms| Op::Advance { ms }),
         2 => (0i64..6).prop_map(|permits| Op::Free { permits }),
@@ -53,7 +64,11 @@ fn band(priority: i32) -> impl Strategy<Value = BandConfig> {
         proptest::option::of(1u64..6),
         proptest::option::of(100u64..700),
         prop_oneof![Just(FairnessPolicy::RoundRobin), Just(FairnessPolicy::GlobalStrict)],
-        prop_oneof![Just(OrderingPolicy::Fcfs), Just(OrderingPolicy::Edf)],
+        prop_oneof![
+            Just(OrderingPolicy::Fcfs),
+            Just(OrderingPolicy::Edf),
+            Just(OrderingPolicy::SloDeadline)
+        ],
     )
         .prop_map(move |(max_requests, max_bytes, fairness, ordering)| BandConfig {
             priority,
@@ -96,6 +111,8 @@ struct Tracked {
     enqueued_after_dispatches: u64,
     /// When its TTL runs out, if it has one.
     deadline: Option<Instant>,
+    /// Arrival plus the request's TTFT objective, if it had one.
+    slo_deadline: Option<Instant>,
     ticket: Option<Ticket>,
     outcome: Option<FlowOutcome>,
     resolved_op: usize,
@@ -133,7 +150,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<RunReport, TestCaseErr
     let drain = [Op::Free { permits: 1_000_000 }];
     for (index, op) in ops.iter().chain(drain.iter()).enumerate() {
         match op {
-            Op::Enqueue { priority, flow, bytes, ttl_ms } => {
+            Op::Enqueue { priority, flow, bytes, ttl_ms, slo_ms } => {
                 let flow_index = usize::from(*flow);
                 while flow_names.len() <= flow_index {
                     flow_names.push(format!("flow-{}", flow_names.len()));
@@ -143,6 +160,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<RunReport, TestCaseErr
                     flow_id: &flow_names[flow_index],
                     size_bytes: *bytes,
                     ttl: ttl_ms.map(Duration::from_millis),
+                    slo_ttft: slo_ms.map(Duration::from_millis),
                 };
                 let ticket = controller.enqueue(request, &pool, now);
                 let ttl = request
@@ -151,6 +169,7 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<RunReport, TestCaseErr
                     .unwrap_or(config.default_request_ttl);
                 tracked.push(Tracked {
                     deadline: (!ttl.is_zero()).then(|| now + ttl),
+                    slo_deadline: slo_ms.map(|ms| now + Duration::from_millis(ms)),
                     priority: *priority,
                     flow: *flow,
                     enqueued_op: index,
@@ -332,10 +351,14 @@ fn run(config: FlowControlConfig, ops: Vec<Op>) -> Result<RunReport, TestCaseErr
         }
         // Ordering: of two requests queued together (in one flow, or in the band under
         // global-strict), the one dispatched first has the better key: arrival for FCFS,
-        // (deadline, no deadline last, arrival) for EDF.
+        // (deadline, no deadline last, arrival) for EDF, the same with the SLO deadline for
+        // SLO deadline ordering.
         let key = |arrival: usize, item: &Tracked| match band.ordering {
             OrderingPolicy::Fcfs => (false, None, arrival),
             OrderingPolicy::Edf => (item.deadline.is_none(), item.deadline, arrival),
+            OrderingPolicy::SloDeadline => {
+                (item.slo_deadline.is_none(), item.slo_deadline, arrival)
+            }
         };
         let admitted: Vec<(usize, &Tracked)> = tracked
             .iter()

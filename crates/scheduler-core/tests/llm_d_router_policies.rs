@@ -1,5 +1,6 @@
 //! The llm-d-router policy plugins seen through flow control and the director:
-//! `soft-reflective-ceiling-policy` (usage limit by band rank), `program-aware-fairness`
+//! `soft-reflective-ceiling-policy` (usage limit by band rank), `priority-holdback-policy`
+//! (fixed ceilings by band), `program-aware-fairness`
 //! (least attained service first) and `probabilistic-admitter` (sheds sheddable requests).
 
 use std::sync::Arc;
@@ -124,6 +125,74 @@ flowControl:
     assert!(error.to_string().contains("names no declared plugin"), "{error}");
 }
 
+#[test]
+fn priority_holdback_holds_the_lower_band_from_its_min_ceiling() {
+    // The README's example: ceilings 0.9 for the higher band (chat), 0.4 for the lower (batch).
+    let config = EndpointPickerConfig::from_yaml(
+        "featureGates: [flowControl]
+plugins:
+- type: first-picker
+- type: priority-holdback-policy
+  name: my-holdback-policy
+  parameters: {shape: linear, domain: rank, minCeiling: 0.4, maxCeiling: 0.9}
+flowControl:
+  usageLimitPolicyPluginRef: my-holdback-policy
+  priorityBands:
+  - priority: 2
+  - priority: -1
+",
+    )
+    .expect("valid");
+    let plugins = config.construct_plugins(&registry()).expect("plugins");
+    let admission = Admission::from_config(&config, &plugins, objectives()).expect("valid");
+    let controller = admission.controller().expect("flow control is on");
+    assert!(matches!(controller.config().usage_limit, UsageLimitPolicy::Holdback(_)));
+    let now = Instant::now();
+    let below = pool_at(0.39, now);
+    assert!(matches!(
+        admission.submit(&mut request("batch"), 10, &below, now).try_outcome(),
+        Some(Ok(_))
+    ));
+    let busy = pool_at(0.5, now);
+    let batch = admission.submit(&mut request("batch"), 10, &busy, now);
+    assert!(batch.try_outcome().is_none(), "held back at 0.5, past its ceiling 0.4");
+    let chat = admission.submit(&mut request("chat"), 10, &busy, now);
+    assert!(matches!(chat.try_outcome(), Some(Ok(_))), "the higher band flows up to 0.9");
+    let nearly_full = pool_at(0.9, now);
+    let chat = admission.submit(&mut request("chat"), 10, &nearly_full, now);
+    assert!(chat.try_outcome().is_none(), "held at its own ceiling 0.9");
+    assert_eq!(admission.tick(&pool_at(0.45, now), now).admitted, 1, "chat goes first");
+    assert!(matches!(chat.try_outcome(), Some(Ok(_))));
+    assert!(batch.try_outcome().is_none());
+    assert_eq!(admission.tick(&pool_at(0.3, now), now).admitted, 1);
+    assert!(matches!(batch.try_outcome(), Some(Ok(_))));
+}
+
+#[test]
+fn priority_holdback_is_experimental_and_needs_min_ceiling() {
+    let declared = |parameters: &str| {
+        EndpointPickerConfig::from_yaml(&format!(
+            "plugins:
+- type: first-picker
+- type: priority-holdback-policy
+  parameters: {parameters}
+"
+        ))
+        .expect("valid yaml")
+    };
+    let mut strict = registry();
+    strict.allow_experimental_plugins(false);
+    let error = declared("{minCeiling: 0.5}").construct_plugins(&strict).unwrap_err().to_string();
+    assert!(error.contains("is experimental"), "{error}");
+    let error = declared("{domain: value}").construct_plugins(&registry()).unwrap_err().to_string();
+    assert!(error.contains("minCeiling is required"), "{error}");
+    let error = declared("{minCeiling: 0.5, steps: 3}")
+        .construct_plugins(&registry())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("unknown field `steps`"), "{error}");
+}
+
 fn completed(fairness_id: &str, prompt: u64, completion: u64) -> CompletedRequest {
     CompletedRequest {
         request_id: String::new(),
@@ -158,7 +227,7 @@ fn program_aware_fairness_serves_the_least_served_program_first() {
     let now = Instant::now();
     let submit = |flow_id| {
         controller.enqueue(
-            FlowRequest { priority: 0, flow_id, size_bytes: 1, ttl: None },
+            FlowRequest { priority: 0, flow_id, size_bytes: 1, ttl: None, slo_ttft: None },
             &pool,
             now,
         )

@@ -238,7 +238,9 @@ impl PluginRegistry {
     /// `passthrough-parser`), the flow-control policies
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
     /// `edf-ordering-policy`, `static-usage-limit-policy` (parameters: `threshold`),
-    /// `program-aware-fairness` and the experimental `soft-reflective-ceiling-policy`, the
+    /// `program-aware-fairness`, the experimental `soft-reflective-ceiling-policy`,
+    /// `priority-holdback-policy`, `sheddable-eviction-filter` and
+    /// `priority-then-time-eviction-order-policy` (see [`crate::flow::SheddableEvictionFilter`]), the
     /// admission plugin `probabilistic-admitter` (see [`crate::admitter`]), the request-header
     /// processor `agent-identity` (see [`crate::request_header`]), and the
     /// data-layer plugins (see [`data_layer`](crate::data_layer)).

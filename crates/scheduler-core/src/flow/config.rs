@@ -138,6 +138,9 @@ pub enum OrderingPolicy {
     Fcfs,
     /// `edf-ordering-policy`: earliest TTL deadline first (no deadline last, FCFS among ties).
     Edf,
+    /// `slo-deadline-ordering-policy`: earliest arrival plus `x-llm-d-slo-ttft-ms` first (no
+    /// valid objective last, FCFS among ties).
+    SloDeadline,
 }
 
 /// Settings of one priority band: an entry of `priorityBands`, `defaultPriorityBand` or

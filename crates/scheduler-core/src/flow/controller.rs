@@ -15,9 +15,11 @@
 //! Gating. A band may dispatch while the detector reports room and the usage limit policy
 //! (`usageLimitPolicyPluginRef`) allows it: with a threshold below 1, the band is also blocked
 //! once the detector's saturation level reaches the threshold; with a soft reflective ceiling,
-//! once it reaches the ceiling of the band's rank among the known bands. When the top band is blocked and
-//! eviction is on (`enableEviction`), one sheddable request in flight of lower priority is
-//! evicted (see [`InFlightRequests`]); its end releases capacity and triggers the next pass.
+//! once it reaches the ceiling of the band's rank among the known bands; with a priority
+//! holdback, once it reaches the band's ceiling by rank or priority value. When the top band
+//! is blocked and eviction is on (`enableEviction`), one sheddable request in flight of lower
+//! priority is evicted (see [`InFlightRequests`]); its end releases capacity and triggers the
+//! next pass.
 //!
 //! TTL. A request's queue TTL is its own, else its band's, else `defaultRequestTTL`. With
 //! `noEndpointRequestTTL` set, the budget follows the pool's regime as in the Go EPP: while the
@@ -39,6 +41,7 @@ use parking_lot::Mutex;
 
 use crate::flow::config::FlowControlConfig;
 use crate::flow::eviction::InFlightRequests;
+use crate::flow::holdback::BandPlace;
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 use crate::flow::outcome::{Admitted, CapacityLimit, FlowOutcome, NotAdmitted};
 use crate::flow::queue::{BandStats, Entry, QueueState, Regime, SlotKey};
@@ -59,6 +62,9 @@ pub struct FlowRequest<'a> {
     /// Queue TTL of this request; `None` uses the band's, then the global default. Zero means
     /// no TTL.
     pub ttl: Option<Duration>,
+    /// The request's time-to-first-token objective (`x-llm-d-slo-ttft-ms`), which orders it
+    /// under `slo-deadline-ordering-policy`; `None` sorts after every request with one.
+    pub slo_ttft: Option<Duration>,
 }
 
 impl<'a> FlowRequest<'a> {
@@ -69,6 +75,7 @@ impl<'a> FlowRequest<'a> {
             flow_id: request.fairness_id.as_deref().unwrap_or(""),
             size_bytes,
             ttl: None,
+            slo_ttft: slo_ttft(request),
         }
     }
 
@@ -77,6 +84,21 @@ impl<'a> FlowRequest<'a> {
         self.ttl = Some(ttl);
         self
     }
+}
+
+/// The request header carrying the time-to-first-token objective in milliseconds.
+pub const SLO_TTFT_HEADER: &str = "x-llm-d-slo-ttft-ms";
+/// The older name of [`SLO_TTFT_HEADER`], still read when the new one is absent.
+pub const OLD_SLO_TTFT_HEADER: &str = "x-slo-ttft-ms";
+
+/// The time-to-first-token objective of `request`: its [`SLO_TTFT_HEADER`] (else
+/// [`OLD_SLO_TTFT_HEADER`]) as whole milliseconds. Missing, empty, negative, unparsable or too
+/// large values (beyond what Go's nanosecond durations hold) give `None`, as in llm-d-router.
+pub fn slo_ttft(request: &InferenceRequest) -> Option<Duration> {
+    let value = request.header(SLO_TTFT_HEADER).or_else(|| request.header(OLD_SLO_TTFT_HEADER))?;
+    let millis: i64 = value.trim().parse().ok()?;
+    let millis = u64::try_from(millis).ok()?;
+    (millis <= i64::MAX as u64 / 1_000_000).then(|| Duration::from_millis(millis))
 }
 
 /// What one dispatch pass did.
@@ -197,9 +219,19 @@ impl FlowController {
         if !limit.gates_below_saturation() {
             return false;
         }
-        let bands = state.order.len();
-        let rank = state.order.iter().position(|&index| index == band_index).unwrap_or(0);
-        limit.blocks(priority, rank, bands, detector.saturation(pool, now))
+        let priority_of = |index: Option<&usize>| {
+            index
+                .and_then(|&index| state.bands.get(index))
+                .map_or(priority, |band| band.config.priority)
+        };
+        let place = BandPlace {
+            priority,
+            rank: state.order.iter().position(|&index| index == band_index).unwrap_or(0),
+            bands: state.order.len(),
+            highest_priority: priority_of(state.order.first()),
+            lowest_priority: priority_of(state.order.last()),
+        };
+        limit.blocks(place, detector.saturation(pool, now))
     }
 
     /// The configuration in use.
@@ -275,6 +307,7 @@ impl FlowController {
             request.size_bytes,
             ttl_option(ttl),
             ttl_option(bound),
+            request.slo_ttft,
             now,
             Arc::clone(&cell),
         );

@@ -8,11 +8,13 @@
 //! [`InFlightGuard::evicted`] next to its stream and, when it fires, ends the request (the ext-proc
 //! adapter answers 429 with `x-llm-d-request-dropped-reason: evicted`, as the Go EPP does).
 //!
-//! Rules, as in the Go EPP's eviction filter and ordering:
-//! - only sheddable requests (priority < 0) are ever victims, and only for a demand of strictly
-//!   higher priority;
+//! Rules, as in the Go EPP's eviction filter and ordering (here the plugin types
+//! [`SheddableEvictionFilter`](crate::flow::SheddableEvictionFilter) and
+//! [`PriorityThenTimeEvictionOrder`](crate::flow::PriorityThenTimeEvictionOrder)):
+//! - only sheddable requests (priority < 0) are ever victims (`sheddable-eviction-filter`), and
+//!   only for a demand of strictly higher priority;
 //! - the lowest priority goes first, the most recently dispatched among equals (it has the
-//!   least work to lose);
+//!   least work to lose; `priority-then-time-eviction-order-policy`);
 //! - pacing: one eviction at a time. A new victim is chosen only once the previous one's
 //!   request has ended (its guard dropped), so the saturation signal has a chance to reflect
 //!   the freed capacity before more work is cut.
@@ -27,6 +29,9 @@ use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
 
+use crate::flow::eviction_policy::{
+    EvictionCandidate, PriorityThenTimeEvictionOrder, SheddableEvictionFilter,
+};
 use crate::flow::metrics::{FlowMetrics, OutcomeReason};
 
 /// Requests in flight that eviction may end. Cheap to clone: clones share the set.
@@ -114,14 +119,20 @@ impl InFlightRequests {
         if state.outstanding > 0 {
             return None;
         }
-        // Lowest priority first; among equals the latest tracked (the largest key).
-        let (&key, victim) = state
+        // The tracking key is the dispatch order: a later key was dispatched later.
+        let candidate = |(&key, tracked): (&u64, &Tracked)| EvictionCandidate {
+            priority: tracked.priority,
+            dispatch_seq: key,
+        };
+        let order = PriorityThenTimeEvictionOrder;
+        let chosen = state
             .tracked
             .iter()
-            .filter(|(_, tracked)| is_evictable(tracked.priority, for_priority))
-            .min_by(|(a_key, a), (b_key, b)| a.priority.cmp(&b.priority).then(b_key.cmp(a_key)))?;
-        let priority = victim.priority;
-        let victim = state.tracked.remove(&key)?;
+            .map(candidate)
+            .filter(|candidate| is_evictable(candidate.priority, for_priority))
+            .min_by(|a, b| order.compare(a, b))?;
+        let priority = chosen.priority;
+        let victim = state.tracked.remove(&chosen.dispatch_seq)?;
         state.outstanding += 1;
         drop(state);
         victim.signal.fire();
@@ -145,7 +156,10 @@ impl InFlightRequests {
 /// Whether a request of `priority` may be evicted for a demand of `for_priority`: it must be
 /// sheddable (below zero) and of strictly lower priority than the demand.
 pub fn is_evictable(priority: i32, for_priority: i32) -> bool {
-    priority < 0 && priority < for_priority
+    // The filter decides who may ever be evicted; the bound keeps every eviction strictly
+    // below the demand it makes room for.
+    SheddableEvictionFilter.accepts(&EvictionCandidate { priority, dispatch_seq: 0 })
+        && priority < for_priority
 }
 
 /// A tracked request: untracks it when dropped, and tells whether it was evicted.

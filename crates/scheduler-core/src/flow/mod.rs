@@ -31,7 +31,9 @@
 //! );
 //! let pool = PoolSnapshot::default();
 //! let now = Instant::now();
-//! let request = |priority| FlowRequest { priority, flow_id: "tenant-a", size_bytes: 10, ttl: None };
+//! let request = |priority| FlowRequest {
+//!     priority, flow_id: "tenant-a", size_bytes: 10, ttl: None, slo_ttft: None,
+//! };
 //! let first = controller.enqueue(request(0), &pool, now);
 //! let second = controller.enqueue(request(0), &pool, now);
 //! assert!(matches!(first.try_outcome(), Some(Ok(_))), "room for one: admitted at once");
@@ -46,6 +48,8 @@ mod concurrency;
 mod config;
 mod controller;
 mod eviction;
+pub(crate) mod eviction_policy;
+mod holdback;
 mod metrics;
 mod objective;
 mod outcome;
@@ -67,8 +71,18 @@ pub use config::{
     FlowControlConfig, OrderingPolicy, SaturationDetectorSection, configured_detector,
     configured_metrics_staleness, resolve_policies,
 };
-pub use controller::{FlowController, FlowRequest, PassReport};
+pub use controller::{
+    FlowController, FlowRequest, OLD_SLO_TTFT_HEADER, PassReport, SLO_TTFT_HEADER, slo_ttft,
+};
 pub use eviction::{Evicted, EvictedFuture, InFlightGuard, InFlightRequests, is_evictable};
+pub use eviction_policy::{
+    EvictionCandidate, PRIORITY_THEN_TIME_EVICTION_ORDER_TYPE, PriorityThenTimeEvictionOrder,
+    SHEDDABLE_EVICTION_FILTER_TYPE, SheddableEvictionFilter,
+};
+pub use holdback::{
+    BandPlace, HoldbackDomain, InvalidHoldback, PRIORITY_HOLDBACK_TYPE, PriorityHoldback,
+    PriorityHoldbackParameters,
+};
 pub use metrics::{FlowMetrics, FlowMetricsSnapshot, OutcomeReason, WAIT_BUCKET_BOUNDS};
 pub use objective::{
     Criticality, DEFAULT_PRIORITY, EntryPosition, InferenceObjectiveConfig, LegacyModelConfig,
@@ -79,9 +93,10 @@ pub use outcome::{
 };
 pub use policy::{
     EDF_ORDERING_TYPE, FCFS_ORDERING_TYPE, FlowPolicy, GLOBAL_STRICT_FAIRNESS_TYPE,
-    InvalidThreshold, ROUND_ROBIN_FAIRNESS_TYPE, SOFT_REFLECTIVE_CEILING_TYPE,
-    STATIC_USAGE_LIMIT_TYPE, SoftReflectiveCeiling, StaticUsageLimit, StaticUsageLimitParameters,
-    UsageLimitPolicy, fairness_by_type, ordering_by_type, usage_limit_by_type,
+    InvalidThreshold, ROUND_ROBIN_FAIRNESS_TYPE, SLO_DEADLINE_ORDERING_TYPE,
+    SOFT_REFLECTIVE_CEILING_TYPE, STATIC_USAGE_LIMIT_TYPE, SoftReflectiveCeiling, StaticUsageLimit,
+    StaticUsageLimitParameters, UsageLimitPolicy, fairness_by_type, ordering_by_type,
+    usage_limit_by_type,
 };
 pub use program_aware::{
     FlowHead, PROGRAM_AWARE_FAIRNESS_TYPE, ProgramAwareFairness, ProgramAwareParameters,

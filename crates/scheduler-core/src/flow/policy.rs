@@ -4,11 +4,16 @@
 //!
 //! Types and parameters, as the Go EPP defines them:
 //! - `global-strict-fairness-policy`, `round-robin-fairness-policy`: no parameters.
-//! - `fcfs-ordering-policy`, `edf-ordering-policy`: no parameters.
+//! - `fcfs-ordering-policy`, `edf-ordering-policy`, `slo-deadline-ordering-policy`: no
+//!   parameters. The SLO deadline is the request's arrival plus its `x-llm-d-slo-ttft-ms`
+//!   header (older name `x-slo-ttft-ms`); requests without a valid one go after those with one.
 //! - `static-usage-limit-policy`: `threshold` (default 1.0), the fixed ceiling on pool
 //!   saturation up to which any band may dispatch.
 //! - `soft-reflective-ceiling-policy` (experimental, alpha in llm-d-router): no parameters;
 //!   ceilings that tighten for lower bands as saturation rises ([`SoftReflectiveCeiling`]).
+//! - `priority-holdback-policy` (experimental, alpha in llm-d-router): `shape`, `domain`,
+//!   `minCeiling` (required), `maxCeiling`; fixed ceilings stepping down by band
+//!   ([`PriorityHoldback`]).
 //! - `program-aware-fairness`: least-attained-service fairness across programs (see
 //!   [`ProgramAwareFairness`](crate::flow::ProgramAwareFairness) for its parameters).
 
@@ -19,6 +24,9 @@ use serde::Deserialize;
 
 use crate::config::registry::{NoParameters, Plugin, PluginError, PluginRegistry};
 use crate::flow::config::{FairnessPolicy, OrderingPolicy};
+use crate::flow::holdback::{
+    BandPlace, PRIORITY_HOLDBACK_TYPE, PriorityHoldback, PriorityHoldbackParameters,
+};
 use crate::flow::program_aware::{
     PROGRAM_AWARE_FAIRNESS_TYPE, ProgramAwareFairness, ProgramAwareParameters,
 };
@@ -31,6 +39,8 @@ pub const ROUND_ROBIN_FAIRNESS_TYPE: &str = "round-robin-fairness-policy";
 pub const FCFS_ORDERING_TYPE: &str = "fcfs-ordering-policy";
 /// Type name of [`OrderingPolicy::Edf`].
 pub const EDF_ORDERING_TYPE: &str = "edf-ordering-policy";
+/// Type name of [`OrderingPolicy::SloDeadline`].
+pub const SLO_DEADLINE_ORDERING_TYPE: &str = "slo-deadline-ordering-policy";
 /// Type name of [`StaticUsageLimit`].
 pub const STATIC_USAGE_LIMIT_TYPE: &str = "static-usage-limit-policy";
 /// Type name of [`SoftReflectiveCeiling`].
@@ -82,6 +92,9 @@ pub enum UsageLimitPolicy {
     /// `soft-reflective-ceiling-policy`: ceilings by band rank that tighten as saturation
     /// rises. Shared, as it counts dispatch cycles.
     SoftReflective(Arc<SoftReflectiveCeiling>),
+    /// `priority-holdback-policy`: fixed ceilings stepping down from the highest band to the
+    /// lowest.
+    Holdback(PriorityHoldback),
 }
 
 impl Default for UsageLimitPolicy {
@@ -95,7 +108,7 @@ impl UsageLimitPolicy {
     pub fn as_static(&self) -> Option<StaticUsageLimit> {
         match self {
             Self::Static(limit) => Some(*limit),
-            Self::SoftReflective(_) => None,
+            Self::SoftReflective(_) | Self::Holdback(_) => None,
         }
     }
 
@@ -104,17 +117,20 @@ impl UsageLimitPolicy {
     pub fn gates_below_saturation(&self) -> bool {
         match self {
             Self::Static(limit) => limit.gates_below_saturation(),
-            Self::SoftReflective(_) => true,
+            // Holdback's lowest ceiling is always below 1.
+            Self::SoftReflective(_) | Self::Holdback(_) => true,
         }
     }
 
-    /// Whether the band of `priority`, ranked `rank` (0 = highest) among `bands` known bands,
-    /// may not dispatch at pool `saturation`. One call is one dispatch cycle for policies that
-    /// count cycles.
-    pub fn blocks(&self, priority: i32, rank: usize, bands: usize, saturation: f64) -> bool {
+    /// Whether the band at `place` among the known bands may not dispatch at pool
+    /// `saturation`. One call is one dispatch cycle for policies that count cycles.
+    pub fn blocks(&self, place: BandPlace, saturation: f64) -> bool {
         match self {
-            Self::Static(limit) => limit.blocks(priority, saturation),
-            Self::SoftReflective(policy) => saturation >= policy.ceiling(rank, bands, saturation),
+            Self::Static(limit) => limit.blocks(place.priority, saturation),
+            Self::SoftReflective(policy) => {
+                saturation >= policy.ceiling(place.rank, place.bands, saturation)
+            }
+            Self::Holdback(policy) => policy.blocks(place, saturation),
         }
     }
 }
@@ -276,6 +292,7 @@ pub fn ordering_by_type(name: &str) -> Option<OrderingPolicy> {
     match name {
         FCFS_ORDERING_TYPE => Some(OrderingPolicy::Fcfs),
         EDF_ORDERING_TYPE => Some(OrderingPolicy::Edf),
+        SLO_DEADLINE_ORDERING_TYPE => Some(OrderingPolicy::SloDeadline),
         _ => None,
     }
 }
@@ -298,9 +315,11 @@ pub(crate) fn register_policies(registry: &mut PluginRegistry) {
             Ok(policy(FlowPolicy::Fairness(fairness.clone())))
         });
     }
-    for (name, ordering) in
-        [(FCFS_ORDERING_TYPE, OrderingPolicy::Fcfs), (EDF_ORDERING_TYPE, OrderingPolicy::Edf)]
-    {
+    for (name, ordering) in [
+        (FCFS_ORDERING_TYPE, OrderingPolicy::Fcfs),
+        (EDF_ORDERING_TYPE, OrderingPolicy::Edf),
+        (SLO_DEADLINE_ORDERING_TYPE, OrderingPolicy::SloDeadline),
+    ] {
         registry.register(name, move |spec| {
             spec.parameters::<NoParameters>()?;
             Ok(policy(FlowPolicy::Ordering(ordering)))
@@ -320,6 +339,13 @@ pub(crate) fn register_policies(registry: &mut PluginRegistry) {
         let ceiling = Arc::new(SoftReflectiveCeiling::new());
         Ok(policy(FlowPolicy::UsageLimit(UsageLimitPolicy::SoftReflective(ceiling))))
     });
+    registry.register_experimental(PRIORITY_HOLDBACK_TYPE, move |spec| {
+        let parameters: PriorityHoldbackParameters = spec.parameters()?;
+        let holdback = PriorityHoldback::new(&parameters)
+            .map_err(|error| PluginError::InvalidParameters(error.to_string()))?;
+        Ok(policy(FlowPolicy::UsageLimit(UsageLimitPolicy::Holdback(holdback))))
+    });
+    crate::flow::eviction_policy::register_eviction_policies(registry);
     registry.register(PROGRAM_AWARE_FAIRNESS_TYPE, move |spec| {
         let parameters: ProgramAwareParameters = spec.parameters()?;
         let fairness = Arc::new(ProgramAwareFairness::new(&parameters)?);
@@ -437,9 +463,11 @@ mod tests {
     fn the_usage_limit_role_blocks_by_rank() {
         let policy = UsageLimitPolicy::SoftReflective(Arc::new(SoftReflectiveCeiling::new()));
         assert!(policy.gates_below_saturation());
-        assert!(!policy.blocks(10, 0, 3, 0.9), "the top band dispatches below saturation 1");
-        assert!(policy.blocks(10, 0, 3, 1.0));
-        assert!(!policy.blocks(0, 1, 3, 0.3));
+        let priorities = [10, 0, -1];
+        let place = |rank| BandPlace::in_order(&priorities, rank).expect("in range");
+        assert!(!policy.blocks(place(0), 0.9), "the top band dispatches below saturation 1");
+        assert!(policy.blocks(place(0), 1.0));
+        assert!(!policy.blocks(place(1), 0.3));
         let registry = {
             let mut registry = PluginRegistry::new();
             registry.allow_experimental_plugins(true);
@@ -459,6 +487,39 @@ mod tests {
             .create(&crate::PluginSpec::of_type(SOFT_REFLECTIVE_CEILING_TYPE))
             .unwrap_err();
         assert!(error.to_string().contains("experimental"), "{error}");
+    }
+
+    #[test]
+    fn holdback_is_an_experimental_usage_limit_with_checked_parameters() {
+        let mut registry = PluginRegistry::new();
+        let parameters =
+            serde_json::json!({"domain": "rank", "minCeiling": 0.4, "maxCeiling": 0.9});
+        let spec = crate::PluginSpec {
+            parameters: Some(&parameters),
+            ..crate::PluginSpec::of_type(PRIORITY_HOLDBACK_TYPE)
+        };
+        let error = registry.create(&spec).unwrap_err();
+        assert!(error.to_string().contains("experimental"), "{error}");
+        registry.allow_experimental_plugins(true);
+        let limit = registry
+            .create(&spec)
+            .expect("valid")
+            .flow_policy
+            .and_then(|policy| policy.usage_limit())
+            .expect("a usage limit policy");
+        assert!(limit.gates_below_saturation());
+        let priorities = [5, -5];
+        let lowest = BandPlace::in_order(&priorities, 1).expect("in range");
+        assert!(!limit.blocks(lowest, 0.39));
+        assert!(limit.blocks(lowest, 0.4));
+        let missing = serde_json::json!({"domain": "value"});
+        let error =
+            registry.create(&crate::PluginSpec { parameters: Some(&missing), ..spec }).unwrap_err();
+        assert_eq!(error.to_string(), "invalid parameters: minCeiling is required");
+        let unknown = serde_json::json!({"minCeiling": 0.4, "ceiling": 0.9});
+        let error =
+            registry.create(&crate::PluginSpec { parameters: Some(&unknown), ..spec }).unwrap_err();
+        assert!(error.to_string().contains("ceiling: unknown field `ceiling`"), "{error}");
     }
 
     proptest::proptest! {

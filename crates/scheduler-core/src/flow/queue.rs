@@ -32,7 +32,8 @@ pub(crate) struct SlotKey {
 }
 
 /// Dispatch order inside a flow and across flows under global-strict: earlier compares less.
-/// FCFS keys differ only in `seq`; EDF keys put the deadline first and "no deadline" last.
+/// FCFS keys differ only in `seq`; EDF and SLO deadline keys put the deadline first and "no
+/// deadline" last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct OrderKey {
     no_deadline: bool,
@@ -127,7 +128,7 @@ impl FlowQueue {
     fn new(ordering: OrderingPolicy) -> Self {
         match ordering {
             OrderingPolicy::Fcfs => Self::Fifo(VecDeque::new()),
-            OrderingPolicy::Edf => Self::Deadline(BinaryHeap::new()),
+            OrderingPolicy::Edf | OrderingPolicy::SloDeadline => Self::Deadline(BinaryHeap::new()),
         }
     }
 
@@ -436,7 +437,7 @@ impl QueueState {
         now: Instant,
         cell: Arc<TicketCell>,
     ) -> Option<SlotKey> {
-        self.push_with_bound(band_index, flow_id, bytes, ttl, ttl, now, cell)
+        self.push_with_bound(band_index, flow_id, bytes, ttl, ttl, None, now, cell)
     }
 
     /// Queued entries with their keys, in no particular order.
@@ -444,8 +445,9 @@ impl QueueState {
         self.slab.live()
     }
 
-    /// [`Self::push`] with `ttl` ordering the entry under EDF and `bound` (the longest wait
-    /// any regime allows) placing it on the deadline heap.
+    /// [`Self::push`] with `ttl` ordering the entry under EDF, `slo_ttft` under SLO deadline
+    /// ordering, and `bound` (the longest wait any regime allows) placing it on the deadline
+    /// heap.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn push_with_bound(
         &mut self,
@@ -454,6 +456,7 @@ impl QueueState {
         bytes: u64,
         ttl: Option<Duration>,
         bound: Option<Duration>,
+        slo_ttft: Option<Duration>,
         now: Instant,
         cell: Arc<TicketCell>,
     ) -> Option<SlotKey> {
@@ -469,6 +472,16 @@ impl QueueState {
             }
             OrderingPolicy::Edf => {
                 OrderKey { no_deadline: deadline.is_none(), deadline, seq: self.next_seq }
+            }
+            OrderingPolicy::SloDeadline => {
+                // Arrival plus the objective; none (or beyond the clock) sorts after all
+                // requests with one, FCFS among themselves.
+                let slo_deadline = slo_ttft.and_then(|slo| now.checked_add(slo));
+                OrderKey {
+                    no_deadline: slo_deadline.is_none(),
+                    deadline: slo_deadline,
+                    seq: self.next_seq,
+                }
             }
         };
         let flow_index = band.flow_index(flow_id);
