@@ -23,6 +23,7 @@
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
+//! | `request-attribute-reporter` | usage reporter (dynamic metadata from a CEL expression) | [`request_attribute`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
@@ -69,6 +70,7 @@ pub mod pickers;
 pub mod prefix_affinity;
 pub mod prefix_cache;
 pub mod queue;
+pub mod request_attribute;
 pub mod running_requests;
 pub mod session_affinity;
 pub mod token_load;
@@ -101,6 +103,7 @@ pub use prefix_cache::{
     PrefixSource,
 };
 pub use queue::QueueScorer;
+pub use request_attribute::{RequestAttributeReporter, RequestAttributeReporterParameters};
 pub use running_requests::RunningRequestsSizeScorer;
 pub use session_affinity::{
     SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
@@ -224,6 +227,10 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))
+    });
+    registry.register(request_attribute::TYPE_NAME, |spec| {
+        let reporter = RequestAttributeReporter::new(spec.parameters()?)?;
+        Ok(Plugin { usage_reporter: Some(Arc::new(reporter)), ..Plugin::default() })
     });
     registry.register(pickers::MAX_SCORE_TYPE_NAME, |spec| {
         Ok(Plugin::picker(MaxScorePicker::new(PickerParameters::from_spec(spec)?)))
