@@ -22,6 +22,7 @@
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
+//! | `utilization-filter` (experimental) | filter (caps on running requests, queue, KV usage) | [`utilization_filter`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `request-attribute-reporter` | usage reporter (dynamic metadata from a CEL expression) | [`request_attribute`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
@@ -74,6 +75,7 @@ pub mod request_attribute;
 pub mod running_requests;
 pub mod session_affinity;
 pub mod token_load;
+pub mod utilization_filter;
 
 use std::sync::Arc;
 
@@ -109,6 +111,7 @@ pub use session_affinity::{
     SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
 };
 pub use token_load::{TokenLoadParameters, TokenLoadScorer};
+pub use utilization_filter::{UtilizationFilter, UtilizationFilterParameters};
 
 /// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
 /// the profile handler and the saturation detectors, come with [`PluginRegistry::new`]).
@@ -220,6 +223,9 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register_experimental(utilization_filter::TYPE_NAME, |spec| {
+        Ok(Plugin::filter(UtilizationFilter::new(spec.parameters()?)?))
     });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
