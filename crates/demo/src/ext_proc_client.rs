@@ -70,6 +70,8 @@ pub struct ProxyStream {
     answers: Streaming<ProcessingResponse>,
     /// The headers the picker set on the response, from its answer to the response headers.
     response_headers_set: Vec<(String, String)>,
+    /// The dynamic metadata the picker put on its answers to the response body.
+    response_metadata: Option<Struct>,
 }
 
 /// The request side of a proxy exchange.
@@ -90,7 +92,7 @@ impl ProxyStream {
     pub async fn open(client: &mut ExternalProcessorClient<Channel>) -> Result<Self, ClientError> {
         let (sender, receiver) = mpsc::channel(64);
         let answers = client.process(ReceiverStream::new(receiver)).await?.into_inner();
-        Ok(Self { sender, answers, response_headers_set: Vec::new() })
+        Ok(Self { sender, answers, response_headers_set: Vec::new(), response_metadata: None })
     }
 
     /// Sends the request headers; `end_of_stream` says the request has no body.
@@ -251,6 +253,24 @@ impl ProxyStream {
         &self.response_headers_set
     }
 
+    /// The number the picker reported as `name` under `namespace` in the dynamic metadata of
+    /// its answers to the response body (a usage reporter's value), after [`Self::respond`].
+    pub fn response_metadata_number(&self, namespace: &str, name: &str) -> Option<f64> {
+        let fields = match &self.response_metadata.as_ref()?.fields.get(namespace)?.kind {
+            Some(Kind::StructValue(fields)) => fields,
+            _ => return None,
+        };
+        match fields.fields.get(name)?.kind {
+            Some(Kind::NumberValue(number)) => Some(number),
+            _ => None,
+        }
+    }
+
+    /// Whether the picker put any dynamic metadata on its answers to the response body.
+    pub fn has_response_metadata(&self) -> bool {
+        self.response_metadata.is_some()
+    }
+
     /// Sends the response headers (with the served endpoint in metadata) and body chunks, and
     /// reads the echoed answers; returns the echoed body.
     pub async fn respond(
@@ -298,6 +318,11 @@ impl ProxyStream {
         while !(ended && headers_answered) {
             let answer =
                 self.answers.message().await?.ok_or(ClientError::Closed("the response"))?;
+            if let (Some(metadata), Some(processing_response::Response::ResponseBody(_))) =
+                (&answer.dynamic_metadata, &answer.response)
+            {
+                self.response_metadata = Some(metadata.clone());
+            }
             match answer.response {
                 Some(processing_response::Response::ResponseHeaders(headers)) => {
                     let set = headers.response.and_then(|common| common.header_mutation);

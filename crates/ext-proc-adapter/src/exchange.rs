@@ -508,7 +508,26 @@ impl Exchange {
         let end = body.end_of_stream;
         push_split(false, body.body, end, out);
         if end {
+            self.report_usage(out);
             self.finish(self.response_outcome());
+        }
+    }
+
+    /// Puts what the usage reporters compute from the response's usage (zero counts when it
+    /// reported none, as llm-d-router hands them) on the last body message, as dynamic
+    /// metadata for the proxy.
+    fn report_usage(&self, out: &mut [ProcessingResponse]) {
+        let scheduler = self.director.scheduler();
+        if self.phase == Phase::Done || !scheduler.reports_usage() {
+            return;
+        }
+        let usage = self.tail.usage().unwrap_or_default().to_response_usage();
+        let reported = scheduler.report_usage(&usage);
+        if let (false, Some(last)) = (reported.is_empty(), out.last_mut()) {
+            let numbers = reported.iter().map(|attribute| {
+                (attribute.namespace.as_str(), attribute.name.as_str(), attribute.value)
+            });
+            proto::add_dynamic_numbers(last, numbers);
         }
     }
 

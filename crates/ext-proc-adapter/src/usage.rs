@@ -18,6 +18,32 @@ pub struct Usage {
     /// Tokens generated.
     #[serde(default)]
     pub completion_tokens: u64,
+    /// Prompt and generated tokens together.
+    #[serde(default)]
+    pub total_tokens: u64,
+    /// Details of the prompt tokens, when reported.
+    #[serde(default)]
+    pub prompt_tokens_details: Option<PromptTokenDetails>,
+}
+
+/// The `prompt_tokens_details` of a usage object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct PromptTokenDetails {
+    /// Prompt tokens served from the model server's cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+}
+
+impl Usage {
+    /// The usage as the plugins' response hooks receive it.
+    pub fn to_response_usage(&self) -> scheduler_core::ResponseUsage {
+        scheduler_core::ResponseUsage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cached_tokens: self.prompt_tokens_details.map(|details| details.cached_tokens),
+        }
+    }
 }
 
 /// The last [`TAIL_BYTES`] of a response body.
@@ -88,8 +114,18 @@ mod tests {
 
     #[test]
     fn json_response_usage() {
-        let body = r#"{"id":"x","choices":[{"text":"hi"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
-        assert_eq!(usage_of(&[body]), Some(Usage { prompt_tokens: 12, completion_tokens: 3 }));
+        let body = r#"{"id":"x","choices":[{"text":"hi"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":8}}}"#;
+        let usage = usage_of(&[body]).unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (12, 3));
+        assert_eq!(
+            usage.to_response_usage(),
+            scheduler_core::ResponseUsage {
+                prompt_tokens: 12,
+                completion_tokens: 3,
+                total_tokens: 15,
+                cached_tokens: Some(8),
+            }
+        );
     }
 
     #[test]
@@ -99,7 +135,10 @@ mod tests {
             "data: {\"choices\":[],\"usage\":{\"prompt_tok",
             "ens\":7,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
         ];
-        assert_eq!(usage_of(&chunks), Some(Usage { prompt_tokens: 7, completion_tokens: 2 }));
+        assert_eq!(
+            usage_of(&chunks),
+            Some(Usage { prompt_tokens: 7, completion_tokens: 2, ..Usage::default() })
+        );
     }
 
     #[test]
@@ -118,7 +157,10 @@ mod tests {
         let usage = br#""usage":{"prompt_tokens":1,"completion_tokens":1}"#;
         tail.push(usage);
         assert!(tail.tail.len() <= TAIL_BYTES);
-        assert_eq!(tail.usage(), Some(Usage { prompt_tokens: 1, completion_tokens: 1 }));
+        assert_eq!(
+            tail.usage(),
+            Some(Usage { prompt_tokens: 1, completion_tokens: 1, ..Usage::default() })
+        );
         assert_eq!(tail.total_bytes(), 100_000 + usage.len() as u64);
     }
 }

@@ -233,6 +233,27 @@ pub fn body_chunk(request_side: bool, body: Vec<u8>, end_of_stream: bool) -> Pro
     }
 }
 
+/// Adds `attributes` (namespace, field, number) to the dynamic metadata of `response`,
+/// merging with namespaces it already carries: what usage reporters hand back to the proxy.
+pub fn add_dynamic_numbers<'a>(
+    response: &mut ProcessingResponse,
+    attributes: impl IntoIterator<Item = (&'a str, &'a str, f64)>,
+) {
+    let metadata = response.dynamic_metadata.get_or_insert_with(Struct::default);
+    for (namespace, name, number) in attributes {
+        let entry = metadata
+            .fields
+            .entry(namespace.to_owned())
+            .or_insert_with(|| Value { kind: Some(Kind::StructValue(Struct::default())) });
+        if !matches!(entry.kind, Some(Kind::StructValue(_))) {
+            entry.kind = Some(Kind::StructValue(Struct::default()));
+        }
+        if let Some(Kind::StructValue(fields)) = &mut entry.kind {
+            fields.fields.insert(name.to_owned(), Value { kind: Some(Kind::NumberValue(number)) });
+        }
+    }
+}
+
 /// An empty (pass-through) answer to the response headers.
 pub fn continue_response_headers() -> ProcessingResponse {
     ProcessingResponse {

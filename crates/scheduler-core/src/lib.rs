@@ -78,7 +78,8 @@ pub use request::{CHARACTERS_PER_TOKEN, InferenceRequest};
 pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{
     Candidates, DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler,
-    ProfileProgress, ResponseComplete, ResponseHeaders, Scorer,
+    ProfileProgress, ReportedAttribute, ResponseComplete, ResponseHeaders, ResponseUsage, Scorer,
+    UsageReporter,
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{

@@ -22,9 +22,11 @@
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
+//! | `utilization-filter` (experimental) | filter (caps on running requests, queue, KV usage) | [`utilization_filter`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `multicluster-kv-cache-utilization-scorer`, `multicluster-queue-scorer` (experimental) | scorer (a peer cluster's pool averages) | [`multicluster`] |
 //! | `multicluster-session-affinity-filter`, `multicluster-prefix-cache-scorer`, `multicluster-approx-prefix-cache-producer` (experimental) | as their single-cluster namesakes | [`multicluster`] |
+//! | `request-attribute-reporter` | usage reporter (dynamic metadata from a CEL expression) | [`request_attribute`] |
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `disagg-profile-handler`, `pd-profile-handler` (deprecated), `data-parallel-profile-handler` | profile handlers | [`disagg`] |
@@ -76,9 +78,11 @@ pub mod pickers;
 pub mod prefix_affinity;
 pub mod prefix_cache;
 pub mod queue;
+pub mod request_attribute;
 pub mod running_requests;
 pub mod session_affinity;
 pub mod token_load;
+pub mod utilization_filter;
 
 use std::sync::Arc;
 
@@ -109,11 +113,13 @@ pub use prefix_cache::{
     PrefixSource,
 };
 pub use queue::QueueScorer;
+pub use request_attribute::{RequestAttributeReporter, RequestAttributeReporterParameters};
 pub use running_requests::RunningRequestsSizeScorer;
 pub use session_affinity::{
     SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
 };
 pub use token_load::{TokenLoadParameters, TokenLoadScorer};
+pub use utilization_filter::{UtilizationFilter, UtilizationFilterParameters};
 
 /// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
 /// the profile handler and the saturation detectors, come with [`PluginRegistry::new`]).
@@ -248,12 +254,19 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
     });
+    registry.register_experimental(utilization_filter::TYPE_NAME, |spec| {
+        Ok(Plugin::filter(UtilizationFilter::new(spec.parameters()?)?))
+    });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
         Ok(Plugin { filter: Some(filter.clone()), binder: Some(filter), ..Plugin::default() })
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))
+    });
+    registry.register(request_attribute::TYPE_NAME, |spec| {
+        let reporter = RequestAttributeReporter::new(spec.parameters()?)?;
+        Ok(Plugin { usage_reporter: Some(Arc::new(reporter)), ..Plugin::default() })
     });
     registry.register(pickers::MAX_SCORE_TYPE_NAME, |spec| {
         Ok(Plugin::picker(MaxScorePicker::new(PickerParameters::from_spec(spec)?)))

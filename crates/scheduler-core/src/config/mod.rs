@@ -719,6 +719,9 @@ impl EndpointPickerConfig {
             if let Some(writer) = &plugin.response_headers {
                 scheduler = scheduler.with_response_headers(Arc::clone(writer));
             }
+            if let Some(reporter) = &plugin.usage_reporter {
+                scheduler = scheduler.with_usage_reporter(Arc::clone(reporter));
+            }
         }
         Ok(scheduler)
     }

@@ -26,7 +26,7 @@ use crate::request::parser::RequestParser;
 use crate::request_header::{AGENT_IDENTITY_TYPE, AgentIdentity, RequestHeaderProcessor};
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
-    ResponseHeaders, Scorer,
+    ResponseHeaders, Scorer, UsageReporter,
 };
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
@@ -96,6 +96,8 @@ pub struct Plugin {
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
     /// As a writer of response headers.
     pub response_headers: Option<Arc<dyn ResponseHeaders>>,
+    /// As a reporter of values computed from each response's token usage.
+    pub usage_reporter: Option<Arc<dyn UsageReporter>>,
     /// As a request parser (named by `requestHandler.parsers[].pluginRef`).
     pub request_parser: Option<RequestParser>,
     /// As a flow-control policy (named by `fairnessPolicyRef`, `orderingPolicyRef` or
@@ -136,6 +138,7 @@ impl fmt::Debug for Plugin {
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
             .field("response_headers", &self.response_headers.is_some())
+            .field("usage_reporter", &self.usage_reporter.is_some())
             .field("request_parser", &self.request_parser)
             .field("flow_policy", &self.flow_policy)
             .field("data_layer", &self.data_layer)

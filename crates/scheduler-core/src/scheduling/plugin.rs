@@ -239,3 +239,39 @@ pub trait PoolObserver: Send + Sync + Debug {
     /// before it. Runs on the publishing thread; keep it proportionate to the change.
     fn membership_changed(&self, pool: &PoolSnapshot);
 }
+
+/// The token counts a model server reported at the end of a response, as llm-d-router hands
+/// them to its response-body hooks: every count present (zero when the response reported
+/// none), the cached prompt tokens only when the server reported them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResponseUsage {
+    /// Tokens of the prompt.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Prompt and generated tokens together, as the server counted them.
+    pub total_tokens: u64,
+    /// Prompt tokens served from the server's cache (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: Option<u64>,
+}
+
+/// One number a [`UsageReporter`] hands back to the proxy: a field of the response's dynamic
+/// metadata, `name` under the top-level key `namespace`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReportedAttribute {
+    /// The top-level key of the dynamic metadata (`envoy.lb` by default).
+    pub namespace: String,
+    /// The field within that namespace.
+    pub name: String,
+    /// The value.
+    pub value: f64,
+}
+
+/// Computes values from a finished response's token usage for the proxy, which receives them
+/// as dynamic metadata on the response's last body message (llm-d-router's response-body
+/// hook as `request-attribute-reporter` uses it: cost accounting, quotas).
+pub trait UsageReporter: Send + Sync + Debug {
+    /// Pushes onto `out` what this reporter derives from `usage`; nothing when it has nothing
+    /// to report for this response.
+    fn report(&self, usage: &ResponseUsage, out: &mut Vec<ReportedAttribute>);
+}

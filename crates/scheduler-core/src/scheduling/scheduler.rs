@@ -15,8 +15,8 @@ use crate::pool::{PoolSnapshot, SharedPool};
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
-    DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ResponseComplete,
-    ResponseHeaders,
+    DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ReportedAttribute,
+    ResponseComplete, ResponseHeaders, ResponseUsage, UsageReporter,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
@@ -52,6 +52,7 @@ pub struct Scheduler {
     completion_hooks: Arc<CompletionHooks>,
     pool_observers: Vec<Arc<dyn PoolObserver>>,
     response_headers: Vec<Arc<dyn ResponseHeaders>>,
+    usage_reporters: Vec<Arc<dyn UsageReporter>>,
     seed: u64,
     decisions: AtomicU64,
 }
@@ -66,6 +67,7 @@ impl std::fmt::Debug for Scheduler {
             .field("response_complete", &self.response_complete)
             .field("pool_observers", &self.pool_observers)
             .field("response_headers", &self.response_headers)
+            .field("usage_reporters", &self.usage_reporters)
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +91,7 @@ impl Scheduler {
             completion_hooks: CompletionHooks::none(),
             pool_observers: Vec::new(),
             response_headers: Vec::new(),
+            usage_reporters: Vec::new(),
             seed: process_random_seed(),
             decisions: AtomicU64::new(0),
         }
@@ -154,6 +157,27 @@ impl Scheduler {
             writer.response_headers(result, &mut headers);
         }
         headers
+    }
+
+    /// Adds a plugin that reports values computed from each response's token usage.
+    pub fn with_usage_reporter(mut self, reporter: Arc<dyn UsageReporter>) -> Self {
+        self.usage_reporters.push(reporter);
+        self
+    }
+
+    /// Whether any plugin reports values from a response's usage (when none does, the adapter
+    /// need not read the usage before the response ends).
+    pub fn reports_usage(&self) -> bool {
+        !self.usage_reporters.is_empty()
+    }
+
+    /// What the plugins report from the token usage of a finished response.
+    pub fn report_usage(&self, usage: &ResponseUsage) -> Vec<ReportedAttribute> {
+        let mut reported = Vec::new();
+        for reporter in &self.usage_reporters {
+            reporter.report(usage, &mut reported);
+        }
+        reported
     }
 
     /// Subscribes this scheduler's pool observers (the prefix-cache scorer's index, for one)
