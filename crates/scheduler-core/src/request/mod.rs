@@ -160,23 +160,18 @@ fn non_empty_header(headers: &HashMap<String, String>, name: &str, alias: &str) 
 /// The keys of OpenAI's multimodal content parts, quoted as they stand in JSON.
 const MULTIMODAL_PART_KEYS: [&[u8]; 3] = [b"\"image_url\"", b"\"input_audio\"", b"\"video_url\""];
 
-/// Whether `body` names a multimodal content part. One pass over the bytes, looking only at
-/// unescaped quotes: inside a JSON string a quote is escaped, so `"image_url"` unescaped is a
-/// key (or a whole string value), never text of the prompt.
+/// Whether `body` names a multimodal content part: a key found (by a vectorised substring
+/// search, as this runs on every request) whose opening quote is unescaped. Inside a JSON
+/// string a quote is escaped, so `"image_url"` with an unescaped quote is a key (or a whole
+/// string value), never text of the prompt. A quote is unescaped when an even number of
+/// backslashes precedes it.
 fn has_multimodal_parts(body: &[u8]) -> bool {
-    let mut escaped = false;
-    for (at, &byte) in body.iter().enumerate() {
-        match byte {
-            b'\\' => escaped = !escaped,
-            b'"' if !escaped => {
-                if MULTIMODAL_PART_KEYS.iter().any(|key| body[at..].starts_with(key)) {
-                    return true;
-                }
-            }
-            _ => escaped = false,
-        }
-    }
-    false
+    MULTIMODAL_PART_KEYS.iter().any(|key| {
+        memchr::memmem::find_iter(body, key).any(|at| {
+            let backslashes = body[..at].iter().rev().take_while(|&&byte| byte == b'\\').count();
+            backslashes % 2 == 0
+        })
+    })
 }
 
 #[cfg(test)]
@@ -277,5 +272,7 @@ mod tests {
         assert!(!request.multimodal, "text mentioning the key is not an image");
         assert!(!has_multimodal_parts(b"{\"input_audio_x\":1}"));
         assert!(has_multimodal_parts(b"{\"input_audio\":{}}"));
+        assert!(!has_multimodal_parts(br#"{"x":"say \"image_url\""}"#), "an escaped quote");
+        assert!(has_multimodal_parts(br#"{"x":"a\\","image_url":{}}"#), "an escaped backslash");
     }
 }
