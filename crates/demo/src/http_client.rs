@@ -83,9 +83,23 @@ pub async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<Response<Incoming>, HttpError> {
-    let request = Request::post(path)
+    post_with_headers(address, path, body, &[]).await
+}
+
+/// POSTs a JSON body to `address` on a fresh connection with extra `headers`.
+pub async fn post_with_headers(
+    address: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+    headers: &[(String, String)],
+) -> Result<Response<Incoming>, HttpError> {
+    let mut request = Request::post(path)
         .header(hyper::header::HOST, address.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let request = request
         .body(Full::new(Bytes::from(body)))
         .map_err(|source| HttpError::Request { address, source })?;
     send(address, request).await

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-use scheduler_core::EndpointPickerConfig;
+use scheduler_core::{EndpointPickerConfig, EndpointRole};
 
 /// Why a launcher could not start its picker; shown to the user as is.
 pub type LaunchError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,6 +25,9 @@ pub struct PickerSpec<'a> {
     pub objectives_yaml: &'a str,
     /// The simulated model servers: the pool, each serving vLLM's `/metrics`.
     pub endpoints: &'a [SocketAddr],
+    /// Their roles in prefill/decode disaggregation (llm-d's `llm-d.ai/role` label), in
+    /// `endpoints` order; empty when the pool is not disaggregated.
+    pub roles: &'a [EndpointRole],
 }
 
 /// Starts a picker for a demo run.

@@ -9,6 +9,8 @@
 //! - [`workload`] and [`report`]: the demo's seeded requests and its comparison table.
 //! - [`run`]: the demo itself, with a picker started by a [`PickerLauncher`]: the `epp` binary
 //!   launches its real server, this crate knows nothing of it.
+//! - [`sidecar`]: the decode side's routing sidecar of prefill/decode disaggregation, which
+//!   has a prefill server compute the prompt the picker named in `x-prefiller-host-port`.
 //! - [`floor`]: a do-nothing ext-proc server, the load generator's baseline and a stand-in
 //!   picker for tests.
 //!
@@ -46,16 +48,20 @@
 pub mod ext_proc_client;
 pub mod floor;
 pub mod http_client;
+mod http_serve;
 pub mod launcher;
 pub mod model_server;
 pub mod proxy;
 pub mod report;
 mod runner;
+pub mod sidecar;
 pub mod workload;
 
 pub use launcher::{LaunchError, LaunchedPicker, PickerLauncher, PickerSpec};
-pub use model_server::{ModelServer, ModelServerConfig, RunningModelServer};
+pub use model_server::{KvTransfer, ModelServer, ModelServerConfig, RunningModelServer};
 pub use proxy::{Proxy, RequestOutcome, Routing};
-pub use report::{PolicyReport, render};
-pub use runner::{DemoError, DemoOptions, OBJECTIVE_PRIORITIES, demo_config, run};
+pub use report::{PolicyReport, PrefillHandoffs, render};
+pub use runner::{
+    DemoError, DemoOptions, Disaggregation, OBJECTIVE_PRIORITIES, demo_config, pd_config, run,
+};
 pub use workload::{PlannedRequest, WorkloadConfig};

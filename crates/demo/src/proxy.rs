@@ -13,7 +13,7 @@ use scheduler_core::protocol::OBJECTIVE_HEADER;
 use tonic::transport::Channel;
 
 use crate::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
-use crate::http_client::post;
+use crate::http_client::post_with_headers;
 use crate::workload::PlannedRequest;
 
 /// Request body bytes per ext-proc message, as Envoy's default buffer sends them.
@@ -41,6 +41,8 @@ pub struct RequestOutcome {
     pub endpoint: Option<SocketAddr>,
     /// Time to the first response chunk, for streamed requests.
     pub ttft: Option<Duration>,
+    /// Output tokens the request asked for.
+    pub output_tokens: u32,
     /// Time to the end of the response.
     pub total: Duration,
     /// Time to the routing decision (the picker's overhead as the proxy sees it).
@@ -71,6 +73,7 @@ impl Proxy {
             status: 0,
             endpoint: None,
             ttft: None,
+            output_tokens: request.max_tokens,
             total: Duration::ZERO,
             decision: None,
             error: None,
@@ -88,6 +91,9 @@ impl Proxy {
         started: Instant,
         outcome: &mut RequestOutcome,
     ) -> Result<(), String> {
+        // The headers the picker set on the request, as Envoy would apply them upstream (the
+        // prefill endpoint of a disaggregated request, for one).
+        let mut upstream_headers = Vec::new();
         let (address, mut stream) = match &self.routing {
             Routing::RoundRobin(next) => {
                 if self.endpoints.is_empty() {
@@ -122,7 +128,14 @@ impl Proxy {
                         outcome.status = status;
                         return Ok(());
                     }
-                    Decision::Routed { destination, .. } => {
+                    Decision::Routed { destination, headers, .. } => {
+                        upstream_headers = headers
+                            .into_iter()
+                            .filter(|(name, _)| {
+                                !name.starts_with(':')
+                                    && !name.eq_ignore_ascii_case("content-length")
+                            })
+                            .collect();
                         let primary = destination.split(',').next().unwrap_or_default();
                         let address = primary
                             .parse()
@@ -134,7 +147,9 @@ impl Proxy {
         };
         outcome.endpoint = Some(address);
         let response =
-            post(address, request.path, request.body.clone()).await.map_err(|e| e.to_string())?;
+            post_with_headers(address, request.path, request.body.clone(), &upstream_headers)
+                .await
+                .map_err(|e| e.to_string())?;
         outcome.status = response.status().as_u16();
         let mut body = response.into_body();
         let mut chunks: Vec<Bytes> = Vec::new();

@@ -25,6 +25,9 @@ pub struct PolicyReport {
     pub prefix_hit_rate: f64,
     /// Median and 90th percentile time to first token of streamed requests.
     pub ttft: (Duration, Duration),
+    /// Median and 90th percentile time per output token after the first (TPOT), of streamed
+    /// requests with more than one output token.
+    pub tpot: (Duration, Duration),
     /// Median and 90th percentile time to the end of the response.
     pub total: (Duration, Duration),
     /// Median and 90th percentile time to the routing decision (zero without a picker).
@@ -35,6 +38,19 @@ pub struct PolicyReport {
     pub errors: usize,
     /// Wall time of the run.
     pub wall: Duration,
+    /// What the decode sidecars did, in a disaggregated run.
+    pub prefill_handoffs: Option<PrefillHandoffs>,
+}
+
+/// The prefill hand-offs of a disaggregated run, as the decode sidecars counted them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillHandoffs {
+    /// Requests prefilled on a prefill server.
+    pub remote: u64,
+    /// Requests the picker sent to a prefill server that could not be used.
+    pub fallbacks: u64,
+    /// Prompt blocks the decode servers pulled from prefill servers.
+    pub pulled_blocks: u64,
 }
 
 impl PolicyReport {
@@ -52,6 +68,7 @@ impl PolicyReport {
         let mut errors = 0;
         let mut completed = 0;
         let mut ttfts = Vec::new();
+        let mut tpots = Vec::new();
         let mut totals = Vec::new();
         let mut decisions: Vec<Duration> = outcomes.iter().filter_map(|o| o.decision).collect();
         for outcome in outcomes {
@@ -60,6 +77,11 @@ impl PolicyReport {
                     completed += 1;
                     totals.push(outcome.total);
                     ttfts.extend(outcome.ttft);
+                    if let Some(ttft) = outcome.ttft
+                        && outcome.output_tokens > 1
+                    {
+                        tpots.push((outcome.total - ttft) / (outcome.output_tokens - 1));
+                    }
                     let at = outcome.endpoint.and_then(|e| endpoints.iter().position(|x| *x == e));
                     if let Some(at) = at {
                         per_endpoint[at] += 1;
@@ -83,11 +105,13 @@ impl PolicyReport {
                 prefix_hits as f64 / prefix_queries as f64
             },
             ttft: percentiles(&mut ttfts),
+            tpot: percentiles(&mut tpots),
             total: percentiles(&mut totals),
             decision: percentiles(&mut decisions),
             shed,
             errors,
             wall,
+            prefill_handoffs: None,
         }
     }
 }
@@ -109,6 +133,10 @@ fn ms(duration: Duration) -> String {
     format!("{:.1} ms", duration.as_secs_f64() * 1e3)
 }
 
+fn fine_ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1e3)
+}
+
 fn ratio(a: Duration, b: Duration) -> String {
     if b.is_zero() { "-".into() } else { format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()) }
 }
@@ -122,6 +150,8 @@ pub fn render(reports: &[PolicyReport]) -> String {
         "prefix hits",
         "TTFT p50",
         "TTFT p90",
+        "TPOT p50",
+        "TPOT p90",
         "total p50",
         "total p90",
         "pick p50/p90",
@@ -137,6 +167,8 @@ pub fn render(reports: &[PolicyReport]) -> String {
             format!("{:.1}%", report.prefix_hit_rate * 100.0),
             ms(report.ttft.0),
             ms(report.ttft.1),
+            fine_ms(report.tpot.0),
+            fine_ms(report.tpot.1),
             ms(report.total.0),
             ms(report.total.1),
             if report.decision.1.is_zero() {
@@ -161,6 +193,8 @@ pub fn render(reports: &[PolicyReport]) -> String {
             hit_ratio,
             ratio(first.ttft.0, last.ttft.0),
             ratio(first.ttft.1, last.ttft.1),
+            ratio(first.tpot.0, last.tpot.0),
+            ratio(first.tpot.1, last.tpot.1),
             ratio(first.total.0, last.total.0),
             ratio(first.total.1, last.total.1),
             String::new(),
@@ -185,6 +219,15 @@ pub fn render(reports: &[PolicyReport]) -> String {
             text.push('\n');
         }
     }
+    for report in reports {
+        if let Some(handoffs) = report.prefill_handoffs {
+            let _ = writeln!(
+                text,
+                "{}: {} requests prefilled on a prefill server ({} fell back to their decode server), {} KV blocks pulled",
+                report.policy, handoffs.remote, handoffs.fallbacks, handoffs.pulled_blocks
+            );
+        }
+    }
     text
 }
 
@@ -199,6 +242,7 @@ mod tests {
             status,
             endpoint: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             ttft: Some(Duration::from_millis(millis / 2)),
+            output_tokens: 6,
             total: Duration::from_millis(millis),
             decision: None,
             error: None,
@@ -217,6 +261,8 @@ mod tests {
         assert_eq!(report.per_endpoint, vec![5, 5]);
         assert_eq!((report.completed, report.errors, report.shed), (10, 1, [0, 0, 1]));
         assert_eq!(report.total, (Duration::from_millis(50), Duration::from_millis(90)));
+        // Half of each total comes after the first token, over 5 more tokens.
+        assert_eq!(report.tpot, (Duration::from_millis(5), Duration::from_millis(9)));
         assert!((report.prefix_hit_rate - 0.75).abs() < 1e-9);
         let table =
             render(&[report.clone(), PolicyReport { policy: "round-robin".into(), ..report }]);

@@ -5,6 +5,12 @@
 //! [`PickerLauncher`] schedules over them, and the Envoy-like proxy ([`crate::proxy`]) asks it
 //! over ext-proc where each request of the workload ([`crate::workload`]) goes; for
 //! `round-robin` the proxy rotates endpoints itself. [`crate::report`] compares the two.
+//!
+//! With [`DemoOptions::disaggregation`] the comparison is prefill/decode disaggregation against
+//! aggregated serving on the same servers: first the picker runs [`pd_config`] over a pool of
+//! prefill servers and decode servers behind [`crate::sidecar`]s, then [`demo_config`] over
+//! the same number of plain servers. Both runs use servers whose prefills stall their decodes
+//! (one compute engine per server), the interference disaggregation exists to remove.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,13 +19,14 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use indicatif::{ProgressBar, ProgressStyle};
-use scheduler_core::EndpointPickerConfig;
+use scheduler_core::{EndpointPickerConfig, EndpointRole, PluginConfig, PluginRef};
 use tokio::sync::Semaphore;
 
 use crate::launcher::{LaunchError, PickerLauncher, PickerSpec};
 use crate::model_server::{self, ModelServerConfig, RunningModelServer};
 use crate::proxy::{Proxy, Routing};
-use crate::report::PolicyReport;
+use crate::report::{PolicyReport, PrefillHandoffs};
+use crate::sidecar::RunningSidecar;
 use crate::workload::{self, PlannedRequest, WorkloadConfig};
 
 /// How to run the demo.
@@ -43,6 +50,28 @@ pub struct DemoOptions {
     pub model_server: ModelServerConfig,
     /// Mean arrival rate; `None` scales with the servers (`servers * 75` per second).
     pub rate_per_second: Option<f64>,
+    /// Compare prefill/decode disaggregation with aggregated serving instead of the picker
+    /// with round-robin.
+    pub disaggregation: Option<Disaggregation>,
+}
+
+/// The pool of a prefill/decode disaggregation demo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Disaggregation {
+    /// Servers that only prefill (the first ones); the others decode, each behind a sidecar.
+    pub prefill_servers: usize,
+    /// The prefix-based decider's `nonCachedTokens`: a request is disaggregated only when its
+    /// decode endpoint would have at least this many prompt tokens to compute. 0 disaggregates
+    /// every request (`always-disagg-pd-decider`).
+    pub non_cached_tokens: u64,
+}
+
+impl Disaggregation {
+    /// A quarter of `servers` (at least one) prefill, the rest decode; disaggregate requests
+    /// with at least 64 uncached prompt tokens (4 blocks of the simulated cache).
+    pub fn for_servers(servers: usize) -> Self {
+        Self { prefill_servers: (servers / 4).max(1), non_cached_tokens: 64 }
+    }
 }
 
 impl Default for DemoOptions {
@@ -57,7 +86,15 @@ impl Default for DemoOptions {
             config: None,
             model_server: ModelServerConfig::default(),
             rate_per_second: None,
+            disaggregation: None,
         }
+    }
+}
+
+impl DemoOptions {
+    /// The mean arrival rate: `rate_per_second`, or 75 per second per server.
+    pub fn rate(&self) -> f64 {
+        self.rate_per_second.unwrap_or(self.servers as f64 * 75.0)
     }
 }
 
@@ -76,6 +113,9 @@ pub enum DemoError {
     /// The options make no run possible.
     #[error("{0}")]
     Options(&'static str),
+    /// A picker config built from the options is invalid.
+    #[error("invalid picker config: {0}")]
+    Config(String),
 }
 
 /// The picker config of the demo: GIE's default profile plus LoRA affinity and llm-d's
@@ -97,8 +137,42 @@ pub fn demo_config(model_server: &ModelServerConfig) -> EndpointPickerConfig {
         .with_profile_plugin("active-request-scorer", 2.0)
 }
 
+/// [`demo_config`] split into llm-d's two disaggregation profiles: `prefill` (prefill-role
+/// endpoints) and `decode` (decode-capable ones), each with the same scorers and weights, run by
+/// `disagg-profile-handler` with `prefix-based-pd-decider` (`always-disagg-pd-decider` when
+/// `non_cached_tokens` is 0, which the prefix-based decider reads as "never").
+pub fn pd_config(model_server: &ModelServerConfig, non_cached_tokens: u64) -> EndpointPickerConfig {
+    let mut config = demo_config(model_server);
+    let mut decode = config.scheduling_profiles.remove(0);
+    decode.name = "decode".into();
+    let mut prefill = decode.clone();
+    prefill.name = "prefill".into();
+    for (profile, filter) in [(&mut prefill, "prefill-filter"), (&mut decode, "decode-filter")] {
+        profile.plugins.insert(0, PluginRef { plugin_ref: filter.into(), weight: None });
+        config.plugins.push(PluginConfig::of_type(filter));
+    }
+    config.scheduling_profiles = vec![prefill, decode];
+    let decider = if non_cached_tokens == 0 {
+        PluginConfig::of_type("always-disagg-pd-decider")
+    } else {
+        PluginConfig {
+            name: None,
+            type_name: "prefix-based-pd-decider".into(),
+            parameters: Some(serde_json::json!({"nonCachedTokens": non_cached_tokens})),
+        }
+    };
+    config.plugins.push(PluginConfig {
+        name: None,
+        type_name: "disagg-profile-handler".into(),
+        parameters: Some(serde_json::json!({"deciders": {"prefill": decider.type_name}})),
+    });
+    config.plugins.push(decider);
+    config
+}
+
 /// Runs the workload with a picker from `launcher`, then (if asked) with round-robin; one
-/// report each.
+/// report each. With [`DemoOptions::disaggregation`]: disaggregated, then (if asked)
+/// aggregated.
 pub async fn run<L: PickerLauncher>(
     options: &DemoOptions,
     launcher: &L,
@@ -109,13 +183,24 @@ pub async fn run<L: PickerLauncher>(
     let workload = workload::generate(&WorkloadConfig {
         requests: options.requests,
         seed: options.seed,
-        rate_per_second: options.rate_per_second.unwrap_or(options.servers as f64 * 75.0),
+        rate_per_second: options.rate(),
         base_model: options.model_server.base_model.clone(),
         ..WorkloadConfig::default()
     });
-    let mut reports = vec![run_policy(Policy::Epp, options, launcher, &workload).await?];
+    let (first, baseline) = match options.disaggregation {
+        None => (Policy::Epp, Policy::RoundRobin),
+        Some(pd) => {
+            if pd.prefill_servers == 0 || pd.prefill_servers >= options.servers {
+                return Err(DemoError::Options(
+                    "--prefill-servers must be at least 1 and fewer than --servers",
+                ));
+            }
+            (Policy::Disaggregated(pd), Policy::Aggregated)
+        }
+    };
+    let mut reports = vec![run_policy(first, options, launcher, &workload).await?];
     if options.policy_compare {
-        reports.push(run_policy(Policy::RoundRobin, options, launcher, &workload).await?);
+        reports.push(run_policy(baseline, options, launcher, &workload).await?);
     }
     Ok(reports)
 }
@@ -124,6 +209,10 @@ pub async fn run<L: PickerLauncher>(
 enum Policy {
     Epp,
     RoundRobin,
+    /// The picker with [`pd_config`] over prefill servers and sidecar-fronted decode servers.
+    Disaggregated(Disaggregation),
+    /// The picker with [`demo_config`], servers whose prefills stall their decodes.
+    Aggregated,
 }
 
 impl Policy {
@@ -131,6 +220,21 @@ impl Policy {
         match self {
             Self::Epp => "epp",
             Self::RoundRobin => "round-robin",
+            Self::Disaggregated(_) => "epp-pd",
+            Self::Aggregated => "epp-aggregated",
+        }
+    }
+
+    fn config(
+        self,
+        options: &DemoOptions,
+        model_server: &ModelServerConfig,
+    ) -> EndpointPickerConfig {
+        match self {
+            Self::Disaggregated(pd) => pd_config(model_server, pd.non_cached_tokens),
+            Self::Epp | Self::RoundRobin | Self::Aggregated => {
+                options.config.clone().unwrap_or_else(|| demo_config(model_server))
+            }
         }
     }
 }
@@ -141,21 +245,39 @@ async fn run_policy<L: PickerLauncher>(
     launcher: &L,
     workload: &[PlannedRequest],
 ) -> Result<PolicyReport, DemoError> {
+    let mut model_server = options.model_server.clone();
+    if options.disaggregation.is_some() {
+        model_server.prefill_stalls_decode = true;
+    }
     let mut servers = Vec::with_capacity(options.servers);
     for _ in 0..options.servers {
-        servers.push(RunningModelServer::start(options.model_server.clone()).await?);
+        servers.push(RunningModelServer::start(model_server.clone()).await?);
     }
-    let endpoints: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
+    let mut endpoints: Vec<SocketAddr> = servers.iter().map(|server| server.address).collect();
+    let mut roles = Vec::new();
+    let mut sidecars = Vec::new();
+    if let Policy::Disaggregated(pd) = policy {
+        for (index, endpoint) in endpoints.iter_mut().enumerate() {
+            if index < pd.prefill_servers {
+                roles.push(EndpointRole::Prefill);
+            } else {
+                let sidecar = RunningSidecar::start(*endpoint).await?;
+                *endpoint = sidecar.address;
+                sidecars.push(sidecar);
+                roles.push(EndpointRole::Decode);
+            }
+        }
+    }
     let mut picker = None;
     let routing = match policy {
         Policy::RoundRobin => Routing::RoundRobin(AtomicUsize::new(0)),
-        Policy::Epp => {
-            let config =
-                options.config.clone().unwrap_or_else(|| demo_config(&options.model_server));
+        Policy::Epp | Policy::Disaggregated(_) | Policy::Aggregated => {
+            let config = policy.config(options, &model_server);
             let spec = PickerSpec {
                 config: &config,
                 objectives_yaml: OBJECTIVE_PRIORITIES,
                 endpoints: &endpoints,
+                roles: &roles,
             };
             let launched = launcher.launch(spec).await.map_err(DemoError::Picker)?;
             let address = format!("http://{}", launched.grpc_address);
@@ -206,13 +328,26 @@ async fn run_policy<L: PickerLauncher>(
         let stats = server.server.stats();
         (hits + stats.prefix_hits, queries + stats.prefix_queries)
     });
+    let handoffs = matches!(policy, Policy::Disaggregated(_)).then(|| {
+        let count = |read: fn(&RunningSidecar) -> u64| sidecars.iter().map(read).sum::<u64>();
+        PrefillHandoffs {
+            remote: count(|s| s.stats.remote_prefills.load(std::sync::atomic::Ordering::Relaxed)),
+            fallbacks: count(|s| s.stats.fallbacks.load(std::sync::atomic::Ordering::Relaxed)),
+            pulled_blocks: servers.iter().map(|server| server.server.stats().pulled_blocks).sum(),
+        }
+    });
     if let Some(picker) = picker {
         picker.shutdown().await;
+    }
+    for sidecar in &sidecars {
+        sidecar.stop();
     }
     for server in &servers {
         server.stop();
     }
-    Ok(PolicyReport::new(policy.name(), &endpoints, &outcomes, hits, queries, wall))
+    let mut report = PolicyReport::new(policy.name(), &endpoints, &outcomes, hits, queries, wall);
+    report.prefill_handoffs = handoffs;
+    Ok(report)
 }
 
 /// Priorities of the workload's objectives (an `--objectives-file`): `sheddable` is shed when

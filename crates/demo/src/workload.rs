@@ -64,6 +64,8 @@ pub struct PlannedRequest {
     pub objective: &'static str,
     /// Whether the response is streamed.
     pub stream: bool,
+    /// Output tokens asked for.
+    pub max_tokens: u32,
 }
 
 #[derive(Debug)]
@@ -152,6 +154,7 @@ pub fn generate(config: &WorkloadConfig) -> Vec<PlannedRequest> {
             body,
             objective: conversation.objective,
             stream,
+            max_tokens,
         });
         let answer = words(&mut rng, max_tokens as usize * 4);
         conversation.turns.push((question, answer));

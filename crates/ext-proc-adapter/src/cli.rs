@@ -72,9 +72,26 @@ pub struct DemoArgs {
     /// Seed of the workload (same seed, same requests).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Also run the workload with round-robin routing and compare.
+    /// Mean arrival rate, requests per second [default: 75 per server].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Also run the workload with round-robin routing (with `--pd`: with aggregated serving)
+    /// and compare.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub policy_compare: bool,
+    /// Prefill/decode disaggregation: prefill servers and decode servers behind a sidecar
+    /// that honours `x-prefiller-host-port`, compared with aggregated serving on as many
+    /// servers.
+    #[arg(long, default_value_t = false)]
+    pub pd: bool,
+    /// With `--pd`: servers that only prefill [default: a quarter of --servers, at least 1].
+    #[arg(long, requires = "pd")]
+    pub prefill_servers: Option<usize>,
+    /// With `--pd`: disaggregate a request only when its decode server would compute at least
+    /// this many prompt tokens (the prefix-based decider's `nonCachedTokens`; 0: every
+    /// request, with the always-disaggregate decider).
+    #[arg(long, requires = "pd", default_value_t = 64)]
+    pub non_cached_tokens: u64,
 }
 
 /// Flags of the server.

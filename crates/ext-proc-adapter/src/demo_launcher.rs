@@ -13,7 +13,7 @@ use ext_proc_adapter::server::{self, CollectorSettings, ServerConfig};
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::Engine;
 use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
-use scheduler_core::{Director, SharedPool};
+use scheduler_core::{Director, ROLE_LABEL, SharedPool};
 
 /// How long the picker may take to scrape every simulated server once before the run starts.
 const FIRST_SCRAPE_WAIT: Duration = Duration::from_secs(5);
@@ -65,7 +65,12 @@ impl PickerLauncher for InProcessPicker {
                 name: Some(format!("sim-{index}")),
                 engine: None,
                 role: None,
-                labels: Default::default(),
+                labels: spec
+                    .roles
+                    .get(index)
+                    .and_then(|role| role.label_value())
+                    .map(|role| [(ROLE_LABEL.to_owned(), role.to_owned())].into())
+                    .unwrap_or_default(),
             })
             .collect();
         if let Err(error) = running.pool_writer.apply(&entries) {

@@ -365,6 +365,11 @@ impl Exchange {
                     let labels = metrics.request_labels(&routed.request);
                     metrics.record_request(&labels, self.body_bytes);
                     metrics.record_rewrite(&routed.request, &labels);
+                    metrics.record_disagg_decision(
+                        self.director.scheduler().handler_plugin(),
+                        &labels,
+                        &routed.request_headers,
+                    );
                     self.running = Some(metrics.start_running(&labels));
                     self.labels = Some(labels);
                 }

@@ -290,12 +290,42 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
         seed: args.seed,
         policy_compare: args.policy_compare,
         config,
+        rate_per_second: args.rate,
+        disaggregation: args.pd.then(|| demo::Disaggregation {
+            prefill_servers: args
+                .prefill_servers
+                .unwrap_or(demo::Disaggregation::for_servers(args.servers).prefill_servers),
+            non_cached_tokens: args.non_cached_tokens,
+        }),
         ..demo::DemoOptions::default()
     };
+    if let Some(rate) = options.rate_per_second
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(format!("--rate must be a positive number of requests per second, got {rate}"));
+    }
+    if options.disaggregation.is_some() && options.config.is_some() {
+        return Err(
+            "--pd builds its own prefill/decode config; drop --config-file/--config-text".into()
+        );
+    }
     println!(
-        "epp demo: {} simulated vLLM servers on 127.0.0.1, {} requests (seed {}, at most {} in flight)",
-        options.servers, options.requests, options.seed, options.concurrency
+        "epp demo: {} simulated vLLM servers on 127.0.0.1, {} requests at {} per second (seed {}, at most {} in flight)",
+        options.servers,
+        options.requests,
+        options.rate(),
+        options.seed,
+        options.concurrency
     );
+    if let Some(pd) = options.disaggregation {
+        println!(
+            "prefill/decode disaggregation: {} prefill + {} decode servers (decode behind a sidecar), disaggregating at >= {} uncached prompt tokens, against {} aggregated servers; each server's prefills stall its decodes",
+            pd.prefill_servers,
+            options.servers.saturating_sub(pd.prefill_servers),
+            pd.non_cached_tokens,
+            options.servers
+        );
+    }
     let started = std::time::Instant::now();
     let reports = demo::run(&options, &demo_launcher::InProcessPicker)
         .await

@@ -26,6 +26,11 @@ use scheduler_core::{InferenceRequest, PoolSnapshot, Scheduler};
 
 use crate::usage::Usage;
 
+/// Type of llm-d's profile handler whose decisions `disagg_decision_total` counts.
+const DISAGG_PROFILE_HANDLER: &str = "disagg-profile-handler";
+/// Type of llm-d's deprecated handler whose decisions `pd_decision_total` counts.
+const PD_PROFILE_HANDLER: &str = "pd-profile-handler";
+
 /// Most distinct model names with series of their own.
 pub const MAX_MODEL_LABELS: usize = 128;
 /// Longest model name (in bytes) with series of its own.
@@ -114,6 +119,68 @@ struct OutcomeLabels {
     inference_pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    plugin_name: String,
+    plugin_type: String,
+    model_name: String,
+    decision_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LegacyDecisionLabels {
+    model_name: String,
+    decision_type: &'static str,
+}
+
+/// A disaggregation decision's counters, under llm-d-router's name and its deprecated one.
+#[derive(Debug, Default)]
+struct DecisionCounters {
+    current: Family<DecisionLabels, Counter>,
+    deprecated: Family<LegacyDecisionLabels, Counter>,
+}
+
+impl DecisionCounters {
+    fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
+        let counters = Self::default();
+        registry.register(format!("llm_d_epp_{name}"), help, counters.current.clone());
+        registry.register(
+            format!("llm_d_inference_scheduler_{name}"),
+            format!("[Deprecated: use llm_d_epp_{name}_total] {help}"),
+            counters.deprecated.clone(),
+        );
+        counters
+    }
+
+    fn count(&self, handler: (&str, &str), model_name: &str, decision_type: &'static str) {
+        let model_name = if model_name.is_empty() { "unknown" } else { model_name };
+        self.current
+            .get_or_create(&DecisionLabels {
+                plugin_name: escape_label_value(handler.0),
+                plugin_type: escape_label_value(handler.1),
+                model_name: model_name.to_owned(),
+                decision_type,
+            })
+            .inc();
+        self.deprecated
+            .get_or_create(&LegacyDecisionLabels {
+                model_name: model_name.to_owned(),
+                decision_type,
+            })
+            .inc();
+    }
+}
+
+/// llm-d-router's disaggregation decision types, from the stages a request was given.
+fn decision_type(prefilled_apart: bool, encoded_apart: bool) -> &'static str {
+    match (encoded_apart, prefilled_apart) {
+        (true, true) => "encode-prefill-decode",
+        (true, false) => "encode-decode",
+        (false, true) => "prefill-decode",
+        (false, false) => "decode-only",
+    }
+}
+
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric the picker exports.
@@ -140,6 +207,8 @@ pub struct EppMetrics {
     running: Family<RunningLabels, Gauge>,
     dropped_records: Family<PoolLabels, Counter>,
     rewrite_decisions: Family<RewriteLabels, Counter>,
+    disagg_decisions: DecisionCounters,
+    pd_decisions: DecisionCounters,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -302,6 +371,16 @@ impl EppMetrics {
             "Requests whose model a model rewrite rule changed, by rule, requested model and target",
             rewrite_decisions.clone(),
         );
+        let disagg_decisions = DecisionCounters::register(
+            &mut registry,
+            "disagg_decision",
+            "Requests routed by disagg-profile-handler, by the stages they were given (decode-only, prefill-decode, encode-decode, encode-prefill-decode)",
+        );
+        let pd_decisions = DecisionCounters::register(
+            &mut registry,
+            "pd_decision",
+            "Requests routed by the deprecated pd-profile-handler, by decision (decode-only, prefill-decode)",
+        );
         Self {
             registry,
             pool_name: pool_name.into(),
@@ -324,7 +403,30 @@ impl EppMetrics {
             running,
             dropped_records,
             rewrite_decisions,
+            disagg_decisions,
+            pd_decisions,
         }
+    }
+
+    /// Counts the disaggregation decision of a request that `handler` (its plugin name and
+    /// type) routed with `request_headers`, as llm-d-router's handlers count theirs: the
+    /// `disagg_decision` series for `disagg-profile-handler`, `pd_decision` for
+    /// `pd-profile-handler`, nothing for other handlers.
+    pub fn record_disagg_decision(
+        &self,
+        handler: (&str, &str),
+        labels: &RequestLabels,
+        request_headers: &[(&'static str, String)],
+    ) {
+        use scheduler_core::protocol::{ENCODER_ENDPOINTS_HEADER, PREFILL_ENDPOINT_HEADER};
+        let counters = match handler.1 {
+            DISAGG_PROFILE_HANDLER => &self.disagg_decisions,
+            PD_PROFILE_HANDLER => &self.pd_decisions,
+            _ => return,
+        };
+        let has = |name: &str| request_headers.iter().any(|(header, _)| *header == name);
+        let decision = decision_type(has(PREFILL_ENDPOINT_HEADER), has(ENCODER_ENDPOINTS_HEADER));
+        counters.count(handler, &labels.target_model_name, decision);
     }
 
     /// Gives `names` (the models the operator configured: rewrite sources and targets) series
@@ -672,5 +774,50 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn disaggregation_decisions_count_under_the_handlers_family() {
+        use scheduler_core::protocol::{ENCODER_ENDPOINTS_HEADER, PREFILL_ENDPOINT_HEADER};
+        let metrics = EppMetrics::new("p", None);
+        let labels = metrics.request_labels(&request("m", "m-v2"));
+        let prefill = (PREFILL_ENDPOINT_HEADER, "10.0.0.1:8000".to_owned());
+        let encoders = (ENCODER_ENDPOINTS_HEADER, "10.0.0.2:8000".to_owned());
+        let disagg = ("stages", "disagg-profile-handler");
+        metrics.record_disagg_decision(disagg, &labels, &[prefill.clone(), encoders.clone()]);
+        metrics.record_disagg_decision(disagg, &labels, &[encoders]);
+        metrics.record_disagg_decision(("old", "pd-profile-handler"), &labels, &[prefill]);
+        metrics.record_disagg_decision(("old", "pd-profile-handler"), &labels, &[]);
+        metrics.record_disagg_decision(("single", "single-profile-handler"), &labels, &[]);
+        let text = metrics.encode();
+        let counted: Vec<(String, String, String)> = samples(&text)
+            .into_iter()
+            .filter(|(name, ..)| name.starts_with("llm_d_"))
+            .map(|(name, labels, _)| {
+                let label = |key: &str| {
+                    labels
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                (name, label("plugin_name"), label("decision_type"))
+            })
+            .collect();
+        let expected = |name: &str, plugin: &str, decision: &str| {
+            (name.to_owned(), plugin.to_owned(), decision.to_owned())
+        };
+        for series in [
+            expected("llm_d_epp_disagg_decision_total", "stages", "encode-prefill-decode"),
+            expected("llm_d_epp_disagg_decision_total", "stages", "encode-decode"),
+            expected("llm_d_inference_scheduler_disagg_decision_total", "", "encode-decode"),
+            expected("llm_d_epp_pd_decision_total", "old", "prefill-decode"),
+            expected("llm_d_epp_pd_decision_total", "old", "decode-only"),
+            expected("llm_d_inference_scheduler_pd_decision_total", "", "decode-only"),
+        ] {
+            assert!(counted.contains(&series), "missing {series:?} in\n{text}");
+        }
+        assert_eq!(counted.len(), 8, "nothing for other handlers:\n{text}");
+        assert!(text.contains("model_name=\"m-v2\""), "the target model labels it:\n{text}");
     }
 }

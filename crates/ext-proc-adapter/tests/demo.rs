@@ -12,6 +12,9 @@ fn row<'a>(table: &'a str, policy: &str) -> Vec<&'a str> {
     line.split("  ").map(str::trim).filter(|cell| !cell.is_empty()).collect()
 }
 
+/// Column of the error count.
+const ERRORS: usize = 11;
+
 fn percent(cell: &str) -> f64 {
     cell.trim_end_matches('%').parse().unwrap()
 }
@@ -26,23 +29,88 @@ fn a_tiny_demo_routes_every_request_and_keeps_prefixes_warm() {
     let errors = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{table}\n{errors}");
     assert!(
-        table.starts_with("epp demo: 2 simulated vLLM servers on 127.0.0.1, 60 requests (seed 7"),
+        table.starts_with(
+            "epp demo: 2 simulated vLLM servers on 127.0.0.1, 60 requests at 150 per second (seed 7"
+        ),
         "{table}"
     );
     let epp = row(&table, "epp");
     let round_robin = row(&table, "round-robin");
-    // policy, requests/endpoint, prefix hits, TTFT p50/p90, total p50/p90, pick, shed, errors, wall
+    // policy, requests/endpoint, prefix hits, TTFT p50/p90, TPOT p50/p90, total p50/p90, pick,
+    // shed, errors, wall
     for cells in [&epp, &round_robin] {
-        assert_eq!(cells.len(), 11, "{table}");
+        assert_eq!(cells.len(), 13, "{table}");
         let per_endpoint: Vec<usize> = cells[1].split('/').map(|n| n.parse().unwrap()).collect();
         assert_eq!(per_endpoint.len(), 2, "{table}");
         assert_eq!(per_endpoint.iter().sum::<usize>(), 60, "{table}");
-        assert_eq!(cells[9], "0", "no request failed:\n{table}");
+        assert_eq!(cells[ERRORS], "0", "no request failed:\n{table}");
         assert!(percent(cells[2]) > 0.0, "{table}");
     }
     assert_eq!(round_robin[1], "30/30", "{table}");
-    assert_ne!(epp[7], "-", "the picker's decisions are timed:\n{table}");
+    assert_ne!(epp[9], "-", "the picker's decisions are timed:\n{table}");
     assert!(percent(epp[2]) >= percent(round_robin[2]), "{table}");
     assert!(table.contains("epp/round-robin"), "{table}");
     assert!(table.contains("demo finished in"), "{table}");
+}
+
+/// Runs `epp demo --pd` with `extra` flags on 4 servers (1 prefill) and returns its output.
+fn pd_demo(extra: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["demo", "--pd", "--requests", "60", "--servers", "4", "--concurrency", "8"])
+        .args(["--seed", "7"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{table}\n{}", String::from_utf8_lossy(&output.stderr));
+    table
+}
+
+/// The number before `what` in the hand-off line.
+fn handoff_count(table: &str, what: &str) -> u64 {
+    let line = table.lines().find(|line| line.starts_with("epp-pd: ")).expect("a hand-off line");
+    let before = line.split(what).next().unwrap();
+    before.split_whitespace().last().unwrap().trim_start_matches('(').parse().unwrap()
+}
+
+#[test]
+fn a_disaggregated_demo_prefills_on_the_prefill_server_and_decodes_elsewhere() {
+    let table = pd_demo(&["--non-cached-tokens", "0"]);
+    let pd = row(&table, "epp-pd");
+    let aggregated = row(&table, "epp-aggregated");
+    for cells in [&pd, &aggregated] {
+        assert_eq!(cells.len(), 13, "{table}");
+        assert_eq!(cells[ERRORS], "0", "no request failed:\n{table}");
+    }
+    let destinations: Vec<usize> = pd[1].split('/').map(|n| n.parse().unwrap()).collect();
+    assert_eq!(destinations[0], 0, "the prefill server is never the destination:\n{table}");
+    assert_eq!(destinations.iter().sum::<usize>(), 60, "{table}");
+    // Always disaggregate: every request went through a prefill server, none fell back.
+    assert_eq!(handoff_count(&table, " requests prefilled"), 60, "{table}");
+    assert_eq!(handoff_count(&table, " fell back"), 0, "{table}");
+    assert!(handoff_count(&table, " KV blocks pulled") > 0, "{table}");
+    assert!(table.contains("epp-pd/epp-aggregated"), "{table}");
+}
+
+#[test]
+fn the_prefix_based_decider_keeps_cached_requests_whole() {
+    let table = pd_demo(&["--non-cached-tokens", "64"]);
+    let prefilled = handoff_count(&table, " requests prefilled");
+    // Follow-up turns whose history the decode server holds stay there; cold prompts move.
+    assert!(prefilled > 0 && prefilled < 60, "{table}");
+    assert_eq!(row(&table, "epp-pd")[ERRORS], "0", "{table}");
+}
+
+#[test]
+fn a_pool_without_a_decode_server_is_refused_clearly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["demo", "--pd", "--servers", "2", "--prefill-servers", "2"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        errors.contains("--prefill-servers must be at least 1 and fewer than --servers"),
+        "{errors}"
+    );
 }

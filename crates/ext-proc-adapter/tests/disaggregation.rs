@@ -144,6 +144,38 @@ async fn without_a_prefill_endpoint_the_request_is_served_decode_only() {
     stream.respond(None, &[b"{}"]).await.unwrap();
 }
 
+/// The value of the sample of `series` (name and labels, as exposed) in `text`, if any.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn each_decision_is_counted_by_the_stages_it_gave_the_request() {
+    let with_prefill =
+        vec![endpoint(8001, EndpointRole::Prefill), endpoint(8002, EndpointRole::Decode)];
+    let (running, mut client) = start(ALWAYS_PD, with_prefill).await;
+    for _ in 0..3 {
+        route(&mut client, &chat("Hello")).await;
+    }
+    let text = running.metrics.encode();
+    let labels = "plugin_name=\"disagg-profile-handler\",plugin_type=\"disagg-profile-handler\",model_name=\"m\"";
+    let series = |decision: &str| {
+        format!("llm_d_epp_disagg_decision_total{{{labels},decision_type=\"{decision}\"}}")
+    };
+    assert_eq!(sample(&text, &series("prefill-decode")), Some(3.0), "{text}");
+    assert_eq!(sample(&text, &series("decode-only")), None, "{text}");
+    let deprecated = "llm_d_inference_scheduler_disagg_decision_total{model_name=\"m\",decision_type=\"prefill-decode\"}";
+    assert_eq!(sample(&text, deprecated), Some(3.0), "{text}");
+
+    // No endpoint may prefill: served decode-only, and counted so.
+    let decode_only = vec![endpoint(8003, EndpointRole::Decode)];
+    let (running, mut client) = start(ALWAYS_PD, decode_only).await;
+    route(&mut client, &chat("Hello")).await;
+    let text = running.metrics.encode();
+    assert_eq!(sample(&text, &series("decode-only")), Some(1.0), "{text}");
+    assert_eq!(sample(&text, &series("prefill-decode")), None, "{text}");
+}
+
 const PREFIX_PD: &str = "
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig

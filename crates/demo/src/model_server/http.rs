@@ -9,17 +9,15 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{CHARS_PER_TOKEN, Job, MAX_BODY_BYTES, ModelServer, ModelServerConfig, RunningJob};
+use super::ModelServerConfig;
+use super::{CHARS_PER_TOKEN, Job, KvTransfer, MAX_BODY_BYTES, ModelServer, RunningJob};
+use crate::http_serve::serve_loopback;
 
 impl ModelServer {
     /// Answers one HTTP request.
@@ -49,7 +47,7 @@ impl ModelServer {
             let (sender, receiver) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
             tokio::spawn(async move {
                 let Some(running) = self.admit(&job).await else { return };
-                stream_tokens(&self.config, &job, &running, &sender).await;
+                stream_tokens(&self, &job, &running, &sender).await;
             });
             let body = StreamBody::new(ReceiverStream::new(receiver)).boxed();
             let mut response = Response::new(body);
@@ -62,8 +60,9 @@ impl ModelServer {
         let Some(running) = self.admit(&job).await else {
             return error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
         };
-        tokio::time::sleep(running.first_token_delay).await;
-        tokio::time::sleep(self.config.decode_per_token * job.max_tokens).await;
+        self.until_first_token(&running).await;
+        self.decode(job.max_tokens).await;
+        let prompt_blocks = running.prompt_blocks;
         drop(running);
         let text = "tok ".repeat(job.max_tokens as usize);
         let choice = if job.chat {
@@ -71,13 +70,22 @@ impl ModelServer {
         } else {
             json!({"index": 0, "text": text, "finish_reason": "length"})
         };
-        let body = json!({
+        let mut body = json!({
             "id": "sim",
             "object": if job.chat { "chat.completion" } else { "text_completion" },
             "model": job.model,
             "choices": [choice],
             "usage": usage(&job),
         });
+        if job.kv_transfer == KvTransfer::PrefillForRemoteDecode {
+            // The handle a decode server pulls the blocks with, in the NIXL connector's shape.
+            body["kv_transfer_params"] = json!({
+                "do_remote_prefill": true,
+                "do_remote_decode": false,
+                "remote_block_ids": (0..prompt_blocks).collect::<Vec<_>>(),
+                "remote_engine_id": "sim",
+            });
+        }
         json_response(StatusCode::OK, body.to_string())
     }
 }
@@ -92,7 +100,7 @@ fn usage(job: &Job) -> serde_json::Value {
 }
 
 async fn stream_tokens(
-    config: &ModelServerConfig,
+    server: &ModelServer,
     job: &Job,
     running: &RunningJob,
     sender: &mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
@@ -110,15 +118,16 @@ async fn stream_tokens(
         let sender = sender.clone();
         async move { sender.send(Ok(Frame::data(Bytes::from(value)))).await.is_ok() }
     };
-    tokio::time::sleep(running.first_token_delay + config.decode_per_token).await;
+    server.until_first_token(running).await;
+    server.decode(1).await;
     if !send(format!("data: {}\n\n", chunk("tok ", None))).await {
         return;
     }
     let mut left = job.max_tokens.saturating_sub(1);
-    let per_chunk = config.tokens_per_chunk.max(1);
+    let per_chunk = server.config.tokens_per_chunk.max(1);
     while left > 0 {
         let tokens = left.min(per_chunk);
-        tokio::time::sleep(config.decode_per_token * tokens).await;
+        server.decode(tokens).await;
         left -= tokens;
         if !send(format!("data: {}\n\n", chunk(&"tok ".repeat(tokens as usize), None))).await {
             return;
@@ -175,10 +184,12 @@ pub struct RunningModelServer {
 impl RunningModelServer {
     /// Binds `127.0.0.1:0` and serves until [`RunningModelServer::stop`].
     pub async fn start(config: ModelServerConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let address = listener.local_addr()?;
         let server = ModelServer::new(config);
-        let accept = tokio::spawn(accept_loop(listener, Arc::clone(&server)));
+        let handler = Arc::clone(&server);
+        let (address, accept) = serve_loopback("simulated model server", move |request| {
+            Arc::clone(&handler).handle(request)
+        })
+        .await?;
         Ok(Self { address, server, accept })
     }
 
@@ -191,31 +202,6 @@ impl RunningModelServer {
 impl Drop for RunningModelServer {
     fn drop(&mut self) {
         self.accept.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, server: Arc<ModelServer>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "simulated server accept failed");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let server = Arc::clone(&server);
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let server = Arc::clone(&server);
-                async move { Ok::<_, Infallible>(server.handle(request).await) }
-            });
-            if let Err(error) =
-                http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(%error, "simulated server connection ended with an error");
-            }
-        });
     }
 }
 

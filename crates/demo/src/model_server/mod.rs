@@ -10,6 +10,13 @@
 //! * Time to first token grows with the prompt blocks that missed the cache; decoding costs a
 //!   fixed delay per output token (slept in groups of tokens: timer resolution is ~1 ms).
 //! * LoRA adapters: at most `max_lora` resident; serving a non-resident one costs a load delay.
+//! * Prefill/decode disaggregation as vLLM's KV connectors do it, driven by the request's
+//!   `kv_transfer_params` ([`KvTransfer`]): a prefill-only request answers with the handle of its
+//!   KV blocks, and a request carrying such a handle pulls the blocks at `kv_transfer_per_block`
+//!   instead of computing them.
+//! * Optionally (`prefill_stalls_decode`) one GPU's worth of compute: prefills run one at a time
+//!   and the server's decodes wait while one runs, as vLLM schedules waiting prefills ahead of
+//!   running decodes. This interference is what disaggregation removes.
 //!
 //! KV usage reports the blocks pinned by running requests over the capacity, as vLLM's
 //! `vllm:kv_cache_usage_perc` does; the prefix cache counters are in blocks.
@@ -67,6 +74,10 @@ pub struct ModelServerConfig {
     pub max_lora: usize,
     /// Time to load a LoRA adapter that is not resident.
     pub lora_load: Duration,
+    /// Time to pull one prompt block computed by another server (a prefill server's KV).
+    pub kv_transfer_per_block: Duration,
+    /// Prefills share one compute engine and stall this server's decodes while they run.
+    pub prefill_stalls_decode: bool,
 }
 
 impl Default for ModelServerConfig {
@@ -80,6 +91,8 @@ impl Default for ModelServerConfig {
             tokens_per_chunk: 8,
             max_lora: 2,
             lora_load: Duration::from_millis(15),
+            kv_transfer_per_block: Duration::from_micros(20),
+            prefill_stalls_decode: false,
         }
     }
 }
@@ -103,6 +116,10 @@ pub struct ModelServerStats {
     pub running_adapters: Vec<String>,
     /// Adapters of waiting requests.
     pub waiting_adapters: Vec<String>,
+    /// Prefill-only requests served for a decode server elsewhere, since start.
+    pub prefills_for_remote_decode: u64,
+    /// Prompt blocks pulled from another server's prefill, since start.
+    pub pulled_blocks: u64,
 }
 
 #[derive(Debug)]
@@ -118,6 +135,8 @@ struct State {
     prefix_hits: u64,
     prefix_queries: u64,
     served: u64,
+    prefills_for_remote_decode: u64,
+    pulled_blocks: u64,
 }
 
 fn count_up(counts: &mut BTreeMap<String, u32>, key: &str) {
@@ -140,6 +159,51 @@ pub struct ModelServer {
     hasher: BlockHasher,
     slots: Arc<Semaphore>,
     state: Mutex<State>,
+    /// The compute engine prefills take turns on (fair: first come, first served); decodes
+    /// wait on it too when `prefill_stalls_decode` is set.
+    compute: tokio::sync::Mutex<()>,
+}
+
+/// The request's part in prefill/decode disaggregation: vLLM's `kv_transfer_params`, as llm-d's
+/// decode-side sidecar sets them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvTransfer {
+    /// Plain serving: compute whatever the prefix cache lacks.
+    #[default]
+    None,
+    /// `do_remote_decode`: prefill only; a decode server will pull the KV blocks. The response
+    /// carries their handle in its own `kv_transfer_params`.
+    PrefillForRemoteDecode,
+    /// `do_remote_prefill`: another server computed the prompt; pull up to `blocks` of its
+    /// blocks (those the local prefix cache lacks) instead of computing them.
+    PullFromRemote {
+        /// Prompt blocks the remote prefill holds (`remote_block_ids`).
+        blocks: usize,
+    },
+}
+
+#[derive(Deserialize)]
+struct KvTransferParams {
+    #[serde(default)]
+    do_remote_decode: Option<bool>,
+    #[serde(default)]
+    do_remote_prefill: Option<bool>,
+    #[serde(default)]
+    remote_block_ids: Option<Vec<serde_json::Value>>,
+}
+
+impl KvTransfer {
+    fn from_params(params: Option<KvTransferParams>) -> Self {
+        let Some(params) = params else { return Self::None };
+        if params.do_remote_prefill == Some(true) {
+            let blocks = params.remote_block_ids.map_or(0, |ids| ids.len());
+            Self::PullFromRemote { blocks }
+        } else if params.do_remote_decode == Some(true) {
+            Self::PrefillForRemoteDecode
+        } else {
+            Self::None
+        }
+    }
 }
 
 /// What a request asks of the server, parsed from its body.
@@ -155,6 +219,8 @@ pub struct Job {
     pub chat: bool,
     /// Output tokens to produce.
     pub max_tokens: u32,
+    /// Its part in prefill/decode disaggregation.
+    pub kv_transfer: KvTransfer,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +229,8 @@ struct Limits {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    kv_transfer_params: Option<KvTransferParams>,
 }
 
 impl Job {
@@ -181,6 +249,7 @@ impl Job {
             stream: parsed.stream,
             chat: path.ends_with("/chat/completions"),
             max_tokens,
+            kv_transfer: KvTransfer::from_params(limits.kv_transfer_params),
         })
     }
 }
@@ -193,10 +262,14 @@ pub struct RunningJob {
     _permit: OwnedSemaphorePermit,
     adapter: Option<String>,
     pinned_blocks: usize,
-    /// Time before the first token: uncached prefill plus any adapter load.
+    /// Time before the first token: uncached prefill, pulled blocks and any adapter load.
     pub first_token_delay: Duration,
+    /// The part of `first_token_delay` spent computing the prompt.
+    pub prefill_compute: Duration,
     /// Prompt blocks found in the cache.
     pub hit_blocks: usize,
+    /// Blocks in the prompt.
+    pub prompt_blocks: usize,
 }
 
 impl Drop for RunningJob {
@@ -245,12 +318,15 @@ impl ModelServer {
             prefix_hits: 0,
             prefix_queries: 0,
             served: 0,
+            prefills_for_remote_decode: 0,
+            pulled_blocks: 0,
         };
         Arc::new(Self {
             slots: Arc::new(Semaphore::new(config.max_running.max(1))),
             config,
             hasher,
             state: Mutex::new(state),
+            compute: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -284,7 +360,18 @@ impl ModelServer {
         state.running += 1;
         let pinned_blocks = blocks.len() + output_blocks;
         state.pinned_blocks += pinned_blocks;
-        let mut first_token_delay = self.config.prefill_per_block * (blocks.len() - hits) as u32;
+        let missed = blocks.len() - hits;
+        let pulled = match job.kv_transfer {
+            KvTransfer::PullFromRemote { blocks: remote } => missed.min(remote),
+            KvTransfer::None | KvTransfer::PrefillForRemoteDecode => 0,
+        };
+        if job.kv_transfer == KvTransfer::PrefillForRemoteDecode {
+            state.prefills_for_remote_decode += 1;
+        }
+        state.pulled_blocks += pulled as u64;
+        let prefill_compute = self.config.prefill_per_block * (missed - pulled) as u32;
+        let mut first_token_delay =
+            prefill_compute + self.config.kv_transfer_per_block * pulled as u32;
         if let Some(adapter) = adapter {
             count_up(&mut state.running_adapters, adapter);
             let resident = &mut state.resident_adapters;
@@ -310,8 +397,31 @@ impl ModelServer {
             adapter: adapter.map(str::to_owned),
             pinned_blocks,
             first_token_delay,
+            prefill_compute,
             hit_blocks: hits,
+            prompt_blocks: blocks.len(),
         })
+    }
+
+    /// Waits out the time before `running`'s first token. With `prefill_stalls_decode`, the
+    /// prefill takes its turn on the compute engine and holds it while it runs.
+    pub async fn until_first_token(&self, running: &RunningJob) {
+        if !self.config.prefill_stalls_decode || running.prefill_compute.is_zero() {
+            tokio::time::sleep(running.first_token_delay).await;
+            return;
+        }
+        tokio::time::sleep(running.first_token_delay.saturating_sub(running.prefill_compute)).await;
+        let _engine = self.compute.lock().await;
+        tokio::time::sleep(running.prefill_compute).await;
+    }
+
+    /// Produces `tokens` output tokens of a running request. With `prefill_stalls_decode`, a
+    /// decode step first waits for the prefills ahead of it.
+    pub async fn decode(&self, tokens: u32) {
+        if self.config.prefill_stalls_decode {
+            drop(self.compute.lock().await);
+        }
+        tokio::time::sleep(self.config.decode_per_token * tokens).await;
     }
 
     /// The current gauges and counters.
@@ -326,6 +436,8 @@ impl ModelServer {
             served: state.served,
             running_adapters: state.running_adapters.keys().cloned().collect(),
             waiting_adapters: state.waiting_adapters.keys().cloned().collect(),
+            prefills_for_remote_decode: state.prefills_for_remote_decode,
+            pulled_blocks: state.pulled_blocks,
         }
     }
 
@@ -380,6 +492,7 @@ mod tests {
             stream: false,
             chat: false,
             max_tokens: 4,
+            kv_transfer: KvTransfer::None,
         }
     }
 
@@ -431,6 +544,76 @@ mod tests {
             (load, resident, evicting),
             (Duration::from_millis(7), Duration::ZERO, Duration::from_millis(7))
         );
+    }
+
+    #[test]
+    fn kv_transfer_params_say_which_side_of_a_handoff_a_request_is() {
+        let parse = |body: &str| Job::parse("/v1/completions", body.as_bytes()).unwrap();
+        let plain = parse(r#"{"model":"m","prompt":"p"}"#);
+        assert_eq!(plain.kv_transfer, KvTransfer::None);
+        let prefill = parse(
+            r#"{"model":"m","prompt":"p","kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false}}"#,
+        );
+        assert_eq!(prefill.kv_transfer, KvTransfer::PrefillForRemoteDecode);
+        let decode = parse(
+            r#"{"model":"m","prompt":"p","kv_transfer_params":{"do_remote_prefill":true,"remote_block_ids":[0,1,2]}}"#,
+        );
+        assert_eq!(decode.kv_transfer, KvTransfer::PullFromRemote { blocks: 3 });
+        assert!(
+            Job::parse("/v1/completions", br#"{"model":"m","prompt":"p","kv_transfer_params":7}"#)
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn pulled_blocks_cost_the_transfer_not_the_prefill() {
+        let server = ModelServer::new(quick(4));
+        let prompt = "y".repeat(BLOCK_CHARS * 10);
+        let mut pulled = job("llama-3-8b", &prompt);
+        // The remote prefill holds only 6 of the 10 blocks: the other 4 are computed here.
+        pulled.kv_transfer = KvTransfer::PullFromRemote { blocks: 6 };
+        let running = server.admit(&pulled).await.unwrap();
+        let config = server.config();
+        assert_eq!(running.prefill_compute, config.prefill_per_block * 4);
+        assert_eq!(
+            running.first_token_delay,
+            config.prefill_per_block * 4 + config.kv_transfer_per_block * 6
+        );
+        assert_eq!(server.stats().pulled_blocks, 6);
+        drop(running);
+        // Now cached here: nothing to pull or compute.
+        let again = server.admit(&pulled).await.unwrap();
+        assert_eq!((again.first_token_delay, server.stats().pulled_blocks), (Duration::ZERO, 6));
+    }
+
+    #[tokio::test]
+    async fn a_running_prefill_stalls_decodes_only_when_configured() {
+        for stalls in [false, true] {
+            let server = ModelServer::new(ModelServerConfig {
+                prefill_per_block: Duration::from_millis(4),
+                decode_per_token: Duration::from_micros(10),
+                prefill_stalls_decode: stalls,
+                ..quick(4)
+            });
+            let long =
+                server.admit(&job("llama-3-8b", &"z".repeat(BLOCK_CHARS * 20))).await.unwrap();
+            assert_eq!(long.prefill_compute, Duration::from_millis(80));
+            let prefilling = tokio::spawn({
+                let server = Arc::clone(&server);
+                async move { server.until_first_token(&long).await }
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let started = std::time::Instant::now();
+            server.decode(1).await;
+            let waited = started.elapsed();
+            if stalls {
+                // Sleeps never end early, so the wait is at least the prefill's remaining time.
+                assert!(waited >= Duration::from_millis(50), "decode waited only {waited:?}");
+            } else {
+                assert!(!prefilling.is_finished(), "the decode did not wait for the prefill");
+            }
+            prefilling.await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -686,7 +686,7 @@ impl EndpointPickerConfig {
         } else {
             self.declared_profiles(plugins, registry)?
         };
-        let (handler_name, handler) = handler;
+        let (handler_name, handler_type, handler) = handler;
         if let Some(max) = handler.max_profiles()
             && profiles.len() > max
         {
@@ -697,11 +697,12 @@ impl EndpointPickerConfig {
             });
         }
         let names: Vec<Arc<str>> = profiles.iter().map(|profile| profile.name().clone()).collect();
-        handler
-            .check_profiles(&names)
-            .map_err(|message| ConfigError::HandlerProfiles { handler: handler_name, message })?;
+        if let Err(message) = handler.check_profiles(&names) {
+            return Err(ConfigError::HandlerProfiles { handler: handler_name, message });
+        }
 
-        let mut scheduler = Scheduler::new(profiles, handler);
+        let mut scheduler =
+            Scheduler::new(profiles, handler).with_handler_plugin(&handler_name, &handler_type);
         for ConstructedPlugin { plugin, .. } in plugins.iter() {
             if let Some(producer) = &plugin.data_producer {
                 scheduler = scheduler.with_data_producer(Arc::clone(producer));
@@ -742,11 +743,10 @@ impl EndpointPickerConfig {
     }
 }
 
-/// The declared handler, or the implied single-profile one; `true` when single-profile.
-/// The declared profile handler and its name, or the implied single-profile one.
+/// The declared profile handler with its name and type, or the implied single-profile one.
 fn profile_handler(
     plugins: &ConstructedPlugins,
-) -> Result<(String, Arc<dyn ProfileHandler>), ConfigError> {
+) -> Result<(String, String, Arc<dyn ProfileHandler>), ConfigError> {
     let mut found: Option<(&ConstructedPlugin, Arc<dyn ProfileHandler>)> = None;
     for declared in plugins.iter() {
         if let Some(handler) = &declared.plugin.profile_handler {
@@ -760,8 +760,12 @@ fn profile_handler(
         }
     }
     Ok(match found {
-        Some((declared, handler)) => (declared.name.clone(), handler),
-        None => (SINGLE_PROFILE_HANDLER.to_owned(), Arc::new(SingleProfileHandler)),
+        Some((declared, handler)) => (declared.name.clone(), declared.type_name.clone(), handler),
+        None => (
+            SINGLE_PROFILE_HANDLER.to_owned(),
+            SINGLE_PROFILE_HANDLER.to_owned(),
+            Arc::new(SingleProfileHandler),
+        ),
     })
 }
 

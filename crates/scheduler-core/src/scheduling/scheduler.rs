@@ -45,6 +45,8 @@ pub struct Scheduler {
     profiles: Vec<SchedulerProfile>,
     profile_names: Vec<Arc<str>>,
     handler: Arc<dyn ProfileHandler>,
+    /// The handler's plugin name and type, as the config declared it.
+    handler_plugin: (Arc<str>, Arc<str>),
     data_producers: Vec<Arc<dyn DataProducer>>,
     pre_request: Vec<Arc<dyn PreRequest>>,
     response_complete: Vec<Arc<dyn ResponseComplete>>,
@@ -85,6 +87,7 @@ impl Scheduler {
             profiles,
             profile_names,
             handler,
+            handler_plugin: (SINGLE_PROFILE_HANDLER.into(), SINGLE_PROFILE_HANDLER.into()),
             data_producers: Vec::new(),
             pre_request: Vec::new(),
             response_complete: Vec::new(),
@@ -95,6 +98,19 @@ impl Scheduler {
             seed: process_random_seed(),
             decisions: AtomicU64::new(0),
         }
+    }
+
+    /// Names the profile handler's plugin: its name and type as a config declares them
+    /// (`single-profile-handler` for both until set). Metrics of the handler's decisions are
+    /// labelled with them.
+    pub fn with_handler_plugin(mut self, name: &str, type_name: &str) -> Self {
+        self.handler_plugin = (name.into(), type_name.into());
+        self
+    }
+
+    /// The profile handler's plugin name and type (see [`Self::with_handler_plugin`]).
+    pub fn handler_plugin(&self) -> (&str, &str) {
+        (&self.handler_plugin.0, &self.handler_plugin.1)
     }
 
     /// Makes every decision's randomness derive from `seed` (tests, simulations).
