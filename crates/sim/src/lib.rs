@@ -8,7 +8,9 @@
 //! staleness a real EPP lives with is part of the model ([`engine`]). Requests come from a
 //! synthetic or ShareGPT-trace [`workload`], and every [`policy`] (round-robin, random,
 //! least-request, the real `Scheduler` from any `EndpointPickerConfig`, an oracle) is run on
-//! the same requests and seed. Runs are deterministic: no wall clock, every random draw from
+//! the same requests and seed. Servers may carry llm-d's prefill/decode roles: a request the
+//! EPP disaggregates is prefilled on one server, its KV moved over a modelled link, and decoded
+//! on another ([`engine`], [`compare_pd`]). Runs are deterministic: no wall clock, every random draw from
 //! the seed, and work the scheduler defers to a background thread flushed after each decision.
 //!
 //! ```

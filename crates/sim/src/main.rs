@@ -1,13 +1,14 @@
 //! `epp-sim`: runs endpoint-picking policies through the simulated inference pool and prints
-//! a comparison table, optionally JSON and an SVG chart of p90 TTFT against offered load.
+//! a comparison table, optionally JSON and an SVG chart of p90 TTFT against offered load; `pd`
+//! compares prefill/decode disaggregation with aggregated serving at equal server count.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use sim::policy::PD_PREFIX_NON_CACHED_TOKENS;
 use sim::{
-    KvLink, Policy, RunReport, ServerProfile, SimConfig, SyntheticWorkload, TraceWorkload,
-    WorkloadSource, WorkloadSpec,
+    KvLink, Policy, RunReport, ServerProfile, ServerRoles, SimConfig, SyntheticWorkload,
+    TraceWorkload, WorkloadSource, WorkloadSpec,
 };
 
 const USAGE: &str = "\
@@ -45,7 +46,9 @@ OPTIONS:
     --adapter-share F     share of conversations on an adapter [default: 0]
     --sheddable-share F   share of sheddable (priority -1) conversations [default: 0]
     --no-shedding         never shed, even when saturated
-    --prefill-servers N   `pd`: servers labelled prefill [default: 2]
+    --prefill-servers N   `pd`: servers labelled prefill [default: 2]; `run`/`sweep`: label
+                          the first N of --servers prefill and the rest decode (for P/D
+                          policies such as epp-pd-always or epp:NAME=MY-PD-CONFIG.yaml)
     --decode-servers N    `pd`: servers labelled decode [default: 6]
     --kv-link-gbps F      KV-transfer bandwidth between prefill and decode servers, GB/s
                           (`inf`: no bandwidth cost) [default: 50, a 400 Gb/s RDMA NIC]
@@ -79,6 +82,7 @@ struct Options {
     qps_list_given: bool,
     prompt_tokens: Option<u32>,
     prefill_servers: usize,
+    prefill_servers_given: bool,
     decode_servers: usize,
     kv_link_gbps: f64,
     kv_link_ms: f64,
@@ -115,6 +119,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         qps_list_given: false,
         prompt_tokens: None,
         prefill_servers: 2,
+        prefill_servers_given: false,
         decode_servers: 6,
         kv_link_gbps: KvLink::default().gbps,
         kv_link_ms: KvLink::default().latency_s * 1e3,
@@ -140,7 +145,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                 options.qps_list_given = true;
             }
             "--prompt-tokens" => options.prompt_tokens = Some(parse_number(arg, &value(arg)?)?),
-            "--prefill-servers" => options.prefill_servers = parse_number(arg, &value(arg)?)?,
+            "--prefill-servers" => {
+                options.prefill_servers = parse_number(arg, &value(arg)?)?;
+                options.prefill_servers_given = true;
+            }
             "--decode-servers" => options.decode_servers = parse_number(arg, &value(arg)?)?,
             "--kv-link-gbps" => options.kv_link_gbps = parse_number(arg, &value(arg)?)?,
             "--kv-link-ms" => options.kv_link_ms = parse_number(arg, &value(arg)?)?,
@@ -232,6 +240,9 @@ fn execute(options: &Options) -> Result<(), String> {
     let workload = workload(options)?;
     if options.command == "pd" {
         return execute_pd(options, &config, &workload);
+    }
+    if options.prefill_servers_given {
+        config.roles = ServerRoles::Disaggregated { prefill_servers: options.prefill_servers };
     }
     let policies: Vec<Policy> = options
         .policies

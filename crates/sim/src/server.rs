@@ -7,7 +7,7 @@
 //!   (`max_num_seqs`) and free KV blocks allow. Prefill is chunked to fit the budget.
 //! - A step's duration follows [`ServerProfile::step_time`]; its tokens appear when it ends.
 //!   The step that finishes a prompt emits the first output token.
-//! - KV cache in blocks of 16 tokens with automatic prefix caching ([`crate::kv`]): admission
+//! - KV cache in blocks of 16 tokens with automatic prefix caching (`kv.rs`): admission
 //!   reuses the longest cached prefix of the request's block hashes (at least one token is
 //!   always computed, as in vLLM), so cache hits skip that part of the prefill. Full blocks are
 //!   named as they are computed (prompt during prefill, prompt and output when the request

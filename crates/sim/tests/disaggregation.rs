@@ -71,13 +71,19 @@ fn a_dearer_kv_transfer_delays_the_first_token() {
         KvLink { gbps: 5.0, latency_s: 0.005 },
         KvLink { gbps: 0.5, latency_s: 0.020 },
     ];
-    let reports: Vec<RunReport> = links
-        .iter()
-        .map(|&kv_link| {
-            let config = SimConfig { kv_link, ..pd_pool(2, 4) };
-            sim::run(&config, &workload, &Policy::pd_always()).unwrap()
-        })
-        .collect();
+    for seed in 1..=3 {
+        let reports: Vec<RunReport> = links
+            .iter()
+            .map(|&kv_link| {
+                let config = SimConfig { kv_link, seed, ..pd_pool(2, 4) };
+                sim::run(&config, &workload, &Policy::pd_always()).unwrap()
+            })
+            .collect();
+        check_transfer_costs(&links, &reports);
+    }
+}
+
+fn check_transfer_costs(links: &[KvLink], reports: &[RunReport]) {
     assert_eq!(reports[0].kv_transfer_s.p90, 0.0, "a free link costs nothing");
     for pair in reports.windows(2) {
         let (cheap, dear) = (&pair[0], &pair[1]);
@@ -91,7 +97,7 @@ fn a_dearer_kv_transfer_delays_the_first_token() {
         assert!(dear.ttft_s.p90 > cheap.ttft_s.p90, "{} vs {}", dear.ttft_s.p90, cheap.ttft_s.p90);
     }
     // Each transfer costs latency + tokens × 128 KiB / bandwidth.
-    for (report, link) in reports.iter().zip(&links) {
+    for (report, link) in reports.iter().zip(links) {
         let transfers = report.disaggregated as f64;
         let expected = transfers * link.latency_s
             + report.kv_transferred_tokens as f64 * 131_072.0 / (link.gbps * 1e9);
@@ -150,12 +156,18 @@ fn pd_against_aggregated_reports_both_ratios_and_helps_tpot_under_long_prompts()
     let names: Vec<&str> = reports.iter().map(|r| r.policy.as_str()).collect();
     assert_eq!(names, ["epp-default", "epp-pd-always", "epp-pd-prefix"]);
     let (aggregated, always, prefix) = (&reports[0], &reports[1], &reports[2]);
+    // Decode servers that never prefill a whole prompt run shorter steps: long prompts and
+    // short answers at load is where disaggregation pays on time per output token, whatever
+    // the seed.
+    for seed in 2..=4 {
+        let reseeded = SimConfig { seed, ..base.clone() };
+        let runs = sim::compare_pd(&reseeded, 2, 6, 512, &workload, &[40.0], |_, _, _| {}).unwrap();
+        assert!(runs[1].tpot_s.p90 < runs[0].tpot_s.p90, "seed {seed}: {:?}", runs[1].tpot_s);
+    }
     assert_eq!((aggregated.servers, aggregated.prefill_servers), (8, 0));
     assert!(aggregated.per_server.iter().all(|s| s.role == "prefill-decode"));
     assert_eq!(aggregated.disaggregated, 0);
     assert_eq!((always.servers, always.prefill_servers), (8, 2));
-    // Decode servers that never prefill a whole prompt run shorter steps: long prompts and
-    // short answers at load is where disaggregation pays on time per output token.
     assert!(
         always.tpot_s.p90 < aggregated.tpot_s.p90,
         "{} vs {}",
