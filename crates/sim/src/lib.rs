@@ -67,6 +67,9 @@ pub fn compare_pd(
     qps: &[f64],
     mut progress: impl FnMut(usize, usize, &RunReport),
 ) -> Result<Vec<RunReport>, SimError> {
+    if prefill == 0 || decode == 0 {
+        return Err(SimError::Roles { prefill, servers: prefill + decode });
+    }
     let aggregated =
         SimConfig { servers: prefill + decode, roles: ServerRoles::Both, ..base.clone() };
     let disaggregated = SimConfig {

@@ -197,6 +197,12 @@ fn a_disaggregated_pool_needs_both_roles_and_a_usable_link() {
     let workload = long_prompts(1.0, 10);
     let error = sim::run(&pd_pool(3, 0), &workload, &Policy::pd_always()).unwrap_err();
     assert!(error.to_string().contains("3 prefill of 3 servers"), "{error}");
+    let base = SimConfig::new(1, ServerProfile::h100_llama3_8b());
+    let error = sim::compare_pd(&base, 0, 4, 512, &workload, &[1.0], |_, _, _| {
+        panic!("nothing runs before the pool is checked")
+    })
+    .unwrap_err();
+    assert!(error.to_string().contains("0 prefill of 4 servers"), "{error}");
     let config = SimConfig { kv_link: KvLink { gbps: 0.0, latency_s: 0.0 }, ..pd_pool(1, 1) };
     let error = sim::run(&config, &workload, &Policy::pd_always()).unwrap_err();
     assert!(error.to_string().contains("0 GB/s"), "{error}");
