@@ -1,5 +1,5 @@
 //! Simulation speed: simulated requests per second of wall time, for a small fixed workload on
-//! ten servers, per policy.
+//! ten servers, per policy, and on a disaggregated pool.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sim::{Policy, ServerProfile, SimConfig, SyntheticWorkload, WorkloadSource, WorkloadSpec};
@@ -22,6 +22,19 @@ fn sim_throughput(c: &mut Criterion) {
             });
         }
     }
+    // Prefill/decode disaggregation: 2 prefill + 8 decode servers, every request in three
+    // stages (prefill, KV transfer, decode) with always-disaggregate.
+    let pd = SimConfig::disaggregated(2, 8, ServerProfile::h100_llama3_8b());
+    let workload = WorkloadSpec::new(
+        "sharegpt-like",
+        WorkloadSource::Synthetic(SyntheticWorkload::sharegpt_like()),
+        150.0,
+        REQUESTS,
+    );
+    let policy = Policy::pd_always();
+    group.bench_function("sharegpt-like/2p8d/epp-pd-always", |b| {
+        b.iter(|| sim::run(&pd, &workload, &policy).map(|report| report.completed))
+    });
     group.finish();
 }
 

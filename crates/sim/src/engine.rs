@@ -11,11 +11,27 @@
 //! The gateway sees the servers only through scrapes: every `scrape_interval_s` each server's
 //! waiting and running counts, KV usage and adapters are copied into a fresh [`PoolSnapshot`],
 //! which is what the EPP scheduler and the saturation detector read until the next scrape.
-//! Network and proxy delays are not modelled.
+//! Network and proxy delays are not modelled, except the KV transfer of disaggregated serving.
 //!
-//! Bounds: the heap holds one pending arrival (requests are generated lazily), one scrape and at
-//! most one step end per server; memory grows with the requests in flight plus one latency
-//! sample per completed request (for exact percentiles).
+//! Prefill/decode disaggregation (llm-d's P/D, `docs/disaggregation.md` there): servers carry
+//! the `llm-d.ai/role` label the EPP's role filters read ([`ServerRoles`]). When a decision
+//! names a prefill endpoint besides the decode endpoint (the primary), the request runs in three
+//! stages, as the decode sidecar drives them:
+//! 1. prefill: the prefill server runs the prompt with one output token (the sidecar's
+//!    `max_tokens: 1` request), its own prefix cache applying; that token is not the client's;
+//! 2. KV transfer: the prompt's KV blocks the decode server does not already cache move over
+//!    the [`KvLink`] in `latency + tokens × kv_bytes_per_token / bandwidth`;
+//! 3. decode: the decode server admits the request with the prompt's KV present (it needs the
+//!    blocks, and computes only the last prompt token) and produces every output token.
+//!
+//! TTFT runs from arrival to the first output token of the decode server. A decision without a
+//! prefill endpoint runs whole on its one server. Policies other than the EPP ignore roles but
+//! only pick servers that may decode.
+//!
+//! Bounds: the heap holds one pending arrival (requests are generated lazily), one scrape, at
+//! most one step end per server and one transfer end per request whose KV is in transit; memory
+//! grows with the requests in flight plus one latency sample per completed request (for exact
+//! percentiles).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -27,15 +43,15 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use scheduler_core::flow::{self, UtilizationDetector, UtilizationThresholds};
 use scheduler_core::{
-    CompletionGuard, ConfigError, Endpoint, EndpointMetrics, EndpointState, InferenceRequest,
-    Outcome, PoolSnapshot, ScheduleOptions, Scheduler,
+    CompletionGuard, ConfigError, Endpoint, EndpointMetrics, EndpointRole, EndpointState,
+    InferenceRequest, Outcome, PoolSnapshot, ScheduleOptions, Scheduler,
 };
 use serde::Serialize;
 
 use crate::hashing::BLOCK_TOKENS;
 use crate::policy::Policy;
 use crate::profile::ServerProfile;
-use crate::report::{Percentiles, RunReport};
+use crate::report::{Percentiles, RunReport, ServerReport};
 use crate::server::{ModelServer, Sequence, StepOutput};
 use crate::workload::{WorkloadRequest, WorkloadSpec};
 
@@ -73,6 +89,73 @@ impl ShedThresholds {
     }
 }
 
+/// The `llm-d.ai/role` labels of the pool's servers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum ServerRoles {
+    /// No label: every server counts as decode-capable and serves requests whole.
+    #[default]
+    Unlabeled,
+    /// Every server labelled `prefill-decode` (llm-d's `both`): it may run either stage.
+    Both,
+    /// The first `prefill_servers` servers labelled `prefill`, the rest `decode`.
+    Disaggregated {
+        /// Servers labelled `prefill`.
+        prefill_servers: usize,
+    },
+}
+
+impl ServerRoles {
+    /// The role of server `index`.
+    pub fn role_of(self, index: usize) -> EndpointRole {
+        match self {
+            Self::Unlabeled => EndpointRole::Unlabeled,
+            Self::Both => EndpointRole::PrefillDecode,
+            Self::Disaggregated { prefill_servers } if index < prefill_servers => {
+                EndpointRole::Prefill
+            }
+            Self::Disaggregated { .. } => EndpointRole::Decode,
+        }
+    }
+
+    /// Servers labelled `prefill` only.
+    pub fn prefill_servers(self) -> usize {
+        match self {
+            Self::Disaggregated { prefill_servers } => prefill_servers,
+            Self::Unlabeled | Self::Both => 0,
+        }
+    }
+}
+
+/// The link a prefill server sends a prompt's KV cache over to a decode server (NIXL over
+/// RDMA in llm-d).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct KvLink {
+    /// Bandwidth, gigabytes (10⁹ bytes) per second; infinity makes the transfer free of
+    /// bandwidth cost.
+    pub gbps: f64,
+    /// Fixed cost of each transfer (the sidecar's round trip and the transfer setup), seconds.
+    pub latency_s: f64,
+}
+
+impl Default for KvLink {
+    /// 50 GB/s (a 400 Gb/s RDMA NIC) and 1 ms.
+    fn default() -> Self {
+        Self { gbps: 50.0, latency_s: 0.001 }
+    }
+}
+
+impl KvLink {
+    /// Seconds to move the KV of `tokens` tokens at `bytes_per_token` bytes each.
+    pub fn transfer_s(&self, tokens: u32, bytes_per_token: u64) -> f64 {
+        let bytes = f64::from(tokens) * bytes_per_token as f64;
+        self.latency_s + bytes / (self.gbps * 1e9)
+    }
+
+    fn is_valid(&self) -> bool {
+        self.gbps > 0.0 && self.latency_s >= 0.0 && self.latency_s.is_finite()
+    }
+}
+
 /// The pool and the gateway around it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SimConfig {
@@ -86,10 +169,15 @@ pub struct SimConfig {
     pub seed: u64,
     /// Sheds sheddable requests when saturated, whatever the policy; `None` never sheds.
     pub saturation: Option<ShedThresholds>,
+    /// The servers' roles in disaggregated serving.
+    pub roles: ServerRoles,
+    /// The KV-transfer link between prefill and decode servers.
+    pub kv_link: KvLink,
 }
 
 impl SimConfig {
-    /// `servers` servers of `profile`, 50 ms scrapes, seed 1, GIE's saturation detector.
+    /// `servers` unlabelled servers of `profile`, 50 ms scrapes, seed 1, GIE's saturation
+    /// detector, the default [`KvLink`].
     pub fn new(servers: usize, profile: ServerProfile) -> Self {
         Self {
             servers,
@@ -97,6 +185,17 @@ impl SimConfig {
             scrape_interval_s: 0.05,
             seed: 1,
             saturation: Some(ShedThresholds::default()),
+            roles: ServerRoles::Unlabeled,
+            kv_link: KvLink::default(),
+        }
+    }
+
+    /// `prefill` prefill servers and `decode` decode servers of `profile`, otherwise as
+    /// [`Self::new`].
+    pub fn disaggregated(prefill: usize, decode: usize, profile: ServerProfile) -> Self {
+        Self {
+            roles: ServerRoles::Disaggregated { prefill_servers: prefill },
+            ..Self::new(prefill + decode, profile)
         }
     }
 }
@@ -110,6 +209,26 @@ pub enum SimError {
     /// The scrape interval is not a positive number of seconds.
     #[error("the scrape interval must be positive, got {0} s")]
     ScrapeInterval(f64),
+    /// A disaggregated pool needs at least one prefill and one decode server.
+    #[error(
+        "a disaggregated pool needs at least one prefill and one decode server, got {prefill} prefill of {servers} servers"
+    )]
+    Roles {
+        /// Prefill servers asked for.
+        prefill: usize,
+        /// Servers in the pool.
+        servers: usize,
+    },
+    /// The KV link's bandwidth is not positive or its latency not a finite non-negative time.
+    #[error(
+        "the KV link needs a positive bandwidth and a non-negative latency, got {gbps} GB/s and {latency_s} s"
+    )]
+    KvLink {
+        /// Bandwidth, GB/s.
+        gbps: f64,
+        /// Latency, seconds.
+        latency_s: f64,
+    },
     /// The server profile could never run a request.
     #[error("server profile '{0}' needs a positive token budget, sequence limit and KV-cache size")]
     Profile(String),
@@ -128,6 +247,8 @@ enum Event {
     Scrape,
     Arrival,
     StepEnd(u32),
+    /// The KV of a request's prompt has reached its decode server.
+    TransferEnd(u32),
 }
 
 #[derive(Debug)]
@@ -166,8 +287,27 @@ struct InFlight {
     first_token_ns: u64,
     prompt_tokens: u32,
     output_tokens: u32,
+    /// The server that produces the output tokens.
     server: u32,
     guard: Option<CompletionGuard>,
+    /// While the prefill stage runs on another server or the KV is in transit: the sequence
+    /// the decode server will run.
+    decode_stage: Option<Sequence>,
+}
+
+/// Where a decision sends a request.
+struct Routed {
+    decode: usize,
+    prefill: Option<usize>,
+    guard: Option<CompletionGuard>,
+}
+
+/// Requests each server took, by stage.
+#[derive(Clone, Copy, Debug, Default)]
+struct Placements {
+    whole: u64,
+    prefill: u64,
+    decode: u64,
 }
 
 enum Router {
@@ -214,6 +354,18 @@ pub fn run(
     if profile.max_batched_tokens == 0 || profile.max_running == 0 || profile.kv_blocks == 0 {
         return Err(SimError::Profile(profile.name.clone()));
     }
+    let prefill = config.roles.prefill_servers();
+    if matches!(config.roles, ServerRoles::Disaggregated { .. })
+        && (prefill == 0 || prefill >= config.servers)
+    {
+        return Err(SimError::Roles { prefill, servers: config.servers });
+    }
+    if !config.kv_link.is_valid() {
+        return Err(SimError::KvLink {
+            gbps: config.kv_link.gbps,
+            latency_s: config.kv_link.latency_s,
+        });
+    }
     let router = Router::new(policy, config.seed, config.servers)?;
     let mut simulation = Simulation::new(config, workload, router);
     simulation.run(workload);
@@ -232,6 +384,9 @@ pub fn compare(
 struct Simulation<'a> {
     config: &'a SimConfig,
     servers: Vec<ModelServer>,
+    /// The servers that may decode: what the policies other than the EPP choose from.
+    decode_capable: Vec<usize>,
+    placements: Vec<Placements>,
     endpoints: Vec<Endpoint>,
     adapter_names: Vec<Arc<str>>,
     snapshot: Arc<PoolSnapshot>,
@@ -249,6 +404,9 @@ struct Simulation<'a> {
     rejected: u64,
     shed_by_priority: BTreeMap<i32, u64>,
     output_tokens: u64,
+    disaggregated: u64,
+    kv_transferred_tokens: u64,
+    kv_transfer_s: Vec<f64>,
     first_arrival_ns: Option<u64>,
     last_completion_ns: u64,
     ttft_s: Vec<f64>,
@@ -263,6 +421,7 @@ impl<'a> Simulation<'a> {
                 let ip = Ipv4Addr::new(10, 0, (index / 250) as u8, (index % 250 + 1) as u8);
                 Endpoint::new(SocketAddr::new(ip.into(), 8000))
                     .with_name(format!("{}-{index}", config.profile.name))
+                    .with_role(config.roles.role_of(index))
             })
             .collect();
         let snapshot =
@@ -273,6 +432,10 @@ impl<'a> Simulation<'a> {
             servers: (0..config.servers)
                 .map(|_| ModelServer::new(config.profile.clone()))
                 .collect(),
+            decode_capable: (0..config.servers)
+                .filter(|&index| config.roles.role_of(index).serves_decode())
+                .collect(),
+            placements: vec![Placements::default(); config.servers],
             endpoints,
             adapter_names: workload.adapter_names(),
             snapshot,
@@ -289,6 +452,9 @@ impl<'a> Simulation<'a> {
             rejected: 0,
             shed_by_priority: BTreeMap::new(),
             output_tokens: 0,
+            disaggregated: 0,
+            kv_transferred_tokens: 0,
+            kv_transfer_s: Vec::new(),
             first_arrival_ns: None,
             last_completion_ns: 0,
             ttft_s: Vec::with_capacity(expected),
@@ -338,7 +504,10 @@ impl<'a> Simulation<'a> {
                     output.clear();
                     self.servers[server as usize].end_step(&mut output);
                     for &request in &output.first_tokens {
-                        if let Some(Some(flight)) = self.in_flight.get_mut(request as usize) {
+                        // A prefill stage's token is the sidecar's, not the client's.
+                        if let Some(Some(flight)) = self.in_flight.get_mut(request as usize)
+                            && flight.decode_stage.is_none()
+                        {
                             flight.first_token_ns = at_ns;
                         }
                     }
@@ -348,6 +517,7 @@ impl<'a> Simulation<'a> {
                     self.step_output = output;
                     self.start_step(server as usize);
                 }
+                Event::TransferEnd(request) => self.transferred(request),
             }
         }
     }
@@ -394,7 +564,7 @@ impl<'a> Simulation<'a> {
             *self.shed_by_priority.entry(request.priority).or_default() += 1;
             return;
         }
-        let Some((server, guard)) = self.route(&mut request) else {
+        let Some(Routed { decode: server, prefill, guard }) = self.route(&mut request) else {
             self.rejected += 1;
             return;
         };
@@ -405,6 +575,15 @@ impl<'a> Simulation<'a> {
                 (self.in_flight.len() - 1) as u32
             }
         };
+        let prefill = prefill.filter(|&prefill| prefill != server);
+        let fits =
+            |server: &ModelServer, output: u32| server.accepts(request.prompt_tokens, output);
+        let accepted = fits(&self.servers[server], request.output_tokens)
+            && prefill.is_none_or(|prefill| fits(&self.servers[prefill], 1));
+        if !accepted {
+            self.refuse(slot, server, guard);
+            return;
+        }
         let sequence = Sequence::new(
             slot,
             request.prompt_tokens,
@@ -412,46 +591,101 @@ impl<'a> Simulation<'a> {
             request.block_hashes,
             request.adapter,
         );
-        if self.servers[server].enqueue(sequence).is_err() {
-            self.rejected += 1;
-            self.vacant.push(slot);
-            if let Some(guard) = guard {
-                guard.finish(Outcome::Failed);
-            }
-            if let Router::LeastRequest { in_flight, .. } = &mut self.router {
-                in_flight[server] -= 1;
-            }
-            return;
-        }
-        self.in_flight[slot as usize] = Some(InFlight {
+        let mut flight = InFlight {
             arrival_ns: self.now_ns,
             first_token_ns: 0,
             prompt_tokens: request.prompt_tokens,
             output_tokens: request.output_tokens.max(1),
             server: server as u32,
             guard,
-        });
+            decode_stage: None,
+        };
+        let (runs_now, enqueued) = match prefill {
+            None => {
+                self.placements[server].whole += 1;
+                (server, self.servers[server].enqueue(sequence))
+            }
+            Some(prefill) => {
+                // The sidecar's prefill request: the prompt, one output token.
+                let prompt_blocks = (request.prompt_tokens / BLOCK_TOKENS) as usize;
+                let hashes = sequence.block_hashes
+                    [..prompt_blocks.min(sequence.block_hashes.len())]
+                    .to_vec();
+                let stage = Sequence::new(slot, request.prompt_tokens, 1, hashes, request.adapter);
+                flight.decode_stage = Some(sequence);
+                self.disaggregated += 1;
+                self.placements[prefill].prefill += 1;
+                (prefill, self.servers[prefill].enqueue(stage))
+            }
+        };
+        debug_assert!(enqueued.is_ok(), "the servers' limits were checked above");
+        self.in_flight[slot as usize] = Some(flight);
+        self.start_step(runs_now);
+    }
+
+    /// Refuses a routed request (a real server answers 400 to a request it can never fit).
+    fn refuse(&mut self, slot: u32, server: usize, guard: Option<CompletionGuard>) {
+        self.rejected += 1;
+        self.vacant.push(slot);
+        if let Some(guard) = guard {
+            guard.finish(Outcome::Failed);
+        }
+        if let Router::LeastRequest { in_flight, .. } = &mut self.router {
+            in_flight[server] -= 1;
+        }
+    }
+
+    /// The prefill stage of `request` ended: its KV starts moving to the decode server.
+    fn start_transfer(&mut self, request: u32) {
+        let Some(Some(flight)) = self.in_flight.get(request as usize) else { return };
+        let Some(stage) = &flight.decode_stage else { return };
+        let decode = &self.servers[flight.server as usize];
+        // The decode server pulls only the blocks its prefix cache lacks (vLLM's KV connector
+        // asks for the tokens after the local hit).
+        let matchable = ((flight.prompt_tokens.max(1) - 1) / BLOCK_TOKENS) as usize;
+        let hashes = &stage.block_hashes[..matchable.min(stage.block_hashes.len())];
+        let cached = decode.cached_prefix_blocks(hashes) * BLOCK_TOKENS;
+        let tokens = flight.prompt_tokens.saturating_sub(cached);
+        let seconds =
+            self.config.kv_link.transfer_s(tokens, self.config.profile.kv_bytes_per_token);
+        self.kv_transferred_tokens += u64::from(tokens);
+        self.kv_transfer_s.push(seconds);
+        let at_ns = self.now_ns + nanos(seconds);
+        self.schedule(at_ns, Event::TransferEnd(request));
+    }
+
+    /// The KV of `request` reached its decode server, which now queues it.
+    fn transferred(&mut self, request: u32) {
+        let Some(Some(flight)) = self.in_flight.get_mut(request as usize) else { return };
+        let Some(stage) = flight.decode_stage.take() else { return };
+        let server = flight.server as usize;
+        self.placements[server].decode += 1;
+        let enqueued = self.servers[server].enqueue(stage.with_transferred_kv());
+        debug_assert!(enqueued.is_ok(), "the decode server's limits were checked at arrival");
         self.start_step(server);
     }
 
-    /// The server for `request` and, for the EPP, the guard that runs its completion hooks.
-    fn route(&mut self, request: &mut WorkloadRequest) -> Option<(usize, Option<CompletionGuard>)> {
-        let servers = self.servers.len();
+    /// The servers for `request` (decode, and prefill when the decision disaggregates it) and,
+    /// for the EPP, the guard that runs its completion hooks.
+    fn route(&mut self, request: &mut WorkloadRequest) -> Option<Routed> {
+        let candidates = &self.decode_capable;
+        let count = candidates.len();
+        let whole = |decode: usize| Some(Routed { decode, prefill: None, guard: None });
         match &mut self.router {
             Router::RoundRobin { next } => {
-                let server = *next % servers;
-                *next = (server + 1) % servers;
-                Some((server, None))
+                let at = *next % count;
+                *next = (at + 1) % count;
+                whole(candidates[at])
             }
-            Router::Random { rng } => Some((rng.random_range(0..servers), None)),
+            Router::Random { rng } => whole(candidates[rng.random_range(0..count)]),
             Router::LeastRequest { rng, in_flight } => {
-                let first = rng.random_range(0..servers);
-                let second = rng.random_range(0..servers);
+                let first = candidates[rng.random_range(0..count)];
+                let second = candidates[rng.random_range(0..count)];
                 let server = if in_flight[second] < in_flight[first] { second } else { first };
                 in_flight[server] += 1;
-                Some((server, None))
+                whole(server)
             }
-            Router::Oracle => Some((oracle_pick(&self.servers, request), None)),
+            Router::Oracle => whole(oracle_pick(&self.servers, candidates, request)),
             Router::Epp { scheduler, seed, decisions } => {
                 *decisions += 1;
                 let options = ScheduleOptions {
@@ -468,16 +702,23 @@ impl<'a> Simulation<'a> {
                 // records) takes effect before the next event, so a run stays a function of
                 // its inputs and seed.
                 scheduler.flush();
-                let server = self.snapshot.index_of(result.primary().id())? as usize;
-                Some((server, result.take_completion()))
+                let decode = self.snapshot.index_of(result.primary().id())? as usize;
+                let prefill = result
+                    .prefill()
+                    .and_then(|prefill| self.snapshot.index_of(prefill.id()))
+                    .map(|index| index as usize);
+                Some(Routed { decode, prefill, guard: result.take_completion() })
             }
         }
     }
 
     fn finish(&mut self, request: u32) {
-        let Some(flight) = self.in_flight.get_mut(request as usize).and_then(Option::take) else {
+        let Some(slot) = self.in_flight.get_mut(request as usize) else { return };
+        if slot.as_ref().is_some_and(|flight| flight.decode_stage.is_some()) {
+            self.start_transfer(request);
             return;
-        };
+        }
+        let Some(flight) = slot.take() else { return };
         self.vacant.push(request);
         self.completed += 1;
         self.output_tokens += u64::from(flight.output_tokens);
@@ -512,12 +753,25 @@ impl<'a> Simulation<'a> {
             |count: u64| if duration_s > 0.0 { count as f64 / duration_s } else { 0.0 };
         let (mut prompt_tokens, mut cached_tokens, mut preemptions, mut adapter_loads) =
             (0, 0, 0, 0);
-        for server in &self.servers {
+        let mut servers = Vec::with_capacity(self.servers.len());
+        for ((server, endpoint), placed) in
+            self.servers.iter().zip(&self.endpoints).zip(&self.placements)
+        {
             let stats = server.stats();
-            prompt_tokens += stats.prompt_tokens;
+            // Hit rate over the prompts each server would otherwise compute: a decode stage's
+            // transferred prompt is neither a hit nor a miss.
+            prompt_tokens += stats.prompt_tokens - stats.transferred_prompt_tokens;
             cached_tokens += stats.cached_prompt_tokens;
             preemptions += stats.preemptions;
             adapter_loads += stats.adapter_loads;
+            servers.push(ServerReport {
+                name: endpoint.name.to_string(),
+                role: endpoint.role().label_value().unwrap_or_default().to_owned(),
+                whole_requests: placed.whole,
+                prefill_stages: placed.prefill,
+                decode_stages: placed.decode,
+                busy_s: stats.busy_s,
+            });
         }
         RunReport {
             policy: policy.name().to_owned(),
@@ -541,6 +795,11 @@ impl<'a> Simulation<'a> {
             },
             preemptions,
             adapter_loads,
+            prefill_servers: config.roles.prefill_servers(),
+            disaggregated: self.disaggregated,
+            kv_transferred_tokens: self.kv_transferred_tokens,
+            kv_transfer_s: Percentiles::of(&mut self.kv_transfer_s),
+            per_server: servers,
         }
     }
 }
@@ -548,9 +807,10 @@ impl<'a> Simulation<'a> {
 /// The server with the lowest estimated time to first token for `request`, from the servers'
 /// true state (see [`crate::policy`]). Ties go to the server with fewer running requests, then
 /// to the lower index.
-fn oracle_pick(servers: &[ModelServer], request: &WorkloadRequest) -> usize {
+fn oracle_pick(servers: &[ModelServer], candidates: &[usize], request: &WorkloadRequest) -> usize {
     let mut best = (f64::INFINITY, usize::MAX, 0);
-    for (index, server) in servers.iter().enumerate() {
+    for &index in candidates {
+        let server = &servers[index];
         let estimate = estimated_ttft(server, request);
         let key = (estimate, server.running_len(), index);
         if key.0 < best.0 || (key.0 == best.0 && key.1 < best.1) {

@@ -8,7 +8,9 @@
 //! staleness a real EPP lives with is part of the model ([`engine`]). Requests come from a
 //! synthetic or ShareGPT-trace [`workload`], and every [`policy`] (round-robin, random,
 //! least-request, the real `Scheduler` from any `EndpointPickerConfig`, an oracle) is run on
-//! the same requests and seed. Runs are deterministic: no wall clock, every random draw from
+//! the same requests and seed. Servers may carry llm-d's prefill/decode roles: a request the
+//! EPP disaggregates is prefilled on one server, its KV moved over a modelled link, and decoded
+//! on another ([`engine`], [`compare_pd`]). Runs are deterministic: no wall clock, every random draw from
 //! the seed, and work the scheduler defers to a background thread flushed after each decision.
 //!
 //! ```
@@ -38,15 +40,60 @@ pub mod server;
 pub mod svg;
 pub mod workload;
 
-pub use engine::{ShedThresholds, SimConfig, SimError, compare, run};
+pub use engine::{KvLink, ServerRoles, ShedThresholds, SimConfig, SimError, compare, run};
 pub use policy::{Policy, PolicyError};
 pub use profile::ServerProfile;
-pub use report::{Percentiles, RunReport, render_table};
+pub use report::{Percentiles, RunReport, ServerReport, render_pd_table, render_table};
 pub use svg::p90_ttft_chart;
 pub use workload::{
     LengthDistribution, SyntheticWorkload, TraceWorkload, WorkloadError, WorkloadRequest,
     WorkloadSource, WorkloadSpec,
 };
+
+/// Compares prefill/decode disaggregation with aggregated serving at equal server count: at
+/// every rate in `qps`, GIE's default profile on `prefill + decode` servers labelled
+/// `prefill-decode` (aggregated), then llm-d's P/D with `always-disagg-pd-decider` and with
+/// `prefix-based-pd-decider` at `non_cached_tokens` on `prefill` servers labelled `prefill` and
+/// `decode` labelled `decode`. `base` gives the profile, KV link, seed, scrape interval and
+/// shedding; its server count and roles are replaced. Same workload and seed for all three;
+/// reports are ordered by rate, then aggregated, always, prefix-based
+/// ([`render_pd_table`] prints them with the P/D ÷ aggregated ratios).
+pub fn compare_pd(
+    base: &SimConfig,
+    prefill: usize,
+    decode: usize,
+    non_cached_tokens: u32,
+    workload: &WorkloadSpec,
+    qps: &[f64],
+    mut progress: impl FnMut(usize, usize, &RunReport),
+) -> Result<Vec<RunReport>, SimError> {
+    if prefill == 0 || decode == 0 {
+        return Err(SimError::Roles { prefill, servers: prefill + decode });
+    }
+    let aggregated =
+        SimConfig { servers: prefill + decode, roles: ServerRoles::Both, ..base.clone() };
+    let disaggregated = SimConfig {
+        servers: prefill + decode,
+        roles: ServerRoles::Disaggregated { prefill_servers: prefill },
+        ..base.clone()
+    };
+    let runs = [
+        (&aggregated, Policy::gie_default()),
+        (&disaggregated, Policy::pd_always()),
+        (&disaggregated, Policy::pd_prefix_based(non_cached_tokens)),
+    ];
+    let total = qps.len() * runs.len();
+    let mut reports = Vec::with_capacity(total);
+    for &rate in qps {
+        let at_rate = workload.with_qps(rate);
+        for (config, policy) in &runs {
+            let report = run(config, &at_rate, policy)?;
+            progress(reports.len() + 1, total, &report);
+            reports.push(report);
+        }
+    }
+    Ok(reports)
+}
 
 /// Runs every policy at every rate in `qps` (same workload shape and seed), calling
 /// `progress(done, total, report)` after each run; reports are ordered by rate, then policy.

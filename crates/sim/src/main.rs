@@ -1,12 +1,14 @@
 //! `epp-sim`: runs endpoint-picking policies through the simulated inference pool and prints
-//! a comparison table, optionally JSON and an SVG chart of p90 TTFT against offered load.
+//! a comparison table, optionally JSON and an SVG chart of p90 TTFT against offered load; `pd`
+//! compares prefill/decode disaggregation with aggregated serving at equal server count.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
+use sim::policy::PD_PREFIX_NON_CACHED_TOKENS;
 use sim::{
-    Policy, RunReport, ServerProfile, SimConfig, SyntheticWorkload, TraceWorkload, WorkloadSource,
-    WorkloadSpec,
+    KvLink, Policy, RunReport, ServerProfile, ServerRoles, SimConfig, SyntheticWorkload,
+    TraceWorkload, WorkloadSource, WorkloadSpec,
 };
 
 const USAGE: &str = "\
@@ -15,10 +17,17 @@ epp-sim: compare endpoint-picking policies on a simulated vLLM pool
 USAGE:
     epp-sim run   [OPTIONS]     one rate (--qps), every policy
     epp-sim sweep [OPTIONS]     every rate in --qps-list, every policy
+    epp-sim pd    [OPTIONS]     prefill/decode disaggregation against aggregated serving at
+                                equal server count: GIE's default profile on P+D servers
+                                labelled prefill-decode, then llm-d's P/D config with
+                                always-disagg-pd-decider and with prefix-based-pd-decider on
+                                P prefill + D decode servers; prints p90 TTFT and TPOT and their
+                                P/D / aggregated ratios, at --qps, or every rate of --qps-list
+                                when given (--servers and --policies do not apply)
 
 OPTIONS:
-    --workload W          sharegpt-like | prefix-heavy | trace:PATH (ShareGPT JSON)
-                          [default: sharegpt-like]
+    --workload W          sharegpt-like | prefix-heavy | long-prompt | trace:PATH (ShareGPT
+                          JSON) [default: sharegpt-like; long-prompt for `pd`]
     --qps N               arrival rate for `run` [default: 50]
     --qps-list A,B,..     arrival rates for `sweep` [default: 10,20,30,40,50,60]
     --requests N          requests per run [default: 20000]
@@ -28,6 +37,8 @@ OPTIONS:
                           queue, KV and prefix scorers), epp-queue-kv, epp-prefix-heavy,
                           epp:NAME=CONFIG.yaml
                           [default: round-robin,random,least-request,epp,oracle]
+    --prompt-tokens N     synthetic workloads with shared system prompts (prefix-heavy,
+                          long-prompt): their length in tokens
     --seed N              seed of the workload and every decision [default: 1]
     --scrape-ms N         metrics scrape interval [default: 50]
     --conversation-gap S  mean seconds between turns of a conversation [default: 10]
@@ -35,6 +46,14 @@ OPTIONS:
     --adapter-share F     share of conversations on an adapter [default: 0]
     --sheddable-share F   share of sheddable (priority -1) conversations [default: 0]
     --no-shedding         never shed, even when saturated
+    --prefill-servers N   `pd`: servers labelled prefill [default: 2]; `run`/`sweep`: label
+                          the first N of --servers prefill and the rest decode (for P/D
+                          policies such as epp-pd-always or epp:NAME=MY-PD-CONFIG.yaml)
+    --decode-servers N    `pd`: servers labelled decode [default: 6]
+    --kv-link-gbps F      KV-transfer bandwidth between prefill and decode servers, GB/s
+                          (`inf`: no bandwidth cost) [default: 50, a 400 Gb/s RDMA NIC]
+    --kv-link-ms F        fixed cost of each KV transfer, ms [default: 1]
+    --non-cached-tokens N `pd`: prefix-based-pd-decider's nonCachedTokens [default: 512]
     --json PATH           write the reports as JSON (`-` for stdout)
     --svg PATH            write p90 TTFT against rate as an SVG chart (sweep)
     --quiet               no progress on stderr
@@ -59,6 +78,15 @@ struct Options {
     json: Option<String>,
     svg: Option<String>,
     quiet: bool,
+    workload_given: bool,
+    qps_list_given: bool,
+    prompt_tokens: Option<u32>,
+    prefill_servers: usize,
+    prefill_servers_given: bool,
+    decode_servers: usize,
+    kv_link_gbps: f64,
+    kv_link_ms: f64,
+    non_cached_tokens: u32,
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
@@ -87,21 +115,45 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         json: None,
         svg: None,
         quiet: false,
+        workload_given: false,
+        qps_list_given: false,
+        prompt_tokens: None,
+        prefill_servers: 2,
+        prefill_servers_given: false,
+        decode_servers: 6,
+        kv_link_gbps: KvLink::default().gbps,
+        kv_link_ms: KvLink::default().latency_s * 1e3,
+        non_cached_tokens: PD_PREFIX_NON_CACHED_TOKENS,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value =
             |flag: &str| args.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
         match arg.as_str() {
-            "run" | "sweep" if options.command.is_empty() => options.command = arg.clone(),
+            "run" | "sweep" | "pd" if options.command.is_empty() => options.command = arg.clone(),
             "-h" | "--help" => options.command = "help".to_owned(),
-            "--workload" => options.workload = value(arg)?,
+            "--workload" => {
+                options.workload = value(arg)?;
+                options.workload_given = true;
+            }
             "--qps" => options.qps = parse_number(arg, &value(arg)?)?,
             "--qps-list" => {
                 options.qps_list = value(arg)?
                     .split(',')
                     .map(|rate| parse_number(arg, rate.trim()))
                     .collect::<Result<_, _>>()?;
+                options.qps_list_given = true;
+            }
+            "--prompt-tokens" => options.prompt_tokens = Some(parse_number(arg, &value(arg)?)?),
+            "--prefill-servers" => {
+                options.prefill_servers = parse_number(arg, &value(arg)?)?;
+                options.prefill_servers_given = true;
+            }
+            "--decode-servers" => options.decode_servers = parse_number(arg, &value(arg)?)?,
+            "--kv-link-gbps" => options.kv_link_gbps = parse_number(arg, &value(arg)?)?,
+            "--kv-link-ms" => options.kv_link_ms = parse_number(arg, &value(arg)?)?,
+            "--non-cached-tokens" => {
+                options.non_cached_tokens = parse_number(arg, &value(arg)?)?;
             }
             "--requests" => options.requests = parse_number(arg, &value(arg)?)?,
             "--servers" => options.servers = parse_number(arg, &value(arg)?)?,
@@ -125,6 +177,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     if options.command.is_empty() {
         options.command = "run".to_owned();
     }
+    if options.command == "pd" && !options.workload_given {
+        options.workload = "long-prompt".to_owned();
+    }
     Ok(options)
 }
 
@@ -132,16 +187,32 @@ fn workload(options: &Options) -> Result<WorkloadSpec, String> {
     let source = match options.workload.as_str() {
         "sharegpt-like" => WorkloadSource::Synthetic(SyntheticWorkload::sharegpt_like()),
         "prefix-heavy" => WorkloadSource::Synthetic(SyntheticWorkload::prefix_heavy()),
+        "long-prompt" => WorkloadSource::Synthetic(SyntheticWorkload::long_prompt()),
         other => match other.strip_prefix("trace:") {
             Some(path) => {
                 WorkloadSource::Trace(TraceWorkload::load(path).map_err(|e| e.to_string())?)
             }
             None => {
                 return Err(format!(
-                    "unknown workload '{other}': expected sharegpt-like, prefix-heavy or trace:PATH"
+                    "unknown workload '{other}': expected sharegpt-like, prefix-heavy, long-prompt or trace:PATH"
                 ));
             }
         },
+    };
+    let source = match (source, options.prompt_tokens) {
+        (WorkloadSource::Synthetic(mut synthetic), Some(tokens))
+            if synthetic.system_prompts > 0 =>
+        {
+            synthetic.system_prompt_tokens = tokens;
+            WorkloadSource::Synthetic(synthetic)
+        }
+        (_, Some(_)) => {
+            return Err(format!(
+                "--prompt-tokens: workload '{}' has no shared system prompts",
+                options.workload
+            ));
+        }
+        (source, None) => source,
     };
     let mut spec = WorkloadSpec::new(&options.workload, source, options.qps, options.requests);
     spec.conversation_gap_s = options.conversation_gap_s;
@@ -165,23 +236,89 @@ fn execute(options: &Options) -> Result<(), String> {
     if !options.shedding {
         config.saturation = None;
     }
+    config.kv_link = KvLink { gbps: options.kv_link_gbps, latency_s: options.kv_link_ms / 1e3 };
+    let workload = workload(options)?;
+    if options.command == "pd" {
+        return execute_pd(options, &config, &workload);
+    }
+    if options.prefill_servers_given {
+        config.roles = ServerRoles::Disaggregated { prefill_servers: options.prefill_servers };
+    }
     let policies: Vec<Policy> = options
         .policies
         .iter()
         .map(|spec| Policy::parse(spec).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    let workload = workload(options)?;
     let rates =
         if options.command == "sweep" { options.qps_list.clone() } else { vec![options.qps] };
 
-    let started = Instant::now();
-    let mut run_started = Instant::now();
-    let mut simulated = 0u64;
-    let quiet = options.quiet;
-    let progress = |done: usize, total: usize, report: &RunReport| {
-        simulated += report.arrivals;
-        if !quiet {
-            let seconds = run_started.elapsed().as_secs_f64();
+    let mut progress = Progress::new(options.quiet);
+    let reports = sim::sweep(&config, &workload, &rates, &policies, |done, total, report| {
+        progress.report(done, total, report)
+    })
+    .map_err(|e| e.to_string())?;
+    progress.finish();
+
+    print!("{}", sim::render_table(&reports));
+    write_json(options, &reports)?;
+    if let Some(path) = &options.svg {
+        let title = format!("{} on {} servers", workload.name, options.servers);
+        std::fs::write(path, sim::p90_ttft_chart(&title, &reports))
+            .map_err(|e| format!("cannot write {path}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn execute_pd(
+    options: &Options,
+    config: &SimConfig,
+    workload: &WorkloadSpec,
+) -> Result<(), String> {
+    let rates = if options.qps_list_given { options.qps_list.clone() } else { vec![options.qps] };
+    let mut progress = Progress::new(options.quiet);
+    let reports = sim::compare_pd(
+        config,
+        options.prefill_servers,
+        options.decode_servers,
+        options.non_cached_tokens,
+        workload,
+        &rates,
+        |done, total, report| progress.report(done, total, report),
+    )
+    .map_err(|e| e.to_string())?;
+    progress.finish();
+    println!(
+        "{} on {} prefill + {} decode servers against {} aggregated; KV link {} GB/s + {} ms, {} KiB/token; seed {}",
+        workload.name,
+        options.prefill_servers,
+        options.decode_servers,
+        options.prefill_servers + options.decode_servers,
+        options.kv_link_gbps,
+        options.kv_link_ms,
+        config.profile.kv_bytes_per_token / 1024,
+        config.seed,
+    );
+    print!("{}", sim::render_pd_table(&reports));
+    write_json(options, &reports)
+}
+
+/// Per-run progress and simulation speed on stderr.
+struct Progress {
+    quiet: bool,
+    started: Instant,
+    run_started: Instant,
+    simulated: u64,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        Self { quiet, started: Instant::now(), run_started: Instant::now(), simulated: 0 }
+    }
+
+    fn report(&mut self, done: usize, total: usize, report: &RunReport) {
+        self.simulated += report.arrivals;
+        if !self.quiet {
+            let seconds = self.run_started.elapsed().as_secs_f64();
             eprintln!(
                 "[{done}/{total}] {:<14} qps {:>6.1}: {} requests in {seconds:.2} s ({:.2} M simulated requests/min)",
                 report.policy,
@@ -190,19 +327,22 @@ fn execute(options: &Options) -> Result<(), String> {
                 report.arrivals as f64 / seconds.max(1e-9) * 60.0 / 1e6,
             );
         }
-        run_started = Instant::now();
-    };
-    let reports =
-        sim::sweep(&config, &workload, &rates, &policies, progress).map_err(|e| e.to_string())?;
-    if !quiet {
-        let seconds = started.elapsed().as_secs_f64();
-        eprintln!(
-            "{simulated} simulated requests in {seconds:.1} s: {:.2} M/min",
-            simulated as f64 / seconds.max(1e-9) * 60.0 / 1e6
-        );
+        self.run_started = Instant::now();
     }
 
-    print!("{}", sim::render_table(&reports));
+    fn finish(&self) {
+        if !self.quiet {
+            let seconds = self.started.elapsed().as_secs_f64();
+            eprintln!(
+                "{} simulated requests in {seconds:.1} s: {:.2} M/min",
+                self.simulated,
+                self.simulated as f64 / seconds.max(1e-9) * 60.0 / 1e6
+            );
+        }
+    }
+}
+
+fn write_json(options: &Options, reports: &[RunReport]) -> Result<(), String> {
     if let Some(path) = &options.json {
         let json = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
         if path == "-" {
@@ -210,11 +350,6 @@ fn execute(options: &Options) -> Result<(), String> {
         } else {
             std::fs::write(path, json).map_err(|e| format!("cannot write {path}: {e}"))?;
         }
-    }
-    if let Some(path) = &options.svg {
-        let title = format!("{} on {} servers", workload.name, options.servers);
-        std::fs::write(path, sim::p90_ttft_chart(&title, &reports))
-            .map_err(|e| format!("cannot write {path}: {e}"))?;
     }
     Ok(())
 }

@@ -7,7 +7,10 @@
 //! - `epp`: the real [`scheduler_core::Scheduler`] built from an `EndpointPickerConfig`, fed the
 //!   scraped (so lagging) metrics; its pre-request hooks run at each pick and its completion
 //!   hooks when the simulated request ends. Built in: GIE's default profile (`epp`), its older
-//!   load-only profile (`epp-queue-kv`) and a prefix-heavy weighting (`epp-prefix-heavy`).
+//!   load-only profile (`epp-queue-kv`), a prefix-heavy weighting (`epp-prefix-heavy`), and
+//!   llm-d's prefill/decode disaggregation with either decider (`epp-pd-always`,
+//!   `epp-pd-prefix`; [`PD_ALWAYS_CONFIG`], [`PD_PREFIX_CONFIG`]), for pools whose servers carry
+//!   roles ([`crate::ServerRoles`]).
 //! - `oracle`: reads the servers' true state and cache contents and picks the server with the
 //!   lowest estimated time to first token: queued prompt work ahead plus the request's own
 //!   uncached prompt, in steps of the server's token budget, plus adapter-load and capacity
@@ -26,6 +29,98 @@ pub fn prefix_heavy_config() -> EndpointPickerConfig {
         .with_weight("kv-cache-utilization-scorer", 1.0)
         .with_weight("prefix-cache-scorer", 5.0)
 }
+
+/// llm-d's P/D configuration with `always-disagg-pd-decider`: every request is prefilled on a
+/// `prefill` server and decoded on a `decode` one. The shape of llm-d-router's
+/// `deploy/config/pd-epp-config.yaml` (approximate prefix-cache producer, prefix-cache scorer
+/// weighted 2 and queue scorer 1 in both profiles, role filters, max-score picker), with 16-token
+/// blocks as in its `sim-pd-epp-config.yaml`, since the simulated servers cache 16-token blocks.
+pub const PD_ALWAYS_CONFIG: &str = "\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: approx-prefix-cache-producer
+  parameters:
+    blockSizeTokens: 16
+    maxPrefixTokensToMatch: 16384
+    lruCapacityPerServer: 31250
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+- type: disagg-profile-handler
+  parameters:
+    deciders:
+      prefill: always-disagg-pd-decider
+- type: always-disagg-pd-decider
+schedulingProfiles:
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: max-score-picker
+  - pluginRef: prefix-cache-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 1
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: max-score-picker
+  - pluginRef: prefix-cache-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 1
+";
+
+/// [`PD_ALWAYS_CONFIG`] with `prefix-based-pd-decider`: a request is prefilled apart only when
+/// its decode server's cache (as the prefix index estimates it) leaves at least
+/// `nonCachedTokens` prompt tokens to compute; otherwise the decode server runs it whole. The
+/// threshold is 512, the value of the decider's example in llm-d-router's
+/// `profilehandler/disagg/README.md` (the sample deployment configs use 16, which prefills
+/// apart nearly every follow-up turn); [`Policy::pd_prefix_based`] sets another.
+pub const PD_PREFIX_CONFIG: &str = "\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: approx-prefix-cache-producer
+  parameters:
+    blockSizeTokens: 16
+    maxPrefixTokensToMatch: 16384
+    lruCapacityPerServer: 31250
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+- type: disagg-profile-handler
+  parameters:
+    deciders:
+      prefill: prefix-based-pd-decider
+- type: prefix-based-pd-decider
+  parameters:
+    nonCachedTokens: 512
+schedulingProfiles:
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: max-score-picker
+  - pluginRef: prefix-cache-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 1
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: max-score-picker
+  - pluginRef: prefix-cache-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 1
+";
+
+/// The `nonCachedTokens` of [`PD_PREFIX_CONFIG`].
+pub const PD_PREFIX_NON_CACHED_TOKENS: u32 = 512;
 
 /// How requests are assigned to servers.
 #[derive(Clone, Debug)]
@@ -52,7 +147,7 @@ pub enum Policy {
 pub enum PolicyError {
     /// Not a known policy name.
     #[error(
-        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, or epp:NAME=CONFIG.yaml"
+        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, epp-pd-always, epp-pd-prefix, or epp:NAME=CONFIG.yaml"
     )]
     Unknown(String),
     /// The configuration file could not be read.
@@ -93,6 +188,28 @@ impl Policy {
         }
     }
 
+    /// P/D with `always-disagg-pd-decider` ([`PD_ALWAYS_CONFIG`]), named `epp-pd-always`.
+    pub fn pd_always() -> Self {
+        Self::builtin("epp-pd-always", PD_ALWAYS_CONFIG)
+    }
+
+    /// P/D with `prefix-based-pd-decider` at `non_cached_tokens` ([`PD_PREFIX_CONFIG`]), named
+    /// `epp-pd-prefix`.
+    pub fn pd_prefix_based(non_cached_tokens: u32) -> Self {
+        let yaml = PD_PREFIX_CONFIG.replace(
+            &format!("nonCachedTokens: {PD_PREFIX_NON_CACHED_TOKENS}"),
+            &format!("nonCachedTokens: {non_cached_tokens}"),
+        );
+        Self::builtin("epp-pd-prefix", &yaml)
+    }
+
+    fn builtin(name: &str, yaml: &str) -> Self {
+        match Self::epp_from_yaml(name, yaml, name) {
+            Ok(policy) => policy,
+            Err(error) => unreachable!("the built-in {name} config is valid: {error}"),
+        }
+    }
+
     /// An EPP policy from YAML text; checks that the built-in registry can build it.
     pub fn epp_from_yaml(name: &str, yaml: &str, origin: &str) -> Result<Self, PolicyError> {
         let config = EndpointPickerConfig::from_yaml(yaml).map_err(|source| {
@@ -116,7 +233,7 @@ impl Policy {
 
     /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp` (GIE's default profile),
     /// `epp-queue-kv` ([`EndpointPickerConfig::queue_kv`]), `epp-prefix-heavy`
-    /// ([`prefix_heavy_config`]), or `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
+    /// ([`prefix_heavy_config`]), `epp-pd-always`, `epp-pd-prefix`, or `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
         match spec {
             "round-robin" | "rr" => Ok(Self::RoundRobin),
@@ -132,6 +249,8 @@ impl Policy {
             "epp-prefix-heavy" => {
                 Self::epp_from_config("epp-prefix-heavy", prefix_heavy_config(), "epp-prefix-heavy")
             }
+            "epp-pd-always" => Ok(Self::pd_always()),
+            "epp-pd-prefix" => Ok(Self::pd_prefix_based(PD_PREFIX_NON_CACHED_TOKENS)),
             _ => {
                 let Some(rest) = spec.strip_prefix("epp:") else {
                     return Err(PolicyError::Unknown(spec.to_owned()));
@@ -157,11 +276,23 @@ mod tests {
 
     #[test]
     fn specs_parse_and_errors_name_the_offender() {
-        for spec in
-            ["rr", "random", "least-request", "oracle", "epp", "epp-queue-kv", "epp-prefix-heavy"]
-        {
+        for spec in [
+            "rr",
+            "random",
+            "least-request",
+            "oracle",
+            "epp",
+            "epp-queue-kv",
+            "epp-prefix-heavy",
+            "epp-pd-always",
+            "epp-pd-prefix",
+        ] {
             assert!(Policy::parse(spec).is_ok(), "{spec}");
         }
+        // The threshold is substituted, not left at the default.
+        let Policy::Epp { config, .. } = Policy::pd_prefix_based(2048) else { panic!() };
+        let yaml = format!("{config:?}");
+        assert!(yaml.contains("2048") && !yaml.contains("512"), "{yaml}");
         let error = Policy::parse("fastest").unwrap_err();
         assert!(error.to_string().contains("'fastest'"), "{error}");
         let error = Policy::parse("epp:/nonexistent/config.yaml").unwrap_err();

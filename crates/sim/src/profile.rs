@@ -31,6 +31,9 @@
 //!   activations) / 128 KiB per token.
 //! - `max_num_batched_tokens` 8192, `max_num_seqs` 256, `max_loras` 4 with a 30 ms load (an
 //!   adapter of rank 16 is tens of MB copied from host memory), `max_model_len` 8192.
+//! - KV bytes per token 131,072 (128 KiB), what a prefill/decode transfer moves per prompt
+//!   token: keys and values (2) × 32 layers × 8 KV heads (grouped-query attention) × head
+//!   dimension 128 × 2 bytes (bf16) = 2 · 32 · 8 · 128 · 2 = 131,072 bytes.
 
 use serde::Serialize;
 
@@ -59,6 +62,9 @@ pub struct ServerProfile {
     pub lora_load_s: f64,
     /// Longest prompt plus output the server accepts, tokens.
     pub max_model_len: u32,
+    /// Bytes of KV cache per token: 2 (keys and values) × layers × KV heads × head dimension ×
+    /// bytes per element. What a prefill/decode KV transfer moves per token.
+    pub kv_bytes_per_token: u64,
 }
 
 impl ServerProfile {
@@ -79,11 +85,13 @@ impl ServerProfile {
             max_loras: 4,
             lora_load_s: 0.030,
             max_model_len: 8192,
+            kv_bytes_per_token: 2 * 32 * 8 * 128 * 2,
         }
     }
 
     /// A tiny server with round numbers, for tests: 10 ms per step, 1 ms per prompt token,
-    /// nothing per decode sequence, 64 KV blocks, 2 adapters costing 50 ms each.
+    /// nothing per decode sequence, 64 KV blocks, 2 adapters costing 50 ms each, 1 MB of KV per
+    /// token (so a 1 GB/s link moves a token in 1 ms).
     pub fn small_test() -> Self {
         Self {
             name: "small-test".to_owned(),
@@ -97,6 +105,7 @@ impl ServerProfile {
             max_loras: 2,
             lora_load_s: 0.050,
             max_model_len: 1024,
+            kv_bytes_per_token: 1_000_000,
         }
     }
 
@@ -129,6 +138,7 @@ mod tests {
         assert!((0.008..=0.015).contains(&decode_step), "{decode_step}");
         let prefill_rate = 1.0 / profile.prefill_token_s;
         assert!((10_000.0..=60_000.0).contains(&prefill_rate), "{prefill_rate}");
+        assert_eq!(profile.kv_bytes_per_token, 128 * 1024);
         for name in ServerProfile::NAMES {
             assert_eq!(ServerProfile::named(name).map(|p| p.name), Some((*name).to_owned()));
         }

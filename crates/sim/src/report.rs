@@ -36,7 +36,7 @@ impl Percentiles {
 }
 
 /// What one policy did on one workload.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RunReport {
     /// Policy name.
     pub policy: String,
@@ -72,6 +72,33 @@ pub struct RunReport {
     pub preemptions: u64,
     /// LoRA adapter loads.
     pub adapter_loads: u64,
+    /// Servers labelled `prefill` only (0 for a pool that does not disaggregate).
+    pub prefill_servers: usize,
+    /// Requests whose prefill ran on another server than their decode.
+    pub disaggregated: u64,
+    /// Prompt tokens whose KV moved from a prefill to a decode server.
+    pub kv_transferred_tokens: u64,
+    /// Duration of the KV transfers.
+    pub kv_transfer_s: Percentiles,
+    /// What each server did, in pool order.
+    pub per_server: Vec<ServerReport>,
+}
+
+/// What one server did over a run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServerReport {
+    /// The endpoint's name.
+    pub name: String,
+    /// Its `llm-d.ai/role` label (empty when unlabelled).
+    pub role: String,
+    /// Requests it served whole (prefill and decode).
+    pub whole_requests: u64,
+    /// Prefill stages of disaggregated requests it ran.
+    pub prefill_stages: u64,
+    /// Decode stages of disaggregated requests it ran.
+    pub decode_stages: u64,
+    /// Simulated seconds it spent in steps.
+    pub busy_s: f64,
 }
 
 impl RunReport {
@@ -155,6 +182,77 @@ pub fn render_table(reports: &[RunReport]) -> String {
             shed,
             ratio("round-robin"),
             ratio("oracle"),
+        );
+    }
+    out
+}
+
+/// Renders a prefill/decode comparison ([`crate::compare_pd`]) as a fixed-width table, grouped
+/// by rate: each run's pool, policy, share of requests prefilled apart, TTFT and TPOT
+/// percentiles, p90 TTFT and p90 TPOT as ratios to the aggregated run (the one without prefill
+/// servers) at the same rate, and the median KV transfer.
+pub fn render_pd_table(reports: &[RunReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>7} {:<7} {:<14} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6} {:>7}",
+        "qps",
+        "pool",
+        "policy",
+        "done",
+        "P/D%",
+        "TTFT50",
+        "TTFT90",
+        "TPOT50",
+        "TPOT90",
+        "tok/s",
+        "TTFT90/ag",
+        "TPOT90/ag",
+        "hit%",
+        "xfer50",
+    );
+    let _ = writeln!(
+        out,
+        "{:>7} {:<7} {:<14} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>6} {:>7}",
+        "", "", "", "", "", "ms", "ms", "ms", "ms", "", "", "", "", "ms"
+    );
+    for report in reports {
+        let aggregated = reports.iter().find(|other| {
+            other.prefill_servers == 0
+                && other.qps == report.qps
+                && other.workload == report.workload
+        });
+        let ratio = |pick: fn(&RunReport) -> f64| match aggregated {
+            Some(other) if pick(other) > 0.0 => format!("{:.2}", pick(report) / pick(other)),
+            _ => "-".to_owned(),
+        };
+        let pool = if report.prefill_servers == 0 {
+            format!("{}", report.servers)
+        } else {
+            format!("{}P/{}D", report.prefill_servers, report.servers - report.prefill_servers)
+        };
+        let disaggregated = if report.arrivals > 0 {
+            report.disaggregated as f64 / report.arrivals as f64 * 100.0
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "{:>7.1} {:<7} {:<14} {:>7} {:>7.1} {:>7} {:>7} {:>7.1} {:>7.1} {:>7.0} {:>9} {:>9} {:>6.1} {:>7.1}",
+            report.qps,
+            pool,
+            report.policy,
+            report.completed,
+            disaggregated,
+            milliseconds(report.ttft_s.p50),
+            milliseconds(report.ttft_s.p90),
+            report.tpot_s.p50 * 1e3,
+            report.tpot_s.p90 * 1e3,
+            report.output_tokens_per_s,
+            ratio(|report| report.ttft_s.p90),
+            ratio(|report| report.tpot_s.p90),
+            report.prefix_hit_rate * 100.0,
+            report.kv_transfer_s.p50 * 1e3,
         );
     }
     out

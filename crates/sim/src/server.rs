@@ -7,7 +7,7 @@
 //!   (`max_num_seqs`) and free KV blocks allow. Prefill is chunked to fit the budget.
 //! - A step's duration follows [`ServerProfile::step_time`]; its tokens appear when it ends.
 //!   The step that finishes a prompt emits the first output token.
-//! - KV cache in blocks of 16 tokens with automatic prefix caching ([`crate::kv`]): admission
+//! - KV cache in blocks of 16 tokens with automatic prefix caching (`kv.rs`): admission
 //!   reuses the longest cached prefix of the request's block hashes (at least one token is
 //!   always computed, as in vLLM), so cache hits skip that part of the prefill. Full blocks are
 //!   named as they are computed (prompt during prefill, prompt and output when the request
@@ -16,6 +16,12 @@
 //!   most recently admitted sequence is evicted back to the front of the queue and later
 //!   recomputes its prompt and the tokens it had generated. No admissions in a step that
 //!   preempted (as vLLM).
+//! - Prefill/decode disaggregation: a sequence whose prompt KV was computed by another server
+//!   and transferred ([`Sequence::with_transferred_kv`]) is admitted as a full prefix-cache hit:
+//!   it needs KV blocks for the whole prompt (the locally cached prefix shared, the rest
+//!   private) and computes only the last prompt token, which samples its first output token
+//!   (vLLM's KV connectors recompute that one token the same way). If it is preempted later,
+//!   the transferred KV is gone and it recomputes locally.
 //! - LoRA: at most `max_loras` adapters resident; admitting a request whose adapter is not
 //!   resident loads it (adding the load cost to the step) into a free slot or in place of the
 //!   least recently used adapter no running request uses; with no such slot the request waits
@@ -61,6 +67,8 @@ pub struct Sequence {
     /// Uncached prompt tokens counted in the queue's work while waiting.
     queued_prefill_tokens: u32,
     admitted_before: bool,
+    /// The prompt's KV arrives from a prefill server: admission skips its prefill.
+    kv_transferred: bool,
 }
 
 impl Sequence {
@@ -87,7 +95,22 @@ impl Sequence {
             scheduled: 0,
             queued_prefill_tokens: 0,
             admitted_before: false,
+            kv_transferred: false,
         }
+    }
+
+    /// Marks the prompt's KV as transferred from a prefill server: the sequence is admitted
+    /// with its whole prompt but the last token counted as computed.
+    pub fn with_transferred_kv(mut self) -> Self {
+        self.kv_transferred = true;
+        self
+    }
+
+    /// Tokens of the prompt that have no KV here yet, counting a transferred prompt's KV;
+    /// `cached_tokens` is what the local prefix cache holds.
+    fn uncached_prompt(&self, cached_tokens: u32) -> u32 {
+        let covered = if self.kv_transferred { self.prefill_target - 1 } else { cached_tokens };
+        self.prefill_target - covered.max(cached_tokens).min(self.prefill_target - 1)
     }
 
     fn named_blocks(&self) -> u32 {
@@ -139,6 +162,8 @@ pub struct ServerStats {
     pub prompt_tokens: u64,
     /// Of those, tokens served from the prefix cache.
     pub cached_prompt_tokens: u64,
+    /// Of those, tokens whose KV was transferred from a prefill server (not local hits).
+    pub transferred_prompt_tokens: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -185,11 +210,16 @@ impl ModelServer {
         &self.profile
     }
 
-    /// Queues a request; gives it back when it can never fit (longer than `max_model_len` or
-    /// than the whole KV cache).
+    /// Whether a request of `prompt_tokens` and `output_tokens` could ever run here (no longer
+    /// than `max_model_len` or than the whole KV cache).
+    pub fn accepts(&self, prompt_tokens: u32, output_tokens: u32) -> bool {
+        let total = prompt_tokens.max(1).saturating_add(output_tokens.max(1));
+        total <= self.profile.max_model_len && blocks_for(total) <= self.kv.capacity()
+    }
+
+    /// Queues a request; gives it back when it can never fit ([`Self::accepts`]).
     pub fn enqueue(&mut self, mut sequence: Sequence) -> Result<(), Sequence> {
-        let total = sequence.prompt_tokens.saturating_add(sequence.output_tokens);
-        if total > self.profile.max_model_len || blocks_for(total) > self.kv.capacity() {
+        if !self.accepts(sequence.prompt_tokens, sequence.output_tokens) {
             return Err(sequence);
         }
         self.count_waiting(&mut sequence, 1);
@@ -356,7 +386,8 @@ impl ModelServer {
             let matchable = ((seq.prefill_target - 1) / BLOCK_TOKENS) as usize;
             let hashes = &seq.block_hashes[..matchable.min(seq.block_hashes.len())];
             let (matched, matched_idle) = self.kv.match_prefix(hashes);
-            let computed = matched * BLOCK_TOKENS;
+            let local = matched * BLOCK_TOKENS;
+            let computed = seq.prefill_target - seq.uncached_prompt(local);
             let tokens = (seq.prefill_target - computed).min(budget);
             let needed = blocks_for(computed + tokens) - matched;
             if needed > self.kv.allocatable() - matched_idle {
@@ -373,7 +404,8 @@ impl ModelServer {
             if !seq.admitted_before {
                 seq.admitted_before = true;
                 self.stats.prompt_tokens += u64::from(seq.prompt_tokens);
-                self.stats.cached_prompt_tokens += u64::from(computed.min(seq.prompt_tokens));
+                self.stats.cached_prompt_tokens += u64::from(local.min(seq.prompt_tokens));
+                self.stats.transferred_prompt_tokens += u64::from(computed.saturating_sub(local));
             }
             if let Some(adapter) = seq.adapter.filter(|_| self.profile.max_loras > 0) {
                 if let Some(slot) = load_into {
@@ -442,7 +474,8 @@ impl ModelServer {
             let matchable = ((seq.prefill_target - 1) / BLOCK_TOKENS) as usize;
             let hashes = &seq.block_hashes[..matchable.min(seq.block_hashes.len())];
             let cached = self.kv.match_prefix(hashes).0 * BLOCK_TOKENS;
-            seq.queued_prefill_tokens = seq.remaining_prefill().saturating_sub(cached).max(1);
+            // Queued sequences have computed nothing (new, or preempted and reset).
+            seq.queued_prefill_tokens = seq.uncached_prompt(cached);
             self.waiting_prefill_tokens += u64::from(seq.queued_prefill_tokens);
         } else {
             self.waiting_prefill_tokens -= u64::from(seq.queued_prefill_tokens);
@@ -461,6 +494,8 @@ impl ModelServer {
         self.release(&mut seq);
         seq.computed = 0;
         seq.scheduled = 0;
+        // The transferred KV was in the freed blocks: a preempted sequence recomputes it.
+        seq.kv_transferred = false;
         self.stats.preemptions += 1;
         self.count_waiting(&mut seq, 1);
         self.waiting.push_front(seq);
@@ -669,5 +704,25 @@ mod tests {
         let done = run_to_idle(&mut server);
         assert_eq!(done.len(), 3);
         assert_eq!(server.stats().adapter_loads, 3);
+    }
+
+    #[test]
+    fn a_transferred_prompt_computes_one_token_but_holds_its_blocks() {
+        let profile = ServerProfile::small_test();
+        let mut local = ModelServer::new(profile.clone());
+        local.enqueue(request(1, 'a', 400, 3)).unwrap();
+        local.enqueue(request(2, 'b', 400, 3).with_transferred_kv()).unwrap();
+        // Both are admitted in one step: 100 prompt tokens for the first, 1 for the second.
+        let step = local.begin_step().unwrap();
+        assert!(close(step, profile.step_time(101, 0, 0)), "{step}");
+        // The transferred prompt holds KV for all its 100 tokens (7 blocks of 16).
+        assert_eq!(local.kv.in_use(), 2 * 7);
+        let mut output = StepOutput::default();
+        local.end_step(&mut output);
+        assert_eq!(output.first_tokens, vec![1, 2]);
+        let stats = local.stats();
+        assert_eq!((stats.prompt_tokens, stats.cached_prompt_tokens), (200, 0));
+        assert_eq!(stats.transferred_prompt_tokens, 99);
+        assert!(local.kv_is_consistent());
     }
 }

@@ -164,9 +164,7 @@ mod tests {
             ttft_s: Percentiles { p90, ..Percentiles::default() },
             tpot_s: Percentiles::default(),
             e2e_s: Percentiles::default(),
-            prefix_hit_rate: 0.0,
-            preemptions: 0,
-            adapter_loads: 0,
+            ..RunReport::default()
         }
     }
 

@@ -154,6 +154,31 @@ impl SyntheticWorkload {
             mean_turns: 1.0,
         }
     }
+    /// Long prompts and short answers, the shape prefill/decode disaggregation is for
+    /// (document Q&A, retrieval-augmented generation): 1,000 documents of 3,000 tokens, every
+    /// conversation opening with one, questions of ~150 tokens, answers of ~100 tokens, two
+    /// turns on average (a follow-up finds the document and the first answer cached where the
+    /// first turn ran).
+    pub fn long_prompt() -> Self {
+        Self {
+            message_tokens: LengthDistribution::LogNormal {
+                median: 150.0,
+                sigma: 0.5,
+                min: 8,
+                max: 1024,
+            },
+            output_tokens: LengthDistribution::LogNormal {
+                median: 100.0,
+                sigma: 0.5,
+                min: 4,
+                max: 512,
+            },
+            system_prompts: 1000,
+            system_prompt_tokens: 3000,
+            system_prompt_share: 1.0,
+            mean_turns: 2.0,
+        }
+    }
 }
 
 /// Why a trace file could not be used.
