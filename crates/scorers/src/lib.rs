@@ -30,6 +30,7 @@
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `disagg-profile-handler`, `pd-profile-handler` (deprecated), `data-parallel-profile-handler` | profile handlers | [`disagg`] |
+//! | `topology-extractor`, `topology-affinity-filter`, `topology-affinity-scorer` (experimental) | endpoint locality from labels; filter and scorer by closeness to the other stage's pick | [`topology`] |
 //! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
 //! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
@@ -82,6 +83,7 @@ pub mod request_attribute;
 pub mod running_requests;
 pub mod session_affinity;
 pub mod token_load;
+pub mod topology;
 pub mod utilization_filter;
 
 use std::sync::Arc;
@@ -119,6 +121,7 @@ pub use session_affinity::{
     SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
 };
 pub use token_load::{TokenLoadParameters, TokenLoadScorer};
+pub use topology::{TopologyAffinityFilter, TopologyAffinityScorer, TopologyLabels};
 pub use utilization_filter::{UtilizationFilter, UtilizationFilterParameters};
 
 /// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
@@ -253,6 +256,18 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register_experimental(topology::EXTRACTOR_TYPE_NAME, |spec| {
+        let labels = TopologyLabels::new(spec.parameters()?);
+        Ok(Plugin { shared: Some(Arc::new(labels)), ..Plugin::default() })
+    });
+    registry.register_experimental(topology::FILTER_TYPE_NAME, |spec| {
+        let filter = Arc::new(TopologyAffinityFilter::new(spec.parameters()?)?);
+        Ok(Plugin { filter: Some(filter.clone()), binder: Some(filter), ..Plugin::default() })
+    });
+    registry.register_experimental(topology::SCORER_TYPE_NAME, |spec| {
+        let scorer = Arc::new(TopologyAffinityScorer::new(spec.parameters()?));
+        Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
     });
     registry.register_experimental(utilization_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(UtilizationFilter::new(spec.parameters()?)?))

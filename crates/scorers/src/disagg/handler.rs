@@ -204,6 +204,32 @@ impl OptionalStage {
     }
 }
 
+/// The other stage's endpoint, for the plugins of the stage running now: the decode pick
+/// while the prefill profile runs (decode-first order), the prefill pick while the decode
+/// profile runs (prefill-first order). llm-d-router publishes it as the request attribute
+/// `peer-endpoint`; topology affinity compares candidates with it. Kept in the decision's
+/// scratch, stamped with the decision it belongs to.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PeerEndpoint {
+    decision: u64,
+    position: Option<u32>,
+}
+
+impl PeerEndpoint {
+    /// Publishes `position` (in the decision's pool) as the peer of the stage about to run.
+    pub fn publish(state: &mut CycleState, position: u32) {
+        let decision = state.decision_stamp();
+        *state.scratch::<Self>() = Self { decision, position: Some(position) };
+    }
+
+    /// The peer's position in the pool, if this decision published one.
+    pub fn of(state: &mut CycleState) -> Option<u32> {
+        let decision = state.decision_stamp();
+        let peer = *state.scratch::<Self>();
+        peer.position.filter(|_| peer.decision == decision)
+    }
+}
+
 /// Which optional stages a decision's deciders turned down, so that a later round of the same
 /// decision does not ask them again. Kept in the decision's scratch.
 #[derive(Debug, Default)]
@@ -352,6 +378,7 @@ impl DisaggProfileHandler {
             && !Self::declined(state).prefill
         {
             if prefill.approves(state, request, progress, Some(decode)) {
+                PeerEndpoint::publish(state, decode);
                 return Some(at);
             }
             Self::declined(state).prefill = true;
@@ -384,6 +411,11 @@ impl DisaggProfileHandler {
                 return Some(at);
             }
             Self::declined(state).encode = true;
+        }
+        if let Some(&prefill) =
+            progress.run(&self.prefill.profile).and_then(|run| run.picks.first())
+        {
+            PeerEndpoint::publish(state, prefill);
         }
         Self::position(profile_names, &self.decode)
     }

@@ -29,6 +29,7 @@ pub use deciders::{
     AlwaysDisaggMultimodalDecider, AlwaysDisaggPdDecider, Decider, DeciderHandle,
     PrefixBasedPdDecider, PrefixBasedPdParameters,
 };
+pub use handler::PeerEndpoint;
 pub use handler::{DisaggProfileHandler, StageOrder};
 
 /// llm-d type name of the deprecated pre-request plugin that wrote the disaggregation headers.
