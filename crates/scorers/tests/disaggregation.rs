@@ -87,6 +87,40 @@ fn without_a_prefill_endpoint_the_request_is_decode_only_and_without_decode_it_f
 }
 
 #[test]
+fn with_every_metric_stale_the_stage_filters_still_hold() {
+    use scheduler_core::StalenessPolicy;
+    let scheduler = build(&pd_config(DISAGG, ALWAYS)).unwrap().with_seed(5);
+    let stale = |port: u16, role: EndpointRole, waiting_queue: u32| {
+        let endpoint = Endpoint::new(([10, 0, 0, 1], port).into()).with_role(role);
+        // Metrics an hour old: past any threshold, so the pool fails open on last known load.
+        let updated_at = Instant::now().checked_sub(std::time::Duration::from_secs(3600));
+        EndpointState::new(endpoint).with_metrics(EndpointMetrics {
+            waiting_queue,
+            updated_at,
+            ..EndpointMetrics::default()
+        })
+    };
+    let pool = Arc::new(
+        PoolSnapshot::new([
+            stale(1, EndpointRole::Prefill, 0),
+            stale(2, EndpointRole::Decode, 7),
+            stale(3, EndpointRole::Prefill, 0),
+            stale(4, EndpointRole::Decode, 3),
+        ])
+        .with_staleness(Some(StalenessPolicy::new(std::time::Duration::from_secs(1)))),
+    );
+    let first = scheduler.schedule(&InferenceRequest::new("m", "hello"), &pool).unwrap();
+    // The idle prefill-only endpoints are not candidates; the less loaded decode one is.
+    assert_eq!(first.primary().endpoint.address.port(), 4);
+    assert_eq!(first.primary_profile(), "decode");
+    for _ in 0..8 {
+        // Picks since the last scrape count as load, so later picks spread; never to prefill.
+        let result = scheduler.schedule(&InferenceRequest::new("m", "hello"), &pool).unwrap();
+        assert!(matches!(result.primary().endpoint.address.port(), 2 | 4));
+    }
+}
+
+#[test]
 fn the_prefill_first_order_runs_prefill_before_decode() {
     let handler = "type: disagg-profile-handler\n  parameters: {stageOrder: prefill-first}";
     let scheduler = build(&pd_config(handler, ALWAYS)).unwrap();

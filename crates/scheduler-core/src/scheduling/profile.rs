@@ -94,6 +94,29 @@ impl SchedulerProfile {
         &self.picker.0
     }
 
+    /// Narrows `candidates` (pool positions) with the profile's filters, in order; fails
+    /// naming the filter that left none.
+    pub(crate) fn run_filters(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        candidates: &mut Vec<u32>,
+    ) -> Result<(), SchedulingError> {
+        for (filter_name, filter) in &self.filters {
+            filter.filter(state, request, pool, candidates);
+            // A filter must only narrow; anything it added that is not in the pool is dropped.
+            candidates.retain(|&index| (index as usize) < pool.len());
+            if candidates.is_empty() {
+                return Err(SchedulingError::NoCandidates {
+                    profile: self.name.clone(),
+                    filter: filter_name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the profile over `buffers.base` (pool positions) and returns the picked pool
     /// positions, best first.
     pub(crate) fn run(
@@ -107,17 +130,7 @@ impl SchedulerProfile {
         let candidates = &mut buffers.candidates;
         candidates.clear();
         candidates.extend_from_slice(&buffers.base);
-        for (filter_name, filter) in &self.filters {
-            filter.filter(state, request, pool, candidates);
-            // A filter must only narrow; anything it added that is not in the pool is dropped.
-            candidates.retain(|&index| (index as usize) < pool.len());
-            if candidates.is_empty() {
-                return Err(SchedulingError::NoCandidates {
-                    profile: self.name.clone(),
-                    filter: filter_name.clone(),
-                });
-            }
-        }
+        self.run_filters(state, request, pool, candidates)?;
 
         let count = candidates.len();
         let totals = &mut buffers.totals;

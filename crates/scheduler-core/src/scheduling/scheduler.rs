@@ -374,9 +374,9 @@ impl Scheduler {
 
     /// Applies the pool's staleness policy to the base candidates: keeps the fresh ones when
     /// there are some; when none is, either refuses (fail closed) or decides at once for the
-    /// least-loaded candidates by last known load (fail open), without running the profiles,
-    /// whose scorers would rank numbers known to be out of date. Ties are broken by the
-    /// decision's seeded randomness.
+    /// least-loaded candidates by last known load (fail open), among those the first profile's
+    /// filters keep, without its scorers, which would rank numbers known to be out of date.
+    /// Ties are broken by the decision's seeded randomness.
     fn apply_staleness(
         &self,
         state: &mut CycleState,
@@ -402,8 +402,19 @@ impl Scheduler {
                 threshold: policy.threshold,
             });
         }
+        // The profile that would run first: its filters (the role of a P/D stage, a LoRA or
+        // label constraint) still apply; only its scorers, which would rank numbers known to
+        // be out of date, are skipped.
+        let mut next = Vec::with_capacity(1);
+        let progress = ProfileProgress { pool, runs: &[], failed: &[] };
+        self.handler.next_profiles(state, request, &self.profile_names, &progress, &mut next);
+        let position = next.first().copied().filter(|&at| at < self.profiles.len()).unwrap_or(0);
+        let profile = self.profiles.get(position).ok_or(SchedulingError::NoProfileRun)?;
+        buffers.candidates.clear();
+        buffers.candidates.extend_from_slice(&buffers.base);
+        profile.run_filters(state, request, pool, &mut buffers.candidates)?;
         let mut ranked: Vec<(u64, u64, u32)> = buffers
-            .base
+            .candidates
             .iter()
             .map(|&index| {
                 let load = last_known_load(&pool.endpoints()[index as usize]);
@@ -413,15 +424,7 @@ impl Scheduler {
         ranked.sort_unstable();
         let picks: Vec<u32> =
             ranked.iter().take(ALL_STALE_MAX_PICKS).map(|&(_, _, index)| index).collect();
-        let mut next = Vec::with_capacity(1);
-        let progress = ProfileProgress { pool, runs: &[], failed: &[] };
-        self.handler.next_profiles(state, request, &self.profile_names, &progress, &mut next);
-        let profile = next
-            .first()
-            .and_then(|&index| self.profile_names.get(index))
-            .or_else(|| self.profile_names.first())
-            .cloned()
-            .ok_or(SchedulingError::NoProfileRun)?;
+        let profile = profile.name().clone();
         // Ranked by last known load, not scored.
         Ok(Some(vec![ProfileRun { profile, picks, scores: Vec::new() }]))
     }
