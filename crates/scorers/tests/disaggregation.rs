@@ -249,7 +249,7 @@ fn bad_parameters_and_unknown_stages_are_refused_by_name() {
             "primaryPort: must be between 1 and 65535, got 70000",
         ),
         (
-            "type: pd-profile-handler",
+            "type: pd-profile-handler\n  parameters: {deciderPluginName: prefix-based-pd-decider}",
             "deciderPluginName: no plugin named 'prefix-based-pd-decider' is declared",
         ),
     ];
@@ -423,4 +423,72 @@ fn the_prefill_endpoint_is_recorded_as_holding_the_prompt_too() {
             assert_eq!(again.prefill().map(|p| p.id()), Some(first), "seed {seed}");
         }
     }
+}
+
+/// A P/D config in the shape of llm-d-inference-scheduler's first releases: the prefix-cache
+/// scorer in both profiles and `pd-profile-handler` with `parameters`, no decider declared.
+fn first_release_config(parameters: &str) -> String {
+    format!(
+        "plugins:
+- type: prefix-cache-scorer
+  parameters: {{hashBlockSize: 10, lruCapacityPerServer: 256}}
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+- type: pd-profile-handler
+  parameters: {parameters}
+schedulingProfiles:
+- name: prefill
+  plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: prefix-cache-scorer, weight: 2}}]
+- name: decode
+  plugins: [{{pluginRef: decode-filter}}, {{pluginRef: prefix-cache-scorer, weight: 2}}]
+"
+    )
+}
+
+fn small_pd_pool() -> Arc<PoolSnapshot> {
+    Arc::new(PoolSnapshot::new([
+        endpoint(1, EndpointRole::Prefill, 0),
+        endpoint(2, EndpointRole::Decode, 0),
+    ]))
+}
+
+#[test]
+fn first_release_pd_handler_parameters_keep_their_meaning() {
+    let pool = small_pd_pool();
+    let prefilled = |scheduler: &Scheduler, prompt: &str| {
+        let result = scheduler.schedule(&InferenceRequest::new("m", prompt), &pool).unwrap();
+        assert_eq!(result.primary().endpoint.address.port(), 2);
+        result.prefill().is_some()
+    };
+    // threshold 0 (and the old default, no parameters at all): every request prefilled apart.
+    for parameters in ["{threshold: 0, hashBlockSize: 5}", "{}"] {
+        let scheduler = build(&first_release_config(parameters)).unwrap();
+        assert!(prefilled(&scheduler, "hi"), "{parameters}");
+    }
+    // threshold N: only when at least N prompt characters are not cached on the decode pick.
+    let scheduler = build(&first_release_config("{threshold: 400}")).unwrap();
+    assert!(!prefilled(&scheduler, "a short question"));
+    let document = "a long document nobody has sent before ".repeat(40);
+    assert!(prefilled(&scheduler, &document), "1,600 new characters");
+    scheduler.flush();
+    // The same document again: the decode endpoint now holds it, so it stays whole.
+    assert!(!prefilled(&scheduler, &document), "cached on the decode pick");
+}
+
+#[test]
+fn first_release_parameters_give_way_to_a_named_decider_and_bad_values_are_named() {
+    let error = build(&first_release_config("{threshold: -1}")).unwrap_err();
+    assert!(error.contains("threshold: cannot be negative"), "{error}");
+    // A declared decider wins over threshold: never-disaggregate beats threshold 0.
+    let yaml = first_release_config("{threshold: 0, deciderPluginName: never}").replace(
+        "- type: max-score-picker\n",
+        "- type: max-score-picker\n- name: never\n  type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 0}\n",
+    );
+    let scheduler = build(&yaml).unwrap();
+    let result = scheduler.schedule(&InferenceRequest::new("m", "hi"), &small_pd_pool()).unwrap();
+    assert_eq!(result.prefill().map(|p| p.endpoint.address.port()), None);
+    // Naming a decider that is not declared is still an error.
+    let error = build(&first_release_config("{deciderPluginName: missing}")).unwrap_err();
+    assert!(error.contains("no plugin named 'missing'"), "{error}");
 }

@@ -22,17 +22,31 @@
 //! `prefix-based-pd-decider`), `primaryPort` (data-parallel destination port, see
 //! [`super::data_parallel`]) and, without effect, `prefixPluginType`, `prefixPluginName` and
 //! `prefixMatchInfoProducerName`.
+//!
+//! The parameters of its first versions (llm-d-inference-scheduler up to v0.3, still in many
+//! published configs) keep their meaning, with a warning, where llm-d-router today refuses
+//! such a config (its default decider is not declared) or ignores them:
+//! - `threshold` (without `deciderPluginName`): 0 prefills every request apart (the
+//!   always-disaggregate decider); N > 0 only requests whose prompt has at least N characters
+//!   not cached on the decode pick (the prefix-based decider with `nonCachedTokens` N / 4,
+//!   rounded up: tokens are estimated at 4 characters).
+//! - no `threshold` and no `deciderPluginName`, with no `prefix-based-pd-decider` declared: the
+//!   old default, `threshold: 0`.
+//! - `hashBlockSize`: accepted without effect (the decider reads the prefix index's own).
 
 use std::sync::{Arc, OnceLock};
 
 use scheduler_core::{
-    BindPlugins, ConstructedPlugins, CycleState, InferenceRequest, PluginError, PluginSpec,
-    ProfileHandler, ProfileProgress, ProfileRun, StageRuns,
+    BindPlugins, CHARACTERS_PER_TOKEN, ConstructedPlugins, CycleState, InferenceRequest,
+    PluginError, PluginSpec, ProfileHandler, ProfileProgress, ProfileRun, StageRuns,
 };
 use serde::Deserialize;
 
 use super::data_parallel::primary_port;
-use super::deciders::{Decider, DeciderHandle, PREFIX_BASED_PD_TYPE_NAME};
+use super::deciders::{
+    AlwaysDisaggPdDecider, Decider, DeciderHandle, PREFIX_BASED_PD_TYPE_NAME, PrefixBasedPdDecider,
+    PrefixBasedPdParameters,
+};
 
 /// llm-d type name of the handler.
 pub const TYPE_NAME: &str = "disagg-profile-handler";
@@ -146,6 +160,13 @@ struct PdParameters {
     /// Accepted without effect.
     #[serde(default)]
     prefix_match_info_producer_name: Option<String>,
+    /// The first versions' disaggregation threshold, in prompt characters not cached on the
+    /// decode pick (0: always).
+    #[serde(default)]
+    threshold: Option<i64>,
+    /// The first versions' prefix block size; accepted without effect.
+    #[serde(default)]
+    hash_block_size: Option<i64>,
 }
 
 /// One optional stage: its profile and the decider that gates it.
@@ -154,7 +175,19 @@ struct OptionalStage {
     profile: String,
     /// The decider's plugin name (and the parameter that named it, for errors).
     decider_name: Option<(&'static str, String)>,
+    /// A decider built from the handler's own parameters (`pd-profile-handler`'s `threshold`).
+    inline: Option<InlineDecider>,
+    /// When the named decider is not declared, decide as `pd-profile-handler`'s first
+    /// versions did by default (always disaggregate) instead of refusing the config.
+    legacy_default: bool,
     decider: OnceLock<Arc<dyn Decider>>,
+}
+
+/// A decider the handler builds itself (see the module docs).
+#[derive(Debug, Clone)]
+enum InlineDecider {
+    Always,
+    PrefixBased(Arc<PrefixBasedPdDecider>),
 }
 
 impl OptionalStage {
@@ -165,16 +198,47 @@ impl OptionalStage {
     ) -> Self {
         let profile = profile.filter(|name| !name.is_empty()).unwrap_or_else(|| default.to_owned());
         let decider_name = decider.filter(|(_, name)| !name.is_empty());
-        Self { profile, decider_name, decider: OnceLock::new() }
+        Self {
+            profile,
+            decider_name,
+            inline: None,
+            legacy_default: false,
+            decider: OnceLock::new(),
+        }
+    }
+
+    /// Whether a decider gates the stage.
+    fn has_decider(&self) -> bool {
+        self.decider_name.is_some() || self.inline.is_some()
     }
 
     fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
+        if let Some(inline) = &self.inline {
+            let decider: Arc<dyn Decider> = match inline {
+                InlineDecider::Always => Arc::new(AlwaysDisaggPdDecider),
+                InlineDecider::PrefixBased(decider) => {
+                    decider.bind(plugins)?;
+                    Arc::clone(decider) as Arc<dyn Decider>
+                }
+            };
+            let _ = self.decider.set(decider);
+            return Ok(());
+        }
         let Some((parameter, name)) = &self.decider_name else { return Ok(()) };
-        let declared = plugins.get(name).ok_or_else(|| {
-            PluginError::InvalidParameters(format!(
+        let Some(declared) = plugins.get(name) else {
+            if self.legacy_default {
+                tracing::warn!(
+                    "{PD_TYPE_NAME}: no '{name}' is declared; every request is prefilled apart, \
+                     as the handler's first versions did (declare a decider and name it in \
+                     deciderPluginName to choose)"
+                );
+                let _ = self.decider.set(Arc::new(AlwaysDisaggPdDecider));
+                return Ok(());
+            }
+            return Err(PluginError::InvalidParameters(format!(
                 "{parameter}: no plugin named '{name}' is declared"
-            ))
-        })?;
+            )));
+        };
         let handle = declared
             .plugin
             .shared
@@ -303,12 +367,51 @@ impl DisaggProfileHandler {
             "{PD_TYPE_NAME} is deprecated; use {TYPE_NAME} (profiles.*, deciders.prefill)"
         );
         let parameters: PdParameters = spec.parameters()?;
+        let named = parameters.decider_plugin_name.is_some();
         let decider =
             parameters.decider_plugin_name.unwrap_or_else(|| PREFIX_BASED_PD_TYPE_NAME.to_owned());
         if decider.is_empty() {
             return Err(PluginError::InvalidParameters(
                 "deciderPluginName: the decider plugin name is not defined".to_owned(),
             ));
+        }
+        if parameters.hash_block_size.is_some() {
+            tracing::warn!(
+                plugin = spec.name,
+                "{PD_TYPE_NAME}: hashBlockSize is no longer used (the prefix index's block size is)"
+            );
+        }
+        let inline = match parameters.threshold {
+            Some(threshold) if threshold < 0 => {
+                return Err(PluginError::InvalidParameters(format!(
+                    "threshold: cannot be negative, got {threshold}"
+                )));
+            }
+            Some(_) if named => {
+                tracing::warn!(
+                    plugin = spec.name,
+                    "{PD_TYPE_NAME}: threshold is ignored beside deciderPluginName"
+                );
+                None
+            }
+            Some(0) => Some(InlineDecider::Always),
+            Some(threshold) => {
+                let characters = threshold as u64;
+                let tokens = characters.div_ceil(CHARACTERS_PER_TOKEN as u64);
+                let decider = PrefixBasedPdDecider::new(PrefixBasedPdParameters {
+                    non_cached_tokens: tokens as i64,
+                    prompt_tokens: 0,
+                })?;
+                Some(InlineDecider::PrefixBased(Arc::new(decider)))
+            }
+            None => None,
+        };
+        if inline.is_some() {
+            tracing::warn!(
+                plugin = spec.name,
+                "{PD_TYPE_NAME}: threshold is deprecated; declare a decider (always-disagg-pd-decider, \
+                 prefix-based-pd-decider) and name it in deciderPluginName"
+            );
         }
         let data_parallel_port = match parameters.primary_port {
             None | Some(0) => None,
@@ -321,11 +424,15 @@ impl DisaggProfileHandler {
             type_name: PD_TYPE_NAME,
             order: StageOrder::DecodeFirst,
             decode: non_empty_or(parameters.decode_profile, DECODE),
-            prefill: OptionalStage::new(
-                parameters.prefill_profile,
-                PREFILL,
-                Some(("deciderPluginName", decider)),
-            ),
+            prefill: OptionalStage {
+                inline,
+                legacy_default: !named,
+                ..OptionalStage::new(
+                    parameters.prefill_profile,
+                    PREFILL,
+                    Some(("deciderPluginName", decider)),
+                )
+            },
             encode: None,
             data_parallel_port,
         })
@@ -493,13 +600,13 @@ impl ProfileHandler for DisaggProfileHandler {
             return missing(decode_parameter, &self.decode);
         }
         // A stage with a decider but no profile would silently never run.
-        if self.prefill.decider_name.is_some()
+        if self.prefill.has_decider()
             && Self::position(profile_names, &self.prefill.profile).is_none()
         {
             return missing(prefill_parameter, &self.prefill.profile);
         }
         if let Some(encode) = &self.encode
-            && encode.decider_name.is_some()
+            && encode.has_decider()
             && Self::position(profile_names, &encode.profile).is_none()
         {
             return missing(encode_parameter, &encode.profile);
