@@ -240,7 +240,7 @@ int32_t epp_scheduler_set_max_body_bytes(const struct EppScheduler *handle, size
 /*
  Adds an endpoint at `address` (`"ip:port"`, NUL-terminated) named `name` (NUL-terminated;
  NULL names it after its address). An endpoint already at that address is renamed and keeps
- its metrics.
+ its metrics and labels.
 
  # Safety
  `handle` is NULL or live; `address` and a non-NULL `name` are NUL-terminated strings.
@@ -256,6 +256,22 @@ int32_t epp_endpoint_upsert(const struct EppScheduler *handle,
  `handle` is NULL or live; `address` is a NUL-terminated string.
  */
 int32_t epp_endpoint_remove(const struct EppScheduler *handle, const char *address);
+
+/*
+ Sets the label `key` of the endpoint at `address` to `value`, or removes it when `value` is
+ NULL. Labels are what label filters and scorers read: `llm-d.ai/role` (`prefill`,
+ `decode`, `encode`, `prefill-decode`, ...) places the endpoint in a disaggregated pool,
+ `kubernetes.io/hostname` and `topology.kubernetes.io/{rack,zone,region}` feed topology
+ affinity. Keys and values are at most 1,024 bytes; the key must not be empty.
+
+ # Safety
+ `handle` is NULL or live; `address` and `key` are NUL-terminated strings; `value` is NULL
+ or NUL-terminated.
+ */
+int32_t epp_endpoint_set_label(const struct EppScheduler *handle,
+                               const char *address,
+                               const char *key,
+                               const char *value);
 
 /*
  Replaces the metrics of the endpoint at `address`, observed now.
@@ -327,6 +343,35 @@ int32_t epp_schedule(const struct EppScheduler *handle,
 int32_t epp_request_set_served_endpoint(const struct EppScheduler *handle,
                                         uint64_t token,
                                         const char *address);
+
+/*
+ Writes the headers to set on the request `token` as it is forwarded to its destination, one
+ `name: value` per line (each line ending in `\n`), NUL-terminated, into `out`: the prefill
+ endpoint of a disaggregated request (`x-prefiller-host-port`), its encoders
+ (`x-encoder-hosts-ports`), the chosen data-parallel rank (`x-data-parallel-host-port`).
+ Writes an empty string when there are none. A client's own values of these headers must be
+ removed before forwarding. If `out_cap` cannot hold the text and the NUL, returns
+ `EPP_STATUS_BUFFER_TOO_SMALL` (the message says how many bytes are needed) and writes
+ nothing else.
+
+ # Safety
+ `handle` is NULL or live; a non-NULL `out` points to `out_cap` writable bytes.
+ */
+int32_t epp_request_upstream_headers(const struct EppScheduler *handle,
+                                     uint64_t token,
+                                     char *out,
+                                     size_t out_cap);
+
+/*
+ Tells the picker that the response of the request `token` has started: a disaggregated
+ request's prefill is over, so the prefill endpoint's in-flight count is released now (the
+ destination's when the request completes). Without a prefill endpoint it does nothing;
+ calling it again does nothing either.
+
+ # Safety
+ `handle` is NULL or live.
+ */
+int32_t epp_request_prefill_done(const struct EppScheduler *handle, uint64_t token);
 
 /*
  Ends the request `token` and runs the completion hooks: `outcome` is one of

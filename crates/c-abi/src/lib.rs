@@ -22,6 +22,13 @@
 //! ended), which runs the completion hooks (in-flight counters, prefix-cache bookkeeping, flow
 //! control's release) exactly once.
 //!
+//! Disaggregated pools (prefill/decode): endpoints get their `llm-d.ai/role` (and topology)
+//! labels with `epp_endpoint_set_label`; after `epp_schedule`, `epp_request_upstream_headers`
+//! gives the headers to set on the request forwarded to the destination
+//! (`x-prefiller-host-port`, `x-encoder-hosts-ports`, `x-data-parallel-host-port`), and
+//! `epp_request_prefill_done` releases the prefill endpoint's in-flight count when the
+//! response starts.
+//!
 //! Admission follows the config's `saturationDetector` and `flowControl` sections, with
 //! priorities from the InferenceObjectives given to `epp_scheduler_new_with_objectives` (the
 //! `x-llm-d-inference-objective` header, or the older `x-gateway-inference-objective`, names
@@ -76,15 +83,27 @@ pub const EPP_OUTCOME_CANCELLED: i32 = 2;
 #[derive(Debug)]
 pub struct EppScheduler {
     director: Director,
-    /// Completion guards of scheduled requests, by token, until `epp_request_complete`.
-    /// A guard is `None` when the scheduler has no completion hooks.
-    /// Ordered by token, so the oldest is first when the bound is reached.
-    in_flight: Mutex<BTreeMap<u64, Option<CompletionGuard>>>,
+    /// Scheduled requests, by token, until `epp_request_complete`. Ordered by token, so the
+    /// oldest is first when the bound is reached.
+    in_flight: Mutex<BTreeMap<u64, InFlight>>,
     /// Most requests kept in flight; beyond it the oldest is released as cancelled.
     max_in_flight: usize,
     next_token: AtomicU64,
     max_body_bytes: AtomicUsize,
 }
+
+/// What a scheduled request keeps until it completes.
+#[derive(Debug)]
+struct InFlight {
+    /// Its completion guard; `None` when the scheduler has no completion hooks.
+    completion: Option<CompletionGuard>,
+    /// The headers to set on the forwarded request (empty unless disaggregated or
+    /// data-parallel).
+    upstream_headers: Vec<(&'static str, String)>,
+}
+
+/// Largest label key and value `epp_endpoint_set_label` accepts, in bytes.
+const MAX_LABEL_BYTES: usize = 1024;
 
 /// Requests in flight per handle before the oldest is released as cancelled: a host that never
 /// completes its tokens cannot grow the handle without bound (about 100 bytes each).
@@ -352,7 +371,7 @@ pub unsafe extern "C" fn epp_scheduler_set_max_body_bytes(
 
 /// Adds an endpoint at `address` (`"ip:port"`, NUL-terminated) named `name` (NUL-terminated;
 /// NULL names it after its address). An endpoint already at that address is renamed and keeps
-/// its metrics.
+/// its metrics and labels.
 ///
 /// # Safety
 /// `handle` is NULL or live; `address` and a non-NULL `name` are NUL-terminated strings.
@@ -374,9 +393,15 @@ pub unsafe extern "C" fn epp_endpoint_upsert(
             endpoint = endpoint.with_name(name);
         }
         handle.pool().update(|pool| {
-            let metrics =
-                pool.by_id(endpoint.id).map(|known| known.metrics.clone()).unwrap_or_default();
-            pool.upsert(EndpointState::new(endpoint.clone()).with_metrics(metrics));
+            let mut endpoint = endpoint.clone();
+            let metrics = match pool.by_id(endpoint.id) {
+                Some(known) => {
+                    endpoint.labels = known.endpoint.labels.clone();
+                    known.metrics.clone()
+                }
+                None => Default::default(),
+            };
+            pool.upsert(EndpointState::new(endpoint).with_metrics(metrics));
         });
         Ok(())
     })
@@ -399,6 +424,63 @@ pub unsafe extern "C" fn epp_endpoint_remove(
         let mut removed = false;
         handle.pool().update(|pool| removed = pool.remove(EndpointId::from_address(address)));
         if removed { Ok(()) } else { Err(unknown_endpoint(address)) }
+    })
+}
+
+/// Sets the label `key` of the endpoint at `address` to `value`, or removes it when `value` is
+/// NULL. Labels are what label filters and scorers read: `llm-d.ai/role` (`prefill`,
+/// `decode`, `encode`, `prefill-decode`, ...) places the endpoint in a disaggregated pool,
+/// `kubernetes.io/hostname` and `topology.kubernetes.io/{rack,zone,region}` feed topology
+/// affinity. Keys and values are at most 1,024 bytes; the key must not be empty.
+///
+/// # Safety
+/// `handle` is NULL or live; `address` and `key` are NUL-terminated strings; `value` is NULL
+/// or NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epp_endpoint_set_label(
+    handle: *const EppScheduler,
+    address: *const c_char,
+    key: *const c_char,
+    value: *const c_char,
+) -> i32 {
+    guarded(|| {
+        // SAFETY: forwarded from the caller.
+        let handle = unsafe { handle_ref(handle) }?;
+        // SAFETY: forwarded from the caller.
+        let address = unsafe { self::address(address) }?;
+        // SAFETY: forwarded from the caller.
+        let key = unsafe { c_str(key, "key") }?;
+        // SAFETY: forwarded from the caller.
+        let value = if value.is_null() { None } else { Some(unsafe { c_str(value, "value") }?) };
+        if key.is_empty() {
+            return Err(Error::new(EppStatus::InvalidArgument, "label key is empty"));
+        }
+        let too_long = |what: &str, text: &str| {
+            Error::new(
+                EppStatus::InvalidArgument,
+                format!("label {what} of {} bytes exceeds {MAX_LABEL_BYTES}", text.len()),
+            )
+        };
+        if key.len() > MAX_LABEL_BYTES {
+            return Err(too_long("key", key));
+        }
+        if let Some(value) = value
+            && value.len() > MAX_LABEL_BYTES
+        {
+            return Err(too_long("value", value));
+        }
+        let mut found = false;
+        handle.pool().update(|pool| {
+            let Some(known) = pool.by_id(EndpointId::from_address(address)) else { return };
+            found = true;
+            let mut state = known.clone();
+            match value {
+                Some(value) => state.endpoint.labels.insert(key.to_owned(), value.to_owned()),
+                None => state.endpoint.labels.remove(key),
+            };
+            pool.upsert(state);
+        });
+        if found { Ok(()) } else { Err(unknown_endpoint(address)) }
     })
 }
 
@@ -680,9 +762,11 @@ impl EppScheduler {
         out[destination.len()] = 0;
 
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let entry =
+            InFlight { completion: routed.completion, upstream_headers: routed.request_headers };
         let evicted = {
             let mut in_flight = self.in_flight.lock();
-            in_flight.insert(token, routed.completion);
+            in_flight.insert(token, entry);
             if in_flight.len() > self.max_in_flight { in_flight.pop_first() } else { None }
         };
         // Outside the lock: releasing runs the completion hooks.
@@ -703,7 +787,8 @@ impl EppScheduler {
 
     /// Removes and returns the guard of the request `token`.
     fn take_in_flight(&self, token: u64) -> Result<Option<CompletionGuard>> {
-        self.in_flight.lock().remove(&token).ok_or_else(|| unknown_token(token))
+        let entry = self.in_flight.lock().remove(&token).ok_or_else(|| unknown_token(token))?;
+        Ok(entry.completion)
     }
 }
 
@@ -755,9 +840,76 @@ pub unsafe extern "C" fn epp_request_set_served_endpoint(
         // SAFETY: forwarded from the caller.
         let address = unsafe { self::address(address) }?;
         let mut in_flight = handle.in_flight.lock();
-        let guard = in_flight.get_mut(&token).ok_or_else(|| unknown_token(token))?;
-        if let Some(guard) = guard.as_mut() {
+        let entry = in_flight.get_mut(&token).ok_or_else(|| unknown_token(token))?;
+        if let Some(guard) = entry.completion.as_mut() {
             guard.set_served_endpoint(EndpointId::from_address(address));
+        }
+        Ok(())
+    })
+}
+
+/// Writes the headers to set on the request `token` as it is forwarded to its destination, one
+/// `name: value` per line (each line ending in `\n`), NUL-terminated, into `out`: the prefill
+/// endpoint of a disaggregated request (`x-prefiller-host-port`), its encoders
+/// (`x-encoder-hosts-ports`), the chosen data-parallel rank (`x-data-parallel-host-port`).
+/// Writes an empty string when there are none. A client's own values of these headers must be
+/// removed before forwarding. If `out_cap` cannot hold the text and the NUL, returns
+/// `EPP_STATUS_BUFFER_TOO_SMALL` (the message says how many bytes are needed) and writes
+/// nothing else.
+///
+/// # Safety
+/// `handle` is NULL or live; a non-NULL `out` points to `out_cap` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epp_request_upstream_headers(
+    handle: *const EppScheduler,
+    token: u64,
+    out: *mut c_char,
+    out_cap: usize,
+) -> i32 {
+    guarded(|| {
+        if out.is_null() {
+            return Err(null("out"));
+        }
+        // SAFETY: non-NULL (checked above) and `out_cap` writable bytes per the caller.
+        let out = unsafe { out_slice(out, out_cap) }?;
+        // SAFETY: forwarded from the caller.
+        let handle = unsafe { handle_ref(handle) }?;
+        let text = {
+            let in_flight = handle.in_flight.lock();
+            let entry = in_flight.get(&token).ok_or_else(|| unknown_token(token))?;
+            entry
+                .upstream_headers
+                .iter()
+                .fold(String::new(), |text, (name, value)| text + name + ": " + value + "\n")
+        };
+        if out.len() <= text.len() {
+            return Err(Error::new(
+                EppStatus::BufferTooSmall,
+                format!("out needs {} bytes, has {}", text.len() + 1, out.len()),
+            ));
+        }
+        out[..text.len()].copy_from_slice(text.as_bytes());
+        out[text.len()] = 0;
+        Ok(())
+    })
+}
+
+/// Tells the picker that the response of the request `token` has started: a disaggregated
+/// request's prefill is over, so the prefill endpoint's in-flight count is released now (the
+/// destination's when the request completes). Without a prefill endpoint it does nothing;
+/// calling it again does nothing either.
+///
+/// # Safety
+/// `handle` is NULL or live.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epp_request_prefill_done(handle: *const EppScheduler, token: u64) -> i32 {
+    guarded(|| {
+        // SAFETY: forwarded from the caller.
+        let handle = unsafe { handle_ref(handle) }?;
+        let mut in_flight = handle.in_flight.lock();
+        let entry = in_flight.get_mut(&token).ok_or_else(|| unknown_token(token))?;
+        if let Some(guard) = entry.completion.as_mut() {
+            guard.prefill_done();
         }
         Ok(())
     })

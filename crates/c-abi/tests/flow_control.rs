@@ -2,18 +2,17 @@
 //! and with the `flowControl` gate a request waits in `epp_schedule` until room frees or its
 //! TTL passes, with nothing but the waiting call itself driving flow control.
 
-use std::ffi::{CString, c_char};
-use std::ptr;
+mod support;
+
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use epp_c_abi::{
-    EPP_OUTCOME_COMPLETED, EppEndpointMetrics, EppHeader, EppScheduler, EppStatus,
-    epp_endpoint_set_metrics, epp_endpoint_upsert, epp_in_flight_count, epp_last_error_message,
-    epp_request_complete, epp_schedule, epp_scheduler_free, epp_scheduler_new,
+    EPP_OUTCOME_COMPLETED, EppScheduler, EppStatus, epp_in_flight_count, epp_request_complete,
     epp_scheduler_new_with_objectives,
 };
+use support::{Picker, Scheduled, add_endpoint, last_error, schedule_request};
 
 const BODY: &str = r#"{"model":"llama","messages":[{"role":"user","content":"Hello"}]}"#;
 const OBJECTIVES: &str = "- name: batch\n  priority: -1\n- name: chat\n  priority: 2\n";
@@ -40,76 +39,6 @@ saturationDetector: {pluginRef: concurrency-detector}
 flowControl: {defaultRequestTTL: 30s}
 ";
 
-/// A picker owned by the test, freed on drop.
-struct Picker(*mut EppScheduler);
-
-impl Picker {
-    fn new(config: &str, objectives: Option<&str>) -> Self {
-        // SAFETY: pointers and lengths describe live strings (or NULL with 0).
-        let handle = unsafe {
-            match objectives {
-                Some(objectives) => epp_scheduler_new_with_objectives(
-                    config.as_ptr().cast(),
-                    config.len(),
-                    objectives.as_ptr().cast(),
-                    objectives.len(),
-                ),
-                None => epp_scheduler_new(config.as_ptr().cast(), config.len()),
-            }
-        };
-        assert!(!handle.is_null(), "{}", last_error());
-        Self(handle)
-    }
-
-    fn handle(&self) -> &EppScheduler {
-        // SAFETY: non-NULL and live until drop.
-        unsafe { &*self.0 }
-    }
-}
-
-impl Drop for Picker {
-    fn drop(&mut self) {
-        // SAFETY: made by `epp_scheduler_new*`, not used after this.
-        unsafe { epp_scheduler_free(self.0) };
-    }
-}
-
-fn last_error() -> String {
-    let mut buffer = [0u8; 512];
-    // SAFETY: the buffer is writable for its length.
-    unsafe { epp_last_error_message(buffer.as_mut_ptr().cast(), buffer.len()) };
-    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
-    String::from_utf8_lossy(&buffer[..end]).into_owned()
-}
-
-fn add_endpoint(epp: &EppScheduler, address: &str, waiting_queue: u32, kv_usage: f64) {
-    let address = CString::new(address).unwrap();
-    let metrics = EppEndpointMetrics {
-        waiting_queue,
-        running: 1,
-        kv_usage,
-        max_lora: 0,
-        kv_capacity_blocks: 0,
-        active_loras: ptr::null(),
-        waiting_loras: ptr::null(),
-    };
-    // SAFETY: live handle, NUL-terminated address, valid metrics.
-    unsafe {
-        assert_eq!(epp_endpoint_upsert(epp, address.as_ptr(), ptr::null()), 0);
-        assert_eq!(epp_endpoint_set_metrics(epp, address.as_ptr(), &metrics), 0);
-    }
-}
-
-/// What one `epp_schedule` call returned.
-#[derive(Debug)]
-struct Scheduled {
-    status: i32,
-    http: i32,
-    token: u64,
-    endpoints: String,
-    error: String,
-}
-
 fn schedule(epp: &EppScheduler, objective: Option<&str>) -> Scheduled {
     schedule_with_header(
         epp,
@@ -118,37 +47,7 @@ fn schedule(epp: &EppScheduler, objective: Option<&str>) -> Scheduled {
 }
 
 fn schedule_with_header(epp: &EppScheduler, extra: Option<(&'static str, &str)>) -> Scheduled {
-    let header = |name: &'static str, value: &str| EppHeader {
-        name: name.as_ptr().cast(),
-        name_len: name.len(),
-        value: value.as_ptr().cast(),
-        value_len: value.len(),
-    };
-    let mut headers = vec![header(":path", "/v1/chat/completions")];
-    if let Some((name, value)) = extra {
-        headers.push(header(name, value));
-    }
-    let mut out = [0x55 as c_char; 128];
-    let (mut token, mut http) = (u64::MAX, 0);
-    // SAFETY: live handle; every pointer covers its length and outlives the call.
-    let status = unsafe {
-        epp_schedule(
-            epp,
-            BODY.as_ptr(),
-            BODY.len(),
-            headers.as_ptr(),
-            headers.len(),
-            out.as_mut_ptr(),
-            out.len(),
-            0,
-            &mut token,
-            &mut http,
-        )
-    };
-    let end = out.iter().position(|&c| c == 0).expect("NUL-terminated");
-    let endpoints = out[..end].iter().map(|&c| c as u8 as char).collect();
-    let error = if status == 0 { String::new() } else { last_error() };
-    Scheduled { status, http, token, endpoints, error }
+    schedule_request(epp, BODY, extra.as_slice())
 }
 
 fn complete(epp: &EppScheduler, token: u64) {

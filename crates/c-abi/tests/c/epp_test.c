@@ -298,6 +298,46 @@ int main(void) {
     epp_scheduler_free(queueing);
   }
 
+  /* Prefill/decode disaggregation: roles as labels, the prefill pick as a header to forward. */
+  {
+    const char pd[] =
+        "plugins:\n"
+        "- type: prefill-filter\n"
+        "- type: decode-filter\n"
+        "- type: always-disagg-pd-decider\n"
+        "- type: disagg-profile-handler\n"
+        "  parameters: {deciders: {prefill: always-disagg-pd-decider}}\n"
+        "schedulingProfiles:\n"
+        "- {name: prefill, plugins: [{pluginRef: prefill-filter}]}\n"
+        "- {name: decode, plugins: [{pluginRef: decode-filter}]}\n";
+    EppScheduler *disagg = epp_scheduler_new(pd, strlen(pd));
+    CHECK(disagg != NULL);
+    if (disagg != NULL) {
+      CHECK(epp_endpoint_upsert(disagg, "10.0.1.1:8000", NULL) == EPP_STATUS_OK);
+      CHECK(epp_endpoint_upsert(disagg, "10.0.1.2:8000", NULL) == EPP_STATUS_OK);
+      set_load(disagg, "10.0.1.1:8000", 0, 0.1);
+      set_load(disagg, "10.0.1.2:8000", 0, 0.1);
+      CHECK(epp_endpoint_set_label(disagg, "10.0.1.1:8000", "llm-d.ai/role", "prefill") ==
+            EPP_STATUS_OK);
+      CHECK(epp_endpoint_set_label(disagg, "10.0.1.2:8000", "llm-d.ai/role", "decode") ==
+            EPP_STATUS_OK);
+      CHECK(epp_endpoint_set_label(disagg, "10.0.9.9:1", "llm-d.ai/role", "decode") ==
+            EPP_STATUS_UNKNOWN_ENDPOINT);
+      CHECK(schedule(disagg, CHAT, out, sizeof out, 1, &token, &http) == EPP_STATUS_OK);
+      CHECK(strcmp(out, "10.0.1.2:8000") == 0);
+      char headers[128];
+      CHECK(epp_request_upstream_headers(disagg, token, headers, sizeof headers) ==
+            EPP_STATUS_OK);
+      CHECK(strcmp(headers, "x-prefiller-host-port: 10.0.1.1:8000\n") == 0);
+      CHECK(epp_request_upstream_headers(disagg, token, headers, 8) ==
+            EPP_STATUS_BUFFER_TOO_SMALL);
+      CHECK(epp_request_prefill_done(disagg, token) == EPP_STATUS_OK);
+      CHECK(epp_request_complete(disagg, token, 5, 5, EPP_OUTCOME_COMPLETED) == EPP_STATUS_OK);
+      CHECK(epp_request_prefill_done(disagg, token) == EPP_STATUS_UNKNOWN_TOKEN);
+      epp_scheduler_free(disagg);
+    }
+  }
+
   epp_scheduler_free(defaults);
   epp_scheduler_free(epp);
   epp_scheduler_free(NULL);
