@@ -238,7 +238,8 @@ impl PluginRegistry {
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
     /// in flight as a pre-request and completion hook), the request parsers
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
-    /// `passthrough-parser`), the flow-control policies
+    /// `passthrough-parser`, `vllmgrpc-parser`, `sglanghttp-parser`, `vertexai-parser`), the
+    /// flow-control policies
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
     /// `edf-ordering-policy`, `static-usage-limit-policy` (parameters: `threshold`),
     /// `program-aware-fairness`, the experimental `soft-reflective-ceiling-policy`,
