@@ -480,9 +480,9 @@ impl Exchange {
         out: &mut Vec<ProcessingResponse>,
     ) {
         if let Some(guard) = self.completion.as_mut() {
-            // The decode endpoint answers only once the prefill endpoint handed its KV cache
-            // over: the prefill stage of a disaggregated request is over.
-            guard.prefill_done();
+            // The response started; the decode endpoint answers only once the prefill endpoint
+            // handed its KV cache over, so a disaggregated request's prefill stage is over.
+            guard.response_started();
             if let Some(served) = proto::served_endpoint(metadata) {
                 guard.set_served_endpoint(EndpointId::from_address(served));
             }

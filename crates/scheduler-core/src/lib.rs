@@ -83,8 +83,8 @@ pub use scheduling::plugin::{
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{
-    CompletedRequest, CompletionGuard, Outcome, PrefillCompleted, ProfileRun, SchedulingError,
-    SchedulingResult, StageRuns,
+    CompletedRequest, CompletionGuard, Outcome, PrefillCompleted, ProfileRun, ResponseStarted,
+    SchedulingError, SchedulingResult, StageRuns,
 };
 pub use scheduling::scheduler::{
     ALL_STALE_MAX_PICKS, SINGLE_PROFILE_HANDLER, ScheduleOptions, Scheduler, SingleProfileHandler,

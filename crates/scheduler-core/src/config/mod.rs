@@ -657,6 +657,32 @@ impl EndpointPickerConfig {
                 plugin,
             });
         }
+        // Default producers, as the Go loader creates them: for each type a plugin needs and no
+        // plugin is named after, one instance named after its type, in order of first need.
+        let mut needed: Vec<&'static str> = Vec::new();
+        for declared in constructed.iter() {
+            for &type_name in &declared.plugin.default_producers {
+                if constructed.get(type_name).is_none() && !needed.contains(&type_name) {
+                    needed.push(type_name);
+                }
+            }
+        }
+        for type_name in needed {
+            let index = constructed.len();
+            let plugin = registry.create(&PluginSpec::of_type(type_name)).map_err(|source| {
+                ConfigError::Plugin {
+                    index,
+                    name: type_name.to_owned(),
+                    type_name: type_name.to_owned(),
+                    source,
+                }
+            })?;
+            constructed.plugins.push(ConstructedPlugin {
+                name: type_name.to_owned(),
+                type_name: type_name.to_owned(),
+                plugin,
+            });
+        }
         for (index, declared) in constructed.iter().enumerate() {
             if let Some(binder) = &declared.plugin.binder {
                 binder.bind(&constructed).map_err(|source| ConfigError::Plugin {

@@ -13,7 +13,7 @@ use crate::pool::endpoint::EndpointState;
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::CycleState;
 use crate::scheduling::result::{
-    CompletedRequest, PrefillCompleted, ProfileRun, SchedulingResult, StageRuns,
+    CompletedRequest, PrefillCompleted, ProfileRun, ResponseStarted, SchedulingResult, StageRuns,
 };
 
 /// The endpoints still in the running for a request: a view into the pool snapshot.
@@ -220,6 +220,12 @@ pub trait ResponseComplete: Send + Sync + Debug {
     /// the KV cache), or when the request ends first. Hooks that count the prefill endpoint's
     /// work in flight release it here; the default counts none.
     fn prefill_complete(&self, _prefill: &PrefillCompleted) {}
+
+    /// Called at most once per scheduled request, when its response starts (before
+    /// [`Self::prefill_complete`]); hooks that release work done by then (a prompt's prefill)
+    /// release it here. A request that ends before its response starts never calls it. The
+    /// default does nothing.
+    fn response_started(&self, _started: &ResponseStarted) {}
 }
 
 /// Writes headers on the response of each request it helped schedule, as llm-d-router's

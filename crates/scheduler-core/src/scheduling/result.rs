@@ -112,6 +112,15 @@ pub struct PrefillCompleted {
     pub endpoint: EndpointId,
 }
 
+/// A scheduled request whose response started (the model server's response headers came).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseStarted {
+    /// The request id.
+    pub request_id: String,
+    /// The endpoint the request was scheduled on.
+    pub scheduled_endpoint: EndpointId,
+}
+
 /// The part each profile run of a decision plays beyond the primary one, as the profile
 /// handler says ([`ProfileHandler::stages`](crate::ProfileHandler::stages)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,12 +141,18 @@ pub(crate) struct CompletionHooks {
     pub(crate) request: Box<dyn Fn(&CompletedRequest) + Send + Sync>,
     /// When a disaggregated request's prefill stage is over.
     pub(crate) prefill: Box<dyn Fn(&PrefillCompleted) + Send + Sync>,
+    /// When a request's response starts.
+    pub(crate) started: Box<dyn Fn(&ResponseStarted) + Send + Sync>,
 }
 
 impl CompletionHooks {
     /// Hooks that do nothing.
     pub(crate) fn none() -> Arc<Self> {
-        Arc::new(Self { request: Box::new(|_| {}), prefill: Box::new(|_| {}) })
+        Arc::new(Self {
+            request: Box::new(|_| {}),
+            prefill: Box::new(|_| {}),
+            started: Box::new(|_| {}),
+        })
     }
 }
 
@@ -221,6 +236,12 @@ impl SchedulingResult {
         &self.runs[self.primary].profile
     }
 
+    /// The part each run plays beyond the primary one (which run chose the prefill endpoint,
+    /// which the encoders).
+    pub fn stages(&self) -> StageRuns {
+        self.stages
+    }
+
     /// Every profile that ran, in order.
     pub fn profile_runs(&self) -> &[ProfileRun] {
         &self.runs
@@ -256,6 +277,8 @@ pub struct CompletionGuard {
     completed: Option<CompletedRequest>,
     /// The prefill endpoint of a disaggregated request, until its stage is reported over.
     prefill: Option<EndpointId>,
+    /// Whether the response start was reported.
+    started: bool,
 }
 
 impl std::fmt::Debug for CompletionGuard {
@@ -288,6 +311,7 @@ impl CompletionGuard {
                 fairness_id: None,
             }),
             prefill: None,
+            started: false,
         }
     }
 
@@ -310,6 +334,24 @@ impl CompletionGuard {
             let prefill = PrefillCompleted { request_id: completed.request_id.clone(), endpoint };
             (self.hooks.prefill)(&prefill);
         }
+    }
+
+    /// Reports the response started (its headers came from the model server): runs the
+    /// hooks' [`response_started`](crate::ResponseComplete::response_started) once, then ends
+    /// a disaggregated request's prefill stage ([`Self::prefill_done`]). Later calls do
+    /// nothing; a request that ends without a response never reports a start.
+    pub fn response_started(&mut self) {
+        if !self.started
+            && let Some(completed) = self.completed.as_ref()
+        {
+            self.started = true;
+            let started = ResponseStarted {
+                request_id: completed.request_id.clone(),
+                scheduled_endpoint: completed.scheduled_endpoint,
+            };
+            (self.hooks.started)(&started);
+        }
+        self.prefill_done();
     }
 
     /// Records the request's fairness id, for hooks that account per flow.

@@ -21,7 +21,7 @@ use crate::scheduling::plugin::{
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
     CompletedRequest, CompletionGuard, CompletionHooks, PrefillCompleted, ProfileRun,
-    SchedulingError, SchedulingResult,
+    ResponseStarted, SchedulingError, SchedulingResult,
 };
 
 /// Endpoints a fail-open decision over all-stale candidates returns: the primary and up to
@@ -121,6 +121,7 @@ impl Scheduler {
         self.response_complete.push(hook);
         let hooks: Arc<[Arc<dyn ResponseComplete>]> = Arc::from(self.response_complete.clone());
         let prefill_hooks = Arc::clone(&hooks);
+        let started_hooks = Arc::clone(&hooks);
         self.completion_hooks = Arc::new(CompletionHooks {
             request: Box::new(move |completed: &CompletedRequest| {
                 for hook in hooks.iter() {
@@ -130,6 +131,11 @@ impl Scheduler {
             prefill: Box::new(move |prefill: &PrefillCompleted| {
                 for hook in prefill_hooks.iter() {
                     hook.prefill_complete(prefill);
+                }
+            }),
+            started: Box::new(move |started: &ResponseStarted| {
+                for hook in started_hooks.iter() {
+                    hook.response_started(started);
                 }
             }),
         });
