@@ -30,6 +30,7 @@
 //! | `max-score-picker`, `random-picker`, `weighted-random-picker` | picker | [`pickers`] |
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `disagg-profile-handler`, `pd-profile-handler` (deprecated), `data-parallel-profile-handler` | profile handlers | [`disagg`] |
+//! | `header-profile-handler` (experimental) | profile handler (the profile a header names) | [`header_profile`] |
 //! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
 //! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
@@ -64,6 +65,7 @@ pub mod context_length;
 pub mod disagg;
 pub mod endpoint_attribute;
 pub mod header_label_affinity;
+pub mod header_profile;
 pub mod kv_cache;
 pub mod label_filter;
 pub mod label_selector;
@@ -97,6 +99,7 @@ pub use endpoint_attribute::{
     EndpointAttributeScorerParameters,
 };
 pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
+pub use header_profile::{HeaderProfileHandler, HeaderProfileParameters};
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters, RoleFilter};
 pub use label_selector::{LabelSelectorFilter, LabelSelectorParameters};
@@ -253,6 +256,9 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
+    });
+    registry.register_experimental(header_profile::TYPE_NAME, |spec| {
+        Ok(Plugin::profile_handler(HeaderProfileHandler::new(&spec.parameters()?)?))
     });
     registry.register_experimental(utilization_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(UtilizationFilter::new(spec.parameters()?)?))
