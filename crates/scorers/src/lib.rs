@@ -17,8 +17,9 @@
 //! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
 //! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
 //! | `decode-filter`, `prefill-filter`, `encode-filter` | filter (`by-label` on `llm-d.ai/role`) | [`label_filter`] |
-//! | `session-affinity-filter` (experimental) | filter | [`session_affinity`] |
-//! | `session-affinity-scorer` (experimental) | scorer | [`session_affinity`] |
+//! | `session-affinity-filter` (experimental) | filter (+ hook binding sessions with `session_id`) | [`session_affinity`] |
+//! | `session-affinity-scorer` (experimental) | scorer (+ hook binding sessions with `session_id`) | [`session_affinity`] |
+//! | `session-id-producer` | data producer (a request's session id, from a header or cookie) | [`session_id`] |
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
@@ -83,6 +84,7 @@ pub mod queue;
 pub mod request_attribute;
 pub mod running_requests;
 pub mod session_affinity;
+pub mod session_id;
 pub mod token_load;
 pub mod utilization_filter;
 
@@ -119,8 +121,10 @@ pub use queue::QueueScorer;
 pub use request_attribute::{RequestAttributeReporter, RequestAttributeReporterParameters};
 pub use running_requests::RunningRequestsSizeScorer;
 pub use session_affinity::{
-    SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
+    SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer, SessionIdConfig,
+    SessionIdSource,
 };
+pub use session_id::{SessionIdParameters, SessionIdProducer};
 pub use token_load::{TokenLoadParameters, TokenLoadScorer};
 pub use utilization_filter::{UtilizationFilter, UtilizationFilterParameters};
 
@@ -231,6 +235,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             let filter = Arc::new(SessionAffinityFilter::new(spec.parameters()?)?);
             Ok(Plugin {
                 filter: Some(filter.clone()),
+                pre_request: Some(filter.clone()),
                 response_headers: Some(filter),
                 ..Plugin::default()
             })
@@ -250,9 +255,14 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         let scorer = Arc::new(SessionAffinityScorer::new(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
+            pre_request: Some(scorer.clone()),
             response_headers: Some(scorer),
             ..Plugin::default()
         })
+    });
+    registry.register(session_id::TYPE_NAME, |spec| {
+        let producer = SessionIdProducer::new(spec.name, &spec.parameters()?)?;
+        Ok(Plugin { data_producer: Some(Arc::new(producer)), ..Plugin::default() })
     });
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
