@@ -23,7 +23,8 @@
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
-//! | `utilization-filter` (experimental) | filter (caps on running requests, queue, KV usage) | [`utilization_filter`] |
+//! | `utilization-filter` (experimental) | filter (caps on in-flight and running requests, queue, KV usage) | [`utilization_filter`] |
+//! | `inflight-load-producer` | hooks (requests and tokens in flight per endpoint) | [`inflight_load`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `multicluster-kv-cache-utilization-scorer`, `multicluster-queue-scorer` (experimental) | scorer (a peer cluster's pool averages) | [`multicluster`] |
 //! | `multicluster-session-affinity-filter`, `multicluster-prefix-cache-scorer`, `multicluster-approx-prefix-cache-producer` (experimental) | as their single-cluster namesakes | [`multicluster`] |
@@ -67,6 +68,7 @@ pub mod disagg;
 pub mod endpoint_attribute;
 pub mod header_label_affinity;
 pub mod header_profile;
+pub mod inflight_load;
 pub mod kv_cache;
 pub mod label_filter;
 pub mod label_selector;
@@ -102,6 +104,7 @@ pub use endpoint_attribute::{
 };
 pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
 pub use header_profile::{HeaderProfileHandler, HeaderProfileParameters};
+pub use inflight_load::{InFlightLoad, InFlightLoadParameters};
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters, RoleFilter};
 pub use label_selector::{LabelSelectorFilter, LabelSelectorParameters};
@@ -271,7 +274,23 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin::profile_handler(HeaderProfileHandler::new(&spec.parameters()?)?))
     });
     registry.register_experimental(utilization_filter::TYPE_NAME, |spec| {
-        Ok(Plugin::filter(UtilizationFilter::new(spec.parameters()?)?))
+        let filter = Arc::new(UtilizationFilter::new(spec.parameters()?)?);
+        Ok(Plugin {
+            filter: Some(filter.clone()),
+            default_producers: filter.default_producers(),
+            binder: Some(filter),
+            ..Plugin::default()
+        })
+    });
+    registry.register(inflight_load::TYPE_NAME, |spec| {
+        let producer = Arc::new(InFlightLoad::new(&spec.parameters()?)?);
+        Ok(Plugin {
+            pre_request: Some(producer.clone()),
+            response_complete: Some(producer.clone()),
+            pool_observer: Some(producer.clone()),
+            shared: Some(producer),
+            ..Plugin::default()
+        })
     });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
