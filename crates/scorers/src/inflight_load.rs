@@ -12,9 +12,9 @@
 //!   the request) of every other run, whose prefill is over;
 //! - when the request ends, however it ends: whatever is left.
 //!
-//! Counters never go below zero. A request without a request id is not counted (as in Go,
-//! which keys its bookkeeping by request id); the adapters see one on every request the proxy
-//! sends (`x-request-id`). Counters of endpoints that leave the pool are dropped.
+//! Counters never go below zero. A request's charges are kept by its decision (not its
+//! request id, which may be absent or repeated; Go makes one up when it is absent). Counters
+//! of endpoints that leave the pool are dropped.
 //!
 //! Readers: `utilization-filter` (`active-requests`). A reader names the producer with
 //! `inFlightLoadProducerName`; when it names none and the config declares no plugin named
@@ -101,8 +101,8 @@ fn decrement(counter: &AtomicI64, amount: i64) {
 #[derive(Debug)]
 pub struct InFlightLoad {
     counters: RwLock<EndpointMap<Arc<Counters>>>,
-    /// The charges of each request in flight, by request id.
-    charges: Mutex<HashMap<String, Vec<Charge>>>,
+    /// The charges of each request in flight, by decision id.
+    charges: Mutex<HashMap<u64, Vec<Charge>>>,
     add_estimated_output_tokens: bool,
     output_ratio: f64,
     max_estimated_output_tokens: Option<i64>,
@@ -177,9 +177,7 @@ impl PreRequest for InFlightLoad {
         request: &InferenceRequest,
         result: &SchedulingResult,
     ) {
-        if request.request_id.is_empty() {
-            return;
-        }
+        let Some(decision) = result.decision_id() else { return };
         let tokens = self.request_tokens(request);
         let prefill_run = result.stages().prefill;
         let mut charges = Vec::with_capacity(result.profile_runs().len());
@@ -197,14 +195,14 @@ impl PreRequest for InFlightLoad {
                 tokens,
             });
         }
-        self.charges.lock().entry(request.request_id.clone()).or_default().extend(charges);
+        self.charges.lock().insert(decision, charges);
     }
 }
 
 impl ResponseComplete for InFlightLoad {
     fn response_started(&self, started: &ResponseStarted) {
         let mut charges = self.charges.lock();
-        let Some(request) = charges.get_mut(&started.request_id) else { return };
+        let Some(request) = charges.get_mut(&started.decision_id) else { return };
         for charge in request.iter_mut() {
             if charge.prefill {
                 charge.release();
@@ -215,7 +213,7 @@ impl ResponseComplete for InFlightLoad {
     }
 
     fn response_complete(&self, completed: &CompletedRequest) {
-        let released = self.charges.lock().remove(&completed.request_id);
+        let released = self.charges.lock().remove(&completed.decision_id);
         for mut charge in released.into_iter().flatten() {
             charge.release();
         }

@@ -147,10 +147,19 @@ fn tokens_leave_when_the_response_starts_and_requests_when_it_ends() {
     drop(guard);
     assert_eq!((load.requests(id(8000)), load.tokens(id(8000))), (0, 0));
 
-    // A request without an id is not tracked, as in Go.
+    // Requests are told apart by decision, not request id: two without an id, and two with
+    // the same id, each count once and each release only their own.
     let (scheduler, load) =
         build("plugins:\n- type: inflight-load-producer\n", "inflight-load-producer");
-    let _guard = send(&scheduler, &InferenceRequest::new("m", "hello"), &pool, 1).unwrap();
+    let (_, anonymous) = send(&scheduler, &InferenceRequest::new("m", "hello"), &pool, 1).unwrap();
+    let (_, other) = send(&scheduler, &InferenceRequest::new("m", "hello"), &pool, 2).unwrap();
+    let (_, same_a) = send(&scheduler, &request("dup", 4), &pool, 3).unwrap();
+    let (_, same_b) = send(&scheduler, &request("dup", 4), &pool, 4).unwrap();
+    assert_eq!(load.requests(id(8000)), 4);
+    drop(anonymous);
+    drop(same_a);
+    assert_eq!(load.requests(id(8000)), 2);
+    drop((other, same_b));
     assert_eq!(load.requests(id(8000)), 0);
 }
 

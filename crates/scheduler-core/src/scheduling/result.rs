@@ -3,6 +3,7 @@
 //! them), so they depend on the pool and endpoint types only.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pool::PoolSnapshot;
 use crate::pool::endpoint::{EndpointId, EndpointState};
@@ -94,7 +95,14 @@ pub struct CompletedRequest {
     pub outcome: Outcome,
     /// The request's fairness id (its flow in flow control), when it had one.
     pub fairness_id: Option<String>,
+    /// A number no other request scheduled in this process has ([`SchedulingResult::
+    /// decision_id`]): what hooks key per-request state by, as a request id may be absent or
+    /// repeated.
+    pub decision_id: u64,
 }
+
+/// The source of [`CompletedRequest::decision_id`].
+static NEXT_DECISION_ID: AtomicU64 = AtomicU64::new(1);
 
 impl CompletedRequest {
     /// The endpoint that did the work: the served one when known, else the scheduled one.
@@ -119,6 +127,8 @@ pub struct ResponseStarted {
     pub request_id: String,
     /// The endpoint the request was scheduled on.
     pub scheduled_endpoint: EndpointId,
+    /// The request's [`CompletedRequest::decision_id`].
+    pub decision_id: u64,
 }
 
 /// The part each profile run of a decision plays beyond the primary one, as the profile
@@ -242,6 +252,15 @@ impl SchedulingResult {
         self.stages
     }
 
+    /// The request's [`CompletedRequest::decision_id`], while the completion guard has not
+    /// been taken (pre-request hooks see it).
+    pub fn decision_id(&self) -> Option<u64> {
+        self.completion
+            .as_ref()
+            .and_then(CompletionGuard::request)
+            .map(|request| request.decision_id)
+    }
+
     /// Every profile that ran, in order.
     pub fn profile_runs(&self) -> &[ProfileRun] {
         &self.runs
@@ -309,6 +328,7 @@ impl CompletionGuard {
                 completion_tokens: None,
                 outcome: Outcome::Cancelled,
                 fairness_id: None,
+                decision_id: NEXT_DECISION_ID.fetch_add(1, Ordering::Relaxed),
             }),
             prefill: None,
             started: false,
@@ -348,6 +368,7 @@ impl CompletionGuard {
             let started = ResponseStarted {
                 request_id: completed.request_id.clone(),
                 scheduled_endpoint: completed.scheduled_endpoint,
+                decision_id: completed.decision_id,
             };
             (self.hooks.started)(&started);
         }
