@@ -11,7 +11,7 @@
 //! | `approx-prefix-cache-producer` | data producer + hook (the prefix index) | [`prefix_cache::producer`] |
 //! | `load-aware-scorer` | scorer | [`load_aware`] |
 //! | `running-requests-size-scorer` | scorer | [`running_requests`] |
-//! | `token-load-scorer` | scorer | [`token_load`] |
+//! | `token-load-scorer` | scorer (reads an `inflight-load-producer`) | [`token_load`] |
 //! | `no-hit-lru-scorer` | scorer + hook | [`no_hit_lru`] |
 //! | `context-length-aware` | scorer (+ filter with `enableFiltering`) | [`context_length`] |
 //! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
@@ -195,7 +195,13 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin::scorer(RunningRequestsSizeScorer))
     });
     registry.register(token_load::TYPE_NAME, |spec| {
-        Ok(Plugin::scorer(TokenLoadScorer::new(&spec.parameters()?)?))
+        let scorer = Arc::new(TokenLoadScorer::new(&spec.parameters()?)?);
+        Ok(Plugin {
+            scorer: Some(scorer.clone()),
+            default_producers: scorer.default_producers(),
+            binder: Some(scorer),
+            ..Plugin::default()
+        })
     });
     registry.register(no_hit_lru::TYPE_NAME, |spec| {
         let scorer = Arc::new(NoHitLruScorer::new(&spec.parameters()?)?);

@@ -240,3 +240,32 @@ proptest! {
         }
     }
 }
+
+// scorer/tokenload/token_load.go: 1 - min(t, T) / T, t = the producer's in-flight tokens on
+// the endpoint + the tokens the request would add there.
+#[test]
+fn token_load_reads_the_producers_tokens() {
+    let yaml = "plugins:\n- type: token-load-scorer\n  parameters: {queueThresholdTokens: 1000}\n- type: max-score-picker\n";
+    let (scheduler, load) = build(yaml, "inflight-load-producer");
+    let pool = pool(2);
+    let scores = |request: &InferenceRequest| {
+        let options = ScheduleOptions { explain: true, seed: Some(1), ..Default::default() };
+        let result = scheduler.schedule_with(request, &pool, options).unwrap();
+        result.explanation().unwrap()[0].scorers[0].2.clone()
+    };
+    let (busy, mut guard) = send(&scheduler, &request("a", 400), &pool, 1).unwrap();
+    assert_eq!(load.tokens(id(busy)), 100);
+    let mut expected = [0.9, 0.9];
+    expected[usize::from(busy - 8000)] = 0.8;
+    let got = scores(&request("b", 400));
+    assert!(got.iter().zip(expected).all(|(got, want)| (got - want).abs() < 1e-12), "{got:?}");
+    // Its prefill over, the request's tokens no longer weigh.
+    guard.response_started();
+    let got = scores(&request("c", 400));
+    assert!(got.iter().all(|score| (score - 0.9).abs() < 1e-12), "{got:?}");
+    // A producer name the config does not declare is refused.
+    let named =
+        "plugins:\n- type: token-load-scorer\n  parameters: {inFlightLoadProducerName: mine}\n";
+    let error = EndpointPickerConfig::from_yaml(named).unwrap().build(&registry()).unwrap_err();
+    assert!(error.to_string().contains("no inflight-load-producer named 'mine'"), "{error}");
+}
