@@ -486,6 +486,8 @@ impl Exchange {
             if let Some(served) = proto::served_endpoint(metadata) {
                 guard.set_served_endpoint(EndpointId::from_address(served));
             }
+            let report = proto::served_report(metadata);
+            self.director.scheduler().served_response_headers(report, &mut self.response_headers);
         }
         self.response_status = proto::response_status(headers.headers.as_ref());
         if self.response_headers.is_empty() {

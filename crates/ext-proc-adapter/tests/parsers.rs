@@ -335,3 +335,32 @@ requestHandler:
     assert_eq!(status, 400);
     assert!(String::from_utf8(body).unwrap().contains("model"));
 }
+
+#[tokio::test]
+async fn the_served_endpoint_verifier_echoes_what_the_proxy_reports() {
+    let (_running, client) = start(
+        "plugins:
+- type: queue-scorer
+- type: destination-endpoint-served-verifier
+",
+    )
+    .await;
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    let written = |served: Option<std::net::SocketAddr>| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = ProxyStream::open(&mut client).await.unwrap();
+            let headers = vec![(":path", "/v1/completions")];
+            let request = ProxyRequest { headers, body, chunk_bytes: 0, subset: None };
+            stream.send_request(&request).await.unwrap();
+            routed_to(&stream.decision().await.unwrap());
+            stream.respond(served, &[b"{}"]).await.unwrap();
+            stream.response_headers_set().to_vec()
+        }
+    };
+    let header =
+        |value: &str| vec![("x-conformance-test-served-endpoint".to_owned(), value.to_owned())];
+    // The proxy fell back to another endpoint: the verifier says which.
+    assert_eq!(written(Some("127.0.0.1:8001".parse().unwrap())).await, header("127.0.0.1:8001"));
+    assert_eq!(written(None).await, header("fail: missing envoy lb metadata"));
+}

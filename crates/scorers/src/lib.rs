@@ -36,6 +36,7 @@
 //! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
 //! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
+//! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
 //! default: they also count what this picker sent to each endpoint since its metrics were
@@ -63,6 +64,7 @@
 //! ```
 
 pub mod active_request;
+pub mod conformance;
 pub mod context_length;
 pub mod disagg;
 pub mod endpoint_attribute;
@@ -317,6 +319,11 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(pickers::WEIGHTED_RANDOM_TYPE_NAME, |spec| {
         Ok(Plugin::picker(WeightedRandomPicker::new(PickerParameters::from_spec(spec)?)))
+    });
+    registry.register(conformance::SERVED_VERIFIER_TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        let verifier = conformance::DestinationEndpointServedVerifier;
+        Ok(Plugin { response_headers: Some(Arc::new(verifier)), ..Plugin::default() })
     });
     disagg::register(registry);
 }

@@ -235,6 +235,23 @@ pub trait ResponseHeaders: Send + Sync + Debug {
     /// Adds `(name, value)` pairs for the response to the request `result` scheduled. A
     /// name already in `headers` is left to whoever wrote it first.
     fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>);
+
+    /// Adds pairs once the model server's response headers came, from what the proxy
+    /// reported about where it sent the request. Only adapters that hear from a proxy call
+    /// it (ext-proc). The default adds none.
+    fn served_headers(&self, _served: ServedReport<'_>, _headers: &mut Vec<(String, String)>) {}
+}
+
+/// What the proxy reported, with the response's headers, about the endpoint that served a
+/// request: the `x-gateway-destination-endpoint-served` field of its `envoy.lb` metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServedReport<'a> {
+    /// The response carried no `envoy.lb` metadata.
+    NoLbMetadata,
+    /// The `envoy.lb` metadata named no served endpoint (or not as text).
+    NoServedEndpoint,
+    /// The served endpoint, as the proxy wrote it.
+    Served(&'a str),
 }
 
 /// Keeps per-endpoint state in step with the pool: told on the writer's side (discovery,

@@ -16,7 +16,7 @@ use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
     DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ReportedAttribute,
-    ResponseComplete, ResponseHeaders, ResponseUsage, UsageReporter,
+    ResponseComplete, ResponseHeaders, ResponseUsage, ServedReport, UsageReporter,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
@@ -163,6 +163,18 @@ impl Scheduler {
             writer.response_headers(result, &mut headers);
         }
         headers
+    }
+
+    /// Appends to `headers` what the plugins write once the response's headers came and the
+    /// proxy reported where it sent the request ([`ResponseHeaders::served_headers`]).
+    pub fn served_response_headers(
+        &self,
+        served: ServedReport<'_>,
+        headers: &mut Vec<(String, String)>,
+    ) {
+        for writer in &self.response_headers {
+            writer.served_headers(served, headers);
+        }
     }
 
     /// Adds a plugin that reports values computed from each response's token usage.
