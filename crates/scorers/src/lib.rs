@@ -302,7 +302,12 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
-        Ok(Plugin { filter: Some(filter.clone()), binder: Some(filter), ..Plugin::default() })
+        Ok(Plugin {
+            filter: Some(filter.clone()),
+            default_producers: filter.default_producers(),
+            binder: Some(filter),
+            ..Plugin::default()
+        })
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))
