@@ -98,7 +98,7 @@ use scheduler_core::{
     ConfigError, EndpointPickerConfig, NoParameters, Plugin, PluginError, PluginRegistry, Scheduler,
 };
 
-pub use active_request::ActiveRequestScorer;
+pub use active_request::{ActiveRequestParameters, ActiveRequestScorer};
 pub use context_length::{ContextLengthAware, ContextLengthParameters};
 pub use endpoint_attribute::{
     EndpointAttributeFilter, EndpointAttributeFilterParameters, EndpointAttributeScorer,
@@ -149,8 +149,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin::scorer(LoraAffinityScorer))
     });
     registry.register(active_request::TYPE_NAME, |spec| {
-        spec.parameters::<NoParameters>()?;
-        let scorer = Arc::new(ActiveRequestScorer::new());
+        let scorer = Arc::new(ActiveRequestScorer::with_parameters(&spec.parameters()?));
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             pre_request: Some(scorer.clone()),
