@@ -363,15 +363,17 @@ int32_t epp_request_upstream_headers(const struct EppScheduler *handle,
                                      size_t out_cap);
 
 /*
- Tells the picker that the response of the request `token` has started: a disaggregated
- request's prefill is over, so the prefill endpoint's in-flight count is released now (the
- destination's when the request completes). Without a prefill endpoint it does nothing;
- calling it again does nothing either.
+ Tells the picker that the response of the request `token` has started (its headers came
+ from the model server): the response-start hooks run (in-flight token estimates release
+ the prompt's share), and a disaggregated request's prefill is over, so the prefill
+ endpoint's in-flight count is released now (the destination's when the request
+ completes). Calling it again does nothing; a request that never got a response simply
+ completes without it.
 
  # Safety
  `handle` is NULL or live.
  */
-int32_t epp_request_prefill_done(const struct EppScheduler *handle, uint64_t token);
+int32_t epp_request_response_started(const struct EppScheduler *handle, uint64_t token);
 
 /*
  Ends the request `token` and runs the completion hooks: `outcome` is one of

@@ -26,8 +26,8 @@
 //! labels with `epp_endpoint_set_label`; after `epp_schedule`, `epp_request_upstream_headers`
 //! gives the headers to set on the request forwarded to the destination
 //! (`x-prefiller-host-port`, `x-encoder-hosts-ports`, `x-data-parallel-host-port`), and
-//! `epp_request_prefill_done` releases the prefill endpoint's in-flight count when the
-//! response starts.
+//! `epp_request_response_started`, called when the response starts, releases the prefill
+//! endpoint's in-flight count.
 //!
 //! Admission follows the config's `saturationDetector` and `flowControl` sections, with
 //! priorities from the InferenceObjectives given to `epp_scheduler_new_with_objectives` (the
@@ -894,22 +894,28 @@ pub unsafe extern "C" fn epp_request_upstream_headers(
     })
 }
 
-/// Tells the picker that the response of the request `token` has started: a disaggregated
-/// request's prefill is over, so the prefill endpoint's in-flight count is released now (the
-/// destination's when the request completes). Without a prefill endpoint it does nothing;
-/// calling it again does nothing either.
+/// Tells the picker that the response of the request `token` has started (its headers came
+/// from the model server): the response-start hooks run (in-flight token estimates release
+/// the prompt's share), and a disaggregated request's prefill is over, so the prefill
+/// endpoint's in-flight count is released now (the destination's when the request
+/// completes). Calling it again does nothing; a request that never got a response simply
+/// completes without it.
 ///
 /// # Safety
 /// `handle` is NULL or live.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn epp_request_prefill_done(handle: *const EppScheduler, token: u64) -> i32 {
+pub unsafe extern "C" fn epp_request_response_started(
+    handle: *const EppScheduler,
+    token: u64,
+) -> i32 {
     guarded(|| {
         // SAFETY: forwarded from the caller.
         let handle = unsafe { handle_ref(handle) }?;
         let mut in_flight = handle.in_flight.lock();
         let entry = in_flight.get_mut(&token).ok_or_else(|| unknown_token(token))?;
+        // Under the lock, unlike completion: the start hooks only move in-flight counters.
         if let Some(guard) = entry.completion.as_mut() {
-            guard.prefill_done();
+            guard.response_started();
         }
         Ok(())
     })

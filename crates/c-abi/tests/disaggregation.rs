@@ -9,7 +9,7 @@ use std::ptr;
 
 use epp_c_abi::{
     EPP_OUTCOME_COMPLETED, EppScheduler, EppStatus, epp_endpoint_set_label, epp_request_complete,
-    epp_request_prefill_done, epp_request_upstream_headers,
+    epp_request_response_started, epp_request_upstream_headers,
 };
 use support::{Picker, add_endpoint, last_error, schedule_request};
 
@@ -96,9 +96,9 @@ fn the_prefill_pick_reaches_the_caller_and_its_count_ends_when_the_response_star
     assert_eq!(second_prefill.as_deref(), Some(other));
     // The first response starts: its prefill endpoint is free again, the other still busy.
     // SAFETY: live handle.
-    assert_eq!(unsafe { epp_request_prefill_done(epp, first) }, 0);
+    assert_eq!(unsafe { epp_request_response_started(epp, first) }, 0);
     // SAFETY: live handle; a second report does nothing.
-    assert_eq!(unsafe { epp_request_prefill_done(epp, first) }, 0);
+    assert_eq!(unsafe { epp_request_response_started(epp, first) }, 0);
     let (third, third_prefill) = schedule(epp);
     assert_eq!(third_prefill.as_deref(), Some(first_prefill.as_str()));
     for token in [first, second, third] {
@@ -106,7 +106,7 @@ fn the_prefill_pick_reaches_the_caller_and_its_count_ends_when_the_response_star
         assert_eq!(unsafe { epp_request_complete(epp, token, 1, 1, EPP_OUTCOME_COMPLETED) }, 0);
     }
     // SAFETY: live handle; the token is gone.
-    let status = unsafe { epp_request_prefill_done(epp, first) };
+    let status = unsafe { epp_request_response_started(epp, first) };
     assert_eq!(status, EppStatus::UnknownToken as i32);
 }
 

@@ -485,12 +485,14 @@ impl Exchange {
         out: &mut Vec<ProcessingResponse>,
     ) {
         if let Some(guard) = self.completion.as_mut() {
-            // The decode endpoint answers only once the prefill endpoint handed its KV cache
-            // over: the prefill stage of a disaggregated request is over.
-            guard.prefill_done();
+            // The response started; the decode endpoint answers only once the prefill endpoint
+            // handed its KV cache over, so a disaggregated request's prefill stage is over.
+            guard.response_started();
             if let Some(served) = proto::served_endpoint(metadata) {
                 guard.set_served_endpoint(EndpointId::from_address(served));
             }
+            let report = proto::served_report(metadata);
+            self.director.scheduler().served_response_headers(report, &mut self.response_headers);
         }
         self.response_status = proto::response_status(headers.headers.as_ref());
         if self.response_headers.is_empty() {

@@ -70,20 +70,39 @@ fn director(text: &str, allow_experimental: bool) -> Result<Director, String> {
 /// A vLLM gRPC `GenerateRequest` with the text prompt "Hello", framed.
 const GRPC_GENERATE: &[u8] = b"\x00\x00\x00\x00\x07\x1a\x05Hello";
 
-/// Routes one chat completion, or a vLLM gRPC generate request where the config's parsers
-/// claim only gRPC.
-async fn route_one(director: Director, grpc: bool) -> Decision {
+const CHAT: &[u8] = br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Hello"}]}"#;
+
+/// A Vertex AI `ChatCompletionsRequest` (field 2, `http_body`) whose `HttpBody.data` (field 2)
+/// is [`CHAT`], framed.
+fn vertex_chat() -> Vec<u8> {
+    let mut http_body = vec![0x12, CHAT.len() as u8];
+    http_body.extend_from_slice(CHAT);
+    let mut message = vec![0x12, http_body.len() as u8];
+    message.extend_from_slice(&http_body);
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    body
+}
+
+/// The requests a config may route, by the first path its parsers claim: a chat completion,
+/// a vLLM gRPC generate request, a Vertex AI chat completion.
+fn requests() -> [(&'static str, Vec<u8>); 3] {
+    [
+        ("/v1/chat/completions", CHAT.to_vec()),
+        ("/vllm.grpc.engine.VllmEngine/Generate", GRPC_GENERATE.to_vec()),
+        ("/google.cloud.aiplatform.v1beta1.PredictionService/ChatCompletions", vertex_chat()),
+    ]
+}
+
+/// Routes the first of [`requests`] that the config's parsers claim (`which`).
+async fn route_one(director: Director, which: usize) -> Decision {
     let (running, mut client) = serve(director).await;
     let mut stream = ProxyStream::open(&mut client).await.unwrap();
-    let chat = br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"Hello"}]}"#;
-    let (path, body) = if grpc {
-        ("/vllm.grpc.engine.VllmEngine/Generate", GRPC_GENERATE)
-    } else {
-        ("/v1/chat/completions", &chat[..])
-    };
+    let (path, body) = &requests()[which];
     let request = ProxyRequest {
         headers: vec![(":path", path), (":method", "POST")],
-        body,
+        body: body.as_slice(),
         chunk_bytes: 0,
         subset: None,
     };
@@ -103,15 +122,14 @@ fn unknown_type(error: &str) -> Option<&str> {
     rest.split_once('\'').map(|(type_name, _)| type_name)
 }
 
-/// Whether the config's parser list is vLLM's gRPC parser alone.
-fn grpc_only(text: &str) -> bool {
+/// Which of [`requests`] the config routes: the first its parsers claim.
+fn request_for(text: &str) -> usize {
     let config = EndpointPickerConfig::from_yaml(text).unwrap();
     let mut registry = scorers::builtin_registry();
     registry.allow_experimental_plugins(true);
     let plugins = config.construct_plugins(&registry).unwrap();
     let table = config.parser_table(&plugins).unwrap();
-    table.resolve("/v1/chat/completions").is_none()
-        && table.resolve("/vllm.grpc.engine.VllmEngine/Generate").is_some()
+    requests().iter().position(|(path, _)| table.resolve(path).is_some()).unwrap_or(0)
 }
 
 #[tokio::test]
@@ -144,7 +162,7 @@ async fn every_collected_config_loads_and_routes_unless_pending() {
             continue;
         }
         match (loaded, pending) {
-            (Ok(director), None) => match route_one(director, grpc_only(&text)).await {
+            (Ok(director), None) => match route_one(director, request_for(&text)).await {
                 Decision::Routed { destination, .. }
                     if destination.starts_with("127.0.0.1:800") => {}
                 other => failures.push(format!("{name}: not routed: {other:?}")),

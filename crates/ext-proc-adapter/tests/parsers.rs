@@ -245,3 +245,122 @@ requestHandler:
     let decision = send(&mut client, "/vllm.grpc.engine.VllmEngine/HealthCheck", &[0; 5]).await;
     assert!(matches!(decision, Decision::Immediate { status: 400, .. }), "{decision:?}");
 }
+
+/// A protobuf length-delimited field: `tag`, a varint length, `bytes`.
+fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    out.push(tag);
+    let mut length = bytes.len();
+    while length >= 0x80 {
+        out.push((length as u8 & 0x7f) | 0x80);
+        length >>= 7;
+    }
+    out.push(length as u8);
+    out.extend_from_slice(bytes);
+}
+
+/// A Vertex AI `PredictionService` request (`endpoint` 1, `http_body` 2) whose `HttpBody`
+/// (`content_type` 1, `data` 2) carries `json`, framed as one gRPC message.
+fn vertex_request(json: &str) -> Vec<u8> {
+    let mut http_body = Vec::new();
+    field(0x0a, b"application/json", &mut http_body);
+    field(0x12, json.as_bytes(), &mut http_body);
+    let mut message = Vec::new();
+    field(0x0a, b"projects/p/locations/us-central1/endpoints/openapi", &mut message);
+    field(0x12, &http_body, &mut message);
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    body
+}
+
+#[tokio::test]
+async fn the_sglang_and_vertex_parsers_read_their_bodies() {
+    let (_running, mut client) = start(
+        "plugins:
+- type: prefix-cache-scorer
+  parameters: {blockSize: 4}
+- type: max-score-picker
+- type: sglanghttp-parser
+- type: vertexai-parser
+requestHandler:
+  parsers:
+  - pluginRef: sglanghttp-parser
+  - pluginRef: vertexai-parser
+",
+    )
+    .await;
+    // SGLang's /generate: the token ids are read, so a repeated prompt follows its first
+    // endpoint once the pick is recorded.
+    let generate =
+        br#"{"input_ids":[1,2,3,4,5,6,7,8,9,10,11,12],"sampling_params":{"max_new_tokens":8}}"#;
+    let first = routed_to(&send(&mut client, "/generate", generate).await).to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        assert_eq!(routed_to(&send(&mut client, "/generate", generate).await), first);
+    }
+    for (path, body) in [
+        ("/generate", &br#"{"input_ids":[]}"#[..]),
+        ("/generate", br#"{"text":"not pre-tokenized"}"#),
+        ("/v1/generate", generate),
+    ] {
+        let decision = send(&mut client, path, body).await;
+        assert!(
+            matches!(decision, Decision::Immediate { status: 400, .. }),
+            "{path}: {decision:?}"
+        );
+    }
+
+    // Vertex AI: the OpenAI body inside the gRPC request is read; the request goes on as sent.
+    const CHAT: &str = "/google.cloud.aiplatform.v1.PredictionService/ChatCompletions";
+    let chat = vertex_request(
+        r#"{"model":"google/gemma-3","messages":[{"role":"user","content":"a long shared system prompt, then a question"}]}"#,
+    );
+    let decision = send(&mut client, CHAT, &chat).await;
+    let first = routed_to(&decision).to_owned();
+    if let Decision::Routed { body, .. } = decision {
+        assert_eq!(body, chat, "the gRPC body goes on untouched");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..10 {
+        assert_eq!(routed_to(&send(&mut client, CHAT, &chat).await), first);
+    }
+    let raw = vertex_request(r#"{"model":"m","input":"hello"}"#);
+    routed_to(
+        &send(&mut client, "/google.cloud.aiplatform.v1.PredictionService/RawPredict", &raw).await,
+    );
+    let no_model = vertex_request(r#"{"messages":[{"role":"user","content":"x"}]}"#);
+    let Decision::Immediate { status, body, .. } = send(&mut client, CHAT, &no_model).await else {
+        panic!("a wrapped body without a model is refused");
+    };
+    assert_eq!(status, 400);
+    assert!(String::from_utf8(body).unwrap().contains("model"));
+}
+
+#[tokio::test]
+async fn the_served_endpoint_verifier_echoes_what_the_proxy_reports() {
+    let (_running, client) = start(
+        "plugins:
+- type: queue-scorer
+- type: destination-endpoint-served-verifier
+",
+    )
+    .await;
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    let written = |served: Option<std::net::SocketAddr>| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = ProxyStream::open(&mut client).await.unwrap();
+            let headers = vec![(":path", "/v1/completions")];
+            let request = ProxyRequest { headers, body, chunk_bytes: 0, subset: None };
+            stream.send_request(&request).await.unwrap();
+            routed_to(&stream.decision().await.unwrap());
+            stream.respond(served, &[b"{}"]).await.unwrap();
+            stream.response_headers_set().to_vec()
+        }
+    };
+    let header =
+        |value: &str| vec![("x-conformance-test-served-endpoint".to_owned(), value.to_owned())];
+    // The proxy fell back to another endpoint: the verifier says which.
+    assert_eq!(written(Some("127.0.0.1:8001".parse().unwrap())).await, header("127.0.0.1:8001"));
+    assert_eq!(written(None).await, header("fail: missing envoy lb metadata"));
+}

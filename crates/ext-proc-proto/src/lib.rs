@@ -94,6 +94,20 @@ pub fn served_endpoint(metadata: Option<&Metadata>) -> Option<SocketAddr> {
     }
 }
 
+/// What the proxy's `envoy.lb` metadata says about the served endpoint, as plugins see it.
+pub fn served_report(metadata: Option<&Metadata>) -> scheduler_core::ServedReport<'_> {
+    use scheduler_core::ServedReport;
+    let Some(lb) =
+        metadata.and_then(|metadata| metadata.filter_metadata.get(LB_METADATA_NAMESPACE))
+    else {
+        return ServedReport::NoLbMetadata;
+    };
+    match lb.fields.get(SERVED_ENDPOINT_KEY).and_then(|value| value.kind.as_ref()) {
+        Some(Kind::StringValue(text)) => ServedReport::Served(text),
+        _ => ServedReport::NoServedEndpoint,
+    }
+}
+
 fn string_value(text: String) -> Value {
     Value { kind: Some(Kind::StringValue(text)) }
 }

@@ -79,12 +79,12 @@ pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{
     Candidates, DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler,
     ProfileProgress, ReportedAttribute, ResponseComplete, ResponseHeaders, ResponseUsage, Scorer,
-    UsageReporter,
+    ServedReport, UsageReporter,
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{
-    CompletedRequest, CompletionGuard, Outcome, PrefillCompleted, ProfileRun, SchedulingError,
-    SchedulingResult, StageRuns,
+    CompletedRequest, CompletionGuard, Outcome, PrefillCompleted, ProfileRun, ResponseStarted,
+    SchedulingError, SchedulingResult, StageRuns,
 };
 pub use scheduling::scheduler::{
     ALL_STALE_MAX_PICKS, SINGLE_PROFILE_HANDLER, ScheduleOptions, Scheduler, SingleProfileHandler,

@@ -416,6 +416,7 @@ fn release_on_complete_dispatches_with_the_injected_clock() {
         completion_tokens: None,
         outcome: Outcome::Completed,
         fairness_id: None,
+        decision_id: 0,
     });
     assert_eq!(
         ticket.try_outcome().map(|outcome| outcome.map(|a| a.waited)),

@@ -10,8 +10,8 @@ use scheduler_core::flow::{
     ObjectiveResolver, OrderingPolicy, OutcomeReason, resolve_policies,
 };
 use scheduler_core::{
-    Candidates, ConfigError, CycleState, Endpoint, EndpointMetrics, EndpointPickerConfig,
-    EndpointState, InferenceRequest, Picker, Plugin, PluginRegistry, PoolSnapshot,
+    Candidates, CycleState, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
+    InferenceRequest, Picker, Plugin, PluginRegistry, PoolSnapshot,
 };
 
 fn config(yaml: &str) -> EndpointPickerConfig {
@@ -147,7 +147,11 @@ fn a_config_of_policies_alone_has_an_empty_default_profile() {
     let referenced = self::config(
         "plugins:\n- type: first-picker\n- type: fcfs-ordering-policy\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: fcfs-ordering-policy\n",
     );
-    assert!(matches!(referenced.build(&registry()), Err(ConfigError::NotAProfilePlugin { .. })));
+    // Listed in a profile, a policy is ignored there as the Go loader ignores it.
+    let scheduler = referenced.build(&registry()).expect("a policy in a profile is ignored");
+    let profile = &scheduler.profiles()[0];
+    assert_eq!((profile.filters().count(), profile.scorers().len()), (0, 0));
+    assert_eq!(profile.picker_name(), "first-picker");
 }
 
 #[test]

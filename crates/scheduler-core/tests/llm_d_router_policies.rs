@@ -203,6 +203,7 @@ fn completed(fairness_id: &str, prompt: u64, completion: u64) -> CompletedReques
         completion_tokens: Some(completion),
         outcome: Outcome::Completed,
         fairness_id: Some(fairness_id.to_owned()),
+        decision_id: 0,
     }
 }
 

@@ -4,7 +4,15 @@
 //! decision's primary endpoint is counted in by the pre-request hook and out by the completion
 //! hook (on the endpoint it was scheduled on), so bursts spread before the next scrape shows
 //! them. A disaggregated request's prefill endpoint is counted too, and out when the
-//! response starts (its prefill is over by then). Score = (max - n) / (max - min) over the candidates; all equal -> 1.
+//! response starts (its prefill is over by then).
+//!
+//! Score, as llm-d-router's: an endpoint with at most `idleThreshold` requests in flight
+//! (default 0) is idle and scores 1; a busy one with n scores (max - n) / max ×
+//! `maxBusyScore` (default 1), max the largest count among the candidates. llm-d-router
+//! reads the counts from its `inflight-load-producer`; this scorer keeps the same counts
+//! itself, so `inFlightLoadProducerName` has no effect, and `requestTimeout` is accepted and
+//! ignored as in llm-d-router (deprecated there). A `maxBusyScore` outside [0, 1] and a
+//! negative `idleThreshold` fall back to their defaults, as there, with a warning.
 //!
 //! Counters live in a read-mostly map of atomics: scoring takes one shared lock per request
 //! and no write lock; only the first request to a new endpoint takes the write lock.
@@ -16,20 +24,76 @@ use scheduler_core::{
     Candidates, CompletedRequest, CycleState, EndpointId, EndpointMap, InferenceRequest,
     PreRequest, PrefillCompleted, ResponseComplete, SchedulingResult, Scorer,
 };
+use serde::Deserialize;
 
 /// llm-d type name.
 pub const TYPE_NAME: &str = "active-request-scorer";
 
+/// Parameters of [`ActiveRequestScorer`] (llm-d-router's).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ActiveRequestParameters {
+    /// Requests in flight up to which an endpoint is idle and scores 1 (default 0).
+    pub idle_threshold: i64,
+    /// The score of the least busy endpoint that is not idle, in [0, 1] (default 1).
+    pub max_busy_score: Option<f64>,
+    /// Deprecated in llm-d-router and ignored there; accepted, no effect.
+    pub request_timeout: Option<String>,
+    /// llm-d-router's producer of the counts; accepted, no effect (see the module doc).
+    pub in_flight_load_producer_name: Option<String>,
+}
+
 /// Counts in-flight requests per endpoint and scores by them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ActiveRequestScorer {
     in_flight: RwLock<EndpointMap<AtomicU64>>,
+    idle_threshold: u64,
+    max_busy_score: f64,
+}
+
+impl Default for ActiveRequestScorer {
+    fn default() -> Self {
+        Self { in_flight: RwLock::default(), idle_threshold: 0, max_busy_score: 1.0 }
+    }
 }
 
 impl ActiveRequestScorer {
-    /// A scorer with no request in flight.
+    /// A scorer with no request in flight and the default parameters.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A scorer with `parameters`; out-of-range values take their defaults, as in
+    /// llm-d-router.
+    pub fn with_parameters(parameters: &ActiveRequestParameters) -> Self {
+        let idle_threshold = u64::try_from(parameters.idle_threshold).unwrap_or_else(|_| {
+            tracing::warn!(
+                idle_threshold = parameters.idle_threshold,
+                "active-request-scorer: ignoring a negative idleThreshold; using 0"
+            );
+            0
+        });
+        let max_busy_score = match parameters.max_busy_score {
+            None => 1.0,
+            Some(score) if (0.0..=1.0).contains(&score) => score,
+            Some(score) => {
+                tracing::warn!(
+                    max_busy_score = score,
+                    "active-request-scorer: ignoring an out-of-range maxBusyScore; using 1.0"
+                );
+                1.0
+            }
+        };
+        Self { in_flight: RwLock::default(), idle_threshold, max_busy_score }
+    }
+
+    /// The score of an endpoint with `count` requests in flight, `max` the largest count
+    /// among the candidates.
+    pub fn score_of(&self, count: u64, max: u64) -> f64 {
+        if count <= self.idle_threshold || max == 0 {
+            return 1.0;
+        }
+        (max - count.min(max)) as f64 / max as f64 * self.max_busy_score
     }
 
     /// Requests in flight on `endpoint`.
@@ -65,10 +129,13 @@ impl Scorer for ActiveRequestScorer {
         scores: &mut [f64],
     ) {
         let map = self.in_flight.read();
+        let count = |state: &scheduler_core::EndpointState| {
+            map.get(&state.id()).map_or(0, |count| count.load(Ordering::Relaxed))
+        };
+        let max = candidates.iter().map(count).max().unwrap_or(0);
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
-            *score = map.get(&state.id()).map_or(0, |count| count.load(Ordering::Relaxed)) as f64;
+            *score = self.score_of(count(state), max);
         }
-        crate::normalize::min_max_inverted(scores);
     }
 }
 

@@ -11,18 +11,20 @@
 //! | `approx-prefix-cache-producer` | data producer + hook (the prefix index) | [`prefix_cache::producer`] |
 //! | `load-aware-scorer` | scorer | [`load_aware`] |
 //! | `running-requests-size-scorer` | scorer | [`running_requests`] |
-//! | `token-load-scorer` | scorer | [`token_load`] |
+//! | `token-load-scorer` | scorer (reads an `inflight-load-producer`) | [`token_load`] |
 //! | `no-hit-lru-scorer` | scorer + hook | [`no_hit_lru`] |
 //! | `context-length-aware` | scorer (+ filter with `enableFiltering`) | [`context_length`] |
 //! | `label-selector-filter` (deprecated alias `by-label-selector`) | filter | [`label_selector`] |
 //! | `by-label` (deprecated in llm-d) | filter | [`label_filter`] |
 //! | `decode-filter`, `prefill-filter`, `encode-filter` | filter (`by-label` on `llm-d.ai/role`) | [`label_filter`] |
-//! | `session-affinity-filter` (experimental) | filter | [`session_affinity`] |
-//! | `session-affinity-scorer` (experimental) | scorer | [`session_affinity`] |
+//! | `session-affinity-filter` (experimental) | filter (+ hook binding sessions with `session_id`) | [`session_affinity`] |
+//! | `session-affinity-scorer` (experimental) | scorer (+ hook binding sessions with `session_id`) | [`session_affinity`] |
+//! | `session-id-producer` | data producer (a request's session id, from a header or cookie) | [`session_id`] |
 //! | `header-label-affinity-scorer` (experimental) | scorer | [`header_label_affinity`] |
 //! | `endpoint-attribute-filter`, `endpoint-attribute-scorer` (experimental) | filter, scorer (a producer's endpoint attribute) | [`endpoint_attribute`] |
 //! | `prefix-cache-affinity-filter` | filter (reads a prefix producer's matches) | [`prefix_affinity`] |
-//! | `utilization-filter` (experimental) | filter (caps on running requests, queue, KV usage) | [`utilization_filter`] |
+//! | `utilization-filter` (experimental) | filter (caps on in-flight and running requests, queue, KV usage) | [`utilization_filter`] |
+//! | `inflight-load-producer` | hooks (requests and tokens in flight per endpoint) | [`inflight_load`] |
 //! | `lora-affinity-filter` | filter | [`lora_filter`] |
 //! | `multicluster-kv-cache-utilization-scorer`, `multicluster-queue-scorer` (experimental) | scorer (a peer cluster's pool averages) | [`multicluster`] |
 //! | `multicluster-session-affinity-filter`, `multicluster-prefix-cache-scorer`, `multicluster-approx-prefix-cache-producer` (experimental) | as their single-cluster namesakes | [`multicluster`] |
@@ -31,9 +33,11 @@
 //! | `single-profile-handler` | profile handler | (scheduler core) |
 //! | `disagg-profile-handler`, `pd-profile-handler` (deprecated), `data-parallel-profile-handler` | profile handlers | [`disagg`] |
 //! | `topology-extractor`, `topology-affinity-filter`, `topology-affinity-scorer` (experimental) | endpoint locality from labels; filter and scorer by closeness to the other stage's pick | [`topology`] |
+//! | `header-profile-handler` (experimental) | profile handler (the profile a header names) | [`header_profile`] |
 //! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
 //! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
 //! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
+//! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
 //! default: they also count what this picker sent to each endpoint since its metrics were
@@ -61,10 +65,13 @@
 //! ```
 
 pub mod active_request;
+pub mod conformance;
 pub mod context_length;
 pub mod disagg;
 pub mod endpoint_attribute;
 pub mod header_label_affinity;
+pub mod header_profile;
+pub mod inflight_load;
 pub mod kv_cache;
 pub mod label_filter;
 pub mod label_selector;
@@ -82,6 +89,7 @@ pub mod queue;
 pub mod request_attribute;
 pub mod running_requests;
 pub mod session_affinity;
+pub mod session_id;
 pub mod token_load;
 pub mod topology;
 pub mod utilization_filter;
@@ -92,13 +100,15 @@ use scheduler_core::{
     ConfigError, EndpointPickerConfig, NoParameters, Plugin, PluginError, PluginRegistry, Scheduler,
 };
 
-pub use active_request::ActiveRequestScorer;
+pub use active_request::{ActiveRequestParameters, ActiveRequestScorer};
 pub use context_length::{ContextLengthAware, ContextLengthParameters};
 pub use endpoint_attribute::{
     EndpointAttributeFilter, EndpointAttributeFilterParameters, EndpointAttributeScorer,
     EndpointAttributeScorerParameters,
 };
 pub use header_label_affinity::{HeaderLabelAffinityParameters, HeaderLabelAffinityScorer};
+pub use header_profile::{HeaderProfileHandler, HeaderProfileParameters};
+pub use inflight_load::{InFlightLoad, InFlightLoadParameters};
 pub use kv_cache::KvCacheUtilizationScorer;
 pub use label_filter::{ByLabelFilter, ByLabelParameters, RoleFilter};
 pub use label_selector::{LabelSelectorFilter, LabelSelectorParameters};
@@ -118,8 +128,10 @@ pub use queue::QueueScorer;
 pub use request_attribute::{RequestAttributeReporter, RequestAttributeReporterParameters};
 pub use running_requests::RunningRequestsSizeScorer;
 pub use session_affinity::{
-    SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer,
+    SessionAffinityFilter, SessionAffinityParameters, SessionAffinityScorer, SessionIdConfig,
+    SessionIdSource,
 };
+pub use session_id::{SessionIdParameters, SessionIdProducer};
 pub use token_load::{TokenLoadParameters, TokenLoadScorer};
 pub use topology::{TopologyAffinityFilter, TopologyAffinityScorer, TopologyLabels};
 pub use utilization_filter::{UtilizationFilter, UtilizationFilterParameters};
@@ -140,8 +152,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin::scorer(LoraAffinityScorer))
     });
     registry.register(active_request::TYPE_NAME, |spec| {
-        spec.parameters::<NoParameters>()?;
-        let scorer = Arc::new(ActiveRequestScorer::new());
+        let scorer = Arc::new(ActiveRequestScorer::with_parameters(&spec.parameters()?));
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             pre_request: Some(scorer.clone()),
@@ -188,7 +199,13 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin::scorer(RunningRequestsSizeScorer))
     });
     registry.register(token_load::TYPE_NAME, |spec| {
-        Ok(Plugin::scorer(TokenLoadScorer::new(&spec.parameters()?)?))
+        let scorer = Arc::new(TokenLoadScorer::new(&spec.parameters()?)?);
+        Ok(Plugin {
+            scorer: Some(scorer.clone()),
+            default_producers: scorer.default_producers(),
+            binder: Some(scorer),
+            ..Plugin::default()
+        })
     });
     registry.register(no_hit_lru::TYPE_NAME, |spec| {
         let scorer = Arc::new(NoHitLruScorer::new(&spec.parameters()?)?);
@@ -231,6 +248,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             let filter = Arc::new(SessionAffinityFilter::new(spec.parameters()?)?);
             Ok(Plugin {
                 filter: Some(filter.clone()),
+                pre_request: Some(filter.clone()),
                 response_headers: Some(filter),
                 ..Plugin::default()
             })
@@ -250,9 +268,14 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         let scorer = Arc::new(SessionAffinityScorer::new(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
+            pre_request: Some(scorer.clone()),
             response_headers: Some(scorer),
             ..Plugin::default()
         })
+    });
+    registry.register(session_id::TYPE_NAME, |spec| {
+        let producer = SessionIdProducer::new(spec.name, &spec.parameters()?)?;
+        Ok(Plugin { data_producer: Some(Arc::new(producer)), ..Plugin::default() })
     });
     registry.register_experimental(header_label_affinity::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(HeaderLabelAffinityScorer::new(spec.parameters()?)?))
@@ -269,12 +292,36 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         let scorer = Arc::new(TopologyAffinityScorer::new(spec.parameters()?));
         Ok(Plugin { scorer: Some(scorer.clone()), binder: Some(scorer), ..Plugin::default() })
     });
+    registry.register_experimental(header_profile::TYPE_NAME, |spec| {
+        Ok(Plugin::profile_handler(HeaderProfileHandler::new(&spec.parameters()?)?))
+    });
     registry.register_experimental(utilization_filter::TYPE_NAME, |spec| {
-        Ok(Plugin::filter(UtilizationFilter::new(spec.parameters()?)?))
+        let filter = Arc::new(UtilizationFilter::new(spec.parameters()?)?);
+        Ok(Plugin {
+            filter: Some(filter.clone()),
+            default_producers: filter.default_producers(),
+            binder: Some(filter),
+            ..Plugin::default()
+        })
+    });
+    registry.register(inflight_load::TYPE_NAME, |spec| {
+        let producer = Arc::new(InFlightLoad::new(&spec.parameters()?)?);
+        Ok(Plugin {
+            pre_request: Some(producer.clone()),
+            response_complete: Some(producer.clone()),
+            pool_observer: Some(producer.clone()),
+            shared: Some(producer),
+            ..Plugin::default()
+        })
     });
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
-        Ok(Plugin { filter: Some(filter.clone()), binder: Some(filter), ..Plugin::default() })
+        Ok(Plugin {
+            filter: Some(filter.clone()),
+            default_producers: filter.default_producers(),
+            binder: Some(filter),
+            ..Plugin::default()
+        })
     });
     registry.register(lora_filter::TYPE_NAME, |spec| {
         Ok(Plugin::filter(LoraAffinityFilter::new(spec.parameters()?)?))
@@ -291,6 +338,11 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     });
     registry.register(pickers::WEIGHTED_RANDOM_TYPE_NAME, |spec| {
         Ok(Plugin::picker(WeightedRandomPicker::new(PickerParameters::from_spec(spec)?)))
+    });
+    registry.register(conformance::SERVED_VERIFIER_TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        let verifier = conformance::DestinationEndpointServedVerifier;
+        Ok(Plugin { response_headers: Some(Arc::new(verifier)), ..Plugin::default() })
     });
     disagg::register(registry);
 }

@@ -14,12 +14,15 @@
 //! [`CycleState`]. Without any producer in the config the filter keeps everything, as Go's
 //! does without `PrefixCacheMatchInfo`.
 //!
-//! Go's TTFT load gate (`maxTTFTPenaltyMs`, `ttftSource`, `peakPrefillThroughput`) breaks
-//! stickiness when the best sticky endpoint's TTFT exceeds the best other one's by more than
-//! the penalty. It reads per-endpoint in-flight tokens or predicted TTFT, which epp-rs does
-//! not produce; Go treats those as absent (zero tokens, or an unknown TTFT on every endpoint),
-//! which never breaks stickiness. The parameters are accepted and validated as in Go and the
-//! gate behaves as Go's does without its producers: it never opens.
+//! Go's TTFT load gate breaks stickiness (keeps every candidate) when the best sticky
+//! endpoint's TTFT exceeds the best other one's by more than `maxTTFTPenaltyMs` (default
+//! 18000; 0 turns the gate off). With `ttftSource: prefillThroughput` (the default) an
+//! endpoint's TTFT is its in-flight tokens / `peakPrefillThroughput` (default 15928 tokens a
+//! second) in milliseconds, the tokens from the `inflight-load-producer` named
+//! `inFlightLoadProducerName`, else the config's default one (created when not declared, as
+//! Go creates it). With `ttftSource: latencyPredictor` it reads predicted TTFTs, which
+//! epp-rs does not produce; Go then sees an unknown TTFT everywhere, which never opens the
+//! gate, and neither does this filter.
 
 use std::sync::{Arc, OnceLock};
 
@@ -30,6 +33,7 @@ use scheduler_core::{
 };
 use serde::Deserialize;
 
+use crate::inflight_load::{self, InFlightLoad};
 use crate::prefix_cache::PrefixSource;
 use crate::prefix_cache::producer::{
     PRODUCER_TYPE_NAME, declared_source, every_source, named_producer,
@@ -66,7 +70,7 @@ pub struct PrefixCacheAffinityParameters {
     /// Producer of the latency prediction (accepted, unused).
     #[serde(default)]
     pub latency_prediction_info_producer_name: Option<String>,
-    /// Producer of the in-flight load (accepted, unused).
+    /// Producer of the in-flight load the TTFT gate reads (default: `inflight-load-producer`).
     #[serde(default)]
     pub in_flight_load_producer_name: Option<String>,
 }
@@ -79,6 +83,11 @@ pub struct PrefixCacheAffinityFilter {
     producer_name: Option<String>,
     /// Where the matches come from, found when the config is bound.
     source: OnceLock<Arc<PrefixSource>>,
+    max_ttft_penalty_ms: f64,
+    peak_prefill_throughput: f64,
+    /// The in-flight producer the gate reads, named when the gate estimates TTFT from it.
+    load_name: Option<String>,
+    load: OnceLock<Arc<InFlightLoad>>,
 }
 
 impl PrefixCacheAffinityFilter {
@@ -105,28 +114,70 @@ impl PrefixCacheAffinityFilter {
                 "'peakPrefillThroughput' must be >= 0, got {peak_prefill_throughput}"
             ));
         }
-        match parameters.ttft_source.as_deref().unwrap_or(PREFILL_THROUGHPUT) {
-            LATENCY_PREDICTOR => {}
+        let throughput = match parameters.ttft_source.as_deref().unwrap_or(PREFILL_THROUGHPUT) {
+            LATENCY_PREDICTOR => false,
             PREFILL_THROUGHPUT if max_ttft_penalty_ms > 0.0 && peak_prefill_throughput == 0.0 => {
                 return invalid(
                     "'peakPrefillThroughput' must be > 0 when 'ttftSource' is prefillThroughput"
                         .into(),
                 );
             }
-            PREFILL_THROUGHPUT => {}
+            PREFILL_THROUGHPUT => true,
             other => {
                 return invalid(format!(
                     "'ttftSource' must be '{PREFILL_THROUGHPUT}' or '{LATENCY_PREDICTOR}', got '{other}'"
                 ));
             }
-        }
+        };
+        let load_name = (throughput && max_ttft_penalty_ms > 0.0).then(|| {
+            match parameters.in_flight_load_producer_name.as_deref() {
+                None | Some("") => inflight_load::TYPE_NAME.to_owned(),
+                Some(name) => name.to_owned(),
+            }
+        });
         let producer_name = parameters.prefix_match_info_producer_name.filter(|n| !n.is_empty());
         Ok(Self {
             affinity_threshold,
             exploration_probability,
             producer_name,
             source: OnceLock::new(),
+            max_ttft_penalty_ms,
+            peak_prefill_throughput,
+            load_name,
+            load: OnceLock::new(),
         })
+    }
+
+    /// The default producer the TTFT gate needs created when the config declares none.
+    pub fn default_producers(&self) -> Vec<&'static str> {
+        match &self.load_name {
+            Some(name) if name == inflight_load::TYPE_NAME => vec![inflight_load::TYPE_NAME],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The estimated TTFT (ms) of the endpoint at `index`, from its in-flight tokens.
+    fn ttft_ms(&self, load: &InFlightLoad, pool: &PoolSnapshot, index: u32) -> f64 {
+        let tokens = pool.get(index).map_or(0, |state| load.tokens(state.id()));
+        tokens as f64 / self.peak_prefill_throughput * 1000.0
+    }
+
+    /// Whether the sticky endpoints are so much slower to first token than the others that
+    /// stickiness breaks (Go's TTFT load gate).
+    fn gate_opens(
+        &self,
+        pool: &PoolSnapshot,
+        candidates: &[u32],
+        sticky: impl Fn(u32) -> bool,
+    ) -> bool {
+        let Some(load) = self.load.get() else { return false };
+        let (mut best_sticky, mut best_other) = (f64::MAX, f64::MAX);
+        for &index in candidates {
+            let ttft = self.ttft_ms(load, pool, index);
+            let best = if sticky(index) { &mut best_sticky } else { &mut best_other };
+            *best = best.min(ttft);
+        }
+        best_other < f64::MAX && best_sticky - best_other > self.max_ttft_penalty_ms
     }
 
     /// A filter reading `source`'s matches (for schedulers assembled in code).
@@ -145,6 +196,9 @@ impl BindPlugins for PrefixCacheAffinityFilter {
         };
         if let Some(source) = found {
             let _ = self.source.set(source);
+        }
+        if let Some(name) = &self.load_name {
+            let _ = self.load.set(inflight_load::named(plugins, name)?);
         }
         Ok(())
     }
@@ -173,7 +227,9 @@ impl Filter for PrefixCacheAffinityFilter {
         };
         let Some(info) = producer.matches(state, request, pool) else { return };
         let sticky = |index: u32| info.ratio(index) >= self.affinity_threshold;
-        if candidates.iter().any(|&index| sticky(index)) {
+        if candidates.iter().any(|&index| sticky(index))
+            && !self.gate_opens(pool, candidates, sticky)
+        {
             candidates.retain(|&index| sticky(index));
         }
     }

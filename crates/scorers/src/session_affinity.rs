@@ -1,27 +1,47 @@
 //! `session-affinity-scorer` and `session-affinity-filter`: send a session's requests to the
 //! endpoint that served its first one.
 //!
-//! Matches llm-d-router's `scorer/sessionaffinity` and `filter/sessionaffinity` with their
-//! default strategy, `encoded_endpoint_header`: the client echoes back, in request header
+//! Matches llm-d-router's `scorer/sessionaffinity` and `filter/sessionaffinity` with both of
+//! their strategies. The scorer gives the session's endpoint 1 and every other 0 (a soft
+//! preference); the filter narrows the candidates to that endpoint alone when it is among
+//! them, and otherwise leaves them unchanged (a hard pin that never empties the set).
+//!
+//! `encoded_endpoint_header` (the default): the client echoes back, in request header
 //! `x-session-token` (or `encodedEndpointHeaderConfig.header`), the base64 (standard alphabet,
-//! padded) of the endpoint that served it. The scorer gives that endpoint 1 and every other
-//! 0 (a soft preference); the filter narrows the candidates to that endpoint alone when it is
-//! among them, and otherwise leaves them unchanged (a hard pin that never empties the set).
-//! A missing, oversized or undecodable token expresses no preference.
+//! padded) of the endpoint that served it. A missing, oversized or undecodable token
+//! expresses no preference. Go identifies an endpoint by `namespace/name`; epp-rs endpoints
+//! carry a name only, so a decoded token matches an endpoint whose name equals it, or equals
+//! its part after the last `/`. Both plugins write the token on the response
+//! ([`ResponseHeaders`]; once when both are used): the header
+//! ([`SessionAffinityParameters::header`]) set to [`session_token`] of the endpoint chosen by
+//! profile `profileName` (the primary profile when empty), as Go's `ResponseHeader` hook does.
 //!
-//! Go identifies an endpoint by `namespace/name`; epp-rs endpoints carry a name only, so a
-//! decoded token matches an endpoint whose name equals it, or equals its part after the last
-//! `/`. Both plugins write the token on the response ([`ResponseHeaders`]; once when both
-//! are used): the header ([`SessionAffinityParameters::header`]) set to [`session_token`] of
-//! the endpoint chosen by profile `profileName` (the primary profile when empty), as Go's
-//! `ResponseHeader` hook does; the ext-proc and tower adapters set it on the response.
-//!
-//! Go's stateful `session_id` strategy (a server-side, TTL-evicted session binding) is not
-//! implemented: configuring it is refused rather than silently degraded.
+//! `session_id`: the client sends an opaque session id and the plugin keeps, server side, the
+//! endpoint each session is bound to ([`SessionBindings`]). The id is the first non-blank
+//! value among `sessionIdConfig.sources`, in order: a request header (`header`), or a value a
+//! data producer published for the decision (`attribute`, with `producer` naming the plugin
+//! that published it, e.g. `{attribute: SessionIDDataKey, producer: session-id-producer}` for
+//! [`crate::session_id`]); without sources, header `x-session-id`. A session with no binding,
+//! or bound to an endpoint that is not a candidate, expresses no preference. After the
+//! decision, the pre-request hook binds an unbound session to the endpoint picked (by profile
+//! `profileName`, else the primary one), refreshes the binding when that is its endpoint, and
+//! moves it only when this decision saw its endpoint missing from the candidates (so a picker
+//! choosing another endpoint among several never breaks the pin). Bindings unused for
+//! `evictionTtlSeconds` (default 300) are forgotten; expired ones are swept when a binding is
+//! written, at most every `evictionSweepSeconds` (default 10). Go sweeps on a timer and
+//! honours an expired binding until its sweep; here an expired binding is ignored at once.
+//! Nothing is written on the response: the client owns its session id.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
 use scheduler_core::{Candidates, CycleState, Filter, InferenceRequest, PluginError, PoolSnapshot};
-use scheduler_core::{ResponseHeaders, SchedulingResult, Scorer};
+use scheduler_core::{EndpointId, PreRequest, ResponseHeaders, SchedulingResult, Scorer};
 use serde::Deserialize;
+
+use crate::session_id::data_key;
 
 /// llm-d type name of the scorer.
 pub const SCORER_TYPE_NAME: &str = "session-affinity-scorer";
@@ -41,15 +61,15 @@ const SESSION_ID: &str = "session_id";
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SessionAffinityParameters {
-    /// `encoded_endpoint_header` (default) or `session_id` (refused: not implemented).
+    /// `encoded_endpoint_header` (default) or `session_id`.
     #[serde(default)]
     pub strategy: Option<String>,
     /// Settings of the `encoded_endpoint_header` strategy.
     #[serde(default)]
     pub encoded_endpoint_header_config: EncodedEndpointHeaderConfig,
-    /// Settings of the `session_id` strategy (accepted so that Go configs parse).
+    /// Settings of the `session_id` strategy.
     #[serde(default)]
-    pub session_id_config: Option<serde::de::IgnoredAny>,
+    pub session_id_config: SessionIdConfig,
     /// The profile whose endpoint the response token names; empty means the primary one.
     #[serde(default)]
     pub profile_name: String,
@@ -64,6 +84,97 @@ pub struct EncodedEndpointHeaderConfig {
     pub header: String,
 }
 
+/// The header the `session_id` strategy reads when no source is configured.
+pub const DEFAULT_SESSION_ID_HEADER: &str = "x-session-id";
+/// How long an unused binding lasts when `evictionTtlSeconds` is unset.
+pub const DEFAULT_EVICTION_TTL_SECONDS: f64 = 300.0;
+/// How often expired bindings are swept when `evictionSweepSeconds` is unset.
+pub const DEFAULT_EVICTION_SWEEP_SECONDS: f64 = 10.0;
+
+/// `sessionIdConfig`: where the session id comes from and how long bindings last.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct SessionIdConfig {
+    /// Where the id is read, in order; the first non-blank value wins. Empty: header
+    /// `x-session-id`.
+    pub sources: Vec<SessionIdSource>,
+    /// Seconds an unused binding lasts; 0 or unset: 300. Must not be negative.
+    pub eviction_ttl_seconds: f64,
+    /// Seconds between sweeps of expired bindings; 0 or unset: 10. Must not be negative.
+    pub eviction_sweep_seconds: f64,
+}
+
+/// One place the session id is read from: exactly one of `header` and `attribute`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionIdSource {
+    /// A request header.
+    pub header: String,
+    /// The data type of a value a producer published for the decision.
+    pub attribute: String,
+    /// The plugin that published `attribute` (empty: a key without producer).
+    pub producer: String,
+}
+
+impl SessionIdConfig {
+    /// The sources (lower-cased headers and attribute keys) and the TTL and sweep interval,
+    /// defaults applied; refuses a source with both or neither field and a negative or
+    /// non-finite duration.
+    fn resolve(&self) -> Result<(Vec<Source>, Duration, Duration), PluginError> {
+        let invalid = |message: String| Err(PluginError::InvalidParameters(message));
+        let mut sources = Vec::with_capacity(self.sources.len().max(1));
+        for (index, source) in self.sources.iter().enumerate() {
+            match (source.header.is_empty(), source.attribute.is_empty()) {
+                (false, true) => {
+                    let header = source.header.trim().to_ascii_lowercase();
+                    // Go's header normalisation: a blank name reads the default token header.
+                    let header = if header.is_empty() { DEFAULT_HEADER.to_owned() } else { header };
+                    sources.push(Source::Header(header));
+                }
+                (true, false) => {
+                    let producer = source.producer.as_str();
+                    sources.push(Source::Attribute(data_key(&source.attribute, producer)));
+                }
+                _ => {
+                    return invalid(format!(
+                        "sessionIdConfig.sources[{index}]: exactly one of header or attribute must be set"
+                    ));
+                }
+            }
+        }
+        if sources.is_empty() {
+            sources.push(Source::Header(DEFAULT_SESSION_ID_HEADER.to_owned()));
+        }
+        let seconds = |value: f64, default: f64, field: &str| {
+            let value = if value == 0.0 { default } else { value };
+            if value.is_finite() && value > 0.0 {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(PluginError::InvalidParameters(format!(
+                    "sessionIdConfig.{field} must be > 0, got {value}"
+                )))
+            }
+        };
+        let ttl =
+            seconds(self.eviction_ttl_seconds, DEFAULT_EVICTION_TTL_SECONDS, "evictionTtlSeconds")?;
+        let sweep = seconds(
+            self.eviction_sweep_seconds,
+            DEFAULT_EVICTION_SWEEP_SECONDS,
+            "evictionSweepSeconds",
+        )?;
+        Ok((sources, ttl, sweep))
+    }
+}
+
+/// A resolved place to read the session id from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Source {
+    /// A request header (lower-cased).
+    Header(String),
+    /// A request attribute key (`<data type>/<producer>`).
+    Attribute(String),
+}
+
 impl SessionAffinityParameters {
     /// The header name, trimmed and lowercased as Go's `NormalizeHeader` does.
     pub fn header(&self) -> String {
@@ -71,14 +182,21 @@ impl SessionAffinityParameters {
         if header.is_empty() { DEFAULT_HEADER.to_owned() } else { header }
     }
 
-    fn validate(&self) -> Result<(), PluginError> {
+    fn strategy(&self) -> Result<Strategy, PluginError> {
         match self.strategy.as_deref().unwrap_or(ENCODED_ENDPOINT_HEADER) {
-            ENCODED_ENDPOINT_HEADER => Ok(()),
-            SESSION_ID => Err(PluginError::InvalidParameters(
-                "strategy: 'session_id' is not supported by this endpoint picker; \
-                 use 'encoded_endpoint_header'"
-                    .into(),
-            )),
+            ENCODED_ENDPOINT_HEADER => Ok(Strategy::Token(SessionToken {
+                header: self.header(),
+                profile_name: self.profile_name.clone(),
+            })),
+            SESSION_ID => {
+                let (sources, ttl, sweep) = self.session_id_config.resolve()?;
+                Ok(Strategy::Bindings(Arc::new(SessionBindings::new(
+                    sources,
+                    self.profile_name.clone(),
+                    ttl,
+                    sweep,
+                ))))
+            }
             other => Err(PluginError::InvalidParameters(format!(
                 "strategy: must be '{ENCODED_ENDPOINT_HEADER}' or '{SESSION_ID}', got '{other}'"
             ))),
@@ -159,11 +277,6 @@ struct SessionToken {
 }
 
 impl SessionToken {
-    fn new(parameters: &SessionAffinityParameters) -> Result<Self, PluginError> {
-        parameters.validate()?;
-        Ok(Self { header: parameters.header(), profile_name: parameters.profile_name.clone() })
-    }
-
     /// The token of the endpoint chosen, for the response; once, when both plugins are used.
     fn write(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
         if headers.iter().any(|(name, _)| *name == self.header) {
@@ -186,78 +299,289 @@ impl SessionToken {
     }
 }
 
-/// Scores 1 for the endpoint named by the session token, 0 for the others.
+/// How a plugin finds the session's endpoint.
+#[derive(Clone, Debug)]
+enum Strategy {
+    /// `encoded_endpoint_header`: the client sends the endpoint back.
+    Token(SessionToken),
+    /// `session_id`: the client sends a session id, the endpoint is kept here.
+    Bindings(Arc<SessionBindings>),
+}
+
+impl Strategy {
+    /// The position among `candidates` of the session's endpoint, if any.
+    fn choose(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        candidates: Candidates<'_>,
+    ) -> Option<usize> {
+        match self {
+            Strategy::Token(token) => token
+                .with_wanted(request, |wanted| {
+                    candidates.iter().position(|state| names(wanted, &state.endpoint.name))
+                })
+                .flatten(),
+            Strategy::Bindings(bindings) => bindings.choose(state, request, candidates),
+        }
+    }
+
+    fn write(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
+        if let Strategy::Token(token) = self {
+            token.write(result, headers);
+        }
+    }
+
+    fn pre_request(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+    ) {
+        if let Strategy::Bindings(bindings) = self {
+            bindings.bind(state, request, result);
+        }
+    }
+}
+
+/// Scores 1 for the session's endpoint, 0 for the others.
 #[derive(Clone, Debug)]
 pub struct SessionAffinityScorer {
-    token: SessionToken,
+    strategy: Strategy,
 }
 
 impl SessionAffinityScorer {
-    /// A scorer for `parameters`; refuses the `session_id` strategy and unknown strategies.
+    /// A scorer for `parameters`; refuses unknown strategies and invalid `sessionIdConfig`.
     pub fn new(parameters: SessionAffinityParameters) -> Result<Self, PluginError> {
-        Ok(Self { token: SessionToken::new(&parameters)? })
+        Ok(Self { strategy: parameters.strategy()? })
     }
 }
 
 impl ResponseHeaders for SessionAffinityScorer {
     fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
-        self.token.write(result, headers);
+        self.strategy.write(result, headers);
+    }
+}
+
+impl PreRequest for SessionAffinityScorer {
+    fn pre_request(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+    ) {
+        self.strategy.pre_request(state, request, result);
     }
 }
 
 impl Scorer for SessionAffinityScorer {
     fn score(
         &self,
-        _state: &mut CycleState,
+        state: &mut CycleState,
         request: &InferenceRequest,
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        self.token.with_wanted(request, |wanted| {
-            for (score, state) in scores.iter_mut().zip(candidates.iter()) {
-                if names(wanted, &state.endpoint.name) {
-                    *score = 1.0;
-                }
-            }
-        });
+        if let Some(score) =
+            self.strategy.choose(state, request, candidates).and_then(|at| scores.get_mut(at))
+        {
+            *score = 1.0;
+        }
     }
 }
 
-/// Narrows the candidates to the endpoint named by the session token when it is one of them.
+/// Narrows the candidates to the session's endpoint when it is one of them.
 #[derive(Clone, Debug)]
 pub struct SessionAffinityFilter {
-    token: SessionToken,
+    strategy: Strategy,
 }
 
 impl SessionAffinityFilter {
-    /// A filter for `parameters`; refuses the `session_id` strategy and unknown strategies.
+    /// A filter for `parameters`; refuses unknown strategies and invalid `sessionIdConfig`.
     pub fn new(parameters: SessionAffinityParameters) -> Result<Self, PluginError> {
-        Ok(Self { token: SessionToken::new(&parameters)? })
+        Ok(Self { strategy: parameters.strategy()? })
     }
 }
 
 impl ResponseHeaders for SessionAffinityFilter {
     fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>) {
-        self.token.write(result, headers);
+        self.strategy.write(result, headers);
+    }
+}
+
+impl PreRequest for SessionAffinityFilter {
+    fn pre_request(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+    ) {
+        self.strategy.pre_request(state, request, result);
     }
 }
 
 impl Filter for SessionAffinityFilter {
     fn filter(
         &self,
-        _state: &mut CycleState,
+        state: &mut CycleState,
         request: &InferenceRequest,
         pool: &PoolSnapshot,
         candidates: &mut Vec<u32>,
     ) {
-        let session = self.token.with_wanted(request, |wanted| {
-            candidates.iter().copied().find(|&index| {
-                pool.get(index).is_some_and(|state| names(wanted, &state.endpoint.name))
-            })
-        });
-        if let Some(Some(index)) = session {
+        let chosen = self.strategy.choose(state, request, Candidates::new(pool, candidates));
+        if let Some(index) = chosen.map(|at| candidates[at]) {
             candidates.clear();
             candidates.push(index);
+        }
+    }
+}
+
+/// The `session_id` strategy's store: the endpoint each session is bound to and when the
+/// binding was last used. Bounded by the TTL: expired bindings are swept as bindings are
+/// written, so it holds at most the sessions seen within a TTL and a sweep interval.
+#[derive(Debug)]
+pub struct SessionBindings {
+    sources: Vec<Source>,
+    profile_name: String,
+    ttl: Duration,
+    sweep_every: Duration,
+    store: RwLock<Store>,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    bindings: HashMap<String, Binding>,
+    last_sweep: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Binding {
+    endpoint: EndpointId,
+    last_seen: Instant,
+}
+
+/// What each `session_id` plugin saw of its session's endpoint in the current decision:
+/// whether the bound endpoint was among the candidates. Keyed by the plugin's store.
+#[derive(Debug, Default)]
+struct Presence {
+    seen: Vec<(usize, u64, bool)>,
+}
+
+impl SessionBindings {
+    fn new(
+        sources: Vec<Source>,
+        profile_name: String,
+        ttl: Duration,
+        sweep_every: Duration,
+    ) -> Self {
+        Self { sources, profile_name, ttl, sweep_every, store: RwLock::default() }
+    }
+
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// The session id of `request`: the first non-blank value among the sources.
+    fn session_id(&self, state: &mut CycleState, request: &InferenceRequest) -> Option<String> {
+        self.sources.iter().find_map(|source| {
+            let value = match source {
+                Source::Header(name) => request.header(name),
+                Source::Attribute(key) => state.request_attribute(key),
+            };
+            value.map(str::trim).filter(|value| !value.is_empty()).map(str::to_owned)
+        })
+    }
+
+    /// The endpoint `session` is bound to at `now`, unless the binding expired.
+    pub fn bound(&self, session: &str, now: Instant) -> Option<EndpointId> {
+        let store = self.store.read();
+        let binding = store.bindings.get(session)?;
+        (now.saturating_duration_since(binding.last_seen) <= self.ttl).then_some(binding.endpoint)
+    }
+
+    /// How many bindings are stored (expired ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.store.read().bindings.len()
+    }
+
+    /// Whether no binding is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn choose(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        candidates: Candidates<'_>,
+    ) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let session = self.session_id(state, request)?;
+        let bound = self.bound(&session, state.now())?;
+        let position = candidates.iter().position(|state| state.id() == bound);
+        let (key, stamp) = (self.key(), state.decision_stamp());
+        let presence = state.scratch::<Presence>();
+        presence.seen.retain(|&(_, seen_in, _)| seen_in == stamp);
+        presence.seen.retain(|&(owner, _, _)| owner != key);
+        presence.seen.push((key, stamp, position.is_some()));
+        position
+    }
+
+    /// Whether this decision saw the session's endpoint among the candidates; `None` when it
+    /// did not look (the session was unbound when it did).
+    fn seen(&self, state: &mut CycleState) -> Option<bool> {
+        let (key, stamp) = (self.key(), state.decision_stamp());
+        state
+            .scratch::<Presence>()
+            .seen
+            .iter()
+            .find(|&&(owner, seen_in, _)| owner == key && seen_in == stamp)
+            .map(|&(_, _, present)| present)
+    }
+
+    fn bind(&self, state: &mut CycleState, request: &InferenceRequest, result: &SchedulingResult) {
+        let Some(session) = self.session_id(state, request) else { return };
+        let picked = if self.profile_name.is_empty() {
+            Some(result.primary().id())
+        } else {
+            result
+                .profile_runs()
+                .iter()
+                .find(|run| &*run.profile == self.profile_name.as_str())
+                .and_then(|run| run.picks.first())
+                .and_then(|&at| result.pool().get(at))
+                .map(|state| state.id())
+        };
+        let Some(endpoint) = picked else { return };
+        let now = state.now();
+        let seen = self.seen(state);
+        let mut store = self.store.write();
+        if store
+            .last_sweep
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.sweep_every)
+        {
+            let ttl = self.ttl;
+            store
+                .bindings
+                .retain(|_, binding| now.saturating_duration_since(binding.last_seen) <= ttl);
+            store.last_sweep = Some(now);
+        }
+        let fresh = Binding { endpoint, last_seen: now };
+        match store.bindings.get_mut(&session) {
+            None => {
+                store.bindings.insert(session, fresh);
+            }
+            Some(existing) if now.saturating_duration_since(existing.last_seen) > self.ttl => {
+                *existing = fresh;
+            }
+            Some(existing) if existing.endpoint == endpoint => existing.last_seen = now,
+            // Moved only when this decision saw the bound endpoint missing; a decision that
+            // did not look (it found the session unbound, and another request bound it since)
+            // leaves the first binding in place.
+            Some(existing) if seen == Some(false) => *existing = fresh,
+            Some(_) => {}
         }
     }
 }

@@ -5,22 +5,26 @@
 //! tokens), score = 1 - min(t, T) / T, so an idle endpoint scores 1 and one at or past T
 //! scores 0. Counting tokens rather than requests tells a long prompt from a short one.
 //!
-//! In llm-d-router, t is the in-flight-load producer's token count for the endpoint (prompt
-//! tokens of the requests sent there whose prefill has not finished) plus the tokens the
-//! request being scheduled would add there (its uncached part). epp-rs has no such producer;
-//! the closest signal it has is the endpoint's dispatch log: the estimated prompt tokens of
-//! the requests this picker sent there since its metrics were last scraped, which are the
-//! most recent and so the likeliest still in prefill. To these it adds the request's own
-//! estimated prompt tokens ([`InferenceRequest::estimated_prompt_tokens`], about 4
-//! characters a token), whole on every endpoint: what llm-d-router adds when no prefix-cache
-//! information is available.
+//! As in llm-d-router, t is an in-flight-load producer's token count for the endpoint
+//! ([`crate::inflight_load`]: the tokens of the requests sent there whose prefill has not
+//! finished) plus the tokens the request being scheduled would add there. The producer is the
+//! one named `inFlightLoadProducerName`, else the config's `inflight-load-producer`, created
+//! with default parameters when not declared; a name the config does not declare is refused.
 //!
-//! `inFlightLoadProducerName` selects the producer in llm-d-router; it is accepted (so its
-//! configs load unchanged) and has no effect here. A non-positive `queueThresholdTokens`,
+//! A scorer built directly ([`TokenLoadScorer::new`]) without a producer bound falls back on
+//! the endpoint's dispatch log: the estimated prompt tokens of the requests this picker sent
+//! there since its metrics were last scraped, plus the request's own estimated prompt tokens
+//! ([`InferenceRequest::estimated_prompt_tokens`]). A non-positive `queueThresholdTokens`,
 //! which llm-d-router silently replaces by the default, is refused.
 
-use scheduler_core::{Candidates, CycleState, InferenceRequest, PluginError, Scorer};
+use std::sync::{Arc, OnceLock};
+
+use scheduler_core::{
+    BindPlugins, Candidates, ConstructedPlugins, CycleState, InferenceRequest, PluginError, Scorer,
+};
 use serde::Deserialize;
+
+use crate::inflight_load::{self, InFlightLoad};
 
 /// llm-d type name.
 pub const TYPE_NAME: &str = "token-load-scorer";
@@ -34,7 +38,7 @@ pub const DEFAULT_QUEUE_THRESHOLD_TOKENS: i64 = 4_194_304;
 pub struct TokenLoadParameters {
     /// In-flight tokens at which the score reaches 0 (default 4,194,304; must be positive).
     pub queue_threshold_tokens: i64,
-    /// The llm-d-router producer of in-flight load; accepted and ignored (see module doc).
+    /// The in-flight load producer read (default: `inflight-load-producer`).
     pub in_flight_load_producer_name: Option<String>,
 }
 
@@ -48,9 +52,11 @@ impl Default for TokenLoadParameters {
 }
 
 /// Scores by estimated prompt tokens in flight against a fixed threshold.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct TokenLoadScorer {
     threshold: f64,
+    producer_name: String,
+    producer: OnceLock<Arc<InFlightLoad>>,
 }
 
 impl TokenLoadScorer {
@@ -62,7 +68,24 @@ impl TokenLoadScorer {
                 parameters.queue_threshold_tokens
             )));
         }
-        Ok(Self { threshold: parameters.queue_threshold_tokens as f64 })
+        let producer_name = match parameters.in_flight_load_producer_name.as_deref() {
+            None | Some("") => inflight_load::TYPE_NAME.to_owned(),
+            Some(name) => name.to_owned(),
+        };
+        Ok(Self {
+            threshold: parameters.queue_threshold_tokens as f64,
+            producer_name,
+            producer: OnceLock::new(),
+        })
+    }
+
+    /// The default producer this scorer needs created when the config declares none.
+    pub fn default_producers(&self) -> Vec<&'static str> {
+        if self.producer_name == inflight_load::TYPE_NAME {
+            vec![inflight_load::TYPE_NAME]
+        } else {
+            Vec::new()
+        }
     }
 
     /// The score of an endpoint with `tokens` in flight (the request's own included).
@@ -73,7 +96,18 @@ impl TokenLoadScorer {
 
 impl Default for TokenLoadScorer {
     fn default() -> Self {
-        Self { threshold: DEFAULT_QUEUE_THRESHOLD_TOKENS as f64 }
+        Self {
+            threshold: DEFAULT_QUEUE_THRESHOLD_TOKENS as f64,
+            producer_name: inflight_load::TYPE_NAME.to_owned(),
+            producer: OnceLock::new(),
+        }
+    }
+}
+
+impl BindPlugins for TokenLoadScorer {
+    fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
+        let _ = self.producer.set(inflight_load::named(plugins, &self.producer_name)?);
+        Ok(())
     }
 }
 
@@ -85,6 +119,15 @@ impl Scorer for TokenLoadScorer {
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
+        if let Some(producer) = self.producer.get() {
+            // Without a prefix discount the request adds the same tokens everywhere.
+            let own = producer.request_tokens(request);
+            for (score, state) in scores.iter_mut().zip(candidates.iter()) {
+                let tokens = producer.tokens(state.id()).saturating_add(own).max(0);
+                *score = self.score_of(tokens as u64);
+            }
+            return;
+        }
         let own = request.estimated_prompt_tokens();
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
             // Always compensated: the picks since the scrape are the only in-flight signal.

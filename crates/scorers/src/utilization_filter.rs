@@ -2,18 +2,26 @@
 //!
 //! Matches llm-d-router's `utilization` filter: each of `conditions` caps one metric
 //! (`metric`, `maxValue`); an endpoint is kept only when no condition's metric exceeds its
-//! cap (`value > maxValue` drops it). Metrics: `running-requests`, `waiting-queue` (as the
-//! model server reports them) and `kv-cache-utilization` (a fraction, so its cap is at most
-//! 1). When every candidate is dropped and `fallbackOnEmpty` is true, all candidates are kept.
+//! cap (`value > maxValue` drops it). Metrics: `active-requests` (the requests this picker has
+//! in flight on the endpoint, from an `inflight-load-producer`, [`crate::inflight_load`]),
+//! `running-requests`, `waiting-queue` (as the model server reports them) and
+//! `kv-cache-utilization` (a fraction, so its cap is at most 1). When every candidate is
+//! dropped and `fallbackOnEmpty` is true, all candidates are kept.
 //!
-//! `active-requests` (the picker's own in-flight count, which llm-d-router reads from its
-//! `inflight-load-producer`) is refused until that producer exists here, and so is
-//! `inFlightLoadProducerName`, which only that metric reads.
+//! `active-requests` reads the producer named `inFlightLoadProducerName`; without one, the
+//! config's `inflight-load-producer` (created with default parameters when not declared, as
+//! the Go loader creates its default producer). A name the config does not declare is
+//! refused.
+
+use std::sync::{Arc, OnceLock};
 
 use scheduler_core::{
-    CycleState, EndpointState, Filter, InferenceRequest, PluginError, PoolSnapshot,
+    BindPlugins, ConstructedPlugins, CycleState, EndpointState, Filter, InferenceRequest,
+    PluginError, PoolSnapshot,
 };
 use serde::Deserialize;
+
+use crate::inflight_load::{self, InFlightLoad};
 
 /// llm-d type name.
 pub const TYPE_NAME: &str = "utilization-filter";
@@ -32,7 +40,7 @@ pub struct UtilizationFilterParameters {
     /// Keep every candidate when all would be dropped.
     #[serde(default)]
     pub fallback_on_empty: bool,
-    /// The in-flight load producer `active-requests` reads (not supported yet).
+    /// The in-flight load producer `active-requests` reads (default: `inflight-load-producer`).
     #[serde(default)]
     pub in_flight_load_producer_name: String,
 }
@@ -50,26 +58,20 @@ pub struct ConditionParameters {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Metric {
+    ActiveRequests,
     RunningRequests,
     WaitingQueue,
     KvCacheUtilization,
 }
 
-impl Metric {
-    fn of(self, state: &EndpointState) -> f64 {
-        match self {
-            Metric::RunningRequests => f64::from(state.metrics.running),
-            Metric::WaitingQueue => f64::from(state.metrics.waiting_queue),
-            Metric::KvCacheUtilization => state.metrics.kv_usage,
-        }
-    }
-}
-
 /// Keeps the endpoints within every cap.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct UtilizationFilter {
     caps: Vec<(Metric, f64)>,
     fallback_on_empty: bool,
+    /// The producer `active-requests` reads, named when a condition uses it.
+    producer_name: Option<String>,
+    producer: OnceLock<Arc<InFlightLoad>>,
 }
 
 impl UtilizationFilter {
@@ -80,24 +82,13 @@ impl UtilizationFilter {
         if parameters.conditions.is_empty() {
             return Err(invalid("'conditions' needs at least one condition".into()));
         }
-        if !parameters.in_flight_load_producer_name.is_empty() {
-            return Err(invalid(
-                "'inFlightLoadProducerName': the inflight-load-producer is not supported yet"
-                    .into(),
-            ));
-        }
         let mut caps = Vec::with_capacity(parameters.conditions.len());
         for (index, condition) in parameters.conditions.iter().enumerate() {
             let metric = match condition.metric.as_str() {
                 "running-requests" => Metric::RunningRequests,
                 "waiting-queue" => Metric::WaitingQueue,
                 "kv-cache-utilization" => Metric::KvCacheUtilization,
-                "active-requests" => {
-                    return Err(invalid(format!(
-                        "'conditions[{index}].metric': 'active-requests' needs the \
-                         inflight-load-producer, which is not supported yet"
-                    )));
-                }
+                "active-requests" => Metric::ActiveRequests,
                 other => {
                     return Err(invalid(format!(
                         "'conditions[{index}].metric' must be one of {METRICS:?}, got {other:?}"
@@ -121,11 +112,53 @@ impl UtilizationFilter {
             }
             caps.push((metric, max_value));
         }
-        Ok(Self { caps, fallback_on_empty: parameters.fallback_on_empty })
+        let producer_name =
+            caps.iter().any(|(metric, _)| *metric == Metric::ActiveRequests).then(|| {
+                match parameters.in_flight_load_producer_name.trim() {
+                    "" => inflight_load::TYPE_NAME.to_owned(),
+                    name => name.to_owned(),
+                }
+            });
+        Ok(Self {
+            caps,
+            fallback_on_empty: parameters.fallback_on_empty,
+            producer_name,
+            producer: OnceLock::new(),
+        })
+    }
+
+    /// The default producer this filter needs created when the config declares none: the
+    /// `inflight-load-producer` when `active-requests` reads it under its default name.
+    pub fn default_producers(&self) -> Vec<&'static str> {
+        match &self.producer_name {
+            Some(name) if name == inflight_load::TYPE_NAME => vec![inflight_load::TYPE_NAME],
+            _ => Vec::new(),
+        }
+    }
+
+    fn value(&self, metric: Metric, state: &EndpointState) -> f64 {
+        match metric {
+            // An endpoint the producer has not seen has nothing in flight.
+            Metric::ActiveRequests => {
+                self.producer.get().map_or(0.0, |producer| producer.requests(state.id()) as f64)
+            }
+            Metric::RunningRequests => f64::from(state.metrics.running),
+            Metric::WaitingQueue => f64::from(state.metrics.waiting_queue),
+            Metric::KvCacheUtilization => state.metrics.kv_usage,
+        }
     }
 
     fn within_caps(&self, state: &EndpointState) -> bool {
-        self.caps.iter().all(|(metric, max_value)| metric.of(state) <= *max_value)
+        self.caps.iter().all(|&(metric, max_value)| self.value(metric, state) <= max_value)
+    }
+}
+
+impl BindPlugins for UtilizationFilter {
+    fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
+        if let Some(name) = &self.producer_name {
+            let _ = self.producer.set(inflight_load::named(plugins, name)?);
+        }
+        Ok(())
     }
 }
 

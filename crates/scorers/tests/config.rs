@@ -179,12 +179,15 @@ fn structural_errors() {
         ),
         "schedulingProfiles[1]: profile name 'a' is used twice"
     );
-    assert_eq!(
-        error(
-            "plugins:\n- type: single-profile-handler\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: single-profile-handler}]\n"
-        ),
-        "schedulingProfiles[0] 'a' plugins[0]: 'single-profile-handler' is not a filter, scorer or picker"
-    );
+    // A plugin that is no filter, scorer or picker is ignored in a profile, as Go's profile
+    // ignores it (it still plays its own role: here, the handler).
+    let scheduler = build(
+        "plugins:\n- type: single-profile-handler\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: single-profile-handler}, {pluginRef: queue-scorer}]\n",
+    )
+    .unwrap();
+    let profile = &scheduler.profiles()[0];
+    assert_eq!(profile.scorers().len(), 1);
+    assert_eq!(profile.filters().count(), 0);
 }
 
 /// The example config of the protocol notes, verbatim.

@@ -212,7 +212,7 @@ fn parser_references_that_resolve_to_nothing_are_named() {
         load("plugins:\n- type: queue-scorer\nrequestHandler:\n  parsers:\n  - pluginRef: grpc\n");
     assert_eq!(
         parsers(&config).unwrap_err().to_string(),
-        "requestHandler.parsers[0]: pluginRef 'grpc' names no declared plugin and no parser type (parser types: openai-parser, anthropic-parser, vllmhttp-parser, passthrough-parser, vllmgrpc-parser)"
+        "requestHandler.parsers[0]: pluginRef 'grpc' names no declared plugin and no parser type (parser types: openai-parser, anthropic-parser, vllmhttp-parser, passthrough-parser, vllmgrpc-parser, sglanghttp-parser, vertexai-parser)"
     );
     let (config, _) = load("plugins:\n- type: queue-scorer\nparser: {pluginRef: queue-scorer}\n");
     assert_eq!(

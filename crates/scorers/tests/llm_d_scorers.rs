@@ -370,3 +370,35 @@ proptest! {
         prop_assert!(after.iter().all(|kept| rest.any(|candidate| candidate == kept)));
     }
 }
+
+// scorer/activerequest/active_request.go: idle (n <= idleThreshold) scores 1; busy scores
+// (max - n) / max * maxBusyScore, max the largest count among the candidates.
+#[test]
+fn active_request_scores_idle_endpoints_1_and_busy_ones_below_max_busy_score() {
+    use scorers::{ActiveRequestParameters, ActiveRequestScorer};
+    let go_example = ActiveRequestScorer::with_parameters(&ActiveRequestParameters {
+        idle_threshold: 2,
+        max_busy_score: Some(0.5),
+        ..Default::default()
+    });
+    assert_eq!(go_example.score_of(0, 8), 1.0);
+    assert_eq!(go_example.score_of(2, 8), 1.0, "at the threshold: idle");
+    assert_eq!(go_example.score_of(4, 8), 0.25);
+    assert_eq!(go_example.score_of(8, 8), 0.0, "the busiest");
+    let default = ActiveRequestScorer::new();
+    assert_eq!(default.score_of(0, 0), 1.0);
+    assert_eq!((default.score_of(1, 2), default.score_of(2, 2)), (0.5, 0.0));
+    assert_eq!(default.score_of(3, 3), 0.0, "all equally busy: all 0, as in Go");
+    // Out of range values fall back to the defaults, as Go's factory does.
+    let lenient = ActiveRequestScorer::with_parameters(&ActiveRequestParameters {
+        idle_threshold: -1,
+        max_busy_score: Some(1.5),
+        ..Default::default()
+    });
+    assert_eq!((lenient.score_of(0, 2), lenient.score_of(1, 2)), (1.0, 0.5));
+    // The parameters of Go's README load, and the deprecated requestTimeout is accepted.
+    let yaml = "plugins:\n- type: active-request-scorer\n  parameters: {idleThreshold: 2, maxBusyScore: 0.5, requestTimeout: 2m}\n";
+    assert!(EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).is_ok());
+    let yaml = "plugins:\n- type: active-request-scorer\n  parameters: {idle: 2}\n";
+    assert!(EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).is_err());
+}

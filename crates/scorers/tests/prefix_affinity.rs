@@ -82,6 +82,55 @@ fn threshold_zero_and_full_exploration_keep_everything() {
     assert_eq!(candidates, [u32::from(first)]);
 }
 
+// plugin.go's TTFT load gate: TTFT = in-flight tokens / peakPrefillThroughput * 1000 ms; the
+// sticky endpoints are dropped from consideration no more when the best of them is slower
+// than the best other one by more than maxTTFTPenaltyMs.
+#[test]
+fn the_ttft_gate_breaks_stickiness_when_the_sticky_endpoint_is_loaded() {
+    // 1000 tokens a second: an endpoint's TTFT in ms is its in-flight token count.
+    let scheduler = scheduler("{maxTTFTPenaltyMs: 1000, peakPrefillThroughput: 1000}");
+    let pool = common::pool(&[(0, 0.0); 3]);
+    let prompt = "aaaabbbbccccdddd";
+    let (_, _, first) = decide(&scheduler, &pool, prompt, 1);
+    // A 4000-character prompt (1000 tokens) in flight on the sticky endpoint: 1000 ms more
+    // than an idle one, not more than the penalty; stickiness holds.
+    let on_first = |chars: usize, seed: u64| {
+        let request = InferenceRequest::new("llama", format!("{prompt}{}", "x".repeat(chars)))
+            .with_request_id("load");
+        let mut result = scheduler
+            .schedule_with(
+                &request,
+                &pool,
+                ScheduleOptions { seed: Some(seed), ..Default::default() },
+            )
+            .unwrap();
+        assert_eq!(result.primary().endpoint.address.port() - 8000, first, "sticky");
+        result.take_completion().unwrap()
+    };
+    let held = on_first(4000 - prompt.len(), 2);
+    scheduler.flush();
+    let (candidates, _, _) = decide(&scheduler, &pool, prompt, 3);
+    assert_eq!(candidates, [u32::from(first)]);
+    // One token more and the gate opens: every endpoint is a candidate.
+    let more = on_first(4, 4);
+    scheduler.flush();
+    let (candidates, _, spread_to) = decide(&scheduler, &pool, prompt, 5);
+    assert_eq!(candidates, [0, 1, 2]);
+    // Their prefill over, the load no longer counts.
+    drop((held, more));
+    // (The pick made while the gate was open holds the prompt too.)
+    let mut sticky = vec![u32::from(first), u32::from(spread_to)];
+    sticky.sort_unstable();
+    sticky.dedup();
+    let (candidates, _, _) = decide(&scheduler, &pool, prompt, 6);
+    assert_eq!(candidates, sticky);
+    // A penalty of 0 turns the gate off, and then no in-flight producer is needed.
+    let yaml = "plugins:\n- type: prefix-cache-affinity-filter\n  parameters: {maxTTFTPenaltyMs: 0, inFlightLoadProducerName: none}\n";
+    assert!(EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).is_ok());
+    let yaml = "plugins:\n- type: prefix-cache-affinity-filter\n  parameters: {inFlightLoadProducerName: none}\n";
+    assert!(EndpointPickerConfig::from_yaml(yaml).unwrap().build(&builtin_registry()).is_err());
+}
+
 #[test]
 fn without_a_prefix_scorer_the_filter_keeps_everything() {
     let yaml = "plugins:\n- type: prefix-cache-affinity-filter\n- type: random-picker\n";

@@ -84,8 +84,8 @@ fn bad_parameters_are_refused_by_name() {
             .contains("at most 1")
     );
     assert!(
-        error(json!({"conditions": [{"metric": "active-requests", "maxValue": 3}]}))
-            .contains("inflight-load-producer")
+        error(json!({"conditions": [{"metric": "active-requests", "maxValue": -3}]}))
+            .contains("non-negative")
     );
     assert!(
         error(json!({"conditions": [{"metric": "waiting-queue", "maxValue": 1, "max": 2}]}))

@@ -176,7 +176,7 @@ where
             let mut response = inner.call(request).await?;
             // The response started: a disaggregated request's prefill stage is over.
             if let Some(guard) = guard.as_mut() {
-                guard.prefill_done();
+                guard.response_started();
             }
             // What the plugins write on the response (the session token); a value that is not
             // a valid header is dropped rather than failing the response.

@@ -331,9 +331,9 @@ int main(void) {
       CHECK(strcmp(headers, "x-prefiller-host-port: 10.0.1.1:8000\n") == 0);
       CHECK(epp_request_upstream_headers(disagg, token, headers, 8) ==
             EPP_STATUS_BUFFER_TOO_SMALL);
-      CHECK(epp_request_prefill_done(disagg, token) == EPP_STATUS_OK);
+      CHECK(epp_request_response_started(disagg, token) == EPP_STATUS_OK);
       CHECK(epp_request_complete(disagg, token, 5, 5, EPP_OUTCOME_COMPLETED) == EPP_STATUS_OK);
-      CHECK(epp_request_prefill_done(disagg, token) == EPP_STATUS_UNKNOWN_TOKEN);
+      CHECK(epp_request_response_started(disagg, token) == EPP_STATUS_UNKNOWN_TOKEN);
       epp_scheduler_free(disagg);
     }
   }

@@ -7,8 +7,9 @@
 //! without weight weighs 1, no `schedulingProfiles` at all means one `default` profile holding
 //! every filter, scorer and picker declared (just a picker when none is: every endpoint is a
 //! candidate), and no `requestHandler.parsers` means the OpenAI, Anthropic and vLLM HTTP
-//! parsers then passthrough. Errors in the document name the field path
-//! (`flowControl.maxBytes: ...`).
+//! parsers then passthrough. A profile that lists a plugin playing none of the profile roles
+//! (a data producer, a policy) ignores it, as the Go loader does. Errors in the document name
+//! the field path (`flowControl.maxBytes: ...`).
 //!
 //! GIE's default profile is written once, in [`DEFAULT_CONFIG_YAML`]; variants are composed
 //! from it in code rather than retyped:
@@ -336,7 +337,8 @@ pub enum ConfigError {
         /// The weight found.
         weight: f64,
     },
-    /// A profile references a plugin that is not a filter, scorer or picker.
+    /// The picker a profile is given when the config declares none is not a picker (a
+    /// registry replaced `max-score-picker` with another kind of plugin).
     #[error(
         "schedulingProfiles[{profile_index}] '{profile}' plugins[{index}]: '{plugin_ref}' is not a filter, scorer or picker"
     )]
@@ -655,6 +657,32 @@ impl EndpointPickerConfig {
                 plugin,
             });
         }
+        // Default producers, as the Go loader creates them: for each type a plugin needs and no
+        // plugin is named after, one instance named after its type, in order of first need.
+        let mut needed: Vec<&'static str> = Vec::new();
+        for declared in constructed.iter() {
+            for &type_name in &declared.plugin.default_producers {
+                if constructed.get(type_name).is_none() && !needed.contains(&type_name) {
+                    needed.push(type_name);
+                }
+            }
+        }
+        for type_name in needed {
+            let index = constructed.len();
+            let plugin = registry.create(&PluginSpec::of_type(type_name)).map_err(|source| {
+                ConfigError::Plugin {
+                    index,
+                    name: type_name.to_owned(),
+                    type_name: type_name.to_owned(),
+                    source,
+                }
+            })?;
+            constructed.plugins.push(ConstructedPlugin {
+                name: type_name.to_owned(),
+                type_name: type_name.to_owned(),
+                plugin,
+            });
+        }
         for (index, declared) in constructed.iter().enumerate() {
             if let Some(binder) = &declared.plugin.binder {
                 binder.bind(&constructed).map_err(|source| ConfigError::Plugin {
@@ -804,6 +832,12 @@ fn build_profile(
                 plugin_ref: name.to_owned(),
             });
         };
+        // The Go loader hands every referenced plugin to the profile, which keeps the filters,
+        // scorers and picker among them and ignores the rest without a word: a producer or a
+        // policy listed in a profile is simply not part of it.
+        if !plugin.is_profile_plugin() {
+            continue;
+        }
         let weight = reference.weight.unwrap_or(1.0);
         if !weight.is_finite() || weight < 0.0 {
             return Err(ConfigError::InvalidWeight {
@@ -812,14 +846,6 @@ fn build_profile(
                 index,
                 plugin_ref: name.to_owned(),
                 weight,
-            });
-        }
-        if !plugin.is_profile_plugin() {
-            return Err(ConfigError::NotAProfilePlugin {
-                profile_index,
-                profile: config.name.clone(),
-                index,
-                plugin_ref: name.to_owned(),
             });
         }
         if let Some(filter) = &plugin.filter {

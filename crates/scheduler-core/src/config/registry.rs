@@ -114,6 +114,10 @@ pub struct Plugin {
     pub shared: Option<Arc<dyn Any + Send + Sync>>,
     /// Binds this plugin to others once every declared plugin is constructed.
     pub binder: Option<Arc<dyn BindPlugins>>,
+    /// Producers this plugin needs, by type name: when the config declares no plugin named
+    /// after the type, one is constructed with default parameters under that name (Go's
+    /// default producers, created for a data key that is consumed and not produced).
+    pub default_producers: Vec<&'static str>,
 }
 
 /// A plugin that reads state another plugin of the same config offers
@@ -146,6 +150,7 @@ impl fmt::Debug for Plugin {
             .field("request_header", &self.request_header.is_some())
             .field("shared", &self.shared.is_some())
             .field("binder", &self.binder.is_some())
+            .field("default_producers", &self.default_producers)
             .finish()
     }
 }
@@ -238,7 +243,8 @@ impl PluginRegistry {
     /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
     /// in flight as a pre-request and completion hook), the request parsers
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
-    /// `passthrough-parser`), the flow-control policies
+    /// `passthrough-parser`, `vllmgrpc-parser`, `sglanghttp-parser`, `vertexai-parser`), the
+    /// flow-control policies
     /// `global-strict-fairness-policy`, `round-robin-fairness-policy`, `fcfs-ordering-policy`,
     /// `edf-ordering-policy`, `static-usage-limit-policy` (parameters: `threshold`),
     /// `program-aware-fairness`, the experimental `soft-reflective-ceiling-policy`,

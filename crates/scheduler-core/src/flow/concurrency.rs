@@ -174,6 +174,7 @@ mod tests {
             completion_tokens: None,
             outcome: Outcome::Completed,
             fairness_id: None,
+            decision_id: 0,
         });
         assert_eq!(detector.in_flight(b.id), 1);
         assert!(!detector.is_saturated(&pool, now));

@@ -79,6 +79,14 @@ pub enum ApiKind {
     VllmGrpcGenerate,
     /// vLLM's gRPC `VllmEngine/Embed`: a protobuf `EmbedRequest` (token ids).
     VllmGrpcEmbed,
+    /// SGLang's `/generate`: `input_ids` (one pre-tokenized prompt); no model.
+    SglangGenerate,
+    /// Vertex AI's gRPC `PredictionService/ChatCompletions`: an OpenAI chat completion body
+    /// in the request's `HttpBody`.
+    VertexAiChatCompletions,
+    /// Vertex AI's gRPC `PredictionService/RawPredict` and `StreamRawPredict`: an OpenAI
+    /// Responses body in the request's `HttpBody`.
+    VertexAiRawPredict,
 }
 
 impl ApiKind {
@@ -154,8 +162,20 @@ impl ParsedBody {
             let api = ApiKind::Unparsed;
             return Ok(Self { model: String::new(), prompt: String::new(), api, stream: false });
         }
-        if let Some(api @ (ApiKind::VllmGrpcGenerate | ApiKind::VllmGrpcEmbed)) = api {
-            return crate::request::grpc_body::parse(api, body);
+        match api {
+            Some(api @ (ApiKind::VllmGrpcGenerate | ApiKind::VllmGrpcEmbed)) => {
+                return crate::request::grpc_body::parse(api, body);
+            }
+            Some(ApiKind::SglangGenerate) => return crate::request::sglang_body::parse(body),
+            Some(api @ (ApiKind::VertexAiChatCompletions | ApiKind::VertexAiRawPredict)) => {
+                let inner = crate::request::grpc_body::vertex_http_body(api, body)?;
+                let openai = match api {
+                    ApiKind::VertexAiChatCompletions => ApiKind::ChatCompletions,
+                    _ => ApiKind::Responses,
+                };
+                return Self::parse_as(Some(openai), &inner);
+            }
+            _ => {}
         }
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(BodyError::Empty);
@@ -247,9 +267,12 @@ impl PromptField {
             ApiKind::ChatCompletions | ApiKind::AnthropicMessages => Self::Messages,
             ApiKind::Responses | ApiKind::Embeddings | ApiKind::Unparsed => Self::Input,
             ApiKind::Conversations => Self::Items,
-            ApiKind::VllmGenerate | ApiKind::VllmGrpcGenerate | ApiKind::VllmGrpcEmbed => {
-                Self::TokenIds
-            }
+            ApiKind::VllmGenerate
+            | ApiKind::VllmGrpcGenerate
+            | ApiKind::VllmGrpcEmbed
+            | ApiKind::SglangGenerate => Self::TokenIds,
+            ApiKind::VertexAiChatCompletions => Self::Messages,
+            ApiKind::VertexAiRawPredict => Self::Input,
         }
     }
 

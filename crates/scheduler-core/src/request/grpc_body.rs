@@ -5,6 +5,10 @@
 //! Only the fields scheduling reads are declared; protobuf skips the others. The messages
 //! carry no model name, so the request targets the pool's model (as vLLM's HTTP generate
 //! API may). Compressed messages are refused, as llm-d-router refuses them.
+//!
+//! Also the bodies `vertexai-parser` reads: a Vertex AI `PredictionService` request
+//! (`ChatCompletionsRequest`, `RawPredictRequest`, `StreamRawPredictRequest`, each an
+//! `endpoint` and a `google.api.HttpBody`), whose `HttpBody.data` is an OpenAI JSON body.
 
 use crate::request::body::{ApiKind, BodyError, ParsedBody};
 
@@ -41,6 +45,31 @@ struct GenerateRequest {
 struct EmbedRequest {
     #[prost(message, optional, tag = "2")]
     tokenized: Option<TokenizedInput>,
+}
+
+/// `google.api.HttpBody`, the field read.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HttpBody {
+    #[prost(bytes = "vec", tag = "2")]
+    data: Vec<u8>,
+}
+
+/// The Vertex AI `PredictionService` requests `vertexai-parser` reads: all three carry the
+/// wrapped body in field 2.
+#[derive(Clone, PartialEq, prost::Message)]
+struct VertexRequest {
+    #[prost(message, optional, tag = "2")]
+    http_body: Option<HttpBody>,
+}
+
+/// The JSON body a Vertex AI gRPC request of `api` wraps in its `HttpBody`.
+pub(crate) fn vertex_http_body(api: ApiKind, body: &[u8]) -> Result<Vec<u8>, BodyError> {
+    let message = unframe(body)?;
+    let request = <VertexRequest as prost::Message>::decode(message).map_err(invalid)?;
+    request
+        .http_body
+        .map(|http_body| http_body.data)
+        .ok_or(BodyError::MissingPrompt { api, expected: "\"http_body\"" })
 }
 
 /// Reads the gRPC message in `body` as the request of `api`.
@@ -104,7 +133,7 @@ fn invalid(error: prost::DecodeError) -> BodyError {
 
 /// Token ids as the JSON bodies' token lists are written: each in decimal and a space, so
 /// that equal token prefixes give equal text prefixes.
-fn write_tokens(tokens: &[u32], prompt: &mut String) {
+pub(crate) fn write_tokens(tokens: &[u32], prompt: &mut String) {
     prompt.reserve(tokens.len() * 7);
     let mut digits = [0u8; 10];
     for &token in tokens {
@@ -164,6 +193,64 @@ mod tests {
             parse(ApiKind::VllmGrpcEmbed, &framed(&empty)),
             Err(BodyError::MissingPrompt { .. })
         ));
+    }
+
+    /// A Vertex AI request as a client builds it: `endpoint` (1) and `http_body` (2), the
+    /// body's `content_type` (1) and `data` (2).
+    fn vertex_request(json: &str) -> Vec<u8> {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct FullHttpBody {
+            #[prost(string, tag = "1")]
+            content_type: String,
+            #[prost(bytes = "vec", tag = "2")]
+            data: Vec<u8>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct FullRequest {
+            #[prost(string, tag = "1")]
+            endpoint: String,
+            #[prost(message, optional, tag = "2")]
+            http_body: Option<FullHttpBody>,
+        }
+        framed(&FullRequest {
+            endpoint: "projects/p/locations/us-central1/endpoints/e".into(),
+            http_body: Some(FullHttpBody {
+                content_type: "application/json".into(),
+                data: json.as_bytes().to_vec(),
+            }),
+        })
+    }
+
+    #[test]
+    fn vertex_requests_wrap_an_openai_body() {
+        let chat = vertex_request(
+            r#"{"model":"google/gemma","messages":[{"role":"user","content":"Hi there"}],"stream":true}"#,
+        );
+        let parsed = ParsedBody::parse_as(Some(ApiKind::VertexAiChatCompletions), &chat).unwrap();
+        assert_eq!(parsed.model, "google/gemma");
+        assert_eq!(parsed.api, ApiKind::ChatCompletions);
+        assert!(parsed.stream && parsed.prompt.contains("Hi there"), "{parsed:?}");
+        let raw = vertex_request(r#"{"model":"m","input":"Tell me a story"}"#);
+        let parsed = ParsedBody::parse_as(Some(ApiKind::VertexAiRawPredict), &raw).unwrap();
+        assert_eq!(
+            (parsed.api, parsed.prompt.contains("Tell me a story")),
+            (ApiKind::Responses, true)
+        );
+        // The wrapped body is checked as the OpenAI parser checks it.
+        let no_model = vertex_request(r#"{"messages":[{"role":"user","content":"x"}]}"#);
+        assert_eq!(
+            ParsedBody::parse_as(Some(ApiKind::VertexAiChatCompletions), &no_model),
+            Err(BodyError::MissingModel)
+        );
+        let empty = framed(&VertexRequest { http_body: None });
+        assert!(matches!(
+            ParsedBody::parse_as(Some(ApiKind::VertexAiChatCompletions), &empty),
+            Err(BodyError::MissingPrompt { .. })
+        ));
+        assert_eq!(
+            ParsedBody::parse_as(Some(ApiKind::VertexAiRawPredict), b""),
+            Err(BodyError::Empty)
+        );
     }
 
     #[test]

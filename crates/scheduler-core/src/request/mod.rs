@@ -4,6 +4,7 @@ pub(crate) mod body;
 mod grpc_body;
 pub mod model_field;
 pub(crate) mod parser;
+mod sglang_body;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -41,6 +41,13 @@ pub enum RequestParser {
     /// `vllmgrpc-parser`: vLLM's gRPC engine API (`Generate` and `Embed`, HTTP/2 cleartext).
     /// Not in the default list, as in llm-d-router.
     VllmGrpc,
+    /// `sglanghttp-parser`: SGLang's native `/generate` (a pre-tokenized prompt). Not in the
+    /// default list.
+    SglangHttp,
+    /// `vertexai-parser`: Vertex AI's gRPC `PredictionService` (`ChatCompletions`,
+    /// `RawPredict`, `StreamRawPredict`), whose `HttpBody` wraps an OpenAI body. Not in the
+    /// default list.
+    VertexAi,
 }
 
 /// Path suffixes each parser claims, with the API a body sent there is read as.
@@ -59,6 +66,13 @@ const ANTHROPIC_CLAIMS: &[(&str, ApiKind)] = &[
     ("v1/messages/count_tokens", ApiKind::AnthropicMessages),
 ];
 const VLLM_HTTP_CLAIMS: &[(&str, ApiKind)] = &[("inference/v1/generate", ApiKind::VllmGenerate)];
+/// SGLang claims `generate` and reads only the path `/generate` itself (see [`longest_claim`]).
+const SGLANG_HTTP_CLAIMS: &[(&str, ApiKind)] = &[("generate", ApiKind::SglangGenerate)];
+const VERTEX_AI_CLAIMS: &[(&str, ApiKind)] = &[
+    ("PredictionService/ChatCompletions", ApiKind::VertexAiChatCompletions),
+    ("PredictionService/StreamRawPredict", ApiKind::VertexAiRawPredict),
+    ("PredictionService/RawPredict", ApiKind::VertexAiRawPredict),
+];
 const VLLM_GRPC_CLAIMS: &[(&str, ApiKind)] = &[
     ("vllm.grpc.engine.VllmEngine/Generate", ApiKind::VllmGrpcGenerate),
     ("vllm.grpc.engine.VllmEngine/Embed", ApiKind::VllmGrpcEmbed),
@@ -70,8 +84,15 @@ impl RequestParser {
         [Self::OpenAi, Self::Anthropic, Self::VllmHttp, Self::Passthrough];
 
     /// Every parser type.
-    pub const ALL: [Self; 5] =
-        [Self::OpenAi, Self::Anthropic, Self::VllmHttp, Self::Passthrough, Self::VllmGrpc];
+    pub const ALL: [Self; 7] = [
+        Self::OpenAi,
+        Self::Anthropic,
+        Self::VllmHttp,
+        Self::Passthrough,
+        Self::VllmGrpc,
+        Self::SglangHttp,
+        Self::VertexAi,
+    ];
 
     /// The plugin type name.
     pub const fn type_name(self) -> &'static str {
@@ -81,6 +102,8 @@ impl RequestParser {
             Self::VllmHttp => "vllmhttp-parser",
             Self::Passthrough => "passthrough-parser",
             Self::VllmGrpc => "vllmgrpc-parser",
+            Self::SglangHttp => "sglanghttp-parser",
+            Self::VertexAi => "vertexai-parser",
         }
     }
 
@@ -97,6 +120,8 @@ impl RequestParser {
             Self::VllmHttp => VLLM_HTTP_CLAIMS,
             Self::Passthrough => &[],
             Self::VllmGrpc => VLLM_GRPC_CLAIMS,
+            Self::SglangHttp => SGLANG_HTTP_CLAIMS,
+            Self::VertexAi => VERTEX_AI_CLAIMS,
         }
     }
 }
@@ -146,8 +171,11 @@ impl ParserTable {
     /// listed parser claims the path and none takes the rest (llm-d-router answers 400).
     ///
     /// The query string is ignored and the longest claimed suffix wins. A suffix must start
-    /// at a path segment (`/v1/xcompletions` is not `completions`), where llm-d-router
-    /// compares bare strings.
+    /// at a path segment or after a `.` (`/v1/xcompletions` is not `completions`, a gRPC
+    /// method `/google.cloud.aiplatform.v1.PredictionService/RawPredict` is
+    /// `PredictionService/RawPredict`), where llm-d-router compares bare strings. SGLang's
+    /// `generate` matches the path `/generate` alone: llm-d-router's parser claims the
+    /// suffix but refuses any other path it is given.
     pub fn resolve(&self, path: &str) -> Option<(RequestParser, ApiKind)> {
         longest_claim(&self.claiming, path)
             .or_else(|| self.fallback.map(|parser| (parser, ApiKind::Unparsed)))
@@ -169,7 +197,12 @@ pub(crate) fn longest_claim(
     for &parser in parsers {
         for &(suffix, api) in parser.claims() {
             let longer = best.is_none_or(|(_, _, length)| suffix.len() > length);
-            if longer && ends_with_segments(path, suffix) {
+            let matches = if parser == RequestParser::SglangHttp {
+                path.trim_start_matches('/') == suffix
+            } else {
+                ends_with_segments(path, suffix)
+            };
+            if longer && matches {
                 best = Some((parser, api, suffix.len()));
             }
         }
@@ -177,9 +210,10 @@ pub(crate) fn longest_claim(
     best.map(|(parser, api, _)| (parser, api))
 }
 
-/// Whether `path` ends with the segments of `suffix`.
+/// Whether `path` ends with the segments of `suffix` (or a `.`-qualified name ending so).
 fn ends_with_segments(path: &str, suffix: &str) -> bool {
-    path.strip_suffix(suffix).is_some_and(|head| head.is_empty() || head.ends_with('/'))
+    path.strip_suffix(suffix)
+        .is_some_and(|head| head.is_empty() || head.ends_with('/') || head.ends_with('.'))
 }
 
 #[cfg(test)]
@@ -239,6 +273,37 @@ mod tests {
             Some((RequestParser::Passthrough, ApiKind::Unparsed)),
             "anthropic comes after the fallback and is never consulted"
         );
+    }
+
+    #[test]
+    fn sglang_and_vertex_paths_resolve_as_go_resolves_them() {
+        let table = ParserTable::new([
+            RequestParser::OpenAi,
+            RequestParser::VllmHttp,
+            RequestParser::SglangHttp,
+            RequestParser::VertexAi,
+        ]);
+        assert_eq!(
+            table.resolve("/generate/"),
+            Some((RequestParser::SglangHttp, ApiKind::SglangGenerate))
+        );
+        assert_eq!(
+            table.resolve("/inference/v1/generate"),
+            Some((RequestParser::VllmHttp, ApiKind::VllmGenerate)),
+            "the longer vLLM claim wins"
+        );
+        assert_eq!(table.resolve("/v1/generate"), None, "SGLang reads /generate alone");
+        for (method, api) in [
+            ("ChatCompletions", ApiKind::VertexAiChatCompletions),
+            ("RawPredict", ApiKind::VertexAiRawPredict),
+            ("StreamRawPredict", ApiKind::VertexAiRawPredict),
+        ] {
+            let path = format!("/google.cloud.aiplatform.v1beta1.PredictionService/{method}");
+            assert_eq!(table.resolve(&path), Some((RequestParser::VertexAi, api)), "{path}");
+        }
+        assert_eq!(table.resolve("/google.cloud.aiplatform.v1.PredictionService/Predict"), None);
+        assert!(!RequestParser::DEFAULTS.contains(&RequestParser::SglangHttp));
+        assert!(!RequestParser::DEFAULTS.contains(&RequestParser::VertexAi));
     }
 
     #[test]

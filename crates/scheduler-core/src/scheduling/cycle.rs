@@ -107,6 +107,45 @@ impl CycleState {
     }
 }
 
+/// The text values data producers publish for one decision, each under its data key (llm-d's
+/// request attribute store, keyed `<data type>/<producer name>`).
+#[derive(Default)]
+struct RequestAttributes {
+    /// The decision the entries belong to.
+    stamp: u64,
+    entries: Vec<(String, String)>,
+}
+
+impl CycleState {
+    /// Publishes `value` under `key` for the rest of this decision (its filters, scorers and
+    /// pre-request hooks), replacing an earlier value of the same key.
+    pub fn put_request_attribute(&mut self, key: &str, value: &str) {
+        let stamp = self.scratch.stamp;
+        let attributes = self.scratch::<RequestAttributes>();
+        if attributes.stamp != stamp {
+            attributes.stamp = stamp;
+            attributes.entries.clear();
+        }
+        match attributes.entries.iter_mut().find(|(name, _)| name == key) {
+            Some((_, old)) => {
+                old.clear();
+                old.push_str(value);
+            }
+            None => attributes.entries.push((key.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// The value published under `key` during this decision, if any.
+    pub fn request_attribute(&mut self, key: &str) -> Option<&str> {
+        let stamp = self.scratch.stamp;
+        let attributes = self.scratch::<RequestAttributes>();
+        if attributes.stamp != stamp {
+            return None;
+        }
+        attributes.entries.iter().find(|(name, _)| name == key).map(|(_, value)| value.as_str())
+    }
+}
+
 impl std::fmt::Debug for CycleState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CycleState")
@@ -135,6 +174,19 @@ mod tests {
         let kept = next.scratch::<Vec<u64>>();
         assert_eq!(kept, &vec![1, 2, 3], "the next decision on the thread reuses the value");
         assert_eq!(next.scratch::<String>(), "x");
+    }
+
+    #[test]
+    fn request_attributes_last_one_decision() {
+        let mut state = CycleState::new(Instant::now(), 1);
+        assert_eq!(state.request_attribute("SessionIDDataKey/p"), None);
+        state.put_request_attribute("SessionIDDataKey/p", "a");
+        state.put_request_attribute("SessionIDDataKey/p", "b");
+        state.put_request_attribute("other/q", "c");
+        assert_eq!(state.request_attribute("SessionIDDataKey/p"), Some("b"));
+        assert_eq!(state.request_attribute("other/q"), Some("c"));
+        let mut next = CycleState::with_scratch(Instant::now(), 2, state.into_scratch());
+        assert_eq!(next.request_attribute("SessionIDDataKey/p"), None, "not carried over");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::pool::endpoint::EndpointState;
 use crate::request::InferenceRequest;
 use crate::scheduling::cycle::CycleState;
 use crate::scheduling::result::{
-    CompletedRequest, PrefillCompleted, ProfileRun, SchedulingResult, StageRuns,
+    CompletedRequest, PrefillCompleted, ProfileRun, ResponseStarted, SchedulingResult, StageRuns,
 };
 
 /// The endpoints still in the running for a request: a view into the pool snapshot.
@@ -220,6 +220,12 @@ pub trait ResponseComplete: Send + Sync + Debug {
     /// the KV cache), or when the request ends first. Hooks that count the prefill endpoint's
     /// work in flight release it here; the default counts none.
     fn prefill_complete(&self, _prefill: &PrefillCompleted) {}
+
+    /// Called at most once per scheduled request, when its response starts (before
+    /// [`Self::prefill_complete`]); hooks that release work done by then (a prompt's prefill)
+    /// release it here. A request that ends before its response starts never calls it. The
+    /// default does nothing.
+    fn response_started(&self, _started: &ResponseStarted) {}
 }
 
 /// Writes headers on the response of each request it helped schedule, as llm-d-router's
@@ -229,6 +235,23 @@ pub trait ResponseHeaders: Send + Sync + Debug {
     /// Adds `(name, value)` pairs for the response to the request `result` scheduled. A
     /// name already in `headers` is left to whoever wrote it first.
     fn response_headers(&self, result: &SchedulingResult, headers: &mut Vec<(String, String)>);
+
+    /// Adds pairs once the model server's response headers came, from what the proxy
+    /// reported about where it sent the request. Only adapters that hear from a proxy call
+    /// it (ext-proc). The default adds none.
+    fn served_headers(&self, _served: ServedReport<'_>, _headers: &mut Vec<(String, String)>) {}
+}
+
+/// What the proxy reported, with the response's headers, about the endpoint that served a
+/// request: the `x-gateway-destination-endpoint-served` field of its `envoy.lb` metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServedReport<'a> {
+    /// The response carried no `envoy.lb` metadata.
+    NoLbMetadata,
+    /// The `envoy.lb` metadata named no served endpoint (or not as text).
+    NoServedEndpoint,
+    /// The served endpoint, as the proxy wrote it.
+    Served(&'a str),
 }
 
 /// Keeps per-endpoint state in step with the pool: told on the writer's side (discovery,

@@ -3,6 +3,7 @@
 //! them), so they depend on the pool and endpoint types only.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pool::PoolSnapshot;
 use crate::pool::endpoint::{EndpointId, EndpointState};
@@ -94,7 +95,14 @@ pub struct CompletedRequest {
     pub outcome: Outcome,
     /// The request's fairness id (its flow in flow control), when it had one.
     pub fairness_id: Option<String>,
+    /// A number no other request scheduled in this process has ([`SchedulingResult::
+    /// decision_id`]): what hooks key per-request state by, as a request id may be absent or
+    /// repeated.
+    pub decision_id: u64,
 }
+
+/// The source of [`CompletedRequest::decision_id`].
+static NEXT_DECISION_ID: AtomicU64 = AtomicU64::new(1);
 
 impl CompletedRequest {
     /// The endpoint that did the work: the served one when known, else the scheduled one.
@@ -110,6 +118,17 @@ pub struct PrefillCompleted {
     pub request_id: String,
     /// The endpoint that ran the prefill.
     pub endpoint: EndpointId,
+}
+
+/// A scheduled request whose response started (the model server's response headers came).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseStarted {
+    /// The request id.
+    pub request_id: String,
+    /// The endpoint the request was scheduled on.
+    pub scheduled_endpoint: EndpointId,
+    /// The request's [`CompletedRequest::decision_id`].
+    pub decision_id: u64,
 }
 
 /// The part each profile run of a decision plays beyond the primary one, as the profile
@@ -132,12 +151,18 @@ pub(crate) struct CompletionHooks {
     pub(crate) request: Box<dyn Fn(&CompletedRequest) + Send + Sync>,
     /// When a disaggregated request's prefill stage is over.
     pub(crate) prefill: Box<dyn Fn(&PrefillCompleted) + Send + Sync>,
+    /// When a request's response starts.
+    pub(crate) started: Box<dyn Fn(&ResponseStarted) + Send + Sync>,
 }
 
 impl CompletionHooks {
     /// Hooks that do nothing.
     pub(crate) fn none() -> Arc<Self> {
-        Arc::new(Self { request: Box::new(|_| {}), prefill: Box::new(|_| {}) })
+        Arc::new(Self {
+            request: Box::new(|_| {}),
+            prefill: Box::new(|_| {}),
+            started: Box::new(|_| {}),
+        })
     }
 }
 
@@ -221,6 +246,21 @@ impl SchedulingResult {
         &self.runs[self.primary].profile
     }
 
+    /// The part each run plays beyond the primary one (which run chose the prefill endpoint,
+    /// which the encoders).
+    pub fn stages(&self) -> StageRuns {
+        self.stages
+    }
+
+    /// The request's [`CompletedRequest::decision_id`], while the completion guard has not
+    /// been taken (pre-request hooks see it).
+    pub fn decision_id(&self) -> Option<u64> {
+        self.completion
+            .as_ref()
+            .and_then(CompletionGuard::request)
+            .map(|request| request.decision_id)
+    }
+
     /// Every profile that ran, in order.
     pub fn profile_runs(&self) -> &[ProfileRun] {
         &self.runs
@@ -256,6 +296,8 @@ pub struct CompletionGuard {
     completed: Option<CompletedRequest>,
     /// The prefill endpoint of a disaggregated request, until its stage is reported over.
     prefill: Option<EndpointId>,
+    /// Whether the response start was reported.
+    started: bool,
 }
 
 impl std::fmt::Debug for CompletionGuard {
@@ -286,8 +328,10 @@ impl CompletionGuard {
                 completion_tokens: None,
                 outcome: Outcome::Cancelled,
                 fairness_id: None,
+                decision_id: NEXT_DECISION_ID.fetch_add(1, Ordering::Relaxed),
             }),
             prefill: None,
+            started: false,
         }
     }
 
@@ -310,6 +354,25 @@ impl CompletionGuard {
             let prefill = PrefillCompleted { request_id: completed.request_id.clone(), endpoint };
             (self.hooks.prefill)(&prefill);
         }
+    }
+
+    /// Reports the response started (its headers came from the model server): runs the
+    /// hooks' [`response_started`](crate::ResponseComplete::response_started) once, then ends
+    /// a disaggregated request's prefill stage ([`Self::prefill_done`]). Later calls do
+    /// nothing; a request that ends without a response never reports a start.
+    pub fn response_started(&mut self) {
+        if !self.started
+            && let Some(completed) = self.completed.as_ref()
+        {
+            self.started = true;
+            let started = ResponseStarted {
+                request_id: completed.request_id.clone(),
+                scheduled_endpoint: completed.scheduled_endpoint,
+                decision_id: completed.decision_id,
+            };
+            (self.hooks.started)(&started);
+        }
+        self.prefill_done();
     }
 
     /// Records the request's fairness id, for hooks that account per flow.

@@ -16,12 +16,12 @@ use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
     DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ReportedAttribute,
-    ResponseComplete, ResponseHeaders, ResponseUsage, UsageReporter,
+    ResponseComplete, ResponseHeaders, ResponseUsage, ServedReport, UsageReporter,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
     CompletedRequest, CompletionGuard, CompletionHooks, PrefillCompleted, ProfileRun,
-    SchedulingError, SchedulingResult,
+    ResponseStarted, SchedulingError, SchedulingResult,
 };
 
 /// Endpoints a fail-open decision over all-stale candidates returns: the primary and up to
@@ -137,6 +137,7 @@ impl Scheduler {
         self.response_complete.push(hook);
         let hooks: Arc<[Arc<dyn ResponseComplete>]> = Arc::from(self.response_complete.clone());
         let prefill_hooks = Arc::clone(&hooks);
+        let started_hooks = Arc::clone(&hooks);
         self.completion_hooks = Arc::new(CompletionHooks {
             request: Box::new(move |completed: &CompletedRequest| {
                 for hook in hooks.iter() {
@@ -146,6 +147,11 @@ impl Scheduler {
             prefill: Box::new(move |prefill: &PrefillCompleted| {
                 for hook in prefill_hooks.iter() {
                     hook.prefill_complete(prefill);
+                }
+            }),
+            started: Box::new(move |started: &ResponseStarted| {
+                for hook in started_hooks.iter() {
+                    hook.response_started(started);
                 }
             }),
         });
@@ -173,6 +179,18 @@ impl Scheduler {
             writer.response_headers(result, &mut headers);
         }
         headers
+    }
+
+    /// Appends to `headers` what the plugins write once the response's headers came and the
+    /// proxy reported where it sent the request ([`ResponseHeaders::served_headers`]).
+    pub fn served_response_headers(
+        &self,
+        served: ServedReport<'_>,
+        headers: &mut Vec<(String, String)>,
+    ) {
+        for writer in &self.response_headers {
+            writer.served_headers(served, headers);
+        }
     }
 
     /// Adds a plugin that reports values computed from each response's token usage.
