@@ -16,7 +16,8 @@ use scheduler_core::{
 use support::{fresh_endpoint, serve};
 use tonic::transport::Channel;
 
-/// A server for `config` over two endpoints; the first is busy, so load alone decides.
+/// A server for `config` over two endpoints; the first is busy, so load alone decides (the
+/// prefix tests turn load-aware affinity off, `affinityLoadTolerance: 0`, to see affinity alone).
 async fn start(config: &str) -> (RunningServer, ExternalProcessorClient<Channel>) {
     let pool = Arc::new(SharedPool::new(PoolSnapshot::new([
         fresh_endpoint(8001, 50),
@@ -199,7 +200,7 @@ async fn the_vllm_grpc_parser_reads_generate_requests() {
     let (_running, mut client) = start(
         "plugins:
 - type: prefix-cache-scorer
-  parameters: {blockSize: 4}
+  parameters: {blockSize: 4, affinityLoadTolerance: 0}
 - type: max-score-picker
 - name: grpc
   type: vllmgrpc-parser
@@ -278,7 +279,7 @@ async fn the_sglang_and_vertex_parsers_read_their_bodies() {
     let (_running, mut client) = start(
         "plugins:
 - type: prefix-cache-scorer
-  parameters: {blockSize: 4}
+  parameters: {blockSize: 4, affinityLoadTolerance: 0}
 - type: max-score-picker
 - type: sglanghttp-parser
 - type: vertexai-parser

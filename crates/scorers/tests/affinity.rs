@@ -227,8 +227,9 @@ fn prefix_cache_scorer_accepts_the_llm_d_parameters() {
 #[test]
 fn max_prefix_tokens_caps_the_matched_blocks() {
     use scheduler_core::{ScheduleOptions, SchedulingResult};
-    // 4-token (16-character) blocks, capped at 8 tokens: 2 blocks, whatever the prompt.
-    let yaml = "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 4, maxPrefixTokensToMatch: 8}\n";
+    // 4-token (16-character) blocks, capped at 8 tokens: 2 blocks, whatever the prompt. GIE's
+    // formula (no load discount): the first pick is in flight on the chosen endpoint only.
+    let yaml = "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSizeTokens: 4, maxPrefixTokensToMatch: 8, affinityLoadTolerance: 0}\n";
     let scheduler = EndpointPickerConfig::from_yaml(yaml).unwrap().build(&registry()).unwrap();
     let pool = pool([endpoint(0, &[]), endpoint(1, &[])]);
     let prompt = "a".repeat(16 * 6);

@@ -9,9 +9,11 @@ use scheduler_core::{
 };
 use scorers::builtin_registry;
 
+/// GIE's formula: these tests check exact match ratios, and each pick stays in flight on its
+/// endpoint, which the default load-aware affinity would count (`load_aware.rs` tests that).
 fn scheduler() -> Scheduler {
     EndpointPickerConfig::from_yaml(
-        "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 4, maxPrefixBlocksToMatch: 8}\n",
+        "plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 4, maxPrefixBlocksToMatch: 8, affinityLoadTolerance: 0}\n",
     )
     .unwrap()
     .build(&builtin_registry())

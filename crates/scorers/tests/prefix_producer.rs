@@ -107,9 +107,12 @@ fn decide(built: &Built, pool: &Arc<PoolSnapshot>, prompt: &str) -> (usize, Vec<
 }
 
 /// llm-d-router's `deploy/config/sim-epp-config.yaml`, scorer declared before the producer.
+/// The tests below check exact match ratios while earlier picks are still in flight, so the
+/// scorers use GIE's formula (`affinityLoadTolerance: 0`, no load discount).
 const SIM_EPP: &str = "
 plugins:
 - type: prefix-cache-scorer
+  parameters: {affinityLoadTolerance: 0}
 - type: approx-prefix-cache-producer
   parameters:
     maxPrefixTokensToMatch: 16384
@@ -157,10 +160,10 @@ plugins:
   parameters: {blockSizeTokens: 128}
 - name: gpu-scorer
   type: prefix-cache-scorer
-  parameters: {prefixMatchInfoProducerName: gpu}
+  parameters: {prefixMatchInfoProducerName: gpu, affinityLoadTolerance: 0}
 - name: cpu-scorer
   type: prefix-cache-scorer
-  parameters: {prefixMatchInfoProducerName: cpu}
+  parameters: {prefixMatchInfoProducerName: cpu, affinityLoadTolerance: 0}
 - type: max-score-picker
 schedulingProfiles:
 - name: default

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use sim::policy::PD_PREFIX_NON_CACHED_TOKENS;
 use sim::{
-    KvLink, Policy, RunReport, ServerProfile, ServerRoles, SimConfig, SyntheticWorkload,
-    TraceWorkload, WorkloadSource, WorkloadSpec,
+    KvLink, LengthDistribution, Policy, RunReport, ServerProfile, ServerRoles, SimConfig,
+    SyntheticWorkload, TraceWorkload, WorkloadSource, WorkloadSpec,
 };
 
 const USAGE: &str = "\
@@ -26,8 +26,20 @@ USAGE:
                                 when given (--servers and --policies do not apply)
 
 OPTIONS:
-    --workload W          sharegpt-like | prefix-heavy | long-prompt | trace:PATH (ShareGPT
-                          JSON) [default: sharegpt-like; long-prompt for `pd`]
+    --workload W          sharegpt-like | prefix-heavy | long-prompt | hot-prefix |
+                          shared-prefix | trace:PATH (ShareGPT JSON)
+                          [default: sharegpt-like; long-prompt for `pd`]
+                          hot-prefix: one 6,000-token system prompt shared by every request,
+                          200-token questions and answers;
+                          shared-prefix: inference-perf's shared_prefix shape, set by the
+                          five flags below [defaults: 150 groups of 5 prompts, 6,000-token
+                          system prompts, 200-token questions and answers]
+    --groups N            synthetic workloads: distinct system prompts (num_groups)
+    --prompts-per-group N synthetic workloads: fixed questions per system prompt, asked again
+                          and again (num_prompts_per_group; 0 = every question new)
+    --system-prompt-len N synthetic workloads: system prompt length, tokens
+    --question-len N      synthetic workloads: every question this long, tokens
+    --output-len N        synthetic workloads: every answer this long, tokens
     --qps N               arrival rate for `run` [default: 50]
     --qps-list A,B,..     arrival rates for `sweep` [default: 10,20,30,40,50,60]
     --requests N          requests per run [default: 20000]
@@ -35,10 +47,11 @@ OPTIONS:
     --profile NAME        server profile: h100-llama3-8b | small-test [default: h100-llama3-8b]
     --policies P,..       round-robin, random, least-request, oracle, epp (GIE default:
                           queue, KV and prefix scorers), epp-queue-kv, epp-prefix-heavy,
+                          epp-gie-exact (the default profile with GIE's exact formulas:
+                          affinity whatever the load, no lag compensation),
                           epp:NAME=CONFIG.yaml
                           [default: round-robin,random,least-request,epp,oracle]
-    --prompt-tokens N     synthetic workloads with shared system prompts (prefix-heavy,
-                          long-prompt): their length in tokens
+    --prompt-tokens N     the same as --system-prompt-len
     --seed N              seed of the workload and every decision [default: 1]
     --scrape-ms N         metrics scrape interval [default: 50]
     --conversation-gap S  mean seconds between turns of a conversation [default: 10]
@@ -81,6 +94,10 @@ struct Options {
     workload_given: bool,
     qps_list_given: bool,
     prompt_tokens: Option<u32>,
+    groups: Option<u32>,
+    prompts_per_group: Option<u32>,
+    question_len: Option<u32>,
+    output_len: Option<u32>,
     prefill_servers: usize,
     prefill_servers_given: bool,
     decode_servers: usize,
@@ -118,6 +135,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         workload_given: false,
         qps_list_given: false,
         prompt_tokens: None,
+        groups: None,
+        prompts_per_group: None,
+        question_len: None,
+        output_len: None,
         prefill_servers: 2,
         prefill_servers_given: false,
         decode_servers: 6,
@@ -144,7 +165,15 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
                     .collect::<Result<_, _>>()?;
                 options.qps_list_given = true;
             }
-            "--prompt-tokens" => options.prompt_tokens = Some(parse_number(arg, &value(arg)?)?),
+            "--prompt-tokens" | "--system-prompt-len" => {
+                options.prompt_tokens = Some(parse_number(arg, &value(arg)?)?);
+            }
+            "--groups" => options.groups = Some(parse_number(arg, &value(arg)?)?),
+            "--prompts-per-group" => {
+                options.prompts_per_group = Some(parse_number(arg, &value(arg)?)?);
+            }
+            "--question-len" => options.question_len = Some(parse_number(arg, &value(arg)?)?),
+            "--output-len" => options.output_len = Some(parse_number(arg, &value(arg)?)?),
             "--prefill-servers" => {
                 options.prefill_servers = parse_number(arg, &value(arg)?)?;
                 options.prefill_servers_given = true;
@@ -188,38 +217,80 @@ fn workload(options: &Options) -> Result<WorkloadSpec, String> {
         "sharegpt-like" => WorkloadSource::Synthetic(SyntheticWorkload::sharegpt_like()),
         "prefix-heavy" => WorkloadSource::Synthetic(SyntheticWorkload::prefix_heavy()),
         "long-prompt" => WorkloadSource::Synthetic(SyntheticWorkload::long_prompt()),
+        "hot-prefix" => WorkloadSource::Synthetic(SyntheticWorkload::hot_prefix()),
+        "shared-prefix" => {
+            WorkloadSource::Synthetic(SyntheticWorkload::shared_prefix(150, 5, 6000, 200, 200))
+        }
         other => match other.strip_prefix("trace:") {
             Some(path) => {
                 WorkloadSource::Trace(TraceWorkload::load(path).map_err(|e| e.to_string())?)
             }
             None => {
                 return Err(format!(
-                    "unknown workload '{other}': expected sharegpt-like, prefix-heavy, long-prompt or trace:PATH"
+                    "unknown workload '{other}': expected sharegpt-like, prefix-heavy, long-prompt, hot-prefix, shared-prefix or trace:PATH"
                 ));
             }
         },
     };
-    let source = match (source, options.prompt_tokens) {
-        (WorkloadSource::Synthetic(mut synthetic), Some(tokens))
-            if synthetic.system_prompts > 0 =>
-        {
-            synthetic.system_prompt_tokens = tokens;
-            WorkloadSource::Synthetic(synthetic)
-        }
-        (_, Some(_)) => {
-            return Err(format!(
-                "--prompt-tokens: workload '{}' has no shared system prompts",
-                options.workload
-            ));
-        }
-        (source, None) => source,
-    };
+    let source = shape_synthetic(options, source)?;
     let mut spec = WorkloadSpec::new(&options.workload, source, options.qps, options.requests);
     spec.conversation_gap_s = options.conversation_gap_s;
     spec.adapters = options.adapters;
     spec.adapter_share = options.adapter_share;
     spec.sheddable_share = options.sheddable_share;
     Ok(spec)
+}
+
+/// Applies the synthetic-shape flags (`--groups`, `--prompts-per-group`, `--system-prompt-len`,
+/// `--question-len`, `--output-len`); they are refused for traces.
+fn shape_synthetic(options: &Options, source: WorkloadSource) -> Result<WorkloadSource, String> {
+    let shaping = [
+        ("--system-prompt-len", options.prompt_tokens),
+        ("--groups", options.groups),
+        ("--prompts-per-group", options.prompts_per_group),
+        ("--question-len", options.question_len),
+        ("--output-len", options.output_len),
+    ];
+    let mut synthetic = match source {
+        WorkloadSource::Synthetic(synthetic) => synthetic,
+        trace => {
+            return match shaping.iter().find(|(_, value)| value.is_some()) {
+                Some((flag, _)) => Err(format!("{flag}: a trace workload has a shape of its own")),
+                None => Ok(trace),
+            };
+        }
+    };
+    if let Some(groups) = options.groups {
+        synthetic.system_prompts = groups;
+        if groups > 0 && synthetic.system_prompt_share == 0.0 {
+            synthetic.system_prompt_share = 1.0;
+        }
+        if groups > 0 && synthetic.system_prompt_tokens == 0 && options.prompt_tokens.is_none() {
+            return Err("--groups: give --system-prompt-len for this workload".to_owned());
+        }
+    }
+    if let Some(tokens) = options.prompt_tokens {
+        if synthetic.system_prompts == 0 {
+            return Err(format!(
+                "--system-prompt-len: workload '{}' has no shared system prompts (add --groups)",
+                options.workload
+            ));
+        }
+        synthetic.system_prompt_tokens = tokens;
+    }
+    if let Some(prompts) = options.prompts_per_group {
+        if synthetic.system_prompts == 0 && prompts > 0 {
+            return Err("--prompts-per-group: the workload has no groups (add --groups)".to_owned());
+        }
+        synthetic.prompts_per_group = prompts;
+    }
+    if let Some(tokens) = options.question_len {
+        synthetic.message_tokens = LengthDistribution::Fixed(tokens);
+    }
+    if let Some(tokens) = options.output_len {
+        synthetic.output_tokens = LengthDistribution::Fixed(tokens);
+    }
+    Ok(WorkloadSource::Synthetic(synthetic))
 }
 
 fn execute(options: &Options) -> Result<(), String> {

@@ -7,7 +7,8 @@
 //! - `epp`: the real [`scheduler_core::Scheduler`] built from an `EndpointPickerConfig`, fed the
 //!   scraped (so lagging) metrics; its pre-request hooks run at each pick and its completion
 //!   hooks when the simulated request ends. Built in: GIE's default profile (`epp`), its older
-//!   load-only profile (`epp-queue-kv`), a prefix-heavy weighting (`epp-prefix-heavy`), and
+//!   load-only profile (`epp-queue-kv`), a prefix-heavy weighting (`epp-prefix-heavy`), the
+//!   default profile with GIE's exact formulas (`epp-gie-exact`, [`gie_exact_config`]), and
 //!   llm-d's prefill/decode disaggregation with either decider (`epp-pd-always`,
 //!   `epp-pd-prefix`; [`PD_ALWAYS_CONFIG`], [`PD_PREFIX_CONFIG`]), for pools whose servers carry
 //!   roles ([`crate::ServerRoles`]).
@@ -28,6 +29,21 @@ pub fn prefix_heavy_config() -> EndpointPickerConfig {
     EndpointPickerConfig::gie_default()
         .with_weight("kv-cache-utilization-scorer", 1.0)
         .with_weight("prefix-cache-scorer", 5.0)
+}
+
+/// GIE's default profile with GIE's exact formulas: prefix affinity whatever the load
+/// (`affinityLoadTolerance: 0`) and load scorers that read only the scraped metrics
+/// (`lagCompensation: false`). epp-rs's defaults depart from both; this is the reference they
+/// are measured against.
+pub fn gie_exact_config() -> EndpointPickerConfig {
+    let no_lag_compensation = serde_json::json!({"lagCompensation": false});
+    EndpointPickerConfig::gie_default()
+        .with_plugin_parameters(
+            "prefix-cache-scorer",
+            serde_json::json!({"affinityLoadTolerance": 0}),
+        )
+        .with_plugin_parameters("queue-scorer", no_lag_compensation.clone())
+        .with_plugin_parameters("kv-cache-utilization-scorer", no_lag_compensation)
 }
 
 /// llm-d's P/D configuration with `always-disagg-pd-decider`: every request is prefilled on a
@@ -147,7 +163,7 @@ pub enum Policy {
 pub enum PolicyError {
     /// Not a known policy name.
     #[error(
-        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, epp-pd-always, epp-pd-prefix, or epp:NAME=CONFIG.yaml"
+        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, epp-gie-exact, epp-pd-always, epp-pd-prefix, or epp:NAME=CONFIG.yaml"
     )]
     Unknown(String),
     /// The configuration file could not be read.
@@ -233,7 +249,7 @@ impl Policy {
 
     /// Parses `round-robin`, `random`, `least-request`, `oracle`, `epp` (GIE's default profile),
     /// `epp-queue-kv` ([`EndpointPickerConfig::queue_kv`]), `epp-prefix-heavy`
-    /// ([`prefix_heavy_config`]), `epp-pd-always`, `epp-pd-prefix`, or `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
+    /// ([`prefix_heavy_config`]), `epp-gie-exact` ([`gie_exact_config`]), `epp-pd-always`, `epp-pd-prefix`, or `epp:NAME=PATH` / `epp:PATH` (named after the file stem).
     pub fn parse(spec: &str) -> Result<Self, PolicyError> {
         match spec {
             "round-robin" | "rr" => Ok(Self::RoundRobin),
@@ -248,6 +264,9 @@ impl Policy {
             ),
             "epp-prefix-heavy" => {
                 Self::epp_from_config("epp-prefix-heavy", prefix_heavy_config(), "epp-prefix-heavy")
+            }
+            "epp-gie-exact" => {
+                Self::epp_from_config("epp-gie-exact", gie_exact_config(), "epp-gie-exact")
             }
             "epp-pd-always" => Ok(Self::pd_always()),
             "epp-pd-prefix" => Ok(Self::pd_prefix_based(PD_PREFIX_NON_CACHED_TOKENS)),
@@ -284,6 +303,7 @@ mod tests {
             "epp",
             "epp-queue-kv",
             "epp-prefix-heavy",
+            "epp-gie-exact",
             "epp-pd-always",
             "epp-pd-prefix",
         ] {

@@ -103,6 +103,9 @@ pub struct SyntheticWorkload {
     pub system_prompt_share: f64,
     /// Mean turns per conversation (geometric; 1 means single-turn).
     pub mean_turns: f64,
+    /// Distinct questions per system prompt, asked again and again (inference-perf's
+    /// `num_prompts_per_group`); 0 makes every question new.
+    pub prompts_per_group: u32,
 }
 
 impl SyntheticWorkload {
@@ -127,6 +130,7 @@ impl SyntheticWorkload {
             system_prompt_tokens: 0,
             system_prompt_share: 0.0,
             mean_turns: 3.0,
+            prompts_per_group: 0,
         }
     }
 
@@ -152,8 +156,46 @@ impl SyntheticWorkload {
             system_prompt_tokens: 6000,
             system_prompt_share: 1.0,
             mean_turns: 1.0,
+            prompts_per_group: 0,
         }
     }
+    /// One product's assistant: every request opens with the same 6,000-token system prompt,
+    /// then a new 200-token question, answered in 200 tokens, single turn. The hot-prefix case
+    /// where affinity alone would send the whole load to the one server that holds the prompt.
+    pub fn hot_prefix() -> Self {
+        Self {
+            message_tokens: LengthDistribution::Fixed(200),
+            output_tokens: LengthDistribution::Fixed(200),
+            system_prompts: 1,
+            system_prompt_tokens: 6000,
+            system_prompt_share: 1.0,
+            mean_turns: 1.0,
+            prompts_per_group: 0,
+        }
+    }
+
+    /// inference-perf's `shared_prefix` data shape: `groups` system prompts of
+    /// `system_prompt_tokens`, each followed by one of `prompts_per_group` fixed questions of
+    /// `question_tokens` (0: a new question every time), answers of `output_tokens`; every
+    /// request picks a group and a question uniformly, single turn.
+    pub fn shared_prefix(
+        groups: u32,
+        prompts_per_group: u32,
+        system_prompt_tokens: u32,
+        question_tokens: u32,
+        output_tokens: u32,
+    ) -> Self {
+        Self {
+            message_tokens: LengthDistribution::Fixed(question_tokens),
+            output_tokens: LengthDistribution::Fixed(output_tokens),
+            system_prompts: groups,
+            system_prompt_tokens,
+            system_prompt_share: 1.0,
+            mean_turns: 1.0,
+            prompts_per_group,
+        }
+    }
+
     /// Long prompts and short answers, the shape prefill/decode disaggregation is for
     /// (document Q&A, retrieval-augmented generation): 1,000 documents of 3,000 tokens, every
     /// conversation opening with one, questions of ~150 tokens, answers of ~100 tokens, two
@@ -177,6 +219,7 @@ impl SyntheticWorkload {
             system_prompt_tokens: 3000,
             system_prompt_share: 1.0,
             mean_turns: 2.0,
+            prompts_per_group: 0,
         }
     }
 }
@@ -356,6 +399,8 @@ struct Conversation {
     hashes: Vec<u64>,
     turns_left: u32,
     trace_turns: Option<(usize, usize)>,
+    /// The system prompt the conversation opened with.
+    group: Option<usize>,
 }
 
 /// Iterator over a workload's requests in arrival order.
@@ -370,6 +415,8 @@ pub struct WorkloadGenerator {
     /// Block hashes of each system prompt for the base model, so conversations do not rehash
     /// thousands of shared tokens each.
     system_prompt_hashes: Vec<Vec<u64>>,
+    /// Each group's fixed questions (`prompts_per_group` of them), empty when questions are new.
+    group_questions: Vec<Vec<String>>,
     adapter_names: Vec<Arc<str>>,
     base_model: Arc<str>,
     next_trace_conversation: usize,
@@ -384,6 +431,22 @@ impl WorkloadGenerator {
                 .collect(),
             WorkloadSource::Trace(_) => Vec::new(),
         };
+        let group_questions = match &spec.source {
+            WorkloadSource::Synthetic(synthetic) if synthetic.prompts_per_group > 0 => {
+                let questions = synthetic.prompts_per_group as usize;
+                (0..system_prompts.len())
+                    .map(|_| {
+                        (0..questions)
+                            .map(|_| {
+                                let tokens = synthetic.message_tokens.sample(&mut rng);
+                                random_text(&mut rng, tokens as usize)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let slots = spec.qps * spec.conversation_gap_s;
         let slot_count = if slots.is_finite() { slots.ceil().clamp(1.0, 1e6) as usize } else { 1 };
         let base_seed = model_seed(&spec.model);
@@ -397,6 +460,7 @@ impl WorkloadGenerator {
             .collect();
         Self {
             system_prompt_hashes,
+            group_questions,
             adapter_names: spec.adapter_names(),
             base_model: Arc::from(spec.model.as_str()),
             spec,
@@ -428,6 +492,7 @@ impl WorkloadGenerator {
             hashes: Vec::new(),
             turns_left: 1,
             trace_turns: None,
+            group: None,
         };
         match &self.spec.source {
             WorkloadSource::Synthetic(synthetic) => {
@@ -435,6 +500,7 @@ impl WorkloadGenerator {
                     && self.rng.random_bool(clamp01(synthetic.system_prompt_share))
                 {
                     let index = self.rng.random_range(0..self.system_prompts.len());
+                    conversation.group = Some(index);
                     conversation.history.push_str(&self.system_prompts[index]);
                     if conversation.adapter.is_none() {
                         conversation.hashes.clone_from(&self.system_prompt_hashes[index]);
@@ -476,9 +542,18 @@ impl WorkloadGenerator {
                 (message.clone(), tokens_for_chars(answer.len()), answer.clone())
             }
             (WorkloadSource::Synthetic(synthetic), _) => {
-                let message_tokens = synthetic.message_tokens.sample(&mut self.rng);
+                let fixed = conversation
+                    .group
+                    .and_then(|group| self.group_questions.get(group))
+                    .filter(|questions| !questions.is_empty());
+                let message = match fixed {
+                    Some(questions) => questions[self.rng.random_range(0..questions.len())].clone(),
+                    None => {
+                        let message_tokens = synthetic.message_tokens.sample(&mut self.rng);
+                        random_text(&mut self.rng, message_tokens as usize)
+                    }
+                };
                 let output_tokens = synthetic.output_tokens.sample(&mut self.rng);
-                let message = random_text(&mut self.rng, message_tokens as usize);
                 let answer = random_text(&mut self.rng, output_tokens as usize);
                 (message, output_tokens, answer)
             }
@@ -606,6 +681,43 @@ mod tests {
         if second.prompt.starts_with(&first.prompt) {
             assert_eq!(second.block_hashes[..first.block_hashes.len()], first.block_hashes[..]);
         }
+    }
+
+    #[test]
+    fn shared_prefix_requests_are_a_group_prompt_and_one_of_its_questions() {
+        let shape = SyntheticWorkload::shared_prefix(4, 3, 100, 20, 30);
+        let workload = spec(WorkloadSource::Synthetic(shape), 600);
+        let requests: Vec<_> = workload.generate(9).collect();
+        assert_eq!(requests.len(), 600);
+        let system_chars = 100 * CHARS_PER_TOKEN;
+        let question_chars = 20 * CHARS_PER_TOKEN;
+        let mut groups = std::collections::BTreeSet::new();
+        let mut prompts = std::collections::BTreeSet::new();
+        for request in &requests {
+            assert_eq!(request.prompt.len(), system_chars + question_chars);
+            assert_eq!(request.prompt_tokens, 120);
+            assert_eq!(request.output_tokens, 30);
+            groups.insert(request.prompt[..system_chars].to_owned());
+            prompts.insert(request.prompt.clone());
+        }
+        assert_eq!(groups.len(), 4, "every group is drawn, and only those");
+        assert_eq!(prompts.len(), 12, "4 groups x 3 fixed questions");
+        // The same seed replays the same requests; another seed draws other texts.
+        let again: Vec<_> = workload.generate(9).map(|r| r.prompt).collect();
+        assert_eq!(again, requests.iter().map(|r| r.prompt.clone()).collect::<Vec<_>>());
+        let other: Vec<_> = workload.generate(10).map(|r| r.prompt).collect();
+        assert!(other.iter().all(|prompt| !prompts.contains(prompt)));
+    }
+
+    #[test]
+    fn shared_prefix_without_fixed_questions_asks_new_ones() {
+        let shape = SyntheticWorkload::shared_prefix(1, 0, 50, 10, 10);
+        let workload = spec(WorkloadSource::Synthetic(shape), 200);
+        let prompts: std::collections::BTreeSet<_> =
+            workload.generate(1).map(|request| request.prompt).collect();
+        assert_eq!(prompts.len(), 200);
+        let hot = SyntheticWorkload::hot_prefix();
+        assert_eq!((hot.system_prompts, hot.system_prompt_tokens), (1, 6000));
     }
 
     #[test]

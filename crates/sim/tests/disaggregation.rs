@@ -21,6 +21,7 @@ fn long_prompts(qps: f64, requests: u64) -> WorkloadSpec {
         system_prompt_tokens: 2500,
         system_prompt_share: 1.0,
         mean_turns: 2.5,
+        prompts_per_group: 0,
     };
     WorkloadSpec::new("long-prompts", WorkloadSource::Synthetic(shape), qps, requests)
 }

@@ -3,7 +3,10 @@
 //!
 //! Score = matched leading blocks / prompt blocks (GIE); with llm-d's `matchLengthWeight`
 //! `w` above 0 it becomes `w * min(1, matched length / matchLengthScaleTokens)^2 + (1 - w) *
-//! ratio`, so long matches count for more than short ones of the same ratio. Every version's
+//! ratio`, so long matches count for more than short ones of the same ratio. By default the
+//! score then fades as its endpoint gets busier than the least-loaded candidate
+//! (`affinityLoadTolerance`, [`load_aware`]), so one hot prefix cannot pin the whole load on
+//! the endpoint that holds it; `affinityLoadTolerance: 0` keeps GIE's formula. Every version's
 //! parameter names are accepted ([`PrefixCacheParameters`]). The prompt is cut into blocks of
 //! `blockSize` characters (about 4 characters a token; GIE's default 64 characters = 16
 //! tokens), hashed as a chain seeded by the model name, at most `maxPrefixBlocksToMatch`
@@ -38,6 +41,8 @@ use scheduler_core::{
     PluginError, PoolObserver, PoolSnapshot, PreRequest, SchedulingResult, Scorer,
 };
 
+pub mod load_aware;
+use load_aware::LoadTolerance;
 mod matches;
 mod parameters;
 pub mod producer;
@@ -71,13 +76,16 @@ pub struct PrefixCacheScorer {
     owns_producer: AtomicBool,
     /// `(matchLengthWeight, matchLengthScaleTokens in characters)`; weight 0 scores by ratio.
     match_length: (f64, f64),
+    /// How far a prefix's endpoint may be busier than the lightest candidate; off scores
+    /// cached prefixes whatever the load (GIE).
+    load_tolerance: LoadTolerance,
 }
 
 impl PrefixCacheScorer {
     /// A scorer with a producer of its own, configured by GIE's parameters.
     pub fn new(parameters: PrefixCacheParameters) -> Result<Self, PluginError> {
         let resolved = parameters.resolve()?;
-        let scorer = Self::unbound(Binding::Own, resolved.match_length);
+        let scorer = Self::unbound(Binding::Own, &resolved);
         scorer.own(resolved);
         Ok(scorer)
     }
@@ -89,7 +97,7 @@ impl PrefixCacheScorer {
         parameters: PrefixCacheParameters,
     ) -> Result<Self, PluginError> {
         let resolved = parameters.resolve()?;
-        let scorer = Self::unbound(Binding::Own, resolved.match_length);
+        let scorer = Self::unbound(Binding::Own, &resolved);
         scorer.source.set(producer);
         Ok(scorer)
     }
@@ -106,23 +114,24 @@ impl PrefixCacheScorer {
                      prefixMatchInfoProducerName, not to the scorer"
                 )));
             }
-            Some(name) => Self::unbound(Binding::Named(name), resolved.match_length),
+            Some(name) => Self::unbound(Binding::Named(name), &resolved),
             None if sets_index => {
-                let scorer = Self::unbound(Binding::Own, resolved.match_length);
+                let scorer = Self::unbound(Binding::Own, &resolved);
                 scorer.own(resolved);
                 scorer
             }
-            None => Self::unbound(Binding::DefaultOr(resolved), resolved.match_length),
+            None => Self::unbound(Binding::DefaultOr(resolved), &resolved),
         };
         Ok(scorer)
     }
 
-    fn unbound(binding: Binding, match_length: (f64, f64)) -> Self {
+    fn unbound(binding: Binding, resolved: &Resolved) -> Self {
         Self {
             source: Arc::new(PrefixSource::default()),
             binding,
             owns_producer: AtomicBool::new(false),
-            match_length,
+            match_length: resolved.match_length,
+            load_tolerance: resolved.load_tolerance,
         }
     }
 
@@ -242,11 +251,16 @@ impl PrefixCacheScorer {
             return; // scores arrive zeroed: a prompt shorter than a block matches nowhere
         }
         let total = info.total_blocks as f64;
+        let mut any_hit = false;
         for (score, &index) in scores.iter_mut().zip(candidates.indices()) {
             let matched = info.matched(index);
             if matched > 0 {
                 *score = self.blend(matched, total, block_size);
+                any_hit = true;
             }
+        }
+        if any_hit && !self.load_tolerance.is_off() {
+            self.load_tolerance.discount(candidates, scores);
         }
     }
 }

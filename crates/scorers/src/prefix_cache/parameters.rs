@@ -14,6 +14,7 @@
 //! | `lruCapacityPerServer` | blocks | all |
 //! | `autoTune` | bool | llm-d; accepted, no effect (see below) |
 //! | `matchLengthWeight`, `matchLengthScaleTokens` | weight, tokens | llm-d scorer |
+//! | `affinityLoadTolerance`, `waitingRequestFactor` | requests, ratio | epp-rs: load-aware affinity (defaults 64 and 4; tolerance 0 = GIE) |
 //!
 //! llm-d's `autoTune` reads the block size and cache capacity from the servers' metrics;
 //! epp-rs keeps the configured values, so the parameter is accepted for compatibility and
@@ -22,6 +23,10 @@
 //! shorter than one block, a weight outside `[0, 1]`, a zero scale with a positive weight.
 
 use scheduler_core::{CHARACTERS_PER_TOKEN, PluginError};
+
+use super::load_aware::{
+    DEFAULT_AFFINITY_LOAD_TOLERANCE, DEFAULT_WAITING_REQUEST_FACTOR, LoadTolerance,
+};
 use serde::Deserialize;
 
 /// llm-d's `defaultMatchLengthScaleTokens`.
@@ -63,6 +68,14 @@ pub struct PrefixCacheParameters {
     /// Matched length, in tokens, that earns the full length score (default 8192).
     #[serde(default)]
     pub match_length_scale_tokens: Option<usize>,
+    /// Requests by which a prefix's endpoint may be busier than the least-loaded candidate
+    /// before its affinity is gone: the prefix score fades linearly over that excess (see
+    /// `load_aware`). Default 64; 0 scores as GIE (affinity whatever the load).
+    #[serde(default)]
+    pub affinity_load_tolerance: Option<f64>,
+    /// Running requests that one waiting request counts for in that load (default 4).
+    #[serde(default)]
+    pub waiting_request_factor: Option<f64>,
 }
 
 /// The parameters resolved into the scorer's units.
@@ -74,10 +87,22 @@ pub(super) struct Resolved {
     pub(super) capacity: usize,
     /// `(weight, scale in characters)`.
     pub(super) match_length: (f64, f64),
+    /// How far a prefix's endpoint may be busier than the lightest candidate.
+    pub(super) load_tolerance: LoadTolerance,
 }
 
 fn invalid<T>(message: String) -> Result<T, PluginError> {
     Err(PluginError::InvalidParameters(message))
+}
+
+/// A number that must be finite and not negative.
+fn non_negative(name: &str, value: Option<f64>, default: f64) -> Result<f64, PluginError> {
+    let number = value.unwrap_or(default);
+    if number >= 0.0 && number.is_finite() {
+        Ok(number)
+    } else {
+        invalid(format!("'{name}' must be a finite number, 0 or more, got {number}"))
+    }
 }
 
 impl PrefixCacheParameters {
@@ -157,6 +182,24 @@ impl PrefixCacheParameters {
             );
         }
         let scale_characters = scale.saturating_mul(CHARACTERS_PER_TOKEN) as f64;
-        Ok(Resolved { block_size, max_blocks, capacity, match_length: (weight, scale_characters) })
+        let load_tolerance = LoadTolerance {
+            requests: non_negative(
+                "affinityLoadTolerance",
+                self.affinity_load_tolerance,
+                DEFAULT_AFFINITY_LOAD_TOLERANCE,
+            )?,
+            waiting_factor: non_negative(
+                "waitingRequestFactor",
+                self.waiting_request_factor,
+                DEFAULT_WAITING_REQUEST_FACTOR,
+            )?,
+        };
+        Ok(Resolved {
+            block_size,
+            max_blocks,
+            capacity,
+            match_length: (weight, scale_characters),
+            load_tolerance,
+        })
     }
 }
