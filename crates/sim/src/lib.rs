@@ -30,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod engine;
 pub mod hashing;
 mod kv;
@@ -44,7 +45,7 @@ pub use engine::{KvLink, ServerRoles, ShedThresholds, SimConfig, SimError, compa
 pub use policy::{Policy, PolicyError};
 pub use profile::ServerProfile;
 pub use report::{Percentiles, RunReport, ServerReport, render_pd_table, render_table};
-pub use svg::p90_ttft_chart;
+pub use svg::{p90_ttft_chart, relative_ttft_chart};
 pub use workload::{
     LengthDistribution, SyntheticWorkload, TraceWorkload, WorkloadError, WorkloadRequest,
     WorkloadSource, WorkloadSpec,

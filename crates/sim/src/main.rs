@@ -17,6 +17,14 @@ epp-sim: compare endpoint-picking policies on a simulated vLLM pool
 USAGE:
     epp-sim run   [OPTIONS]     one rate (--qps), every policy
     epp-sim sweep [OPTIONS]     every rate in --qps-list, every policy
+    epp-sim bench [OPTIONS]     the standard set: every policy on ShareGPT-like chat,
+                                prefix-heavy, shared-prefix at two cache pressures, one hot
+                                prefix, a LoRA mix and a sheddable mix, each near saturation;
+                                prints a markdown table with the default profile's throughput
+                                and p90 TTFT against load-only routing, and whether it holds
+                                (>= 0.9x and <= 1.2x); writes BENCH.md, bench.json and bench.svg
+                                under --out (--workload trace:PATH replaces the synthetic chat;
+                                --requests, --profile and --seed apply)
     epp-sim pd    [OPTIONS]     prefill/decode disaggregation against aggregated serving at
                                 equal server count: GIE's default profile on P+D servers
                                 labelled prefill-decode, then llm-d's P/D config with
@@ -67,6 +75,7 @@ OPTIONS:
                           (`inf`: no bandwidth cost) [default: 50, a 400 Gb/s RDMA NIC]
     --kv-link-ms F        fixed cost of each KV transfer, ms [default: 1]
     --non-cached-tokens N `pd`: prefix-based-pd-decider's nonCachedTokens [default: 512]
+    --out DIR             `bench`: where to write BENCH.md, bench.json and bench.svg
     --json PATH           write the reports as JSON (`-` for stdout)
     --svg PATH            write p90 TTFT against rate as an SVG chart (sweep)
     --quiet               no progress on stderr
@@ -90,6 +99,7 @@ struct Options {
     shedding: bool,
     json: Option<String>,
     svg: Option<String>,
+    out: Option<String>,
     quiet: bool,
     workload_given: bool,
     qps_list_given: bool,
@@ -131,6 +141,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         shedding: true,
         json: None,
         svg: None,
+        out: None,
         quiet: false,
         workload_given: false,
         qps_list_given: false,
@@ -151,7 +162,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         let mut value =
             |flag: &str| args.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
         match arg.as_str() {
-            "run" | "sweep" | "pd" if options.command.is_empty() => options.command = arg.clone(),
+            "run" | "sweep" | "pd" | "bench" if options.command.is_empty() => {
+                options.command = arg.clone();
+            }
+            "--out" => options.out = Some(value(arg)?),
             "-h" | "--help" => options.command = "help".to_owned(),
             "--workload" => {
                 options.workload = value(arg)?;
@@ -233,7 +247,15 @@ fn workload(options: &Options) -> Result<WorkloadSpec, String> {
         },
     };
     let source = shape_synthetic(options, source)?;
-    let mut spec = WorkloadSpec::new(&options.workload, source, options.qps, options.requests);
+    // Charts and tables name the workload, not a local path.
+    let name = match options.workload.strip_prefix("trace:") {
+        Some(path) => {
+            let file = std::path::Path::new(path).file_name().and_then(|name| name.to_str());
+            format!("trace {}", file.unwrap_or(path))
+        }
+        None => options.workload.clone(),
+    };
+    let mut spec = WorkloadSpec::new(name, source, options.qps, options.requests);
     spec.conversation_gap_s = options.conversation_gap_s;
     spec.adapters = options.adapters;
     spec.adapter_share = options.adapter_share;
@@ -308,7 +330,11 @@ fn execute(options: &Options) -> Result<(), String> {
         config.saturation = None;
     }
     config.kv_link = KvLink { gbps: options.kv_link_gbps, latency_s: options.kv_link_ms / 1e3 };
-    let workload = workload(options)?;
+    if options.command == "bench" {
+        return execute_bench(options, &config.profile);
+    }
+    let mut workload = workload(options)?;
+    workload.max_context_tokens = workload.max_context_tokens.min(config.profile.max_model_len);
     if options.command == "pd" {
         return execute_pd(options, &config, &workload);
     }
@@ -338,6 +364,61 @@ fn execute(options: &Options) -> Result<(), String> {
             .map_err(|e| format!("cannot write {path}: {e}"))?;
     }
     Ok(())
+}
+
+fn execute_bench(options: &Options, profile: &ServerProfile) -> Result<(), String> {
+    let trace = match options.workload.strip_prefix("trace:") {
+        Some(path) => {
+            Some(WorkloadSource::Trace(TraceWorkload::load(path).map_err(|e| e.to_string())?))
+        }
+        None if options.workload_given && options.workload != "sharegpt-like" => {
+            return Err(format!(
+                "bench: --workload takes a ShareGPT trace (trace:PATH) for the chat cases, not '{}'",
+                options.workload
+            ));
+        }
+        None => None,
+    };
+    let cases = sim::bench::standard_set(options.requests, trace);
+    let mut progress = Progress::new(options.quiet);
+    let results = sim::bench::run_set(&cases, profile, options.seed, |done, total, report| {
+        progress.report(done, total, report)
+    })
+    .map_err(|e| e.to_string())?;
+    progress.finish();
+    let header = format!(
+        "Standard set: profile {}, {} requests per run, seed {}, 50 ms scrapes.\n\n",
+        profile.name, options.requests, options.seed
+    );
+    let table = format!("{header}{}", sim::bench::render_markdown(&results));
+    print!("{table}");
+    if let Some(dir) = &options.out {
+        let dir = std::path::Path::new(dir);
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let write = |name: &str, contents: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        write("BENCH.md", &table)?;
+        let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
+        write("bench.json", &json)?;
+        let cases: Vec<(String, Vec<RunReport>)> =
+            results.iter().map(|result| (result.case.clone(), result.reports.clone())).collect();
+        let title = format!("p90 TTFT against load-only routing ({})", profile.name);
+        write("bench.svg", &sim::relative_ttft_chart(&title, &cases, "epp-queue-kv"))?;
+    }
+    if results.iter().all(sim::bench::CaseResult::holds) {
+        Ok(())
+    } else {
+        let failing: Vec<&str> =
+            results.iter().filter(|r| !r.holds()).map(|r| r.case.as_str()).collect();
+        Err(format!(
+            "the default profile misses its bound against load-only routing on: {}",
+            failing.join(", ")
+        ))
+    }
 }
 
 fn execute_pd(

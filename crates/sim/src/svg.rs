@@ -143,6 +143,119 @@ pub fn p90_ttft_chart(title: &str, reports: &[RunReport]) -> String {
     svg
 }
 
+/// Renders, per case, each policy's p90 TTFT as a multiple of `reference`'s (log scale, 1x
+/// marked): grouped bars, one group per case, one colour per policy.
+pub fn relative_ttft_chart(
+    title: &str,
+    cases: &[(String, Vec<RunReport>)],
+    reference: &str,
+) -> String {
+    let mut policies: Vec<&str> = Vec::new();
+    for (_, reports) in cases {
+        for report in reports {
+            if report.policy != reference && !policies.contains(&report.policy.as_str()) {
+                policies.push(&report.policy);
+            }
+        }
+    }
+    let ratio = |reports: &[RunReport], policy: &str| -> Option<f64> {
+        let base = reports.iter().find(|r| r.policy == reference)?.ttft_s.p90;
+        let value = reports.iter().find(|r| r.policy == policy)?.ttft_s.p90;
+        (base > 0.0 && value > 0.0).then(|| (value / base).clamp(1e-4, 1e4))
+    };
+    let decade_low = -3.0_f64;
+    let decade_high = 3.0_f64;
+    let plot_width = WIDTH - LEFT - RIGHT;
+    let plot_height = HEIGHT - TOP - BOTTOM;
+    let y = |value: f64| {
+        let decade = value.log10().clamp(decade_low, decade_high);
+        TOP + plot_height - (decade - decade_low) / (decade_high - decade_low) * plot_height
+    };
+    let group_width = plot_width / cases.len().max(1) as f64;
+    let bar_width = (group_width * 0.8) / policies.len().max(1) as f64;
+
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        LEFT + plot_width / 2.0,
+        escape(title)
+    );
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{LEFT}" y="{TOP}" width="{plot_width}" height="{plot_height}" fill="none" stroke="black"/>"#
+    );
+    let mut decade = decade_low;
+    while decade <= decade_high {
+        let position = y(10f64.powf(decade));
+        let label = if decade >= 0.0 {
+            format!("{:.0}x", 10f64.powf(decade))
+        } else {
+            format!("{}x", 10f64.powf(decade))
+        };
+        let stroke = if decade == 0.0 { "#444" } else { "#ddd" };
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{LEFT}" y1="{position:.1}" x2="{:.1}" y2="{position:.1}" stroke="{stroke}"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#,
+            LEFT + plot_width,
+            LEFT - 6.0,
+            position + 4.0
+        );
+        decade += 1.0;
+    }
+    let baseline = y(1.0);
+    for (group, (case, reports)) in cases.iter().enumerate() {
+        let group_x = LEFT + group as f64 * group_width + group_width * 0.1;
+        for (index, policy) in policies.iter().enumerate() {
+            let Some(value) = ratio(reports, policy) else { continue };
+            let colour = COLOURS[index % COLOURS.len()];
+            let top = y(value).min(baseline);
+            let height = (y(value) - baseline).abs().max(1.0);
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{:.1}" y="{top:.1}" width="{:.1}" height="{height:.1}" fill="{colour}"><title>{}: {} {value:.3}x</title></rect>"#,
+                group_x + index as f64 * bar_width,
+                bar_width.max(1.0) - 1.0,
+                escape(case),
+                escape(policy)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}</text>"#,
+            group_x + group_width * 0.4,
+            TOP + plot_height + 16.0 + (group % 2) as f64 * 13.0,
+            escape(case)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">p90 TTFT / {}'s</text>"#,
+        TOP + plot_height / 2.0,
+        escape(reference)
+    );
+    for (index, policy) in policies.iter().enumerate() {
+        let colour = COLOURS[index % COLOURS.len()];
+        let legend_y = TOP + 10.0 + index as f64 * 20.0;
+        let legend_x = WIDTH - RIGHT + 15.0;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{legend_x}" y="{:.1}" width="14" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            legend_y - 5.0,
+            legend_x + 20.0,
+            legend_y + 4.0,
+            escape(policy)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +295,18 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 4);
         assert!(svg.contains("a&lt;b") && svg.contains("title &amp; more"));
         assert!(!p90_ttft_chart("empty", &[]).contains("NaN"));
+    }
+
+    #[test]
+    fn relative_bars_skip_the_reference_and_mark_one() {
+        let cases = vec![
+            ("hot".to_owned(), vec![report("load", 1.0, 0.03), report("epp", 1.0, 0.03)]),
+            ("many".to_owned(), vec![report("load", 1.0, 4.0), report("epp", 1.0, 0.02)]),
+        ];
+        let svg = relative_ttft_chart("standard set", &cases, "load");
+        assert_eq!(svg.matches("<title>").count(), 2, "one bar per non-reference policy and case");
+        assert!(svg.contains("hot: epp 1.000x") && svg.contains("many: epp 0.005x"));
+        assert!(svg.contains(">1x<") && !svg.contains("NaN"));
+        assert!(!relative_ttft_chart("empty", &[], "load").contains("NaN"));
     }
 }
