@@ -52,7 +52,10 @@ OPTIONS:
     --qps-list A,B,..     arrival rates for `sweep` [default: 10,20,30,40,50,60]
     --requests N          requests per run [default: 20000]
     --servers N           model servers [default: 10]
-    --profile NAME        server profile: h100-llama3-8b | small-test [default: h100-llama3-8b]
+    --profile P           server profile: h100-llama3-8b | h100x2-qwen3-32b |
+                          h100x4-llama3.1-70b | a100-llama2-7b | small-test, or a YAML
+                          file of the shape of crates/sim/profiles/*.yaml
+                          [default: h100-llama3-8b]
     --policies P,..       round-robin, random, least-request, oracle, epp (GIE default:
                           queue, KV and prefix scorers), epp-queue-kv, epp-prefix-heavy,
                           epp-gie-exact (the default profile with GIE's exact formulas:
@@ -316,13 +319,7 @@ fn shape_synthetic(options: &Options, source: WorkloadSource) -> Result<Workload
 }
 
 fn execute(options: &Options) -> Result<(), String> {
-    let profile = ServerProfile::named(&options.profile).ok_or_else(|| {
-        format!(
-            "unknown profile '{}': expected one of {}",
-            options.profile,
-            ServerProfile::NAMES.join(", ")
-        )
-    })?;
+    let profile = ServerProfile::load(&options.profile).map_err(|e| e.to_string())?;
     let mut config = SimConfig::new(options.servers, profile);
     config.seed = options.seed;
     config.scrape_interval_s = options.scrape_ms / 1e3;
