@@ -51,7 +51,7 @@ use serde::Serialize;
 use crate::hashing::BLOCK_TOKENS;
 use crate::policy::Policy;
 use crate::profile::ServerProfile;
-use crate::report::{Percentiles, RunReport, ServerReport};
+use crate::report::{Percentiles, RunReport, ServerReport, StageReport};
 use crate::server::{ModelServer, Sequence, StepOutput};
 use crate::workload::{WorkloadRequest, WorkloadSpec};
 
@@ -284,6 +284,9 @@ fn nanos(seconds: f64) -> u64 {
 #[derive(Debug)]
 struct InFlight {
     arrival_ns: u64,
+    /// The request's ladder stage, and whether it is warm-up.
+    stage: u32,
+    warmup: bool,
     first_token_ns: u64,
     prompt_tokens: u32,
     output_tokens: u32,
@@ -412,6 +415,22 @@ struct Simulation<'a> {
     ttft_s: Vec<f64>,
     tpot_s: Vec<f64>,
     e2e_s: Vec<f64>,
+    ntpot_s: Vec<f64>,
+    /// Per ladder stage (one without a ladder).
+    stages: Vec<StageAccumulator>,
+}
+
+/// What one ladder stage's requests did.
+#[derive(Default)]
+struct StageAccumulator {
+    arrivals: u64,
+    completed: u64,
+    output_tokens: u64,
+    first_arrival_ns: Option<u64>,
+    last_completion_ns: u64,
+    ttft_s: Vec<f64>,
+    tpot_s: Vec<f64>,
+    ntpot_s: Vec<f64>,
 }
 
 impl<'a> Simulation<'a> {
@@ -460,6 +479,8 @@ impl<'a> Simulation<'a> {
             ttft_s: Vec::with_capacity(expected),
             tpot_s: Vec::with_capacity(expected),
             e2e_s: Vec::with_capacity(expected),
+            ntpot_s: Vec::with_capacity(expected),
+            stages: (0..workload.stage_count()).map(|_| StageAccumulator::default()).collect(),
         }
     }
 
@@ -557,6 +578,10 @@ impl<'a> Simulation<'a> {
     fn arrive(&mut self, mut request: WorkloadRequest) {
         self.arrivals += 1;
         self.first_arrival_ns.get_or_insert(self.now_ns);
+        if let Some(stage) = self.stages.get_mut(request.stage as usize) {
+            stage.arrivals += 1;
+            stage.first_arrival_ns.get_or_insert(self.now_ns);
+        }
         if request.priority < 0
             && let Some(detector) = &self.config.saturation
             && detector.is_saturated(&self.snapshot, self.instant())
@@ -593,6 +618,8 @@ impl<'a> Simulation<'a> {
         );
         let mut flight = InFlight {
             arrival_ns: self.now_ns,
+            stage: request.stage,
+            warmup: request.warmup,
             first_token_ns: 0,
             prompt_tokens: request.prompt_tokens,
             output_tokens: request.output_tokens.max(1),
@@ -725,11 +752,26 @@ impl<'a> Simulation<'a> {
         self.last_completion_ns = self.now_ns;
         let ttft = (flight.first_token_ns - flight.arrival_ns) as f64 * 1e-9;
         let e2e = (self.now_ns - flight.arrival_ns) as f64 * 1e-9;
+        let ntpot = e2e / f64::from(flight.output_tokens);
         self.ttft_s.push(ttft);
         self.e2e_s.push(e2e);
-        if flight.output_tokens > 1 {
+        self.ntpot_s.push(ntpot);
+        let tpot = (flight.output_tokens > 1).then(|| {
             let decode = (self.now_ns - flight.first_token_ns) as f64 * 1e-9;
-            self.tpot_s.push(decode / f64::from(flight.output_tokens - 1));
+            decode / f64::from(flight.output_tokens - 1)
+        });
+        if let Some(tpot) = tpot {
+            self.tpot_s.push(tpot);
+        }
+        if let Some(stage) = self.stages.get_mut(flight.stage as usize) {
+            stage.completed += 1;
+            stage.output_tokens += u64::from(flight.output_tokens);
+            stage.last_completion_ns = self.now_ns;
+            if !flight.warmup {
+                stage.ttft_s.push(ttft);
+                stage.ntpot_s.push(ntpot);
+                stage.tpot_s.extend(tpot);
+            }
         }
         if let Some(mut guard) = flight.guard {
             guard.set_usage(u64::from(flight.prompt_tokens), u64::from(flight.output_tokens));
@@ -800,7 +842,41 @@ impl<'a> Simulation<'a> {
             kv_transferred_tokens: self.kv_transferred_tokens,
             kv_transfer_s: Percentiles::of(&mut self.kv_transfer_s),
             per_server: servers,
+            ntpot_s: Percentiles::of(&mut self.ntpot_s),
+            stages: if workload.ladder.is_empty() {
+                Vec::new()
+            } else {
+                self.stage_reports(workload)
+            },
         }
+    }
+
+    fn stage_reports(&mut self, workload: &WorkloadSpec) -> Vec<StageReport> {
+        let mut reports = Vec::with_capacity(self.stages.len());
+        for (index, stage) in self.stages.iter_mut().enumerate() {
+            let duration_s = stage
+                .first_arrival_ns
+                .map_or(0.0, |first| stage.last_completion_ns.saturating_sub(first) as f64 * 1e-9);
+            let per_second =
+                |count: u64| if duration_s > 0.0 { count as f64 / duration_s } else { 0.0 };
+            reports.push(StageReport {
+                qps: workload.stage_qps(index),
+                arrivals: stage.arrivals,
+                completed: stage.completed,
+                success_rate: if stage.arrivals > 0 {
+                    stage.completed as f64 / stage.arrivals as f64
+                } else {
+                    0.0
+                },
+                duration_s,
+                throughput_rps: per_second(stage.completed),
+                output_tokens_per_s: per_second(stage.output_tokens),
+                ttft_s: Percentiles::of(&mut stage.ttft_s),
+                tpot_s: Percentiles::of(&mut stage.tpot_s),
+                ntpot_s: Percentiles::of(&mut stage.ntpot_s),
+            });
+        }
+        reports
     }
 }
 

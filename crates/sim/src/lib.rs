@@ -44,7 +44,10 @@ pub mod workload;
 pub use engine::{KvLink, ServerRoles, ShedThresholds, SimConfig, SimError, compare, run};
 pub use policy::{Policy, PolicyError};
 pub use profile::{ProfileError, ServerProfile};
-pub use report::{Percentiles, RunReport, ServerReport, render_pd_table, render_table};
+pub use report::{
+    Percentiles, RunReport, ServerReport, StageReport, render_ladder_table, render_pd_table,
+    render_table,
+};
 pub use svg::{p90_ttft_chart, relative_ttft_chart};
 pub use workload::{
     LengthDistribution, SyntheticWorkload, TraceWorkload, WorkloadError, WorkloadRequest,

@@ -17,6 +17,12 @@ epp-sim: compare endpoint-picking policies on a simulated vLLM pool
 USAGE:
     epp-sim run   [OPTIONS]     one rate (--qps), every policy
     epp-sim sweep [OPTIONS]     every rate in --qps-list, every policy
+    epp-sim ladder [OPTIONS]    a benchmark's rate ladder: one run per policy whose rate steps
+                                through --qps-list, --requests per stage, each stage continuing
+                                from the state the last one left (no cold restart); per stage:
+                                success rate, completed requests and output tokens per second,
+                                TTFT and NTPOT percentiles with the first --warmup of the
+                                stage's requests left out
     epp-sim bench [OPTIONS]     the standard set: every policy on ShareGPT-like chat,
                                 prefix-heavy, shared-prefix at two cache pressures, one hot
                                 prefix, a LoRA mix and a sheddable mix, each near saturation;
@@ -79,6 +85,8 @@ OPTIONS:
     --kv-link-ms F        fixed cost of each KV transfer, ms [default: 1]
     --non-cached-tokens N `pd`: prefix-based-pd-decider's nonCachedTokens [default: 512]
     --out DIR             `bench`: where to write BENCH.md, bench.json and bench.svg
+    --warmup F            `ladder`: share of each stage's requests left out of its
+                          latencies [default: 0.1]
     --json PATH           write the reports as JSON (`-` for stdout)
     --svg PATH            write p90 TTFT against rate as an SVG chart (sweep)
     --quiet               no progress on stderr
@@ -103,6 +111,7 @@ struct Options {
     json: Option<String>,
     svg: Option<String>,
     out: Option<String>,
+    warmup: f64,
     quiet: bool,
     workload_given: bool,
     qps_list_given: bool,
@@ -145,6 +154,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         json: None,
         svg: None,
         out: None,
+        warmup: 0.1,
         quiet: false,
         workload_given: false,
         qps_list_given: false,
@@ -165,10 +175,11 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         let mut value =
             |flag: &str| args.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
         match arg.as_str() {
-            "run" | "sweep" | "pd" | "bench" if options.command.is_empty() => {
+            "run" | "sweep" | "pd" | "bench" | "ladder" if options.command.is_empty() => {
                 options.command = arg.clone();
             }
             "--out" => options.out = Some(value(arg)?),
+            "--warmup" => options.warmup = parse_number(arg, &value(arg)?)?,
             "-h" | "--help" => options.command = "help".to_owned(),
             "--workload" => {
                 options.workload = value(arg)?;
@@ -343,6 +354,29 @@ fn execute(options: &Options) -> Result<(), String> {
         .iter()
         .map(|spec| Policy::parse(spec).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
+    if options.command == "ladder" {
+        if !(0.0..1.0).contains(&options.warmup) {
+            return Err(format!("--warmup: {} is not a share in [0, 1)", options.warmup));
+        }
+        let ladder = workload.with_ladder(&options.qps_list, options.requests, options.warmup);
+        let mut progress = Progress::new(options.quiet);
+        let reports =
+            sim::sweep(&config, &ladder, &[ladder.qps], &policies, |done, total, report| {
+                progress.report(done, total, report)
+            })
+            .map_err(|e| e.to_string())?;
+        progress.finish();
+        println!(
+            "{} on {} servers: rates {:?} req/s, {} requests a stage, warm-up {:.0}% of each stage",
+            workload.name,
+            options.servers,
+            options.qps_list,
+            options.requests,
+            options.warmup * 100.0
+        );
+        print!("{}", sim::render_ladder_table(&reports));
+        return write_json(options, &reports);
+    }
     let rates =
         if options.command == "sweep" { options.qps_list.clone() } else { vec![options.qps] };
 

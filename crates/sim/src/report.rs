@@ -82,6 +82,79 @@ pub struct RunReport {
     pub kv_transfer_s: Percentiles,
     /// What each server did, in pool order.
     pub per_server: Vec<ServerReport>,
+    /// Normalised time per output token: end-to-end latency / output tokens (GIE's NTPOT).
+    pub ntpot_s: Percentiles,
+    /// One entry per rate-ladder stage (empty without a ladder).
+    pub stages: Vec<StageReport>,
+}
+
+/// One stage of a rate ladder: its requests (the cohort that arrived in it), measured as the
+/// benchmarks report a stage. Latencies leave out the stage's warm-up requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StageReport {
+    /// Offered rate of the stage.
+    pub qps: f64,
+    /// Requests of the stage that arrived.
+    pub arrivals: u64,
+    /// Of those, completed.
+    pub completed: u64,
+    /// Completed / arrived.
+    pub success_rate: f64,
+    /// From the stage's first arrival to its last completion, simulated seconds.
+    pub duration_s: f64,
+    /// Completed requests of the stage per second of its duration.
+    pub throughput_rps: f64,
+    /// Output tokens of the stage's completed requests per second of its duration.
+    pub output_tokens_per_s: f64,
+    /// Time to first token (warm-up excluded).
+    pub ttft_s: Percentiles,
+    /// Time per output token after the first (warm-up excluded).
+    pub tpot_s: Percentiles,
+    /// Normalised time per output token (warm-up excluded).
+    pub ntpot_s: Percentiles,
+}
+
+/// Rate-ladder reports as a table: one row per policy and stage.
+pub fn render_ladder_table(reports: &[RunReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "policy",
+        "stage",
+        "qps",
+        "success",
+        "req/s",
+        "out tok/s",
+        "TTFT50",
+        "TTFT90",
+        "NTPOT50",
+        "NTPOT90"
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "", "", "", "%", "", "", "ms", "ms", "ms", "ms"
+    );
+    for report in reports {
+        for (index, stage) in report.stages.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>7} {:>7.1} {:>8.1} {:>8.1} {:>9.0} {:>9.0} {:>9.0} {:>8.1} {:>8.1}",
+                report.policy,
+                index + 1,
+                stage.qps,
+                stage.success_rate * 100.0,
+                stage.throughput_rps,
+                stage.output_tokens_per_s,
+                stage.ttft_s.p50 * 1e3,
+                stage.ttft_s.p90 * 1e3,
+                stage.ntpot_s.p50 * 1e3,
+                stage.ntpot_s.p90 * 1e3,
+            );
+        }
+    }
+    out
 }
 
 /// What one server did over a run.

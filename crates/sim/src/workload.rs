@@ -50,6 +50,10 @@ pub struct WorkloadRequest {
     pub output_tokens: u32,
     /// Priority; below zero is sheddable.
     pub priority: i32,
+    /// The rate-ladder stage the request belongs to (0 without a ladder).
+    pub stage: u32,
+    /// Whether it falls in its stage's warm-up, left out of the stage's latencies.
+    pub warmup: bool,
 }
 
 /// A length distribution, in tokens.
@@ -351,6 +355,11 @@ pub struct WorkloadSpec {
     /// Longest prompt plus answer, tokens: a conversation ends before a turn that would exceed
     /// it (trace conversations whose first turn exceeds it are skipped).
     pub max_context_tokens: u32,
+    /// A rate ladder: the requests are split evenly into one stage per rate, in order, each
+    /// continuing from the state the previous one left (no restart). Empty: one stage at `qps`.
+    pub ladder: Vec<f64>,
+    /// Share of each stage's first requests that are warm-up ([`WorkloadRequest::warmup`]).
+    pub warmup_share: f64,
 }
 
 impl WorkloadSpec {
@@ -368,7 +377,36 @@ impl WorkloadSpec {
             adapter_share: 0.0,
             sheddable_share: 0.0,
             max_context_tokens: 8192,
+            ladder: Vec::new(),
+            warmup_share: 0.0,
         }
+    }
+
+    /// A ladder of `rates`, `requests_per_stage` each, the first `warmup_share` of every
+    /// stage's requests being warm-up.
+    pub fn with_ladder(&self, rates: &[f64], requests_per_stage: u64, warmup_share: f64) -> Self {
+        Self {
+            qps: rates.iter().copied().fold(0.0, f64::max),
+            requests: requests_per_stage.saturating_mul(rates.len() as u64),
+            ladder: rates.to_vec(),
+            warmup_share,
+            ..self.clone()
+        }
+    }
+
+    /// How many stages the requests are split into.
+    pub fn stage_count(&self) -> usize {
+        self.ladder.len().max(1)
+    }
+
+    /// Requests of one stage (the last may hold fewer).
+    fn requests_per_stage(&self) -> u64 {
+        self.requests.div_ceil(self.stage_count() as u64).max(1)
+    }
+
+    /// The rate of `stage`.
+    pub fn stage_qps(&self, stage: usize) -> f64 {
+        self.ladder.get(stage).copied().unwrap_or(self.qps)
     }
 
     /// The same workload at another rate.
@@ -566,10 +604,15 @@ impl Iterator for WorkloadGenerator {
     type Item = WorkloadRequest;
 
     fn next(&mut self) -> Option<WorkloadRequest> {
-        let rate_is_usable = self.spec.qps > 0.0 && self.spec.qps.is_finite();
+        let per_stage = self.spec.requests_per_stage();
+        let stage = (self.emitted / per_stage) as usize;
+        let rate = self.spec.stage_qps(stage);
+        let rate_is_usable = rate > 0.0 && rate.is_finite();
         if self.emitted >= self.spec.requests || !rate_is_usable {
             return None;
         }
+        let index_in_stage = self.emitted % per_stage;
+        let warmup = (index_in_stage as f64) < self.spec.warmup_share * per_stage as f64;
         // A bounded number of attempts: each either emits or ends a conversation that cannot
         // continue, and starting conversations can fail only for traces with nothing usable.
         for _ in 0..self.slots.len() + 16 {
@@ -590,7 +633,7 @@ impl Iterator for WorkloadGenerator {
             let prompt = text.clone();
             text.push_str(&answer);
             extend_block_hashes(conversation.seed, &text, &mut conversation.hashes);
-            let gap = -(1.0 - self.rng.random::<f64>()).ln() / self.spec.qps;
+            let gap = -(1.0 - self.rng.random::<f64>()).ln() / rate;
             self.clock_s += gap;
             self.emitted += 1;
             let request = WorkloadRequest {
@@ -602,6 +645,8 @@ impl Iterator for WorkloadGenerator {
                 prompt_tokens,
                 output_tokens,
                 priority: conversation.priority,
+                stage: stage as u32,
+                warmup,
             };
             conversation.history = text;
             if conversation.turns_left > 0 {
