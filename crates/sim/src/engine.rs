@@ -34,7 +34,7 @@
 //! percentiles).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -405,7 +405,12 @@ struct Simulation<'a> {
     arrivals: u64,
     completed: u64,
     rejected: u64,
+    timed_out: u64,
     shed_by_priority: BTreeMap<i32, u64>,
+    /// Arrivals waiting for the client's concurrency limit, in order.
+    client_backlog: VecDeque<WorkloadRequest>,
+    max_concurrency: Option<usize>,
+    timeout_ns: Option<u64>,
     output_tokens: u64,
     disaggregated: u64,
     kv_transferred_tokens: u64,
@@ -425,6 +430,7 @@ struct Simulation<'a> {
 struct StageAccumulator {
     arrivals: u64,
     completed: u64,
+    timed_out: u64,
     output_tokens: u64,
     first_arrival_ns: Option<u64>,
     last_completion_ns: u64,
@@ -469,6 +475,13 @@ impl<'a> Simulation<'a> {
             arrivals: 0,
             completed: 0,
             rejected: 0,
+            timed_out: 0,
+            client_backlog: VecDeque::new(),
+            max_concurrency: workload.max_concurrency.map(|limit| limit.max(1) as usize),
+            timeout_ns: workload
+                .timeout_s
+                .filter(|seconds| *seconds > 0.0 && seconds.is_finite())
+                .map(nanos),
             shed_by_priority: BTreeMap::new(),
             output_tokens: 0,
             disaggregated: 0,
@@ -513,7 +526,11 @@ impl<'a> Simulation<'a> {
                 }
                 Event::Arrival => {
                     if let Some(request) = next_request.take() {
-                        self.arrive(request);
+                        if self.at_concurrency_limit() {
+                            self.client_backlog.push_back(request);
+                        } else {
+                            self.arrive(request);
+                        }
                     }
                     next_request = requests.next();
                     if let Some(request) = &next_request {
@@ -540,7 +557,17 @@ impl<'a> Simulation<'a> {
                 }
                 Event::TransferEnd(request) => self.transferred(request),
             }
+            while !self.client_backlog.is_empty() && !self.at_concurrency_limit() {
+                if let Some(request) = self.client_backlog.pop_front() {
+                    self.arrive(request);
+                }
+            }
         }
+    }
+
+    /// Whether the client holds as many requests in flight as its limit allows.
+    fn at_concurrency_limit(&self) -> bool {
+        self.max_concurrency.is_some_and(|limit| self.in_flight.len() - self.vacant.len() >= limit)
     }
 
     fn start_step(&mut self, server: usize) {
@@ -747,6 +774,20 @@ impl<'a> Simulation<'a> {
         }
         let Some(flight) = slot.take() else { return };
         self.vacant.push(request);
+        if let Router::LeastRequest { in_flight, .. } = &mut self.router {
+            in_flight[flight.server as usize] -= 1;
+        }
+        let late = self.timeout_ns.is_some_and(|timeout| self.now_ns - flight.arrival_ns > timeout);
+        if late {
+            self.timed_out += 1;
+            if let Some(stage) = self.stages.get_mut(flight.stage as usize) {
+                stage.timed_out += 1;
+            }
+            if let Some(guard) = flight.guard {
+                guard.finish(Outcome::Completed);
+            }
+            return;
+        }
         self.completed += 1;
         self.output_tokens += u64::from(flight.output_tokens);
         self.last_completion_ns = self.now_ns;
@@ -776,9 +817,6 @@ impl<'a> Simulation<'a> {
         if let Some(mut guard) = flight.guard {
             guard.set_usage(u64::from(flight.prompt_tokens), u64::from(flight.output_tokens));
             guard.finish(Outcome::Completed);
-        }
-        if let Router::LeastRequest { in_flight, .. } = &mut self.router {
-            in_flight[flight.server as usize] -= 1;
         }
     }
 
@@ -824,6 +862,7 @@ impl<'a> Simulation<'a> {
             completed: self.completed,
             shed_by_priority: std::mem::take(&mut self.shed_by_priority),
             rejected: self.rejected,
+            timed_out: self.timed_out,
             duration_s,
             throughput_rps: per_second(self.completed),
             output_tokens_per_s: per_second(self.output_tokens),
@@ -863,6 +902,7 @@ impl<'a> Simulation<'a> {
                 qps: workload.stage_qps(index),
                 arrivals: stage.arrivals,
                 completed: stage.completed,
+                timed_out: stage.timed_out,
                 success_rate: if stage.arrivals > 0 {
                     stage.completed as f64 / stage.arrivals as f64
                 } else {

@@ -85,6 +85,10 @@ OPTIONS:
     --kv-link-ms F        fixed cost of each KV transfer, ms [default: 1]
     --non-cached-tokens N `pd`: prefix-based-pd-decider's nonCachedTokens [default: 512]
     --out DIR             `bench`: where to write BENCH.md, bench.json and bench.svg
+    --max-concurrency N   the client's limit on requests in flight: later arrivals wait
+                          for a response before they are sent [default: none, open loop]
+    --timeout S           the client's timeout, seconds: later responses count as failed
+                          (the success rate of `ladder`; `timed out` in JSON)
     --warmup F            `ladder`: share of each stage's requests left out of its
                           latencies [default: 0.1]
     --json PATH           write the reports as JSON (`-` for stdout)
@@ -112,6 +116,8 @@ struct Options {
     svg: Option<String>,
     out: Option<String>,
     warmup: f64,
+    max_concurrency: Option<u32>,
+    timeout_s: Option<f64>,
     quiet: bool,
     workload_given: bool,
     qps_list_given: bool,
@@ -155,6 +161,8 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         svg: None,
         out: None,
         warmup: 0.1,
+        max_concurrency: None,
+        timeout_s: None,
         quiet: false,
         workload_given: false,
         qps_list_given: false,
@@ -180,6 +188,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             }
             "--out" => options.out = Some(value(arg)?),
             "--warmup" => options.warmup = parse_number(arg, &value(arg)?)?,
+            "--max-concurrency" => {
+                options.max_concurrency = Some(parse_number(arg, &value(arg)?)?);
+            }
+            "--timeout" => options.timeout_s = Some(parse_number(arg, &value(arg)?)?),
             "-h" | "--help" => options.command = "help".to_owned(),
             "--workload" => {
                 options.workload = value(arg)?;
@@ -274,6 +286,16 @@ fn workload(options: &Options) -> Result<WorkloadSpec, String> {
     spec.adapters = options.adapters;
     spec.adapter_share = options.adapter_share;
     spec.sheddable_share = options.sheddable_share;
+    if options.max_concurrency == Some(0) {
+        return Err("--max-concurrency: must be at least 1".to_owned());
+    }
+    spec.max_concurrency = options.max_concurrency;
+    if let Some(timeout) = options.timeout_s
+        && !(timeout > 0.0 && timeout.is_finite())
+    {
+        return Err(format!("--timeout: {timeout} is not a positive number of seconds"));
+    }
+    spec.timeout_s = options.timeout_s;
     Ok(spec)
 }
 

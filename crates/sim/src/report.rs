@@ -54,6 +54,8 @@ pub struct RunReport {
     pub shed_by_priority: BTreeMap<i32, u64>,
     /// Requests refused: no endpoint chosen (503) or too long for a server (400).
     pub rejected: u64,
+    /// Responses that ended after the client's timeout (failed, not completed).
+    pub timed_out: u64,
     /// From the first arrival to the last completion, simulated seconds.
     pub duration_s: f64,
     /// Completed requests per simulated second.
@@ -96,8 +98,10 @@ pub struct StageReport {
     pub qps: f64,
     /// Requests of the stage that arrived.
     pub arrivals: u64,
-    /// Of those, completed.
+    /// Of those, completed within the client's timeout.
     pub completed: u64,
+    /// Of those, answered after the client's timeout.
+    pub timed_out: u64,
     /// Completed / arrived.
     pub success_rate: f64,
     /// From the stage's first arrival to its last completion, simulated seconds.

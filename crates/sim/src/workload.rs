@@ -360,6 +360,13 @@ pub struct WorkloadSpec {
     pub ladder: Vec<f64>,
     /// Share of each stage's first requests that are warm-up ([`WorkloadRequest::warmup`]).
     pub warmup_share: f64,
+    /// The client's limit on requests in flight: an arrival beyond it waits for a response
+    /// before it is sent (a benchmark's `max-concurrency`). `None`: open loop.
+    pub max_concurrency: Option<u32>,
+    /// The client's timeout: a response that ends later than this after its request was sent
+    /// counts as failed, not completed. The server is not told (a real one would abort the
+    /// request on the client's disconnect, freeing its slot early; not modelled).
+    pub timeout_s: Option<f64>,
 }
 
 impl WorkloadSpec {
@@ -379,6 +386,8 @@ impl WorkloadSpec {
             max_context_tokens: 8192,
             ladder: Vec::new(),
             warmup_share: 0.0,
+            max_concurrency: None,
+            timeout_s: None,
         }
     }
 

@@ -70,3 +70,40 @@ fn ntpot_is_end_to_end_latency_over_output_tokens() {
     let expected = report.e2e_s.p50 / 8.0;
     assert!((report.ntpot_s.p50 - expected).abs() < 1e-9, "{:?}", report.ntpot_s);
 }
+
+#[test]
+fn the_client_concurrency_limit_holds_requests_back() {
+    // One small server, a burst of requests: with one request in flight at a time none ever
+    // waits at the server, so every TTFT is a lone prefill (the first one's longer: it also
+    // computes the shared prefix the others find cached).
+    let config = SimConfig::new(1, ServerProfile::small_test());
+    let shape = SyntheticWorkload::shared_prefix(1, 0, 20, 10, 4);
+    let mut workload = WorkloadSpec::new("burst", WorkloadSource::Synthetic(shape), 500.0, 40);
+    let open = sim::run(&config, &workload, &Policy::RoundRobin).unwrap();
+    workload.max_concurrency = Some(1);
+    let limited = sim::run(&config, &workload, &Policy::RoundRobin).unwrap();
+    assert_eq!(limited.completed, 40);
+    assert!(
+        (limited.ttft_s.p90 - limited.ttft_s.p50).abs() < 1e-9,
+        "every TTFT the same lone prefill: {:?}",
+        limited.ttft_s
+    );
+    assert!(open.ttft_s.p90 > 2.0 * limited.ttft_s.p90, "{:?} {:?}", open.ttft_s, limited.ttft_s);
+    assert!(limited.duration_s >= open.duration_s);
+}
+
+#[test]
+fn late_responses_fail_and_lower_the_success_rate() {
+    let config = SimConfig::new(2, ServerProfile::h100_llama3_8b());
+    let mut ladder = prefix_heavy(1.0, 0).with_ladder(&[4.0, 80.0], 300, 0.0);
+    ladder.timeout_s = Some(10.0);
+    let report = sim::run(&config, &ladder, &Policy::RoundRobin).unwrap();
+    assert!(report.timed_out > 0);
+    assert_eq!(report.completed + report.timed_out + report.shed() + report.rejected, 600);
+    let (light, heavy) = (&report.stages[0], &report.stages[1]);
+    // The light stage's last requests meet the heavy stage's backlog: carried-over state.
+    assert!(light.success_rate >= 0.9, "{light:?}");
+    assert!(heavy.success_rate < light.success_rate - 0.2, "{light:?} {heavy:?}");
+    assert_eq!(heavy.completed + heavy.timed_out, heavy.arrivals);
+    assert!(heavy.ttft_s.p99 <= 10.0, "only responses within the timeout are measured");
+}
