@@ -5,7 +5,8 @@
 //! - the GIE default profile (plus the prefix-cache scorer) with a short prompt, and with a
 //!   16K-character prompt (256 blocks) whose system-prompt half is cached on a tenth of the
 //!   pool (hashing and lookup included, and queueing the pick's record: the record itself is
-//!   applied by the scorer's writer thread, off the decision's path),
+//!   applied by the scorer's writer thread, off the decision's path), and the same without
+//!   load-aware affinity (`affinityLoadTolerance: 0`, GIE's prefix formula) to price it,
 //! - queue, KV-cache and active-request scorers with three fallbacks.
 
 use std::hint::black_box;
@@ -92,6 +93,23 @@ fn decision(c: &mut Criterion) {
             BenchmarkId::new("gie_default_16k_prompt", size),
             &pool,
             |b, pool| b.iter(|| black_box(default.schedule(black_box(&long_request), pool))),
+        );
+        // The same without load-aware affinity (GIE's prefix formula), to price the discount.
+        let gie_prefix = build(
+            &EndpointPickerConfig::gie_default()
+                .with_plugin_parameters("prefix-cache-scorer", json!({"affinityLoadTolerance": 0})),
+        );
+        for i in 0..size.div_ceil(10) {
+            let warm = InferenceRequest::new("llama", format!("{}{i}", &system_prompt[..8 * 1024]));
+            let mut hinted = warm.clone();
+            hinted.endpoint_subset = Some(vec![pool.endpoints()[i * 10 % size].endpoint.address]);
+            drop(gie_prefix.schedule(&hinted, &pool));
+        }
+        gie_prefix.flush();
+        group.bench_with_input(
+            BenchmarkId::new("gie_default_16k_prompt_gie_prefix_formula", size),
+            &pool,
+            |b, pool| b.iter(|| black_box(gie_prefix.schedule(black_box(&long_request), pool))),
         );
         group.bench_with_input(
             BenchmarkId::new("with_active_requests_and_fallbacks", size),

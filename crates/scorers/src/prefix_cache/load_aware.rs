@@ -26,7 +26,7 @@
 //!
 //! The defaults come from the simulator's standard workloads (`docs/simulator.md`, hot prefix).
 
-use scheduler_core::Candidates;
+use scheduler_core::{Candidates, CycleState, EndpointState};
 
 use crate::lag_compensation::pending_since_scrape;
 
@@ -54,31 +54,42 @@ impl LoadTolerance {
         self.requests <= 0.0
     }
 
-    /// The load of the candidate at `position`: running and waiting requests as scraped, plus
-    /// the requests this picker sent it since.
-    fn load_of(&self, candidates: &Candidates<'_>, position: usize) -> Option<f64> {
-        let state = candidates.get(position)?;
+    /// The load of `state`'s endpoint: running and waiting requests as scraped, plus the
+    /// requests this picker sent it since.
+    fn load_of(&self, state: &EndpointState) -> f64 {
         let pending = f64::from(pending_since_scrape(state, true).requests);
         let waiting = f64::from(state.metrics.waiting_queue);
-        Some(f64::from(state.metrics.running) + waiting * self.waiting_factor + pending)
+        f64::from(state.metrics.running) + waiting * self.waiting_factor + pending
     }
 
     /// Scales `scores` (one per candidate, in [0, 1]) by how far each candidate's load
-    /// exceeds the lightest candidate's.
-    pub(super) fn discount(&self, candidates: Candidates<'_>, scores: &mut [f64]) {
-        let lightest = (0..candidates.len())
-            .filter_map(|position| self.load_of(&candidates, position))
-            .fold(f64::INFINITY, f64::min);
+    /// exceeds the lightest candidate's. Each load is computed once, into a buffer of the
+    /// decision's scratch space that later decisions reuse.
+    pub(super) fn discount(
+        &self,
+        state: &mut CycleState,
+        candidates: Candidates<'_>,
+        scores: &mut [f64],
+    ) {
+        let loads = &mut state.scratch::<CandidateLoads>().0;
+        loads.clear();
+        loads.extend((0..candidates.len()).map(|position| {
+            candidates.get(position).map_or(f64::INFINITY, |endpoint| self.load_of(endpoint))
+        }));
+        let lightest = loads.iter().copied().fold(f64::INFINITY, f64::min);
         if !lightest.is_finite() {
             return;
         }
-        for (position, score) in scores.iter_mut().enumerate() {
-            if *score <= 0.0 {
+        for (score, &load) in scores.iter_mut().zip(loads.iter()) {
+            if *score <= 0.0 || !load.is_finite() {
                 continue;
             }
-            let Some(load) = self.load_of(&candidates, position) else { continue };
             let excess = (load - lightest).max(0.0);
             *score *= (1.0 - excess / self.requests).max(0.0);
         }
     }
 }
+
+/// Each candidate's load in one decision (reused between decisions).
+#[derive(Default)]
+struct CandidateLoads(Vec<f64>);

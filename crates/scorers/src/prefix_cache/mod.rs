@@ -260,7 +260,7 @@ impl PrefixCacheScorer {
             }
         }
         if any_hit && !self.load_tolerance.is_off() {
-            self.load_tolerance.discount(candidates, scores);
+            self.load_tolerance.discount(state, candidates, scores);
         }
     }
 }
