@@ -48,7 +48,7 @@ pub use report::{
     Percentiles, RunReport, ServerReport, StageReport, render_ladder_table, render_pd_table,
     render_table,
 };
-pub use svg::{p90_ttft_chart, relative_ttft_chart};
+pub use svg::{p90_ttft_chart, relative_ttft_chart, sweep_chart};
 pub use workload::{
     LengthDistribution, SyntheticWorkload, TraceWorkload, WorkloadError, WorkloadRequest,
     WorkloadSource, WorkloadSpec,

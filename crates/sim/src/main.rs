@@ -92,7 +92,8 @@ OPTIONS:
     --warmup F            `ladder`: share of each stage's requests left out of its
                           latencies [default: 0.1]
     --json PATH           write the reports as JSON (`-` for stdout)
-    --svg PATH            write p90 TTFT against rate as an SVG chart (sweep)
+    --svg PATH            write an SVG chart of p90 TTFT, p90 TPOT and throughput against
+                          rate (sweep)
     --quiet               no progress on stderr
 ";
 
@@ -413,7 +414,7 @@ fn execute(options: &Options) -> Result<(), String> {
     write_json(options, &reports)?;
     if let Some(path) = &options.svg {
         let title = format!("{} on {} servers", workload.name, options.servers);
-        std::fs::write(path, sim::p90_ttft_chart(&title, &reports))
+        std::fs::write(path, sim::sweep_chart(&title, &reports))
             .map_err(|e| format!("cannot write {path}: {e}"))?;
     }
     Ok(())
