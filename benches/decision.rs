@@ -81,14 +81,18 @@ fn decision(c: &mut Criterion) {
             |b, pool| b.iter(|| black_box(default.schedule(black_box(&request), pool))),
         );
         // Warm the index: a tenth of the pool holds the shared system prompt.
+        let warm = |scheduler: &epp_rs::core::Scheduler| {
+            for i in 0..size.div_ceil(10) {
+                let mut hinted =
+                    InferenceRequest::new("llama", format!("{}{i}", &system_prompt[..8 * 1024]));
+                hinted.endpoint_subset =
+                    Some(vec![pool.endpoints()[i * 10 % size].endpoint.address]);
+                drop(scheduler.schedule(&hinted, &pool));
+            }
+            scheduler.flush();
+        };
         let default = build(&EndpointPickerConfig::gie_default());
-        for i in 0..size.div_ceil(10) {
-            let warm = InferenceRequest::new("llama", format!("{}{i}", &system_prompt[..8 * 1024]));
-            let mut hinted = warm.clone();
-            hinted.endpoint_subset = Some(vec![pool.endpoints()[i * 10 % size].endpoint.address]);
-            drop(default.schedule(&hinted, &pool));
-        }
-        default.flush();
+        warm(&default);
         group.bench_with_input(
             BenchmarkId::new("gie_default_16k_prompt", size),
             &pool,
@@ -99,13 +103,7 @@ fn decision(c: &mut Criterion) {
             &EndpointPickerConfig::gie_default()
                 .with_plugin_parameters("prefix-cache-scorer", json!({"affinityLoadTolerance": 0})),
         );
-        for i in 0..size.div_ceil(10) {
-            let warm = InferenceRequest::new("llama", format!("{}{i}", &system_prompt[..8 * 1024]));
-            let mut hinted = warm.clone();
-            hinted.endpoint_subset = Some(vec![pool.endpoints()[i * 10 % size].endpoint.address]);
-            drop(gie_prefix.schedule(&hinted, &pool));
-        }
-        gie_prefix.flush();
+        warm(&gie_prefix);
         group.bench_with_input(
             BenchmarkId::new("gie_default_16k_prompt_gie_prefix_formula", size),
             &pool,

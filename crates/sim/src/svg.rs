@@ -20,6 +20,34 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// A chart's document head: the SVG element, a white background and the centred title.
+fn open_document(height: f64, title: &str) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
+        LEFT + (WIDTH - LEFT - RIGHT) / 2.0,
+        escape(title)
+    );
+    svg
+}
+
+/// A horizontal grid line across the plot at `position`, labelled left of the axis.
+fn grid_line(svg: &mut String, position: f64, stroke: &str, label: &str) {
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{LEFT}" y1="{position:.1}" x2="{:.1}" y2="{position:.1}" stroke="{stroke}"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#,
+        WIDTH - RIGHT,
+        LEFT - 6.0,
+        position + 4.0
+    );
+}
+
 /// Renders p90 TTFT (seconds, log scale) against QPS for every policy in `reports`.
 pub fn p90_ttft_chart(title: &str, reports: &[RunReport]) -> String {
     let mut policies: Vec<&str> = Vec::new();
@@ -53,18 +81,7 @@ pub fn p90_ttft_chart(title: &str, reports: &[RunReport]) -> String {
             - (seconds.log10() - decade_low) / (decade_high - decade_low) * plot_height
     };
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        LEFT + plot_width / 2.0,
-        escape(title)
-    );
+    let mut svg = open_document(HEIGHT, title);
     // Axes, decade grid lines and labels.
     let _ = writeln!(
         svg,
@@ -79,13 +96,7 @@ pub fn p90_ttft_chart(title: &str, reports: &[RunReport]) -> String {
         } else {
             format!("{:.0} ms", seconds * 1e3)
         };
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" y1="{position:.1}" x2="{:.1}" y2="{position:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
-            LEFT + plot_width,
-            LEFT - 6.0,
-            position + 4.0
-        );
+        grid_line(&mut svg, position, "#ddd", &label);
         decade += 1.0;
     }
     for tick in 0..=5 {
@@ -265,18 +276,7 @@ pub fn sweep_chart(title: &str, reports: &[RunReport]) -> String {
     let height = TOP + panels.len() as f64 * (PANEL_HEIGHT + GAP) + BOTTOM - GAP;
     let x = |qps: f64| LEFT + (qps - x_low) / (x_high - x_low) * plot_width;
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        LEFT + plot_width / 2.0,
-        escape(title)
-    );
+    let mut svg = open_document(height, title);
     for (panel_index, panel) in panels.iter().enumerate() {
         let top = TOP + panel_index as f64 * (PANEL_HEIGHT + GAP);
         let values: Vec<f64> = reports
@@ -319,14 +319,7 @@ pub fn sweep_chart(title: &str, reports: &[RunReport]) -> String {
         );
         for &tick in &ticks {
             let position = y(tick);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{LEFT}" y1="{position:.1}" x2="{:.1}" y2="{position:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                LEFT + plot_width,
-                LEFT - 6.0,
-                position + 4.0,
-                (panel.unit)(tick)
-            );
+            grid_line(&mut svg, position, "#ddd", &(panel.unit)(tick));
         }
         let _ = writeln!(
             svg,
@@ -425,18 +418,7 @@ pub fn relative_ttft_chart(
     let group_width = plot_width / cases.len().max(1) as f64;
     let bar_width = (group_width * 0.8) / policies.len().max(1) as f64;
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        LEFT + plot_width / 2.0,
-        escape(title)
-    );
+    let mut svg = open_document(HEIGHT, title);
     let _ = writeln!(
         svg,
         r#"<rect x="{LEFT}" y="{TOP}" width="{plot_width}" height="{plot_height}" fill="none" stroke="black"/>"#
@@ -450,13 +432,7 @@ pub fn relative_ttft_chart(
             format!("{}x", 10f64.powf(decade))
         };
         let stroke = if decade == 0.0 { "#444" } else { "#ddd" };
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{LEFT}" y1="{position:.1}" x2="{:.1}" y2="{position:.1}" stroke="{stroke}"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#,
-            LEFT + plot_width,
-            LEFT - 6.0,
-            position + 4.0
-        );
+        grid_line(&mut svg, position, stroke, &label);
         decade += 1.0;
     }
     let baseline = y(1.0);
