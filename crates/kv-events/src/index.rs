@@ -30,15 +30,19 @@
 //! # Sequence numbers and trust
 //! Every ZMQ message carries the publisher's sequence number. For each endpoint:
 //! * the next number (`last + 1`) or the first message seen: applied;
-//! * `0` after a later number: the publisher, hence the engine, restarted with an empty cache:
-//!   the endpoint's blocks are forgotten, it stays trusted, and the batch is applied;
+//! * a number not above the last one: numbers only grow within one publisher, so the
+//!   publisher, hence the engine, restarted, with an empty cache. The endpoint's blocks are
+//!   forgotten, it is trusted, and the batch is applied. Trust is safe even when the first
+//!   messages of the new publisher were missed (a subscription races the publisher's start):
+//!   every block the index learns from then on was stored after the restart, and a removal
+//!   missed before the first message seen can only concern a block never learned;
 //! * any other number (a gap: messages lost, e.g. to the PUB socket's high-water mark), or a
 //!   payload that does not decode: events were lost, so what the index holds may name blocks
 //!   since evicted. The endpoint's blocks are forgotten and it becomes **untrusted**: lookups
 //!   report [`EndpointMatch::Untrusted`] for it, and a scorer falls back to the approximate
 //!   index. Later batches are still applied, so the index rebuilds from new stores.
 //!
-//! An untrusted endpoint is trusted again on `AllBlocksCleared`, on a sequence restart at 0,
+//! An untrusted endpoint is trusted again on `AllBlocksCleared`, on a sequence restart,
 //! or when [`PreciseIndex::mark_rebuilt`] says its state was rebuilt (e.g. after replaying
 //! the missed batches from the engine's replay socket).
 //!
@@ -118,7 +122,7 @@ impl EndpointMatch {
 pub enum SeqOutcome {
     /// The expected number (or the first one seen).
     InOrder,
-    /// Numbering restarted at 0: the endpoint's blocks were forgotten.
+    /// Numbering went back (the publisher restarted): the endpoint's blocks were forgotten.
     Restarted,
     /// Messages were lost: the endpoint is untrusted.
     Gap {
@@ -170,7 +174,7 @@ pub struct IndexStats {
     pub clears: u64,
     /// Sequence gaps (endpoint made untrusted).
     pub gaps: u64,
-    /// Sequence restarts at 0.
+    /// Sequence restarts (numbers going back).
     pub restarts: u64,
     /// Payloads that did not decode (endpoint made untrusted).
     pub decode_errors: u64,
@@ -337,7 +341,7 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
         let outcome = match st.last_seq {
             None => SeqOutcome::InOrder,
             Some(last) if seq == last.wrapping_add(1) => SeqOutcome::InOrder,
-            Some(_) if seq == 0 => {
+            Some(last) if seq <= last => {
                 self.counters.restarts.fetch_add(1, Ordering::Relaxed);
                 st.blocks.clear();
                 st.trusted = true;

@@ -247,7 +247,7 @@ fn sequence_restart_at_zero_forgets_but_trusts() {
     let payload = encode_batch(&stored, Encoding::Map);
     assert_eq!(index.ingest(1, 7, "m", &payload), Ok(crate::SeqOutcome::InOrder));
     assert_eq!(index.ingest(1, 8, "m", &payload), Ok(crate::SeqOutcome::InOrder));
-    assert_eq!(index.ingest(1, 0, "m", &payload), Ok(crate::SeqOutcome::Restarted));
+    assert_eq!(index.ingest(1, 3, "m", &payload), Ok(crate::SeqOutcome::Restarted));
     assert_eq!(index.is_trusted(1), Some(true));
     assert_eq!(index.blocks_held(1), 1);
     assert_eq!(index.stats().restarts, 1);

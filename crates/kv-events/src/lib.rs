@@ -66,6 +66,10 @@ pub mod index;
 pub mod keys;
 mod lru;
 mod msgpack;
+#[cfg(feature = "zmq")]
+pub mod publisher;
+#[cfg(feature = "zmq")]
+pub mod subscriber;
 
 pub use event::{
     BlockRemoved, BlockStored, Encoding, Event, EventBatch, decode_batch, encode_batch,
