@@ -359,6 +359,11 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
         outcome
     }
 
+    /// The sequence number the endpoint's next message should carry, once one was seen.
+    pub fn expected_seq(&self, key: K) -> Option<u64> {
+        self.endpoint(&key).and_then(|ep| ep.state.read().last_seq.map(|s| s.wrapping_add(1)))
+    }
+
     /// Marks an endpoint untrusted, e.g. when its subscription was interrupted. False if it is
     /// not tracked.
     pub fn mark_gap(&self, key: K) -> bool {

@@ -14,7 +14,8 @@
 //!   untrusted), stays within a per-endpoint capacity, and answers "how many leading blocks of
 //!   this request does each endpoint hold?" ([`index`] module: rules, locking, memory).
 //! * With the `zmq` feature, `subscriber` keeps one SUB socket per endpoint publisher, following
-//!   pool membership and reconnecting with backoff, and `publisher` emits vLLM's bytes for tests.
+//!   pool membership, reconnecting with backoff and filling gaps from vLLM's replay socket, and
+//!   `publisher` emits vLLM's bytes (and serves replays) for tests, demos and simulations.
 //!
 //! The crate has no async runtime without the `zmq` feature.
 //!

@@ -2,9 +2,16 @@
 //! messages `[topic, seq as 8 bytes big-endian, msgpack EventBatch]`, `seq` counting from 0.
 //!
 //! For tests, demos and simulations of engines: it lets the whole path run over real ZMQ
-//! sockets. It does not serve vLLM's replay socket.
+//! sockets. [`Publisher::serve_replay`] adds vLLM's replay socket: a ROUTER that answers a
+//! request `["", start seq]` with every buffered message `["", seq, payload]` from `start`
+//! on, then `["", -1, ""]`.
 
-use zeromq::{PubSocket, Socket, SocketSend, ZmqMessage};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::event::{Encoding, EventBatch, encode_batch};
 
@@ -13,6 +20,9 @@ use crate::event::{Encoding, EventBatch, encode_batch};
 #[error("zmq publisher: {0}")]
 pub struct PublishError(#[from] zeromq::ZmqError);
 
+/// The replay buffer: the last messages by sequence number.
+type ReplayBuffer = Arc<Mutex<VecDeque<(u64, Vec<u8>)>>>;
+
 /// A vLLM-like KV-event publisher.
 pub struct Publisher {
     socket: PubSocket,
@@ -20,6 +30,16 @@ pub struct Publisher {
     endpoint: String,
     next_seq: u64,
     encoding: Encoding,
+    /// The last messages, for the replay socket (when it is served).
+    replay: Option<(ReplayBuffer, usize, JoinHandle<()>)>,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Some((_, _, task)) = &self.replay {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -48,6 +68,7 @@ impl Publisher {
             endpoint: bound.to_string(),
             next_seq: 0,
             encoding,
+            replay: None,
         })
     }
 
@@ -72,14 +93,79 @@ impl Publisher {
         self.publish_raw(payload).await
     }
 
+    /// Serves vLLM's replay socket at `endpoint` (a ROUTER), keeping the last
+    /// `buffer_steps` messages; returns the bound address. Must run inside a tokio runtime.
+    pub async fn serve_replay(
+        &mut self,
+        endpoint: &str,
+        buffer_steps: usize,
+    ) -> Result<String, PublishError> {
+        let mut router = RouterSocket::new();
+        let bound = router.bind(endpoint).await?.to_string();
+        let buffer = Arc::new(Mutex::new(VecDeque::with_capacity(buffer_steps.min(1024))));
+        let task = tokio::spawn(serve(router, Arc::clone(&buffer)));
+        self.replay = Some((buffer, buffer_steps.max(1), task));
+        Ok(bound)
+    }
+
+    /// Records a batch in the replay buffer under the next sequence number without sending
+    /// it, as if the PUB socket had dropped it (tests).
+    pub fn publish_lost(&mut self, batch: &EventBatch) -> u64 {
+        let seq = self.next_seq;
+        self.remember(seq, encode_batch(batch, self.encoding));
+        self.next_seq += 1;
+        seq
+    }
+
+    fn remember(&self, seq: u64, payload: Vec<u8>) {
+        if let Some((buffer, steps, _)) = &self.replay {
+            let mut buffer = buffer.lock();
+            if buffer.len() == *steps {
+                buffer.pop_front();
+            }
+            buffer.push_back((seq, payload));
+        }
+    }
+
     /// Publishes an already encoded payload with the next sequence number.
     pub async fn publish_raw(&mut self, payload: Vec<u8>) -> Result<u64, PublishError> {
         let seq = self.next_seq;
+        if self.replay.is_some() {
+            self.remember(seq, payload.clone());
+        }
         let mut msg = ZmqMessage::from(self.topic.clone().into_bytes());
         msg.push_back(bytes::Bytes::copy_from_slice(&seq.to_be_bytes()));
         msg.push_back(bytes::Bytes::from(payload));
         self.socket.send(msg).await?;
         self.next_seq += 1;
         Ok(seq)
+    }
+}
+
+/// vLLM's end-of-replay marker: sequence -1.
+const END_SEQ: [u8; 8] = (-1i64).to_be_bytes();
+
+async fn serve(mut router: RouterSocket, buffer: ReplayBuffer) {
+    while let Ok(request) = router.recv().await {
+        // [client identity, "", start seq]
+        let (Some(client), Some(start), 3) = (request.get(0), request.get(2), request.len()) else {
+            continue;
+        };
+        let Ok(start) = <[u8; 8]>::try_from(start.as_ref()) else { continue };
+        let start = u64::from_be_bytes(start);
+        // Copied out so that no lock is held while sending.
+        let batches: Vec<(u64, Vec<u8>)> =
+            buffer.lock().iter().filter(|(seq, _)| *seq >= start).cloned().collect();
+        for (seq, payload) in
+            batches.into_iter().map(|(s, p)| (s.to_be_bytes(), p)).chain([(END_SEQ, Vec::new())])
+        {
+            let mut reply = ZmqMessage::from(client.clone());
+            reply.push_back(bytes::Bytes::new());
+            reply.push_back(bytes::Bytes::copy_from_slice(&seq));
+            reply.push_back(bytes::Bytes::from(payload));
+            if router.send(reply).await.is_err() {
+                break;
+            }
+        }
     }
 }

@@ -16,9 +16,13 @@
 //!   endpoint untrusted; a publisher that restarted (numbering went back) has an empty cache,
 //!   so its blocks are dropped and it is trusted again.
 //!
-//! vLLM's replay socket (a ROUTER answering "send me everything from seq N") is not used:
-//! after a gap the endpoint stays untrusted until the engine clears or restarts, or until the
-//! caller calls [`PreciseIndex::mark_rebuilt`].
+//! * With `replay_port` set, a gap is first filled from the engine's replay socket (vLLM's
+//!   `--kv-events-config` `replay_endpoint`, a ROUTER): before the message that reveals the
+//!   gap is applied, a DEALER asks for every batch from the expected number on and the ones
+//!   received before the gap's end are applied in order, within `replay_timeout`. When the
+//!   engine's buffer still held them the index never sees the gap; otherwise (or without a
+//!   replay socket) the endpoint stays untrusted until the engine clears or restarts, or until
+//!   the caller calls [`PreciseIndex::mark_rebuilt`].
 //!
 //! No lock is held across an await: the membership map is locked only to add or take tasks,
 //! and the index's methods are synchronous.
@@ -33,7 +37,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use zeromq::{Socket, SocketOptions, SocketRecv, SubSocket, ZmqMessage};
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::index::PreciseIndex;
 
@@ -50,6 +54,10 @@ pub struct SubscriberConfig {
     pub backoff_initial: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// The engines' replay (ROUTER) port, on the publisher's host; `None` disables replay.
+    pub replay_port: Option<u16>,
+    /// How long one replay may take before the gap is taken as final.
+    pub replay_timeout: Duration,
 }
 
 impl Default for SubscriberConfig {
@@ -60,6 +68,8 @@ impl Default for SubscriberConfig {
             connect_timeout: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
+            replay_port: None,
+            replay_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -72,6 +82,8 @@ struct Counters {
     disconnects: AtomicU64,
     messages: AtomicU64,
     malformed_messages: AtomicU64,
+    replays: AtomicU64,
+    replayed_messages: AtomicU64,
 }
 
 /// A snapshot of the subscriptions' counters.
@@ -87,6 +99,10 @@ pub struct SubscriberStats {
     pub messages: u64,
     /// Messages not of the form `[topic, 8-byte seq, payload]`.
     pub malformed_messages: u64,
+    /// Replays requested after a gap.
+    pub replays: u64,
+    /// Messages received by replays and applied.
+    pub replayed_messages: u64,
 }
 
 struct Task {
@@ -187,6 +203,8 @@ where
             disconnects: get(&c.disconnects),
             messages: get(&c.messages),
             malformed_messages: get(&c.malformed_messages),
+            replays: get(&c.replays),
+            replayed_messages: get(&c.replayed_messages),
         }
     }
 
@@ -231,6 +249,7 @@ async fn run<K>(
     K: Copy + Eq + Hash + Debug + Send + Sync + 'static,
 {
     let mut backoff = config.backoff_initial;
+    let replay_address = config.replay_port.map(|port| with_port(&address, port));
     loop {
         let mut options = SocketOptions::default();
         options.connect_timeout(config.connect_timeout);
@@ -250,7 +269,12 @@ async fn run<K>(
         backoff = config.backoff_initial;
         loop {
             match socket.recv().await {
-                Ok(message) => handle(key, &message, &index, &config, &counters),
+                Ok(message) => {
+                    if let Some(replay) = replay_address.as_deref() {
+                        fill_gap(key, &message, replay, &index, &config, &counters).await;
+                    }
+                    handle(key, &message, &index, &config, &counters);
+                }
                 Err(error) => {
                     counters.disconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(endpoint = ?key, %address, %error, "kv-events socket failed");
@@ -286,5 +310,81 @@ fn handle<K>(
     let model = model_from_topic(topic).unwrap_or(&config.default_model);
     if let Err(error) = index.ingest(key, u64::from_be_bytes(seq), model, payload) {
         tracing::debug!(endpoint = ?key, %error, "kv-events message not applied");
+    }
+}
+
+/// `tcp://host:port` with another port.
+fn with_port(address: &str, port: u16) -> String {
+    match address.rfind(':') {
+        Some(at) if !address[..at].ends_with('/') => format!("{}:{port}", &address[..at]),
+        _ => format!("{address}:{port}"),
+    }
+}
+
+/// Most messages one replay applies.
+const MAX_REPLAYED: u64 = 100_000;
+
+/// When `message` comes after a gap, asks the replay socket for the missing messages and
+/// applies those it gets, in order, before `message` is handled.
+async fn fill_gap<K>(
+    key: K,
+    message: &ZmqMessage,
+    replay: &str,
+    index: &PreciseIndex<K>,
+    config: &SubscriberConfig,
+    counters: &Counters,
+) where
+    K: Copy + Eq + Hash + Debug,
+{
+    let seq = message.get(1).and_then(|s| <[u8; 8]>::try_from(s.as_ref()).ok());
+    let (Some(seq), Some(expected)) = (seq.map(u64::from_be_bytes), index.expected_seq(key)) else {
+        return;
+    };
+    if seq <= expected || seq - expected > MAX_REPLAYED {
+        return;
+    }
+    counters.replays.fetch_add(1, Ordering::Relaxed);
+    let topic = message.get(0).map(|t| t.to_vec()).unwrap_or_default();
+    let model = model_from_topic(&topic).unwrap_or(&config.default_model).to_owned();
+    let fetched = tokio::time::timeout(config.replay_timeout, fetch(replay, expected, seq)).await;
+    let Ok(Ok(batches)) = fetched else {
+        tracing::debug!(endpoint = ?key, %replay, "kv-events replay failed");
+        return;
+    };
+    for (s, payload) in batches {
+        if index.ingest(key, s, &model, &payload).is_ok() {
+            counters.replayed_messages.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The replayed messages numbered `from..until`, in order.
+async fn fetch(
+    address: &str,
+    from: u64,
+    until: u64,
+) -> Result<Vec<(u64, bytes::Bytes)>, zeromq::ZmqError> {
+    let mut dealer = DealerSocket::new();
+    dealer.connect(address).await?;
+    let mut request = ZmqMessage::from(Vec::<u8>::new());
+    request.push_back(bytes::Bytes::copy_from_slice(&from.to_be_bytes()));
+    dealer.send(request).await?;
+    let mut out = Vec::new();
+    loop {
+        let reply = dealer.recv().await?;
+        // ["", seq, payload]; seq -1 ends the replay.
+        let Some(seq) = reply.get(1).and_then(|s| <[u8; 8]>::try_from(s.as_ref()).ok()) else {
+            continue;
+        };
+        let seq = i64::from_be_bytes(seq);
+        if seq < 0 {
+            return Ok(out);
+        }
+        let seq = seq as u64;
+        if (from..until).contains(&seq)
+            && let Some(payload) = reply.get(2)
+        {
+            out.push((seq, payload.clone()));
+        }
     }
 }

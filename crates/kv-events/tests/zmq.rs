@@ -26,6 +26,7 @@ fn config() -> SubscriberConfig {
         connect_timeout: Duration::from_millis(500),
         backoff_initial: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
+        ..SubscriberConfig::default()
     }
 }
 
@@ -193,4 +194,29 @@ async fn the_subscription_survives_a_publisher_restart() {
     assert_eq!(index.key_of(1, 77), None, "blocks from before the restart are gone");
     assert_eq!(index.is_trusted(1), Some(true));
     assert!(subs.stats().connects >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_is_filled_from_the_replay_socket() {
+    let index = index();
+    let mut p =
+        Publisher::bind("tcp://127.0.0.1:0", "kv@pod@m", Encoding::ArrayTagged).await.unwrap();
+    let replay = p.serve_replay("tcp://127.0.0.1:0", 100).await.unwrap();
+    let replay_port: u16 = replay.rsplit(':').next().unwrap().parse().unwrap();
+    let config = SubscriberConfig { replay_port: Some(replay_port), ..config() };
+    let subs = Subscribers::new(Arc::clone(&index), config, tokio::runtime::Handle::current());
+    subs.add(1, p.endpoint());
+    until_connected(&mut p, &index).await;
+
+    // Blocks 0..2 are stored in a message the PUB socket drops; the next message (blocks
+    // 2..3, chained to block 1) reveals the gap.
+    p.publish_lost(&stored(1..3, None, 0));
+    p.publish(&stored(3..4, Some(2), 2 * BS)).await.unwrap();
+    let keys = request_keys(&index, "m", 3);
+    eventually("the replayed store", || index.longest_prefix(1, &keys) == EndpointMatch::Blocks(3))
+        .await;
+    assert_eq!(index.stats().gaps, 0);
+    assert_eq!(index.is_trusted(1), Some(true));
+    let stats = subs.stats();
+    assert_eq!((stats.replays, stats.replayed_messages), (1, 1));
 }

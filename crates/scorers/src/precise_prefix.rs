@@ -111,6 +111,9 @@ pub struct PodDiscoveryParameters {
     /// The engines' PUB port (default 5557).
     #[serde(default)]
     pub socket_port: Option<u16>,
+    /// The engines' replay (ROUTER) port; unset or 0 disables replay after a gap.
+    #[serde(default)]
+    pub replay_socket_port: Option<i64>,
 }
 
 /// The parameters in the index's terms.
@@ -128,6 +131,8 @@ pub struct PreciseSettings {
     pub topic_filter: String,
     /// The engines' PUB port.
     pub socket_port: u16,
+    /// The engines' replay port, when replay is on.
+    pub replay_port: Option<u16>,
 }
 
 /// llm-d's default `topicFilter`.
@@ -190,9 +195,15 @@ impl PrecisePrefixParameters {
             topic_filter: events.topic_filter.unwrap_or_else(|| DEFAULT_TOPIC_FILTER.to_owned()),
             socket_port: events
                 .pod_discovery_config
+                .as_ref()
                 .and_then(|p| p.socket_port)
                 .filter(|&port| port > 0)
                 .unwrap_or(DEFAULT_SOCKET_PORT),
+            replay_port: events
+                .pod_discovery_config
+                .and_then(|p| p.replay_socket_port)
+                .and_then(|port| u16::try_from(port).ok())
+                .filter(|&port| port > 0),
         })
     }
 }
@@ -272,6 +283,7 @@ mod enabled {
                 Arc::clone(&index),
                 SubscriberConfig {
                     topic_filter: settings.topic_filter.clone(),
+                    replay_port: settings.replay_port,
                     ..SubscriberConfig::default()
                 },
                 runtime,
@@ -381,7 +393,7 @@ mod tests {
             "tokenProcessorConfig": {"blockSize": 64, "hashSeed": "42"},
             "indexerConfig": {"kvBlockIndexConfig": {"enableMetrics": true, "inMemoryConfig": {"size": 1000}}},
             "kvEventsConfig": {"zmqEndpoint": "tcp://*:5557", "topicFilter": "kv@", "concurrency": 4,
-                                "podDiscoveryConfig": {"socketPort": 6000, "podLabelSelector": "app=vllm"}},
+                                "podDiscoveryConfig": {"socketPort": 6000, "replaySocketPort": 6001, "podLabelSelector": "app=vllm"}},
             "speculativeIndexing": true,
             "speculativeTTL": "2s"
         }))
@@ -396,6 +408,7 @@ mod tests {
                 capacity_per_endpoint: Some(1000),
                 topic_filter: "kv@".into(),
                 socket_port: 6000,
+                replay_port: Some(6001),
             }
         );
         // The older placement under indexerConfig, and the defaults.
@@ -404,7 +417,10 @@ mod tests {
         }))
         .unwrap();
         let s = params.resolve().unwrap();
-        assert_eq!((s.block_size_tokens, s.xxh64, s.socket_port), (32, true, 5557));
+        assert_eq!(
+            (s.block_size_tokens, s.xxh64, s.socket_port, s.replay_port),
+            (32, true, 5557, None)
+        );
         assert_eq!(PrecisePrefixParameters::default().resolve().unwrap().block_size_tokens, 16);
     }
 
