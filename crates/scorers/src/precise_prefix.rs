@@ -13,11 +13,13 @@
 //! `tcp://<endpoint IP>:<socketPort>` (`kvEventsConfig.podDiscoveryConfig.socketPort`, vLLM's
 //! default 5557), following pool membership, and keeps the precise index of
 //! [`kv_events::PreciseIndex`] with `tokenProcessorConfig`'s block size, hash seed and hash
-//! algorithm. Its keys are computed from token ids; until requests carry token ids (the
-//! tokenizer step), every request is matched by the documented approximation: an approximate
-//! index of its own with blocks of `blockSizeTokens` tokens at four characters per token,
-//! which is also what an endpoint whose event stream had a gap falls back to. `prefix-cache-scorer`
-//! reads those matches when `prefixMatchInfoProducerName` names the producer.
+//! algorithm. Its keys are computed from token ids, which a request has today when it came
+//! pre-tokenized (vLLM's `token_ids`, SGLang's `input_ids`, a token-array `prompt`: the parser
+//! writes those as decimal words, read back by [`token_ids_of`]); a text request is matched by
+//! the documented approximation until a tokenizer exists: an approximate index of its own
+//! with blocks of `blockSizeTokens` tokens at four characters per token, which is also what an
+//! endpoint whose event stream had a gap falls back to. `prefix-cache-scorer` reads the
+//! matches when `prefixMatchInfoProducerName` names the producer.
 
 use serde::Deserialize;
 
@@ -223,7 +225,7 @@ pub(crate) fn unavailable(
 }
 
 #[cfg(feature = "kv-events")]
-pub use enabled::PrecisePrefixProducer;
+pub use enabled::{PrecisePrefixProducer, token_ids_of};
 
 #[cfg(feature = "kv-events")]
 mod enabled {
@@ -231,14 +233,16 @@ mod enabled {
 
     use kv_events::subscriber::{SubscriberConfig, Subscribers};
     use kv_events::{
-        HashAlgorithm, IndexConfig, PreciseIndex, TokenProcessor, TokenProcessorConfig,
+        EndpointMatch, HashAlgorithm, IndexConfig, PreciseIndex, TokenProcessor,
+        TokenProcessorConfig,
     };
     use scheduler_core::{
-        CHARACTERS_PER_TOKEN, EndpointId, Plugin, PluginError, PluginSpec, PoolObserver,
-        PoolSnapshot,
+        CHARACTERS_PER_TOKEN, CycleState, DataProducer, EndpointId, InferenceRequest, Plugin,
+        PluginError, PluginSpec, PoolObserver, PoolSnapshot,
     };
 
     use super::{PrecisePrefixParameters, PreciseSettings};
+    use crate::prefix_cache::matches::PrefixMatches;
     use crate::prefix_cache::{
         PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer, PrefixSource,
         ProducerSettings,
@@ -313,6 +317,75 @@ mod enabled {
         }
     }
 
+    /// The token ids of a pre-tokenized prompt: the request parser writes each token id of a
+    /// `token_ids`/`input_ids`/token-array prompt as its decimal form and a space, so a prompt
+    /// made only of such words is read back as token ids. Clears `out`; false for any other
+    /// prompt (or a token id beyond `u32`).
+    pub fn token_ids_of(prompt: &str, out: &mut Vec<u32>) -> bool {
+        out.clear();
+        if prompt.is_empty() || !prompt.ends_with(' ') {
+            return false;
+        }
+        for word in prompt[..prompt.len() - 1].split(' ') {
+            if word.is_empty() || !word.bytes().all(|b| b.is_ascii_digit()) {
+                return false;
+            }
+            match word.parse::<u32>() {
+                Ok(token) => out.push(token),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// The precise matches of one decision: the request's token ids (when it has them) and
+    /// their keys, kept in the decision's state and reused.
+    #[derive(Debug, Default)]
+    struct PreciseScratch {
+        tokens: Vec<u32>,
+        keys: Vec<u64>,
+    }
+
+    /// Matches every request against the approximate index, then, for a request with token
+    /// ids, replaces each trusted endpoint's match with what its engine reported holding. An
+    /// untrusted endpoint (its event stream had a gap) keeps its approximate match.
+    impl DataProducer for PrecisePrefixProducer {
+        fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
+            self.fallback.match_prompt(state, request, pool);
+            let mut scratch = std::mem::take(state.scratch::<PreciseScratch>());
+            if token_ids_of(&request.prompt, &mut scratch.tokens) {
+                let processor = self.index.processor();
+                let max_blocks = MAX_PREFIX_TOKENS / processor.block_size();
+                processor.request_keys(
+                    &request.target_model,
+                    &scratch.tokens,
+                    max_blocks,
+                    &mut scratch.keys,
+                );
+                if !scratch.keys.is_empty() {
+                    let stamp = state.decision_stamp();
+                    let total = scratch.keys.len();
+                    let matches = state.scratch::<PrefixMatches>();
+                    let info = matches.slot(self.fallback.id());
+                    if info.produced_for == Some(stamp) {
+                        info.total_blocks = total;
+                        for (endpoint, matched) in
+                            pool.endpoints().iter().zip(&mut info.matched_blocks)
+                        {
+                            *matched = match self.index.longest_prefix(endpoint.id(), &scratch.keys)
+                            {
+                                EndpointMatch::Blocks(n) => n,
+                                // The approximate match, in blocks of about the same size.
+                                _ => (*matched).min(total),
+                            };
+                        }
+                    }
+                }
+            }
+            *state.scratch::<PreciseScratch>() = scratch;
+        }
+    }
+
     /// Subscriptions follow the pool: `tcp://<endpoint IP>:<socketPort>` per endpoint.
     impl PoolObserver for PrecisePrefixProducer {
         fn membership_changed(&self, pool: &PoolSnapshot) {
@@ -336,7 +409,7 @@ mod enabled {
         let producer = producer(spec)?;
         let fallback = Arc::clone(producer.fallback());
         Ok(Plugin {
-            data_producer: Some(fallback.clone()),
+            data_producer: Some(producer.clone()),
             pre_request: Some(fallback.clone()),
             pool_observer: Some(producer),
             shared: Some(Arc::new(PrefixSource::of_producer(fallback))),
@@ -355,7 +428,7 @@ mod enabled {
         )?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
-            data_producer: Some(fallback.clone()),
+            data_producer: Some(producer.clone()),
             pre_request: Some(fallback),
             pool_observer: Some(producer),
             shared: Some(scorer.source().clone()),

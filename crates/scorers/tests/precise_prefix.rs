@@ -107,6 +107,85 @@ mod with_feature {
 
     use super::*;
 
+    #[test]
+    fn pre_tokenized_prompts_are_read_back() {
+        let mut out = Vec::new();
+        assert!(scorers::precise_prefix::token_ids_of("1 22 333 ", &mut out));
+        assert_eq!(out, vec![1, 22, 333]);
+        for text in ["", "1 2", "1  2 ", "a 2 ", "-1 ", "4294967296 ", "hello "] {
+            assert!(!scorers::precise_prefix::token_ids_of(text, &mut out), "{text:?}");
+        }
+        // What the request parser makes of vLLM's token_ids.
+        let body = scheduler_core::ParsedBody::parse(
+            Some("/inference/v1/generate"),
+            br#"{"model": "m", "token_ids": [5, 6, 7]}"#,
+        )
+        .unwrap();
+        assert!(scorers::precise_prefix::token_ids_of(&body.prompt, &mut out), "{:?}", body.prompt);
+        assert_eq!(out, vec![5, 6, 7]);
+    }
+
+    /// Publisher -> subscription -> index -> producer -> prefix-cache-scorer -> pick, through a
+    /// config as llm-d writes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pre_tokenized_request_goes_where_the_engine_holds_its_prefix() {
+        use scheduler_core::{InferenceRequest, ScheduleOptions, SharedPool};
+
+        let mut publisher =
+            Publisher::bind("tcp://127.0.0.1:0", "kv@pod-b@m", Encoding::Map).await.unwrap();
+        let port: u16 = publisher.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+        let yaml = LLM_D_PRECISE
+            .replace(
+                "tokenProcessorConfig:\n      blockSize: 64",
+                "tokenProcessorConfig:\n      blockSizeTokens: 4",
+            )
+            .replace(
+                "topicFilter: kv@",
+                &format!("topicFilter: kv@\n      podDiscoveryConfig: {{socketPort: {port}}}"),
+            );
+        let registry = builtin_registry();
+        let config = EndpointPickerConfig::from_yaml(&yaml).unwrap();
+        let plugins = config.construct_plugins(&registry).unwrap();
+        let scheduler = config.build_with(&plugins, &registry).unwrap().with_seed(3);
+        // Endpoint A's publisher address has nothing listening; B's is the test publisher.
+        let a = EndpointState::new(Endpoint::new(([127, 0, 0, 2], 8000).into()));
+        let b = EndpointState::new(Endpoint::new(([127, 0, 0, 1], 8001).into()));
+        let shared = SharedPool::new(PoolSnapshot::new([]));
+        scheduler.observe_pool(&shared);
+        shared.publish(PoolSnapshot::new([a, b]));
+        let pool = shared.load();
+
+        // B's engine stored the blocks of tokens 1..=8 (two blocks of 4).
+        let stored = EventBatch {
+            ts: 0.0,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: vec![71, 72],
+                token_ids: (1..=8).collect(),
+                block_size: 4,
+                ..BlockStored::default()
+            })],
+            data_parallel_rank: None,
+        };
+        let prompt: String = (1..=12).map(|t| format!("{t} ")).collect();
+        let request = InferenceRequest::new("m", prompt.as_str());
+        let options = ScheduleOptions { explain: true, ..Default::default() };
+        let mut scores = Vec::new();
+        for _ in 0..200 {
+            publisher.publish(&stored).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let result = scheduler.schedule_with(&request, &pool, options).unwrap();
+            scores = result.explanation().unwrap()[0].scorers[0].2.clone();
+            if scores[1] > 0.0 {
+                assert_eq!(result.primary().endpoint.address.port(), 8001);
+                break;
+            }
+        }
+        // Two of the request's three blocks are held by B, none by A.
+        assert_eq!(scores.len(), 2);
+        assert_eq!(scores[0], 0.0);
+        assert!((scores[1] - 2.0 / 3.0).abs() < 1e-9, "{scores:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_form_loads() {
         for yaml in [LLM_D_PRECISE, DEPRECATED_SCORER, CACHE_TRACKING] {

@@ -38,7 +38,7 @@ use scheduler_core::{
     PluginError, PoolObserver, PoolSnapshot, PreRequest, SchedulingResult, Scorer,
 };
 
-mod matches;
+pub(crate) mod matches;
 mod parameters;
 pub mod producer;
 
