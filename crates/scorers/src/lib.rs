@@ -9,6 +9,7 @@
 //! | `active-request-scorer` | scorer + hooks | [`active_request`] |
 //! | `prefix-cache-scorer` | scorer (+ data producer + hook with an index of its own) | [`prefix_cache`] |
 //! | `approx-prefix-cache-producer` | data producer + hook (the prefix index) | [`prefix_cache::producer`] |
+//! | `precise-prefix-cache-producer`, `precise-prefix-cache-scorer` (deprecated), `prefix-cache-scorer` with `mode: cache_tracking` | the index of the engines' KV-cache events (cargo feature `kv-events`) | [`precise_prefix`] |
 //! | `load-aware-scorer` | scorer | [`load_aware`] |
 //! | `running-requests-size-scorer` | scorer | [`running_requests`] |
 //! | `token-load-scorer` | scorer (reads an `inflight-load-producer`) | [`token_load`] |
@@ -83,6 +84,7 @@ pub mod multicluster;
 pub mod no_hit_lru;
 mod normalize;
 pub mod pickers;
+pub mod precise_prefix;
 pub mod prefix_affinity;
 pub mod prefix_cache;
 pub mod queue;
@@ -161,6 +163,34 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         })
     });
     fn prefix_cache_scorer(spec: &scheduler_core::PluginSpec<'_>) -> Result<Plugin, PluginError> {
+        // GIE's older form of the event-driven index: `mode: cache_tracking` with the precise
+        // producer's parameters beside it.
+        if let Some(serde_json::Value::Object(parameters)) = spec.parameters
+            && let Some(mode) = parameters.get("mode")
+        {
+            match mode.as_str() {
+                Some(precise_prefix::CACHE_TRACKING_MODE) => {
+                    let mut rest = parameters.clone();
+                    rest.remove("mode");
+                    let rest = serde_json::Value::Object(rest);
+                    let spec = scheduler_core::PluginSpec { parameters: Some(&rest), ..*spec };
+                    return precise_prefix::construct_scorer(&spec);
+                }
+                Some("estimate") => {
+                    let mut rest = parameters.clone();
+                    rest.remove("mode");
+                    let rest = serde_json::Value::Object(rest);
+                    let spec = scheduler_core::PluginSpec { parameters: Some(&rest), ..*spec };
+                    return prefix_cache_scorer(&spec);
+                }
+                _ => {
+                    return Err(PluginError::InvalidParameters(format!(
+                        "mode: {mode} is neither \"estimate\" nor \"{}\"",
+                        precise_prefix::CACHE_TRACKING_MODE
+                    )));
+                }
+            }
+        }
         let scorer = Arc::new(PrefixCacheScorer::declared(spec.parameters()?)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
@@ -185,6 +215,9 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
     }
     registry.register(prefix_cache::TYPE_NAME, prefix_cache_scorer);
     registry.register(prefix_cache::PRODUCER_TYPE_NAME, prefix_cache_producer);
+    registry.register(precise_prefix::PRODUCER_TYPE_NAME, precise_prefix::construct_producer);
+    registry
+        .register(precise_prefix::DEPRECATED_SCORER_TYPE_NAME, precise_prefix::construct_scorer);
     registry
         .register_experimental(multicluster::PREFIX_CACHE_SCORER_TYPE_NAME, prefix_cache_scorer);
     registry.register_experimental(

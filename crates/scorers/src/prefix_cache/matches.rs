@@ -7,11 +7,11 @@ pub(crate) struct PrefixMatchInfo {
     /// The producer these are from.
     producer: u64,
     /// The decision these are for.
-    pub(super) produced_for: Option<u64>,
+    pub(crate) produced_for: Option<u64>,
     /// The prompt's blocks.
     pub(crate) total_blocks: usize,
     /// Matched leading blocks, by pool position.
-    pub(super) matched_blocks: Vec<usize>,
+    pub(crate) matched_blocks: Vec<usize>,
 }
 
 impl PrefixMatchInfo {
@@ -45,7 +45,7 @@ impl PrefixMatches {
     }
 
     /// `producer`'s entry, created empty on first use (its buffers reused afterwards).
-    pub(super) fn slot(&mut self, producer: u64) -> &mut PrefixMatchInfo {
+    pub(crate) fn slot(&mut self, producer: u64) -> &mut PrefixMatchInfo {
         match self.by_producer.iter().position(|info| info.producer == producer) {
             Some(at) => &mut self.by_producer[at],
             None => {

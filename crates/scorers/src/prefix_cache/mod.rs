@@ -43,7 +43,7 @@ use scheduler_core::{
 
 pub mod load_aware;
 use load_aware::LoadTolerance;
-mod matches;
+pub(crate) mod matches;
 mod parameters;
 pub mod producer;
 

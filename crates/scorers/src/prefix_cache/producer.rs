@@ -167,6 +167,12 @@ impl PrefixCacheProducer {
         Ok(Self::new(parameters.resolve()?))
     }
 
+    /// Tells this producer's matches apart from other producers' in a decision's state.
+    #[cfg_attr(not(feature = "kv-events"), allow(dead_code))]
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The block index.
     pub fn index(&self) -> &Arc<PrefixIndex<EndpointId>> {
         &self.index

@@ -1,0 +1,306 @@
+//! The index against a plain model under random event sequences.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use crate::{
+    BlockRemoved, BlockStored, Encoding, EndpointMatch, Event, EventBatch, IndexConfig,
+    PreciseIndex, TokenProcessor, TokenProcessorConfig, encode_batch,
+};
+
+const BS: u32 = 2;
+const CAP: usize = 6;
+const ENDPOINTS: u32 = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Store {
+        ep: u32,
+        parent: Option<u64>,
+        hashes: Vec<u64>,
+        tokens: Vec<u32>,
+        medium: u8,
+        lora: bool,
+    },
+    Remove {
+        ep: u32,
+        hashes: Vec<u64>,
+        medium: u8,
+    },
+    Clear {
+        ep: u32,
+    },
+    Gap {
+        ep: u32,
+    },
+    Lookup {
+        tokens: Vec<u32>,
+        lora: bool,
+    },
+}
+
+const MEDIA: [Option<&str>; 3] = [None, Some("CPU"), Some("gpu")];
+
+fn medium_of(m: u8) -> Option<String> {
+    MEDIA[m as usize].map(str::to_owned)
+}
+
+fn bit_of(m: u8) -> u8 {
+    if m == 1 { 2 } else { 1 }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let ep = 0..ENDPOINTS;
+    let hash = 1u64..12;
+    prop_oneof![
+        4 => (ep.clone(), proptest::option::of(hash.clone()), proptest::collection::vec(hash.clone(), 1..4), 0u32..3, 0u8..3, any::<bool>())
+            .prop_flat_map(|(ep, parent, hashes, seed, medium, lora)| {
+                let n = hashes.len() * BS as usize;
+                (Just(ep), Just(parent), Just(hashes), proptest::collection::vec(seed..seed + 2, n), Just(medium), Just(lora))
+            })
+            .prop_map(|(ep, parent, hashes, tokens, medium, lora)| Op::Store { ep, parent, hashes, tokens, medium, lora }),
+        2 => (ep.clone(), proptest::collection::vec(hash, 1..4), 0u8..3).prop_map(|(ep, hashes, medium)| Op::Remove { ep, hashes, medium }),
+        1 => ep.clone().prop_map(|ep| Op::Clear { ep }),
+        1 => ep.prop_map(|ep| Op::Gap { ep }),
+        2 => (proptest::collection::vec(0u32..4, 0..10), any::<bool>()).prop_map(|(tokens, lora)| Op::Lookup { tokens, lora }),
+    ]
+}
+
+/// One endpoint as a list in recency order (most recent first).
+#[derive(Debug, Default, Clone)]
+struct ModelEndpoint {
+    blocks: Vec<(u64, u64, u8)>,
+    trusted: bool,
+}
+
+impl ModelEndpoint {
+    fn find(&self, engine: u64) -> Option<usize> {
+        self.blocks.iter().position(|b| b.0 == engine)
+    }
+
+    fn store(&mut self, engine: u64, key: u64, media: u8) {
+        if let Some(i) = self.find(engine) {
+            let mut b = self.blocks.remove(i);
+            b.1 = key;
+            b.2 |= media;
+            self.blocks.insert(0, b);
+        } else {
+            if self.blocks.len() == CAP {
+                self.blocks.pop();
+            }
+            self.blocks.insert(0, (engine, key, media));
+        }
+    }
+
+    fn holds(&self, key: u64) -> bool {
+        self.blocks.iter().any(|b| b.1 == key)
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: BS, ..Default::default() });
+    let index = PreciseIndex::new(processor.clone(), IndexConfig { capacity_per_endpoint: CAP });
+    let mut model: HashMap<u32, ModelEndpoint> = HashMap::new();
+    for ep in 0..ENDPOINTS {
+        index.add_endpoint(ep);
+        model.insert(ep, ModelEndpoint { trusted: true, ..Default::default() });
+    }
+    let mut seqs = [0u64; ENDPOINTS as usize];
+    let mut keys = Vec::new();
+    for op in ops {
+        let batch = |ev: Event| EventBatch { ts: 0.0, events: vec![ev], data_parallel_rank: None };
+        match op {
+            Op::Store { ep, parent, hashes, tokens, medium, lora } => {
+                let lora_name = lora.then(|| "adapter".to_owned());
+                let ev = BlockStored {
+                    block_hashes: hashes.clone(),
+                    parent_block_hash: parent,
+                    token_ids: tokens.clone(),
+                    block_size: BS,
+                    medium: medium_of(medium),
+                    lora_name: lora_name.clone(),
+                    ..BlockStored::default()
+                };
+                // Half the stores go through the wire format and the sequence check.
+                let i = ep as usize;
+                let payload = encode_batch(
+                    &batch(Event::BlockStored(ev)),
+                    if seqs[i] % 2 == 0 { Encoding::Map } else { Encoding::ArrayTagged },
+                );
+                prop_assert!(index.ingest(ep, seqs[i], "m", &payload).is_ok());
+                seqs[i] += 1;
+                let m = model.get_mut(&ep).unwrap();
+                let start = match parent {
+                    None => Some(processor.root(lora_name.as_deref().unwrap_or("m"))),
+                    Some(p) => m.find(p).map(|j| m.blocks[j].1),
+                };
+                if let Some(mut parent) = start {
+                    for (chunk, &h) in tokens.chunks(BS as usize).zip(&hashes) {
+                        parent = processor.block_key::<&str>(parent, chunk, &[]);
+                        m.store(h, parent, bit_of(medium));
+                    }
+                }
+            }
+            Op::Remove { ep, hashes, medium } => {
+                index.apply_batch(
+                    ep,
+                    "m",
+                    &batch(Event::BlockRemoved(BlockRemoved {
+                        block_hashes: hashes.clone(),
+                        medium: medium_of(medium),
+                        group_idx: None,
+                    })),
+                );
+                let m = model.get_mut(&ep).unwrap();
+                for h in hashes {
+                    if let Some(j) = m.find(h) {
+                        m.blocks[j].2 &= !bit_of(medium);
+                        if m.blocks[j].2 == 0 {
+                            m.blocks.remove(j);
+                        }
+                    }
+                }
+            }
+            Op::Clear { ep } => {
+                index.apply_batch(ep, "m", &batch(Event::AllBlocksCleared));
+                let m = model.get_mut(&ep).unwrap();
+                m.blocks.clear();
+                m.trusted = true;
+            }
+            Op::Gap { ep } => {
+                let i = ep as usize;
+                seqs[i] += 3;
+                let payload = encode_batch(
+                    &batch(Event::BlockRemoved(BlockRemoved::default())),
+                    Encoding::ArrayTagged,
+                );
+                let outcome = index.ingest(ep, seqs[i], "m", &payload);
+                seqs[i] += 1;
+                if seqs[i] > 4 {
+                    prop_assert!(
+                        matches!(outcome, Ok(crate::SeqOutcome::Gap { .. })),
+                        "{outcome:?}"
+                    );
+                    let m = model.get_mut(&ep).unwrap();
+                    m.blocks.clear();
+                    m.trusted = false;
+                }
+            }
+            Op::Lookup { tokens, lora } => {
+                processor.request_keys(if lora { "adapter" } else { "m" }, &tokens, 100, &mut keys);
+                let eps: Vec<u32> = (0..ENDPOINTS).collect();
+                let mut out = vec![EndpointMatch::Unknown; eps.len()];
+                index.match_endpoints(&keys, &eps, &mut out);
+                for ep in eps {
+                    let m = &model[&ep];
+                    let want = if m.trusted {
+                        EndpointMatch::Blocks(keys.iter().take_while(|&&k| m.holds(k)).count())
+                    } else {
+                        EndpointMatch::Untrusted
+                    };
+                    prop_assert_eq!(out[ep as usize], want);
+                }
+            }
+        }
+        index.check().map_err(TestCaseError::fail)?;
+        for ep in 0..ENDPOINTS {
+            let m = &model[&ep];
+            prop_assert_eq!(index.blocks_held(ep), m.blocks.len());
+            prop_assert!(index.blocks_held(ep) <= CAP);
+            for &(engine, key, _) in &m.blocks {
+                prop_assert_eq!(index.key_of(ep, engine), Some(key));
+            }
+            prop_assert_eq!(index.is_trusted(ep), Some(m.trusted));
+        }
+        prop_assert!(index.memory_bytes() <= index.memory_bound_bytes());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn index_agrees_with_model(ops in proptest::collection::vec(op(), 1..80)) {
+        run(ops)?;
+    }
+}
+
+#[test]
+fn sequence_restart_at_zero_forgets_but_trusts() {
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 2, ..Default::default() });
+    let index = PreciseIndex::new(processor, IndexConfig::default());
+    index.add_endpoint(1u8);
+    let stored = EventBatch {
+        ts: 0.0,
+        events: vec![Event::BlockStored(BlockStored {
+            block_hashes: vec![5],
+            token_ids: vec![1, 2],
+            block_size: 2,
+            ..Default::default()
+        })],
+        data_parallel_rank: None,
+    };
+    let payload = encode_batch(&stored, Encoding::Map);
+    assert_eq!(index.ingest(1, 7, "m", &payload), Ok(crate::SeqOutcome::InOrder));
+    assert_eq!(index.ingest(1, 8, "m", &payload), Ok(crate::SeqOutcome::InOrder));
+    assert_eq!(index.ingest(1, 3, "m", &payload), Ok(crate::SeqOutcome::Restarted));
+    assert_eq!(index.is_trusted(1), Some(true));
+    assert_eq!(index.blocks_held(1), 1);
+    assert_eq!(index.stats().restarts, 1);
+    // A payload that does not decode: untrusted, counted.
+    assert!(index.ingest(1, 1, "m", b"\xc1").is_err());
+    assert_eq!(index.is_trusted(1), Some(false));
+    assert_eq!(index.blocks_held(1), 0);
+    assert_eq!(index.stats().decode_errors, 1);
+    assert_eq!(index.ingest(2, 0, "m", &payload), Err(crate::IngestError::UnknownEndpoint));
+}
+
+#[test]
+fn non_indexable_groups_and_foreign_block_sizes_are_skipped() {
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 2, ..Default::default() });
+    let index = PreciseIndex::new(processor, IndexConfig::default());
+    index.add_endpoint(1u8);
+    let swa = BlockStored {
+        block_hashes: vec![5],
+        token_ids: vec![1, 2],
+        block_size: 2,
+        group_idx: Some(1),
+        kv_cache_spec_kind: Some("sliding_window".into()),
+        ..Default::default()
+    };
+    let full = BlockStored {
+        group_idx: Some(0),
+        kv_cache_spec_kind: Some("full_attention".into()),
+        ..swa.clone()
+    };
+    let big = BlockStored {
+        block_hashes: vec![6],
+        token_ids: vec![1, 2, 3, 4],
+        block_size: 4,
+        ..Default::default()
+    };
+    let batch = EventBatch {
+        ts: 0.0,
+        events: vec![
+            Event::BlockStored(swa),
+            Event::BlockStored(full),
+            Event::BlockStored(big),
+            // The sliding-window group's removal of hash 5 must not touch group 0's block 5.
+            Event::BlockRemoved(BlockRemoved {
+                block_hashes: vec![5],
+                medium: None,
+                group_idx: Some(1),
+            }),
+        ],
+        data_parallel_rank: None,
+    };
+    index.apply_batch(1, "m", &batch);
+    assert_eq!(index.blocks_held(1), 1);
+    let s = index.stats();
+    assert_eq!((s.skipped_group, s.skipped_block_size), (2, 1));
+}

@@ -1,0 +1,524 @@
+//! `precise-prefix-cache-producer` (llm-d's current name), the deprecated
+//! `precise-prefix-cache-scorer`, and `prefix-cache-scorer` with `mode: cache_tracking`: prefix
+//! matching against what the engines report holding in their KV-cache events rather than
+//! against where prompts were sent.
+//!
+//! The event index and the ZMQ subscriptions live in the `epp-kv-events` crate and are built
+//! only with this crate's `kv-events` cargo feature (the `epp` binary's feature of the same
+//! name), so that a default build carries no ZMQ code. Without it, a config naming any of
+//! these forms fails to load with a message that names the feature. The parameters are parsed
+//! either way, with llm-d's names, so a typo is reported as such.
+//!
+//! With the feature, the producer subscribes to every endpoint's publisher at
+//! `tcp://<endpoint IP>:<socketPort>` (`kvEventsConfig.podDiscoveryConfig.socketPort`, vLLM's
+//! default 5557), following pool membership, and keeps the precise index of
+//! [`kv_events::PreciseIndex`] with `tokenProcessorConfig`'s block size, hash seed and hash
+//! algorithm. Its keys are computed from token ids, which a request has today when it came
+//! pre-tokenized (vLLM's `token_ids`, SGLang's `input_ids`, a token-array `prompt`: the parser
+//! writes those as decimal words, read back by [`token_ids_of`]); a text request is matched by
+//! the documented approximation until a tokenizer exists: an approximate index of its own
+//! with blocks of `blockSizeTokens` tokens at four characters per token, which is also what an
+//! endpoint whose event stream had a gap falls back to. `prefix-cache-scorer` reads the
+//! matches when `prefixMatchInfoProducerName` names the producer.
+
+use serde::Deserialize;
+
+/// llm-d type name of the data producer.
+pub const PRODUCER_TYPE_NAME: &str = "precise-prefix-cache-producer";
+/// llm-d's deprecated scorer that holds its own precise index.
+pub const DEPRECATED_SCORER_TYPE_NAME: &str = "precise-prefix-cache-scorer";
+/// `prefix-cache-scorer`'s `mode` selecting the event-driven index (GIE's older form).
+pub const CACHE_TRACKING_MODE: &str = "cache_tracking";
+
+/// What a build without the `kv-events` feature says about these plugins.
+pub const FEATURE_MISSING: &str = "precise prefix-cache routing (KV-cache events) is not \
+     built into this binary: rebuild epp with `--features kv-events`";
+
+/// Parameters of `precise-prefix-cache-producer` and `precise-prefix-cache-scorer`, with
+/// llm-d's names. The nested llm-d structures are read as llm-d reads them (unknown keys
+/// ignored); the names below are the ones used.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PrecisePrefixParameters {
+    /// How token ids become block keys (current placement).
+    #[serde(default)]
+    pub token_processor_config: Option<TokenProcessorParameters>,
+    /// The indexer: `kvBlockIndexConfig`, and `tokenProcessorConfig` (older placement).
+    #[serde(default)]
+    pub indexer_config: Option<IndexerParameters>,
+    /// Where the events come from.
+    #[serde(default)]
+    pub kv_events_config: Option<KvEventsParameters>,
+    /// llm-d's speculative entries for picks; accepted, without effect.
+    #[serde(default)]
+    pub speculative_indexing: Option<bool>,
+    /// Lifetime of speculative entries; accepted, without effect.
+    #[serde(default, rename = "speculativeTTL")]
+    pub speculative_ttl: Option<String>,
+}
+
+/// llm-d's `tokenProcessorConfig`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenProcessorParameters {
+    /// Deprecated spelling of `blockSizeTokens`.
+    #[serde(default)]
+    pub block_size: Option<i64>,
+    /// Tokens per block (default 16); must match the engines' `--block-size`.
+    #[serde(default)]
+    pub block_size_tokens: Option<i64>,
+    /// Must equal the engines' `PYTHONHASHSEED`.
+    #[serde(default)]
+    pub hash_seed: Option<String>,
+    /// `cbor-fnv` (default) or `xxh64`.
+    #[serde(default)]
+    pub hash_algorithm: Option<String>,
+}
+
+/// llm-d's `indexerConfig`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexerParameters {
+    /// Older placement of `tokenProcessorConfig`.
+    #[serde(default)]
+    pub token_processor_config: Option<TokenProcessorParameters>,
+    /// The block index: `inMemoryConfig.size` caps the blocks held per endpoint here.
+    #[serde(default)]
+    pub kv_block_index_config: Option<serde_json::Value>,
+}
+
+/// llm-d's `kvEventsConfig`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KvEventsParameters {
+    /// llm-d's central socket that engines connect to; not used: epp connects to each
+    /// endpoint's publisher instead.
+    #[serde(default, rename = "zmqEndpoint")]
+    pub zmq_endpoint: Option<String>,
+    /// ZMQ subscription prefix (llm-d's default `kv@`).
+    #[serde(default)]
+    pub topic_filter: Option<String>,
+    /// `vllm` (default); other engines are refused.
+    #[serde(default)]
+    pub engine_type: Option<String>,
+    /// Per-endpoint subscriptions.
+    #[serde(default)]
+    pub pod_discovery_config: Option<PodDiscoveryParameters>,
+}
+
+/// llm-d's `podDiscoveryConfig`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodDiscoveryParameters {
+    /// The engines' PUB port (default 5557).
+    #[serde(default)]
+    pub socket_port: Option<u16>,
+    /// The engines' replay (ROUTER) port; unset or 0 disables replay after a gap.
+    #[serde(default)]
+    pub replay_socket_port: Option<i64>,
+}
+
+/// The parameters in the index's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreciseSettings {
+    /// Tokens per block.
+    pub block_size_tokens: u32,
+    /// `hashSeed`.
+    pub hash_seed: String,
+    /// Whether `hashAlgorithm` is `xxh64` (else `cbor-fnv`).
+    pub xxh64: bool,
+    /// Blocks remembered per endpoint, when configured.
+    pub capacity_per_endpoint: Option<usize>,
+    /// The subscription prefix.
+    pub topic_filter: String,
+    /// The engines' PUB port.
+    pub socket_port: u16,
+    /// The engines' replay port, when replay is on.
+    pub replay_port: Option<u16>,
+}
+
+/// llm-d's default `topicFilter`.
+const DEFAULT_TOPIC_FILTER: &str = "kv@";
+/// vLLM's default KV-event port.
+const DEFAULT_SOCKET_PORT: u16 = 5557;
+
+impl PrecisePrefixParameters {
+    /// The settings, or the first parameter out of range.
+    pub fn resolve(&self) -> Result<PreciseSettings, scheduler_core::PluginError> {
+        let invalid = |m: String| Err(scheduler_core::PluginError::InvalidParameters(m));
+        let tokens = self
+            .token_processor_config
+            .as_ref()
+            .or(self.indexer_config.as_ref().and_then(|i| i.token_processor_config.as_ref()))
+            .cloned()
+            .unwrap_or_default();
+        // llm-d: blockSizeTokens wins, the deprecated blockSize fills in, 0 means the default.
+        let block = match (tokens.block_size_tokens.unwrap_or(0), tokens.block_size.unwrap_or(0)) {
+            (0, 0) => 16,
+            (0, legacy) => legacy,
+            (current, _) => current,
+        };
+        let Ok(block_size_tokens) = u32::try_from(block) else {
+            return invalid(format!("blockSizeTokens must be greater than 0, got {block}"));
+        };
+        if block_size_tokens == 0 {
+            return invalid(format!("blockSizeTokens must be greater than 0, got {block}"));
+        }
+        let xxh64 = match tokens.hash_algorithm.as_deref().unwrap_or("") {
+            "" | "cbor-fnv" => false,
+            "xxh64" => true,
+            other => {
+                return invalid(format!(
+                    "unsupported hashAlgorithm \"{other}\": accepted values are \"cbor-fnv\" and \"xxh64\""
+                ));
+            }
+        };
+        let capacity_per_endpoint = self
+            .indexer_config
+            .as_ref()
+            .and_then(|i| i.kv_block_index_config.as_ref())
+            .and_then(|c| c.pointer("/inMemoryConfig/size"))
+            .and_then(serde_json::Value::as_u64)
+            .filter(|&size| size > 0)
+            .map(|size| usize::try_from(size).unwrap_or(usize::MAX));
+        let events = self.kv_events_config.clone().unwrap_or_default();
+        if let Some(engine) =
+            events.engine_type.as_deref().filter(|e| !e.is_empty() && *e != "vllm")
+        {
+            return invalid(format!(
+                "kvEventsConfig.engineType \"{engine}\" is not supported (vllm)"
+            ));
+        }
+        Ok(PreciseSettings {
+            block_size_tokens,
+            hash_seed: tokens.hash_seed.unwrap_or_default(),
+            xxh64,
+            capacity_per_endpoint,
+            topic_filter: events.topic_filter.unwrap_or_else(|| DEFAULT_TOPIC_FILTER.to_owned()),
+            socket_port: events
+                .pod_discovery_config
+                .as_ref()
+                .and_then(|p| p.socket_port)
+                .filter(|&port| port > 0)
+                .unwrap_or(DEFAULT_SOCKET_PORT),
+            replay_port: events
+                .pod_discovery_config
+                .and_then(|p| p.replay_socket_port)
+                .and_then(|port| u16::try_from(port).ok())
+                .filter(|&port| port > 0),
+        })
+    }
+}
+
+/// The error a build without the `kv-events` feature gives for these plugins, after checking
+/// the parameters.
+#[cfg(not(feature = "kv-events"))]
+pub(crate) fn unavailable(
+    spec: &scheduler_core::PluginSpec<'_>,
+) -> Result<scheduler_core::Plugin, scheduler_core::PluginError> {
+    let parameters: PrecisePrefixParameters = spec.parameters()?;
+    parameters.resolve()?;
+    Err(scheduler_core::PluginError::InvalidParameters(format!(
+        "{}: {FEATURE_MISSING}",
+        spec.type_name
+    )))
+}
+
+#[cfg(feature = "kv-events")]
+pub use enabled::{PrecisePrefixProducer, token_ids_of};
+
+#[cfg(feature = "kv-events")]
+mod enabled {
+    use std::sync::Arc;
+
+    use kv_events::subscriber::{SubscriberConfig, Subscribers};
+    use kv_events::{
+        EndpointMatch, HashAlgorithm, IndexConfig, PreciseIndex, TokenProcessor,
+        TokenProcessorConfig,
+    };
+    use scheduler_core::{
+        CHARACTERS_PER_TOKEN, CycleState, DataProducer, EndpointId, InferenceRequest, Plugin,
+        PluginError, PluginSpec, PoolObserver, PoolSnapshot,
+    };
+
+    use super::{PrecisePrefixParameters, PreciseSettings};
+    use crate::prefix_cache::matches::PrefixMatches;
+    use crate::prefix_cache::{
+        PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer, PrefixSource,
+        ProducerSettings,
+    };
+
+    /// The llm-d token cap the fallback index matches up to (a 128K context window).
+    const MAX_PREFIX_TOKENS: usize = 131_072;
+
+    /// The precise index, its subscriptions, and the approximate index requests without token
+    /// ids are matched against.
+    #[derive(Debug)]
+    pub struct PrecisePrefixProducer {
+        index: Arc<PreciseIndex<EndpointId>>,
+        subscribers: Subscribers<EndpointId>,
+        socket_port: u16,
+        fallback: Arc<PrefixCacheProducer>,
+    }
+
+    impl PrecisePrefixProducer {
+        /// A producer with `settings`, its subscriptions spawned on the current tokio runtime.
+        pub fn new(settings: &PreciseSettings) -> Result<Self, PluginError> {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                PluginError::InvalidParameters(
+                    "the KV-event subscriptions need a tokio runtime".to_owned(),
+                )
+            })?;
+            let processor = TokenProcessor::new(&TokenProcessorConfig {
+                block_size_tokens: settings.block_size_tokens,
+                hash_seed: settings.hash_seed.clone(),
+                algorithm: if settings.xxh64 {
+                    HashAlgorithm::Xxh64
+                } else {
+                    HashAlgorithm::CborFnv
+                },
+            });
+            let mut config = IndexConfig::default();
+            if let Some(capacity) = settings.capacity_per_endpoint {
+                config.capacity_per_endpoint = capacity;
+            }
+            let index = Arc::new(PreciseIndex::new(processor, config));
+            let subscribers = Subscribers::new(
+                Arc::clone(&index),
+                SubscriberConfig {
+                    topic_filter: settings.topic_filter.clone(),
+                    replay_port: settings.replay_port,
+                    ..SubscriberConfig::default()
+                },
+                runtime,
+            );
+            let tokens = settings.block_size_tokens as usize;
+            let fallback = Arc::new(PrefixCacheProducer::new(ProducerSettings {
+                block_size: tokens * CHARACTERS_PER_TOKEN,
+                max_blocks: (MAX_PREFIX_TOKENS / tokens).max(1),
+                capacity: prefix_cache::index::DEFAULT_CAPACITY_PER_ENDPOINT,
+            }));
+            Ok(Self { index, subscribers, socket_port: settings.socket_port, fallback })
+        }
+
+        /// The event index.
+        pub fn index(&self) -> &Arc<PreciseIndex<EndpointId>> {
+            &self.index
+        }
+
+        /// The subscriptions.
+        pub fn subscribers(&self) -> &Subscribers<EndpointId> {
+            &self.subscribers
+        }
+
+        /// The approximate index requests are matched against until they carry token ids.
+        pub fn fallback(&self) -> &Arc<PrefixCacheProducer> {
+            &self.fallback
+        }
+    }
+
+    /// The token ids of a pre-tokenized prompt: the request parser writes each token id of a
+    /// `token_ids`/`input_ids`/token-array prompt as its decimal form and a space, so a prompt
+    /// made only of such words is read back as token ids. Clears `out`; false for any other
+    /// prompt (or a token id beyond `u32`).
+    pub fn token_ids_of(prompt: &str, out: &mut Vec<u32>) -> bool {
+        out.clear();
+        if prompt.is_empty() || !prompt.ends_with(' ') {
+            return false;
+        }
+        for word in prompt[..prompt.len() - 1].split(' ') {
+            if word.is_empty() || !word.bytes().all(|b| b.is_ascii_digit()) {
+                return false;
+            }
+            match word.parse::<u32>() {
+                Ok(token) => out.push(token),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// The precise matches of one decision: the request's token ids (when it has them) and
+    /// their keys, kept in the decision's state and reused.
+    #[derive(Debug, Default)]
+    struct PreciseScratch {
+        tokens: Vec<u32>,
+        keys: Vec<u64>,
+    }
+
+    /// Matches every request against the approximate index, then, for a request with token
+    /// ids, replaces each trusted endpoint's match with what its engine reported holding. An
+    /// untrusted endpoint (its event stream had a gap) keeps its approximate match.
+    impl DataProducer for PrecisePrefixProducer {
+        fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
+            self.fallback.match_prompt(state, request, pool);
+            let mut scratch = std::mem::take(state.scratch::<PreciseScratch>());
+            if token_ids_of(&request.prompt, &mut scratch.tokens) {
+                let processor = self.index.processor();
+                let max_blocks = MAX_PREFIX_TOKENS / processor.block_size();
+                processor.request_keys(
+                    &request.target_model,
+                    &scratch.tokens,
+                    max_blocks,
+                    &mut scratch.keys,
+                );
+                if !scratch.keys.is_empty() {
+                    let stamp = state.decision_stamp();
+                    let total = scratch.keys.len();
+                    let matches = state.scratch::<PrefixMatches>();
+                    let info = matches.slot(self.fallback.id());
+                    if info.produced_for == Some(stamp) {
+                        info.total_blocks = total;
+                        for (endpoint, matched) in
+                            pool.endpoints().iter().zip(&mut info.matched_blocks)
+                        {
+                            *matched = match self.index.longest_prefix(endpoint.id(), &scratch.keys)
+                            {
+                                EndpointMatch::Blocks(n) => n,
+                                // The approximate match, in blocks of about the same size.
+                                _ => (*matched).min(total),
+                            };
+                        }
+                    }
+                }
+            }
+            *state.scratch::<PreciseScratch>() = scratch;
+        }
+    }
+
+    /// Subscriptions follow the pool: `tcp://<endpoint IP>:<socketPort>` per endpoint.
+    impl PoolObserver for PrecisePrefixProducer {
+        fn membership_changed(&self, pool: &PoolSnapshot) {
+            let port = self.socket_port;
+            self.subscribers.set_endpoints(pool.endpoints().iter().map(|e| {
+                let ip = e.endpoint.address.ip();
+                let host = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
+                (e.id(), format!("tcp://{host}:{port}"))
+            }));
+            self.fallback.membership_changed(pool);
+        }
+    }
+
+    fn producer(spec: &PluginSpec<'_>) -> Result<Arc<PrecisePrefixProducer>, PluginError> {
+        let parameters: PrecisePrefixParameters = spec.parameters()?;
+        Ok(Arc::new(PrecisePrefixProducer::new(&parameters.resolve()?)?))
+    }
+
+    /// `precise-prefix-cache-producer`: matches for `prefix-cache-scorer` and the filters.
+    pub(crate) fn construct_producer(spec: &PluginSpec<'_>) -> Result<Plugin, PluginError> {
+        let producer = producer(spec)?;
+        let fallback = Arc::clone(producer.fallback());
+        Ok(Plugin {
+            data_producer: Some(producer.clone()),
+            pre_request: Some(fallback.clone()),
+            pool_observer: Some(producer),
+            shared: Some(Arc::new(PrefixSource::of_producer(fallback))),
+            ..Plugin::default()
+        })
+    }
+
+    /// `precise-prefix-cache-scorer` and `prefix-cache-scorer {mode: cache_tracking}`: the
+    /// producer and a scorer reading it, in one plugin.
+    pub(crate) fn construct_scorer(spec: &PluginSpec<'_>) -> Result<Plugin, PluginError> {
+        let producer = producer(spec)?;
+        let fallback = Arc::clone(producer.fallback());
+        let scorer = Arc::new(PrefixCacheScorer::with_producer(
+            Arc::clone(&fallback),
+            PrefixCacheParameters::default(),
+        )?);
+        Ok(Plugin {
+            scorer: Some(scorer.clone()),
+            data_producer: Some(producer.clone()),
+            pre_request: Some(fallback),
+            pool_observer: Some(producer),
+            shared: Some(scorer.source().clone()),
+            ..Plugin::default()
+        })
+    }
+}
+
+#[cfg(feature = "kv-events")]
+pub(crate) use enabled::{construct_producer, construct_scorer};
+
+/// `precise-prefix-cache-producer` in a build without the feature.
+#[cfg(not(feature = "kv-events"))]
+pub(crate) fn construct_producer(
+    spec: &scheduler_core::PluginSpec<'_>,
+) -> Result<scheduler_core::Plugin, scheduler_core::PluginError> {
+    unavailable(spec)
+}
+
+/// `precise-prefix-cache-scorer` in a build without the feature.
+#[cfg(not(feature = "kv-events"))]
+pub(crate) fn construct_scorer(
+    spec: &scheduler_core::PluginSpec<'_>,
+) -> Result<scheduler_core::Plugin, scheduler_core::PluginError> {
+    unavailable(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llm_d_sample_parameters_resolve() {
+        let params: PrecisePrefixParameters = serde_json::from_value(serde_json::json!({
+            "tokenProcessorConfig": {"blockSize": 64, "hashSeed": "42"},
+            "indexerConfig": {"kvBlockIndexConfig": {"enableMetrics": true, "inMemoryConfig": {"size": 1000}}},
+            "kvEventsConfig": {"zmqEndpoint": "tcp://*:5557", "topicFilter": "kv@", "concurrency": 4,
+                                "podDiscoveryConfig": {"socketPort": 6000, "replaySocketPort": 6001, "podLabelSelector": "app=vllm"}},
+            "speculativeIndexing": true,
+            "speculativeTTL": "2s"
+        }))
+        .unwrap();
+        let s = params.resolve().unwrap();
+        assert_eq!(
+            s,
+            PreciseSettings {
+                block_size_tokens: 64,
+                hash_seed: "42".into(),
+                xxh64: false,
+                capacity_per_endpoint: Some(1000),
+                topic_filter: "kv@".into(),
+                socket_port: 6000,
+                replay_port: Some(6001),
+            }
+        );
+        // The older placement under indexerConfig, and the defaults.
+        let params: PrecisePrefixParameters = serde_json::from_value(serde_json::json!({
+            "indexerConfig": {"tokenProcessorConfig": {"blockSizeTokens": 32, "blockSize": 8, "hashAlgorithm": "xxh64"}}
+        }))
+        .unwrap();
+        let s = params.resolve().unwrap();
+        assert_eq!(
+            (s.block_size_tokens, s.xxh64, s.socket_port, s.replay_port),
+            (32, true, 5557, None)
+        );
+        assert_eq!(PrecisePrefixParameters::default().resolve().unwrap().block_size_tokens, 16);
+    }
+
+    #[test]
+    fn bad_parameters_name_the_field() {
+        let bad = |v: serde_json::Value| {
+            let p: PrecisePrefixParameters = serde_json::from_value(v).unwrap();
+            p.resolve().unwrap_err().to_string()
+        };
+        assert!(
+            bad(serde_json::json!({"tokenProcessorConfig": {"blockSizeTokens": -1}}))
+                .contains("-1")
+        );
+        assert!(
+            bad(serde_json::json!({"tokenProcessorConfig": {"hashAlgorithm": "md5"}}))
+                .contains("md5")
+        );
+        assert!(
+            bad(serde_json::json!({"kvEventsConfig": {"engineType": "sglang"}})).contains("sglang")
+        );
+        assert!(
+            serde_json::from_value::<PrecisePrefixParameters>(
+                serde_json::json!({"tokenProcesorConfig": {}})
+            )
+            .is_err()
+        );
+    }
+}
