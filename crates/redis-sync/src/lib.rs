@@ -77,12 +77,13 @@
 
 pub mod config;
 pub mod metrics;
-mod outbound;
+pub mod outbound;
 mod sync;
 pub mod wire;
 
 pub use config::{SyncSettings, SyncerParameters, TYPE_NAME, register, settings_of};
 pub use metrics::{Ignored, SyncMetrics};
+pub use outbound::Outbound;
 pub use sync::{CrossReplicaSync, MAX_PEERS, SyncError, SyncOptions};
 
 pub(crate) use sync::now_micros;

@@ -41,9 +41,10 @@ impl Batch {
     }
 }
 
-/// The queue (see the [module docs](self)).
+/// The bounded queue of prefix records waiting to be published (see the crate docs): what a
+/// decision pays for sync is one [`Outbound::push`].
 #[derive(Debug)]
-pub(crate) struct Outbound {
+pub struct Outbound {
     pending: Mutex<Batch>,
     ready: Notify,
     max_queued_blocks: usize,
@@ -52,7 +53,8 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    pub(crate) fn new(max_queued_blocks: usize) -> Self {
+    /// A queue holding at most `max_queued_blocks` block hashes.
+    pub fn new(max_queued_blocks: usize) -> Self {
         Self {
             pending: Mutex::new(Batch::default()),
             ready: Notify::new(),
@@ -62,8 +64,9 @@ impl Outbound {
         }
     }
 
-    /// Queues a record; `false` when it was dropped because the queue is full.
-    pub(crate) fn push(&self, plugin: u8, endpoint: u64, hashes: &[u64]) -> bool {
+    /// Queues a record of the index at position `plugin`; `false` when it was dropped
+    /// because the queue is full.
+    pub fn push(&self, plugin: u8, endpoint: u64, hashes: &[u64]) -> bool {
         if hashes.is_empty() {
             return true;
         }
@@ -84,6 +87,14 @@ impl Outbound {
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.ready.notify_one();
         true
+    }
+
+    /// Discards every queued record; returns how many there were.
+    pub fn discard_pending(&self) -> usize {
+        let mut pending = self.pending.lock();
+        let count = pending.entries.len();
+        pending.clear();
+        count
     }
 
     /// Waits until records are queued, then swaps them into `batch` (cleared first).

@@ -50,9 +50,8 @@ impl PeerInFlight {
     }
 }
 
-/// A plugin whose in-flight counts a cross-replica syncer shares
-/// ([`scheduler_core::Plugin::shared`] holds it as `Arc<dyn SharedInFlight>`... see
-/// [`shared_in_flight`]).
+/// A plugin whose in-flight counts a cross-replica syncer shares; [`shared_in_flight`] finds
+/// them among a config's plugins (through [`scheduler_core::Plugin::shared`]).
 pub trait SharedInFlight: Send + Sync + std::fmt::Debug {
     /// Appends this replica's own non-zero counts, one entry per endpoint, to `out`.
     fn local_in_flight(&self, out: &mut Vec<(EndpointId, InFlightCounts)>);
