@@ -215,7 +215,10 @@ pub struct EppMetrics {
 /// Renderers of metrics kept outside this registry (an optional integration's own, such as
 /// the cross-replica syncer's), appended to the page at each scrape.
 #[derive(Default)]
-struct ExtraSections(RwLock<Vec<Box<dyn Fn(&mut String) + Send + Sync>>>);
+struct ExtraSections(RwLock<Vec<RenderSection>>);
+
+/// Writes one section of the page.
+type RenderSection = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl std::fmt::Debug for ExtraSections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
