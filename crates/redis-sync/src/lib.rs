@@ -68,6 +68,14 @@
 //! // let sync = CrossReplicaSync::start(&settings, &options, &plugins, pool)?;
 //! ```
 //!
+//! # Cost
+//! `cargo bench -p epp-redis-sync --bench request_path`: queueing one record costs a decision
+//! about 45 ns for 16 blocks, 60 ns for 256 and 290 ns for 2048 (medians of three runs on a
+//! shared 2-core machine at load 5; 60 to 340 ns with a second thread queueing at the same
+//! time). Replication lag on loopback (`cargo test -p epp-redis-sync --test replicas
+//! replication_lag -- --nocapture`, 1000 decisions at 500 a second): p50 about 0.6 ms, p99
+//! about 4 ms on the same machine.
+//!
 //! # Bounds
 //! Outbound queue: `maxQueuedBlocks` hashes (8 bytes each). One message: 1 MiB. The stream
 //! in Redis: about `streamMaxLen` batches. A starting replica replays at most
