@@ -60,6 +60,7 @@
 pub mod bbr;
 pub mod cli;
 pub mod cluster_metrics;
+pub mod cross_replica;
 pub mod data_layer;
 pub mod endpoint_gpu;
 pub mod endpoint_models;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ext_proc_adapter::cli::{self, BbrArgs, Cli, Command, DemoArgs, ServerFlags};
+use ext_proc_adapter::cross_replica::CrossReplica;
 use ext_proc_adapter::model_rewrites::ModelRewriteSettings;
 use ext_proc_adapter::server::{
     self, CollectorSettings, ConnectionLimits, ServerConfig, TcpKeepalive,
@@ -144,6 +145,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
     };
     let mut registry = scorers::builtin_registry();
     registry.allow_experimental_plugins(flags.allow_experimental_plugins);
+    ext_proc_adapter::cross_replica::register(&mut registry);
     let plugins =
         config.construct_plugins(&registry).map_err(|error| format!("invalid config: {error}"))?;
     let layer = config
@@ -160,17 +162,22 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         &config,
         &plugins,
         &registry,
-        pool,
+        Arc::clone(&pool),
         server_config.director.clone(),
         objectives,
     )
     .map_err(|error| format!("invalid config: {error}"))?;
+    let pool_name = server_config.pool_name.clone();
     let running = server::start_with_director(Arc::new(director), server_config)
         .await
         .map_err(|error| error.to_string())?;
+    let cross_replica = CrossReplica::start(&layer, &plugins, pool, &pool_name, &running.metrics)?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.drain(flags.drain_timeout, Duration::from_secs(10)).await;
+    if let Some(sync) = cross_replica {
+        sync.shutdown().await;
+    }
     Ok(())
 }
 

@@ -209,6 +209,21 @@ pub struct EppMetrics {
     rewrite_decisions: Family<RewriteLabels, Counter>,
     disagg_decisions: DecisionCounters,
     pd_decisions: DecisionCounters,
+    sections: ExtraSections,
+}
+
+/// Renderers of metrics kept outside this registry (an optional integration's own, such as
+/// the cross-replica syncer's), appended to the page at each scrape.
+#[derive(Default)]
+struct ExtraSections(RwLock<Vec<RenderSection>>);
+
+/// Writes one section of the page.
+type RenderSection = Box<dyn Fn(&mut String) + Send + Sync>;
+
+impl std::fmt::Debug for ExtraSections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExtraSections({})", self.0.read().len())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -405,7 +420,14 @@ impl EppMetrics {
             rewrite_decisions,
             disagg_decisions,
             pd_decisions,
+            sections: ExtraSections::default(),
         }
+    }
+
+    /// Appends what `render` writes (complete metric families in the text format) to every
+    /// scrape of the page.
+    pub fn add_section(&self, render: impl Fn(&mut String) + Send + Sync + 'static) {
+        self.sections.0.write().push(Box::new(render));
     }
 
     /// Counts the disaggregation decision of a request that `handler` (its plugin name and
@@ -583,7 +605,22 @@ impl EppMetrics {
 
     /// The exposition text.
     pub fn encode(&self) -> String {
-        encode_registry(&self.registry)
+        let mut text = encode_registry(&self.registry);
+        let sections = self.sections.0.read();
+        if !sections.is_empty() {
+            // The families go before the end-of-exposition marker.
+            let eof = text.ends_with("# EOF\n");
+            if eof {
+                text.truncate(text.len() - "# EOF\n".len());
+            }
+            for render in sections.iter() {
+                render(&mut text);
+            }
+            if eof {
+                text.push_str("# EOF\n");
+            }
+        }
+        text
     }
 }
 
@@ -622,6 +659,20 @@ mod tests {
 
     fn request(model: &str, target: &str) -> InferenceRequest {
         InferenceRequest { model: model.into(), ..InferenceRequest::new(target, "hi") }
+    }
+
+    #[test]
+    fn extra_sections_join_the_page_before_its_end() {
+        let metrics = EppMetrics::new("p", None);
+        let plain = metrics.encode();
+        metrics.add_section(|out| out.push_str("# TYPE extra_total counter\nextra_total 3\n"));
+        let text = metrics.encode();
+        assert!(text.contains("extra_total 3\n"));
+        assert_eq!(text.ends_with("# EOF\n"), plain.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), plain.matches("# EOF").count());
+        assert!(
+            samples(&text).iter().any(|(name, _, value)| name == "extra_total" && *value == 3.0)
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!
 //! Counters live in a read-mostly map of atomics: scoring takes one shared lock per request
 //! and no write lock; only the first request to a new endpoint takes the write lock.
+//!
+//! With a cross-replica syncer, the requests other replicas have in flight
+//! ([`PeerInFlight`]) are added to this replica's own counts when scoring.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +28,8 @@ use scheduler_core::{
     PreRequest, PrefillCompleted, ResponseComplete, SchedulingResult, Scorer,
 };
 use serde::Deserialize;
+
+use crate::peer_load::{InFlightCounts, PeerInFlight, SharedInFlight};
 
 /// llm-d type name.
 pub const TYPE_NAME: &str = "active-request-scorer";
@@ -47,13 +52,20 @@ pub struct ActiveRequestParameters {
 #[derive(Debug)]
 pub struct ActiveRequestScorer {
     in_flight: RwLock<EndpointMap<AtomicU64>>,
+    /// Other replicas' requests in flight, added when scoring.
+    peers: PeerInFlight,
     idle_threshold: u64,
     max_busy_score: f64,
 }
 
 impl Default for ActiveRequestScorer {
     fn default() -> Self {
-        Self { in_flight: RwLock::default(), idle_threshold: 0, max_busy_score: 1.0 }
+        Self {
+            in_flight: RwLock::default(),
+            peers: PeerInFlight::default(),
+            idle_threshold: 0,
+            max_busy_score: 1.0,
+        }
     }
 }
 
@@ -84,7 +96,7 @@ impl ActiveRequestScorer {
                 1.0
             }
         };
-        Self { in_flight: RwLock::default(), idle_threshold, max_busy_score }
+        Self { idle_threshold, max_busy_score, ..Self::default() }
     }
 
     /// The score of an endpoint with `count` requests in flight, `max` the largest count
@@ -96,7 +108,7 @@ impl ActiveRequestScorer {
         (max - count.min(max)) as f64 / max as f64 * self.max_busy_score
     }
 
-    /// Requests in flight on `endpoint`.
+    /// Requests this replica has in flight on `endpoint` (peers' not included).
     pub fn in_flight(&self, endpoint: EndpointId) -> u64 {
         self.in_flight.read().get(&endpoint).map_or(0, |count| count.load(Ordering::Relaxed))
     }
@@ -129,13 +141,16 @@ impl Scorer for ActiveRequestScorer {
         scores: &mut [f64],
     ) {
         let map = self.in_flight.read();
-        let count = |state: &scheduler_core::EndpointState| {
-            map.get(&state.id()).map_or(0, |count| count.load(Ordering::Relaxed))
-        };
-        let max = candidates.iter().map(count).max().unwrap_or(0);
-        for (score, state) in scores.iter_mut().zip(candidates.iter()) {
-            *score = self.score_of(count(state), max);
-        }
+        self.peers.with(|peers| {
+            let count = |state: &scheduler_core::EndpointState| {
+                let own = map.get(&state.id()).map_or(0, |count| count.load(Ordering::Relaxed));
+                own.saturating_add(peers.get(&state.id()).map_or(0, |peer| peer.requests))
+            };
+            let max = candidates.iter().map(count).max().unwrap_or(0);
+            for (score, state) in scores.iter_mut().zip(candidates.iter()) {
+                *score = self.score_of(count(state), max);
+            }
+        });
     }
 }
 
@@ -163,6 +178,21 @@ impl ActiveRequestScorer {
             let _ =
                 counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
+    }
+}
+
+impl SharedInFlight for ActiveRequestScorer {
+    fn local_in_flight(&self, out: &mut Vec<(EndpointId, InFlightCounts)>) {
+        for (&endpoint, count) in self.in_flight.read().iter() {
+            let requests = count.load(Ordering::Relaxed);
+            if requests > 0 {
+                out.push((endpoint, InFlightCounts { requests, tokens: 0 }));
+            }
+        }
+    }
+
+    fn peers(&self) -> &PeerInFlight {
+        &self.peers
     }
 }
 

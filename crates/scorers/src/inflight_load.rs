@@ -26,7 +26,12 @@
 //! charged when a prefix producer's match is known) is not applied (Go's behaviour when no
 //! match information is available), and the output estimate is not capped by the request's
 //! own `max_tokens`, which the request parser does not keep. `prefixMatchInfoProducerName`
-//! and `syncCrossReplicaState` are accepted and have no effect (no cross-replica sync here).
+//! is accepted and has no effect.
+//!
+//! Cross-replica state: with a cross-replica syncer configured, [`InFlightLoad::requests`] and
+//! [`InFlightLoad::tokens`] add the other replicas' counts ([`PeerInFlight`]) to this
+//! replica's own, as Go's aggregate does; `syncCrossReplicaState: false` opts the producer
+//! out (its own counts are then neither published nor summed with the peers').
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +43,8 @@ use scheduler_core::{
     PoolObserver, PoolSnapshot, PreRequest, ResponseComplete, ResponseStarted, SchedulingResult,
 };
 use serde::Deserialize;
+
+use crate::peer_load::{InFlightCounts, PeerInFlight, SharedInFlight};
 
 /// llm-d type name (also the name of a default instance).
 pub const TYPE_NAME: &str = "inflight-load-producer";
@@ -56,7 +63,8 @@ pub struct InFlightLoadParameters {
     pub max_estimated_output_tokens: Option<i64>,
     /// Go's prefix producer for the uncached-token discount (accepted, no effect here).
     pub prefix_match_info_producer_name: String,
-    /// Go's cross-replica sharing of the counters (accepted, no effect here).
+    /// Go's cross-replica sharing of the counters (default `true`; only has an effect when
+    /// a cross-replica syncer is configured).
     pub sync_cross_replica_state: Option<bool>,
 }
 
@@ -88,6 +96,10 @@ impl Charge {
     }
 }
 
+fn clamp(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
 /// Subtracts `amount`, stopping at zero (a release without its charge never goes negative).
 fn decrement(counter: &AtomicI64, amount: i64) {
     if amount != 0 {
@@ -106,6 +118,10 @@ pub struct InFlightLoad {
     add_estimated_output_tokens: bool,
     output_ratio: f64,
     max_estimated_output_tokens: Option<i64>,
+    /// Other replicas' counts, added to this replica's own.
+    peers: PeerInFlight,
+    /// `syncCrossReplicaState`.
+    sync_cross_replica_state: bool,
 }
 
 impl InFlightLoad {
@@ -130,17 +146,38 @@ impl InFlightLoad {
             add_estimated_output_tokens: parameters.add_estimated_output_tokens,
             output_ratio,
             max_estimated_output_tokens: parameters.max_estimated_output_tokens,
+            peers: PeerInFlight::default(),
+            sync_cross_replica_state: parameters.sync_cross_replica_state.unwrap_or(true),
         })
     }
 
-    /// Requests in flight on `endpoint`.
+    /// Requests in flight on `endpoint`: this replica's and, with a cross-replica syncer, its
+    /// peers'.
     pub fn requests(&self, endpoint: EndpointId) -> i64 {
-        self.counters.read().get(&endpoint).map_or(0, |c| c.requests.load(Ordering::Relaxed))
+        let own =
+            self.counters.read().get(&endpoint).map_or(0, |c| c.requests.load(Ordering::Relaxed));
+        if self.sync_cross_replica_state {
+            own.saturating_add(clamp(self.peers.get(endpoint).requests))
+        } else {
+            own
+        }
     }
 
-    /// Tokens in flight on `endpoint`.
+    /// Tokens in flight on `endpoint`: this replica's and, with a cross-replica syncer, its
+    /// peers'.
     pub fn tokens(&self, endpoint: EndpointId) -> i64 {
-        self.counters.read().get(&endpoint).map_or(0, |c| c.tokens.load(Ordering::Relaxed))
+        let own =
+            self.counters.read().get(&endpoint).map_or(0, |c| c.tokens.load(Ordering::Relaxed));
+        if self.sync_cross_replica_state {
+            own.saturating_add(clamp(self.peers.get(endpoint).tokens))
+        } else {
+            own
+        }
+    }
+
+    /// Whether the counts take part in cross-replica sync (`syncCrossReplicaState`).
+    pub fn syncs_cross_replica_state(&self) -> bool {
+        self.sync_cross_replica_state
     }
 
     /// The output tokens estimated for a prompt of `input` tokens.
@@ -196,6 +233,25 @@ impl PreRequest for InFlightLoad {
             });
         }
         self.charges.lock().insert(decision, charges);
+    }
+}
+
+impl SharedInFlight for InFlightLoad {
+    fn local_in_flight(&self, out: &mut Vec<(EndpointId, InFlightCounts)>) {
+        if !self.sync_cross_replica_state {
+            return;
+        }
+        for (&endpoint, counters) in self.counters.read().iter() {
+            let requests = u64::try_from(counters.requests.load(Ordering::Relaxed)).unwrap_or(0);
+            let tokens = u64::try_from(counters.tokens.load(Ordering::Relaxed)).unwrap_or(0);
+            if requests > 0 || tokens > 0 {
+                out.push((endpoint, InFlightCounts { requests, tokens }));
+            }
+        }
+    }
+
+    fn peers(&self) -> &PeerInFlight {
+        &self.peers
     }
 }
 

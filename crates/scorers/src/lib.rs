@@ -83,6 +83,7 @@ pub mod lora_filter;
 pub mod multicluster;
 pub mod no_hit_lru;
 mod normalize;
+pub mod peer_load;
 pub mod pickers;
 pub mod precise_prefix;
 pub mod prefix_affinity;
@@ -120,11 +121,12 @@ pub use lora_affinity::LoraAffinityScorer;
 pub use lora_filter::{LoraAffinityFilter, LoraAffinityParameters};
 pub use multicluster::ClusterScorer;
 pub use no_hit_lru::{NoHitLruParameters, NoHitLruScorer};
+pub use peer_load::{InFlightCounts, PeerInFlight, SharedInFlight, shared_in_flight};
 pub use pickers::{MaxScorePicker, PickerParameters, RandomPicker, WeightedRandomPicker};
 pub use prefix_affinity::{PrefixCacheAffinityFilter, PrefixCacheAffinityParameters};
 pub use prefix_cache::{
     ApproxPrefixParameters, PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer,
-    PrefixSource,
+    PrefixSource, RecordSink, prefix_producers,
 };
 pub use queue::QueueScorer;
 pub use request_attribute::{RequestAttributeReporter, RequestAttributeReporterParameters};
@@ -158,7 +160,8 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             pre_request: Some(scorer.clone()),
-            response_complete: Some(scorer),
+            response_complete: Some(scorer.clone()),
+            shared: Some(scorer),
             ..Plugin::default()
         })
     });

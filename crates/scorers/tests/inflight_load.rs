@@ -269,3 +269,57 @@ fn token_load_reads_the_producers_tokens() {
     let error = EndpointPickerConfig::from_yaml(named).unwrap().build(&registry()).unwrap_err();
     assert!(error.to_string().contains("no inflight-load-producer named 'mine'"), "{error}");
 }
+
+/// Cross-replica sync: the peers' counts are added to this replica's own, and the local
+/// counts a syncer publishes are this replica's only.
+#[test]
+fn peer_counts_add_to_own_and_local_counts_exclude_them() {
+    use scorers::{InFlightCounts, SharedInFlight, shared_in_flight};
+    let (scheduler, load) = build(AT_MOST_ONE_IN_FLIGHT, "inflight-load-producer");
+    let config = EndpointPickerConfig::from_yaml(AT_MOST_ONE_IN_FLIGHT).unwrap();
+    let plugins = config.construct_plugins(&registry()).unwrap();
+    assert_eq!(
+        shared_in_flight(&plugins).into_iter().map(|(name, _)| name).collect::<Vec<_>>(),
+        ["inflight-load-producer"]
+    );
+    let pool = pool(2);
+    let mut peers = scheduler_core::EndpointMap::default();
+    // A peer has 5 requests on 8000: the filter (max 1) leaves only 8001.
+    peers.insert(id(8000), InFlightCounts { requests: 5, tokens: 50 });
+    load.peers().replace(peers);
+    assert_eq!(load.requests(id(8000)), 5);
+    assert_eq!(load.tokens(id(8000)), 50);
+    for n in 0..3 {
+        let (port, _guard) = send(&scheduler, &request(&format!("p{n}"), 40), &pool, n).unwrap();
+        assert_eq!(port, 8001, "a peer's load on 8000 must count");
+    }
+    let (_, guard) = send(&scheduler, &request("kept", 40), &pool, 9).unwrap();
+    let mut local = Vec::new();
+    load.local_in_flight(&mut local);
+    assert_eq!(local, [(id(8001), InFlightCounts { requests: 1, tokens: 10 })]);
+    drop(guard);
+    load.peers().clear();
+    assert_eq!(load.requests(id(8000)), 0);
+}
+
+#[test]
+fn active_request_scorer_scores_own_plus_peer_counts() {
+    use scorers::{ActiveRequestScorer, InFlightCounts, SharedInFlight};
+    let scorer = ActiveRequestScorer::new();
+    let pool = pool(2);
+    let mut peers = scheduler_core::EndpointMap::default();
+    peers.insert(id(8000), InFlightCounts { requests: 3, tokens: 0 });
+    scorer.peers().replace(peers);
+    let mut scores = [0.0; 2];
+    let indices = [0, 1];
+    scheduler_core::Scorer::score(
+        &scorer,
+        &mut CycleState::new(Instant::now(), 0),
+        &request("r", 4),
+        scheduler_core::Candidates::new(&pool, &indices),
+        &mut scores,
+    );
+    let busy = pool.index_of(id(8000)).unwrap() as usize;
+    assert_eq!(scores[busy], 0.0, "3 of a max of 3 in flight");
+    assert_eq!(scores[1 - busy], 1.0, "idle");
+}

@@ -314,3 +314,52 @@ schedulingProfiles:
         }
     }
 }
+
+/// Cross-replica sync hooks: a decision's record reaches the sink; a remote record reaches
+/// the index without reaching the sink; every distinct index is listed once.
+#[test]
+fn record_sink_sees_local_records_and_remote_ones_are_indexed() {
+    use parking_lot::Mutex;
+    use scheduler_core::EndpointId;
+
+    #[derive(Debug, Default)]
+    struct Seen(Mutex<Vec<(EndpointId, usize)>>);
+    impl scorers::RecordSink for Seen {
+        fn recorded(&self, endpoint: EndpointId, hashes: &[u64]) {
+            self.0.lock().push((endpoint, hashes.len()));
+        }
+    }
+
+    let yaml = "
+plugins:
+- type: approx-prefix-cache-producer
+- name: prefix
+  type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: approx-prefix-cache-producer}
+- type: max-score-picker
+";
+    let registry = builtin_registry();
+    let config = EndpointPickerConfig::from_yaml(yaml).unwrap();
+    let plugins = config.construct_plugins(&registry).unwrap();
+    let producers = scorers::prefix_producers(&plugins);
+    assert_eq!(producers.len(), 1, "the scorer shares the declared producer");
+    let (name, producer) = &producers[0];
+    assert_eq!(name, "approx-prefix-cache-producer");
+    let seen = Arc::new(Seen::default());
+    assert!(producer.set_record_sink(seen.clone()));
+    assert!(!producer.set_record_sink(seen.clone()), "one sink");
+    let scheduler = config.build_with(&plugins, &registry).unwrap();
+    let pool = pool(&[(0, 0.0), (0, 0.0), (0, 0.0)]);
+    let prompt = "z".repeat(3 * BLOCK);
+    let result = scheduler
+        .schedule_with(&InferenceRequest::new("m", prompt), &pool, ScheduleOptions::default())
+        .unwrap();
+    assert_eq!(*seen.0.lock(), [(result.primary().id(), 3)]);
+    // A peer's record: indexed, not echoed to the sink.
+    let other = pool.endpoints().iter().map(|s| s.id()).find(|&id| id != result.primary().id());
+    let other = other.unwrap();
+    assert!(producer.apply_remote(other, &[11, 12]));
+    producer.writer().flush();
+    assert!(producer.index().contains(other, 11));
+    assert_eq!(seen.0.lock().len(), 1);
+}

@@ -71,6 +71,10 @@ pub enum PluginError {
     /// A parameter is unknown, missing, of the wrong type or out of range.
     #[error("invalid parameters: {0}")]
     InvalidParameters(String),
+    /// The type is known but this build cannot construct it (a cargo feature is off); the
+    /// text says which build has it.
+    #[error("not available in this build: {0}")]
+    Unavailable(String),
 }
 
 /// The roles one constructed plugin plays. A plugin may play several (one value shared).

@@ -50,7 +50,8 @@ pub mod producer;
 pub use parameters::PrefixCacheParameters;
 use parameters::Resolved;
 pub use producer::{
-    ApproxPrefixParameters, PRODUCER_TYPE_NAME, PrefixCacheProducer, PrefixSource, ProducerSettings,
+    ApproxPrefixParameters, PRODUCER_TYPE_NAME, PrefixCacheProducer, PrefixSource,
+    ProducerSettings, RecordSink, prefix_producers,
 };
 
 /// GIE type name.

@@ -5,6 +5,11 @@
 //!
 //! A `prefix-cache-scorer` declared without a producer builds one of its own from its
 //! (GIE-era) parameters, so older configs keep working unchanged.
+//!
+//! Cross-replica sync: a [`RecordSink`] set with [`PrefixCacheProducer::set_record_sink`] is
+//! told of every record a decision makes (after it is queued, without waiting), and
+//! [`PrefixCacheProducer::apply_remote`] queues a record another replica made. Neither waits
+//! for the index or the network.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -127,6 +132,13 @@ struct PromptScratch {
     matches: Vec<(EndpointId, usize)>,
 }
 
+/// Told of each record a decision makes on a [`PrefixCacheProducer`]: a cross-replica syncer
+/// publishes them. Called on the decision's path: an implementation queues and returns.
+pub trait RecordSink: Send + Sync + std::fmt::Debug {
+    /// Endpoint `endpoint` was recorded as holding `hashes` (leading block hashes).
+    fn recorded(&self, endpoint: EndpointId, hashes: &[u64]);
+}
+
 /// Tells producers apart in a decision's [`CycleState`].
 static NEXT_PRODUCER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -142,6 +154,7 @@ pub struct PrefixCacheProducer {
     hasher: BlockHasher,
     index: Arc<PrefixIndex<EndpointId>>,
     writer: RecordWriter<EndpointId>,
+    sink: OnceLock<Arc<dyn RecordSink>>,
 }
 
 impl PrefixCacheProducer {
@@ -159,7 +172,21 @@ impl PrefixCacheProducer {
             }),
             writer: RecordWriter::new(Arc::clone(&index), WriterConfig::default()),
             index,
+            sink: OnceLock::new(),
         }
+    }
+
+    /// Tells `sink` of every record decisions make from now on; `false` (and no change) when
+    /// a sink is already set.
+    pub fn set_record_sink(&self, sink: Arc<dyn RecordSink>) -> bool {
+        self.sink.set(sink).is_ok()
+    }
+
+    /// Queues a record another replica made ("`endpoint` holds `hashes`"), without telling
+    /// the sink. Returns `false` when the writer's queue is full and the record was dropped
+    /// (counted with the local drops).
+    pub fn apply_remote(&self, endpoint: EndpointId, hashes: &[u64]) -> bool {
+        self.writer.submit(endpoint, hashes)
     }
 
     /// A producer configured by llm-d's parameters.
@@ -271,10 +298,17 @@ impl PreRequest for PrefixCacheProducer {
         let hashes = &self.hashed_prompt(state, request).hashes;
         // Queued, not applied: a full queue drops the record (counted) rather than waiting.
         self.writer.submit(endpoint, hashes);
+        let sink = self.sink.get();
+        if let Some(sink) = sink {
+            sink.recorded(endpoint, hashes);
+        }
         // A disaggregated request's prefill endpoint computed the prompt's KV cache too (as
         // llm-d records it).
         if let Some(prefill) = prefill.filter(|&prefill| prefill != endpoint) {
             self.writer.submit(prefill, hashes);
+            if let Some(sink) = sink {
+                sink.recorded(prefill, hashes);
+            }
         }
     }
 
@@ -364,4 +398,22 @@ pub(crate) fn every_source(
     plugins
         .iter()
         .filter_map(|declared| declared.plugin.shared.clone()?.downcast::<PrefixSource>().ok())
+}
+
+/// Every distinct prefix index of `plugins` (declared producers and scorers' own ones), each
+/// under the name of the first plugin holding it, in declaration order. A syncer keys shared
+/// records by this name, the same on every replica running the same config.
+pub fn prefix_producers(
+    plugins: &scheduler_core::ConstructedPlugins,
+) -> Vec<(String, Arc<PrefixCacheProducer>)> {
+    let mut found: Vec<(String, Arc<PrefixCacheProducer>)> = Vec::new();
+    for declared in plugins.iter() {
+        let Some(shared) = declared.plugin.shared.clone() else { continue };
+        let Ok(source) = shared.downcast::<PrefixSource>() else { continue };
+        let Some(producer) = source.producer() else { continue };
+        if !found.iter().any(|(_, known)| Arc::ptr_eq(known, producer)) {
+            found.push((declared.name.clone(), Arc::clone(producer)));
+        }
+    }
+    found
 }

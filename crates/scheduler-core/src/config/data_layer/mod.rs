@@ -43,7 +43,8 @@ pub struct DataLayerConfig {
     /// The plugin that discovers peer replicas; no built-in plugin is one.
     #[serde(default)]
     pub peer_discovery: Option<DataLayerPluginRef>,
-    /// The plugin sharing state across replicas; no built-in plugin is one.
+    /// The plugin sharing state across replicas (`redis-cross-replica-syncer`, when the
+    /// binary is built with it).
     #[serde(default)]
     pub cross_replica_syncer_plugin_ref: Option<String>,
     /// How often state is shared across replicas.
@@ -100,6 +101,8 @@ pub struct ResolvedDataLayer {
     pub discovery: Option<NamedDataPlugin>,
     /// The cross-replica sync interval, when given.
     pub cross_replica_sync_interval: Option<Duration>,
+    /// The cross-replica syncer, when one is named.
+    pub cross_replica_syncer: Option<NamedDataPlugin>,
 }
 
 impl ResolvedDataLayer {
@@ -150,20 +153,20 @@ impl EndpointPickerConfig {
             resolved.discovery =
                 Some(lookup(plugins, field, &discovery.plugin_ref, DataLayerRole::Discovery)?);
         }
-        // No built-in plugin discovers peers or syncs replicas: a reference is either dangling
-        // or names a plugin of another kind.
-        let unsupported = [
-            (
-                "dataLayer.peerDiscovery.pluginRef",
-                section.peer_discovery.map(|r| r.plugin_ref),
-                "a peer discovery",
-            ),
-            (
-                "dataLayer.crossReplicaSyncerPluginRef",
-                section.cross_replica_syncer_plugin_ref,
-                "a cross-replica syncer",
-            ),
-        ];
+        if let Some(syncer) =
+            section.cross_replica_syncer_plugin_ref.as_deref().filter(|name| !name.is_empty())
+        {
+            let field = "dataLayer.crossReplicaSyncerPluginRef";
+            resolved.cross_replica_syncer =
+                Some(lookup(plugins, field, syncer, DataLayerRole::CrossReplicaSyncer)?);
+        }
+        // No built-in plugin discovers peers (a Redis syncer finds its peers through Redis): a
+        // reference is either dangling or names a plugin of another kind.
+        let unsupported = [(
+            "dataLayer.peerDiscovery.pluginRef",
+            section.peer_discovery.map(|r| r.plugin_ref),
+            "a peer discovery",
+        )];
         for (field, reference, expected) in unsupported {
             let Some(reference) = reference.filter(|reference| !reference.is_empty()) else {
                 continue;

@@ -265,6 +265,10 @@ pub enum DataLayerPlugin {
     ClusterMetricsSource(MetricsSourceParameters),
     /// `multicluster-metrics-extractor`.
     ClusterMetricsExtractor(ClusterMetricsExtractorParameters),
+    /// A cross-replica syncer (`redis-cross-replica-syncer`, registered by the crate that
+    /// implements it): its typed parameters are the plugin's
+    /// [`shared`](crate::Plugin::shared) value.
+    CrossReplicaSyncer,
 }
 
 /// What a data-layer plugin can be referenced as.
@@ -276,6 +280,8 @@ pub enum DataLayerRole {
     Extractor,
     /// In `discovery.pluginRef`.
     Discovery,
+    /// In `crossReplicaSyncerPluginRef`.
+    CrossReplicaSyncer,
 }
 
 impl DataLayerRole {
@@ -285,6 +291,7 @@ impl DataLayerRole {
             Self::Source => "a data source",
             Self::Extractor => "an extractor",
             Self::Discovery => "an endpoint discovery",
+            Self::CrossReplicaSyncer => "a cross-replica syncer",
         }
     }
 }
@@ -303,6 +310,7 @@ impl DataLayerPlugin {
             | Self::DcgmExtractor(_)
             | Self::ClusterMetricsExtractor(_) => DataLayerRole::Extractor,
             Self::FileDiscovery(_) => DataLayerRole::Discovery,
+            Self::CrossReplicaSyncer => DataLayerRole::CrossReplicaSyncer,
         }
     }
 

@@ -458,3 +458,42 @@ dataLayer:
     .unwrap_err();
     assert!(matches!(error, ConfigError::DataLayerMismatch { .. }), "{error}");
 }
+
+#[test]
+fn a_cross_replica_syncer_is_resolved_by_its_role() {
+    let mut registry = PluginRegistry::new();
+    registry.register("test-syncer", |_| {
+        Ok(crate::Plugin {
+            data_layer: Some(Arc::new(DataLayerPlugin::CrossReplicaSyncer)),
+            ..crate::Plugin::default()
+        })
+    });
+    let resolve_with = |body: &str| {
+        let config = EndpointPickerConfig::from_yaml(&format!("{HEAD}{body}"))?;
+        let plugins = config.construct_plugins(&registry)?;
+        config.data_layer(&plugins, &registry)
+    };
+    let layer = resolve_with(
+        "plugins: [{name: sync, type: test-syncer}]
+dataLayer: {crossReplicaSyncerPluginRef: sync, crossReplicaSyncInterval: 250ms}
+",
+    )
+    .unwrap();
+    assert_eq!(layer.cross_replica_syncer.map(|syncer| syncer.name), Some("sync".to_owned()));
+    assert_eq!(layer.cross_replica_sync_interval, Some(std::time::Duration::from_millis(250)));
+    let wrong = resolve_with(
+        "plugins: [{type: concurrency-detector}]
+dataLayer: {crossReplicaSyncerPluginRef: concurrency-detector}
+",
+    )
+    .unwrap_err();
+    assert!(matches!(
+        wrong,
+        ConfigError::DataLayerWrongKind { expected: "a cross-replica syncer", .. }
+    ));
+    let dangling = resolve_with("dataLayer: {crossReplicaSyncerPluginRef: redis}\n").unwrap_err();
+    assert_eq!(
+        dangling.to_string(),
+        "dataLayer.crossReplicaSyncerPluginRef: 'redis' names no declared plugin"
+    );
+}
