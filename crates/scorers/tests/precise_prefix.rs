@@ -142,6 +142,12 @@ mod with_feature {
             .replace(
                 "topicFilter: kv@",
                 &format!("topicFilter: kv@\n      podDiscoveryConfig: {{socketPort: {port}}}"),
+            )
+            // The exact match ratio, whatever the picks the loop below leaves in flight (the
+            // default load-aware affinity would discount a busier holder).
+            .replace(
+                "prefixMatchInfoProducerName: precise-prefix-cache-producer",
+                "prefixMatchInfoProducerName: precise-prefix-cache-producer\n    affinityLoadTolerance: 0",
             );
         let registry = builtin_registry();
         let config = EndpointPickerConfig::from_yaml(&yaml).unwrap();
