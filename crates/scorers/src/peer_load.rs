@@ -10,6 +10,8 @@
 //! whole (one write lock, once per sync interval) and read under a shared lock, so a decision
 //! never waits for the network.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use parking_lot::RwLock;
 use scheduler_core::{EndpointId, EndpointMap};
 
@@ -26,22 +28,32 @@ pub struct InFlightCounts {
 #[derive(Debug, Default)]
 pub struct PeerInFlight {
     counts: RwLock<EndpointMap<InFlightCounts>>,
+    /// Whether `counts` holds anything: without a syncer (or peers) a read takes no lock.
+    any: AtomicBool,
 }
 
 impl PeerInFlight {
     /// The peers' counts on `endpoint` (zero when none is known).
     pub fn get(&self, endpoint: EndpointId) -> InFlightCounts {
+        if !self.any.load(Ordering::Acquire) {
+            return InFlightCounts::default();
+        }
         self.counts.read().get(&endpoint).copied().unwrap_or_default()
     }
 
     /// Replaces every peer count with `counts`.
     pub fn replace(&self, counts: EndpointMap<InFlightCounts>) {
-        *self.counts.write() = counts;
+        let any = !counts.is_empty();
+        let mut table = self.counts.write();
+        *table = counts;
+        self.any.store(any, Ordering::Release);
     }
 
     /// Forgets every peer count (the peers are gone, or cannot be heard).
     pub fn clear(&self) {
-        self.counts.write().clear();
+        let mut table = self.counts.write();
+        table.clear();
+        self.any.store(false, Ordering::Release);
     }
 
     /// Runs `read` with the peer table under a shared lock (for scoring a whole slice at once).

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::engine::{SimConfig, SimError, compare};
+use crate::engine::{SimConfig, SimError, run};
 use crate::policy::{Policy, PolicyError};
 use crate::profile::ServerProfile;
 use crate::report::RunReport;
@@ -178,7 +178,7 @@ pub fn run_set(
         workload.max_context_tokens = workload.max_context_tokens.min(profile.max_model_len);
         let mut reports = Vec::with_capacity(policies.len());
         for policy in &policies {
-            let report = compare(&config, &workload, std::slice::from_ref(policy))?.remove(0);
+            let report = run(&config, &workload, policy)?;
             done += 1;
             progress(done, total, &report);
             reports.push(report);

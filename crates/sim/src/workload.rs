@@ -167,15 +167,7 @@ impl SyntheticWorkload {
     /// then a new 200-token question, answered in 200 tokens, single turn. The hot-prefix case
     /// where affinity alone would send the whole load to the one server that holds the prompt.
     pub fn hot_prefix() -> Self {
-        Self {
-            message_tokens: LengthDistribution::Fixed(200),
-            output_tokens: LengthDistribution::Fixed(200),
-            system_prompts: 1,
-            system_prompt_tokens: 6000,
-            system_prompt_share: 1.0,
-            mean_turns: 1.0,
-            prompts_per_group: 0,
-        }
+        Self::shared_prefix(1, 0, 6000, 200, 200)
     }
 
     /// inference-perf's `shared_prefix` data shape: `groups` system prompts of
