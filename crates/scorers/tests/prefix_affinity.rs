@@ -13,11 +13,13 @@ use scorers::builtin_registry;
 use serde_json::json;
 
 /// 4-character blocks; the filter and the prefix scorer in one profile, random picks.
+/// The scorer's load discount is off so its scores are the raw match ratios the filter
+/// compares with its threshold (pending picks would otherwise lower them).
 fn scheduler(filter_parameters: &str) -> Scheduler {
     let yaml = format!(
         "plugins:
 - type: prefix-cache-scorer
-  parameters: {{blockSize: 4}}
+  parameters: {{blockSize: 4, affinityLoadTolerance: 0}}
 - type: prefix-cache-affinity-filter
   parameters: {filter_parameters}
 - type: random-picker
