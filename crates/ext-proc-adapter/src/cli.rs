@@ -223,9 +223,29 @@ pub struct ServerFlags {
     /// the criticality of its model's InferenceModel, or 0.
     #[arg(long, global = true)]
     pub objectives_file: Option<PathBuf>,
-    /// Name of the pool in metrics.
+    /// Name of the pool in metrics; on Kubernetes (the `kubernetes` feature, no
+    /// --endpoints-file), the InferencePool whose ready pods are the endpoints.
     #[arg(long, default_value = "default-pool", global = true)]
     pub pool_name: String,
+    /// Whether --pool-name was given (rather than defaulted): it then names an InferencePool.
+    #[arg(skip)]
+    pub pool_name_given: bool,
+    /// Namespace of the InferencePool (or of the --endpoint-selector pods); defaults to the
+    /// NAMESPACE environment variable, else `default`. Needs the `kubernetes` feature.
+    #[arg(long, global = true)]
+    pub pool_namespace: Option<String>,
+    /// API group of the InferencePool: `inference.networking.k8s.io` (v1) or
+    /// `inference.networking.x-k8s.io` (v1alpha2).
+    #[arg(long, default_value = "inference.networking.k8s.io", global = true)]
+    pub pool_group: String,
+    /// Without an InferencePool: the pods of the namespace this Kubernetes label selector
+    /// chooses are the endpoints (`app=vllm,env in (prod)`); needs --endpoint-target-ports.
+    #[arg(long, global = true, conflicts_with = "endpoints_file")]
+    pub endpoint_selector: Option<String>,
+    /// The model servers' ports on each --endpoint-selector pod (1 to 8, comma-separated),
+    /// one endpoint (data-parallel rank) per port.
+    #[arg(long, global = true, value_delimiter = ',', requires = "endpoint_selector")]
+    pub endpoint_target_ports: Vec<i64>,
     /// Fallback endpoints emitted after the primary (0: one endpoint; some proxies parse only one).
     #[arg(long, default_value_t = 0, global = true)]
     pub max_fallback_endpoints: usize,

@@ -4,9 +4,11 @@
 //! known and, when the pool's staleness policy fails closed, some endpoint has fresh metrics.
 //! Failing open (the default), an all-stale pool stays ready, since the picker still routes.
 //! While the server drains before stopping, readiness is NotServing and liveness serving.
+//! Other conditions can hold readiness at NotServing too ([`ReadinessHolds`]): Kubernetes
+//! discovery before its first full list, a replica that is not the elected leader.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use scheduler_core::SharedPool;
@@ -25,18 +27,66 @@ pub fn pool_ready(pool: &SharedPool, now: Instant) -> bool {
     pool.load().can_route(now)
 }
 
-/// Keeps the health statuses in step with the pool until the task is dropped; once
-/// `draining` is set, readiness stays NotServing whatever the pool.
+/// A reason, other than the pool, for readiness to report NotServing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The server is draining before it stops.
+    Draining,
+    /// Endpoint discovery has not listed everything yet.
+    Discovery,
+    /// Another replica is the elected leader; this one stands by.
+    Standby,
+}
+
+impl Hold {
+    fn bit(self) -> u32 {
+        match self {
+            Self::Draining => 1,
+            Self::Discovery => 2,
+            Self::Standby => 4,
+        }
+    }
+}
+
+/// The [`Hold`]s in force; readiness is NotServing while any is.
+#[derive(Debug, Default)]
+pub struct ReadinessHolds {
+    bits: AtomicU32,
+}
+
+impl ReadinessHolds {
+    /// Puts `hold` in force (`held`) or lifts it.
+    pub fn set(&self, hold: Hold, held: bool) {
+        if held {
+            self.bits.fetch_or(hold.bit(), Ordering::Relaxed);
+        } else {
+            self.bits.fetch_and(!hold.bit(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `hold` is in force.
+    pub fn is_set(&self, hold: Hold) -> bool {
+        self.bits.load(Ordering::Relaxed) & hold.bit() != 0
+    }
+
+    /// Whether any hold is in force.
+    pub fn any(&self) -> bool {
+        self.bits.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// Keeps the health statuses in step with the pool until the task is dropped; while any of
+/// `holds` is in force, readiness stays NotServing whatever the pool.
 pub async fn report(
     reporter: HealthReporter,
     pool: Arc<SharedPool>,
-    draining: Arc<AtomicBool>,
+    holds: Arc<ReadinessHolds>,
     period: Duration,
 ) {
     reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
     let mut last = None;
     loop {
-        let ready = !draining.load(Ordering::Relaxed) && pool_ready(&pool, Instant::now());
+        let ready = !holds.any() && pool_ready(&pool, Instant::now());
         if last != Some(ready) {
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             reporter.set_service_status(READINESS, status).await;
@@ -50,8 +100,8 @@ pub async fn report(
 
 /// Marks the server as draining: readiness and the ext-proc service report NotServing from
 /// now on (liveness stays serving), so the pod leaves the Service while it still serves.
-pub async fn start_draining(reporter: &HealthReporter, draining: &AtomicBool) {
-    draining.store(true, Ordering::Relaxed);
+pub async fn start_draining(reporter: &HealthReporter, holds: &ReadinessHolds) {
+    holds.set(Hold::Draining, true);
     reporter.set_service_status(READINESS, ServingStatus::NotServing).await;
     reporter.set_service_status(EXT_PROC_SERVICE, ServingStatus::NotServing).await;
 }

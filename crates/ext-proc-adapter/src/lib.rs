@@ -69,6 +69,8 @@ pub mod endpoints_file;
 pub mod exchange;
 mod file_watch;
 pub mod health;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod listener;
 pub mod metrics;
 mod metrics_http;

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use ext_proc_adapter::cli::{self, BbrArgs, Cli, Command, DemoArgs, ServerFlags};
 use ext_proc_adapter::cross_replica::CrossReplica;
 use ext_proc_adapter::model_rewrites::ModelRewriteSettings;
@@ -25,7 +24,7 @@ use scheduler_core::flow::{FlowMetrics, ObjectiveResolver};
 use scheduler_core::{EndpointPickerConfig, SharedPool};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     init_logging(cli.server.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -46,6 +45,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The flags, noting whether --pool-name was given (it then names an InferencePool).
+fn parse_command_line() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let given = |matches: &clap::ArgMatches| {
+        matches.value_source("pool_name") == Some(clap::parser::ValueSource::CommandLine)
+    };
+    cli.server.pool_name_given =
+        given(&matches) || matches.subcommand().is_some_and(|(_, sub)| given(sub));
+    cli
 }
 
 fn init_logging(verbose: u8) {
@@ -172,6 +184,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .await
         .map_err(|error| error.to_string())?;
     let cross_replica = CrossReplica::start(&layer, &plugins, pool, &pool_name, &running.metrics)?;
+    let _kubernetes = start_kubernetes(&flags, &running).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.drain(flags.drain_timeout, Duration::from_secs(10)).await;
@@ -179,6 +192,78 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         sync.shutdown().await;
     }
     Ok(())
+}
+
+/// Kubernetes discovery, when the flags ask for it: no --endpoints-file, and --pool-name,
+/// --pool-namespace or --endpoint-selector given.
+#[cfg(feature = "kubernetes")]
+async fn start_kubernetes(
+    flags: &ServerFlags,
+    running: &server::RunningServer,
+) -> Result<Option<ext_proc_adapter::kubernetes::KubernetesEndpoints>, String> {
+    use ext_proc_adapter::kubernetes::{self, KubernetesSettings};
+    use k8s_discovery::PoolSource;
+    let Some(settings) = kubernetes_settings(flags)? else { return Ok(None) };
+    let source = match &settings {
+        PoolSource::InferencePool { name, group } => format!("InferencePool {group}/{name}"),
+        PoolSource::Selector { selector, .. } => format!("pods matching {selector}"),
+    };
+    let namespace = pool_namespace(flags);
+    tracing::info!(%namespace, %source, "endpoints from Kubernetes");
+    let settings = KubernetesSettings { namespace, source: settings };
+    let writer = running.pool_writer.clone();
+    kubernetes::start(settings, writer, running.readiness_holds()).await.map(Some)
+}
+
+#[cfg(feature = "kubernetes")]
+fn kubernetes_settings(flags: &ServerFlags) -> Result<Option<k8s_discovery::PoolSource>, String> {
+    use k8s_discovery::{PoolSource, parse_selector, pool_resource, validate_ports};
+    if let Some(selector) = &flags.endpoint_selector {
+        let selector =
+            parse_selector(selector).map_err(|error| format!("--endpoint-selector: {error}"))?;
+        let target_ports = validate_ports(&flags.endpoint_target_ports)
+            .map_err(|error| format!("--endpoint-target-ports: {error}"))?;
+        return Ok(Some(PoolSource::Selector { selector, target_ports }));
+    }
+    if flags.endpoints_file.is_some() || !(flags.pool_name_given || flags.pool_namespace.is_some())
+    {
+        return Ok(None);
+    }
+    if pool_resource(&flags.pool_group).is_none() {
+        return Err(format!(
+            "--pool-group {:?}: expected {} or {}",
+            flags.pool_group,
+            k8s_discovery::POOL_GROUP_V1,
+            k8s_discovery::POOL_GROUP_V1ALPHA2
+        ));
+    }
+    Ok(Some(PoolSource::InferencePool {
+        name: flags.pool_name.clone(),
+        group: flags.pool_group.clone(),
+    }))
+}
+
+/// --pool-namespace, else the NAMESPACE environment variable, else `default` (the Go EPP's
+/// order).
+#[cfg(feature = "kubernetes")]
+fn pool_namespace(flags: &ServerFlags) -> String {
+    flags
+        .pool_namespace
+        .clone()
+        .or_else(|| std::env::var("NAMESPACE").ok().filter(|namespace| !namespace.is_empty()))
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+/// Without the `kubernetes` feature, the Kubernetes flags are refused rather than ignored.
+#[cfg(not(feature = "kubernetes"))]
+async fn start_kubernetes(
+    flags: &ServerFlags,
+    _running: &server::RunningServer,
+) -> Result<Option<()>, String> {
+    if flags.pool_namespace.is_some() || flags.endpoint_selector.is_some() {
+        return Err("--pool-namespace and --endpoint-selector need an epp built with the `kubernetes` feature".to_owned());
+    }
+    Ok(None)
 }
 
 /// The ext-proc TLS identity: none without --secure-serving, else from --cert-path, else

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use metrics_model::EngineSet;
@@ -272,7 +271,7 @@ pub struct RunningServer {
     /// The models each endpoint serves, when [`ServerConfig::models`] polls them.
     pub endpoint_models: Option<Arc<EndpointModels>>,
     health: tonic_health::server::HealthReporter,
-    draining: Arc<AtomicBool>,
+    holds: Arc<crate::health::ReadinessHolds>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// The GPU utilization of each endpoint (`dcgm-extractor`'s `GPUUtilization`), when
@@ -427,11 +426,11 @@ pub async fn start_with_director(
         stopped.clone(),
     )?];
     let reporter = spawn_health(health, stopped.clone(), &mut tasks);
-    let draining = Arc::new(AtomicBool::new(false));
+    let holds = Arc::new(crate::health::ReadinessHolds::default());
     tasks.push(tokio::spawn(crate::health::report(
         reporter.clone(),
         Arc::clone(&pool),
-        Arc::clone(&draining),
+        Arc::clone(&holds),
         Duration::from_millis(500),
     )));
     if let Some((settings, applied)) = initial_model_rewrites {
@@ -487,7 +486,7 @@ pub async fn start_with_director(
         pool_writer,
         endpoint_models,
         health: reporter,
-        draining,
+        holds,
         stop,
         tasks,
         endpoint_gpu_utilization,
@@ -495,6 +494,12 @@ pub async fn start_with_director(
 }
 
 impl RunningServer {
+    /// The conditions that hold readiness at NotServing besides the pool's state (endpoint
+    /// discovery, leader election).
+    pub fn readiness_holds(&self) -> Arc<crate::health::ReadinessHolds> {
+        Arc::clone(&self.holds)
+    }
+
     /// Stops accepting, lets open streams finish, and stops the background tasks (the
     /// collector stops when its last handle is dropped).
     pub async fn shutdown(self, grace: Duration) {
@@ -506,7 +511,7 @@ impl RunningServer {
     /// (requests that still arrive meanwhile are answered, not refused), then
     /// [`Self::shutdown`] with `grace`. As the Go EPP's `--drain-timeout`.
     pub async fn drain(self, window: Duration, grace: Duration) {
-        crate::health::start_draining(&self.health, &self.draining).await;
+        crate::health::start_draining(&self.health, &self.holds).await;
         tracing::info!(?window, "draining: not ready, still serving");
         tokio::time::sleep(window).await;
         self.shutdown(grace).await;
