@@ -170,21 +170,25 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         tracing::warn!("dataLayer is configured: the metric-name flags are ignored");
     }
     let pool = Arc::new(SharedPool::default());
-    let director = Director::from_constructed(
-        &config,
-        &plugins,
-        &registry,
-        Arc::clone(&pool),
-        server_config.director.clone(),
-        objectives,
-    )
-    .map_err(|error| format!("invalid config: {error}"))?;
+    // Clones share the table, so objectives watched on Kubernetes reach the director.
+    let objective_table = objectives.clone();
+    let director = Arc::new(
+        Director::from_constructed(
+            &config,
+            &plugins,
+            &registry,
+            Arc::clone(&pool),
+            server_config.director.clone(),
+            objectives,
+        )
+        .map_err(|error| format!("invalid config: {error}"))?,
+    );
     let pool_name = server_config.pool_name.clone();
-    let running = server::start_with_director(Arc::new(director), server_config)
+    let running = server::start_with_director(Arc::clone(&director), server_config)
         .await
         .map_err(|error| error.to_string())?;
     let cross_replica = CrossReplica::start(&layer, &plugins, pool, &pool_name, &running.metrics)?;
-    let _kubernetes = start_kubernetes(&flags, &running).await?;
+    let _kubernetes = start_kubernetes(&flags, &running, objective_table, director).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     running.drain(flags.drain_timeout, Duration::from_secs(10)).await;
@@ -200,8 +204,10 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
 async fn start_kubernetes(
     flags: &ServerFlags,
     running: &server::RunningServer,
+    objectives: ObjectiveResolver,
+    director: Arc<Director>,
 ) -> Result<Option<ext_proc_adapter::kubernetes::KubernetesEndpoints>, String> {
-    use ext_proc_adapter::kubernetes::{self, KubernetesSettings};
+    use ext_proc_adapter::kubernetes::{self, KubernetesSettings, PoolObjectSinks};
     use k8s_discovery::PoolSource;
     let Some(settings) = kubernetes_settings(flags)? else { return Ok(None) };
     let source = match &settings {
@@ -212,7 +218,15 @@ async fn start_kubernetes(
     tracing::info!(%namespace, %source, "endpoints from Kubernetes");
     let settings = KubernetesSettings { namespace, source: settings };
     let writer = running.pool_writer.clone();
-    kubernetes::start(settings, writer, running.readiness_holds()).await.map(Some)
+    // A file given for a kind wins over the API for that kind.
+    let sinks = PoolObjectSinks {
+        objectives: flags.objectives_file.is_none().then_some(objectives),
+        rewrites: flags
+            .model_rewrites_file
+            .is_none()
+            .then(|| (director, Arc::clone(&running.metrics))),
+    };
+    kubernetes::start(settings, writer, running.readiness_holds(), sinks).await.map(Some)
 }
 
 #[cfg(feature = "kubernetes")]
@@ -259,6 +273,8 @@ fn pool_namespace(flags: &ServerFlags) -> String {
 async fn start_kubernetes(
     flags: &ServerFlags,
     _running: &server::RunningServer,
+    _objectives: ObjectiveResolver,
+    _director: Arc<Director>,
 ) -> Result<Option<()>, String> {
     if flags.pool_namespace.is_some() || flags.endpoint_selector.is_some() {
         return Err("--pool-namespace and --endpoint-selector need an epp built with the `kubernetes` feature".to_owned());

@@ -90,7 +90,7 @@ impl ModelRewriteSettings {
 
 /// Gives the configured names their own metric series and swaps the rules in; returns how
 /// many rules there are.
-fn publish(director: &Director, metrics: &EppMetrics, rewrites: ModelRewrites) -> usize {
+pub(crate) fn publish(director: &Director, metrics: &EppMetrics, rewrites: ModelRewrites) -> usize {
     metrics.admit_model_names(rewrites.model_names());
     let rules = rewrites.len();
     director.set_model_rewrites(Some(Arc::new(rewrites)));

@@ -27,6 +27,7 @@
 mod discovery;
 mod pods;
 mod pool;
+mod pool_objects;
 mod selector;
 
 pub use discovery::{DiscoveredPool, Discovery, DiscoveryConfig, DiscoveryError, PoolSource};
@@ -36,6 +37,9 @@ pub use pods::{
 pub use pool::{
     MAX_TARGET_PORTS, POOL_GROUP_V1, POOL_GROUP_V1ALPHA2, PoolSpec, PoolSpecError, pool_resource,
     validate_ports,
+};
+pub use pool_objects::{
+    OBJECT_GROUPS, OBJECT_VERSION, PoolObjectKind, PoolObjectWatch, PoolObjects,
 };
 pub use selector::{SelectorError, parse_selector};
 

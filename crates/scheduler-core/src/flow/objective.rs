@@ -244,11 +244,19 @@ pub enum ObjectiveError {
 }
 
 /// Maps objective names, and the model names of legacy InferenceModels, to priorities.
+///
+/// Clones share one table, which [`ObjectiveResolver::replace_with`] swaps whole (objectives
+/// watched on Kubernetes change while requests flow; each request reads one table).
 #[derive(Clone, Debug)]
 pub struct ObjectiveResolver {
-    objective_priorities: HashMap<String, i32>,
-    model_priorities: HashMap<String, i32>,
+    priorities: Arc<arc_swap::ArcSwap<Priorities>>,
     metrics: Arc<FlowMetrics>,
+}
+
+#[derive(Debug, Default)]
+struct Priorities {
+    objectives: HashMap<String, i32>,
+    models: HashMap<String, i32>,
 }
 
 impl ObjectiveResolver {
@@ -319,22 +327,26 @@ impl ObjectiveResolver {
         let priorities_only = |map: HashMap<String, (EntryPosition, i32)>| {
             map.into_iter().map(|(name, (_, priority))| (name, priority)).collect()
         };
-        Ok(Self {
-            objective_priorities: priorities_only(objectives),
-            model_priorities: priorities_only(models),
-            metrics,
-        })
+        let priorities =
+            Priorities { objectives: priorities_only(objectives), models: priorities_only(models) };
+        Ok(Self { priorities: Arc::new(arc_swap::ArcSwap::from_pointee(priorities)), metrics })
+    }
+
+    /// Makes this resolver (and its clones) resolve as `other` does from now on; requests
+    /// already resolved keep their priority.
+    pub fn replace_with(&self, other: &ObjectiveResolver) {
+        self.priorities.store(other.priorities.load_full());
     }
 
     /// The priority of objective `name`, if configured.
     pub fn priority_of(&self, name: &str) -> Option<i32> {
-        self.objective_priorities.get(name).copied()
+        self.priorities.load().objectives.get(name).copied()
     }
 
     /// The priority a legacy InferenceModel gives requests for `model` that name no objective,
     /// if one is configured for it.
     pub fn priority_of_model(&self, model: &str) -> Option<i32> {
-        self.model_priorities.get(model).copied()
+        self.priorities.load().models.get(model).copied()
     }
 
     /// The priority `request` is entitled to by its objective, or failing that by its model
@@ -369,17 +381,17 @@ impl ObjectiveResolver {
 
     /// How many objectives are configured.
     pub fn len(&self) -> usize {
-        self.objective_priorities.len()
+        self.priorities.load().objectives.len()
     }
 
     /// Whether no objective is configured.
     pub fn is_empty(&self) -> bool {
-        self.objective_priorities.is_empty()
+        self.priorities.load().objectives.is_empty()
     }
 
     /// How many models have a priority from a legacy InferenceModel.
     pub fn model_count(&self) -> usize {
-        self.model_priorities.len()
+        self.priorities.load().models.len()
     }
 }
 
@@ -398,6 +410,18 @@ mod tests {
         let mut request = InferenceRequest::new("m", "p");
         request.objective = objective.map(str::to_owned);
         request
+    }
+
+    #[test]
+    fn replacing_changes_every_clone_at_once() {
+        let (resolver, metrics) = resolver();
+        let clone = resolver.clone();
+        let next =
+            ObjectiveResolver::from_yaml("- name: premium\n  priority: 3\n", metrics).unwrap();
+        resolver.replace_with(&next);
+        assert_eq!(clone.resolve(&request(Some("premium"))), 3);
+        assert_eq!(clone.priority_of("batch"), None, "objectives gone from the new table are gone");
+        assert_eq!(clone.len(), 1);
     }
 
     #[test]
