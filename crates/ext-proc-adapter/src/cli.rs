@@ -242,6 +242,11 @@ pub struct ServerFlags {
     /// chooses are the endpoints (`app=vllm,env in (prod)`); needs --endpoint-target-ports.
     #[arg(long, global = true, conflicts_with = "endpoints_file")]
     pub endpoint_selector: Option<String>,
+    /// Among replicas of this EPP, only the one holding the pool's Lease
+    /// (`epp-<namespace>-<pool>.llm-d.ai`) reports ready; the others keep their state warm and
+    /// take over when it goes. Needs the `kubernetes` feature.
+    #[arg(long, default_value_t = false, global = true)]
+    pub ha_enable_leader_election: bool,
     /// The model servers' ports on each --endpoint-selector pod (1 to 8, comma-separated),
     /// one endpoint (data-parallel rank) per port.
     #[arg(long, global = true, value_delimiter = ',', requires = "endpoint_selector")]

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use k8s_discovery::{
-    DiscoveredPool, Discovery, DiscoveryConfig, PoolObjectKind, PoolObjectWatch, PoolObjects,
-    PoolSource,
+    DiscoveredPool, Discovery, DiscoveryConfig, LeaderElectionConfig, LeaderElector,
+    PoolObjectKind, PoolObjectWatch, PoolObjects, PoolSource,
 };
 use metrics_model::engines::LEGACY_ENGINE_LABEL_KEY;
 use metrics_model::mapping::Engine;
@@ -37,6 +37,8 @@ pub struct KubernetesSettings {
     pub namespace: String,
     /// An InferencePool, or a selector and ports.
     pub source: PoolSource,
+    /// Campaign for this Lease; readiness holds at NotServing while another replica leads.
+    pub leader_election: Option<LeaderElectionConfig>,
 }
 
 /// Where watched InferenceObjectives and InferenceModelRewrites go; `None` leaves a kind
@@ -54,7 +56,18 @@ pub struct PoolObjectSinks {
 pub struct KubernetesEndpoints {
     _discovery: Discovery,
     _objects: Vec<PoolObjectWatch>,
+    elector: Option<LeaderElector>,
     feeds: Vec<JoinHandle<()>>,
+}
+
+impl KubernetesEndpoints {
+    /// Gives up leadership, if held, so another replica takes over at once (on shutdown,
+    /// before draining, as the Go EPP does).
+    pub async fn release_leadership(&mut self) {
+        if let Some(elector) = self.elector.take() {
+            elector.release().await;
+        }
+    }
 }
 
 impl Drop for KubernetesEndpoints {
@@ -82,18 +95,33 @@ pub async fn start(
         PoolSource::InferencePool { name, group } => Some((name.clone(), group.clone())),
         PoolSource::Selector { .. } => None,
     };
+    let elector = settings.leader_election.map(|config| {
+        holds.set(Hold::Standby, true);
+        LeaderElector::start(client.clone(), config)
+    });
     let config = DiscoveryConfig { namespace: settings.namespace, source: settings.source };
     let discovery = Discovery::start(client.clone(), config).map_err(|error| error.to_string())?;
     let mut updates = discovery.subscribe();
     let first = discovery.current();
-    let mut feeds = vec![tokio::spawn(async move {
+    let mut feeds = Vec::new();
+    if let Some(elector) = &elector {
+        let mut leading = elector.subscribe();
+        let holds = Arc::clone(&holds);
+        feeds.push(tokio::spawn(async move {
+            while leading.changed().await.is_ok() {
+                let leads = *leading.borrow_and_update();
+                holds.set(Hold::Standby, !leads);
+            }
+        }));
+    }
+    feeds.push(tokio::spawn(async move {
         let mut applied = None;
         apply(&first, &writer, &holds, &mut applied);
         while updates.changed().await.is_ok() {
             let pool = updates.borrow_and_update().clone();
             apply(&pool, &writer, &holds, &mut applied);
         }
-    })];
+    }));
     let mut objects = Vec::new();
     if let Some((pool, group)) = pool_reference {
         let watch = |kind| PoolObjectWatch::start(client.clone(), &namespace, &pool, &group, kind);
@@ -111,7 +139,7 @@ pub async fn start(
             objects.push(rewrites);
         }
     }
-    Ok(KubernetesEndpoints { _discovery: discovery, _objects: objects, feeds })
+    Ok(KubernetesEndpoints { _discovery: discovery, _objects: objects, elector, feeds })
 }
 
 /// Calls `apply` with the current objects once listed, then on every change.

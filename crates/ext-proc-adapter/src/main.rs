@@ -188,9 +188,12 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .await
         .map_err(|error| error.to_string())?;
     let cross_replica = CrossReplica::start(&layer, &plugins, pool, &pool_name, &running.metrics)?;
-    let _kubernetes = start_kubernetes(&flags, &running, objective_table, director).await?;
+    let mut kubernetes = start_kubernetes(&flags, &running, objective_table, director).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some(kubernetes) = &mut kubernetes {
+        kubernetes.release_leadership().await;
+    }
     running.drain(flags.drain_timeout, Duration::from_secs(10)).await;
     if let Some(sync) = cross_replica {
         sync.shutdown().await;
@@ -216,7 +219,10 @@ async fn start_kubernetes(
     };
     let namespace = pool_namespace(flags);
     tracing::info!(%namespace, %source, "endpoints from Kubernetes");
-    let settings = KubernetesSettings { namespace, source: settings };
+    let leader_election = flags
+        .ha_enable_leader_election
+        .then(|| k8s_discovery::LeaderElectionConfig::for_pool(&namespace, &flags.pool_name));
+    let settings = KubernetesSettings { namespace, source: settings, leader_election };
     let writer = running.pool_writer.clone();
     // A file given for a kind wins over the API for that kind.
     let sinks = PoolObjectSinks {
@@ -268,6 +274,15 @@ fn pool_namespace(flags: &ServerFlags) -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
+/// What a binary without the `kubernetes` feature starts: nothing.
+#[cfg(not(feature = "kubernetes"))]
+struct NoKubernetes;
+
+#[cfg(not(feature = "kubernetes"))]
+impl NoKubernetes {
+    async fn release_leadership(&mut self) {}
+}
+
 /// Without the `kubernetes` feature, the Kubernetes flags are refused rather than ignored.
 #[cfg(not(feature = "kubernetes"))]
 async fn start_kubernetes(
@@ -275,9 +290,12 @@ async fn start_kubernetes(
     _running: &server::RunningServer,
     _objectives: ObjectiveResolver,
     _director: Arc<Director>,
-) -> Result<Option<()>, String> {
-    if flags.pool_namespace.is_some() || flags.endpoint_selector.is_some() {
-        return Err("--pool-namespace and --endpoint-selector need an epp built with the `kubernetes` feature".to_owned());
+) -> Result<Option<NoKubernetes>, String> {
+    if flags.pool_namespace.is_some()
+        || flags.endpoint_selector.is_some()
+        || flags.ha_enable_leader_election
+    {
+        return Err("--pool-namespace, --endpoint-selector and --ha-enable-leader-election need an epp built with the `kubernetes` feature".to_owned());
     }
     Ok(None)
 }

@@ -25,12 +25,14 @@
 //! ```
 
 mod discovery;
+mod leader;
 mod pods;
 mod pool;
 mod pool_objects;
 mod selector;
 
 pub use discovery::{DiscoveredPool, Discovery, DiscoveryConfig, DiscoveryError, PoolSource};
+pub use leader::{LeaderElectionConfig, LeaderElector};
 pub use pods::{
     ACTIVE_PORTS_ANNOTATION, DiscoveredEndpoint, LEGACY_ACTIVE_PORTS_ANNOTATION, PodView,
 };
