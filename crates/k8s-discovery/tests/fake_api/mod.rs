@@ -427,7 +427,7 @@ async fn handle(
         (&Method::GET, None) => list(&shared.store.lock(), &target, &query),
         (&Method::GET, Some(name)) => match shared.store.lock().objects.get(&target.key(name)) {
             Some(object) => json_response(StatusCode::OK, object),
-            None => not_found(&target, name),
+            None => not_found(&target, name).into_response(),
         },
         (method, name) => {
             let response =
@@ -442,7 +442,7 @@ async fn handle(
 fn list(store: &Store, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
     let filter = match parse_filter(target, query) {
         Ok(filter) => filter,
-        Err(response) => return response,
+        Err(failure) => return failure.into_response(),
     };
     let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     // A continue token is "<resourceVersion of the first page>:<namespace>/<name of the last item>".
@@ -489,15 +489,12 @@ fn parse_continue(token: &str) -> Option<(u64, String, String)> {
     Some((rv.parse().ok()?, ns.to_owned(), name.to_owned()))
 }
 
-fn parse_filter(
-    target: &Target,
-    query: &HashMap<String, String>,
-) -> Result<Filter, Response<Body>> {
+fn parse_filter(target: &Target, query: &HashMap<String, String>) -> Result<Filter, Failure> {
     let selector = Selector::parse(
         query.get("labelSelector").map(String::as_str),
         query.get("fieldSelector").map(String::as_str),
     )
-    .map_err(|message| status(StatusCode::BAD_REQUEST, "BadRequest", message))?;
+    .map_err(|message| Failure(StatusCode::BAD_REQUEST, "BadRequest", message))?;
     Ok(Filter {
         api_version: target.api_version.clone(),
         plural: target.plural.clone(),
@@ -517,7 +514,7 @@ fn write_request(
 ) -> Response<Body> {
     let parsed = || {
         serde_json::from_slice::<Value>(body).ok().filter(Value::is_object).ok_or_else(|| {
-            status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not a JSON object".into())
+            Failure(StatusCode::BAD_REQUEST, "BadRequest", "the body is not a JSON object".into())
         })
     };
     let result = match (method, name) {
@@ -547,23 +544,23 @@ fn write_request(
         },
         _ => {
             let message = format!("{method} is not supported on {}", target.resource());
-            Err(status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", message))
+            Err(Failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", message))
         }
     };
-    result.unwrap_or_else(|error| error)
+    result.unwrap_or_else(Failure::into_response)
 }
 
 fn create(
     store: &mut Store,
     target: &Target,
     mut object: Value,
-) -> Result<Response<Body>, Response<Body>> {
+) -> Result<Response<Body>, Failure> {
     let meta = metadata(&mut object);
     let name = match (meta.get("name"), meta.get("generateName")) {
         (Some(Value::String(name)), _) => name.clone(),
         (_, Some(Value::String(prefix))) => format!("{prefix}{:05x}", store.uids + 1),
         _ => {
-            return Err(status(
+            return Err(Failure(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
                 "metadata.name is required".into(),
@@ -573,7 +570,7 @@ fn create(
     let key = target.key(&name);
     if store.objects.contains_key(&key) {
         let message = format!("{} {name:?} already exists", target.resource());
-        return Err(status(StatusCode::CONFLICT, "AlreadyExists", message));
+        return Err(Failure(StatusCode::CONFLICT, "AlreadyExists", message));
     }
     object["apiVersion"] = json!(target.api_version);
     Ok(json_response(StatusCode::CREATED, &store.write(key, object)))
@@ -585,7 +582,7 @@ fn replace(
     target: &Target,
     name: &str,
     object: Value,
-) -> Result<Response<Body>, Response<Body>> {
+) -> Result<Response<Body>, Failure> {
     let key = target.key(name);
     let stored = store.objects.get(&key).ok_or_else(|| not_found(target, name))?;
     let expected = &object["metadata"]["resourceVersion"];
@@ -595,7 +592,7 @@ fn replace(
              please apply your changes to the latest version and try again",
             target.resource()
         );
-        return Err(status(StatusCode::CONFLICT, "Conflict", message));
+        return Err(Failure(StatusCode::CONFLICT, "Conflict", message));
     }
     Ok(json_response(StatusCode::OK, &store.write(key, object)))
 }
@@ -620,9 +617,18 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-fn not_found(target: &Target, name: &str) -> Response<Body> {
+fn not_found(target: &Target, name: &str) -> Failure {
     let message = format!("{} {name:?} not found", target.resource());
-    status(StatusCode::NOT_FOUND, "NotFound", message)
+    Failure(StatusCode::NOT_FOUND, "NotFound", message)
+}
+
+/// A refused request: HTTP code, Status reason and message.
+struct Failure(StatusCode, &'static str, String);
+
+impl Failure {
+    fn into_response(self) -> Response<Body> {
+        status(self.0, self.1, self.2)
+    }
 }
 
 fn status_object(code: StatusCode, reason: &str, message: String) -> Value {
@@ -666,7 +672,7 @@ fn start_watch(
 ) -> Response<Body> {
     let filter = match parse_filter(&target, query) {
         Ok(filter) => filter,
-        Err(response) => return response,
+        Err(failure) => return failure.into_response(),
     };
     let position = match query.get("resourceVersion").map(String::as_str) {
         None | Some("" | "0") => None,
