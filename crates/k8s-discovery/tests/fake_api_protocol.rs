@@ -165,6 +165,27 @@ async fn watcher_lists_then_streams_changes() {
 }
 
 #[tokio::test]
+async fn watcher_pages_a_cluster_wide_initial_list() {
+    let server = FakeApiServer::start().await;
+    server.apply("pods", pod("default", "a", json!({})));
+    server.apply("pods", pod("other", "b", json!({})));
+    server.apply("pods", pod("other", "c", json!({})));
+    let pods: Api<Pod> = Api::all(server.client());
+    let mut events = watcher(pods, watcher::Config::default().page_size(1)).boxed();
+    assert_eq!(initial_list(&mut events).await, names(&["a", "b", "c"]));
+    server.apply("pods", pod("third", "d", json!({})));
+    assert_eq!(applied(next_event(&mut events).await), "d");
+
+    let requests = server.requests();
+    let lists: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch="))
+        .collect();
+    assert_eq!(lists.len(), 3, "{requests:#?}");
+    assert!(lists[1..].iter().all(|r| r.contains("continue=")), "{lists:#?}");
+}
+
+#[tokio::test]
 async fn watcher_resumes_after_disconnect_without_relisting() {
     let server = FakeApiServer::start().await;
     server.apply("pods", pod("default", "a", json!({})));

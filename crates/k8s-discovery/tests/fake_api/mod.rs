@@ -24,6 +24,19 @@
 //!   patch content type read as a merge patch), delete; optimistic concurrency on
 //!   `metadata.resourceVersion` for PUT and PATCH. Errors are Status JSON with code and reason.
 //!
+//! Use it from an integration test with `mod fake_api;`:
+//!
+//! ```ignore
+//! let server = FakeApiServer::start().await;
+//! server.apply("pods", json!({ "apiVersion": "v1", "kind": "Pod",
+//!     "metadata": { "name": "a", "namespace": "default", "labels": { "app": "vllm" } } }));
+//! let pods: Api<Pod> = Api::default_namespaced(server.client());
+//! let events = kube::runtime::watcher(pods, watcher::Config::default());
+//! server.disconnect_watches(); // the watcher resumes from its last resourceVersion
+//! server.compact(); // the watcher gets a 410 and relists
+//! // Once the watcher has caught up, `server.requests()` shows two lists (GETs without watch=).
+//! ```
+//!
 //! Not supported: server-side apply and JSON patch (415), subresources (`/status`, 404),
 //! delete collection, `dryRun`, generation, finalizers, graceful deletion, admission, schemas,
 //! and list at an exact old `resourceVersion`.
