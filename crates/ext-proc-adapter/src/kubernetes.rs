@@ -107,10 +107,15 @@ pub async fn start(
     if let Some(elector) = &elector {
         let mut leading = elector.subscribe();
         let holds = Arc::clone(&holds);
+        // Read the state current at subscription too: the first round may already be won.
+        let mut leads = elector.is_leader();
         feeds.push(tokio::spawn(async move {
-            while leading.changed().await.is_ok() {
-                let leads = *leading.borrow_and_update();
+            loop {
                 holds.set(Hold::Standby, !leads);
+                if leading.changed().await.is_err() {
+                    return;
+                }
+                leads = *leading.borrow_and_update();
             }
         }));
     }

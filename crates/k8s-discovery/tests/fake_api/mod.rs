@@ -100,6 +100,8 @@ struct Store {
     requests: Vec<String>,
     bookmark_interval: Duration,
     uids: u64,
+    /// The resources each installed API group version serves (`/apis/{group}/{version}`).
+    installed: BTreeMap<String, Vec<String>>,
 }
 
 struct Shared {
@@ -146,6 +148,7 @@ impl FakeApiServer {
             requests: Vec::new(),
             bookmark_interval: Duration::from_secs(1),
             uids: 0,
+            installed: BTreeMap::new(),
         };
         let shared = Arc::new(Shared { store: Mutex::new(store), changed: watch::channel(()).0 });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -162,6 +165,14 @@ impl FakeApiServer {
     pub(crate) fn client(&self) -> kube::Client {
         let url = self.url().parse().expect("a valid URL");
         kube::Client::try_from(kube::Config::new(url)).expect("a kube client")
+    }
+
+    /// Makes API discovery (`GET /apis/{group}/{version}`) list `plurals` for `group_version`,
+    /// as a cluster with those CRDs installed does; other group versions answer 404. Requests
+    /// on resources work whether installed or not.
+    pub(crate) fn install_api(&self, group_version: &str, plurals: &[&str]) {
+        let plurals = plurals.iter().map(|plural| (*plural).to_owned()).collect();
+        self.shared.store.lock().installed.insert(group_version.to_owned(), plurals);
     }
 
     /// Names the kind of a plural, for lists and bookmarks before any object of it is stored.
@@ -416,6 +427,29 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// API discovery of one group version: its resource list when installed, else 404.
+fn discovery(store: &Store, method: &Method, path: &str) -> Option<Response<Body>> {
+    let group_version = path.strip_prefix("/apis/")?.trim_end_matches('/');
+    if method != Method::GET || group_version.split('/').count() != 2 {
+        return None;
+    }
+    let Some(plurals) = store.installed.get(group_version) else {
+        let message = "the server could not find the requested resource";
+        return Some(status(StatusCode::NOT_FOUND, "NotFound", message.into()));
+    };
+    let resources: Vec<Value> = plurals
+        .iter()
+        .map(|plural| {
+            let kind = store.kinds.get(plural).cloned().unwrap_or_default();
+            json!({"name": plural, "singularName": "", "namespaced": true, "kind": kind,
+                   "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]})
+        })
+        .collect();
+    let list = json!({"kind": "APIResourceList", "apiVersion": "v1",
+                      "groupVersion": group_version, "resources": resources});
+    Some(json_response(StatusCode::OK, &list))
+}
+
 async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
@@ -423,6 +457,9 @@ async fn handle(
     let (parts, body) = request.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     shared.store.lock().requests.push(format!("{} {path_and_query}", parts.method));
+    if let Some(response) = discovery(&shared.store.lock(), &parts.method, parts.uri.path()) {
+        return Ok(response);
+    }
     let Some(target) = Target::parse(parts.uri.path()) else {
         let message = "the server could not find the requested resource";
         return Ok(status(StatusCode::NOT_FOUND, "NotFound", message.into()));
