@@ -219,6 +219,35 @@ async fn epp_serves_the_pools_ready_pods_once_listed() {
     .await;
     assert!(objective_applied, "{}", http_get(metrics, "/metrics").await);
 
+    // An InferenceModelRewrite sends `m` to `m-canary`; changed to `m-stable`; removed.
+    let rewrite = |target: &str| {
+        json!({"apiVersion": "llm-d.ai/v1alpha2", "kind": "InferenceModelRewrite",
+               "metadata": {"name": "canary", "namespace": NAMESPACE},
+               "spec": {"poolRef": {"name": "chat"},
+                        "rules": [{"matches": [{"model": {"value": "m"}}], "targets": [{"modelRewrite": target}]}]}})
+    };
+    let routed_as = |target: &'static str| {
+        let epp = &epp;
+        move || async move {
+            let count = |page: &str| {
+                let series = format!("inference_objective_request_total{{model_name=\"m\",target_model_name=\"{target}\"}}");
+                page.lines()
+                    .find(|line| line.starts_with(&series))
+                    .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let before = count(&http_get(metrics, "/metrics").await);
+            epp.route().await;
+            count(&http_get(metrics, "/metrics").await) > before
+        }
+    };
+    server.apply("inferencemodelrewrites", rewrite("m-canary"));
+    assert!(eventually(Duration::from_secs(10), routed_as("m-canary")).await, "rewrite added");
+    server.apply("inferencemodelrewrites", rewrite("m-stable"));
+    assert!(eventually(Duration::from_secs(10), routed_as("m-stable")).await, "rewrite changed");
+    assert!(server.delete("llm-d.ai/v1alpha2", "inferencemodelrewrites", NAMESPACE, "canary"));
+    assert!(eventually(Duration::from_secs(10), routed_as("m")).await, "rewrite removed");
+
     assert!(server.delete("inference.networking.k8s.io/v1", "inferencepools", NAMESPACE, "chat"));
     assert!(
         eventually(Duration::from_secs(10), || async {
