@@ -60,8 +60,10 @@ pub mod workload;
 pub use launcher::{LaunchError, LaunchedPicker, PickerLauncher, PickerSpec};
 pub use model_server::{KvTransfer, ModelServer, ModelServerConfig, RunningModelServer};
 pub use proxy::{Proxy, RequestOutcome, Routing};
-pub use report::{PolicyReport, PrefillHandoffs, render};
+pub use report::{CommonLatencies, PolicyReport, PrefillHandoffs, Served, render};
 pub use runner::{
-    DemoError, DemoOptions, Disaggregation, OBJECTIVE_PRIORITIES, demo_config, pd_config, run,
+    DemoError, DemoOptions, Disaggregation, LIGHT_RATE_PER_SERVER, LIGHT_REQUESTS,
+    LIGHT_SYSTEM_PROMPTS, Load, NEAR_SATURATION_RATE_PER_SERVER, NEAR_SATURATION_REQUESTS,
+    NEAR_SATURATION_SYSTEM_PROMPTS, OBJECTIVE_PRIORITIES, demo_config, pd_config, run,
 };
 pub use workload::{PlannedRequest, WorkloadConfig};

@@ -1,7 +1,10 @@
 //! Summaries of a policy run and the comparison table the demo prints.
 //!
 //! Latencies are compared as ratios against round-robin on the same workload in the same
-//! process: absolute times of a simulation on a shared machine mean little on their own.
+//! process: absolute times of a simulation on a shared machine mean little on their own. The
+//! ratios are taken over the requests both policies served, so a policy that sheds requests
+//! (answers 429) is not credited with the latency of the requests it turned away; each row's
+//! own percentiles cover every request that policy served, and its sheds are counted apart.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -40,6 +43,20 @@ pub struct PolicyReport {
     pub wall: Duration,
     /// What the decode sidecars did, in a disaggregated run.
     pub prefill_handoffs: Option<PrefillHandoffs>,
+    /// Latencies of each request of the workload, by position; `None` for a request this
+    /// policy did not serve (shed or failed).
+    pub served: Vec<Option<Served>>,
+}
+
+/// The latencies of one served request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// Time to first token, of a streamed request.
+    pub ttft: Option<Duration>,
+    /// Time per output token after the first, of a streamed request with more than one.
+    pub tpot: Option<Duration>,
+    /// Time to the end of the response.
+    pub total: Duration,
 }
 
 /// The prefill hand-offs of a disaggregated run, as the decode sidecars counted them.
@@ -71,17 +88,20 @@ impl PolicyReport {
         let mut tpots = Vec::new();
         let mut totals = Vec::new();
         let mut decisions: Vec<Duration> = outcomes.iter().filter_map(|o| o.decision).collect();
+        let mut served = vec![None; outcomes.iter().map(|o| o.index + 1).max().unwrap_or(0)];
         for outcome in outcomes {
             match (outcome.status, &outcome.error) {
                 (200, None) => {
                     completed += 1;
+                    let tpot = outcome
+                        .ttft
+                        .filter(|_| outcome.output_tokens > 1)
+                        .map(|ttft| (outcome.total - ttft) / (outcome.output_tokens - 1));
                     totals.push(outcome.total);
                     ttfts.extend(outcome.ttft);
-                    if let Some(ttft) = outcome.ttft
-                        && outcome.output_tokens > 1
-                    {
-                        tpots.push((outcome.total - ttft) / (outcome.output_tokens - 1));
-                    }
+                    tpots.extend(tpot);
+                    served[outcome.index] =
+                        Some(Served { ttft: outcome.ttft, tpot, total: outcome.total });
                     let at = outcome.endpoint.and_then(|e| endpoints.iter().position(|x| *x == e));
                     if let Some(at) = at {
                         per_endpoint[at] += 1;
@@ -112,7 +132,37 @@ impl PolicyReport {
             errors,
             wall,
             prefill_handoffs: None,
+            served,
         }
+    }
+}
+
+/// p50 and p90 of TTFT, TPOT and total time of the requests both `a` and `b` served, for each
+/// of the two, and how many requests that is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommonLatencies {
+    /// Requests both policies served.
+    pub requests: usize,
+    /// `a`'s (TTFT, TPOT, total) percentiles over those requests.
+    pub first: [(Duration, Duration); 3],
+    /// `b`'s, over the same requests.
+    pub second: [(Duration, Duration); 3],
+}
+
+impl CommonLatencies {
+    /// The latencies of `a` and `b` over the requests both served.
+    pub fn of(a: &PolicyReport, b: &PolicyReport) -> Self {
+        let both: Vec<(Served, Served)> =
+            a.served.iter().zip(&b.served).filter_map(|(x, y)| Some(((*x)?, (*y)?))).collect();
+        let side = |pick: fn(&(Served, Served)) -> Served| {
+            let of = |read: fn(Served) -> Option<Duration>| {
+                percentiles(
+                    &mut both.iter().filter_map(|pair| read(pick(pair))).collect::<Vec<_>>(),
+                )
+            };
+            [of(|s| s.ttft), of(|s| s.tpot), of(|s| Some(s.total))]
+        };
+        Self { requests: both.len(), first: side(|pair| pair.0), second: side(|pair| pair.1) }
     }
 }
 
@@ -181,7 +231,13 @@ pub fn render(reports: &[PolicyReport]) -> String {
             format!("{:.2} s", report.wall.as_secs_f64()),
         ]);
     }
-    if let [first, .., last] = reports {
+    let common = match reports {
+        [first, .., last] => Some((first, last, CommonLatencies::of(first, last))),
+        _ => None,
+    };
+    if let Some((first, last, common)) = &common {
+        let [ttft, tpot, total] = common.first;
+        let [base_ttft, base_tpot, base_total] = common.second;
         let hit_ratio = if last.prefix_hit_rate > 0.0 {
             format!("{:.2}x", first.prefix_hit_rate / last.prefix_hit_rate)
         } else {
@@ -191,12 +247,12 @@ pub fn render(reports: &[PolicyReport]) -> String {
             format!("{}/{}", first.policy, last.policy),
             String::new(),
             hit_ratio,
-            ratio(first.ttft.0, last.ttft.0),
-            ratio(first.ttft.1, last.ttft.1),
-            ratio(first.tpot.0, last.tpot.0),
-            ratio(first.tpot.1, last.tpot.1),
-            ratio(first.total.0, last.total.0),
-            ratio(first.total.1, last.total.1),
+            ratio(ttft.0, base_ttft.0),
+            ratio(ttft.1, base_ttft.1),
+            ratio(tpot.0, base_tpot.0),
+            ratio(tpot.1, base_tpot.1),
+            ratio(total.0, base_total.0),
+            ratio(total.1, base_total.1),
             String::new(),
             String::new(),
             String::new(),
@@ -218,6 +274,20 @@ pub fn render(reports: &[PolicyReport]) -> String {
             text.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1)));
             text.push('\n');
         }
+    }
+    if let Some((first, last, common)) = &common {
+        let shed = |report: &PolicyReport| report.shed.iter().sum::<usize>();
+        let _ = writeln!(
+            text,
+            "{}/{}: latency ratios over the {} requests both served ({} shed {}, {} shed {})",
+            first.policy,
+            last.policy,
+            common.requests,
+            first.policy,
+            shed(first),
+            last.policy,
+            shed(last)
+        );
     }
     for report in reports {
         if let Some(handoffs) = report.prefill_handoffs {
@@ -268,5 +338,36 @@ mod tests {
             render(&[report.clone(), PolicyReport { policy: "round-robin".into(), ..report }]);
         assert!(table.contains("epp/round-robin"), "{table}");
         assert!(table.contains("1.00x"), "{table}");
+        assert!(
+            table.contains(
+                "latency ratios over the 10 requests both served (epp shed 1, round-robin shed 1)"
+            ),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn ratios_leave_out_requests_one_side_shed() {
+        let endpoints = [SocketAddr::from(([127, 0, 0, 1], 1))];
+        // The picker sheds the two slowest requests; round-robin serves them, slowly.
+        let picker: Vec<RequestOutcome> = (0..10)
+            .map(|i| outcome(i, if i >= 8 { 429 } else { 200 }, 1, 10 * (i as u64 + 1)))
+            .collect();
+        let round_robin: Vec<RequestOutcome> =
+            (0..10).map(|i| outcome(i, 200, 1, 10 * (i as u64 + 1))).collect();
+        let epp = PolicyReport::new("epp", &endpoints, &picker, 0, 0, Duration::ZERO);
+        let baseline =
+            PolicyReport::new("round-robin", &endpoints, &round_robin, 0, 0, Duration::ZERO);
+        // Each row alone: the picker's p90 looks better only because it shed the slow ones.
+        assert_eq!(epp.total.1, Duration::from_millis(80));
+        assert_eq!(baseline.total.1, Duration::from_millis(90));
+        let common = CommonLatencies::of(&epp, &baseline);
+        assert_eq!(common.requests, 8);
+        assert_eq!(common.first, common.second);
+        assert_eq!(common.first[2], (Duration::from_millis(40), Duration::from_millis(80)));
+        let table = render(&[epp, baseline]);
+        let ratios = table.lines().find(|line| line.starts_with("epp/round-robin  ")).unwrap();
+        assert_eq!(ratios.matches("1.00x").count(), 6, "{table}");
+        assert!(table.contains("over the 8 requests both served (epp shed 2, round-robin shed 0)"));
     }
 }

@@ -48,12 +48,84 @@ pub struct DemoOptions {
     pub config: Option<EndpointPickerConfig>,
     /// The simulated model servers.
     pub model_server: ModelServerConfig,
-    /// Mean arrival rate; `None` scales with the servers (`servers * 75` per second).
+    /// How hard the workload presses on the pool: the arrival rate per server unless
+    /// `rate_per_second` is given.
+    pub load: Load,
+    /// Mean arrival rate; `None` scales with the servers ([`Load::rate_per_server`]).
     pub rate_per_second: Option<f64>,
+    /// Distinct shared system prompts; `None` takes the load's ([`Load::system_prompts`]).
+    pub system_prompts: Option<usize>,
     /// Compare prefill/decode disaggregation with aggregated serving instead of the picker
     /// with round-robin.
     pub disaggregation: Option<Disaggregation>,
 }
+
+/// The offered load of a demo run.
+///
+/// Routing only shows where servers are busy: at a light load every request finds an idle
+/// slot whatever the policy, and a prefix-cache hit saves a few milliseconds of a short
+/// prefill. Near saturation, every prefill a cache miss adds queues the requests behind it,
+/// so keeping the shared system prompts and conversations on the servers that hold them
+/// decides the latency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Load {
+    /// Near the simulated pool's saturation (the default).
+    #[default]
+    NearSaturation,
+    /// A light load (`--light`), where any policy serves requests about as fast.
+    Light,
+}
+
+impl Load {
+    /// Mean arrivals per second per server.
+    pub fn rate_per_server(self) -> f64 {
+        match self {
+            Self::NearSaturation => NEAR_SATURATION_RATE_PER_SERVER,
+            Self::Light => LIGHT_RATE_PER_SERVER,
+        }
+    }
+
+    /// Requests of the workload.
+    pub fn requests(self) -> usize {
+        match self {
+            Self::NearSaturation => NEAR_SATURATION_REQUESTS,
+            Self::Light => LIGHT_REQUESTS,
+        }
+    }
+
+    /// Distinct shared system prompts of the workload.
+    pub fn system_prompts(self) -> usize {
+        match self {
+            Self::NearSaturation => NEAR_SATURATION_SYSTEM_PROMPTS,
+            Self::Light => LIGHT_SYSTEM_PROMPTS,
+        }
+    }
+
+    /// How the demo's output names the load.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NearSaturation => "near saturation",
+            Self::Light => "light",
+        }
+    }
+}
+
+/// Arrivals per second per server near saturation: about what a default simulated server (4
+/// slots, ~0.2 ms per missed 64-character prompt block, 0.5 ms per output token) completes on
+/// this workload under round-robin, whose runs then end a few tenths of a second behind the
+/// arrivals.
+pub const NEAR_SATURATION_RATE_PER_SERVER: f64 = 100.0;
+/// Shared system prompts near saturation: 24 prompts of 2-4 KiB are ~1,150 cache blocks, more
+/// than one server's 512 but a fraction of the pool's, so affinity decides the hit rate.
+pub const NEAR_SATURATION_SYSTEM_PROMPTS: usize = 24;
+/// Requests near saturation: enough for the queues to build (~4 s a policy with 4 servers).
+pub const NEAR_SATURATION_REQUESTS: usize = 1500;
+/// Arrivals per second per server of the light load.
+pub const LIGHT_RATE_PER_SERVER: f64 = 75.0;
+/// Shared system prompts of the light load.
+pub const LIGHT_SYSTEM_PROMPTS: usize = 8;
+/// Requests of the light load.
+pub const LIGHT_REQUESTS: usize = 600;
 
 /// The pool of a prefill/decode disaggregation demo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,25 +148,64 @@ impl Disaggregation {
 
 impl Default for DemoOptions {
     fn default() -> Self {
+        Self::for_load(Load::default())
+    }
+}
+
+impl DemoOptions {
+    /// The defaults at `load`: its rate per server, requests and system prompts.
+    pub fn for_load(load: Load) -> Self {
         Self {
             servers: 4,
-            requests: 600,
+            requests: load.requests(),
             concurrency: 32,
             seed: 42,
             policy_compare: true,
             progress: true,
             config: None,
             model_server: ModelServerConfig::default(),
+            load,
             rate_per_second: None,
+            system_prompts: None,
             disaggregation: None,
         }
     }
-}
 
-impl DemoOptions {
-    /// The mean arrival rate: `rate_per_second`, or 75 per second per server.
+    /// The mean arrival rate: `rate_per_second`, or the load's rate per server times the
+    /// servers.
     pub fn rate(&self) -> f64 {
-        self.rate_per_second.unwrap_or(self.servers as f64 * 75.0)
+        self.rate_per_second.unwrap_or(self.servers as f64 * self.load.rate_per_server())
+    }
+
+    /// The workload these options generate.
+    pub fn workload(&self) -> WorkloadConfig {
+        WorkloadConfig {
+            requests: self.requests,
+            seed: self.seed,
+            rate_per_second: self.rate(),
+            base_model: self.model_server.base_model.clone(),
+            system_prompts: self.system_prompts.unwrap_or(self.load.system_prompts()),
+            ..WorkloadConfig::default()
+        }
+    }
+
+    /// The load in one line, as the demo prints it: the rate, the pool, the shared prefixes and
+    /// whether that is near saturation (a `--rate` of one's own is named as such).
+    pub fn load_line(&self) -> String {
+        let workload = self.workload();
+        let regime = match self.rate_per_second {
+            Some(_) => "a rate of your own",
+            None => self.load.label(),
+        };
+        format!(
+            "load: {} requests/s over {} servers ({} per server), {} shared system prompts, at most {} in flight: {}",
+            workload.rate_per_second,
+            self.servers,
+            workload.rate_per_second / self.servers.max(1) as f64,
+            workload.system_prompts,
+            self.concurrency,
+            regime
+        )
     }
 }
 
@@ -180,13 +291,7 @@ pub async fn run<L: PickerLauncher>(
     if options.servers == 0 || options.requests == 0 || options.concurrency == 0 {
         return Err(DemoError::Options("--servers, --requests and --concurrency must be >= 1"));
     }
-    let workload = workload::generate(&WorkloadConfig {
-        requests: options.requests,
-        seed: options.seed,
-        rate_per_second: options.rate(),
-        base_model: options.model_server.base_model.clone(),
-        ..WorkloadConfig::default()
-    });
+    let workload = workload::generate(&options.workload());
     let (first, baseline) = match options.disaggregation {
         None => (Policy::Epp, Policy::RoundRobin),
         Some(pd) => {

@@ -63,18 +63,27 @@ pub struct DemoArgs {
     /// Simulated model servers.
     #[arg(long, default_value_t = 4)]
     pub servers: usize,
-    /// Requests in the workload.
-    #[arg(long, default_value_t = 600)]
-    pub requests: usize,
+    /// Requests in the workload [default: 1500; with --light or --pd, 600].
+    #[arg(long)]
+    pub requests: Option<usize>,
     /// Requests in flight at most.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// Seed of the workload (same seed, same requests).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Mean arrival rate, requests per second [default: 75 per server].
+    /// Mean arrival rate, requests per second [default: near the pool's saturation, 100 per
+    /// server; with --light or --pd, 75 per server].
     #[arg(long)]
     pub rate: Option<f64>,
+    /// A light load (75 requests per second per server, 8 system prompts, 600 requests)
+    /// instead of the default near saturation: every policy serves about as fast, so routing
+    /// shows little.
+    #[arg(long, default_value_t = false, conflicts_with = "rate")]
+    pub light: bool,
+    /// Distinct shared system prompts of the workload [default: 24; with --light or --pd, 8].
+    #[arg(long)]
+    pub system_prompts: Option<usize>,
     /// Also run the workload with round-robin routing (with `--pd`: with aggregated serving)
     /// and compare.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

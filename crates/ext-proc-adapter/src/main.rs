@@ -409,21 +409,25 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
         (None, None) => None,
         _ => Some(load_config(flags)?),
     };
+    // The disaggregation comparison keeps the light load its README figures were taken at.
+    let load = if args.light || args.pd { demo::Load::Light } else { demo::Load::NearSaturation };
+    let defaults = demo::DemoOptions::for_load(load);
     let options = demo::DemoOptions {
         servers: args.servers,
-        requests: args.requests,
+        requests: args.requests.unwrap_or(defaults.requests),
         concurrency: args.concurrency,
         seed: args.seed,
         policy_compare: args.policy_compare,
         config,
         rate_per_second: args.rate,
+        system_prompts: args.system_prompts,
         disaggregation: args.pd.then(|| demo::Disaggregation {
             prefill_servers: args
                 .prefill_servers
                 .unwrap_or(demo::Disaggregation::for_servers(args.servers).prefill_servers),
             non_cached_tokens: args.non_cached_tokens,
         }),
-        ..demo::DemoOptions::default()
+        ..defaults
     };
     if let Some(rate) = options.rate_per_second
         && !(rate.is_finite() && rate > 0.0)
@@ -443,6 +447,7 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
         options.seed,
         options.concurrency
     );
+    println!("{}", options.load_line());
     if let Some(pd) = options.disaggregation {
         println!(
             "prefill/decode disaggregation: {} prefill + {} decode servers (decode behind a sidecar), disaggregating at >= {} uncached prompt tokens, against {} aggregated servers; each server's prefills stall its decodes",

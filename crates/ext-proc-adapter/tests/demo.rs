@@ -30,10 +30,17 @@ fn a_tiny_demo_routes_every_request_and_keeps_prefixes_warm() {
     assert!(output.status.success(), "{table}\n{errors}");
     assert!(
         table.starts_with(
-            "epp demo: 2 simulated vLLM servers on 127.0.0.1, 60 requests at 150 per second (seed 7"
+            "epp demo: 2 simulated vLLM servers on 127.0.0.1, 60 requests at 200 per second (seed 7"
         ),
         "{table}"
     );
+    assert!(
+        table.contains(
+            "load: 200 requests/s over 2 servers (100 per server), 24 shared system prompts, at most 8 in flight: near saturation"
+        ),
+        "{table}"
+    );
+    assert!(table.contains("epp/round-robin: latency ratios over the "), "{table}");
     let epp = row(&table, "epp");
     let round_robin = row(&table, "round-robin");
     // policy, requests/endpoint, prefix hits, TTFT p50/p90, TPOT p50/p90, total p50/p90, pick,
@@ -51,6 +58,29 @@ fn a_tiny_demo_routes_every_request_and_keeps_prefixes_warm() {
     assert!(percent(epp[2]) >= percent(round_robin[2]), "{table}");
     assert!(table.contains("epp/round-robin"), "{table}");
     assert!(table.contains("demo finished in"), "{table}");
+}
+
+#[test]
+fn the_light_flag_runs_the_light_load() {
+    let output = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["demo", "--light", "--requests", "20", "--servers", "2", "--seed", "7"])
+        .args(["--policy-compare=false"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{table}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        table.contains(
+            "load: 150 requests/s over 2 servers (75 per server), 8 shared system prompts, at most 32 in flight: light"
+        ),
+        "{table}"
+    );
+    // --light and --rate name two different loads.
+    let both = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["demo", "--light", "--rate", "100"])
+        .output()
+        .unwrap();
+    assert!(!both.status.success());
 }
 
 /// Runs `epp demo --pd` with `extra` flags on 4 servers (1 prefill) and returns its output.

@@ -72,6 +72,9 @@ OPTIONS:
     --seed N              seed of the workload and every decision [default: 1]
     --scrape-ms N         metrics scrape interval [default: 50]
     --conversation-gap S  mean seconds between turns of a conversation [default: 10]
+    --first-turns         trace workloads: only the first turn of each conversation, as
+                          single requests (how vLLM's and GIE's benchmark tools replay
+                          ShareGPT)
     --adapters N          LoRA adapters conversations may target [default: 0]
     --adapter-share F     share of conversations on an adapter [default: 0]
     --sheddable-share F   share of sheddable (priority -1) conversations [default: 0]
@@ -109,6 +112,7 @@ struct Options {
     seed: u64,
     scrape_ms: f64,
     conversation_gap_s: f64,
+    first_turns_only: bool,
     adapters: u32,
     adapter_share: f64,
     sheddable_share: f64,
@@ -154,6 +158,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         seed: 1,
         scrape_ms: 50.0,
         conversation_gap_s: 10.0,
+        first_turns_only: false,
         adapters: 0,
         adapter_share: 0.0,
         sheddable_share: 0.0,
@@ -238,6 +243,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--adapter-share" => options.adapter_share = parse_number(arg, &value(arg)?)?,
             "--sheddable-share" => options.sheddable_share = parse_number(arg, &value(arg)?)?,
             "--no-shedding" => options.shedding = false,
+            "--first-turns" => options.first_turns_only = true,
             "--json" => options.json = Some(value(arg)?),
             "--svg" => options.svg = Some(value(arg)?),
             "--quiet" => options.quiet = true,
@@ -284,6 +290,7 @@ fn workload(options: &Options) -> Result<WorkloadSpec, String> {
     };
     let mut spec = WorkloadSpec::new(name, source, options.qps, options.requests);
     spec.conversation_gap_s = options.conversation_gap_s;
+    spec.first_turns_only = options.first_turns_only;
     spec.adapters = options.adapters;
     spec.adapter_share = options.adapter_share;
     spec.sheddable_share = options.sheddable_share;
@@ -365,7 +372,8 @@ fn execute(options: &Options) -> Result<(), String> {
         return execute_bench(options, &config.profile);
     }
     let mut workload = workload(options)?;
-    workload.max_context_tokens = workload.max_context_tokens.min(config.profile.max_model_len);
+    // The profile's context length caps the workload (8,192 for the shipped profiles).
+    workload.max_context_tokens = config.profile.max_model_len;
     if options.command == "pd" {
         return execute_pd(options, &config, &workload);
     }

@@ -347,6 +347,9 @@ pub struct WorkloadSpec {
     /// Longest prompt plus answer, tokens: a conversation ends before a turn that would exceed
     /// it (trace conversations whose first turn exceeds it are skipped).
     pub max_context_tokens: u32,
+    /// Trace workloads: replay only each conversation's first turn, as single requests, the
+    /// way vLLM's `benchmark_serving` and GIE's benchmark tool replay ShareGPT.
+    pub first_turns_only: bool,
     /// A rate ladder: the requests are split evenly into one stage per rate, in order, each
     /// continuing from the state the previous one left (no restart). Empty: one stage at `qps`.
     pub ladder: Vec<f64>,
@@ -376,6 +379,7 @@ impl WorkloadSpec {
             adapter_share: 0.0,
             sheddable_share: 0.0,
             max_context_tokens: 8192,
+            first_turns_only: false,
             ladder: Vec::new(),
             warmup_share: 0.0,
             max_concurrency: None,
@@ -561,7 +565,11 @@ impl WorkloadGenerator {
                         if pass > 0 {
                             conversation.history.push_str(&format!("[replay {pass}] "));
                         }
-                        conversation.turns_left = conversation_turns.len() as u32;
+                        conversation.turns_left = if self.spec.first_turns_only {
+                            1
+                        } else {
+                            conversation_turns.len() as u32
+                        };
                         conversation.trace_turns = Some((index, 0));
                         return Some(conversation);
                     }

@@ -80,6 +80,29 @@ fn trace_replay_runs_the_sample_file() {
     assert!(report.prefix_hit_rate > 0.0, "later turns reuse earlier ones");
 }
 
+#[test]
+fn first_turns_replay_single_requests_without_history() {
+    let trace = sample_trace();
+    let openings: Vec<String> =
+        trace.conversations.iter().map(|conversation| conversation.turns[0].0.clone()).collect();
+    let is_opening = |prompt: &str| {
+        // A replayed pass over the file prefixes "[replay N] ".
+        openings.iter().any(|m| prompt.ends_with(m.as_str()) && prompt.len() <= m.len() + 16)
+    };
+    let mut workload = WorkloadSpec::new("sample", WorkloadSource::Trace(trace), 5.0, 200);
+    workload.first_turns_only = true;
+    let requests: Vec<_> = workload.generate(1).collect();
+    assert_eq!(requests.len(), 200);
+    for request in &requests {
+        assert!(is_opening(&request.prompt), "not a first turn: {:?}", request.prompt);
+    }
+    workload.first_turns_only = false;
+    assert!(
+        workload.generate(1).any(|request| !is_opening(&request.prompt)),
+        "without the flag, later turns carry their history"
+    );
+}
+
 fn assert_oracle_not_worse(config: &SimConfig, workload: &WorkloadSpec) {
     let reports = sim::compare(config, workload, &[Policy::RoundRobin, Policy::Oracle]).unwrap();
     let (round_robin, oracle) = (by_policy(&reports, "round-robin"), by_policy(&reports, "oracle"));
