@@ -70,6 +70,7 @@ pub mod exchange;
 mod file_watch;
 pub mod health;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 mod metrics_http;
 pub mod model_rewrites;
