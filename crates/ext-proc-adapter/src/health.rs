@@ -4,6 +4,9 @@
 //! known and, when the pool's staleness policy fails closed, some endpoint has fresh metrics.
 //! Failing open (the default), an all-stale pool stays ready, since the picker still routes.
 //! While the server drains before stopping, readiness is NotServing and liveness serving.
+//! `inference-extension`, the name GIE's and llm-d's Helm charts probe a single replica's
+//! liveness and readiness with, is serving from the start until the drain: as in the Go EPP,
+//! where it means the pool was read, an empty pool keeps the pod live (not restarted).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +22,9 @@ pub const LIVENESS: &str = "liveness";
 pub const READINESS: &str = "readiness";
 /// The ext-proc service's own health name.
 pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+/// The name the Go EPP's Helm charts probe (liveness and readiness) with one replica:
+/// serving from the start until the drain begins.
+pub const CHART_SERVICE: &str = "inference-extension";
 
 /// Whether a request arriving at `now` could be routed under the pool's staleness policy.
 pub fn pool_ready(pool: &SharedPool, now: Instant) -> bool {
@@ -34,6 +40,9 @@ pub async fn report(
     period: Duration,
 ) {
     reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    if !draining.load(Ordering::Relaxed) {
+        reporter.set_service_status(CHART_SERVICE, ServingStatus::Serving).await;
+    }
     let mut last = None;
     loop {
         let ready = !draining.load(Ordering::Relaxed) && pool_ready(&pool, Instant::now());
@@ -52,6 +61,7 @@ pub async fn report(
 /// now on (liveness stays serving), so the pod leaves the Service while it still serves.
 pub async fn start_draining(reporter: &HealthReporter, draining: &AtomicBool) {
     draining.store(true, Ordering::Relaxed);
-    reporter.set_service_status(READINESS, ServingStatus::NotServing).await;
-    reporter.set_service_status(EXT_PROC_SERVICE, ServingStatus::NotServing).await;
+    for service in [READINESS, EXT_PROC_SERVICE, CHART_SERVICE] {
+        reporter.set_service_status(service, ServingStatus::NotServing).await;
+    }
 }
