@@ -284,6 +284,44 @@ pub struct ServerFlags {
     /// Log verbosity: -v info, -vv debug, -vvv trace (default: warnings).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log lines on stderr: `text` (coloured only on a terminal and without `NO_COLOR`), or
+    /// `json`, one object per line with `timestamp`, `level`, `target`, `message` and the
+    /// event's fields. The Go EPP's `--zap-encoder json|console` is accepted as well.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, alias = "zap-encoder", global = true)]
+    pub log_format: LogFormat,
+    /// The Go EPP's log verbosity, `--v=N`, as its Helm charts pass it: up to 3 logs info, 4
+    /// debug, 5 and more trace. The more verbose of `--v` and `-v` applies.
+    #[arg(long = "v", value_name = "N", global = true)]
+    pub go_verbosity: Option<u8>,
+    /// The Go EPP's OpenTelemetry switch, accepted as its Helm charts pass it: this epp emits
+    /// no traces, so only `--tracing=false` is accepted.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub tracing: bool,
+}
+
+impl ServerFlags {
+    /// The `-v` count that applies: `-v` given that many times, or the Go EPP's `--v=N`
+    /// mapped onto it, whichever is more verbose.
+    pub fn verbosity(&self) -> u8 {
+        let go = match self.go_verbosity {
+            None => 0,
+            Some(0..=3) => 1,
+            Some(4) => 2,
+            Some(_) => 3,
+        };
+        self.verbose.max(go)
+    }
+}
+
+/// `--log-format`: how log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    #[value(alias = "console")]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `--stale-metrics-policy`: what happens when every endpoint's metrics are stale.
@@ -387,6 +425,33 @@ mod tests {
     }
 
     #[test]
+    fn log_format_is_text_unless_json_is_asked_for() {
+        assert_eq!(Cli::parse_from(["epp"]).server.log_format, LogFormat::Text);
+        let json = Cli::parse_from(["epp", "--log-format", "json", "-vv"]).server;
+        assert_eq!((json.log_format, json.verbose), (LogFormat::Json, 2));
+        // The Go EPP's spelling, as its Helm chart passes it.
+        let zap = Cli::parse_from(["epp", "--zap-encoder", "json"]).server;
+        assert_eq!(zap.log_format, LogFormat::Json);
+        let console = Cli::parse_from(["epp", "--zap-encoder=console"]).server;
+        assert_eq!(console.log_format, LogFormat::Text);
+        let error = Cli::try_parse_from(["epp", "--log-format", "xml"]).unwrap_err().to_string();
+        assert!(error.contains("--log-format") && error.contains("xml"), "{error}");
+    }
+
+    #[test]
+    fn the_go_epp_verbosity_maps_onto_v() {
+        let verbosity = |args: &[&str]| Cli::parse_from(args).server.verbosity();
+        assert_eq!(verbosity(&["epp"]), 0);
+        assert_eq!(verbosity(&["epp", "--v=1"]), 1);
+        assert_eq!(verbosity(&["epp", "--v=2"]), 1);
+        assert_eq!(verbosity(&["epp", "--v", "4"]), 2);
+        assert_eq!(verbosity(&["epp", "--v=5"]), 3);
+        assert_eq!(verbosity(&["epp", "--v=1", "-vvv"]), 3, "the more verbose applies");
+        assert!(!Cli::parse_from(["epp", "--tracing=false"]).server.tracing);
+        assert!(Cli::parse_from(["epp", "--tracing=true"]).server.tracing);
+    }
+
+    #[test]
     fn experimental_plugins_are_off_unless_asked_for() {
         assert!(!Cli::parse_from(["epp"]).server.allow_experimental_plugins);
         for asked in [
@@ -463,7 +528,7 @@ mod tests {
         let Some(Command::Demo(args)) = Cli::parse_from(["epp", "demo"]).command else {
             panic!("demo is a subcommand")
         };
-        assert_eq!((args.servers, args.requests, args.seed), (4, 600, 42));
+        assert_eq!((args.servers, args.requests, args.seed), (4, None, 42), "requests: per load");
         assert!(args.policy_compare);
         let cli = Cli::parse_from(["epp", "demo", "--servers", "2", "--policy-compare=false"]);
         let Some(Command::Demo(args)) = cli.command else { panic!("demo is a subcommand") };

@@ -32,11 +32,12 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use scheduler_core::model_field;
 use scheduler_core::protocol::{
     LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER, REQUEST_DROPPED_REASON_HEADER,
-    ROUTING_REQUEST_HEADERS,
+    REQUEST_ID_HEADER, ROUTING_REQUEST_HEADERS,
 };
 use scheduler_core::{CompletionGuard, EndpointId, InferenceRequest, Outcome};
 use tokio::sync::Semaphore;
 
+use crate::logging::bounded;
 use crate::metrics::{EppMetrics, RequestLabels, RunningRequest};
 use crate::usage::ResponseTail;
 use ext_proc_proto as proto;
@@ -184,6 +185,10 @@ pub struct Exchange {
     in_flight: Option<InFlightGuard>,
     /// Headers the plugins write on the response (the session token), set when it passes.
     response_headers: Vec<(String, String)>,
+    /// The request id once routed (moved out of the routed request, for log lines).
+    request_id: String,
+    /// The endpoint picked, once routed (for log lines).
+    endpoint: Option<std::net::SocketAddr>,
 }
 
 impl Exchange {
@@ -209,7 +214,23 @@ impl Exchange {
             response_status: None,
             in_flight: None,
             response_headers: Vec::new(),
+            request_id: String::new(),
+            endpoint: None,
         }
+    }
+
+    /// The request's `x-request-id` as the proxy sent it, cut to
+    /// [`MAX_LOGGED_CHARS`](crate::logging::MAX_LOGGED_CHARS) for log lines; empty when there
+    /// is none (or while the headers are with the body parser). Meant for log fields, which
+    /// are evaluated only when their level is enabled.
+    pub fn request_id(&self) -> &str {
+        let id = if self.request_id.is_empty() {
+            let sent = self.headers.iter().find(|(name, _)| name == REQUEST_ID_HEADER);
+            sent.map_or("", |(_, value)| value.as_str())
+        } else {
+            self.request_id.as_str()
+        };
+        bounded(id)
     }
 
     /// Completes when flow control evicts the routed request (never without eviction, or
@@ -231,6 +252,8 @@ impl Exchange {
         // Untracked first, so the next eviction is not held back by this one.
         self.in_flight = None;
         tracing::info!(
+            request_id = self.request_id(),
+            endpoint = self.endpoint.map(tracing::field::display),
             phase = ?self.phase,
             elapsed = ?self.started.elapsed(),
             "request evicted by flow control to make room for a higher priority"
@@ -360,7 +383,14 @@ impl Exchange {
         };
         let subset = self.subset.take();
         match self.director.decide_parsed(request, body.len(), subset).await {
-            Ok(routed) => {
+            Ok(mut routed) => {
+                tracing::debug!(
+                    request_id = self.request_id(),
+                    endpoint = %routed.primary,
+                    model = bounded(&routed.request.target_model),
+                    fallbacks = routed.fallbacks.len(),
+                    "request routed"
+                );
                 if let Some(metrics) = &self.metrics {
                     let labels = metrics.request_labels(&routed.request);
                     metrics.record_request(&labels, self.body_bytes);
@@ -434,6 +464,8 @@ impl Exchange {
                 // header map) and the headers are released here.
                 self.completion = routed.completion;
                 self.response_headers = routed.response_headers;
+                self.request_id = std::mem::take(&mut routed.request.request_id);
+                self.endpoint = Some(routed.primary);
                 self.headers = Vec::new();
                 self.phase = Phase::AwaitingResponse;
             }
@@ -446,7 +478,14 @@ impl Exchange {
     fn route_without_body(&mut self, out: &mut Vec<ProcessingResponse>) {
         let subset = self.subset.take();
         match self.director.route_without_body(&self.headers, subset) {
-            Ok(routed) => {
+            Ok(mut routed) => {
+                tracing::debug!(
+                    request_id = self.request_id(),
+                    endpoint = %routed.primary,
+                    "request without a body routed"
+                );
+                self.request_id = std::mem::take(&mut routed.request.request_id);
+                self.endpoint = Some(routed.primary);
                 let destination = proto::destination_value(routed.primary, &[], 0);
                 out.push(proto::with_removed_request_headers(
                     proto::route_to(&destination, &[]),
@@ -460,7 +499,12 @@ impl Exchange {
     }
 
     fn reject(&mut self, rejection: Rejection, out: &mut Vec<ProcessingResponse>) {
-        tracing::debug!(status = rejection.status(), error = %rejection, "request answered by the picker");
+        tracing::debug!(
+            request_id = self.request_id(),
+            status = rejection.status(),
+            error = %rejection,
+            "request answered by the picker"
+        );
         if let Some(metrics) = &self.metrics {
             let model = [LLM_D_MODEL_REWRITE_HEADER, MODEL_REWRITE_HEADER]
                 .iter()
@@ -551,6 +595,14 @@ impl Exchange {
             return;
         }
         self.phase = Phase::Done;
+        tracing::debug!(
+            request_id = self.request_id(),
+            endpoint = self.endpoint.map(tracing::field::display),
+            ?outcome,
+            status = self.response_status,
+            elapsed = ?self.started.elapsed(),
+            "request finished"
+        );
         self.running = None;
         // Untracked before the completion hooks run, which may start a flow-control pass.
         self.in_flight = None;

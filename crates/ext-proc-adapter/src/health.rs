@@ -6,6 +6,9 @@
 //! While the server drains before stopping, readiness is NotServing and liveness serving.
 //! Other conditions can hold readiness at NotServing too ([`ReadinessHolds`]): Kubernetes
 //! discovery before its first full list, a replica that is not the elected leader.
+//! `inference-extension`, the name GIE's and llm-d's Helm charts probe a single replica's
+//! liveness and readiness with, is serving from the start until the drain: as in the Go EPP,
+//! where it means the pool was read, an empty pool keeps the pod live (not restarted).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,6 +24,9 @@ pub const LIVENESS: &str = "liveness";
 pub const READINESS: &str = "readiness";
 /// The ext-proc service's own health name.
 pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+/// The name the Go EPP's Helm charts probe (liveness and readiness) with one replica:
+/// serving from the start until the drain begins.
+pub const CHART_SERVICE: &str = "inference-extension";
 
 /// Whether a request arriving at `now` could be routed under the pool's staleness policy.
 pub fn pool_ready(pool: &SharedPool, now: Instant) -> bool {
@@ -84,6 +90,9 @@ pub async fn report(
     period: Duration,
 ) {
     reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    if !holds.is_set(Hold::Draining) {
+        reporter.set_service_status(CHART_SERVICE, ServingStatus::Serving).await;
+    }
     let mut last = None;
     loop {
         let ready = !holds.any() && pool_ready(&pool, Instant::now());
@@ -102,6 +111,7 @@ pub async fn report(
 /// now on (liveness stays serving), so the pod leaves the Service while it still serves.
 pub async fn start_draining(reporter: &HealthReporter, holds: &ReadinessHolds) {
     holds.set(Hold::Draining, true);
-    reporter.set_service_status(READINESS, ServingStatus::NotServing).await;
-    reporter.set_service_status(EXT_PROC_SERVICE, ServingStatus::NotServing).await;
+    for service in [READINESS, EXT_PROC_SERVICE, CHART_SERVICE] {
+        reporter.set_service_status(service, ServingStatus::NotServing).await;
+    }
 }

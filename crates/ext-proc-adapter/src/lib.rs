@@ -72,6 +72,7 @@ pub mod health;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 mod metrics_http;
 pub mod model_rewrites;

@@ -16,7 +16,7 @@ use ext_proc_adapter::server::{
 };
 use ext_proc_adapter::tls::PemIdentity;
 use ext_proc_adapter::{DirectorOptions, StreamLimits};
-use ext_proc_adapter::{bbr, data_layer};
+use ext_proc_adapter::{bbr, data_layer, logging};
 use metrics_model::collector::CollectorConfig;
 use metrics_model::mapping::{Engine, FlagSpecs, MetricMapping};
 use scheduler_core::Director;
@@ -25,7 +25,7 @@ use scheduler_core::{EndpointPickerConfig, SharedPool};
 
 fn main() -> ExitCode {
     let cli = parse_command_line();
-    init_logging(cli.server.verbose);
+    init_logging(&cli.server);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -33,6 +33,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cli.server.tracing {
+        eprintln!("epp: --tracing=true: this epp emits no OpenTelemetry traces; drop the flag");
+        return ExitCode::FAILURE;
+    }
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(cli.server)),
         Command::Demo(args) => runtime.block_on(run_demo(args, &cli.server)),
@@ -60,14 +64,9 @@ fn parse_command_line() -> Cli {
     cli
 }
 
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => tracing::Level::WARN,
-        1 => tracing::Level::INFO,
-        2 => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
-    };
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).init();
+/// Logs on stderr at the `-v` level, in the `--log-format` (see [`logging`]).
+fn init_logging(flags: &ServerFlags) {
+    logging::init(flags.verbosity(), flags.log_format);
 }
 
 fn load_config(flags: &ServerFlags) -> Result<EndpointPickerConfig, String> {

@@ -113,6 +113,10 @@ pub(crate) trait StreamExchange: Send + 'static {
     }
     /// Pushes the answer ending an evicted request onto `out`.
     fn on_evicted(&mut self, _out: &mut Vec<ProcessingResponse>) {}
+    /// The request id for log lines, bounded (default: none).
+    fn request_id(&self) -> &str {
+        ""
+    }
 }
 
 impl StreamExchange for Exchange {
@@ -138,6 +142,10 @@ impl StreamExchange for Exchange {
 
     fn on_evicted(&mut self, out: &mut Vec<ProcessingResponse>) {
         Exchange::on_evicted(self, out);
+    }
+
+    fn request_id(&self) -> &str {
+        Exchange::request_id(self)
     }
 }
 
@@ -193,10 +201,14 @@ async fn drive<E: StreamExchange>(
                 Ok(next) => next,
                 Err(_) => {
                     let status = if until == decision_deadline {
-                        tracing::debug!("ext-proc stream not routed in time; closing");
+                        tracing::debug!(
+                            request_id = exchange.request_id(),
+                            "ext-proc stream not routed in time; closing"
+                        );
                         past_deadline()
                     } else {
                         tracing::debug!(
+                            request_id = exchange.request_id(),
                             "ext-proc stream idle before its routing decision; closing"
                         );
                         Status::deadline_exceeded("request idle before routing")
@@ -222,7 +234,11 @@ async fn drive<E: StreamExchange>(
             Ok(Some(message)) => message,
             Ok(None) => return,
             Err(status) => {
-                tracing::debug!(%status, "ext-proc stream ended by the proxy");
+                tracing::debug!(
+                    request_id = exchange.request_id(),
+                    %status,
+                    "ext-proc stream ended by the proxy"
+                );
                 return;
             }
         };
@@ -233,11 +249,17 @@ async fn drive<E: StreamExchange>(
         tokio::select! {
             () = exchange.handle(message, &mut answers) => {}
             () = sender.closed() => {
-                tracing::debug!("ext-proc stream closed by the proxy while its request waited");
+                tracing::debug!(
+                    request_id = exchange.request_id(),
+                    "ext-proc stream closed by the proxy while its request waited"
+                );
                 return;
             }
             () = tokio::time::sleep_until(decision_deadline), if before_decision => {
-                tracing::debug!("ext-proc request not routed in time while it waited; closing");
+                tracing::debug!(
+                    request_id = exchange.request_id(),
+                    "ext-proc request not routed in time while it waited; closing"
+                );
                 let _ = sender.send(Err(past_deadline())).await;
                 return;
             }

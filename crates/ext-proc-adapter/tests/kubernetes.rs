@@ -230,7 +230,9 @@ async fn epp_serves_the_pools_ready_pods_once_listed() {
         let epp = &epp;
         move || async move {
             let count = |page: &str| {
-                let series = format!("inference_objective_request_total{{model_name=\"m\",target_model_name=\"{target}\"}}");
+                let series = format!(
+                    "inference_objective_request_total{{model_name=\"m\",target_model_name=\"{target}\"}}"
+                );
                 page.lines()
                     .find(|line| line.starts_with(&series))
                     .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())

@@ -122,6 +122,9 @@ async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
     let (running, pool) = start(None, Some(file.clone())).await;
     eventually_healthy(running.health_address, "liveness", ServingStatus::Serving).await;
     eventually_healthy(running.health_address, "readiness", ServingStatus::NotServing).await;
+    // The Helm charts' single-replica probe name (liveness too) serves from the start, as
+    // the Go EPP's does once the pool is read: an empty pool does not get the pod restarted.
+    eventually_healthy(running.health_address, "inference-extension", ServingStatus::Serving).await;
     eventually_healthy(
         running.health_address,
         "envoy.service.ext_proc.v3.ExternalProcessor",
@@ -140,6 +143,7 @@ async fn readiness_follows_the_pool_and_the_endpoints_file_reloads() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eventually_healthy(running.health_address, "readiness", ServingStatus::Serving).await;
+    eventually_healthy(running.health_address, "inference-extension", ServingStatus::Serving).await;
     eventually_healthy(
         running.health_address,
         "envoy.service.ext_proc.v3.ExternalProcessor",
@@ -358,6 +362,7 @@ async fn draining_reports_not_ready_while_still_routing_then_stops() {
 
     eventually_healthy(health_address, "readiness", ServingStatus::NotServing).await;
     eventually_healthy(health_address, EXT_PROC_HEALTH, ServingStatus::NotServing).await;
+    eventually_healthy(health_address, "inference-extension", ServingStatus::NotServing).await;
     assert_eq!(health(health_address, "liveness").await, ServingStatus::Serving);
     // Not ready, but requests that still arrive are routed, not refused.
     assert!(matches!(route_once(&mut client).await, Decision::Routed { .. }));

@@ -25,7 +25,9 @@ fn bench(c: &mut Criterion) {
     .unwrap();
     let pods: Vec<Pod> = (0..1000).map(pod).collect();
     let views: Vec<PodView> = pods.iter().map(PodView::of).collect();
-    c.bench_function("read one pod event", |b| b.iter(|| PodView::of(std::hint::black_box(&pods[17]))));
+    c.bench_function("read one pod event", |b| {
+        b.iter(|| PodView::of(std::hint::black_box(&pods[17])))
+    });
     c.bench_function("rebuild 1000 pods x 2 ranks", |b| {
         b.iter(|| {
             let mut endpoints = Vec::with_capacity(2000);
