@@ -46,13 +46,11 @@ async fn wait_for(updates: &mut watch::Receiver<PoolObjects>, expected: &[&str])
     assert!(result.is_ok(), "expected {expected:?}, saw {:?}", render(&updates.borrow()));
 }
 
-#[tokio::test]
-async fn objectives_of_the_pool_follow_the_api() {
-    let server = FakeApiServer::start().await;
-    server.install_api("llm-d.ai/v1alpha2", &["inferenceobjectives", "inferencemodelrewrites"]);
-    const V: &str = "llm-d.ai/v1alpha2";
-    server.apply("inferenceobjectives", objective(V, "premium", 10, "chat"));
-    server.apply("inferenceobjectives", objective(V, "elsewhere", 5, "other"));
+/// Watches the objectives naming the pool `chat` of namespace `serving`; the receiver
+/// starts marked changed, so the first wait reads the state at once.
+async fn watch_objectives(
+    server: &FakeApiServer,
+) -> (PoolObjectWatch, watch::Receiver<PoolObjects>) {
     let watch = PoolObjectWatch::start(
         server.client(),
         "serving",
@@ -63,6 +61,17 @@ async fn objectives_of_the_pool_follow_the_api() {
     .await;
     let mut updates = watch.subscribe();
     updates.mark_changed();
+    (watch, updates)
+}
+
+#[tokio::test]
+async fn objectives_of_the_pool_follow_the_api() {
+    let server = FakeApiServer::start().await;
+    server.install_api("llm-d.ai/v1alpha2", &["inferenceobjectives", "inferencemodelrewrites"]);
+    const V: &str = "llm-d.ai/v1alpha2";
+    server.apply("inferenceobjectives", objective(V, "premium", 10, "chat"));
+    server.apply("inferenceobjectives", objective(V, "elsewhere", 5, "other"));
+    let (watch, mut updates) = watch_objectives(&server).await;
     wait_for(&mut updates, &["premium=10"]).await;
 
     server.apply("inferenceobjectives", objective(V, "batch", -1, "chat"));
@@ -85,16 +94,7 @@ async fn the_deprecated_group_is_used_when_only_it_is_installed() {
     const LEGACY: &str = "inference.networking.x-k8s.io/v1alpha2";
     server.install_api(LEGACY, &["inferenceobjectives"]);
     server.apply("inferenceobjectives", objective(LEGACY, "premium", 10, "chat"));
-    let watch = PoolObjectWatch::start(
-        server.client(),
-        "serving",
-        "chat",
-        POOL_GROUP_V1,
-        PoolObjectKind::Objective,
-    )
-    .await;
-    let mut updates = watch.subscribe();
-    updates.mark_changed();
+    let (_watch, mut updates) = watch_objectives(&server).await;
     wait_for(&mut updates, &["premium=10"]).await;
 }
 
