@@ -248,13 +248,10 @@ fn kubernetes_settings(flags: &ServerFlags) -> Result<Option<k8s_discovery::Pool
     {
         return Ok(None);
     }
+    // Checked before connecting, so a typo is named before any credentials problem.
     if pool_resource(&flags.pool_group).is_none() {
-        return Err(format!(
-            "--pool-group {:?}: expected {} or {}",
-            flags.pool_group,
-            k8s_discovery::POOL_GROUP_V1,
-            k8s_discovery::POOL_GROUP_V1ALPHA2
-        ));
+        let error = k8s_discovery::DiscoveryError::UnknownGroup(flags.pool_group.clone());
+        return Err(format!("--pool-group: {error}"));
     }
     Ok(Some(PoolSource::InferencePool {
         name: flags.pool_name.clone(),

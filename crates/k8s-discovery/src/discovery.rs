@@ -6,7 +6,6 @@
 //! when a watch breaks. A relist is buffered until it is complete, so a snapshot never
 //! holds half a list.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::stream::{self, BoxStream, StreamExt};
@@ -18,6 +17,7 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::listed::{Listed, Named, named};
 use crate::pods::{DiscoveredEndpoint, PodView};
 use crate::pool::{PoolSpec, pool_resource};
 
@@ -109,7 +109,7 @@ impl Discovery {
                         watcher::Config::default().fields(&format!("metadata.name={name}"));
                     let stream = watcher::watcher(api, only_this_pool)
                         .default_backoff()
-                        .map(|event| Update::Pool(event.map(spec_event)))
+                        .map(|event| Update::Pool(event.map(|event| named(event, read_spec))))
                         .boxed();
                     (stream, None)
                 }
@@ -127,7 +127,9 @@ impl Discovery {
             };
         let pods = watcher::watcher(pod_api, pod_watch)
             .default_backoff()
-            .map(|event| Update::Pods(event.map(view_event)))
+            .map(|event| {
+                Update::Pods(event.map(|event| named(event, |pod| Some(PodView::of(pod)))))
+            })
             .boxed();
         let mut state = State::new(fixed_spec);
         let (sender, updates) = watch::channel(state.snapshot());
@@ -168,44 +170,38 @@ impl Drop for Discovery {
 
 enum Update {
     /// Pods are reduced to what is kept of them as they arrive.
-    Pods(Result<Event<PodView>, watcher::Error>),
+    Pods(Result<Event<Named<PodView>>, watcher::Error>),
     /// The pool is reduced to its usable spec (`None`: unusable, or deleted).
-    Pool(Result<Event<Option<PoolSpec>>, watcher::Error>),
+    Pool(Result<Event<Named<PoolSpec>>, watcher::Error>),
 }
 
 /// What the watches have told so far.
 struct State {
-    pods: BTreeMap<String, PodView>,
-    /// A relist of pods in progress.
-    pods_relist: Option<BTreeMap<String, PodView>>,
-    pods_synced: bool,
-    /// The spec given in selector mode: never changes.
+    pods: Listed<PodView>,
+    /// The spec given in selector mode: never changes, and no pool is watched.
     fixed_spec: Option<PoolSpec>,
-    pool: Option<PoolSpec>,
-    /// A relist of the pool in progress (`Some(None)`: nothing listed yet).
-    pool_relist: Option<Option<PoolSpec>>,
-    pool_synced: bool,
+    /// The watched pool (only the one named is listed).
+    pool: Listed<PoolSpec>,
 }
 
 impl State {
     fn new(fixed_spec: Option<PoolSpec>) -> Self {
-        let pool_synced = fixed_spec.is_some();
-        Self {
-            pods: BTreeMap::new(),
-            pods_relist: None,
-            pods_synced: false,
-            pool: fixed_spec.clone(),
-            fixed_spec,
-            pool_relist: None,
-            pool_synced,
-        }
+        Self { pods: Listed::default(), fixed_spec, pool: Listed::default() }
     }
 
     /// Folds in one update; true when the published snapshot may change.
     fn apply(&mut self, update: Update) -> bool {
         match update {
-            Update::Pods(Ok(event)) => self.apply_pods(event),
-            Update::Pool(Ok(event)) => self.apply_pool(event),
+            Update::Pods(Ok(event)) => self.pods.apply(event),
+            Update::Pool(Ok(event)) => {
+                let changed = self.pool.apply(event);
+                if changed && self.pool.synced() && self.spec().is_none() {
+                    tracing::warn!(
+                        "no usable InferencePool (absent, deleted or invalid): no endpoints"
+                    );
+                }
+                changed
+            }
             Update::Pods(Err(error)) => {
                 tracing::warn!(%error, "watching pods failed; retrying");
                 false
@@ -217,113 +213,32 @@ impl State {
         }
     }
 
-    fn apply_pods(&mut self, event: Event<PodView>) -> bool {
-        match event {
-            Event::Init => {
-                self.pods_relist = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(view) => {
-                if let Some(relist) = &mut self.pods_relist {
-                    relist.insert(view.name.clone(), view);
-                }
-                false
-            }
-            Event::InitDone => {
-                if let Some(relist) = self.pods_relist.take() {
-                    self.pods = relist;
-                }
-                self.pods_synced = true;
-                true
-            }
-            Event::Apply(view) => {
-                self.pods.insert(view.name.clone(), view);
-                true
-            }
-            Event::Delete(view) => {
-                self.pods.remove(&view.name);
-                true
-            }
-        }
-    }
-
-    fn apply_pool(&mut self, event: Event<Option<PoolSpec>>) -> bool {
-        if self.fixed_spec.is_some() {
-            return false;
-        }
-        match event {
-            Event::Init => {
-                self.pool_relist = Some(None);
-                false
-            }
-            Event::InitApply(spec) => {
-                if let Some(relist) = &mut self.pool_relist {
-                    *relist = spec;
-                }
-                false
-            }
-            Event::InitDone => {
-                if let Some(relist) = self.pool_relist.take() {
-                    self.pool = relist;
-                }
-                if self.pool.is_none() {
-                    tracing::warn!("the InferencePool does not exist (yet): no endpoints");
-                }
-                self.pool_synced = true;
-                true
-            }
-            Event::Apply(spec) => {
-                self.pool = spec;
-                true
-            }
-            Event::Delete(_) => {
-                tracing::warn!("the InferencePool was deleted: no endpoints");
-                self.pool = None;
-                true
-            }
-        }
+    fn spec(&self) -> Option<&PoolSpec> {
+        self.fixed_spec.as_ref().or_else(|| self.pool.values().next())
     }
 
     fn snapshot(&self) -> DiscoveredPool {
+        let spec = self.spec();
         let mut endpoints = Vec::new();
-        if let Some(spec) = &self.pool {
+        if let Some(spec) = spec {
             for pod in self.pods.values() {
                 pod.endpoints(spec, &mut endpoints);
             }
         }
+        let pool_synced = self.fixed_spec.is_some() || self.pool.synced();
         DiscoveredPool {
-            synced: self.pods_synced && self.pool_synced,
-            spec: self.pool.clone(),
+            synced: self.pods.synced() && pool_synced,
+            spec: spec.cloned(),
             endpoints: Arc::new(endpoints),
         }
-    }
-}
-
-fn view_event(event: Event<Pod>) -> Event<PodView> {
-    match event {
-        Event::Apply(pod) => Event::Apply(PodView::of(&pod)),
-        Event::Delete(pod) => Event::Delete(PodView::of(&pod)),
-        Event::Init => Event::Init,
-        Event::InitApply(pod) => Event::InitApply(PodView::of(&pod)),
-        Event::InitDone => Event::InitDone,
-    }
-}
-
-fn spec_event(event: Event<DynamicObject>) -> Event<Option<PoolSpec>> {
-    match event {
-        Event::Apply(pool) => Event::Apply(read_spec(&pool)),
-        Event::Delete(_) => Event::Delete(None),
-        Event::Init => Event::Init,
-        Event::InitApply(pool) => Event::InitApply(read_spec(&pool)),
-        Event::InitDone => Event::InitDone,
     }
 }
 
 /// The usable spec of a pool object; a spec that cannot be used is logged and counts as
 /// no pool (routing to a guess would be worse than not routing).
 fn read_spec(pool: &DynamicObject) -> Option<PoolSpec> {
-    let spec = pool.data.get("spec").cloned().unwrap_or_default();
-    match PoolSpec::from_spec(&spec) {
+    let spec = pool.data.get("spec").unwrap_or(&serde_json::Value::Null);
+    match PoolSpec::from_spec(spec) {
         Ok(spec) => Some(spec),
         Err(error) => {
             tracing::warn!(%error, pool = pool.metadata.name.as_deref().unwrap_or(""), "InferencePool ignored");

@@ -26,6 +26,7 @@
 
 mod discovery;
 mod leader;
+mod listed;
 mod pods;
 mod pool;
 mod pool_objects;

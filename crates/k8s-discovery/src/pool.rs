@@ -97,8 +97,8 @@ struct RawPickerRef {
 impl PoolSpec {
     /// Reads the `spec` of an InferencePool object of either version.
     pub fn from_spec(spec: &serde_json::Value) -> Result<Self, PoolSpecError> {
-        let raw: RawSpec = serde_json::from_value(spec.clone())
-            .map_err(|error| PoolSpecError::Shape(error.to_string()))?;
+        let raw =
+            RawSpec::deserialize(spec).map_err(|error| PoolSpecError::Shape(error.to_string()))?;
         let labels = match raw.selector {
             Some(RawSelector::Nested { match_labels }) => match_labels,
             Some(RawSelector::Flat(labels)) => labels,

@@ -6,17 +6,16 @@
 //! which is installed, and the new group wins when both are; a kind that is not installed
 //! is not watched.
 
-use std::collections::BTreeMap;
-
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::listed::{Listed, named};
 use crate::pool::POOL_GROUP_V1;
 
 /// The groups that serve these kinds, preferred first.
@@ -109,48 +108,19 @@ impl PoolObjectWatch {
         let task = tokio::spawn(async move {
             let mut events =
                 watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
-            let mut objects: BTreeMap<String, Value> = BTreeMap::new();
-            let mut relist: Option<BTreeMap<String, Value>> = None;
-            let mut synced = false;
+            let mut objects: Listed<Value> = Listed::default();
             while let Some(event) = events.next().await {
                 let changed = match event {
-                    Ok(Event::Init) => {
-                        relist = Some(BTreeMap::new());
-                        false
-                    }
-                    Ok(Event::InitApply(object)) => {
-                        if let (Some(relist), Some((name, object))) =
-                            (&mut relist, reference.keep(&object))
-                        {
-                            relist.insert(name, object);
-                        }
-                        false
-                    }
-                    Ok(Event::InitDone) => {
-                        objects = relist.take().unwrap_or_default();
-                        synced = true;
-                        true
-                    }
-                    Ok(Event::Apply(object)) => {
-                        let name = object.metadata.name.clone().unwrap_or_default();
-                        // An object that stops naming the pool leaves it.
-                        match reference.keep(&object) {
-                            Some((name, object)) => objects.insert(name, object),
-                            None => objects.remove(&name),
-                        };
-                        true
-                    }
-                    Ok(Event::Delete(object)) => {
-                        objects.remove(object.metadata.name.as_deref().unwrap_or_default());
-                        true
-                    }
+                    // An object that stops naming the pool leaves it.
+                    Ok(event) => objects.apply(named(event, |object| reference.keep(object))),
                     Err(error) => {
                         tracing::warn!(%error, kind = kind.kind(), "watch failed; retrying");
                         false
                     }
                 };
-                if changed && synced {
-                    let next = PoolObjects { synced, objects: objects.values().cloned().collect() };
+                if changed && objects.synced() {
+                    let next =
+                        PoolObjects { synced: true, objects: objects.values().cloned().collect() };
                     sender.send_if_modified(|current| {
                         let changed = *current != next;
                         *current = next;
@@ -200,9 +170,9 @@ struct PoolReference {
 }
 
 impl PoolReference {
-    /// The object's name and trimmed form, if it refers to this pool and is not being
-    /// deleted. A `poolRef` without a group means the GA pool group (the API's default).
-    fn keep(&self, object: &DynamicObject) -> Option<(String, Value)> {
+    /// The object's trimmed form, if it refers to this pool and is not being deleted. A
+    /// `poolRef` without a group means the GA pool group (the API's default).
+    fn keep(&self, object: &DynamicObject) -> Option<Value> {
         if object.metadata.deletion_timestamp.is_some() {
             return None;
         }
@@ -215,7 +185,7 @@ impl PoolReference {
         if !names_pool {
             return None;
         }
-        let name = object.metadata.name.clone()?;
+        let name = object.metadata.name.as_deref()?;
         let types = object.types.as_ref();
         let trimmed = json!({
             "apiVersion": types.map(|types| types.api_version.as_str()),
@@ -223,7 +193,7 @@ impl PoolReference {
             "metadata": {"name": name},
             "spec": spec,
         });
-        Some((name, trimmed))
+        Some(trimmed)
     }
 }
 
@@ -238,14 +208,13 @@ mod tests {
     #[test]
     fn keeps_objects_that_name_the_pool_trimmed() {
         let reference = PoolReference { name: "chat".into(), group: POOL_GROUP_V1.into() };
-        let named = object(json!({
+        let premium = object(json!({
             "apiVersion": "llm-d.ai/v1alpha2", "kind": "InferenceObjective",
             "metadata": {"name": "premium", "namespace": "ns", "managedFields": [{}], "uid": "1"},
             "spec": {"priority": 10, "poolRef": {"name": "chat"}},
             "status": {"conditions": []}
         }));
-        let (name, kept) = reference.keep(&named).unwrap();
-        assert_eq!(name, "premium");
+        let kept = reference.keep(&premium).unwrap();
         assert_eq!(
             kept,
             json!({
@@ -257,11 +226,11 @@ mod tests {
             json!({"name": "other"}),
             json!({"name": "chat", "group": "inference.networking.x-k8s.io"}),
         ] {
-            let mut value = serde_json::to_value(&named).unwrap();
+            let mut value = serde_json::to_value(&premium).unwrap();
             value["spec"]["poolRef"] = other.clone();
             assert!(reference.keep(&object(value)).is_none(), "{other}");
         }
-        let mut deleting = serde_json::to_value(&named).unwrap();
+        let mut deleting = serde_json::to_value(&premium).unwrap();
         deleting["metadata"]["deletionTimestamp"] = json!("2026-12-03T00:00:00Z");
         assert!(reference.keep(&object(deleting)).is_none());
     }
