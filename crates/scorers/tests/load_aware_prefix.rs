@@ -74,7 +74,8 @@ fn affinity_fades_linearly_with_the_holders_excess_load() {
 
 #[test]
 fn a_waiting_request_counts_for_several_running_ones() {
-    let scheduler = scheduler(", affinityLoadTolerance: 64, waitingRequestFactor: 4");
+    let scheduler =
+        scheduler(", affinityLoadTolerance: 64, affinityLoadRatio: 0, waitingRequestFactor: 4");
     // 8 running + 4 waiting x 4 = 16 over the lightest (8 running): 1 - 16/64.
     let scores = scores_after_recording(&scheduler, &[(8, 4), (8, 0)]);
     assert_eq!(scores, vec![0.75, 0.0]);
@@ -82,9 +83,31 @@ fn a_waiting_request_counts_for_several_running_ones() {
 
 #[test]
 fn a_holder_past_the_tolerance_loses_its_affinity_and_the_pick() {
-    let scheduler = scheduler(", affinityLoadTolerance: 64");
+    let scheduler = scheduler(", affinityLoadTolerance: 64, affinityLoadRatio: 0");
     let scores = scores_after_recording(&scheduler, &[(200, 10), (100, 0)]);
     assert_eq!(scores, vec![0.0, 0.0]);
+}
+
+#[test]
+fn the_tolerance_grows_with_the_lightest_load() {
+    let scheduler = scheduler(", affinityLoadTolerance: 64, affinityLoadRatio: 2");
+    // Idle pool: 32 over a lightest of 0 against 64 + 2 x 0.
+    assert_eq!(scores_after_recording(&scheduler, &[(32, 0), (0, 0)]), vec![0.5, 0.0]);
+    // Busy pool: 128 over a lightest of 96 against 64 + 2 x 96 = 256.
+    assert_eq!(scores_after_recording(&scheduler, &[(224, 0), (96, 0)]), vec![0.5, 0.0]);
+    // Gone at (1 + ratio) x lightest + tolerance: 3 x 96 + 64 = 352.
+    assert_eq!(scores_after_recording(&scheduler, &[(352, 0), (96, 0)]), vec![0.0, 0.0]);
+}
+
+#[test]
+fn the_default_keeps_a_busy_holder_that_an_absolute_tolerance_would_drop() {
+    // Every server busy (a saturated pool of conversations): the holder, 80 requests over
+    // the lightest, keeps most of its affinity by default, none with the absolute tolerance.
+    let busy = [(180, 0), (100, 0), (120, 0)];
+    let default = scores_after_recording(&scheduler(""), &busy);
+    let absolute = scores_after_recording(&scheduler(", affinityLoadRatio: 0"), &busy);
+    assert_eq!(default[0], 1.0 - 80.0 / 264.0);
+    assert_eq!(absolute[0], 0.0);
 }
 
 #[test]
@@ -116,6 +139,8 @@ fn bad_parameters_are_refused_by_name() {
         (", affinityLoadTolerance: -1", "affinityLoadTolerance"),
         (", affinityLoadTolerance: .nan", "affinityLoadTolerance"),
         (", waitingRequestFactor: -2", "waitingRequestFactor"),
+        (", affinityLoadRatio: -0.5", "affinityLoadRatio"),
+        (", affinityLoadRatio: .inf", "affinityLoadRatio"),
     ] {
         let yaml = format!(
             "plugins:\n- type: prefix-cache-scorer\n  parameters: {{blockSize: 4{parameters}}}\n"
@@ -155,10 +180,12 @@ proptest! {
     fn discounted_scores_stay_in_unit_range_and_never_exceed_gies(
         loads in prop::collection::vec((0u32..400, 0u32..100), 1..8),
         tolerance in 0.0f64..200.0,
+        ratio in 0.0f64..8.0,
         factor in 0.0f64..10.0,
     ) {
         let discounted = scheduler(&format!(
-            ", affinityLoadTolerance: {tolerance}, waitingRequestFactor: {factor}"
+            ", affinityLoadTolerance: {tolerance}, affinityLoadRatio: {ratio}, \
+             waitingRequestFactor: {factor}"
         ));
         let exact = scheduler(", affinityLoadTolerance: 0");
         let with = scores_after_recording(&discounted, &loads);

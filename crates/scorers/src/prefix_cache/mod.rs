@@ -5,7 +5,7 @@
 //! `w` above 0 it becomes `w * min(1, matched length / matchLengthScaleTokens)^2 + (1 - w) *
 //! ratio`, so long matches count for more than short ones of the same ratio. By default the
 //! score then fades as its endpoint gets busier than the least-loaded candidate
-//! (`affinityLoadTolerance`, [`load_aware`]), so one hot prefix cannot pin the whole load on
+//! (`affinityLoadTolerance`, `affinityLoadRatio`, [`load_aware`]), so one hot prefix cannot pin the whole load on
 //! the endpoint that holds it; `affinityLoadTolerance: 0` keeps GIE's formula. Every version's
 //! parameter names are accepted ([`PrefixCacheParameters`]). The prompt is cut into blocks of
 //! `blockSize` characters (about 4 characters a token; GIE's default 64 characters = 16

@@ -14,7 +14,7 @@
 //! | `lruCapacityPerServer` | blocks | all |
 //! | `autoTune` | bool | llm-d; accepted, no effect (see below) |
 //! | `matchLengthWeight`, `matchLengthScaleTokens` | weight, tokens | llm-d scorer |
-//! | `affinityLoadTolerance`, `waitingRequestFactor` | requests, ratio | epp-rs: load-aware affinity (defaults 64 and 4; tolerance 0 = GIE) |
+//! | `affinityLoadTolerance`, `affinityLoadRatio`, `waitingRequestFactor` | requests, ratio, ratio | epp-rs: load-aware affinity (defaults 64, 2 and 4; tolerance 0 = GIE) |
 //!
 //! llm-d's `autoTune` reads the block size and cache capacity from the servers' metrics;
 //! epp-rs keeps the configured values, so the parameter is accepted for compatibility and
@@ -25,7 +25,8 @@
 use scheduler_core::{CHARACTERS_PER_TOKEN, PluginError};
 
 use super::load_aware::{
-    DEFAULT_AFFINITY_LOAD_TOLERANCE, DEFAULT_WAITING_REQUEST_FACTOR, LoadTolerance,
+    DEFAULT_AFFINITY_LOAD_RATIO, DEFAULT_AFFINITY_LOAD_TOLERANCE, DEFAULT_WAITING_REQUEST_FACTOR,
+    LoadTolerance,
 };
 use serde::Deserialize;
 
@@ -73,6 +74,11 @@ pub struct PrefixCacheParameters {
     /// `load_aware`). Default 64; 0 scores as GIE (affinity whatever the load).
     #[serde(default)]
     pub affinity_load_tolerance: Option<f64>,
+    /// How much that tolerance grows per request of the least-loaded candidate's load, so a
+    /// busy pool keeps affinity until the imbalance is large in proportion (default 2; 0
+    /// keeps the tolerance absolute).
+    #[serde(default)]
+    pub affinity_load_ratio: Option<f64>,
     /// Running requests that one waiting request counts for in that load (default 4).
     #[serde(default)]
     pub waiting_request_factor: Option<f64>,
@@ -187,6 +193,11 @@ impl PrefixCacheParameters {
                 "affinityLoadTolerance",
                 self.affinity_load_tolerance,
                 DEFAULT_AFFINITY_LOAD_TOLERANCE,
+            )?,
+            ratio: non_negative(
+                "affinityLoadRatio",
+                self.affinity_load_ratio,
+                DEFAULT_AFFINITY_LOAD_RATIO,
             )?,
             waiting_factor: non_negative(
                 "waitingRequestFactor",
