@@ -140,9 +140,23 @@ pub use token_load::{TokenLoadParameters, TokenLoadScorer};
 pub use topology::{TopologyAffinityFilter, TopologyAffinityScorer, TopologyLabels};
 pub use utilization_filter::{UtilizationFilter, UtilizationFilterParameters};
 
+/// Choices an embedder makes for every built-in plugin it builds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuiltinOptions {
+    /// When the approximate prefix indexes apply the records of picks: on a writer thread
+    /// (the default, for servers), or when the scheduler is flushed (single-threaded
+    /// embedders that flush after every decision, such as the simulator).
+    pub prefix_records: prefix_cache::RecordApplication,
+}
+
 /// Registers every built-in plugin in `registry` under its type name (the core's own plugins,
 /// the profile handler and the saturation detectors, come with [`PluginRegistry::new`]).
 pub fn register_builtins(registry: &mut PluginRegistry) {
+    register_builtins_with(registry, BuiltinOptions::default());
+}
+
+/// [`register_builtins`] with the embedder's `options`.
+pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOptions) {
     registry.register(queue::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(QueueScorer::new(spec.parameters()?)))
     });
@@ -165,7 +179,10 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             ..Plugin::default()
         })
     });
-    fn prefix_cache_scorer(spec: &scheduler_core::PluginSpec<'_>) -> Result<Plugin, PluginError> {
+    fn prefix_cache_scorer(
+        spec: &scheduler_core::PluginSpec<'_>,
+        options: BuiltinOptions,
+    ) -> Result<Plugin, PluginError> {
         // GIE's older form of the event-driven index: `mode: cache_tracking` with the precise
         // producer's parameters beside it.
         if let Some(serde_json::Value::Object(parameters)) = spec.parameters
@@ -184,7 +201,7 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
                     rest.remove("mode");
                     let rest = serde_json::Value::Object(rest);
                     let spec = scheduler_core::PluginSpec { parameters: Some(&rest), ..*spec };
-                    return prefix_cache_scorer(&spec);
+                    return prefix_cache_scorer(&spec, options);
                 }
                 _ => {
                     return Err(PluginError::InvalidParameters(format!(
@@ -194,7 +211,8 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
                 }
             }
         }
-        let scorer = Arc::new(PrefixCacheScorer::declared(spec.parameters()?)?);
+        let scorer =
+            Arc::new(PrefixCacheScorer::declared_with(spec.parameters()?, options.prefix_records)?);
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             data_producer: Some(scorer.clone()),
@@ -205,9 +223,15 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             ..Plugin::default()
         })
     }
-    fn prefix_cache_producer(spec: &scheduler_core::PluginSpec<'_>) -> Result<Plugin, PluginError> {
+    fn prefix_cache_producer(
+        spec: &scheduler_core::PluginSpec<'_>,
+        options: BuiltinOptions,
+    ) -> Result<Plugin, PluginError> {
         let parameters: ApproxPrefixParameters = spec.parameters()?;
-        let producer = Arc::new(PrefixCacheProducer::from_parameters(&parameters)?);
+        let producer = Arc::new(PrefixCacheProducer::from_parameters_with(
+            &parameters,
+            options.prefix_records,
+        )?);
         Ok(Plugin {
             data_producer: Some(producer.clone()),
             pre_request: Some(producer.clone()),
@@ -216,17 +240,19 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
             ..Plugin::default()
         })
     }
-    registry.register(prefix_cache::TYPE_NAME, prefix_cache_scorer);
-    registry.register(prefix_cache::PRODUCER_TYPE_NAME, prefix_cache_producer);
+    registry.register(prefix_cache::TYPE_NAME, move |spec| prefix_cache_scorer(spec, options));
+    registry.register(prefix_cache::PRODUCER_TYPE_NAME, move |spec| {
+        prefix_cache_producer(spec, options)
+    });
     registry.register(precise_prefix::PRODUCER_TYPE_NAME, precise_prefix::construct_producer);
     registry
         .register(precise_prefix::DEPRECATED_SCORER_TYPE_NAME, precise_prefix::construct_scorer);
-    registry
-        .register_experimental(multicluster::PREFIX_CACHE_SCORER_TYPE_NAME, prefix_cache_scorer);
-    registry.register_experimental(
-        multicluster::PREFIX_CACHE_PRODUCER_TYPE_NAME,
-        prefix_cache_producer,
-    );
+    registry.register_experimental(multicluster::PREFIX_CACHE_SCORER_TYPE_NAME, move |spec| {
+        prefix_cache_scorer(spec, options)
+    });
+    registry.register_experimental(multicluster::PREFIX_CACHE_PRODUCER_TYPE_NAME, move |spec| {
+        prefix_cache_producer(spec, options)
+    });
     registry.register(load_aware::TYPE_NAME, |spec| {
         Ok(Plugin::scorer(LoadAwareScorer::new(spec.parameters()?)?))
     });
@@ -385,8 +411,13 @@ pub fn register_builtins(registry: &mut PluginRegistry) {
 
 /// A registry with the core's and every built-in plugin.
 pub fn builtin_registry() -> PluginRegistry {
+    builtin_registry_with(BuiltinOptions::default())
+}
+
+/// [`builtin_registry`] with the embedder's `options`.
+pub fn builtin_registry_with(options: BuiltinOptions) -> PluginRegistry {
     let mut registry = PluginRegistry::new();
-    register_builtins(&mut registry);
+    register_builtins_with(&mut registry, options);
     registry
 }
 

@@ -245,7 +245,7 @@ mod enabled {
     use crate::prefix_cache::matches::PrefixMatches;
     use crate::prefix_cache::{
         PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer, PrefixSource,
-        ProducerSettings,
+        ProducerSettings, RecordApplication,
     };
 
     /// The llm-d token cap the fallback index matches up to (a 128K context window).
@@ -297,6 +297,7 @@ mod enabled {
                 block_size: tokens * CHARACTERS_PER_TOKEN,
                 max_blocks: (MAX_PREFIX_TOKENS / tokens).max(1),
                 capacity: prefix_cache::index::DEFAULT_CAPACITY_PER_ENDPOINT,
+                records: RecordApplication::Background,
             }));
             Ok(Self { index, subscribers, socket_port: settings.socket_port, fallback })
         }

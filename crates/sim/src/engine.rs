@@ -332,7 +332,7 @@ impl Router {
             },
             Policy::Oracle => Self::Oracle,
             Policy::Epp { name, config } => {
-                let scheduler = config.build(&scorers::builtin_registry()).map_err(|source| {
+                let scheduler = config.build(&crate::policy::registry()).map_err(|source| {
                     SimError::Config { policy: name.clone(), source: Box::new(source) }
                 })?;
                 Self::Epp { scheduler: Box::new(scheduler.with_seed(seed)), seed, decisions: 0 }

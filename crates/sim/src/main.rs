@@ -477,7 +477,8 @@ fn execute_bench(options: &Options, profile: &ServerProfile) -> Result<(), Strin
         let failing: Vec<&str> =
             results.iter().filter(|r| !r.holds()).map(|r| r.case.as_str()).collect();
         Err(format!(
-            "the default profile misses its bound against load-only routing on: {}",
+            "the default profile misses its bounds (against load-only routing, against GIE's exact \
+             formulas) on: {}",
             failing.join(", ")
         ))
     }

@@ -2,7 +2,8 @@
 //! against load-only routing, and the verdict follows the bounds.
 
 use sim::bench::{
-    CaseResult, POLICIES, THROUGHPUT_FLOOR, TTFT_CEILING, render_markdown, run_set, standard_set,
+    CaseResult, GIE_EXACT_TTFT_CEILING, POLICIES, THROUGHPUT_FLOOR, TTFT_CEILING, render_markdown,
+    run_set, standard_set,
 };
 use sim::{Percentiles, RunReport, ServerProfile};
 
@@ -14,6 +15,7 @@ fn the_standard_set_names_every_workload_of_the_issue() {
         names,
         [
             "sharegpt",
+            "sharegpt-knee",
             "prefix-heavy",
             "shared-prefix-light",
             "shared-prefix-pressed",
@@ -54,7 +56,7 @@ fn a_small_set_runs_every_policy_and_reports_the_ratios() {
     let table = render_markdown(&results);
     assert!(table.contains("| hot-prefix | 8 | 120/s |"), "{table}");
     assert!(table.contains("| shared-prefix-light | 8 | 80/s |"), "{table}");
-    assert_eq!(table.matches("epp-gie-exact").count(), 1, "one header column per policy");
+    assert_eq!(table.matches(" epp-gie-exact |").count(), 1, "one header column per policy");
 }
 
 fn report(policy: &str, throughput_rps: f64, p90: f64) -> RunReport {
@@ -79,5 +81,25 @@ fn the_verdict_follows_both_bounds() {
     assert!(!case(100.0 * THROUGHPUT_FLOOR - 0.5, 1.0).holds());
     assert!(!case(100.0, TTFT_CEILING + 0.01).holds());
     let table = render_markdown(&[case(50.0, 1.0)]);
-    assert!(table.contains("0.50x | 1.00x | **no** |"), "{table}");
+    assert!(table.contains("0.50x | 1.00x | - | **no** |"), "{table}");
+}
+
+#[test]
+fn the_default_must_keep_gie_exacts_affinity() {
+    // Within the load-only bounds, but slower than GIE's exact formulas by more than allowed.
+    let case = |exact_p90: f64| CaseResult {
+        case: "c".to_owned(),
+        description: String::new(),
+        servers: 1,
+        qps: 1.0,
+        reports: vec![
+            report("epp-queue-kv", 100.0, 1.0),
+            report("epp-gie-exact", 100.0, exact_p90),
+            report("epp-default", 100.0, 0.6),
+        ],
+    };
+    assert!(case(0.6 / GIE_EXACT_TTFT_CEILING).holds());
+    assert!(!case(0.4).holds(), "1.5x GIE exact's p90");
+    let table = render_markdown(&[case(0.4)]);
+    assert!(table.contains("1.00x | 0.60x | 1.50x | **no** |"), "{table}");
 }

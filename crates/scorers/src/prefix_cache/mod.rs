@@ -51,7 +51,7 @@ pub use parameters::PrefixCacheParameters;
 use parameters::Resolved;
 pub use producer::{
     ApproxPrefixParameters, PRODUCER_TYPE_NAME, PrefixCacheProducer, PrefixSource,
-    ProducerSettings, RecordSink, prefix_producers,
+    ProducerSettings, RecordApplication, RecordSink, prefix_producers,
 };
 
 /// GIE type name.
@@ -105,7 +105,15 @@ impl PrefixCacheScorer {
 
     /// A scorer as a config declares it: bound to its producer by [`BindPlugins::bind`].
     pub fn declared(parameters: PrefixCacheParameters) -> Result<Self, PluginError> {
-        let resolved = parameters.resolve()?;
+        Self::declared_with(parameters, RecordApplication::default())
+    }
+
+    /// A declared scorer whose own producer, should it build one, applies records `records`.
+    pub fn declared_with(
+        parameters: PrefixCacheParameters,
+        records: RecordApplication,
+    ) -> Result<Self, PluginError> {
+        let resolved = Resolved { records, ..parameters.resolve()? };
         let sets_index = parameters.sets_index();
         let named = parameters.prefix_match_info_producer_name.filter(|name| !name.is_empty());
         let scorer = match named {
@@ -141,6 +149,7 @@ impl PrefixCacheScorer {
             block_size: resolved.block_size,
             max_blocks: resolved.max_blocks,
             capacity: resolved.capacity,
+            records: resolved.records,
         });
         if self.source.set(Arc::new(producer)) {
             self.owns_producer.store(true, Ordering::Release);

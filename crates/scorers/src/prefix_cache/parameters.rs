@@ -28,6 +28,7 @@ use super::load_aware::{
     DEFAULT_AFFINITY_LOAD_RATIO, DEFAULT_AFFINITY_LOAD_TOLERANCE, DEFAULT_WAITING_REQUEST_FACTOR,
     LoadTolerance,
 };
+use super::producer::RecordApplication;
 use serde::Deserialize;
 
 /// llm-d's `defaultMatchLengthScaleTokens`.
@@ -95,6 +96,9 @@ pub(super) struct Resolved {
     pub(super) match_length: (f64, f64),
     /// How far a prefix's endpoint may be busier than the lightest candidate.
     pub(super) load_tolerance: LoadTolerance,
+    /// When an own producer's records reach its index (not a config parameter: the
+    /// embedder's choice).
+    pub(super) records: RecordApplication,
 }
 
 fn invalid<T>(message: String) -> Result<T, PluginError> {
@@ -211,6 +215,7 @@ impl PrefixCacheParameters {
             capacity,
             match_length: (weight, scale_characters),
             load_tolerance,
+            records: RecordApplication::default(),
         })
     }
 }

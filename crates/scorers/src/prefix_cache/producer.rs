@@ -76,6 +76,20 @@ pub struct ProducerSettings {
     pub max_blocks: usize,
     /// Blocks remembered per endpoint.
     pub capacity: usize,
+    /// When the records of picks reach the index.
+    pub records: RecordApplication,
+}
+
+/// When a producer's records of picks reach its index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecordApplication {
+    /// On a writer thread of the producer's own, off the decision's path: what a server wants.
+    #[default]
+    Background,
+    /// When the scheduler is flushed, on the flushing thread. For single-threaded embedders
+    /// that flush after every decision (a simulation): the same index, without handing every
+    /// record to another thread and waiting for it.
+    OnFlush,
 }
 
 impl ApproxPrefixParameters {
@@ -117,6 +131,7 @@ impl ApproxPrefixParameters {
             block_size: tokens.saturating_mul(CHARACTERS_PER_TOKEN),
             max_blocks,
             capacity,
+            records: RecordApplication::default(),
         })
     }
 }
@@ -170,7 +185,14 @@ impl PrefixCacheProducer {
                 block_size: settings.block_size,
                 max_blocks: settings.max_blocks,
             }),
-            writer: RecordWriter::new(Arc::clone(&index), WriterConfig::default()),
+            writer: match settings.records {
+                RecordApplication::Background => {
+                    RecordWriter::new(Arc::clone(&index), WriterConfig::default())
+                }
+                RecordApplication::OnFlush => {
+                    RecordWriter::without_thread(Arc::clone(&index), WriterConfig::default())
+                }
+            },
             index,
             sink: OnceLock::new(),
         }
@@ -191,7 +213,15 @@ impl PrefixCacheProducer {
 
     /// A producer configured by llm-d's parameters.
     pub fn from_parameters(parameters: &ApproxPrefixParameters) -> Result<Self, PluginError> {
-        Ok(Self::new(parameters.resolve()?))
+        Self::from_parameters_with(parameters, RecordApplication::default())
+    }
+
+    /// A producer configured by llm-d's parameters whose records reach the index `records`.
+    pub fn from_parameters_with(
+        parameters: &ApproxPrefixParameters,
+        records: RecordApplication,
+    ) -> Result<Self, PluginError> {
+        Ok(Self::new(ProducerSettings { records, ..parameters.resolve()? }))
     }
 
     /// Tells this producer's matches apart from other producers' in a decision's state.
