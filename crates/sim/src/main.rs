@@ -23,12 +23,13 @@ USAGE:
                                 success rate, completed requests and output tokens per second,
                                 TTFT and NTPOT percentiles with the first --warmup of the
                                 stage's requests left out
-    epp-sim bench [OPTIONS]     the standard set: every policy on ShareGPT-like chat,
-                                prefix-heavy, shared-prefix at two cache pressures, one hot
-                                prefix, a LoRA mix and a sheddable mix, each near saturation;
+    epp-sim bench [OPTIONS]     the standard set: every policy on ShareGPT-like chat (at 200/s
+                                and at its knee), prefix-heavy, shared-prefix at two cache
+                                pressures, one hot prefix, a LoRA mix and a sheddable mix;
                                 prints a markdown table with the default profile's throughput
-                                and p90 TTFT against load-only routing, and whether it holds
-                                (>= 0.9x and <= 1.2x); writes BENCH.md, bench.json and bench.svg
+                                and p90 TTFT against load-only routing and its p90 TTFT against
+                                GIE's exact formulas, and whether it holds (>= 0.9x and <= 1.2x
+                                load-only's, <= 1.2x GIE's); writes BENCH.md, bench.json and bench.svg
                                 under --out (--workload trace:PATH replaces the synthetic chat;
                                 --requests, --profile and --seed apply)
     epp-sim pd    [OPTIONS]     prefill/decode disaggregation against aggregated serving at
