@@ -297,6 +297,12 @@ pub struct ServerFlags {
     /// no traces, so only `--tracing=false` is accepted.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, global = true)]
     pub tracing: bool,
+    /// The Go EPP's switch for Kubernetes token authentication of `/metrics`, accepted as its
+    /// Helm charts pass it when their Prometheus auth is off: this epp's `/metrics` takes no
+    /// token, so only `--metrics-endpoint-auth=false` is accepted. Keep the endpoint inside
+    /// the cluster network (a NetworkPolicy) where scrapers must be authenticated.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, global = true)]
+    pub metrics_endpoint_auth: Option<bool>,
 }
 
 impl ServerFlags {
@@ -449,6 +455,10 @@ mod tests {
         assert_eq!(verbosity(&["epp", "--v=1", "-vvv"]), 3, "the more verbose applies");
         assert!(!Cli::parse_from(["epp", "--tracing=false"]).server.tracing);
         assert!(Cli::parse_from(["epp", "--tracing=true"]).server.tracing);
+        let auth = |args: &[&str]| Cli::parse_from(args).server.metrics_endpoint_auth;
+        assert_eq!(auth(&["epp"]), None);
+        assert_eq!(auth(&["epp", "--metrics-endpoint-auth=false"]), Some(false));
+        assert_eq!(auth(&["epp", "--metrics-endpoint-auth", "true"]), Some(true));
     }
 
     #[test]

@@ -37,6 +37,13 @@ fn main() -> ExitCode {
         eprintln!("epp: --tracing=true: this epp emits no OpenTelemetry traces; drop the flag");
         return ExitCode::FAILURE;
     }
+    if cli.server.metrics_endpoint_auth == Some(true) {
+        eprintln!(
+            "epp: --metrics-endpoint-auth=true: this epp's /metrics takes no Kubernetes token; \
+             drop the flag (or pass =false) and keep the endpoint inside the cluster network"
+        );
+        return ExitCode::FAILURE;
+    }
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(cli.server)),
         Command::Demo(args) => runtime.block_on(run_demo(args, &cli.server)),
