@@ -15,7 +15,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(request_body config ext_proc_exchange c_abi prometheus_text)
+  targets=(request_body config ext_proc_exchange c_abi prometheus_text kv_events)
 fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

@@ -10,7 +10,9 @@
 
 pub mod c_abi;
 pub mod input;
+pub mod kv_payload;
 pub mod targets;
 
 pub use c_abi::c_abi;
+pub use kv_payload::kv_events;
 pub use targets::{config, ext_proc_exchange, prometheus_text, request_body};
