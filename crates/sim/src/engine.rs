@@ -44,13 +44,14 @@ use rand::{Rng, SeedableRng};
 use scheduler_core::flow::{self, UtilizationDetector, UtilizationThresholds};
 use scheduler_core::{
     CompletionGuard, ConfigError, Endpoint, EndpointMetrics, EndpointRole, EndpointState,
-    InferenceRequest, Outcome, PoolSnapshot, ScheduleOptions, Scheduler,
+    InferenceRequest, Outcome, PoolSnapshot, ScheduleOptions,
 };
 use serde::Serialize;
 
 use crate::hashing::BLOCK_TOKENS;
 use crate::policy::Policy;
 use crate::profile::ServerProfile;
+use crate::replicas::{EppReplicas, ReplicaSet};
 use crate::report::{Percentiles, RunReport, ServerReport, StageReport};
 use crate::server::{ModelServer, Sequence, StepOutput};
 use crate::workload::{WorkloadRequest, WorkloadSpec};
@@ -173,6 +174,8 @@ pub struct SimConfig {
     pub roles: ServerRoles,
     /// The KV-transfer link between prefill and decode servers.
     pub kv_link: KvLink,
+    /// The EPP replicas the gateway spreads requests over (EPP policies only).
+    pub replicas: EppReplicas,
 }
 
 impl SimConfig {
@@ -187,6 +190,7 @@ impl SimConfig {
             saturation: Some(ShedThresholds::default()),
             roles: ServerRoles::Unlabeled,
             kv_link: KvLink::default(),
+            replicas: EppReplicas::default(),
         }
     }
 
@@ -232,6 +236,11 @@ pub enum SimError {
     /// The server profile could never run a request.
     #[error("server profile '{0}' needs a positive token budget, sequence limit and KV-cache size")]
     Profile(String),
+    /// No replicas, or a sync delay or interval that is not a time.
+    #[error(
+        "EPP replicas need a count of at least 1, a non-negative record delay and a positive sync interval, got {0:?}"
+    )]
+    Replicas(EppReplicas),
     /// An EPP policy's configuration could not be built.
     #[error("policy '{policy}': {source}")]
     Config {
@@ -249,6 +258,10 @@ enum Event {
     StepEnd(u32),
     /// The KV of a request's prompt has reached its decode server.
     TransferEnd(u32),
+    /// Prefix records of synced replicas reach the other replicas.
+    SyncRecords,
+    /// Synced replicas exchange their in-flight counts.
+    SyncInFlight,
 }
 
 #[derive(Debug)]
@@ -278,6 +291,11 @@ impl Ord for Scheduled {
 
 fn nanos(seconds: f64) -> u64 {
     (seconds * 1e9).round().max(1.0) as u64
+}
+
+/// `seconds` in nanoseconds, where zero stays zero (an immediate delivery).
+pub(crate) fn nanos_or_zero(seconds: f64) -> u64 {
+    (seconds * 1e9).round().max(0.0) as u64
 }
 
 /// A request between arrival and completion.
@@ -318,11 +336,16 @@ enum Router {
     Random { rng: SmallRng },
     LeastRequest { rng: SmallRng, in_flight: Vec<u32> },
     Oracle,
-    Epp { scheduler: Box<Scheduler>, seed: u64, decisions: u64 },
+    Epp { replicas: Box<ReplicaSet>, seed: u64, decisions: u64 },
 }
 
 impl Router {
-    fn new(policy: &Policy, seed: u64, servers: usize) -> Result<Self, SimError> {
+    fn new(
+        policy: &Policy,
+        seed: u64,
+        servers: usize,
+        replicas: &EppReplicas,
+    ) -> Result<Self, SimError> {
         Ok(match policy {
             Policy::RoundRobin => Self::RoundRobin { next: 0 },
             Policy::Random => Self::Random { rng: SmallRng::seed_from_u64(seed ^ 0x5eed) },
@@ -332,10 +355,10 @@ impl Router {
             },
             Policy::Oracle => Self::Oracle,
             Policy::Epp { name, config } => {
-                let scheduler = config.build(&crate::policy::registry()).map_err(|source| {
+                let replicas = ReplicaSet::build(config, replicas, seed).map_err(|source| {
                     SimError::Config { policy: name.clone(), source: Box::new(source) }
                 })?;
-                Self::Epp { scheduler: Box::new(scheduler.with_seed(seed)), seed, decisions: 0 }
+                Self::Epp { replicas: Box::new(replicas), seed, decisions: 0 }
             }
         })
     }
@@ -369,7 +392,10 @@ pub fn run(
             latency_s: config.kv_link.latency_s,
         });
     }
-    let router = Router::new(policy, config.seed, config.servers)?;
+    if config.replicas.count == 0 || config.replicas.sync.is_some_and(|sync| !sync.is_valid()) {
+        return Err(SimError::Replicas(config.replicas));
+    }
+    let router = Router::new(policy, config.seed, config.servers, &config.replicas)?;
     let mut simulation = Simulation::new(config, workload, router);
     simulation.run(workload);
     Ok(simulation.report(config, workload, policy))
@@ -514,14 +540,32 @@ impl<'a> Simulation<'a> {
             self.schedule(nanos(request.arrival_s), Event::Arrival);
         }
         let scrape_ns = nanos(self.config.scrape_interval_s);
+        let sync_ns = self.replica_sync().map(|sync| nanos(sync.interval_s));
+        if let Some(sync_ns) = sync_ns {
+            self.schedule(sync_ns, Event::SyncInFlight);
+        }
         while let Some(Scheduled { at_ns, event, .. }) = self.events.pop() {
             self.now_ns = at_ns;
             match event {
                 Event::Scrape => {
                     self.scrape();
-                    let in_flight = self.in_flight.len() > self.vacant.len();
-                    if in_flight || next_request.is_some() {
+                    if self.has_work(next_request.is_some()) {
                         self.schedule(at_ns + scrape_ns, Event::Scrape);
+                    }
+                }
+                Event::SyncRecords => {
+                    if let Router::Epp { replicas, .. } = &mut self.router {
+                        replicas.deliver(at_ns);
+                    }
+                }
+                Event::SyncInFlight => {
+                    if let Router::Epp { replicas, .. } = &mut self.router {
+                        replicas.exchange_in_flight();
+                    }
+                    if let Some(sync_ns) = sync_ns
+                        && self.has_work(next_request.is_some())
+                    {
+                        self.schedule(at_ns + sync_ns, Event::SyncInFlight);
                     }
                 }
                 Event::Arrival => {
@@ -562,6 +606,19 @@ impl<'a> Simulation<'a> {
                     self.arrive(request);
                 }
             }
+        }
+    }
+
+    /// Whether requests are in flight or still to come.
+    fn has_work(&self, more_requests: bool) -> bool {
+        more_requests || self.in_flight.len() > self.vacant.len()
+    }
+
+    /// The replicas' sync settings, when several EPP replicas share state.
+    fn replica_sync(&self) -> Option<crate::replicas::ReplicaSync> {
+        match &self.router {
+            Router::Epp { replicas, .. } => replicas.sync(),
+            _ => None,
         }
     }
 
@@ -740,8 +797,10 @@ impl<'a> Simulation<'a> {
                 whole(server)
             }
             Router::Oracle => whole(oracle_pick(&self.servers, candidates, request)),
-            Router::Epp { scheduler, seed, decisions } => {
+            Router::Epp { replicas, seed, decisions } => {
                 *decisions += 1;
+                let replica = replicas.choose();
+                let scheduler = replicas.scheduler(replica);
                 let options = ScheduleOptions {
                     now: Some(self.base + Duration::from_nanos(self.now_ns)),
                     seed: Some(scheduler_core::hash::mix64(*seed ^ *decisions)),
@@ -750,12 +809,24 @@ impl<'a> Simulation<'a> {
                 let inference =
                     InferenceRequest::new(&*request.model, std::mem::take(&mut request.prompt))
                         .with_priority(request.priority);
-                let mut result =
-                    scheduler.schedule_with(&inference, &self.snapshot, options).ok()?;
+                let result = scheduler.schedule_with(&inference, &self.snapshot, options);
                 // Work the scheduler defers to background writers (the prefix index's
                 // records) takes effect before the next event, so a run stays a function of
                 // its inputs and seed.
                 scheduler.flush();
+                let mut result = result.ok()?;
+                if let Some(due_ns) = replicas.dispatch(replica, self.now_ns) {
+                    if due_ns <= self.now_ns {
+                        replicas.deliver(self.now_ns);
+                    } else {
+                        self.events.push(Scheduled {
+                            at_ns: due_ns,
+                            order: self.next_order,
+                            event: Event::SyncRecords,
+                        });
+                        self.next_order += 1;
+                    }
+                }
                 let decode = self.snapshot.index_of(result.primary().id())? as usize;
                 let prefill = result
                     .prefill()
@@ -854,7 +925,10 @@ impl<'a> Simulation<'a> {
             });
         }
         RunReport {
-            policy: policy.name().to_owned(),
+            policy: match policy {
+                Policy::Epp { .. } => format!("{}{}", policy.name(), config.replicas.label()),
+                _ => policy.name().to_owned(),
+            },
             workload: workload.name.clone(),
             qps: workload.qps,
             servers: config.servers,
@@ -882,6 +956,13 @@ impl<'a> Simulation<'a> {
             kv_transfer_s: Percentiles::of(&mut self.kv_transfer_s),
             per_server: servers,
             ntpot_s: Percentiles::of(&mut self.ntpot_s),
+            epp_replicas: match policy {
+                Policy::Epp { .. } => config.replicas.count,
+                _ => 1,
+            },
+            replicas_synced: matches!(policy, Policy::Epp { .. })
+                && config.replicas.count > 1
+                && config.replicas.sync.is_some(),
             stages: if workload.ladder.is_empty() {
                 Vec::new()
             } else {

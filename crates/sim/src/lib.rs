@@ -10,7 +10,9 @@
 //! least-request, the real `Scheduler` from any `EndpointPickerConfig`, an oracle) is run on
 //! the same requests and seed. Servers may carry llm-d's prefill/decode roles: a request the
 //! EPP disaggregates is prefilled on one server, its KV moved over a modelled link, and decoded
-//! on another ([`engine`], [`compare_pd`]). Runs are deterministic: no wall clock, every random draw from
+//! on another ([`engine`], [`compare_pd`]). The EPP may run as several replicas behind the
+//! gateway, each on its own or sharing prefix records and in-flight counts as the Redis syncer
+//! does ([`replicas`], [`compare_replicas`]). Runs are deterministic: no wall clock, every random draw from
 //! the seed, and work the scheduler defers to a background thread flushed after each decision.
 //!
 //! ```
@@ -36,6 +38,7 @@ pub mod hashing;
 mod kv;
 pub mod policy;
 pub mod profile;
+pub mod replicas;
 pub mod report;
 pub mod server;
 pub mod svg;
@@ -44,9 +47,10 @@ pub mod workload;
 pub use engine::{KvLink, ServerRoles, ShedThresholds, SimConfig, SimError, compare, run};
 pub use policy::{Policy, PolicyError};
 pub use profile::{ProfileError, ServerProfile};
+pub use replicas::{EppReplicas, ReplicaSpread, ReplicaSync};
 pub use report::{
     Percentiles, RunReport, ServerReport, StageReport, render_ladder_table, render_pd_table,
-    render_table,
+    render_replicas_table, render_table,
 };
 pub use svg::{p90_ttft_chart, relative_ttft_chart, sweep_chart};
 pub use workload::{
@@ -94,6 +98,43 @@ pub fn compare_pd(
             let report = run(config, &at_rate, policy)?;
             progress(reports.len() + 1, total, &report);
             reports.push(report);
+        }
+    }
+    Ok(reports)
+}
+
+/// Compares one EPP with `count` EPP replicas, each on its own and then synced as `sync`
+/// says: at every rate in `qps`, for every EPP policy of `policies` (the others are skipped:
+/// they keep no state to split), three runs on the same workload and seed. `base` gives the
+/// pool; its replicas are replaced. Reports are ordered by rate, policy, then one, independent,
+/// synced ([`render_replicas_table`] prints them with the ratios to one EPP).
+pub fn compare_replicas(
+    base: &SimConfig,
+    count: usize,
+    sync: ReplicaSync,
+    workload: &WorkloadSpec,
+    qps: &[f64],
+    policies: &[Policy],
+    mut progress: impl FnMut(usize, usize, &RunReport),
+) -> Result<Vec<RunReport>, SimError> {
+    let setups = [
+        EppReplicas { count: 1, sync: None, ..base.replicas },
+        EppReplicas { count, sync: None, ..base.replicas },
+        EppReplicas { count, sync: Some(sync), ..base.replicas },
+    ];
+    let epp: Vec<&Policy> =
+        policies.iter().filter(|policy| matches!(policy, Policy::Epp { .. })).collect();
+    let total = qps.len() * epp.len() * setups.len();
+    let mut reports = Vec::with_capacity(total);
+    for &rate in qps {
+        let at_rate = workload.with_qps(rate);
+        for policy in &epp {
+            for replicas in setups {
+                let config = SimConfig { replicas, ..base.clone() };
+                let report = run(&config, &at_rate, policy)?;
+                progress(reports.len() + 1, total, &report);
+                reports.push(report);
+            }
         }
     }
     Ok(reports)

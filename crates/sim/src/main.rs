@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use sim::policy::PD_PREFIX_NON_CACHED_TOKENS;
 use sim::{
-    KvLink, LengthDistribution, Policy, RunReport, ServerProfile, ServerRoles, SimConfig,
-    SyntheticWorkload, TraceWorkload, WorkloadSource, WorkloadSpec,
+    EppReplicas, KvLink, LengthDistribution, Policy, ReplicaSpread, ReplicaSync, RunReport,
+    ServerProfile, ServerRoles, SimConfig, SyntheticWorkload, TraceWorkload, WorkloadSource,
+    WorkloadSpec,
 };
 
 const USAGE: &str = "\
@@ -39,6 +40,11 @@ USAGE:
                                 P prefill + D decode servers; prints p90 TTFT and TPOT and their
                                 P/D / aggregated ratios, at --qps, or every rate of --qps-list
                                 when given (--servers and --policies do not apply)
+    epp-sim replicas [OPTIONS]  one EPP against --replicas EPP replicas behind a gateway that
+                                spreads requests over them, each on its own and then sharing
+                                prefix records and in-flight counts (as through Redis); per
+                                rate of --qps-list (or --qps) and EPP policy of --policies
+                                [default: epp]: TTFT, hit rate and p90 TTFT against one EPP
 
 OPTIONS:
     --workload W          sharegpt-like | prefix-heavy | long-prompt | hot-prefix |
@@ -95,6 +101,16 @@ OPTIONS:
                           (the success rate of `ladder`; `timed out` in JSON)
     --warmup F            `ladder`: share of each stage's requests left out of its
                           latencies [default: 0.1]
+    --replicas N          EPP policies run as N replicas behind the gateway
+                          [default: 1; `replicas`: 4]
+    --replica-sync        `run`/`sweep`/`ladder`: the replicas share prefix records and
+                          in-flight counts (`replicas` runs both ways)
+    --sync-delay-ms F     synced replicas: a prefix record reaches the others this late
+                          [default: 10]
+    --sync-interval-ms F  synced replicas: in-flight counts are exchanged this often
+                          (crossReplicaSyncInterval) [default: 200]
+    --replica-spread S    round-robin | random: how the gateway spreads requests over the
+                          replicas [default: round-robin]
     --json PATH           write the reports as JSON (`-` for stdout)
     --svg PATH            write an SVG chart of p90 TTFT, p90 TPOT and throughput against
                           rate (sweep)
@@ -110,6 +126,7 @@ struct Options {
     servers: usize,
     profile: String,
     policies: Vec<String>,
+    policies_given: bool,
     seed: u64,
     scrape_ms: f64,
     conversation_gap_s: f64,
@@ -138,6 +155,10 @@ struct Options {
     kv_link_gbps: f64,
     kv_link_ms: f64,
     non_cached_tokens: u32,
+    replicas: Option<usize>,
+    replica_sync: bool,
+    sync: ReplicaSync,
+    replica_spread: ReplicaSpread,
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
@@ -156,6 +177,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         policies: ["round-robin", "random", "least-request", "epp", "oracle"]
             .map(String::from)
             .to_vec(),
+        policies_given: false,
         seed: 1,
         scrape_ms: 50.0,
         conversation_gap_s: 10.0,
@@ -184,16 +206,41 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         kv_link_gbps: KvLink::default().gbps,
         kv_link_ms: KvLink::default().latency_s * 1e3,
         non_cached_tokens: PD_PREFIX_NON_CACHED_TOKENS,
+        replicas: None,
+        replica_sync: false,
+        sync: ReplicaSync::default(),
+        replica_spread: ReplicaSpread::RoundRobin,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value =
             |flag: &str| args.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
         match arg.as_str() {
-            "run" | "sweep" | "pd" | "bench" | "ladder" if options.command.is_empty() => {
+            "run" | "sweep" | "pd" | "bench" | "ladder" | "replicas"
+                if options.command.is_empty() =>
+            {
                 options.command = arg.clone();
             }
             "--out" => options.out = Some(value(arg)?),
+            "--replicas" => options.replicas = Some(parse_number(arg, &value(arg)?)?),
+            "--replica-sync" => options.replica_sync = true,
+            "--sync-delay-ms" => {
+                options.sync.record_delay_s = parse_number::<f64>(arg, &value(arg)?)? / 1e3;
+            }
+            "--sync-interval-ms" => {
+                options.sync.interval_s = parse_number::<f64>(arg, &value(arg)?)? / 1e3;
+            }
+            "--replica-spread" => {
+                options.replica_spread = match value(arg)?.as_str() {
+                    "round-robin" => ReplicaSpread::RoundRobin,
+                    "random" => ReplicaSpread::Random,
+                    other => {
+                        return Err(format!(
+                            "--replica-spread: '{other}' is not round-robin or random"
+                        ));
+                    }
+                };
+            }
             "--warmup" => options.warmup = parse_number(arg, &value(arg)?)?,
             "--max-concurrency" => {
                 options.max_concurrency = Some(parse_number(arg, &value(arg)?)?);
@@ -236,6 +283,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--profile" => options.profile = value(arg)?,
             "--policies" => {
                 options.policies = value(arg)?.split(',').map(|p| p.trim().to_owned()).collect();
+                options.policies_given = true;
             }
             "--seed" => options.seed = parse_number(arg, &value(arg)?)?,
             "--scrape-ms" => options.scrape_ms = parse_number(arg, &value(arg)?)?,
@@ -253,6 +301,9 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
     }
     if options.command.is_empty() {
         options.command = "run".to_owned();
+    }
+    if options.command == "replicas" && options.replica_sync {
+        return Err("--replica-sync: `replicas` runs with and without sync".to_owned());
     }
     if options.command == "pd" && !options.workload_given {
         options.workload = "long-prompt".to_owned();
@@ -381,6 +432,14 @@ fn execute(options: &Options) -> Result<(), String> {
     if options.prefill_servers_given {
         config.roles = ServerRoles::Disaggregated { prefill_servers: options.prefill_servers };
     }
+    config.replicas = EppReplicas {
+        count: options.replicas.unwrap_or(1),
+        sync: options.replica_sync.then_some(options.sync),
+        spread: options.replica_spread,
+    };
+    if options.command == "replicas" {
+        return execute_replicas(options, &config, &workload);
+    }
     let policies: Vec<Policy> = options
         .policies
         .iter()
@@ -483,6 +542,53 @@ fn execute_bench(options: &Options, profile: &ServerProfile) -> Result<(), Strin
             failing.join(", ")
         ))
     }
+}
+
+fn execute_replicas(
+    options: &Options,
+    config: &SimConfig,
+    workload: &WorkloadSpec,
+) -> Result<(), String> {
+    let count = options.replicas.unwrap_or(4);
+    if count < 2 {
+        return Err(format!("--replicas: `replicas` compares one EPP with several, got {count}"));
+    }
+    let specs: Vec<&str> = if options.policies_given {
+        options.policies.iter().map(String::as_str).collect()
+    } else {
+        vec!["epp"]
+    };
+    let policies: Vec<Policy> = specs
+        .iter()
+        .map(|spec| Policy::parse(spec).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    if !policies.iter().any(|policy| matches!(policy, Policy::Epp { .. })) {
+        return Err("--policies: `replicas` needs at least one EPP policy".to_owned());
+    }
+    let rates = if options.qps_list_given { options.qps_list.clone() } else { vec![options.qps] };
+    let mut progress = Progress::new(options.quiet);
+    let reports = sim::compare_replicas(
+        config,
+        count,
+        options.sync,
+        workload,
+        &rates,
+        &policies,
+        |done, total, report| progress.report(done, total, report),
+    )
+    .map_err(|e| e.to_string())?;
+    progress.finish();
+    println!(
+        "{} on {} servers: one EPP, {count} independent replicas, {count} synced replicas (records {} ms late, counts every {} ms), {} spread; seed {}",
+        workload.name,
+        config.servers,
+        options.sync.record_delay_s * 1e3,
+        options.sync.interval_s * 1e3,
+        options.replica_spread.name(),
+        config.seed,
+    );
+    print!("{}", sim::render_replicas_table(&reports));
+    write_json(options, &reports)
 }
 
 fn execute_pd(

@@ -88,6 +88,11 @@ pub struct RunReport {
     pub ntpot_s: Percentiles,
     /// One entry per rate-ladder stage (empty without a ladder).
     pub stages: Vec<StageReport>,
+    /// EPP replicas the requests were spread over (1 for a single EPP and for the policies
+    /// that are not the EPP).
+    pub epp_replicas: usize,
+    /// Whether those replicas shared prefix records and in-flight counts.
+    pub replicas_synced: bool,
 }
 
 /// One stage of a rate ladder: its requests (the cohort that arrived in it), measured as the
@@ -259,6 +264,48 @@ pub fn render_table(reports: &[RunReport]) -> String {
             shed,
             ratio("round-robin"),
             ratio("oracle"),
+        );
+    }
+    out
+}
+
+/// Renders a replica comparison ([`crate::compare_replicas`]) as a fixed-width table: per rate
+/// and policy, one EPP, N independent replicas and N synced replicas, with TTFT percentiles,
+/// prefix-cache hit rate, throughput and p90 TTFT as a ratio to the single EPP's.
+pub fn render_replicas_table(reports: &[RunReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>7} {:<22} {:>7} {:>8} {:>8} {:>8} {:>6} {:>7} {:>8}",
+        "qps", "policy", "req/s", "TTFT50", "TTFT90", "TTFT99", "hit%", "shed", "p90/one"
+    );
+    let _ = writeln!(out, "{:>7} {:<22} {:>7} {:>8} {:>8} {:>8}", "", "", "", "ms", "ms", "ms");
+    for report in reports {
+        let base = report.policy.split(" x").next().unwrap_or(&report.policy);
+        let one = reports.iter().find(|other| {
+            other.epp_replicas == 1
+                && other.policy == base
+                && other.qps == report.qps
+                && other.workload == report.workload
+        });
+        let ratio = match one {
+            Some(one) if one.ttft_s.p90 > 0.0 => {
+                format!("{:.2}", report.ttft_s.p90 / one.ttft_s.p90)
+            }
+            _ => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>7.1} {:<22} {:>7.1} {:>8} {:>8} {:>8} {:>6.1} {:>7} {:>8}",
+            report.qps,
+            report.policy,
+            report.throughput_rps,
+            milliseconds(report.ttft_s.p50),
+            milliseconds(report.ttft_s.p90),
+            milliseconds(report.ttft_s.p99),
+            report.prefix_hit_rate * 100.0,
+            report.shed(),
+            ratio,
         );
     }
     out
