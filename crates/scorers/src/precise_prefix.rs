@@ -49,10 +49,11 @@ pub struct PrecisePrefixParameters {
     /// Where the events come from.
     #[serde(default)]
     pub kv_events_config: Option<KvEventsParameters>,
-    /// llm-d's speculative entries for picks; accepted, without effect.
+    /// Whether a pick's prompt counts as held by the picked endpoint until its events arrive
+    /// (or `speculativeTTL` passes), so that the next request with the same prefix finds it.
     #[serde(default)]
     pub speculative_indexing: Option<bool>,
-    /// Lifetime of speculative entries; accepted, without effect.
+    /// Lifetime of speculative entries (a Go duration, default `2s`).
     #[serde(default, rename = "speculativeTTL")]
     pub speculative_ttl: Option<String>,
 }
@@ -135,10 +136,15 @@ pub struct PreciseSettings {
     pub socket_port: u16,
     /// The engines' replay port, when replay is on.
     pub replay_port: Option<u16>,
+    /// How long a pick's speculative entries live (`speculativeIndexing: true`, with
+    /// `speculativeTTL`, default 2 s); `None` when speculative indexing is off.
+    pub speculative_ttl: Option<std::time::Duration>,
 }
 
 /// llm-d's default `topicFilter`.
 const DEFAULT_TOPIC_FILTER: &str = "kv@";
+/// llm-d's default `speculativeTTL`.
+const DEFAULT_SPECULATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 /// vLLM's default KV-event port.
 const DEFAULT_SOCKET_PORT: u16 = 5557;
 
@@ -189,7 +195,21 @@ impl PrecisePrefixParameters {
                 "kvEventsConfig.engineType \"{engine}\" is not supported (vllm)"
             ));
         }
+        let speculative_ttl = match self.speculative_indexing {
+            Some(true) => Some(match self.speculative_ttl.as_deref() {
+                None | Some("") => DEFAULT_SPECULATIVE_TTL,
+                Some(text) => match scheduler_core::flow::parse_go_duration(text) {
+                    Ok(ttl) if !ttl.is_zero() => ttl,
+                    Ok(_) => return invalid("speculativeTTL must be positive, got 0".to_owned()),
+                    Err(error) => {
+                        return invalid(format!("invalid speculativeTTL \"{text}\": {error}"));
+                    }
+                },
+            }),
+            _ => None,
+        };
         Ok(PreciseSettings {
+            speculative_ttl,
             block_size_tokens,
             hash_seed: tokens.hash_seed.unwrap_or_default(),
             xxh64,
@@ -224,51 +244,109 @@ pub(crate) fn unavailable(
     )))
 }
 
-#[cfg(feature = "kv-events")]
-pub use enabled::{PrecisePrefixProducer, token_ids_of};
+#[cfg(feature = "kv-events-index")]
+pub use matching::{EventFedProducer, PreciseMatcher, token_ids_of};
 
 #[cfg(feature = "kv-events")]
-mod enabled {
+pub use enabled::PrecisePrefixProducer;
+
+/// The matching half of the producer: the precise index and the approximate fallback, without
+/// any transport, so that events arriving by other means (a simulator, another bus) can feed it.
+#[cfg(feature = "kv-events-index")]
+mod matching {
+    use std::collections::{HashMap, VecDeque};
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
-    use kv_events::subscriber::{SubscriberConfig, Subscribers};
     use kv_events::{
         EndpointMatch, HashAlgorithm, IndexConfig, PreciseIndex, TokenProcessor,
         TokenProcessorConfig,
     };
+    use parking_lot::Mutex;
     use scheduler_core::{
         CHARACTERS_PER_TOKEN, CycleState, DataProducer, EndpointId, InferenceRequest, Plugin,
-        PluginError, PluginSpec, PoolObserver, PoolSnapshot,
+        PluginError, PluginSpec, PoolObserver, PoolSnapshot, PreRequest, SchedulingResult,
     };
 
     use super::{PrecisePrefixParameters, PreciseSettings};
     use crate::prefix_cache::matches::PrefixMatches;
     use crate::prefix_cache::{
-        PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer, PrefixSource,
-        ProducerSettings, RecordApplication,
+        PrefixCacheProducer, PrefixSource, ProducerSettings, RecordApplication,
     };
 
     /// The llm-d token cap the fallback index matches up to (a 128K context window).
     const MAX_PREFIX_TOKENS: usize = 131_072;
 
-    /// The precise index, its subscriptions, and the approximate index requests without token
-    /// ids are matched against.
+    /// Most speculative entries kept at once (about 48 MiB); the oldest go first.
+    const MAX_SPECULATIVE_ENTRIES: usize = 1 << 20;
+
+    /// The block keys of recent picks, counted as held by the picked endpoint until they
+    /// expire (llm-d's speculative indexing): a prompt's blocks exist on the engine only once
+    /// it has computed them, and its events follow, so without these the next request with
+    /// the same prefix would not know where it is going.
     #[derive(Debug)]
-    pub struct PrecisePrefixProducer {
-        index: Arc<PreciseIndex<EndpointId>>,
-        subscribers: Subscribers<EndpointId>,
-        socket_port: u16,
-        fallback: Arc<PrefixCacheProducer>,
+    struct Speculation {
+        ttl: Duration,
+        entries: Mutex<SpeculativeEntries>,
     }
 
-    impl PrecisePrefixProducer {
-        /// A producer with `settings`, its subscriptions spawned on the current tokio runtime.
-        pub fn new(settings: &PreciseSettings) -> Result<Self, PluginError> {
-            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                PluginError::InvalidParameters(
-                    "the KV-event subscriptions need a tokio runtime".to_owned(),
-                )
-            })?;
+    #[derive(Debug, Default)]
+    struct SpeculativeEntries {
+        /// Expiry of each (endpoint, key).
+        live: HashMap<(EndpointId, u64), Instant>,
+        /// Every entry made, in order of expiry (the TTL is fixed).
+        made: VecDeque<(Instant, EndpointId, u64)>,
+    }
+
+    impl Speculation {
+        fn record(&self, endpoint: EndpointId, keys: &[u64], now: Instant) {
+            let expiry = now + self.ttl;
+            let mut entries = self.entries.lock();
+            for &key in keys {
+                entries.live.insert((endpoint, key), expiry);
+                entries.made.push_back((expiry, endpoint, key));
+            }
+            while let Some(&(at, endpoint, key)) = entries.made.front() {
+                if at > now && entries.made.len() <= MAX_SPECULATIVE_ENTRIES {
+                    break;
+                }
+                entries.made.pop_front();
+                // A later pick of the same prefix renewed the entry: keep it.
+                if entries.live.get(&(endpoint, key)) == Some(&at) {
+                    entries.live.remove(&(endpoint, key));
+                }
+            }
+        }
+
+        /// `from` extended by the leading keys after it that `endpoint` holds speculatively.
+        fn extend(&self, endpoint: EndpointId, keys: &[u64], from: usize, now: Instant) -> usize {
+            let entries = self.entries.lock();
+            if entries.live.is_empty() {
+                return from;
+            }
+            let mut held = from;
+            while held < keys.len()
+                && entries.live.get(&(endpoint, keys[held])).is_some_and(|&expiry| expiry > now)
+            {
+                held += 1;
+            }
+            held
+        }
+    }
+
+    /// The precise index and the approximate index requests without token ids (and endpoints
+    /// whose event stream had a gap) are matched against.
+    #[derive(Debug)]
+    pub struct PreciseMatcher {
+        index: Arc<PreciseIndex<EndpointId>>,
+        fallback: Arc<PrefixCacheProducer>,
+        speculation: Option<Speculation>,
+    }
+
+    impl PreciseMatcher {
+        /// An empty index with `settings`' block size, hash seed, algorithm and capacity; the
+        /// fallback applies its records as `records` says.
+        pub fn new(settings: &PreciseSettings, records: RecordApplication) -> Self {
             let processor = TokenProcessor::new(&TokenProcessorConfig {
                 block_size_tokens: settings.block_size_tokens,
                 hash_seed: settings.hash_seed.clone(),
@@ -282,34 +360,22 @@ mod enabled {
             if let Some(capacity) = settings.capacity_per_endpoint {
                 config.capacity_per_endpoint = capacity;
             }
-            let index = Arc::new(PreciseIndex::new(processor, config));
-            let subscribers = Subscribers::new(
-                Arc::clone(&index),
-                SubscriberConfig {
-                    topic_filter: settings.topic_filter.clone(),
-                    replay_port: settings.replay_port,
-                    ..SubscriberConfig::default()
-                },
-                runtime,
-            );
             let tokens = settings.block_size_tokens as usize;
             let fallback = Arc::new(PrefixCacheProducer::new(ProducerSettings {
                 block_size: tokens * CHARACTERS_PER_TOKEN,
                 max_blocks: (MAX_PREFIX_TOKENS / tokens).max(1),
                 capacity: prefix_cache::index::DEFAULT_CAPACITY_PER_ENDPOINT,
-                records: RecordApplication::Background,
+                records,
             }));
-            Ok(Self { index, subscribers, socket_port: settings.socket_port, fallback })
+            let speculation = settings
+                .speculative_ttl
+                .map(|ttl| Speculation { ttl, entries: Mutex::new(SpeculativeEntries::default()) });
+            Self { index: Arc::new(PreciseIndex::new(processor, config)), fallback, speculation }
         }
 
         /// The event index.
         pub fn index(&self) -> &Arc<PreciseIndex<EndpointId>> {
             &self.index
-        }
-
-        /// The subscriptions.
-        pub fn subscribers(&self) -> &Subscribers<EndpointId> {
-            &self.subscribers
         }
 
         /// The approximate index requests are matched against until they carry token ids.
@@ -345,12 +411,14 @@ mod enabled {
     struct PreciseScratch {
         tokens: Vec<u32>,
         keys: Vec<u64>,
+        /// The decision `keys` were computed for.
+        keys_for: Option<u64>,
     }
 
     /// Matches every request against the approximate index, then, for a request with token
     /// ids, replaces each trusted endpoint's match with what its engine reported holding. An
     /// untrusted endpoint (its event stream had a gap) keeps its approximate match.
-    impl DataProducer for PrecisePrefixProducer {
+    impl DataProducer for PreciseMatcher {
         fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
             self.fallback.match_prompt(state, request, pool);
             let mut scratch = std::mem::take(state.scratch::<PreciseScratch>());
@@ -365,6 +433,8 @@ mod enabled {
                 );
                 if !scratch.keys.is_empty() {
                     let stamp = state.decision_stamp();
+                    let now = state.now();
+                    scratch.keys_for = Some(stamp);
                     let total = scratch.keys.len();
                     let matches = state.scratch::<PrefixMatches>();
                     let info = matches.slot(self.fallback.id());
@@ -375,7 +445,12 @@ mod enabled {
                         {
                             *matched = match self.index.longest_prefix(endpoint.id(), &scratch.keys)
                             {
-                                EndpointMatch::Blocks(n) => n,
+                                EndpointMatch::Blocks(n) => match &self.speculation {
+                                    Some(speculation) => {
+                                        speculation.extend(endpoint.id(), &scratch.keys, n, now)
+                                    }
+                                    None => n,
+                                },
                                 // The approximate match, in blocks of about the same size.
                                 _ => (*matched).min(total),
                             };
@@ -384,6 +459,165 @@ mod enabled {
                 }
             }
             *state.scratch::<PreciseScratch>() = scratch;
+        }
+    }
+
+    /// The fallback's record of each pick and, with speculative indexing, the pick's keys as
+    /// held by the endpoints it went to (decode and prefill).
+    impl PreRequest for PreciseMatcher {
+        fn pre_request(
+            &self,
+            state: &mut CycleState,
+            request: &InferenceRequest,
+            result: &SchedulingResult,
+        ) {
+            self.fallback.pre_request(state, request, result);
+            let Some(speculation) = &self.speculation else { return };
+            let stamp = state.decision_stamp();
+            let now = state.now();
+            let scratch = state.scratch::<PreciseScratch>();
+            if scratch.keys_for != Some(stamp) || scratch.keys.is_empty() {
+                return;
+            }
+            speculation.record(result.primary().id(), &scratch.keys, now);
+            if let Some(prefill) = result.prefill() {
+                speculation.record(prefill.id(), &scratch.keys, now);
+            }
+        }
+
+        fn flush(&self) {
+            self.fallback.flush();
+        }
+
+        fn dropped_deferred(&self) -> u64 {
+            self.fallback.dropped_deferred()
+        }
+    }
+
+    /// `precise-prefix-cache-producer` without subscriptions: whoever builds it feeds its
+    /// index ([`Self::index`]: `ingest` for vLLM's payloads, `apply_batch` for decoded ones).
+    /// The index tracks the pool's endpoints as the pool changes.
+    #[derive(Debug)]
+    pub struct EventFedProducer {
+        matcher: Arc<PreciseMatcher>,
+    }
+
+    impl EventFedProducer {
+        /// A producer configured by llm-d's parameters, and the plugin that carries it (a
+        /// data producer, the fallback's record hook, a pool observer, and the prefix source
+        /// `prefix-cache-scorer` binds to by name).
+        pub fn plugin(
+            spec: &PluginSpec<'_>,
+            records: RecordApplication,
+        ) -> Result<(Plugin, Arc<Self>), PluginError> {
+            let parameters: PrecisePrefixParameters = spec.parameters()?;
+            let matcher = Arc::new(PreciseMatcher::new(&parameters.resolve()?, records));
+            let producer = Arc::new(Self { matcher: Arc::clone(&matcher) });
+            let fallback = Arc::clone(matcher.fallback());
+            let plugin = Plugin {
+                data_producer: Some(matcher.clone()),
+                pre_request: Some(matcher),
+                pool_observer: Some(producer.clone()),
+                shared: Some(Arc::new(PrefixSource::of_producer(fallback))),
+                ..Plugin::default()
+            };
+            Ok((plugin, producer))
+        }
+
+        /// The event index to feed.
+        pub fn index(&self) -> &Arc<PreciseIndex<EndpointId>> {
+            self.matcher.index()
+        }
+    }
+
+    impl PoolObserver for EventFedProducer {
+        fn membership_changed(&self, pool: &PoolSnapshot) {
+            let index = self.matcher.index();
+            for endpoint in pool.endpoints() {
+                index.add_endpoint(endpoint.id());
+            }
+            for known in index.endpoint_keys() {
+                if pool.index_of(known).is_none() {
+                    index.remove_endpoint(known);
+                }
+            }
+            self.matcher.fallback().membership_changed(pool);
+        }
+    }
+}
+
+#[cfg(feature = "kv-events")]
+mod enabled {
+    use std::sync::Arc;
+
+    use kv_events::PreciseIndex;
+    use kv_events::subscriber::{SubscriberConfig, Subscribers};
+    use scheduler_core::{
+        CycleState, DataProducer, EndpointId, InferenceRequest, Plugin, PluginError, PluginSpec,
+        PoolObserver, PoolSnapshot,
+    };
+
+    use super::matching::PreciseMatcher;
+    use super::{PrecisePrefixParameters, PreciseSettings};
+    use crate::prefix_cache::{
+        PrefixCacheParameters, PrefixCacheProducer, PrefixCacheScorer, PrefixSource,
+        RecordApplication,
+    };
+
+    /// The precise index, its subscriptions, and the approximate index requests without token
+    /// ids are matched against.
+    #[derive(Debug)]
+    pub struct PrecisePrefixProducer {
+        matcher: Arc<PreciseMatcher>,
+        subscribers: Subscribers<EndpointId>,
+        socket_port: u16,
+    }
+
+    impl PrecisePrefixProducer {
+        /// A producer with `settings`, its subscriptions spawned on the current tokio runtime.
+        pub fn new(settings: &PreciseSettings) -> Result<Self, PluginError> {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                PluginError::InvalidParameters(
+                    "the KV-event subscriptions need a tokio runtime".to_owned(),
+                )
+            })?;
+            let matcher = Arc::new(PreciseMatcher::new(settings, RecordApplication::Background));
+            let subscribers = Subscribers::new(
+                Arc::clone(matcher.index()),
+                SubscriberConfig {
+                    topic_filter: settings.topic_filter.clone(),
+                    replay_port: settings.replay_port,
+                    ..SubscriberConfig::default()
+                },
+                runtime,
+            );
+            Ok(Self { matcher, subscribers, socket_port: settings.socket_port })
+        }
+
+        /// The event index.
+        pub fn index(&self) -> &Arc<PreciseIndex<EndpointId>> {
+            self.matcher.index()
+        }
+
+        /// The matching (and, with speculative indexing, the pick hook).
+        pub fn matcher(&self) -> &Arc<PreciseMatcher> {
+            &self.matcher
+        }
+
+        /// The subscriptions.
+        pub fn subscribers(&self) -> &Subscribers<EndpointId> {
+            &self.subscribers
+        }
+
+        /// The approximate index requests are matched against until they carry token ids.
+        pub fn fallback(&self) -> &Arc<PrefixCacheProducer> {
+            self.matcher.fallback()
+        }
+    }
+
+    impl DataProducer for PrecisePrefixProducer {
+        fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
+            self.matcher.produce(state, request, pool);
         }
     }
 
@@ -396,7 +630,7 @@ mod enabled {
                 let host = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
                 (e.id(), format!("tcp://{host}:{port}"))
             }));
-            self.fallback.membership_changed(pool);
+            self.fallback().membership_changed(pool);
         }
     }
 
@@ -411,7 +645,7 @@ mod enabled {
         let fallback = Arc::clone(producer.fallback());
         Ok(Plugin {
             data_producer: Some(producer.clone()),
-            pre_request: Some(fallback.clone()),
+            pre_request: Some(producer.matcher().clone()),
             pool_observer: Some(producer),
             shared: Some(Arc::new(PrefixSource::of_producer(fallback))),
             ..Plugin::default()
@@ -430,7 +664,7 @@ mod enabled {
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             data_producer: Some(producer.clone()),
-            pre_request: Some(fallback),
+            pre_request: Some(producer.matcher().clone()),
             pool_observer: Some(producer),
             shared: Some(scorer.source().clone()),
             ..Plugin::default()
@@ -483,6 +717,7 @@ mod tests {
                 topic_filter: "kv@".into(),
                 socket_port: 6000,
                 replay_port: Some(6001),
+                speculative_ttl: Some(std::time::Duration::from_secs(2)),
             }
         );
         // The older placement under indexerConfig, and the defaults.
@@ -514,6 +749,23 @@ mod tests {
         );
         assert!(
             bad(serde_json::json!({"kvEventsConfig": {"engineType": "sglang"}})).contains("sglang")
+        );
+        assert!(
+            bad(serde_json::json!({"speculativeIndexing": true, "speculativeTTL": "soon"}))
+                .contains("soon")
+        );
+        assert!(
+            bad(serde_json::json!({"speculativeIndexing": true, "speculativeTTL": "0s"}))
+                .contains("positive")
+        );
+        let ttl = |v: serde_json::Value| {
+            let p: PrecisePrefixParameters = serde_json::from_value(v).unwrap();
+            p.resolve().unwrap().speculative_ttl
+        };
+        assert_eq!(ttl(serde_json::json!({"speculativeTTL": "5s"})), None, "off unless asked");
+        assert_eq!(
+            ttl(serde_json::json!({"speculativeIndexing": true, "speculativeTTL": "500ms"})),
+            Some(std::time::Duration::from_millis(500))
         );
         assert!(
             serde_json::from_value::<PrecisePrefixParameters>(

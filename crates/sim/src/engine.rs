@@ -48,7 +48,8 @@ use scheduler_core::{
 };
 use serde::Serialize;
 
-use crate::hashing::BLOCK_TOKENS;
+use crate::hashing::{BLOCK_CHARS, BLOCK_TOKENS};
+use crate::kv_events::{KvEventFeed, KvEventLink};
 use crate::policy::Policy;
 use crate::profile::ServerProfile;
 use crate::replicas::{EppReplicas, ReplicaSet};
@@ -176,6 +177,9 @@ pub struct SimConfig {
     pub kv_link: KvLink,
     /// The EPP replicas the gateway spreads requests over (EPP policies only).
     pub replicas: EppReplicas,
+    /// How the servers' KV-cache events reach a precise prefix producer (EPP policies whose
+    /// config has one).
+    pub kv_events: KvEventLink,
 }
 
 impl SimConfig {
@@ -191,6 +195,7 @@ impl SimConfig {
             roles: ServerRoles::Unlabeled,
             kv_link: KvLink::default(),
             replicas: EppReplicas::default(),
+            kv_events: KvEventLink::default(),
         }
     }
 
@@ -241,6 +246,16 @@ pub enum SimError {
         "EPP replicas need a count of at least 1, a non-negative record delay and a positive sync interval, got {0:?}"
     )]
     Replicas(EppReplicas),
+    /// The KV-event link's delay is not a time or its loss not a probability.
+    #[error(
+        "KV events need a non-negative delay and a loss probability in [0, 1], got {delay_s} s and {loss}"
+    )]
+    KvEvents {
+        /// Delay, seconds.
+        delay_s: f64,
+        /// Loss probability.
+        loss: f64,
+    },
     /// An EPP policy's configuration could not be built.
     #[error("policy '{policy}': {source}")]
     Config {
@@ -262,6 +277,8 @@ enum Event {
     SyncRecords,
     /// Synced replicas exchange their in-flight counts.
     SyncInFlight,
+    /// The servers' KV-cache events reach the precise prefix index.
+    KvEvents,
 }
 
 #[derive(Debug)]
@@ -395,6 +412,12 @@ pub fn run(
     if config.replicas.count == 0 || config.replicas.sync.is_some_and(|sync| !sync.is_valid()) {
         return Err(SimError::Replicas(config.replicas));
     }
+    if !config.kv_events.is_valid() {
+        return Err(SimError::KvEvents {
+            delay_s: config.kv_events.delay_s,
+            loss: config.kv_events.loss,
+        });
+    }
     let router = Router::new(policy, config.seed, config.servers, &config.replicas)?;
     let mut simulation = Simulation::new(config, workload, router);
     simulation.run(workload);
@@ -420,6 +443,8 @@ struct Simulation<'a> {
     adapter_names: Vec<Arc<str>>,
     snapshot: Arc<PoolSnapshot>,
     router: Router,
+    /// The servers' KV events on their way to the precise prefix index, when the policy has one.
+    kv_feed: Option<KvEventFeed>,
     events: BinaryHeap<Scheduled>,
     next_order: u64,
     base: Instant,
@@ -478,11 +503,29 @@ impl<'a> Simulation<'a> {
         let snapshot =
             Arc::new(PoolSnapshot::new(endpoints.iter().cloned().map(EndpointState::new)));
         let expected = usize::try_from(workload.requests).unwrap_or(0).min(1 << 24);
+        let mut servers: Vec<ModelServer> =
+            (0..config.servers).map(|_| ModelServer::new(config.profile.clone())).collect();
+        let producers = match &router {
+            Router::Epp { replicas, .. } => replicas.precise_producers().to_vec(),
+            _ => Vec::new(),
+        };
+        let kv_feed = (!producers.is_empty()).then(|| {
+            for server in &mut servers {
+                server.record_kv_changes();
+            }
+            KvEventFeed::new(
+                producers,
+                endpoints.iter().map(|endpoint| endpoint.id).collect(),
+                config.kv_events,
+                workload.model.clone(),
+                workload.adapter_names(),
+                config.seed,
+            )
+        });
         Self {
             config,
-            servers: (0..config.servers)
-                .map(|_| ModelServer::new(config.profile.clone()))
-                .collect(),
+            servers,
+            kv_feed,
             decode_capable: (0..config.servers)
                 .filter(|&index| config.roles.role_of(index).serves_decode())
                 .collect(),
@@ -597,15 +640,36 @@ impl<'a> Simulation<'a> {
                         self.finish(request);
                     }
                     self.step_output = output;
+                    self.publish_kv_events(server as usize);
                     self.start_step(server as usize);
                 }
                 Event::TransferEnd(request) => self.transferred(request),
+                Event::KvEvents => {
+                    if let Some(feed) = &mut self.kv_feed {
+                        feed.deliver(at_ns);
+                    }
+                }
             }
             while !self.client_backlog.is_empty() && !self.at_concurrency_limit() {
                 if let Some(request) = self.client_backlog.pop_front() {
                     self.arrive(request);
                 }
             }
+        }
+    }
+
+    /// Sends the KV events of `server`'s step that just ended towards the precise index.
+    fn publish_kv_events(&mut self, server: usize) {
+        let Some(feed) = &mut self.kv_feed else { return };
+        let source = &mut self.servers[server];
+        let Some(due_ns) = feed.publish(server, self.now_ns, |out| source.drain_kv_changes(out))
+        else {
+            return;
+        };
+        if due_ns <= self.now_ns {
+            feed.deliver(self.now_ns);
+        } else {
+            self.schedule(due_ns, Event::KvEvents);
         }
     }
 
@@ -806,9 +870,17 @@ impl<'a> Simulation<'a> {
                     seed: Some(scheduler_core::hash::mix64(*seed ^ *decisions)),
                     explain: false,
                 };
+                let prompt = match &self.kv_feed {
+                    // A precise index matches token ids: the prompt's full blocks as tokens.
+                    Some(_) => {
+                        let blocks =
+                            (request.prompt.len() / BLOCK_CHARS).min(request.block_hashes.len());
+                        crate::kv_events::token_prompt(&request.block_hashes[..blocks])
+                    }
+                    None => std::mem::take(&mut request.prompt),
+                };
                 let inference =
-                    InferenceRequest::new(&*request.model, std::mem::take(&mut request.prompt))
-                        .with_priority(request.priority);
+                    InferenceRequest::new(&*request.model, prompt).with_priority(request.priority);
                 let result = scheduler.schedule_with(&inference, &self.snapshot, options);
                 // Work the scheduler defers to background writers (the prefix index's
                 // records) takes effect before the next event, so a run stays a function of

@@ -34,6 +34,26 @@ impl Hasher for PassThroughHasher {
     }
 }
 
+/// A change to the set of cached blocks, as vLLM reports it in its KV-cache events
+/// (`BlockStored` when a block is first named, `BlockRemoved` when it is evicted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvChange {
+    /// A block was computed and cached.
+    Stored {
+        /// Its hash.
+        hash: u64,
+        /// The hash of the block before it, `None` for a prompt's first block.
+        parent: Option<u64>,
+        /// The LoRA adapter of the sequence that computed it.
+        adapter: Option<u16>,
+    },
+    /// A cached block was evicted.
+    Removed {
+        /// Its hash.
+        hash: u64,
+    },
+}
+
 #[derive(Clone, Copy, Debug)]
 struct NamedBlock {
     hash: u64,
@@ -54,6 +74,8 @@ pub(crate) struct KvBlocks {
     oldest_idle: u32,
     newest_idle: u32,
     idle: u32,
+    /// Changes since the last drain, when someone listens for them.
+    changes: Option<Vec<KvChange>>,
 }
 
 impl KvBlocks {
@@ -67,6 +89,19 @@ impl KvBlocks {
             oldest_idle: NIL,
             newest_idle: NIL,
             idle: 0,
+            changes: None,
+        }
+    }
+
+    /// Starts keeping a list of [`KvChange`]s for [`Self::drain_changes`].
+    pub(crate) fn record_changes(&mut self) {
+        self.changes.get_or_insert_with(Vec::new);
+    }
+
+    /// Moves the changes since the last drain to `out`, oldest first.
+    pub(crate) fn drain_changes(&mut self, out: &mut Vec<KvChange>) {
+        if let Some(changes) = &mut self.changes {
+            out.append(changes);
         }
     }
 
@@ -142,8 +177,13 @@ impl KvBlocks {
 
     /// Names one of the caller's private blocks `hash`: it becomes shared and cacheable. When
     /// the block is already cached, the caller's copy is freed and it shares the cached one.
-    /// Returns the block's slot.
-    pub(crate) fn name_private_block(&mut self, hash: u64) -> u32 {
+    /// Returns the block's slot. `parent` and `adapter` describe the block for listeners.
+    pub(crate) fn name_private_block(
+        &mut self,
+        hash: u64,
+        parent: Option<u64>,
+        adapter: Option<u16>,
+    ) -> u32 {
         self.private -= 1;
         let next_slot = self.vacant_slots.last().copied().unwrap_or(self.slots.len() as u32);
         // One probe of the index whether the block is already cached or not.
@@ -151,6 +191,9 @@ impl KvBlocks {
         if slot != next_slot {
             self.acquire(slot);
             return slot;
+        }
+        if let Some(changes) = &mut self.changes {
+            changes.push(KvChange::Stored { hash, parent, adapter });
         }
         let block = NamedBlock { hash, refs: 1, older: NIL, newer: NIL };
         match self.vacant_slots.pop() {
@@ -183,6 +226,9 @@ impl KvBlocks {
         self.idle -= 1;
         let hash = self.slots[slot as usize].hash;
         self.index.remove(&hash);
+        if let Some(changes) = &mut self.changes {
+            changes.push(KvChange::Removed { hash });
+        }
         self.vacant_slots.push(slot);
     }
 
@@ -241,13 +287,19 @@ mod tests {
     fn idle_blocks_are_reused_then_evicted_oldest_first() {
         let mut kv = KvBlocks::new(4);
         assert!(kv.allocate(3));
-        let slots: Vec<u32> = [1, 2, 3].map(|hash| kv.name_private_block(hash)).to_vec();
+        kv.record_changes();
+        let slots: Vec<u32> =
+            [1, 2, 3].map(|hash| kv.name_private_block(hash, None, None)).to_vec();
         kv.release(&slots, 0);
         assert_eq!((kv.in_use(), kv.allocatable()), (0, 4));
         assert_eq!(kv.match_prefix(&[1, 2, 9]), (2, 2));
         // Released last first: 3 is the oldest idle block, so it goes first.
         assert!(kv.allocate(2));
         assert_eq!(kv.match_prefix(&[1, 2, 3]), (2, 2));
+        let mut changes = Vec::new();
+        kv.drain_changes(&mut changes);
+        let stored = |hash| KvChange::Stored { hash, parent: None, adapter: None };
+        assert_eq!(changes, [stored(1), stored(2), stored(3), KvChange::Removed { hash: 3 }]);
         let mut held = Vec::new();
         kv.acquire_prefix(&[1, 2], &mut held);
         assert_eq!(held.len(), 2);

@@ -36,6 +36,7 @@ pub mod bench;
 pub mod engine;
 pub mod hashing;
 mod kv;
+pub mod kv_events;
 pub mod policy;
 pub mod profile;
 pub mod replicas;
@@ -45,6 +46,7 @@ pub mod svg;
 pub mod workload;
 
 pub use engine::{KvLink, ServerRoles, ShedThresholds, SimConfig, SimError, compare, run};
+pub use kv_events::KvEventLink;
 pub use policy::{Policy, PolicyError};
 pub use profile::{ProfileError, ServerProfile};
 pub use replicas::{EppReplicas, ReplicaSpread, ReplicaSync};

@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use sim::policy::PD_PREFIX_NON_CACHED_TOKENS;
 use sim::{
-    EppReplicas, KvLink, LengthDistribution, Policy, ReplicaSpread, ReplicaSync, RunReport,
-    ServerProfile, ServerRoles, SimConfig, SyntheticWorkload, TraceWorkload, WorkloadSource,
-    WorkloadSpec,
+    EppReplicas, KvEventLink, KvLink, LengthDistribution, Policy, ReplicaSpread, ReplicaSync,
+    RunReport, ServerProfile, ServerRoles, SimConfig, SyntheticWorkload, TraceWorkload,
+    WorkloadSource, WorkloadSpec,
 };
 
 const USAGE: &str = "\
@@ -72,7 +72,10 @@ OPTIONS:
     --policies P,..       round-robin, random, least-request, oracle, epp (GIE default:
                           queue, KV and prefix scorers), epp-queue-kv, epp-prefix-heavy,
                           epp-gie-exact (the default profile with GIE's exact formulas:
-                          affinity whatever the load, no lag compensation),
+                          affinity whatever the load, no lag compensation), epp-precise
+                          (the default profile on llm-d's precise-prefix-cache-producer,
+                          fed by the servers' KV-cache events), epp-precise-speculative
+                          (the same with llm-d's speculativeIndexing),
                           epp:NAME=CONFIG.yaml
                           [default: round-robin,random,least-request,epp,oracle]
     --prompt-tokens N     the same as --system-prompt-len
@@ -101,6 +104,11 @@ OPTIONS:
                           (the success rate of `ladder`; `timed out` in JSON)
     --warmup F            `ladder`: share of each stage's requests left out of its
                           latencies [default: 0.1]
+    --kv-event-delay-ms F a server's KV-cache events reach the precise index this late
+                          [default: 5]
+    --kv-event-loss F     share of KV-event batches lost (a lost batch makes its server
+                          untrusted: its matches fall back to the approximate index)
+                          [default: 0]
     --replicas N          EPP policies run as N replicas behind the gateway
                           [default: 1; `replicas`: 4]
     --replica-sync        `run`/`sweep`/`ladder`: the replicas share prefix records and
@@ -159,6 +167,7 @@ struct Options {
     replica_sync: bool,
     sync: ReplicaSync,
     replica_spread: ReplicaSpread,
+    kv_events: KvEventLink,
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
@@ -210,6 +219,7 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
         replica_sync: false,
         sync: ReplicaSync::default(),
         replica_spread: ReplicaSpread::RoundRobin,
+        kv_events: KvEventLink::default(),
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -224,6 +234,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
             "--out" => options.out = Some(value(arg)?),
             "--replicas" => options.replicas = Some(parse_number(arg, &value(arg)?)?),
             "--replica-sync" => options.replica_sync = true,
+            "--kv-event-delay-ms" => {
+                options.kv_events.delay_s = parse_number::<f64>(arg, &value(arg)?)? / 1e3;
+            }
+            "--kv-event-loss" => options.kv_events.loss = parse_number(arg, &value(arg)?)?,
             "--sync-delay-ms" => {
                 options.sync.record_delay_s = parse_number::<f64>(arg, &value(arg)?)? / 1e3;
             }
@@ -419,6 +433,7 @@ fn execute(options: &Options) -> Result<(), String> {
     if !options.shedding {
         config.saturation = None;
     }
+    config.kv_events = options.kv_events;
     config.kv_link = KvLink { gbps: options.kv_link_gbps, latency_s: options.kv_link_ms / 1e3 };
     if options.command == "bench" {
         return execute_bench(options, &config.profile);

@@ -9,6 +9,8 @@
 //!   hooks when the simulated request ends. Built in: GIE's default profile (`epp`), its older
 //!   load-only profile (`epp-queue-kv`), a prefix-heavy weighting (`epp-prefix-heavy`), the
 //!   default profile with GIE's exact formulas (`epp-gie-exact`, [`gie_exact_config`]), and
+//!   GIE's default on llm-d's precise prefix matches fed by the servers' KV events
+//!   (`epp-precise`, [`PRECISE_CONFIG`]), and
 //!   llm-d's prefill/decode disaggregation with either decider (`epp-pd-always`,
 //!   `epp-pd-prefix`; [`PD_ALWAYS_CONFIG`], [`PD_PREFIX_CONFIG`]), for pools whose servers carry
 //!   roles ([`crate::ServerRoles`]).
@@ -21,16 +23,67 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use scheduler_core::{ConfigError, EndpointPickerConfig};
+use scorers::precise_prefix::EventFedProducer;
 
 /// The built-in plugins as the simulator builds them. The engine flushes the scheduler after
 /// every decision, so the prefix indexes apply their records then, on the simulation's
 /// thread, rather than handing each to a writer thread and waiting for it (2-3x the CPU).
 pub(crate) fn registry() -> scheduler_core::PluginRegistry {
-    scorers::builtin_registry_with(scorers::BuiltinOptions {
-        prefix_records: scorers::prefix_cache::RecordApplication::OnFlush,
-    })
+    registry_feeding(&EventFedProducers::default())
 }
+
+/// The precise producers a registry built, for the engine to feed with the servers' events.
+pub(crate) type EventFedProducers = Arc<Mutex<Vec<Arc<EventFedProducer>>>>;
+
+/// [`registry`], where `precise-prefix-cache-producer` is fed by the simulated servers' KV
+/// events instead of ZMQ subscriptions; every one built is added to `producers`.
+pub(crate) fn registry_feeding(producers: &EventFedProducers) -> scheduler_core::PluginRegistry {
+    let records = scorers::prefix_cache::RecordApplication::OnFlush;
+    let mut registry =
+        scorers::builtin_registry_with(scorers::BuiltinOptions { prefix_records: records });
+    let built = Arc::clone(producers);
+    registry.register(scorers::precise_prefix::PRODUCER_TYPE_NAME, move |spec| {
+        let (plugin, producer) = EventFedProducer::plugin(spec, records)?;
+        built.lock().push(producer);
+        Ok(plugin)
+    });
+    registry
+}
+
+/// GIE's default profile with the prefix-cache scorer reading llm-d's
+/// `precise-prefix-cache-producer`: prefix matches from what the servers report holding in
+/// their KV-cache events (16-token blocks, as the simulated servers cache), not from where
+/// prompts were sent. The engine sends this policy's requests as token ids.
+pub const PRECISE_CONFIG: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- name: precise
+  type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig:
+      blockSizeTokens: 16
+- type: prefix-cache-scorer
+  parameters:
+    prefixMatchInfoProducerName: precise
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+";
 
 /// A prefix-heavy variant of the default profile: prefix-cache affinity weighted 5 against
 /// queue 2 and KV-cache utilisation 1, for workloads dominated by long shared prefixes.
@@ -172,7 +225,7 @@ pub enum Policy {
 pub enum PolicyError {
     /// Not a known policy name.
     #[error(
-        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, epp-gie-exact, epp-pd-always, epp-pd-prefix, or epp:NAME=CONFIG.yaml"
+        "unknown policy '{0}': expected round-robin, random, least-request, oracle, epp (GIE default), epp-queue-kv, epp-prefix-heavy, epp-gie-exact, epp-precise, epp-precise-speculative, epp-pd-always, epp-pd-prefix, or epp:NAME=CONFIG.yaml"
     )]
     Unknown(String),
     /// The configuration file could not be read.
@@ -211,6 +264,22 @@ impl Policy {
             name: "epp-default".to_owned(),
             config: Box::new(EndpointPickerConfig::gie_default()),
         }
+    }
+
+    /// GIE's default profile on precise prefix matches ([`PRECISE_CONFIG`]), named
+    /// `epp-precise`.
+    pub fn precise() -> Self {
+        Self::builtin("epp-precise", PRECISE_CONFIG)
+    }
+
+    /// [`Self::precise`] with llm-d's `speculativeIndexing` (picks count as held for 2 s, or
+    /// until the events say otherwise), named `epp-precise-speculative`.
+    pub fn precise_speculative() -> Self {
+        let yaml = PRECISE_CONFIG.replace(
+            "      blockSizeTokens: 16\n",
+            "      blockSizeTokens: 16\n    speculativeIndexing: true\n",
+        );
+        Self::builtin("epp-precise-speculative", &yaml)
     }
 
     /// P/D with `always-disagg-pd-decider` ([`PD_ALWAYS_CONFIG`]), named `epp-pd-always`.
@@ -278,6 +347,8 @@ impl Policy {
                 Self::epp_from_config("epp-gie-exact", gie_exact_config(), "epp-gie-exact")
             }
             "epp-pd-always" => Ok(Self::pd_always()),
+            "epp-precise" => Ok(Self::precise()),
+            "epp-precise-speculative" => Ok(Self::precise_speculative()),
             "epp-pd-prefix" => Ok(Self::pd_prefix_based(PD_PREFIX_NON_CACHED_TOKENS)),
             _ => {
                 let Some(rest) = spec.strip_prefix("epp:") else {
@@ -313,6 +384,8 @@ mod tests {
             "epp-queue-kv",
             "epp-prefix-heavy",
             "epp-gie-exact",
+            "epp-precise",
+            "epp-precise-speculative",
             "epp-pd-always",
             "epp-pd-prefix",
         ] {

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use scheduler_core::{ConfigError, EndpointId, EndpointMap, EndpointPickerConfig, Scheduler};
+use scorers::precise_prefix::EventFedProducer;
 use scorers::{InFlightCounts, PrefixCacheProducer, RecordSink, SharedInFlight};
 use serde::Serialize;
 
@@ -147,6 +148,8 @@ pub(crate) struct ReplicaSet {
     in_transit: VecDeque<InTransit>,
     /// Scratch for the in-flight exchange.
     counts: Vec<(EndpointId, InFlightCounts)>,
+    /// Every replica's precise prefix producers, fed by the servers' KV events.
+    precise: Vec<Arc<EventFedProducer>>,
 }
 
 impl ReplicaSet {
@@ -156,7 +159,8 @@ impl ReplicaSet {
         replicas: &EppReplicas,
         seed: u64,
     ) -> Result<Self, ConfigError> {
-        let registry = crate::policy::registry();
+        let precise = crate::policy::EventFedProducers::default();
+        let registry = crate::policy::registry_feeding(&precise);
         let sync = replicas.sync.filter(|_| replicas.count > 1);
         let mut built = Vec::with_capacity(replicas.count.max(1));
         for _ in 0..replicas.count.max(1) {
@@ -182,6 +186,7 @@ impl ReplicaSet {
             rng: SmallRng::seed_from_u64(seed ^ 0x7e91_1ca5),
             in_transit: VecDeque::new(),
             counts: Vec::new(),
+            precise: std::mem::take(&mut *precise.lock()),
         })
     }
 
@@ -200,6 +205,11 @@ impl ReplicaSet {
 
     pub(crate) fn scheduler(&self, replica: usize) -> &Scheduler {
         &self.replicas[replica].scheduler
+    }
+
+    /// The precise prefix producers of every replica (empty unless the config has one).
+    pub(crate) fn precise_producers(&self) -> &[Arc<EventFedProducer>] {
+        &self.precise
     }
 
     /// The sync settings when the replicas share state.

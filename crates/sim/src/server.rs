@@ -36,6 +36,7 @@ use std::collections::VecDeque;
 
 use crate::hashing::BLOCK_TOKENS;
 use crate::kv::KvBlocks;
+pub use crate::kv::KvChange;
 use crate::profile::ServerProfile;
 
 /// At most this many waiting requests are skipped (waiting for an adapter slot) per step.
@@ -524,8 +525,10 @@ impl ModelServer {
             seq.scheduled = 0;
             let full_blocks = (seq.computed / BLOCK_TOKENS).min(seq.block_hashes.len() as u32);
             while seq.named_blocks() < full_blocks {
-                let hash = seq.block_hashes[seq.named_slots.len()];
-                seq.named_slots.push(self.kv.name_private_block(hash));
+                let at = seq.named_slots.len();
+                let hash = seq.block_hashes[at];
+                let parent = at.checked_sub(1).map(|before| seq.block_hashes[before]);
+                seq.named_slots.push(self.kv.name_private_block(hash, parent, seq.adapter));
                 seq.private_blocks -= 1;
             }
             if seq.computed >= seq.prefill_target {
@@ -552,6 +555,16 @@ impl ModelServer {
             });
             self.running = running;
         }
+    }
+
+    /// Starts keeping the KV cache's changes (what vLLM publishes as KV-cache events).
+    pub fn record_kv_changes(&mut self) {
+        self.kv.record_changes();
+    }
+
+    /// Moves the KV cache's changes since the last drain to `out`, oldest first.
+    pub fn drain_kv_changes(&mut self, out: &mut Vec<KvChange>) {
+        self.kv.drain_changes(out);
     }
 
     #[cfg(test)]
