@@ -89,7 +89,9 @@ pub mod outbound;
 mod sync;
 pub mod wire;
 
-pub use config::{SyncSettings, SyncerParameters, TYPE_NAME, register, settings_of};
+pub use config::{
+    ClientIdentity, SyncSettings, SyncerParameters, TYPE_NAME, TlsSettings, register, settings_of,
+};
 pub use metrics::{Ignored, SyncMetrics};
 pub use outbound::Outbound;
 pub use sync::{CrossReplicaSync, MAX_PEERS, SyncError, SyncOptions};
