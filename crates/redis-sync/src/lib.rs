@@ -41,6 +41,9 @@
 //! The `redis-cross-replica-syncer` plugin type ([`config`]), referenced by llm-d-router's
 //! `dataLayer.crossReplicaSyncerPluginRef`, with `dataLayer.crossReplicaSyncInterval`.
 //! `dataLayer.peerDiscovery` is not needed: replicas find each other through Redis.
+//! TLS (`rediss://`) needs the crate's `tls` feature; `caFile` trusts a private CA (instead of
+//! the public roots) and `certFile`/`keyFile` present a client certificate
+//! ([`config`](config#tls)).
 //!
 //! ```
 //! use scheduler_core::EndpointPickerConfig;
