@@ -36,6 +36,12 @@ keyUsage = critical,digitalSignature
 extendedKeyUsage = serverAuth
 subjectAltName = IP:127.0.0.1,DNS:localhost
 authorityKeyIdentifier = keyid
+[elsewhere]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:elsewhere.example
+authorityKeyIdentifier = keyid
 [client]
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature
@@ -43,8 +49,9 @@ extendedKeyUsage = clientAuth
 authorityKeyIdentifier = keyid
 ";
 
-/// A private CA with a server and a client certificate it signed, plus a second CA that signed
-/// nothing, in a directory removed on drop.
+/// A private CA with a server certificate, a client certificate and a certificate for another
+/// server name (`elsewhere`) it signed, plus a second CA that signed nothing, in a directory
+/// removed on drop.
 struct Pki {
     dir: PathBuf,
 }
@@ -71,6 +78,7 @@ impl Pki {
         pki.authority("other-ca", "unrelated CA");
         pki.leaf("server", "redis", "ca", 2);
         pki.leaf("client", "epp", "ca", 3);
+        pki.leaf("elsewhere", "elsewhere", "ca", 4);
         Some(pki)
     }
 
@@ -164,12 +172,17 @@ impl Pki {
     /// A TLS-only `redis-server` with the server certificate; `auth_clients` is
     /// `tls-auth-clients` (client certificates must be signed by the CA).
     fn server(&self, auth_clients: bool) -> Option<RedisServer> {
+        self.server_as("server", auth_clients)
+    }
+
+    /// A TLS-only `redis-server` presenting `{certificate}.crt`.
+    fn server_as(&self, certificate: &str, auth_clients: bool) -> Option<RedisServer> {
         let file = |name: &str| self.path(name).display().to_string();
         RedisServer::start_tls(vec![
             "--tls-cert-file".into(),
-            file("server.crt"),
+            file(&format!("{certificate}.crt")),
             "--tls-key-file".into(),
-            file("server.key"),
+            file(&format!("{certificate}.key")),
             "--tls-ca-cert-file".into(),
             file("ca.crt"),
             "--tls-auth-clients".into(),
@@ -338,6 +351,25 @@ async fn a_server_certificate_no_trusted_ca_signed_is_refused() {
         assert_eq!(follow_up.primary().id(), holder, "prompt {n}");
     }
     assert_eq!(redis_up(&good), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_server_name_is_refused() {
+    let Some(pki) = Pki::generate("name") else { return };
+    // Signed by the trusted CA, but for elsewhere.example, not 127.0.0.1.
+    let Some(server) = pki.server_as("elsewhere", false) else { return };
+    let settings = pki.settings(&server, Some("ca.crt"), false).unwrap();
+    let replica = replica(PREFIX_ONLY, &settings, "name");
+    let metrics = replica.sync().metrics();
+    replica.route("a prompt routed on its own state", 0);
+    assert!(
+        eventually(FAILING, || metrics.redis_errors() >= 3).await,
+        "errors {}",
+        metrics.redis_errors()
+    );
+    assert_eq!(redis_up(&replica), Some(0));
+    assert_eq!(metrics.published(), 0);
+    assert!(!replica.sync().is_warm());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
