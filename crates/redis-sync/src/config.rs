@@ -7,6 +7,9 @@
 //!   parameters:
 //!     address: redis://redis.epp.svc:6379   # or host:port; rediss:// or tls: true for TLS
 //!     passwordEnv: REDIS_PASSWORD           # or passwordFile: /etc/redis/password
+//!     caFile: /etc/redis-tls/ca.crt         # TLS only: the CAs that verify the server
+//!     certFile: /etc/redis-tls/tls.crt      # TLS only: a client certificate and its key,
+//!     keyFile: /etc/redis-tls/tls.key       #   for `tls-auth-clients yes`
 //!     keyPrefix: epp                        # default "epp"
 //!     poolName: my-pool                     # default: the picker's --pool-name
 //! dataLayer:
@@ -16,6 +19,24 @@
 //!
 //! Unknown keys are errors. The sync interval comes from `dataLayer.crossReplicaSyncInterval`
 //! (llm-d's key) or, when that is absent, from the plugin's own `syncInterval`; default 200 ms.
+//!
+//! # TLS
+//! A `rediss://` address (or `tls: true`) needs the crate's `tls` feature (the `epp` binary's
+//! `redis-sync-tls`). The server's certificate is always verified, including its name
+//! against the address's host (an IP address must be among the certificate's IP SANs):
+//! * without `caFile`, against the public web PKI roots (a managed Redis with a public
+//!   certificate);
+//! * with `caFile`, a PEM bundle, against those CAs **instead of** the public roots. An
+//!   in-cluster Redis has a certificate from a private CA (cert-manager, the Bitnami and
+//!   Valkey charts), and trusting that CA alone means that no certificate some public CA
+//!   issued for the same name is accepted.
+//!
+//! `certFile` and `keyFile` (PEM, given together) present a client certificate, for a server
+//! with `tls-auth-clients yes`. There is no option to skip verification: give `caFile` with
+//! the CA that signed the server's certificate. The files are read, parsed and checked (the
+//! key must be the certificate's) when the configuration is loaded, so a wrong path or file
+//! fails the start rather than every connection; the key never appears in logs or `Debug`
+//! output. Mounted secrets that are rotated take effect on a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,6 +93,57 @@ pub struct SyncerParameters {
     pub snapshot_batches: Option<usize>,
     /// Bound of the outbound queue in block hashes (default 65536).
     pub max_queued_blocks: Option<usize>,
+    /// TLS: a PEM bundle of the CA certificates that verify the server, trusted instead of
+    /// the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// TLS: a PEM client certificate (chain) for mutual TLS; needs `keyFile`.
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the PEM private key of `certFile`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Certificates for TLS to Redis (PEM), as read from `caFile`, `certFile` and `keyFile`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// CA certificates that verify the server; when set, the only ones trusted.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and its key, for servers that authenticate clients.
+    pub client: Option<ClientIdentity>,
+}
+
+impl TlsSettings {
+    /// Whether anything is set (otherwise a `rediss://` client trusts the public roots and
+    /// presents no certificate).
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.client.is_none()
+    }
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca", &self.ca.as_ref().map(|pem| format!("<{} bytes>", pem.len())))
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+/// A client certificate chain and its private key, both PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The certificate, then any intermediates.
+    pub cert_chain: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_chain", &format!("<{} bytes>", self.cert_chain.len()))
+            .field("key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Validated settings of one syncer.
@@ -99,6 +171,8 @@ pub struct SyncSettings {
     pub snapshot_batches: usize,
     /// Outbound queue bound in hashes.
     pub max_queued_blocks: usize,
+    /// TLS certificates (used with a `rediss://` URL only).
+    pub tls: TlsSettings,
 }
 
 impl std::fmt::Debug for SyncSettings {
@@ -112,6 +186,7 @@ impl std::fmt::Debug for SyncSettings {
             .field("interval", &self.interval)
             .field("in_flight_ttl", &self.in_flight_ttl)
             .field("replica_id", &self.replica_id)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +206,7 @@ impl SyncSettings {
             stream_max_len: DEFAULT_STREAM_MAX_LEN,
             snapshot_batches: DEFAULT_SNAPSHOT_BATCHES,
             max_queued_blocks: DEFAULT_MAX_QUEUED_BLOCKS,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -162,12 +238,32 @@ impl SyncerParameters {
                 )));
             }
         };
+        let tls_files =
+            [("caFile", &self.ca_file), ("certFile", &self.cert_file), ("keyFile", &self.key_file)]
+                .into_iter()
+                .filter(|(_, path)| path.is_some())
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>();
+        if !tls && !tls_files.is_empty() {
+            return Err(invalid(format!(
+                "{}: TLS parameters, but the address is not rediss:// (nor tls: true)",
+                tls_files.join(", ")
+            )));
+        }
         if tls && !cfg!(feature = "tls") {
             return Err(invalid(
-                "tls: this build has no TLS client for Redis (build epp-redis-sync with its `tls` feature)",
+                "tls: this build has no TLS client for Redis (build epp-redis-sync with its `tls` feature; the epp binary with `redis-sync-tls`)",
+            ));
+        }
+        // The redis client's own `#insecure` switch is not compiled in; refuse it here, where
+        // the message can say what to do instead, rather than on every connection attempt.
+        if rest.contains('#') {
+            return Err(invalid(
+                "address: URL fragments such as #insecure are not supported (give caFile to trust a private CA)",
             ));
         }
         let url = format!("{}://{rest}", if tls { "rediss" } else { "redis" });
+        let tls_settings = self.read_tls_files()?;
         let password = match (&self.password_file, &self.password_env) {
             (Some(_), Some(_)) => {
                 return Err(invalid("passwordFile and passwordEnv: give one or the other"));
@@ -230,8 +326,102 @@ impl SyncerParameters {
                 DEFAULT_MAX_QUEUED_BLOCKS,
                 "maxQueuedBlocks",
             )?,
+            tls: tls_settings,
         })
     }
+
+    /// Reads and checks `caFile`, `certFile` and `keyFile` (only reached with TLS on).
+    #[cfg(feature = "tls")]
+    fn read_tls_files(&self) -> Result<TlsSettings, PluginError> {
+        let ca = self
+            .ca_file
+            .as_deref()
+            .map(|path| {
+                let pem = read_file("caFile", path)?;
+                let certificates = parse_certificates("caFile", path, &pem)?;
+                let mut roots = rustls::RootCertStore::empty();
+                for (position, certificate) in certificates.into_iter().enumerate() {
+                    roots.add(certificate).map_err(|error| {
+                        invalid(format!(
+                            "caFile: certificate {} of {} is not a usable CA certificate: {error}",
+                            position + 1,
+                            path.display()
+                        ))
+                    })?;
+                }
+                Ok::<_, PluginError>(pem)
+            })
+            .transpose()?;
+        let client = match (&self.cert_file, &self.key_file) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("certFile: needs keyFile (the certificate's key)"));
+            }
+            (None, Some(_)) => return Err(invalid("keyFile: needs certFile (its certificate)")),
+            (Some(cert_path), Some(key_path)) => {
+                use rustls::pki_types::PrivateKeyDer;
+                use rustls::pki_types::pem::PemObject;
+                let cert_chain = read_file("certFile", cert_path)?;
+                let certificates = parse_certificates("certFile", cert_path, &cert_chain)?;
+                let key = read_file("keyFile", key_path)?;
+                let parsed = PrivateKeyDer::from_pem_slice(&key).map_err(|error| {
+                    invalid(format!(
+                        "keyFile: {} holds no PEM private key: {error}",
+                        key_path.display()
+                    ))
+                })?;
+                // The same check the TLS client makes when it connects, made once here so
+                // that a key that is not the certificate's stops the start with a clear
+                // message instead of failing every connection.
+                let provider = rustls::crypto::ring::default_provider();
+                rustls::sign::CertifiedKey::from_der(certificates, parsed, &provider).map_err(
+                    |error| {
+                        invalid(format!(
+                            "certFile, keyFile: {} and {} are not a usable certificate and key: {error}",
+                            cert_path.display(),
+                            key_path.display()
+                        ))
+                    },
+                )?;
+                Some(ClientIdentity { cert_chain, key })
+            }
+        };
+        Ok(TlsSettings { ca, client })
+    }
+
+    /// Without the `tls` feature, `resolve` has refused TLS before this is reached.
+    #[cfg(not(feature = "tls"))]
+    fn read_tls_files(&self) -> Result<TlsSettings, PluginError> {
+        Ok(TlsSettings::default())
+    }
+}
+
+/// Reads the file a parameter names.
+#[cfg(feature = "tls")]
+fn read_file(parameter: &str, path: &std::path::Path) -> Result<Vec<u8>, PluginError> {
+    std::fs::read(path)
+        .map_err(|error| invalid(format!("{parameter}: cannot read {}: {error}", path.display())))
+}
+
+/// The PEM certificates in `pem`, at least one.
+#[cfg(feature = "tls")]
+fn parse_certificates(
+    parameter: &str,
+    path: &std::path::Path,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PluginError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| invalid(format!("{parameter}: {} is not PEM: {error}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(invalid(format!(
+            "{parameter}: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certificates)
 }
 
 /// Parses `250ms`, `2s`, `1m` or `1.5s`.
@@ -319,6 +509,90 @@ mod tests {
         if !cfg!(feature = "tls") {
             assert!(resolve(json!({"tls": true})).unwrap_err().contains("`tls` feature"));
         }
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_address_and_a_tls_build() {
+        for parameters in [
+            json!({"caFile": "/x/ca.crt"}),
+            json!({"address": "redis://r:6379", "certFile": "/c", "keyFile": "/k"}),
+            json!({"address": "r:6379", "tls": false, "keyFile": "/k"}),
+        ] {
+            let error = resolve(parameters.clone()).unwrap_err();
+            assert!(error.contains("not rediss://"), "{parameters}: {error}");
+        }
+        let error = resolve(json!({"address": "redis://r", "certFile": "/c", "keyFile": "/k"}))
+            .unwrap_err();
+        assert!(error.contains("certFile, keyFile: TLS parameters"), "{error}");
+        let on_tls = resolve(json!({"address": "rediss://r:6379", "caFile": "/nonexistent/ca"}));
+        if cfg!(feature = "tls") {
+            let error = on_tls.unwrap_err();
+            assert!(error.contains("caFile: cannot read /nonexistent/ca"), "{error}");
+        } else {
+            assert!(on_tls.unwrap_err().contains("`tls` feature"));
+        }
+        // Without the feature a rediss:// address is refused before its fragment is looked at.
+        let scheme = if cfg!(feature = "tls") { "rediss" } else { "redis" };
+        let insecure =
+            resolve(json!({"address": format!("{scheme}://r:6379/#insecure")})).unwrap_err();
+        assert!(insecure.contains("#insecure") && insecure.contains("caFile"), "{insecure}");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_files_are_checked_when_read() {
+        let dir = std::env::temp_dir().join(format!("epp-redis-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let text = file("text", "not a certificate\n");
+        let truncated = file("truncated", "-----BEGIN CERTIFICATE-----\nMIIB\n");
+        let garbage =
+            file("garbage", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        let tls = |parameters: serde_json::Value| {
+            let mut parameters = parameters;
+            parameters["address"] = json!("rediss://redis:6380");
+            resolve(parameters).unwrap_err()
+        };
+        let error = tls(json!({"caFile": text}));
+        assert!(error.contains(&format!("caFile: {text} holds no PEM certificate")), "{error}");
+        let error = tls(json!({"caFile": truncated}));
+        assert!(error.contains(&format!("caFile: {truncated} is not PEM")), "{error}");
+        let error = tls(json!({"caFile": garbage}));
+        assert!(
+            error.contains("caFile: certificate 1 of") && error.contains("usable CA"),
+            "{error}"
+        );
+        let error = tls(json!({"certFile": text}));
+        assert!(error.contains("certFile: needs keyFile"), "{error}");
+        let error = tls(json!({"keyFile": text}));
+        assert!(error.contains("keyFile: needs certFile"), "{error}");
+        let error = tls(json!({"certFile": "/nonexistent/tls.crt", "keyFile": text}));
+        assert!(error.contains("certFile: cannot read /nonexistent/tls.crt"), "{error}");
+        let error = tls(json!({"certFile": garbage, "keyFile": text}));
+        assert!(error.contains(&format!("keyFile: {text} holds no PEM private key")), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn debug_output_names_no_key_material() {
+        let mut settings = SyncSettings::for_url("rediss://r:6380");
+        settings.tls = TlsSettings {
+            ca: Some(b"CA-MATERIAL".to_vec()),
+            client: Some(ClientIdentity {
+                cert_chain: b"CERT-MATERIAL".to_vec(),
+                key: b"KEY-MATERIAL".to_vec(),
+            }),
+        };
+        let printed = format!("{settings:?}");
+        for secret in ["CA-MATERIAL", "CERT-MATERIAL", "KEY-MATERIAL"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("key: \"<redacted>\""), "{printed}");
+        assert!(printed.contains("ca: Some(\"<11 bytes>\")"), "{printed}");
     }
 
     #[test]

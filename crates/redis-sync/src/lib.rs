@@ -41,6 +41,9 @@
 //! The `redis-cross-replica-syncer` plugin type ([`config`]), referenced by llm-d-router's
 //! `dataLayer.crossReplicaSyncerPluginRef`, with `dataLayer.crossReplicaSyncInterval`.
 //! `dataLayer.peerDiscovery` is not needed: replicas find each other through Redis.
+//! TLS (`rediss://`) needs the crate's `tls` feature; `caFile` trusts a private CA (instead of
+//! the public roots) and `certFile`/`keyFile` present a client certificate
+//! ([`config`](config#tls)).
 //!
 //! ```
 //! use scheduler_core::EndpointPickerConfig;
@@ -89,7 +92,9 @@ pub mod outbound;
 mod sync;
 pub mod wire;
 
-pub use config::{SyncSettings, SyncerParameters, TYPE_NAME, register, settings_of};
+pub use config::{
+    ClientIdentity, SyncSettings, SyncerParameters, TYPE_NAME, TlsSettings, register, settings_of,
+};
 pub use metrics::{Ignored, SyncMetrics};
 pub use outbound::Outbound;
 pub use sync::{CrossReplicaSync, MAX_PEERS, SyncError, SyncOptions};

@@ -28,7 +28,7 @@ use scheduler_core::{ConstructedPlugins, EndpointId, EndpointMap, SharedPool};
 use scorers::{InFlightCounts, PrefixCacheProducer, SharedInFlight};
 use tokio::task::JoinHandle;
 
-use crate::config::{DEFAULT_SYNC_INTERVAL, SyncSettings};
+use crate::config::{DEFAULT_SYNC_INTERVAL, SyncSettings, TlsSettings};
 use crate::metrics::{Ignored, SyncMetrics};
 use crate::outbound::{Batch, Outbound, ProducerSink};
 use crate::wire::{self, Count, Header, Message, WireError};
@@ -59,6 +59,35 @@ pub enum SyncError {
     /// More plugins than a message can name.
     #[error("{0} plugins to sync; at most {max} are supported", max = wire::MAX_PLUGINS)]
     TooManyPlugins(usize),
+}
+
+/// A client for `info`, with the custom certificates of `tls` when there are any.
+#[cfg(feature = "tls")]
+fn client(info: redis::ConnectionInfo, tls: &TlsSettings) -> redis::RedisResult<redis::Client> {
+    if tls.is_empty() {
+        return redis::Client::open(info);
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: tls.client.as_ref().map(|identity| redis::ClientTlsConfig {
+            client_cert: identity.cert_chain.clone(),
+            client_key: identity.key.clone(),
+        }),
+        root_cert: tls.ca.clone(),
+    };
+    redis::Client::build_with_tls(info, certificates)
+}
+
+/// A client for `info`. Settings from [`SyncerParameters::resolve`](crate::SyncerParameters::resolve)
+/// carry no certificates in a build without the `tls` feature, but an embedder's may.
+#[cfg(not(feature = "tls"))]
+fn client(info: redis::ConnectionInfo, tls: &TlsSettings) -> redis::RedisResult<redis::Client> {
+    if !tls.is_empty() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "TLS certificates given, but this build has no TLS client (epp-redis-sync feature `tls`)",
+        )));
+    }
+    redis::Client::open(info)
 }
 
 /// What the picker around the syncer decides.
@@ -131,7 +160,7 @@ impl CrossReplicaSync {
             redis_settings = redis_settings.set_password(password);
         }
         info = info.set_redis_settings(redis_settings);
-        let client = redis::Client::open(info).map_err(address)?;
+        let client = client(info, &settings.tls).map_err(address)?;
         let base = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_min_delay(Duration::from_millis(50))

@@ -16,6 +16,8 @@ use scheduler_core::{
 /// A `redis-server` child process, killed on drop.
 pub struct RedisServer {
     pub port: u16,
+    /// Arguments for a TLS-only server (`--tls-*`), empty for a plain one.
+    tls_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -28,19 +30,30 @@ fn binary() -> Option<std::path::PathBuf> {
 impl RedisServer {
     /// Starts a server on a free port, or prints why not and returns `None` (no binary).
     pub fn start() -> Option<Self> {
+        Self::start_with(Vec::new())
+    }
+
+    /// Starts a server that listens with TLS only (its plain port off), configured by
+    /// `tls_args` (`--tls-cert-file` and the like), or prints why not and returns `None`.
+    pub fn start_tls(tls_args: Vec<String>) -> Option<Self> {
+        Self::start_with(tls_args)
+    }
+
+    fn start_with(tls_args: Vec<String>) -> Option<Self> {
         if binary().is_none() {
             eprintln!("SKIPPED: no redis-server binary on PATH (apt-get install redis-server)");
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-        let mut server = Self { port, child: None };
+        let mut server = Self { port, tls_args, child: None };
         server.restart();
         Some(server)
     }
 
     /// The URL clients use.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_args.is_empty() { "redis" } else { "rediss" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server (its data is lost: no persistence).
@@ -54,8 +67,17 @@ impl RedisServer {
     /// Starts the server (again) on the same port and waits until it answers.
     pub fn restart(&mut self) {
         self.kill();
+        let port = self.port.to_string();
+        let listen: Vec<&str> = if self.tls_args.is_empty() {
+            vec!["--port", &port]
+        } else {
+            let mut listen = vec!["--port", "0", "--tls-port", &port];
+            listen.extend(self.tls_args.iter().map(String::as_str));
+            listen
+        };
         let child = Command::new(binary().expect("redis-server"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -65,6 +87,11 @@ impl RedisServer {
         let address = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_err() {
+            // A server that refuses its arguments (a build without TLS, an unreadable
+            // certificate) exits at once; say so rather than wait for the deadline.
+            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok()?) {
+                panic!("redis-server exited ({status}) with arguments {:?}", self.tls_args);
+            }
             assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
