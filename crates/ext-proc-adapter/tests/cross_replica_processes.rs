@@ -210,7 +210,7 @@ const TURNS: usize = 4;
 /// The turns of conversation `c`: each prompt extends the previous one by a few hundred
 /// characters, so every turn adds whole 64-character prefix blocks to the shared history.
 fn turns(c: usize) -> Vec<String> {
-    let mut prompt = format!("conversation {c:03}: you are a terse assistant for case {c}. ");
+    let mut prompt = format!("conversation {c:03}: answer briefly, case {c}. ");
     (0..TURNS)
         .map(|turn| {
             for line in 0..4 {
