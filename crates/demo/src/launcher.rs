@@ -28,6 +28,12 @@ pub struct PickerSpec<'a> {
     /// Their roles in prefill/decode disaggregation (llm-d's `llm-d.ai/role` label), in
     /// `endpoints` order; empty when the pool is not disaggregated.
     pub roles: &'a [EndpointRole],
+    /// Which of the run's picker replicas this is (0 when the run has one).
+    pub replica: usize,
+    /// When the run's replicas are to share their state (prefix records, requests in
+    /// flight): a name unique to the run, under which they share it. `None`: the picker
+    /// keeps its state to itself. A launcher that cannot share state should refuse.
+    pub shared_state: Option<&'a str>,
 }
 
 /// Starts a picker for a demo run.

@@ -24,6 +24,10 @@ pub const BODY_CHUNK_BYTES: usize = 16 * 1024;
 pub enum Routing {
     /// Ask the picker over ext-proc.
     Picker(ExternalProcessorClient<Channel>),
+    /// Ask one of several picker replicas over ext-proc, each request the next replica in
+    /// turn, as a load-balanced ext-proc service spreads streams: the turns of a conversation
+    /// meet different replicas.
+    Replicas(Vec<ExternalProcessorClient<Channel>>, AtomicUsize),
     /// Rotate over the endpoints, ignoring load and caches.
     RoundRobin(AtomicUsize),
 }
@@ -33,6 +37,10 @@ pub enum Routing {
 pub struct RequestOutcome {
     /// Position in the workload.
     pub index: usize,
+    /// The conversation of the request ([`PlannedRequest::conversation`]).
+    pub conversation: usize,
+    /// Its turn in the conversation ([`PlannedRequest::turn`]).
+    pub turn: usize,
     /// Its objective.
     pub objective: &'static str,
     /// HTTP status the client saw (0 when the proxy failed before any status).
@@ -69,6 +77,8 @@ impl Proxy {
         let started = Instant::now();
         let mut outcome = RequestOutcome {
             index: request.index,
+            conversation: request.conversation,
+            turn: request.turn,
             objective: request.objective,
             status: 0,
             endpoint: None,
@@ -85,6 +95,17 @@ impl Proxy {
         outcome
     }
 
+    /// The picker to ask for the next request; `None` when the proxy routes by itself.
+    fn picker(&self) -> Option<&ExternalProcessorClient<Channel>> {
+        match &self.routing {
+            Routing::RoundRobin(_) => None,
+            Routing::Picker(client) => Some(client),
+            Routing::Replicas(clients, next) => {
+                clients.get(next.fetch_add(1, Ordering::Relaxed) % clients.len().max(1))
+            }
+        }
+    }
+
     async fn serve_inner(
         &self,
         request: &PlannedRequest,
@@ -94,15 +115,18 @@ impl Proxy {
         // The headers the picker set on the request, as Envoy would apply them upstream (the
         // prefill endpoint of a disaggregated request, for one).
         let mut upstream_headers = Vec::new();
-        let (address, mut stream) = match &self.routing {
-            Routing::RoundRobin(next) => {
+        let (address, mut stream) = match self.picker() {
+            None => {
+                let Routing::RoundRobin(next) = &self.routing else {
+                    return Err("no picker replicas".into());
+                };
                 if self.endpoints.is_empty() {
                     return Err("no endpoints".into());
                 }
                 let turn = next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
                 (self.endpoints[turn], None)
             }
-            Routing::Picker(client) => {
+            Some(client) => {
                 let mut client = client.clone();
                 let stream = ProxyStream::open(&mut client).await.map_err(|e| e.to_string())?;
                 stream

@@ -6,6 +6,7 @@
 //! (answers 429) is not credited with the latency of the requests it turned away; each row's
 //! own percentiles cover every request that policy served, and its sheds are counted apart.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +27,13 @@ pub struct PolicyReport {
     pub per_endpoint: Vec<usize>,
     /// Prefix-cache hits over lookups, summed over the servers' counters.
     pub prefix_hit_rate: f64,
+    /// Later turns of conversations served by the endpoint that served the conversation's
+    /// previous turn (the one holding its history), and later turns whose previous turn was
+    /// served at all.
+    pub history_kept: (usize, usize),
+    /// Picker replicas the proxy asked: 0 when it routed by itself. [`PolicyReport::new`]
+    /// assumes one; the demo run sets it.
+    pub replicas: usize,
     /// Median and 90th percentile time to first token of streamed requests.
     pub ttft: (Duration, Duration),
     /// Median and 90th percentile time per output token after the first (TPOT), of streamed
@@ -89,6 +97,7 @@ impl PolicyReport {
         let mut totals = Vec::new();
         let mut decisions: Vec<Duration> = outcomes.iter().filter_map(|o| o.decision).collect();
         let mut served = vec![None; outcomes.iter().map(|o| o.index + 1).max().unwrap_or(0)];
+        let history_kept = history_kept(outcomes);
         for outcome in outcomes {
             match (outcome.status, &outcome.error) {
                 (200, None) => {
@@ -124,6 +133,8 @@ impl PolicyReport {
             } else {
                 prefix_hits as f64 / prefix_queries as f64
             },
+            history_kept,
+            replicas: 1,
             ttft: percentiles(&mut ttfts),
             tpot: percentiles(&mut tpots),
             total: percentiles(&mut totals),
@@ -135,6 +146,29 @@ impl PolicyReport {
             served,
         }
     }
+}
+
+/// [`PolicyReport::history_kept`] of `outcomes`, taken in workload order.
+fn history_kept(outcomes: &[RequestOutcome]) -> (usize, usize) {
+    let mut ordered: Vec<&RequestOutcome> = outcomes.iter().collect();
+    ordered.sort_by_key(|outcome| outcome.index);
+    // Each conversation's last turn seen so far and where it was served, if it was.
+    let mut last: HashMap<usize, (usize, Option<SocketAddr>)> = HashMap::new();
+    let (mut kept, mut counted) = (0, 0);
+    for outcome in ordered {
+        let endpoint = (outcome.status == 200 && outcome.error.is_none())
+            .then_some(outcome.endpoint)
+            .flatten();
+        if let Some((turn, Some(previous))) = last.get(&outcome.conversation)
+            && turn + 1 == outcome.turn
+            && let Some(endpoint) = endpoint
+        {
+            counted += 1;
+            kept += usize::from(endpoint == *previous);
+        }
+        last.insert(outcome.conversation, (outcome.turn, endpoint));
+    }
+    (kept, counted)
 }
 
 /// p50 and p90 of TTFT, TPOT and total time of the requests both `a` and `b` served, for each
@@ -185,6 +219,10 @@ fn ms(duration: Duration) -> String {
 
 fn fine_ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1e3)
+}
+
+fn percent((part, whole): (usize, usize)) -> String {
+    if whole == 0 { "-".into() } else { format!("{:.1}%", part as f64 * 100.0 / whole as f64) }
 }
 
 fn ratio(a: Duration, b: Duration) -> String {
@@ -289,6 +327,17 @@ pub fn render(reports: &[PolicyReport]) -> String {
             shed(last)
         );
     }
+    // Where replicas are compared, whether a conversation's next turn finds its history is
+    // what sharing state changes.
+    if reports.iter().any(|report| report.replicas > 1) {
+        text.push_str("later turns served where the conversation's previous turn was:");
+        for report in reports {
+            let (kept, counted) = report.history_kept;
+            let _ =
+                write!(text, " {} {kept}/{counted} ({})", report.policy, percent((kept, counted)));
+        }
+        text.push('\n');
+    }
     for report in reports {
         if let Some(handoffs) = report.prefill_handoffs {
             let _ = writeln!(
@@ -308,6 +357,8 @@ mod tests {
     fn outcome(index: usize, status: u16, port: u16, millis: u64) -> RequestOutcome {
         RequestOutcome {
             index,
+            conversation: index,
+            turn: 0,
             objective: OBJECTIVES[index % 3],
             status,
             endpoint: Some(SocketAddr::from(([127, 0, 0, 1], port))),
@@ -369,5 +420,36 @@ mod tests {
         let ratios = table.lines().find(|line| line.starts_with("epp/round-robin  ")).unwrap();
         assert_eq!(ratios.matches("1.00x").count(), 6, "{table}");
         assert!(table.contains("over the 8 requests both served (epp shed 2, round-robin shed 0)"));
+    }
+
+    #[test]
+    fn history_kept_counts_later_turns_on_their_previous_turns_endpoint() {
+        let endpoints =
+            [SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2))];
+        let turn = |index, conversation, turn, status, port| RequestOutcome {
+            conversation,
+            turn,
+            ..outcome(index, status, port, 10)
+        };
+        let outcomes = [
+            turn(0, 0, 0, 200, 1),
+            turn(1, 1, 0, 200, 2),
+            turn(2, 0, 1, 200, 1), // kept
+            turn(3, 1, 1, 200, 1), // moved
+            turn(4, 0, 2, 429, 1), // shed: not counted, and its next turn has no history
+            turn(5, 0, 3, 200, 1),
+            turn(6, 1, 2, 200, 1), // kept: its previous turn moved here
+        ];
+        let report = PolicyReport::new("epp", &endpoints, &outcomes, 0, 0, Duration::ZERO);
+        assert_eq!(report.history_kept, (2, 3));
+        assert!(!render(std::slice::from_ref(&report)).contains("later turns"));
+        let replicas = PolicyReport { policy: "epp x2".into(), replicas: 2, ..report.clone() };
+        let table = render(&[report, replicas]);
+        assert!(
+            table.contains(
+                "later turns served where the conversation's previous turn was: epp 2/3 (66.7%) epp x2 2/3 (66.7%)"
+            ),
+            "{table}"
+        );
     }
 }

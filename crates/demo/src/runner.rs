@@ -6,6 +6,13 @@
 //! over ext-proc where each request of the workload ([`crate::workload`]) goes; for
 //! `round-robin` the proxy rotates endpoints itself. [`crate::report`] compares the two.
 //!
+//! With [`DemoOptions::replicas`] above 1 the same workload also runs through that many picker
+//! replicas, the proxy asking each in turn as a load-balanced ext-proc service would, once
+//! with replicas that keep their state to themselves and (with
+//! [`DemoOptions::synced_replicas`]) once with replicas sharing it: the report's count of
+//! history kept shows how many later turns of a conversation found the endpoint that served
+//! the turn before (printed under the table).
+//!
 //! With [`DemoOptions::disaggregation`] the comparison is prefill/decode disaggregation against
 //! aggregated serving on the same servers: first the picker runs [`pd_config`] over a pool of
 //! prefill servers and decode servers behind [`crate::sidecar`]s, then [`demo_config`] over
@@ -21,8 +28,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::Ex
 use indicatif::{ProgressBar, ProgressStyle};
 use scheduler_core::{EndpointPickerConfig, EndpointRole, PluginConfig, PluginRef};
 use tokio::sync::Semaphore;
+use tonic::transport::Channel;
 
-use crate::launcher::{LaunchError, PickerLauncher, PickerSpec};
+use crate::launcher::{LaunchError, LaunchedPicker, PickerLauncher, PickerSpec};
 use crate::model_server::{self, ModelServerConfig, RunningModelServer};
 use crate::proxy::{Proxy, Routing};
 use crate::report::{PolicyReport, PrefillHandoffs};
@@ -58,6 +66,12 @@ pub struct DemoOptions {
     /// Compare prefill/decode disaggregation with aggregated serving instead of the picker
     /// with round-robin.
     pub disaggregation: Option<Disaggregation>,
+    /// Picker replicas: above 1, the workload also runs through that many independent pickers,
+    /// the proxy asking each in turn.
+    pub replicas: usize,
+    /// With `replicas` above 1: also run the replicas sharing their state (the launcher is
+    /// asked for it through [`PickerSpec::shared_state`]).
+    pub synced_replicas: bool,
 }
 
 /// The offered load of a demo run.
@@ -168,6 +182,8 @@ impl DemoOptions {
             rate_per_second: None,
             system_prompts: None,
             disaggregation: None,
+            replicas: 1,
+            synced_replicas: false,
         }
     }
 
@@ -303,7 +319,25 @@ pub async fn run<L: PickerLauncher>(
             (Policy::Disaggregated(pd), Policy::Aggregated)
         }
     };
+    if options.replicas == 0 {
+        return Err(DemoError::Options("--replicas must be >= 1"));
+    }
+    if options.replicas > 1 && options.disaggregation.is_some() {
+        return Err(DemoError::Options("--replicas does not combine with --pd"));
+    }
+    if options.synced_replicas && options.replicas < 2 {
+        return Err(DemoError::Options("synced replicas need --replicas 2 or more"));
+    }
     let mut reports = vec![run_policy(first, options, launcher, &workload).await?];
+    if options.replicas > 1 {
+        let count = options.replicas;
+        let independent = Policy::Replicas { count, synced: false };
+        reports.push(run_policy(independent, options, launcher, &workload).await?);
+        if options.synced_replicas {
+            let synced = Policy::Replicas { count, synced: true };
+            reports.push(run_policy(synced, options, launcher, &workload).await?);
+        }
+    }
     if options.policy_compare {
         reports.push(run_policy(baseline, options, launcher, &workload).await?);
     }
@@ -313,6 +347,12 @@ pub async fn run<L: PickerLauncher>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Policy {
     Epp,
+    /// `count` pickers with the same config, the proxy asking each in turn; `synced`: sharing
+    /// their state.
+    Replicas {
+        count: usize,
+        synced: bool,
+    },
     RoundRobin,
     /// The picker with [`pd_config`] over prefill servers and sidecar-fronted decode servers.
     Disaggregated(Disaggregation),
@@ -321,12 +361,23 @@ enum Policy {
 }
 
 impl Policy {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Self::Epp => "epp",
-            Self::RoundRobin => "round-robin",
-            Self::Disaggregated(_) => "epp-pd",
-            Self::Aggregated => "epp-aggregated",
+            Self::Epp => "epp".into(),
+            Self::Replicas { count, synced: false } => format!("epp x{count} independent"),
+            Self::Replicas { count, synced: true } => format!("epp x{count} synced"),
+            Self::RoundRobin => "round-robin".into(),
+            Self::Disaggregated(_) => "epp-pd".into(),
+            Self::Aggregated => "epp-aggregated".into(),
+        }
+    }
+
+    /// Pickers the policy runs, and whether they share their state.
+    fn replicas(self) -> (usize, bool) {
+        match self {
+            Self::Replicas { count, synced } => (count, synced),
+            Self::RoundRobin => (0, false),
+            Self::Epp | Self::Disaggregated(_) | Self::Aggregated => (1, false),
         }
     }
 
@@ -337,7 +388,7 @@ impl Policy {
     ) -> EndpointPickerConfig {
         match self {
             Self::Disaggregated(pd) => pd_config(model_server, pd.non_cached_tokens),
-            Self::Epp | Self::RoundRobin | Self::Aggregated => {
+            Self::Epp | Self::Replicas { .. } | Self::RoundRobin | Self::Aggregated => {
                 options.config.clone().unwrap_or_else(|| demo_config(model_server))
             }
         }
@@ -373,33 +424,50 @@ async fn run_policy<L: PickerLauncher>(
             }
         }
     }
-    let mut picker = None;
-    let routing = match policy {
-        Policy::RoundRobin => Routing::RoundRobin(AtomicUsize::new(0)),
-        Policy::Epp | Policy::Disaggregated(_) | Policy::Aggregated => {
+    let mut pickers = Vec::new();
+    let routing = match policy.replicas() {
+        (0, _) => Routing::RoundRobin(AtomicUsize::new(0)),
+        (count, synced) => {
             let config = policy.config(options, &model_server);
-            let spec = PickerSpec {
-                config: &config,
-                objectives_yaml: OBJECTIVE_PRIORITIES,
-                endpoints: &endpoints,
-                roles: &roles,
-            };
-            let launched = launcher.launch(spec).await.map_err(DemoError::Picker)?;
-            let address = format!("http://{}", launched.grpc_address);
-            match ExternalProcessorClient::connect(address).await {
-                Ok(client) => {
-                    picker = Some(launched);
-                    Routing::Picker(client)
+            // Unique per run, so a rerun against the same shared store starts clean.
+            let group = synced.then(|| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |elapsed| elapsed.as_nanos());
+                format!("epp-demo-{}-{nanos}", std::process::id())
+            });
+            let mut clients = Vec::with_capacity(count);
+            for replica in 0..count {
+                let spec = PickerSpec {
+                    config: &config,
+                    objectives_yaml: OBJECTIVE_PRIORITIES,
+                    endpoints: &endpoints,
+                    roles: &roles,
+                    replica,
+                    shared_state: group.as_deref(),
+                };
+                match launch(launcher, spec).await {
+                    Ok((launched, client)) => {
+                        pickers.push(launched);
+                        clients.push(client);
+                    }
+                    Err(error) => {
+                        for picker in pickers {
+                            picker.shutdown().await;
+                        }
+                        return Err(error);
+                    }
                 }
-                Err(error) => {
-                    launched.shutdown().await;
-                    return Err(error.into());
-                }
+            }
+            if count == 1 {
+                Routing::Picker(clients.remove(0))
+            } else {
+                Routing::Replicas(clients, AtomicUsize::new(0))
             }
         }
     };
     let proxy = Arc::new(Proxy::new(routing, endpoints.clone()));
-    let bar = progress_bar(options.progress, workload.len() as u64, policy.name());
+    let bar = progress_bar(options.progress, workload.len() as u64, &policy.name());
 
     let started = Instant::now();
     let limit = Arc::new(Semaphore::new(options.concurrency));
@@ -441,7 +509,7 @@ async fn run_policy<L: PickerLauncher>(
             pulled_blocks: servers.iter().map(|server| server.server.stats().pulled_blocks).sum(),
         }
     });
-    if let Some(picker) = picker {
+    for picker in pickers {
         picker.shutdown().await;
     }
     for sidecar in &sidecars {
@@ -450,9 +518,25 @@ async fn run_policy<L: PickerLauncher>(
     for server in &servers {
         server.stop();
     }
-    let mut report = PolicyReport::new(policy.name(), &endpoints, &outcomes, hits, queries, wall);
+    let mut report = PolicyReport::new(&policy.name(), &endpoints, &outcomes, hits, queries, wall);
     report.prefill_handoffs = handoffs;
+    report.replicas = policy.replicas().0;
     Ok(report)
+}
+
+/// Starts a picker and connects to it; a picker that cannot be reached is shut down again.
+async fn launch<L: PickerLauncher>(
+    launcher: &L,
+    spec: PickerSpec<'_>,
+) -> Result<(LaunchedPicker, ExternalProcessorClient<Channel>), DemoError> {
+    let launched = launcher.launch(spec).await.map_err(DemoError::Picker)?;
+    match ExternalProcessorClient::connect(format!("http://{}", launched.grpc_address)).await {
+        Ok(client) => Ok((launched, client)),
+        Err(error) => {
+            launched.shutdown().await;
+            Err(error.into())
+        }
+    }
 }
 
 /// Priorities of the workload's objectives (an `--objectives-file`): `sheddable` is shed when

@@ -66,10 +66,15 @@ pub struct PlannedRequest {
     pub stream: bool,
     /// Output tokens asked for.
     pub max_tokens: u32,
+    /// The conversation it belongs to, numbered in order of first turn.
+    pub conversation: usize,
+    /// Its turn in that conversation, from 0; a later turn's prompt extends the earlier ones'.
+    pub turn: usize,
 }
 
 #[derive(Debug)]
 struct Conversation {
+    id: usize,
     system: usize,
     model: String,
     chat: bool,
@@ -134,11 +139,13 @@ pub fn generate(config: &WorkloadConfig) -> Vec<PlannedRequest> {
     let mut open: Vec<Conversation> = Vec::new();
     let mut at = Duration::ZERO;
     let mut planned = Vec::with_capacity(config.requests);
+    let mut conversations = 0;
     for index in 0..config.requests {
         let gap = -(1.0 - rng.random::<f64>()).ln() / config.rate_per_second.max(1e-3);
         at += Duration::from_secs_f64(gap);
         if open.is_empty() || rng.random_bool(0.3) {
-            open.push(new_conversation(&mut rng, config, systems.len()));
+            open.push(new_conversation(&mut rng, config, systems.len(), conversations));
+            conversations += 1;
         }
         let slot = rng.random_range(0..open.len());
         let conversation = &mut open[slot];
@@ -155,6 +162,8 @@ pub fn generate(config: &WorkloadConfig) -> Vec<PlannedRequest> {
             objective: conversation.objective,
             stream,
             max_tokens,
+            conversation: conversation.id,
+            turn: conversation.turns.len(),
         });
         let answer = words(&mut rng, max_tokens as usize * 4);
         conversation.turns.push((question, answer));
@@ -166,7 +175,12 @@ pub fn generate(config: &WorkloadConfig) -> Vec<PlannedRequest> {
     planned
 }
 
-fn new_conversation(rng: &mut SmallRng, config: &WorkloadConfig, systems: usize) -> Conversation {
+fn new_conversation(
+    rng: &mut SmallRng,
+    config: &WorkloadConfig,
+    systems: usize,
+    id: usize,
+) -> Conversation {
     // Popular system prompts are shared more: the square skews picks towards low indices.
     let system = ((rng.random::<f64>().powi(2)) * systems as f64) as usize;
     let model = if !config.adapters.is_empty() && rng.random_bool(config.adapter_share) {
@@ -180,6 +194,7 @@ fn new_conversation(rng: &mut SmallRng, config: &WorkloadConfig, systems: usize)
         _ => OBJECTIVES[2],
     };
     Conversation {
+        id,
         system: system.min(systems.saturating_sub(1)),
         model,
         chat: rng.random_bool(0.7),
@@ -258,5 +273,29 @@ mod tests {
             .count();
         assert!(shared > 40, "most requests reuse an earlier prefix, got {shared}");
         assert!(planned.windows(2).all(|pair| pair[0].at <= pair[1].at));
+    }
+
+    #[test]
+    fn turns_are_numbered_within_their_conversation() {
+        let planned = generate(&WorkloadConfig { requests: 200, ..WorkloadConfig::default() });
+        let mut next_turn = std::collections::HashMap::new();
+        for request in &planned {
+            let expected = next_turn.entry(request.conversation).or_insert(0);
+            assert_eq!(request.turn, *expected, "request {}", request.index);
+            *expected += 1;
+        }
+        assert!(next_turn.values().any(|turns| *turns > 1), "some conversations have turns");
+        // A later turn's prompt starts with the earlier turn's history.
+        let prompt = |request: &PlannedRequest| {
+            scheduler_core::ParsedBody::parse(Some(request.path), &request.body).unwrap().prompt
+        };
+        let second = planned.iter().find(|request| request.turn == 1).unwrap();
+        let first = planned
+            .iter()
+            .find(|request| request.conversation == second.conversation && request.turn == 0)
+            .unwrap();
+        let (first, second) = (prompt(first), prompt(second));
+        let shared = first.chars().zip(second.chars()).take_while(|(a, b)| a == b).count();
+        assert!(shared > first.len() / 2, "shared {shared} of {}", first.len());
     }
 }

@@ -101,6 +101,15 @@ pub struct DemoArgs {
     /// request, with the always-disaggregate decider).
     #[arg(long, requires = "pd", default_value_t = 64)]
     pub non_cached_tokens: u64,
+    /// Picker replicas: above 1, the workload also runs through that many pickers (the proxy
+    /// asks each in turn), compared with one picker.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replicas: u16,
+    /// With --replicas: also run the replicas synced through the Redis at ADDR (`host:port` or
+    /// a `redis://` URL), under a key prefix unique to the run. Needs an epp built with the
+    /// `redis-sync` feature.
+    #[arg(long, value_name = "ADDR")]
+    pub redis: Option<String>,
 }
 
 /// Flags of the server.

@@ -413,6 +413,15 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
         _ => Some(load_config(flags)?),
     };
     // The disaggregation comparison keeps the light load its README figures were taken at.
+    if args.redis.is_some() && !cfg!(feature = "redis-sync") {
+        return Err("--redis needs an epp built with the `redis-sync` feature: cargo run --release -p epp-ext-proc-adapter --bin epp --features redis-sync -- demo --replicas 2 --redis ADDR".into());
+    }
+    if args.redis.is_some() && args.replicas < 2 {
+        return Err("--redis syncs picker replicas: give --replicas 2 or more".into());
+    }
+    if args.replicas > 1 && args.pd {
+        return Err("--replicas does not combine with --pd".into());
+    }
     let load = if args.light || args.pd { demo::Load::Light } else { demo::Load::NearSaturation };
     let defaults = demo::DemoOptions::for_load(load);
     let options = demo::DemoOptions {
@@ -430,6 +439,8 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
                 .unwrap_or(demo::Disaggregation::for_servers(args.servers).prefill_servers),
             non_cached_tokens: args.non_cached_tokens,
         }),
+        replicas: usize::from(args.replicas),
+        synced_replicas: args.redis.is_some(),
         ..defaults
     };
     if let Some(rate) = options.rate_per_second
@@ -460,10 +471,26 @@ async fn run_demo(args: DemoArgs, flags: &ServerFlags) -> Result<(), String> {
             options.servers
         );
     }
+    if options.replicas > 1 {
+        match &args.redis {
+            Some(redis) => println!(
+                "picker replicas: 1, then {n} independent, then {n} synced through Redis at {redis}; the proxy asks the replicas in turn",
+                n = options.replicas
+            ),
+            None => println!(
+                "picker replicas: 1, then {} independent; the proxy asks the replicas in turn",
+                options.replicas
+            ),
+        }
+    }
+    if let Some(redis) = &args.redis {
+        // The syncer never waits for Redis, so an unreachable one would only show as synced
+        // replicas that are not: refuse before the run instead.
+        demo_launcher::check_redis(redis).await?;
+    }
     let started = std::time::Instant::now();
-    let reports = demo::run(&options, &demo_launcher::InProcessPicker)
-        .await
-        .map_err(|error| error.to_string())?;
+    let launcher = demo_launcher::InProcessPicker { redis: args.redis.clone() };
+    let reports = demo::run(&options, &launcher).await.map_err(|error| error.to_string())?;
     print!("{}", demo::render(&reports));
     println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
     // A failed request means the pipeline is broken somewhere: make scripts and CI notice.

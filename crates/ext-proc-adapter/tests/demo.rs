@@ -144,3 +144,18 @@ fn a_pool_without_a_decode_server_is_refused_clearly() {
         "{errors}"
     );
 }
+
+#[cfg(not(feature = "redis-sync"))]
+#[test]
+fn synced_replicas_without_the_redis_feature_say_how_to_build_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["demo", "--replicas", "2", "--redis", "127.0.0.1:6390"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(errors.contains("`redis-sync` feature"), "{errors}");
+    assert!(errors.contains("--features redis-sync"), "{errors}");
+    // Nothing ran: the check comes before the workload.
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("policy"));
+}
