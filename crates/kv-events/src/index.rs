@@ -190,6 +190,17 @@ pub struct IndexStats {
     pub unknown_endpoint: u64,
 }
 
+/// What the index holds now, over all endpoints ([`PreciseIndex::summary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexSummary {
+    /// Endpoints tracked.
+    pub endpoints: usize,
+    /// Of those, the ones untrusted since events were lost.
+    pub untrusted: usize,
+    /// Blocks held, summed over the endpoints.
+    pub blocks: usize,
+}
+
 #[derive(Debug)]
 struct EndpointState {
     blocks: BlockLru,
@@ -544,6 +555,19 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
     /// The llm-d key an endpoint's engine hash maps to.
     pub fn key_of(&self, key: K, engine_hash: u64) -> Option<u64> {
         self.endpoint(&key).and_then(|ep| ep.state.read().blocks.key_of(engine_hash))
+    }
+
+    /// The endpoints, how many are untrusted and the blocks they hold, one endpoint locked at
+    /// a time (so the figures may mix instants under concurrent ingestion).
+    pub fn summary(&self) -> IndexSummary {
+        let map = self.endpoints.load();
+        let mut summary = IndexSummary { endpoints: map.len(), ..IndexSummary::default() };
+        for ep in map.values() {
+            let st = ep.state.read();
+            summary.untrusted += usize::from(!st.trusted);
+            summary.blocks += st.blocks.len();
+        }
+        summary
     }
 
     /// Bytes allocated by all endpoints' blocks (capacities, not lengths).

@@ -304,3 +304,30 @@ fn non_indexable_groups_and_foreign_block_sizes_are_skipped() {
     let s = index.stats();
     assert_eq!((s.skipped_group, s.skipped_block_size), (2, 1));
 }
+
+#[test]
+fn summary_counts_endpoints_untrusted_ones_and_blocks() {
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 2, ..Default::default() });
+    let index = PreciseIndex::new(processor, IndexConfig::default());
+    assert_eq!(index.summary(), crate::IndexSummary::default());
+    for ep in 1u8..=3 {
+        index.add_endpoint(ep);
+    }
+    let stored = |hashes: Vec<u64>| EventBatch {
+        ts: 0.0,
+        events: vec![Event::BlockStored(BlockStored {
+            token_ids: (0..hashes.len() as u32 * 2).collect(),
+            block_hashes: hashes,
+            block_size: 2,
+            ..Default::default()
+        })],
+        data_parallel_rank: None,
+    };
+    assert!(index.apply_batch(1, "m", &stored(vec![1, 2, 3])));
+    assert!(index.apply_batch(2, "m", &stored(vec![4])));
+    assert!(index.apply_batch(3, "m", &stored(vec![5, 6])));
+    index.mark_gap(3);
+    let summary = index.summary();
+    assert_eq!(summary, crate::IndexSummary { endpoints: 3, untrusted: 1, blocks: 4 });
+}
