@@ -65,7 +65,8 @@ pub struct TokenProcessorParameters {
     /// Deprecated spelling of `blockSizeTokens`.
     #[serde(default)]
     pub block_size: Option<i64>,
-    /// Tokens per block (default 16); must match the engines' `--block-size`.
+    /// Tokens per block of the keys (default 16); the engines' `--block-size` may differ (their
+    /// events are re-chunked).
     #[serde(default)]
     pub block_size_tokens: Option<i64>,
     /// Must equal the engines' `PYTHONHASHSEED`.
@@ -759,7 +760,7 @@ mod enabled {
             );
             for (reason, value) in [
                 ("unknown_parent", stats.skipped_unknown_parent),
-                ("block_size_mismatch", stats.skipped_block_size),
+                ("non_dense_block_span", stats.skipped_block_size),
                 ("unsupported_cache_kind", stats.skipped_group),
             ] {
                 let labels = format!(",reason=\"{reason}\"");

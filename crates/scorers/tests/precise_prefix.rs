@@ -365,12 +365,13 @@ mod with_feature {
         index.ingest(a_id, 1, "m", &encode(&stored(vec![3], Some(2), 8..12))).unwrap();
         index.ingest(b_id, 0, "m", &encode(&stored(vec![7], None, 0..4))).unwrap();
         index.ingest(b_id, 5, "m", &encode(&stored(vec![8], None, 4..8))).unwrap();
-        // An engine block size other than blockSizeTokens: skipped.
-        let mut foreign = stored(vec![9], None, 0..16);
-        if let Event::BlockStored(ev) = &mut foreign.events[0] {
+        // An engine block of 16 tokens carrying 15: skipped (a whole one would be split into
+        // four blocks of blockSizeTokens).
+        let mut ragged = stored(vec![9], None, 0..15);
+        if let Event::BlockStored(ev) = &mut ragged.events[0] {
             ev.block_size = 16;
         }
-        index.ingest(a_id, 2, "m", &encode(&foreign)).unwrap();
+        index.ingest(a_id, 2, "m", &encode(&ragged)).unwrap();
         // A payload that does not decode, on A: A becomes untrusted too.
         assert!(index.ingest(a_id, 3, "m", b"\xc1").is_err());
 
@@ -382,7 +383,7 @@ mod with_feature {
         assert_eq!(value("llm_d_epp_kv_cache_events_sequence_gaps_total", ""), Some(1.0));
         assert_eq!(value("llm_d_epp_kv_cache_events_decode_errors_total", ""), Some(1.0));
         assert_eq!(
-            value("llm_d_epp_kv_cache_events_skipped_total", ",reason=\"block_size_mismatch\""),
+            value("llm_d_epp_kv_cache_events_skipped_total", ",reason=\"non_dense_block_span\""),
             Some(1.0)
         );
         // B's gap dropped its first block; it holds the one stored after the gap.
