@@ -71,6 +71,7 @@ mod file_watch;
 pub mod health;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
+pub mod kv_events;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -17,9 +17,14 @@
 //! # Events
 //! * `BlockStored` with tokens: the chain continues from the parent's key (looked up by the
 //!   parent's engine hash; an unknown parent skips the event, as llm-d does) or starts at the
-//!   root of the LoRA name, else the model name. Each block's key is stored under its engine
-//!   hash with the event's medium. The engine's block size must equal `blockSizeTokens`
-//!   (one engine block per key); other events are skipped and counted.
+//!   root of the LoRA name, else the model name. Keys are computed over `blockSizeTokens`
+//!   chunks of the event's tokens whatever the engine's block size, as llm-d does, and paired
+//!   with the engine's hashes proportionally: equal sizes one to one; smaller engine blocks
+//!   several to a key (the key is held while any of them is); a larger engine block carries
+//!   several keys, the last under its hash (a child's parent) and the others under hashes
+//!   derived from it, removed with it. Tokens short of a whole block are dropped. An event
+//!   whose token count is not its hash count times its block size, that yields no whole block,
+//!   or whose engine block spans more than 64 blocks is skipped and counted.
 //! * `BlockStored` without tokens: a copy of held blocks to another medium.
 //! * `BlockRemoved`: takes the medium away from each block; a block held by no medium is
 //!   forgotten.
@@ -180,7 +185,8 @@ pub struct IndexStats {
     pub decode_errors: u64,
     /// `BlockStored` events skipped because their parent block is not held.
     pub skipped_unknown_parent: u64,
-    /// `BlockStored` events skipped because their block size or token count does not fit.
+    /// `BlockStored` events skipped because their token count does not fit their block size
+    /// and hash count, or yields no whole block of `blockSizeTokens`.
     pub skipped_block_size: u64,
     /// Events skipped because their KV-cache group is not prefix-indexable.
     pub skipped_group: u64,
@@ -190,6 +196,17 @@ pub struct IndexStats {
     pub unknown_endpoint: u64,
 }
 
+/// What the index holds now, over all endpoints ([`PreciseIndex::summary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexSummary {
+    /// Endpoints tracked.
+    pub endpoints: usize,
+    /// Of those, the ones untrusted since events were lost.
+    pub untrusted: usize,
+    /// Blocks held, summed over the endpoints.
+    pub blocks: usize,
+}
+
 #[derive(Debug)]
 struct EndpointState {
     blocks: BlockLru,
@@ -197,6 +214,9 @@ struct EndpointState {
     last_seq: Option<u64>,
     /// Bit `g` set when KV-cache group `g` (< 64) is known not to be prefix-indexable.
     skip_groups: u64,
+    /// Most keys one engine block has carried (engine blocks larger than `blockSizeTokens`):
+    /// how many derived hashes a removal or a medium copy visits.
+    fanout: usize,
 }
 
 #[derive(Debug)]
@@ -218,6 +238,44 @@ fn medium_bit(medium: Option<&str>) -> u8 {
         Some(m) if m.eq_ignore_ascii_case("disk") => 4,
         Some(_) => 8,
     }
+}
+
+/// Most keys one engine block may carry (engine block size over `blockSizeTokens`); events
+/// beyond it are skipped as a block-size mismatch.
+const MAX_FANOUT: usize = 64;
+
+/// The hash under which the `j`-th (not last) key of an engine block larger than
+/// `blockSizeTokens` is stored: a bijective mix of the engine hash and `j`, so distinct pairs
+/// never collide with each other (a collision with another engine hash is as unlikely as
+/// between two engine hashes).
+fn sub_hash(engine: u64, j: usize) -> u64 {
+    let mut x = engine ^ (j as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The extra keys of block `c` of `blocks` at `blockSizeTokens`, from the engine's per-block
+/// ones (`engines` of them), as llm-d realigns them: an engine block's keys are copied to every
+/// block it spans, and the keys of the engine blocks a block spans are joined.
+fn canonical_extra(
+    extra: Option<&[Option<Vec<String>>]>,
+    c: usize,
+    engines: usize,
+    blocks: usize,
+) -> std::borrow::Cow<'_, [String]> {
+    use std::borrow::Cow;
+    let Some(extra) = extra else { return Cow::Borrowed(&[]) };
+    let of = |e: usize| extra.get(e).and_then(|k| k.as_deref()).unwrap_or(&[]);
+    if engines <= blocks {
+        return Cow::Borrowed(of(c * engines / blocks));
+    }
+    let spanned = (0..engines).filter(|e| e * blocks / engines == c);
+    let mut joined = Vec::new();
+    for e in spanned {
+        joined.extend_from_slice(of(e));
+    }
+    Cow::Owned(joined)
 }
 
 fn group_bit(group: u32) -> u64 {
@@ -298,6 +356,7 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
                 trusted: true,
                 last_seq: None,
                 skip_groups: 0,
+                fanout: 1,
             }),
         }
     }
@@ -444,11 +503,22 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
         if ev.token_ids.is_empty() {
             for &h in &ev.block_hashes {
                 st.blocks.add_media(h, media);
+                for j in 0..st.fanout.saturating_sub(1) {
+                    st.blocks.add_media(sub_hash(h, j), media);
+                }
             }
             return;
         }
         let bs = self.processor.block_size();
-        if ev.block_size as usize != bs || ev.token_ids.len() != ev.block_hashes.len() * bs {
+        let engine_bs = ev.block_size as usize;
+        let engines = ev.block_hashes.len();
+        let blocks = ev.token_ids.len() / bs;
+        if engine_bs == 0
+            || engines == 0
+            || ev.token_ids.len() != engines * engine_bs
+            || blocks == 0
+            || blocks.div_ceil(engines) > MAX_FANOUT
+        {
             self.counters.skipped_block_size.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -468,21 +538,35 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
                 self.processor.root(root_model)
             }
         };
+        // Keys are computed at blockSizeTokens whatever the engine's block size (trailing
+        // tokens short of a block are dropped), then paired with the engine's hashes by
+        // llm-d's proportional mapping: block `i * blocks / n` goes with engine block
+        // `i * engines / n`, `n` the larger count.
+        let mut keys = Vec::with_capacity(blocks);
+        for (c, chunk) in ev.token_ids.chunks_exact(bs).enumerate() {
+            let extra = canonical_extra(ev.extra_keys.as_deref(), c, engines, blocks);
+            parent = self.processor.block_key(parent, chunk, &extra);
+            keys.push(parent);
+        }
+        st.fanout = st.fanout.max(blocks.div_ceil(engines));
+        let n = engines.max(blocks);
         let mut evicted = 0;
-        for (i, (chunk, &engine)) in ev.token_ids.chunks_exact(bs).zip(&ev.block_hashes).enumerate()
-        {
-            let extra: &[String] = ev
-                .extra_keys
-                .as_ref()
-                .and_then(|keys| keys.get(i))
-                .and_then(|k| k.as_deref())
-                .unwrap_or(&[]);
-            parent = self.processor.block_key(parent, chunk, extra);
-            if st.blocks.store(engine, parent, media) == Stored::Evicted {
+        let mut sub = 0;
+        for i in 0..n {
+            let e = i * engines / n;
+            let engine = ev.block_hashes[e];
+            let key = keys[i * blocks / n];
+            // The last key of an engine block goes under its own hash (what a child's parent
+            // lookup finds, as llm-d's GetRequestKey returns the last); the others under hashes
+            // derived from it, so that its removal finds them.
+            let last = i + 1 == n || (i + 1) * engines / n != e;
+            let node = if last { engine } else { sub_hash(engine, sub) };
+            sub = if last { 0 } else { sub + 1 };
+            if st.blocks.store(node, key, media) == Stored::Evicted {
                 evicted += 1;
             }
         }
-        self.counters.blocks_stored.fetch_add(ev.block_hashes.len() as u64, Ordering::Relaxed);
+        self.counters.blocks_stored.fetch_add(n as u64, Ordering::Relaxed);
         if evicted > 0 {
             self.counters.evicted_at_capacity.fetch_add(evicted, Ordering::Relaxed);
         }
@@ -499,6 +583,9 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
         let mut removed = 0;
         for &h in &ev.block_hashes {
             removed += u64::from(st.blocks.remove(h, media));
+            for j in 0..st.fanout.saturating_sub(1) {
+                removed += u64::from(st.blocks.remove(sub_hash(h, j), media));
+            }
         }
         self.counters.blocks_removed.fetch_add(removed, Ordering::Relaxed);
     }
@@ -544,6 +631,19 @@ impl<K: Copy + Eq + Hash> PreciseIndex<K> {
     /// The llm-d key an endpoint's engine hash maps to.
     pub fn key_of(&self, key: K, engine_hash: u64) -> Option<u64> {
         self.endpoint(&key).and_then(|ep| ep.state.read().blocks.key_of(engine_hash))
+    }
+
+    /// The endpoints, how many are untrusted and the blocks they hold, one endpoint locked at
+    /// a time (so the figures may mix instants under concurrent ingestion).
+    pub fn summary(&self) -> IndexSummary {
+        let map = self.endpoints.load();
+        let mut summary = IndexSummary { endpoints: map.len(), ..IndexSummary::default() };
+        for ep in map.values() {
+            let st = ep.state.read();
+            summary.untrusted += usize::from(!st.trusted);
+            summary.blocks += st.blocks.len();
+        }
+        summary
     }
 
     /// Bytes allocated by all endpoints' blocks (capacities, not lengths).

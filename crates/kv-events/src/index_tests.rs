@@ -260,7 +260,7 @@ fn sequence_restart_at_zero_forgets_but_trusts() {
 }
 
 #[test]
-fn non_indexable_groups_and_foreign_block_sizes_are_skipped() {
+fn non_indexable_groups_and_ragged_blocks_are_skipped() {
     let processor =
         TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 2, ..Default::default() });
     let index = PreciseIndex::new(processor, IndexConfig::default());
@@ -278,9 +278,10 @@ fn non_indexable_groups_and_foreign_block_sizes_are_skipped() {
         kv_cache_spec_kind: Some("full_attention".into()),
         ..swa.clone()
     };
+    // Three tokens for one block of four: not a whole engine block.
     let big = BlockStored {
         block_hashes: vec![6],
-        token_ids: vec![1, 2, 3, 4],
+        token_ids: vec![1, 2, 3],
         block_size: 4,
         ..Default::default()
     };
@@ -303,4 +304,141 @@ fn non_indexable_groups_and_foreign_block_sizes_are_skipped() {
     assert_eq!(index.blocks_held(1), 1);
     let s = index.stats();
     assert_eq!((s.skipped_group, s.skipped_block_size), (2, 1));
+}
+
+#[test]
+fn summary_counts_endpoints_untrusted_ones_and_blocks() {
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 2, ..Default::default() });
+    let index = PreciseIndex::new(processor, IndexConfig::default());
+    assert_eq!(index.summary(), crate::IndexSummary::default());
+    for ep in 1u8..=3 {
+        index.add_endpoint(ep);
+    }
+    let stored = |hashes: Vec<u64>| EventBatch {
+        ts: 0.0,
+        events: vec![Event::BlockStored(BlockStored {
+            token_ids: (0..hashes.len() as u32 * 2).collect(),
+            block_hashes: hashes,
+            block_size: 2,
+            ..Default::default()
+        })],
+        data_parallel_rank: None,
+    };
+    assert!(index.apply_batch(1, "m", &stored(vec![1, 2, 3])));
+    assert!(index.apply_batch(2, "m", &stored(vec![4])));
+    assert!(index.apply_batch(3, "m", &stored(vec![5, 6])));
+    index.mark_gap(3);
+    let summary = index.summary();
+    assert_eq!(summary, crate::IndexSummary { endpoints: 3, untrusted: 1, blocks: 4 });
+}
+
+fn stored_event(
+    hashes: Vec<u64>,
+    parent: Option<u64>,
+    tokens: std::ops::Range<u32>,
+    bs: u32,
+) -> Event {
+    Event::BlockStored(BlockStored {
+        block_hashes: hashes,
+        parent_block_hash: parent,
+        token_ids: tokens.collect(),
+        block_size: bs,
+        ..Default::default()
+    })
+}
+
+fn apply(index: &PreciseIndex<u8>, events: Vec<Event>) {
+    assert!(index.apply_batch(1, "m", &EventBatch { ts: 0.0, events, data_parallel_rank: None }));
+}
+
+#[test]
+fn larger_engine_blocks_carry_several_keys_and_are_removed_whole() {
+    // Engine blocks of 8 tokens, keys over 4: each engine block carries two keys.
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 4, ..Default::default() });
+    let index = PreciseIndex::new(processor, IndexConfig::default());
+    index.add_endpoint(1u8);
+    apply(&index, vec![stored_event(vec![100, 101], None, 0..16, 8)]);
+    // A child event continues the chain from its parent's last key.
+    apply(&index, vec![stored_event(vec![102], Some(101), 16..24, 8)]);
+    let mut keys = Vec::new();
+    index.processor().request_keys("m", &(0..24).collect::<Vec<_>>(), 64, &mut keys);
+    assert_eq!(keys.len(), 6);
+    assert_eq!(index.longest_prefix(1, &keys), EndpointMatch::Blocks(6));
+    assert_eq!(index.key_of(1, 101), Some(keys[3]), "the parent lookup finds the last key");
+    assert_eq!(index.blocks_held(1), 6);
+    assert_eq!(index.stats().blocks_stored, 6);
+    // A CPU copy of engine block 100 (no tokens) covers both of its keys.
+    apply(
+        &index,
+        vec![Event::BlockStored(BlockStored {
+            block_hashes: vec![100],
+            medium: Some("cpu".into()),
+            ..Default::default()
+        })],
+    );
+    // Removing engine block 101 from the GPU removes both of its keys; the CPU copy of 100
+    // is still there after its GPU removal.
+    apply(
+        &index,
+        vec![
+            Event::BlockRemoved(BlockRemoved {
+                block_hashes: vec![101],
+                medium: None,
+                group_idx: None,
+            }),
+            Event::BlockRemoved(BlockRemoved {
+                block_hashes: vec![100],
+                medium: None,
+                group_idx: None,
+            }),
+        ],
+    );
+    assert_eq!(index.longest_prefix(1, &keys), EndpointMatch::Blocks(2));
+    assert_eq!(index.blocks_held(1), 4);
+    assert_eq!(index.stats().skipped_block_size, 0);
+    index.check().unwrap();
+}
+
+#[test]
+fn smaller_engine_blocks_share_a_key_and_short_tails_are_dropped() {
+    // Engine blocks of 2 tokens, keys over 4: 10 tokens make two whole keys, the last two
+    // tokens are dropped.
+    let processor =
+        TokenProcessor::new(&TokenProcessorConfig { block_size_tokens: 4, ..Default::default() });
+    let index = PreciseIndex::new(processor, IndexConfig::default());
+    index.add_endpoint(1u8);
+    apply(&index, vec![stored_event(vec![1, 2, 3, 4, 5], None, 0..10, 2)]);
+    let mut keys = Vec::new();
+    index.processor().request_keys("m", &(0..8).collect::<Vec<_>>(), 64, &mut keys);
+    assert_eq!(index.longest_prefix(1, &keys), EndpointMatch::Blocks(2));
+    assert_eq!(index.key_of(1, 1), Some(keys[0]));
+    // llm-d's proportional pairing: engine blocks 1-3 go with the first key, 4-5 the second.
+    assert_eq!(index.key_of(1, 3), Some(keys[0]));
+    assert_eq!(index.key_of(1, 4), Some(keys[1]));
+    // A key is held while any engine block of it is.
+    apply(
+        &index,
+        vec![Event::BlockRemoved(BlockRemoved {
+            block_hashes: vec![3],
+            medium: None,
+            group_idx: None,
+        })],
+    );
+    assert_eq!(index.longest_prefix(1, &keys), EndpointMatch::Blocks(2));
+    apply(
+        &index,
+        vec![Event::BlockRemoved(BlockRemoved {
+            block_hashes: vec![4, 5],
+            medium: None,
+            group_idx: None,
+        })],
+    );
+    assert_eq!(index.longest_prefix(1, &keys), EndpointMatch::Blocks(1));
+    // Fewer tokens than one key: nothing to store, counted.
+    apply(&index, vec![stored_event(vec![9], None, 0..2, 2)]);
+    assert_eq!(index.key_of(1, 9), None);
+    assert_eq!(index.stats().skipped_block_size, 1);
+    index.check().unwrap();
 }

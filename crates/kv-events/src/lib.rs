@@ -15,7 +15,10 @@
 //!   this request does each endpoint hold?" ([`index`] module: rules, locking, memory).
 //! * With the `zmq` feature, `subscriber` keeps one SUB socket per endpoint publisher, following
 //!   pool membership, reconnecting with backoff and filling gaps from vLLM's replay socket, and
-//!   `publisher` emits vLLM's bytes (and serves replays) for tests, demos and simulations.
+//!   `central` binds one SUB socket that the engines connect to (llm-d's `zmqEndpoint`, the
+//!   "global socket" mode) and attributes each message to an endpoint by its topic, and
+//!   `publisher` emits vLLM's bytes (and serves replays) for tests, demos and simulations,
+//!   binding as vLLM does by default or connecting to a central socket.
 //!
 //! The crate has no async runtime without the `zmq` feature.
 //!
@@ -62,6 +65,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "zmq")]
+pub mod central;
 pub mod event;
 pub mod index;
 pub mod keys;
@@ -75,7 +80,9 @@ pub mod subscriber;
 pub use event::{
     BlockRemoved, BlockStored, Encoding, Event, EventBatch, decode_batch, encode_batch,
 };
-pub use index::{EndpointMatch, IndexConfig, IndexStats, IngestError, PreciseIndex, SeqOutcome};
+pub use index::{
+    EndpointMatch, IndexConfig, IndexStats, IndexSummary, IngestError, PreciseIndex, SeqOutcome,
+};
 pub use keys::{HashAlgorithm, TokenProcessor, TokenProcessorConfig};
 
 /// Why a payload does not decode. Offsets are byte positions in the payload.

@@ -1,6 +1,9 @@
 //! A publisher that emits what vLLM's `ZmqEventPublisher` emits: on a PUB socket, multipart
 //! messages `[topic, seq as 8 bytes big-endian, msgpack EventBatch]`, `seq` counting from 0.
 //!
+//! The socket binds (vLLM's default, one subscription per engine) or connects to a central
+//! SUB socket (llm-d's `zmqEndpoint`).
+//!
 //! For tests, demos and simulations of engines: it lets the whole path run over real ZMQ
 //! sockets. [`Publisher::serve_replay`] adds vLLM's replay socket: a ROUTER that answers a
 //! request `["", start seq]` with every buffered message `["", seq, payload]` from `start`
@@ -72,7 +75,28 @@ impl Publisher {
         })
     }
 
-    /// The bound address, with the port the system chose (`tcp://127.0.0.1:PORT`).
+    /// Connects a PUB socket to a central SUB socket at `endpoint` (vLLM's `--kv-events-config`
+    /// naming the EPP's `zmqEndpoint`), publishing on `topic`, typically `kv@<ip:port>@<model>`
+    /// so that the central socket can tell the publishers apart.
+    pub async fn connect(
+        endpoint: &str,
+        topic: &str,
+        encoding: Encoding,
+    ) -> Result<Self, PublishError> {
+        let mut socket = PubSocket::new();
+        socket.connect(endpoint).await?;
+        Ok(Self {
+            socket,
+            topic: topic.to_owned(),
+            endpoint: endpoint.to_owned(),
+            next_seq: 0,
+            encoding,
+            replay: None,
+        })
+    }
+
+    /// The bound address, with the port the system chose (`tcp://127.0.0.1:PORT`), or the
+    /// address connected to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

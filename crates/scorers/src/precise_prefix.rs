@@ -65,7 +65,8 @@ pub struct TokenProcessorParameters {
     /// Deprecated spelling of `blockSizeTokens`.
     #[serde(default)]
     pub block_size: Option<i64>,
-    /// Tokens per block (default 16); must match the engines' `--block-size`.
+    /// Tokens per block of the keys (default 16); the engines' `--block-size` may differ (their
+    /// events are re-chunked).
     #[serde(default)]
     pub block_size_tokens: Option<i64>,
     /// Must equal the engines' `PYTHONHASHSEED`.
@@ -92,10 +93,14 @@ pub struct IndexerParameters {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct KvEventsParameters {
-    /// llm-d's central socket that engines connect to; not used: epp connects to each
-    /// endpoint's publisher instead.
+    /// A central socket to bind (`tcp://*:5557`) that the engines connect to and publish on
+    /// with topics `kv@<pod>@<model>` (llm-d's global socket mode); besides the per-endpoint
+    /// subscriptions unless `discoverPods` is false.
     #[serde(default, rename = "zmqEndpoint")]
     pub zmq_endpoint: Option<String>,
+    /// Whether to subscribe to each endpoint's own publisher (default true, as in llm-d).
+    #[serde(default)]
+    pub discover_pods: Option<bool>,
     /// ZMQ subscription prefix (llm-d's default `kv@`).
     #[serde(default)]
     pub topic_filter: Option<String>,
@@ -136,6 +141,10 @@ pub struct PreciseSettings {
     pub socket_port: u16,
     /// The engines' replay port, when replay is on.
     pub replay_port: Option<u16>,
+    /// The central socket to bind (`zmqEndpoint`), when set.
+    pub zmq_endpoint: Option<String>,
+    /// Whether each endpoint's publisher is subscribed to (`discoverPods`).
+    pub discover_pods: bool,
     /// How long a pick's speculative entries live (`speculativeIndexing: true`, with
     /// `speculativeTTL`, default 2 s); `None` when speculative indexing is off.
     pub speculative_ttl: Option<std::time::Duration>,
@@ -208,7 +217,21 @@ impl PrecisePrefixParameters {
             }),
             _ => None,
         };
+        let zmq_endpoint = events.zmq_endpoint.clone().filter(|e| !e.trim().is_empty());
+        if let Some(endpoint) = &zmq_endpoint {
+            let valid = endpoint
+                .strip_prefix("tcp://")
+                .and_then(|rest| rest.rsplit_once(':'))
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return invalid(format!(
+                    "kvEventsConfig.zmqEndpoint \"{endpoint}\" is not tcp://<host>:<port>"
+                ));
+            }
+        }
         Ok(PreciseSettings {
+            zmq_endpoint,
+            discover_pods: events.discover_pods.unwrap_or(true),
             speculative_ttl,
             block_size_tokens,
             hash_seed: tokens.hash_seed.unwrap_or_default(),
@@ -248,7 +271,7 @@ pub(crate) fn unavailable(
 pub use matching::{EventFedProducer, PreciseMatcher, token_ids_of};
 
 #[cfg(feature = "kv-events")]
-pub use enabled::PrecisePrefixProducer;
+pub use enabled::{PrecisePrefixProducer, precise_producers};
 
 /// The matching half of the producer: the precise index and the approximate fallback, without
 /// any transport, so that events arriving by other means (a simulator, another bus) can feed it.
@@ -548,13 +571,15 @@ mod matching {
 
 #[cfg(feature = "kv-events")]
 mod enabled {
+    use std::fmt::Write as _;
     use std::sync::Arc;
 
     use kv_events::PreciseIndex;
+    use kv_events::central::{CentralConfig, CentralSubscriber};
     use kv_events::subscriber::{SubscriberConfig, Subscribers};
     use scheduler_core::{
-        CycleState, DataProducer, EndpointId, InferenceRequest, Plugin, PluginError, PluginSpec,
-        PoolObserver, PoolSnapshot,
+        ConstructedPlugins, CycleState, DataProducer, EndpointId, InferenceRequest, Plugin,
+        PluginError, PluginSpec, PoolObserver, PoolSnapshot,
     };
 
     use super::matching::PreciseMatcher;
@@ -570,11 +595,14 @@ mod enabled {
     pub struct PrecisePrefixProducer {
         matcher: Arc<PreciseMatcher>,
         subscribers: Subscribers<EndpointId>,
+        central: Option<CentralSubscriber<EndpointId>>,
+        discover_pods: bool,
         socket_port: u16,
     }
 
     impl PrecisePrefixProducer {
-        /// A producer with `settings`, its subscriptions spawned on the current tokio runtime.
+        /// A producer with `settings`, its subscriptions spawned on the current tokio runtime
+        /// (and its central socket, with `zmqEndpoint`, bound now).
         pub fn new(settings: &PreciseSettings) -> Result<Self, PluginError> {
             let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
                 PluginError::InvalidParameters(
@@ -582,6 +610,23 @@ mod enabled {
                 )
             })?;
             let matcher = Arc::new(PreciseMatcher::new(settings, RecordApplication::Background));
+            let central = match &settings.zmq_endpoint {
+                None => None,
+                Some(endpoint) => Some(
+                    CentralSubscriber::bind(
+                        Arc::clone(matcher.index()),
+                        CentralConfig {
+                            endpoint: endpoint.clone(),
+                            topic_filter: settings.topic_filter.clone(),
+                            default_model: String::new(),
+                        },
+                        &runtime,
+                    )
+                    .map_err(|error| {
+                        PluginError::InvalidParameters(format!("kvEventsConfig.{error}"))
+                    })?,
+                ),
+            };
             let subscribers = Subscribers::new(
                 Arc::clone(matcher.index()),
                 SubscriberConfig {
@@ -591,7 +636,13 @@ mod enabled {
                 },
                 runtime,
             );
-            Ok(Self { matcher, subscribers, socket_port: settings.socket_port })
+            Ok(Self {
+                matcher,
+                subscribers,
+                central,
+                discover_pods: settings.discover_pods,
+                socket_port: settings.socket_port,
+            })
         }
 
         /// The event index.
@@ -604,15 +655,195 @@ mod enabled {
             &self.matcher
         }
 
-        /// The subscriptions.
+        /// The per-endpoint subscriptions (none when `discoverPods` is false).
         pub fn subscribers(&self) -> &Subscribers<EndpointId> {
             &self.subscribers
+        }
+
+        /// The central socket, with `zmqEndpoint`.
+        pub fn central(&self) -> Option<&CentralSubscriber<EndpointId>> {
+            self.central.as_ref()
         }
 
         /// The approximate index requests are matched against until they carry token ids.
         pub fn fallback(&self) -> &Arc<PrefixCacheProducer> {
             self.matcher.fallback()
         }
+
+        /// Appends the index's and the subscriptions' metrics, in the Prometheus text format,
+        /// labelled with the plugin's name.
+        pub fn render_metrics(&self, plugin: &str, out: &mut String) {
+            let plugin = escape_label(plugin);
+            let stats = self.index().stats();
+            let summary = self.index().summary();
+            let subs = self.subscribers.stats();
+            let central = self.central.as_ref().map(CentralSubscriber::stats).unwrap_or_default();
+            let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            };
+            let sample = |out: &mut String, name: &str, labels: &str, value: u64| {
+                let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"{labels}}} {value}");
+            };
+            let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+                family(out, name, "counter", help);
+                sample(out, name, "", value);
+            };
+            let gauge = |out: &mut String, name: &str, help: &str, value: usize| {
+                family(out, name, "gauge", help);
+                sample(out, name, "", value as u64);
+            };
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_messages_received_total",
+                "KV-event messages received, from the endpoints' publishers and the central socket.",
+                subs.messages + central.messages,
+            );
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_batches_total",
+                "KV-event batches applied to the precise index.",
+                stats.batches,
+            );
+            counter(
+                out,
+                "llm_d_epp_kv_cache_index_admissions_total",
+                "Blocks stored in the precise index.",
+                stats.blocks_stored,
+            );
+            family(
+                out,
+                "llm_d_epp_kv_cache_index_evictions_total",
+                "counter",
+                "Blocks dropped from the precise index, by reason.",
+            );
+            for (reason, value) in
+                [("removed", stats.blocks_removed), ("capacity", stats.evicted_at_capacity)]
+            {
+                let labels = format!(",reason=\"{reason}\"");
+                sample(out, "llm_d_epp_kv_cache_index_evictions_total", &labels, value);
+            }
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_all_blocks_cleared_total",
+                "AllBlocksCleared events applied.",
+                stats.clears,
+            );
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_sequence_gaps_total",
+                "Sequence gaps and interrupted streams, each making an endpoint untrusted.",
+                stats.gaps,
+            );
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_sequence_restarts_total",
+                "Publishers whose numbering went back (restarted engines).",
+                stats.restarts,
+            );
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_decode_errors_total",
+                "Payloads that did not decode, each making an endpoint untrusted.",
+                stats.decode_errors,
+            );
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_malformed_messages_total",
+                "Messages not of the form [topic, 8-byte sequence, payload].",
+                subs.malformed_messages + central.malformed_messages,
+            );
+            family(
+                out,
+                "llm_d_epp_kv_cache_events_skipped_total",
+                "counter",
+                "Events not applied to the precise index, by reason.",
+            );
+            for (reason, value) in [
+                ("unknown_parent", stats.skipped_unknown_parent),
+                ("non_dense_block_span", stats.skipped_block_size),
+                ("unsupported_cache_kind", stats.skipped_group),
+            ] {
+                let labels = format!(",reason=\"{reason}\"");
+                sample(out, "llm_d_epp_kv_cache_events_skipped_total", &labels, value);
+            }
+            family(
+                out,
+                "llm_d_epp_kv_cache_events_unknown_endpoint_messages_total",
+                "counter",
+                "Messages dropped because no endpoint of the pool is theirs: on the central \
+                 socket, a topic naming no routed pod; otherwise an endpoint that left the pool.",
+            );
+            for (source, value) in
+                [("central", central.unknown_publishers), ("endpoint", stats.unknown_endpoint)]
+            {
+                let labels = format!(",source=\"{source}\"");
+                sample(
+                    out,
+                    "llm_d_epp_kv_cache_events_unknown_endpoint_messages_total",
+                    &labels,
+                    value,
+                );
+            }
+            counter(
+                out,
+                "llm_d_epp_kv_cache_events_replays_total",
+                "Replays requested from the engines' replay sockets after a gap.",
+                subs.replays,
+            );
+            gauge(
+                out,
+                "llm_d_epp_kv_cache_events_active_subscribers",
+                "Per-endpoint subscriptions, including those retrying a failed connection.",
+                self.subscribers.endpoints().len(),
+            );
+            gauge(
+                out,
+                "llm_d_epp_kv_cache_index_blocks",
+                "Blocks held in the precise index, over all endpoints.",
+                summary.blocks,
+            );
+            family(
+                out,
+                "llm_d_epp_kv_cache_index_endpoints",
+                "gauge",
+                "Endpoints tracked by the precise index, by whether their event stream is trusted.",
+            );
+            for (state, value) in [
+                ("trusted", summary.endpoints - summary.untrusted),
+                ("untrusted", summary.untrusted),
+            ] {
+                let labels = format!(",state=\"{state}\"");
+                sample(out, "llm_d_epp_kv_cache_index_endpoints", &labels, value as u64);
+            }
+        }
+    }
+
+    /// A label value in the text format: backslash, double quote and newline escaped.
+    fn escape_label(value: &str) -> String {
+        let mut out = String::with_capacity(value.len());
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// The precise producers among `plugins`, with their names (for the binary's metrics).
+    pub fn precise_producers(
+        plugins: &ConstructedPlugins,
+    ) -> Vec<(String, Arc<PrecisePrefixProducer>)> {
+        plugins
+            .iter()
+            .filter_map(|constructed| {
+                let source = constructed.plugin.shared.clone()?.downcast::<PrefixSource>().ok()?;
+                let owner = source.owner()?.clone().downcast::<PrecisePrefixProducer>().ok()?;
+                Some((constructed.name.clone(), owner))
+            })
+            .collect()
     }
 
     impl DataProducer for PrecisePrefixProducer {
@@ -621,15 +852,40 @@ mod enabled {
         }
     }
 
-    /// Subscriptions follow the pool: `tcp://<endpoint IP>:<socketPort>` per endpoint.
+    /// Subscriptions follow the pool: `tcp://<endpoint IP>:<socketPort>` per endpoint (with
+    /// `discoverPods`), and the central socket's topics route to the endpoints by `ip:port`,
+    /// IP or name.
     impl PoolObserver for PrecisePrefixProducer {
         fn membership_changed(&self, pool: &PoolSnapshot) {
-            let port = self.socket_port;
-            self.subscribers.set_endpoints(pool.endpoints().iter().map(|e| {
-                let ip = e.endpoint.address.ip();
-                let host = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
-                (e.id(), format!("tcp://{host}:{port}"))
-            }));
+            if self.discover_pods {
+                let port = self.socket_port;
+                self.subscribers.set_endpoints(pool.endpoints().iter().map(|e| {
+                    let ip = e.endpoint.address.ip();
+                    let host = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
+                    (e.id(), format!("tcp://{host}:{port}"))
+                }));
+            } else {
+                let index = self.index();
+                for endpoint in pool.endpoints() {
+                    index.add_endpoint(endpoint.id());
+                }
+                for known in index.endpoint_keys() {
+                    if pool.index_of(known).is_none() {
+                        index.remove_endpoint(known);
+                    }
+                }
+            }
+            if let Some(central) = &self.central {
+                central.set_routes(pool.endpoints().iter().map(|e| {
+                    let address = e.endpoint.address;
+                    let names = [
+                        address.to_string(),
+                        address.ip().to_string(),
+                        e.endpoint.name.to_string(),
+                    ];
+                    (e.id(), names)
+                }));
+            }
             self.fallback().membership_changed(pool);
         }
     }
@@ -646,8 +902,8 @@ mod enabled {
         Ok(Plugin {
             data_producer: Some(producer.clone()),
             pre_request: Some(producer.matcher().clone()),
-            pool_observer: Some(producer),
-            shared: Some(Arc::new(PrefixSource::of_producer(fallback))),
+            pool_observer: Some(producer.clone()),
+            shared: Some(Arc::new(PrefixSource::of_producer(fallback).with_owner(producer))),
             ..Plugin::default()
         })
     }
@@ -661,6 +917,7 @@ mod enabled {
             Arc::clone(&fallback),
             PrefixCacheParameters::default(),
         )?);
+        scorer.source().set_owner(producer.clone());
         Ok(Plugin {
             scorer: Some(scorer.clone()),
             data_producer: Some(producer.clone()),
@@ -717,6 +974,8 @@ mod tests {
                 topic_filter: "kv@".into(),
                 socket_port: 6000,
                 replay_port: Some(6001),
+                zmq_endpoint: Some("tcp://*:5557".into()),
+                discover_pods: true,
                 speculative_ttl: Some(std::time::Duration::from_secs(2)),
             }
         );
@@ -730,7 +989,16 @@ mod tests {
             (s.block_size_tokens, s.xxh64, s.socket_port, s.replay_port),
             (32, true, 5557, None)
         );
-        assert_eq!(PrecisePrefixParameters::default().resolve().unwrap().block_size_tokens, 16);
+        let defaults = PrecisePrefixParameters::default().resolve().unwrap();
+        assert_eq!(defaults.block_size_tokens, 16);
+        assert_eq!((defaults.zmq_endpoint, defaults.discover_pods), (None, true));
+        let params: PrecisePrefixParameters = serde_json::from_value(serde_json::json!({
+            "kvEventsConfig": {"zmqEndpoint": "tcp://0.0.0.0:5557", "discoverPods": false}
+        }))
+        .unwrap();
+        let s = params.resolve().unwrap();
+        assert_eq!(s.zmq_endpoint.as_deref(), Some("tcp://0.0.0.0:5557"));
+        assert!(!s.discover_pods);
     }
 
     #[test]
@@ -750,6 +1018,10 @@ mod tests {
         assert!(
             bad(serde_json::json!({"kvEventsConfig": {"engineType": "sglang"}})).contains("sglang")
         );
+        for endpoint in ["ipc:///tmp/kv", "tcp://:5557", "tcp://epp", "tcp://epp:http"] {
+            let error = bad(serde_json::json!({"kvEventsConfig": {"zmqEndpoint": endpoint}}));
+            assert!(error.contains("zmqEndpoint") && error.contains(endpoint), "{error}");
+        }
         assert!(
             bad(serde_json::json!({"speculativeIndexing": true, "speculativeTTL": "soon"}))
                 .contains("soon")

@@ -46,7 +46,7 @@ plugins:
   parameters:
     indexerConfig:
       tokenProcessorConfig: {blockSize: 16, hashSeed: '12345'}
-    kvEventsConfig: {zmqEndpoint: 'tcp://*:5557', topicFilter: 'kv@'}
+    kvEventsConfig: {zmqEndpoint: 'tcp://127.0.0.1:0', topicFilter: 'kv@'}
 - type: max-score-picker
 schedulingProfiles:
 - name: default
@@ -249,5 +249,167 @@ mod with_feature {
         assert!(producer.subscribers().endpoints().is_empty());
         assert_eq!(producer.index().blocks_held(id), 0);
         let _ = Arc::clone(producer.fallback());
+    }
+
+    fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: std::ops::Range<u32>) -> EventBatch {
+        EventBatch {
+            ts: 0.0,
+            events: vec![Event::BlockStored(BlockStored {
+                block_hashes: hashes,
+                parent_block_hash: parent,
+                token_ids: tokens.collect(),
+                block_size: 4,
+                ..BlockStored::default()
+            })],
+            data_parallel_rank: None,
+        }
+    }
+
+    /// llm-d's global socket: the producer binds `zmqEndpoint`, the engines connect and are
+    /// told apart by topic; with `discoverPods: false` nothing is subscribed per endpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_central_socket_attributes_engines_by_topic() {
+        let parameters: PrecisePrefixParameters = serde_json::from_value(serde_json::json!({
+            "tokenProcessorConfig": {"blockSizeTokens": 4},
+            "kvEventsConfig": {"zmqEndpoint": "tcp://127.0.0.1:0", "discoverPods": false}
+        }))
+        .unwrap();
+        let producer = PrecisePrefixProducer::new(&parameters.resolve().unwrap()).unwrap();
+        let central = producer.central().expect("zmqEndpoint binds a central socket");
+        let address = format!("tcp://{}", central.local_addr());
+        let a = EndpointState::new(Endpoint::new(([10, 0, 0, 1], 8000).into()));
+        let b = EndpointState::new(Endpoint::new(([10, 0, 0, 2], 8000).into()));
+        let (a_id, b_id) = (a.id(), b.id());
+        producer.membership_changed(&PoolSnapshot::new([a, b]));
+        assert!(producer.subscribers().endpoints().is_empty(), "discoverPods: false");
+
+        // One engine names itself by ip:port (llm-d's form), the other by IP alone.
+        let mut pub_a =
+            Publisher::connect(&address, "kv@10.0.0.1:8000@m", Encoding::Map).await.unwrap();
+        let mut pub_b =
+            Publisher::connect(&address, "kv@10.0.0.2@m", Encoding::ArrayTagged).await.unwrap();
+        let mut keys_a = Vec::new();
+        producer.index().processor().request_keys("m", &[1, 2, 3, 4], 8, &mut keys_a);
+        let mut keys_b = Vec::new();
+        producer.index().processor().request_keys("m", &[5, 6, 7, 8], 8, &mut keys_b);
+        let index = producer.index();
+        let mut seen = false;
+        for _ in 0..250 {
+            // Resent until delivered: a restart of the numbering is harmless here.
+            pub_a.publish(&stored(vec![11], None, 1..5)).await.unwrap();
+            pub_b.publish(&stored(vec![21], None, 5..9)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if index.holds_key(a_id, keys_a[0]) && index.holds_key(b_id, keys_b[0]) {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "{:?} {:?}", central.stats(), index.stats());
+        assert!(!index.holds_key(a_id, keys_b[0]));
+        assert!(!index.holds_key(b_id, keys_a[0]));
+
+        // A departed endpoint's topic is no longer routed.
+        let b = EndpointState::new(Endpoint::new(([10, 0, 0, 2], 8000).into()));
+        producer.membership_changed(&PoolSnapshot::new([b]));
+        assert_eq!(index.blocks_held(a_id), 0);
+        let unknown = central.stats().unknown_publishers;
+        for _ in 0..250 {
+            pub_a.publish(&stored(vec![12], None, 1..5)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if central.stats().unknown_publishers > unknown {
+                break;
+            }
+        }
+        assert!(central.stats().unknown_publishers > unknown);
+        assert_eq!(index.blocks_held(a_id), 0);
+    }
+
+    /// The value of the sample `name{plugin="<plugin>"<extra>}` in a text exposition.
+    fn sample(text: &str, name: &str, plugin: &str, extra: &str) -> Option<f64> {
+        let head = format!("{name}{{plugin=\"{plugin}\"{extra}}} ");
+        text.lines().find_map(|line| line.strip_prefix(head.as_str())?.parse().ok())
+    }
+
+    /// The metrics the binary exposes for a configured producer, after known events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_report_what_the_index_saw() {
+        let yaml = LLM_D_PRECISE
+            .replace(
+                "tokenProcessorConfig:\n      blockSize: 64",
+                "tokenProcessorConfig:\n      blockSizeTokens: 4",
+            )
+            .replace(
+                "topicFilter: kv@",
+                "topicFilter: kv@\n      zmqEndpoint: tcp://127.0.0.1:0\n      discoverPods: false",
+            )
+            .replace(
+                "- type: precise-prefix-cache-producer",
+                "- type: precise-prefix-cache-producer\n  name: precise-prefix-cache-producer",
+            );
+        let registry = builtin_registry();
+        let config = EndpointPickerConfig::from_yaml(&yaml).unwrap();
+        let plugins = config.construct_plugins(&registry).unwrap();
+        let producers = scorers::precise_prefix::precise_producers(&plugins);
+        assert_eq!(producers.len(), 1);
+        let (name, producer) = &producers[0];
+        assert_eq!(name, "precise-prefix-cache-producer");
+
+        let a = EndpointState::new(Endpoint::new(([10, 0, 0, 1], 8000).into()));
+        let b = EndpointState::new(Endpoint::new(([10, 0, 0, 2], 8000).into()));
+        let (a_id, b_id) = (a.id(), b.id());
+        producer.membership_changed(&PoolSnapshot::new([a, b]));
+        let index = producer.index();
+        let encode = |batch: &EventBatch| kv_events::encode_batch(batch, Encoding::Map);
+        // A: three blocks in two batches; B: one block, then a gap.
+        index.ingest(a_id, 0, "m", &encode(&stored(vec![1, 2], None, 0..8))).unwrap();
+        index.ingest(a_id, 1, "m", &encode(&stored(vec![3], Some(2), 8..12))).unwrap();
+        index.ingest(b_id, 0, "m", &encode(&stored(vec![7], None, 0..4))).unwrap();
+        index.ingest(b_id, 5, "m", &encode(&stored(vec![8], None, 4..8))).unwrap();
+        // An engine block of 16 tokens carrying 15: skipped (a whole one would be split into
+        // four blocks of blockSizeTokens).
+        let mut ragged = stored(vec![9], None, 0..15);
+        if let Event::BlockStored(ev) = &mut ragged.events[0] {
+            ev.block_size = 16;
+        }
+        index.ingest(a_id, 2, "m", &encode(&ragged)).unwrap();
+        // A payload that does not decode, on A: A becomes untrusted too.
+        assert!(index.ingest(a_id, 3, "m", b"\xc1").is_err());
+
+        let mut text = String::new();
+        producer.render_metrics(name, &mut text);
+        let value = |metric: &str, extra: &str| sample(&text, metric, name, extra);
+        assert_eq!(value("llm_d_epp_kv_cache_events_batches_total", ""), Some(5.0), "{text}");
+        assert_eq!(value("llm_d_epp_kv_cache_index_admissions_total", ""), Some(5.0));
+        assert_eq!(value("llm_d_epp_kv_cache_events_sequence_gaps_total", ""), Some(1.0));
+        assert_eq!(value("llm_d_epp_kv_cache_events_decode_errors_total", ""), Some(1.0));
+        assert_eq!(
+            value("llm_d_epp_kv_cache_events_skipped_total", ",reason=\"non_dense_block_span\""),
+            Some(1.0)
+        );
+        // B's gap dropped its first block; it holds the one stored after the gap.
+        assert_eq!(value("llm_d_epp_kv_cache_index_blocks", ""), Some(1.0));
+        assert_eq!(value("llm_d_epp_kv_cache_index_endpoints", ",state=\"untrusted\""), Some(2.0));
+        assert_eq!(value("llm_d_epp_kv_cache_index_endpoints", ",state=\"trusted\""), Some(0.0));
+        assert_eq!(value("llm_d_epp_kv_cache_events_active_subscribers", ""), Some(0.0));
+        assert_eq!(
+            value(
+                "llm_d_epp_kv_cache_events_unknown_endpoint_messages_total",
+                ",source=\"central\""
+            ),
+            Some(0.0)
+        );
+        // Every sample belongs to a family declared before it.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let family = line.split('{').next().unwrap();
+            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+        }
+        // A plugin name that needs escaping stays one label value.
+        let mut text = String::new();
+        producer.render_metrics("a\"b\\c\nd", &mut text);
+        assert!(text.contains("plugin=\"a\\\"b\\\\c\\nd\""), "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("llm_d_epp_kv_cache_index_blocks{")).count(),
+            1
+        );
     }
 }

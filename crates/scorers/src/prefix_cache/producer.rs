@@ -374,12 +374,31 @@ pub struct PrefixSource {
     /// Whether this is an `approx-prefix-cache-producer` (the only thing
     /// `prefixMatchInfoProducerName` may name) rather than a scorer's own index.
     declared_producer: bool,
+    /// The plugin behind the source when it is more than a prefix index (the precise
+    /// producer, whose event index the binary reports on).
+    owner: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl PrefixSource {
     /// The source of a declared producer.
     pub fn of_producer(producer: Arc<PrefixCacheProducer>) -> Self {
-        Self { producer: OnceLock::from(producer), declared_producer: true }
+        Self { producer: OnceLock::from(producer), declared_producer: true, owner: OnceLock::new() }
+    }
+
+    /// The source with the plugin that owns it.
+    pub fn with_owner(self, owner: Arc<dyn std::any::Any + Send + Sync>) -> Self {
+        self.set_owner(owner);
+        self
+    }
+
+    /// Records the plugin that owns the source; `false` when one was already recorded.
+    pub fn set_owner(&self, owner: Arc<dyn std::any::Any + Send + Sync>) -> bool {
+        self.owner.set(owner).is_ok()
+    }
+
+    /// The plugin that owns the source, when one was recorded.
+    pub fn owner(&self) -> Option<&Arc<dyn std::any::Any + Send + Sync>> {
+        self.owner.get()
     }
 
     /// The producer, once there is one.
