@@ -37,7 +37,8 @@
 //! | `header-profile-handler` (experimental) | profile handler (the profile a header names) | [`header_profile`] |
 //! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
 //! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
-//! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
+//! | `utilization-detector` | saturation detector | (scheduler core, `flow`) |
+//! | `concurrency-detector` | saturation detector + filter (reads an `inflight-load-producer`) | [`concurrency_detector`] |
 //! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
@@ -66,6 +67,7 @@
 //! ```
 
 pub mod active_request;
+pub mod concurrency_detector;
 pub mod conformance;
 pub mod context_length;
 pub mod disagg;
@@ -376,6 +378,8 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
             ..Plugin::default()
         })
     });
+    registry
+        .register(scheduler_core::flow::CONCURRENCY_DETECTOR_TYPE, concurrency_detector::construct);
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
         Ok(Plugin {

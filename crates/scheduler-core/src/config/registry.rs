@@ -20,7 +20,8 @@ use crate::config::data_layer::DataLayerPlugin;
 use crate::flow::policy::register_policies;
 use crate::flow::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, FlowPolicy,
-    SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
+    LocalInFlight, SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector,
+    UtilizationThresholds,
 };
 use crate::request::parser::RequestParser;
 use crate::request_header::{AGENT_IDENTITY_TYPE, AgentIdentity, RequestHeaderProcessor};
@@ -244,8 +245,8 @@ impl Default for PluginRegistry {
 impl PluginRegistry {
     /// A registry holding the core's plugins: `single-profile-handler`, the saturation
     /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
-    /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
-    /// in flight as a pre-request and completion hook), the request parsers
+    /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; a filter too, and here,
+    /// without an in-flight producer, it counts requests in flight with its own hooks), the request parsers
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
     /// `passthrough-parser`, `vllmgrpc-parser`, `sglanghttp-parser`, `vertexai-parser`), the
     /// flow-control policies
@@ -277,13 +278,19 @@ impl PluginRegistry {
                 Ok(Plugin { request_parser: Some(parser), ..Plugin::default() })
             });
         }
+        // The built-in plugins replace this with a detector reading `inflight-load-producer`;
+        // alone, the core has no producer, so the plugin keeps its own counts.
         registry.register(CONCURRENCY_DETECTOR_TYPE, |spec| {
             let parameters: ConcurrencyParameters = spec.parameters()?;
-            let detector = Arc::new(ConcurrencyDetector::new(parameters.max_concurrency));
+            let counts = Arc::new(LocalInFlight::default());
+            let detector = ConcurrencyDetector::with_source(parameters, counts.clone())
+                .map_err(PluginError::InvalidParameters)?;
+            let detector = Arc::new(detector);
             Ok(Plugin {
                 saturation_detector: Some(detector.clone()),
-                pre_request: Some(detector.clone()),
-                response_complete: Some(detector),
+                filter: Some(detector),
+                pre_request: Some(counts.clone()),
+                response_complete: Some(counts),
                 ..Plugin::default()
             })
         });
@@ -406,18 +413,25 @@ mod tests {
             ..PluginSpec::of_type(CONCURRENCY_DETECTOR_TYPE)
         };
         let plugin = registry.create(&spec).unwrap();
-        let (Some(detector), Some(pre_request), Some(response_complete)) =
-            (&plugin.saturation_detector, &plugin.pre_request, &plugin.response_complete)
-        else {
-            panic!("the concurrency detector plays three roles: {plugin:?}");
+        let (Some(detector), Some(filter), Some(pre_request), Some(response_complete)) = (
+            &plugin.saturation_detector,
+            &plugin.filter,
+            &plugin.pre_request,
+            &plugin.response_complete,
+        ) else {
+            panic!("the concurrency detector plays four roles: {plugin:?}");
         };
         assert_eq!(
             Arc::as_ptr(detector).cast::<()>(),
-            Arc::as_ptr(pre_request).cast::<()>(),
-            "one instance behind every role"
+            Arc::as_ptr(filter).cast::<()>(),
+            "one detector behind both of its roles"
         );
-        assert_eq!(Arc::as_ptr(detector).cast::<()>(), Arc::as_ptr(response_complete).cast::<()>());
-        assert!(!plugin.is_profile_plugin());
+        assert_eq!(
+            Arc::as_ptr(pre_request).cast::<()>(),
+            Arc::as_ptr(response_complete).cast::<()>(),
+            "one set of counts behind both hooks"
+        );
+        assert!(plugin.is_profile_plugin(), "as a filter, as in Go");
 
         let value = serde_json::json!({"kvCacheUtilThreshold": 1.5});
         let spec = PluginSpec {
@@ -435,7 +449,7 @@ mod tests {
         };
         assert_eq!(
             registry.create(&spec).unwrap_err().to_string(),
-            "invalid parameters: maxConcurency: unknown field `maxConcurency`, expected `maxConcurrency`"
+            "invalid parameters: maxConcurency: unknown field `maxConcurency`, expected one of `maxConcurrency`, `maxTokenConcurrency`, `headroom`, `concurrencyMode`, `inFlightLoadProducerName`"
         );
     }
 
