@@ -1,7 +1,7 @@
 //! `concurrency-detector` reading the `inflight-load-producer`, as in llm-d-router.
 //!
 //! The detector itself (formula, modes, filter) is the core's
-//! [`ConcurrencyDetector`](scheduler_core::flow::ConcurrencyDetector). The core alone has no
+//! [`ConcurrencyDetector`]. The core alone has no
 //! in-flight producer and lets the plugin count for itself; the built-in registry replaces
 //! that registration with this one, which reads the counts of the producer named
 //! `inFlightLoadProducerName` ([`crate::inflight_load`]), creating an `inflight-load-producer`

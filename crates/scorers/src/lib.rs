@@ -40,6 +40,7 @@
 //! | `utilization-detector` | saturation detector | (scheduler core, `flow`) |
 //! | `concurrency-detector` | saturation detector + filter (reads an `inflight-load-producer`) | [`concurrency_detector`] |
 //! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
+//! | `header-based-testing-filter` | filter (conformance tests: the endpoints a header names) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
 //! default: they also count what this picker sent to each endpoint since its metrics were
@@ -409,6 +410,10 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
         spec.parameters::<NoParameters>()?;
         let verifier = conformance::DestinationEndpointServedVerifier;
         Ok(Plugin { response_headers: Some(Arc::new(verifier)), ..Plugin::default() })
+    });
+    registry.register(conformance::HEADER_FILTER_TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(Plugin::filter(conformance::HeaderBasedTestingFilter))
     });
     disagg::register(registry);
 }
