@@ -40,6 +40,7 @@
 //! | `utilization-detector` | saturation detector | (scheduler core, `flow`) |
 //! | `concurrency-detector` | saturation detector + filter (reads an `inflight-load-producer`) | [`concurrency_detector`] |
 //! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
+//! | `disaggregatedset-rollout-screener` (experimental) | screener (one revision per request during a rollout) + response headers; its pod extractor observes the pool | [`disaggregated_set`] |
 //! | `header-based-testing-filter` | filter (conformance tests: the endpoints a header names) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
@@ -72,6 +73,7 @@ pub mod concurrency_detector;
 pub mod conformance;
 pub mod context_length;
 pub mod disagg;
+pub mod disaggregated_set;
 pub mod endpoint_attribute;
 pub mod header_label_affinity;
 pub mod header_profile;
@@ -414,6 +416,24 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
     registry.register(conformance::HEADER_FILTER_TYPE_NAME, |spec| {
         spec.parameters::<NoParameters>()?;
         Ok(Plugin::filter(conformance::HeaderBasedTestingFilter))
+    });
+    registry.register_experimental(disaggregated_set::TYPE_NAME, |spec| {
+        if matches!(spec.parameters, None | Some(serde_json::Value::Null)) {
+            return Err(PluginError::InvalidParameters(format!(
+                "{} requires parameters",
+                disaggregated_set::TYPE_NAME
+            )));
+        }
+        let screener = Arc::new(disaggregated_set::RolloutScreener::new(spec.parameters()?)?);
+        let pool_observer = screener
+            .extractor()
+            .map(|extractor| extractor.clone() as Arc<dyn scheduler_core::PoolObserver>);
+        Ok(Plugin {
+            screener: Some(screener.clone()),
+            response_headers: Some(screener),
+            pool_observer,
+            ..Plugin::default()
+        })
     });
     disagg::register(registry);
 }

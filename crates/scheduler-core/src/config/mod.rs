@@ -731,7 +731,10 @@ impl EndpointPickerConfig {
 
         let mut scheduler =
             Scheduler::new(profiles, handler).with_handler_plugin(&handler_name, &handler_type);
-        for ConstructedPlugin { plugin, .. } in plugins.iter() {
+        for ConstructedPlugin { name, plugin, .. } in plugins.iter() {
+            if let Some(screener) = &plugin.screener {
+                scheduler = scheduler.with_screener(name, Arc::clone(screener));
+            }
             if let Some(producer) = &plugin.data_producer {
                 scheduler = scheduler.with_data_producer(Arc::clone(producer));
             }

@@ -27,7 +27,7 @@ use crate::request::parser::RequestParser;
 use crate::request_header::{AGENT_IDENTITY_TYPE, AgentIdentity, RequestHeaderProcessor};
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
-    ResponseHeaders, Scorer, UsageReporter,
+    ResponseHeaders, Scorer, Screener, UsageReporter,
 };
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
@@ -89,6 +89,8 @@ pub struct Plugin {
     pub picker: Option<Arc<dyn Picker>>,
     /// As a profile handler.
     pub profile_handler: Option<Arc<dyn ProfileHandler>>,
+    /// As a screener of every profile's candidates, run once per request before the profiles.
+    pub screener: Option<Arc<dyn Screener>>,
     /// As a producer of per-decision data, run before the profiles.
     pub data_producer: Option<Arc<dyn DataProducer>>,
     /// As a pre-request hook.
@@ -141,6 +143,7 @@ impl fmt::Debug for Plugin {
             .field("scorer", &self.scorer.is_some())
             .field("picker", &self.picker.is_some())
             .field("profile_handler", &self.profile_handler.is_some())
+            .field("screener", &self.screener.is_some())
             .field("data_producer", &self.data_producer.is_some())
             .field("pre_request", &self.pre_request.is_some())
             .field("response_complete", &self.response_complete.is_some())

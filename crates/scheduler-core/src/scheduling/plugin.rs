@@ -77,6 +77,21 @@ pub trait Filter: Send + Sync + Debug {
     );
 }
 
+/// Narrows the candidates once per request, before any profile runs, so every profile of
+/// the request sees the same set (llm-d-router's request-control screeners). Unlike a filter
+/// it cannot be undone or bypassed by one profile's choices.
+pub trait Screener: Send + Sync + Debug {
+    /// Removes from `candidates` (positions in `pool`) the endpoints no profile may use for
+    /// `request`, keeping the order of the rest. Removing every candidate fails the request.
+    fn screen(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        candidates: &mut Vec<u32>,
+    );
+}
+
 /// Rates how well each candidate suits a request.
 pub trait Scorer: Send + Sync + Debug {
     /// Writes into `scores[i]` a score in `[0, 1]` for `candidates.get(i)`; higher is better.

@@ -37,6 +37,12 @@ pub enum SchedulingError {
         /// The picker.
         picker: Arc<str>,
     },
+    /// A screener removed every candidate before any profile ran.
+    #[error("screener '{screener}' removed every candidate endpoint")]
+    Screened {
+        /// The screener's plugin name.
+        screener: Arc<str>,
+    },
     /// The profile handler chose no profile to run.
     #[error("the profile handler chose no profile for the request")]
     NoProfileRun,

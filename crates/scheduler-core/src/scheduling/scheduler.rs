@@ -16,7 +16,7 @@ use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
     DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ReportedAttribute,
-    ResponseComplete, ResponseHeaders, ResponseUsage, ServedReport, UsageReporter,
+    ResponseComplete, ResponseHeaders, ResponseUsage, Screener, ServedReport, UsageReporter,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
@@ -48,6 +48,8 @@ pub struct Scheduler {
     /// The handler's plugin name and type, as the config declared it.
     handler_plugin: (Arc<str>, Arc<str>),
     data_producers: Vec<Arc<dyn DataProducer>>,
+    /// Screeners with their plugin names, in declaration order.
+    screeners: Vec<(Arc<str>, Arc<dyn Screener>)>,
     pre_request: Vec<Arc<dyn PreRequest>>,
     response_complete: Vec<Arc<dyn ResponseComplete>>,
     /// The completion hooks as one callable, shared by every guard this scheduler hands out.
@@ -65,6 +67,7 @@ impl std::fmt::Debug for Scheduler {
             .field("profiles", &self.profiles)
             .field("handler", &self.handler)
             .field("data_producers", &self.data_producers)
+            .field("screeners", &self.screeners)
             .field("pre_request", &self.pre_request)
             .field("response_complete", &self.response_complete)
             .field("pool_observers", &self.pool_observers)
@@ -89,6 +92,7 @@ impl Scheduler {
             handler,
             handler_plugin: (SINGLE_PROFILE_HANDLER.into(), SINGLE_PROFILE_HANDLER.into()),
             data_producers: Vec::new(),
+            screeners: Vec::new(),
             pre_request: Vec::new(),
             response_complete: Vec::new(),
             completion_hooks: CompletionHooks::none(),
@@ -117,6 +121,13 @@ impl Scheduler {
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self.decisions = AtomicU64::new(0);
+        self
+    }
+
+    /// Adds a screener named `name`, run on the candidates of every decision before the
+    /// profiles (after the request's subset hint, before the staleness policy).
+    pub fn with_screener(mut self, name: &str, screener: Arc<dyn Screener>) -> Self {
+        self.screeners.push((name.into(), screener));
         self
     }
 
@@ -347,6 +358,12 @@ impl Scheduler {
                 }
             }
             None => buffers.base.extend(0..pool.len() as u32),
+        }
+        for (name, screener) in &self.screeners {
+            screener.screen(state, request, pool, &mut buffers.base);
+            if buffers.base.is_empty() {
+                return Err(SchedulingError::Screened { screener: name.clone() });
+            }
         }
         if let Some(policy) = pool.staleness()
             && let Some(runs) = self.apply_staleness(state, request, pool, policy, buffers)?
