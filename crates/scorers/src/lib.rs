@@ -41,6 +41,7 @@
 //! | `concurrency-detector` | saturation detector + filter (reads an `inflight-load-producer`) | [`concurrency_detector`] |
 //! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
 //! | `disaggregatedset-rollout-screener` (experimental) | screener (one revision per request during a rollout) + response headers; its pod extractor observes the pool | [`disaggregated_set`] |
+//! | `p2p-source-producer` (experimental) | request header: a peer caching more of the prompt, for a P2P KV pull | [`p2p_source`] |
 //! | `header-based-testing-filter` | filter (conformance tests: the endpoints a header names) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
@@ -88,6 +89,7 @@ pub mod lora_filter;
 pub mod multicluster;
 pub mod no_hit_lru;
 mod normalize;
+pub mod p2p_source;
 pub mod peer_load;
 pub mod pickers;
 pub mod precise_prefix;
@@ -432,6 +434,15 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
             screener: Some(screener.clone()),
             response_headers: Some(screener),
             pool_observer,
+            ..Plugin::default()
+        })
+    });
+    registry.register_experimental(p2p_source::TYPE_NAME, |spec| {
+        let producer = Arc::new(p2p_source::P2pSourceProducer::new(spec.parameters()?)?);
+        Ok(Plugin {
+            upstream_headers: Some(producer.clone()),
+            default_producers: producer.default_producers(),
+            binder: Some(producer),
             ..Plugin::default()
         })
     });

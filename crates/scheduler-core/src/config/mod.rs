@@ -748,6 +748,9 @@ impl EndpointPickerConfig {
             if let Some(observer) = &plugin.pool_observer {
                 scheduler = scheduler.with_pool_observer(Arc::clone(observer));
             }
+            if let Some(writer) = &plugin.upstream_headers {
+                scheduler = scheduler.with_upstream_headers(Arc::clone(writer));
+            }
             if let Some(writer) = &plugin.response_headers {
                 scheduler = scheduler.with_response_headers(Arc::clone(writer));
             }

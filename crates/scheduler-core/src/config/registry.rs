@@ -27,7 +27,7 @@ use crate::request::parser::RequestParser;
 use crate::request_header::{AGENT_IDENTITY_TYPE, AgentIdentity, RequestHeaderProcessor};
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
-    ResponseHeaders, Scorer, Screener, UsageReporter,
+    ResponseHeaders, Scorer, Screener, UpstreamHeaders, UsageReporter,
 };
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
@@ -101,6 +101,8 @@ pub struct Plugin {
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
     /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// As a writer of headers on the request sent upstream.
+    pub upstream_headers: Option<Arc<dyn UpstreamHeaders>>,
     /// As a writer of response headers.
     pub response_headers: Option<Arc<dyn ResponseHeaders>>,
     /// As a reporter of values computed from each response's token usage.
@@ -149,6 +151,7 @@ impl fmt::Debug for Plugin {
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
+            .field("upstream_headers", &self.upstream_headers.is_some())
             .field("response_headers", &self.response_headers.is_some())
             .field("usage_reporter", &self.usage_reporter.is_some())
             .field("request_parser", &self.request_parser)

@@ -92,6 +92,22 @@ pub trait Screener: Send + Sync + Debug {
     );
 }
 
+/// Adds headers to the request on its way to the chosen endpoint, after the pre-request hooks
+/// ran (llm-d-router's pre-request plugins that set request headers). Names come from
+/// [`ROUTING_REQUEST_HEADERS`](crate::protocol::ROUTING_REQUEST_HEADERS), so that a client's
+/// value of a name the decision leaves unset is removed rather than passed on.
+pub trait UpstreamHeaders: Send + Sync + Debug {
+    /// Appends `(name, value)` pairs for the request `result` scheduled. `state` is the
+    /// decision's own, holding what its producers left.
+    fn upstream_headers(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+        headers: &mut Vec<(&'static str, String)>,
+    );
+}
+
 /// Rates how well each candidate suits a request.
 pub trait Scorer: Send + Sync + Debug {
     /// Writes into `scores[i]` a score in `[0, 1]` for `candidates.get(i)`; higher is better.

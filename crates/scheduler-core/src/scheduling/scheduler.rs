@@ -16,7 +16,8 @@ use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
     DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ReportedAttribute,
-    ResponseComplete, ResponseHeaders, ResponseUsage, Screener, ServedReport, UsageReporter,
+    ResponseComplete, ResponseHeaders, ResponseUsage, Screener, ServedReport, UpstreamHeaders,
+    UsageReporter,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
@@ -56,6 +57,7 @@ pub struct Scheduler {
     completion_hooks: Arc<CompletionHooks>,
     pool_observers: Vec<Arc<dyn PoolObserver>>,
     response_headers: Vec<Arc<dyn ResponseHeaders>>,
+    upstream_headers: Vec<Arc<dyn UpstreamHeaders>>,
     usage_reporters: Vec<Arc<dyn UsageReporter>>,
     seed: u64,
     decisions: AtomicU64,
@@ -72,6 +74,7 @@ impl std::fmt::Debug for Scheduler {
             .field("response_complete", &self.response_complete)
             .field("pool_observers", &self.pool_observers)
             .field("response_headers", &self.response_headers)
+            .field("upstream_headers", &self.upstream_headers)
             .field("usage_reporters", &self.usage_reporters)
             .finish_non_exhaustive()
     }
@@ -98,6 +101,7 @@ impl Scheduler {
             completion_hooks: CompletionHooks::none(),
             pool_observers: Vec::new(),
             response_headers: Vec::new(),
+            upstream_headers: Vec::new(),
             usage_reporters: Vec::new(),
             seed: process_random_seed(),
             decisions: AtomicU64::new(0),
@@ -173,6 +177,13 @@ impl Scheduler {
     /// [`Self::observe_pool`].
     pub fn with_pool_observer(mut self, observer: Arc<dyn PoolObserver>) -> Self {
         self.pool_observers.push(observer);
+        self
+    }
+
+    /// Adds a plugin that writes headers on the requests it schedules, sent upstream with
+    /// them ([`SchedulingResult::upstream_headers`]).
+    pub fn with_upstream_headers(mut self, writer: Arc<dyn UpstreamHeaders>) -> Self {
+        self.upstream_headers.push(writer);
         self
     }
 
@@ -331,6 +342,13 @@ impl Scheduler {
         }
         for hook in &self.pre_request {
             hook.pre_request(state, request, &result);
+        }
+        if !self.upstream_headers.is_empty() {
+            let mut headers = Vec::new();
+            for writer in &self.upstream_headers {
+                writer.upstream_headers(state, request, &result, &mut headers);
+            }
+            result.set_upstream_headers(headers);
         }
         Ok(result)
     }
