@@ -1,11 +1,11 @@
 //! `concurrency-detector` reading the `inflight-load-producer`, as in llm-d-router.
 //!
-//! The detector itself (formula, modes, filter) is the core's
-//! [`ConcurrencyDetector`]. The core alone has no
-//! in-flight producer and lets the plugin count for itself; the built-in registry replaces
-//! that registration with this one, which reads the counts of the producer named
-//! `inFlightLoadProducerName` ([`crate::inflight_load`]), creating an `inflight-load-producer`
-//! with default parameters when the name is left at its default and the config declares none.
+//! The detector itself (formula, modes, filter) is the core's [`ConcurrencyDetector`]. The
+//! core alone has no in-flight producer and lets the plugin count for itself; the built-in
+//! registry replaces that registration with this one, which reads the counts of the producer
+//! named `inFlightLoadProducerName` ([`crate::inflight_load`]), creating an
+//! `inflight-load-producer` with default parameters when the name is left at its default and
+//! the config declares none.
 //! The counts it reads are then the ones every other reader of the producer sees, including
 //! other replicas' through a cross-replica syncer.
 
