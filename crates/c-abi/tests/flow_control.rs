@@ -27,7 +27,8 @@ saturationDetector: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsS
 ";
 
 /// One endpoint that holds one request at a time; queued requests may wait 30 s. The implied
-/// default profile takes the scorer and the picker; the detector plays no role in it.
+/// default profile takes the scorer and the picker, and the detector as a filter (as in Go),
+/// which passes every request flow control admits.
 const QUEUE_CONFIG: &str = "\
 featureGates: [flowControl]
 plugins:

@@ -194,6 +194,7 @@ fn routing_of(
         fallbacks.retain(|fallback| *fallback != primary);
         fallbacks.dedup();
     }
+    headers.extend(result.upstream_headers().iter().cloned());
     (primary, fallbacks, headers)
 }
 

@@ -79,7 +79,7 @@ pub use scheduling::cycle::CycleState;
 pub use scheduling::plugin::{
     Candidates, DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler,
     ProfileProgress, ReportedAttribute, ResponseComplete, ResponseHeaders, ResponseUsage, Scorer,
-    ServedReport, UsageReporter,
+    Screener, ServedReport, UpstreamHeaders, UsageReporter,
 };
 pub use scheduling::profile::{ProfileExplanation, SchedulerProfile, WeightedScorer};
 pub use scheduling::result::{

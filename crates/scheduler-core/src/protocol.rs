@@ -51,7 +51,15 @@ pub const ENCODER_ENDPOINTS_HEADER: &str = "x-encoder-hosts-ports";
 /// destination is its pod's primary port. llm-d-router's name
 /// (`routing.DataParallelEndpointHeader`).
 pub const DATA_PARALLEL_ENDPOINT_HEADER: &str = "x-data-parallel-host-port";
+/// Request header naming a peer endpoint (`ip:port`) holding more of the prompt's KV cache,
+/// for the routing sidecar to pull over the P2P connector (`p2p-source-producer`).
+/// llm-d-router's name (`routing.KVCacheSourceHeader`).
+pub const KV_CACHE_SOURCE_HEADER: &str = "x-kv-cache-source-host-port";
 /// The routing headers the picker alone writes: the adapters remove what a client sent under
 /// these names when the decision does not set them, so a client cannot steer a sidecar.
-pub const ROUTING_REQUEST_HEADERS: [&str; 3] =
-    [PREFILL_ENDPOINT_HEADER, ENCODER_ENDPOINTS_HEADER, DATA_PARALLEL_ENDPOINT_HEADER];
+pub const ROUTING_REQUEST_HEADERS: [&str; 4] = [
+    PREFILL_ENDPOINT_HEADER,
+    ENCODER_ENDPOINTS_HEADER,
+    DATA_PARALLEL_ENDPOINT_HEADER,
+    KV_CACHE_SOURCE_HEADER,
+];

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use scheduler_core::ConstructedPlugins;
 use scheduler_core::flow::{
-    Admission, AdmissionMode, BandConfig, ConcurrencyDetector, FairnessPolicy, FlowConfigError,
-    FlowControlConfig, FlowMetrics, InferenceObjectiveConfig, NotAdmitted, ObjectiveResolver,
-    OrderingPolicy, SaturationDetector, SaturationDetectorSection, UtilizationDetector,
-    UtilizationThresholds, configured_detector,
+    Admission, AdmissionMode, BandConfig, ConcurrencyDetector, ConcurrencyParameters,
+    FairnessPolicy, FlowConfigError, FlowControlConfig, FlowMetrics, InferenceObjectiveConfig,
+    LocalInFlight, NotAdmitted, ObjectiveResolver, OrderingPolicy, SaturationDetector,
+    SaturationDetectorSection, UtilizationDetector, UtilizationThresholds, configured_detector,
 };
 use scheduler_core::{
     Candidates, CycleState, Endpoint, EndpointMetrics, EndpointPickerConfig, EndpointState,
@@ -146,7 +146,10 @@ fn detector_plugin_refs() {
         let config = config(&tail);
         let plugins = plugins(&config);
         let detector = configured_detector(&config, &plugins).expect("a detector");
-        assert_eq!(debug(&*detector), debug(&ConcurrencyDetector::new(4)));
+        let expected = ConcurrencyParameters { max_concurrency: 4, ..Default::default() };
+        let expected = ConcurrencyDetector::new(expected).expect("valid");
+        expected.bind_source(Arc::new(LocalInFlight::default()));
+        assert_eq!(debug(&*detector), debug(&expected));
         let role = plugins.get("cd").and_then(|cd| cd.plugin.saturation_detector.clone());
         assert!(Arc::ptr_eq(&detector, &role.expect("a detector role")), "the plugin's instance");
     }
@@ -184,7 +187,7 @@ fn detector_plugin_refs() {
     );
     assert_eq!(
         misspelt.construct_plugins(&registry()).unwrap_err().to_string(),
-        "plugins[0] (name 'concurrency-detector', type 'concurrency-detector'): invalid parameters: maxConcurency: unknown field `maxConcurency`, expected `maxConcurrency`"
+        "plugins[0] (name 'concurrency-detector', type 'concurrency-detector'): invalid parameters: maxConcurency: unknown field `maxConcurency`, expected one of `maxConcurrency`, `maxTokenConcurrency`, `headroom`, `concurrencyMode`, `inFlightLoadProducerName`"
     );
     assert_eq!(
         error_text("saturationDetector: {pluginRef: x, queueDepthThreshold: 3}\n"),

@@ -16,10 +16,11 @@
 //! request id, which may be absent or repeated; Go makes one up when it is absent). Counters
 //! of endpoints that leave the pool are dropped.
 //!
-//! Readers: `utilization-filter` (`active-requests`). A reader names the producer with
-//! `inFlightLoadProducerName`; when it names none and the config declares no plugin named
-//! `inflight-load-producer`, the config creates one with default parameters under that name,
-//! as the Go loader creates a missing default producer.
+//! Readers: `utilization-filter` (`active-requests`), `token-load-scorer` and
+//! `concurrency-detector`. A reader names the producer with `inFlightLoadProducerName`; when
+//! it names none and the config declares no plugin named `inflight-load-producer`, the config
+//! creates one with default parameters under that name, as the Go loader creates a missing
+//! default producer.
 //!
 //! Differences from Go: prompt tokens are estimated from the prompt's length (no tokenizer on
 //! the decision path), the prefix-cache discount (only the uncached part of the prompt is

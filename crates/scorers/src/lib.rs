@@ -37,8 +37,12 @@
 //! | `header-profile-handler` (experimental) | profile handler (the profile a header names) | [`header_profile`] |
 //! | `always-disagg-pd-decider`, `prefix-based-pd-decider`, `always-disagg-multimodal-decider` | deciders | [`disagg::deciders`] |
 //! | `disagg-headers-handler`, `prefill-header-handler` (deprecated) | accepted, no effect | [`disagg`] |
-//! | `utilization-detector`, `concurrency-detector` | saturation detectors | (scheduler core, `flow`) |
+//! | `utilization-detector` | saturation detector | (scheduler core, `flow`) |
+//! | `concurrency-detector` | saturation detector + filter (reads an `inflight-load-producer`) | [`concurrency_detector`] |
 //! | `destination-endpoint-served-verifier` | response headers (conformance tests: the served endpoint) | [`conformance`] |
+//! | `disaggregatedset-rollout-screener` (experimental) | screener (one revision per request during a rollout) + response headers; its pod extractor observes the pool | [`disaggregated_set`] |
+//! | `p2p-source-producer` (experimental) | request header: a peer caching more of the prompt, for a P2P KV pull | [`p2p_source`] |
+//! | `header-based-testing-filter` | filter (conformance tests: the endpoints a header names) | [`conformance`] |
 //!
 //! The load scorers (`queue-scorer`, `kv-cache-utilization-scorer`) compensate for scrape lag by
 //! default: they also count what this picker sent to each endpoint since its metrics were
@@ -66,9 +70,11 @@
 //! ```
 
 pub mod active_request;
+pub mod concurrency_detector;
 pub mod conformance;
 pub mod context_length;
 pub mod disagg;
+pub mod disaggregated_set;
 pub mod endpoint_attribute;
 pub mod header_label_affinity;
 pub mod header_profile;
@@ -83,6 +89,7 @@ pub mod lora_filter;
 pub mod multicluster;
 pub mod no_hit_lru;
 mod normalize;
+pub mod p2p_source;
 pub mod peer_load;
 pub mod pickers;
 pub mod precise_prefix;
@@ -376,6 +383,8 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
             ..Plugin::default()
         })
     });
+    registry
+        .register(scheduler_core::flow::CONCURRENCY_DETECTOR_TYPE, concurrency_detector::construct);
     registry.register(prefix_affinity::TYPE_NAME, |spec| {
         let filter = Arc::new(PrefixCacheAffinityFilter::new(spec.parameters()?)?);
         Ok(Plugin {
@@ -405,6 +414,37 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
         spec.parameters::<NoParameters>()?;
         let verifier = conformance::DestinationEndpointServedVerifier;
         Ok(Plugin { response_headers: Some(Arc::new(verifier)), ..Plugin::default() })
+    });
+    registry.register(conformance::HEADER_FILTER_TYPE_NAME, |spec| {
+        spec.parameters::<NoParameters>()?;
+        Ok(Plugin::filter(conformance::HeaderBasedTestingFilter))
+    });
+    registry.register_experimental(disaggregated_set::TYPE_NAME, |spec| {
+        if matches!(spec.parameters, None | Some(serde_json::Value::Null)) {
+            return Err(PluginError::InvalidParameters(format!(
+                "{} requires parameters",
+                disaggregated_set::TYPE_NAME
+            )));
+        }
+        let screener = Arc::new(disaggregated_set::RolloutScreener::new(spec.parameters()?)?);
+        let pool_observer = screener
+            .extractor()
+            .map(|extractor| extractor.clone() as Arc<dyn scheduler_core::PoolObserver>);
+        Ok(Plugin {
+            screener: Some(screener.clone()),
+            response_headers: Some(screener),
+            pool_observer,
+            ..Plugin::default()
+        })
+    });
+    registry.register_experimental(p2p_source::TYPE_NAME, |spec| {
+        let producer = Arc::new(p2p_source::P2pSourceProducer::new(spec.parameters()?)?);
+        Ok(Plugin {
+            upstream_headers: Some(producer.clone()),
+            default_producers: producer.default_producers(),
+            binder: Some(producer),
+            ..Plugin::default()
+        })
     });
     disagg::register(registry);
 }

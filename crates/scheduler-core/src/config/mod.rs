@@ -731,7 +731,10 @@ impl EndpointPickerConfig {
 
         let mut scheduler =
             Scheduler::new(profiles, handler).with_handler_plugin(&handler_name, &handler_type);
-        for ConstructedPlugin { plugin, .. } in plugins.iter() {
+        for ConstructedPlugin { name, plugin, .. } in plugins.iter() {
+            if let Some(screener) = &plugin.screener {
+                scheduler = scheduler.with_screener(name, Arc::clone(screener));
+            }
             if let Some(producer) = &plugin.data_producer {
                 scheduler = scheduler.with_data_producer(Arc::clone(producer));
             }
@@ -744,6 +747,9 @@ impl EndpointPickerConfig {
             }
             if let Some(observer) = &plugin.pool_observer {
                 scheduler = scheduler.with_pool_observer(Arc::clone(observer));
+            }
+            if let Some(writer) = &plugin.upstream_headers {
+                scheduler = scheduler.with_upstream_headers(Arc::clone(writer));
             }
             if let Some(writer) = &plugin.response_headers {
                 scheduler = scheduler.with_response_headers(Arc::clone(writer));

@@ -20,13 +20,14 @@ use crate::config::data_layer::DataLayerPlugin;
 use crate::flow::policy::register_policies;
 use crate::flow::{
     CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, FlowPolicy,
-    SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector, UtilizationThresholds,
+    LocalInFlight, SaturationDetector, UTILIZATION_DETECTOR_TYPE, UtilizationDetector,
+    UtilizationThresholds,
 };
 use crate::request::parser::RequestParser;
 use crate::request_header::{AGENT_IDENTITY_TYPE, AgentIdentity, RequestHeaderProcessor};
 use crate::scheduling::plugin::{
     DataProducer, Filter, Picker, PoolObserver, PreRequest, ProfileHandler, ResponseComplete,
-    ResponseHeaders, Scorer, UsageReporter,
+    ResponseHeaders, Scorer, Screener, UpstreamHeaders, UsageReporter,
 };
 use crate::scheduling::scheduler::{SINGLE_PROFILE_HANDLER, SingleProfileHandler};
 
@@ -88,6 +89,8 @@ pub struct Plugin {
     pub picker: Option<Arc<dyn Picker>>,
     /// As a profile handler.
     pub profile_handler: Option<Arc<dyn ProfileHandler>>,
+    /// As a screener of every profile's candidates, run once per request before the profiles.
+    pub screener: Option<Arc<dyn Screener>>,
     /// As a producer of per-decision data, run before the profiles.
     pub data_producer: Option<Arc<dyn DataProducer>>,
     /// As a pre-request hook.
@@ -98,6 +101,8 @@ pub struct Plugin {
     pub pool_observer: Option<Arc<dyn PoolObserver>>,
     /// As a saturation detector, for flow control (named by `saturationDetector.pluginRef`).
     pub saturation_detector: Option<Arc<dyn SaturationDetector>>,
+    /// As a writer of headers on the request sent upstream.
+    pub upstream_headers: Option<Arc<dyn UpstreamHeaders>>,
     /// As a writer of response headers.
     pub response_headers: Option<Arc<dyn ResponseHeaders>>,
     /// As a reporter of values computed from each response's token usage.
@@ -140,11 +145,13 @@ impl fmt::Debug for Plugin {
             .field("scorer", &self.scorer.is_some())
             .field("picker", &self.picker.is_some())
             .field("profile_handler", &self.profile_handler.is_some())
+            .field("screener", &self.screener.is_some())
             .field("data_producer", &self.data_producer.is_some())
             .field("pre_request", &self.pre_request.is_some())
             .field("response_complete", &self.response_complete.is_some())
             .field("pool_observer", &self.pool_observer.is_some())
             .field("saturation_detector", &self.saturation_detector.is_some())
+            .field("upstream_headers", &self.upstream_headers.is_some())
             .field("response_headers", &self.response_headers.is_some())
             .field("usage_reporter", &self.usage_reporter.is_some())
             .field("request_parser", &self.request_parser)
@@ -244,8 +251,8 @@ impl Default for PluginRegistry {
 impl PluginRegistry {
     /// A registry holding the core's plugins: `single-profile-handler`, the saturation
     /// detectors `utilization-detector` (parameters: [`UtilizationThresholds`]) and
-    /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; it also counts requests
-    /// in flight as a pre-request and completion hook), the request parsers
+    /// `concurrency-detector` (parameters: [`ConcurrencyParameters`]; a filter too, and here,
+    /// without an in-flight producer, it counts requests in flight with its own hooks), the request parsers
     /// ([`RequestParser`]: `openai-parser`, `anthropic-parser`, `vllmhttp-parser`,
     /// `passthrough-parser`, `vllmgrpc-parser`, `sglanghttp-parser`, `vertexai-parser`), the
     /// flow-control policies
@@ -277,13 +284,19 @@ impl PluginRegistry {
                 Ok(Plugin { request_parser: Some(parser), ..Plugin::default() })
             });
         }
+        // The built-in plugins replace this with a detector reading `inflight-load-producer`;
+        // alone, the core has no producer, so the plugin keeps its own counts.
         registry.register(CONCURRENCY_DETECTOR_TYPE, |spec| {
             let parameters: ConcurrencyParameters = spec.parameters()?;
-            let detector = Arc::new(ConcurrencyDetector::new(parameters.max_concurrency));
+            let counts = Arc::new(LocalInFlight::default());
+            let detector = ConcurrencyDetector::with_source(parameters, counts.clone())
+                .map_err(PluginError::InvalidParameters)?;
+            let detector = Arc::new(detector);
             Ok(Plugin {
                 saturation_detector: Some(detector.clone()),
-                pre_request: Some(detector.clone()),
-                response_complete: Some(detector),
+                filter: Some(detector),
+                pre_request: Some(counts.clone()),
+                response_complete: Some(counts),
                 ..Plugin::default()
             })
         });
@@ -406,18 +419,25 @@ mod tests {
             ..PluginSpec::of_type(CONCURRENCY_DETECTOR_TYPE)
         };
         let plugin = registry.create(&spec).unwrap();
-        let (Some(detector), Some(pre_request), Some(response_complete)) =
-            (&plugin.saturation_detector, &plugin.pre_request, &plugin.response_complete)
-        else {
-            panic!("the concurrency detector plays three roles: {plugin:?}");
+        let (Some(detector), Some(filter), Some(pre_request), Some(response_complete)) = (
+            &plugin.saturation_detector,
+            &plugin.filter,
+            &plugin.pre_request,
+            &plugin.response_complete,
+        ) else {
+            panic!("the concurrency detector plays four roles: {plugin:?}");
         };
         assert_eq!(
             Arc::as_ptr(detector).cast::<()>(),
-            Arc::as_ptr(pre_request).cast::<()>(),
-            "one instance behind every role"
+            Arc::as_ptr(filter).cast::<()>(),
+            "one detector behind both of its roles"
         );
-        assert_eq!(Arc::as_ptr(detector).cast::<()>(), Arc::as_ptr(response_complete).cast::<()>());
-        assert!(!plugin.is_profile_plugin());
+        assert_eq!(
+            Arc::as_ptr(pre_request).cast::<()>(),
+            Arc::as_ptr(response_complete).cast::<()>(),
+            "one set of counts behind both hooks"
+        );
+        assert!(plugin.is_profile_plugin(), "as a filter, as in Go");
 
         let value = serde_json::json!({"kvCacheUtilThreshold": 1.5});
         let spec = PluginSpec {
@@ -435,7 +455,7 @@ mod tests {
         };
         assert_eq!(
             registry.create(&spec).unwrap_err().to_string(),
-            "invalid parameters: maxConcurency: unknown field `maxConcurency`, expected `maxConcurrency`"
+            "invalid parameters: maxConcurency: unknown field `maxConcurency`, expected one of `maxConcurrency`, `maxTokenConcurrency`, `headroom`, `concurrencyMode`, `inFlightLoadProducerName`"
         );
     }
 

@@ -64,7 +64,9 @@ pub use units::parse_go_duration;
 
 pub use admission::{Admission, AdmissionMode, Clock, ReleaseOnComplete, Shedder};
 pub use concurrency::{
-    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyParameters, DEFAULT_MAX_CONCURRENCY,
+    CONCURRENCY_DETECTOR_TYPE, ConcurrencyDetector, ConcurrencyMode, ConcurrencyParameters,
+    DEFAULT_IN_FLIGHT_PRODUCER, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_TOKEN_CONCURRENCY, InFlight,
+    InFlightSource, LocalInFlight,
 };
 pub use config::{
     BandConfig, DEFAULT_REQUEST_TTL, FLOW_CONTROL_FEATURE_GATE, FairnessPolicy, FlowConfigError,

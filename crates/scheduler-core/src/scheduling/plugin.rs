@@ -77,6 +77,37 @@ pub trait Filter: Send + Sync + Debug {
     );
 }
 
+/// Narrows the candidates once per request, before any profile runs, so every profile of
+/// the request sees the same set (llm-d-router's request-control screeners). Unlike a filter
+/// it cannot be undone or bypassed by one profile's choices.
+pub trait Screener: Send + Sync + Debug {
+    /// Removes from `candidates` (positions in `pool`) the endpoints no profile may use for
+    /// `request`, keeping the order of the rest. Removing every candidate fails the request.
+    fn screen(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        pool: &PoolSnapshot,
+        candidates: &mut Vec<u32>,
+    );
+}
+
+/// Adds headers to the request on its way to the chosen endpoint, after the pre-request hooks
+/// ran (llm-d-router's pre-request plugins that set request headers). Names come from
+/// [`ROUTING_REQUEST_HEADERS`](crate::protocol::ROUTING_REQUEST_HEADERS), so that a client's
+/// value of a name the decision leaves unset is removed rather than passed on.
+pub trait UpstreamHeaders: Send + Sync + Debug {
+    /// Appends `(name, value)` pairs for the request `result` scheduled. `state` is the
+    /// decision's own, holding what its producers left.
+    fn upstream_headers(
+        &self,
+        state: &mut CycleState,
+        request: &InferenceRequest,
+        result: &SchedulingResult,
+        headers: &mut Vec<(&'static str, String)>,
+    );
+}
+
 /// Rates how well each candidate suits a request.
 pub trait Scorer: Send + Sync + Debug {
     /// Writes into `scores[i]` a score in `[0, 1]` for `candidates.get(i)`; higher is better.

@@ -37,6 +37,12 @@ pub enum SchedulingError {
         /// The picker.
         picker: Arc<str>,
     },
+    /// A screener removed every candidate before any profile ran.
+    #[error("screener '{screener}' removed every candidate endpoint")]
+    Screened {
+        /// The screener's plugin name.
+        screener: Arc<str>,
+    },
     /// The profile handler chose no profile to run.
     #[error("the profile handler chose no profile for the request")]
     NoProfileRun,
@@ -176,6 +182,8 @@ pub struct SchedulingResult {
     explanation: Option<Vec<ProfileExplanation>>,
     completion: Option<CompletionGuard>,
     stages: StageRuns,
+    /// Headers plugins set on the request sent upstream.
+    upstream_headers: Vec<(&'static str, String)>,
 }
 
 impl SchedulingResult {
@@ -196,7 +204,25 @@ impl SchedulingResult {
             encode: valid(stages.encode),
             data_parallel_port: stages.data_parallel_port,
         };
-        Self { pool, runs, primary, explanation, completion: Some(completion), stages }
+        Self {
+            pool,
+            runs,
+            primary,
+            explanation,
+            completion: Some(completion),
+            stages,
+            upstream_headers: Vec::new(),
+        }
+    }
+
+    /// Headers the plugins set on the request sent upstream (see
+    /// [`UpstreamHeaders`](crate::UpstreamHeaders)).
+    pub fn upstream_headers(&self) -> &[(&'static str, String)] {
+        &self.upstream_headers
+    }
+
+    pub(crate) fn set_upstream_headers(&mut self, headers: Vec<(&'static str, String)>) {
+        self.upstream_headers = headers;
     }
 
     /// The endpoint that runs the prefill of a disaggregated request (the decode endpoint,

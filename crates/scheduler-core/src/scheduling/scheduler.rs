@@ -16,7 +16,8 @@ use crate::request::InferenceRequest;
 use crate::scheduling::cycle::{CycleState, ProfileBuffers, Scratch};
 use crate::scheduling::plugin::{
     DataProducer, PoolObserver, PreRequest, ProfileHandler, ProfileProgress, ReportedAttribute,
-    ResponseComplete, ResponseHeaders, ResponseUsage, ServedReport, UsageReporter,
+    ResponseComplete, ResponseHeaders, ResponseUsage, Screener, ServedReport, UpstreamHeaders,
+    UsageReporter,
 };
 use crate::scheduling::profile::{ProfileExplanation, SchedulerProfile};
 use crate::scheduling::result::{
@@ -48,12 +49,15 @@ pub struct Scheduler {
     /// The handler's plugin name and type, as the config declared it.
     handler_plugin: (Arc<str>, Arc<str>),
     data_producers: Vec<Arc<dyn DataProducer>>,
+    /// Screeners with their plugin names, in declaration order.
+    screeners: Vec<(Arc<str>, Arc<dyn Screener>)>,
     pre_request: Vec<Arc<dyn PreRequest>>,
     response_complete: Vec<Arc<dyn ResponseComplete>>,
     /// The completion hooks as one callable, shared by every guard this scheduler hands out.
     completion_hooks: Arc<CompletionHooks>,
     pool_observers: Vec<Arc<dyn PoolObserver>>,
     response_headers: Vec<Arc<dyn ResponseHeaders>>,
+    upstream_headers: Vec<Arc<dyn UpstreamHeaders>>,
     usage_reporters: Vec<Arc<dyn UsageReporter>>,
     seed: u64,
     decisions: AtomicU64,
@@ -65,10 +69,12 @@ impl std::fmt::Debug for Scheduler {
             .field("profiles", &self.profiles)
             .field("handler", &self.handler)
             .field("data_producers", &self.data_producers)
+            .field("screeners", &self.screeners)
             .field("pre_request", &self.pre_request)
             .field("response_complete", &self.response_complete)
             .field("pool_observers", &self.pool_observers)
             .field("response_headers", &self.response_headers)
+            .field("upstream_headers", &self.upstream_headers)
             .field("usage_reporters", &self.usage_reporters)
             .finish_non_exhaustive()
     }
@@ -89,11 +95,13 @@ impl Scheduler {
             handler,
             handler_plugin: (SINGLE_PROFILE_HANDLER.into(), SINGLE_PROFILE_HANDLER.into()),
             data_producers: Vec::new(),
+            screeners: Vec::new(),
             pre_request: Vec::new(),
             response_complete: Vec::new(),
             completion_hooks: CompletionHooks::none(),
             pool_observers: Vec::new(),
             response_headers: Vec::new(),
+            upstream_headers: Vec::new(),
             usage_reporters: Vec::new(),
             seed: process_random_seed(),
             decisions: AtomicU64::new(0),
@@ -117,6 +125,13 @@ impl Scheduler {
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self.decisions = AtomicU64::new(0);
+        self
+    }
+
+    /// Adds a screener named `name`, run on the candidates of every decision before the
+    /// profiles (after the request's subset hint, before the staleness policy).
+    pub fn with_screener(mut self, name: &str, screener: Arc<dyn Screener>) -> Self {
+        self.screeners.push((name.into(), screener));
         self
     }
 
@@ -162,6 +177,13 @@ impl Scheduler {
     /// [`Self::observe_pool`].
     pub fn with_pool_observer(mut self, observer: Arc<dyn PoolObserver>) -> Self {
         self.pool_observers.push(observer);
+        self
+    }
+
+    /// Adds a plugin that writes headers on the requests it schedules, sent upstream with
+    /// them ([`SchedulingResult::upstream_headers`]).
+    pub fn with_upstream_headers(mut self, writer: Arc<dyn UpstreamHeaders>) -> Self {
+        self.upstream_headers.push(writer);
         self
     }
 
@@ -321,6 +343,13 @@ impl Scheduler {
         for hook in &self.pre_request {
             hook.pre_request(state, request, &result);
         }
+        if !self.upstream_headers.is_empty() {
+            let mut headers = Vec::new();
+            for writer in &self.upstream_headers {
+                writer.upstream_headers(state, request, &result, &mut headers);
+            }
+            result.set_upstream_headers(headers);
+        }
         Ok(result)
     }
 
@@ -347,6 +376,12 @@ impl Scheduler {
                 }
             }
             None => buffers.base.extend(0..pool.len() as u32),
+        }
+        for (name, screener) in &self.screeners {
+            screener.screen(state, request, pool, &mut buffers.base);
+            if buffers.base.is_empty() {
+                return Err(SchedulingError::Screened { screener: name.clone() });
+            }
         }
         if let Some(policy) = pool.staleness()
             && let Some(runs) = self.apply_staleness(state, request, pool, policy, buffers)?
