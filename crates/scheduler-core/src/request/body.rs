@@ -146,6 +146,9 @@ pub struct ParsedBody {
     pub api: ApiKind,
     /// The `stream` field.
     pub stream: bool,
+    /// For a body of chat messages, where each message's `role: text\n` line ends in
+    /// `prompt` (byte offsets); empty for other bodies.
+    pub message_ends: Vec<u32>,
 }
 
 impl ParsedBody {
@@ -160,7 +163,8 @@ impl ParsedBody {
     pub fn parse_as(api: Option<ApiKind>, body: &[u8]) -> Result<Self, BodyError> {
         if api == Some(ApiKind::Unparsed) {
             let api = ApiKind::Unparsed;
-            return Ok(Self { model: String::new(), prompt: String::new(), api, stream: false });
+            let (model, prompt) = (String::new(), String::new());
+            return Ok(Self { model, prompt, api, stream: false, message_ends: Vec::new() });
         }
         match api {
             Some(api @ (ApiKind::VllmGrpcGenerate | ApiKind::VllmGrpcEmbed)) => {
@@ -183,7 +187,9 @@ impl ParsedBody {
         let path_api = api;
         // Never outgrown: see the module's bounds.
         let mut prompt = String::with_capacity(body.len());
-        let fields = read_fields(path_api, body, &mut prompt).map_err(invalid_json)?;
+        let mut message_ends = Vec::new();
+        let fields =
+            read_fields(path_api, body, &mut prompt, &mut message_ends).map_err(invalid_json)?;
         let model = match fields.model {
             Some(model) if !model.trim().is_empty() => model.into_owned(),
             // vLLM's generate API routes pre-tokenized prompts, often without a model.
@@ -205,11 +211,20 @@ impl ParsedBody {
         }
         if let Some(system) = fields.system {
             prompt.insert_str(0, &system);
+            if !message_ends.is_empty() {
+                // Anthropic's system prompt is the conversation's first message.
+                let shift = u32::try_from(system.len()).unwrap_or(u32::MAX);
+                for end in &mut message_ends {
+                    *end = end.saturating_add(shift);
+                }
+                message_ends.insert(0, shift);
+            }
         }
         if prompt.len() < prompt.capacity() / 2 {
             prompt.shrink_to_fit();
         }
-        Ok(Self { model, prompt, api, stream: fields.stream.unwrap_or(false) })
+        let stream = fields.stream.unwrap_or(false);
+        Ok(Self { model, prompt, api, stream, message_ends })
     }
 }
 
@@ -235,10 +250,14 @@ fn read_fields<'de>(
     api: Option<ApiKind>,
     body: &'de [u8],
     out: &mut String,
+    message_ends: &mut Vec<u32>,
 ) -> Result<Fields<'de>, serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let fields =
-        deserializer.deserialize_struct("request body", &BODY_FIELDS, BodyVisitor { api, out })?;
+    let fields = deserializer.deserialize_struct(
+        "request body",
+        &BODY_FIELDS,
+        BodyVisitor { api, out, message_ends },
+    )?;
     deserializer.end()?;
     Ok(fields)
 }
@@ -360,6 +379,8 @@ impl Fields<'_> {
 struct BodyVisitor<'o> {
     api: Option<ApiKind>,
     out: &'o mut String,
+    /// Where each chat message's line ends in `out`.
+    message_ends: &'o mut Vec<u32>,
 }
 
 impl BodyVisitor<'_> {
@@ -370,7 +391,8 @@ impl BodyVisitor<'_> {
     ) -> (PromptFieldSeed<'_>, bool) {
         let writes = fields.writes(self.api, field);
         let sink = Sink(if writes { Some(&mut *self.out) } else { None });
-        (PromptFieldSeed { field, sink }, writes)
+        let message_ends = if writes { Some(&mut *self.message_ends) } else { None };
+        (PromptFieldSeed { field, sink, message_ends }, writes)
     }
 }
 
@@ -544,6 +566,7 @@ impl Sink<'_> {
 struct PromptFieldSeed<'s> {
     field: PromptField,
     sink: Sink<'s>,
+    message_ends: Option<&'s mut Vec<u32>>,
 }
 
 impl<'de> DeserializeSeed<'de> for PromptFieldSeed<'_> {
@@ -581,18 +604,25 @@ impl<'de> Visitor<'de> for PromptFieldSeed<'_> {
         if let Some(out) = &mut self.sink.0 {
             out.clear();
         }
+        if let Some(ends) = &mut self.message_ends {
+            ends.clear();
+        }
         let sink = self.sink;
         match self.field {
             PromptField::Prompt => deserializer.deserialize_any(PromptValue { sink, items: None }),
             PromptField::Input => {
                 deserializer.deserialize_any(PromptValue { sink, items: Some(Unknown::Check) })
             }
-            PromptField::Messages => {
-                deserializer.deserialize_seq(MessageList { sink, unknown: Unknown::Skip })
-            }
-            PromptField::Items => {
-                deserializer.deserialize_seq(MessageList { sink, unknown: Unknown::Check })
-            }
+            PromptField::Messages => deserializer.deserialize_seq(MessageList {
+                sink,
+                unknown: Unknown::Skip,
+                ends: self.message_ends,
+            }),
+            PromptField::Items => deserializer.deserialize_seq(MessageList {
+                sink,
+                unknown: Unknown::Check,
+                ends: None,
+            }),
             PromptField::TokenIds => deserializer.deserialize_seq(TokenList { sink }),
         }?;
         Ok(true)
@@ -945,6 +975,8 @@ impl<'de> Visitor<'de> for SystemVisitor<'_> {
 struct MessageList<'s> {
     sink: Sink<'s>,
     unknown: Unknown,
+    /// Where each message's line ends in the prompt, when they are wanted.
+    ends: Option<&'s mut Vec<u32>>,
 }
 
 impl<'de> Visitor<'de> for MessageList<'_> {
@@ -958,7 +990,12 @@ impl<'de> Visitor<'de> for MessageList<'_> {
         while seq
             .next_element_seed(MessageSeed { sink: self.sink.reborrow(), unknown: self.unknown })?
             .is_some()
-        {}
+        {
+            if let Some(ends) = &mut self.ends {
+                // The prompt is never longer than the body, which is far below 4 GiB.
+                ends.push(u32::try_from(self.sink.len()).unwrap_or(u32::MAX));
+            }
+        }
         Ok(())
     }
 }

@@ -102,7 +102,7 @@ pub(crate) fn parse(api: ApiKind, body: &[u8]) -> Result<ParsedBody, BodyError> 
             request.stream
         }
     };
-    Ok(ParsedBody { model: String::new(), prompt, api, stream })
+    Ok(ParsedBody { model: String::new(), prompt, api, stream, message_ends: Vec::new() })
 }
 
 /// The message of a gRPC body: one uncompressed length-prefixed message.

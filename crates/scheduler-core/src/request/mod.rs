@@ -33,6 +33,10 @@ pub struct InferenceRequest {
     /// Prompt text as prefix hashing sees it: the completion prompt, or the chat messages
     /// flattened in order.
     pub prompt: String,
+    /// For a chat request (`messages`), where each message's `role: text\n` line ends in
+    /// `prompt`, so that [`Self::chat_messages`] can give the conversation back to a chat
+    /// template; empty for other requests.
+    pub message_ends: Vec<u32>,
     /// Which OpenAI API the body was written for.
     pub api: ApiKind,
     /// Whether the client asked for a streamed response.
@@ -106,6 +110,7 @@ impl InferenceRequest {
             model: parsed.model,
             target_model,
             prompt: parsed.prompt,
+            message_ends: parsed.message_ends,
             api: parsed.api,
             stream: parsed.stream,
             objective: non_empty_header(&headers, LLM_D_OBJECTIVE_HEADER, OBJECTIVE_HEADER),
@@ -115,6 +120,21 @@ impl InferenceRequest {
             model_rewrite: None,
             endpoint_subset: None,
             multimodal: has_multimodal_parts(body),
+        })
+    }
+
+    /// The messages of a chat request as `(role, text)`, in order; none for other requests
+    /// (or when [`Self::message_ends`] does not fit the prompt).
+    pub fn chat_messages(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let mut start = 0usize;
+        self.message_ends.iter().map_while(move |&end| {
+            let line = self.prompt.get(start..(end as usize))?;
+            start = end as usize;
+            let line = line.strip_suffix('\n')?;
+            Some(match line.split_once(": ") {
+                Some((role, text)) => (role, text),
+                None => (line, ""),
+            })
         })
     }
 
@@ -275,5 +295,87 @@ mod tests {
         assert!(has_multimodal_parts(b"{\"input_audio\":{}}"));
         assert!(!has_multimodal_parts(br#"{"x":"say \"image_url\""}"#), "an escaped quote");
         assert!(has_multimodal_parts(br#"{"x":"a\\","image_url":{}}"#), "an escaped backslash");
+    }
+}
+
+#[cfg(test)]
+mod chat_message_tests {
+    use super::*;
+
+    fn messages_of(path: &str, body: &str) -> Vec<(String, String)> {
+        let request = InferenceRequest::from_openai(Some(path), [], body.as_bytes()).unwrap();
+        request.chat_messages().map(|(role, text)| (role.to_owned(), text.to_owned())).collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected.iter().map(|(role, text)| (role.to_string(), text.to_string())).collect()
+    }
+
+    #[test]
+    fn a_conversation_comes_back_message_by_message() {
+        let body = r#"{"model": "m", "messages": [
+            {"role": "system", "content": "Be brief.\nuser: not a message"},
+            {"content": "role after content", "role": "user"},
+            {"role": "assistant", "content": [{"type": "text", "text": "parts"}]},
+            {"role": "user"},
+            {"content": "no role"}
+        ]}"#;
+        assert_eq!(
+            messages_of("/v1/chat/completions", body),
+            pairs(&[
+                ("system", "Be brief.\nuser: not a message"),
+                ("user", "role after content"),
+                ("assistant", "parts"),
+                ("user", ""),
+                ("", "no role"),
+            ])
+        );
+    }
+
+    #[test]
+    fn anthropics_system_prompt_is_the_first_message() {
+        let body = r#"{"model": "m", "system": "Sys", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "Hi"}]}"#;
+        assert_eq!(messages_of("/v1/messages", body), pairs(&[("system", "Sys"), ("user", "Hi")]));
+    }
+
+    #[test]
+    fn other_requests_have_no_messages() {
+        assert!(messages_of("/v1/completions", r#"{"model": "m", "prompt": "a: b\n"}"#).is_empty());
+        assert!(messages_of("/v1/responses", r#"{"model": "m", "input": "x"}"#).is_empty());
+        // A body that names both keeps the fields of its API only.
+        let both =
+            r#"{"model": "m", "messages": [{"role": "user", "content": "q"}], "prompt": "p"}"#;
+        assert!(messages_of("/v1/completions", both).is_empty());
+        assert_eq!(messages_of("/v1/chat/completions", both), pairs(&[("user", "q")]));
+    }
+
+    proptest::proptest! {
+        /// Whatever the texts hold (newlines, `role: ` lookalikes, any characters), the
+        /// conversation comes back as it was sent.
+        #[test]
+        fn any_conversation_comes_back_as_sent(
+            turns in proptest::collection::vec(("[a-z_]{0,10}", ".{0,60}"), 0..8),
+        ) {
+            let messages: Vec<serde_json::Value> = turns
+                .iter()
+                .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+                .collect();
+            let body = serde_json::json!({"model": "m", "messages": messages}).to_string();
+            let got = messages_of("/v1/chat/completions", &body);
+            let sent: Vec<(String, String)> = turns.clone();
+            proptest::prop_assert_eq!(got, sent);
+        }
+    }
+
+    #[test]
+    fn ends_that_do_not_fit_the_prompt_give_no_messages() {
+        let mut request = InferenceRequest::new("m", "user: hi\n");
+        request.message_ends = vec![9];
+        assert_eq!(request.chat_messages().count(), 1);
+        request.message_ends = vec![42];
+        assert_eq!(request.chat_messages().count(), 0);
+        request.message_ends = vec![4];
+        assert_eq!(request.chat_messages().count(), 0);
     }
 }

@@ -52,6 +52,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<ParsedBody, BodyError> {
         prompt,
         api: API,
         stream: request.stream.unwrap_or(false),
+        message_ends: Vec::new(),
     })
 }
 
