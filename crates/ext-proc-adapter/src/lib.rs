@@ -80,6 +80,7 @@ pub mod model_rewrites;
 pub mod server;
 pub mod service;
 pub mod tls;
+pub mod token_metrics;
 pub mod usage;
 
 pub use exchange::{BodyParsing, Exchange, Phase};

@@ -194,6 +194,7 @@ async fn serve(flags: ServerFlags) -> Result<(), String> {
         .await
         .map_err(|error| error.to_string())?;
     ext_proc_adapter::kv_events::attach_metrics(&plugins, &running.metrics);
+    ext_proc_adapter::token_metrics::attach_metrics(&plugins, &running.metrics);
     let cross_replica = CrossReplica::start(&layer, &plugins, pool, &pool_name, &running.metrics)?;
     let mut kubernetes = start_kubernetes(&flags, &running, objective_table, director).await?;
     shutdown_signal().await;

@@ -101,6 +101,7 @@ pub mod running_requests;
 pub mod session_affinity;
 pub mod session_id;
 pub mod token_load;
+pub mod token_producer;
 pub mod topology;
 pub mod utilization_filter;
 
@@ -252,6 +253,8 @@ pub fn register_builtins_with(registry: &mut PluginRegistry, options: BuiltinOpt
         prefix_cache_producer(spec, options)
     });
     registry.register(precise_prefix::PRODUCER_TYPE_NAME, precise_prefix::construct_producer);
+    registry.register(token_producer::TYPE_NAME, token_producer::construct);
+    registry.register(token_producer::LEGACY_TYPE_NAME, token_producer::construct);
     registry
         .register(precise_prefix::DEPRECATED_SCORER_TYPE_NAME, precise_prefix::construct_scorer);
     registry.register_experimental(multicluster::PREFIX_CACHE_SCORER_TYPE_NAME, move |spec| {

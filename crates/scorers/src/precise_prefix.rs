@@ -15,10 +15,11 @@
 //! [`kv_events::PreciseIndex`] with `tokenProcessorConfig`'s block size, hash seed and hash
 //! algorithm. Its keys are computed from token ids, which a request has today when it came
 //! pre-tokenized (vLLM's `token_ids`, SGLang's `input_ids`, a token-array `prompt`: the parser
-//! writes those as decimal words, read back by [`token_ids_of`]); a text request is matched by
-//! the documented approximation until a tokenizer exists: an approximate index of its own
-//! with blocks of `blockSizeTokens` tokens at four characters per token, which is also what an
-//! endpoint whose event stream had a gap falls back to. `prefix-cache-scorer` reads the
+//! writes those as decimal words, read back by [`token_ids_of`]) or when the config's
+//! `token-producer` tokenized it ([`crate::token_producer`], with the model's tokenizer and chat
+//! template). Any other text request is matched by the documented approximation: an
+//! approximate index of its own with blocks of `blockSizeTokens` tokens at four characters per
+//! token, which is also what an endpoint whose event stream had a gap falls back to. `prefix-cache-scorer` reads the
 //! matches when `prefixMatchInfoProducerName` names the producer.
 
 use serde::Deserialize;
@@ -267,8 +268,9 @@ pub(crate) fn unavailable(
     )))
 }
 
+pub use crate::token_producer::token_ids_of;
 #[cfg(feature = "kv-events-index")]
-pub use matching::{EventFedProducer, PreciseMatcher, token_ids_of};
+pub use matching::{EventFedProducer, PreciseMatcher};
 
 #[cfg(feature = "kv-events")]
 pub use enabled::{PrecisePrefixProducer, precise_producers};
@@ -278,7 +280,7 @@ pub use enabled::{PrecisePrefixProducer, precise_producers};
 #[cfg(feature = "kv-events-index")]
 mod matching {
     use std::collections::{HashMap, VecDeque};
-    use std::sync::Arc;
+    use std::sync::{Arc, OnceLock};
     use std::time::{Duration, Instant};
 
     use kv_events::{
@@ -287,8 +289,9 @@ mod matching {
     };
     use parking_lot::Mutex;
     use scheduler_core::{
-        CHARACTERS_PER_TOKEN, CycleState, DataProducer, EndpointId, InferenceRequest, Plugin,
-        PluginError, PluginSpec, PoolObserver, PoolSnapshot, PreRequest, SchedulingResult,
+        BindPlugins, CHARACTERS_PER_TOKEN, ConstructedPlugins, CycleState, DataProducer,
+        EndpointId, InferenceRequest, Plugin, PluginError, PluginSpec, PoolObserver, PoolSnapshot,
+        PreRequest, SchedulingResult,
     };
 
     use super::{PrecisePrefixParameters, PreciseSettings};
@@ -296,6 +299,7 @@ mod matching {
     use crate::prefix_cache::{
         PrefixCacheProducer, PrefixSource, ProducerSettings, RecordApplication,
     };
+    use crate::token_producer::{self, TokenProducer, token_ids_of};
 
     /// The llm-d token cap the fallback index matches up to (a 128K context window).
     const MAX_PREFIX_TOKENS: usize = 131_072;
@@ -364,6 +368,8 @@ mod matching {
         index: Arc<PreciseIndex<EndpointId>>,
         fallback: Arc<PrefixCacheProducer>,
         speculation: Option<Speculation>,
+        /// The config's `token-producer`, which turns text prompts into the engine's ids.
+        tokenizer: OnceLock<Arc<TokenProducer>>,
     }
 
     impl PreciseMatcher {
@@ -393,7 +399,12 @@ mod matching {
             let speculation = settings
                 .speculative_ttl
                 .map(|ttl| Speculation { ttl, entries: Mutex::new(SpeculativeEntries::default()) });
-            Self { index: Arc::new(PreciseIndex::new(processor, config)), fallback, speculation }
+            Self {
+                index: Arc::new(PreciseIndex::new(processor, config)),
+                fallback,
+                speculation,
+                tokenizer: OnceLock::new(),
+            }
         }
 
         /// The event index.
@@ -405,27 +416,6 @@ mod matching {
         pub fn fallback(&self) -> &Arc<PrefixCacheProducer> {
             &self.fallback
         }
-    }
-
-    /// The token ids of a pre-tokenized prompt: the request parser writes each token id of a
-    /// `token_ids`/`input_ids`/token-array prompt as its decimal form and a space, so a prompt
-    /// made only of such words is read back as token ids. Clears `out`; false for any other
-    /// prompt (or a token id beyond `u32`).
-    pub fn token_ids_of(prompt: &str, out: &mut Vec<u32>) -> bool {
-        out.clear();
-        if prompt.is_empty() || !prompt.ends_with(' ') {
-            return false;
-        }
-        for word in prompt[..prompt.len() - 1].split(' ') {
-            if word.is_empty() || !word.bytes().all(|b| b.is_ascii_digit()) {
-                return false;
-            }
-            match word.parse::<u32>() {
-                Ok(token) => out.push(token),
-                Err(_) => return false,
-            }
-        }
-        true
     }
 
     /// The precise matches of one decision: the request's token ids (when it has them) and
@@ -445,7 +435,15 @@ mod matching {
         fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
             self.fallback.match_prompt(state, request, pool);
             let mut scratch = std::mem::take(state.scratch::<PreciseScratch>());
-            if token_ids_of(&request.prompt, &mut scratch.tokens) {
+            let has_tokens = match self.tokenizer.get().and_then(|t| t.tokens(state, request)) {
+                Some(ids) => {
+                    scratch.tokens.clear();
+                    scratch.tokens.extend_from_slice(ids);
+                    true
+                }
+                None => token_ids_of(&request.prompt, &mut scratch.tokens),
+            };
+            if has_tokens {
                 let processor = self.index.processor();
                 let max_blocks = MAX_PREFIX_TOKENS / processor.block_size();
                 processor.request_keys(
@@ -482,6 +480,17 @@ mod matching {
                 }
             }
             *state.scratch::<PreciseScratch>() = scratch;
+        }
+    }
+
+    /// Finds the config's `token-producer`, if it declares one.
+    impl BindPlugins for PreciseMatcher {
+        fn bind(&self, plugins: &ConstructedPlugins) -> Result<(), PluginError> {
+            if let Some(tokenizer) = token_producer::find(plugins) {
+                // A second binding (the same config built twice) finds the same producer.
+                let _ = self.tokenizer.set(tokenizer);
+            }
+            Ok(())
         }
     }
 
@@ -541,6 +550,7 @@ mod matching {
                 data_producer: Some(matcher.clone()),
                 pre_request: Some(matcher),
                 pool_observer: Some(producer.clone()),
+                binder: Some(producer.matcher.clone()),
                 shared: Some(Arc::new(PrefixSource::of_producer(fallback))),
                 ..Plugin::default()
             };
@@ -903,6 +913,7 @@ mod enabled {
             data_producer: Some(producer.clone()),
             pre_request: Some(producer.matcher().clone()),
             pool_observer: Some(producer.clone()),
+            binder: Some(producer.matcher().clone()),
             shared: Some(Arc::new(PrefixSource::of_producer(fallback).with_owner(producer))),
             ..Plugin::default()
         })
@@ -922,6 +933,7 @@ mod enabled {
             scorer: Some(scorer.clone()),
             data_producer: Some(producer.clone()),
             pre_request: Some(producer.matcher().clone()),
+            binder: Some(producer.matcher().clone()),
             pool_observer: Some(producer),
             shared: Some(scorer.source().clone()),
             ..Plugin::default()
