@@ -7,29 +7,18 @@
 
 #![cfg(feature = "redis-sync")]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use demo::{ModelServerConfig, RunningModelServer};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use support::process::{Killed, free_port, metric, spawn_epp, write_pool};
 use tonic::transport::Channel;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn has_redis() -> bool {
     std::env::var_os("PATH").is_some_and(|path| {
@@ -37,22 +26,9 @@ fn has_redis() -> bool {
     })
 }
 
-/// The first sample of `name` on the metrics page at `port`, if the page answers and has it.
-fn metric(port: u16, name: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut page = String::new();
-    stream.read_to_string(&mut page).ok()?;
-    let line = page.lines().find(|line| {
-        line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-    })?;
-    line.rsplit(' ').next()?.parse().ok()
-}
-
 /// `epp_cross_replica_peers` on the metrics page at `port`, if the page answers.
 fn peers(port: u16) -> Option<f64> {
-    metric(port, "epp_cross_replica_peers")
+    metric(port, "epp_cross_replica_peers", "")
 }
 
 fn start_redis() -> (Killed, u16) {
@@ -152,29 +128,13 @@ struct Replica {
 
 impl Replica {
     fn start(config: &Path, pool: &Path) -> Self {
-        let (grpc, metrics) = (free_port(), free_port());
-        let process = Killed(
-            Command::new(env!("CARGO_BIN_EXE_epp"))
-                .arg("--config-file")
-                .arg(config)
-                .arg("--endpoints-file")
-                .arg(pool)
-                .args(["--secure-serving=false", "--bind-address", "127.0.0.1"])
-                .args(["--grpc-port", &grpc.to_string()])
-                .args(["--grpc-health-port", &free_port().to_string()])
-                .args(["--metrics-port", &metrics.to_string()])
-                .args(["--refresh-metrics-interval", "50ms"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        Self { _process: process, grpc: SocketAddr::from(([127, 0, 0, 1], grpc)), metrics }
+        let (process, grpc, metrics) = spawn_epp(config, pool);
+        Self { _process: process, grpc, metrics }
     }
 
     /// Whether every one of the `endpoints` has been scraped, so decisions see the whole pool.
     fn scraped(&self, endpoints: usize) -> bool {
-        metric(self.metrics, "inference_pool_ready_pods") == Some(endpoints as f64)
+        metric(self.metrics, "inference_pool_ready_pods", "") == Some(endpoints as f64)
     }
 
     /// The endpoint this replica picks for `prompt`. The stream is dropped once the decision
@@ -270,7 +230,7 @@ fn picker_config(sync: Option<(u16, &str)>) -> String {
 
 /// Sum of `name` over `replicas`' metrics pages (0 for a page that does not answer).
 fn total(replicas: &[Replica], name: &str) -> f64 {
-    replicas.iter().map(|replica| metric(replica.metrics, name).unwrap_or(0.0)).sum()
+    replicas.iter().map(|replica| metric(replica.metrics, name, "").unwrap_or(0.0)).sum()
 }
 
 /// Routes every conversation's turns, turn k on replica k % 2, and returns how many
@@ -303,16 +263,6 @@ async fn broken_conversations(replicas: &[Replica], synced: bool) -> usize {
         }
     }
     broken
-}
-
-fn write_pool(dir: &Path, servers: &[RunningModelServer]) -> PathBuf {
-    let pool = dir.join("pool.yaml");
-    let entries: String = servers
-        .iter()
-        .map(|server| format!("- {{address: 127.0.0.1, port: {}}}\n", server.address.port()))
-        .collect();
-    std::fs::write(&pool, entries).unwrap();
-    pool
 }
 
 async fn ready(replicas: &[Replica], endpoints: usize, synced: bool) {

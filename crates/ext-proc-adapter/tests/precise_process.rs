@@ -6,10 +6,10 @@
 
 #![cfg(all(feature = "kv-events", feature = "tokenizers"))]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
@@ -17,39 +17,12 @@ use demo::{ModelServerConfig, RunningModelServer};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use kv_events::publisher::Publisher;
 use kv_events::{BlockStored, Encoding, Event, EventBatch};
+use support::process::{free_port, metric, spawn_epp, write_pool};
 use tokenizer::{ChatMessage, PromptTokenizer, TokenizerFiles};
 use tonic::transport::Channel;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tokenizer/fixtures").join(name)
-}
-
-/// The first sample of `name` (with `labels`, when given) on the metrics page at `port`.
-fn metric(port: u16, name: &str, labels: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut page = String::new();
-    stream.read_to_string(&mut page).ok()?;
-    let line = page.lines().find(|line| {
-        line.strip_prefix(name).is_some_and(|rest| {
-            rest.starts_with(' ') || (rest.starts_with('{') && rest.contains(labels))
-        })
-    })?;
-    line.rsplit(' ').next()?.parse().ok()
 }
 
 async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -126,16 +99,6 @@ async fn route(grpc: SocketAddr, turns: &[(&str, String)]) -> String {
     }
 }
 
-fn write_pool(dir: &Path, servers: &[RunningModelServer]) -> PathBuf {
-    let pool = dir.join("pool.yaml");
-    let entries: String = servers
-        .iter()
-        .map(|server| format!("- {{address: 127.0.0.1, port: {}}}\n", server.address.port()))
-        .collect();
-    std::fs::write(&pool, entries).unwrap();
-    pool
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_sent_as_text_go_where_the_engines_report_their_blocks() {
     let mut servers = Vec::new();
@@ -148,23 +111,7 @@ async fn chats_sent_as_text_go_where_the_engines_report_their_blocks() {
     let zmq_port = free_port();
     let config_file = dir.join("precise.yaml");
     std::fs::write(&config_file, config(zmq_port)).unwrap();
-    let (grpc, metrics) = (free_port(), free_port());
-    let _epp = Killed(
-        Command::new(env!("CARGO_BIN_EXE_epp"))
-            .arg("--config-file")
-            .arg(&config_file)
-            .arg("--endpoints-file")
-            .arg(&pool)
-            .args(["--secure-serving=false", "--bind-address", "127.0.0.1"])
-            .args(["--grpc-port", &grpc.to_string()])
-            .args(["--grpc-health-port", &free_port().to_string()])
-            .args(["--metrics-port", &metrics.to_string()])
-            .args(["--refresh-metrics-interval", "50ms"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_epp, grpc, metrics) = spawn_epp(&config_file, &pool);
     let scraped = wait_for(Duration::from_secs(20), || {
         metric(metrics, "inference_pool_ready_pods", "") == Some(servers.len() as f64)
     })
@@ -224,7 +171,7 @@ async fn chats_sent_as_text_go_where_the_engines_report_their_blocks() {
         let mut turns = conversation(topic);
         turns.push(("assistant", "Gladly.".to_owned()));
         turns.push(("user", "Go on.".to_owned()));
-        let destination = route(SocketAddr::from(([127, 0, 0, 1], grpc)), &turns).await;
+        let destination = route(grpc, &turns).await;
         assert_eq!(destination, server.address.to_string(), "conversation about {topic}");
     }
     let tokenized =

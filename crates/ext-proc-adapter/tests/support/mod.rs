@@ -4,6 +4,8 @@
 // Each test file uses the helpers it needs.
 #![allow(dead_code)]
 
+pub(crate) mod process;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
