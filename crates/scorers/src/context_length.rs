@@ -16,8 +16,9 @@
 //! As a filter it keeps the endpoints without the label and those whose range holds n, and
 //! drops those with a malformed label. It can leave no endpoint: the scheduler then reports it.
 //!
-//! llm-d-router counts n with its token producer (a tokenizer, or its estimating backend);
-//! epp-rs has no tokenizer and uses [`InferenceRequest::estimated_prompt_tokens`].
+//! Like llm-d-router, n is the count of the config's `token-producer` when it tokenized the
+//! prompt ([`crate::token_producer::prompt_tokens`]); otherwise it is estimated from the
+//! prompt's characters ([`InferenceRequest::estimated_prompt_tokens`]).
 
 use scheduler_core::{
     Candidates, CycleState, EndpointState, Filter, InferenceRequest, PluginError, PoolSnapshot,
@@ -104,12 +105,12 @@ pub fn range_score(length: u64, (min, max): (u64, u64)) -> f64 {
 impl Scorer for ContextLengthAware {
     fn score(
         &self,
-        _state: &mut CycleState,
+        state: &mut CycleState,
         request: &InferenceRequest,
         candidates: Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let length = request.estimated_prompt_tokens();
+        let length = crate::token_producer::prompt_tokens(state, request);
         for (score, state) in scores.iter_mut().zip(candidates.iter()) {
             *score = match self.range_of(state) {
                 None => 0.5,
@@ -123,7 +124,7 @@ impl Scorer for ContextLengthAware {
 impl Filter for ContextLengthAware {
     fn filter(
         &self,
-        _state: &mut CycleState,
+        state: &mut CycleState,
         request: &InferenceRequest,
         pool: &PoolSnapshot,
         candidates: &mut Vec<u32>,
@@ -131,7 +132,7 @@ impl Filter for ContextLengthAware {
         if !self.enable_filtering {
             return;
         }
-        let length = request.estimated_prompt_tokens();
+        let length = crate::token_producer::prompt_tokens(state, request);
         candidates.retain(|&index| {
             pool.get(index).is_some_and(|state| match self.range_of(state) {
                 None => true,

@@ -81,6 +81,16 @@ impl TokenizedPrompt {
     }
 }
 
+/// The request's prompt length in tokens: the count the config's `token-producer` made for
+/// this decision when it tokenized the prompt, else the estimate from its characters
+/// ([`InferenceRequest::estimated_prompt_tokens`]).
+pub fn prompt_tokens(state: &mut CycleState, request: &InferenceRequest) -> u64 {
+    match TokenizedPrompt::of_decision(state) {
+        Some(tokens) => tokens.len() as u64,
+        None => request.estimated_prompt_tokens(),
+    }
+}
+
 /// Counts of what the producer did, for the metrics page.
 #[derive(Debug, Default)]
 pub struct TokenProducerStats {

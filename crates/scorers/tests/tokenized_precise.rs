@@ -238,3 +238,48 @@ fn a_conversation_the_template_refuses_falls_back_and_is_counted() {
     fixture.decide(&request);
     assert_eq!(stats.tokenized.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+#[test]
+fn context_length_counts_the_producers_tokens_not_characters() {
+    let prompt = "Tokenizers pack common English words into single tokens; digits 1234567890 and \
+                  punctuation ?!;:, split finer. "
+        .repeat(4);
+    let mut ids = Vec::new();
+    engine_tokenizer("chatml").encode_text(&prompt, &mut ids).unwrap();
+    let real = ids.len();
+    let estimated = prompt.len().div_ceil(4);
+    assert_ne!(real, estimated, "the test needs a prompt whose estimate is off");
+    let yaml = format!(
+        "plugins:{}
+- type: context-length-aware
+  parameters: {{enableFiltering: true}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: context-length-aware
+  - pluginRef: max-score-picker
+",
+        TOKEN_PRODUCER
+            .replace("TOKENIZER", &fixture("tokenizer.json").display().to_string())
+            .replace("CONFIG", &fixture("chatml.json").display().to_string())
+    );
+    let config = EndpointPickerConfig::from_yaml(&yaml).unwrap();
+    let scheduler = config.build(&scorers::builtin_registry()).unwrap();
+    let label = scorers::context_length::DEFAULT_LABEL;
+    let pool = Arc::new(PoolSnapshot::new([
+        EndpointState::new(
+            Endpoint::new(([10, 0, 0, 1], 8000).into())
+                .with_label(label, format!("{estimated}-{estimated}")),
+        ),
+        EndpointState::new(
+            Endpoint::new(([10, 0, 0, 2], 8000).into()).with_label(label, format!("{real}-{real}")),
+        ),
+    ]));
+    let body = serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": prompt})).unwrap();
+    let request = InferenceRequest::from_openai(Some("/v1/completions"), [], &body).unwrap();
+    for _ in 0..5 {
+        let result = scheduler.schedule(&request, &pool).unwrap();
+        assert_eq!(pool.index_of(result.primary().id()), Some(1));
+    }
+}
