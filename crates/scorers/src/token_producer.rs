@@ -229,14 +229,21 @@ impl TokenProducer {
                 if token_ids_of(&request.prompt, out) {
                     return true;
                 }
-                let result = if request.message_ends.is_empty() {
-                    tokenizer.encode_text(&request.prompt, out)
+                let mut encode = || {
+                    if request.message_ends.is_empty() {
+                        tokenizer.encode_text(&request.prompt, out)
+                    } else {
+                        let messages: Vec<tokenizer::ChatMessage<'_>> = request
+                            .chat_messages()
+                            .map(|(role, content)| tokenizer::ChatMessage { role, content })
+                            .collect();
+                        tokenizer.encode_chat(&messages, out)
+                    }
+                };
+                let result = if request.prompt.len() >= LONG_PROMPT_BYTES {
+                    off_the_runtime(encode)
                 } else {
-                    let messages: Vec<tokenizer::ChatMessage<'_>> = request
-                        .chat_messages()
-                        .map(|(role, content)| tokenizer::ChatMessage { role, content })
-                        .collect();
-                    tokenizer.encode_chat(&messages, out)
+                    encode()
                 };
                 match result {
                     Ok(()) => !out.is_empty(),
@@ -247,6 +254,25 @@ impl TokenProducer {
                 }
             }
         }
+    }
+}
+
+/// Prompts at least this long (about 4,000 tokens, milliseconds to tokenize when no piece of
+/// them was seen before) are tokenized off the async runtime's worker.
+#[cfg(feature = "tokenizers")]
+const LONG_PROMPT_BYTES: usize = 16 * 1024;
+
+/// Runs `work`, telling a multi-threaded tokio runtime first that this worker will block for a
+/// while (`block_in_place`), so that the other requests queued on it move to another thread
+/// instead of waiting for this tokenization; on any other thread it just runs.
+#[cfg(feature = "tokenizers")]
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
     }
 }
 
@@ -334,6 +360,30 @@ mod tests {
     fn a_tokenizer_file_needs_the_feature() {
         let error = spec_of(&serde_json::json!({"tokenizerFile": "tokenizer.json"})).unwrap_err();
         assert_eq!(error, PluginError::Unavailable(FEATURE_MISSING.to_owned()));
+    }
+
+    #[cfg(feature = "tokenizers")]
+    #[test]
+    fn long_prompts_are_tokenized_on_any_runtime_and_off_one() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tokenizer/fixtures");
+        let plugin = spec_of(&serde_json::json!({
+            "tokenizerFile": format!("{fixtures}/tokenizer.json"),
+            "tokenizerConfigFile": format!("{fixtures}/chatml.json"),
+        }))
+        .unwrap();
+        let producer = plugin.shared.clone().unwrap().downcast::<TokenProducer>().unwrap();
+        let prompt = "a long prompt about prefix caches, ".repeat(LONG_PROMPT_BYTES / 30);
+        assert!(prompt.len() >= LONG_PROMPT_BYTES);
+        let request = InferenceRequest::new("m", prompt);
+        let tokenize = |seed: u64| {
+            let mut state = CycleState::new(std::time::Instant::now(), seed);
+            producer.tokens(&mut state, &request).map(<[u32]>::len)
+        };
+        let plain = tokenize(1).expect("tokenized");
+        let multi = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+        assert_eq!(multi.block_on(async { tokenize(2) }), Some(plain));
+        let current = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(current.block_on(async { tokenize(3) }), Some(plain));
     }
 
     #[cfg(feature = "tokenizers")]
