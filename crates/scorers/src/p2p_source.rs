@@ -14,14 +14,15 @@
 //!   and its c exceeds the computing endpoint's by at least `minCachedTokenDelta` (default 1,
 //!   at least 1). A client's own value of the header is always removed.
 //!
-//! The producer read is the `approx-prefix-cache-producer` named `prefixMatchInfoProducerName`;
-//! without a name, the one declared under its type name (created with default parameters when
-//! the config declares none, as Go's loader creates a consumed producer).
+//! The producer read is the prefix producer named `prefixMatchInfoProducerName`: an
+//! `approx-prefix-cache-producer`, or a `precise-prefix-cache-producer`, whose matches are what
+//! the engines reported holding; without a name, the `approx-prefix-cache-producer` declared
+//! under its type name (created with default parameters when the config declares none, as Go's
+//! loader creates a consumed producer).
 //!
-//! Differences from Go: only the approximate prefix index is read (it has no per-tier data, so
-//! every cached block counts, as Go does for producers without tiers; the event-driven
-//! `precise-prefix-cache-producer` cannot be named yet). Cached tokens are the approximate
-//! index's characters over 4. The source is chosen among the whole pool after scheduling,
+//! Differences from Go: the producers have no per-tier data, so every cached block counts, as
+//! Go does for producers without tiers. The approximate producer's cached tokens are its
+//! characters over 4. The source is chosen among the whole pool after scheduling,
 //! rather than among the request's candidates before it (the same set unless the proxy sent a
 //! subset hint). The header is stripped from client requests even when this plugin is not
 //! configured, as the picker's other routing headers are.

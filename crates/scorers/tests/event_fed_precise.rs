@@ -130,3 +130,68 @@ fn speculative_entries_hold_a_pick_until_their_ttl() {
     assert!((scores[1 - first] - 2.0 / 3.0).abs() < 1e-9, "{scores:?}");
     assert_eq!(picked, 1 - first);
 }
+
+/// `p2p-source-producer` may name the precise producer: the peer it names upstream is the one
+/// whose engine reported holding more of the prompt.
+#[test]
+fn the_p2p_source_is_the_engine_that_reported_the_blocks() {
+    let built: Arc<Mutex<Option<Arc<EventFedProducer>>>> = Arc::default();
+    let mut registry = scorers::builtin_registry();
+    registry.allow_experimental_plugins(true);
+    let sink = Arc::clone(&built);
+    registry.register(PRODUCER_TYPE_NAME, move |spec| {
+        let (plugin, producer) = EventFedProducer::plugin(spec, RecordApplication::OnFlush)?;
+        *sink.lock() = Some(producer);
+        Ok(plugin)
+    });
+    let yaml = "
+plugins:
+- name: precise
+  type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {blockSizeTokens: 4}
+- type: p2p-source-producer
+  parameters: {prefixMatchInfoProducerName: precise}
+- type: header-based-testing-filter
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: max-score-picker
+";
+    let scheduler =
+        EndpointPickerConfig::from_yaml(yaml).unwrap().build(&registry).unwrap().with_seed(1);
+    let shared = SharedPool::new(PoolSnapshot::new([]));
+    scheduler.observe_pool(&shared);
+    shared.publish(PoolSnapshot::new([
+        EndpointState::new(Endpoint::new(([10, 0, 0, 1], 8000).into())),
+        EndpointState::new(Endpoint::new(([10, 0, 0, 2], 8000).into())),
+    ]));
+    let pool = shared.load();
+    let producer = built.lock().clone().unwrap();
+    let prompt: String = (1..=12).map(|token| format!("{token} ")).collect();
+    let request = InferenceRequest::new("m", prompt.as_str())
+        .with_request_id("r1")
+        .with_header("test-epp-endpoint-selection", "10.0.0.1");
+    let result = scheduler.schedule(&request, &pool).unwrap();
+    assert!(result.upstream_headers().is_empty(), "no engine holds anything yet");
+    drop(result);
+    let batch = EventBatch {
+        ts: 0.0,
+        events: vec![Event::BlockStored(BlockStored {
+            block_hashes: vec![901, 902],
+            token_ids: (1..=8).collect(),
+            block_size: 4,
+            ..BlockStored::default()
+        })],
+        data_parallel_rank: None,
+    };
+    assert!(producer.index().apply_batch(pool.endpoints()[1].id(), "m", &batch));
+    let result = scheduler.schedule(&request, &pool).unwrap();
+    assert_eq!(result.primary().endpoint.address.to_string(), "10.0.0.1:8000");
+    assert_eq!(
+        result.upstream_headers(),
+        [("x-kv-cache-source-host-port", "10.0.0.2:8000".to_owned())]
+    );
+}

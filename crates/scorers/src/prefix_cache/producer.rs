@@ -417,7 +417,8 @@ impl PrefixSource {
     }
 }
 
-/// The source named `name` among `plugins`: it must be an `approx-prefix-cache-producer`.
+/// The source named `name` among `plugins`: it must be a prefix producer (an
+/// `approx-prefix-cache-producer` or a `precise-prefix-cache-producer`).
 pub(crate) fn named_producer(
     plugins: &scheduler_core::ConstructedPlugins,
     name: &str,
