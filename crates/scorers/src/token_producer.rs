@@ -4,7 +4,10 @@
 //! With `tokenizerFile` (the model's `tokenizer.json`) and this crate's `tokenizers` cargo
 //! feature, prompts are tokenized in process by `epp-tokenizer`: a chat request is rendered by
 //! the model's chat template (`tokenizerConfigFile`'s `chat_template`, or `chatTemplateFile`)
-//! and tokenized as vLLM does it. A prompt that came pre-tokenized keeps its ids.
+//! and tokenized as vLLM does it; a completion's text is tokenized with the tokenizer's special
+//! tokens. A prompt that came pre-tokenized keeps its ids. Requests of the other APIs
+//! (responses, conversations, embeddings) and requests with images or audio are not
+//! tokenized, since the engine builds their prompts in ways not reproduced here.
 //!
 //! llm-d's other backends are accepted so that its configs load, and documented as what they
 //! become here: `vllm` (a render call to a vLLM server per request) and `udsTokenizerConfig`
@@ -19,6 +22,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "tokenizers")]
+use scheduler_core::ApiKind;
 use scheduler_core::{
     CycleState, DataProducer, InferenceRequest, Plugin, PluginError, PluginSpec, PoolSnapshot,
 };
@@ -229,16 +234,31 @@ impl TokenProducer {
                 if token_ids_of(&request.prompt, out) {
                     return true;
                 }
-                let mut encode = || {
-                    if request.message_ends.is_empty() {
-                        tokenizer.encode_text(&request.prompt, out)
-                    } else {
+                // The engine renders images and audio into tokens of its own: such a prompt's
+                // ids are not known here.
+                if request.multimodal {
+                    return false;
+                }
+                let mut encode = || match request.api {
+                    ApiKind::Completions => tokenizer.encode_text(&request.prompt, out),
+                    ApiKind::ChatCompletions | ApiKind::AnthropicMessages => {
                         let messages: Vec<tokenizer::ChatMessage<'_>> = request
                             .chat_messages()
                             .map(|(role, content)| tokenizer::ChatMessage { role, content })
                             .collect();
+                        if messages.is_empty() || messages.len() != request.message_ends.len() {
+                            return Err(tokenizer::TokenizerError::Render(
+                                "the conversation could not be read back".to_owned(),
+                            ));
+                        }
                         tokenizer.encode_chat(&messages, out)
                     }
+                    // The other APIs' prompts (responses, conversations, embeddings) are built
+                    // by the engine in ways not reproduced here.
+                    _ => Err(tokenizer::TokenizerError::Render(format!(
+                        "{:?} requests are not tokenized",
+                        request.api
+                    ))),
                 };
                 let result = if request.prompt.len() >= LONG_PROMPT_BYTES {
                     off_the_runtime(encode)
@@ -265,15 +285,35 @@ const LONG_PROMPT_BYTES: usize = 16 * 1024;
 /// Runs `work`, telling a multi-threaded tokio runtime first that this worker will block for a
 /// while (`block_in_place`), so that the other requests queued on it move to another thread
 /// instead of waiting for this tokenization; on any other thread it just runs.
+///
+/// At most one such tokenization per core runs this way at a time: each hands its worker's
+/// other tasks to a new thread, and past the cores that would only add threads, not capacity.
+/// The ones beyond run in place.
 #[cfg(feature = "tokenizers")]
 fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    use std::sync::LazyLock;
     use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
+    static IN_PLACE: AtomicU64 = AtomicU64::new(0);
+    static CORES: LazyLock<u64> =
+        LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+    let multi_threaded = Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if !multi_threaded {
+        return work();
     }
+    if IN_PLACE.fetch_add(1, Ordering::AcqRel) >= *CORES {
+        IN_PLACE.fetch_sub(1, Ordering::AcqRel);
+        return work();
+    }
+    /// Gives the slot back even if the work panics.
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            IN_PLACE.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let _slot = Slot;
+    tokio::task::block_in_place(work)
 }
 
 impl DataProducer for TokenProducer {

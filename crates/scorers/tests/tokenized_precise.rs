@@ -283,3 +283,19 @@ schedulingProfiles:
         assert_eq!(pool.index_of(result.primary().id()), Some(1));
     }
 }
+
+#[test]
+fn requests_whose_prompt_the_engine_builds_otherwise_are_not_tokenized() {
+    let fixture = Fixture::new(Placement::Before, "chatml");
+    let stats = fixture.tokens.as_ref().unwrap().stats();
+    let image = br#"{"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}"#;
+    let responses = br#"{"model": "m", "input": "Summarise the prefix cache."}"#;
+    for (path, body) in [("/v1/chat/completions", &image[..]), ("/v1/responses", &responses[..])] {
+        let request = InferenceRequest::from_openai(Some(path), [], body).unwrap();
+        fixture.decide(&request);
+    }
+    assert_eq!(stats.tokenized.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

@@ -2,13 +2,17 @@
 //!
 //! Hugging Face's tokenizer first splits its input at the added tokens (`<|eot_id|>`,
 //! `<|im_start|>`, ...) and tokenizes the text between them one piece at a time: normalizer,
-//! pre-tokenizer and model never see across an added token. A chat template writes such a
+//! pre-tokenizer and model never see across an added token (one exception below). A chat template writes such a
 //! token between every two messages, so the ids of a conversation are the ids of its pieces
 //! in order, and a piece seen before (the system prompt, every earlier turn of a conversation)
 //! need not be tokenized again. Splitting here as the tokenizer does (leftmost-longest over the
 //! added tokens' contents) gives the same ids by construction, which holds only when every
 //! added token is matched on the raw text with no whitespace handling: a tokenizer with any
-//! `lstrip`, `rstrip`, `single_word` or `normalized` added token is not split here.
+//! `lstrip`, `rstrip`, `single_word` or `normalized` added token is not split here. The
+//! exception: a Metaspace pre-tokenizer with `prepend_scheme: first` marks only the piece at
+//! the very start of the input, which a piece tokenized alone always is; so every tokenizer
+//! is probed when it loads (text around its added tokens, split and whole), and one whose
+//! ids differ is tokenized whole.
 
 use std::sync::Arc;
 
@@ -24,6 +28,10 @@ const MIN_CACHED_PIECE_BYTES: usize = 64;
 
 /// The pieces' ids kept, in tokens (4 bytes each): 16 MiB of ids.
 pub(crate) const DEFAULT_CACHED_TOKENS: usize = 4 << 20;
+
+/// What one cached piece costs beyond its ids (map slot, list node, shared header), counted
+/// against the bound in tokens so that many short pieces cannot outgrow it.
+const ENTRY_OVERHEAD_TOKENS: usize = 32;
 
 /// Splits text at added tokens and remembers the ids of recent pieces.
 pub(crate) struct PieceEncoder {
@@ -62,7 +70,12 @@ impl PieceEncoder {
             .match_kind(MatchKind::LeftmostLongest)
             .build(added.iter().map(|(content, _)| content.as_str()))
             .ok()?;
-        Some(Self {
+        let probes: Vec<String> = added
+            .iter()
+            .take(4)
+            .map(|(token, _)| format!("{token}x y{token}\nz{token} w{token}{token}. v"))
+            .collect();
+        let encoder = Self {
             matcher,
             ids: added.into_iter().map(|(_, id)| id).collect(),
             cache: Mutex::new(PieceCache {
@@ -70,6 +83,17 @@ impl PieceEncoder {
                 tokens: 0,
                 capacity_tokens,
             }),
+        };
+        encoder.agrees_with(tokenizer, &probes).then_some(encoder)
+    }
+
+    /// Whether splitting gives the tokenizer's own ids for every probe.
+    fn agrees_with(&self, tokenizer: &tokenizers::Tokenizer, probes: &[String]) -> bool {
+        probes.iter().all(|probe| {
+            let (mut split, mut whole) = (Vec::new(), Vec::new());
+            self.encode(tokenizer, probe, &mut split).is_ok()
+                && encode_into(tokenizer, probe, &mut whole).is_ok()
+                && split == whole
         })
     }
 
@@ -108,16 +132,19 @@ impl PieceEncoder {
         }
         let before = out.len();
         encode_into(tokenizer, piece, out)?;
+        if out.len() == before {
+            return Ok(());
+        }
         let ids: Arc<[u32]> = Arc::from(&out[before..]);
         let mut cache = self.cache.lock();
-        if ids.len() <= cache.capacity_tokens {
-            cache.tokens += ids.len();
+        if cost(&ids) <= cache.capacity_tokens {
+            cache.tokens += cost(&ids);
             if let Some(old) = cache.pieces.put(key, ids) {
-                cache.tokens -= old.len();
+                cache.tokens -= cost(&old);
             }
             while cache.tokens > cache.capacity_tokens {
                 match cache.pieces.pop_lru() {
-                    Some((_, evicted)) => cache.tokens -= evicted.len(),
+                    Some((_, evicted)) => cache.tokens -= cost(&evicted),
                     None => break,
                 }
             }
@@ -131,6 +158,11 @@ impl PieceEncoder {
         let cache = self.cache.lock();
         (cache.pieces.len(), cache.tokens)
     }
+}
+
+/// What a cached piece counts against the bound.
+fn cost(ids: &[u32]) -> usize {
+    ids.len() + ENTRY_OVERHEAD_TOKENS
 }
 
 /// The ids of `text` as one input without added special tokens, appended to `out`.

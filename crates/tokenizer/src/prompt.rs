@@ -64,9 +64,15 @@ impl PromptTokenizer {
         config: &TokenizerConfig,
         chat_template: Option<&str>,
     ) -> Result<Self, TokenizerError> {
-        let tokenizer: tokenizers::Tokenizer = tokenizer_json
+        let mut tokenizer: tokenizers::Tokenizer = tokenizer_json
             .parse()
             .map_err(|error: tokenizers::Error| TokenizerError::Tokenizer(error.to_string()))?;
+        // A tokenizer.json may carry truncation or padding settings; the engine tokenizes
+        // prompts whole and unpadded (transformers turns both off unless a call asks).
+        tokenizer
+            .with_truncation(None)
+            .map_err(|error| TokenizerError::Tokenizer(error.to_string()))?;
+        tokenizer.with_padding(None);
         let template = chat_template
             .or(config.chat_template.as_deref())
             .map(|source| ChatTemplate::new(source, &config.bos_token, &config.eos_token))

@@ -229,3 +229,26 @@ fn the_piece_cache_stays_within_its_bound() {
     whole.encode_chat(&[ChatMessage { role: "user", content }], &mut again).unwrap();
     assert_eq!(ids, again);
 }
+
+/// A Metaspace tokenizer that marks only the start of the input gives text after an added
+/// token other ids when that text is tokenized alone: it is found out when it loads and
+/// tokenized whole, so its ids are the tokenizer's own.
+#[test]
+fn a_tokenizer_whose_pieces_differ_is_tokenized_whole() {
+    let metaspace = fixture("metaspace.json");
+    let config = fixture("chatml.json");
+    let tokenizer = PromptTokenizer::from_files(&TokenizerFiles {
+        tokenizer: Some(&metaspace),
+        tokenizer_config: Some(&config),
+        chat_template: None,
+    })
+    .unwrap();
+    assert!(!tokenizer.caches_pieces());
+    let messages = [ChatMessage { role: "user", content: "xylophone yields zebra" }];
+    let text = tokenizer.render_chat(&messages).unwrap();
+    let whole = tokenizers::Tokenizer::from_file(&metaspace).unwrap();
+    let expected = whole.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
+    let mut ids = Vec::new();
+    tokenizer.encode_chat(&messages, &mut ids).unwrap();
+    assert_eq!(ids, expected);
+}
