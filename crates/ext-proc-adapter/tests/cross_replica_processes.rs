@@ -14,11 +14,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use demo::{ModelServerConfig, RunningModelServer};
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use support::process::{Killed, free_port, metric, spawn_epp, write_pool};
-use tonic::transport::Channel;
 
 fn has_redis() -> bool {
     std::env::var_os("PATH").is_some_and(|path| {
@@ -137,29 +134,10 @@ impl Replica {
         metric(self.metrics, "inference_pool_ready_pods", "") == Some(endpoints as f64)
     }
 
-    /// The endpoint this replica picks for `prompt`. The stream is dropped once the decision
-    /// is in, so the request ends there and leaves no in-flight count behind.
+    /// The endpoint this replica picks for a completion of `prompt`.
     async fn route(&self, prompt: &str) -> String {
-        let mut client =
-            ExternalProcessorClient::<Channel>::connect(format!("http://{}", self.grpc))
-                .await
-                .unwrap();
-        let body = serde_json::json!({"model": "llama-3-8b", "prompt": prompt, "max_tokens": 1})
-            .to_string();
-        let mut stream = ProxyStream::open(&mut client).await.unwrap();
-        stream
-            .send_request(&ProxyRequest {
-                headers: vec![(":path", "/v1/completions"), ("content-type", "application/json")],
-                body: body.as_bytes(),
-                chunk_bytes: 0,
-                subset: None,
-            })
-            .await
-            .unwrap();
-        match stream.decision().await.unwrap() {
-            Decision::Routed { destination, .. } => destination,
-            other => panic!("not routed: {other:?}"),
-        }
+        let body = serde_json::json!({"model": "llama-3-8b", "prompt": prompt, "max_tokens": 1});
+        support::process::route(self.grpc, "/v1/completions", &body.to_string()).await
     }
 }
 

@@ -12,14 +12,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
 use demo::{ModelServerConfig, RunningModelServer};
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use kv_events::publisher::Publisher;
 use kv_events::{BlockStored, Encoding, Event, EventBatch};
-use support::process::{free_port, metric, spawn_epp, write_pool};
+use support::process::{free_port, metric, route, spawn_epp, write_pool};
 use tokenizer::{ChatMessage, PromptTokenizer, TokenizerFiles};
-use tonic::transport::Channel;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tokenizer/fixtures").join(name)
@@ -74,29 +71,14 @@ fn conversation(topic: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn route(grpc: SocketAddr, turns: &[(&str, String)]) -> String {
-    let mut client =
-        ExternalProcessorClient::<Channel>::connect(format!("http://{grpc}")).await.unwrap();
+/// The endpoint `epp` at `grpc` picks for a chat of `turns`.
+async fn route_chat(grpc: SocketAddr, turns: &[(&str, String)]) -> String {
     let messages: Vec<serde_json::Value> = turns
         .iter()
         .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
         .collect();
-    let body = serde_json::json!({"model": "llama-3-8b", "messages": messages, "max_tokens": 1})
-        .to_string();
-    let mut stream = ProxyStream::open(&mut client).await.unwrap();
-    stream
-        .send_request(&ProxyRequest {
-            headers: vec![(":path", "/v1/chat/completions"), ("content-type", "application/json")],
-            body: body.as_bytes(),
-            chunk_bytes: 0,
-            subset: None,
-        })
-        .await
-        .unwrap();
-    match stream.decision().await.unwrap() {
-        Decision::Routed { destination, .. } => destination,
-        other => panic!("not routed: {other:?}"),
-    }
+    let body = serde_json::json!({"model": "llama-3-8b", "messages": messages, "max_tokens": 1});
+    route(grpc, "/v1/chat/completions", &body.to_string()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +153,7 @@ async fn chats_sent_as_text_go_where_the_engines_report_their_blocks() {
         let mut turns = conversation(topic);
         turns.push(("assistant", "Gladly.".to_owned()));
         turns.push(("user", "Go on.".to_owned()));
-        let destination = route(grpc, &turns).await;
+        let destination = route_chat(grpc, &turns).await;
         assert_eq!(destination, server.address.to_string(), "conversation about {topic}");
     }
     let tokenized =

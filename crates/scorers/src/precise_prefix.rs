@@ -19,8 +19,9 @@
 //! `token-producer` tokenized it ([`crate::token_producer`], with the model's tokenizer and chat
 //! template). Any other text request is matched by the documented approximation: an
 //! approximate index of its own with blocks of `blockSizeTokens` tokens at four characters per
-//! token, which is also what an endpoint whose event stream had a gap falls back to. `prefix-cache-scorer` reads the
-//! matches when `prefixMatchInfoProducerName` names the producer.
+//! token, which is also what an endpoint whose event stream had a gap falls back to.
+//! `prefix-cache-scorer` reads the matches when `prefixMatchInfoProducerName` names the
+//! producer.
 
 use serde::Deserialize;
 
@@ -435,47 +436,42 @@ mod matching {
         fn produce(&self, state: &mut CycleState, request: &InferenceRequest, pool: &PoolSnapshot) {
             self.fallback.match_prompt(state, request, pool);
             let mut scratch = std::mem::take(state.scratch::<PreciseScratch>());
+            let processor = self.index.processor();
+            let max_blocks = MAX_PREFIX_TOKENS / processor.block_size();
+            let model = &request.target_model;
+            // The token producer's ids are read where they are, not copied.
             let has_tokens = match self.tokenizer.get().and_then(|t| t.tokens(state, request)) {
                 Some(ids) => {
-                    scratch.tokens.clear();
-                    scratch.tokens.extend_from_slice(ids);
+                    processor.request_keys(model, ids, max_blocks, &mut scratch.keys);
                     true
                 }
-                None => token_ids_of(&request.prompt, &mut scratch.tokens),
+                None if token_ids_of(&request.prompt, &mut scratch.tokens) => {
+                    processor.request_keys(model, &scratch.tokens, max_blocks, &mut scratch.keys);
+                    true
+                }
+                None => false,
             };
-            if has_tokens {
-                let processor = self.index.processor();
-                let max_blocks = MAX_PREFIX_TOKENS / processor.block_size();
-                processor.request_keys(
-                    &request.target_model,
-                    &scratch.tokens,
-                    max_blocks,
-                    &mut scratch.keys,
-                );
-                if !scratch.keys.is_empty() {
-                    let stamp = state.decision_stamp();
-                    let now = state.now();
-                    scratch.keys_for = Some(stamp);
-                    let total = scratch.keys.len();
-                    let matches = state.scratch::<PrefixMatches>();
-                    let info = matches.slot(self.fallback.id());
-                    if info.produced_for == Some(stamp) {
-                        info.total_blocks = total;
-                        for (endpoint, matched) in
-                            pool.endpoints().iter().zip(&mut info.matched_blocks)
-                        {
-                            *matched = match self.index.longest_prefix(endpoint.id(), &scratch.keys)
-                            {
-                                EndpointMatch::Blocks(n) => match &self.speculation {
-                                    Some(speculation) => {
-                                        speculation.extend(endpoint.id(), &scratch.keys, n, now)
-                                    }
-                                    None => n,
-                                },
-                                // The approximate match, in blocks of about the same size.
-                                _ => (*matched).min(total),
-                            };
-                        }
+            if has_tokens && !scratch.keys.is_empty() {
+                let stamp = state.decision_stamp();
+                let now = state.now();
+                scratch.keys_for = Some(stamp);
+                let total = scratch.keys.len();
+                let matches = state.scratch::<PrefixMatches>();
+                let info = matches.slot(self.fallback.id());
+                if info.produced_for == Some(stamp) {
+                    info.total_blocks = total;
+                    for (endpoint, matched) in pool.endpoints().iter().zip(&mut info.matched_blocks)
+                    {
+                        *matched = match self.index.longest_prefix(endpoint.id(), &scratch.keys) {
+                            EndpointMatch::Blocks(n) => match &self.speculation {
+                                Some(speculation) => {
+                                    speculation.extend(endpoint.id(), &scratch.keys, n, now)
+                                }
+                                None => n,
+                            },
+                            // The approximate match, in blocks of about the same size.
+                            _ => (*matched).min(total),
+                        };
                     }
                 }
             }

@@ -234,31 +234,29 @@ impl TokenProducer {
                 if token_ids_of(&request.prompt, out) {
                     return true;
                 }
-                // The engine renders images and audio into tokens of its own: such a prompt's
-                // ids are not known here.
-                if request.multimodal {
-                    return false;
-                }
-                let mut encode = || match request.api {
-                    ApiKind::Completions => tokenizer.encode_text(&request.prompt, out),
-                    ApiKind::ChatCompletions | ApiKind::AnthropicMessages => {
-                        let messages: Vec<tokenizer::ChatMessage<'_>> = request
-                            .chat_messages()
-                            .map(|(role, content)| tokenizer::ChatMessage { role, content })
-                            .collect();
-                        if messages.is_empty() || messages.len() != request.message_ends.len() {
-                            return Err(tokenizer::TokenizerError::Render(
-                                "the conversation could not be read back".to_owned(),
-                            ));
-                        }
-                        tokenizer.encode_chat(&messages, out)
+                // The engine renders images and audio into tokens of its own, and builds the
+                // prompts of the other APIs (responses, conversations, embeddings) in ways not
+                // reproduced here: such prompts' ids are not known.
+                let chat = match request.api {
+                    _ if request.multimodal => return false,
+                    ApiKind::Completions => false,
+                    ApiKind::ChatCompletions | ApiKind::AnthropicMessages => true,
+                    _ => return false,
+                };
+                let mut encode = || {
+                    if !chat {
+                        return tokenizer.encode_text(&request.prompt, out);
                     }
-                    // The other APIs' prompts (responses, conversations, embeddings) are built
-                    // by the engine in ways not reproduced here.
-                    _ => Err(tokenizer::TokenizerError::Render(format!(
-                        "{:?} requests are not tokenized",
-                        request.api
-                    ))),
+                    let messages: Vec<tokenizer::ChatMessage<'_>> = request
+                        .chat_messages()
+                        .map(|(role, content)| tokenizer::ChatMessage { role, content })
+                        .collect();
+                    if messages.is_empty() || messages.len() != request.message_ends.len() {
+                        return Err(tokenizer::TokenizerError::Render(
+                            "the conversation could not be read back".to_owned(),
+                        ));
+                    }
+                    tokenizer.encode_chat(&messages, out)
                 };
                 let result = if request.prompt.len() >= LONG_PROMPT_BYTES {
                     off_the_runtime(encode)

@@ -81,18 +81,23 @@ impl Fixture {
 
     /// Endpoint `server`'s engine stored the blocks of tokens 1..=8.
     fn engine_stored(&self, server: usize) {
-        let batch = EventBatch {
-            ts: 0.0,
-            events: vec![Event::BlockStored(BlockStored {
-                block_hashes: vec![901, 902],
-                token_ids: (1..=8).collect(),
-                block_size: 4,
-                ..BlockStored::default()
-            })],
-            data_parallel_rank: None,
-        };
+        let batch = tokens_1_to_8_stored();
         let endpoint = self.pool.endpoints()[server].id();
         assert!(self.producer.index().apply_batch(endpoint, "m", &batch));
+    }
+}
+
+/// An engine's report that it stored the two 4-token blocks of tokens 1..=8.
+fn tokens_1_to_8_stored() -> EventBatch {
+    EventBatch {
+        ts: 0.0,
+        events: vec![Event::BlockStored(BlockStored {
+            block_hashes: vec![901, 902],
+            token_ids: (1..=8).collect(),
+            block_size: 4,
+            ..BlockStored::default()
+        })],
+        data_parallel_rank: None,
     }
 }
 
@@ -177,16 +182,7 @@ schedulingProfiles:
     let result = scheduler.schedule(&request, &pool).unwrap();
     assert!(result.upstream_headers().is_empty(), "no engine holds anything yet");
     drop(result);
-    let batch = EventBatch {
-        ts: 0.0,
-        events: vec![Event::BlockStored(BlockStored {
-            block_hashes: vec![901, 902],
-            token_ids: (1..=8).collect(),
-            block_size: 4,
-            ..BlockStored::default()
-        })],
-        data_parallel_rank: None,
-    };
+    let batch = tokens_1_to_8_stored();
     assert!(producer.index().apply_batch(pool.endpoints()[1].id(), "m", &batch));
     let result = scheduler.schedule(&request, &pool).unwrap();
     assert_eq!(result.primary().endpoint.address.to_string(), "10.0.0.1:8000");

@@ -92,7 +92,7 @@ impl PieceEncoder {
         probes.iter().all(|probe| {
             let (mut split, mut whole) = (Vec::new(), Vec::new());
             self.encode(tokenizer, probe, &mut split).is_ok()
-                && encode_into(tokenizer, probe, &mut whole).is_ok()
+                && encode_into(tokenizer, probe, false, &mut whole).is_ok()
                 && split == whole
         })
     }
@@ -123,7 +123,7 @@ impl PieceEncoder {
             return Ok(());
         }
         if piece.len() < MIN_CACHED_PIECE_BYTES {
-            return encode_into(tokenizer, piece, out);
+            return encode_into(tokenizer, piece, false, out);
         }
         let key = xxh3_128(piece.as_bytes());
         if let Some(ids) = self.cache.lock().pieces.get(&key).cloned() {
@@ -131,7 +131,7 @@ impl PieceEncoder {
             return Ok(());
         }
         let before = out.len();
-        encode_into(tokenizer, piece, out)?;
+        encode_into(tokenizer, piece, false, out)?;
         if out.len() == before {
             return Ok(());
         }
@@ -165,15 +165,17 @@ fn cost(ids: &[u32]) -> usize {
     ids.len() + ENTRY_OVERHEAD_TOKENS
 }
 
-/// The ids of `text` as one input without added special tokens, appended to `out`.
+/// The ids of `text` as one input, with the post-processor's special tokens when
+/// `add_special_tokens`, appended to `out`.
 pub(crate) fn encode_into(
     tokenizer: &tokenizers::Tokenizer,
     text: &str,
+    add_special_tokens: bool,
     out: &mut Vec<u32>,
 ) -> Result<(), TokenizerError> {
     // encode_fast skips the character offsets, which routing never reads.
     let encoding = tokenizer
-        .encode_fast(text, false)
+        .encode_fast(text, add_special_tokens)
         .map_err(|error| TokenizerError::Encode(error.to_string()))?;
     out.extend_from_slice(encoding.get_ids());
     Ok(())

@@ -107,7 +107,8 @@ impl PromptTokenizer {
     /// The token ids of a completion prompt, the tokenizer's special tokens added; `out` is
     /// cleared first.
     pub fn encode_text(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
-        self.encode(text, true, out)
+        out.clear();
+        encode_into(&self.tokenizer, text, true, out)
     }
 
     /// The token ids of a conversation, rendered by the chat template with the assistant's
@@ -119,12 +120,11 @@ impl PromptTokenizer {
     ) -> Result<(), TokenizerError> {
         let template = self.template.as_ref().ok_or(TokenizerError::NoChatTemplate)?;
         let text = template.render(messages)?;
+        out.clear();
+        // The template writes the special tokens: none are added.
         match &self.pieces {
-            Some(pieces) => {
-                out.clear();
-                pieces.encode(&self.tokenizer, &text, out)
-            }
-            None => self.encode(&text, false, out),
+            Some(pieces) => pieces.encode(&self.tokenizer, &text, out),
+            None => encode_into(&self.tokenizer, &text, false, out),
         }
     }
 
@@ -132,23 +132,5 @@ impl PromptTokenizer {
     /// tokenizes).
     pub fn render_chat(&self, messages: &[ChatMessage<'_>]) -> Result<String, TokenizerError> {
         self.template.as_ref().ok_or(TokenizerError::NoChatTemplate)?.render(messages)
-    }
-
-    fn encode(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-        out: &mut Vec<u32>,
-    ) -> Result<(), TokenizerError> {
-        out.clear();
-        if !add_special_tokens {
-            return encode_into(&self.tokenizer, text, out);
-        }
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, true)
-            .map_err(|error| TokenizerError::Encode(error.to_string()))?;
-        out.extend_from_slice(encoding.get_ids());
-        Ok(())
     }
 }

@@ -212,7 +212,7 @@ proptest! {
 }
 
 #[test]
-fn the_piece_cache_stays_within_its_bound() {
+fn a_piece_cache_evicting_all_along_gives_the_ids_of_the_whole_text() {
     let tokenizer = load("chatml").with_piece_cache_tokens(300);
     let mut ids = Vec::new();
     for n in 0..200 {

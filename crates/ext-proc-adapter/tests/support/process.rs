@@ -1,6 +1,6 @@
 //! Helpers of the tests that run the real `epp` binary as a process: a child killed on drop,
 //! free loopback ports, a metrics page read over plain TCP, a pool file of stand-in servers,
-//! and `epp` itself started on them.
+//! `epp` itself started on them, and one request routed through it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use demo::RunningModelServer;
+use demo::ext_proc_client::{Decision, ProxyRequest, ProxyStream};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use tonic::transport::Channel;
 
 /// A child process, killed and reaped when dropped.
 pub(crate) struct Killed(pub(crate) Child);
@@ -74,4 +77,26 @@ pub(crate) fn spawn_epp(config: &Path, pool: &Path) -> (Killed, SocketAddr, u16)
             .unwrap(),
     );
     (process, SocketAddr::from(([127, 0, 0, 1], grpc)), metrics)
+}
+
+/// The endpoint the ext-proc service at `grpc` picks for a JSON `body` sent to `path`. The
+/// stream is dropped once the decision is in, so the request ends there and leaves no
+/// in-flight count behind.
+pub(crate) async fn route(grpc: SocketAddr, path: &str, body: &str) -> String {
+    let mut client =
+        ExternalProcessorClient::<Channel>::connect(format!("http://{grpc}")).await.unwrap();
+    let mut stream = ProxyStream::open(&mut client).await.unwrap();
+    stream
+        .send_request(&ProxyRequest {
+            headers: vec![(":path", path), ("content-type", "application/json")],
+            body: body.as_bytes(),
+            chunk_bytes: 0,
+            subset: None,
+        })
+        .await
+        .unwrap();
+    match stream.decision().await.unwrap() {
+        Decision::Routed { destination, .. } => destination,
+        other => panic!("not routed: {other:?}"),
+    }
 }
